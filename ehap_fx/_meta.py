@@ -1,0 +1,14 @@
+"""Keys under which ehap-fx passes store analysis results in ``node.meta`` and ``gm.meta``.
+
+Each key is defined here once; values are frozen dataclasses defined by the pass that writes
+them. Re-tracing a module drops ``node.meta``: rerun the pass that wrote a key instead.
+"""
+
+# node.meta: the channel slots of the node's output along dim 1 (passes.group.ChannelSlots).
+CHANNELS = "ehap.channels"
+# node.meta: MACs and parameters of the node (passes.cost.NodeCost).
+COST = "ehap.cost"
+# gm.meta: the channel groups of the whole graph (passes.group.ChannelGroups).
+GROUPS = "ehap.groups"
+# gm.meta: the last pruning plan applied by shrink (passes.shrink.PrunePlan).
+PLAN = "ehap.plan"

@@ -1,0 +1,33 @@
+"""The one error hierarchy of ehap-fx: every error a user can cause derives from EhapError."""
+
+
+class EhapError(Exception):
+    """Base class of all ehap-fx errors that a user can cause and fix."""
+
+
+class TraceError(EhapError):
+    """The model could not be traced into a torch.fx graph."""
+
+
+class GroupError(EhapError):
+    """The channel-group analysis met a graph it cannot describe."""
+
+
+class ShrinkError(EhapError):
+    """A pruning plan cannot be applied to the graph."""
+
+
+class TargetError(EhapError):
+    """A pruning target is invalid or cannot be reached."""
+
+
+class HessianError(EhapError):
+    """The Hessian estimate failed (non-finite loss, no data, no prunable weights)."""
+
+
+class QuantizeError(EhapError):
+    """Quantization or ONNX export failed."""
+
+
+class DataError(EhapError):
+    """A dataset directory or file is missing or malformed."""

@@ -1,0 +1,1 @@
+"""Pretrained-compatible CIFAR models of the EHAP paper."""
