@@ -31,3 +31,15 @@ class QuantizeError(EhapError):
 
 class DataError(EhapError):
     """A dataset directory or file is missing or malformed."""
+
+
+class ModelError(EhapError):
+    """An unknown model name, or a model that does not fit what was asked of it."""
+
+
+class WeightsError(ModelError):
+    """A checkpoint is missing, unreadable, or does not fit the model's architecture."""
+
+
+class TrainError(EhapError):
+    """Fine-tuning failed (non-finite loss, empty loader)."""
