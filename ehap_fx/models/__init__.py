@@ -131,7 +131,8 @@ def find_pretrained(name: str, weights_dir: str | Path, dataset: str = "cifar10"
     folder = Path(weights_dir).expanduser()
     found = sorted(folder.glob(pattern)) if folder.is_dir() else []
     if len(found) != 1:
-        what = "no file" if not found else f"{len(found)} files ({', '.join(p.name for p in found)})"
+        names = ", ".join(p.name for p in found)
+        what = f"{len(found)} files ({names})" if found else "no file"
         raise WeightsError(
             f"{what} matching {pattern!r} in {str(folder)!r} for {name} on {dataset}; "
             "pass the checkpoint path explicitly"

@@ -1,0 +1,242 @@
+"""The standard fine-tuning loop, shared by compress(), QAT and the CLI.
+
+SGD with Nesterov momentum, a cosine learning-rate schedule from ``lr`` to 0 over all steps,
+cross-entropy (optional label smoothing), a tqdm progress bar and per-epoch evaluation. It
+works on any ``nn.Module`` mapping a batch ``x`` to logits (an FX ``GraphModule`` included)
+and on any iterable of ``(x, y)`` batches with a ``len()``; batches are moved to the device
+of the model's parameters.
+
+>>> from ehap_fx.data import synthetic_cifar
+>>> from ehap_fx.models import get_model
+>>> data = synthetic_cifar(64, seed=0)
+>>> model = get_model("resnet20")
+>>> result = finetune(model, data.loader(32, shuffle=True),
+...                   FinetuneOptions(epochs=0.5, progress=False))
+>>> result.steps, len(result.losses)
+(1, 1)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ehap_fx.errors import TrainError
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """Settings of :func:`finetune`; the defaults are the usual CIFAR fine-tuning recipe.
+
+    ``epochs`` may be fractional (0.2 = a fifth of the loader); ``max_steps`` caps the
+    number of optimizer steps. ``progress`` shows a tqdm bar.
+    """
+
+    epochs: float = 1.0
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    max_steps: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ValueError(f"epochs={self.epochs} must be > 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum={self.momentum} must be in [0, 1)")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0; set momentum or nesterov=False")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps={self.max_steps} must be >= 1 or None")
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    """What one (possibly partial) epoch did: mean training loss, top-1 % when evaluated."""
+
+    epoch: int
+    steps: int
+    train_loss: float
+    eval_top1: float | None
+    lr: float
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """The whole run: per-step losses, per-epoch reports, wall-clock seconds."""
+
+    steps: int
+    losses: tuple[float, ...]
+    epochs: tuple[EpochReport, ...]
+    seconds: float
+
+    @property
+    def final_top1(self) -> float | None:
+        """Top-1 % after the last epoch, when an eval loader was given."""
+        return self.epochs[-1].eval_top1 if self.epochs else None
+
+
+Callback = Callable[[nn.Module, EpochReport], None]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (or buffer); CPU for a stateless model."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def total_steps(loader: Batches, options: FinetuneOptions) -> int:
+    """Number of optimizer steps: ``ceil(epochs * len(loader))``, capped by ``max_steps``."""
+    n = len(loader)  # type: ignore[arg-type]
+    if n == 0:
+        raise TrainError("the training loader yields no batches; check its size and drop_last")
+    steps = max(1, math.ceil(options.epochs * n))
+    return steps if options.max_steps is None else min(steps, options.max_steps)
+
+
+def finetune(
+    model: nn.Module,
+    train_loader: Batches,
+    options: FinetuneOptions = FinetuneOptions(),
+    eval_loader: Batches | None = None,
+    callback: Callback | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``model`` in place; returns per-step losses and per-epoch reports.
+
+    Evaluates top-1 on ``eval_loader`` after each epoch (and after a final partial one) and
+    then calls ``callback(model, report)``. Leaves the model in eval mode. Raises
+    :class:`TrainError` on a non-finite loss, naming the step and the learning rate.
+    """
+    steps = total_steps(train_loader, options)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainError(f"{type(model).__name__} has no trainable parameters to fine-tune")
+    optimizer = torch.optim.SGD(params, lr=options.lr, momentum=options.momentum,
+                                nesterov=options.nesterov, weight_decay=options.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=0.0)
+    criterion = nn.CrossEntropyLoss(label_smoothing=options.label_smoothing)
+    device = model_device(model)
+    losses: list[float] = []
+    reports: list[EpochReport] = []
+    start = time.perf_counter()
+    bar = tqdm(total=steps, desc="finetune", unit="step", disable=not options.progress)
+    with bar:
+        while len(losses) < steps:
+            model.train()
+            epoch_losses = _run_epoch(model, train_loader, optimizer, schedule, criterion,
+                                      device, steps - len(losses), len(losses), bar)
+            losses.extend(epoch_losses)
+            top1 = evaluate(model, eval_loader) if eval_loader is not None else None
+            report = EpochReport(len(reports), len(losses), sum(epoch_losses) / len(epoch_losses),
+                                 top1, optimizer.param_groups[0]["lr"])
+            reports.append(report)
+            if top1 is not None and options.progress:
+                bar.write(f"epoch {report.epoch}: train loss {report.train_loss:.4f}, "
+                          f"eval top-1 {top1:.2f}%")
+            if callback is not None:
+                callback(model, report)
+    model.eval()
+    return FinetuneResult(len(losses), tuple(losses), tuple(reports), time.perf_counter() - start)
+
+
+def _run_epoch(model, loader, optimizer, schedule, criterion, device, budget, done, bar):
+    """At most ``budget`` steps over one pass of ``loader``; returns their losses."""
+    losses: list[float] = []
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = criterion(model(x), y)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainError(
+                f"non-finite loss {value} at step {done + len(losses)} "
+                f"(lr={optimizer.param_groups[0]['lr']:.3g}); lower the learning rate or "
+                "check the model and the input normalisation"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(value)
+        bar.update(1)
+        bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+        if len(losses) == budget:
+            break
+    if not losses:
+        raise TrainError("the training loader yielded no batches in an epoch")
+    return losses
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Batches) -> float:
+    """Top-1 accuracy in percent (0-100) of ``model`` over ``loader``, in eval mode.
+
+    The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    correct = total = 0
+    try:
+        for x, y in loader:
+            logits = model(x.to(device))
+            correct += int((logits.argmax(1) == y.to(device)).sum())
+            total += y.shape[0]
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise TrainError("the evaluation loader yielded no batches")
+    return 100.0 * correct / total
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: Batches, batches: int = 50) -> int:
+    """Re-estimate every BatchNorm's running statistics from ``batches`` batches.
+
+    Resets the running mean/var, forwards in train mode without gradients using a cumulative
+    average (``momentum=None``), then restores each BN's momentum and the model's mode.
+    Useful after pruning or weight changes. Returns the number of images seen.
+    """
+    if batches < 1:
+        raise ValueError(f"batches={batches} must be >= 1")
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    device = model_device(model)
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    seen = 0
+    model.train()
+    try:
+        for i, (x, _) in enumerate(loader):
+            if i == batches:
+                break
+            model(x.to(device))
+            seen += x.shape[0]
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.train(was_training)
+    if seen == 0:
+        raise TrainError("recalibrate_bn: the loader yielded no batches")
+    return seen
