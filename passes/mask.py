@@ -1,0 +1,60 @@
+"""Mask pass: zero pruned channels in place instead of removing them.
+
+``mask_channels(gm, plan)`` multiplies every channel-carrying value by a 0/1 mask. It is the
+reference that ``shrink`` must match exactly (a shrunk model equals the masked original), and
+a soft-pruning tool in its own right: masked models keep their shapes, so a plan can be tried,
+scored and undone without rewriting weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from ehap_fx import _meta
+from ehap_fx.passes.group import ChannelSlots, groups_of
+from ehap_fx.passes.shrink import PrunePlan, _Keep
+
+
+def mask_channels(gm: fx.GraphModule, plan: PrunePlan) -> PassResult:
+    """Return a copy of ``gm`` whose removed channels are multiplied by zero after every node.
+
+    Masks are registered as buffers ``_ehap_mask_<i>`` of shape ``(1, C, 1, ...)``.
+    """
+    groups = groups_of(gm)
+    plan.validate(groups)
+    out = copy.deepcopy(gm)
+    keep = _Keep(groups, plan)
+    count = 0
+    for node in list(out.graph.nodes):
+        slots = node.meta.get(_meta.CHANNELS)
+        if not isinstance(slots, ChannelSlots) or node.op in ("placeholder", "output"):
+            continue
+        k = keep.of(slots)
+        if bool(k.all()):
+            continue
+        ndim = len(node.meta["tensor_meta"].shape)
+        name = f"_ehap_mask_{count}"
+        count += 1
+        out.register_buffer(name, k.to(node.meta["tensor_meta"].dtype).reshape(1, -1, *[1] * (ndim - 2)))
+        with out.graph.inserting_after(node):
+            mask = out.graph.get_attr(name)
+        with out.graph.inserting_after(mask):
+            masked = out.graph.call_function(operator.mul, (node, mask))
+        node.replace_all_uses_with(masked, delete_user_cb=lambda user: user is not masked)
+    out.graph.lint()
+    out.recompile()
+    return PassResult(out, count > 0)
+
+
+def random_plan(gm: fx.GraphModule, fraction: float = 0.5, generator: torch.Generator | None = None) -> PrunePlan:
+    """A plan that keeps a random ``fraction`` (at least one) of every prunable group's channels."""
+    keep = {}
+    for g in groups_of(gm).prunable:
+        n = max(1, round(g.size * fraction))
+        keep[g.id] = tuple(sorted(torch.randperm(g.size, generator=generator)[:n].tolist()))
+    return PrunePlan(keep)

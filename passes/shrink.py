@@ -1,0 +1,285 @@
+"""Shrink pass: physically remove pruned channels, so the model is genuinely smaller and faster.
+
+Given the channels to keep in each group (a ``PrunePlan``), this rewrites a copy of the graph:
+conv/linear weights and biases, norm parameters and running statistics, ``groups`` of
+depthwise convs, and the shape constants baked into the graph (split sizes, pad widths,
+channel slices, reshape sizes). The result is an ordinary ``GraphModule``: it runs,
+re-traces, saves, loads and exports like any other model, and its output equals the
+original's with the removed channels zeroed (``passes.mask.mask_channels``).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ehap_fx import _meta
+from ehap_fx.errors import ShrinkError
+from ehap_fx.passes.group import ChannelGroups, ChannelSlots, group_channels, groups_of
+from ehap_fx.passes.trace import refresh_shapes
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """Which channels of each group survive: ``keep[group_id]`` lists kept channel indices.
+
+    Groups that are not named keep all their channels.
+    """
+
+    keep: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def removing(cls, groups: ChannelGroups, remove: Mapping[int, Any]) -> PrunePlan:
+        """The plan that removes ``remove[group_id]`` (channel indices) from each named group."""
+        keep = {}
+        for gid, idx in remove.items():
+            drop = {int(i) for i in idx}
+            keep[gid] = tuple(i for i in range(groups[gid].size) if i not in drop)
+        return cls(keep)
+
+    def validate(self, groups: ChannelGroups) -> None:
+        """Raise ShrinkError naming the first group the plan cannot apply to."""
+        for gid, kept in self.keep.items():
+            if not 0 <= gid < len(groups):
+                raise ShrinkError(f"plan names group {gid}, but the graph has {len(groups)} groups")
+            g = groups[gid]
+            if len(kept) == g.size:
+                continue
+            if not g.prunable:
+                raise ShrinkError(f"group {gid} is pinned ({g.pinned}) and cannot lose channels")
+            if not kept:
+                raise ShrinkError(f"group {gid} would lose all {g.size} channels; keep at least one")
+            if len(set(kept)) != len(kept) or min(kept) < 0 or max(kept) >= g.size:
+                raise ShrinkError(f"group {gid} keep={kept} must be distinct indices in [0, {g.size})")
+
+    def masks(self, groups: ChannelGroups) -> list[torch.Tensor]:
+        """One boolean keep-mask per group."""
+        out = []
+        for g in groups:
+            m = torch.ones(g.size, dtype=torch.bool)
+            if g.id in self.keep:
+                m[:] = False
+                m[list(self.keep[g.id])] = True
+            out.append(m)
+        return out
+
+
+class _Keep:
+    """Looks up the keep-mask of any node's output channels from its ChannelSlots."""
+
+    def __init__(self, groups: ChannelGroups, plan: PrunePlan):
+        masks = plan.masks(groups)
+        self.flat = torch.cat(masks) if masks else torch.ones(0, dtype=torch.bool)
+        sizes = torch.tensor([len(m) for m in masks], dtype=torch.long)
+        self.offset = torch.cumsum(sizes, 0) - sizes
+
+    def of(self, slots: ChannelSlots) -> torch.Tensor:
+        return self.flat[self.offset[slots.group] + slots.index]
+
+    def __call__(self, node: fx.Node) -> torch.Tensor:
+        slots = node.meta.get(_meta.CHANNELS)
+        if not isinstance(slots, ChannelSlots):
+            raise ShrinkError(f"{node.format_node()}: no channel slots; rerun group_channels")
+        return self.of(slots)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewrite rules
+# ---------------------------------------------------------------------------------------------
+
+
+def _param(t: torch.Tensor | None, index: torch.Tensor, dim: int = 0) -> nn.Parameter | None:
+    if t is None:
+        return None
+    return nn.Parameter(t.detach().index_select(dim, index).clone(), requires_grad=t.requires_grad)
+
+
+def _idx(mask: torch.Tensor) -> torch.Tensor:
+    return mask.nonzero().flatten()
+
+
+def shrink_conv(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
+    conv = gm.get_submodule(node.target)
+    k_in, k_out = keep(node.args[0]), keep(node)
+    g = conv.groups
+    if g == conv.in_channels == conv.out_channels:  # depthwise: in == out channels
+        conv.groups = int(k_out.sum())
+        conv.in_channels = conv.out_channels = conv.groups
+        conv.weight = _param(conv.weight, _idx(k_out))  # (C_keep, 1, kh, kw)
+        conv.bias = _param(conv.bias, _idx(k_out))
+        return
+    per_in = conv.in_channels // g
+    in_pos = _idx(k_in.reshape(g, per_in)[0])  # grouped: the same positions in every group
+    w = conv.weight.detach().index_select(0, _idx(k_out)).index_select(1, in_pos)
+    conv.weight = nn.Parameter(w.clone(), requires_grad=conv.weight.requires_grad)  # (O_keep, I_keep/g, kh, kw)
+    conv.bias = _param(conv.bias, _idx(k_out))
+    conv.in_channels, conv.out_channels = len(in_pos) * g, int(k_out.sum())
+
+
+def shrink_linear(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
+    lin = gm.get_submodule(node.target)
+    k_in, k_out = _idx(keep(node.args[0])), _idx(keep(node))
+    lin.weight = nn.Parameter(lin.weight.detach()[k_out][:, k_in].clone())  # (O_keep, I_keep)
+    lin.bias = _param(lin.bias, k_out)
+    lin.in_features, lin.out_features = len(k_in), len(k_out)
+
+
+def shrink_norm(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
+    norm = gm.get_submodule(node.target)
+    k = _idx(keep(node))
+    for name in ("weight", "bias"):
+        if getattr(norm, name, None) is not None:
+            setattr(norm, name, _param(getattr(norm, name), k))
+    for name in ("running_mean", "running_var"):
+        if getattr(norm, name, None) is not None:
+            setattr(norm, name, getattr(norm, name).index_select(0, k).clone())
+    if isinstance(norm, nn.GroupNorm):
+        per_group = norm.num_channels // norm.num_groups
+        norm.num_channels = len(k)
+        norm.num_groups = len(k) // per_group
+    else:
+        norm.num_features = len(k)
+
+
+def shrink_pad(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
+    widths = list(node.args[1] if len(node.args) > 1 else node.kwargs["pad"])
+    if len(widths) // 2 != len(node.meta["tensor_meta"].shape) - 1:
+        return  # the channel dim is not padded
+    k = keep(node)
+    front, back = widths[-2], widths[-1]
+    widths[-2], widths[-1] = int(k[:front].sum()), int(k[len(k) - back :].sum())
+    _set_arg(node, 1, "pad", tuple(widths))
+
+
+def shrink_split(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
+    slots = node.meta[_meta.CHANNELS]
+    ndim = len(node.args[0].meta["tensor_meta"].shape)
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    if dim % ndim != 1:
+        return
+    sizes = [int(keep.of(s).sum()) for s in slots]
+    if 0 in sizes:
+        raise ShrinkError(f"{node.format_node()}: the plan empties piece {sizes.index(0)} of the split")
+    # chunk(x, n, 1) cannot express unequal pieces: it becomes split(x, sizes, 1)
+    node.target = torch.split if node.op == "call_function" else "split"
+    node.args = (node.args[0], sizes, 1)
+    node.kwargs = {}
+
+
+def shrink_getitem(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
+    source, idx = node.args
+    if not isinstance(idx, tuple) or len(idx) < 2 or idx[1] == slice(None):
+        return
+    start, stop, _ = idx[1].indices(len(source.meta[_meta.CHANNELS]))
+    k_in = keep(source)
+    new = slice(int(k_in[:start].sum()), int(k_in[:stop].sum()))
+    if new.start == new.stop:
+        raise ShrinkError(f"{node.format_node()}: the plan empties the channel slice")
+    node.args = (source, (idx[0], new, *idx[2:]))
+
+
+def shrink_reshape(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
+    """Rewrite a literal channel size in view/reshape (e.g. ``x.view(n, 512 * 7 * 7)``)."""
+    shape_pos = 1
+    args = list(node.args)
+    shape = args[shape_pos:] if node.op == "call_method" and not isinstance(args[1], (list, tuple)) else args[1]
+    if len(shape) < 2 or not isinstance(shape[1], int) or shape[1] == -1:
+        return
+    shape = list(shape)
+    shape[1] = int(keep(node).sum())
+    if node.op == "call_method" and not isinstance(args[1], (list, tuple)):
+        node.args = (args[0], *shape)
+    else:
+        node.args = (args[0], tuple(shape), *args[2:])
+
+
+def _set_arg(node: fx.Node, pos: int, name: str, value: Any) -> None:
+    if len(node.args) > pos:
+        args = list(node.args)
+        args[pos] = value
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+
+
+#: Rewrites for call_module nodes by module type.
+MODULE_SHRINK: dict[type[nn.Module], Callable[[fx.GraphModule, fx.Node, _Keep], None]] = {
+    nn.Conv1d: shrink_conv,
+    nn.Conv2d: shrink_conv,
+    nn.Conv3d: shrink_conv,
+    nn.Linear: shrink_linear,
+    nn.BatchNorm1d: shrink_norm,
+    nn.BatchNorm2d: shrink_norm,
+    nn.BatchNorm3d: shrink_norm,
+    nn.InstanceNorm2d: shrink_norm,
+    nn.GroupNorm: shrink_norm,
+}
+
+#: Rewrites for call_function targets / call_method names that bake in channel counts.
+SHRINK: dict[Any, Callable[[fx.GraphModule, fx.Node, _Keep], None]] = {
+    torch.nn.functional.pad: shrink_pad,
+    torch.split: shrink_split,
+    "split": shrink_split,
+    torch.chunk: shrink_split,
+    "chunk": shrink_split,
+    operator.getitem: shrink_getitem,
+    "view": shrink_reshape,
+    "reshape": shrink_reshape,
+    torch.reshape: shrink_reshape,
+}
+
+
+def _rewrite(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
+    if node.op == "call_module":
+        rule = MODULE_SHRINK.get(type(gm.get_submodule(node.target)))
+    elif node.op in ("call_function", "call_method"):
+        try:
+            rule = SHRINK.get(node.target)
+        except TypeError:
+            rule = None
+    else:
+        rule = None
+    if rule is not None and _meta.CHANNELS in node.meta:
+        rule(gm, node, keep)
+
+
+def shrink(gm: fx.GraphModule, plan: PrunePlan) -> PassResult:
+    """Return a copy of ``gm`` with the channels not kept by ``plan`` physically removed.
+
+    ``gm`` must carry channel groups (``group_channels``); it is not modified. The result has
+    fresh shapes and fresh channel groups, ready for another round of pruning.
+    """
+    groups = groups_of(gm)
+    plan.validate(groups)
+    out = copy.deepcopy(gm)
+    keep = _Keep(groups, plan)
+    for node in out.graph.nodes:
+        _rewrite(out, node, keep)
+    out.graph.lint()
+    out.recompile()
+    refresh_shapes(out)
+    group_channels(out, groups.exclude)
+    out.meta[_meta.PLAN] = plan
+    modified = any(len(k) < groups[g].size for g, k in plan.keep.items())
+    return PassResult(out, modified)
+
+
+class Shrink(PassBase):
+    """``shrink`` as a ``PassBase`` for a ``PassManager`` pipeline."""
+
+    def __init__(self, plan: PrunePlan):
+        super().__init__()
+        self.plan = plan
+
+    def requires(self, graph_module: fx.GraphModule) -> None:
+        groups_of(graph_module)
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        return shrink(graph_module, self.plan)
