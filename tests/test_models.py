@@ -167,7 +167,8 @@ def test_wrong_num_classes_names_shapes(weights_dir):
         path = find_pretrained("resnet56-b", weights_dir, "cifar100")
     except WeightsError:
         pytest.skip("no CIFAR-100 ResNet-56 checkpoint")
-    with pytest.raises(WeightsError, match=r"fc\.weight: checkpoint \(100, 64\) vs model \(10, 64\)"):
+    shapes = r"fc\.weight: checkpoint \(100, 64\) vs model \(10, 64\)"
+    with pytest.raises(WeightsError, match=shapes):
         load_pretrained(get_model("resnet56-b", 10), path)
 
 
