@@ -1,0 +1,199 @@
+"""Cost pass: multiply-accumulates (MACs) and parameters per node, per sample.
+
+Pruning targets are stated in these numbers, so they must be exact and must also be
+computable for a *plan* without rewriting the graph: every formula here is a function of the
+node's input and output channel counts, and ``plan_cost`` evaluates them with the counts a
+plan keeps. Conventions follow ptflops / Torch-Pruning's ``count_ops_and_params`` for the
+modules both count (conv and linear MACs plus bias adds, 2 ops per element for affine norms,
+1 per element for activations and pooling), and also count functional activations/pooling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from ehap_fx import _meta
+from ehap_fx.passes.group import ChannelSlots, groups_of
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """MACs (per sample) and parameters of one node, stored in ``node.meta["ehap.cost"]``."""
+
+    macs: int
+    params: int
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Totals of a whole graph."""
+
+    macs: int
+    params: int
+
+
+def _spatial(meta: TensorMetadata) -> int:
+    return math.prod(meta.shape[2:])
+
+
+def _conv(mod: nn.Module, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
+    g = mod.groups
+    if g == mod.in_channels == mod.out_channels:
+        g = c_in  # depthwise stays depthwise when pruned
+    k = math.prod(mod.kernel_size)
+    hw = _spatial(node.meta["tensor_meta"])
+    bias = c_out if mod.bias is not None else 0
+    return NodeCost(hw * (k * (c_in // g) * c_out + bias), k * (c_in // g) * c_out + bias)
+
+
+def _linear(mod: nn.Module, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
+    bias = c_out if mod.bias is not None else 0
+    rows = math.prod(node.meta["tensor_meta"].shape[1:-1])  # extra leading dims, 1 for (N, F)
+    return NodeCost(rows * c_in * c_out + bias, c_in * c_out + bias)
+
+
+def _norm(mod: nn.Module, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
+    affine = getattr(mod, "affine", getattr(mod, "elementwise_affine", False))
+    elems = c_out * _spatial(node.meta["tensor_meta"])
+    params = 2 * c_out if affine and not isinstance(mod, nn.LayerNorm) else 0
+    if isinstance(mod, nn.LayerNorm) and affine:
+        params = 2 * math.prod(mod.normalized_shape)
+    return NodeCost(elems * (2 if affine else 1), params)
+
+
+def _per_output_element(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
+    return NodeCost(c_out * _spatial(node.meta["tensor_meta"]), 0)
+
+
+def _per_input_element(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
+    return NodeCost(c_in * _spatial(node.args[0].meta["tensor_meta"]), 0)
+
+
+CostFn = Callable[[nn.Module | None, fx.Node, int, int], NodeCost]
+
+#: Cost formulas for call_module nodes by module type.
+MODULE_COST: dict[type[nn.Module], CostFn] = {
+    nn.Conv1d: _conv,
+    nn.Conv2d: _conv,
+    nn.Conv3d: _conv,
+    nn.Linear: _linear,
+    nn.BatchNorm1d: _norm,
+    nn.BatchNorm2d: _norm,
+    nn.BatchNorm3d: _norm,
+    nn.GroupNorm: _norm,
+    nn.LayerNorm: _norm,
+    nn.InstanceNorm2d: _norm,
+    **dict.fromkeys(
+        (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.Upsample), _per_output_element
+    ),
+    **dict.fromkeys(
+        (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+         nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d), _per_input_element
+    ),
+}
+
+#: Cost formulas for functional calls (Torch-Pruning does not count these).
+FUNCTION_COST: dict[object, CostFn] = {
+    **dict.fromkeys((F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, "relu"), _per_output_element),
+    **dict.fromkeys(
+        (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d), _per_input_element
+    ),
+}
+
+
+def _channels(node: fx.Node) -> int:
+    meta = node.meta.get("tensor_meta")
+    return int(meta.shape[1]) if isinstance(meta, TensorMetadata) and len(meta.shape) > 1 else 0
+
+
+def _cost_fn(gm: fx.GraphModule, node: fx.Node) -> tuple[CostFn | None, nn.Module | None]:
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return MODULE_COST.get(type(mod)), mod
+    if node.op in ("call_function", "call_method"):
+        try:
+            return FUNCTION_COST.get(node.target), None
+        except TypeError:
+            return None, None
+    return None, None
+
+
+def _node_cost(gm, node, seen: set[str], count: Callable[[fx.Node], int]) -> NodeCost | None:
+    fn, mod = _cost_fn(gm, node)
+    params = 0
+    if node.op == "get_attr" and node.target not in seen:
+        seen.add(node.target)
+        attr = gm.get_parameter(node.target) if node.target in dict(gm.named_parameters()) else None
+        params = attr.numel() if attr is not None else 0
+    if fn is None:
+        if mod is not None and node.target not in seen:  # unknown module: count its parameters
+            seen.add(node.target)
+            params = sum(p.numel() for p in mod.parameters())
+        return NodeCost(0, params) if params else None
+    inp = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else node
+    c = fn(mod, node, count(inp), count(node))
+    if mod is not None:
+        if node.target in seen:  # a module called twice has its parameters counted once
+            c = NodeCost(c.macs, 0)
+        seen.add(node.target)
+    return c
+
+
+def count_cost(gm: fx.GraphModule) -> PassResult:
+    """Write ``NodeCost`` into ``node.meta["ehap.cost"]`` for every node that costs something."""
+    seen: set[str] = set()
+    for node in gm.graph.nodes:
+        c = _node_cost(gm, node, seen, _channels)
+        if c is None:
+            node.meta.pop(_meta.COST, None)
+        else:
+            node.meta[_meta.COST] = c
+    return PassResult(gm, False)
+
+
+def total_cost(gm: fx.GraphModule) -> Cost:
+    """MACs (per sample) and parameters of the whole graph (runs ``count_cost``)."""
+    count_cost(gm)
+    costs = [n.meta[_meta.COST] for n in gm.graph.nodes if _meta.COST in n.meta]
+    return Cost(sum(c.macs for c in costs), sum(c.params for c in costs))
+
+
+def plan_cost(gm: fx.GraphModule, keep_masks: list[torch.Tensor]) -> Cost:
+    """Cost the graph would have after keeping ``keep_masks[group_id]`` of each group.
+
+    Exact for every op this module counts: the same formulas, evaluated at the kept channel
+    counts read from each node's ``ChannelSlots``. Used to choose a plan without shrinking.
+    """
+    groups = groups_of(gm)
+    flat = torch.cat(keep_masks)
+    sizes = torch.tensor([g.size for g in groups])
+    offset = torch.cumsum(sizes, 0) - sizes
+
+    def kept(node: fx.Node) -> int:
+        slots = node.meta.get(_meta.CHANNELS)
+        if isinstance(slots, ChannelSlots):
+            return int(flat[offset[slots.group] + slots.index].sum())
+        return _channels(node)
+
+    seen: set[str] = set()
+    total = Cost(0, 0)
+    for node in gm.graph.nodes:
+        c = _node_cost(gm, node, seen, kept)
+        if c is not None:
+            total = Cost(total.macs + c.macs, total.params + c.params)
+    return total
+
+
+class CountCost(PassBase):
+    """``count_cost`` as a ``PassBase``."""
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        return count_cost(graph_module)
