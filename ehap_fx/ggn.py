@@ -1,0 +1,107 @@
+"""Gauss-Newton pieces of the Hessian of softmax cross-entropy, per output channel.
+
+For ``L = mean_n CE(f(x_n), y_n)`` the Hessian splits into ``H = G + R`` with the generalized
+Gauss-Newton matrix ``G = 1/N Σ_n J_nᵀ (diag p_n − p_n p_nᵀ) J_n`` and a residual ``R`` made of
+the second derivatives of the network itself. Writing ``diag p − p pᵀ = A Aᵀ`` with
+``A = diag(√p) − p √pᵀ`` gives the exact trace of every channel's block of ``G``::
+
+    Tr(G_c) = 1/N Σ_n Σ_k ‖(J_nᵀ a_nk)_c‖²        (a_nk: column k of A_n)
+
+i.e. N·C per-sample gradients, squared and summed per channel: no sampling noise.
+
+For a piecewise-linear network (ReLU, max/avg pooling, eval-mode BatchNorm, conv, linear,
+residual adds) the output is linear in each single layer's weights, so that layer's diagonal
+block of ``R`` is zero and ``Tr(G_c) = Tr(H_c)`` exactly. For smooth activations it is not;
+``ggn_vector_product`` gives ``G v`` so Hutchinson can estimate ``Tr(R_c)`` as a control variate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp, vjp, vmap
+
+Params = dict[str, torch.Tensor]
+
+
+def _split_params(model: nn.Module, names: list[str]) -> tuple[Params, Params]:
+    """Selected weights (by parameter name) and every other parameter/buffer, detached."""
+    selected = {n: p.detach() for n, p in model.named_parameters() if n in names}
+    fixed = {n: p.detach() for n, p in model.named_parameters() if n not in names}
+    fixed.update(dict(model.named_buffers()))
+    return selected, fixed
+
+
+def _channel_sq_sum(g: torch.Tensor) -> torch.Tensor:
+    """Σ over each output channel of ``g**2`` for a batch: (B, C, ...) -> (C,) in fp32."""
+    return g.float().pow(2).flatten(2).sum(dim=(0, 2))
+
+
+def ggn_channel_traces(
+    model: nn.Module,
+    names: list[str],
+    x: torch.Tensor,
+    chunk: int = 32,
+    autocast: Callable | None = None,
+) -> list[torch.Tensor]:
+    """Exact ``Tr(G_c)`` of mean softmax cross-entropy for every output channel.
+
+    ``names`` are parameter names (``"conv1.weight"``); returns one fp32 ``(C_out,)`` tensor per
+    name, summed over the batch ``x`` and divided by its size. The labels do not enter the GGN.
+    """
+    selected, fixed = _split_params(model, names)
+    ctx = autocast or _null
+
+    def logits(p: Params, x1: torch.Tensor) -> torch.Tensor:
+        with ctx():
+            return functional_call(model, (p, fixed), (x1.unsqueeze(0),)).squeeze(0).float()
+
+    def per_sample(x1: torch.Tensor) -> list[torch.Tensor]:
+        out, vjp_fn = vjp(lambda p: logits(p, x1), selected)
+        prob = out.detach().softmax(-1)  # (C,)
+        sq = prob.sqrt()
+        a = torch.diag(sq) - prob[:, None] * sq[None, :]  # (C, C); columns a_k
+        (grads,) = vmap(vjp_fn)(a.T.contiguous())  # dict of (C, *w.shape)
+        return [_channel_sq_sum(grads[n]) for n in names]
+
+    batched = vmap(per_sample)
+    total = [torch.zeros(selected[n].shape[0], device=x.device) for n in names]
+    for start in range(0, x.shape[0], chunk):
+        parts = batched(x[start : start + chunk])  # list of (B, C_out)
+        for t, p in zip(total, parts, strict=True):
+            t += p.sum(0)
+    return [t / x.shape[0] for t in total]
+
+
+def ggn_vector_product(
+    model: nn.Module,
+    names: list[str],
+    x: torch.Tensor,
+    vs: list[torch.Tensor],
+    autocast: Callable | None = None,
+) -> list[torch.Tensor]:
+    """``G v`` for mean softmax cross-entropy: a forward-mode ``J v`` and one ``vjp``."""
+    selected, fixed = _split_params(model, names)
+    ctx = autocast or _null
+    tangents = {n: v.to(selected[n].dtype) for n, v in zip(names, vs, strict=True)}
+
+    def logits(p: Params) -> torch.Tensor:
+        with ctx():
+            return functional_call(model, (p, fixed), (x,)).float()
+
+    out, jv = jvp(logits, (selected,), (tangents,))  # (N, C) each
+    prob = out.softmax(-1)
+    u = prob * jv - prob * (prob * jv).sum(-1, keepdim=True)  # (diag p − p pᵀ) J v
+    _, vjp_fn = vjp(logits, selected)
+    (gv,) = vjp_fn(u / x.shape[0])
+    return [gv[n] for n in names]
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

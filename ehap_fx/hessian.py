@@ -1,0 +1,568 @@
+"""Per-output-channel Hessian traces of conv/linear weights: the sensitivities EHAP ranks by.
+
+``estimate_hessian(model, data)`` returns ``Tr(H_c)`` for every output channel ``c`` of every
+prunable weight (BN and biases excluded, as in HAP), with a standard error from the per-probe
+estimates. Three estimators (see ``docs/hessian.md`` for the measurements behind the default):
+
+* ``"hutchinson"``: Rademacher probes ``v``, ``Tr(H_c) ≈ mean_v Σ_{i∈c} v_i (Hv)_i`` (the paper's);
+* ``"ggn"``: the exact per-channel trace of the Gauss-Newton matrix of softmax cross-entropy
+  (``ehap_fx.ggn``), no sampling noise; equal to ``Tr(H_c)`` for piecewise-linear networks;
+* ``"hybrid"``: ``Tr(G_c)`` exactly plus Hutchinson on ``H − G``: unbiased for any network.
+
+Half precision runs the model cast to fp16/bf16; fp16 scales the loss, divides ``Hv`` back by
+the scale, and redoes a probe with a halved scale when it overflows (``result.retries``).
+
+>>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+>>> x, y = torch.randn(8, 4), torch.tensor([0, 1] * 4)
+>>> opts = HessianOptions(estimator="hutchinson", dtype="fp32", batch_size=8, probes=4,
+...                       progress=False)
+>>> r = estimate_hessian(net, (x, y), opts)
+>>> r.probes, r.traces["0"].shape, r.traces["2"].shape
+(4, torch.Size([3]), torch.Size([2]))
+"""
+
+from __future__ import annotations
+
+import copy
+import resource
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ehap_fx.errors import HessianError
+from ehap_fx.ggn import ggn_channel_traces, ggn_vector_product
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ESTIMATORS = ("hutchinson", "ggn", "hybrid")
+HVPS = ("double_backward", "forward_over_reverse")
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class HessianOptions:
+    """How to estimate the per-channel Hessian traces.
+
+    ``probes`` fixes the probe count; otherwise probing stops between ``min_probes`` and
+    ``max_probes`` once every enabled rule holds at a check (every ``check_every`` probes):
+    relative L1 change of the traces since the last check ``< tol``, Spearman of successive
+    channel (or group) rankings ``>= rank_threshold``, summed standard error over summed
+    |trace| ``<= stderr_tol``. ``None`` disables a rule.
+    """
+
+    estimator: str = "ggn"
+    dtype: str = "auto"
+    amp: str = "cast"  # "cast": run a half-precision copy; "autocast": fp32 weights + autocast
+    batch_size: int = 256
+    n_batches: int = 1
+    probes: int | None = None
+    min_probes: int = 20
+    max_probes: int = 200
+    check_every: int = 10
+    tol: float | None = 0.02
+    rank_threshold: float | None = 0.98
+    stderr_tol: float | None = None
+    probe_batch: int = 1
+    hvp: str = "double_backward"
+    channels_last: bool = False
+    loss_scale: float | None = None  # None: 2**16 for fp16, no scaling otherwise
+    max_retries: int = 30
+    ggn_chunk: int = 32
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator={self.estimator!r} must be one of {ESTIMATORS}")
+        if self.dtype not in (*DTYPES, "auto"):
+            raise ValueError(f"dtype={self.dtype!r} must be 'auto', 'fp16', 'bf16' or 'fp32'")
+        if self.amp not in ("cast", "autocast"):
+            raise ValueError(f"amp={self.amp!r} must be 'cast' or 'autocast'")
+        if self.hvp not in HVPS:
+            raise ValueError(f"hvp={self.hvp!r} must be one of {HVPS}")
+        for name in ("batch_size", "n_batches", "min_probes", "max_probes", "check_every",
+                     "probe_batch", "ggn_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.probes is not None and self.probes < 1:
+            raise ValueError(f"probes={self.probes} must be >= 1 or None")
+        if self.min_probes > self.max_probes:
+            raise ValueError(f"min_probes={self.min_probes} > max_probes={self.max_probes}")
+        if self.loss_scale is not None and not self.loss_scale > 0:
+            raise ValueError(f"loss_scale={self.loss_scale} must be > 0 or None")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries={self.max_retries} must be >= 0")
+        if self.hvp == "forward_over_reverse" and self.probe_batch > 1:
+            raise ValueError(f"probe_batch={self.probe_batch} needs hvp='double_backward'")
+        for name in ("tol", "rank_threshold", "stderr_tol"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f"{name}={value} must be in (0, 1] or None")
+
+
+@dataclass(frozen=True)
+class HessianResult:
+    """Per-channel trace estimates; tensors are fp32 on the CPU, keyed by module name.
+
+    ``probe_traces`` holds one row per probe (all channels concatenated in ``names`` order,
+    exact GGN part included for ``"hybrid"``), so any reduction of the channels has a standard
+    error too (``group_sensitivity``). ``peak_memory`` is CUDA ``max_memory_allocated``, or
+    the process's peak RSS on a CPU (``peak_memory_kind`` says which).
+    """
+
+    names: tuple[str, ...]
+    traces: dict[str, torch.Tensor]
+    stderr: dict[str, torch.Tensor]
+    channel_params: dict[str, int]
+    weight_sq: dict[str, torch.Tensor]
+    probe_traces: torch.Tensor
+    estimator: str
+    dtype: str
+    probes: int
+    retries: int
+    loss_scale: float
+    converged: bool
+    seconds: float
+    peak_memory: int
+    peak_memory_kind: str
+    batch_size: int
+    n_batches: int
+    ggn: dict[str, torch.Tensor] | None = None
+    history: tuple[tuple[int, float, float], ...] = field(default=())
+
+    def sensitivity(self) -> dict[str, torch.Tensor]:
+        """Per-channel score ``Tr(H_c) / p_c · ‖w_c‖²`` for every module."""
+        return {n: self.traces[n] / self.channel_params[n] * self.weight_sq[n] for n in self.names}
+
+    def summary(self) -> dict:
+        """The figures a report needs, as plain Python values."""
+        return {"estimator": self.estimator, "dtype": self.dtype, "probes": self.probes,
+                "retries": self.retries, "loss_scale": self.loss_scale,
+                "converged": self.converged, "seconds": round(self.seconds, 3),
+                "peak_memory": self.peak_memory, "peak_memory_kind": self.peak_memory_kind,
+                "batch_size": self.batch_size, "n_batches": self.n_batches}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """``"auto"``: fp16 on CUDA, bf16 on a CPU with native bf16, else fp32."""
+    if dtype != "auto":
+        return dtype
+    if device.type == "cuda":
+        return "fp16"
+    if device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX"):
+        return "bf16" if _cpu_has_bf16() else "fp32"
+    return "fp32"
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def prunable_modules(model: nn.Module) -> list[str]:
+    """Names of every conv and linear module with a weight, in module order."""
+    kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    return [n for n, m in model.named_modules() if isinstance(m, kinds) and m.weight is not None]
+
+
+def draw_batches(data, batch_size: int, n_batches: int, seed: int) -> list[Batch]:
+    """``n_batches`` batches of exactly ``batch_size`` samples, drawn without replacement.
+
+    ``data`` is an ``(x, y)`` tensor pair, a map-style dataset of ``(x, y)`` samples, a
+    ``DataLoader`` (its dataset is sampled), or any iterable of ``(x, y)`` batches (pooled
+    until enough samples are there, then sampled). The draw depends only on ``seed``.
+    """
+    need = batch_size * n_batches
+    gen = torch.Generator().manual_seed(seed)
+    dataset = getattr(data, "dataset", None)
+    if isinstance(data, torch.utils.data.DataLoader) and hasattr(dataset, "__getitem__"):
+        data = dataset
+    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
+        x, y = data
+        idx = _choose(len(x), need, gen)
+        x, y = x[idx], y[idx]
+    elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        idx = _choose(len(data), need, gen).tolist()
+        samples = [data[i] for i in idx]
+        x = torch.stack([torch.as_tensor(s[0]) for s in samples])
+        y = torch.as_tensor([int(s[1]) for s in samples])
+    else:
+        x, y = _pool(data, need)
+        idx = _choose(len(x), need, gen)
+        x, y = x[idx], y[idx]
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, need, batch_size)]
+
+
+def _choose(available: int, need: int, gen: torch.Generator) -> torch.Tensor:
+    if available < need:
+        raise HessianError(f"the data has {available} samples but batch_size * n_batches = "
+                           f"{need}: lower batch_size or n_batches, or pass more data")
+    return torch.randperm(available, generator=gen)[:need]
+
+
+def _pool(batches: Iterable, need: int) -> Batch:
+    xs, ys, have = [], [], 0
+    for x, y in batches:
+        xs.append(torch.as_tensor(x))
+        ys.append(torch.as_tensor(y))
+        have += len(xs[-1])
+        if have >= need:
+            break
+    if not xs:
+        raise HessianError("the data yielded no batches: pass (x, y) tensors or a DataLoader")
+    return torch.cat(xs), torch.cat(ys)
+
+
+@dataclass
+class _Setup:
+    """The working copy of the model and what every probe needs."""
+
+    model: nn.Module
+    names: list[str]
+    params: list[torch.Tensor]
+    batches: list[Batch]
+    loss_fn: Callable
+    autocast: Callable
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _prepare(model, data, opts: HessianOptions, names, loss_fn, device) -> _Setup:
+    dtype = DTYPES[resolve_dtype(opts.dtype, device)]
+    work = copy.deepcopy(model).eval().to(device)
+    if opts.amp == "cast":
+        work = work.to(dtype)
+    fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
+    if opts.channels_last:
+        work = work.to(memory_format=torch.channels_last)
+    modules = dict(work.named_modules())
+    missing = [n for n in names if n not in modules or getattr(modules[n], "weight", None) is None]
+    if missing:
+        raise HessianError(f"modules {missing} have no weight; pass conv/linear module names")
+    for p in work.parameters():
+        p.requires_grad_(False)
+    params = [modules[n].weight.requires_grad_(True) for n in names]
+    in_dtype = dtype if opts.amp == "cast" else torch.float32
+    batches = []
+    for x, y in draw_batches(data, opts.batch_size, opts.n_batches, opts.seed):
+        x = x.to(device, in_dtype)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=fmt)
+        batches.append((x, y.to(device)))
+    if opts.amp == "autocast" and dtype != torch.float32:
+        autocast = partial(torch.autocast, device_type=device.type, dtype=dtype)
+    else:
+        autocast = nullcontext
+    return _Setup(work, list(names), params, batches, loss_fn, autocast, dtype, device)
+
+
+class _Hvp:
+    """Scaled Hessian-vector products ``s·H v`` on the fixed Hessian batches.
+
+    With one batch and double backward, the first-order graph is built once and every probe
+    costs one backward pass through it; it is rebuilt when the loss scale changes.
+    """
+
+    def __init__(self, setup: _Setup, opts: HessianOptions) -> None:
+        self.s, self.opts = setup, opts
+        self.keep = opts.hvp == "double_backward" and len(setup.batches) == 1
+        self._graph: tuple[float, list[torch.Tensor]] | None = None
+
+    def _grads(self, x, y, scale: float) -> list[torch.Tensor]:
+        with self.s.autocast():
+            out = self.s.model(x)
+        loss = self.s.loss_fn(out.float(), y)
+        if not torch.isfinite(loss):
+            raise HessianError(f"the loss is {loss.item()} on the Hessian batch: check the "
+                               "model, the data and the loss function")
+        # an overflowing scaled loss gives non-finite products: the caller retries
+        return list(torch.autograd.grad(loss * scale, self.s.params, create_graph=True))
+
+    def __call__(self, vs: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
+        """``vs``: one tensor per weight, shaped ``(P, *w.shape)``; returns the same shapes."""
+        if self.opts.hvp == "forward_over_reverse":
+            return self._forward_over_reverse(vs, scale)
+        if self.keep:
+            if self._graph is None or self._graph[0] != scale:
+                self._graph = (scale, self._grads(*self.s.batches[0], scale))
+            return self._backward(self._graph[1], vs, retain=True)
+        total = None
+        for x, y in self.s.batches:
+            hv = self._backward(self._grads(x, y, scale), vs, retain=False)
+            total = hv if total is None else [a + b for a, b in zip(total, hv, strict=True)]
+        return [t / len(self.s.batches) for t in total]
+
+    def _backward(self, grads, vs, retain: bool) -> list[torch.Tensor]:
+        batched = vs[0].shape[0] > 1
+        outs = vs if batched else [v[0] for v in vs]
+        hv = torch.autograd.grad(grads, self.s.params, grad_outputs=outs, retain_graph=retain,
+                                 is_grads_batched=batched)
+        return list(hv) if batched else [h.unsqueeze(0) for h in hv]
+
+    def _forward_over_reverse(self, vs, scale: float) -> list[torch.Tensor]:
+        from torch.func import functional_call, grad, jvp
+
+        names = [f"{n}.weight" if n else "weight" for n in self.s.names]
+        fixed = {k: t for k, t in self.s.model.named_parameters() if k not in names}
+        fixed.update(dict(self.s.model.named_buffers()))
+        primal = {k: p.detach() for k, p in zip(names, self.s.params, strict=True)}
+        total = [torch.zeros_like(v) for v in vs]
+        for x, y in self.s.batches:
+            def loss(p, x=x, y=y):
+                with self.s.autocast():
+                    out = functional_call(self.s.model, (p, fixed), (x,))
+                return self.s.loss_fn(out.float(), y) * scale
+
+            tangent = {k: v[0] for k, v in zip(names, vs, strict=True)}
+            _, hv = jvp(grad(loss), (primal,), (tangent,))
+            for t, k in zip(total, names, strict=True):
+                t += hv[k].unsqueeze(0)
+        return [t / len(self.s.batches) for t in total]
+
+
+def _rademacher(params, count: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """``count`` probes, drawn probe after probe so the stream does not depend on batching."""
+    per_probe = [[torch.randint(0, 2, p.shape, generator=gen, device=p.device, dtype=p.dtype)
+                  for p in params] for _ in range(count)]
+    return [torch.stack(vs) * 2 - 1 for vs in zip(*per_probe, strict=True)]
+
+
+def _contrib(vs, hvs, scale: float) -> torch.Tensor:
+    """Per-probe, per-channel ``Σ_{i∈c} v_i (Hv)_i / s`` in fp32: (P, total_channels)."""
+    cols = [(v.float() * h.float()).flatten(2).sum(2) for v, h in zip(vs, hvs, strict=True)]
+    return torch.cat(cols, dim=1) / scale
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    ra = a.argsort().argsort().float()
+    rb = b.argsort().argsort().float()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return (ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-30)
+
+
+class _StopRule:
+    """Decides convergence at check points; keeps ``(probes, rel_change, spearman)``."""
+
+    def __init__(self, opts: HessianOptions, score: Callable[[torch.Tensor], torch.Tensor]):
+        self.opts, self.score = opts, score
+        self.prev: torch.Tensor | None = None
+        self.last = 0
+        self.history: list[tuple[int, float, float]] = []
+
+    def done(self, n: int, total: torch.Tensor, sq: torch.Tensor) -> bool:
+        o = self.opts
+        if o.probes is not None:
+            return n >= o.probes
+        if n < o.min_probes or (n - self.last < o.check_every and n < o.max_probes):
+            return n >= o.max_probes
+        self.last = n
+        mean = total / n
+        rel = rho = float("nan")
+        ok = True
+        if self.prev is not None:
+            rel = ((mean - self.prev).abs().sum() / mean.abs().sum().clamp_min(1e-30)).item()
+            rho = _spearman(self.score(mean), self.score(self.prev)).item()
+        self.history.append((n, rel, rho))
+        if o.tol is not None:
+            ok &= rel < o.tol
+        if o.rank_threshold is not None:
+            ok &= rho >= o.rank_threshold
+        if o.stderr_tol is not None:
+            se = ((sq / n - mean**2).clamp_min(0) / max(n - 1, 1)).sqrt()
+            ok &= (se.sum() / mean.abs().sum().clamp_min(1e-30)).item() <= o.stderr_tol
+        self.prev = mean
+        return bool(ok) or n >= o.max_probes
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
+
+
+def estimate_hessian(
+    model: nn.Module,
+    data,
+    options: HessianOptions | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    loss_fn: Callable | None = None,
+    device: torch.device | str | None = None,
+) -> HessianResult:
+    """Per-output-channel Hessian traces of the ``names`` weights (default: all conv/linear).
+
+    ``data``: see :func:`draw_batches`. ``loss_fn(logits_fp32, y)`` defaults to mean
+    cross-entropy (required by the ``"ggn"`` and ``"hybrid"`` estimators). The model itself
+    is not modified: the estimate runs on an eval-mode copy.
+    """
+    opts = options or HessianOptions()
+    names = list(names) if names is not None else prunable_modules(model)
+    if not names:
+        raise HessianError("the model has no conv/linear weights to estimate")
+    if loss_fn is not None and opts.estimator != "hutchinson":
+        raise HessianError(f"estimator={opts.estimator!r} needs the default cross-entropy loss;"
+                           " use estimator='hutchinson' with a custom loss_fn")
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    s = _prepare(model, data, opts, names, loss_fn or F.cross_entropy, device)
+    p_c = [p[0].numel() for p in s.params]
+    w_sq = torch.cat([p.detach().float().pow(2).flatten(1).sum(1) for p in s.params])
+    pc_flat = torch.cat([torch.full((p.shape[0],), float(n), device=device)
+                         for p, n in zip(s.params, p_c, strict=True)])
+    ggn = _ggn_part(s, opts) if opts.estimator != "hutchinson" else None
+    if opts.estimator == "ggn":
+        samples, n, retries, scale, converged, history = ggn[None], 0, 0, 1.0, True, ()
+    else:
+        def score(mean):
+            return mean / pc_flat * w_sq
+
+        samples, retries, scale, history = _probe_loop(s, opts, ggn, _StopRule(opts, score))
+        n = samples.shape[0]
+        converged = opts.probes is not None or n < opts.max_probes
+    mean = samples.mean(0)
+    se = samples.std(0) / n**0.5 if n > 1 else torch.zeros_like(mean)
+    peak, kind = _peak_memory(device)
+    return HessianResult(
+        names=tuple(names),
+        traces=_split(mean, s.params, names),
+        stderr=_split(se, s.params, names),
+        channel_params=dict(zip(names, p_c, strict=True)),
+        weight_sq=_split(w_sq, s.params, names),
+        probe_traces=samples.cpu(),
+        estimator=opts.estimator,
+        dtype={v: k for k, v in DTYPES.items()}[s.dtype],
+        probes=n, retries=retries, loss_scale=scale, converged=converged,
+        seconds=time.perf_counter() - start, peak_memory=peak, peak_memory_kind=kind,
+        batch_size=opts.batch_size, n_batches=opts.n_batches,
+        ggn=_split(ggn, s.params, names) if ggn is not None else None,
+        history=tuple(history),
+    )
+
+
+def _split(flat: torch.Tensor, params, names) -> dict[str, torch.Tensor]:
+    parts = flat.detach().float().cpu().split([p.shape[0] for p in params])
+    return dict(zip(names, parts, strict=True))
+
+
+def _ggn_part(s: _Setup, opts: HessianOptions) -> torch.Tensor:
+    pnames = [f"{n}.weight" if n else "weight" for n in s.names]
+    total = None
+    for x, _ in s.batches:
+        parts = ggn_channel_traces(s.model, pnames, x, chunk=opts.ggn_chunk, autocast=s.autocast)
+        flat = torch.cat(parts)
+        total = flat if total is None else total + flat
+    return total / len(s.batches)
+
+
+def _probe_loop(s: _Setup, opts: HessianOptions, ggn, rule: _StopRule):
+    """Draw probes until the stop rule holds; returns (per-probe rows, retries, scale, history)."""
+    scaling = s.dtype == torch.float16 or opts.loss_scale is not None
+    scale = float(opts.loss_scale or (2.0**16 if s.dtype == torch.float16 else 1.0))
+    gen = torch.Generator(device=s.device).manual_seed(opts.seed)
+    hvp = _Hvp(s, opts)
+    pnames = [f"{n}.weight" if n else "weight" for n in s.names]
+    rows: list[torch.Tensor] = []
+    total = sq = None
+    retries = 0
+    limit = opts.probes or opts.max_probes
+    bar = tqdm(total=limit, desc=f"hessian {opts.estimator}", disable=not opts.progress)
+    n = 0
+    while True:
+        vs = _rademacher(s.params, min(opts.probe_batch, limit - n), gen)
+        row, scale, tries = _one_step(s, hvp, vs, scale, scaling, opts, ggn, pnames)
+        retries += tries
+        rows.append(row)
+        total = row.sum(0) if total is None else total + row.sum(0)
+        sq = row.pow(2).sum(0) if sq is None else sq + row.pow(2).sum(0)
+        n += row.shape[0]
+        bar.update(row.shape[0])
+        if rule.done(n, total, sq):
+            break
+    bar.close()
+    samples = torch.cat(rows)
+    if not scaling and not torch.isfinite(samples).all():
+        raise HessianError(f"non-finite Hessian-vector products in {s.dtype}: use dtype='fp32'")
+    return samples, retries, scale, rule.history
+
+
+def _one_step(s, hvp, vs, scale, scaling, opts, ggn, pnames):
+    """One batch of probes, redone with a halved loss scale while it overflows."""
+    for tries in range(opts.max_retries + 1):
+        row = _contrib(vs, hvp(vs, scale), scale)
+        if ggn is not None:
+            row = row - _gv_contrib(s, vs, pnames) + ggn
+        if not scaling or bool(torch.isfinite(row).all()):
+            return row, scale, tries
+        scale /= 2
+    raise HessianError(f"Hessian-vector products still overflow after {opts.max_retries} "
+                       f"retries (loss scale {scale}): use dtype='bf16' or 'fp32'")
+
+
+def _gv_contrib(s: _Setup, vs, pnames) -> torch.Tensor:
+    """Per-probe ``Σ_{i∈c} v_i (G v)_i`` in fp32, averaged over the Hessian batches."""
+    rows = []
+    for p in range(vs[0].shape[0]):
+        v = [t[p] for t in vs]
+        gv = None
+        for x, _ in s.batches:
+            part = ggn_vector_product(s.model, pnames, x, v, autocast=s.autocast)
+            gv = part if gv is None else [a + b for a, b in zip(gv, part, strict=True)]
+        rows.append(_contrib([t.unsqueeze(0) for t in v],
+                             [g.unsqueeze(0) for g in gv], float(len(s.batches))))
+    return torch.cat(rows)
+
+
+def _group_rows(groups, result: HessianResult, rows: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Σ over producer members of per-channel ``rows`` (R, total) -> {group id: (R, size)}."""
+    from ehap_fx.passes.group import producer_slices
+
+    offsets, start = {}, 0
+    for n in result.names:
+        offsets[n] = start
+        start += result.traces[n].shape[0]
+    scale = torch.cat([result.weight_sq[n] / result.channel_params[n] for n in result.names])
+    scored = rows * scale  # (R, total)
+    out = {}
+    for g in groups:
+        acc = torch.zeros(rows.shape[0], g.size)
+        for module, index in producer_slices(g):
+            if module not in offsets:
+                raise HessianError(f"group {g.id}: module {module!r} has no Hessian trace; "
+                                   f"estimate it with names including {module!r}")
+            acc += scored[:, offsets[module] + index].sum(-1)  # (R, size, k) -> (R, size)
+        out[g.id] = acc
+    return out
+
+
+def group_sensitivity(groups, model: nn.Module | None, result: HessianResult
+                      ) -> dict[int, torch.Tensor]:
+    """Per group, a ``(size,)`` score per channel: Σ over producers of ``Tr(H_c)/p_c·‖w_c‖²``.
+
+    ``‖w_c‖²`` is taken from ``result`` (the weights the traces were estimated at); ``model``
+    is accepted for symmetry with other scorers and may be ``None``.
+    """
+    mean = torch.cat([result.traces[n] for n in result.names])[None]
+    return {k: v[0] for k, v in _group_rows(groups, result, mean).items()}
+
+
+def group_stderr(groups, model: nn.Module | None, result: HessianResult
+                 ) -> dict[int, torch.Tensor]:
+    """Standard error of :func:`group_sensitivity` from the per-probe estimates (0 for GGN)."""
+    rows = _group_rows(groups, result, result.probe_traces)
+    n = result.probe_traces.shape[0]
+    if n < 2:
+        return {k: torch.zeros(v.shape[1]) for k, v in rows.items()}
+    return {k: v.std(0) / n**0.5 for k, v in rows.items()}

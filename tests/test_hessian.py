@@ -1,0 +1,321 @@
+"""Per-channel Hessian traces against exact ones from ``torch.func.hessian``.
+
+Model under test (tiny enough for the full Hessian, 174 weights)::
+
+    x (N,2,4,4) -> conv a (2->3, 3x3) -> BN -> act -> conv b (3->4, 3x3) -> act
+                -> avgpool -> flatten -> linear c (4->3) -> logits (N,3)
+
+``act`` is ReLU (piecewise linear: each layer's diagonal Hessian block equals its GGN block)
+or Tanh (it does not).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, hessian, jacrev
+
+from ehap_fx.errors import HessianError
+from ehap_fx.hessian import (
+    HessianOptions,
+    draw_batches,
+    estimate_hessian,
+    group_sensitivity,
+    group_stderr,
+    resolve_dtype,
+)
+from ehap_fx.passes.group import ChannelGroup, Member
+
+NAMES = ["a", "b", "c"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run faster, and far steadier on a shared CPU, on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(act=nn.ReLU) -> nn.Module:
+    torch.manual_seed(1)
+    net = nn.Sequential()
+    net.add_module("a", nn.Conv2d(2, 3, 3, padding=1))
+    net.add_module("bn", nn.BatchNorm2d(3))
+    net.add_module("act1", act())
+    net.add_module("b", nn.Conv2d(3, 4, 3, padding=1))
+    net.add_module("act2", act())
+    net.add_module("pool", nn.AdaptiveAvgPool2d(1))
+    net.add_module("flat", nn.Flatten())
+    net.add_module("c", nn.Linear(4, 3))
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-0.2, 0.2)
+        net.bn.running_var.uniform_(0.5, 1.5)
+        for m in (net.a, net.b, net.c):
+            m.weight.mul_(2.0)
+    return net.eval()
+
+
+def data(n=16):
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(n, 2, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _weights(net):
+    return {f"{n}.weight": getattr(net, n).weight.detach() for n in NAMES}
+
+
+def _fixed(net, weights):
+    fixed = {k: v for k, v in net.named_parameters() if k not in weights}
+    fixed.update(dict(net.named_buffers()))
+    return fixed
+
+
+def exact_traces(net, x, y):
+    """Exact Tr(H_c) per output channel of each weight, from the full Hessian."""
+    w = _weights(net)
+    fixed = _fixed(net, w)
+
+    def loss(p):
+        return F.cross_entropy(functional_call(net, (p, fixed), (x,)), y)
+
+    h = hessian(loss)(w)
+    out = {}
+    for n in NAMES:
+        k = f"{n}.weight"
+        c = w[k].shape[0]
+        block = h[k][k].reshape(c, -1, c, w[k][0].numel())  # (C, p, C, p)
+        out[n] = torch.einsum("cici->c", block)
+    return out
+
+
+def exact_ggn_traces(net, x):
+    """Exact Tr(G_c) = 1/N Σ_n Σ_i (J_nᵀ (diag p − p pᵀ) J_n)_ii over channel c."""
+    w = _weights(net)
+    fixed = _fixed(net, w)
+    logits = functional_call(net, (w, fixed), (x,))
+    p = logits.softmax(-1)
+    h_out = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # (N, C, C)
+    jac = jacrev(lambda q: functional_call(net, (q, fixed), (x,)))(w)
+    out = {}
+    for n in NAMES:
+        j = jac[f"{n}.weight"].flatten(3)  # (N, K, C_out, p)
+        out[n] = torch.einsum("nkcp,nkl,nlcp->c", j, h_out, j) / x.shape[0]
+    return out
+
+
+def opts(**kw):
+    base = dict(batch_size=16, progress=False, seed=0)
+    base.update(kw)
+    return HessianOptions(**base)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh], ids=["relu", "tanh"])
+def test_ggn_equals_exact_ggn(act):
+    net = tiny(act)
+    x, y = data()
+    r = estimate_hessian(net, (x, y), opts(estimator="ggn", dtype="fp32"), names=NAMES)
+    ref = exact_ggn_traces(net, x)
+    for n in NAMES:
+        torch.testing.assert_close(r.traces[n], ref[n], rtol=1e-5, atol=1e-7)
+        assert (r.stderr[n] == 0).all()
+    assert r.probes == 0
+
+
+def test_ggn_equals_exact_hessian_for_relu_network():
+    net = tiny(nn.ReLU)
+    x, y = data()
+    r = estimate_hessian(net, (x, y), opts(estimator="ggn", dtype="fp32"), names=NAMES)
+    ref = exact_traces(net, x, y)
+    for n in NAMES:
+        torch.testing.assert_close(r.traces[n], ref[n], rtol=1e-5, atol=1e-7)
+
+
+def test_tanh_network_hessian_differs_from_ggn():
+    net = tiny(nn.Tanh)
+    x, y = data()
+    h, g = exact_traces(net, x, y), exact_ggn_traces(net, x)
+    gap = max((h[n] - g[n]).abs().max().item() for n in ["a", "b"])
+    assert gap > 1e-3  # so the hybrid test below is not trivially the GGN test
+
+
+def _within(r, ref, rel=0.0, k=5.0):
+    for n in NAMES:
+        err = (r.traces[n] - ref[n]).abs()
+        bound = k * r.stderr[n] + rel * ref[n].abs() + 1e-4
+        assert (err <= bound).all(), (n, r.traces[n], ref[n], r.stderr[n])
+    scale = max(ref[n].abs().max() for n in NAMES)
+    assert all((r.stderr[n] < 0.1 * scale).all() for n in NAMES)  # enough probes to mean it
+
+
+@pytest.mark.parametrize(("dtype", "rel"), [("fp32", 0.0), ("bf16", 0.03), ("fp16", 0.01)])
+def test_hutchinson_converges_to_exact_traces(dtype, rel):
+    net = tiny(nn.Tanh)
+    x, y = data()
+    r = estimate_hessian(net, (x, y), opts(estimator="hutchinson", dtype=dtype, probes=1500,
+                                           probe_batch=50), names=NAMES)
+    assert r.probes == 1500 and r.dtype == dtype
+    _within(r, exact_traces(net, x, y), rel=rel)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_hybrid_is_unbiased(dtype):
+    """Exact Tr(G_c) + Hutchinson on H − G: centred on Tr(H_c) although Tr(G_c) is not."""
+    net = tiny(nn.Tanh)
+    x, y = data()
+    hyb = estimate_hessian(net, (x, y), opts(estimator="hybrid", dtype=dtype, probes=600,
+                                             probe_batch=50), names=NAMES)
+    _within(hyb, exact_traces(net, x, y), rel=0.03 if dtype == "bf16" else 0.0)
+    ggn = exact_ggn_traces(net, x)
+    for n in NAMES:
+        torch.testing.assert_close(hyb.ggn[n], ggn[n], rtol=0.02 if dtype == "bf16" else 1e-5,
+                                   atol=1e-4)
+
+
+def test_probe_batching_and_forward_over_reverse_give_the_same_probes():
+    net = tiny(nn.Tanh)
+    x, y = data()
+    base = estimate_hessian(net, (x, y), opts(estimator="hutchinson", dtype="fp32", probes=12),
+                            names=NAMES)
+    for kw in (dict(probe_batch=5), dict(hvp="forward_over_reverse"), dict(channels_last=True)):
+        r = estimate_hessian(net, (x, y), opts(estimator="hutchinson", dtype="fp32", probes=12,
+                                               **kw), names=NAMES)
+        torch.testing.assert_close(r.probe_traces, base.probe_traces, rtol=1e-4, atol=1e-6)
+
+
+def test_seed_determinism():
+    net = tiny(nn.Tanh)
+    x, y = torch.randn(40, 2, 4, 4), torch.randint(0, 3, (40,))
+    run = [estimate_hessian(net, (x, y), opts(estimator="hutchinson", dtype="fp32", probes=6,
+                                              seed=s), names=NAMES) for s in (3, 3, 4)]
+    assert torch.equal(run[0].probe_traces, run[1].probe_traces)
+    assert not torch.equal(run[0].probe_traces, run[2].probe_traces)
+
+
+def test_forced_overflow_retries_and_unscales_exactly():
+    net = tiny(nn.Tanh)
+    x, y = data()
+    plain = estimate_hessian(net, (x, y), opts(estimator="hutchinson", dtype="fp32", probes=8),
+                             names=NAMES)
+    # 2**140 overflows fp32 (max ~2**128): every scaled product is inf until the scale is
+    # halved below ~2**120; power-of-two scales unscale exactly.
+    big = estimate_hessian(net, (x, y), opts(estimator="hutchinson", dtype="fp32", probes=8,
+                                             loss_scale=2.0**140, max_retries=60), names=NAMES)
+    assert big.retries >= 12
+    assert big.loss_scale <= 2.0**128
+    torch.testing.assert_close(big.probe_traces, plain.probe_traces, rtol=1e-6, atol=0)
+
+
+def test_retry_limit_is_a_clear_error():
+    net = tiny(nn.Tanh)
+    with pytest.raises(HessianError, match="overflow after 2 retries"):
+        estimate_hessian(net, data(), opts(estimator="hutchinson", dtype="fp32", probes=2,
+                                           loss_scale=2.0**200, max_retries=2), names=NAMES)
+
+
+def test_fp16_loss_scaling_rescues_underflowing_gradients():
+    """1e-6 · CE: in fp16 without scaling the gradients underflow to (almost) zero."""
+    net = tiny(nn.Tanh)
+    x, y = data()
+
+    def small(logits, target):
+        return 1e-6 * F.cross_entropy(logits, target)
+
+    def run(dtype, scale):
+        return estimate_hessian(net, (x, y), opts(estimator="hutchinson", dtype=dtype,
+                                                  probes=400, probe_batch=50, loss_scale=scale),
+                                names=NAMES, loss_fn=small)
+
+    ref, scaled, unscaled = run("fp32", None), run("fp16", None), run("fp16", 1.0)
+    assert scaled.loss_scale == 2.0**16
+    for n in NAMES:
+        torch.testing.assert_close(scaled.traces[n], ref.traces[n], rtol=0.05, atol=1e-9)
+    err = sum((unscaled.traces[n] - ref.traces[n]).abs().sum() for n in NAMES)
+    total = sum(ref.traces[n].abs().sum() for n in NAMES)
+    assert err > 0.5 * total
+
+
+def test_stop_rule_converges_before_max_probes():
+    net = tiny(nn.ReLU)
+    x, y = data()
+    r = estimate_hessian(net, (x, y), opts(estimator="hutchinson", dtype="fp32", min_probes=20,
+                                           max_probes=2000, check_every=20, tol=0.05,
+                                           rank_threshold=0.9), names=NAMES)
+    assert r.converged and 20 < r.probes < 2000
+    n, rel, rho = r.history[-1]
+    assert n == r.probes and rel < 0.05 and rho >= 0.9
+
+
+def test_draw_batches_exact_size_and_seeded():
+    x, y = torch.arange(100.0)[:, None], torch.arange(100)
+    a = draw_batches((x, y), 30, 2, seed=5)
+    b = draw_batches(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y),
+                                                 batch_size=7), 30, 2, seed=5)
+    assert [len(t[0]) for t in a] == [30, 30]
+    assert torch.equal(a[0][1], b[0][1]) and torch.equal(a[1][1], b[1][1])
+    assert len(set(torch.cat([a[0][1], a[1][1]]).tolist())) == 60
+    c = draw_batches(iter([(x[:50], y[:50]), (x[50:], y[50:])]), 30, 1, seed=5)
+    assert len(c[0][0]) == 30
+    with pytest.raises(HessianError, match="100 samples but batch_size"):
+        draw_batches((x, y), 60, 2, seed=0)
+
+
+def test_several_batches_average_the_hessian():
+    net = tiny(nn.ReLU)
+    x, y = torch.randn(32, 2, 4, 4), torch.randint(0, 3, (32,))
+    r = estimate_hessian(net, (x, y), opts(estimator="ggn", dtype="fp32", n_batches=2),
+                         names=NAMES)
+    (x0, y0), (x1, y1) = draw_batches((x, y), 16, 2, seed=0)
+    e0, e1 = exact_traces(net, x0, y0), exact_traces(net, x1, y1)
+    for n in NAMES:
+        torch.testing.assert_close(r.traces[n], (e0[n] + e1[n]) / 2, rtol=1e-5, atol=1e-7)
+
+
+def test_group_sensitivity_sums_producers_and_k_indices():
+    net = tiny(nn.Tanh)
+    x, y = data()
+    r = estimate_hessian(net, (x, y), opts(estimator="hutchinson", dtype="fp32", probes=30),
+                         names=NAMES)
+    s = r.sensitivity()
+    # group 0: channels {a0+b1, a2+b(2,3)}; group 1: c (pinned members are still scored)
+    g0 = ChannelGroup(0, 2, (
+        Member("a", "a", "out", 0, torch.tensor([[0], [2]])),
+        Member("b", "b", "out", 0, torch.tensor([[1, 1], [2, 3]])),
+        Member("b", "b", "in", 1, torch.tensor([[0], [2]])),
+    ))
+    g1 = ChannelGroup(1, 3, (Member("c", "c", "out", 0, torch.arange(3)[:, None]),), "output")
+    scores = group_sensitivity([g0, g1], net, r)
+    want0 = torch.stack([s["a"][0] + 2 * s["b"][1], s["a"][2] + s["b"][2] + s["b"][3]])
+    torch.testing.assert_close(scores[0], want0)
+    torch.testing.assert_close(scores[1], s["c"])
+    w = net.a.weight.detach()
+    torch.testing.assert_close(s["a"], r.traces["a"] / 18 * w.pow(2).flatten(1).sum(1))
+    se = group_stderr([g0, g1], net, r)
+    rows = r.probe_traces[:, 7:10] * (r.weight_sq["c"] / 4)
+    torch.testing.assert_close(se[1], rows.std(0) / 30**0.5)
+    with pytest.raises(HessianError, match="module 'zz' has no Hessian trace"):
+        group_sensitivity([ChannelGroup(2, 1, (Member("z", "zz", "out", 0,
+                                                      torch.tensor([[0]])),))], net, r)
+
+
+def test_options_validate_and_name_the_value():
+    with pytest.raises(ValueError, match="estimator='newton'"):
+        HessianOptions(estimator="newton")
+    with pytest.raises(ValueError, match="min_probes=50 > max_probes=10"):
+        HessianOptions(min_probes=50, max_probes=10)
+    with pytest.raises(ValueError, match="tol=2"):
+        HessianOptions(tol=2)
+    assert resolve_dtype("auto", torch.device("cpu")) in ("bf16", "fp32")
+    assert resolve_dtype("fp32", torch.device("cuda")) == "fp32"
+    with pytest.raises(HessianError, match="default cross-entropy"):
+        estimate_hessian(tiny(), data(), opts(estimator="ggn"), loss_fn=F.mse_loss)
+
+
+def test_user_model_is_untouched():
+    net = tiny(nn.Tanh).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    estimate_hessian(net, data(), opts(estimator="hybrid", dtype="bf16", probes=2))
+    assert net.training
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])
