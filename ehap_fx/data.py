@@ -327,14 +327,18 @@ def synthetic_cifar(
 ) -> CifarData:
     """``n`` random CIFAR-shaped images, labelled as synthetic.
 
-    Each class has its own random 32x32 colour template; an image is its class template
-    plus uniform noise, so the labels are learnable (a short fine-tune lowers the loss)
-    while the data carry no real-world meaning. Classes are balanced (``i % num_classes``).
+    Each class has its own random template of 4x4 colour blocks (8x8 pixels each); an
+    image is its class template plus uniform noise, so the labels are learnable (a short
+    fine-tune lowers the loss) while the data carry no real-world meaning. Classes are
+    balanced (``i % num_classes``); the ``"test"`` split of a seed has the same class
+    templates and other images.
     """
     if n < 1 or num_classes < 1:
         raise ValueError(f"synthetic_cifar needs n={n} >= 1 and num_classes={num_classes} >= 1")
     gen = torch.Generator().manual_seed(seed)
-    templates = torch.randint(0, 256, (num_classes, 3, 32, 32), generator=gen)
+    coarse = torch.randint(0, 256, (num_classes, 3, 4, 4), generator=gen)
+    templates = coarse.repeat_interleave(8, 2).repeat_interleave(8, 3)  # (K, 3, 32, 32)
+    gen.manual_seed(2 * seed + (split != "train"))  # other images, same classes, per split
     labels = torch.arange(n) % num_classes
     labels = labels[torch.randperm(n, generator=gen)]
     noise = torch.randint(-96, 97, (n, 3, 32, 32), generator=gen)

@@ -121,12 +121,10 @@ class CifarResNet(nn.Module):
 
 
 def _init_weights(model: nn.Module) -> None:
-    """Kaiming-normal convs and linears, BN at (1, 0): the usual CIFAR ResNet init."""
+    """Kaiming-normal (fan-out) convs, BN at (1, 0), PyTorch's default linear head (torchvision)."""
     for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
+        if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
