@@ -206,18 +206,21 @@ class CifarLoader:
 
 def augment_batch(images: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Standard CIFAR augmentation on a uint8 batch: random crop after ``pad`` zero pixels
-    on each side, then a horizontal flip with probability 1/2. Shapes are kept."""
+    on each side, then a horizontal flip with probability 1/2. Shapes are kept.
+
+    One ``gather`` over the flattened padded images does crop and flip together.
+    """
     b, c, h, w = images.shape
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
     dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (B, 1, H, 1)
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # (B, 1, 1, W)
-    batch = torch.arange(b)[:, None, None, None]
-    chans = torch.arange(c)[None, :, None, None]
-    out = padded[batch, chans, rows, cols]  # (B, C, H, W)
     flip = torch.rand(b, generator=gen) < 0.5
-    return torch.where(flip[:, None, None, None], out.flip(3), out)
+    cols = torch.arange(w).expand(b, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]  # (B, W)
+    rows = dy[:, None] + torch.arange(h)  # (B, H)
+    index = rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]  # (B, H, W) into H+2p x W+2p
+    index = index.view(b, 1, h * w).expand(b, c, h * w)
+    return padded.view(b, c, -1).gather(2, index).view(b, c, h, w)  # (B, C, H, W)
 
 
 def load_cifar(

@@ -212,3 +212,34 @@ def test_padding_is_zero_pixels_before_normalisation():
     white = (1 - CIFAR10_NORM.mean[0]) / CIFAR10_NORM.std[0]
     values = x[:, 0].unique()
     torch.testing.assert_close(values, torch.tensor([black, white]))
+
+
+def test_download_goes_through_torchvision_then_our_reader(tmp_path, monkeypatch):
+    """``download=True`` asks torchvision for the files, then reads them like any copy."""
+    from torchvision import datasets
+
+    calls = []
+
+    class FakeCIFAR10:
+        def __init__(self, root, train, download):
+            calls.append((root, train, download))
+            if not (tmp_path / "cifar-10-batches-py").exists():
+                fake_cifar10(tmp_path)
+
+    monkeypatch.setattr(datasets, "CIFAR10", FakeCIFAR10)
+    data = load_cifar(tmp_path, "cifar10", "test", download=True)
+    assert calls == [(str(tmp_path), True, True), (str(tmp_path), False, True)]
+    assert len(data) == 20
+    load_cifar(tmp_path, "cifar10", "test", download=True)  # present: no second download
+    assert len(calls) == 2
+
+
+def test_download_failure_is_a_data_error(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    def offline(root, train, download):
+        raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(datasets, "CIFAR100", offline)
+    with pytest.raises(DataError, match="downloading cifar100 into .* failed: <urlopen error"):
+        load_cifar(tmp_path, "cifar100", download=True)
