@@ -14,6 +14,7 @@ Names: ``resnet{20,32,44,56,110}`` (option-A shortcuts, the akamaster checkpoint
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -31,6 +32,7 @@ from ehap_fx.models.wideresnet import WideResNet, wide_resnet
 
 __all__ = [
     "MODEL_NAMES",
+    "NUM_CLASSES",
     "CifarResNet",
     "WideResNet",
     "find_pretrained",
@@ -38,6 +40,7 @@ __all__ = [
     "load_pretrained",
     "normalization",
     "pretrained_model",
+    "pretrained_pattern",
     "read_state_dict",
     "resnet_cifar",
     "wide_resnet",
@@ -57,32 +60,35 @@ _RESNET = re.compile(r"resnet(\d+)(?:-([ab]))?")
 _WRN = re.compile(r"wrn-(\d+)-(\d+)")
 
 
+@dataclass(frozen=True)
+class _Spec:
+    family: str  # "resnet" or "wrn"
+    depth: int
+    shortcut: str = ""  # "A" or "B" for ResNets
+    widen: int = 0  # k for WideResNets
+
+
+def _parse(name: str) -> _Spec:
+    key = name.strip().lower()
+    if m := _RESNET.fullmatch(key):
+        return _Spec("resnet", int(m[1]), shortcut=(m[2] or "a").upper())
+    if m := _WRN.fullmatch(key):
+        return _Spec("wrn", int(m[1]), widen=int(m[2]))
+    raise ModelError(f"unknown model name={name!r}; known: {', '.join(MODEL_NAMES)}")
+
+
 def get_model(name: str, num_classes: int = 10, *, dropout: float = 0.0) -> nn.Module:
     """A freshly initialised model by name (see :data:`MODEL_NAMES`; other valid depths parse).
 
     ``dropout`` applies to WideResNets only.
     """
-    family, depth, shortcut = _parse(name)
+    spec = _parse(name)
     try:
-        if family == "resnet":
-            return resnet_cifar(depth, num_classes, shortcut)
-        return wide_resnet(depth, _parse_widen(name), num_classes, dropout)
+        if spec.family == "resnet":
+            return resnet_cifar(spec.depth, num_classes, spec.shortcut)
+        return wide_resnet(spec.depth, spec.widen, num_classes, dropout)
     except ModelError as e:
         raise ModelError(f"model {name!r}: {e}; known: {', '.join(MODEL_NAMES)}") from e
-
-
-def _parse_widen(name: str) -> int:
-    return int(_WRN.fullmatch(name.strip().lower())[2])
-
-
-def _parse(name: str) -> tuple[str, int, str]:
-    """(family "resnet"/"wrn", depth, shortcut "A"/"B"/"") of a valid name."""
-    key = name.strip().lower()
-    if m := _RESNET.fullmatch(key):
-        return "resnet", int(m[1]), (m[2] or "a").upper()
-    if m := _WRN.fullmatch(key):
-        return "wrn", int(m[1]), ""
-    raise ModelError(f"unknown model name={name!r}; known: {', '.join(MODEL_NAMES)}")
 
 
 def _check_dataset(dataset: str) -> None:
@@ -96,9 +102,9 @@ def normalization(name: str, dataset: str = "cifar10") -> Normalization:
     Option-A ResNets on CIFAR-10 (akamaster) used ImageNet statistics; everything else
     uses the dataset's own (for CIFAR-100 these are also chenyaofo's).
     """
-    family, _, shortcut = _parse(name)
+    spec = _parse(name)
     _check_dataset(dataset)
-    if dataset == "cifar10" and family == "resnet" and shortcut == "A":
+    if dataset == "cifar10" and spec.family == "resnet" and spec.shortcut == "A":
         return IMAGENET_NORM
     return CIFAR10_NORM if dataset == "cifar10" else CIFAR100_NORM
 
@@ -109,12 +115,12 @@ def pretrained_pattern(name: str, dataset: str = "cifar10") -> str:
     ``resnet56-*.th`` (akamaster, CIFAR-10, option A), ``cifar100_resnet56-*.pt``
     (chenyaofo, option B).
     """
-    family, depth, shortcut = _parse(name)
+    spec = _parse(name)
     _check_dataset(dataset)
-    if family == "resnet" and shortcut == "A" and dataset == "cifar10":
-        return f"resnet{depth}-*.th"
-    if family == "resnet" and shortcut == "B":
-        return f"{dataset}_resnet{depth}-*.pt"
+    if spec.family == "resnet" and spec.shortcut == "A" and dataset == "cifar10":
+        return f"resnet{spec.depth}-*.th"
+    if spec.family == "resnet" and spec.shortcut == "B":
+        return f"{dataset}_resnet{spec.depth}-*.pt"
     raise WeightsError(
         f"no known pretrained source for {name!r} on {dataset}: option-A ResNets have "
         "CIFAR-10 weights (akamaster), option-B ResNets ('-b') CIFAR-10/100 weights (chenyaofo)"
