@@ -664,23 +664,26 @@ def _visit(a: _Analysis, node: fx.Node) -> Any:
     if node.op == "output":
         a.pin_inputs(node, "model output")
         return None
-    if node.op == "call_module":
-        if node.target in a.exclude:
-            a.pin_inputs(node, f"module {node.target} excluded by the user")
-            return a.fresh_pinned(node, f"module {node.target} excluded by the user")
-        if a.calls_per_module[node.target] > 1 and any(True for _ in a.module(node).parameters()):
-            reason = f"module {node.target} is called {a.calls_per_module[node.target]} times (shared weights)"
-            a.pin_inputs(node, reason)
-            return a.fresh_pinned(node, reason)
+    if node.op == "call_module" and a.calls_per_module[node.target] > 1 and any(a.module(node).parameters()):
+        reason = f"module {node.target} is called {a.calls_per_module[node.target]} times (shared weights)"
+        a.pin_inputs(node, reason)
+        return a.fresh_pinned(node, reason)
     rule = _rule_for(a, node)
     what = node.format_node()
     if rule is None:
         reason = f"{what}: op not understood by the channel analysis"
     else:
         try:
-            return _checked(node, rule(a, node))
+            value = _checked(node, rule(a, node))
         except _Pin as p:
             reason = f"{what}: {p}"
+        else:
+            if node.op == "call_module" and node.target in a.exclude:
+                reason = f"module {node.target} excluded by the user"
+                a.pin_inputs(node, reason)
+                for labels in _flat_labels(value):
+                    a.uf.pin(labels, reason)
+            return value
     a.pin_inputs(node, reason)
     return a.fresh_pinned(node, reason)
 
@@ -746,7 +749,7 @@ def group_channels(gm: fx.GraphModule, exclude: Iterable[str] = ()) -> PassResul
     >>> [(g.size, [m.role for m in g.members]) for g in groups.prunable]
     [(8, ['out', 'norm', 'in'])]
     """
-    missing = [n.name for n in gm.graph.nodes if n.op != "output" and "tensor_meta" not in n.meta]
+    missing = [n.name for n in gm.graph.find_nodes(op="placeholder") if "tensor_meta" not in n.meta]
     if missing:
         raise GroupError(f"nodes {missing[:5]} have no tensor_meta: trace the model with trace() first")
     unknown = set(exclude) - {name for name, _ in gm.named_modules()}

@@ -1,0 +1,112 @@
+"""Channel-group analysis: exact groups, member indices and pin reasons on small graphs."""
+
+import pytest
+import torch
+
+from ehap_fx.errors import GroupError
+from ehap_fx.passes.group import group_channels, groups_of, producer_slices
+from ehap_fx.passes.trace import trace
+from tests.nets import GroupNormNet, SEDepthwise, SplitChunk, TinyOptionA, Unknown
+
+
+def grouped(model, shape=(2, 3, 16, 16), **kw):
+    return group_channels(trace(model.eval(), torch.randn(shape)), **kw).graph_module
+
+
+def summary(gm):
+    """{frozenset of (module-or-node, role)}: size} for the prunable groups."""
+    return {frozenset((m.module or m.node, m.role) for m in g.members): g.size for g in groups_of(gm).prunable}
+
+
+def test_option_a_stages_stay_separate():
+    # The residual stream of stage 1 (4 ch) lives in all three stages at offsets 0, 2, 6;
+    # the pad channels of stage 2 (4) live in stages 2-3; those of stage 3 (8) only in stage 3.
+    groups = groups_of(grouped(TinyOptionA()))
+    streams = [g for g in groups.prunable if any(m.module == "fc" and m.role == "in" for m in g.members)]
+    assert sorted(g.size for g in streams) == [4, 4, 8]
+    stage1 = next(g for g in streams if any(m.module == "conv1" for m in g.members))
+    index = {(m.module or m.node): m.index[:, 0].tolist() for m in stage1.members}
+    assert index["conv1"] == [0, 1, 2, 3]
+    assert index["l2.conv2"] == [2, 3, 4, 5]  # padded by 2 in front
+    assert index["l3.conv2"] == [6, 7, 8, 9]  # then by 4 more
+    assert index["fc"] == [6, 7, 8, 9]
+    pads = [g for g in streams if any(m.role == "pad" for m in g.members)]
+    assert {g.size for g in pads} == {4, 8}
+    pad2 = next(g for g in pads if g.size == 4)
+    assert {m.node: m.index[:, 0].tolist() for m in pad2.members if m.role == "pad"} == {"pad": [0, 1, 6, 7]}
+    assert next(m for m in pad2.members if m.module == "l3.conv2").index[:, 0].tolist() == [4, 5, 10, 11]
+    assert sorted(g.size for g in groups.prunable) == [4, 4, 4, 8, 8, 16]
+
+
+def test_split_and_chunk_offsets():
+    groups = groups_of(grouped(SplitChunk()))
+    stem = [g for g in groups.prunable if any(m.module == "stem" for m in g.members)]
+    # split(16) halves: [0:16) feeds a and c (chunk 0); [16:32) feeds b twice (s1 + c1 add)
+    assert sorted(g.size for g in stem) == [16, 16]
+    first = next(g for g in stem if any(m.module == "a" for m in g.members))
+    assert {m.module for m in first.members} == {"stem", "a", "c"}
+    head = {m.module: m.index[:, 0].tolist() for g in groups.prunable for m in g.members if m.module == "head"}
+    assert len(head) == 1 and len(next(iter(head.values()))) == 8
+
+
+def test_depthwise_se_grouped_and_flatten():
+    gm = grouped(SEDepthwise(), shape=(2, 3, 8, 8))
+    groups = groups_of(gm)
+    by_module = {}
+    for g in groups.prunable:
+        for m in g.members:
+            by_module.setdefault((m.module or m.node, m.role), []).append(g)
+    pw = by_module[("pw", "out")][0]
+    # depthwise and the SE gate are coupled with the pointwise conv's channels, but the slice
+    # x[:, 2:6] splits them: channels 2..5 also feed the classifier
+    assert {m.module for m in by_module[("dw", "out")][0].members} >= {"pw", "bn", "se2"}
+    # grouped conv (4 groups of 3 -> 2) couples position i of every group: 3 in-units, 2 out-units
+    gconv_out = by_module[("gconv", "out")][0]
+    assert gconv_out.size == 2
+    assert gconv_out.members[0].index.tolist() == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    # flatten -> linear: each gconv channel is 16 features of fc
+    fc_in = next(m for m in gconv_out.members if m.module == "fc")
+    assert fc_in.index.shape == (2, 4 * 16)
+    # the grouped conv couples pw channel i with i+3, i+6, i+9: 3 units of 4 channels in all
+    pw_out = [next(m for m in g.members if m.module == "pw" and m.role == "out") for g in by_module[("pw", "out")]]
+    assert sorted(i for m in pw_out for i in m.index.flatten().tolist()) == list(range(12))
+    assert sum(m.index.shape[0] for m in pw_out) == 3 and pw.size >= 1
+
+
+def test_unknown_op_pins_with_reason():
+    groups = groups_of(grouped(Unknown()))
+    reasons = {g.pinned for g in groups.pinned}
+    assert any("roll" in r and "not understood" in r for r in reasons)
+    assert any("mean" in r and "channels" in r for r in reasons)
+    assert not any(m.module == "b" and m.role == "out" for g in groups.prunable for m in g.members)
+
+
+def test_exclude_pins_module():
+    gm = grouped(TinyOptionA(), exclude=["l1.conv1"])
+    pinned = [g for g in groups_of(gm).pinned if "excluded" in g.pinned]
+    assert any(m.module == "l1.conv1" and m.role == "out" for g in pinned for m in g.members)
+    with pytest.raises(GroupError, match="no_such"):
+        grouped(TinyOptionA(), exclude=["no_such"])
+
+
+def test_producer_slices_cover_all_conv_outputs():
+    gm = grouped(TinyOptionA())
+    owned = {}
+    for g in groups_of(gm):
+        for module, index in producer_slices(g):
+            owned.setdefault(module, []).extend(index.flatten().tolist())
+    for name, mod in gm.named_modules():
+        if isinstance(mod, torch.nn.Conv2d):
+            assert sorted(owned[name]) == list(range(mod.out_channels)), name
+
+
+def test_requires_shapes():
+    gm = torch.fx.symbolic_trace(TinyOptionA())
+    with pytest.raises(GroupError, match="tensor_meta"):
+        group_channels(gm)
+
+
+def test_group_norm_couples_whole_groups():
+    (group,) = groups_of(grouped(GroupNormNet())).prunable
+    assert group.size == 2
+    assert {m.module: m.index.tolist() for m in group.members if m.role == "out"} == {"a": [[0, 1, 2, 3], [4, 5, 6, 7]]}

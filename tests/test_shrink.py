@@ -1,0 +1,122 @@
+"""Shrink pass: the shrunk graph equals the masked original and is an ordinary GraphModule."""
+
+import io
+
+import pytest
+import torch
+import torchvision.models as tvm
+
+from ehap_fx.errors import ShrinkError
+from ehap_fx.models import get_model
+from ehap_fx.passes.cost import plan_cost, total_cost
+from ehap_fx.passes.group import group_channels, groups_of
+from ehap_fx.passes.mask import mask_channels, random_plan
+from ehap_fx.passes.shrink import PrunePlan, shrink
+from ehap_fx.passes.trace import trace
+from tests.nets import GroupNormNet, SEDepthwise, SplitChunk, TinyOptionA, Unknown, randomize_bn
+
+
+def prepare(model, shape):
+    x = torch.randn(shape)
+    return group_channels(trace(randomize_bn(model), x)).graph_module, x
+
+
+def assert_shrunk_equals_masked(gm, x, plan):
+    small = shrink(gm, plan).graph_module
+    masked = mask_channels(gm, plan).graph_module
+    with torch.no_grad():
+        expected, got = masked(x), small(x)
+    scale = expected.abs().max().clamp_min(1.0)
+    torch.testing.assert_close(got / scale, expected / scale, rtol=0, atol=2e-6)
+    return small
+
+
+SMALL = [
+    (TinyOptionA, (2, 3, 16, 16)),
+    (SplitChunk, (2, 3, 8, 8)),
+    (SEDepthwise, (2, 3, 8, 8)),
+    (GroupNormNet, (2, 3, 8, 8)),
+    (Unknown, (2, 3, 8, 8)),
+]
+
+
+@pytest.mark.parametrize("make,shape", SMALL, ids=lambda v: getattr(v, "__name__", ""))
+@pytest.mark.parametrize("seed", range(4))
+def test_small_models_exact(make, shape, seed):
+    gm, x = prepare(make(), shape)
+    plan = random_plan(gm, fraction=[0.25, 0.5, 0.75, 0.9][seed], generator=torch.Generator().manual_seed(seed))
+    small = assert_shrunk_equals_masked(gm, x, plan)
+    assert plan_cost(gm, plan.masks(groups_of(gm))) == total_cost(small)
+
+
+PAPER_MODELS = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet20-b", "resnet56-b", "resnet110-b", "wrn-28-8"]
+
+
+@pytest.mark.parametrize("name", PAPER_MODELS)
+def test_paper_models_prune_half_exactly(name):
+    gm, x = prepare(get_model(name), (2, 3, 32, 32))
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(1))
+    small = assert_shrunk_equals_masked(gm, x, plan)
+    for g in groups_of(gm).prunable:  # exact channel counts: every group keeps half
+        assert len(plan.keep[g.id]) == max(1, round(g.size * 0.5))
+    kept_convs = [m.out_channels for m in small.modules() if isinstance(m, torch.nn.Conv2d)]
+    base_convs = [m.out_channels for m in gm.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert kept_convs == [max(1, round(c * 0.5)) for c in base_convs]
+
+
+TORCHVISION = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "vgg11_bn", "resnext50_32x4d", "densenet121", "resnet50"]
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_torchvision_exact(name):
+    gm, x = prepare(getattr(tvm, name)(num_classes=10), (2, 3, 64, 64))
+    assert_shrunk_equals_masked(gm, x, random_plan(gm, 0.4, torch.Generator().manual_seed(2)))
+
+
+def test_result_is_an_ordinary_graph_module(tmp_path):
+    gm, x = prepare(TinyOptionA(), (2, 3, 16, 16))
+    small = shrink(gm, random_plan(gm, 0.5)).graph_module
+    retraced = torch.fx.symbolic_trace(small)
+    torch.testing.assert_close(retraced(x), small(x))
+    buf = io.BytesIO()
+    torch.save(small, buf)
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf, weights_only=False)(x), small(x))
+    # shapes were re-propagated: tensor_meta tells the truth about the new widths
+    for node in small.graph.nodes:
+        if node.op == "call_module" and isinstance(small.get_submodule(node.target), torch.nn.Conv2d):
+            assert node.meta["tensor_meta"].shape[1] == small.get_submodule(node.target).out_channels
+
+
+def test_onnx_export_of_shrunk_model(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    gm, x = prepare(SplitChunk(), (2, 3, 8, 8))
+    small = shrink(gm, random_plan(gm, 0.5)).graph_module
+    path = tmp_path / "small.onnx"
+    torch.onnx.export(small, (x,), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}})
+    (got,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), small(x).detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_iterative_shrink_and_original_untouched():
+    gm, x = prepare(TinyOptionA(), (2, 3, 16, 16))
+    before = gm(x)
+    once = shrink(gm, random_plan(gm, 0.75)).graph_module
+    twice = assert_shrunk_equals_masked(once, x, random_plan(once, 0.5))
+    torch.testing.assert_close(gm(x), before)
+    assert total_cost(twice).params < total_cost(once).params < total_cost(gm).params
+
+
+def test_bad_plans_are_refused():
+    gm, _ = prepare(TinyOptionA(), (2, 3, 16, 16))
+    groups = groups_of(gm)
+    prunable, pinned = groups.prunable[0], groups.pinned[0]
+    with pytest.raises(ShrinkError, match="pinned"):
+        shrink(gm, PrunePlan({pinned.id: (0,)}))
+    with pytest.raises(ShrinkError, match="keep at least one"):
+        shrink(gm, PrunePlan({prunable.id: ()}))
+    with pytest.raises(ShrinkError, match="distinct indices"):
+        shrink(gm, PrunePlan({prunable.id: (0, 0)}))
+    with pytest.raises(ShrinkError, match="groups"):
+        shrink(gm, PrunePlan({999: (0,)}))
