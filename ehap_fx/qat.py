@@ -1,0 +1,92 @@
+"""The short quantization-aware fine-tune: ehap_fx.train.finetune plus two freezes.
+
+QAT follows the usual recipe (torch.ao's QAT tutorial, Krishnamoorthi 2018): train with fake
+quantization; part-way through, freeze the BatchNorm statistics (so the folded conv weights
+stop moving under the quantizers), later freeze the observers (so the scales the INT8 model
+will use stop moving). The freezes happen at fixed optimizer steps: a thin wrapper around the
+training loader applies them when the step's batch is drawn.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from torch import nn
+
+from ehap_fx.errors import QuantizeError
+from ehap_fx.train import FinetuneOptions, FinetuneResult, finetune, total_steps
+
+
+class _FreezingLoader:
+    """Yields the batches of ``loader``; runs ``actions[step]`` before handing out that step."""
+
+    def __init__(self, loader: Iterable[Any], actions: dict[int, list[Callable[[], None]]]):
+        self.loader, self.actions, self.step = loader, actions, 0
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            for action in self.actions.pop(self.step, []):
+                action()
+            self.step += 1
+            yield batch
+
+
+def freeze_schedule(steps: int, freeze_bn_after: float, freeze_observers_after: float):
+    """The optimizer steps at which BN statistics and observers freeze (``None``: never).
+
+    >>> freeze_schedule(100, 0.5, 0.75)
+    (50, 75)
+    >>> freeze_schedule(100, 1.0, 1.0)
+    (None, None)
+    """
+
+    def at(fraction: float) -> int | None:
+        return None if fraction >= 1.0 else math.floor(fraction * steps)
+
+    return at(freeze_bn_after), at(freeze_observers_after)
+
+
+def freeze_bn_stats(prepared: nn.Module, backend: str) -> None:
+    """Stop updating BatchNorm running statistics; BN then normalises with them."""
+    if backend == "fx":
+        from torch.ao.nn.intrinsic.qat import freeze_bn_stats as freeze
+
+        prepared.apply(freeze)
+    else:
+        prepared.meta["ehap.bn_frozen"] = True
+        prepared.train(prepared.training)
+
+
+def freeze_observers(prepared: nn.Module, backend: str) -> None:
+    """Stop updating the quantization ranges (fake quantization stays on)."""
+    if backend == "fx":
+        from torch.ao.quantization import disable_observer
+    else:
+        from torchao.quantization.pt2e import disable_observer
+    prepared.apply(disable_observer)
+
+
+def qat_finetune(prepared: nn.Module, loader: Iterable[Any], options) -> FinetuneResult:
+    """Fine-tune a prepared QAT graph in place (``options``: ``passes.quantize.QuantizeOptions``)."""
+    ft = FinetuneOptions(epochs=options.epochs, lr=options.lr, momentum=options.momentum,
+                         nesterov=options.momentum > 0, weight_decay=options.weight_decay,
+                         max_steps=options.max_steps, progress=options.progress)
+    try:
+        steps = total_steps(loader, ft)
+    except TypeError as e:
+        raise QuantizeError("QAT data must have a len() (a loader of (x, y) batches)") from e
+    bn_at, obs_at = freeze_schedule(steps, options.freeze_bn_after, options.freeze_observers_after)
+    actions: dict[int, list[Callable[[], None]]] = {}
+    if bn_at is not None:
+        actions.setdefault(bn_at, []).append(lambda: freeze_bn_stats(prepared, options.backend))
+    if obs_at is not None:
+        actions.setdefault(obs_at, []).append(lambda: freeze_observers(prepared, options.backend))
+    from ehap_fx.passes.quantize import quiet_quantization_warnings
+
+    with quiet_quantization_warnings():
+        return finetune(prepared, _FreezingLoader(loader, actions), ft)

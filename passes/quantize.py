@@ -1,0 +1,315 @@
+"""INT8 quantization of a (pruned) graph: quantization-aware training or calibration only.
+
+Why a pass: after ``shrink`` the model is a smaller ``GraphModule``; this pass turns it into an
+INT8 model whose ONNX export onnxruntime runs as QLinearConv/QLinearAdd/QGemm kernels
+(``passes.export``). One scheme everywhere, the one those kernels want:
+
+* weights: symmetric, per output channel, int8 (-128..127, zero point 0);
+* activations: affine, per tensor, uint8 (0..255).
+
+Two backends build the same scheme:
+
+* ``"fx"``: ``torch.ao`` FX graph mode (``prepare_qat_fx`` / ``prepare_fx``, ``convert_fx``),
+  conv+BN(+ReLU) fused for QAT, ``FakeQuantize`` observers. Deprecated upstream; its warnings
+  are silenced only around our own calls (:func:`quiet_quantization_warnings`).
+* ``"pt2e"``: torchao's PT2E (``prepare_qat_pt2e`` / ``prepare_pt2e``, ``convert_pt2e``) on a
+  ``torch.export`` graph with a dynamic batch, annotated by ``passes._ort_quantizer``.
+
+Two modes: ``"qat"`` fine-tunes with fake quantization (freezing BN statistics, then the
+observers, part-way through), ``"ptq"`` only runs ``calibration_batches`` batches through the
+observers (no labels needed).
+
+>>> from torch import nn
+>>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+>>> data = [(torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))] * 2
+>>> res = quantize(net, torch.randn(2, 3, 8, 8), data, QuantizeOptions(mode="ptq"))
+>>> res.mode, res.calibration_batches, type(res.graph_module).__name__
+('ptq', 2, 'GraphModule')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+import types
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ehap_fx.errors import QuantizeError
+
+BACKENDS = ("fx", "pt2e")
+MODES = ("qat", "ptq")
+ACTIVATION_RANGE = (0, 255)  # quint8, per-tensor affine
+WEIGHT_RANGE = (-128, 127)  # qint8, per-channel symmetric
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """How to quantize. The defaults: FX backend, a short QAT fine-tune (1 epoch, lr 1e-3).
+
+    ``freeze_bn_after`` / ``freeze_observers_after`` are fractions of the QAT steps after
+    which BatchNorm statistics, then the activation/weight ranges, stop updating (1.0: never).
+    ``calibration_batches`` is the number of batches observed in PTQ mode.
+    """
+
+    backend: str = "fx"
+    mode: str = "qat"
+    epochs: float = 1.0
+    max_steps: int | None = None
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    freeze_bn_after: float = 0.5
+    freeze_observers_after: float = 0.75
+    calibration_batches: int = 16
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} must be one of {BACKENDS}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} must be one of {MODES}")
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ValueError(f"epochs={self.epochs} must be > 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps={self.max_steps} must be >= 1 or None")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum={self.momentum} must be in [0, 1)")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
+        for name in ("freeze_bn_after", "freeze_observers_after"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}={value} must be a fraction of the QAT steps in [0, 1]")
+        if self.calibration_batches < 1:
+            raise ValueError(f"calibration_batches={self.calibration_batches} must be >= 1")
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """The INT8 model (``graph_module``) and how it was made.
+
+    ``graph_module`` runs the integer model in PyTorch: real quantized kernels for ``"fx"``,
+    Q/DQ-simulated arithmetic for ``"pt2e"``. Export it with ``passes.export.export``.
+    """
+
+    graph_module: fx.GraphModule
+    backend: str
+    mode: str
+    steps: int = 0
+    losses: tuple[float, ...] = ()
+    calibration_batches: int = 0
+    seconds: float = 0.0
+    modified: bool = field(default=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Warnings: torch.ao and the TorchScript exporter announce their deprecation on every call.
+# ---------------------------------------------------------------------------------------------
+
+_DEPRECATION_MESSAGES = (
+    r".*torch\.ao\.quantization.*deprecated.*",
+    r".*quantized tensor creation functions.*deprecated.*",
+    r".*legacy TorchScript-based ONNX export.*",
+    r".*torch\.jit\.(trace|trace_method|script)` is deprecated.*",
+    r".*Constant folding - Only steps=1 can be constant folded.*",
+    r".*must run observer before calling calculate_qparams.*",
+    r".*is an Enum subclass.*",
+)
+
+
+@contextlib.contextmanager
+def quiet_quantization_warnings() -> Iterator[None]:
+    """Silence the known deprecation chatter of torch.ao / TorchScript export, for our calls only."""
+    with warnings.catch_warnings():
+        for message in _DEPRECATION_MESSAGES:
+            warnings.filterwarnings("ignore", message=message)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao")
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# The pass and its steps
+# ---------------------------------------------------------------------------------------------
+
+Batches = Iterable[Any]
+
+
+def quantize(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    data: Batches | None,
+    options: QuantizeOptions = QuantizeOptions(),
+) -> QuantizeResult:
+    """Quantize a copy of ``model`` (``nn.Module`` or ``GraphModule``) to INT8.
+
+    ``data`` yields ``(x, y)`` batches (``x`` alone is enough for PTQ); QAT trains on it with
+    :func:`ehap_fx.qat.qat_finetune`, PTQ observes its first ``calibration_batches`` batches.
+    The input model is not modified.
+    """
+    if data is None:
+        raise QuantizeError(
+            f"{options.mode} needs data: pass batches of (x, y) for QAT, or of x for PTQ "
+            "(e.g. ehap_fx.data.synthetic_cifar(512).loader(64), labelled synthetic)"
+        )
+    start = time.perf_counter()
+    prepared = prepare(model, example_input, options)
+    steps, losses, seen = 0, (), 0
+    if options.mode == "qat":
+        from ehap_fx.qat import qat_finetune
+
+        result = qat_finetune(prepared, data, options)
+        steps, losses = result.steps, result.losses
+    else:
+        seen = calibrate(prepared, data, options.calibration_batches)
+    converted = convert(prepared, options)
+    return QuantizeResult(converted, options.backend, options.mode, steps, losses, seen,
+                          time.perf_counter() - start)
+
+
+def prepare(model: nn.Module, example_input: torch.Tensor, options: QuantizeOptions) -> fx.GraphModule:
+    """A copy of ``model`` with observers (PTQ) or fake quantizers (QAT) inserted."""
+    model = copy.deepcopy(model)
+    model.train(options.mode == "qat")
+    example = _batch_of_two(example_input)
+    try:
+        with quiet_quantization_warnings():
+            if options.backend == "fx":
+                return _prepare_fx(model, example, options.mode == "qat")
+            return _prepare_pt2e(model, example, options.mode == "qat")
+    except QuantizeError:
+        raise
+    except Exception as e:
+        raise QuantizeError(
+            f"{options.backend} {options.mode} prepare failed on {type(model).__name__}: "
+            f"{type(e).__name__}: {e}; try backend={_other(options.backend)!r}"
+        ) from e
+
+
+@torch.no_grad()
+def calibrate(prepared: nn.Module, data: Batches, batches: int) -> int:
+    """Run up to ``batches`` batches of ``data`` through ``prepared``'s observers; returns the count."""
+    _set_mode(prepared, train=False)
+    seen = 0
+    with quiet_quantization_warnings():
+        for batch in data:
+            if seen == batches:
+                break
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            prepared(x)
+            seen += 1
+    if seen == 0:
+        raise QuantizeError("calibration data yielded no batches; pass at least one batch of x")
+    return seen
+
+
+def convert(prepared: fx.GraphModule, options: QuantizeOptions) -> fx.GraphModule:
+    """The INT8 model of a prepared (and trained or calibrated) graph, in eval mode."""
+    _set_mode(prepared, train=False)
+    with quiet_quantization_warnings():
+        if options.backend == "fx":
+            from torch.ao.quantization.quantize_fx import convert_fx
+
+            return convert_fx(prepared).eval()
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+        return _bind_train_eval(convert_pt2e(prepared))
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------
+
+
+def fx_qconfig_mapping(qat: bool):
+    """The torch.ao ``QConfigMapping`` of the scheme: FakeQuantize for QAT, observers for PTQ."""
+    from torch.ao.quantization import (
+        FakeQuantize,
+        HistogramObserver,
+        MovingAverageMinMaxObserver,
+        MovingAveragePerChannelMinMaxObserver,
+        PerChannelMinMaxObserver,
+        QConfig,
+        QConfigMapping,
+    )
+
+    act_kw = dict(dtype=torch.quint8, qscheme=torch.per_tensor_affine,
+                  quant_min=ACTIVATION_RANGE[0], quant_max=ACTIVATION_RANGE[1], reduce_range=False)
+    w_kw = dict(dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0,
+                quant_min=WEIGHT_RANGE[0], quant_max=WEIGHT_RANGE[1])
+    if qat:
+        act = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, **act_kw)
+        weight = FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, **w_kw)
+    else:
+        act = HistogramObserver.with_args(**act_kw)
+        weight = PerChannelMinMaxObserver.with_args(**w_kw)
+    return QConfigMapping().set_global(QConfig(activation=act, weight=weight))
+
+
+def _prepare_fx(model: nn.Module, example: torch.Tensor, qat: bool) -> fx.GraphModule:
+    from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
+
+    fn = prepare_qat_fx if qat else prepare_fx
+    return fn(model, fx_qconfig_mapping(qat), (example,))
+
+
+def _prepare_pt2e(model: nn.Module, example: torch.Tensor, qat: bool) -> fx.GraphModule:
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
+
+        from ehap_fx.passes._ort_quantizer import OrtQuantizer
+    except ImportError as e:
+        raise QuantizeError(
+            f"backend='pt2e' needs torchao ({e}); pip install 'ehap-fx[quant]' or use backend='fx'"
+        ) from e
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    fn = prepare_qat_pt2e if qat else prepare_pt2e
+    prepared = fn(exported.module(), OrtQuantizer(qat))
+    return _bind_train_eval(prepared)
+
+
+def _bind_train_eval(gm: fx.GraphModule) -> fx.GraphModule:
+    """Make ``.train()``/``.eval()`` of an exported graph switch its BN and dropout ops.
+
+    ``gm.meta["ehap.bn_frozen"]`` keeps BatchNorm on running statistics even in train mode
+    (the PT2E counterpart of torch.ao's ``freeze_bn_stats``).
+    """
+    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+
+    def train(self, mode: bool = True):
+        if mode and not self.meta.get("ehap.bn_frozen", False):
+            move_exported_model_to_train(self)
+        else:
+            move_exported_model_to_eval(self)
+        self.training = mode
+        return self
+
+    gm.train = types.MethodType(train, gm)
+    gm.eval = types.MethodType(lambda self: self.train(False), gm)
+    return gm
+
+
+def _set_mode(model: nn.Module, train: bool) -> None:
+    with quiet_quantization_warnings():
+        model.train(train)
+
+
+def _batch_of_two(x: torch.Tensor) -> torch.Tensor:
+    """torch.export specializes a batch of 1; the dynamic batch dimension needs >= 2."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise QuantizeError(f"example_input must be a batched tensor, got {type(x).__name__}")
+    return x if x.shape[0] >= 2 else torch.cat([x, x])
+
+
+def _other(backend: str) -> str:
+    return "pt2e" if backend == "fx" else "fx"
