@@ -74,7 +74,8 @@ class HessianOptions:
     loss_scale: float | None = None  # None: 2**16 for fp16, no scaling otherwise
     max_retries: int = 30
     ggn_chunk: int = 32
-    seed: int = 0
+    seed: int = 0  # probes
+    data_seed: int = 0  # which samples form the Hessian batches
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -253,7 +254,7 @@ def _prepare(model, data, opts: HessianOptions, names, loss_fn, device) -> _Setu
     params = [modules[n].weight.requires_grad_(True) for n in names]
     in_dtype = dtype if opts.amp == "cast" else torch.float32
     batches = []
-    for x, y in draw_batches(data, opts.batch_size, opts.n_batches, opts.seed):
+    for x, y in draw_batches(data, opts.batch_size, opts.n_batches, opts.data_seed):
         x = x.to(device, in_dtype)
         if x.dim() == 4:
             x = x.contiguous(memory_format=fmt)

@@ -1,0 +1,332 @@
+"""Benchmark the per-channel Hessian estimators: speed, memory and decision agreement.
+
+Two parts, side by side in one run (timings on a shared machine are only comparable within
+one run):
+
+* ``speed``: for each model and configuration, a fresh subprocess builds the model and the
+  Hessian batch, then times probes (after one warm-up probe). Reports seconds per probe
+  (GGN: seconds for its single exact pass), peak memory (CUDA ``max_memory_allocated``;
+  CPU: the subprocess's peak RSS and its growth over the RSS after setup) and the ratio to
+  a PyHessian-style fp32 baseline (double backward w.r.t. all parameters, BN included).
+* ``agree``: against a long fp32 Hutchinson reference (cached under ``--cache``, with its
+  split-half reliability and its Spearman with the exact GGN), curves over probes and
+  seconds of: Spearman of the channel-group scores and overlap of the channel set pruned at
+  a 50% MACs target, for every estimator and precision.
+
+    python tools/bench_hessian.py --quick            # minutes on 2 CPU cores
+    python tools/bench_hessian.py                    # fuller settings
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ehap_fx.hessian import (
+    HessianOptions,
+    draw_batches,
+    estimate_hessian,
+    group_sensitivity,
+    prunable_modules,
+)
+from ehap_fx.models import get_model, normalization, pretrained_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+CIFAR = SHARED / "data" / "cifar-10-batches-py" / "test_batch"
+
+SPEED_CONFIGS = {
+    "pyhessian-fp32": None,
+    "hutch-fp32": dict(estimator="hutchinson", dtype="fp32"),
+    "hutch-bf16": dict(estimator="hutchinson", dtype="bf16"),
+    "hutch-bf16-autocast": dict(estimator="hutchinson", dtype="bf16", amp="autocast"),
+    "hutch-bf16-batch4": dict(estimator="hutchinson", dtype="bf16", probe_batch=4),
+    "hutch-bf16-fwd-rev": dict(estimator="hutchinson", dtype="bf16", hvp="forward_over_reverse"),
+    "hutch-bf16-chlast": dict(estimator="hutchinson", dtype="bf16", channels_last=True),
+    "hutch-fp16": dict(estimator="hutchinson", dtype="fp16"),
+    "hybrid-bf16": dict(estimator="hybrid", dtype="bf16"),
+    "ggn-fp32": dict(estimator="ggn", dtype="fp32"),
+    "ggn-bf16": dict(estimator="ggn", dtype="bf16"),
+}
+CURVES = {
+    "hutch-fp32": dict(estimator="hutchinson", dtype="fp32"),
+    "hutch-bf16": dict(estimator="hutchinson", dtype="bf16"),
+    "hybrid-bf16": dict(estimator="hybrid", dtype="bf16"),
+    "ggn-fp32": dict(estimator="ggn", dtype="fp32"),
+    "ggn-bf16": dict(estimator="ggn", dtype="bf16"),
+}
+
+
+def load_model(name: str) -> tuple[torch.nn.Module, str]:
+    """Pretrained weights from ../shared/weights when they exist, else random init (labelled)."""
+    try:
+        return pretrained_model(name, SHARED / "weights"), "pretrained"
+    except Exception:  # noqa: BLE001 - any missing/unknown checkpoint falls back, labelled
+        return get_model(name).eval(), "random init"
+
+
+def load_data(name: str, n: int = 10000) -> tuple[tuple[torch.Tensor, torch.Tensor], str]:
+    if CIFAR.exists():
+        with open(CIFAR, "rb") as f:
+            d = pickle.load(f, encoding="latin1")
+        d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+        x = torch.from_numpy(d["data"][:n]).view(-1, 3, 32, 32)
+        y = torch.tensor(d["labels"][:n])
+        return (normalization(name)(x), y), "CIFAR-10 test (JPEG q75)"
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)), \
+        "synthetic"
+
+
+# ---------------------------------------------------------------- speed (one subprocess each)
+
+def pyhessian_probe_seconds(model, x, y, probes: int) -> float:
+    """PyHessian's recipe: fp32, all parameters, g once with create_graph, Hv per probe."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = F.cross_entropy(model(x), y)
+    g = torch.autograd.grad(loss, params, create_graph=True)
+    per_channel = []
+    t0 = 0.0
+    for i in range(probes + 1):
+        if i == 1:
+            t0 = time.perf_counter()
+        v = [torch.randint_like(p, 2) * 2 - 1 for p in params]
+        hv = torch.autograd.grad(g, params, grad_outputs=v, retain_graph=True)
+        per_channel.append([(a * b).flatten(1).sum(1) for a, b in zip(v, hv) if a.dim() > 1])
+    return (time.perf_counter() - t0) / probes
+
+
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def child(spec: dict) -> dict:
+    torch.set_num_threads(spec["threads"])
+    model, weights = load_model(spec["model"])
+    (x, y), _ = load_data(spec["model"], n=spec["batch"] * 2)
+    device = torch.device(spec["device"])
+    model = model.to(device)
+    cfg = SPEED_CONFIGS[spec["config"]]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    base = rss()
+    if cfg is None:
+        xb, yb = draw_batches((x, y), spec["batch"], 1, 0)[0]
+        sec = pyhessian_probe_seconds(model, xb.to(device), yb.to(device), spec["probes"])
+        probes = spec["probes"]
+    else:
+        opts = HessianOptions(batch_size=spec["batch"], probes=spec["probes"] + 1,
+                              progress=False, **cfg)
+        r = estimate_hessian(model, (x, y), opts, device=device)
+        probes = r.probes
+        sec = r.seconds if cfg["estimator"] == "ggn" else None
+        if sec is None:  # time the probes after the first one (graph build, warm-up)
+            warm = estimate_hessian(model, (x, y), HessianOptions(
+                batch_size=spec["batch"], probes=1, progress=False, **cfg), device=device)
+            sec = (r.seconds - warm.seconds) / spec["probes"]
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return dict(spec, seconds=sec, probes=probes, peak=peak, base_rss=base, weights=weights)
+
+
+def run_speed(args) -> list[dict]:
+    rows = []
+    for model in args.models:
+        for config in args.configs:
+            spec = dict(model=model, config=config, batch=args.batch, probes=args.speed_probes,
+                        threads=args.threads, device=args.device)
+            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                print(f"{model} {config}: FAILED\n{out.stderr[-2000:]}", file=sys.stderr)
+                continue
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"  {model:10s} {config:22s} {row['seconds']:8.3f} s  "
+                  f"peak {row['peak'] / 2**20:7.0f} MiB  growth "
+                  f"{(row['peak'] - row['base_rss']) / 2**20:7.0f} MiB", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------- agreement
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+class Decision:
+    """Channel groups of the model and the set pruned at a MACs target by global ranking."""
+
+    def __init__(self, model, target: float = 0.5):
+        from ehap_fx.passes.cost import plan_cost, total_cost
+        from ehap_fx.passes.group import group_channels
+        from ehap_fx.passes.trace import trace
+
+        gm = trace(model, torch.zeros(1, 3, 32, 32))
+        gm = group_channels(gm).graph_module
+        self.gm, self.plan_cost = gm, plan_cost
+        self.groups = list(gm.meta["ehap.groups"])
+        self.prunable = [g for g in self.groups if g.prunable]
+        self.budget = target * total_cost(gm).macs
+        self.model = model
+
+    def scores(self, result) -> torch.Tensor:
+        s = group_sensitivity(self.prunable, self.model, result)
+        return torch.cat([s[g.id] for g in self.prunable])
+
+    def pruned(self, scores: torch.Tensor) -> set[int]:
+        """Lowest-score channels removed (keeping each group's best) until MACs <= budget."""
+        sizes = [g.size for g in self.prunable]
+        offsets = torch.tensor([0, *sizes]).cumsum(0)[:-1]
+        best = {int(offsets[i] + scores[o:o + n].argmax()) for i, (o, n) in
+                enumerate(zip(offsets.tolist(), sizes))}
+        order = [int(i) for i in scores.argsort() if int(i) not in best]
+        lo, hi = 0, len(order)
+        while lo < hi:  # smallest k whose plan meets the budget
+            k = (lo + hi) // 2
+            if self._macs(set(order[:k])) <= self.budget:
+                hi = k
+            else:
+                lo = k + 1
+        return set(order[:lo])
+
+    def _macs(self, removed: set[int]) -> int:
+        masks, start = [], 0
+        for g in self.groups:
+            m = torch.ones(g.size, dtype=torch.bool)
+            if g.prunable:
+                for i in range(g.size):
+                    if start + i in removed:
+                        m[i] = False
+                start += g.size
+            masks.append(m)
+        return self.plan_cost(self.gm, masks).macs
+
+
+def overlap(a: set[int], b: set[int]) -> float:
+    return len(a & b) / max(len(b), 1)
+
+
+def reference(args, model, data) -> object:
+    path = Path(args.cache) / f"ref-{args.agree_model}-b{args.agree_batch}-p{args.ref_probes}.pt"
+    if path.exists():
+        print(f"reference: cached {path}")
+        return torch.load(path, weights_only=False)
+    print(f"reference: {args.ref_probes} fp32 Hutchinson probes (cached to {path})", flush=True)
+    r = estimate_hessian(model, data, HessianOptions(
+        estimator="hutchinson", dtype="fp32", batch_size=args.agree_batch, probes=args.ref_probes,
+        seed=12345, progress=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(r, path)
+    return r
+
+
+def with_rows(result, rows: torch.Tensor):
+    """The same result with traces replaced by the mean of ``rows`` (first k probes)."""
+    from dataclasses import replace
+
+    mean = rows.mean(0).split([result.traces[n].shape[0] for n in result.names])
+    return replace(result, traces=dict(zip(result.names, mean)))
+
+
+def run_agree(args) -> dict:
+    torch.set_num_threads(args.threads)
+    model, weights = load_model(args.agree_model)
+    data, source = load_data(args.agree_model)
+    dec = Decision(model)
+    ref = reference(args, model, data)
+    ref_scores = dec.scores(ref)
+    ref_set = dec.pruned(ref_scores)
+    half = ref.probe_traces.shape[0] // 2
+    h1, h2 = (dec.scores(with_rows(ref, ref.probe_traces[:half])),
+              dec.scores(with_rows(ref, ref.probe_traces[half:])))
+    out = dict(model=args.agree_model, weights=weights, data=source, batch=args.agree_batch,
+               ref_probes=ref.probes, ref_seconds=ref.seconds,
+               ref_split_half_spearman=spearman(h1, h2),
+               ref_split_half_overlap=overlap(dec.pruned(h1), dec.pruned(h2)), curves={})
+    for name in args.curves:
+        cfg = CURVES[name]
+        probes = None if cfg["estimator"] == "ggn" else args.curve_probes
+        r = estimate_hessian(model, data, HessianOptions(
+            batch_size=args.agree_batch, probes=probes, seed=1, progress=False, **cfg))
+        if probes is None:
+            ks, per = [0], r.seconds
+        else:
+            ks = [k for k in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if k <= r.probes]
+            per = r.seconds / r.probes
+        pts = []
+        for k in ks:
+            sc = dec.scores(r if k == 0 else with_rows(r, r.probe_traces[:k]))
+            pts.append(dict(probes=k, seconds=r.seconds if k == 0 else per * k,
+                            spearman=spearman(sc, ref_scores),
+                            overlap=overlap(dec.pruned(sc), ref_set)))
+        out["curves"][name] = dict(seconds_per_probe=per, points=pts)
+        if name == "ggn-fp32":
+            out["ggn_vs_ref_halves"] = [spearman(sc, h1), spearman(sc, h2)]
+        last = pts[-1]
+        print(f"  {name:12s} {last['probes']:5d} probes {last['seconds']:8.1f} s  "
+              f"spearman {last['spearman']:.3f}  overlap {last['overlap']:.3f}", flush=True)
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small settings: a few minutes on CPU")
+    p.add_argument("--part", choices=["speed", "agree", "all"], default="all")
+    p.add_argument("--models", nargs="+")
+    p.add_argument("--configs", nargs="+", default=list(SPEED_CONFIGS))
+    p.add_argument("--curves", nargs="+", default=list(CURVES))
+    p.add_argument("--batch", type=int, help="Hessian batch for the speed part")
+    p.add_argument("--speed-probes", type=int)
+    p.add_argument("--agree-model")
+    p.add_argument("--agree-batch", type=int)
+    p.add_argument("--ref-probes", type=int, default=1000)
+    p.add_argument("--curve-probes", type=int)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cache", default=str(ROOT / ".cache" / "hessian"))
+    p.add_argument("--json", help="write all figures here")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    q = args.quick
+    args.models = args.models or (["resnet32", "resnet56"] if q else
+                                  ["resnet32", "resnet56", "wrn-16-4"])
+    args.batch = args.batch or (64 if q else 256)
+    args.speed_probes = args.speed_probes or (3 if q else 10)
+    args.agree_model = args.agree_model or "resnet20"
+    args.agree_batch = args.agree_batch or (32 if q else 128)
+    args.curve_probes = args.curve_probes or (100 if q else 400)
+    print(f"# bench_hessian {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
+          f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"device {args.device}, threads {args.threads}", flush=True)
+    results = {"argv": sys.argv[1:], "device": args.device}
+    if args.part in ("speed", "all"):
+        results["speed"] = run_speed(args)
+    if args.part in ("agree", "all"):
+        results["agree"] = run_agree(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
