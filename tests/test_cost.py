@@ -1,0 +1,50 @@
+"""Cost pass: MACs and parameters, cross-checked with Torch-Pruning's counter and known figures."""
+
+import pytest
+import torch
+import torchvision.models as tvm
+from torch import nn
+
+from ehap_fx import _meta
+from ehap_fx.models import get_model
+from ehap_fx.passes.cost import total_cost
+from ehap_fx.passes.trace import trace
+
+tp = pytest.importorskip("torch_pruning")
+
+
+def conv_linear_macs(gm):
+    total_cost(gm)
+    return sum(
+        n.meta[_meta.COST].macs
+        for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), (nn.Conv2d, nn.Linear))
+    )
+
+
+def test_resnet56_matches_published_figures():
+    # He et al. / DepGraph: ResNet-56 (option A) has 0.85M parameters and about 125M MACs
+    gm = trace(get_model("resnet56").eval(), torch.randn(1, 3, 32, 32))
+    cost = total_cost(gm)
+    assert cost.params == 853_018
+    assert conv_linear_macs(gm) == 125_485_706
+    assert 125e6 < cost.macs < 128e6  # plus BN, ReLU and pooling, counted as Torch-Pruning does
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "vgg11_bn", "resnext50_32x4d"])
+def test_matches_torch_pruning_per_module(name):
+    model = getattr(tvm, name)(num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    ops, params, layer_ops, _ = tp.utils.count_ops_and_params(model, x, layer_wise=True)
+    gm = trace(model, x)
+    cost = total_cost(gm)
+    assert cost.params == params == sum(p.numel() for p in model.parameters())
+    ours = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and _meta.COST in n.meta:
+            ours[n.target] = ours.get(n.target, 0) + n.meta[_meta.COST].macs
+    for qualname, module in model.named_modules():
+        if layer_ops.get(module) and qualname in ours:
+            assert ours[qualname] == layer_ops[module], qualname
+    functional = sum(n.meta[_meta.COST].macs for n in gm.graph.nodes if n.op != "call_module" and _meta.COST in n.meta)
+    assert cost.macs == ops + functional  # Torch-Pruning does not count functional ops

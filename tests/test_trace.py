@@ -1,0 +1,57 @@
+"""Trace pass: shapes on every node; untraceable models get an error that names the culprit."""
+
+import pytest
+import torch
+from torch import nn
+
+from ehap_fx.errors import TraceError
+from ehap_fx.passes.group import group_channels, groups_of
+from ehap_fx.passes.trace import trace
+
+
+class DataDependent(nn.Module):
+    """Branches on a tensor value: symbolic tracing cannot follow it."""
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * 2
+        return x
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gate = DataDependent()
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.gate(self.conv(x)))
+
+
+def test_every_tensor_node_has_shapes():
+    gm = trace(Net().eval(), torch.randn(2, 3, 8, 8), leaf_modules=["gate"])
+    shapes = {n.name: tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes if n.op != "output"}
+    assert shapes == {"x": (2, 3, 8, 8), "conv": (2, 8, 8, 8), "gate": (2, 8, 8, 8), "head": (2, 4, 8, 8)}
+
+
+def test_untraceable_module_is_named_with_its_line_and_the_fix():
+    with pytest.raises(TraceError) as err:
+        trace(Net(), torch.randn(2, 3, 8, 8))
+    msg = str(err.value)
+    assert "submodule 'gate' (DataDependent)" in msg
+    assert "test_trace.py" in msg and "if x.sum() > 0" in msg
+    assert "leaf_modules=['gate']" in msg
+    assert isinstance(err.value.__cause__, Exception)
+
+
+def test_leaf_module_channels_are_pinned():
+    gm = group_channels(trace(Net().eval(), torch.randn(2, 3, 8, 8), leaf_modules=[DataDependent])).graph_module
+    reasons = [g.pinned for g in groups_of(gm).pinned]
+    assert any("gate" in r and "not understood" in r for r in reasons)
+    assert not groups_of(gm).prunable
+
+
+def test_wrong_input_shape_is_a_trace_error():
+    with pytest.raises(TraceError, match="example_input"):
+        trace(nn.Conv2d(3, 8, 3), torch.randn(2, 5, 8, 8))
