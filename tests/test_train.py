@@ -44,6 +44,8 @@ def test_total_steps_fractional_epochs_and_cap():
     assert total_steps(loader, FinetuneOptions(epochs=0.01)) == 1
     assert total_steps(loader, FinetuneOptions(epochs=2.5)) == 25
     assert total_steps(loader, FinetuneOptions(epochs=3, max_steps=7)) == 7
+    # 0.1 * 30 = 3.0000000000000004 in floating point: still 3 steps, not 4
+    assert total_steps(synthetic_cifar(30).loader(1), FinetuneOptions(epochs=0.1)) == 3
 
 
 def tiny_cnn() -> nn.Module:
@@ -178,3 +180,22 @@ def test_recalibrate_bn_matches_batch_statistics():
     torch.testing.assert_close(bn.running_var, variances.mean(0))
     assert bn.momentum == 0.1 and not model.training
     assert int(bn.num_batches_tracked) == 3
+
+
+@pytest.mark.slow
+def test_finetune_pretrained_resnet20_adapts_to_jpeg_cifar10(weights_dir, cifar10_root):
+    """A fifth of an epoch on the JPEG-q75 training set lifts the pretrained ResNet-20
+    (80.80 % on the first 2,000 test images) by more than a point."""
+    from ehap_fx.data import load_cifar
+    from ehap_fx.models import normalization, pretrained_model
+
+    norm = normalization("resnet20")
+    model = pretrained_model("resnet20", weights_dir)
+    test = load_cifar(cifar10_root, "cifar10", "test").loader(500, limit=2000, normalization=norm)
+    before = evaluate(model, test)
+    train = load_cifar(cifar10_root, "cifar10", "train").loader(
+        128, shuffle=True, augment=True, seed=0, drop_last=True, normalization=norm)
+    result = finetune(model, train, FinetuneOptions(epochs=0.2, **QUIET), eval_loader=test)
+    assert before == pytest.approx(80.80, abs=0.01)
+    assert result.steps == 78
+    assert result.final_top1 > before + 1.0
