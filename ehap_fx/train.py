@@ -107,7 +107,7 @@ def total_steps(loader: Batches, options: FinetuneOptions) -> int:
     n = len(loader)  # type: ignore[arg-type]
     if n == 0:
         raise TrainError("the training loader yields no batches; check its size and drop_last")
-    steps = max(1, math.ceil(round(options.epochs * n, 6)))  # 0.2 * 390 = 78.00000000000001
+    steps = max(1, math.ceil(round(options.epochs * n, 6)))  # 1.1 * 50 = 55.00000000000001
     return steps if options.max_steps is None else min(steps, options.max_steps)
 
 

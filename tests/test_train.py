@@ -44,8 +44,8 @@ def test_total_steps_fractional_epochs_and_cap():
     assert total_steps(loader, FinetuneOptions(epochs=0.01)) == 1
     assert total_steps(loader, FinetuneOptions(epochs=2.5)) == 25
     assert total_steps(loader, FinetuneOptions(epochs=3, max_steps=7)) == 7
-    # 0.1 * 30 = 3.0000000000000004 in floating point: still 3 steps, not 4
-    assert total_steps(synthetic_cifar(30).loader(1), FinetuneOptions(epochs=0.1)) == 3
+    # 1.1 * 50 = 55.00000000000001 in floating point: still 55 steps, not 56
+    assert total_steps(synthetic_cifar(50).loader(1), FinetuneOptions(epochs=1.1)) == 55
 
 
 def tiny_cnn() -> nn.Module:
