@@ -159,6 +159,18 @@ def _export_dynamo(model: nn.Module, example_input: torch.Tensor, path: Path, op
     torch.onnx.export(exported, f=str(path), dynamo=True, opset_version=max(opset, 18),
                       input_names=[INPUT], output_names=[OUTPUT], verbose=False,
                       external_data=False)
+    _strip_metadata(path)
+
+
+def _strip_metadata(path: Path) -> None:
+    """Drop the per-node stack traces the dynamo exporter writes (they double the file size)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    onnx.save(model, str(path))
 
 
 def export(

@@ -1,0 +1,186 @@
+"""The quantize pass: options, scheme, QAT freezes, calibration, scoped warnings.
+
+Model under test (small, fast)::
+
+    x ─▶ conv3x3(3→8) ─▶ BN ─▶ ReLU ─▶ conv3x3(8→8) ─▶ BN ─▶ (+) ─▶ ReLU ─▶ pool ─▶ linear(8→10)
+                                   └───────────────────────────────┘
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ehap_fx.errors import QuantizeError
+from ehap_fx.passes.quantize import (
+    QuantizeOptions,
+    calibrate,
+    convert,
+    prepare,
+    quantize,
+)
+from ehap_fx.qat import freeze_schedule, qat_finetune
+
+
+class TinyResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)) + y)
+        return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+def batches(n: int, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(size, 3, 16, 16, generator=g), torch.randint(0, 10, (size,), generator=g))
+            for _ in range(n)]
+
+
+X = torch.randn(2, 3, 16, 16)
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("backend", "onnx", "backend='onnx'"),
+    ("mode", "int4", "mode='int4'"),
+    ("epochs", 0.0, "epochs=0.0"),
+    ("max_steps", 0, "max_steps=0"),
+    ("lr", -1.0, "lr=-1.0"),
+    ("momentum", 1.0, "momentum=1.0"),
+    ("weight_decay", -0.1, "weight_decay=-0.1"),
+    ("freeze_bn_after", 1.5, "freeze_bn_after=1.5"),
+    ("freeze_observers_after", -0.1, "freeze_observers_after=-0.1"),
+    ("calibration_batches", 0, "calibration_batches=0"),
+])
+def test_options_name_the_bad_value(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        QuantizeOptions(**{field: value})
+
+
+def test_freeze_schedule_steps():
+    assert freeze_schedule(100, 0.5, 0.75) == (50, 75)
+    assert freeze_schedule(10, 0.0, 0.99) == (0, 9)
+    assert freeze_schedule(7, 1.0, 1.0) == (None, None)
+
+
+def test_no_data_is_a_clear_error():
+    with pytest.raises(QuantizeError, match="needs data"):
+        quantize(TinyResNet(), X, None, QuantizeOptions(mode="ptq"))
+
+
+def test_fx_qat_uses_fake_quantize_with_the_scheme():
+    from torch.ao.quantization import FakeQuantize, FusedMovingAvgObsFakeQuantize
+
+    prepared = prepare(TinyResNet(), X, QuantizeOptions(backend="fx"))
+    fqs = [m for m in prepared.modules() if isinstance(m, FakeQuantize)]
+    assert not any(isinstance(m, FusedMovingAvgObsFakeQuantize) for m in fqs)
+    weights = [m for m in fqs if m.qscheme == torch.per_channel_symmetric]
+    acts = [m for m in fqs if m.qscheme == torch.per_tensor_affine]
+    assert len(weights) == 3  # conv1, conv2, fc
+    assert {(m.quant_min, m.quant_max, m.dtype, m.ch_axis) for m in weights} == {
+        (-128, 127, torch.qint8, 0)}
+    assert {(m.quant_min, m.quant_max, m.dtype) for m in acts} == {(0, 255, torch.quint8)}
+    # conv+BN(+ReLU) fused for QAT
+    fused = {type(m).__name__ for m in prepared.modules()}
+    assert {"ConvBnReLU2d", "ConvBn2d"} <= fused
+
+
+def test_pt2e_qat_uses_the_same_scheme():
+    pytest.importorskip("torchao")
+    from torchao.quantization.pt2e import FakeQuantize
+
+    prepared = prepare(TinyResNet(), X, QuantizeOptions(backend="pt2e"))
+    fqs = [m for m in prepared.modules() if isinstance(m, FakeQuantize)]
+    weights = [m for m in fqs if m.qscheme == torch.per_channel_symmetric]
+    acts = [m for m in fqs if m.qscheme == torch.per_tensor_affine]
+    assert len(weights) == 3
+    assert {(m.quant_min, m.quant_max, m.dtype, m.ch_axis) for m in weights} == {
+        (-128, 127, torch.int8, 0)}
+    # x, conv1-bn-relu (shared by conv2 and the add), conv2-bn, add-relu, pooled, linear
+    assert len(acts) == 6
+    assert {(m.quant_min, m.quant_max, m.dtype) for m in acts} == {(0, 255, torch.uint8)}
+
+
+@pytest.mark.parametrize("backend", ["fx", "pt2e"])
+def test_qat_freezes_bn_then_observers(backend):
+    if backend == "pt2e":
+        pytest.importorskip("torchao")
+    options = QuantizeOptions(backend=backend, max_steps=4, freeze_bn_after=0.25,
+                              freeze_observers_after=0.5)
+    prepared = prepare(TinyResNet(), X, options)
+    result = qat_finetune(prepared, batches(4), options)
+    assert result.steps == 4 and all(torch.isfinite(torch.tensor(result.losses)))
+    enabled = [int(m.observer_enabled[0]) for m in prepared.modules()
+               if hasattr(m, "observer_enabled")]
+    assert enabled and set(enabled) == {0}
+    if backend == "fx":
+        frozen = [m.freeze_bn for m in prepared.modules() if hasattr(m, "freeze_bn")]
+        assert frozen == [True, True]
+    else:
+        assert prepared.meta["ehap.bn_frozen"] is True
+
+
+def test_qat_without_freezes_keeps_observing():
+    options = QuantizeOptions(max_steps=2, freeze_bn_after=1.0, freeze_observers_after=1.0)
+    prepared = prepare(TinyResNet(), X, options)
+    qat_finetune(prepared, batches(2), options)
+    enabled = {int(m.observer_enabled[0]) for m in prepared.modules()
+               if hasattr(m, "observer_enabled")}
+    assert enabled == {1}
+
+
+@pytest.mark.parametrize("backend", ["fx", "pt2e"])
+def test_ptq_calibrates_n_batches_and_matches_float(backend):
+    if backend == "pt2e":
+        pytest.importorskip("torchao")
+    model = TinyResNet().eval()
+    data = batches(5)
+    result = quantize(model, X, data, QuantizeOptions(backend=backend, mode="ptq",
+                                                      calibration_batches=3))
+    assert result.calibration_batches == 3 and result.steps == 0
+    x = data[0][0]
+    with torch.no_grad():
+        ref, out = model(x), result.graph_module(x)
+    assert out.shape == (8, 10)
+    # INT8 logits stay within a few percent of the float range
+    assert (out - ref).abs().max() < 0.05 * (ref.max() - ref.min())
+
+
+def test_input_model_is_not_modified():
+    model = TinyResNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quantize(model, X, batches(2), QuantizeOptions(max_steps=2, lr=0.1))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+
+
+def test_calibrate_needs_a_batch():
+    options = QuantizeOptions(mode="ptq")
+    with pytest.raises(QuantizeError, match="no batches"):
+        calibrate(prepare(TinyResNet().eval(), X, options), [], 4)
+
+
+def test_deprecation_warnings_are_scoped():
+    """Our own calls into torch.ao do not flood the user with deprecation warnings..."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        options = QuantizeOptions(mode="ptq")
+        convert(prepare(TinyResNet().eval(), X, options), options)
+    assert [str(w.message)[:60] for w in caught] == []
+    # ...but the user's own calls into torch.ao still warn.
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    from ehap_fx.passes.quantize import fx_qconfig_mapping
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepare_fx(TinyResNet().eval(), fx_qconfig_mapping(False), (X,))
+    assert any("deprecated" in str(w.message) for w in caught)
