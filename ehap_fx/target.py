@@ -1,0 +1,159 @@
+"""Target selection: turn per-channel sensitivities into a pruning plan that meets a budget.
+
+All prunable channels of all groups are ranked globally (least sensitive first) and removed
+in that order until the graph's cost, computed exactly for the plan (``plan_cost``: removing
+a channel shrinks its producers *and* consumers), meets the target. Channels go in blocks so
+that every group keeps a multiple of ``round_to`` channels: on AVX-512 CPUs onnxruntime's
+conv kernels run odd widths far slower, so MACs alone do not buy speed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from ehap_fx.errors import TargetError
+from ehap_fx.passes.cost import Cost, plan_cost, total_cost
+from ehap_fx.passes.group import ChannelGroup, groups_of, producer_slices
+from ehap_fx.passes.shrink import PrunePlan
+
+#: Kept widths are multiples of this by default (see docs/int8.md for the measurement).
+DEFAULT_ROUND_TO = 8
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to keep: a fraction of the dense ``macs`` or ``params`` (exactly one of them).
+
+    ``max_prune`` caps the fraction of any group's channels that may go, ``min_channels``
+    is a floor per group, ``round_to`` makes kept widths multiples of it (groups smaller
+    than ``round_to`` are left whole unless ``round_to=1``), ``steps`` > 1 prunes iteratively,
+    re-ranking between steps.
+    """
+
+    macs: float | None = None
+    params: float | None = None
+    max_prune: float = 0.8
+    min_channels: int = 1
+    round_to: int = DEFAULT_ROUND_TO
+    steps: int = 1
+
+    def __post_init__(self):
+        set_ = {k: v for k, v in (("macs", self.macs), ("params", self.params)) if v is not None}
+        if len(set_) != 1:
+            raise ValueError(f"give exactly one of macs= or params= (got {set_ or 'none'})")
+        ((kind, value),) = set_.items()
+        if not 0 < value <= 1:
+            raise ValueError(f"target {kind}={value} must be in (0, 1]: the fraction of the dense model to keep")
+        if not 0 <= self.max_prune < 1:
+            raise ValueError(f"max_prune={self.max_prune} must be in [0, 1)")
+        if self.min_channels < 1 or self.round_to < 1 or self.steps < 1:
+            raise ValueError(f"min_channels={self.min_channels}, round_to={self.round_to}, steps={self.steps} must be >= 1")
+
+    @property
+    def kind(self) -> str:
+        return "macs" if self.macs is not None else "params"
+
+    @property
+    def fraction(self) -> float:
+        return self.macs if self.macs is not None else self.params
+
+    def at_step(self, step: int) -> float:
+        """The fraction to reach after ``step`` of ``steps`` (geometric schedule)."""
+        return self.fraction ** (step / self.steps)
+
+
+@dataclass(frozen=True)
+class _Block:
+    group: int
+    keep_after: int  # channels the group keeps once this block is gone
+    score: float  # ranking key (monotone within a group)
+
+
+def _kept_counts(size: int, target: Target) -> list[int]:
+    """Allowed kept widths of a group, largest first (the full width is always allowed)."""
+    floor = max(target.min_channels, math.ceil(size * (1 - target.max_prune)))
+    step = target.round_to
+    counts = [k for k in range(size - 1, floor - 1, -1) if k % step == 0]
+    return [size, *counts]
+
+
+def _blocks(group: ChannelGroup, scores: torch.Tensor, target: Target) -> list[_Block]:
+    ordered = scores.sort().values
+    counts = _kept_counts(group.size, target)
+    blocks, running = [], -math.inf
+    for before, after in zip(counts, counts[1:]):
+        block = ordered[group.size - before : group.size - after]
+        running = max(running, float(block.mean()))  # a group loses its weakest channels first
+        blocks.append(_Block(group.id, after, running))
+    return blocks
+
+
+def _plan(order: list[_Block], n: int, scores: Mapping[int, torch.Tensor]) -> PrunePlan:
+    kept: dict[int, int] = {}
+    for b in order[:n]:
+        kept[b.group] = b.keep_after
+    return PrunePlan({g: tuple(sorted(scores[g].argsort(descending=True)[:k].tolist())) for g, k in kept.items()})
+
+
+def select_plan(
+    gm: fx.GraphModule,
+    scores: Mapping[int, torch.Tensor],
+    target: Target,
+    *,
+    fraction: float | None = None,
+    base: Cost | None = None,
+) -> PrunePlan:
+    """The plan that removes the least sensitive channels until ``gm`` meets ``target``.
+
+    ``scores[group_id]`` is a ``(size,)`` tensor (higher = more important) for each prunable
+    group; groups without scores are left whole. ``fraction`` and ``base`` override the
+    target's fraction and the dense cost it is relative to (iterative pruning passes the
+    original model's cost). Raises TargetError stating the reachable minimum.
+    """
+    groups = groups_of(gm)
+    base = base or total_cost(gm)
+    goal = (fraction if fraction is not None else target.fraction) * getattr(base, target.kind)
+    order = sorted(
+        (b for g in groups.prunable if g.id in scores for b in _blocks(g, scores[g.id].float().cpu(), target)),
+        key=lambda b: b.score,
+    )
+
+    def cost(n: int) -> int:
+        plan = _plan(order, n, scores)
+        return getattr(plan_cost(gm, plan.masks(groups)), target.kind)
+
+    if cost(0) <= goal:
+        return PrunePlan({})
+    if cost(len(order)) > goal:
+        reachable = cost(len(order)) / getattr(base, target.kind)
+        raise TargetError(
+            f"target {target.kind}={fraction or target.fraction} is unreachable: with max_prune={target.max_prune}, "
+            f"min_channels={target.min_channels} and round_to={target.round_to} the smallest reachable is "
+            f"{reachable:.3f} of the dense {target.kind}; raise the target, max_prune, or lower round_to"
+        )
+    lo, hi = 0, len(order)  # cost(lo) > goal >= cost(hi); cost falls as blocks go
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if cost(mid) <= goal else (mid, hi)
+    return _plan(order, hi, scores)
+
+
+def magnitude_scores(gm: fx.GraphModule, p: int = 1) -> dict[int, torch.Tensor]:
+    """The L1 (``p=1``) control: per group channel, Σ over producers of ``‖w_c‖_p``."""
+    scores = {}
+    for g in groups_of(gm).prunable:
+        total = torch.zeros(g.size)
+        for name, index in producer_slices(g):
+            w = gm.get_submodule(name).weight.detach().float()
+            norms = w.flatten(1).norm(p=p, dim=1)  # (out_channels,)
+            total += norms[index].sum(1)
+        scores[g.id] = total
+    return scores
+
+
+ScoreFn = Callable[[fx.GraphModule], Mapping[int, torch.Tensor]]
