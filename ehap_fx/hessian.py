@@ -398,12 +398,14 @@ def estimate_hessian(
     names: Sequence[str] | None = None,
     loss_fn: Callable | None = None,
     device: torch.device | str | None = None,
+    groups: Sequence | None = None,
 ) -> HessianResult:
     """Per-output-channel Hessian traces of the ``names`` weights (default: all conv/linear).
 
     ``data``: see :func:`draw_batches`. ``loss_fn(logits_fp32, y)`` defaults to mean
-    cross-entropy (required by the ``"ggn"`` and ``"hybrid"`` estimators). The model itself
-    is not modified: the estimate runs on an eval-mode copy.
+    cross-entropy (required by the ``"ggn"`` and ``"hybrid"`` estimators). ``groups``
+    (channel groups) makes the rank-stability rule compare group scores instead of channel
+    scores. The model itself is not modified: the estimate runs on an eval-mode copy.
     """
     opts = options or HessianOptions()
     names = list(names) if names is not None else prunable_modules(model)
@@ -427,8 +429,14 @@ def estimate_hessian(
     if opts.estimator == "ggn":
         samples, n, retries, scale, converged, history = ggn[None], 0, 0, 1.0, True, ()
     else:
+        rows_cols = _group_index(groups, names, s.params, device) if groups else None
+
         def score(mean):
-            return mean / pc_flat * w_sq
+            per_channel = mean / pc_flat * w_sq
+            if rows_cols is None:
+                return per_channel
+            rows, cols, size = rows_cols
+            return torch.zeros(size, device=device).index_add_(0, rows, per_channel[cols])
 
         samples, retries, scale, history = _probe_loop(s, opts, ggn, _StopRule(opts, score))
         n = samples.shape[0]
@@ -451,6 +459,24 @@ def estimate_hessian(
         ggn=_split(ggn, s.params, names) if ggn is not None else None,
         history=tuple(history),
     )
+
+
+def _group_index(groups, names, params, device):
+    """Scatter indices so that group scores = index_add(channel scores): (rows, cols, size)."""
+    from ehap_fx.passes.group import producer_slices
+
+    offsets = dict(zip(names, torch.tensor([0] + [p.shape[0] for p in params]).cumsum(0).tolist(),
+                       strict=False))
+    rows, cols, start = [], [], 0
+    for g in groups:
+        for module, index in producer_slices(g):
+            if module in offsets:
+                rows.append((torch.arange(g.size)[:, None] + start).expand_as(index).flatten())
+                cols.append((index + offsets[module]).flatten())
+        start += g.size
+    if not rows:
+        raise HessianError("none of the groups has a producer among the estimated modules")
+    return torch.cat(rows).to(device), torch.cat(cols).to(device), start
 
 
 def _split(flat: torch.Tensor, params, names) -> dict[str, torch.Tensor]:

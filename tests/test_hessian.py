@@ -319,3 +319,14 @@ def test_user_model_is_untouched():
     assert net.training
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_stop_rule_can_rank_groups():
+    net = tiny(nn.ReLU)
+    x, y = data()
+    groups = [ChannelGroup(0, 3, (Member("a", "a", "out", 0, torch.arange(3)[:, None]),)),
+              ChannelGroup(1, 4, (Member("b", "b", "out", 0, torch.arange(4)[:, None]),))]
+    r = estimate_hessian(net, (x, y), opts(estimator="hutchinson", dtype="fp32", min_probes=10,
+                                           max_probes=400, check_every=10, tol=None,
+                                           rank_threshold=0.99), names=NAMES, groups=groups)
+    assert r.converged and r.probes < 400 and r.history[-1][2] >= 0.99

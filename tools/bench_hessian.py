@@ -54,7 +54,7 @@ SPEED_CONFIGS = {
     "hutch-bf16-batch4": dict(estimator="hutchinson", dtype="bf16", probe_batch=4),
     "hutch-bf16-fwd-rev": dict(estimator="hutchinson", dtype="bf16", hvp="forward_over_reverse"),
     "hutch-bf16-chlast": dict(estimator="hutchinson", dtype="bf16", channels_last=True),
-    "hutch-fp16": dict(estimator="hutchinson", dtype="fp16"),
+    "hutch-fp16": dict(estimator="hutchinson", dtype="fp16"),  # CUDA; emulated on most CPUs
     "hybrid-bf16": dict(estimator="hybrid", dtype="bf16"),
     "ggn-fp32": dict(estimator="ggn", dtype="fp32"),
     "ggn-bf16": dict(estimator="ggn", dtype="bf16"),
@@ -225,17 +225,23 @@ def overlap(a: set[int], b: set[int]) -> float:
 
 
 def reference(args, model, data) -> object:
-    path = Path(args.cache) / f"ref-{args.agree_model}-b{args.agree_batch}-p{args.ref_probes}.pt"
-    if path.exists():
-        print(f"reference: cached {path}")
-        return torch.load(path, weights_only=False)
-    print(f"reference: {args.ref_probes} fp32 Hutchinson probes (cached to {path})", flush=True)
-    r = estimate_hessian(model, data, HessianOptions(
-        estimator="hutchinson", dtype="fp32", batch_size=args.agree_batch, probes=args.ref_probes,
-        seed=12345, progress=True))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(r, path)
-    return r
+    """fp32 Hutchinson with ``--ref-probes`` probes, computed in cached chunks of 100."""
+    from dataclasses import replace
+
+    parts, chunk = [], 100
+    for i in range(0, args.ref_probes, chunk):
+        path = Path(args.cache) / f"ref-{args.agree_model}-b{args.agree_batch}-c{i // chunk}.pt"
+        if not path.exists():
+            print(f"reference chunk {i // chunk}: {chunk} fp32 probes -> {path}", flush=True)
+            r = estimate_hessian(model, data, HessianOptions(
+                estimator="hutchinson", dtype="fp32", batch_size=args.agree_batch,
+                probes=chunk, seed=12345 + i, progress=False))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(r, path)
+        parts.append(torch.load(path, weights_only=False))
+    rows = torch.cat([r.probe_traces for r in parts])
+    return replace(with_rows(parts[0], rows), probe_traces=rows, probes=rows.shape[0],
+                   seconds=sum(r.seconds for r in parts))
 
 
 def with_rows(result, rows: torch.Tensor):
@@ -251,6 +257,10 @@ def run_agree(args) -> dict:
     model, weights = load_model(args.agree_model)
     data, source = load_data(args.agree_model)
     dec = Decision(model)
+    exact = estimate_hessian(model, data, HessianOptions(
+        estimator="ggn", dtype="fp32", batch_size=args.agree_batch, progress=False))
+    exact_scores = dec.scores(exact)
+    exact_set = dec.pruned(exact_scores)
     ref = reference(args, model, data)
     ref_scores = dec.scores(ref)
     ref_set = dec.pruned(ref_scores)
@@ -260,7 +270,11 @@ def run_agree(args) -> dict:
     out = dict(model=args.agree_model, weights=weights, data=source, batch=args.agree_batch,
                ref_probes=ref.probes, ref_seconds=ref.seconds,
                ref_split_half_spearman=spearman(h1, h2),
-               ref_split_half_overlap=overlap(dec.pruned(h1), dec.pruned(h2)), curves={})
+               ref_split_half_overlap=overlap(dec.pruned(h1), dec.pruned(h2)),
+               ref_vs_ggn_spearman=spearman(ref_scores, exact_scores),
+               ref_vs_ggn_overlap=overlap(ref_set, exact_set),
+               ggn_vs_ref_halves=[spearman(exact_scores, h1), spearman(exact_scores, h2)],
+               curves={})
     for name in args.curves:
         cfg = CURVES[name]
         probes = None if cfg["estimator"] == "ggn" else args.curve_probes
@@ -274,16 +288,70 @@ def run_agree(args) -> dict:
         pts = []
         for k in ks:
             sc = dec.scores(r if k == 0 else with_rows(r, r.probe_traces[:k]))
+            chosen = dec.pruned(sc)
             pts.append(dict(probes=k, seconds=r.seconds if k == 0 else per * k,
-                            spearman=spearman(sc, ref_scores),
-                            overlap=overlap(dec.pruned(sc), ref_set)))
+                            spearman=spearman(sc, ref_scores), overlap=overlap(chosen, ref_set),
+                            spearman_exact=spearman(sc, exact_scores),
+                            overlap_exact=overlap(chosen, exact_set)))
         out["curves"][name] = dict(seconds_per_probe=per, points=pts)
-        if name == "ggn-fp32":
-            out["ggn_vs_ref_halves"] = [spearman(sc, h1), spearman(sc, h2)]
         last = pts[-1]
         print(f"  {name:12s} {last['probes']:5d} probes {last['seconds']:8.1f} s  "
-              f"spearman {last['spearman']:.3f}  overlap {last['overlap']:.3f}", flush=True)
+              f"vs ref: spearman {last['spearman']:.3f} overlap {last['overlap']:.3f}  "
+              f"vs exact: {last['spearman_exact']:.3f} / {last['overlap_exact']:.3f}",
+              flush=True)
     return out
+
+
+def _hybrid_time(name: str, curve: dict, curves: dict) -> None:
+    """Hybrid time at k probes = its exact GGN pass + k probes (not k · total / probes)."""
+    ggn = curves.get(name.replace("hybrid", "ggn"))
+    if not name.startswith("hybrid") or not ggn:
+        return
+    t_ggn = ggn["points"][0]["seconds"]
+    last = curve["points"][-1]
+    total = curve["seconds_per_probe"] * last["probes"]
+    per = max(total - t_ggn, 0.0) / last["probes"]
+    for pt in curve["points"]:
+        pt["seconds"] = t_ggn + per * pt["probes"]
+
+
+def render(results: dict) -> str:
+    """Markdown tables of a results JSON (``--render``)."""
+    lines = []
+    speed = results.get("speed", [])
+    for model in dict.fromkeys(r["model"] for r in speed):
+        rows = [r for r in speed if r["model"] == model]
+        base = next((r for r in rows if r["config"] == "pyhessian-fp32"), rows[0])
+        lines += [f"\n{model} ({rows[0]['weights']}), Hessian batch {rows[0]['batch']}, "
+                  f"{rows[0]['device']}, {rows[0]['threads']} thread(s)\n",
+                  "| config | s/probe (GGN: s/pass) | speed-up vs PyHessian fp32 | peak MiB | "
+                  "growth MiB | growth vs baseline |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            g, g0 = r["peak"] - r["base_rss"], base["peak"] - base["base_rss"]
+            lines.append(f"| {r['config']} | {r['seconds']:.3f} | "
+                         f"{base['seconds'] / r['seconds']:.2f}x | {r['peak'] / 2**20:.0f} | "
+                         f"{g / 2**20:.0f} | {g / g0 - 1:+.0%} |")
+    agree = results.get("agree")
+    if agree:
+        lines += [f"\nagreement: {agree['model']} ({agree['weights']}), {agree['data']}, "
+                  f"Hessian batch {agree['batch']}; reference {agree['ref_probes']} fp32 "
+                  f"Hutchinson probes ({agree['ref_seconds']:.0f} s), split-half Spearman "
+                  f"{agree['ref_split_half_spearman']:.3f}, overlap "
+                  f"{agree['ref_split_half_overlap']:.3f}\n",
+                  f"reference vs exact GGN: Spearman {agree['ref_vs_ggn_spearman']:.3f}, "
+                  f"overlap {agree['ref_vs_ggn_overlap']:.3f}\n",
+                  "| estimator | probes | seconds | Spearman vs ref | overlap vs ref "
+                  "| Spearman vs exact | overlap vs exact |", "|---|---|---|---|---|---|---|"]
+        for name, c in agree["curves"].items():
+            _hybrid_time(name, c, agree["curves"])
+            for pt in c["points"]:
+                lines.append(f"| {name} | {pt['probes']} | {pt['seconds']:.1f} | "
+                             f"{pt['spearman']:.3f} | {pt['overlap']:.3f} | "
+                             f"{pt['spearman_exact']:.3f} | {pt['overlap_exact']:.3f} |")
+        if "ggn_vs_ref_halves" in agree:
+            a, b = agree["ggn_vs_ref_halves"]
+            lines.append(f"\nGGN vs each reference half: Spearman {a:.3f} / {b:.3f}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -303,8 +371,12 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cache", default=str(ROOT / ".cache" / "hessian"))
     p.add_argument("--json", help="write all figures here")
+    p.add_argument("--render", help="print the markdown tables of a --json file and exit")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text())))
+        return
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
@@ -326,6 +398,7 @@ def main(argv=None) -> None:
         results["agree"] = run_agree(args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    print(render(results))
 
 
 if __name__ == "__main__":
