@@ -87,10 +87,7 @@ class HessianOptions:
             raise ValueError(f"amp={self.amp!r} must be 'cast' or 'autocast'")
         if self.hvp not in HVPS:
             raise ValueError(f"hvp={self.hvp!r} must be one of {HVPS}")
-        for name in ("batch_size", "n_batches", "min_probes", "max_probes", "check_every",
-                     "probe_batch", "ggn_chunk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        self._check_counts()
         if self.probes is not None and self.probes < 1:
             raise ValueError(f"probes={self.probes} must be >= 1 or None")
         if self.min_probes > self.max_probes:
@@ -105,6 +102,12 @@ class HessianOptions:
             value = getattr(self, name)
             if value is not None and not 0 < value <= 1:
                 raise ValueError(f"{name}={value} must be in (0, 1] or None")
+
+    def _check_counts(self) -> None:
+        for name in ("batch_size", "n_batches", "min_probes", "max_probes", "check_every",
+                     "probe_batch", "ggn_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
 
 @dataclass(frozen=True)

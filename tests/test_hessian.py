@@ -12,6 +12,7 @@ or Tanh (it does not).
 import pytest
 import torch
 import torch.nn.functional as F
+from ehap_fx.passes.group import ChannelGroup, Member
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
@@ -24,7 +25,6 @@ from ehap_fx.hessian import (
     group_stderr,
     resolve_dtype,
 )
-from ehap_fx.passes.group import ChannelGroup, Member
 
 NAMES = ["a", "b", "c"]
 

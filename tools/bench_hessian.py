@@ -38,7 +38,6 @@ from ehap_fx.hessian import (
     draw_batches,
     estimate_hessian,
     group_sensitivity,
-    prunable_modules,
 )
 from ehap_fx.models import get_model, normalization, pretrained_model
 
@@ -103,7 +102,8 @@ def pyhessian_probe_seconds(model, x, y, probes: int) -> float:
             t0 = time.perf_counter()
         v = [torch.randint_like(p, 2) * 2 - 1 for p in params]
         hv = torch.autograd.grad(g, params, grad_outputs=v, retain_graph=True)
-        per_channel.append([(a * b).flatten(1).sum(1) for a, b in zip(v, hv) if a.dim() > 1])
+        pairs = zip(v, hv, strict=True)
+        per_channel.append([(a * b).flatten(1).sum(1) for a, b in pairs if a.dim() > 1])
     return (time.perf_counter() - t0) / probes
 
 
@@ -196,7 +196,7 @@ class Decision:
         sizes = [g.size for g in self.prunable]
         offsets = torch.tensor([0, *sizes]).cumsum(0)[:-1]
         best = {int(offsets[i] + scores[o:o + n].argmax()) for i, (o, n) in
-                enumerate(zip(offsets.tolist(), sizes))}
+                enumerate(zip(offsets.tolist(), sizes, strict=True))}
         order = [int(i) for i in scores.argsort() if int(i) not in best]
         lo, hi = 0, len(order)
         while lo < hi:  # smallest k whose plan meets the budget
@@ -249,7 +249,7 @@ def with_rows(result, rows: torch.Tensor):
     from dataclasses import replace
 
     mean = rows.mean(0).split([result.traces[n].shape[0] for n in result.names])
-    return replace(result, traces=dict(zip(result.names, mean)))
+    return replace(result, traces=dict(zip(result.names, mean, strict=True)))
 
 
 def run_agree(args) -> dict:
