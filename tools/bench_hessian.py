@@ -4,10 +4,12 @@ Two parts, side by side in one run (timings on a shared machine are only compara
 one run):
 
 * ``speed``: for each model and configuration, a fresh subprocess builds the model and the
-  Hessian batch, then times probes (after one warm-up probe). Reports seconds per probe
-  (GGN: seconds for its single exact pass), peak memory (CUDA ``max_memory_allocated``;
-  CPU: the subprocess's peak RSS and its growth over the RSS after setup) and the ratio to
-  a PyHessian-style fp32 baseline (double backward w.r.t. all parameters, BN included).
+  Hessian batch, then times probes through the estimator's own code path and keeps the
+  fastest after a warm-up one (the machine is shared: the minimum is the stable statistic).
+  Reports seconds per probe (GGN: seconds for its single exact pass, best of two), peak
+  memory (CUDA ``max_memory_allocated``; CPU: the subprocess's peak RSS and its growth over
+  the RSS after setup) and the ratio to a PyHessian-style fp32 baseline (double backward
+  w.r.t. all parameters, BN included).
 * ``agree``: against a long fp32 Hutchinson reference (cached under ``--cache``, with its
   split-half reliability and its Spearman with the exact GGN), curves over probes and
   seconds of: Spearman of the channel-group scores and overlap of the channel set pruned at
@@ -91,20 +93,49 @@ def load_data(name: str, n: int = 10000) -> tuple[tuple[torch.Tensor, torch.Tens
 # ---------------------------------------------------------------- speed (one subprocess each)
 
 def pyhessian_probe_seconds(model, x, y, probes: int) -> float:
-    """PyHessian's recipe: fp32, all parameters, g once with create_graph, Hv per probe."""
+    """PyHessian's recipe: fp32, all parameters, g once with create_graph, Hv per probe.
+
+    Returns the fastest probe after a warm-up one (robust to a shared machine's spikes).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     loss = F.cross_entropy(model(x), y)
     g = torch.autograd.grad(loss, params, create_graph=True)
-    per_channel = []
-    t0 = 0.0
-    for i in range(probes + 1):
-        if i == 1:
-            t0 = time.perf_counter()
+    times = []
+    for _ in range(probes + 1):
+        t0 = time.perf_counter()
         v = [torch.randint_like(p, 2) * 2 - 1 for p in params]
         hv = torch.autograd.grad(g, params, grad_outputs=v, retain_graph=True)
         pairs = zip(v, hv, strict=True)
-        per_channel.append([(a * b).flatten(1).sum(1) for a, b in pairs if a.dim() > 1])
-    return (time.perf_counter() - t0) / probes
+        torch.cat([(a * b).flatten(1).sum(1) for a, b in pairs if a.dim() > 1]).sum().item()
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
+def ehap_probe_seconds(model, data, opts: HessianOptions, device, probes: int) -> float:
+    """The estimator's own probe path (``hessian._Hvp``), fastest probe after a warm-up."""
+    from ehap_fx import hessian as h
+
+    names = h.prunable_modules(model)
+    s = h._prepare(model, data, opts, names, F.cross_entropy, device)
+    if opts.estimator == "ggn":
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            h._ggn_part(s, opts).sum().item()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    hvp, gen = h._Hvp(s, opts), torch.Generator(device=device).manual_seed(0)
+    pnames = [f"{n}.weight" for n in names]
+    times = []
+    for _ in range(probes + 1):
+        t0 = time.perf_counter()
+        vs = h._rademacher(s.params, opts.probe_batch, gen)
+        row = h._contrib(vs, hvp(vs, 1.0), 1.0)
+        if opts.estimator == "hybrid":
+            row = row - h._gv_contrib(s, vs, pnames)
+        row.sum().item()
+        times.append((time.perf_counter() - t0) / opts.probe_batch)
+    return min(times[1:])
 
 
 def rss() -> int:
@@ -128,20 +159,12 @@ def child(spec: dict) -> dict:
     if cfg is None:
         xb, yb = draw_batches((x, y), spec["batch"], 1, 0)[0]
         sec = pyhessian_probe_seconds(model, xb.to(device), yb.to(device), spec["probes"])
-        probes = spec["probes"]
     else:
-        opts = HessianOptions(batch_size=spec["batch"], probes=spec["probes"] + 1,
-                              progress=False, **cfg)
-        r = estimate_hessian(model, (x, y), opts, device=device)
-        probes = r.probes
-        sec = r.seconds if cfg["estimator"] == "ggn" else None
-        if sec is None:  # time the probes after the first one (graph build, warm-up)
-            warm = estimate_hessian(model, (x, y), HessianOptions(
-                batch_size=spec["batch"], probes=1, progress=False, **cfg), device=device)
-            sec = (r.seconds - warm.seconds) / spec["probes"]
+        opts = HessianOptions(batch_size=spec["batch"], progress=False, **cfg)
+        sec = ehap_probe_seconds(model, (x, y), opts, device, spec["probes"])
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return dict(spec, seconds=sec, probes=probes, peak=peak, base_rss=base, weights=weights)
+    return dict(spec, seconds=sec, peak=peak, base_rss=base, weights=weights)
 
 
 def run_speed(args) -> list[dict]:
@@ -157,6 +180,8 @@ def run_speed(args) -> list[dict]:
                 continue
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
+            if args.json:  # partial results survive an interrupted run
+                Path(args.json + ".partial").write_text(json.dumps({"speed": rows}, indent=1))
             print(f"  {model:10s} {config:22s} {row['seconds']:8.3f} s  "
                   f"peak {row['peak'] / 2**20:7.0f} MiB  growth "
                   f"{(row['peak'] - row['base_rss']) / 2**20:7.0f} MiB", flush=True)
