@@ -184,8 +184,9 @@ def test_recalibrate_bn_matches_batch_statistics():
 
 @pytest.mark.slow
 def test_finetune_pretrained_resnet20_adapts_to_jpeg_cifar10(weights_dir, cifar10_root):
-    """A fifth of an epoch on the JPEG-q75 training set lifts the pretrained ResNet-20
-    (80.80 % on the first 2,000 test images) by more than a point."""
+    """A fifth of an epoch (78 steps) on the JPEG-q75 training set lifts the pretrained
+    ResNet-20 from 80.80 % to 85.35 % on the first 2,000 test images (measured 2026-11-24,
+    268 s on 2 busy CPU cores; 85.73 % on all 10,000)."""
     from ehap_fx.data import load_cifar
     from ehap_fx.models import normalization, pretrained_model
 
@@ -198,4 +199,4 @@ def test_finetune_pretrained_resnet20_adapts_to_jpeg_cifar10(weights_dir, cifar1
     result = finetune(model, train, FinetuneOptions(epochs=0.2, **QUIET), eval_loader=test)
     assert before == pytest.approx(80.80, abs=0.01)
     assert result.steps == 78
-    assert result.final_top1 > before + 1.0
+    assert result.final_top1 > before + 2.0
