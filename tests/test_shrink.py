@@ -88,6 +88,7 @@ def test_result_is_an_ordinary_graph_module(tmp_path):
             assert node.meta["tensor_meta"].shape[1] == small.get_submodule(node.target).out_channels
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_onnx_export_of_shrunk_model(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     gm, x = prepare(SplitChunk(), (2, 3, 8, 8))
