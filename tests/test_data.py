@@ -82,10 +82,12 @@ def test_fake_cifar10_order_and_splits(tmp_path):
 
 
 def test_fake_cifar100_fine_labels(tmp_path):
-    fake_cifar100(tmp_path)
+    folder = fake_cifar100(tmp_path)
     data = load_cifar(tmp_path, "cifar100", "test")
     assert data.num_classes == 100 and data.labels.tolist() == list(range(30))
-    assert data.classes[99] == "f99"
+    assert data.classes[99] == "f99" and data.root == folder
+    same = load_cifar(folder, "cifar100", "test")  # the layout folder itself works too
+    assert torch.equal(same.images, data.images)
 
 
 def test_wrong_directory_names_expected_files(tmp_path):
