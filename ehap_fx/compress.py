@@ -155,13 +155,21 @@ def compress(
         log.warning("no data given: ranking on %s; pass data= for a meaningful ranking", data_name)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    gm = group_channels(trace(copy.deepcopy(model).eval(), example_input, leaf_modules=leaf_modules), exclude).graph_module
+    gm = group_channels(
+        trace(copy.deepcopy(model).eval(), example_input, leaf_modules=leaf_modules), exclude
+    ).graph_module
     seconds["trace_group"] = time.perf_counter() - t
     base = total_cost(gm)
     report = CompressReport(
         data=data_name or "user data",
-        target={"kind": target.kind, "fraction": target.fraction, "round_to": target.round_to,
-                "max_prune": target.max_prune, "steps": target.steps, "scorer": scorer},
+        target={
+            "kind": target.kind,
+            "fraction": target.fraction,
+            "round_to": target.round_to,
+            "max_prune": target.max_prune,
+            "steps": target.steps,
+            "scorer": scorer,
+        },
         cost_before=_cost_dict(base),
         channels_before=conv_widths(gm),
         pinned=[{"group": g.id, "size": g.size, "reason": g.pinned} for g in groups_of(gm).pinned],
@@ -196,7 +204,9 @@ def compress(
     return out
 
 
-def _quantize_and_export(out: CompressResult, example_input, data, eval_data, options, export, seconds) -> None:
+def _quantize_and_export(
+    out: CompressResult, example_input, data, eval_data, options, export, seconds
+) -> None:
     from ehap_fx.passes.export import export as export_onnx
     from ehap_fx.passes.quantize import quantize as quantize_pass
 
@@ -204,8 +214,13 @@ def _quantize_and_export(out: CompressResult, example_input, data, eval_data, op
     q = quantize_pass(out.pruned, example_input, data, options)
     seconds["quantize"] = time.perf_counter() - t
     out.quantized = q.graph_module
-    out.report.quantize = {"backend": q.backend, "mode": q.mode, "steps": q.steps,
-                           "calibration_batches": q.calibration_batches, "seconds": round(q.seconds, 3)}
+    out.report.quantize = {
+        "backend": q.backend,
+        "mode": q.mode,
+        "steps": q.steps,
+        "calibration_batches": q.calibration_batches,
+        "seconds": round(q.seconds, 3),
+    }
     if eval_data is not None:
         out.report.accuracy["int8_torch"] = evaluate(q.graph_module, eval_data)
     if export is not None:
@@ -215,10 +230,15 @@ def _quantize_and_export(out: CompressResult, example_input, data, eval_data, op
         seconds["export"] = time.perf_counter() - t
         out.onnx_path = Path(export)
         out.report.export = {
-            "path": str(rep.path), "int8_bytes": rep.int8_bytes, "fp32_bytes": rep.fp32_bytes,
-            "quantized_conv_fraction": rep.quantized_conv_fraction, "op_counts": rep.op_counts,
-            "argmax_agreement": rep.argmax_agreement, "max_abs_diff": rep.max_abs_diff,
-            "max_diff_steps": rep.max_diff_steps, "summary": rep.summary(),
+            "path": str(rep.path),
+            "int8_bytes": rep.int8_bytes,
+            "fp32_bytes": rep.fp32_bytes,
+            "quantized_conv_fraction": rep.quantized_conv_fraction,
+            "op_counts": rep.op_counts,
+            "argmax_agreement": rep.argmax_agreement,
+            "max_abs_diff": rep.max_abs_diff,
+            "max_diff_steps": rep.max_diff_steps,
+            "summary": rep.summary(),
         }
 
 

@@ -48,11 +48,15 @@ class Target:
             raise ValueError(f"give exactly one of macs= or params= (got {set_ or 'none'})")
         ((kind, value),) = set_.items()
         if not 0 < value <= 1:
-            raise ValueError(f"target {kind}={value} must be in (0, 1]: the fraction of the dense model to keep")
+            raise ValueError(
+                f"target {kind}={value} must be in (0, 1]: the fraction of the dense model to keep"
+            )
         if not 0 <= self.max_prune < 1:
             raise ValueError(f"max_prune={self.max_prune} must be in [0, 1)")
         if self.min_channels < 1 or self.round_to < 1 or self.steps < 1:
-            raise ValueError(f"min_channels={self.min_channels}, round_to={self.round_to}, steps={self.steps} must be >= 1")
+            raise ValueError(
+                f"min_channels={self.min_channels}, round_to={self.round_to}, steps={self.steps} must be >= 1"
+            )
 
     @property
     def kind(self) -> str:
@@ -97,7 +101,9 @@ def _plan(order: list[_Block], n: int, scores: Mapping[int, torch.Tensor]) -> Pr
     kept: dict[int, int] = {}
     for b in order[:n]:
         kept[b.group] = b.keep_after
-    return PrunePlan({g: tuple(sorted(scores[g].argsort(descending=True)[:k].tolist())) for g, k in kept.items()})
+    return PrunePlan(
+        {g: tuple(sorted(scores[g].argsort(descending=True)[:k].tolist())) for g, k in kept.items()}
+    )
 
 
 def select_plan(
@@ -119,7 +125,12 @@ def select_plan(
     base = base or total_cost(gm)
     goal = (fraction if fraction is not None else target.fraction) * getattr(base, target.kind)
     order = sorted(
-        (b for g in groups.prunable if g.id in scores for b in _blocks(g, scores[g.id].float().cpu(), target)),
+        (
+            b
+            for g in groups.prunable
+            if g.id in scores
+            for b in _blocks(g, scores[g.id].float().cpu(), target)
+        ),
         key=lambda b: b.score,
     )
 

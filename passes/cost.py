@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from ehap_fx.passes.group import ChannelSlots, groups_of
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from ehap_fx import _meta
-from ehap_fx.passes.group import ChannelSlots, groups_of
 
 
 @dataclass(frozen=True)
@@ -91,12 +91,18 @@ MODULE_COST: dict[type[nn.Module], CostFn] = {
     nn.GroupNorm: _norm,
     nn.LayerNorm: _norm,
     nn.InstanceNorm2d: _norm,
+    **dict.fromkeys((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.Upsample), _per_output_element),
     **dict.fromkeys(
-        (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.Upsample), _per_output_element
-    ),
-    **dict.fromkeys(
-        (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-         nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d), _per_input_element
+        (
+            nn.MaxPool1d,
+            nn.MaxPool2d,
+            nn.AvgPool1d,
+            nn.AvgPool2d,
+            nn.AdaptiveAvgPool1d,
+            nn.AdaptiveAvgPool2d,
+            nn.AdaptiveMaxPool2d,
+        ),
+        _per_input_element,
     ),
 }
 

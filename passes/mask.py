@@ -12,12 +12,12 @@ import copy
 import operator
 
 import torch
+from ehap_fx.passes.group import ChannelSlots, groups_of
+from ehap_fx.passes.shrink import PrunePlan, _Keep
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ehap_fx import _meta
-from ehap_fx.passes.group import ChannelSlots, groups_of
-from ehap_fx.passes.shrink import PrunePlan, _Keep
 
 
 def mask_channels(gm: fx.GraphModule, plan: PrunePlan) -> PassResult:
@@ -51,7 +51,9 @@ def mask_channels(gm: fx.GraphModule, plan: PrunePlan) -> PassResult:
     return PassResult(out, count > 0)
 
 
-def random_plan(gm: fx.GraphModule, fraction: float = 0.5, generator: torch.Generator | None = None) -> PrunePlan:
+def random_plan(
+    gm: fx.GraphModule, fraction: float = 0.5, generator: torch.Generator | None = None
+) -> PrunePlan:
     """A plan that keeps a random ``fraction`` (at least one) of every prunable group's channels."""
     keep = {}
     for g in groups_of(gm).prunable:

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from ehap_fx.passes.group import ChannelGroups, ChannelSlots, group_channels, groups_of
+from ehap_fx.passes.trace import refresh_shapes
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ehap_fx import _meta
 from ehap_fx.errors import ShrinkError
-from ehap_fx.passes.group import ChannelGroups, ChannelSlots, group_channels, groups_of
-from ehap_fx.passes.trace import refresh_shapes
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,9 @@ def shrink_conv(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
     per_in = conv.in_channels // g
     in_pos = _idx(k_in.reshape(g, per_in)[0])  # grouped: the same positions in every group
     w = conv.weight.detach().index_select(0, _idx(k_out)).index_select(1, in_pos)
-    conv.weight = nn.Parameter(w.clone(), requires_grad=conv.weight.requires_grad)  # (O_keep, I_keep/g, kh, kw)
+    conv.weight = nn.Parameter(
+        w.clone(), requires_grad=conv.weight.requires_grad
+    )  # (O_keep, I_keep/g, kh, kw)
     conv.bias = _param(conv.bias, _idx(k_out))
     conv.in_channels, conv.out_channels = len(in_pos) * g, int(k_out.sum())
 
@@ -189,7 +191,9 @@ def shrink_reshape(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
     """Rewrite a literal channel size in view/reshape (e.g. ``x.view(n, 512 * 7 * 7)``)."""
     shape_pos = 1
     args = list(node.args)
-    shape = args[shape_pos:] if node.op == "call_method" and not isinstance(args[1], (list, tuple)) else args[1]
+    shape = (
+        args[shape_pos:] if node.op == "call_method" and not isinstance(args[1], (list, tuple)) else args[1]
+    )
     if len(shape) < 2 or not isinstance(shape[1], int) or shape[1] == -1:
         return
     shape = list(shape)

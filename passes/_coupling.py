@@ -1,0 +1,602 @@
+"""Coupling rules of the channel-group pass: how each op maps channel labels.
+
+Every channel of every value (along dim 1) carries a label; a rule receives the analysis
+state and a node, and returns the labels of the node's output (a tuple for ops returning
+tuples, None for non-tensors), creating fresh labels for producers, unioning labels that must
+stay equal, and recording ``_Touch`` es where parameters are indexed by channels. A rule that
+meets a use it cannot describe exactly raises ``_Pin``; an op without a rule is pinned by the
+pass. See ``passes/group.py`` for the whole picture.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import TensorMetadata
+
+# ---------------------------------------------------------------------------------------------
+# Label bookkeeping
+# ---------------------------------------------------------------------------------------------
+
+Labels = np.ndarray  # (C,) int64 labels of the channels along dim 1
+
+
+class _UnionFind:
+    """Union-find over channel labels, with pin reasons attached to labels."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.pins: dict[int, str] = {}
+
+    def fresh(self, n: int) -> Labels:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        root = x
+        while parent[root] != root:
+            root = parent[root]
+        while parent[x] != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    def union(self, a: Labels, b: Labels) -> None:
+        for x, y in zip(a.tolist(), b.tolist()):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+
+    def pin(self, labels: Labels, reason: str) -> None:
+        for x in labels.tolist():
+            self.pins.setdefault(x, reason)
+
+    def roots(self) -> np.ndarray:
+        return np.array([self.find(x) for x in range(len(self.parent))], dtype=np.int64)
+
+
+@dataclass
+class _Touch:
+    """Channels a node's parameters (or pad zeros) are indexed by: ``labels[p]`` ↔ ``index[p]``."""
+
+    node: str
+    module: str | None
+    role: str
+    dim: int
+    labels: Labels
+    index: np.ndarray
+
+
+class _Analysis:
+    """State of one run of the channel analysis over a graph."""
+
+    def __init__(self, gm: fx.GraphModule, exclude: frozenset[str]):
+        self.gm = gm
+        self.exclude = exclude
+        self.uf = _UnionFind()
+        self.env: dict[fx.Node, Any] = {}
+        self.touches: list[_Touch] = []
+        self.calls_per_module = defaultdict(int)
+        for n in gm.graph.nodes:
+            if n.op == "call_module":
+                self.calls_per_module[n.target] += 1
+
+    # --- helpers used by the rules ------------------------------------------------------------
+
+    def labels(self, arg: Any) -> Labels | None:
+        return self.env.get(arg) if isinstance(arg, fx.Node) else None
+
+    def fresh_pinned(self, node: fx.Node, reason: str) -> Any:
+        """Fresh pinned labels shaped like the node's output (tensor, tuple of tensors, or None)."""
+        return _map_meta(node, lambda c: self._pinned_labels(c, reason))
+
+    def _pinned_labels(self, channels: int, reason: str) -> Labels:
+        labels = self.uf.fresh(channels)
+        self.uf.pin(labels, reason)
+        return labels
+
+    def pin_inputs(self, node: fx.Node, reason: str) -> None:
+        for arg in _flat_args(node):
+            for labels in _flat_labels(self.env.get(arg)):
+                self.uf.pin(labels, reason)
+
+    def touch(self, node: fx.Node, role: str, dim: int, labels: Labels, index=None) -> None:
+        module = node.target if node.op == "call_module" else None
+        idx = np.arange(len(labels)) if index is None else np.asarray(index)
+        self.touches.append(_Touch(node.name, module, role, dim, labels, idx))
+
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.gm.get_submodule(node.target)
+
+
+def _map_meta(node: fx.Node, fn: Callable[[int], Labels]) -> Any:
+    """Apply ``fn(channels)`` to each tensor in the node's ``tensor_meta`` (None for non-tensors)."""
+
+    def go(meta):
+        if isinstance(meta, TensorMetadata):
+            return fn(int(meta.shape[1])) if len(meta.shape) >= 2 else None
+        if isinstance(meta, (tuple, list)):
+            return tuple(go(m) for m in meta)
+        return None
+
+    return go(node.meta.get("tensor_meta"))
+
+
+def _flat_args(node: fx.Node) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), out.append)
+    return out
+
+
+def _flat_labels(value: Any) -> Iterator[Labels]:
+    if isinstance(value, np.ndarray):
+        yield value
+    elif isinstance(value, tuple):
+        for v in value:
+            yield from _flat_labels(v)
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+
+
+def _norm_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def _arg(node: fx.Node, pos: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(name, default)
+
+
+class _Pin(Exception):
+    """Raised by a rule that finds its op used in a way it cannot describe exactly."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Coupling rules: how each op maps input channel labels to output channel labels
+# ---------------------------------------------------------------------------------------------
+
+
+def same_channels(a: _Analysis, node: fx.Node) -> Labels:
+    """Channel c of the output is computed from channel c of the (first) input only."""
+    labels = a.labels(node.args[0] if node.args else None)
+    out = _shape(node)
+    if labels is None or out is None or len(out) < 2 or out[1] != len(labels):
+        raise _Pin("output does not keep the input's channel dim")
+    return labels
+
+
+def norm_layer(a: _Analysis, node: fx.Node) -> Labels:
+    """BatchNorm / InstanceNorm: per-channel statistics and affine parameters."""
+    labels = same_channels(a, node)
+    mod = a.module(node)
+    if getattr(mod, "affine", False) or getattr(mod, "track_running_stats", False):
+        a.touch(node, "norm", 0, labels)
+    return labels
+
+
+def group_norm(a: _Analysis, node: fx.Node) -> Labels:
+    """GroupNorm normalises over whole groups: only whole groups can go, so they are one unit."""
+    labels = same_channels(a, node)
+    mod = a.module(node)
+    per_group = len(labels) // mod.num_groups
+    rows = labels.reshape(mod.num_groups, per_group)
+    for j in range(1, per_group):
+        a.uf.union(rows[:, 0], rows[:, j])
+    if mod.affine:
+        a.touch(node, "norm", 0, labels)
+    return labels
+
+
+def layer_norm(a: _Analysis, node: fx.Node) -> Labels:
+    """LayerNorm over trailing dims that exclude the channel dim acts per channel."""
+    shape = _shape(node.args[0])
+    mod = a.module(node)
+    if shape is None or len(mod.normalized_shape) >= len(shape) - 1:
+        raise _Pin("LayerNorm normalises over the channel dim")
+    return same_channels(a, node)
+
+
+def conv(a: _Analysis, node: fx.Node) -> Labels:
+    """Conv: fresh output channels; input channels index ``weight`` dim 1.
+
+    Depthwise (groups == in == out) passes channels through. Other grouped convs couple the
+    i-th channel of every group (removing it from all groups keeps them equal).
+    """
+    mod = a.module(node)
+    x = a.labels(node.args[0])
+    if x is None:
+        raise _Pin("conv input has no channel labels")
+    g, cin, cout = mod.groups, mod.in_channels, mod.out_channels
+    if g == cin == cout:
+        a.touch(node, "out", 0, x)
+        return x
+    per_in, per_out = cin // g, cout // g
+    out = a.uf.fresh(cout)
+    if g > 1:
+        if per_in == 1:
+            raise _Pin(f"depthwise conv with channel multiplier {per_out}")
+        for rows in (x.reshape(g, per_in), out.reshape(g, per_out)):
+            for r in range(1, g):
+                a.uf.union(rows[0], rows[r])
+    a.touch(node, "in", 1, x, np.arange(cin) % per_in)
+    a.touch(node, "out", 0, out)
+    return out
+
+
+def linear(a: _Analysis, node: fx.Node) -> Labels:
+    """Linear on (N, F): fresh output features; input features index ``weight`` dim 1."""
+    x = a.labels(node.args[0])
+    shape = _shape(node.args[0])
+    if x is None or shape is None or len(shape) != 2:
+        raise _Pin("linear on an input that is not (N, features)")
+    mod = a.module(node)
+    out = a.uf.fresh(mod.out_features)
+    a.touch(node, "in", 1, x)
+    a.touch(node, "out", 0, out)
+    return out
+
+
+def elementwise(a: _Analysis, node: fx.Node) -> Labels:
+    """Broadcasting binary op: operands that carry the output's channel dim are unioned."""
+    out = _shape(node)
+    if out is None or len(out) < 2:
+        raise _Pin("elementwise op without a channel dim")
+    carried: list[Labels] = []
+    for arg in _flat_args(node):
+        shape = _shape(arg)
+        if shape is None or len(shape) == 0:
+            continue
+        dim = 1 - (len(out) - len(shape))  # the operand's dim aligned with the output's dim 1
+        if dim < 0 or (shape[dim] == 1 and out[1] != 1):
+            continue  # broadcast along channels: no coupling
+        labels = a.labels(arg)
+        if dim != 1 or labels is None:
+            raise _Pin(f"operand {arg.name} {tuple(shape)} aligns its dim {dim} with channels")
+        carried.append(labels)
+    if not carried:
+        raise _Pin("no operand carries the channels")
+    for other in carried[1:]:
+        a.uf.union(carried[0], other)
+    return carried[0]
+
+
+def concat(a: _Analysis, node: fx.Node) -> Labels:
+    """cat along channels concatenates labels; along another dim it unions them."""
+    tensors = _arg(node, 0, "tensors")
+    out = _shape(node)
+    dim = _norm_dim(_arg(node, 1, "dim", 0), len(out))
+    parts = [a.labels(t) for t in tensors]
+    if any(p is None for p in parts):
+        raise _Pin("cat of a value without channel labels")
+    if dim == 1:
+        return np.concatenate(parts)
+    if dim == 0:
+        for p in parts[1:]:
+            a.uf.union(parts[0], p)
+        return parts[0]
+    raise _Pin(f"cat along dim {dim}")  # spatial cat: would need equal channels anyway
+
+
+def split(a: _Analysis, node: fx.Node) -> tuple[Labels, ...]:
+    """split/chunk along channels slice the labels; along another dim each piece keeps them."""
+    x = a.labels(node.args[0])
+    metas = node.meta.get("tensor_meta")
+    dim = _norm_dim(_arg(node, 2, "dim", 0), len(_shape(node.args[0])))
+    if x is None or not isinstance(metas, (tuple, list)):
+        raise _Pin("split of a value without channel labels")
+    if dim != 1:
+        return tuple(x for _ in metas)
+    sizes = [int(m.shape[1]) for m in metas]
+    return tuple(np.split(x, np.cumsum(sizes)[:-1]))
+
+
+def getitem(a: _Analysis, node: fx.Node) -> Any:
+    """Index a tuple (from split), or slice a tensor: a step-1 slice of channels keeps labels."""
+    source, idx = node.args
+    value = a.env.get(source)
+    if isinstance(value, tuple):
+        return value[idx]
+    if value is None:
+        raise _Pin("indexing a value without channel labels")
+    dims = _channel_index(idx)
+    if dims is None:
+        raise _Pin(f"index {idx!r} moves or reorders the channel dim")
+    return value[dims]
+
+
+def _channel_index(idx: Any) -> slice | None:
+    """The slice that ``x[idx]`` applies to dim 1, or None when dims 0/1 do not survive as such."""
+    items = idx if isinstance(idx, tuple) else (idx,)
+    if any(isinstance(i, fx.Node) for i in items) or (items[:1] == (Ellipsis,) and len(items) > 1):
+        return None  # advanced indexing may move dims; a leading Ellipsis hides where dim 1 is
+    lead = []
+    for item in items[:2]:
+        if item is Ellipsis:
+            break
+        lead.append(item)
+    for item in lead:
+        if not isinstance(item, slice) or any(
+            isinstance(v, fx.Node) for v in (item.start, item.stop, item.step)
+        ):
+            return None
+    if len(lead) < 2:
+        return slice(None)
+    return lead[1] if lead[1].step in (None, 1) else None
+
+
+def pad(a: _Analysis, node: fx.Node) -> Labels:
+    """F.pad: padding on the channel dim adds fresh zero channels (a pruned one shrinks the pad)."""
+    x = a.labels(node.args[0])
+    widths = tuple(_arg(node, 1, "pad"))
+    ndim = len(_shape(node.args[0]))
+    if x is None or any(isinstance(w, fx.Node) for w in widths):
+        raise _Pin("pad with unknown widths")
+    covered = len(widths) // 2  # pad pairs apply to the last `covered` dims
+    if covered > ndim - 1:
+        raise _Pin("pad of the batch dim")
+    if covered < ndim - 1:
+        return x
+    front, back = widths[-2], widths[-1]
+    if front < 0 or back < 0:
+        raise _Pin(f"negative channel pad {front, back}")
+    if _arg(node, 2, "mode", "constant") != "constant" and (front or back):
+        raise _Pin("non-constant channel pad")
+    zf, zb = a.uf.fresh(front), a.uf.fresh(back)
+    a.touch(
+        node,
+        "pad",
+        1,
+        np.concatenate([zf, zb]),
+        np.concatenate([np.arange(front), np.arange(front + len(x), front + len(x) + back)]),
+    )
+    return np.concatenate([zf, x, zb])
+
+
+def reshape(a: _Analysis, node: fx.Node) -> Labels:
+    """view/reshape/flatten with the batch dim kept: channel c ↔ a block of output features.
+
+    ``(N, C, H, W) → (N, C*H*W)`` repeats each label ``H*W`` times; the reverse merges equal
+    blocks; anything else (e.g. a channel shuffle) pins.
+    """
+    x = a.labels(node.args[0])
+    src, dst = _shape(node.args[0]), _shape(node)
+    if x is None or src is None or dst is None or len(dst) < 2 or src[0] != dst[0]:
+        raise _Pin("reshape that does not keep the batch dim")
+    c_in, c_out = src[1], dst[1]
+    if c_out == c_in and (len(src) == 2 or len(dst) >= 2):
+        return x
+    if c_out > c_in and c_out % c_in == 0:
+        return np.repeat(x, c_out // c_in)
+    if c_in > c_out and c_in % c_out == 0:
+        blocks = x.reshape(c_out, c_in // c_out)
+        if (blocks == blocks[:, :1]).all():
+            return blocks[:, 0].copy()
+    raise _Pin(f"reshape {tuple(src)} → {tuple(dst)} mixes channels")
+
+
+def reduce_spatial(a: _Analysis, node: fx.Node) -> Labels:
+    """mean/sum/amax over dims that exclude batch and channels keep channels."""
+    shape = _shape(node.args[0])
+    dims = _arg(node, 1, "dim")
+    if dims is None or shape is None:
+        raise _Pin("reduction over all dims")
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    if any(_norm_dim(d, len(shape)) < 2 for d in dims):
+        raise _Pin(f"reduction over dims {dims} includes batch or channels")
+    return same_channels(a, node)
+
+
+def _permutation(node: fx.Node) -> tuple[int, ...]:
+    dims = node.args[1:]
+    return tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else tuple(dims)
+
+
+def keeps_leading_dims(a: _Analysis, node: fx.Node) -> Labels:
+    """permute/transpose/unsqueeze/squeeze that leave dims 0 and 1 where they are."""
+    src, dst = _shape(node.args[0]), _shape(node)
+    if src is None or dst is None or len(dst) < 2 or src[:2] != dst[:2]:
+        raise _Pin("op moves the channel dim")
+    if node.target in ("permute", torch.permute):
+        perm = tuple(_norm_dim(d, len(src)) for d in _permutation(node))
+        if perm[:2] != (0, 1):
+            raise _Pin(f"permute {perm} moves the channel dim")
+    if node.target in ("transpose", torch.transpose):
+        d0, d1 = (_norm_dim(d, len(src)) for d in node.args[1:3])
+        if min(d0, d1) < 2:
+            raise _Pin("transpose of the channel dim")
+    return same_channels(a, node)
+
+
+def flatten(a: _Analysis, node: fx.Node) -> Labels:
+    """flatten from dim >= 2 keeps channels; from dim 1 it is a reshape to (N, features)."""
+    if node.op == "call_module":
+        start = a.module(node).start_dim
+    else:
+        start = _arg(node, 1, "start_dim", 0)
+    start = _norm_dim(start, len(_shape(node.args[0])))
+    if start >= 2:
+        return same_channels(a, node)
+    if start == 1:
+        return reshape(a, node)
+    raise _Pin("flatten of the batch dim")
+
+
+def no_channels(a: _Analysis, node: fx.Node) -> None:
+    """Ops that return shapes or sizes, not channel-carrying tensors."""
+    return None
+
+
+_UNARY_FUNCTIONS = (
+    F.relu,
+    torch.relu,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.hardswish,
+    F.hardsigmoid,
+    F.sigmoid,
+    torch.sigmoid,
+    torch.tanh,
+    F.tanh,
+    F.leaky_relu,
+    F.elu,
+    F.mish,
+    F.hardtanh,
+    F.dropout,
+    F.dropout2d,
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    F.max_pool1d,
+    F.avg_pool1d,
+    F.interpolate,
+    torch.clone,
+    operator.neg,
+    torch.clamp,
+    torch.abs,
+)
+_UNARY_METHODS = (
+    "relu",
+    "relu_",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "clone",
+    "contiguous",
+    "clamp",
+    "clamp_",
+    "clamp_min",
+    "neg",
+    "abs",
+    "float",
+    "half",
+    "bfloat16",
+    "to",
+    "type_as",
+    "detach",
+)
+_UNARY_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Mish,
+    nn.Hardtanh,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Identity,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Upsample,
+)
+_BINARY = (
+    operator.add,
+    operator.iadd,
+    operator.sub,
+    operator.isub,
+    operator.mul,
+    operator.imul,
+    operator.truediv,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.maximum,
+    torch.minimum,
+    "add",
+    "add_",
+    "sub",
+    "sub_",
+    "mul",
+    "mul_",
+    "div",
+    "div_",
+)
+
+#: Rules for call_function targets and call_method names.
+COUPLING: dict[Any, Callable[[_Analysis, fx.Node], Any]] = {
+    **{op: same_channels for op in _UNARY_FUNCTIONS + _UNARY_METHODS},
+    **{op: elementwise for op in _BINARY},
+    torch.cat: concat,  # offsets along channels, union along batch
+    torch.concat: concat,
+    torch.split: split,  # labels sliced by the split sizes
+    "split": split,
+    torch.chunk: split,
+    "chunk": split,
+    operator.getitem: getitem,  # tuple element, or a channel slice with step 1
+    F.pad: pad,  # zero channels on the channel dim become prunable pad units
+    torch.flatten: flatten,  # flatten(x, 1): each channel becomes H*W features
+    "flatten": flatten,
+    "view": reshape,  # only when the batch dim is kept and channels map to blocks
+    "reshape": reshape,
+    torch.reshape: reshape,
+    torch.mean: reduce_spatial,  # over spatial dims only
+    "mean": reduce_spatial,
+    torch.sum: reduce_spatial,
+    "sum": reduce_spatial,
+    "amax": reduce_spatial,
+    torch.amax: reduce_spatial,
+    "permute": keeps_leading_dims,
+    "transpose": keeps_leading_dims,
+    "unsqueeze": keeps_leading_dims,
+    "squeeze": keeps_leading_dims,
+    torch.unsqueeze: keeps_leading_dims,
+    torch.squeeze: keeps_leading_dims,
+    "size": no_channels,  # shapes, not tensors
+    "dim": no_channels,
+    getattr: no_channels,
+}
+
+#: Rules for call_module nodes, keyed by module type (matched with isinstance, first hit wins).
+MODULE_COUPLING: dict[type[nn.Module], Callable[[_Analysis, fx.Node], Any]] = {
+    nn.Conv1d: conv,
+    nn.Conv2d: conv,
+    nn.Conv3d: conv,
+    nn.Linear: linear,
+    nn.BatchNorm1d: norm_layer,
+    nn.BatchNorm2d: norm_layer,
+    nn.BatchNorm3d: norm_layer,
+    nn.InstanceNorm2d: norm_layer,
+    nn.GroupNorm: group_norm,
+    nn.LayerNorm: layer_norm,
+    nn.Flatten: flatten,
+    **{m: same_channels for m in _UNARY_MODULES},
+}
+
+
+def _rule_for(a: _Analysis, node: fx.Node) -> Callable[[_Analysis, fx.Node], Any] | None:
+    if node.op == "call_module":
+        mod = a.module(node)
+        for cls, rule in MODULE_COUPLING.items():
+            if type(mod) is cls:
+                return rule
+        return None
+    try:
+        return COUPLING.get(node.target)
+    except TypeError:  # unhashable target
+        return None
