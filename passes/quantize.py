@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import time
 import types
@@ -263,14 +264,18 @@ def _prepare_fx(model: nn.Module, example: torch.Tensor, qat: bool) -> fx.GraphM
 
 
 def _prepare_pt2e(model: nn.Module, example: torch.Tensor, qat: bool) -> fx.GraphModule:
+    pytree_log = logging.getLogger("torch.utils._pytree")  # torchao's import-time notice
+    level = pytree_log.level
+    pytree_log.setLevel(logging.ERROR)
     try:
-        from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
-
         from ehap_fx.passes._ort_quantizer import OrtQuantizer
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
     except ImportError as e:
         raise QuantizeError(
             f"backend='pt2e' needs torchao ({e}); pip install 'ehap-fx[quant]' or use backend='fx'"
         ) from e
+    finally:
+        pytree_log.setLevel(level)
     batch = torch.export.Dim("batch", min=1, max=65536)
     exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     fn = prepare_qat_pt2e if qat else prepare_pt2e

@@ -1,0 +1,227 @@
+"""INT8 ONNX export, verified in onnxruntime, for pruned ResNet-20 option A and option B.
+
+Pipeline under test (both backends)::
+
+    get_model ─▶ trace ─▶ group_channels ─▶ shrink(random 50% plan) ─▶ fp32 fine-tune
+      ─▶ quantize(QAT, a few steps) ─▶ export(ONNX, dynamic batch) ─▶ onnxruntime check
+
+The fp32 models are fine-tuned on *synthetic* data (a fixed template per class plus noise) so
+that their logits have real margins: argmax agreement is only meaningful on a model that
+decides something. The real-data accuracy checks (pretrained ResNet-56, CIFAR-10 test) are
+marked slow and skip when ``../shared`` is absent.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from ehap_fx.data import CifarData
+from ehap_fx.errors import QuantizeError
+from ehap_fx.models import get_model, normalization, pretrained_model
+from ehap_fx.passes.export import (
+    ExportOptions,
+    QuantizeWarning,
+    export,
+    export_onnx,
+    output_step,
+    session,
+)
+from ehap_fx.passes.group import group_channels
+from ehap_fx.passes.mask import random_plan
+from ehap_fx.passes.quantize import QuantizeOptions, QuantizeResult, quantize
+from ehap_fx.passes.shrink import shrink
+from ehap_fx.passes.trace import trace
+from ehap_fx.train import FinetuneOptions, evaluate, finetune
+
+X = torch.randn(2, 3, 32, 32)
+CONVS = {"resnet20": 19, "resnet20-b": 21}  # option B adds two 1x1 shortcut convs
+
+
+def easy_synthetic(n: int, seed: int) -> CifarData:
+    """CIFAR-shaped synthetic data: class template (fixed) + uniform noise in [-16, 16]."""
+    templates = torch.randint(0, 256, (10, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    noise = torch.randint(-16, 17, (n, 3, 32, 32), generator=g)
+    images = (templates[labels] + noise).clamp(0, 255).to(torch.uint8)
+    return CifarData(images, labels, tuple(f"class_{i}" for i in range(10)), "synthetic",
+                     "train", synthetic=True)
+
+
+TRAIN, TEST = easy_synthetic(256, seed=1), easy_synthetic(512, seed=2)
+TEST_X = next(iter(TEST.loader(512)))[0]
+
+
+@pytest.fixture(scope="module", params=["resnet20", "resnet20-b"])
+def pruned(request):
+    """A ResNet-20 (A or B) with half its channels removed, fine-tuned in fp32 (24 steps)."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(get_model(request.param), X)).graph_module
+    gm = shrink(gm, random_plan(gm, 0.5, torch.Generator().manual_seed(0))).graph_module
+    finetune(gm, TRAIN.loader(32, shuffle=True), FinetuneOptions(epochs=3, lr=0.1, progress=False))
+    assert evaluate(gm, TEST.loader(256)) > 95.0
+    return request.param, gm.eval()
+
+
+def conv_channels(gm) -> list[tuple[int, int]]:
+    return [(m.in_channels, m.out_channels) for m in gm.modules()
+            if isinstance(m, torch.nn.Conv2d)]
+
+
+# PT2E prepare/convert cost minutes on 2 busy cores (torchao's pattern rewrites); the fast
+# PT2E export check is test_pt2e_export_small below.
+@pytest.mark.parametrize("backend", ["fx", pytest.param("pt2e", marks=pytest.mark.slow)])
+def test_qat_export_runs_int8_in_onnxruntime(pruned, backend, tmp_path):
+    if backend == "pt2e":
+        pytest.importorskip("torchao")
+    name, gm = pruned
+    q = quantize(gm, X, TRAIN.loader(32, shuffle=True),
+                 QuantizeOptions(backend=backend, max_steps=2, lr=1e-3))
+    assert q.steps == 2
+    report = export(q, X, tmp_path / "model_int8.onnx", inputs=TEST_X, float_model=gm)
+
+    # every conv of the pruned graph runs as QLinearConv, with the pruned channel counts
+    assert len(report.convs) == CONVS[name]
+    assert report.quantized_conv_fraction == 1.0
+    assert sorted((c.in_channels, c.out_channels) for c in report.convs) == sorted(
+        conv_channels(gm))
+    assert report.op_counts["QLinearAdd"] == 9 and report.op_counts["QGemm"] == 1
+    # ORT matches the PyTorch INT8 model on 512 inputs, at batch 128 and batch 1
+    assert report.n_inputs == 512 and report.batch_sizes == (1, 128)
+    assert report.argmax_agreement >= 0.99
+    assert report.output_step is not None and report.max_diff_steps <= 8
+    # weights in int8: well under the fp32 file
+    assert report.size_ratio > 1.2
+    # the batch axis is dynamic: odd batch sizes run and agree row by row
+    sess = session(report.path)
+    a = sess.run(None, {"input": TEST_X[:7].numpy()})[0]
+    b = sess.run(None, {"input": TEST_X[:3].numpy()})[0]
+    np.testing.assert_allclose(a[:3], b, atol=1e-6)
+
+
+def test_ptq_export_agrees(pruned, tmp_path):
+    name, gm = pruned
+    q = quantize(gm, X, TRAIN.loader(64), QuantizeOptions(mode="ptq", calibration_batches=4))
+    report = export(q, X, tmp_path / "ptq.onnx", inputs=TEST_X)
+    assert report.fp32_bytes is None and report.quantized_conv_fraction == 1.0
+    assert report.argmax_agreement >= 0.99
+    assert evaluate(q.graph_module, TEST.loader(256)) > 95.0
+
+
+def test_pt2e_export_small(tmp_path):
+    """PT2E on a one-block residual net: every conv fused, dynamic batch, ORT == PyTorch."""
+    pytest.importorskip("torchao")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16),
+                              torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1),
+                              torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(16, 10))
+    q = quantize(net, X, TRAIN.loader(64), QuantizeOptions(backend="pt2e", max_steps=2))
+    report = export(q, X, tmp_path / "small_pt2e.onnx", inputs=TEST_X[:256], float_model=net)
+    assert [(c.op_type, c.in_channels, c.out_channels) for c in report.convs] == [
+        ("QLinearConv", 3, 16), ("QLinearConv", 16, 16)]
+    assert report.batch_sizes == (1, 128) and report.op_counts.get("QGemm") == 1
+    assert report.max_diff_steps <= 2
+
+
+def test_float_convs_are_reported_with_a_warning(tmp_path):
+    gm = trace(get_model("resnet20"), X).eval()
+    not_quantized = QuantizeResult(gm, backend="fx", mode="ptq")
+    with pytest.warns(QuantizeWarning, match="19 of 19 convs stay float"):
+        report = export(not_quantized, X, tmp_path / "float.onnx")
+    assert report.quantized_conv_fraction == 0.0
+    assert {c.op_type for c in report.convs} <= {"Conv", "FusedConv"}
+    assert report.convs[0].in_channels == 3 and report.convs[0].out_channels == 16
+    assert report.output_step is None  # a float output has no quantization step
+
+
+def test_export_error_names_the_model(tmp_path):
+    class Bad(torch.nn.Module):
+        def forward(self, x):
+            return x.numpy()  # not exportable
+
+    with pytest.raises(QuantizeError, match="ONNX export of Bad"):
+        export_onnx(Bad(), X, tmp_path / "bad.onnx", dynamo=False)
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+@pytest.mark.parametrize(("field", "value"), [("opset", 11), ("batch_size", 1), ("threads", 0),
+                                              ("min_quantized_convs", 2.0)])
+def test_export_options_name_the_bad_value(field, value):
+    with pytest.raises(ValueError, match=f"{field}={value}"):
+        ExportOptions(**{field: value})
+
+
+def test_output_step_reads_the_last_dequantize():
+    import onnx
+    from onnx import TensorProto, helper
+
+    scale = helper.make_tensor("s", TensorProto.FLOAT, [], [0.25])
+    zp = helper.make_tensor("z", TensorProto.UINT8, [], [3])
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["q", "s", "z"], ["logits"])], "g",
+        [helper.make_tensor_value_info("q", TensorProto.UINT8, [1, 10])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], [scale, zp])
+    assert output_step(helper.make_model(graph)) == 0.25
+    assert isinstance(onnx.checker.check_model(helper.make_model(graph)), type(None))
+
+
+# ---------------------------------------------------------------------------------------------
+# Real data: pretrained ResNet-56 on the (JPEG re-encoded) CIFAR-10 test set
+# ---------------------------------------------------------------------------------------------
+
+
+def _real(cifar10_root, weights_dir):
+    from ehap_fx.data import load_cifar
+
+    model = pretrained_model("resnet56", weights_dir)
+    norm = normalization("resnet56")
+    train, test = load_cifar(cifar10_root, split="train"), load_cifar(cifar10_root, split="test")
+    return model, train, test, norm
+
+
+def _onnx_top1(path, test, norm) -> float:
+    sess = session(path)
+    correct = 0
+    for x, y in test.loader(500, normalization=norm):
+        correct += int((sess.run(None, {"input": x.numpy()})[0].argmax(1) == y.numpy()).sum())
+    return 100.0 * correct / len(test)
+
+
+@pytest.mark.slow
+def test_resnet56_ptq_within_1pt(cifar10_root, weights_dir, tmp_path):
+    model, train, test, norm = _real(cifar10_root, weights_dir)
+    fp32 = evaluate(model, test.loader(500, normalization=norm))
+    q = quantize(model, X, train.loader(128, shuffle=True, normalization=norm),
+                 QuantizeOptions(mode="ptq", calibration_batches=16))
+    report = export(q, X, tmp_path / "r56_ptq.onnx", inputs=next(iter(test.loader(
+        512, normalization=norm)))[0], float_model=model)
+    int8 = _onnx_top1(report.path, test, norm)
+    print(f"\nresnet56 PTQ: fp32 {fp32:.2f}%, int8 (ORT) {int8:.2f}%\n{report.summary()}")
+    assert report.quantized_conv_fraction == 1.0 and report.argmax_agreement >= 0.99
+    assert int8 >= fp32 - 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["fx", "pt2e"])
+def test_resnet56_short_qat_within_half_pt(cifar10_root, weights_dir, tmp_path, backend):
+    if backend == "pt2e":
+        pytest.importorskip("torchao")
+    model, train, test, norm = _real(cifar10_root, weights_dir)
+    fp32 = evaluate(model, test.loader(500, normalization=norm))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", QuantizeWarning)
+        q = quantize(model, X, train.loader(128, shuffle=True, augment=True, normalization=norm),
+                     QuantizeOptions(backend=backend, max_steps=100, lr=1e-3))
+        report = export(q, X, tmp_path / f"r56_qat_{backend}.onnx", inputs=next(iter(
+            test.loader(512, normalization=norm)))[0], float_model=model)
+    int8 = _onnx_top1(report.path, test, norm)
+    print(f"\nresnet56 QAT {backend} ({q.steps} steps, {q.seconds:.0f} s): fp32 {fp32:.2f}%, "
+          f"int8 (ORT) {int8:.2f}%\n{report.summary()}")
+    assert report.argmax_agreement >= 0.99
+    assert int8 >= fp32 - 0.5

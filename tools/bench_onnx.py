@@ -1,0 +1,206 @@
+"""onnxruntime CPU speed of dense vs pruned, fp32 vs INT8 ResNet-56, side by side in one run.
+
+Builds, from the pretrained ResNet-56 (``../shared/weights``; random init when absent):
+
+* dense fp32, dense INT8 (PTQ, or ``--qat-steps`` of QAT),
+* pruned fp32 / INT8 for each ``--round-to``: ``trace -> group_channels -> select_plan``
+  (L1 magnitude, ``Target(macs=--macs, round_to=...)``) ``-> shrink``, optionally
+  fine-tuned (``--finetune-steps``) before quantization.
+
+Then times every ONNX file in onnxruntime (``--threads`` intra-op threads) at batch 1 and
+``--batch``, the models interleaved round by round so machine noise hits all alike, and prints
+median latency, throughput and the ratio to dense fp32; then, for each INT8 model, which
+convs onnxruntime runs as QLinearConv and their channel counts; with CIFAR-10 test top-1 of
+every model (in onnxruntime) when ``../shared/data`` is present.
+
+    python tools/bench_onnx.py [--rounds 20] [--round-to 8 16] [--macs 0.5] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ehap_fx.models import get_model, normalization, pretrained_model
+from ehap_fx.passes.cost import total_cost
+from ehap_fx.passes.export import ExportReport, export, export_onnx, session
+from ehap_fx.passes.group import group_channels
+from ehap_fx.passes.quantize import QuantizeOptions, quantize
+from ehap_fx.passes.shrink import shrink
+from ehap_fx.passes.trace import trace
+from ehap_fx.target import Target, magnitude_scores, select_plan
+from ehap_fx.train import FinetuneOptions, finetune
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+X = torch.randn(2, 3, 32, 32)
+
+
+@dataclass
+class Entry:
+    name: str
+    path: Path
+    macs: int
+    report: ExportReport | None = None
+    top1: float | None = None
+
+
+def load_data(data_dir: Path):
+    from ehap_fx.data import load_cifar, synthetic_cifar
+
+    if (data_dir / "cifar-10-batches-py" / "test_batch").exists():
+        return load_cifar(data_dir, split="train"), load_cifar(data_dir, split="test")
+    print(f"CIFAR-10 not found under {data_dir}: SYNTHETIC data for calibration, no accuracy")
+    return synthetic_cifar(2048, seed=0), None
+
+
+def base_model(weights_dir: Path):
+    try:
+        return pretrained_model("resnet56", weights_dir), "pretrained"
+    except Exception as e:  # no weights: still a valid speed benchmark
+        print(f"pretrained ResNet-56 unavailable ({e}); RANDOM weights (speed only)")
+        return get_model("resnet56").eval(), "random"
+
+
+def pruned_model(gm, macs: float, round_to: int, train, args, norm):
+    plan = select_plan(gm, magnitude_scores(gm), Target(macs=macs, round_to=round_to))
+    small = shrink(gm, plan).graph_module
+    if args.finetune_steps:
+        finetune(small, train.loader(128, shuffle=True, augment=True, normalization=norm),
+                 FinetuneOptions(max_steps=args.finetune_steps, lr=0.01, progress=False))
+    return small.eval()
+
+
+def int8(model, train, args, norm, path: Path, inputs, backend: str) -> ExportReport:
+    mode = "qat" if args.qat_steps else "ptq"
+    opts = QuantizeOptions(backend=backend, mode=mode, max_steps=args.qat_steps or None,
+                           calibration_batches=args.calibration_batches)
+    loader = train.loader(128, shuffle=True, augment=mode == "qat", normalization=norm)
+    q = quantize(model, X, loader, opts)
+    return export(q, X, path, inputs=inputs)
+
+
+def time_models(entries: list[Entry], batch: int, rounds: int, threads: int) -> dict:
+    """Median seconds per run for each entry and batch size, interleaved across entries."""
+    sessions = {e.name: session(e.path, threads=threads) for e in entries}
+    feeds = {b: {"input": np.random.default_rng(0).standard_normal((b, 3, 32, 32), np.float32)}
+             for b in (1, batch)}
+    times = {(e.name, b): [] for e in entries for b in feeds}
+    for b, feed in feeds.items():
+        for s in sessions.values():  # warm-up
+            for _ in range(3):
+                s.run(None, feed)
+        reps = 20 if b == 1 else 1
+        for _ in range(rounds):
+            for name, s in sessions.items():
+                t = time.perf_counter()
+                for _ in range(reps):
+                    s.run(None, feed)
+                times[(name, b)].append((time.perf_counter() - t) / reps)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def onnx_top1(path: Path, test, norm, threads: int) -> float:
+    s = session(path, threads=threads)
+    correct = 0
+    for x, y in test.loader(500, normalization=norm):
+        correct += int((s.run(None, {"input": x.numpy()})[0].argmax(1) == y.numpy()).sum())
+    return 100.0 * correct / len(test)
+
+
+def print_table(entries: list[Entry], med: dict, batch: int) -> None:
+    base1, baseb = med[(entries[0].name, 1)], med[(entries[0].name, batch)]
+    dense_macs = entries[0].macs
+    print(f"\n| model | MACs | top-1 % | b=1 ms | b=1 speed-up | b={batch} ms | img/s | "
+          f"b={batch} speed-up | QLinearConv |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for e in entries:
+        l1, lb = med[(e.name, 1)], med[(e.name, batch)]
+        top1 = f"{e.top1:.2f}" if e.top1 is not None else "n/a"
+        convs = (f"{sum(c.quantized for c in e.report.convs)}/{len(e.report.convs)}"
+                 if e.report else "-")
+        print(f"| {e.name} | {e.macs / dense_macs:.2f} | {top1} | {1e3 * l1:.2f} | "
+              f"{base1 / l1:.2f}x | {1e3 * lb:.1f} | {batch / lb:.0f} | {baseb / lb:.2f}x | "
+              f"{convs} |")
+
+
+def print_convs(entries: list[Entry]) -> None:
+    for e in entries:
+        if e.report is None:
+            continue
+        print(f"\nper-conv kernels, {e.name}:")
+        widths = [f"{c.in_channels}->{c.out_channels}{'' if c.quantized else '(' + c.op_type + ')'}"
+                  for c in e.report.convs]
+        for i in range(0, len(widths), 12):
+            print("  " + " ".join(widths[i:i + 12]))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--macs", type=float, default=0.5)
+    ap.add_argument("--round-to", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--backend", choices=("fx", "pt2e"), nargs="+", default=["fx"])
+    ap.add_argument("--qat-steps", type=int, default=0, help="0: post-training quantization")
+    ap.add_argument("--calibration-batches", type=int, default=16)
+    ap.add_argument("--finetune-steps", type=int, default=0)
+    ap.add_argument("--data", type=Path, default=SHARED / "data")
+    ap.add_argument("--weights", type=Path, default=SHARED / "weights")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench_onnx_"))
+    out.mkdir(parents=True, exist_ok=True)
+    train, test = load_data(args.data)
+    model, source = base_model(args.weights)
+    norm = normalization("resnet56")
+    inputs = next(iter((test or train).loader(512, normalization=norm)))[0]
+    gm = group_channels(trace(model, X)).graph_module
+    entries = [Entry("dense fp32", export_onnx(model, X, out / "dense_fp32.onnx", dynamo=False),
+                     total_cost(gm).macs)]
+    for b in args.backend:
+        path = out / f"dense_int8_{b}.onnx"
+        entries.append(Entry(f"dense int8 {b}", path, entries[0].macs,
+                             int8(gm, train, args, norm, path, inputs, b)))
+    for r in args.round_to:
+        small = pruned_model(gm, args.macs, r, train, args, norm)
+        macs = total_cost(small).macs
+        entries.append(Entry(f"pruned r{r} fp32", export_onnx(small, X, out / f"pruned{r}_fp32.onnx",
+                                                             dynamo=False), macs))
+        for b in args.backend:
+            path = out / f"pruned{r}_int8_{b}.onnx"
+            entries.append(Entry(f"pruned r{r} int8 {b}", path, macs,
+                                 int8(small, train, args, norm, path, inputs, b)))
+    if test is not None:
+        for e in entries:
+            e.top1 = onnx_top1(e.path, test, norm, args.threads)
+    med = time_models(entries, args.batch, args.rounds, args.threads)
+    quant = f"{'/'.join(args.backend)} {'QAT %d steps' % args.qat_steps if args.qat_steps else 'PTQ'}"
+    print(f"\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
+          f"onnxruntime {__import__('onnxruntime').__version__}, {args.threads} threads; "
+          f"ResNet-56 ({source} weights), INT8 = {quant}, pruned = L1 select_plan to "
+          f"{args.macs} MACs (fine-tune {args.finetune_steps} steps); median of {args.rounds} "
+          f"interleaved rounds; speed-up = dense fp32 latency / model latency")
+    print_table(entries, med, args.batch)
+    print_convs(entries)
+    for e in entries:
+        if e.report is not None:
+            print(f"\n{e.name}: {e.report.summary()}")
+    print(f"\nONNX files in {out}")
+
+
+if __name__ == "__main__":
+    main()
