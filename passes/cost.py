@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from ehap_fx.passes.group import ChannelSlots, groups_of
+from ehap_fx.passes.group import KeptChannels, groups_of
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.shape_prop import TensorMetadata
@@ -178,21 +178,16 @@ def plan_cost(gm: fx.GraphModule, keep_masks: list[torch.Tensor]) -> Cost:
     Exact for every op this module counts: the same formulas, evaluated at the kept channel
     counts read from each node's ``ChannelSlots``. Used to choose a plan without shrinking.
     """
-    groups = groups_of(gm)
-    flat = torch.cat(keep_masks)
-    sizes = torch.tensor([g.size for g in groups])
-    offset = torch.cumsum(sizes, 0) - sizes
+    kept = KeptChannels(groups_of(gm), keep_masks)
 
-    def kept(node: fx.Node) -> int:
-        slots = node.meta.get(_meta.CHANNELS)
-        if isinstance(slots, ChannelSlots):
-            return int(flat[offset[slots.group] + slots.index].sum())
-        return _channels(node)
+    def count(node: fx.Node) -> int:
+        n = kept.count(node)
+        return _channels(node) if n is None else n
 
     seen: set[str] = set()
     total = Cost(0, 0)
     for node in gm.graph.nodes:
-        c = _node_cost(gm, node, seen, kept)
+        c = _node_cost(gm, node, seen, count)
         if c is not None:
             total = Cost(total.macs + c.macs, total.params + c.params)
     return total

@@ -129,6 +129,33 @@ def producer_slices(group: ChannelGroup) -> Iterator[tuple[str, torch.Tensor]]:
             yield m.module, m.index
 
 
+class KeptChannels:
+    """Which channels of any node survive, given one boolean keep-mask per group.
+
+    ``of(slots)`` maps a node's ``ChannelSlots`` to its ``(C,)`` keep-mask; ``mask(node)`` and
+    ``count(node)`` read the slots from the node (nodes without slots keep all channels).
+    """
+
+    def __init__(self, groups: ChannelGroups, masks: Sequence[torch.Tensor]):
+        self.flat = torch.cat(list(masks)) if len(masks) else torch.ones(0, dtype=torch.bool)
+        sizes = torch.tensor([g.size for g in groups], dtype=torch.long)
+        self.offset = torch.cumsum(sizes, 0) - sizes
+
+    def of(self, slots: ChannelSlots) -> torch.Tensor:
+        return self.flat[self.offset[slots.group] + slots.index]
+
+    def mask(self, node: fx.Node) -> torch.Tensor:
+        slots = node.meta.get(_meta.CHANNELS)
+        if not isinstance(slots, ChannelSlots):
+            raise GroupError(f"{node.format_node()}: no channel slots; rerun group_channels")
+        return self.of(slots)
+
+    def count(self, node: fx.Node) -> int | None:
+        """Kept channels of the node's output, or None when it carries no channel slots."""
+        slots = node.meta.get(_meta.CHANNELS)
+        return int(self.of(slots).sum()) if isinstance(slots, ChannelSlots) else None
+
+
 def groups_of(gm: fx.GraphModule) -> ChannelGroups:
     """The groups computed by ``group_channels``; raises if the pass has not run."""
     groups = gm.meta.get(_meta.GROUPS)

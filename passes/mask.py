@@ -12,8 +12,8 @@ import copy
 import operator
 
 import torch
-from ehap_fx.passes.group import ChannelSlots, groups_of
-from ehap_fx.passes.shrink import PrunePlan, _Keep
+from ehap_fx.passes.group import ChannelSlots, KeptChannels, groups_of
+from ehap_fx.passes.shrink import PrunePlan
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
@@ -28,7 +28,7 @@ def mask_channels(gm: fx.GraphModule, plan: PrunePlan) -> PassResult:
     groups = groups_of(gm)
     plan.validate(groups)
     out = copy.deepcopy(gm)
-    keep = _Keep(groups, plan)
+    keep = KeptChannels(groups, plan.masks(groups))
     count = 0
     for node in list(out.graph.nodes):
         slots = node.meta.get(_meta.CHANNELS)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from ehap_fx.passes.group import ChannelGroups, ChannelSlots, group_channels, groups_of
+from ehap_fx.passes.group import ChannelGroups, KeptChannels, group_channels, groups_of
 from ehap_fx.passes.trace import refresh_shapes
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
@@ -71,23 +71,14 @@ class PrunePlan:
         return out
 
 
-class _Keep:
-    """Looks up the keep-mask of any node's output channels from its ChannelSlots."""
+class _Keep(KeptChannels):
+    """A ``KeptChannels`` that is called on a node, as the rewrite rules want it."""
 
     def __init__(self, groups: ChannelGroups, plan: PrunePlan):
-        masks = plan.masks(groups)
-        self.flat = torch.cat(masks) if masks else torch.ones(0, dtype=torch.bool)
-        sizes = torch.tensor([len(m) for m in masks], dtype=torch.long)
-        self.offset = torch.cumsum(sizes, 0) - sizes
-
-    def of(self, slots: ChannelSlots) -> torch.Tensor:
-        return self.flat[self.offset[slots.group] + slots.index]
+        super().__init__(groups, plan.masks(groups))
 
     def __call__(self, node: fx.Node) -> torch.Tensor:
-        slots = node.meta.get(_meta.CHANNELS)
-        if not isinstance(slots, ChannelSlots):
-            raise ShrinkError(f"{node.format_node()}: no channel slots; rerun group_channels")
-        return self.of(slots)
+        return self.mask(node)
 
 
 # ---------------------------------------------------------------------------------------------
