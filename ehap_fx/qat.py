@@ -73,9 +73,15 @@ def freeze_observers(prepared: nn.Module, backend: str) -> None:
 
 def qat_finetune(prepared: nn.Module, loader: Iterable[Any], options) -> FinetuneResult:
     """Fine-tune a prepared QAT graph in place (``options``: ``passes.quantize.QuantizeOptions``)."""
-    ft = FinetuneOptions(epochs=options.epochs, lr=options.lr, momentum=options.momentum,
-                         nesterov=options.momentum > 0, weight_decay=options.weight_decay,
-                         max_steps=options.max_steps, progress=options.progress)
+    ft = FinetuneOptions(
+        epochs=options.epochs,
+        lr=options.lr,
+        momentum=options.momentum,
+        nesterov=options.momentum > 0,
+        weight_decay=options.weight_decay,
+        max_steps=options.max_steps,
+        progress=options.progress,
+    )
     try:
         steps = total_steps(loader, ft)
     except TypeError as e:
@@ -84,8 +90,8 @@ def qat_finetune(prepared: nn.Module, loader: Iterable[Any], options) -> Finetun
     actions: dict[int, list[Callable[[], None]]] = {}
     if bn_at is not None:
         actions.setdefault(bn_at, []).append(lambda: freeze_bn_stats(prepared, options.backend))
-    if obs_at is not None:
-        actions.setdefault(obs_at, []).append(lambda: freeze_observers(prepared, options.backend))
+    if obs_at is not None:  # observers must see one batch first, or their scales stay empty
+        actions.setdefault(max(1, obs_at), []).append(lambda: freeze_observers(prepared, options.backend))
     from ehap_fx.passes.quantize import quiet_quantization_warnings
 
     with quiet_quantization_warnings():

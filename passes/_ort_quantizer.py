@@ -42,18 +42,30 @@ def activation_spec(qat: bool) -> QuantizationSpec:
     """Per-tensor affine uint8 (0..255): fake-quantized for QAT, a histogram for PTQ."""
     ctr = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver) if qat else HistogramObserver
     return QuantizationSpec(
-        dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=torch.per_tensor_affine,
-        is_dynamic=False, observer_or_fake_quant_ctr=ctr,
+        dtype=torch.uint8,
+        quant_min=0,
+        quant_max=255,
+        qscheme=torch.per_tensor_affine,
+        is_dynamic=False,
+        observer_or_fake_quant_ctr=ctr,
     )
 
 
 def weight_spec(qat: bool) -> QuantizationSpec:
     """Per-output-channel symmetric int8 (-128..127, axis 0)."""
-    ctr = (FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver) if qat
-           else PerChannelMinMaxObserver)
+    ctr = (
+        FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver)
+        if qat
+        else PerChannelMinMaxObserver
+    )
     return QuantizationSpec(
-        dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_channel_symmetric,
-        ch_axis=0, is_dynamic=False, observer_or_fake_quant_ctr=ctr,
+        dtype=torch.int8,
+        quant_min=-128,
+        quant_max=127,
+        qscheme=torch.per_channel_symmetric,
+        ch_axis=0,
+        is_dynamic=False,
+        observer_or_fake_quant_ctr=ctr,
     )
 
 
@@ -83,7 +95,8 @@ class OrtQuantizer(Quantizer):
         chain = _follow(chain[-1], RELU, chain)
         _mark(chain[1:])
         node.meta[_KEY] = QuantizationAnnotation(
-            input_qspec_map={x: self.act, w: self.weight}, _annotated=True,
+            input_qspec_map={x: self.act, w: self.weight},
+            _annotated=True,
             output_qspec=self.act if len(chain) == 1 else None,
         )
         if len(chain) > 1:
@@ -94,7 +107,8 @@ class OrtQuantizer(Quantizer):
         chain = _follow(node, RELU)
         _mark(chain[1:])
         node.meta[_KEY] = QuantizationAnnotation(
-            input_qspec_map={a: self.act, b: self.act}, _annotated=True,
+            input_qspec_map={a: self.act, b: self.act},
+            _annotated=True,
             output_qspec=self.act if len(chain) == 1 else None,
         )
         if len(chain) > 1:
@@ -121,5 +135,4 @@ def _is_float_activation(node: Node) -> bool:
     if not all(isinstance(a, Node) for a in args):
         return False
     vals = [a.meta.get("val") for a in args]
-    return all(isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() >= 2
-               for v in vals)
+    return all(isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() >= 2 for v in vals)

@@ -25,14 +25,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ehap_fx.passes.quantize import QuantizeResult, quiet_quantization_warnings
 from torch import nn
 
 from ehap_fx.errors import QuantizeError
-from ehap_fx.passes.quantize import QuantizeResult, quiet_quantization_warnings
 
 INPUT, OUTPUT = "input", "logits"
-QUANTIZED_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "MatMulInteger",
-                     "ConvInteger", "QLinearGlobalAveragePool", "QLinearConcat", "QLinearMul")
+QUANTIZED_KERNELS = (
+    "QLinearConv",
+    "QLinearMatMul",
+    "QGemm",
+    "QLinearAdd",
+    "MatMulInteger",
+    "ConvInteger",
+    "QLinearGlobalAveragePool",
+    "QLinearConcat",
+    "QLinearMul",
+)
 FLOAT_CONVS = ("Conv", "FusedConv", "NchwcConv")
 
 
@@ -109,18 +118,24 @@ class ExportReport:
 
     def summary(self) -> str:
         q = sum(c.quantized for c in self.convs)
-        kernels = ", ".join(f"{k} {v}" for k, v in sorted(self.op_counts.items())
-                            if k in QUANTIZED_KERNELS)
-        lines = [f"{self.path} ({self.backend}, opset {self.opset}): "
-                 f"{q}/{len(self.convs)} convs QLinearConv; {kernels}",
-                 f"  size {self.int8_bytes / 1024:.1f} KiB int8"
-                 + (f" vs {self.fp32_bytes / 1024:.1f} KiB fp32 ({self.size_ratio:.2f}x smaller)"
-                    if self.fp32_bytes else "")]
+        kernels = ", ".join(f"{k} {v}" for k, v in sorted(self.op_counts.items()) if k in QUANTIZED_KERNELS)
+        lines = [
+            f"{self.path} ({self.backend}, opset {self.opset}): "
+            f"{q}/{len(self.convs)} convs QLinearConv; {kernels}",
+            f"  size {self.int8_bytes / 1024:.1f} KiB int8"
+            + (
+                f" vs {self.fp32_bytes / 1024:.1f} KiB fp32 ({self.size_ratio:.2f}x smaller)"
+                if self.fp32_bytes
+                else ""
+            ),
+        ]
         if self.n_inputs:
             steps = f" = {self.max_diff_steps:.2f} output steps" if self.output_step else ""
-            lines.append(f"  vs PyTorch INT8 on {self.n_inputs} inputs (batches "
-                         f"{self.batch_sizes}): argmax agreement {100 * self.argmax_agreement:.2f}%,"
-                         f" max |diff| {self.max_abs_diff:.4g}{steps}")
+            lines.append(
+                f"  vs PyTorch INT8 on {self.n_inputs} inputs (batches "
+                f"{self.batch_sizes}): argmax agreement {100 * self.argmax_agreement:.2f}%,"
+                f" max |diff| {self.max_abs_diff:.4g}{steps}"
+            )
         return "\n".join(lines)
 
 
@@ -129,8 +144,9 @@ class ExportReport:
 # ---------------------------------------------------------------------------------------------
 
 
-def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path, *,
-                dynamo: bool, opset: int = 17) -> Path:
+def export_onnx(
+    model: nn.Module, example_input: torch.Tensor, path: str | Path, *, dynamo: bool, opset: int = 17
+) -> Path:
     """Write ``model`` to ONNX with a dynamic batch axis (input ``input``, output ``logits``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,15 +156,23 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
             if dynamo:
                 _export_dynamo(model, example_input, tmp, opset)
             else:
-                torch.onnx.export(model, (example_input,), str(tmp), dynamo=False,
-                                  opset_version=opset, input_names=[INPUT], output_names=[OUTPUT],
-                                  dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+                torch.onnx.export(
+                    model,
+                    (example_input,),
+                    str(tmp),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=[INPUT],
+                    output_names=[OUTPUT],
+                    dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+                )
         os.replace(tmp, path)
     except Exception as e:
         tmp.unlink(missing_ok=True)
         how = "torch.export + dynamo=True" if dynamo else "TorchScript (dynamo=False)"
-        raise QuantizeError(f"ONNX export of {type(model).__name__} via {how} failed: "
-                            f"{type(e).__name__}: {e}") from e
+        raise QuantizeError(
+            f"ONNX export of {type(model).__name__} via {how} failed: {type(e).__name__}: {e}"
+        ) from e
     return path
 
 
@@ -156,9 +180,16 @@ def _export_dynamo(model: nn.Module, example_input: torch.Tensor, path: Path, op
     x = example_input if example_input.shape[0] >= 2 else torch.cat([example_input] * 2)
     batch = torch.export.Dim("batch", min=1, max=65536)
     exported = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
-    torch.onnx.export(exported, f=str(path), dynamo=True, opset_version=max(opset, 18),
-                      input_names=[INPUT], output_names=[OUTPUT], verbose=False,
-                      external_data=False)
+    torch.onnx.export(
+        exported,
+        f=str(path),
+        dynamo=True,
+        opset_version=max(opset, 18),
+        input_names=[INPUT],
+        output_names=[OUTPUT],
+        verbose=False,
+        external_data=False,
+    )
     _strip_metadata(path)
 
 
@@ -187,8 +218,9 @@ def export(
     ``inputs`` (e.g. 512 test images) are compared with the PyTorch INT8 model;
     ``float_model`` is exported next to it as ``<stem>_fp32.onnx`` for the size comparison.
     """
-    path = export_onnx(quantized.graph_module, example_input, path,
-                       dynamo=quantized.backend == "pt2e", opset=options.opset)
+    path = export_onnx(
+        quantized.graph_module, example_input, path, dynamo=quantized.backend == "pt2e", opset=options.opset
+    )
     fp32_bytes = None
     if float_model is not None and options.fp32_reference:
         fp32_path = path.with_name(path.stem + "_fp32.onnx")
@@ -196,8 +228,8 @@ def export(
         export_onnx(float_model, example_input, fp32_path, dynamo=False, opset=options.opset)
         fp32_bytes = fp32_path.stat().st_size
     counts, convs = inspect_optimized(path)
-    report = ExportReport(path, quantized.backend, options.opset, path.stat().st_size, fp32_bytes,
-                          counts, convs)
+    opset = max(options.opset, 18) if quantized.backend == "pt2e" else options.opset
+    report = ExportReport(path, quantized.backend, opset, path.stat().st_size, fp32_bytes, counts, convs)
     _warn_float_convs(report, options.min_quantized_convs)
     if options.verify and inputs is not None:
         report = compare_with_torch(report, quantized.graph_module, inputs, options)
@@ -209,15 +241,19 @@ def export(
 # ---------------------------------------------------------------------------------------------
 
 
-def session(path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None,
-            level: str = "all"):
+def session(
+    path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None, level: str = "all"
+):
     """An onnxruntime CPU session (``level``: "extended" or "all" graph optimisations)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if level == "all"
-                                   else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if level == "all"
+        else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    )
     if threads is not None:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -247,9 +283,13 @@ def conv_table(model) -> tuple[ConvStatus, ...]:
     from onnx import numpy_helper
 
     shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    shapes.update({n.output[0]: tuple(numpy_helper.to_array(n.attribute[0].t).shape)
-                   for n in model.graph.node if n.op_type == "Constant" and n.attribute
-                   and n.attribute[0].name == "value"})
+    shapes.update(
+        {
+            n.output[0]: tuple(numpy_helper.to_array(n.attribute[0].t).shape)
+            for n in model.graph.node
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
+        }
+    )
     out = []
     for node in model.graph.node:
         if node.op_type not in (*FLOAT_CONVS, "QLinearConv", "ConvInteger"):
@@ -271,13 +311,18 @@ def _warn_float_convs(report: ExportReport, minimum: float) -> None:
             f"onnxruntime ({names}{', ...' if len(floats) > 5 else ''}); their Q/DQ pairs "
             "were not fused into QLinearConv, so they run slower than fp32. Check the "
             "quantization backend (try the other one) and the ops around those convs.",
-            QuantizeWarning, stacklevel=3,
+            QuantizeWarning,
+            stacklevel=3,
         )
 
 
 @torch.no_grad()
-def compare_with_torch(report: ExportReport, torch_model: nn.Module, inputs: torch.Tensor,
-                       options: ExportOptions = ExportOptions()) -> ExportReport:
+def compare_with_torch(
+    report: ExportReport,
+    torch_model: nn.Module,
+    inputs: torch.Tensor,
+    options: ExportOptions = ExportOptions(),
+) -> ExportReport:
     """``report`` completed with the ORT vs PyTorch INT8 comparison over ``inputs``.
 
     ORT runs ``inputs`` in batches of ``options.batch_size`` and once more at batch 1, so a
@@ -291,19 +336,30 @@ def compare_with_torch(report: ExportReport, torch_model: nn.Module, inputs: tor
         ort_out = np.concatenate([sess.run(None, {INPUT: c.numpy()})[0] for c in chunks])
         single = sess.run(None, {INPUT: inputs[:1].numpy()})[0]
     except Exception as e:
-        raise QuantizeError(f"onnxruntime could not run {report.path} at batch sizes "
-                            f"{sorted({len(c) for c in chunks} | {1})}: {e}") from e
+        raise QuantizeError(
+            f"onnxruntime could not run {report.path} at batch sizes "
+            f"{sorted({len(c) for c in chunks} | {1})}: {e}"
+        ) from e
     with quiet_quantization_warnings():
         ref = torch.cat([torch_model(c) for c in chunks]).float().numpy()
     if not np.allclose(single[0], ort_out[0], atol=1e-5):
-        raise QuantizeError(f"{report.path}: batch 1 and batch {len(chunks[0])} disagree on "
-                            "input 0; the exported graph mixes samples across the batch")
+        raise QuantizeError(
+            f"{report.path}: batch 1 and batch {len(chunks[0])} disagree on "
+            "input 0; the exported graph mixes samples across the batch"
+        )
     diff = float(np.abs(ort_out - ref).max())
     agree = float((ort_out.argmax(1) == ref.argmax(1)).mean())
     step = output_step(onnx.load(str(report.path)))
-    return ExportReport(**{**report.__dict__, "n_inputs": len(inputs),
-                           "batch_sizes": tuple(sorted({1, *(len(c) for c in chunks)})),
-                           "max_abs_diff": diff, "output_step": step, "argmax_agreement": agree})
+    return ExportReport(
+        **{
+            **report.__dict__,
+            "n_inputs": len(inputs),
+            "batch_sizes": tuple(sorted({1, *(len(c) for c in chunks)})),
+            "max_abs_diff": diff,
+            "output_step": step,
+            "argmax_agreement": agree,
+        }
+    )
 
 
 def output_step(model) -> float | None:
@@ -312,8 +368,9 @@ def output_step(model) -> float | None:
 
     producers = {o: n for n in model.graph.node for o in n.output}
     consts = {t.name: t for t in model.graph.initializer}
-    consts.update({n.output[0]: n.attribute[0].t for n in model.graph.node
-                   if n.op_type == "Constant" and n.attribute})
+    consts.update(
+        {n.output[0]: n.attribute[0].t for n in model.graph.node if n.op_type == "Constant" and n.attribute}
+    )
     name = model.graph.output[0].name
     for _ in range(4):  # walk back through Identity/Reshape-like ops
         node = producers.get(name)

@@ -173,8 +173,9 @@ def quantize(
     else:
         seen = calibrate(prepared, data, options.calibration_batches)
     converted = convert(prepared, options)
-    return QuantizeResult(converted, options.backend, options.mode, steps, losses, seen,
-                          time.perf_counter() - start)
+    return QuantizeResult(
+        converted, options.backend, options.mode, steps, losses, seen, time.perf_counter() - start
+    )
 
 
 def prepare(model: nn.Module, example_input: torch.Tensor, options: QuantizeOptions) -> fx.GraphModule:
@@ -243,10 +244,20 @@ def fx_qconfig_mapping(qat: bool):
         QConfigMapping,
     )
 
-    act_kw = dict(dtype=torch.quint8, qscheme=torch.per_tensor_affine,
-                  quant_min=ACTIVATION_RANGE[0], quant_max=ACTIVATION_RANGE[1], reduce_range=False)
-    w_kw = dict(dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0,
-                quant_min=WEIGHT_RANGE[0], quant_max=WEIGHT_RANGE[1])
+    act_kw = dict(
+        dtype=torch.quint8,
+        qscheme=torch.per_tensor_affine,
+        quant_min=ACTIVATION_RANGE[0],
+        quant_max=ACTIVATION_RANGE[1],
+        reduce_range=False,
+    )
+    w_kw = dict(
+        dtype=torch.qint8,
+        qscheme=torch.per_channel_symmetric,
+        ch_axis=0,
+        quant_min=WEIGHT_RANGE[0],
+        quant_max=WEIGHT_RANGE[1],
+    )
     if qat:
         act = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, **act_kw)
         weight = FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, **w_kw)

@@ -18,10 +18,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
-from ehap_fx.data import CifarData
-from ehap_fx.errors import QuantizeError
-from ehap_fx.models import get_model, normalization, pretrained_model
 from ehap_fx.passes.export import (
     ExportOptions,
     QuantizeWarning,
@@ -35,6 +31,10 @@ from ehap_fx.passes.mask import random_plan
 from ehap_fx.passes.quantize import QuantizeOptions, QuantizeResult, quantize
 from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
+
+from ehap_fx.data import CifarData
+from ehap_fx.errors import QuantizeError
+from ehap_fx.models import get_model, normalization, pretrained_model
 from ehap_fx.train import FinetuneOptions, evaluate, finetune
 
 X = torch.randn(2, 3, 32, 32)
@@ -48,8 +48,9 @@ def easy_synthetic(n: int, seed: int) -> CifarData:
     labels = torch.randint(0, 10, (n,), generator=g)
     noise = torch.randint(-16, 17, (n, 3, 32, 32), generator=g)
     images = (templates[labels] + noise).clamp(0, 255).to(torch.uint8)
-    return CifarData(images, labels, tuple(f"class_{i}" for i in range(10)), "synthetic",
-                     "train", synthetic=True)
+    return CifarData(
+        images, labels, tuple(f"class_{i}" for i in range(10)), "synthetic", "train", synthetic=True
+    )
 
 
 TRAIN, TEST = easy_synthetic(256, seed=1), easy_synthetic(512, seed=2)
@@ -68,8 +69,7 @@ def pruned(request):
 
 
 def conv_channels(gm) -> list[tuple[int, int]]:
-    return [(m.in_channels, m.out_channels) for m in gm.modules()
-            if isinstance(m, torch.nn.Conv2d)]
+    return [(m.in_channels, m.out_channels) for m in gm.modules() if isinstance(m, torch.nn.Conv2d)]
 
 
 # PT2E prepare/convert cost minutes on 2 busy cores (torchao's pattern rewrites); the fast
@@ -79,16 +79,16 @@ def test_qat_export_runs_int8_in_onnxruntime(pruned, backend, tmp_path):
     if backend == "pt2e":
         pytest.importorskip("torchao")
     name, gm = pruned
-    q = quantize(gm, X, TRAIN.loader(32, shuffle=True),
-                 QuantizeOptions(backend=backend, max_steps=2, lr=1e-3))
+    q = quantize(
+        gm, X, TRAIN.loader(32, shuffle=True), QuantizeOptions(backend=backend, max_steps=2, lr=1e-3)
+    )
     assert q.steps == 2
     report = export(q, X, tmp_path / "model_int8.onnx", inputs=TEST_X, float_model=gm)
 
     # every conv of the pruned graph runs as QLinearConv, with the pruned channel counts
     assert len(report.convs) == CONVS[name]
     assert report.quantized_conv_fraction == 1.0
-    assert sorted((c.in_channels, c.out_channels) for c in report.convs) == sorted(
-        conv_channels(gm))
+    assert sorted((c.in_channels, c.out_channels) for c in report.convs) == sorted(conv_channels(gm))
     assert report.op_counts["QLinearAdd"] == 9 and report.op_counts["QGemm"] == 1
     # ORT matches the PyTorch INT8 model on 512 inputs, at batch 128 and batch 1
     assert report.n_inputs == 512 and report.batch_sizes == (1, 128)
@@ -116,15 +116,23 @@ def test_pt2e_export_small(tmp_path):
     """PT2E on a one-block residual net: every conv fused, dynamic batch, ORT == PyTorch."""
     pytest.importorskip("torchao")
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16),
-                              torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1),
-                              torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                              torch.nn.Linear(16, 10))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.BatchNorm2d(16),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1),
+        torch.nn.BatchNorm2d(16),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, 10),
+    )
     q = quantize(net, X, TRAIN.loader(64), QuantizeOptions(backend="pt2e", max_steps=2))
     report = export(q, X, tmp_path / "small_pt2e.onnx", inputs=TEST_X[:256], float_model=net)
     assert [(c.op_type, c.in_channels, c.out_channels) for c in report.convs] == [
-        ("QLinearConv", 3, 16), ("QLinearConv", 16, 16)]
+        ("QLinearConv", 3, 16),
+        ("QLinearConv", 16, 16),
+    ]
     assert report.batch_sizes == (1, 128) and report.op_counts.get("QGemm") == 1
     assert report.max_diff_steps <= 2
 
@@ -150,8 +158,9 @@ def test_export_error_names_the_model(tmp_path):
     assert not (tmp_path / "bad.onnx").exists()
 
 
-@pytest.mark.parametrize(("field", "value"), [("opset", 11), ("batch_size", 1), ("threads", 0),
-                                              ("min_quantized_convs", 2.0)])
+@pytest.mark.parametrize(
+    ("field", "value"), [("opset", 11), ("batch_size", 1), ("threads", 0), ("min_quantized_convs", 2.0)]
+)
 def test_export_options_name_the_bad_value(field, value):
     with pytest.raises(ValueError, match=f"{field}={value}"):
         ExportOptions(**{field: value})
@@ -164,9 +173,12 @@ def test_output_step_reads_the_last_dequantize():
     scale = helper.make_tensor("s", TensorProto.FLOAT, [], [0.25])
     zp = helper.make_tensor("z", TensorProto.UINT8, [], [3])
     graph = helper.make_graph(
-        [helper.make_node("DequantizeLinear", ["q", "s", "z"], ["logits"])], "g",
+        [helper.make_node("DequantizeLinear", ["q", "s", "z"], ["logits"])],
+        "g",
         [helper.make_tensor_value_info("q", TensorProto.UINT8, [1, 10])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], [scale, zp])
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
+        [scale, zp],
+    )
     assert output_step(helper.make_model(graph)) == 0.25
     assert isinstance(onnx.checker.check_model(helper.make_model(graph)), type(None))
 
@@ -197,10 +209,19 @@ def _onnx_top1(path, test, norm) -> float:
 def test_resnet56_ptq_within_1pt(cifar10_root, weights_dir, tmp_path):
     model, train, test, norm = _real(cifar10_root, weights_dir)
     fp32 = evaluate(model, test.loader(500, normalization=norm))
-    q = quantize(model, X, train.loader(128, shuffle=True, normalization=norm),
-                 QuantizeOptions(mode="ptq", calibration_batches=16))
-    report = export(q, X, tmp_path / "r56_ptq.onnx", inputs=next(iter(test.loader(
-        512, normalization=norm)))[0], float_model=model)
+    q = quantize(
+        model,
+        X,
+        train.loader(128, shuffle=True, normalization=norm),
+        QuantizeOptions(mode="ptq", calibration_batches=16),
+    )
+    report = export(
+        q,
+        X,
+        tmp_path / "r56_ptq.onnx",
+        inputs=next(iter(test.loader(512, normalization=norm)))[0],
+        float_model=model,
+    )
     int8 = _onnx_top1(report.path, test, norm)
     print(f"\nresnet56 PTQ: fp32 {fp32:.2f}%, int8 (ORT) {int8:.2f}%\n{report.summary()}")
     assert report.quantized_conv_fraction == 1.0 and report.argmax_agreement >= 0.99
@@ -216,12 +237,23 @@ def test_resnet56_short_qat_within_half_pt(cifar10_root, weights_dir, tmp_path, 
     fp32 = evaluate(model, test.loader(500, normalization=norm))
     with warnings.catch_warnings():
         warnings.simplefilter("error", QuantizeWarning)
-        q = quantize(model, X, train.loader(128, shuffle=True, augment=True, normalization=norm),
-                     QuantizeOptions(backend=backend, max_steps=100, lr=1e-3))
-        report = export(q, X, tmp_path / f"r56_qat_{backend}.onnx", inputs=next(iter(
-            test.loader(512, normalization=norm)))[0], float_model=model)
+        q = quantize(
+            model,
+            X,
+            train.loader(128, shuffle=True, augment=True, normalization=norm),
+            QuantizeOptions(backend=backend, max_steps=100, lr=1e-3),
+        )
+        report = export(
+            q,
+            X,
+            tmp_path / f"r56_qat_{backend}.onnx",
+            inputs=next(iter(test.loader(512, normalization=norm)))[0],
+            float_model=model,
+        )
     int8 = _onnx_top1(report.path, test, norm)
-    print(f"\nresnet56 QAT {backend} ({q.steps} steps, {q.seconds:.0f} s): fp32 {fp32:.2f}%, "
-          f"int8 (ORT) {int8:.2f}%\n{report.summary()}")
+    print(
+        f"\nresnet56 QAT {backend} ({q.steps} steps, {q.seconds:.0f} s): fp32 {fp32:.2f}%, "
+        f"int8 (ORT) {int8:.2f}%\n{report.summary()}"
+    )
     assert report.argmax_agreement >= 0.99
     assert int8 >= fp32 - 0.5

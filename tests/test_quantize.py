@@ -13,9 +13,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from ehap_fx.errors import QuantizeError
 from ehap_fx.passes.quantize import (
     QuantizeOptions,
     calibrate,
@@ -23,6 +20,9 @@ from ehap_fx.passes.quantize import (
     prepare,
     quantize,
 )
+from torch import nn
+
+from ehap_fx.errors import QuantizeError
 from ehap_fx.qat import freeze_schedule, qat_finetune
 
 
@@ -41,25 +41,30 @@ class TinyResNet(nn.Module):
 
 def batches(n: int, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(size, 3, 16, 16, generator=g), torch.randint(0, 10, (size,), generator=g))
-            for _ in range(n)]
+    return [
+        (torch.randn(size, 3, 16, 16, generator=g), torch.randint(0, 10, (size,), generator=g))
+        for _ in range(n)
+    ]
 
 
 X = torch.randn(2, 3, 16, 16)
 
 
-@pytest.mark.parametrize(("field", "value", "match"), [
-    ("backend", "onnx", "backend='onnx'"),
-    ("mode", "int4", "mode='int4'"),
-    ("epochs", 0.0, "epochs=0.0"),
-    ("max_steps", 0, "max_steps=0"),
-    ("lr", -1.0, "lr=-1.0"),
-    ("momentum", 1.0, "momentum=1.0"),
-    ("weight_decay", -0.1, "weight_decay=-0.1"),
-    ("freeze_bn_after", 1.5, "freeze_bn_after=1.5"),
-    ("freeze_observers_after", -0.1, "freeze_observers_after=-0.1"),
-    ("calibration_batches", 0, "calibration_batches=0"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("backend", "onnx", "backend='onnx'"),
+        ("mode", "int4", "mode='int4'"),
+        ("epochs", 0.0, "epochs=0.0"),
+        ("max_steps", 0, "max_steps=0"),
+        ("lr", -1.0, "lr=-1.0"),
+        ("momentum", 1.0, "momentum=1.0"),
+        ("weight_decay", -0.1, "weight_decay=-0.1"),
+        ("freeze_bn_after", 1.5, "freeze_bn_after=1.5"),
+        ("freeze_observers_after", -0.1, "freeze_observers_after=-0.1"),
+        ("calibration_batches", 0, "calibration_batches=0"),
+    ],
+)
 def test_options_name_the_bad_value(field, value, match):
     with pytest.raises(ValueError, match=match):
         QuantizeOptions(**{field: value})
@@ -85,8 +90,7 @@ def test_fx_qat_uses_fake_quantize_with_the_scheme():
     weights = [m for m in fqs if m.qscheme == torch.per_channel_symmetric]
     acts = [m for m in fqs if m.qscheme == torch.per_tensor_affine]
     assert len(weights) == 3  # conv1, conv2, fc
-    assert {(m.quant_min, m.quant_max, m.dtype, m.ch_axis) for m in weights} == {
-        (-128, 127, torch.qint8, 0)}
+    assert {(m.quant_min, m.quant_max, m.dtype, m.ch_axis) for m in weights} == {(-128, 127, torch.qint8, 0)}
     assert {(m.quant_min, m.quant_max, m.dtype) for m in acts} == {(0, 255, torch.quint8)}
     # conv+BN(+ReLU) fused for QAT
     fused = {type(m).__name__ for m in prepared.modules()}
@@ -102,8 +106,7 @@ def test_pt2e_qat_uses_the_same_scheme():
     weights = [m for m in fqs if m.qscheme == torch.per_channel_symmetric]
     acts = [m for m in fqs if m.qscheme == torch.per_tensor_affine]
     assert len(weights) == 3
-    assert {(m.quant_min, m.quant_max, m.dtype, m.ch_axis) for m in weights} == {
-        (-128, 127, torch.int8, 0)}
+    assert {(m.quant_min, m.quant_max, m.dtype, m.ch_axis) for m in weights} == {(-128, 127, torch.int8, 0)}
     # x, conv1-bn-relu (shared by conv2 and the add), conv2-bn, add-relu, pooled, linear
     assert len(acts) == 6
     assert {(m.quant_min, m.quant_max, m.dtype) for m in acts} == {(0, 255, torch.uint8)}
@@ -113,13 +116,11 @@ def test_pt2e_qat_uses_the_same_scheme():
 def test_qat_freezes_bn_then_observers(backend):
     if backend == "pt2e":
         pytest.importorskip("torchao")
-    options = QuantizeOptions(backend=backend, max_steps=4, freeze_bn_after=0.25,
-                              freeze_observers_after=0.5)
+    options = QuantizeOptions(backend=backend, max_steps=4, freeze_bn_after=0.25, freeze_observers_after=0.5)
     prepared = prepare(TinyResNet(), X, options)
     result = qat_finetune(prepared, batches(4), options)
     assert result.steps == 4 and all(torch.isfinite(torch.tensor(result.losses)))
-    enabled = [int(m.observer_enabled[0]) for m in prepared.modules()
-               if hasattr(m, "observer_enabled")]
+    enabled = [int(m.observer_enabled[0]) for m in prepared.modules() if hasattr(m, "observer_enabled")]
     assert enabled and set(enabled) == {0}
     if backend == "fx":
         frozen = [m.freeze_bn for m in prepared.modules() if hasattr(m, "freeze_bn")]
@@ -132,8 +133,7 @@ def test_qat_without_freezes_keeps_observing():
     options = QuantizeOptions(max_steps=2, freeze_bn_after=1.0, freeze_observers_after=1.0)
     prepared = prepare(TinyResNet(), X, options)
     qat_finetune(prepared, batches(2), options)
-    enabled = {int(m.observer_enabled[0]) for m in prepared.modules()
-               if hasattr(m, "observer_enabled")}
+    enabled = {int(m.observer_enabled[0]) for m in prepared.modules() if hasattr(m, "observer_enabled")}
     assert enabled == {1}
 
 
@@ -143,8 +143,7 @@ def test_ptq_calibrates_n_batches_and_matches_float(backend):
         pytest.importorskip("torchao")
     model = TinyResNet().eval()
     data = batches(5)
-    result = quantize(model, X, data, QuantizeOptions(backend=backend, mode="ptq",
-                                                      calibration_batches=3))
+    result = quantize(model, X, data, QuantizeOptions(backend=backend, mode="ptq", calibration_batches=3))
     assert result.calibration_batches == 3 and result.steps == 0
     x = data[0][0]
     with torch.no_grad():
@@ -176,9 +175,8 @@ def test_deprecation_warnings_are_scoped():
         convert(prepare(TinyResNet().eval(), X, options), options)
     assert [str(w.message)[:60] for w in caught] == []
     # ...but the user's own calls into torch.ao still warn.
-    from torch.ao.quantization.quantize_fx import prepare_fx
-
     from ehap_fx.passes.quantize import fx_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_fx
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -30,14 +30,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from ehap_fx.models import get_model, normalization, pretrained_model
 from ehap_fx.passes.cost import total_cost
 from ehap_fx.passes.export import ExportReport, export, export_onnx, session
 from ehap_fx.passes.group import group_channels
 from ehap_fx.passes.quantize import QuantizeOptions, quantize
 from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
+
+from ehap_fx.models import get_model, normalization, pretrained_model
 from ehap_fx.target import Target, magnitude_scores, select_plan
 from ehap_fx.train import FinetuneOptions, finetune
 
@@ -75,15 +75,22 @@ def pruned_model(gm, macs: float, round_to: int, train, args, norm):
     plan = select_plan(gm, magnitude_scores(gm), Target(macs=macs, round_to=round_to))
     small = shrink(gm, plan).graph_module
     if args.finetune_steps:
-        finetune(small, train.loader(128, shuffle=True, augment=True, normalization=norm),
-                 FinetuneOptions(max_steps=args.finetune_steps, lr=0.01, progress=False))
+        finetune(
+            small,
+            train.loader(128, shuffle=True, augment=True, normalization=norm),
+            FinetuneOptions(max_steps=args.finetune_steps, lr=0.01, progress=False),
+        )
     return small.eval()
 
 
 def int8(model, train, args, norm, path: Path, inputs, backend: str) -> ExportReport:
     mode = "qat" if args.qat_steps else "ptq"
-    opts = QuantizeOptions(backend=backend, mode=mode, max_steps=args.qat_steps or None,
-                           calibration_batches=args.calibration_batches)
+    opts = QuantizeOptions(
+        backend=backend,
+        mode=mode,
+        max_steps=args.qat_steps or None,
+        calibration_batches=args.calibration_batches,
+    )
     loader = train.loader(128, shuffle=True, augment=mode == "qat", normalization=norm)
     q = quantize(model, X, loader, opts)
     return export(q, X, path, inputs=inputs)
@@ -92,8 +99,9 @@ def int8(model, train, args, norm, path: Path, inputs, backend: str) -> ExportRe
 def time_models(entries: list[Entry], batch: int, rounds: int, threads: int) -> dict:
     """Median seconds per run for each entry and batch size, interleaved across entries."""
     sessions = {e.name: session(e.path, threads=threads) for e in entries}
-    feeds = {b: {"input": np.random.default_rng(0).standard_normal((b, 3, 32, 32), np.float32)}
-             for b in (1, batch)}
+    feeds = {
+        b: {"input": np.random.default_rng(0).standard_normal((b, 3, 32, 32), np.float32)} for b in (1, batch)
+    }
     times = {(e.name, b): [] for e in entries for b in feeds}
     for b, feed in feeds.items():
         for s in sessions.values():  # warm-up
@@ -120,17 +128,20 @@ def onnx_top1(path: Path, test, norm, threads: int) -> float:
 def print_table(entries: list[Entry], med: dict, batch: int) -> None:
     base1, baseb = med[(entries[0].name, 1)], med[(entries[0].name, batch)]
     dense_macs = entries[0].macs
-    print(f"\n| model | MACs | top-1 % | b=1 ms | b=1 speed-up | b={batch} ms | img/s | "
-          f"b={batch} speed-up | QLinearConv |")
+    print(
+        f"\n| model | MACs | top-1 % | b=1 ms | b=1 speed-up | b={batch} ms | img/s | "
+        f"b={batch} speed-up | QLinearConv |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for e in entries:
         l1, lb = med[(e.name, 1)], med[(e.name, batch)]
         top1 = f"{e.top1:.2f}" if e.top1 is not None else "n/a"
-        convs = (f"{sum(c.quantized for c in e.report.convs)}/{len(e.report.convs)}"
-                 if e.report else "-")
-        print(f"| {e.name} | {e.macs / dense_macs:.2f} | {top1} | {1e3 * l1:.2f} | "
-              f"{base1 / l1:.2f}x | {1e3 * lb:.1f} | {batch / lb:.0f} | {baseb / lb:.2f}x | "
-              f"{convs} |")
+        convs = f"{sum(c.quantized for c in e.report.convs)}/{len(e.report.convs)}" if e.report else "-"
+        print(
+            f"| {e.name} | {e.macs / dense_macs:.2f} | {top1} | {1e3 * l1:.2f} | "
+            f"{base1 / l1:.2f}x | {1e3 * lb:.1f} | {batch / lb:.0f} | {baseb / lb:.2f}x | "
+            f"{convs} |"
+        )
 
 
 def print_convs(entries: list[Entry]) -> None:
@@ -138,10 +149,12 @@ def print_convs(entries: list[Entry]) -> None:
         if e.report is None:
             continue
         print(f"\nper-conv kernels, {e.name}:")
-        widths = [f"{c.in_channels}->{c.out_channels}{'' if c.quantized else '(' + c.op_type + ')'}"
-                  for c in e.report.convs]
+        widths = [
+            f"{c.in_channels}->{c.out_channels}{'' if c.quantized else '(' + c.op_type + ')'}"
+            for c in e.report.convs
+        ]
         for i in range(0, len(widths), 12):
-            print("  " + " ".join(widths[i:i + 12]))
+            print("  " + " ".join(widths[i : i + 12]))
 
 
 def main(argv=None) -> None:
@@ -168,32 +181,40 @@ def main(argv=None) -> None:
     norm = normalization("resnet56")
     inputs = next(iter((test or train).loader(512, normalization=norm)))[0]
     gm = group_channels(trace(model, X)).graph_module
-    entries = [Entry("dense fp32", export_onnx(model, X, out / "dense_fp32.onnx", dynamo=False),
-                     total_cost(gm).macs)]
+    entries = [
+        Entry("dense fp32", export_onnx(model, X, out / "dense_fp32.onnx", dynamo=False), total_cost(gm).macs)
+    ]
     for b in args.backend:
         path = out / f"dense_int8_{b}.onnx"
-        entries.append(Entry(f"dense int8 {b}", path, entries[0].macs,
-                             int8(gm, train, args, norm, path, inputs, b)))
+        entries.append(
+            Entry(f"dense int8 {b}", path, entries[0].macs, int8(gm, train, args, norm, path, inputs, b))
+        )
     for r in args.round_to:
         small = pruned_model(gm, args.macs, r, train, args, norm)
         macs = total_cost(small).macs
-        entries.append(Entry(f"pruned r{r} fp32", export_onnx(small, X, out / f"pruned{r}_fp32.onnx",
-                                                             dynamo=False), macs))
+        entries.append(
+            Entry(
+                f"pruned r{r} fp32", export_onnx(small, X, out / f"pruned{r}_fp32.onnx", dynamo=False), macs
+            )
+        )
         for b in args.backend:
             path = out / f"pruned{r}_int8_{b}.onnx"
-            entries.append(Entry(f"pruned r{r} int8 {b}", path, macs,
-                                 int8(small, train, args, norm, path, inputs, b)))
+            entries.append(
+                Entry(f"pruned r{r} int8 {b}", path, macs, int8(small, train, args, norm, path, inputs, b))
+            )
     if test is not None:
         for e in entries:
             e.top1 = onnx_top1(e.path, test, norm, args.threads)
     med = time_models(entries, args.batch, args.rounds, args.threads)
-    quant = f"{'/'.join(args.backend)} {'QAT %d steps' % args.qat_steps if args.qat_steps else 'PTQ'}"
-    print(f"\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
-          f"onnxruntime {__import__('onnxruntime').__version__}, {args.threads} threads; "
-          f"ResNet-56 ({source} weights), INT8 = {quant}, pruned = L1 select_plan to "
-          f"{args.macs} MACs (fine-tune {args.finetune_steps} steps); median of {args.rounds} "
-          f"interleaved rounds; speed-up = dense fp32 latency / model latency")
+    quant = f"{'/'.join(args.backend)} {f'QAT {args.qat_steps} steps' if args.qat_steps else 'PTQ'}"
+    print(
+        f"\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
+        f"onnxruntime {__import__('onnxruntime').__version__}, {args.threads} threads; "
+        f"ResNet-56 ({source} weights), INT8 = {quant}, pruned = L1 select_plan to "
+        f"{args.macs} MACs (fine-tune {args.finetune_steps} steps); median of {args.rounds} "
+        f"interleaved rounds; speed-up = dense fp32 latency / model latency"
+    )
     print_table(entries, med, args.batch)
     print_convs(entries)
     for e in entries:
