@@ -1,0 +1,563 @@
+"""The ``ehap`` command line: ``compress``, ``train``, ``eval``, ``bench``.
+
+Flags are turned into the option dataclasses once (:func:`compress_options`); everything
+else calls the library. User errors (every :class:`~ehap_fx.errors.EhapError`, and bad flag
+values rejected by the options' validation) print one line on stderr and exit 1; Ctrl-C
+exits 130. ``ehap compress`` writes into a hidden temporary folder next to ``--out`` and
+renames it at the end, so a failed or interrupted run leaves nothing half-written.
+
+With no arguments, ``ehap compress`` runs the embedded default: ResNet-56 on synthetic
+CIFAR-shaped data with short settings (a few minutes on two CPU cores), labelled as synthetic
+in every output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import logging
+import os
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ehap_fx.errors import DataError, EhapError, ModelError
+
+log = logging.getLogger("ehap_fx")
+
+SHORT = {"batch_size": 64, "hessian_batch": 64, "finetune_epochs": 1.0, "finetune_steps": 8,
+         "qat_epochs": 1.0, "qat_steps": 4, "calibration_batches": 2,
+         "synthetic_train": 512, "synthetic_test": 256}
+"""Settings of the embedded default (synthetic data): end to end in minutes on a CPU."""
+
+FULL = {"batch_size": 128, "hessian_batch": 256, "finetune_epochs": 1.0, "finetune_steps": None,
+        "qat_epochs": 1.0, "qat_steps": None, "calibration_batches": 16}
+"""Settings with real data: one fine-tune epoch and one QAT epoch (raise for accuracy)."""
+
+
+class UsageError(EhapError):
+    """A flag value or combination the CLI cannot run with."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ehap", description="Hessian-aware structured pruning, INT8 QAT and ONNX export.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _compress_parser(sub)
+    _train_parser(sub)
+    _eval_parser(sub)
+    _bench_parser(sub)
+    return parser
+
+
+def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
+    if model:
+        p.add_argument("--model", default="resnet56",
+                       help="model name (resnet20..110, resnet56-b, wrn-28-8) or module:Class "
+                            "(default: %(default)s)")
+        p.add_argument("--weights", type=Path, help="checkpoint to load into the model")
+        p.add_argument("--pretrained-dir", type=Path,
+                       help="folder of torch.hub-named pretrained checkpoints (finds the model's)")
+    p.add_argument("--data", type=Path,
+                   help="folder holding cifar-10-batches-py/ or cifar-100-python/ "
+                        "(without it: synthetic CIFAR-shaped data)")
+    p.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10")
+    p.add_argument("--download", action="store_true", help="fetch CIFAR into --data if missing")
+    p.add_argument("--synthetic", action="store_true", help="use synthetic CIFAR-shaped data")
+    p.add_argument("--limit-train", type=int, help="use only the first N training images")
+    p.add_argument("--limit-test", type=int, help="use only the first N test images")
+    p.add_argument("--batch-size", type=int, help="training batch size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
+
+
+def _compress_parser(sub) -> None:
+    p = sub.add_parser("compress", help="prune, fine-tune, quantize and export a model",
+                       description="Prune to a MACs/params target by Hessian-aware ranking, "
+                                   "fine-tune, quantize to INT8 and export verified ONNX.")
+    _common(p)
+    t = p.add_mutually_exclusive_group()
+    t.add_argument("--target-macs", type=float, help="fraction of dense MACs to keep (default 0.5)")
+    t.add_argument("--target-params", type=float, help="fraction of dense params to keep")
+    p.add_argument("--round-to", type=int, default=None, help="kept widths are multiples of this")
+    p.add_argument("--max-prune", type=float, default=0.8, help="max fraction of a group to remove")
+    p.add_argument("--min-channels", type=int, default=1)
+    p.add_argument("--steps", type=int, default=1, help="iterative pruning steps")
+    p.add_argument("--scorer", choices=("hessian", "l1"), default="hessian")
+    p.add_argument("--estimator", choices=("hutchinson", "ggn", "hybrid"), default="ggn")
+    p.add_argument("--hessian-dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--hessian-batch", type=int, help="images per Hessian batch")
+    p.add_argument("--probes", type=int, help="fixed number of Hutchinson probes")
+    p.add_argument("--max-probes", type=int, default=200)
+    p.add_argument("--finetune-epochs", type=float, help="fine-tune epochs (0: no fine-tune)")
+    p.add_argument("--finetune-steps", type=int, help="cap on fine-tune steps")
+    p.add_argument("--lr", type=float, default=0.01, help="fine-tune learning rate")
+    p.add_argument("--qat-epochs", type=float)
+    p.add_argument("--qat-steps", type=int, help="cap on QAT steps")
+    p.add_argument("--quant-mode", choices=("qat", "ptq"), default="qat")
+    p.add_argument("--backend", choices=("fx", "pt2e"), default="fx")
+    p.add_argument("--no-quantize", action="store_true", help="stop at the pruned fp32 model")
+    p.add_argument("--out", type=Path, help="output folder (default runs/compress-<model>)")
+    p.set_defaults(func=cmd_compress)
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a baseline model from scratch",
+                       description="Baseline training (SGD Nesterov, cosine, crop+flip); the "
+                                   "checkpoint loads with `ehap compress --weights`.")
+    _common(p)
+    p.add_argument("--epochs", type=float, default=200.0)
+    p.add_argument("--steps", type=int, help="cap on optimizer steps")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--out", type=Path, help="checkpoint path (default runs/<model>-<dataset>.pt)")
+    p.set_defaults(func=cmd_train)
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="top-1 of a checkpoint or an .onnx file on a dataset")
+    p.add_argument("path", type=Path, help=".onnx, pruned_state_dict.pt, pruned_model.pt or "
+                                           "a state dict for --model")
+    _common(p)
+    p.set_defaults(func=cmd_eval)
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="onnxruntime latency of an .onnx file")
+    p.add_argument("path", type=Path)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 128])
+    p.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's)")
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags -> options (the one place where flags become dataclasses)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CompressOptions:
+    target: object
+    scorer: str
+    hessian: object
+    finetune: object
+    quantize: object
+
+
+def profile(args) -> dict:
+    """SHORT settings on synthetic data, FULL on real data; explicit flags win."""
+    return SHORT if _is_synthetic(args) else FULL
+
+
+def compress_options(args) -> CompressOptions:
+    """The option dataclasses for ``compress()``; bad values raise UsageError."""
+    from ehap_fx.hessian import HessianOptions
+    from ehap_fx.passes.quantize import QuantizeOptions
+    from ehap_fx.target import DEFAULT_ROUND_TO, Target
+    from ehap_fx.train import FinetuneOptions
+
+    prof, show = profile(args), not args.quiet
+    try:
+        target = Target(macs=args.target_macs if args.target_params is None and args.target_macs is not None
+                        else (None if args.target_params is not None else 0.5),
+                        params=args.target_params, max_prune=args.max_prune,
+                        min_channels=args.min_channels,
+                        round_to=DEFAULT_ROUND_TO if args.round_to is None else args.round_to,
+                        steps=args.steps)
+        hessian = HessianOptions(
+            estimator=args.estimator, dtype=args.hessian_dtype,
+            batch_size=_pick(args.hessian_batch, prof["hessian_batch"]), probes=args.probes,
+            max_probes=args.max_probes, min_probes=min(20, args.max_probes), seed=args.seed,
+            data_seed=args.seed, progress=show)
+        epochs = _pick(args.finetune_epochs, prof["finetune_epochs"])
+        finetune = None if epochs == 0 else FinetuneOptions(
+            epochs=epochs, lr=args.lr, max_steps=_pick(args.finetune_steps, prof["finetune_steps"]),
+            progress=show)
+        quantize = None if args.no_quantize else QuantizeOptions(
+            backend=args.backend, mode=args.quant_mode,
+            epochs=_pick(args.qat_epochs, prof["qat_epochs"]),
+            max_steps=_pick(args.qat_steps, prof["qat_steps"]),
+            calibration_batches=prof["calibration_batches"], progress=show)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    return CompressOptions(target, args.scorer, hessian, finetune, quantize)
+
+
+def _pick(flag, default):
+    return default if flag is None else flag
+
+
+def _is_synthetic(args) -> bool:
+    return args.synthetic or args.data is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and data
+# ---------------------------------------------------------------------------------------------
+
+
+def build_model(args, num_classes: int) -> nn.Module:
+    """``--model`` (a name or ``module:Class``) with ``--weights`` / ``--pretrained-dir``."""
+    from ehap_fx.models import find_pretrained, get_model, load_pretrained
+
+    if args.weights is not None and args.pretrained_dir is not None:
+        raise UsageError("give --weights or --pretrained-dir, not both")
+    model = _import_model(args.model, num_classes) if ":" in args.model else get_model(args.model, num_classes)
+    path = args.weights
+    if args.pretrained_dir is not None:
+        if ":" in args.model:
+            raise UsageError("--pretrained-dir needs a model name; use --weights with module:Class")
+        path = find_pretrained(args.model, args.pretrained_dir, args.dataset)
+    if path is not None:
+        load_pretrained(model, path)
+        log.info("loaded weights %s", path)
+    return model.eval()
+
+
+def _import_model(spec: str, num_classes: int) -> nn.Module:
+    module_name, _, cls_name = spec.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError) as e:
+        raise ModelError(f"--model {spec!r}: cannot import {cls_name!r} from {module_name!r} "
+                         f"({e}); is the module on PYTHONPATH?") from e
+    try:
+        return cls(num_classes=num_classes)
+    except TypeError:
+        return cls()
+
+
+def model_normalization(args):
+    from ehap_fx.data import CIFAR10_NORM, CIFAR100_NORM
+    from ehap_fx.models import normalization
+
+    if ":" in args.model:
+        return CIFAR10_NORM if args.dataset == "cifar10" else CIFAR100_NORM
+    return normalization(args.model, args.dataset)
+
+
+def load_data(args, *, train: bool = True):
+    """(train split or None, test split) as CifarData: real from --data, else synthetic."""
+    from ehap_fx.data import load_cifar, synthetic_cifar
+    from ehap_fx.models import NUM_CLASSES
+
+    if args.synthetic and args.data is not None:
+        raise UsageError("give --data DIR or --synthetic, not both")
+    if _is_synthetic(args):
+        k = NUM_CLASSES[args.dataset]
+        tr = synthetic_cifar(args.limit_train or SHORT["synthetic_train"], k, args.seed) if train else None
+        te = synthetic_cifar(args.limit_test or SHORT["synthetic_test"], k, args.seed, split="test")
+        log.warning("DATA IS SYNTHETIC (random CIFAR-shaped images): figures are not CIFAR "
+                    "figures; pass --data DIR for real CIFAR")
+        return tr, te
+    if not args.data.exists() and not args.download:
+        raise DataError(f"--data {str(args.data)!r} does not exist: give the folder holding "
+                        f"{'cifar-10-batches-py' if args.dataset == 'cifar10' else 'cifar-100-python'}/ "
+                        "(or add --download)")
+    tr = load_cifar(args.data, args.dataset, "train", download=args.download) if train else None
+    te = load_cifar(args.data, args.dataset, "test", download=args.download)
+    if tr is not None and args.limit_train:
+        tr = tr.head(args.limit_train)
+    if args.limit_test:
+        te = te.head(args.limit_test)
+    return tr, te
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folder: written to a temporary sibling, renamed at the end
+# ---------------------------------------------------------------------------------------------
+
+
+def check_out(out: Path) -> None:
+    """Refuse to replace a non-empty folder that is not an earlier ehap output."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").exists())):
+        raise UsageError(f"--out {str(out)!r} exists and is not an ehap output folder; "
+                         "choose another --out")
+
+
+@contextlib.contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A temporary folder next to ``out``, renamed to ``out`` on success, removed otherwise."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_compress(args) -> int:
+    from ehap_fx.compress import compress
+    from ehap_fx.models import NUM_CLASSES
+
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    opts = compress_options(args)
+    prof = profile(args)
+    out = args.out or Path("runs") / f"compress-{_slug(args.model)}"
+    check_out(out)
+    model = build_model(args, NUM_CLASSES[args.dataset])
+    train, test = load_data(args)
+    norm = model_normalization(args)
+    batch = _pick(args.batch_size, prof["batch_size"])
+    train_loader = train.loader(batch, shuffle=True, augment=True, seed=args.seed, normalization=norm)
+    test_loader = test.loader(256, normalization=norm)
+    example = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed))
+    _announce(args, opts, train, test, out)
+    with staging(out) as tmp:
+        result = compress(model, example, data=train_loader, eval_data=test_loader,
+                          target=opts.target, scorer=opts.scorer, hessian=opts.hessian,
+                          finetune_options=opts.finetune, quantize=opts.quantize,
+                          export=tmp / "model_int8.onnx" if opts.quantize else None,
+                          data_name=train.describe())
+        report = _full_report(args, result, train, test, norm, time.perf_counter() - start)
+        _write_outputs(tmp, args, result, report)
+    _summary(out, report, args)
+    return 0
+
+
+def _announce(args, opts, train, test, out) -> None:
+    log.info("compress %s: target %s=%s (round_to %d), scorer %s, data %s / %s -> %s",
+             args.model, opts.target.kind, opts.target.fraction, opts.target.round_to,
+             opts.scorer, train.describe(), test.describe(), out)
+
+
+def _full_report(args, result, train, test, norm, seconds: float) -> dict:
+    report = result.report.to_dict()
+    report["run"] = {
+        "command": "ehap " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "ehap",
+        "model": args.model, "dataset": args.dataset,
+        "weights": str(args.weights or args.pretrained_dir or "") or None,
+        "synthetic": bool(train.synthetic),
+        "data_detail": f"train: {train.describe()}; test: {test.describe()}",
+        "normalization": {"mean": list(norm.mean), "std": list(norm.std)},
+        "seconds": round(seconds, 2),
+        "pruned_checkpoint": "pruned_model.pt (torch.save(gm)); pruned_state_dict.pt (weights, "
+                             "widths; ehap_fx.report.load_pruned)",
+        "onnx": "model_int8.onnx" if result.onnx_path else None,
+    }
+    return report
+
+
+def _write_outputs(folder: Path, args, result, report: dict) -> None:
+    from ehap_fx import report as rep
+    from ehap_fx.models import NUM_CLASSES
+
+    rep.save_pruned(result.pruned, folder, model=args.model, num_classes=NUM_CLASSES[args.dataset],
+                    channels=report["channels_after"])
+    if result.onnx_path is not None:
+        _tag_onnx(result.onnx_path, report["run"])
+    rep.write_json(report, folder / "report.json")
+    (folder / "report.md").write_text(rep.render_markdown(report))
+    rep.plot_channels(report, folder / "channels.png")
+    rep.plot_sensitivity(report, folder / "sensitivity.png")
+
+
+def _tag_onnx(path: Path, run: dict) -> None:
+    """Record model, dataset, normalisation and the synthetic flag in the ONNX metadata."""
+    import json
+
+    import onnx
+
+    model = onnx.load(str(path))
+    for key, value in (("ehap.model", run["model"]), ("ehap.dataset", run["dataset"]),
+                       ("ehap.normalization", json.dumps(run["normalization"])),
+                       ("ehap.synthetic_data", str(run["synthetic"]))):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+
+
+def _summary(out: Path, report: dict, args) -> None:
+    b, a = report["cost_before"], report["cost_after"]
+    acc = ", ".join(f"{k} {v:.2f}%" for k, v in report.get("accuracy", {}).items())
+    lines = [f"ehap: outputs in {out}/ (report.md, report.json, model_int8.onnx, pruned_model.pt, "
+             "pruned_state_dict.pt, channels.png, sensitivity.png)",
+             f"  MACs {b['macs']:,} -> {a['macs']:,} ({a['macs_ratio']:.3f}), params "
+             f"{b['params']:,} -> {a['params']:,} ({a['params_ratio']:.3f})",
+             f"  top-1: {acc or 'not evaluated'}  [{report['data']}]"]
+    if report["run"]["synthetic"]:
+        lines += ["  NOTE: this ran on SYNTHETIC data (random images): the numbers above mean nothing.",
+                  "  To run on real CIFAR-10 (folder holding cifar-10-batches-py/; --download fetches it):",
+                  f"    ehap compress --model {args.model} --data PATH/TO/CIFAR --pretrained-dir "
+                  "PATH/TO/WEIGHTS --target-macs 0.5 --out runs/real"]
+    print("\n".join(lines))
+
+
+def _slug(name: str) -> str:
+    return name.replace(":", "-").replace("/", "-")
+
+
+def cmd_train(args) -> int:
+    from ehap_fx.models import NUM_CLASSES
+    from ehap_fx.train import FinetuneOptions, evaluate, finetune
+
+    torch.manual_seed(args.seed)
+    try:
+        options = FinetuneOptions(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                                  label_smoothing=args.label_smoothing, max_steps=args.steps,
+                                  progress=not args.quiet)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    out = args.out or Path("runs") / f"{_slug(args.model)}-{args.dataset}.pt"
+    model = build_model(args, NUM_CLASSES[args.dataset])
+    train, test = load_data(args)
+    norm = model_normalization(args)
+    loader = train.loader(args.batch_size or 128, shuffle=True, augment=True, seed=args.seed,
+                          normalization=norm)
+    result = finetune(model, loader, options, eval_loader=test.loader(256, normalization=norm))
+    top1 = evaluate(model, test.loader(256, normalization=norm))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".partial-{os.getpid()}")
+    try:
+        torch.save({"state_dict": model.state_dict(), "arch": args.model, "dataset": args.dataset,
+                    "top1": top1, "steps": result.steps, "synthetic": bool(train.synthetic)}, tmp)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"ehap: saved {out} ({result.steps} steps, top-1 {top1:.2f}% on {test.describe()}); "
+          f"use it with: ehap compress --model {args.model} --weights {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ehap_fx.models import NUM_CLASSES
+    from ehap_fx.train import evaluate
+
+    path = args.path
+    if not path.is_file():
+        raise UsageError(f"{str(path)!r} does not exist or is not a file")
+    norm = _onnx_normalization(path) if path.suffix == ".onnx" else None
+    _, test = load_data(args, train=False)
+    loader = test.loader(args.batch_size or 256, normalization=norm or model_normalization(args))
+    if path.suffix == ".onnx":
+        top1 = _onnx_top1(path, loader)
+    else:
+        top1 = evaluate(_load_checkpoint(path, args, NUM_CLASSES[args.dataset]), loader)
+    print(f"ehap: top-1 {top1:.2f}% of {path} on {test.describe()}")
+    return 0
+
+
+def _load_checkpoint(path: Path, args, num_classes: int) -> nn.Module:
+    from ehap_fx.models import get_model, load_pretrained
+    from ehap_fx.models.resnet_cifar import read_state_dict  # noqa: F401  (validates format)
+    from ehap_fx.report import load_pruned
+
+    obj = None
+    with contextlib.suppress(Exception):
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    if obj is None or (isinstance(obj, dict) and "channels" in obj):
+        return load_pruned(path)
+    model = _import_model(args.model, num_classes) if ":" in args.model else get_model(args.model, num_classes)
+    return load_pretrained(model, path).eval()
+
+
+def _onnx_normalization(path: Path):
+    import json
+
+    import onnx
+
+    from ehap_fx.data import Normalization
+
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    if "ehap.normalization" not in meta:
+        return None
+    norm = json.loads(meta["ehap.normalization"])
+    return Normalization(tuple(norm["mean"]), tuple(norm["std"]))
+
+
+def _onnx_top1(path: Path, loader) -> float:
+    from ehap_fx.passes.export import session
+
+    sess = session(path)
+    name = sess.get_inputs()[0].name
+    correct = total = 0
+    for x, y in loader:
+        logits = sess.run(None, {name: x.numpy()})[0]
+        correct += int((torch.from_numpy(logits).argmax(1) == y).sum())
+        total += len(y)
+    return 100.0 * correct / total
+
+
+def cmd_bench(args) -> int:
+    import numpy as np
+
+    from ehap_fx.passes.export import session
+
+    if not args.path.is_file():
+        raise UsageError(f"{str(args.path)!r} does not exist or is not a file")
+    if args.runs < 1 or args.warmup < 0 or min(args.batch) < 1:
+        raise UsageError(f"--runs={args.runs} must be >= 1, --warmup={args.warmup} >= 0, "
+                         f"--batch={args.batch} >= 1")
+    sess = session(args.path, threads=args.threads)
+    name = sess.get_inputs()[0].name
+    print(f"{args.path} (onnxruntime CPU, threads={args.threads or 'default'}, "
+          f"median of {args.runs} runs)")
+    print(f"{'batch':>6} {'ms/batch':>10} {'ms/image':>10} {'images/s':>10}")
+    for b in args.batch:
+        x = np.random.default_rng(0).standard_normal((b, 3, 32, 32), dtype=np.float32)
+        for _ in range(args.warmup):
+            sess.run(None, {name: x})
+        times = []
+        for _ in range(args.runs):
+            t = time.perf_counter()
+            sess.run(None, {name: x})
+            times.append(time.perf_counter() - t)
+        ms = 1000 * float(np.median(times))
+        print(f"{b:>6} {ms:>10.3f} {ms / b:>10.4f} {1000 * b / ms:>10.1f}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``ehap``; returns the exit status (0 ok, 1 user error, 2 usage, 130 Ctrl-C)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv or ["compress"])
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(format="ehap: %(message)s", stream=sys.stderr,
+                        level=logging.WARNING if args.quiet else logging.INFO)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("ehap: interrupted; no partial outputs were left behind", file=sys.stderr)
+        return 130
+    except EhapError as e:
+        print(f"ehap: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1

@@ -1,0 +1,293 @@
+"""The output folder of ``ehap compress``: checkpoints, report.json, report.md and plots.
+
+One folder per run::
+
+    pruned_model.pt         the pruned torch.fx GraphModule, pickled whole (torch.save(gm))
+    pruned_state_dict.pt    its state dict + model name + kept widths (loads weights_only=True)
+    model_int8.onnx         the INT8 model (QLinearConv), verified in onnxruntime
+    model_int8_fp32.onnx    the pruned fp32 model, for size/latency comparison
+    report.json             CompressReport.to_dict() plus a "run" section (command, data, ...)
+    report.md               the same for humans
+    channels.png            output channels per conv before/after
+    sensitivity.png         per-channel sensitivity per group, kept vs pruned
+
+:func:`load_pruned` rebuilds the pruned model from ``pruned_state_dict.pt`` without
+unpickling code: it builds the dense model, shrinks every group to the recorded widths and
+loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ehap_fx.errors import WeightsError
+
+REPORT_KEYS = ("data", "target", "cost_before", "cost_after", "channels_before", "channels_after",
+               "groups", "pinned", "ranking", "accuracy", "finetune", "quantize", "export",
+               "seconds", "run")
+PRUNED_MODEL, PRUNED_STATE = "pruned_model.pt", "pruned_state_dict.pt"
+ONNX_NAME = "model_int8.onnx"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def save_pruned(gm: fx.GraphModule, folder: Path, *, model: str, num_classes: int,
+                channels: Mapping[str, int]) -> None:
+    """Write ``pruned_model.pt`` (whole GraphModule) and ``pruned_state_dict.pt`` (weights)."""
+    torch.save(gm, folder / PRUNED_MODEL)
+    torch.save({"state_dict": gm.state_dict(), "arch": model, "num_classes": num_classes,
+                "channels": dict(channels)}, folder / PRUNED_STATE)
+
+
+def load_pruned(path: str | Path, model: nn.Module | None = None) -> fx.GraphModule:
+    """The pruned model from a ``pruned_state_dict.pt`` (or a whole ``pruned_model.pt``).
+
+    ``pruned_state_dict.pt`` is read with ``weights_only=True``; the dense architecture is
+    ``get_model(arch)`` unless ``model`` (a dense instance of the same class) is given.
+    ``pruned_model.pt`` holds pickled code: load only files you trust.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception:  # a whole pickled GraphModule is not weights-only
+        obj = torch.load(path, weights_only=False, map_location="cpu")
+    if isinstance(obj, nn.Module):
+        return obj.eval()
+    if not (isinstance(obj, dict) and "channels" in obj and "state_dict" in obj):
+        raise WeightsError(f"{str(path)!r} is not a pruned checkpoint of ehap compress "
+                           "(needs 'state_dict' and 'channels')")
+    return _rebuild(obj, model)
+
+
+def _rebuild(ckpt: dict, model: nn.Module | None) -> fx.GraphModule:
+    from ehap_fx.models import get_model
+    from ehap_fx.passes.group import group_channels, groups_of
+    from ehap_fx.passes.shrink import PrunePlan, shrink
+    from ehap_fx.passes.trace import trace
+
+    if model is None:
+        model = get_model(ckpt["arch"], ckpt["num_classes"])
+    gm = group_channels(trace(model.eval(), torch.zeros(1, 3, 32, 32))).graph_module
+    keep = {}
+    for g in groups_of(gm).prunable:
+        outs = [m.module for m in g.members if m.role == "out" and m.module in ckpt["channels"]]
+        if outs and ckpt["channels"][outs[0]] < g.size:
+            keep[g.id] = tuple(range(ckpt["channels"][outs[0]]))
+    gm = shrink(gm, PrunePlan(keep)).graph_module
+    try:
+        gm.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise WeightsError(f"pruned checkpoint does not fit {ckpt['arch']}: {e}") from e
+    return gm.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# report.json
+# ---------------------------------------------------------------------------------------------
+
+
+def write_json(report: Mapping[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+# ---------------------------------------------------------------------------------------------
+# report.md
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+def _ratio(after: dict, kind: str) -> str:
+    r = after.get(f"{kind}_ratio")
+    return f"{r:.3f}" if r is not None else "-"
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """report.md: data, costs, per-layer widths, pinned groups, Hessian, accuracies, ONNX."""
+    run = report.get("run", {})
+    lines = [f"# ehap compress: {run.get('model', 'model')}", ""]
+    lines += _data_section(report, run)
+    lines += _cost_section(report)
+    lines += _ranking_section(report)
+    lines += _accuracy_section(report)
+    lines += _export_section(report)
+    lines += _channels_section(report)
+    lines += _pinned_section(report)
+    lines += _files_section(run)
+    return "\n".join(lines) + "\n"
+
+
+def _data_section(report, run) -> list[str]:
+    out = []
+    if run.get("synthetic"):
+        out += ["> **WARNING: SYNTHETIC DATA.** This run used random CIFAR-shaped images, not",
+                "> CIFAR. Accuracies, sensitivities and the pruning plan below carry no real-world",
+                "> meaning. Re-run with `--data DIR` (the folder holding `cifar-10-batches-py/`).",
+                ""]
+    out += ["## Run", "",
+            f"- data: **{report['data']}**" + (f" ({run['data_detail']})" if run.get("data_detail") else ""),
+            f"- model: `{run.get('model')}`, weights: {run.get('weights') or 'random init'}",
+            f"- target: {report['target']}",
+            f"- command: `{run.get('command', '')}`",
+            f"- total time: {run.get('seconds', 0):.1f} s; stages: {report.get('seconds')}", ""]
+    return out
+
+
+def _cost_section(report) -> list[str]:
+    b, a = report["cost_before"], report["cost_after"]
+    return ["## Cost", "", "| | before | after | ratio |", "|---|---:|---:|---:|",
+            f"| MACs | {_fmt_int(b['macs'])} | {_fmt_int(a['macs'])} | {_ratio(a, 'macs')} |",
+            f"| params | {_fmt_int(b['params'])} | {_fmt_int(a['params'])} | {_ratio(a, 'params')} |",
+            ""]
+
+
+def _ranking_section(report) -> list[str]:
+    out = ["## Ranking", ""]
+    for r in report["ranking"]:
+        if r.get("scorer") != "hessian":
+            out.append(f"- step {r['step']}: {r.get('scorer')} (weight magnitude, no Hessian)")
+            continue
+        mem = r.get("peak_memory", 0) / 2**20
+        out.append(f"- step {r['step']}: Hessian {r['estimator']}, dtype {r['dtype']}, "
+                   f"probes {r['probes']}, retries {r['retries']}, converged {r['converged']}, "
+                   f"{r['seconds']:.2f} s, peak memory {mem:.0f} MiB ({r['peak_memory_kind']}), "
+                   f"batch {r['batch_size']} x {r['n_batches']}")
+    return out + [""]
+
+
+def _accuracy_section(report) -> list[str]:
+    acc = report.get("accuracy") or {}
+    if not acc:
+        return ["## Accuracy", "", "not evaluated", ""]
+    out = ["## Accuracy (top-1 %)", "", "| stage | top-1 |", "|---|---:|"]
+    out += [f"| {k} | {v:.2f} |" for k, v in acc.items()]
+    return out + [""]
+
+
+def _export_section(report) -> list[str]:
+    e, q = report.get("export"), report.get("quantize")
+    out = ["## INT8 and onnxruntime check", ""]
+    if q:
+        out.append(f"- quantization: backend {q['backend']}, mode {q['mode']}, QAT steps "
+                   f"{q['steps']}, calibration batches {q['calibration_batches']}")
+    if not e:
+        return out + ["- no ONNX export", ""]
+    out += [f"- quantized convs (QLinearConv): {100 * e['quantized_conv_fraction']:.1f}%",
+            f"- size: {e['int8_bytes']:,} bytes int8 vs {e['fp32_bytes'] or 0:,} bytes fp32",
+            f"- onnxruntime vs PyTorch INT8: argmax agreement {100 * e['argmax_agreement']:.2f}%, "
+            f"max |diff| {e['max_abs_diff']:.4g}"
+            + (f" = {e['max_diff_steps']:.2f} output steps" if e.get("max_diff_steps") is not None else ""),
+            "", "```", e["summary"], "```", ""]
+    return out
+
+
+def _channels_section(report) -> list[str]:
+    before, after = report["channels_before"], report["channels_after"]
+    out = ["## Channels per layer", "", "| layer | before | after |", "|---|---:|---:|"]
+    out += [f"| {k} | {v} | {after.get(k, '-')} |" for k, v in before.items()]
+    return out + [""]
+
+
+def _pinned_section(report) -> list[str]:
+    out = ["## Pinned groups (never pruned)", ""]
+    if not report["pinned"]:
+        return out + ["none", ""]
+    out += ["| group | channels | reason |", "|---:|---:|---|"]
+    out += [f"| {p['group']} | {p['size']} | {p['reason']} |" for p in report["pinned"]]
+    return out + [""]
+
+
+def _files_section(run) -> list[str]:
+    return ["## Files", "",
+            f"- `{PRUNED_MODEL}`: the pruned GraphModule, `torch.save(gm)`. Load (trusted files only):",
+            f"  `gm = torch.load('{PRUNED_MODEL}', weights_only=False)`",
+            f"- `{PRUNED_STATE}`: state dict, model name and kept widths (weights only). Load:",
+            f"  `from ehap_fx.report import load_pruned; gm = load_pruned('{PRUNED_STATE}')`",
+            f"- `{ONNX_NAME}`: INT8 ONNX (input `input` (N, 3, 32, 32) normalised, output `logits`);"
+            " `model_int8_fp32.onnx`: the pruned fp32 model",
+            "- `report.json`, `channels.png`, `sensitivity.png`",
+            f"- evaluate: `ehap eval {ONNX_NAME} --data DIR`; latency: `ehap bench {ONNX_NAME}`", ""]
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_channels(report: Mapping[str, Any], path: Path) -> None:
+    """Bar chart: output channels of every conv/linear before and after pruning."""
+    plt = _pyplot()
+    names = list(report["channels_before"])
+    before = [report["channels_before"][n] for n in names]
+    after = [report["channels_after"].get(n, 0) for n in names]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(names)), 3.6))
+    x = range(len(names))
+    ax.bar(x, before, color="#c8c8c8", label="before")
+    ax.bar(x, after, color="#1f77b4", label="after")
+    ax.set_xticks(list(x), names, rotation=90, fontsize=6)
+    ax.set_ylabel("output channels")
+    ax.set_title(f"channels per layer ({_title(report)})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sensitivity(report: Mapping[str, Any], path: Path) -> None:
+    """Per-channel sensitivity per group (log scale), kept channels in blue, pruned in red."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 3.6))
+    for i, g in enumerate(report["groups"]):
+        scores = sorted(g["scores"], reverse=True)
+        kept, gone = scores[: g["kept"]], scores[g["kept"]:]
+        ax.scatter([i] * len(kept), kept, s=6, color="#1f77b4", label="kept" if i == 0 else None)
+        ax.scatter([i] * len(gone), gone, s=6, color="#d62728", label="pruned" if i == 0 else None)
+    scores = [s for g in report["groups"] for s in g["scores"]]
+    if scores and min(scores) > 0:
+        ax.set_yscale("log")
+    elif scores:
+        ax.set_yscale("symlog", linthresh=max(1e-12, max(abs(s) for s in scores) * 1e-6))
+    ax.set_xlabel("group (step, id in report.json order)")
+    ax.set_ylabel("channel sensitivity")
+    ax.set_title(f"sensitivity per group ({_title(report)})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _title(report) -> str:
+    return "SYNTHETIC DATA" if report.get("run", {}).get("synthetic") else report["data"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
