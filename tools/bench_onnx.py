@@ -14,6 +14,7 @@ convs onnxruntime runs as QLinearConv and their channel counts; with CIFAR-10 te
 every model (in onnxruntime) when ``../shared/data`` is present.
 
     python tools/bench_onnx.py [--rounds 20] [--round-to 8 16] [--macs 0.5] [--out DIR]
+    python tools/bench_onnx.py --pipeline --rounds 3   # FX vs PT2E quantization step times
 """
 
 from __future__ import annotations
@@ -157,6 +158,45 @@ def print_convs(entries: list[Entry]) -> None:
             print("  " + " ".join(widths[i : i + 12]))
 
 
+def bench_pipeline(args) -> None:
+    """Seconds of each quantization step, FX vs PT2E, on ResNet-20 (QAT), in one run."""
+    from ehap_fx.passes.quantize import convert, prepare
+
+    from ehap_fx.data import synthetic_cifar
+    from ehap_fx.qat import qat_finetune
+
+    data = synthetic_cifar(512, seed=0).loader(32, shuffle=True)
+    steps = {b: {} for b in ("fx", "pt2e")}
+    for _ in range(args.rounds):
+        for b in steps:
+            opts = QuantizeOptions(backend=b, max_steps=4)
+            t = time.perf_counter()
+            p = prepare(get_model("resnet20"), X, opts)
+            t1 = time.perf_counter()
+            qat_finetune(p, data, opts)
+            t2 = time.perf_counter()
+            q = convert(p, opts)
+            t3 = time.perf_counter()
+            with torch.no_grad():
+                q(torch.randn(512, 3, 32, 32))
+            t4 = time.perf_counter()
+            for k, v in {
+                "prepare": t1 - t,
+                "4 QAT steps (batch 32)": t2 - t1,
+                "convert": t3 - t2,
+                "PyTorch INT8, 512 images": t4 - t3,
+            }.items():
+                steps[b].setdefault(k, []).append(v)
+    print(
+        f"\nResNet-20 QAT pipeline, median of {args.rounds} interleaved rounds, "
+        f"{args.threads} threads, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    )
+    print("| step | fx s | pt2e s | pt2e / fx |\n|---|---|---|---|")
+    for k in steps["fx"]:
+        fx, pt = statistics.median(steps["fx"][k]), statistics.median(steps["pt2e"][k])
+        print(f"| {k} | {fx:.2f} | {pt:.2f} | {pt / fx:.1f}x |")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=20)
@@ -171,9 +211,12 @@ def main(argv=None) -> None:
     ap.add_argument("--data", type=Path, default=SHARED / "data")
     ap.add_argument("--weights", type=Path, default=SHARED / "weights")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--pipeline", action="store_true", help="only time the FX vs PT2E QAT steps")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    if args.pipeline:
+        return bench_pipeline(args)
     out = args.out or Path(tempfile.mkdtemp(prefix="bench_onnx_"))
     out.mkdir(parents=True, exist_ok=True)
     train, test = load_data(args.data)
