@@ -22,8 +22,9 @@ from torch import fx, nn
 
 from ehap_fx.errors import EhapError
 from ehap_fx.hessian import HessianOptions, estimate_hessian, group_sensitivity, group_stderr
+from ehap_fx.latency import LatencyModel, LatencyOptions, LatencyTable
 from ehap_fx.passes.cost import Cost, total_cost
-from ehap_fx.passes.group import ChannelGroups, group_channels, groups_of
+from ehap_fx.passes.group import ChannelGroups, KeptChannels, group_channels, groups_of
 from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
 from ehap_fx.target import Target, magnitude_scores, select_plan
@@ -136,6 +137,7 @@ def compress(
     exclude: Sequence[str] = (),
     leaf_modules: Sequence[str | type[nn.Module]] = (),
     data_name: str | None = None,
+    latency: LatencyOptions | None = None,
 ) -> CompressResult:
     """Prune ``model`` to ``target`` by Hessian-aware channel ranking, then optionally
     fine-tune, quantize to INT8 and export to ONNX.
@@ -143,8 +145,9 @@ def compress(
     ``data`` yields ``(x, y)`` batches (e.g. ``ehap_fx.data.load_cifar(...).loader(128)``);
     without it, ranking runs on labelled synthetic data and the report says so. ``eval_data``
     adds top-1 accuracies at each stage. ``quantize`` is a ``passes.quantize.QuantizeOptions``
-    (or None to stay fp32); ``export`` an ONNX path (needs ``quantize``). The input model is
-    not modified.
+    (or None to stay fp32); ``export`` an ONNX path (needs ``quantize``). A latency target
+    measures a per-conv onnxruntime table (``latency`` options, cached on disk). The input
+    model is not modified.
     """
     if scorer not in SCORERS:
         raise ValueError(f"scorer={scorer!r} must be one of {SCORERS}")
@@ -176,17 +179,7 @@ def compress(
     )
     if eval_data is not None:
         report.accuracy["dense"] = evaluate(gm, eval_data)
-    for step in range(1, target.steps + 1):
-        t = time.perf_counter()
-        scores, stderr, summary = _rank(gm, data, scorer, hessian, loss_fn)
-        seconds[f"rank_{step}"] = time.perf_counter() - t
-        plan = select_plan(gm, scores, target, fraction=target.at_step(step), base=base)
-        report.ranking.append({"step": step, **summary})
-        report.groups.extend(_record(step, groups_of(gm), plan, scores, stderr))
-        gm = shrink(gm, plan).graph_module
-        if finetune_options is not None and step < target.steps:
-            finetune(gm, data, finetune_options)
-    report.cost_after = _cost_dict(total_cost(gm), base)
+    gm = _prune(gm, data, target, scorer, hessian, loss_fn, finetune_options, latency, report, seconds)
     report.channels_after = conv_widths(gm)
     if eval_data is not None:
         report.accuracy["pruned"] = evaluate(gm, eval_data)
@@ -240,6 +233,43 @@ def _quantize_and_export(
             "max_diff_steps": rep.max_diff_steps,
             "summary": rep.summary(),
         }
+
+
+def _prune(gm, data, target, scorer, hessian, loss_fn, finetune_options, latency, report, seconds):
+    """The pruning loop: rank → select → shrink, ``target.steps`` times (fine-tuning between)."""
+    base = total_cost(gm)
+    table = LatencyTable(latency or LatencyOptions()) if target.kind == "latency" else None
+    dense_value = None
+    for step in range(1, target.steps + 1):
+        t = time.perf_counter()
+        scores, stderr, summary = _rank(gm, data, scorer, hessian, loss_fn)
+        seconds[f"rank_{step}"] = time.perf_counter() - t
+        model_latency = LatencyModel(gm, table) if table is not None else None
+        if dense_value is None:
+            dense_value = _value(gm, target, model_latency)
+        fraction = target.at_step(step)
+        plan = select_plan(gm, scores, target, fraction=fraction, base=dense_value, latency=model_latency)
+        report.ranking.append({"step": step, **summary})
+        report.groups.extend(_record(step, groups_of(gm), plan, scores, stderr))
+        gm = shrink(gm, plan).graph_module
+        if finetune_options is not None and step < target.steps:
+            finetune(gm, data, finetune_options)
+    report.cost_after = _cost_dict(total_cost(gm), base)
+    if table is not None:
+        after = _value(gm, target, LatencyModel(gm, table))
+        report.target.update(
+            latency_before_s=dense_value, latency_after_s=after, latency_ratio=after / dense_value
+        )
+        table.save()
+    return gm
+
+
+def _value(gm: fx.GraphModule, target: Target, latency: LatencyModel | None) -> float:
+    """The dense value of the target's quantity for ``gm`` (estimated seconds for latency)."""
+    if latency is not None:
+        groups = groups_of(gm)
+        return latency(KeptChannels(groups, [torch.ones(g.size, dtype=torch.bool) for g in groups]))
+    return getattr(total_cost(gm), target.kind)
 
 
 def _take(batches: Iterable, n: int) -> list:

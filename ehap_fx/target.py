@@ -17,17 +17,22 @@ import torch
 from torch import fx
 
 from ehap_fx.errors import TargetError
-from ehap_fx.passes.cost import Cost, plan_cost, total_cost
-from ehap_fx.passes.group import ChannelGroup, groups_of, producer_slices
+from ehap_fx.latency import LatencyModel
+from ehap_fx.passes.cost import plan_cost
+from ehap_fx.passes.group import ChannelGroup, KeptChannels, groups_of, producer_slices
 from ehap_fx.passes.shrink import PrunePlan
 
 #: Kept widths are multiples of this by default (see docs/int8.md for the measurement).
 DEFAULT_ROUND_TO = 8
+KINDS = ("macs", "params", "latency")
 
 
 @dataclass(frozen=True)
 class Target:
-    """What to keep: a fraction of the dense ``macs`` or ``params`` (exactly one of them).
+    """What to keep: a fraction of the dense ``macs``, ``params`` or ``latency`` (exactly one).
+
+    ``latency`` is the estimated onnxruntime latency (``ehap_fx.latency``): channels are then
+    ranked by sensitivity per second saved, as in HALP.
 
     ``max_prune`` caps the fraction of any group's channels that may go, ``min_channels``
     is a floor per group, ``round_to`` makes kept widths multiples of it (groups smaller
@@ -37,15 +42,16 @@ class Target:
 
     macs: float | None = None
     params: float | None = None
+    latency: float | None = None
     max_prune: float = 0.8
     min_channels: int = 1
     round_to: int = DEFAULT_ROUND_TO
     steps: int = 1
 
     def __post_init__(self):
-        set_ = {k: v for k, v in (("macs", self.macs), ("params", self.params)) if v is not None}
+        set_ = {k: getattr(self, k) for k in KINDS if getattr(self, k) is not None}
         if len(set_) != 1:
-            raise ValueError(f"give exactly one of macs= or params= (got {set_ or 'none'})")
+            raise ValueError(f"give exactly one of macs=, params= or latency= (got {set_ or 'none'})")
         ((kind, value),) = set_.items()
         if not 0 < value <= 1:
             raise ValueError(
@@ -60,11 +66,11 @@ class Target:
 
     @property
     def kind(self) -> str:
-        return "macs" if self.macs is not None else "params"
+        return next(k for k in KINDS if getattr(self, k) is not None)
 
     @property
     def fraction(self) -> float:
-        return self.macs if self.macs is not None else self.params
+        return getattr(self, self.kind)
 
     def at_step(self, step: int) -> float:
         """The fraction to reach after ``step`` of ``steps`` (geometric schedule)."""
@@ -86,13 +92,26 @@ def _kept_counts(size: int, target: Target) -> list[int]:
     return [size, *counts]
 
 
-def _blocks(group: ChannelGroup, scores: torch.Tensor, target: Target) -> list[_Block]:
+Saving = Callable[[int, int], float]  # (group id, kept width) -> cost saved vs. the full width
+
+
+def _blocks(group: ChannelGroup, scores: torch.Tensor, target: Target, saving: Saving | None) -> list[_Block]:
+    """Removal steps of one group, each with its ranking key: the mean sensitivity of the
+    channels it removes, or (with ``saving``) their total sensitivity per unit of cost saved.
+    Steps that save nothing (a width the kernels run no faster) merge into the next one."""
     ordered = scores.sort().values
     counts = _kept_counts(group.size, target)
-    blocks, running = [], -math.inf
-    for before, after in zip(counts, counts[1:]):
+    blocks, running, saved, pending = [], -math.inf, 0.0, 0.0
+    for before, after in zip(counts, counts[1:], strict=False):
         block = ordered[group.size - before : group.size - after]
-        running = max(running, float(block.mean()))  # a group loses its weakest channels first
+        if saving is None:
+            key = float(block.mean())
+        else:
+            now, pending = saving(group.id, after), pending + float(block.sum())
+            if now <= saved:
+                continue
+            key, saved, pending = pending / (now - saved), now, 0.0
+        running = max(running, key)  # a group loses its weakest channels first
         blocks.append(_Block(group.id, after, running))
     return blocks
 
@@ -112,40 +131,57 @@ def select_plan(
     target: Target,
     *,
     fraction: float | None = None,
-    base: Cost | None = None,
+    base: float | None = None,
+    latency: LatencyModel | None = None,
 ) -> PrunePlan:
     """The plan that removes the least sensitive channels until ``gm`` meets ``target``.
 
     ``scores[group_id]`` is a ``(size,)`` tensor (higher = more important) for each prunable
     group; groups without scores are left whole. ``fraction`` and ``base`` override the
-    target's fraction and the dense cost it is relative to (iterative pruning passes the
-    original model's cost). Raises TargetError stating the reachable minimum.
+    target's fraction and the dense value it is relative to (iterative pruning passes the
+    original model's). A latency target needs ``latency`` (a ``LatencyModel`` of ``gm``).
+    Raises TargetError stating the reachable minimum.
     """
     groups = groups_of(gm)
-    base = base or total_cost(gm)
-    goal = (fraction if fraction is not None else target.fraction) * getattr(base, target.kind)
-    order = sorted(
-        (
-            b
-            for g in groups.prunable
-            if g.id in scores
-            for b in _blocks(g, scores[g.id].float().cpu(), target)
-        ),
-        key=lambda b: b.score,
+    if target.kind == "latency" and latency is None:
+        raise TargetError(
+            "a latency target needs a LatencyModel: select_plan(..., latency=LatencyModel(gm, table))"
+        )
+
+    def value(plan: PrunePlan) -> float:
+        masks = plan.masks(groups)
+        if target.kind == "latency":
+            return latency(KeptChannels(groups, masks))
+        return getattr(plan_cost(gm, masks), target.kind)
+
+    dense = value(PrunePlan({}))
+    base = base if base is not None else dense
+    goal = (fraction if fraction is not None else target.fraction) * base
+    saving = None
+    if target.kind == "latency":
+
+        def saving(group: int, kept: int) -> float:
+            return dense - value(PrunePlan({group: tuple(range(kept))}))
+
+    blocks = (
+        b
+        for g in groups.prunable
+        if g.id in scores
+        for b in _blocks(g, scores[g.id].float().cpu(), target, saving)
     )
+    order = sorted(blocks, key=lambda b: b.score)
 
-    def cost(n: int) -> int:
-        plan = _plan(order, n, scores)
-        return getattr(plan_cost(gm, plan.masks(groups)), target.kind)
+    def cost(n: int) -> float:
+        return value(_plan(order, n, scores))
 
-    if cost(0) <= goal:
+    if dense <= goal:
         return PrunePlan({})
     if cost(len(order)) > goal:
-        reachable = cost(len(order)) / getattr(base, target.kind)
         raise TargetError(
-            f"target {target.kind}={fraction or target.fraction} is unreachable: with max_prune={target.max_prune}, "
-            f"min_channels={target.min_channels} and round_to={target.round_to} the smallest reachable is "
-            f"{reachable:.3f} of the dense {target.kind}; raise the target, max_prune, or lower round_to"
+            f"target {target.kind}={fraction or target.fraction} is unreachable: with "
+            f"max_prune={target.max_prune}, min_channels={target.min_channels} and round_to={target.round_to} "
+            f"the smallest reachable is {cost(len(order)) / base:.3f} of the dense {target.kind}; "
+            "raise the target or max_prune, or lower round_to"
         )
     lo, hi = 0, len(order)  # cost(lo) > goal >= cost(hi); cost falls as blocks go
     while hi - lo > 1:

@@ -1,0 +1,221 @@
+"""Latency tables for latency-targeted pruning, measured in onnxruntime on this machine.
+
+MACs do not buy speed by themselves: onnxruntime's CPU conv kernels run some channel widths
+far faster than others. Following HALP (Shen et al., "Hardware-Aware Latency Pruning", NVIDIA
+2022), the latency of a pruned graph is estimated as the sum of its convolutions' latencies,
+each looked up in a table of single-conv timings at the exact kept widths. Each entry is
+measured once (a one-node ONNX model: ``QLinearConv`` for INT8, ``Conv`` for fp32, at the
+deployment batch size) and cached on disk, keyed by machine, onnxruntime version and shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from torch import fx, nn
+
+from ehap_fx.errors import EhapError
+from ehap_fx.passes.group import KeptChannels
+
+PRECISIONS = ("int8", "fp32")
+
+
+def default_cache() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "ehap-fx" / "latency.json"
+
+
+@dataclass(frozen=True)
+class LatencyOptions:
+    """How to time convolutions: batch, threads, precision, repeats, and the cache file."""
+
+    batch_size: int = 128
+    threads: int | None = None
+    precision: str = "int8"
+    repeats: int = 5
+    cache: Path | None = field(default_factory=default_cache)
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.repeats < 1:
+            raise ValueError(f"batch_size={self.batch_size} and repeats={self.repeats} must be >= 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} must be one of {PRECISIONS}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads={self.threads} must be >= 1 or None")
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """A convolution as onnxruntime sees it; ``depthwise`` keeps groups == channels."""
+
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    depthwise: bool
+    height: int
+    width: int
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d, height: int, width: int) -> ConvShape:
+        if isinstance(conv.padding, str):
+            raise EhapError(f"conv padding={conv.padding!r}: latency tables need numeric padding")
+        depthwise = conv.groups == conv.in_channels == conv.out_channels
+        return cls(
+            tuple(conv.kernel_size),
+            tuple(conv.stride),
+            tuple(conv.padding),
+            tuple(conv.dilation),
+            1 if depthwise else conv.groups,
+            depthwise,
+            height,
+            width,
+        )
+
+
+def _conv_model(shape: ConvShape, cin: int, cout: int, batch: int, precision: str):
+    """A one-node ONNX model of the conv; its single input is named ``x``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    groups = cin if shape.depthwise else shape.groups
+    rng = np.random.default_rng(0)
+    w_shape = (cout, cin // groups, *shape.kernel)
+    attrs = dict(
+        kernel_shape=list(shape.kernel),
+        strides=list(shape.stride),
+        pads=list(shape.padding) * 2,
+        dilations=list(shape.dilation),
+        group=groups,
+    )
+    oh = (
+        shape.height + 2 * shape.padding[0] - shape.dilation[0] * (shape.kernel[0] - 1) - 1
+    ) // shape.stride[0] + 1
+    ow = (shape.width + 2 * shape.padding[1] - shape.dilation[1] * (shape.kernel[1] - 1) - 1) // shape.stride[
+        1
+    ] + 1
+    if precision == "int8":
+        elem = TensorProto.UINT8
+        inits = [
+            numpy_helper.from_array(np.array(0.02, np.float32), "xs"),
+            numpy_helper.from_array(np.array(128, np.uint8), "xz"),
+            numpy_helper.from_array(rng.integers(-127, 128, w_shape).astype(np.int8), "w"),
+            numpy_helper.from_array(np.full(cout, 0.01, np.float32), "ws"),
+            numpy_helper.from_array(np.zeros(cout, np.int8), "wz"),
+            numpy_helper.from_array(np.array(0.05, np.float32), "ys"),
+            numpy_helper.from_array(np.array(128, np.uint8), "yz"),
+            numpy_helper.from_array(np.zeros(cout, np.int32), "b"),
+        ]
+        node = helper.make_node(
+            "QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"], ["y"], **attrs
+        )
+    else:
+        elem = TensorProto.FLOAT
+        inits = [
+            numpy_helper.from_array(rng.standard_normal(w_shape).astype(np.float32), "w"),
+            numpy_helper.from_array(np.zeros(cout, np.float32), "b"),
+        ]
+        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], **attrs)
+    graph = helper.make_graph(
+        [node],
+        "conv",
+        [helper.make_tensor_value_info("x", elem, [batch, cin, shape.height, shape.width])],
+        [helper.make_tensor_value_info("y", elem, [batch, cout, oh, ow])],
+        initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+class LatencyTable:
+    """Seconds per conv at given widths, measured on demand and cached on disk."""
+
+    def __init__(self, options: LatencyOptions = LatencyOptions()):
+        import onnxruntime as ort
+
+        self.options = options
+        self.machine = (
+            f"{platform.machine()}/{platform.processor()}/ort-{ort.__version__}/threads={options.threads}"
+        )
+        self.entries: dict[str, float] = {}
+        self.measured = 0
+        if options.cache is not None and options.cache.exists():
+            try:
+                self.entries = json.loads(options.cache.read_text()).get(self.machine, {})
+            except (OSError, json.JSONDecodeError):
+                self.entries = {}  # a corrupt cache is re-measured, not trusted
+
+    def _key(self, shape: ConvShape, cin: int, cout: int) -> str:
+        o = self.options
+        return json.dumps([asdict(shape), cin, cout, o.batch_size, o.precision, o.repeats])
+
+    def seconds(self, shape: ConvShape, cin: int, cout: int) -> float:
+        key = self._key(shape, cin, cout)
+        if key not in self.entries:
+            self.entries[key] = self._measure(shape, cin, cout)
+            self.measured += 1
+        return self.entries[key]
+
+    def _measure(self, shape: ConvShape, cin: int, cout: int) -> float:
+        import onnxruntime as ort
+
+        o = self.options
+        model = _conv_model(shape, cin, cout, o.batch_size, o.precision)
+        so = ort.SessionOptions()
+        if o.threads:
+            so.intra_op_num_threads = o.threads
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        dtype = np.uint8 if o.precision == "int8" else np.float32
+        x = (
+            np.random.default_rng(0)
+            .integers(0, 255, (o.batch_size, cin, shape.height, shape.width))
+            .astype(dtype)
+        )
+        sess.run(None, {"x": x})  # warm-up
+        times = []
+        for _ in range(o.repeats):
+            t = time.perf_counter()
+            sess.run(None, {"x": x})
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    def save(self) -> None:
+        """Merge this machine's entries into the cache file (atomically)."""
+        path = self.options.cache
+        if path is None or not self.measured:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            data = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, json.JSONDecodeError):
+            data = {}
+        data[self.machine] = {**data.get(self.machine, {}), **self.entries}
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+
+
+class LatencyModel:
+    """Estimated latency of ``gm`` under a plan: Σ over its convs of the table's timings."""
+
+    def __init__(self, gm: fx.GraphModule, table: LatencyTable):
+        self.table = table
+        self.convs: list[tuple[fx.Node, ConvShape]] = []
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Conv2d):
+                h, w = node.args[0].meta["tensor_meta"].shape[2:]
+                self.convs.append((node, ConvShape.of(gm.get_submodule(node.target), int(h), int(w))))
+
+    def __call__(self, kept: KeptChannels) -> float:
+        total = 0.0
+        for node, shape in self.convs:
+            cin = kept.count(node.args[0]) or node.args[0].meta["tensor_meta"].shape[1]
+            cout = kept.count(node) or node.meta["tensor_meta"].shape[1]
+            total += self.table.seconds(shape, int(cin), int(cout))
+        return total

@@ -1,0 +1,98 @@
+"""Target selection: plans meet MACs/params/latency targets exactly, ranked globally."""
+
+import pytest
+import torch
+
+from ehap_fx.errors import TargetError
+from ehap_fx.latency import LatencyModel, LatencyOptions, LatencyTable
+from ehap_fx.models import get_model
+from ehap_fx.passes.cost import total_cost
+from ehap_fx.passes.group import KeptChannels, group_channels, groups_of
+from ehap_fx.passes.shrink import PrunePlan, shrink
+from ehap_fx.passes.trace import trace
+from ehap_fx.target import Target, magnitude_scores, select_plan
+
+
+@pytest.fixture(scope="module")
+def resnet56():
+    return group_channels(trace(get_model("resnet56").eval(), torch.randn(1, 3, 32, 32))).graph_module
+
+
+def widths(gm):
+    return [m.out_channels for m in gm.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+@pytest.mark.parametrize("target", [Target(macs=0.5), Target(macs=0.35), Target(params=0.3), Target(macs=0.5, round_to=1)])
+def test_plan_meets_target_tightly(resnet56, target):
+    plan = select_plan(resnet56, magnitude_scores(resnet56), target)
+    small = shrink(resnet56, plan).graph_module
+    got = getattr(total_cost(small), target.kind) / getattr(total_cost(resnet56), target.kind)
+    assert target.fraction - 0.05 < got <= target.fraction
+    assert all(w % target.round_to == 0 for w in widths(small))
+    for g in groups_of(resnet56).prunable:  # max_prune: no group loses more than 80 %
+        assert len(plan.keep.get(g.id, range(g.size))) >= 0.2 * g.size
+
+
+def test_least_sensitive_channels_go_first(resnet56):
+    scores = {g.id: torch.arange(g.size, dtype=torch.float) for g in groups_of(resnet56).prunable}
+    target = Target(macs=0.5, round_to=1)
+    plan = select_plan(resnet56, scores, target)
+    for gid, kept in plan.keep.items():  # the kept channels are always the top-scoring ones
+        size = groups_of(resnet56)[gid].size
+        assert list(kept) == list(range(size - len(kept), size))
+
+
+def test_unreachable_target_states_the_minimum(resnet56):
+    with pytest.raises(TargetError, match=r"smallest reachable is 0\.\d+ of the dense macs"):
+        select_plan(resnet56, magnitude_scores(resnet56), Target(macs=0.05))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({}, "exactly one"), ({"macs": 0.5, "params": 0.5}, "exactly one"), ({"macs": 1.5}, r"\(0, 1\]"),
+     ({"macs": 0.5, "max_prune": 1.0}, "max_prune"), ({"macs": 0.5, "round_to": 0}, "round_to")],
+)
+def test_target_validates(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Target(**kwargs)
+
+
+class ModelTable(LatencyTable):
+    """A deterministic stand-in for onnxruntime: time ∝ MACs, but widths off multiples of 16
+    cost as much as the next multiple of 16 (what AVX-512 kernels do)."""
+
+    def __init__(self):
+        super().__init__(LatencyOptions(cache=None))
+
+    def _measure(self, shape, cin, cout):
+        pad = lambda c: -(-c // 16) * 16  # noqa: E731
+        return shape.height * shape.width * pad(cin) * pad(cout) * 1e-9
+
+
+def test_latency_target_prefers_widths_the_kernels_like(resnet56):
+    model = LatencyModel(resnet56, ModelTable())
+    groups = groups_of(resnet56)
+    plan = select_plan(resnet56, magnitude_scores(resnet56), Target(latency=0.6, round_to=8), latency=model)
+    dense = model(KeptChannels(groups, PrunePlan({}).masks(groups)))
+    assert 0.55 * dense < model(KeptChannels(groups, plan.masks(groups))) <= 0.6 * dense
+    # removing 8 of 16 channels saves nothing under this table, so it ranks last: widths are 16-multiples
+    assert all(w % 16 == 0 for w in widths(shrink(resnet56, plan).graph_module))
+    with pytest.raises(TargetError, match="smallest reachable is 0.56"):  # 16-wide stage 1 cannot get faster
+        select_plan(resnet56, magnitude_scores(resnet56), Target(latency=0.5, round_to=8), latency=model)
+    with pytest.raises(TargetError, match="LatencyModel"):
+        select_plan(resnet56, magnitude_scores(resnet56), Target(latency=0.5))
+
+
+def test_latency_table_measures_and_caches(tmp_path):
+    pytest.importorskip("onnxruntime")
+    gm = group_channels(trace(torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1)).eval(), torch.randn(1, 3, 8, 8)))
+    options = LatencyOptions(batch_size=2, repeats=1, cache=tmp_path / "lat.json")
+    table = LatencyTable(options)
+    model = LatencyModel(gm.graph_module, table)
+    groups = groups_of(gm.graph_module)
+    seconds = model(KeptChannels(groups, PrunePlan({}).masks(groups)))
+    assert seconds > 0 and table.measured == 1
+    table.save()
+    again = LatencyTable(options)
+    assert LatencyModel(gm.graph_module, again)(KeptChannels(groups, PrunePlan({}).masks(groups))) == seconds
+    assert again.measured == 0
