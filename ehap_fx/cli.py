@@ -341,6 +341,9 @@ def cmd_compress(args) -> int:
                           export=tmp / "model_int8.onnx" if opts.quantize else None,
                           data_name=train.describe())
         report = _full_report(args, result, train, test, norm, time.perf_counter() - start)
+        if report.get("export"):  # name the final folder, not the temporary one
+            for key in ("path", "summary"):
+                report["export"][key] = str(report["export"][key]).replace(str(tmp), str(out))
         _write_outputs(tmp, args, result, report)
     _summary(out, report, args)
     return 0
@@ -457,29 +460,34 @@ def cmd_eval(args) -> int:
     path = args.path
     if not path.is_file():
         raise UsageError(f"{str(path)!r} does not exist or is not a file")
-    norm = _onnx_normalization(path) if path.suffix == ".onnx" else None
     _, test = load_data(args, train=False)
-    loader = test.loader(args.batch_size or 256, normalization=norm or model_normalization(args))
     if path.suffix == ".onnx":
-        top1 = _onnx_top1(path, loader)
+        norm = _onnx_normalization(path) or model_normalization(args)
+        top1 = _onnx_top1(path, test.loader(args.batch_size or 256, normalization=norm))
     else:
-        top1 = evaluate(_load_checkpoint(path, args, NUM_CLASSES[args.dataset]), loader)
+        model, arch = _load_checkpoint(path, args, NUM_CLASSES[args.dataset])
+        if arch is not None:  # the checkpoint names its architecture: use its normalisation
+            args.model = arch
+        norm = model_normalization(args)
+        top1 = evaluate(model, test.loader(args.batch_size or 256, normalization=norm))
     print(f"ehap: top-1 {top1:.2f}% of {path} on {test.describe()}")
     return 0
 
 
-def _load_checkpoint(path: Path, args, num_classes: int) -> nn.Module:
+def _load_checkpoint(path: Path, args, num_classes: int) -> tuple[nn.Module, str | None]:
+    """(model in eval mode, architecture name recorded in the file or None)."""
     from ehap_fx.models import get_model, load_pretrained
-    from ehap_fx.models.resnet_cifar import read_state_dict  # noqa: F401  (validates format)
     from ehap_fx.report import load_pruned
 
     obj = None
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception):  # a whole pickled GraphModule is not weights-only
         obj = torch.load(path, weights_only=True, map_location="cpu")
+    arch = obj.get("arch") if isinstance(obj, dict) and isinstance(obj.get("arch"), str) else None
     if obj is None or (isinstance(obj, dict) and "channels" in obj):
-        return load_pruned(path)
-    model = _import_model(args.model, num_classes) if ":" in args.model else get_model(args.model, num_classes)
-    return load_pretrained(model, path).eval()
+        return load_pruned(path), arch
+    name = arch or args.model
+    model = _import_model(name, num_classes) if ":" in name else get_model(name, num_classes)
+    return load_pretrained(model, path).eval(), arch
 
 
 def _onnx_normalization(path: Path):

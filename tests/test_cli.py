@@ -1,0 +1,294 @@
+"""The ``ehap`` command line, driven as a user would: subprocesses, exit codes, the output folder.
+
+    ehap compress [flags] --out OUT
+      -> OUT/{pruned_model.pt, pruned_state_dict.pt, model_int8.onnx, report.json, report.md,
+              channels.png, sensitivity.png}     (written to .OUT.partial-PID, renamed at the end)
+      -> user errors: one line "ehap: error: ..." on stderr, exit 1, no OUT, no partial folder
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ehap_fx.report import REPORT_KEYS
+
+# The embedded default with even shorter settings (ResNet-56, synthetic data).
+SHORT = ["--hessian-batch", "16", "--limit-train", "64", "--limit-test", "64",
+         "--batch-size", "32", "--finetune-steps", "1", "--qat-steps", "1", "--quiet"]
+# Quick runs for the error paths: ResNet-20, L1 ranking, tiny data.
+TINY = ["--model", "resnet20", "--scorer", "l1", "--limit-train", "64", "--limit-test", "64",
+        "--batch-size", "32", "--finetune-steps", "1", "--qat-steps", "1", "--quiet"]
+ERROR_LINE = re.compile(r"^ehap: error: .+$", re.MULTILINE)
+
+
+def ehap(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600):
+    """Run ``python -m ehap_fx ARGS`` in ``cwd``; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "ehap_fx", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_user_error(proc, *words: str, out: Path | None = None) -> str:
+    """Exit 1, one 'ehap: error:' line naming ``words``, no traceback, nothing left in ``out``."""
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = ERROR_LINE.findall(proc.stderr)
+    assert len(lines) == 1, proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    if out is not None:
+        assert not out.exists()
+        assert not list(out.parent.glob(f".{out.name}.partial-*"))
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# A successful run
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The embedded default (ResNet-56, synthetic data, Hessian GGN ranking), shortened."""
+    cwd = tmp_path_factory.mktemp("default")
+    proc = ehap("compress", *SHORT, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd / "runs" / "compress-resnet56", proc
+
+
+def test_default_run_writes_every_output(default_run):
+    out, proc = default_run
+    names = {p.name for p in out.iterdir()}
+    assert {"pruned_model.pt", "pruned_state_dict.pt", "model_int8.onnx", "report.json",
+            "report.md", "channels.png", "sensitivity.png"} <= names
+    assert not list(out.parent.glob(".compress-resnet56.*"))  # no temporary folder left
+    for png in ("channels.png", "sensitivity.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"outputs in {Path('runs') / 'compress-resnet56'}" in proc.stdout
+    assert "SYNTHETIC" in proc.stdout and "--data" in proc.stdout  # how to run on real CIFAR
+
+
+def test_default_report_json(default_run):
+    out, _ = default_run
+    report = json.loads((out / "report.json").read_text())
+    assert set(REPORT_KEYS) <= set(report)
+    assert report["run"]["synthetic"] is True and "synthetic" in report["data"]
+    assert report["run"]["model"] == "resnet56"
+    assert report["cost_before"] == {"macs": 127_087_242, "params": 853_018}
+    assert report["cost_after"]["macs_ratio"] <= 0.5
+    before, after = report["channels_before"], report["channels_after"]
+    assert set(before) == set(after) and len(before) == 56  # 55 convs + fc
+    assert all(a == b or a % 8 == 0 for a, b in zip(after.values(), before.values()))
+    assert after["fc"] == 10 and after["conv1"] <= 16
+    (rank,) = report["ranking"]
+    assert rank["scorer"] == "hessian" and rank["estimator"] == "ggn" and rank["batch_size"] == 16
+    assert rank["retries"] == 0 and rank["seconds"] > 0 and rank["peak_memory"] > 0
+    assert {p["reason"] for p in report["pinned"]} == {"model input x", "model output"}
+    assert set(report["accuracy"]) == {"dense", "pruned", "finetuned", "int8_torch"}
+    assert report["quantize"]["mode"] == "qat" and report["quantize"]["steps"] == 1
+    assert report["export"]["quantized_conv_fraction"] == 1.0
+    assert report["export"]["argmax_agreement"] >= 0.9
+    assert ".partial-" not in report["export"]["summary"]
+
+
+def test_default_report_md_shouts_synthetic(default_run):
+    out, _ = default_run
+    md = (out / "report.md").read_text()
+    assert md.index("SYNTHETIC DATA") < md.index("## Cost")
+    assert "| 127,087,242 |" in md and "| layer3.8.conv2 | 64 |" in md
+    assert "model input x" in md and "weights_only=False" in md
+
+
+def test_default_onnx_runs_in_onnxruntime(default_run):
+    ort = pytest.importorskip("onnxruntime")
+    out, _ = default_run
+    sess = ort.InferenceSession(str(out / "model_int8.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32), dtype=np.float32)
+    (logits,) = sess.run(None, {sess.get_inputs()[0].name: x})
+    assert logits.shape == (3, 10) and np.isfinite(logits).all()
+    ops = {n.op_type for n in __import__("onnx").load(str(out / "model_int8.onnx")).graph.node}
+    assert "QuantizeLinear" in ops
+
+
+def test_pruned_checkpoints_reload_identically(default_run):
+    from ehap_fx.report import load_pruned
+
+    out, _ = default_run
+    whole = torch.load(out / "pruned_model.pt", weights_only=False)
+    rebuilt = load_pruned(out / "pruned_state_dict.pt")  # weights only, widths from the file
+    report = json.loads((out / "report.json").read_text())
+    assert {n: m.out_channels for n, m in rebuilt.named_modules()
+            if isinstance(m, torch.nn.Conv2d)} == {k: v for k, v in report["channels_after"].items()
+                                                   if k != "fc"}
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(rebuilt.eval()(x), whole.eval()(x), rtol=0, atol=0)
+
+
+def test_eval_and_bench_on_the_outputs(default_run):
+    out, _ = default_run
+    report = json.loads((out / "report.json").read_text())
+    proc = ehap("eval", str(out / "pruned_state_dict.pt"), "--synthetic", "--limit-test", "64",
+                cwd=out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    top1 = float(re.search(r"top-1 ([\d.]+)%", proc.stdout)[1])
+    assert top1 == pytest.approx(report["accuracy"]["finetuned"], abs=1e-6)
+    proc = ehap("eval", str(out / "model_int8.onnx"), "--synthetic", "--limit-test", "64", cwd=out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    top1 = float(re.search(r"top-1 ([\d.]+)%", proc.stdout)[1])
+    assert top1 == pytest.approx(report["accuracy"]["int8_torch"], abs=100 * 3 / 64)
+    proc = ehap("bench", str(out / "model_int8.onnx"), "--runs", "2", "--threads", "1", cwd=out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["1", "128"] and all(float(r[1]) > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_embedded_default_full_settings(tmp_path):
+    """`ehap compress` with no arguments: the README's first command."""
+    proc = ehap(cwd=tmp_path, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "runs" / "compress-resnet56" / "report.json").read_text())
+    assert report["run"]["synthetic"] and report["ranking"][0]["batch_size"] == 64
+    assert report["cost_after"]["macs_ratio"] <= 0.5
+    assert report["export"]["quantized_conv_fraction"] == 1.0
+
+
+def test_real_cifar10_pretrained_resnet20(cifar10_root, weights_dir, tmp_path):
+    out = tmp_path / "real"
+    proc = ehap("compress", "--model", "resnet20", "--data", str(cifar10_root),
+                "--pretrained-dir", str(weights_dir), "--hessian-batch", "64",
+                "--limit-train", "256", "--limit-test", "256", "--batch-size", "64",
+                "--finetune-steps", "2", "--qat-steps", "2", "--out", str(out), "--quiet",
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["run"]["synthetic"] is False and report["data"].startswith("cifar10 train")
+    assert "SYNTHETIC" not in proc.stdout + (out / "report.md").read_text()
+    assert 70 <= report["accuracy"]["dense"] <= 95  # pretrained ResNet-20 (~81% on this copy)
+    assert report["accuracy"]["int8_torch"] >= 30  # pruned to half the MACs, barely tuned
+    assert report["cost_after"]["macs_ratio"] <= 0.5
+    assert report["export"]["argmax_agreement"] >= 0.9
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, exit 1, nothing written
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unknown_model_name(tmp_path):
+    out = tmp_path / "out"
+    proc = ehap("compress", *TINY, "--model", "vgg16", "--out", str(out), cwd=tmp_path)
+    assert_user_error(proc, "unknown model name='vgg16'", "resnet56", out=out)
+
+
+def test_weights_that_do_not_fit(tmp_path):
+    from ehap_fx.models import get_model
+
+    ckpt = tmp_path / "resnet20.pt"
+    torch.save(get_model("resnet20").state_dict(), ckpt)
+    out = tmp_path / "out"
+    proc = ehap("compress", *TINY, "--model", "resnet32", "--weights", str(ckpt),
+                "--out", str(out), cwd=tmp_path)
+    assert_user_error(proc, "does not fit", "missing keys", out=out)
+
+
+def test_untraceable_model(tmp_path):
+    (tmp_path / "untraceable_net.py").write_text(textwrap.dedent("""
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self, num_classes=10):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 16, 3, padding=1)
+                self.fc = nn.Linear(16, num_classes)
+
+            def forward(self, x):
+                x = self.conv(x)
+                if x.mean() > 0:  # data-dependent branch
+                    x = x.relu()
+                return self.fc(x.mean((2, 3)))
+        """))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    out = tmp_path / "out"
+    proc = ehap("compress", *TINY, "--model", "untraceable_net:Net", "--out", str(out),
+                cwd=tmp_path, env=env)
+    assert_user_error(proc, "cannot trace Net", "untraceable_net.py:12", "leaf_modules", out=out)
+
+
+def test_missing_data_dir(tmp_path):
+    out = tmp_path / "out"
+    proc = ehap("compress", *TINY, "--data", str(tmp_path / "nope"), "--out", str(out),
+                cwd=tmp_path)
+    assert_user_error(proc, "does not exist", "cifar-10-batches-py", out=out)
+
+
+def test_wrong_data_dir(tmp_path):
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"not a pickle")
+    out = tmp_path / "out"
+    proc = ehap("compress", *TINY, "--data", str(tmp_path), "--out", str(out), cwd=tmp_path)
+    assert_user_error(proc, "cifar10 not found", "missing: data_batch_2", "--download", out=out)
+
+
+def test_impossible_target(tmp_path):
+    out = tmp_path / "out"
+    proc = ehap("compress", *TINY, "--target-macs", "0.05", "--out", str(out), cwd=tmp_path)
+    line = assert_user_error(proc, "unreachable", "smallest reachable", out=out)
+    reachable = float(re.search(r"smallest reachable is ([\d.]+)", line)[1])
+    assert 0.05 < reachable < 0.5
+
+
+def test_nan_loss(tmp_path):
+    out = tmp_path / "out"
+    proc = ehap("compress", *TINY, "--lr", "1e30", "--finetune-steps", "4", "--out", str(out),
+                cwd=tmp_path)
+    assert_user_error(proc, "non-finite loss", "lower the learning rate", out=out)
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--round-to", "0"], ["round_to=0"]),
+    (["--target-params", "1.5"], ["params=1.5", "(0, 1]"]),
+    (["--lr", "-1"], ["lr=-1.0"]),
+    (["--synthetic", "--data", "."], ["not both"]),
+])
+def test_bad_flag_values(tmp_path, flags, words):
+    out = tmp_path / "out"
+    proc = ehap("compress", *TINY, *flags, "--out", str(out), cwd=tmp_path)
+    assert_user_error(proc, *words, out=out)
+
+
+def test_refuses_to_replace_a_foreign_folder(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    proc = ehap("compress", *TINY, "--out", str(out), cwd=tmp_path)
+    assert_user_error(proc, "not an ehap output folder")
+    assert (out / "thesis.tex").read_text() == "precious"
+
+
+def test_interrupted_run_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "ehap_fx", "compress", *TINY,
+                             "--finetune-steps", "50", "--out", str(out)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(".out.partial-*")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    time.sleep(1.0)  # inside compress() by now
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
