@@ -92,6 +92,10 @@ def _compress_parser(sub) -> None:
     t = p.add_mutually_exclusive_group()
     t.add_argument("--target-macs", type=float, help="fraction of dense MACs to keep (default 0.5)")
     t.add_argument("--target-params", type=float, help="fraction of dense params to keep")
+    t.add_argument("--target-latency", type=float,
+                   help="fraction of the dense onnxruntime latency to keep (measured, cached)")
+    p.add_argument("--latency-batch", type=int, default=128, help="batch of the latency table")
+    p.add_argument("--latency-precision", choices=("int8", "fp32"), default="int8")
     p.add_argument("--round-to", type=int, default=None, help="kept widths are multiples of this")
     p.add_argument("--max-prune", type=float, default=0.8, help="max fraction of a group to remove")
     p.add_argument("--min-channels", type=int, default=1)
@@ -159,6 +163,7 @@ class CompressOptions:
     hessian: object
     finetune: object
     quantize: object
+    latency: object
 
 
 def profile(args) -> dict:
@@ -169,15 +174,16 @@ def profile(args) -> dict:
 def compress_options(args) -> CompressOptions:
     """The option dataclasses for ``compress()``; bad values raise UsageError."""
     from ehap_fx.hessian import HessianOptions
+    from ehap_fx.latency import LatencyOptions
     from ehap_fx.passes.quantize import QuantizeOptions
     from ehap_fx.target import DEFAULT_ROUND_TO, Target
     from ehap_fx.train import FinetuneOptions
 
     prof, show = profile(args), not args.quiet
     try:
-        target = Target(macs=args.target_macs if args.target_params is None and args.target_macs is not None
-                        else (None if args.target_params is not None else 0.5),
-                        params=args.target_params, max_prune=args.max_prune,
+        given = {k: v for k, v in (("macs", args.target_macs), ("params", args.target_params),
+                                   ("latency", args.target_latency)) if v is not None}
+        target = Target(**(given or {"macs": 0.5}), max_prune=args.max_prune,
                         min_channels=args.min_channels,
                         round_to=DEFAULT_ROUND_TO if args.round_to is None else args.round_to,
                         steps=args.steps)
@@ -195,9 +201,10 @@ def compress_options(args) -> CompressOptions:
             epochs=_pick(args.qat_epochs, prof["qat_epochs"]),
             max_steps=_pick(args.qat_steps, prof["qat_steps"]),
             calibration_batches=prof["calibration_batches"], progress=show)
+        latency = LatencyOptions(batch_size=args.latency_batch, precision=args.latency_precision)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    return CompressOptions(target, args.scorer, hessian, finetune, quantize)
+    return CompressOptions(target, args.scorer, hessian, finetune, quantize, latency)
 
 
 def _pick(flag, default):
@@ -219,7 +226,8 @@ def build_model(args, num_classes: int) -> nn.Module:
 
     if args.weights is not None and args.pretrained_dir is not None:
         raise UsageError("give --weights or --pretrained-dir, not both")
-    model = _import_model(args.model, num_classes) if ":" in args.model else get_model(args.model, num_classes)
+    name = args.model
+    model = _import_model(name, num_classes) if ":" in name else get_model(name, num_classes)
     path = args.weights
     if args.pretrained_dir is not None:
         if ":" in args.model:
@@ -339,7 +347,7 @@ def cmd_compress(args) -> int:
                           target=opts.target, scorer=opts.scorer, hessian=opts.hessian,
                           finetune_options=opts.finetune, quantize=opts.quantize,
                           export=tmp / "model_int8.onnx" if opts.quantize else None,
-                          data_name=train.describe())
+                          data_name=train.describe(), latency=opts.latency)
         report = _full_report(args, result, train, test, norm, time.perf_counter() - start)
         if report.get("export"):  # name the final folder, not the temporary one
             for key in ("path", "summary"):
@@ -409,6 +417,8 @@ def _summary(out: Path, report: dict, args) -> None:
              f"  MACs {b['macs']:,} -> {a['macs']:,} ({a['macs_ratio']:.3f}), params "
              f"{b['params']:,} -> {a['params']:,} ({a['params_ratio']:.3f})",
              f"  top-1: {acc or 'not evaluated'}  [{report['data']}]"]
+    if "latency_ratio" in report["target"]:
+        lines.insert(2, f"  estimated onnxruntime latency: {report['target']['latency_ratio']:.3f} of dense")
     if report["run"]["synthetic"]:
         lines += ["  NOTE: this ran on SYNTHETIC data (random images): the numbers above mean nothing.",
                   "  To run on real CIFAR-10 (folder holding cifar-10-batches-py/; --download fetches it):",

@@ -89,7 +89,7 @@ def test_default_report_json(default_run):
     assert report["cost_after"]["macs_ratio"] <= 0.5
     before, after = report["channels_before"], report["channels_after"]
     assert set(before) == set(after) and len(before) == 56  # 55 convs + fc
-    assert all(a == b or a % 8 == 0 for a, b in zip(after.values(), before.values()))
+    assert all(a == b or a % 8 == 0 for a, b in zip(after.values(), before.values(), strict=True))
     assert after["fc"] == 10 and after["conv1"] <= 16
     (rank,) = report["ranking"]
     assert rank["scorer"] == "hessian" and rank["estimator"] == "ggn" and rank["batch_size"] == 16
