@@ -272,6 +272,7 @@ def group_channels(gm: fx.GraphModule, exclude: Iterable[str] = ()) -> PassResul
     ``node.meta["ehap.channels"]`` and ``ChannelGroups`` to ``gm.meta["ehap.groups"]``.
     ``exclude`` names modules whose channels must never be pruned.
 
+    >>> from torch import nn
     >>> from ehap_fx.passes.trace import trace
     >>> gm = trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
     ...                          nn.Conv2d(8, 4, 1)), torch.randn(1, 3, 8, 8))

@@ -121,3 +121,21 @@ def test_bad_plans_are_refused():
         shrink(gm, PrunePlan({prunable.id: (0, 0)}))
     with pytest.raises(ShrinkError, match="groups"):
         shrink(gm, PrunePlan({999: (0,)}))
+
+
+def test_passes_chain_in_a_pass_manager():
+    from torch.fx.passes.infra.pass_manager import PassManager
+
+    from ehap_fx.passes.cost import CountCost
+    from ehap_fx.passes.group import GroupChannels
+    from ehap_fx.passes.shrink import Shrink
+
+    gm, x = prepare(TinyOptionA(), (2, 3, 16, 16))  # already grouped: group ids are deterministic
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(3))
+    fresh = trace(randomize_bn(TinyOptionA()), x)
+    fresh.load_state_dict(gm.state_dict())
+    result = PassManager([GroupChannels(), Shrink(plan), CountCost()])(fresh)
+    assert result.modified
+    expected = shrink(gm, plan).graph_module
+    torch.testing.assert_close(result.graph_module(x), expected(x))
+    assert total_cost(result.graph_module) == total_cost(expected)
