@@ -1,0 +1,97 @@
+"""tools/reproduce.py: budgets, scorer settings, and a tiny end-to-end run that resumes from its cache."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import reproduce  # noqa: E402
+
+TINY = ["--quick", "--threads", "1", "--train-limit", "128", "--test-limit", "128"]
+
+
+def test_budget_key_changes_with_any_setting():
+    base = reproduce.Budget()
+    assert base.key() == reproduce.Budget().key()
+    assert base.key() != reproduce.Budget(epochs=1.0).key()
+    assert base.key().startswith("cifar10-")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(epochs=0), "epochs=0"),
+    (dict(probes=0), "probes=0"),
+    (dict(qat_steps=-1), "qat_steps=-1"),
+    (dict(dataset="imagenet"), "dataset='imagenet'"),
+])
+def test_budget_names_the_bad_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        reproduce.Budget(**kwargs)
+
+
+def test_half_precision_is_bf16_on_cpu_fp16_on_cuda():
+    cpu, cuda = reproduce.Budget(device="cpu"), reproduce.Budget(device="cuda")
+    assert reproduce.hessian_options("hessian-half", cpu).dtype == "bf16"
+    assert reproduce.hessian_options("hessian-half", cuda).dtype == "fp16"
+    fp32 = reproduce.hessian_options("hessian-fp32", cpu)
+    assert (fp32.estimator, fp32.dtype, fp32.probes, fp32.batch_size) == ("hutchinson", "fp32", 16, 128)
+    ggn = reproduce.hessian_options("ggn-half", cpu)
+    assert (ggn.estimator, ggn.dtype, ggn.probes) == ("ggn", "bf16", None)
+    assert reproduce.hessian_options("l1", cpu) is None
+
+
+def test_cifar100_without_data_says_so(tmp_path):
+    args = reproduce.parse_args(["--dataset", "cifar100", "--data-root", str(tmp_path)])
+    with pytest.raises(reproduce.ReproduceError, match="no CIFAR-100"):
+        reproduce.budget_from(args)
+
+
+def test_quick_run_has_every_row_and_resumes_from_cache(tmp_path):
+    argv = [*TINY, "--models", "resnet20", "--targets", "0.5", "--scorers", "hessian-half", "l1",
+            "--out", str(tmp_path)]
+    rows = reproduce.main(argv)
+    assert [(r["scorer"], r["target"]) for r in rows] == [("dense", 1.0), ("hessian-half", 0.5), ("l1", 0.5)]
+    dense, *pruned = rows
+    assert dense["macs_ratio"] == 1.0 and dense["macs"] == 41_120_394  # ResNet-20, option A (cost pass)
+    for r in pruned:
+        assert abs(r["macs_ratio"] - 0.5) < 0.01  # round_to=1 meets the target closely
+        assert r["params"] < dense["params"]
+        for stage in ("pruned", "finetuned", "int8_onnx"):
+            assert 0.0 <= r[stage] <= 100.0
+        assert r["int8_b1_ms"] > 0 and r["int8_bytes"] < r["params"] * 4
+    assert pruned[0]["hessian_dtype"] == "bf16" and pruned[0]["hessian_probes"] == 2
+    assert pruned[0]["hessian_peak_memory"] > pruned[0]["hessian_rss_growth"] > 0
+    assert pruned[1]["hessian_dtype"] is None  # L1 control: no Hessian
+    saved = json.loads(next(tmp_path.glob("cifar10-*/results.json")).read_text())
+    assert saved["rows"] == rows
+    table = next(tmp_path.glob("cifar10-*/results.md")).read_text().splitlines()
+    assert len(table) == 2 + len(rows) and "| resnet20 | l1 | 0.5 |" in table[-1]
+    # every stage cached: a second run recomputes nothing and gives the same numbers
+    done = sorted(tmp_path.rglob("metrics.json"))
+    stamps = [p.stat().st_mtime_ns for p in done]
+    assert reproduce.main(argv) == rows
+    assert [p.stat().st_mtime_ns for p in done] == stamps
+
+
+def test_cached_scores_that_do_not_fit_the_model_are_refused(tmp_path):
+    argv = [*TINY, "--models", "resnet20", "--targets", "0.5", "--scorers", "l1",
+            "--out", str(tmp_path), "--synthetic"]
+    args = reproduce.parse_args(argv)
+    budget = reproduce.budget_from(args)
+    data = reproduce.load_data(budget, args.data_root)
+    run = reproduce.Run("resnet20", budget, data, args.data_root, None, tmp_path, lambda s: None)
+    run.dense()
+    folder = run.dir / "rank-l1"
+    folder.mkdir(parents=True)
+    torch.save({0: torch.ones(3)}, folder / "scores.pt")
+    (folder / "metrics.json").write_text("{}")
+    with pytest.raises(reproduce.ReproduceError, match="do not match"):
+        run.prune("l1", 0.5)
+
+
+@pytest.mark.slow
+def test_full_quick_mode(tmp_path):
+    rows = reproduce.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
+    assert len(rows) == 2 * (1 + 3 * 3)  # 2 models × (dense + 3 scorers × 3 targets)

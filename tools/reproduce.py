@@ -1,0 +1,572 @@
+"""Reproduce the EHAP table: Hessian pruning in fp32 vs half precision vs L1, fine-tune, INT8, ONNX.
+
+For each model, MACs target and scorer, every stage is evaluated on the test set and cached:
+
+    dense (pretrained) → dense fine-tuned (same budget as the pruned models) → dense INT8 ONNX
+    rank (Hessian fp32 / half, or L1) → prune (before fine-tune) → fine-tune → INT8 → ONNX
+
+Scorers: ``hessian-fp32`` / ``hessian-half`` (the paper's Hutchinson estimator; half is fp16 on
+CUDA, bf16 on a CPU), ``ggn-fp32`` / ``ggn-half`` (ehap-fx's exact Gauss-Newton default), ``l1``
+(the magnitude control). A ranking does not depend on the target, so one Hessian per scorer
+serves all targets (one-shot pruning). Each Hessian runs in a fresh subprocess so that its
+peak memory (CUDA ``max_memory_allocated``, or the peak RSS on a CPU, also given as growth over
+the RSS after setup) belongs to that precision alone.
+
+Resumable: a stage is done when its ``metrics.json`` exists under
+``--out/<dataset>-<budget hash>/<model>/...`` (with its checkpoint next to it), so an
+interrupted run picks up where it stopped. ``--quick`` runs tiny budgets on a slice of the
+shared CIFAR-10 (synthetic data when absent) in a few minutes.
+
+    python tools/reproduce.py --quick
+    python tools/reproduce.py --models resnet56 --targets 0.5 --scorers hessian-fp32 hessian-half l1
+    python tools/reproduce.py --epochs 30 --qat-epochs 1 --device cuda      # a GPU budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from ehap_fx.passes.cost import total_cost
+from ehap_fx.passes.export import INPUT, ExportOptions, export, session
+from ehap_fx.passes.group import group_channels, groups_of
+from ehap_fx.passes.quantize import QuantizeOptions, quantize
+from ehap_fx.passes.shrink import PrunePlan, shrink
+from ehap_fx.passes.trace import trace
+from tqdm.auto import tqdm
+
+from ehap_fx.data import load_cifar, synthetic_cifar
+from ehap_fx.errors import EhapError
+from ehap_fx.hessian import HessianOptions, estimate_hessian, group_sensitivity
+from ehap_fx.models import NUM_CLASSES, find_pretrained, get_model, load_pretrained, normalization
+from ehap_fx.target import Target, magnitude_scores, select_plan
+from ehap_fx.train import FinetuneOptions, evaluate, finetune
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+MODELS = ("resnet32", "resnet56")
+TARGETS = (0.7, 0.5, 0.35)
+SCORERS = ("hessian-fp32", "hessian-half", "ggn-fp32", "ggn-half", "l1")
+DEFAULT_SCORERS = ("hessian-fp32", "hessian-half", "l1")
+
+
+class ReproduceError(EhapError):
+    """A reproduction run that cannot go on (missing data, inconsistent cache)."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Everything that changes the numbers; its hash names the cache folder.
+
+    The defaults are the 2-core CPU budget (``LONG`` is the GPU one). ``epochs`` of
+    fine-tuning (SGD Nesterov, cosine from ``lr``) for the dense baseline and every
+    pruned model alike; INT8 by ``qat_steps`` of QAT (0: PTQ on ``calibration_batches``);
+    Hessian: Hutchinson with ``probes`` Rademacher probes on one batch of ``hessian_batch``
+    training images. ``train_limit``/``test_limit`` keep the first images of each split.
+    ``round_to=1`` (any width) keeps every scorer's MACs within ~1% of the target, so that
+    accuracies compare at equal cost (with 8, one block of a coupled residual group can
+    overshoot a 0.5 target to 0.41).
+    """
+
+    dataset: str = "cifar10"
+    epochs: float = 0.5
+    lr: float = 0.01
+    batch_size: int = 128
+    max_steps: int | None = None
+    qat_steps: int = 0
+    qat_lr: float = 1e-3
+    calibration_batches: int = 16
+    hessian_batch: int = 128
+    probes: int = 16
+    train_limit: int | None = None
+    test_limit: int | None = None
+    synthetic: bool = False
+    device: str = "cpu"
+    round_to: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dataset not in NUM_CLASSES:
+            raise ValueError(f"dataset={self.dataset!r} must be one of {tuple(NUM_CLASSES)}")
+        if not self.epochs > 0:
+            raise ValueError(f"epochs={self.epochs} must be > 0")
+        for name in ("batch_size", "hessian_batch", "probes", "calibration_batches", "round_to"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.qat_steps < 0:
+            raise ValueError(f"qat_steps={self.qat_steps} must be >= 0 (0 = PTQ)")
+
+    @property
+    def half(self) -> str:
+        """The half precision of this device: fp16 on CUDA, bf16 on a CPU."""
+        return "fp16" if self.device.startswith("cuda") else "bf16"
+
+    def key(self) -> str:
+        text = json.dumps(asdict(self), sort_keys=True)
+        return f"{self.dataset}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+
+
+LONG = Budget(epochs=30.0, qat_steps=1000, hessian_batch=256, probes=200)
+QUICK = Budget(epochs=1.0, max_steps=2, qat_steps=2, calibration_batches=2, hessian_batch=32,
+               probes=2, train_limit=256, test_limit=256, batch_size=64)
+
+
+def hessian_options(scorer: str, budget: Budget) -> HessianOptions | None:
+    """The Hessian settings of ``scorer``; None for the L1 control."""
+    if scorer == "l1":
+        return None
+    estimator, precision = scorer.split("-")
+    dtype = budget.half if precision == "half" else "fp32"
+    probes = budget.probes if estimator == "hessian" else None
+    return HessianOptions(estimator="hutchinson" if estimator == "hessian" else "ggn", dtype=dtype,
+                          batch_size=budget.hessian_batch, probes=probes, seed=budget.seed,
+                          data_seed=budget.seed, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data, models, cache
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Data:
+    train: object
+    test: object
+    describe: str
+
+
+def load_data(budget: Budget, root: Path) -> Data:
+    if budget.synthetic:
+        n = budget.train_limit or 512
+        train = synthetic_cifar(n, num_classes=NUM_CLASSES[budget.dataset], seed=0)
+        test = synthetic_cifar(budget.test_limit or 256, num_classes=NUM_CLASSES[budget.dataset], seed=1)
+        return Data(train, test, f"{train.name} ({n} train / {len(test)} test)")
+    try:
+        train = load_cifar(root, budget.dataset, "train")
+        test = load_cifar(root, budget.dataset, "test")
+    except EhapError as e:
+        raise ReproduceError(f"{budget.dataset} not found under {root}: {e}; pass --data-root, or "
+                             "--quick for synthetic data") from e
+    if budget.train_limit:
+        train = train.head(budget.train_limit)
+    if budget.test_limit:
+        test = test.head(budget.test_limit)
+    return Data(train, test, f"{train.describe()} / {test.describe()}")
+
+
+def train_loader(data: Data, budget: Budget, model: str, seed: int = 0):
+    return data.train.loader(budget.batch_size, shuffle=True, augment=True, seed=budget.seed + seed,
+                             normalization=normalization(model, budget.dataset))
+
+
+def test_loader(data: Data, budget: Budget, model: str):
+    return data.test.loader(500, normalization=normalization(model, budget.dataset))
+
+
+def dense_model(name: str, budget: Budget, weights: Path | None) -> tuple[torch.nn.Module, str]:
+    """The pretrained model (or a seeded random one when there are no weights), and its origin."""
+    model = get_model(name, NUM_CLASSES[budget.dataset])
+    if weights is not None:
+        try:
+            path = find_pretrained(name, weights, budget.dataset)
+            return load_pretrained(model, path).eval(), path.name
+        except EhapError:
+            pass
+    torch.manual_seed(budget.seed)
+    return get_model(name, NUM_CLASSES[budget.dataset]).eval(), "random init (no weights found)"
+
+
+def example_input(budget: Budget) -> torch.Tensor:
+    return torch.zeros(2, 3, 32, 32, device=budget.device)
+
+
+def grouped(model: torch.nn.Module, budget: Budget):
+    return group_channels(trace(copy.deepcopy(model).eval(), example_input(budget).cpu())).graph_module
+
+
+def stage(folder: Path, fn, desc: str, log) -> dict:
+    """Run ``fn(folder)`` unless ``folder/metrics.json`` exists; its dict is the stage result."""
+    done = folder / "metrics.json"
+    if done.exists():
+        log(f"[cached] {desc}")
+        return json.loads(done.read_text())
+    log(f"[run] {desc}")
+    folder.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    metrics = fn(folder)
+    metrics["stage_seconds"] = round(time.perf_counter() - t, 2)
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(metrics, indent=1))
+    os.replace(tmp, done)
+    return metrics
+
+
+def _to(model, device):
+    return model.to(torch.device(device))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+
+
+class Run:
+    """One model on one budget: the stages, with their cache folders."""
+
+    def __init__(self, name: str, budget: Budget, data: Data, data_root: Path, weights: Path | None,
+                 out: Path, log):
+        self.name, self.budget, self.data, self.data_root, self.log = name, budget, data, data_root, log
+        self.dir = out / budget.key() / name
+        self.model, self.origin = dense_model(name, budget, weights)
+        self.base = total_cost(grouped(self.model, budget))
+
+    def _cost(self, gm) -> dict:
+        c = total_cost(gm)
+        return {"macs": c.macs, "params": c.params, "macs_ratio": c.macs / self.base.macs,
+                "params_ratio": c.params / self.base.params}
+
+    def _finetune(self, model, folder: Path) -> dict:
+        b = self.budget
+        opts = FinetuneOptions(epochs=b.epochs, lr=b.lr, max_steps=b.max_steps, progress=True)
+        model = _to(model, b.device)
+        res = finetune(model, train_loader(self.data, b, self.name), opts)
+        torch.save(model.state_dict(), folder / "model.pt")
+        return {"top1": evaluate(model, test_loader(self.data, b, self.name)), "steps": res.steps,
+                "finetune_seconds": round(res.seconds, 1), "final_loss": res.losses[-1]}
+
+    def dense(self) -> dict:
+        def fn(folder):
+            torch.save(self.model.state_dict(), folder / "model.pt")
+            m = _to(copy.deepcopy(self.model), self.budget.device)
+            return {"top1": evaluate(m, test_loader(self.data, self.budget, self.name)),
+                    "origin": self.origin, **self._cost(grouped(self.model, self.budget))}
+        return stage(self.dir / "dense", fn, f"{self.name} dense", self.log)
+
+    def dense_ft(self) -> dict:
+        return stage(self.dir / "dense-ft", lambda f: self._finetune(copy.deepcopy(self.model), f),
+                     f"{self.name} dense fine-tune", self.log)
+
+    def dense_int8(self) -> dict:
+        def fn(folder):
+            m = copy.deepcopy(self.model)
+            m.load_state_dict(torch.load(self.dir / "dense-ft" / "model.pt", map_location="cpu"))
+            return self._int8(grouped(m, self.budget), folder)
+        return stage(self.dir / "dense-int8", fn, f"{self.name} dense INT8", self.log)
+
+    def rank(self, scorer: str) -> dict:
+        def fn(folder):
+            gm = grouped(self.model, self.budget)
+            if scorer == "l1":
+                t = time.perf_counter()
+                scores = magnitude_scores(gm)
+                torch.save(scores, folder / "scores.pt")
+                return {"scorer": "l1", "seconds": round(time.perf_counter() - t, 3)}
+            return self._hessian_subprocess(scorer, folder)
+        return stage(self.dir / f"rank-{scorer}", fn, f"{self.name} rank {scorer}", self.log)
+
+    def _hessian_subprocess(self, scorer: str, folder: Path) -> dict:
+        # the batch goes to the worker as a small file: loading CIFAR there would set its peak RSS
+        torch.save(hessian_batch(self.budget, self.name, self.data.train), folder / "batch.pt")
+        spec = {"batch": str(folder / "batch.pt"), "model": self.name, "budget": asdict(self.budget),
+                "scorer": scorer, "threads": torch.get_num_threads(),
+                "dense": str(self.dir / "dense" / "model.pt"), "out": str(folder),
+                "data_root": str(self.data_root)}
+        (folder / "spec.json").write_text(json.dumps(spec))
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--rank-worker", str(folder / "spec.json")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ReproduceError(f"Hessian worker for {scorer} failed (rc={proc.returncode}):\n"
+                                 f"{proc.stderr[-3000:]}")
+        return json.loads((folder / "summary.json").read_text())
+
+    def _rebuild(self, scorer: str, target: float):
+        plan = json.loads((self.dir / f"{scorer}-{target}" / "pruned" / "plan.json").read_text())
+        keep = PrunePlan({int(g): tuple(k) for g, k in plan.items()})
+        return shrink(grouped(self.model, self.budget), keep).graph_module
+
+    def prune(self, scorer: str, target: float) -> dict:
+        def fn(folder):
+            gm = grouped(self.model, self.budget)
+            scores = torch.load(self.dir / f"rank-{scorer}" / "scores.pt")
+            if {g.id: g.size for g in groups_of(gm).prunable if g.id in scores} != \
+                    {g: len(s) for g, s in scores.items()}:
+                raise ReproduceError(f"cached scores of {scorer} do not match {self.name}'s groups; "
+                                     f"delete {self.dir / f'rank-{scorer}'}")
+            plan = select_plan(gm, scores, Target(macs=target, round_to=self.budget.round_to))
+            (folder / "plan.json").write_text(json.dumps({str(g): list(k) for g, k in plan.keep.items()}))
+            pruned = _to(shrink(gm, plan).graph_module, self.budget.device)
+            return {"top1": evaluate(pruned, test_loader(self.data, self.budget, self.name)),
+                    **self._cost(pruned)}
+        return stage(self.dir / f"{scorer}-{target}" / "pruned", fn,
+                     f"{self.name} prune {scorer} @ {target}", self.log)
+
+    def pruned_ft(self, scorer: str, target: float) -> dict:
+        return stage(self.dir / f"{scorer}-{target}" / "ft",
+                     lambda f: self._finetune(self._rebuild(scorer, target), f),
+                     f"{self.name} fine-tune {scorer} @ {target}", self.log)
+
+    def pruned_int8(self, scorer: str, target: float) -> dict:
+        def fn(folder):
+            gm = self._rebuild(scorer, target)
+            gm.load_state_dict(torch.load(self.dir / f"{scorer}-{target}" / "ft" / "model.pt",
+                                          map_location="cpu"))
+            return self._int8(gm, folder)
+        return stage(self.dir / f"{scorer}-{target}" / "int8", fn,
+                     f"{self.name} INT8 {scorer} @ {target}", self.log)
+
+    def _int8(self, gm, folder: Path) -> dict:
+        """QAT (or PTQ) on the CPU FX backend, ONNX export verified, ORT top-1 and latency."""
+        b = self.budget
+        gm = gm.cpu().eval()
+        opts = QuantizeOptions(mode="qat" if b.qat_steps else "ptq", epochs=1.0,
+                               max_steps=b.qat_steps or None, lr=b.qat_lr,
+                               calibration_batches=b.calibration_batches)
+        loader = train_loader(self.data, b, self.name, seed=1)
+        q = quantize(gm, example_input(b).cpu(), loader, opts)
+        tests = test_loader(self.data, b, self.name)
+        inputs = torch.cat([x for x, _ in tests])[:512]
+        rep = export(q, example_input(b).cpu(), folder / "model_int8.onnx", inputs=inputs, float_model=gm,
+                     options=ExportOptions(threads=1))
+        ort_top1 = ort_accuracy(folder / "model_int8.onnx", tests)
+        lat = {f"int8_{k}": v for k, v in onnx_latency(folder / "model_int8.onnx", b).items()}
+        lat.update({f"fp32_{k}": v for k, v in onnx_latency(folder / "model_int8_fp32.onnx", b).items()})
+        return {"top1": ort_top1, "torch_int8_agreement": rep.argmax_agreement, "mode": q.mode,
+                "qat_steps": q.steps, "int8_bytes": rep.int8_bytes, "fp32_bytes": rep.fp32_bytes,
+                "quantized_conv_fraction": rep.quantized_conv_fraction, **lat}
+
+    def all(self, scorers, targets) -> list[dict]:
+        """Every stage for this model; one result row per (scorer, target) plus the dense row.
+
+        Order: rankings, then per target the pruned and fine-tuned models of every scorer, the
+        dense fine-tune, and the INT8 stages last, so that a run cut short has the comparison.
+        """
+        dense = self.dense()
+        ranks = {s: self.rank(s) for s in scorers}
+        runs = [(s, t) for t in targets for s in scorers]
+        pruned = {k: self.prune(*k) for k in runs}
+        ft = {k: self.pruned_ft(*k) for k in runs}
+        dense_ft = self.dense_ft()
+        int8 = {k: self.pruned_int8(*k) for k in runs}
+        dense_int8 = self.dense_int8()
+        rows = [{"model": self.name, "scorer": "dense", "target": 1.0, "dense": dense["top1"],
+                 "pruned": dense["top1"], "finetuned": dense_ft["top1"], "int8_onnx": dense_int8["top1"],
+                 **_cost_fields(dense), **_latency_fields(dense_int8)}]
+        for s, t in runs:
+            rows.append({"model": self.name, "scorer": s, "target": t, "dense": dense["top1"],
+                         "pruned": pruned[s, t]["top1"], "finetuned": ft[s, t]["top1"],
+                         "int8_onnx": int8[s, t]["top1"], **_cost_fields(pruned[s, t]),
+                         **_latency_fields(int8[s, t]), **_rank_fields(ranks[s])})
+        return rows
+
+
+def _cost_fields(m: dict) -> dict:
+    return {"macs": m["macs"], "params": m["params"], "macs_ratio": m["macs_ratio"],
+            "params_ratio": m["params_ratio"]}
+
+
+def _latency_fields(m: dict) -> dict:
+    return {k: m[k] for k in ("int8_b1_ms", "int8_b128_ms", "fp32_b1_ms", "fp32_b128_ms", "int8_bytes")}
+
+
+def _rank_fields(r: dict) -> dict:
+    keys = ("estimator", "dtype", "probes", "batch_size", "seconds", "peak_memory", "rss_growth",
+            "peak_memory_kind", "retries")
+    return {f"hessian_{k}": r.get(k) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------
+# onnxruntime: accuracy and latency
+# ---------------------------------------------------------------------------------------------
+
+
+def ort_accuracy(path: Path, loader) -> float:
+    """Top-1 % of the ONNX model in onnxruntime over ``loader``."""
+    sess = session(path)
+    correct = total = 0
+    for x, y in loader:
+        logits = sess.run(None, {INPUT: x.numpy()})[0]
+        correct += int((logits.argmax(1) == y.numpy()).sum())
+        total += len(y)
+    return 100.0 * correct / total
+
+
+def onnx_latency(path: Path, budget: Budget) -> dict:
+    """Median milliseconds per run at batch 1 and batch 128, one onnxruntime thread."""
+    sess = session(path, threads=1)
+    quick = budget.max_steps is not None and budget.max_steps <= 5
+    out = {}
+    for batch, runs in ((1, 20 if quick else 200), (128, 2 if quick else 10)):
+        x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+        sess.run(None, {INPUT: x})
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            sess.run(None, {INPUT: x})
+            times.append(time.perf_counter() - t)
+        out[f"b{batch}_ms"] = round(1000 * float(np.median(times)), 3)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Hessian worker (a fresh process per precision, so peak memory is its own)
+# ---------------------------------------------------------------------------------------------
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def rank_worker(spec_path: Path) -> None:
+    spec = json.loads(spec_path.read_text())
+    budget = Budget(**spec["budget"])
+    torch.set_num_threads(spec["threads"])
+    out = Path(spec["out"])
+    model = get_model(spec["model"], NUM_CLASSES[budget.dataset])
+    model.load_state_dict(torch.load(spec["dense"], map_location="cpu"))
+    gm = grouped(model.eval(), budget)
+    if "batch" in spec:
+        x, y = torch.load(spec["batch"])
+    else:
+        x, y = hessian_batch(budget, spec["model"], load_data(budget, Path(spec["data_root"])).train)
+    opts = hessian_options(spec["scorer"], budget)
+    device = torch.device(budget.device)
+    gm = gm.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    base = _rss()
+    groups = groups_of(gm).prunable
+    names = sorted({m.module for g in groups for m in g.members if m.role == "out"})
+    result = estimate_hessian(gm, (x, y), opts, names=names, groups=groups)
+    scores = group_sensitivity(groups, gm, result)
+    torch.save({g: s.cpu() for g, s in scores.items()}, out / "scores.pt")
+    summary = {**result.summary(), "scorer": spec["scorer"], "base_rss": base,
+               "rss_growth": result.peak_memory - base if device.type == "cpu" else None}
+    (out / "summary.json").write_text(json.dumps(summary))
+
+
+def hessian_batch(budget: Budget, model: str, data) -> tuple[torch.Tensor, torch.Tensor]:
+    """``hessian_batch`` training images drawn with ``budget.seed``, normalised, no augmentation."""
+    gen = torch.Generator().manual_seed(budget.seed)
+    idx = torch.randperm(len(data), generator=gen)[: budget.hessian_batch]
+    norm = normalization(model, budget.dataset)
+    return norm(data.images[idx]), data.labels[idx]
+
+
+# ---------------------------------------------------------------------------------------------
+# Table and CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def table(rows: list[dict]) -> str:
+    """The results as a Markdown table."""
+    head = ("| model | scorer | target | MACs (M) | MACs kept | params (K) | pruned top-1 | "
+            "fine-tuned top-1 | INT8 ONNX top-1 | Hessian s | Hessian peak MiB (growth) | "
+            "ONNX INT8 ms b1 / b128 | ONNX fp32 ms b1 / b128 |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['scorer']} | {r['target']} | {r['macs'] / 1e6:.1f} | "
+            f"{r['macs_ratio']:.3f} | {r['params'] / 1e3:.1f} | {r['pruned']:.2f} | {r['finetuned']:.2f} | "
+            f"{r['int8_onnx']:.2f} | {_hessian_cells(r)} | "
+            f"{r['int8_b1_ms']:.2f} / {r['int8_b128_ms']:.1f} | "
+            f"{r['fp32_b1_ms']:.2f} / {r['fp32_b128_ms']:.1f} |")
+    return "\n".join(lines)
+
+
+def _hessian_cells(r: dict) -> str:
+    """``seconds | peak MiB (growth MiB)``, blank for the L1 control and the dense row."""
+    hs, mem, growth = (r.get(f"hessian_{k}") for k in ("seconds", "peak_memory", "rss_growth"))
+    if mem is None:
+        return f"{'' if hs is None else f'{hs:.1f}'} | "
+    extra = "" if growth is None else f" ({growth / 2**20:.0f})"
+    return f"{hs:.1f} | {mem / 2**20:.0f}{extra}"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny budgets on a data slice (CI, minutes)")
+    p.add_argument("--long", action="store_true", help="the GPU budget: 30 epochs, 1000 QAT steps, "
+                   "200 probes on 256 images")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS + ("resnet20", "resnet44"))
+    p.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
+    p.add_argument("--scorers", nargs="+", default=list(DEFAULT_SCORERS), choices=SCORERS)
+    p.add_argument("--dataset", default="cifar10", choices=tuple(NUM_CLASSES))
+    p.add_argument("--epochs", type=float, help="fine-tune epochs (default 0.5)")
+    p.add_argument("--max-steps", type=int, help="cap on fine-tune steps")
+    p.add_argument("--qat-steps", type=int, help="QAT steps (default 0 = PTQ)")
+    p.add_argument("--probes", type=int, help="Hutchinson probes (default 16)")
+    p.add_argument("--hessian-batch", type=int, help="Hessian batch size (default 128)")
+    p.add_argument("--round-to", type=int, help="kept widths multiple of this (default 1)")
+    p.add_argument("--threads", type=int, help="torch threads (1 is far faster on a busy CPU)")
+    p.add_argument("--train-limit", type=int)
+    p.add_argument("--test-limit", type=int)
+    p.add_argument("--synthetic", action="store_true", help="synthetic data instead of CIFAR")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data-root", type=Path, default=SHARED / "data")
+    p.add_argument("--weights", type=Path, default=SHARED / "weights")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "reproduce")
+    p.add_argument("--rank-worker", type=Path, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def budget_from(args) -> Budget:
+    if args.quick and args.long:
+        raise ReproduceError("--quick and --long are exclusive")
+    base = QUICK if args.quick else LONG if args.long else Budget()
+    missing = not (args.data_root / "cifar-10-batches-py").exists()
+    synthetic = args.synthetic or (missing and args.dataset == "cifar10")
+    if args.dataset == "cifar100" and not (args.data_root / "cifar-100-python").exists():
+        raise ReproduceError(f"no CIFAR-100 under {args.data_root} (shared/data has none); "
+                             "pass --data-root or --synthetic")
+    overrides = {k: v for k, v in dict(
+        epochs=args.epochs, max_steps=args.max_steps, qat_steps=args.qat_steps, probes=args.probes,
+        hessian_batch=args.hessian_batch, round_to=args.round_to, train_limit=args.train_limit,
+        test_limit=args.test_limit,
+    ).items() if v is not None}
+    return replace(base, dataset=args.dataset, device=args.device, synthetic=synthetic, **overrides)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.rank_worker is not None:
+        rank_worker(args.rank_worker)
+        return []
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budget = budget_from(args)
+    data = load_data(budget, args.data_root)
+    log = tqdm.write
+    log(f"budget {budget.key()}: {budget}\ndata: {data.describe}")
+    rows = []
+    for name in args.models:
+        run = Run(name, budget, data, args.data_root, args.weights, args.out, log)
+        rows.extend(run.all(args.scorers, args.targets))
+    folder = args.out / budget.key()
+    meta = {"budget": asdict(budget), "data": data.describe, "argv": sys.argv[1:] if argv is None else argv,
+            "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
+            "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    (folder / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    md = table(rows)
+    (folder / "results.md").write_text(md + "\n")
+    print(md)
+    print(f"\nresults: {folder / 'results.json'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
