@@ -34,7 +34,7 @@ import torch
 from ehap_fx.passes.cost import total_cost
 from ehap_fx.passes.export import ExportReport, export, export_onnx, session
 from ehap_fx.passes.group import group_channels
-from ehap_fx.passes.quantize import QuantizeOptions, quantize
+from ehap_fx.passes.quantize import QuantizeOptions, QuantizeResult, quantize
 from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
 
@@ -166,7 +166,9 @@ def bench_pipeline(args) -> None:
     from ehap_fx.qat import qat_finetune
 
     data = synthetic_cifar(512, seed=0).loader(32, shuffle=True)
-    steps = {b: {} for b in ("fx", "pt2e")}
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
+    out.mkdir(parents=True, exist_ok=True)
+    steps, reports = {b: {} for b in ("fx", "pt2e")}, {}
     for _ in range(args.rounds):
         for b in steps:
             opts = QuantizeOptions(backend=b, max_steps=4)
@@ -180,11 +182,15 @@ def bench_pipeline(args) -> None:
             with torch.no_grad():
                 q(torch.randn(512, 3, 32, 32))
             t4 = time.perf_counter()
+            result = QuantizeResult(q, b, "qat")
+            reports[b] = export(result, X, out / f"pipeline_resnet20_{b}.onnx")
+            t5 = time.perf_counter()
             for k, v in {
                 "prepare": t1 - t,
                 "4 QAT steps (batch 32)": t2 - t1,
                 "convert": t3 - t2,
                 "PyTorch INT8, 512 images": t4 - t3,
+                "ONNX export + ORT graph check": t5 - t4,
             }.items():
                 steps[b].setdefault(k, []).append(v)
     print(
@@ -195,6 +201,18 @@ def bench_pipeline(args) -> None:
     for k in steps["fx"]:
         fx, pt = statistics.median(steps["fx"][k]), statistics.median(steps["pt2e"][k])
         print(f"| {k} | {fx:.2f} | {pt:.2f} | {pt / fx:.1f}x |")
+    entries = [Entry(f"resnet20 int8 {b}", r.path, 0, r) for b, r in reports.items()]
+    med = time_models(entries, args.batch, max(args.rounds, 5), args.threads)
+    print(f"\nonnxruntime, same ResNet-20 QAT graph from each backend ({args.threads} threads)")
+    print(f"| backend | QLinearConv | b=1 ms | b={args.batch} ms | b={args.batch} fx/backend |")
+    print("|---|---|---|---|---|")
+    for e in entries:
+        lb = med[(e.name, args.batch)]
+        print(
+            f"| {e.name} | {sum(c.quantized for c in e.report.convs)}/{len(e.report.convs)} | "
+            f"{1e3 * med[(e.name, 1)]:.2f} | {1e3 * lb:.1f} | "
+            f"{med[(entries[0].name, args.batch)] / lb:.2f}x |"
+        )
 
 
 def main(argv=None) -> None:
