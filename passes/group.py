@@ -28,7 +28,6 @@ Nothing is guessed.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -222,38 +221,43 @@ def _build_groups(a: _Analysis) -> tuple[ChannelGroups, np.ndarray, np.ndarray]:
     """Cluster units (union-find roots) by the parameters they touch; returns groups and,
     for each label, its group id and channel index within the group."""
     roots = a.uf.roots()
-    n_labels = len(roots)
-    # where[unit] -> {touch_id: [indices]}
-    where: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
-    for t_id, t in enumerate(a.touches):
-        for label, idx in zip(roots[t.labels].tolist(), t.index.tolist()):
-            where[label][t_id].append(idx)
+    # (unit, touch, index) triples, deduplicated and sorted: a unit's touches are contiguous
+    trip = np.zeros((0, 3), dtype=np.int64)
+    if a.touches:
+        rows = [
+            np.stack([roots[t.labels], np.full(len(t.labels), i), t.index], 1)
+            for i, t in enumerate(a.touches)
+        ]
+        trip = np.unique(np.concatenate(rows), axis=0)
+    pairs, pair_start, pair_count = np.unique(trip[:, :2], axis=0, return_index=True, return_counts=True)
+    touched_units, first_pair = np.unique(pairs[:, 0], return_index=True)
+    last_pair = np.append(first_pair[1:], len(pairs))
     pin_of_root: dict[int, str] = {}
     for label, reason in a.uf.pins.items():
         pin_of_root.setdefault(int(roots[label]), reason)
-    # Units in order of first label; signature = touched parameters (with multiplicity) + pin.
-    units = np.unique(roots)
+    # signature = the touches (with how many indices each) + the pin reason
     clusters: dict[tuple, list[int]] = {}
-    for u in units.tolist():
-        touched = where.get(u, {})
-        sig = (tuple((t, len(set(ix))) for t, ix in sorted(touched.items())), pin_of_root.get(u))
+    where = dict(zip(touched_units.tolist(), zip(first_pair.tolist(), last_pair.tolist())))
+    for u in np.unique(roots).tolist():
+        lo, hi = where.get(u, (0, 0))
+        touches = tuple(zip(pairs[lo:hi, 1].tolist(), pair_count[lo:hi].tolist()))
+        sig = (touches, pin_of_root.get(u))
         clusters.setdefault(sig, []).append(u)
-    group_of_unit = np.full(n_labels, -1, dtype=np.int64)
-    index_of_unit = np.full(n_labels, -1, dtype=np.int64)
+    group_of_unit = np.full(len(roots), -1, dtype=np.int64)
+    index_of_unit = np.full(len(roots), -1, dtype=np.int64)
     groups = []
-    for gid, (sig, members_units) in enumerate(clusters.items()):
-        touched_ids = [t for t, _ in sig[0]]
+    for gid, ((touches, pinned), units) in enumerate(clusters.items()):
+        first = np.array([where[u][0] for u in units], dtype=np.int64) if touches else None
         members = []
-        for t_id in touched_ids:
+        for j, (t_id, count) in enumerate(touches):
+            idx = pair_start[first + j][:, None] + np.arange(count)[None, :]  # (size, count)
             t = a.touches[t_id]
-            rows = [sorted(set(where[u][t_id])) for u in members_units]
-            members.append(Member(t.node, t.module, t.role, t.dim, torch.tensor(rows, dtype=torch.long)))
-        pinned = sig[1]
+            members.append(Member(t.node, t.module, t.role, t.dim, torch.from_numpy(trip[idx, 2])))
         if pinned is None and not members:
             pinned = "channels touch no parameter"
-        groups.append(ChannelGroup(gid, len(members_units), tuple(members), pinned))
-        group_of_unit[members_units] = gid
-        index_of_unit[members_units] = np.arange(len(members_units))
+        groups.append(ChannelGroup(gid, len(units), tuple(members), pinned))
+        group_of_unit[units] = gid
+        index_of_unit[units] = np.arange(len(units))
     return ChannelGroups(tuple(groups)), group_of_unit[roots], index_of_unit[roots]
 
 
