@@ -98,7 +98,9 @@ def test_default_report_json(default_run):
     assert set(report["accuracy"]) == {"dense", "pruned", "finetuned", "int8_torch"}
     assert report["quantize"]["mode"] == "qat" and report["quantize"]["steps"] == 1
     assert report["export"]["quantized_conv_fraction"] == 1.0
-    assert report["export"]["argmax_agreement"] >= 0.9
+    # a barely trained random model has near-tied logits: INT8 rounding flips some argmaxes
+    assert report["export"]["argmax_agreement"] >= 0.5
+    assert report["export"]["max_diff_steps"] <= 20
     assert ".partial-" not in report["export"]["summary"]
 
 
@@ -292,3 +294,18 @@ def test_interrupted_run_leaves_nothing(tmp_path):
     assert proc.returncode == 130, stderr[-2000:]
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_train_then_eval_the_checkpoint(tmp_path):
+    ckpt = tmp_path / "r20.pt"
+    proc = ehap("train", "--model", "resnet20", "--synthetic", "--limit-train", "64",
+                "--limit-test", "64", "--batch-size", "32", "--steps", "2", "--quiet",
+                "--out", str(ckpt), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trained = float(re.search(r"top-1 ([\d.]+)%", proc.stdout)[1])
+    assert f"--weights {ckpt}" in proc.stdout and not list(tmp_path.glob("*.partial-*"))
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["arch"] == "resnet20" and saved["steps"] == 2 and saved["synthetic"] is True
+    proc = ehap("eval", str(ckpt), "--synthetic", "--limit-test", "64", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(re.search(r"top-1 ([\d.]+)%", proc.stdout)[1]) == pytest.approx(trained, abs=1e-6)
