@@ -95,3 +95,20 @@ def test_cached_scores_that_do_not_fit_the_model_are_refused(tmp_path):
 def test_full_quick_mode(tmp_path):
     rows = reproduce.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
     assert len(rows) == 2 * (1 + 3 * 3)  # 2 models × (dense + 3 scorers × 3 targets)
+
+
+def test_agreement_with_fp32_from_cached_scores_and_plans(tmp_path):
+    run = reproduce.Run.__new__(reproduce.Run)
+    run.dir = tmp_path
+    fp32 = {0: torch.tensor([1.0, 2.0, 3.0, 4.0]), 1: torch.tensor([5.0, 6.0])}
+    half = {0: torch.tensor([1.0, 2.0, 4.0, 3.0]), 1: torch.tensor([5.0, 6.0])}
+    plans = {"hessian-fp32": {"0": [2, 3]}, "hessian-half": {"0": [1, 2]}}  # removes {0,1} vs {0,3}
+    for scorer, scores in (("hessian-fp32", fp32), ("hessian-half", half)):
+        (tmp_path / f"rank-{scorer}").mkdir()
+        torch.save(scores, tmp_path / f"rank-{scorer}" / "scores.pt")
+        (tmp_path / f"{scorer}-0.5" / "pruned").mkdir(parents=True)
+        (tmp_path / f"{scorer}-0.5" / "pruned" / "plan.json").write_text(json.dumps(plans[scorer]))
+    got = run.agreement("hessian-half", 0.5)
+    assert got["pruned_jaccard_vs_fp32"] == pytest.approx(1 / 3)  # {0} of {0, 1, 3}
+    assert got["spearman_vs_fp32"] == pytest.approx(1 - 6 * 2 / (6 * 35))  # one swapped pair of 6
+    assert run.agreement("hessian-half", 0.7) == {}  # no fp32 plan at that target

@@ -46,6 +46,7 @@ from ehap_fx.passes.group import group_channels, groups_of
 from ehap_fx.passes.quantize import QuantizeOptions, quantize
 from ehap_fx.passes.shrink import PrunePlan, shrink
 from ehap_fx.passes.trace import trace
+from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from ehap_fx.data import load_cifar, synthetic_cifar
@@ -368,8 +369,30 @@ class Run:
             rows.append({"model": self.name, "scorer": s, "target": t, "dense": dense["top1"],
                          "pruned": pruned[s, t]["top1"], "finetuned": ft[s, t]["top1"],
                          "int8_onnx": int8[s, t]["top1"], **_cost_fields(pruned[s, t]),
-                         **_latency_fields(int8[s, t]), **_rank_fields(ranks[s])})
+                         **_latency_fields(int8[s, t]), **_rank_fields(ranks[s]),
+                         **self.agreement(s, t)})
         return rows
+
+    def agreement(self, scorer: str, target: float, reference: str = "hessian-fp32") -> dict:
+        """Spearman of all channel scores, and Jaccard overlap of the pruned channel sets, with
+        ``reference``'s (empty when the reference was not run)."""
+        ref = self.dir / f"rank-{reference}" / "scores.pt"
+        ref_plan = self.dir / f"{reference}-{target}" / "pruned" / "plan.json"
+        if not (ref.exists() and ref_plan.exists()):
+            return {}
+        a, b = torch.load(self.dir / f"rank-{scorer}" / "scores.pt"), torch.load(ref)
+        ids = sorted(set(a) & set(b))
+        rho = spearmanr(torch.cat([a[g] for g in ids]).numpy(), torch.cat([b[g] for g in ids]).numpy())
+        mine = _removed(self.dir / f"{scorer}-{target}" / "pruned" / "plan.json", a)
+        theirs = _removed(ref_plan, b)
+        return {"spearman_vs_fp32": float(rho.statistic),
+                "pruned_jaccard_vs_fp32": len(mine & theirs) / max(1, len(mine | theirs))}
+
+
+def _removed(plan_path: Path, scores: dict) -> set[tuple[int, int]]:
+    """The ``(group, channel)`` pairs a cached plan removes."""
+    keep = {int(g): set(k) for g, k in json.loads(plan_path.read_text()).items()}
+    return {(g, c) for g, k in keep.items() for c in range(len(scores[g])) if c not in k}
 
 
 def _cost_fields(m: dict) -> dict:
@@ -474,17 +497,23 @@ def hessian_batch(budget: Budget, model: str, data) -> tuple[torch.Tensor, torch
 def table(rows: list[dict]) -> str:
     """The results as a Markdown table."""
     head = ("| model | scorer | target | MACs (M) | MACs kept | params (K) | pruned top-1 | "
-            "fine-tuned top-1 | INT8 ONNX top-1 | Hessian s | Hessian peak MiB (growth) | "
+            "fine-tuned top-1 | INT8 ONNX top-1 | ρ vs fp32 | pruned-set Jaccard vs fp32 | "
+            "Hessian s | Hessian peak MiB (growth) | "
             "ONNX INT8 ms b1 / b128 | ONNX fp32 ms b1 / b128 |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['scorer']} | {r['target']} | {r['macs'] / 1e6:.1f} | "
             f"{r['macs_ratio']:.3f} | {r['params'] / 1e3:.1f} | {r['pruned']:.2f} | {r['finetuned']:.2f} | "
-            f"{r['int8_onnx']:.2f} | {_hessian_cells(r)} | "
+            f"{r['int8_onnx']:.2f} | {_fmt(r.get('spearman_vs_fp32'))} | "
+            f"{_fmt(r.get('pruned_jaccard_vs_fp32'))} | {_hessian_cells(r)} | "
             f"{r['int8_b1_ms']:.2f} / {r['int8_b128_ms']:.1f} | "
             f"{r['fp32_b1_ms']:.2f} / {r['fp32_b128_ms']:.1f} |")
     return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 def _hessian_cells(r: dict) -> str:
