@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ehap_fx import distributed
 from ehap_fx.errors import EhapError
-from ehap_fx.hessian import HessianOptions, estimate_hessian, group_sensitivity, group_stderr
+from ehap_fx.hessian import HessianOptions, group_sensitivity, group_stderr
 from ehap_fx.latency import LatencyModel, LatencyOptions, LatencyTable
 from ehap_fx.passes.cost import Cost, total_cost
 from ehap_fx.passes.group import ChannelGroups, KeptChannels, group_channels, groups_of
@@ -103,7 +104,9 @@ def _rank(gm, data, scorer: str, hessian: HessianOptions, loss_fn) -> tuple[dict
         return magnitude_scores(gm), None, {"scorer": "l1"}
     groups = groups_of(gm)
     names = sorted({m.module for g in groups.prunable for m in g.members if m.role == "out"})
-    result = estimate_hessian(gm, data, hessian, names=names, loss_fn=loss_fn, groups=groups.prunable)
+    # estimate_hessian itself, split over the ranks inside a torch.distributed process group
+    result = distributed.estimate_hessian_distributed(gm, data, hessian, names=names, loss_fn=loss_fn,
+                                                      groups=groups.prunable)
     scores = group_sensitivity(groups.prunable, gm, result)
     stderr = group_stderr(groups.prunable, gm, result)
     return scores, stderr, {"scorer": "hessian", **result.summary()}
@@ -161,6 +164,7 @@ def compress(
     gm = group_channels(
         trace(copy.deepcopy(model).eval(), example_input, leaf_modules=leaf_modules), exclude
     ).graph_module
+    distributed.broadcast_module(gm)  # under torchrun: every rank starts from rank 0's weights
     seconds["trace_group"] = time.perf_counter() - t
     base = total_cost(gm)
     report = CompressReport(
@@ -181,18 +185,22 @@ def compress(
         report.accuracy["dense"] = evaluate(gm, eval_data)
     gm = _prune(gm, data, target, scorer, hessian, loss_fn, finetune_options, latency, report, seconds)
     report.channels_after = conv_widths(gm)
+    distributed.check_replicas(report.channels_after)
+    train_data = distributed.shard_loader(data)  # this rank's share for DDP training
     if eval_data is not None:
         report.accuracy["pruned"] = evaluate(gm, eval_data)
     if finetune_options is not None:
         t = time.perf_counter()
-        result = finetune(gm, data, finetune_options, eval_loader=eval_data)
+        result = finetune(gm, train_data, finetune_options, eval_loader=eval_data)
         seconds["finetune"] = time.perf_counter() - t
         report.finetune = _plain(result)
         if eval_data is not None:
             report.accuracy["finetuned"] = evaluate(gm, eval_data)
     out = CompressResult(gm, report)
     if quantize is not None:
-        _quantize_and_export(out, example_input, data, eval_data, quantize, export, seconds)
+        qdata = train_data if getattr(quantize, "mode", None) == "qat" else data  # PTQ: same batches
+        export = export if distributed.is_main() else None  # only rank 0 writes
+        _quantize_and_export(out, example_input, qdata, eval_data, quantize, export, seconds)
     report.seconds = {k: round(v, 3) for k, v in seconds.items()}
     return out
 
@@ -249,18 +257,20 @@ def _prune(gm, data, target, scorer, hessian, loss_fn, finetune_options, latency
             dense_value = _value(gm, target, model_latency)
         fraction = target.at_step(step)
         plan = select_plan(gm, scores, target, fraction=fraction, base=dense_value, latency=model_latency)
+        plan = distributed.broadcast_object(plan)  # rank 0's plan on every rank (latency timings differ)
         report.ranking.append({"step": step, **summary})
         report.groups.extend(_record(step, groups_of(gm), plan, scores, stderr))
         gm = shrink(gm, plan).graph_module
         if finetune_options is not None and step < target.steps:
-            finetune(gm, data, finetune_options)
+            finetune(gm, distributed.shard_loader(data), finetune_options)
     report.cost_after = _cost_dict(total_cost(gm), base)
     if table is not None:
         after = _value(gm, target, LatencyModel(gm, table))
         report.target.update(
             latency_before_s=dense_value, latency_after_s=after, latency_ratio=after / dense_value
         )
-        table.save()
+        if distributed.is_main():
+            table.save()
     return gm
 
 

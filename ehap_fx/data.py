@@ -172,35 +172,58 @@ class CifarLoader:
         seed: int,
         drop_last: bool,
         normalization: Normalization,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
-        if drop_last and batch_size > len(data):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        if drop_last and batch_size > self._local_size():
             raise DataError(
-                f"drop_last with batch_size={batch_size} > {len(data)} images yields no batch; "
-                "lower batch_size or set drop_last=False"
+                f"drop_last with batch_size={batch_size} > {self._local_size()} images yields no "
+                "batch; lower batch_size or set drop_last=False"
             )
-        self.data, self.batch_size = data, batch_size
         self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
         self.normalization = normalization
         self._gen = torch.Generator().manual_seed(seed)
+        # shards share the order generator; each augments with its own
+        self._aug = self._gen if world_size == 1 else torch.Generator().manual_seed(seed + 7919 * (rank + 1))
+
+    def sharded(self, rank: int, world_size: int) -> CifarLoader:
+        """This loader's shard ``rank`` of ``world_size`` (a ``DistributedSampler`` equivalent).
+
+        Every shard draws the same epoch order and keeps positions ``rank, rank + world_size,
+        ...`` of it, padded by wrapping around so that all shards have the same length.
+        """
+        return CifarLoader(self.data, self.batch_size, self.shuffle, self.augment, self.seed,
+                           self.drop_last, self.normalization, rank=rank, world_size=world_size)
+
+    def _local_size(self) -> int:
+        return -(-len(self.data) // self.world_size)
 
     @property
     def synthetic(self) -> bool:
         return self.data.synthetic
 
     def __len__(self) -> int:
-        n, b = len(self.data), self.batch_size
+        n, b = self._local_size(), self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.data)
         order = torch.randperm(n, generator=self._gen) if self.shuffle else torch.arange(n)
+        if self.world_size > 1:
+            padded = self._local_size() * self.world_size
+            order = order.repeat(-(-padded // n))[:padded][self.rank::self.world_size]
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             idx = order[start:start + self.batch_size]
             images = self.data.images[idx]  # (B, 3, 32, 32) uint8
             if self.augment:
-                images = augment_batch(images, self._gen)
+                images = augment_batch(images, self._aug)
             yield self.normalization(images), self.data.labels[idx]
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ehap_fx.distributed import data_parallel, global_mean, is_main
 from ehap_fx.errors import TrainError
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -136,11 +137,11 @@ def finetune(
     losses: list[float] = []
     reports: list[EpochReport] = []
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc="finetune", unit="step", disable=not options.progress)
-    with bar:
+    bar = tqdm(total=steps, desc="finetune", unit="step", disable=not (options.progress and is_main()))
+    with bar, data_parallel(model) as net:  # DDP inside a torch.distributed process group
         while len(losses) < steps:
-            model.train()
-            epoch_losses = _run_epoch(model, train_loader, optimizer, schedule, criterion,
+            net.train()
+            epoch_losses = _run_epoch(net, train_loader, optimizer, schedule, criterion,
                                       device, steps - len(losses), len(losses), bar)
             losses.extend(epoch_losses)
             top1 = evaluate(model, eval_loader) if eval_loader is not None else None
@@ -162,7 +163,7 @@ def _run_epoch(model, loader, optimizer, schedule, criterion, device, budget, do
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss = criterion(model(x), y)
-        value = loss.item()
+        value = global_mean(loss)  # loss.item(), averaged over the ranks under DDP
         if not math.isfinite(value):
             raise TrainError(
                 f"non-finite loss {value} at step {done + len(losses)} "

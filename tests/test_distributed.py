@@ -1,0 +1,205 @@
+"""Two CPU processes (gloo on 127.0.0.1) against the single-process reference.
+
+One ``torch.multiprocessing.spawn`` of 2 ranks runs every distributed case and saves what
+each rank got; the tests compare the ranks with each other and with ``estimate_hessian``
+run here, in one process, over the same probes and the same Hessian samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from nets import TinyOptionA, randomize_bn
+
+from ehap_fx.data import synthetic_cifar
+from ehap_fx.distributed import (
+    SEED_STRIDE,
+    _BatchShard,
+    estimate_hessian_distributed,
+    is_distributed,
+    shard_loader,
+)
+from ehap_fx.hessian import HessianOptions, estimate_hessian
+
+WORLD = 2
+HUTCH = HessianOptions(estimator="hutchinson", dtype="fp32", batch_size=32, n_batches=1,
+                       probes=6, progress=False)
+CASES = {  # name: (options, shard)
+    "probes": (HUTCH, "probes"),
+    "data_batches": (dataclasses.replace(HUTCH, batch_size=16, n_batches=2, probes=4), "data"),
+    "data_split": (dataclasses.replace(HUTCH, probes=4), "data"),
+    "ggn": (dataclasses.replace(HUTCH, estimator="ggn", probes=None), "auto"),
+    "hybrid": (dataclasses.replace(HUTCH, estimator="hybrid", probes=2), "data"),
+    "adaptive": (dataclasses.replace(HUTCH, probes=None, min_probes=4, check_every=4,
+                                     max_probes=16, tol=0.3, rank_threshold=None), "probes"),
+}
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return randomize_bn(TinyOptionA(), seed=0)
+
+
+def _data():
+    return synthetic_cifar(64, seed=0)
+
+
+def _hessian_batch():
+    return next(iter(_data().loader(64)))  # (x (64, 3, 32, 32), y (64,))
+
+
+def _compress(model):
+    from ehap_fx.passes.quantize import QuantizeOptions
+
+    from ehap_fx import Target, compress
+    from ehap_fx.train import FinetuneOptions
+
+    loader = _data().loader(16, shuffle=True, augment=True, seed=1)
+    target = Target(macs=0.6, round_to=1, steps=2)  # fine-tunes between the two steps
+    return compress(model, torch.randn(1, 3, 32, 32), data=loader, target=target,
+                    hessian=dataclasses.replace(HUTCH, probes=4),
+                    finetune_options=FinetuneOptions(max_steps=3, lr=0.05, progress=False),
+                    quantize=QuantizeOptions(backend="fx", max_steps=2, progress=False))
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD)
+    try:
+        got = {}
+        for name, (opts, shard) in CASES.items():
+            r = estimate_hessian_distributed(_model(), _hessian_batch(), opts, shard=shard)
+            got[name] = {"rows": r.probe_traces, "traces": r.traces, "probes": r.probes,
+                         "history": r.history}
+        model = _model()
+        result = _compress(model)
+        got["pruned"] = {k: v.clone() for k, v in result.pruned.state_dict().items()}
+        got["int8"] = {k: v for k, v in result.quantized.state_dict().items()
+                       if torch.is_tensor(v)}
+        got["widths"] = result.report.channels_after
+        got["finetune_losses"] = result.report.finetune["losses"]
+        got["dense"] = {k: v.clone() for k, v in model.state_dict().items()}
+        torch.save(got, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread here, as in each rank: two threads on a loaded 2-core box run 20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _flat(traces: dict) -> torch.Tensor:
+    return torch.cat(list(traces.values()))
+
+
+def _close(a, b):  # fp32 rounding: sums over the batch in another order
+    torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6 * float(b.abs().max()))
+
+
+def test_ranks_return_the_same_estimate_bit_for_bit(ranks):
+    for name in CASES:
+        assert torch.equal(ranks[0][name]["rows"], ranks[1][name]["rows"]), name
+        assert repr(ranks[0][name]["history"]) == repr(ranks[1][name]["history"]), name  # nan
+
+
+def test_probe_shards_equal_one_process_over_the_same_probes(ranks):
+    opts, _ = CASES["probes"]
+    x, y = _hessian_batch()
+    parts = [estimate_hessian(_model(), (x, y), dataclasses.replace(opts, probes=3, seed=s))
+             for s in (0, SEED_STRIDE)]  # rank 0: chunk 0, rank 1: chunk 1
+    rows = torch.cat([p.probe_traces for p in parts])
+    assert ranks[0]["probes"]["probes"] == 6
+    _close(ranks[0]["probes"]["rows"], rows)
+    _close(_flat(ranks[0]["probes"]["traces"]), rows.mean(0))
+
+
+@pytest.mark.parametrize("name", ["data_batches", "data_split", "ggn", "hybrid"])
+def test_data_shards_equal_one_process_over_the_whole_batch(ranks, name):
+    opts, _ = CASES[name]
+    ref = estimate_hessian(_model(), _hessian_batch(), opts)
+    assert ranks[0][name]["probes"] == ref.probes
+    _close(ranks[0][name]["rows"], ref.probe_traces)
+    _close(_flat(ranks[0][name]["traces"]), _flat(ref.traces))
+
+
+def test_adaptive_rounds_stop_together_on_the_combined_estimate(ranks):
+    got = ranks[0]["adaptive"]
+    n = [h[0] for h in got["history"]]
+    assert n == list(range(4, got["probes"] + 1, 4)) and 8 <= got["probes"] <= 16
+    assert got["rows"].shape[0] == got["probes"]
+    x, y = _hessian_batch()
+    opts = CASES["adaptive"][0]
+    first = [estimate_hessian(_model(), (x, y), dataclasses.replace(opts, probes=2, seed=s))
+             for s in (0, SEED_STRIDE)]  # round 0 of 2 ranks
+    _close(got["rows"][:4], torch.cat([f.probe_traces for f in first]))
+
+
+def test_ranks_end_with_the_same_pruned_and_int8_models(ranks):
+    a, b = ranks
+    assert a["widths"] == b["widths"]
+    assert sum(a["widths"].values()) < sum(conv for conv in _dense_widths().values())
+    assert a["pruned"].keys() == b["pruned"].keys()
+    for k in a["pruned"]:
+        assert torch.equal(a["pruned"][k], b["pruned"][k]), k
+    for k in a["int8"]:
+        assert torch.equal(a["int8"][k], b["int8"][k]), k
+    assert a["finetune_losses"] == b["finetune_losses"]  # averaged over the ranks
+    assert len(a["finetune_losses"]) == 2  # ceil(64 / 2 ranks / 16): one epoch of a shard
+
+
+def _dense_widths():
+    from ehap_fx.compress import conv_widths
+
+    return conv_widths(_model())
+
+
+def test_cifar_shards_partition_an_epoch():
+    loader = _data().loader(10, shuffle=True, seed=3)
+    shards = [loader.sharded(r, 3) for r in range(3)]
+    seen = [torch.cat([x for x, _ in s]) for s in shards]
+    assert [len(s) for s in shards] == [3, 3, 3]  # ceil(ceil(64 / 3) / 10)
+    assert [t.shape[0] for t in seen] == [22, 22, 22]  # 66 = 64 + 2 wrapped around
+    whole = torch.cat(seen)
+    full = torch.cat([x for x, _ in _data().loader(64)])
+    assert torch.unique(whole, dim=0).shape[0] == 64 == torch.unique(full, dim=0).shape[0]
+
+
+def test_batch_shards_have_equal_lengths():
+    batches = [(torch.full((1,), float(i)), torch.zeros(1)) for i in range(5)]
+    got = [[int(x) for x, _ in _BatchShard(batches, r, 2)] for r in range(2)]
+    assert got == [[0, 2, 4], [1, 3, 1]]
+
+
+def test_single_process_is_the_plain_estimate():
+    assert not is_distributed()
+    x, y = _hessian_batch()
+    a = estimate_hessian_distributed(_model(), (x, y), CASES["probes"][0])
+    b = estimate_hessian(_model(), (x, y), CASES["probes"][0])
+    assert torch.equal(a.probe_traces, b.probe_traces)
+    loader = _data().loader(16)
+    assert shard_loader(loader) is loader
