@@ -240,8 +240,8 @@ def test_resnet56_short_qat_within_half_pt(cifar10_root, weights_dir, tmp_path, 
         q = quantize(
             model,
             X,
-            train.loader(128, shuffle=True, augment=True, normalization=norm),
-            QuantizeOptions(backend=backend, max_steps=100, lr=1e-3),
+            train.loader(64, shuffle=True, augment=True, normalization=norm),
+            QuantizeOptions(backend=backend, max_steps=30, lr=1e-3),
         )
         report = export(
             q,

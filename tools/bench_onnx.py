@@ -229,6 +229,7 @@ def main(argv=None) -> None:
     ap.add_argument("--data", type=Path, default=SHARED / "data")
     ap.add_argument("--weights", type=Path, default=SHARED / "weights")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--test-limit", type=int, default=None, help="score only the first N test images")
     ap.add_argument("--pipeline", action="store_true", help="only time the FX vs PT2E QAT steps")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -238,6 +239,8 @@ def main(argv=None) -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="bench_onnx_"))
     out.mkdir(parents=True, exist_ok=True)
     train, test = load_data(args.data)
+    if test is not None and args.test_limit:
+        test = test.head(args.test_limit)
     model, source = base_model(args.weights)
     norm = normalization("resnet56")
     inputs = next(iter((test or train).loader(512, normalization=norm)))[0]
@@ -274,7 +277,8 @@ def main(argv=None) -> None:
         f"onnxruntime {__import__('onnxruntime').__version__}, {args.threads} threads; "
         f"ResNet-56 ({source} weights), INT8 = {quant}, pruned = L1 select_plan to "
         f"{args.macs} MACs (fine-tune {args.finetune_steps} steps); median of {args.rounds} "
-        f"interleaved rounds; speed-up = dense fp32 latency / model latency"
+        f"interleaved rounds; speed-up = dense fp32 latency / model latency; top-1 on "
+        f"{len(test) if test is not None else 0} CIFAR-10 test images (onnxruntime)"
     )
     print_table(entries, med, args.batch)
     print_convs(entries)
