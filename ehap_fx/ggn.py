@@ -43,7 +43,7 @@ def ggn_channel_traces(
     model: nn.Module,
     names: list[str],
     x: torch.Tensor,
-    chunk: int = 32,
+    chunk: int = 8,
     autocast: Callable | None = None,
 ) -> list[torch.Tensor]:
     """Exact ``Tr(G_c)`` of mean softmax cross-entropy for every output channel.

@@ -73,7 +73,7 @@ class HessianOptions:
     channels_last: bool = False
     loss_scale: float | None = None  # None: 2**16 for fp16, no scaling otherwise
     max_retries: int = 30
-    ggn_chunk: int = 32
+    ggn_chunk: int = 8  # samples per vmapped GGN chunk: memory ~ chunk × classes × weights
     seed: int = 0  # probes
     data_seed: int = 0  # which samples form the Hessian batches
     progress: bool = True

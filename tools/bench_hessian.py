@@ -59,6 +59,7 @@ SPEED_CONFIGS = {
     "hybrid-bf16": dict(estimator="hybrid", dtype="bf16"),
     "ggn-fp32": dict(estimator="ggn", dtype="fp32"),
     "ggn-bf16": dict(estimator="ggn", dtype="bf16"),
+    "ggn-bf16-chunk8": dict(estimator="ggn", dtype="bf16", ggn_chunk=8),
 }
 CURVES = {
     "hutch-fp32": dict(estimator="hutchinson", dtype="fp32"),
