@@ -17,7 +17,15 @@ def test_budget_key_changes_with_any_setting():
     base = reproduce.Budget()
     assert base.key() == reproduce.Budget().key()
     assert base.key() != reproduce.Budget(epochs=1.0).key()
-    assert base.key().startswith("cifar10-")
+    assert base.rank_key().startswith("cifar10-")
+
+
+def test_rank_key_ignores_fine_tune_and_int8_settings():
+    base = reproduce.Budget()
+    longer = reproduce.Budget(epochs=30.0, qat_steps=1000, max_steps=5)
+    assert base.rank_key() == longer.rank_key() and base.key() != longer.key()
+    assert base.rank_key() != reproduce.Budget(probes=32).rank_key()
+    assert base.rank_key() != reproduce.Budget(device="cuda").rank_key()  # bf16 vs fp16
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -64,9 +72,9 @@ def test_quick_run_has_every_row_and_resumes_from_cache(tmp_path):
     assert pruned[0]["hessian_dtype"] == "bf16" and pruned[0]["hessian_probes"] == 2
     assert pruned[0]["hessian_peak_memory"] > pruned[0]["hessian_rss_growth"] > 0
     assert pruned[1]["hessian_dtype"] is None  # L1 control: no Hessian
-    saved = json.loads(next(tmp_path.glob("cifar10-*/results.json")).read_text())
+    saved = json.loads(next(tmp_path.glob("cifar10-*/results-*.json")).read_text())
     assert saved["rows"] == rows
-    table = next(tmp_path.glob("cifar10-*/results.md")).read_text().splitlines()
+    table = next(tmp_path.glob("cifar10-*/results-*.md")).read_text().splitlines()
     assert len(table) == 2 + len(rows) and "| resnet20 | l1 | 0.5 |" in table[-1]
     # every stage cached: a second run recomputes nothing and gives the same numbers
     done = sorted(tmp_path.rglob("metrics.json"))

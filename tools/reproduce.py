@@ -12,14 +12,18 @@ serves all targets (one-shot pruning). Each Hessian runs in a fresh subprocess s
 peak memory (CUDA ``max_memory_allocated``, or the peak RSS on a CPU, also given as growth over
 the RSS after setup) belongs to that precision alone.
 
-Resumable: a stage is done when its ``metrics.json`` exists under
-``--out/<dataset>-<budget hash>/<model>/...`` (with its checkpoint next to it), so an
-interrupted run picks up where it stopped. ``--quick`` runs tiny budgets on a slice of the
+Resumable: a stage is done when its ``metrics.json`` exists (with its checkpoint next to it),
+so an interrupted run picks up where it stopped. Layout, keyed by what each stage depends on::
+
+    --out/<dataset>-<rank hash>/<model>/dense, rank-<scorer>, <scorer>-<target>/pruned
+    --out/<dataset>-<rank hash>/<model>/ft-<budget hash>/dense-ft, dense-int8, <scorer>-<target>/{ft,int8}
+    --out/<dataset>-<rank hash>/results-<budget hash>.{json,md}
+ ``--quick`` runs tiny budgets on a slice of the
 shared CIFAR-10 (synthetic data when absent) in a few minutes.
 
     python tools/reproduce.py --quick
     python tools/reproduce.py --models resnet56 --targets 0.5 --scorers hessian-fp32 hessian-half l1
-    python tools/reproduce.py --epochs 30 --qat-epochs 1 --device cuda      # a GPU budget
+    python tools/reproduce.py --long --device cuda      # the GPU budget
 """
 
 from __future__ import annotations
@@ -116,8 +120,21 @@ class Budget:
         return "fp16" if self.device.startswith("cuda") else "bf16"
 
     def key(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True)
-        return f"{self.dataset}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+        """Hash of every setting: names the fine-tune / INT8 stages and the results."""
+        return _hash(asdict(self))
+
+    def rank_key(self) -> str:
+        """Hash of the settings the dense, ranking and pruning stages depend on, so that a
+        longer fine-tune reuses the Hessians."""
+        return f"{self.dataset}-{_hash({k: getattr(self, k) for k in RANK_FIELDS})}"
+
+
+RANK_FIELDS = ("dataset", "hessian_batch", "probes", "train_limit", "test_limit", "synthetic", "device",
+               "round_to", "seed")
+
+
+def _hash(d: dict) -> str:
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
 LONG = Budget(epochs=30.0, qat_steps=1000, hessian_batch=256, probes=200)
@@ -230,7 +247,8 @@ class Run:
     def __init__(self, name: str, budget: Budget, data: Data, data_root: Path, weights: Path | None,
                  out: Path, log):
         self.name, self.budget, self.data, self.data_root, self.log = name, budget, data, data_root, log
-        self.dir = out / budget.key() / name
+        self.dir = out / budget.rank_key() / name  # dense, rank-*, */pruned
+        self.ft_dir = self.dir / f"ft-{budget.key()}"  # dense-ft, dense-int8, */ft, */int8
         self.model, self.origin = dense_model(name, budget, weights)
         self.base = total_cost(grouped(self.model, budget))
 
@@ -257,15 +275,15 @@ class Run:
         return stage(self.dir / "dense", fn, f"{self.name} dense", self.log)
 
     def dense_ft(self) -> dict:
-        return stage(self.dir / "dense-ft", lambda f: self._finetune(copy.deepcopy(self.model), f),
+        return stage(self.ft_dir / "dense-ft", lambda f: self._finetune(copy.deepcopy(self.model), f),
                      f"{self.name} dense fine-tune", self.log)
 
     def dense_int8(self) -> dict:
         def fn(folder):
             m = copy.deepcopy(self.model)
-            m.load_state_dict(torch.load(self.dir / "dense-ft" / "model.pt", map_location="cpu"))
+            m.load_state_dict(torch.load(self.ft_dir / "dense-ft" / "model.pt", map_location="cpu"))
             return self._int8(grouped(m, self.budget), folder)
-        return stage(self.dir / "dense-int8", fn, f"{self.name} dense INT8", self.log)
+        return stage(self.ft_dir / "dense-int8", fn, f"{self.name} dense INT8", self.log)
 
     def rank(self, scorer: str) -> dict:
         def fn(folder):
@@ -315,17 +333,17 @@ class Run:
                      f"{self.name} prune {scorer} @ {target}", self.log)
 
     def pruned_ft(self, scorer: str, target: float) -> dict:
-        return stage(self.dir / f"{scorer}-{target}" / "ft",
+        return stage(self.ft_dir / f"{scorer}-{target}" / "ft",
                      lambda f: self._finetune(self._rebuild(scorer, target), f),
                      f"{self.name} fine-tune {scorer} @ {target}", self.log)
 
     def pruned_int8(self, scorer: str, target: float) -> dict:
         def fn(folder):
             gm = self._rebuild(scorer, target)
-            gm.load_state_dict(torch.load(self.dir / f"{scorer}-{target}" / "ft" / "model.pt",
+            gm.load_state_dict(torch.load(self.ft_dir / f"{scorer}-{target}" / "ft" / "model.pt",
                                           map_location="cpu"))
             return self._int8(gm, folder)
-        return stage(self.dir / f"{scorer}-{target}" / "int8", fn,
+        return stage(self.ft_dir / f"{scorer}-{target}" / "int8", fn,
                      f"{self.name} INT8 {scorer} @ {target}", self.log)
 
     def _int8(self, gm, folder: Path) -> dict:
@@ -579,21 +597,21 @@ def main(argv=None) -> list[dict]:
     budget = budget_from(args)
     data = load_data(budget, args.data_root)
     log = tqdm.write
-    log(f"budget {budget.key()}: {budget}\ndata: {data.describe}")
+    log(f"budget {budget.rank_key()}/ft-{budget.key()}: {budget}\ndata: {data.describe}")
     rows = []
     for name in args.models:
         run = Run(name, budget, data, args.data_root, args.weights, args.out, log)
         rows.extend(run.all(args.scorers, args.targets))
-    folder = args.out / budget.key()
+    stem = args.out / budget.rank_key() / f"results-{budget.key()}"
     meta = {"budget": asdict(budget), "data": data.describe, "argv": sys.argv[1:] if argv is None else argv,
             "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
             "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    (folder / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = table(rows)
-    (folder / "results.md").write_text(md + "\n")
+    stem.with_suffix(".md").write_text(md + "\n")
     print(md)
-    print(f"\nresults: {folder / 'results.json'}")
+    print(f"\nresults: {stem.with_suffix('.json')}")
     return rows
 
 
