@@ -330,3 +330,25 @@ def test_stop_rule_can_rank_groups():
                                            max_probes=400, check_every=10, tol=None,
                                            rank_threshold=0.99), names=NAMES, groups=groups)
     assert r.converged and r.probes < 400 and r.history[-1][2] >= 0.99
+
+
+@pytest.mark.slow
+def test_pretrained_resnet20_ggn_bf16_ranks_like_fp32(cifar10_root, weights_dir):
+    """Real data: half precision gives the same channel ranking (issue target: Spearman >= 0.95)."""
+    import pickle
+
+    from scipy.stats import spearmanr
+
+    from ehap_fx.models import normalization, pretrained_model
+
+    with open(cifar10_root / "cifar-10-batches-py" / "test_batch", "rb") as f:
+        d = pickle.load(f, encoding="latin1")
+    x = normalization("resnet20")(torch.from_numpy(d["data"][:512]).view(-1, 3, 32, 32))
+    y = torch.tensor(d["labels"][:512])
+    model = pretrained_model("resnet20", weights_dir)
+    fp32, bf16 = (estimate_hessian(model, (x, y), opts(estimator="ggn", dtype=dt, batch_size=32))
+                  for dt in ("fp32", "bf16"))
+    a = torch.cat(list(fp32.sensitivity().values()))
+    b = torch.cat(list(bf16.sensitivity().values()))
+    assert spearmanr(a.numpy(), b.numpy()).statistic >= 0.95
+    assert (a >= 0).all() and (a > 0).float().mean() > 0.9  # PSD; a few dead channels are 0
