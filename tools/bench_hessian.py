@@ -385,7 +385,7 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="small settings: a few minutes on CPU")
     p.add_argument("--part", choices=["speed", "agree", "all"], default="all")
     p.add_argument("--models", nargs="+")
-    p.add_argument("--configs", nargs="+", default=list(SPEED_CONFIGS))
+    p.add_argument("--configs", nargs="+", help="default: all (hutch-fp16 only on CUDA)")
     p.add_argument("--curves", nargs="+", default=list(CURVES))
     p.add_argument("--batch", type=int, help="Hessian batch for the speed part")
     p.add_argument("--speed-probes", type=int)
@@ -407,6 +407,8 @@ def main(argv=None) -> None:
         print(json.dumps(child(json.loads(args.child))))
         return
     q = args.quick
+    args.configs = args.configs or [c for c in SPEED_CONFIGS
+                                    if c != "hutch-fp16" or args.device.startswith("cuda")]
     args.models = args.models or (["resnet32", "resnet56"] if q else
                                   ["resnet32", "resnet56", "wrn-16-4"])
     args.batch = args.batch or (64 if q else 256)
