@@ -352,3 +352,15 @@ def test_pretrained_resnet20_ggn_bf16_ranks_like_fp32(cifar10_root, weights_dir)
     b = torch.cat(list(bf16.sensitivity().values()))
     assert spearmanr(a.numpy(), b.numpy()).statistic >= 0.95
     assert (a >= 0).all() and (a > 0).float().mean() > 0.9  # PSD; a few dead channels are 0
+
+
+def test_stderr_stop_rule():
+    net = tiny(nn.Tanh)
+    x, y = data()
+    r = estimate_hessian(net, (x, y), opts(estimator="hutchinson", dtype="fp32", min_probes=10,
+                                           max_probes=3000, check_every=10, tol=None,
+                                           rank_threshold=None, stderr_tol=0.1), names=NAMES)
+    se = sum(r.stderr[n].sum() for n in NAMES)
+    total = sum(r.traces[n].abs().sum() for n in NAMES)
+    assert r.converged and 10 < r.probes < 3000
+    assert se / total <= 0.1 + 1e-6
