@@ -38,6 +38,7 @@ from ehap_fx.passes.quantize import QuantizeOptions, QuantizeResult, quantize
 from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
 
+from ehap_fx.errors import TargetError
 from ehap_fx.models import get_model, normalization, pretrained_model
 from ehap_fx.target import Target, magnitude_scores, select_plan
 from ehap_fx.train import FinetuneOptions, finetune
@@ -254,7 +255,11 @@ def main(argv=None) -> None:
             Entry(f"dense int8 {b}", path, entries[0].macs, int8(gm, train, args, norm, path, inputs, b))
         )
     for r in args.round_to:
-        small = pruned_model(gm, args.macs, r, train, args, norm)
+        try:
+            small = pruned_model(gm, args.macs, r, train, args, norm)
+        except TargetError as e:
+            print(f"skipping round_to={r}: {e}")
+            continue
         macs = total_cost(small).macs
         entries.append(
             Entry(
