@@ -10,8 +10,9 @@ each) builds the same model and data and times, after one warm-up call:
 
 It prints wall and CPU seconds (the slowest rank; CPU time is what a rank would take with a
 core of its own, the honest figure on a loaded machine), the speed-up over 1 process (for
-fine-tuning in samples per second: N ranks train N batches per step), and the largest relative difference of the
-mean traces from the 1-process estimate over the same probes and data.
+fine-tuning in samples per second: N ranks train N batches per step), and the largest
+relative difference of the mean traces from the 1-process estimate over the same probes and
+data.
 
     python tools/bench_distributed.py --world 2            # ResNet-20, about a minute on 2 cores
 """
