@@ -30,16 +30,18 @@ import torch
 from torch import nn
 
 from ehap_fx.errors import DataError, EhapError, ModelError
+from ehap_fx.report import ZERO_SCORES, all_scores_zero
 
 log = logging.getLogger("ehap_fx")
 
-SHORT = {"batch_size": 64, "hessian_batch": 64, "finetune_epochs": 1.0, "finetune_steps": 8,
-         "qat_epochs": 1.0, "qat_steps": 4, "calibration_batches": 2,
-         "synthetic_train": 512, "synthetic_test": 256}
+SHORT = {"batch_size": 64, "hessian_batch": 32, "estimator": "hutchinson", "probes": 4,
+         "finetune_epochs": 1.0, "finetune_steps": 8, "qat_epochs": 1.0, "qat_steps": 4,
+         "calibration_batches": 2, "synthetic_train": 512, "synthetic_test": 256}
 """Settings of the embedded default (synthetic data): end to end in minutes on a CPU."""
 
-FULL = {"batch_size": 128, "hessian_batch": 256, "finetune_epochs": 1.0, "finetune_steps": None,
-        "qat_epochs": 1.0, "qat_steps": None, "calibration_batches": 16}
+FULL = {"batch_size": 128, "hessian_batch": 256, "estimator": "ggn", "probes": None,
+        "finetune_epochs": 1.0, "finetune_steps": None, "qat_epochs": 1.0, "qat_steps": None,
+        "calibration_batches": 16}
 """Settings with real data: one fine-tune epoch and one QAT epoch (raise for accuracy)."""
 
 
@@ -101,10 +103,13 @@ def _compress_parser(sub) -> None:
     p.add_argument("--min-channels", type=int, default=1)
     p.add_argument("--steps", type=int, default=1, help="iterative pruning steps")
     p.add_argument("--scorer", choices=("hessian", "l1"), default="hessian")
-    p.add_argument("--estimator", choices=("hutchinson", "ggn", "hybrid"), default="ggn")
+    p.add_argument("--estimator", choices=("hutchinson", "ggn", "hybrid"),
+                   help="Hessian estimator (default: ggn; hutchinson with synthetic data, where "
+                        "a random model's saturated softmax makes the GGN zero)")
     p.add_argument("--hessian-dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     p.add_argument("--hessian-batch", type=int, help="images per Hessian batch")
-    p.add_argument("--probes", type=int, help="fixed number of Hutchinson probes")
+    p.add_argument("--probes", type=int,
+                   help="fixed number of Hutchinson probes (default: adaptive; 4 on synthetic data)")
     p.add_argument("--max-probes", type=int, default=200)
     p.add_argument("--finetune-epochs", type=float, help="fine-tune epochs (0: no fine-tune)")
     p.add_argument("--finetune-steps", type=int, help="cap on fine-tune steps")
@@ -188,8 +193,9 @@ def compress_options(args) -> CompressOptions:
                         round_to=DEFAULT_ROUND_TO if args.round_to is None else args.round_to,
                         steps=args.steps)
         hessian = HessianOptions(
-            estimator=args.estimator, dtype=args.hessian_dtype,
-            batch_size=_pick(args.hessian_batch, prof["hessian_batch"]), probes=args.probes,
+            estimator=_pick(args.estimator, prof["estimator"]), dtype=args.hessian_dtype,
+            batch_size=_pick(args.hessian_batch, prof["hessian_batch"]),
+            probes=_pick(args.probes, prof["probes"]),
             max_probes=args.max_probes, min_probes=min(20, args.max_probes), seed=args.seed,
             data_seed=args.seed, progress=show)
         epochs = _pick(args.finetune_epochs, prof["finetune_epochs"])
@@ -419,6 +425,8 @@ def _summary(out: Path, report: dict, args) -> None:
              f"  top-1: {acc or 'not evaluated'}  [{report['data']}]"]
     if "latency_ratio" in report["target"]:
         lines.insert(2, f"  estimated onnxruntime latency: {report['target']['latency_ratio']:.3f} of dense")
+    if all_scores_zero(report):
+        lines.append(f"  WARNING: {ZERO_SCORES}")
     if report["run"]["synthetic"]:
         lines += ["  NOTE: this ran on SYNTHETIC data (random images): the numbers above mean nothing.",
                   "  To run on real CIFAR-10 (folder holding cifar-10-batches-py/; --download fetches it):",

@@ -33,6 +33,9 @@ REPORT_KEYS = ("data", "target", "cost_before", "cost_after", "channels_before",
                "groups", "pinned", "ranking", "accuracy", "finetune", "quantize", "export",
                "seconds", "run")
 PRUNED_MODEL, PRUNED_STATE = "pruned_model.pt", "pruned_state_dict.pt"
+ZERO_SCORES = ("every channel sensitivity is 0, so the ranking was arbitrary (a saturated softmax, "
+               "e.g. of a random model, makes the GGN exactly 0): use --estimator hutchinson or a "
+               "trained model")
 ONNX_NAME = "model_int8.onnx"
 
 
@@ -132,6 +135,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines = [f"# ehap compress: {run.get('model', 'model')}", ""]
     lines += _data_section(report, run)
     lines += _cost_section(report)
+    if all_scores_zero(report):
+        lines += [f"> **WARNING:** {ZERO_SCORES}.", ""]
     lines += _ranking_section(report)
     lines += _accuracy_section(report)
     lines += _export_section(report)
@@ -155,6 +160,12 @@ def _data_section(report, run) -> list[str]:
             f"- command: `{run.get('command', '')}`",
             f"- total time: {run.get('seconds', 0):.1f} s; stages: {report.get('seconds')}", ""]
     return out
+
+
+def all_scores_zero(report: Mapping[str, Any]) -> bool:
+    """Whether a Hessian ranking scored every channel 0 (the plan is then arbitrary)."""
+    scores = [s for g in report["groups"] for s in g["scores"]]
+    return report["target"].get("scorer") == "hessian" and bool(scores) and not any(scores)
 
 
 def _cost_section(report) -> list[str]:

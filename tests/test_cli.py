@@ -25,7 +25,7 @@ import torch
 from ehap_fx.report import REPORT_KEYS
 
 # The embedded default with even shorter settings (ResNet-56, synthetic data).
-SHORT = ["--hessian-batch", "16", "--limit-train", "64", "--limit-test", "64",
+SHORT = ["--hessian-batch", "16", "--probes", "2", "--limit-train", "64", "--limit-test", "64",
          "--batch-size", "32", "--finetune-steps", "1", "--qat-steps", "1", "--quiet"]
 # Quick runs for the error paths: ResNet-20, L1 ranking, tiny data.
 TINY = ["--model", "resnet20", "--scorer", "l1", "--limit-train", "64", "--limit-test", "64",
@@ -92,7 +92,10 @@ def test_default_report_json(default_run):
     assert all(a == b or a % 8 == 0 for a, b in zip(after.values(), before.values(), strict=True))
     assert after["fc"] == 10 and after["conv1"] <= 16
     (rank,) = report["ranking"]
-    assert rank["scorer"] == "hessian" and rank["estimator"] == "ggn" and rank["batch_size"] == 16
+    assert rank["scorer"] == "hessian" and rank["estimator"] == "hutchinson"
+    assert rank["batch_size"] == 16 and rank["probes"] == 2
+    scores = [s for g in report["groups"] for s in g["scores"]]
+    assert len(scores) == sum(g["size"] for g in report["groups"]) and any(scores)
     assert rank["retries"] == 0 and rank["seconds"] > 0 and rank["peak_memory"] > 0
     assert {p["reason"] for p in report["pinned"]} == {"model input x", "model output"}
     assert set(report["accuracy"]) == {"dense", "pruned", "finetuned", "int8_torch"}
@@ -161,7 +164,8 @@ def test_embedded_default_full_settings(tmp_path):
     proc = ehap(cwd=tmp_path, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "runs" / "compress-resnet56" / "report.json").read_text())
-    assert report["run"]["synthetic"] and report["ranking"][0]["batch_size"] == 64
+    assert report["run"]["synthetic"] and report["ranking"][0]["batch_size"] == 32
+    assert report["ranking"][0]["estimator"] == "hutchinson" and report["ranking"][0]["probes"] == 4
     assert report["cost_after"]["macs_ratio"] <= 0.5
     assert report["export"]["quantized_conv_fraction"] == 1.0
 
