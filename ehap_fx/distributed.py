@@ -9,8 +9,9 @@ one, every function here is the single-process code path unchanged.
   - ``shard="probes"`` (Hutchinson, hybrid): every rank draws its own probes (seed chunk
     ``round * world + rank``) on the full Hessian batch; the rows are all-gathered;
   - ``shard="data"`` (GGN, or Hutchinson/hybrid on a batch too large for one device): every
-    rank takes its shard of the Hessian samples and the same probes; the rows are averaged
-    with ``all_reduce`` (equal shards, so the mean of shard Hessians is the batch Hessian).
+    rank takes its shard of the Hessian samples and the same probes; the rows are summed
+    with ``all_reduce``, weighted by each shard's share of the batch (so the weighted sum of
+    the shard Hessians is the batch Hessian).
 
   Probing runs in rounds of ``check_every`` probes (all ranks together); the stop rule of
   :class:`~ehap_fx.hessian.HessianOptions` is applied to the combined estimate and rank 0's
@@ -294,14 +295,14 @@ def estimate_hessian_distributed(
     if shard == "probes" and opts.estimator == "ggn":
         raise HessianError("estimator='ggn' draws no probes: use shard='data' (or 'auto') to "
                            "split its Hessian batch over the ranks")
-    local, local_opts = _local_data(data, opts, shard)
+    local, local_opts, weight = _local_data(data, opts, shard)
     start = time.perf_counter()
     run = partial_estimate(model, local, local_opts, kwargs)
     if opts.estimator == "ggn":
         res = run(None, opts.seed)
-        rows = _mean_over_ranks(res.probe_traces)
+        rows = _weighted_sum(res.probe_traces, weight)
         return _combined(res, rows, [], opts, start, ggn=rows[0], stats=_stats(res))
-    return _probe_rounds(run, opts, shard, groups, start)
+    return _probe_rounds(run, opts, shard, weight, groups, start)
 
 
 def partial_estimate(model, local, local_opts: HessianOptions, kwargs: dict):
@@ -315,23 +316,28 @@ def partial_estimate(model, local, local_opts: HessianOptions, kwargs: dict):
 
 
 def _local_data(data, opts: HessianOptions, shard: str):
-    """This rank's Hessian samples as an ``(x, y)`` pair, and the options that cover them."""
+    """This rank's Hessian samples as an ``(x, y)`` pair, the options that cover them, and the
+    weight of its Hessian in the batch Hessian.
+
+    ``shard="data"``: whole batches when ``n_batches`` divides by the world size, else a slice
+    of every batch (``batch_size`` split as evenly as it goes, weights ``slice / batch_size``).
+    """
     batches = draw_batches(data, opts.batch_size, opts.n_batches, opts.data_seed)  # same everywhere
     r, w = rank(), world_size()
-    b, n = opts.batch_size, opts.n_batches
+    b, n, weight = opts.batch_size, opts.n_batches, 1.0
     if shard == "probes":
         mine = batches
     elif n % w == 0:
-        mine, n = batches[r::w], n // w
-    elif b % w == 0:
-        b //= w
-        mine = [(x[r * b:(r + 1) * b], y[r * b:(r + 1) * b]) for x, y in batches]
+        mine, n, weight = batches[r::w], n // w, 1 / w
+    elif b >= w:
+        start, b = sum(_share(b, w)[:r]), _share(b, w)[r]
+        mine, weight = [(x[start:start + b], y[start:start + b]) for x, y in batches], b / opts.batch_size
     else:
-        raise HessianError(f"shard='data' splits the Hessian batches evenly over {w} ranks: "
-                           f"make n_batches={n} or batch_size={b} a multiple of {w}")
+        raise HessianError(f"shard='data' needs at least one sample per rank: batch_size={b} < "
+                           f"{w} ranks (n_batches={n}); raise batch_size or use shard='probes'")
     x = torch.cat([x for x, _ in mine])
     y = torch.cat([y for _, y in mine])
-    return (x, y), dataclasses.replace(opts, batch_size=b, n_batches=n)
+    return (x, y), dataclasses.replace(opts, batch_size=b, n_batches=n), weight
 
 
 def _share(total: int, w: int) -> list[int]:
@@ -347,7 +353,8 @@ def _round_total(opts: HessianOptions, n: int) -> int:
     return min(size, opts.max_probes - n)
 
 
-def _probe_rounds(run, opts: HessianOptions, shard: str, groups, start: float) -> HessianResult:
+def _probe_rounds(run, opts: HessianOptions, shard: str, weight: float, groups, start: float
+                  ) -> HessianResult:
     r, w = rank(), world_size()
     agree = _Agreement(opts, groups)
     rows: list[torch.Tensor] = []
@@ -364,7 +371,7 @@ def _probe_rounds(run, opts: HessianOptions, shard: str, groups, start: float) -
             new = _gather_rows(res.probe_traces[: counts[r]], counts)
         else:
             res = run(total, opts.seed + rnd * SEED_STRIDE)
-            new = _mean_over_ranks(res.probe_traces)
+            new = _weighted_sum(res.probe_traces, weight)
         stats = _accumulate(stats, _stats(res))
         rows.append(new)
         n, rnd = n + new.shape[0], rnd + 1
@@ -375,7 +382,7 @@ def _probe_rounds(run, opts: HessianOptions, shard: str, groups, start: float) -
     ggn = None
     if res.ggn is not None:
         ggn = torch.cat([res.ggn[k] for k in res.names])
-        ggn = _mean_over_ranks(ggn[None])[0] if shard == "data" else ggn
+        ggn = _weighted_sum(ggn[None], weight)[0] if shard == "data" else ggn
     return _combined(res, torch.cat(rows), agree.history, opts, start, ggn=ggn, stats=stats)
 
 
@@ -401,11 +408,10 @@ def _gather_rows(mine: torch.Tensor, counts: list[int]) -> torch.Tensor:
     return torch.cat([p[:c].cpu() for p, c in zip(parts, counts, strict=True)])
 
 
-def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    """The mean of ``t`` over the ranks, rank 0's bits on every rank."""
-    buf = _comm(t.float().clone())
+def _weighted_sum(t: torch.Tensor, weight: float) -> torch.Tensor:
+    """``Σ_ranks weight · t`` (the batch Hessian from the shards'), rank 0's bits on every rank."""
+    buf = _comm(t.float() * weight)
     dist.all_reduce(buf)
-    buf /= world_size()
     dist.broadcast(buf, src=0)
     return buf.cpu()
 

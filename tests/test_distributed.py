@@ -35,6 +35,7 @@ CASES = {  # name: (options, shard)
     "data_batches": (dataclasses.replace(HUTCH, batch_size=16, n_batches=2, probes=4), "data"),
     "data_split": (dataclasses.replace(HUTCH, probes=4), "data"),
     "ggn": (dataclasses.replace(HUTCH, estimator="ggn", probes=None), "auto"),
+    "ggn_uneven": (dataclasses.replace(HUTCH, estimator="ggn", probes=None, batch_size=31), "auto"),
     "hybrid": (dataclasses.replace(HUTCH, estimator="hybrid", probes=2), "data"),
     "adaptive": (dataclasses.replace(HUTCH, probes=None, min_probes=4, check_every=4,
                                      max_probes=16, tol=0.3, rank_threshold=None), "probes"),
@@ -138,7 +139,7 @@ def test_probe_shards_equal_one_process_over_the_same_probes(ranks):
     _close(_flat(ranks[0]["probes"]["traces"]), rows.mean(0))
 
 
-@pytest.mark.parametrize("name", ["data_batches", "data_split", "ggn", "hybrid"])
+@pytest.mark.parametrize("name", ["data_batches", "data_split", "ggn", "ggn_uneven", "hybrid"])
 def test_data_shards_equal_one_process_over_the_whole_batch(ranks, name):
     opts, _ = CASES[name]
     ref = estimate_hessian(_model(), _hessian_batch(), opts)
