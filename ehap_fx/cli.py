@@ -274,6 +274,9 @@ def load_data(args, *, train: bool = True):
 
     if args.synthetic and args.data is not None:
         raise UsageError("give --data DIR or --synthetic, not both")
+    for flag in ("limit_train", "limit_test", "batch_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be >= 1")
     if _is_synthetic(args):
         k = NUM_CLASSES[args.dataset]
         tr = synthetic_cifar(args.limit_train or SHORT["synthetic_train"], k, args.seed) if train else None

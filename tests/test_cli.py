@@ -282,6 +282,7 @@ def test_nan_loss(tmp_path):
     (["--target-params", "1.5"], ["params=1.5", "(0, 1]"]),
     (["--lr", "-1"], ["lr=-1.0"]),
     (["--synthetic", "--data", "."], ["not both"]),
+    (["--limit-train", "0"], ["--limit-train=0"]),
 ])
 def test_bad_flag_values(tmp_path, flags, words):
     out = tmp_path / "out"
