@@ -137,7 +137,8 @@ def finetune(
     losses: list[float] = []
     reports: list[EpochReport] = []
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc="finetune", unit="step", disable=not (options.progress and is_main()))
+    show = options.progress and is_main()  # under torchrun: rank 0 only
+    bar = tqdm(total=steps, desc="finetune", unit="step", disable=not show)
     with bar, data_parallel(model) as net:  # DDP inside a torch.distributed process group
         while len(losses) < steps:
             net.train()
@@ -148,7 +149,7 @@ def finetune(
             report = EpochReport(len(reports), len(losses), sum(epoch_losses) / len(epoch_losses),
                                  top1, optimizer.param_groups[0]["lr"])
             reports.append(report)
-            if top1 is not None and options.progress:
+            if top1 is not None and show:
                 bar.write(f"epoch {report.epoch}: train loss {report.train_loss:.4f}, "
                           f"eval top-1 {top1:.2f}%")
             if callback is not None:
