@@ -8,8 +8,11 @@ run here, in one process, over the same probes and the same Hessian samples.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -204,3 +207,22 @@ def test_single_process_is_the_plain_estimate():
     assert torch.equal(a.probe_traces, b.probe_traces)
     loader = _data().loader(16)
     assert shard_loader(loader) is loader
+
+
+@pytest.mark.slow
+def test_ehap_compress_under_torchrun(tmp_path):
+    """`torchrun --nproc-per-node 2 -m ehap_fx compress`: one output folder, from rank 0."""
+    out = tmp_path / "out"
+    flags = ["--model", "resnet20", "--hessian-batch", "16", "--probes", "2", "--limit-train", "64",
+             "--limit-test", "64", "--batch-size", "16", "--finetune-steps", "100", "--qat-steps", "1",
+             "--quiet", "--out", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ehap_fx", "compress", *flags]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["finetune"]["steps"] == 2  # one epoch of 64 images / 2 ranks / batch 16
+    assert report["ranking"][0]["probes"] == 2  # one probe per rank, combined
+    assert (out / "model_int8.onnx").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no second folder, no leftovers
+    assert proc.stdout.count("outputs in") == 1
