@@ -295,9 +295,9 @@ def estimate_hessian_distributed(
     if shard == "probes" and opts.estimator == "ggn":
         raise HessianError("estimator='ggn' draws no probes: use shard='data' (or 'auto') to "
                            "split its Hessian batch over the ranks")
-    local, local_opts, weight = _local_data(data, opts, shard)
     start = time.perf_counter()
-    run = partial_estimate(model, local, local_opts, kwargs)
+    local, local_opts, weight = _local_data(data, opts, shard)
+    run = _runner(model, local, local_opts, kwargs)
     if opts.estimator == "ggn":
         res = run(None, opts.seed)
         rows = _weighted_sum(res.probe_traces, weight)
@@ -305,7 +305,7 @@ def estimate_hessian_distributed(
     return _probe_rounds(run, opts, shard, weight, groups, start)
 
 
-def partial_estimate(model, local, local_opts: HessianOptions, kwargs: dict):
+def _runner(model, local, local_opts: HessianOptions, kwargs: dict):
     """``run(probes, seed)``: this rank's ``estimate_hessian`` on its data, quietly."""
 
     def run(probes: int | None, seed: int) -> HessianResult:
@@ -321,6 +321,8 @@ def _local_data(data, opts: HessianOptions, shard: str):
 
     ``shard="data"``: whole batches when ``n_batches`` divides by the world size, else a slice
     of every batch (``batch_size`` split as evenly as it goes, weights ``slice / batch_size``).
+    Every rank draws all the Hessian samples (on the CPU, as ``draw_batches`` does) and keeps
+    its shard.
     """
     batches = draw_batches(data, opts.batch_size, opts.n_batches, opts.data_seed)  # same everywhere
     r, w = rank(), world_size()
