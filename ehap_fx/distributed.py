@@ -190,6 +190,9 @@ def data_parallel(model: nn.Module) -> Iterator[nn.Module]:
     from torch.nn.parallel import DistributedDataParallel
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        raise DistributedError(f"NCCL trains models on GPUs but the model is on {device}: move it "
+                               "to distributed.local_device(), or use backend='gloo' on the CPU")
     ids = [device.index] if device.type == "cuda" else None
     yield DistributedDataParallel(model, device_ids=ids)  # buffers: rank 0 at each forward
     broadcast_module(model)
