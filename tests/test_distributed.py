@@ -72,6 +72,20 @@ def _compress(model):
                     quantize=QuantizeOptions(backend="fx", max_steps=2, progress=False))
 
 
+def _tiny() -> torch.nn.Module:
+    """No BatchNorm: a DDP step is then exactly a step on the ranks' batches joined."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(8, 10))
+
+
+def _train_loader():
+    return _data().loader(8, shuffle=True, augment=True, seed=2)
+
+
+FT = dict(max_steps=3, lr=0.1, progress=False)
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -90,6 +104,11 @@ def _worker(rank: int, port: int, out: str) -> None:
         got["widths"] = result.report.channels_after
         got["finetune_losses"] = result.report.finetune["losses"]
         got["dense"] = {k: v.clone() for k, v in model.state_dict().items()}
+        tiny = _tiny()
+        from ehap_fx.train import FinetuneOptions, finetune
+
+        got["ddp_losses"] = finetune(tiny, shard_loader(_train_loader()), FinetuneOptions(**FT)).losses
+        got["ddp"] = {k: v.clone() for k, v in tiny.state_dict().items()}
         torch.save(got, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -174,6 +193,21 @@ def test_ranks_end_with_the_same_pruned_and_int8_models(ranks):
         assert torch.equal(a["int8"][k], b["int8"][k]), k
     assert a["finetune_losses"] == b["finetune_losses"]  # averaged over the ranks
     assert len(a["finetune_losses"]) == 2  # ceil(64 / 2 ranks / 16): one epoch of a shard
+
+
+def test_ddp_steps_equal_one_process_on_the_joined_batches(ranks):
+    from ehap_fx.train import FinetuneOptions, finetune
+
+    shards = [_train_loader().sharded(r, WORLD) for r in range(WORLD)]
+    joined = [(torch.cat([x for x, _ in bs]), torch.cat([y for _, y in bs])) for bs in zip(*shards)]
+    tiny = _tiny()
+    result = finetune(tiny, joined, FinetuneOptions(**FT))  # 16 images a step, as 2 ranks x 8
+    assert len(joined) == 4 and result.steps == 3
+    for k, v in tiny.state_dict().items():
+        _close(ranks[0]["ddp"][k], v)
+        assert torch.equal(ranks[0]["ddp"][k], ranks[1]["ddp"][k])
+    torch.testing.assert_close(torch.tensor(ranks[0]["ddp_losses"]), torch.tensor(result.losses))
+    assert (tiny[0].weight - _tiny()[0].weight).abs().max() > 1e-3  # it trained
 
 
 def _dense_widths():
