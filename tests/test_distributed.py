@@ -104,6 +104,9 @@ def _worker(rank: int, port: int, out: str) -> None:
         got["widths"] = result.report.channels_after
         got["finetune_losses"] = result.report.finetune["losses"]
         got["dense"] = {k: v.clone() for k, v in model.state_dict().items()}
+        ids = torch.utils.data.TensorDataset(torch.arange(20), torch.zeros(20))
+        sharded = shard_loader(torch.utils.data.DataLoader(ids, batch_size=4, shuffle=True))
+        got["sampler"] = [torch.cat([i for i, _ in sharded]) for _ in range(2)]  # 2 epochs
         tiny = _tiny()
         from ehap_fx.train import FinetuneOptions, finetune
 
@@ -225,6 +228,13 @@ def test_cifar_shards_partition_an_epoch():
     whole = torch.cat(seen)
     full = torch.cat([x for x, _ in _data().loader(64)])
     assert torch.unique(whole, dim=0).shape[0] == 64 == torch.unique(full, dim=0).shape[0]
+
+
+def test_dataloader_shards_partition_every_epoch(ranks):
+    epochs = [torch.cat([r["sampler"][e] for r in ranks]) for e in range(2)]
+    for ids in epochs:
+        assert sorted(ids.tolist()) == list(range(20))  # 10 per rank, disjoint
+    assert not torch.equal(epochs[0], epochs[1])  # reshuffled: set_epoch at every iter()
 
 
 def test_batch_shards_have_equal_lengths():
