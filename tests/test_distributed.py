@@ -67,7 +67,7 @@ def _compress(model):
     loader = _data().loader(16, shuffle=True, augment=True, seed=1)
     target = Target(macs=0.6, round_to=1, steps=2)  # fine-tunes between the two steps
     return compress(model, torch.randn(1, 3, 32, 32), data=loader, target=target,
-                    hessian=dataclasses.replace(HUTCH, probes=4),
+                    hessian=dataclasses.replace(CASES["adaptive"][0], max_probes=8, rank_threshold=0.9),
                     finetune_options=FinetuneOptions(max_steps=3, lr=0.05, progress=False),
                     quantize=QuantizeOptions(backend="fx", max_steps=2, progress=False))
 
@@ -102,6 +102,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         got["int8"] = {k: v for k, v in result.quantized.state_dict().items()
                        if torch.is_tensor(v)}
         got["widths"] = result.report.channels_after
+        got["ranking_probes"] = [step["probes"] for step in result.report.ranking]
         got["finetune_losses"] = result.report.finetune["losses"]
         got["dense"] = {k: v.clone() for k, v in model.state_dict().items()}
         ids = torch.utils.data.TensorDataset(torch.arange(20), torch.zeros(20))
@@ -188,6 +189,8 @@ def test_adaptive_rounds_stop_together_on_the_combined_estimate(ranks):
 def test_ranks_end_with_the_same_pruned_and_int8_models(ranks):
     a, b = ranks
     assert a["widths"] == b["widths"]
+    assert a["ranking_probes"] == b["ranking_probes"]  # adaptive, stopped on group scores
+    assert len(a["ranking_probes"]) == 2 and all(4 <= n <= 8 for n in a["ranking_probes"])
     assert sum(a["widths"].values()) < sum(conv for conv in _dense_widths().values())
     assert a["pruned"].keys() == b["pruned"].keys()
     for k in a["pruned"]:
