@@ -20,6 +20,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -56,7 +57,9 @@ class UsageError(EhapError):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ehap", description="Hessian-aware structured pruning, INT8 QAT and ONNX export.")
+        prog="ehap", description="Hessian-aware structured pruning, INT8 QAT and ONNX export.",
+        epilog="With no arguments: `ehap compress`, the embedded default (ResNet-56 on synthetic "
+               "data, short settings). `ehap COMMAND --help` lists each command's flags.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _compress_parser(sub)
     _train_parser(sub)
@@ -361,7 +364,7 @@ def cmd_compress(args) -> int:
         if report.get("export"):  # name the final folder, not the temporary one
             for key in ("path", "summary"):
                 report["export"][key] = str(report["export"][key]).replace(str(tmp), str(out))
-        _write_outputs(tmp, args, result, report)
+        _write_outputs(tmp, args, result, report, model)
     _summary(out, report, args)
     return 0
 
@@ -389,12 +392,13 @@ def _full_report(args, result, train, test, norm, seconds: float) -> dict:
     return report
 
 
-def _write_outputs(folder: Path, args, result, report: dict) -> None:
+def _write_outputs(folder: Path, args, result, report: dict, dense: nn.Module) -> None:
     from ehap_fx import report as rep
     from ehap_fx.models import NUM_CLASSES
 
-    rep.save_pruned(result.pruned, folder, model=args.model, num_classes=NUM_CLASSES[args.dataset],
-                    channels=report["channels_after"])
+    report["run"]["pruned_state_dict"] = rep.save_pruned(
+        result.pruned, folder, model=args.model, num_classes=NUM_CLASSES[args.dataset],
+        groups=report["groups"], dense=dense)
     if result.onnx_path is not None:
         _tag_onnx(result.onnx_path, report["run"])
     rep.write_json(report, folder / "report.json")
@@ -504,7 +508,7 @@ def _load_checkpoint(path: Path, args, num_classes: int) -> tuple[nn.Module, str
     with contextlib.suppress(Exception):  # a whole pickled GraphModule is not weights-only
         obj = torch.load(path, weights_only=True, map_location="cpu")
     arch = obj.get("arch") if isinstance(obj, dict) and isinstance(obj.get("arch"), str) else None
-    if obj is None or (isinstance(obj, dict) and "channels" in obj):
+    if obj is None or (isinstance(obj, dict) and "plans" in obj):
         return load_pruned(path), arch
     name = arch or args.model
     model = _import_model(name, num_classes) if ":" in name else get_model(name, num_classes)
@@ -585,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not kill the cleanup
         print("ehap: interrupted; no partial outputs were left behind", file=sys.stderr)
         return 130
     except EhapError as e:

@@ -12,13 +12,15 @@ One folder per run::
     sensitivity.png         per-channel sensitivity per group, kept vs pruned
 
 :func:`load_pruned` rebuilds the pruned model from ``pruned_state_dict.pt`` without
-unpickling code: it builds the dense model, shrinks every group to the recorded widths and
-loads the weights strictly.
+unpickling code: it builds the dense model, replays each step's kept channel indices with
+``shrink`` and loads the weights strictly.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +39,7 @@ ZERO_SCORES = ("every channel sensitivity is 0, so the ranking was arbitrary (a 
                "e.g. of a random model, makes the GGN exactly 0): use --estimator hutchinson or a "
                "trained model")
 ONNX_NAME = "model_int8.onnx"
+log = logging.getLogger("ehap_fx")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,19 +48,50 @@ ONNX_NAME = "model_int8.onnx"
 
 
 def save_pruned(gm: fx.GraphModule, folder: Path, *, model: str, num_classes: int,
-                channels: Mapping[str, int]) -> None:
-    """Write ``pruned_model.pt`` (whole GraphModule) and ``pruned_state_dict.pt`` (weights)."""
+                groups: list[Mapping[str, Any]], dense: nn.Module) -> bool:
+    """Write ``pruned_model.pt`` (whole GraphModule) and ``pruned_state_dict.pt``.
+
+    The state-dict file carries the kept channel indices of every step (recomputed from the
+    report's scores, as ``select_plan`` keeps the top-scored channels); it is written only
+    when rebuilding ``dense`` from it reproduces ``gm``'s outputs. Returns whether it was.
+    """
     torch.save(gm, folder / PRUNED_MODEL)
-    torch.save({"state_dict": gm.state_dict(), "arch": model, "num_classes": num_classes,
-                "channels": dict(channels)}, folder / PRUNED_STATE)
+    ckpt = {"state_dict": gm.state_dict(), "arch": model, "num_classes": num_classes,
+            "channels": conv_widths(gm), "plans": kept_indices(groups)}
+    try:
+        rebuilt = _rebuild(ckpt, copy.deepcopy(dense))
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(rebuilt(x), gm.eval()(x), rtol=1e-4, atol=1e-4)
+    except Exception as e:  # never fail a finished run over the convenience file
+        log.warning("not writing %s: rebuilding the pruned model from it failed (%s); "
+                    "use %s", PRUNED_STATE, " ".join(str(e).split())[:200], PRUNED_MODEL)
+        return False
+    torch.save(ckpt, folder / PRUNED_STATE)
+    return True
+
+
+def kept_indices(groups: list[Mapping[str, Any]]) -> list[list[list]]:
+    """Per pruning step, ``[group_id, [kept channel indices]]`` for every shrunk group."""
+    steps: dict[int, list[list]] = {}
+    for g in groups:
+        if g["kept"] < g["size"]:
+            order = torch.tensor(g["scores"], dtype=torch.float32).argsort(descending=True)
+            steps.setdefault(g["step"], []).append([g["group"], sorted(order[: g["kept"]].tolist())])
+    return [steps.get(s, []) for s in range(1, max(steps, default=0) + 1)]
+
+
+def conv_widths(gm: nn.Module) -> dict[str, int]:
+    return {n: m.out_channels for n, m in gm.named_modules() if isinstance(m, nn.Conv2d)}
 
 
 def load_pruned(path: str | Path, model: nn.Module | None = None) -> fx.GraphModule:
     """The pruned model from a ``pruned_state_dict.pt`` (or a whole ``pruned_model.pt``).
 
     ``pruned_state_dict.pt`` is read with ``weights_only=True``; the dense architecture is
-    ``get_model(arch)`` unless ``model`` (a dense instance of the same class) is given.
-    ``pruned_model.pt`` holds pickled code: load only files you trust.
+    ``get_model(arch)`` unless ``model`` (a dense instance of the same class) is given, and
+    each step's kept channels are replayed with ``shrink``. ``pruned_model.pt`` holds
+    pickled code: load only files you trust.
     """
     path = Path(path)
     if not path.is_file():
@@ -68,27 +102,23 @@ def load_pruned(path: str | Path, model: nn.Module | None = None) -> fx.GraphMod
         obj = torch.load(path, weights_only=False, map_location="cpu")
     if isinstance(obj, nn.Module):
         return obj.eval()
-    if not (isinstance(obj, dict) and "channels" in obj and "state_dict" in obj):
+    if not (isinstance(obj, dict) and "plans" in obj and "state_dict" in obj):
         raise WeightsError(f"{str(path)!r} is not a pruned checkpoint of ehap compress "
-                           "(needs 'state_dict' and 'channels')")
+                           "(needs 'state_dict' and 'plans')")
     return _rebuild(obj, model)
 
 
 def _rebuild(ckpt: dict, model: nn.Module | None) -> fx.GraphModule:
     from ehap_fx.models import get_model
-    from ehap_fx.passes.group import group_channels, groups_of
+    from ehap_fx.passes.group import group_channels
     from ehap_fx.passes.shrink import PrunePlan, shrink
     from ehap_fx.passes.trace import trace
 
     if model is None:
         model = get_model(ckpt["arch"], ckpt["num_classes"])
     gm = group_channels(trace(model.eval(), torch.zeros(1, 3, 32, 32))).graph_module
-    keep = {}
-    for g in groups_of(gm).prunable:
-        outs = [m.module for m in g.members if m.role == "out" and m.module in ckpt["channels"]]
-        if outs and ckpt["channels"][outs[0]] < g.size:
-            keep[g.id] = tuple(range(ckpt["channels"][outs[0]]))
-    gm = shrink(gm, PrunePlan(keep)).graph_module
+    for plan in ckpt["plans"]:
+        gm = shrink(gm, PrunePlan({int(g): tuple(idx) for g, idx in plan})).graph_module
     try:
         gm.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as e:
