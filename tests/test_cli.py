@@ -147,7 +147,7 @@ def test_eval_and_bench_on_the_outputs(default_run):
                 cwd=out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     top1 = float(re.search(r"top-1 ([\d.]+)%", proc.stdout)[1])
-    assert top1 == pytest.approx(report["accuracy"]["finetuned"], abs=1e-6)
+    assert top1 == pytest.approx(report["accuracy"]["finetuned"], abs=0.006)  # printed %.2f
     proc = ehap("eval", str(out / "model_int8.onnx"), "--synthetic", "--limit-test", "64", cwd=out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     top1 = float(re.search(r"top-1 ([\d.]+)%", proc.stdout)[1])
