@@ -102,7 +102,9 @@ def test_cached_scores_that_do_not_fit_the_model_are_refused(tmp_path):
 @pytest.mark.slow
 def test_full_quick_mode(tmp_path):
     rows = reproduce.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
-    assert len(rows) == 2 * (1 + 3 * 3)  # 2 models × (dense + 3 scorers × 3 targets)
+    assert len(rows) == 2 * (1 + 3)  # 2 models × (dense + 3 scorers at the quick target 0.5)
+    assert [r["model"] for r in rows] == ["resnet32"] * 4 + ["resnet56"] * 4
+    assert all(abs(r["macs_ratio"] - 0.5) < 0.01 for r in rows if r["scorer"] != "dense")
 
 
 def test_agreement_with_fp32_from_cached_scores_and_plans(tmp_path):

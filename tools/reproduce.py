@@ -66,6 +66,7 @@ MODELS = ("resnet32", "resnet56")
 TARGETS = (0.7, 0.5, 0.35)
 SCORERS = ("hessian-fp32", "hessian-half", "ggn-fp32", "ggn-half", "l1")
 DEFAULT_SCORERS = ("hessian-fp32", "hessian-half", "l1")
+QUICK_TARGETS = (0.5,)  # --quick: one target keeps CI within minutes
 
 
 class ReproduceError(EhapError):
@@ -548,8 +549,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny budgets on a data slice (CI, minutes)")
     p.add_argument("--long", action="store_true", help="the GPU budget: 30 epochs, 1000 QAT steps, "
                    "200 probes on 256 images")
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS + ("resnet20", "resnet44"))
-    p.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
+    p.add_argument("--models", nargs="+", choices=MODELS + ("resnet20", "resnet44"),
+                   help=f"default: {' '.join(MODELS)}")
+    p.add_argument("--targets", nargs="+", type=float,
+                   help=f"default: {' '.join(map(str, TARGETS))} (--quick: {QUICK_TARGETS[0]})")
     p.add_argument("--scorers", nargs="+", default=list(DEFAULT_SCORERS), choices=SCORERS)
     p.add_argument("--dataset", default="cifar10", choices=tuple(NUM_CLASSES))
     p.add_argument("--epochs", type=float, help="fine-tune epochs (default 0.5)")
@@ -599,9 +602,10 @@ def main(argv=None) -> list[dict]:
     log = tqdm.write
     log(f"budget {budget.rank_key()}/ft-{budget.key()}: {budget}\ndata: {data.describe}")
     rows = []
-    for name in args.models:
+    targets = args.targets or list(QUICK_TARGETS if args.quick else TARGETS)
+    for name in args.models or MODELS:
         run = Run(name, budget, data, args.data_root, args.weights, args.out, log)
-        rows.extend(run.all(args.scorers, args.targets))
+        rows.extend(run.all(args.scorers, targets))
     stem = args.out / budget.rank_key() / f"results-{budget.key()}"
     meta = {"budget": asdict(budget), "data": data.describe, "argv": sys.argv[1:] if argv is None else argv,
             "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
