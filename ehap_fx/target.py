@@ -182,7 +182,8 @@ def select_plan(
     if cost(len(order)) > goal:
         raise TargetError(
             f"target {target.kind}={fraction or target.fraction} is unreachable: with "
-            f"max_prune={target.max_prune}, min_channels={target.min_channels} and round_to={target.round_to} "
+            f"max_prune={target.max_prune}, min_channels={target.min_channels} and "
+            f"round_to={target.round_to} "
             f"the smallest reachable is {cost(len(order)) / base:.3f} of the dense {target.kind}; "
             "raise the target or max_prune, or lower round_to"
         )

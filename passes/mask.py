@@ -45,7 +45,7 @@ def mask_channels(gm: fx.GraphModule, plan: PrunePlan) -> PassResult:
             mask = out.graph.get_attr(name)
         with out.graph.inserting_after(mask):
             masked = out.graph.call_function(operator.mul, (node, mask))
-        node.replace_all_uses_with(masked, delete_user_cb=lambda user: user is not masked)
+        node.replace_all_uses_with(masked, delete_user_cb=lambda user, m=masked: user is not m)
     out.graph.lint()
     out.recompile()
     return PassResult(out, count > 0)

@@ -3,12 +3,12 @@
 import pytest
 import torch
 import torchvision.models as tvm
+from ehap_fx.passes.cost import total_cost
+from ehap_fx.passes.trace import trace
 from torch import nn
 
 from ehap_fx import _meta
 from ehap_fx.models import get_model
-from ehap_fx.passes.cost import total_cost
-from ehap_fx.passes.trace import trace
 
 tp = pytest.importorskip("torch_pruning")
 
@@ -46,5 +46,7 @@ def test_matches_torch_pruning_per_module(name):
     for qualname, module in model.named_modules():
         if layer_ops.get(module) and qualname in ours:
             assert ours[qualname] == layer_ops[module], qualname
-    functional = sum(n.meta[_meta.COST].macs for n in gm.graph.nodes if n.op != "call_module" and _meta.COST in n.meta)
+    functional = sum(
+        n.meta[_meta.COST].macs for n in gm.graph.nodes if n.op != "call_module" and _meta.COST in n.meta
+    )
     assert cost.macs == ops + functional  # Torch-Pruning does not count functional ops

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-from ehap_fx.errors import GroupError
 from ehap_fx.passes.group import group_channels, groups_of, producer_slices
 from ehap_fx.passes.trace import trace
+
+from ehap_fx.errors import GroupError
 from tests.nets import GroupNormNet, SEDepthwise, SplitChunk, TinyOptionA, Unknown
 
 
@@ -15,7 +15,9 @@ def grouped(model, shape=(2, 3, 16, 16), **kw):
 
 def summary(gm):
     """{frozenset of (module-or-node, role)}: size} for the prunable groups."""
-    return {frozenset((m.module or m.node, m.role) for m in g.members): g.size for g in groups_of(gm).prunable}
+    return {
+        frozenset((m.module or m.node, m.role) for m in g.members): g.size for g in groups_of(gm).prunable
+    }
 
 
 def test_option_a_stages_stay_separate():
@@ -45,7 +47,9 @@ def test_split_and_chunk_offsets():
     assert sorted(g.size for g in stem) == [16, 16]
     first = next(g for g in stem if any(m.module == "a" for m in g.members))
     assert {m.module for m in first.members} == {"stem", "a", "c"}
-    head = {m.module: m.index[:, 0].tolist() for g in groups.prunable for m in g.members if m.module == "head"}
+    head = {
+        m.module: m.index[:, 0].tolist() for g in groups.prunable for m in g.members if m.module == "head"
+    }
     assert len(head) == 1 and len(next(iter(head.values()))) == 8
 
 
@@ -68,7 +72,9 @@ def test_depthwise_se_grouped_and_flatten():
     fc_in = next(m for m in gconv_out.members if m.module == "fc")
     assert fc_in.index.shape == (2, 4 * 16)
     # the grouped conv couples pw channel i with i+3, i+6, i+9: 3 units of 4 channels in all
-    pw_out = [next(m for m in g.members if m.module == "pw" and m.role == "out") for g in by_module[("pw", "out")]]
+    pw_out = [
+        next(m for m in g.members if m.module == "pw" and m.role == "out") for g in by_module[("pw", "out")]
+    ]
     assert sorted(i for m in pw_out for i in m.index.flatten().tolist()) == list(range(12))
     assert sum(m.index.shape[0] for m in pw_out) == 3 and pw.size >= 1
 
@@ -109,4 +115,6 @@ def test_requires_shapes():
 def test_group_norm_couples_whole_groups():
     (group,) = groups_of(grouped(GroupNormNet())).prunable
     assert group.size == 2
-    assert {m.module: m.index.tolist() for m in group.members if m.role == "out"} == {"a": [[0, 1, 2, 3], [4, 5, 6, 7]]}
+    assert {m.module: m.index.tolist() for m in group.members if m.role == "out"} == {
+        "a": [[0, 1, 2, 3], [4, 5, 6, 7]]
+    }

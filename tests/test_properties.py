@@ -7,15 +7,14 @@ the plan's predicted cost equals the shrunk graph's cost.
 
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from torch import nn
-
 from ehap_fx.passes.cost import plan_cost, total_cost
 from ehap_fx.passes.group import group_channels, groups_of
 from ehap_fx.passes.mask import mask_channels, random_plan
 from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
 
 OPS = ["conv", "residual", "se", "cat", "split", "chunk", "pad", "slice", "grouped", "depthwise", "pool"]
 
@@ -66,11 +65,17 @@ class Program(nn.Module):
             self.plan.append((op, None, (1, c - 1)))
             return c - 2
         if op == "grouped" and c % 2 == 0 and c >= 4:
-            L.append(nn.Sequential(nn.Conv2d(c, 2 * (w // 2 + 1), 3, padding=1, groups=2), nn.BatchNorm2d(2 * (w // 2 + 1))))
+            L.append(
+                nn.Sequential(
+                    nn.Conv2d(c, 2 * (w // 2 + 1), 3, padding=1, groups=2), nn.BatchNorm2d(2 * (w // 2 + 1))
+                )
+            )
             self.plan.append((op, len(L) - 1, None))
             return 2 * (w // 2 + 1)
         if op == "depthwise":
-            L.append(nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c), nn.Hardswish()))
+            L.append(
+                nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c), nn.Hardswish())
+            )
             self.plan.append((op, len(L) - 1, None))
             return c
         self.plan.append(("pool", None, None))  # also the fallback for ops that do not fit c

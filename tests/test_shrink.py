@@ -5,14 +5,14 @@ import io
 import pytest
 import torch
 import torchvision.models as tvm
-
-from ehap_fx.errors import ShrinkError
-from ehap_fx.models import get_model
 from ehap_fx.passes.cost import plan_cost, total_cost
 from ehap_fx.passes.group import group_channels, groups_of
 from ehap_fx.passes.mask import mask_channels, random_plan
 from ehap_fx.passes.shrink import PrunePlan, shrink
 from ehap_fx.passes.trace import trace
+
+from ehap_fx.errors import ShrinkError
+from ehap_fx.models import get_model
 from tests.nets import GroupNormNet, SEDepthwise, SplitChunk, TinyOptionA, Unknown, randomize_bn
 
 
@@ -44,12 +44,24 @@ SMALL = [
 @pytest.mark.parametrize("seed", range(4))
 def test_small_models_exact(make, shape, seed):
     gm, x = prepare(make(), shape)
-    plan = random_plan(gm, fraction=[0.25, 0.5, 0.75, 0.9][seed], generator=torch.Generator().manual_seed(seed))
+    plan = random_plan(
+        gm, fraction=[0.25, 0.5, 0.75, 0.9][seed], generator=torch.Generator().manual_seed(seed)
+    )
     small = assert_shrunk_equals_masked(gm, x, plan)
     assert plan_cost(gm, plan.masks(groups_of(gm))) == total_cost(small)
 
 
-PAPER_MODELS = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet20-b", "resnet56-b", "resnet110-b", "wrn-28-8"]
+PAPER_MODELS = [
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "resnet20-b",
+    "resnet56-b",
+    "resnet110-b",
+    "wrn-28-8",
+]
 
 
 @pytest.mark.parametrize("name", PAPER_MODELS)
@@ -64,7 +76,15 @@ def test_paper_models_prune_half_exactly(name):
     assert kept_convs == [max(1, round(c * 0.5)) for c in base_convs]
 
 
-TORCHVISION = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "vgg11_bn", "resnext50_32x4d", "densenet121", "resnet50"]
+TORCHVISION = [
+    "resnet18",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "vgg11_bn",
+    "resnext50_32x4d",
+    "densenet121",
+    "resnet50",
+]
 
 
 @pytest.mark.parametrize("name", TORCHVISION)
@@ -94,8 +114,16 @@ def test_onnx_export_of_shrunk_model(tmp_path):
     gm, x = prepare(SplitChunk(), (2, 3, 8, 8))
     small = shrink(gm, random_plan(gm, 0.5)).graph_module
     path = tmp_path / "small.onnx"
-    torch.onnx.export(small, (x,), str(path), dynamo=False, opset_version=17,
-                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}})
+    torch.onnx.export(
+        small,
+        (x,),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "n"}},
+    )
     (got,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
     torch.testing.assert_close(torch.from_numpy(got), small(x).detach(), rtol=1e-4, atol=1e-5)
 
@@ -124,11 +152,10 @@ def test_bad_plans_are_refused():
 
 
 def test_passes_chain_in_a_pass_manager():
-    from torch.fx.passes.infra.pass_manager import PassManager
-
     from ehap_fx.passes.cost import CountCost
     from ehap_fx.passes.group import GroupChannels
     from ehap_fx.passes.shrink import Shrink
+    from torch.fx.passes.infra.pass_manager import PassManager
 
     gm, x = prepare(TinyOptionA(), (2, 3, 16, 16))  # already grouped: group ids are deterministic
     plan = random_plan(gm, 0.5, torch.Generator().manual_seed(3))

@@ -2,14 +2,14 @@
 
 import pytest
 import torch
-
-from ehap_fx.errors import TargetError
-from ehap_fx.latency import LatencyModel, LatencyOptions, LatencyTable
-from ehap_fx.models import get_model
 from ehap_fx.passes.cost import total_cost
 from ehap_fx.passes.group import KeptChannels, group_channels, groups_of
 from ehap_fx.passes.shrink import PrunePlan, shrink
 from ehap_fx.passes.trace import trace
+
+from ehap_fx.errors import TargetError
+from ehap_fx.latency import LatencyModel, LatencyOptions, LatencyTable
+from ehap_fx.models import get_model
 from ehap_fx.target import Target, magnitude_scores, select_plan
 
 
@@ -22,7 +22,9 @@ def widths(gm):
     return [m.out_channels for m in gm.modules() if isinstance(m, torch.nn.Conv2d)]
 
 
-@pytest.mark.parametrize("target", [Target(macs=0.5), Target(macs=0.35), Target(params=0.3), Target(macs=0.5, round_to=1)])
+@pytest.mark.parametrize(
+    "target", [Target(macs=0.5), Target(macs=0.35), Target(params=0.3), Target(macs=0.5, round_to=1)]
+)
 def test_plan_meets_target_tightly(resnet56, target):
     plan = select_plan(resnet56, magnitude_scores(resnet56), target)
     small = shrink(resnet56, plan).graph_module
@@ -49,8 +51,13 @@ def test_unreachable_target_states_the_minimum(resnet56):
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({}, "exactly one"), ({"macs": 0.5, "params": 0.5}, "exactly one"), ({"macs": 1.5}, r"\(0, 1\]"),
-     ({"macs": 0.5, "max_prune": 1.0}, "max_prune"), ({"macs": 0.5, "round_to": 0}, "round_to")],
+    [
+        ({}, "exactly one"),
+        ({"macs": 0.5, "params": 0.5}, "exactly one"),
+        ({"macs": 1.5}, r"\(0, 1\]"),
+        ({"macs": 0.5, "max_prune": 1.0}, "max_prune"),
+        ({"macs": 0.5, "round_to": 0}, "round_to"),
+    ],
 )
 def test_target_validates(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -85,7 +92,9 @@ def test_latency_target_prefers_widths_the_kernels_like(resnet56):
 
 def test_latency_table_measures_and_caches(tmp_path):
     pytest.importorskip("onnxruntime")
-    gm = group_channels(trace(torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1)).eval(), torch.randn(1, 3, 8, 8)))
+    gm = group_channels(
+        trace(torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1)).eval(), torch.randn(1, 3, 8, 8))
+    )
     options = LatencyOptions(batch_size=2, repeats=1, cache=tmp_path / "lat.json")
     table = LatencyTable(options)
     model = LatencyModel(gm.graph_module, table)

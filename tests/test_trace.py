@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from ehap_fx.passes.group import group_channels, groups_of
+from ehap_fx.passes.trace import trace
 from torch import nn
 
 from ehap_fx.errors import TraceError
-from ehap_fx.passes.group import group_channels, groups_of
-from ehap_fx.passes.trace import trace
 
 
 class DataDependent(nn.Module):
@@ -46,7 +46,9 @@ def test_untraceable_module_is_named_with_its_line_and_the_fix():
 
 
 def test_leaf_module_channels_are_pinned():
-    gm = group_channels(trace(Net().eval(), torch.randn(2, 3, 8, 8), leaf_modules=[DataDependent])).graph_module
+    gm = group_channels(
+        trace(Net().eval(), torch.randn(2, 3, 8, 8), leaf_modules=[DataDependent])
+    ).graph_module
     reasons = [g.pinned for g in groups_of(gm).pinned]
     assert any("gate" in r and "not understood" in r for r in reasons)
     assert not groups_of(gm).prunable

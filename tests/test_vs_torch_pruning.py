@@ -10,10 +10,9 @@ group is one unit), so each of our units is a union of Torch-Pruning units there
 import pytest
 import torch
 import torchvision.models as tvm
-from torch import nn
-
 from ehap_fx.passes.group import group_channels, groups_of, producer_slices
 from ehap_fx.passes.trace import trace
+from torch import nn
 
 tp = pytest.importorskip("torch_pruning")
 
@@ -52,7 +51,9 @@ def units_of(name):
     return torch_pruning_units(model, x), our_units(model, x)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "densenet121", "vgg11_bn"])
+@pytest.mark.parametrize(
+    "name", ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "densenet121", "vgg11_bn"]
+)
 def test_same_partition(name):
     theirs, ours = units_of(name)
     assert ours == theirs

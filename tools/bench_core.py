@@ -19,13 +19,13 @@ import warnings
 
 import torch
 import torchvision.models as tvm
-from torch import nn
-
-from ehap_fx.models import get_model
 from ehap_fx.passes.group import group_channels
 from ehap_fx.passes.mask import random_plan
 from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
+from torch import nn
+
+from ehap_fx.models import get_model
 
 
 def _timed(fn):
@@ -44,7 +44,7 @@ def bench_resnet50(rounds: int) -> None:
         t, gm = _timed(lambda: group_channels(trace(model, x)).graph_module)
         times["ehap trace+group"].append(t)
         plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
-        times["ehap shrink 50%"].append(_timed(lambda: shrink(gm, plan))[0])
+        times["ehap shrink 50%"].append(_timed(lambda gm=gm, plan=plan: shrink(gm, plan))[0])
 
         def tp_build():
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)
@@ -67,7 +67,11 @@ def _torch_pruning_outcome(model: nn.Module, x: torch.Tensor, ignored: list[nn.M
 
     try:
         pruner = tp.pruner.MagnitudePruner(
-            model, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=0.5, ignored_layers=ignored
+            model,
+            x,
+            importance=tp.importance.MagnitudeImportance(p=1),
+            pruning_ratio=0.5,
+            ignored_layers=ignored,
         )
         pruner.step()
         model(x)
@@ -120,7 +124,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={torch.get_num_threads()}")
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={torch.get_num_threads()}"
+    )
     bench_resnet50(args.rounds)
     anchor_failures()
 
