@@ -122,3 +122,16 @@ def test_agreement_with_fp32_from_cached_scores_and_plans(tmp_path):
     assert got["pruned_jaccard_vs_fp32"] == pytest.approx(1 / 3)  # {0} of {0, 1, 3}
     assert got["spearman_vs_fp32"] == pytest.approx(1 - 6 * 2 / (6 * 35))  # one swapped pair of 6
     assert run.agreement("hessian-half", 0.7) == {}  # no fp32 plan at that target
+
+
+def test_a_subset_run_adds_its_rows_to_the_saved_table(tmp_path):
+    def row(scorer, target, top1):
+        return {"model": "resnet56", "scorer": scorer, "target": target, "finetuned": top1}
+
+    path = tmp_path / "results.json"
+    first = reproduce.merge_rows(path, [row("dense", 1.0, 86.5), row("l1", 0.5, 81.6)])
+    path.write_text(json.dumps({"rows": first}))
+    merged = reproduce.merge_rows(path, [row("dense", 1.0, 86.5), row("ggn-fp32", 0.5, 72.9),
+                                         row("l1", 0.7, 84.0)])
+    assert [(r["scorer"], r["target"]) for r in merged] == [
+        ("dense", 1.0), ("l1", 0.7), ("ggn-fp32", 0.5), ("l1", 0.5)]

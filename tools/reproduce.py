@@ -544,6 +544,21 @@ def _hessian_cells(r: dict) -> str:
     return f"{hs:.1f} | {mem / 2**20:.0f}{extra}"
 
 
+def merge_rows(path: Path, rows: list[dict]) -> list[dict]:
+    """``rows`` added to those already saved in ``path`` for this budget (a run of a subset of
+    models, scorers or targets replaces its own rows only), in a stable order."""
+    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    key = _row_key
+    mine = {key(r) for r in rows}
+    return sorted([r for r in old if key(r) not in mine] + rows, key=key)
+
+
+def _row_key(r: dict) -> tuple:
+    order = ("dense", *SCORERS)
+    model = MODELS.index(r["model"]) if r["model"] in MODELS else len(MODELS)
+    return (model, r["model"], -r["target"] if r["scorer"] != "dense" else -2.0, order.index(r["scorer"]))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny budgets on a data slice (CI, minutes)")
@@ -611,6 +626,7 @@ def main(argv=None) -> list[dict]:
             "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
             "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    rows = merge_rows(stem.with_suffix(".json"), rows)
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = table(rows)
     stem.with_suffix(".md").write_text(md + "\n")
