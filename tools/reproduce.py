@@ -544,6 +544,31 @@ def _hessian_cells(r: dict) -> str:
     return f"{hs:.1f} | {mem / 2**20:.0f}{extra}"
 
 
+def time_hessians(run: Run, scorers, repeats: int) -> str:
+    """Each Hessian scorer ``repeats`` times, alternating, each in a fresh subprocess (no cache):
+    median seconds and peak memory, and their ratios to the first scorer, as a Markdown table."""
+    run.dense()
+    scorers = [s for s in scorers if s != "l1"]
+    runs: dict[str, list[dict]] = {s: [] for s in scorers}
+    for i in tqdm(range(repeats), desc="hessian timing"):
+        for s in scorers:
+            folder = run.dir / "timing" / f"{s}-{i}"
+            folder.mkdir(parents=True, exist_ok=True)
+            runs[s].append(run._hessian_subprocess(s, folder))
+    med = {s: {k: float(np.median([r[k] for r in rs])) for k in ("seconds", "peak_memory", "rss_growth")}
+           for s, rs in runs.items()}
+    ref = med[scorers[0]]
+    lines = [f"| scorer | runs | median s | s / {scorers[0]} | peak MiB | peak / {scorers[0]} | "
+             "growth MiB | growth / ref |", "|---|---|---|---|---|---|---|---|"]
+    for s, m in med.items():
+        each = ", ".join(f"{r['seconds']:.1f}" for r in runs[s])
+        lines.append(f"| {s} | {each} | {m['seconds']:.1f} | "
+                     f"{m['seconds'] / ref['seconds']:.2f} | {m['peak_memory'] / 2**20:.0f} | "
+                     f"{m['peak_memory'] / ref['peak_memory']:.2f} | {m['rss_growth'] / 2**20:.0f} | "
+                     f"{m['rss_growth'] / ref['rss_growth']:.2f} |")
+    return "\n".join(lines)
+
+
 def merge_rows(path: Path, rows: list[dict]) -> list[dict]:
     """``rows`` added to those already saved in ``path`` for this budget (a run of a subset of
     models, scorers or targets replaces its own rows only), in a stable order."""
@@ -584,6 +609,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-root", type=Path, default=SHARED / "data")
     p.add_argument("--weights", type=Path, default=SHARED / "weights")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "reproduce")
+    p.add_argument("--time-hessian", type=int, metavar="N",
+                   help="only time the Hessian scorers: N alternating fresh runs each, ratios printed")
     p.add_argument("--rank-worker", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -618,6 +645,13 @@ def main(argv=None) -> list[dict]:
     log(f"budget {budget.rank_key()}/ft-{budget.key()}: {budget}\ndata: {data.describe}")
     rows = []
     targets = args.targets or list(QUICK_TARGETS if args.quick else TARGETS)
+    if args.time_hessian:
+        for name in args.models or MODELS:
+            print(f"{name}, {budget.probes} probes on {budget.hessian_batch} images, "
+                  f"{torch.get_num_threads()} thread(s):")
+            print(time_hessians(Run(name, budget, data, args.data_root, args.weights, args.out, log),
+                                args.scorers, args.time_hessian))
+        return []
     for name in args.models or MODELS:
         run = Run(name, budget, data, args.data_root, args.weights, args.out, log)
         rows.extend(run.all(args.scorers, targets))
