@@ -22,6 +22,7 @@ import shlex
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -337,6 +338,17 @@ def staging(out: Path) -> Iterator[Path]:
 
 
 def cmd_compress(args) -> int:
+    """``ehap compress``; under ``torchrun`` one rank of the group (gloo: models run on the CPU),
+    rank 0 alone announcing and writing ``--out`` (see docs/distributed.md)."""
+    from ehap_fx import distributed
+
+    with distributed.process_group_from_env(backend="gloo"):
+        if not distributed.is_main():
+            logging.getLogger("ehap_fx").setLevel(logging.ERROR)  # rank 0 speaks
+        return _compress_rank(args, distributed.is_main())
+
+
+def _compress_rank(args, main: bool) -> int:
     from ehap_fx.compress import compress
     from ehap_fx.models import NUM_CLASSES
 
@@ -353,8 +365,9 @@ def cmd_compress(args) -> int:
     train_loader = train.loader(batch, shuffle=True, augment=True, seed=args.seed, normalization=norm)
     test_loader = test.loader(256, normalization=norm)
     example = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed))
-    _announce(args, opts, train, test, out)
-    with staging(out) as tmp:
+    if main:
+        _announce(args, opts, train, test, out)
+    with staging(out) if main else _scratch() as tmp:
         result = compress(model, example, data=train_loader, eval_data=test_loader,
                           target=opts.target, scorer=opts.scorer, hessian=opts.hessian,
                           finetune_options=opts.finetune, quantize=opts.quantize,
@@ -365,8 +378,16 @@ def cmd_compress(args) -> int:
             for key in ("path", "summary"):
                 report["export"][key] = str(report["export"][key]).replace(str(tmp), str(out))
         _write_outputs(tmp, args, result, report, model)
-    _summary(out, report, args)
+    if main:
+        _summary(out, report, args)
     return 0
+
+
+@contextlib.contextmanager
+def _scratch() -> Iterator[Path]:
+    """Where a rank other than 0 writes: a temporary folder, removed at the end."""
+    with tempfile.TemporaryDirectory(prefix="ehap-rank-") as folder:
+        yield Path(folder)
 
 
 def _announce(args, opts, train, test, out) -> None:
