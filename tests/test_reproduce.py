@@ -135,3 +135,13 @@ def test_a_subset_run_adds_its_rows_to_the_saved_table(tmp_path):
                                          row("l1", 0.7, 84.0)])
     assert [(r["scorer"], r["target"]) for r in merged] == [
         ("dense", 1.0), ("l1", 0.7), ("ggn-fp32", 0.5), ("l1", 0.5)]
+
+
+def test_time_hessian_prints_ratios_to_fp32(tmp_path, capsys):
+    argv = [*TINY, "--models", "resnet20", "--scorers", "hessian-fp32", "hessian-half", "l1",
+            "--time-hessian", "1", "--out", str(tmp_path)]
+    assert reproduce.main(argv) == []
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| hessian")]
+    assert [ln.split(" | ")[0] for ln in lines] == ["| hessian-fp32", "| hessian-half"]  # no L1
+    assert lines[0].split(" | ")[3] == "1.00"  # the reference's own ratio
+    assert len(list(tmp_path.rglob("timing/*/summary.json"))) == 2
