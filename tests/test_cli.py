@@ -311,7 +311,9 @@ def test_interrupted_run_leaves_nothing(tmp_path):
     time.sleep(1.0)  # inside compress() by now
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr[-2000:]
+    # 130, or death by SIGINT when the signal lands during interpreter shutdown: a shell shows
+    # both as 130; what matters is the message and that nothing was left behind
+    assert proc.returncode in (130, -signal.SIGINT), stderr[-2000:]
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
 
