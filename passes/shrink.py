@@ -180,19 +180,13 @@ def shrink_getitem(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
 
 def shrink_reshape(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
     """Rewrite a literal channel size in view/reshape (e.g. ``x.view(n, 512 * 7 * 7)``)."""
-    shape_pos = 1
-    args = list(node.args)
-    shape = (
-        args[shape_pos:] if node.op == "call_method" and not isinstance(args[1], (list, tuple)) else args[1]
-    )
+    x, *rest = node.args
+    unpacked = len(rest) != 1 or not isinstance(rest[0], (list, tuple))  # view(n, c) vs view((n, c))
+    shape = list(rest if unpacked else rest[0])
     if len(shape) < 2 or not isinstance(shape[1], int) or shape[1] == -1:
-        return
-    shape = list(shape)
+        return  # the channel size is computed at run time (or inferred): nothing baked in
     shape[1] = int(keep(node).sum())
-    if node.op == "call_method" and not isinstance(args[1], (list, tuple)):
-        node.args = (args[0], *shape)
-    else:
-        node.args = (args[0], tuple(shape), *args[2:])
+    node.args = (x, *shape) if unpacked else (x, tuple(shape))
 
 
 def _set_arg(node: fx.Node, pos: int, name: str, value: Any) -> None:
