@@ -25,10 +25,10 @@ from ehap_fx.errors import EhapError
 from ehap_fx.hessian import HessianOptions, group_sensitivity, group_stderr
 from ehap_fx.latency import LatencyModel, LatencyOptions, LatencyTable
 from ehap_fx.passes.cost import Cost, total_cost
-from ehap_fx.passes.group import ChannelGroups, KeptChannels, group_channels, groups_of
+from ehap_fx.passes.group import ChannelGroups, group_channels, groups_of
 from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
-from ehap_fx.target import Target, magnitude_scores, select_plan
+from ehap_fx.target import Target, magnitude_scores, measure, select_plan
 from ehap_fx.train import FinetuneOptions, evaluate, finetune
 
 log = logging.getLogger("ehap_fx")
@@ -254,7 +254,7 @@ def _prune(gm, data, target, scorer, hessian, loss_fn, finetune_options, latency
         seconds[f"rank_{step}"] = time.perf_counter() - t
         model_latency = LatencyModel(gm, table) if table is not None else None
         if dense_value is None:
-            dense_value = _value(gm, target, model_latency)
+            dense_value = measure(gm, target, latency=model_latency)
         fraction = target.at_step(step)
         plan = select_plan(gm, scores, target, fraction=fraction, base=dense_value, latency=model_latency)
         plan = distributed.broadcast_object(plan)  # rank 0's plan on every rank (latency timings differ)
@@ -265,21 +265,13 @@ def _prune(gm, data, target, scorer, hessian, loss_fn, finetune_options, latency
             finetune(gm, distributed.shard_loader(data), finetune_options)
     report.cost_after = _cost_dict(total_cost(gm), base)
     if table is not None:
-        after = _value(gm, target, LatencyModel(gm, table))
+        after = measure(gm, target, latency=LatencyModel(gm, table))
         report.target.update(
             latency_before_s=dense_value, latency_after_s=after, latency_ratio=after / dense_value
         )
         if distributed.is_main():
             table.save()
     return gm
-
-
-def _value(gm: fx.GraphModule, target: Target, latency: LatencyModel | None) -> float:
-    """The dense value of the target's quantity for ``gm`` (estimated seconds for latency)."""
-    if latency is not None:
-        groups = groups_of(gm)
-        return latency(KeptChannels(groups, [torch.ones(g.size, dtype=torch.bool) for g in groups]))
-    return getattr(total_cost(gm), target.kind)
 
 
 def _take(batches: Iterable, n: int) -> list:

@@ -63,9 +63,10 @@ class ConvShape:
     depthwise: bool
     height: int
     width: int
+    out_size: tuple[int, int]  # output (H, W), as ShapeProp recorded it
 
     @classmethod
-    def of(cls, conv: nn.Conv2d, height: int, width: int) -> ConvShape:
+    def of(cls, conv: nn.Conv2d, height: int, width: int, out_size: tuple[int, int]) -> ConvShape:
         if isinstance(conv.padding, str):
             raise EhapError(f"conv padding={conv.padding!r}: latency tables need numeric padding")
         depthwise = conv.groups == conv.in_channels == conv.out_channels
@@ -78,6 +79,7 @@ class ConvShape:
             depthwise,
             height,
             width,
+            out_size,
         )
 
 
@@ -95,12 +97,6 @@ def _conv_model(shape: ConvShape, cin: int, cout: int, batch: int, precision: st
         dilations=list(shape.dilation),
         group=groups,
     )
-    oh = (
-        shape.height + 2 * shape.padding[0] - shape.dilation[0] * (shape.kernel[0] - 1) - 1
-    ) // shape.stride[0] + 1
-    ow = (shape.width + 2 * shape.padding[1] - shape.dilation[1] * (shape.kernel[1] - 1) - 1) // shape.stride[
-        1
-    ] + 1
     if precision == "int8":
         elem = TensorProto.UINT8
         inits = [
@@ -127,7 +123,7 @@ def _conv_model(shape: ConvShape, cin: int, cout: int, batch: int, precision: st
         [node],
         "conv",
         [helper.make_tensor_value_info("x", elem, [batch, cin, shape.height, shape.width])],
-        [helper.make_tensor_value_info("y", elem, [batch, cout, oh, ow])],
+        [helper.make_tensor_value_info("y", elem, [batch, cout, *shape.out_size])],
         initializer=inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
@@ -210,7 +206,9 @@ class LatencyModel:
         for node in gm.graph.nodes:
             if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Conv2d):
                 h, w = node.args[0].meta["tensor_meta"].shape[2:]
-                self.convs.append((node, ConvShape.of(gm.get_submodule(node.target), int(h), int(w))))
+                out_hw = tuple(int(d) for d in node.meta["tensor_meta"].shape[2:])
+                shape = ConvShape.of(gm.get_submodule(node.target), int(h), int(w), out_hw)
+                self.convs.append((node, shape))
 
     def __call__(self, kept: KeptChannels) -> float:
         total = 0.0

@@ -128,6 +128,20 @@ def _plan(order: list[_Block], n: int, scores: Mapping[int, torch.Tensor]) -> Pr
     )
 
 
+def measure(
+    gm: fx.GraphModule, target: Target, plan: PrunePlan | None = None, *, latency: LatencyModel | None = None
+) -> float:
+    """The target's quantity (MACs, params, or estimated seconds) of ``gm`` under ``plan``
+    (the dense graph when None), computed without shrinking."""
+    groups = groups_of(gm)
+    masks = (plan or PrunePlan({})).masks(groups)
+    if target.kind == "latency":
+        if latency is None:
+            raise TargetError("a latency target needs a LatencyModel: latency=LatencyModel(gm, table)")
+        return latency(KeptChannels(groups, masks))
+    return getattr(plan_cost(gm, masks), target.kind)
+
+
 def select_plan(
     gm: fx.GraphModule,
     scores: Mapping[int, torch.Tensor],
@@ -152,10 +166,7 @@ def select_plan(
         )
 
     def value(plan: PrunePlan) -> float:
-        masks = plan.masks(groups)
-        if target.kind == "latency":
-            return latency(KeptChannels(groups, masks))
-        return getattr(plan_cost(gm, masks), target.kind)
+        return measure(gm, target, plan, latency=latency)
 
     dense = value(PrunePlan({}))
     base = base if base is not None else dense

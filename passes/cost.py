@@ -137,8 +137,10 @@ def _node_cost(gm, node, seen: set[str], count: Callable[[fx.Node], int]) -> Nod
     params = 0
     if node.op == "get_attr" and node.target not in seen:
         seen.add(node.target)
-        attr = gm.get_parameter(node.target) if node.target in dict(gm.named_parameters()) else None
-        params = attr.numel() if attr is not None else 0
+        try:
+            params = gm.get_parameter(node.target).numel()
+        except AttributeError:  # a buffer or constant, not a parameter
+            params = 0
     if fn is None:
         if mod is not None and node.target not in seen:  # unknown module: count its parameters
             seen.add(node.target)
