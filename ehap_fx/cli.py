@@ -106,7 +106,9 @@ def _compress_parser(sub) -> None:
     p.add_argument("--max-prune", type=float, default=0.8, help="max fraction of a group to remove")
     p.add_argument("--min-channels", type=int, default=1)
     p.add_argument("--steps", type=int, default=1, help="iterative pruning steps")
-    p.add_argument("--scorer", choices=("hessian", "l1"), default="hessian")
+    p.add_argument("--scorer", choices=("hessian", "removal", "l1"), default="hessian",
+                   help="hessian: the paper's trace sensitivity; removal: exact Gauss-Newton loss "
+                        "increase of removing each channel, ranked per MAC saved; l1: magnitude")
     p.add_argument("--estimator", choices=("hutchinson", "ggn", "hybrid"),
                    help="Hessian estimator (default: ggn; hutchinson with synthetic data, where "
                         "a random model's saturated softmax makes the GGN zero)")

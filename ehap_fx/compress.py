@@ -28,12 +28,13 @@ from ehap_fx.passes.cost import Cost, total_cost
 from ehap_fx.passes.group import ChannelGroups, group_channels, groups_of
 from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
+from ehap_fx.removal import estimate_removal
 from ehap_fx.target import Target, magnitude_scores, measure, select_plan
 from ehap_fx.train import FinetuneOptions, evaluate, finetune
 
 log = logging.getLogger("ehap_fx")
 
-SCORERS = ("hessian", "l1")
+SCORERS = ("hessian", "removal", "l1")
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,12 @@ def _rank(gm, data, scorer: str, hessian: HessianOptions, loss_fn) -> tuple[dict
     if scorer == "l1":
         return magnitude_scores(gm), None, {"scorer": "l1"}
     groups = groups_of(gm)
+    if scorer == "removal":
+        if loss_fn is not None:
+            raise EhapError("scorer='removal' is exact for cross-entropy only: drop loss_fn, or "
+                            "use scorer='hessian' with estimator='hutchinson'")
+        removal = estimate_removal(gm, data, groups.prunable, hessian)
+        return removal.scores, None, {"scorer": "removal", **removal.summary()}
     names = sorted({m.module for g in groups.prunable for m in g.members if m.role == "out"})
     # estimate_hessian itself, split over the ranks inside a torch.distributed process group
     result = distributed.estimate_hessian_distributed(gm, data, hessian, names=names, loss_fn=loss_fn,
@@ -151,6 +158,10 @@ def compress(
     (or None to stay fp32); ``export`` an ONNX path (needs ``quantize``). A latency target
     measures a per-conv onnxruntime table (``latency`` options, cached on disk). The input
     model is not modified.
+
+    ``scorer``: ``"hessian"`` (the paper's per-channel trace sensitivity, ``hessian`` options),
+    ``"removal"`` (``ehap_fx.removal``: the exact Gauss-Newton loss increase of removing each
+    channel, ranked per unit of cost saved; same precision/batch options) or ``"l1"``.
     """
     if scorer not in SCORERS:
         raise ValueError(f"scorer={scorer!r} must be one of {SCORERS}")
@@ -256,7 +267,8 @@ def _prune(gm, data, target, scorer, hessian, loss_fn, finetune_options, latency
         if dense_value is None:
             dense_value = measure(gm, target, latency=model_latency)
         fraction = target.at_step(step)
-        plan = select_plan(gm, scores, target, fraction=fraction, base=dense_value, latency=model_latency)
+        plan = select_plan(gm, scores, target, fraction=fraction, base=dense_value, latency=model_latency,
+                           per_cost=scorer == "removal")
         plan = distributed.broadcast_object(plan)  # rank 0's plan on every rank (latency timings differ)
         report.ranking.append({"step": step, **summary})
         report.groups.extend(_record(step, groups_of(gm), plan, scores, stderr))

@@ -105,3 +105,55 @@ class _null:
 
     def __exit__(self, *exc):
         return False
+
+
+def ggn_removal(
+    model: nn.Module,
+    slices: dict[str, list[tuple[int, torch.Tensor]]],
+    sizes: dict[int, int],
+    x: torch.Tensor,
+    chunk: int = 8,
+    autocast: Callable | None = None,
+) -> dict[int, torch.Tensor]:
+    """``½ δᵀGδ`` of mean softmax cross-entropy for zeroing each set of input-channel slices.
+
+    ``slices[param name]`` lists ``(key, index)``: entry ``c`` of ``key`` zeroes input channels
+    ``index[c]`` (dim 1 of that weight, ``index`` shaped ``(sizes[key], k)``) of every listed
+    weight at once. Returns one fp32 ``(sizes[key],)`` tensor per key, averaged over ``x``.
+    """
+    names = list(slices)
+    selected, fixed = _split_params(model, names)
+    ctx = autocast or _null
+    # 0/1 maps from a weight's input channels to each key's channels (duplicates counted once)
+    maps = []
+    for n in names:
+        for key, index in slices[n]:
+            m = torch.zeros(sizes[key], selected[n].shape[1], device=x.device)
+            m[torch.arange(sizes[key], device=x.device)[:, None].expand_as(index), index.to(x.device)] = 1
+            maps.append((n, key, m))
+
+    def logits(p: Params, x1: torch.Tensor) -> torch.Tensor:
+        with ctx():
+            return functional_call(model, (p, fixed), (x1.unsqueeze(0),)).squeeze(0).float()
+
+    def per_sample(x1: torch.Tensor) -> dict[int, torch.Tensor]:
+        out, vjp_fn = vjp(lambda p: logits(p, x1), selected)
+        prob = out.detach().softmax(-1)
+        sq = prob.sqrt()
+        a = torch.diag(sq) - prob[:, None] * sq[None, :]
+        (grads,) = vmap(vjp_fn)(a.T.contiguous())  # (C, *w.shape) per weight
+        # d loss-direction / d gate of input channel i: <W[:, i], grad[:, i]>  -> (C, in)
+        per_in = {n: (grads[n].float() * selected[n].float()).transpose(1, 2).flatten(2).sum(-1)
+                  for n in names}
+        acc = {key: torch.zeros(out.shape[-1], size, device=x1.device) for key, size in sizes.items()}
+        for n, key, m in maps:
+            acc[key] = acc[key] + per_in[n] @ m.T
+        return {key: v.pow(2).sum(0) for key, v in acc.items()}
+
+    batched = vmap(per_sample)
+    total = {key: torch.zeros(size, device=x.device) for key, size in sizes.items()}
+    for start in range(0, x.shape[0], chunk):
+        part = batched(x[start : start + chunk])
+        for key in total:
+            total[key] += part[key].sum(0)
+    return {key: 0.5 * v / x.shape[0] for key, v in total.items()}

@@ -150,13 +150,18 @@ def select_plan(
     fraction: float | None = None,
     base: float | None = None,
     latency: LatencyModel | None = None,
+    per_cost: bool = False,
 ) -> PrunePlan:
     """The plan that removes the least sensitive channels until ``gm`` meets ``target``.
 
     ``scores[group_id]`` is a ``(size,)`` tensor (higher = more important) for each prunable
     group; groups without scores are left whole. ``fraction`` and ``base`` override the
     target's fraction and the dense value it is relative to (iterative pruning passes the
-    original model's). A latency target needs ``latency`` (a ``LatencyModel`` of ``gm``).
+    original model's). A latency target needs ``latency`` (a ``LatencyModel`` of ``gm``) and
+    always ranks by sensitivity per second saved; ``per_cost=True`` ranks MACs and params
+    targets the same way, by sensitivity per unit of the target's cost saved (right for
+    scores in loss units, such as ``ehap_fx.removal``; wrong for L1 norms, whose sums over
+    producers already favour the channels that cost most).
     Raises TargetError stating the reachable minimum.
     """
     groups = groups_of(gm)
@@ -172,7 +177,7 @@ def select_plan(
     base = base if base is not None else dense
     goal = (fraction if fraction is not None else target.fraction) * base
     saving = None
-    if target.kind == "latency":
+    if target.kind == "latency" or per_cost:
 
         def saving(group: int, kept: int) -> float:
             return dense - value(PrunePlan({group: tuple(range(kept))}))

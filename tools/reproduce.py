@@ -6,8 +6,9 @@ For each model, MACs target and scorer, every stage is evaluated on the test set
     rank (Hessian fp32 / half, or L1) → prune (before fine-tune) → fine-tune → INT8 → ONNX
 
 Scorers: ``hessian-fp32`` / ``hessian-half`` (the paper's Hutchinson estimator; half is fp16 on
-CUDA, bf16 on a CPU), ``ggn-fp32`` / ``ggn-half`` (ehap-fx's exact Gauss-Newton default), ``l1``
-(the magnitude control). A ranking does not depend on the target, so one Hessian per scorer
+CUDA, bf16 on a CPU), ``ggn-fp32`` / ``ggn-half`` (the exact Gauss-Newton trace in the same
+formula), ``removal-fp32`` / ``removal-half`` (``ehap_fx.removal``: the exact Gauss-Newton loss
+increase of removing each channel, ranked per MAC saved), ``l1`` (the magnitude control). A ranking does not depend on the target, so one Hessian per scorer
 serves all targets (one-shot pruning). Each Hessian runs in a fresh subprocess so that its
 peak memory (CUDA ``max_memory_allocated``, or the peak RSS on a CPU, also given as growth over
 the RSS after setup) belongs to that precision alone.
@@ -57,6 +58,7 @@ from ehap_fx.data import load_cifar, synthetic_cifar
 from ehap_fx.errors import EhapError
 from ehap_fx.hessian import HessianOptions, estimate_hessian, group_sensitivity
 from ehap_fx.models import NUM_CLASSES, find_pretrained, get_model, load_pretrained, normalization
+from ehap_fx.removal import estimate_removal
 from ehap_fx.target import Target, magnitude_scores, select_plan
 from ehap_fx.train import FinetuneOptions, evaluate, finetune
 
@@ -64,7 +66,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 MODELS = ("resnet32", "resnet56")
 TARGETS = (0.7, 0.5, 0.35)
-SCORERS = ("hessian-fp32", "hessian-half", "ggn-fp32", "ggn-half", "l1")
+SCORERS = ("hessian-fp32", "hessian-half", "ggn-fp32", "ggn-half", "removal-fp32", "removal-half", "l1")
 DEFAULT_SCORERS = ("hessian-fp32", "hessian-half", "l1")
 QUICK_TARGETS = (0.5,)  # --quick: one target keeps CI within minutes
 
@@ -325,7 +327,8 @@ class Run:
                     {g: len(s) for g, s in scores.items()}:
                 raise ReproduceError(f"cached scores of {scorer} do not match {self.name}'s groups; "
                                      f"delete {self.dir / f'rank-{scorer}'}")
-            plan = select_plan(gm, scores, Target(macs=target, round_to=self.budget.round_to))
+            plan = select_plan(gm, scores, Target(macs=target, round_to=self.budget.round_to),
+                               per_cost=scorer.startswith("removal"))
             (folder / "plan.json").write_text(json.dumps({str(g): list(k) for g, k in plan.keep.items()}))
             pruned = _to(shrink(gm, plan).graph_module, self.budget.device)
             return {"top1": evaluate(pruned, test_loader(self.data, self.budget, self.name)),
@@ -392,9 +395,10 @@ class Run:
                          **self.agreement(s, t)})
         return rows
 
-    def agreement(self, scorer: str, target: float, reference: str = "hessian-fp32") -> dict:
+    def agreement(self, scorer: str, target: float) -> dict:
         """Spearman of all channel scores, and Jaccard overlap of the pruned channel sets, with
-        ``reference``'s (empty when the reference was not run)."""
+        the fp32 run of the same estimator (``hessian-fp32`` for L1; empty when not run)."""
+        reference = "hessian-fp32" if scorer == "l1" else scorer.split("-")[0] + "-fp32"
         ref = self.dir / f"rank-{reference}" / "scores.pt"
         ref_plan = self.dir / f"{reference}-{target}" / "pruned" / "plan.json"
         if not (ref.exists() and ref_plan.exists()):
@@ -492,8 +496,12 @@ def rank_worker(spec_path: Path) -> None:
     base = _rss()
     groups = groups_of(gm).prunable
     names = sorted({m.module for g in groups for m in g.members if m.role == "out"})
-    result = estimate_hessian(gm, (x, y), opts, names=names, groups=groups)
-    scores = group_sensitivity(groups, gm, result)
+    if spec["scorer"].startswith("removal"):
+        result = estimate_removal(gm, (x, y), groups, opts)
+        scores = result.scores
+    else:
+        result = estimate_hessian(gm, (x, y), opts, names=names, groups=groups)
+        scores = group_sensitivity(groups, gm, result)
     torch.save({g: s.cpu() for g, s in scores.items()}, out / "scores.pt")
     summary = {**result.summary(), "scorer": spec["scorer"], "base_rss": base,
                "rss_growth": result.peak_memory - base if device.type == "cpu" else None}
