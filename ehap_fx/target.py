@@ -19,7 +19,7 @@ from torch import fx
 from ehap_fx.errors import TargetError
 from ehap_fx.latency import LatencyModel
 from ehap_fx.passes.cost import plan_cost
-from ehap_fx.passes.group import ChannelGroup, KeptChannels, groups_of, producer_slices
+from ehap_fx.passes.group import ChannelGroup, KeptChannels, emptiable_groups, groups_of, producer_slices
 from ehap_fx.passes.shrink import PrunePlan
 
 #: Kept widths of each group are multiples of this by default. 16 would suit onnxruntime's INT8
@@ -38,7 +38,9 @@ class Target:
     ranked by sensitivity per second saved, as in HALP.
 
     ``max_prune`` caps the fraction of any group's channels that may go, ``min_channels``
-    is a floor per group, ``round_to`` makes kept widths multiples of it (groups smaller
+    is a floor per group (neither applies to groups whose values all keep other channels, such
+    as the zero channels of option-A shortcuts: those may go entirely, see
+    ``passes.group.emptiable_groups``), ``round_to`` makes kept widths multiples of it (groups smaller
     than ``round_to`` are left whole unless ``round_to=1``), ``steps`` > 1 prunes iteratively,
     re-ranking between steps.
     """
@@ -87,9 +89,10 @@ class _Block:
     score: float  # ranking key (monotone within a group)
 
 
-def _kept_counts(size: int, target: Target) -> list[int]:
-    """Allowed kept widths of a group, largest first (the full width is always allowed)."""
-    floor = max(target.min_channels, math.ceil(size * (1 - target.max_prune)))
+def _kept_counts(size: int, target: Target, emptiable: bool = False) -> list[int]:
+    """Allowed kept widths of a group, largest first (the full width is always allowed).
+    An emptiable group (``emptiable_groups``) may go to zero: its values keep other channels."""
+    floor = 0 if emptiable else max(target.min_channels, math.ceil(size * (1 - target.max_prune)))
     step = target.round_to
     counts = [k for k in range(size - 1, floor - 1, -1) if k % step == 0]
     return [size, *counts]
@@ -98,12 +101,14 @@ def _kept_counts(size: int, target: Target) -> list[int]:
 Saving = Callable[[int, int], float]  # (group id, kept width) -> cost saved vs. the full width
 
 
-def _blocks(group: ChannelGroup, scores: torch.Tensor, target: Target, saving: Saving | None) -> list[_Block]:
+def _blocks(
+    group: ChannelGroup, scores: torch.Tensor, target: Target, saving: Saving | None, emptiable: bool
+) -> list[_Block]:
     """Removal steps of one group, each with its ranking key: the mean sensitivity of the
     channels it removes, or (with ``saving``) their total sensitivity per unit of cost saved.
     Steps that save nothing (a width the kernels run no faster) merge into the next one."""
     ordered = scores.sort().values
-    counts = _kept_counts(group.size, target)
+    counts = _kept_counts(group.size, target, emptiable)
     blocks, running, saved, pending = [], -math.inf, 0.0, 0.0
     for before, after in zip(counts, counts[1:], strict=False):
         block = ordered[group.size - before : group.size - after]
@@ -182,11 +187,12 @@ def select_plan(
         def saving(group: int, kept: int) -> float:
             return dense - value(PrunePlan({group: tuple(range(kept))}))
 
+    emptiable = emptiable_groups(gm)
     blocks = (
         b
         for g in groups.prunable
         if g.id in scores
-        for b in _blocks(g, scores[g.id].float().cpu(), target, saving)
+        for b in _blocks(g, scores[g.id].float().cpu(), target, saving, g.id in emptiable)
     )
     order = sorted(blocks, key=lambda b: b.score)
 

@@ -155,6 +155,26 @@ class KeptChannels:
         return int(self.of(slots).sum()) if isinstance(slots, ChannelSlots) else None
 
 
+def emptiable_groups(gm: fx.GraphModule) -> frozenset[int]:
+    """Prunable groups that may lose *all* their channels: every value they live in also
+    carries channels of a group that never empties (a pinned one, or one that is alone in
+    some value and so keeps at least one channel). The zero channels an option-A shortcut
+    pads on are the typical case: dropping them all narrows the next stage's stream.
+    """
+    groups = groups_of(gm)
+    candidates = {g.id for g in groups.prunable}
+    shared = [set(s.group.tolist()) for n in gm.graph.nodes
+              if isinstance(s := n.meta.get(_meta.CHANNELS), ChannelSlots) and len(s)]
+    changed = True
+    while changed:
+        changed = False
+        for present in shared:
+            if present <= candidates:  # nothing else keeps this value non-empty
+                candidates -= present
+                changed = True
+    return frozenset(candidates)
+
+
 def groups_of(gm: fx.GraphModule) -> ChannelGroups:
     """The groups computed by ``group_channels``; raises if the pass has not run."""
     groups = gm.meta.get(_meta.GROUPS)

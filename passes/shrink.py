@@ -54,10 +54,22 @@ class PrunePlan:
                 continue
             if not g.prunable:
                 raise ShrinkError(f"group {gid} is pinned ({g.pinned}) and cannot lose channels")
-            if not kept:
-                raise ShrinkError(f"group {gid} would lose all {g.size} channels; keep at least one")
-            if len(set(kept)) != len(kept) or min(kept) < 0 or max(kept) >= g.size:
+            if kept and (len(set(kept)) != len(kept) or min(kept) < 0 or max(kept) >= g.size):
                 raise ShrinkError(f"group {gid} keep={kept} must be distinct indices in [0, {g.size})")
+
+    def check_widths(self, gm: fx.GraphModule) -> None:
+        """Raise ShrinkError if a value of ``gm`` would be left with no channels at all.
+
+        A group may lose every channel when each tensor it lives in keeps others: the zero
+        channels an option-A shortcut pads on (the tensors also carry the previous stage's
+        channels) can go entirely, which a per-group floor of one channel would forbid.
+        """
+        keep = KeptChannels(groups_of(gm), self.masks(groups_of(gm)))
+        for node in gm.graph.nodes:
+            if keep.count(node) == 0:
+                emptied = sorted({int(g) for g in node.meta[_meta.CHANNELS].group})
+                raise ShrinkError(f"{node.format_node()} would keep no channel: keep at least one "
+                                  f"channel of group(s) {emptied}")
 
     def masks(self, groups: ChannelGroups) -> list[torch.Tensor]:
         """One boolean keep-mask per group."""
@@ -247,6 +259,7 @@ def shrink(gm: fx.GraphModule, plan: PrunePlan) -> PassResult:
     """
     groups = groups_of(gm)
     plan.validate(groups)
+    plan.check_widths(gm)
     out = copy.deepcopy(gm)
     keep = _Keep(groups, plan)
     for node in out.graph.nodes:

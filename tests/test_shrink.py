@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision.models as tvm
 from ehap_fx.passes.cost import plan_cost, total_cost
-from ehap_fx.passes.group import group_channels, groups_of
+from ehap_fx.passes.group import emptiable_groups, group_channels, groups_of
 from ehap_fx.passes.mask import mask_channels, random_plan
 from ehap_fx.passes.shrink import PrunePlan, shrink
 from ehap_fx.passes.trace import trace
@@ -135,6 +135,16 @@ def test_iterative_shrink_and_original_untouched():
     twice = assert_shrunk_equals_masked(once, x, random_plan(once, 0.5))
     torch.testing.assert_close(gm(x), before)
     assert total_cost(twice).params < total_cost(once).params < total_cost(gm).params
+
+
+def test_option_a_pad_groups_can_go_entirely():
+    gm, x = prepare(TinyOptionA(), (2, 3, 16, 16))
+    pads = emptiable_groups(gm)
+    # the zero channels padded on at the two stage transitions (4 and 8 of them)
+    assert sorted(groups_of(gm)[g].size for g in pads) == [4, 8]
+    small = assert_shrunk_equals_masked(gm, x, PrunePlan({g: () for g in pads}))
+    assert small.get_submodule("fc").in_features == 4  # the last stream is as narrow as the first
+    assert small.get_submodule("l3.conv2").out_channels == 4
 
 
 def test_bad_plans_are_refused():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from ehap_fx.passes.cost import total_cost
-from ehap_fx.passes.group import KeptChannels, group_channels, groups_of
+from ehap_fx.passes.group import KeptChannels, emptiable_groups, group_channels, groups_of
 from ehap_fx.passes.shrink import PrunePlan, shrink
 from ehap_fx.passes.trace import trace
 
@@ -31,7 +31,9 @@ def test_plan_meets_target_tightly(resnet56, target):
     got = getattr(total_cost(small), target.kind) / getattr(total_cost(resnet56), target.kind)
     assert target.fraction - 0.05 < got <= target.fraction
     assert all(w % target.round_to == 0 for w in widths(small))
-    for g in groups_of(resnet56).prunable:  # max_prune: no group loses more than 80 %
+    for g in groups_of(resnet56).prunable:  # max_prune: no group loses more than 80 % ...
+        if g.id in emptiable_groups(resnet56):
+            continue  # ... except the pad groups, which may go entirely
         assert len(plan.keep.get(g.id, range(g.size))) >= 0.2 * g.size
 
 
@@ -84,8 +86,12 @@ def test_latency_target_prefers_widths_the_kernels_like(resnet56):
     assert 0.55 * dense < model(KeptChannels(groups, plan.masks(groups))) <= 0.6 * dense
     # removing 8 of 16 channels saves nothing under this table, so it ranks last: widths are 16-multiples
     assert all(w % 16 == 0 for w in widths(shrink(resnet56, plan).graph_module))
-    with pytest.raises(TargetError, match="smallest reachable is 0.56"):  # 16-wide stage 1 cannot get faster
-        select_plan(resnet56, magnitude_scores(resnet56), Target(latency=0.5, round_to=8), latency=model)
+    # the option-A pad groups may go entirely, narrowing the later streams to 16 too; then every
+    # conv is 16 wide and 16-wide convs cannot get faster under this table
+    half = select_plan(resnet56, magnitude_scores(resnet56), Target(latency=0.45, round_to=8), latency=model)
+    assert set(widths(shrink(resnet56, half).graph_module)) == {16}
+    with pytest.raises(TargetError, match="smallest reachable is 0.448"):
+        select_plan(resnet56, magnitude_scores(resnet56), Target(latency=0.4, round_to=8), latency=model)
     with pytest.raises(TargetError, match="LatencyModel"):
         select_plan(resnet56, magnitude_scores(resnet56), Target(latency=0.5))
 
@@ -105,3 +111,19 @@ def test_latency_table_measures_and_caches(tmp_path):
     again = LatencyTable(options)
     assert LatencyModel(gm.graph_module, again)(KeptChannels(groups, PrunePlan({}).masks(groups))) == seconds
     assert again.measured == 0
+
+
+def test_round_to_16_reaches_half_the_macs_by_dropping_option_a_pad_groups():
+    # every 16-channel group of ResNet-20 is either whole or gone at round_to=16; only the
+    # pad groups (whose tensors keep the previous stage's channels) may go entirely
+    gm = group_channels(trace(get_model("resnet20").eval(), torch.zeros(2, 3, 32, 32))).graph_module
+    groups = groups_of(gm)
+    pads = emptiable_groups(gm)
+    assert len(pads) == 2 and all(sum(m.role == "pad" for m in groups[g].members) for g in pads)
+    plan = select_plan(gm, magnitude_scores(gm), Target(macs=0.5, round_to=16))
+    kept = {g.id: len(plan.keep.get(g.id, range(g.size))) for g in groups.prunable}
+    assert all(k % 16 == 0 for k in kept.values())
+    assert all(k > 0 for g, k in kept.items() if g not in pads)
+    assert [kept[g] for g in sorted(pads)] == [0, 0]
+    small = shrink(gm, plan).graph_module
+    assert total_cost(small).macs <= 0.5 * total_cost(gm).macs
