@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import resource
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 from tqdm.auto import tqdm
 
 from ehap_fx.errors import HessianError
@@ -71,6 +72,7 @@ class HessianOptions:
     probe_batch: int = 1
     hvp: str = "double_backward"
     channels_last: bool = False
+    fold_bn: bool = True  # fold eval BatchNorm into the conv before it (exact; fewer ops per probe)
     loss_scale: float | None = None  # None: 2**16 for fp16, no scaling otherwise
     max_retries: int = 30
     ggn_chunk: int = 8  # samples per vmapped GGN chunk: memory ~ chunk × classes × weights
@@ -238,11 +240,72 @@ class _Setup:
     autocast: Callable
     dtype: torch.dtype
     device: torch.device
+    fold: list[torch.Tensor | None]  # per weight: BN scale s (folded = s·original) or None
+
+
+def _fold_batchnorm(work: nn.Module, names: Sequence[str]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Fold every eval-mode BatchNorm that alone consumes one of the ``names`` convs into it.
+
+    ``BN(conv(x, w)) = conv(x, s·w) + b'`` with ``s = γ/√(σ²+ε)`` per output channel, an exact
+    reparametrisation: ``H_w = S H_{s·w} S``, so probes and traces are mapped back by ``s``
+    and every estimate is the one of the original weights. Returns the (traced) model and
+    ``s`` per folded conv; a model that ``torch.fx`` cannot trace is returned unfolded.
+    """
+    if not isinstance(work, fx.GraphModule):
+        try:
+            work = fx.symbolic_trace(work)
+        except Exception:  # noqa: BLE001 - folding is an optimisation, never a requirement
+            return work, {}
+    modules = dict(work.named_modules())
+    calls = Counter(n.target for n in work.graph.nodes if n.op == "call_module")
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    scales = {}
+    for node in list(work.graph.nodes):
+        if node.op != "call_module" or node.target not in names or calls[node.target] != 1:
+            continue
+        conv = modules[node.target]
+        users = list(node.users)
+        if not isinstance(conv, convs) or len(users) != 1 or users[0].op != "call_module":
+            continue
+        bn_node = users[0]
+        bn = modules[bn_node.target]
+        if (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_var is None
+                or calls[bn_node.target] != 1 or bn_node.args[0] is not node or len(bn_node.args) != 1):
+            continue
+        with torch.no_grad():
+            s = (bn.running_var + bn.eps).rsqrt()
+            if bn.affine:
+                s = s * bn.weight
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            shift = (bias - bn.running_mean) * s + (bn.bias if bn.affine else 0.0)
+            conv.weight.mul_(s.reshape(-1, *[1] * (conv.weight.dim() - 1)))
+            conv.bias = nn.Parameter(shift)
+        bn_node.replace_all_uses_with(node)
+        work.graph.erase_node(bn_node)
+        scales[node.target] = s.detach().float().clone()
+    work.graph.lint()
+    work.recompile()
+    return work, scales
+
+
+def _scale_channels(ts: list[torch.Tensor], fold: list[torch.Tensor | None], out: bool) -> list[torch.Tensor]:
+    """Multiply each ``(P, C_out, ...)`` tensor by its weight's BN scale per output channel:
+    probes going into the folded model (in their dtype), or products coming out (in fp32)."""
+    res = []
+    for t, k in zip(ts, fold, strict=True):
+        if k is not None:
+            k = k.reshape(1, -1, *[1] * (t.dim() - 2))
+            t = t.float() * k if out else t * k.to(t.dtype)
+        res.append(t)
+    return res
 
 
 def _prepare(model, data, opts: HessianOptions, names, loss_fn, device) -> _Setup:
     dtype = DTYPES[resolve_dtype(opts.dtype, device)]
     work = copy.deepcopy(model).eval().to(device)
+    scales = {}
+    if opts.fold_bn:
+        work, scales = _fold_batchnorm(work, names)
     if opts.amp == "cast":
         work = work.to(dtype)
     fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
@@ -266,7 +329,8 @@ def _prepare(model, data, opts: HessianOptions, names, loss_fn, device) -> _Setu
         autocast = partial(torch.autocast, device_type=device.type, dtype=dtype)
     else:
         autocast = nullcontext
-    return _Setup(work, list(names), params, batches, loss_fn, autocast, dtype, device)
+    fold = [scales.get(n) for n in names]
+    return _Setup(work, list(names), params, batches, loss_fn, autocast, dtype, device, fold)
 
 
 class _Hvp:
@@ -292,7 +356,14 @@ class _Hvp:
         return list(torch.autograd.grad(loss * scale, self.s.params, create_graph=True))
 
     def __call__(self, vs: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
-        """``vs``: one tensor per weight, shaped ``(P, *w.shape)``; returns the same shapes."""
+        """``vs``: one tensor per weight, shaped ``(P, *w.shape)``; returns the same shapes:
+        products with the Hessian of the original weights (folded BN mapped back)."""
+        if not any(k is not None for k in self.s.fold):
+            return self._products(vs, scale)
+        products = self._products(_scale_channels(vs, self.s.fold, out=False), scale)
+        return _scale_channels(products, self.s.fold, out=True)
+
+    def _products(self, vs: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
         if self.opts.hvp == "forward_over_reverse":
             return self._forward_over_reverse(vs, scale)
         if self.keep:
@@ -425,7 +496,8 @@ def estimate_hessian(
     start = time.perf_counter()
     s = _prepare(model, data, opts, names, loss_fn or F.cross_entropy, device)
     p_c = [p[0].numel() for p in s.params]
-    w_sq = torch.cat([p.detach().float().pow(2).flatten(1).sum(1) for p in s.params])
+    w_sq = torch.cat([p.detach().float().pow(2).flatten(1).sum(1) / (1 if k is None else k.pow(2))
+                      for p, k in zip(s.params, s.fold, strict=True)])
     pc_flat = torch.cat([torch.full((p.shape[0],), float(n), device=device)
                          for p, n in zip(s.params, p_c, strict=True)])
     ggn = _ggn_part(s, opts) if opts.estimator != "hutchinson" else None
@@ -494,7 +566,9 @@ def _ggn_part(s: _Setup, opts: HessianOptions) -> torch.Tensor:
         parts = ggn_channel_traces(s.model, pnames, x, chunk=opts.ggn_chunk, autocast=s.autocast)
         flat = torch.cat(parts)
         total = flat if total is None else total + flat
-    return total / len(s.batches)
+    fold = torch.cat([torch.ones(p.shape[0], device=s.device) if k is None else k.pow(2)
+                      for p, k in zip(s.params, s.fold, strict=True)])
+    return total / len(s.batches) * fold
 
 
 def _probe_loop(s: _Setup, opts: HessianOptions, ggn, rule: _StopRule):
@@ -546,10 +620,12 @@ def _gv_contrib(s: _Setup, vs, pnames) -> torch.Tensor:
     rows = []
     for p in range(vs[0].shape[0]):
         v = [t[p] for t in vs]
+        folded = [t[0] for t in _scale_channels([t[p : p + 1] for t in vs], s.fold, out=False)]
         gv = None
         for x, _ in s.batches:
-            part = ggn_vector_product(s.model, pnames, x, v, autocast=s.autocast)
+            part = ggn_vector_product(s.model, pnames, x, folded, autocast=s.autocast)
             gv = part if gv is None else [a + b for a, b in zip(gv, part, strict=True)]
+        gv = [g[0] for g in _scale_channels([g.unsqueeze(0) for g in gv], s.fold, out=True)]
         rows.append(_contrib([t.unsqueeze(0) for t in v],
                              [g.unsqueeze(0) for g in gv], float(len(s.batches))))
     return torch.cat(rows)

@@ -9,6 +9,8 @@ Model under test (tiny enough for the full Hessian, 174 weights)::
 or Tanh (it does not).
 """
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -364,3 +366,30 @@ def test_stderr_stop_rule():
     total = sum(r.traces[n].abs().sum() for n in NAMES)
     assert r.converged and 10 < r.probes < 3000
     assert se / total <= 0.1 + 1e-6
+
+
+@pytest.mark.parametrize("estimator", ["hutchinson", "ggn", "hybrid"])
+def test_folding_batchnorm_changes_no_estimate(estimator):
+    # folding BN into the conv before it is an exact reparametrisation: the estimates of the
+    # original weights (probe for probe) and their norms must not move
+    from ehap_fx.hessian import _fold_batchnorm
+    from ehap_fx.models import get_model
+
+    torch.manual_seed(0)
+    net = get_model("resnet20").eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.3, 3.0)
+            m.weight.data.uniform_(0.5, 2.0)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    names = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    _, scales = _fold_batchnorm(copy.deepcopy(net), names)
+    assert len(scales) == len(names) - 1  # every conv is followed by a BN; the head is not
+    opts = dict(estimator=estimator, dtype="fp32", batch_size=8, probes=3, progress=False)
+    folded = estimate_hessian(net, (x, y), HessianOptions(**opts))
+    plain = estimate_hessian(net, (x, y), HessianOptions(fold_bn=False, **opts))
+    tol = 1e-3 * plain.probe_traces.abs().max()  # the hybrid subtracts two products: cancellation
+    for n in names:
+        torch.testing.assert_close(folded.traces[n], plain.traces[n], rtol=1e-3, atol=tol)
+        torch.testing.assert_close(folded.weight_sq[n], plain.weight_sq[n], rtol=1e-5, atol=0)
+    torch.testing.assert_close(folded.probe_traces, plain.probe_traces, rtol=1e-3, atol=tol)

@@ -48,6 +48,8 @@ def test_half_precision_is_bf16_on_cpu_fp16_on_cuda():
     ggn = reproduce.hessian_options("ggn-half", cpu)
     assert (ggn.estimator, ggn.dtype, ggn.probes) == ("ggn", "bf16", None)
     assert reproduce.hessian_options("l1", cpu) is None
+    removal = reproduce.hessian_options("removal-half", cpu)
+    assert (removal.dtype, removal.probes, removal.batch_size) == ("bf16", None, 128)
 
 
 def test_cifar100_without_data_says_so(tmp_path):

@@ -51,6 +51,8 @@ SPEED_CONFIGS = {
     "pyhessian-fp32": None,
     "hutch-fp32": dict(estimator="hutchinson", dtype="fp32"),
     "hutch-bf16": dict(estimator="hutchinson", dtype="bf16"),
+    "hutch-fp32-nofold": dict(estimator="hutchinson", dtype="fp32", fold_bn=False),
+    "hutch-bf16-nofold": dict(estimator="hutchinson", dtype="bf16", fold_bn=False),
     "hutch-bf16-autocast": dict(estimator="hutchinson", dtype="bf16", amp="autocast"),
     "hutch-bf16-batch4": dict(estimator="hutchinson", dtype="bf16", probe_batch=4),
     "hutch-bf16-fwd-rev": dict(estimator="hutchinson", dtype="bf16", hvp="forward_over_reverse"),
