@@ -22,10 +22,10 @@ from ehap_fx.passes.cost import plan_cost
 from ehap_fx.passes.group import ChannelGroup, KeptChannels, emptiable_groups, groups_of, producer_slices
 from ehap_fx.passes.shrink import PrunePlan
 
-#: Kept widths of each group are multiples of this by default. 16 would suit onnxruntime's INT8
-#: kernels better (docs/int8.md), but rounds whole 16-channel groups of CIFAR ResNets away:
-#: Target(macs=0.5) is then unreachable on ResNet-56 (0.572 at best). Use a latency target to
-#: steer widths by measured speed instead.
+#: Kept widths of each group are multiples of this by default. 16 suits onnxruntime's INT8
+#: kernels better (docs/int8.md: ResNet-56 at round_to=16 runs 4x faster than dense fp32) but
+#: is coarse: whole 16-channel groups are either kept or (option-A pad groups) dropped, so a
+#: MACs target lands up to ~5 % below the goal. Use 16, or a latency target, for INT8 speed.
 DEFAULT_ROUND_TO = 8
 KINDS = ("macs", "params", "latency")
 
@@ -213,7 +213,25 @@ def select_plan(
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if cost(mid) <= goal else (mid, hi)
-    return _plan(order, hi, scores)
+    return _plan(*_refill(order[:hi], goal, value, scores), scores)
+
+
+def _refill(chosen: list[_Block], goal: float, value, scores) -> tuple[list[_Block], int]:
+    """Give back removed blocks while the target still holds, most sensitive first.
+
+    The block that crosses the goal may remove far more than needed (one block of a residual
+    stream shrinks every conv on it): restoring the last block of another group can bring the
+    plan back up to the goal. Only a group's last removed block is restorable (widths nest).
+    """
+    while True:
+        last = {b.group: i for i, b in enumerate(chosen)}
+        for i in sorted(last.values(), key=lambda i: -chosen[i].score):
+            trial = chosen[:i] + chosen[i + 1 :]
+            if value(_plan(trial, len(trial), scores)) <= goal:
+                chosen = trial
+                break
+        else:
+            return chosen, len(chosen)
 
 
 def magnitude_scores(gm: fx.GraphModule, p: int = 1) -> dict[int, torch.Tensor]:

@@ -124,6 +124,7 @@ def test_round_to_16_reaches_half_the_macs_by_dropping_option_a_pad_groups():
     kept = {g.id: len(plan.keep.get(g.id, range(g.size))) for g in groups.prunable}
     assert all(k % 16 == 0 for k in kept.values())
     assert all(k > 0 for g, k in kept.items() if g not in pads)
-    assert [kept[g] for g in sorted(pads)] == [0, 0]
+    assert 0 in [kept[g] for g in pads]  # 0.5 is out of reach otherwise
     small = shrink(gm, plan).graph_module
-    assert total_cost(small).macs <= 0.5 * total_cost(gm).macs
+    # 16-channel blocks are coarse, but blocks given back after the goal is crossed land it close
+    assert 0.48 * total_cost(gm).macs < total_cost(small).macs <= 0.5 * total_cost(gm).macs
