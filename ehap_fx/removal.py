@@ -78,7 +78,8 @@ def estimate_removal(
     """
     opts = options or HessianOptions()
     slices = consumer_slices(groups)
-    missing = [g.id for g in groups if not any(g.id == gid for s in slices.values() for gid, _ in s)]
+    read = {gid for entries in slices.values() for gid, _ in entries}
+    missing = [g.id for g in groups if g.id not in read]
     if missing:
         raise HessianError(f"groups {missing[:5]} have no conv/linear consumer: their removal cannot "
                            "be scored; use scorer='hessian' or exclude them")

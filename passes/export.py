@@ -242,9 +242,18 @@ def export(
 
 
 def session(
-    path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None, level: str = "all"
+    path: str | Path,
+    threads: int | None = None,
+    optimized_path: str | Path | None = None,
+    level: str = "all",
+    spinning: bool = True,
 ):
-    """An onnxruntime CPU session (``level``: "extended" or "all" graph optimisations)."""
+    """An onnxruntime CPU session (``level``: "extended" or "all" graph optimisations).
+
+    ``spinning=False`` stops idle worker threads from busy-waiting after a run: needed when
+    several sessions take turns on few cores (a benchmark), where one session's spinning
+    threads steal the cores from the next one's run.
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -257,6 +266,8 @@ def session(
     if threads is not None:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

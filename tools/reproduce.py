@@ -610,6 +610,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hessian-batch", type=int, help="Hessian batch size (default 128)")
     p.add_argument("--round-to", type=int, help="kept widths multiple of this (default 1)")
     p.add_argument("--threads", type=int, help="torch threads (1 is far faster on a busy CPU)")
+    p.add_argument("--seed", type=int, help="Hessian batch, probes, fine-tune order (default 0)")
     p.add_argument("--train-limit", type=int)
     p.add_argument("--test-limit", type=int)
     p.add_argument("--synthetic", action="store_true", help="synthetic data instead of CIFAR")
@@ -635,7 +636,7 @@ def budget_from(args) -> Budget:
     overrides = {k: v for k, v in dict(
         epochs=args.epochs, max_steps=args.max_steps, qat_steps=args.qat_steps, probes=args.probes,
         hessian_batch=args.hessian_batch, round_to=args.round_to, train_limit=args.train_limit,
-        test_limit=args.test_limit,
+        test_limit=args.test_limit, seed=args.seed,
     ).items() if v is not None}
     return replace(base, dataset=args.dataset, device=args.device, synthetic=synthetic, **overrides)
 
