@@ -213,10 +213,11 @@ def select_plan(
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if cost(mid) <= goal else (mid, hi)
-    return _plan(*_refill(order[:hi], goal, value, scores), scores)
+    chosen = _refill(order[:hi], goal, value, scores)
+    return _plan(chosen, len(chosen), scores)
 
 
-def _refill(chosen: list[_Block], goal: float, value, scores) -> tuple[list[_Block], int]:
+def _refill(chosen: list[_Block], goal: float, value, scores) -> list[_Block]:
     """Give back removed blocks while the target still holds, most sensitive first.
 
     The block that crosses the goal may remove far more than needed (one block of a residual
@@ -231,7 +232,7 @@ def _refill(chosen: list[_Block], goal: float, value, scores) -> tuple[list[_Blo
                 chosen = trial
                 break
         else:
-            return chosen, len(chosen)
+            return chosen
 
 
 def magnitude_scores(gm: fx.GraphModule, p: int = 1) -> dict[int, torch.Tensor]:
