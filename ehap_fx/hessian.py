@@ -184,8 +184,8 @@ def draw_batches(data, batch_size: int, n_batches: int, seed: int) -> list[Batch
     """``n_batches`` batches of exactly ``batch_size`` samples, drawn without replacement.
 
     ``data`` is an ``(x, y)`` tensor pair, a map-style dataset of ``(x, y)`` samples, a
-    ``DataLoader`` (its dataset is sampled), or any iterable of ``(x, y)`` batches (pooled
-    until enough samples are there, then sampled). The draw depends only on ``seed``.
+    ``DataLoader`` (its dataset is sampled), or any iterable of ``(x, y)`` batches, a list of
+    batches included (pooled until enough samples are there, then sampled). The draw depends only on ``seed``.
     """
     need = batch_size * n_batches
     gen = torch.Generator().manual_seed(seed)
@@ -194,6 +194,10 @@ def draw_batches(data, batch_size: int, n_batches: int, seed: int) -> list[Batch
         data = dataset
     if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
         x, y = data
+        idx = _choose(len(x), need, gen)
+        x, y = x[idx], y[idx]
+    elif isinstance(data, (tuple, list)) and data and _is_batch(data[0]):  # a list of batches
+        x, y = _pool(data, need)
         idx = _choose(len(x), need, gen)
         x, y = x[idx], y[idx]
     elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
@@ -206,6 +210,12 @@ def draw_batches(data, batch_size: int, n_batches: int, seed: int) -> list[Batch
         idx = _choose(len(x), need, gen)
         x, y = x[idx], y[idx]
     return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, need, batch_size)]
+
+
+def _is_batch(item) -> bool:
+    """An ``(x, y)`` batch, told from a sample by its labels: a 1-D tensor, not a scalar."""
+    return (isinstance(item, (tuple, list)) and len(item) == 2 and torch.is_tensor(item[1])
+            and item[1].dim() == 1)
 
 
 def _choose(available: int, need: int, gen: torch.Generator) -> torch.Tensor:

@@ -259,6 +259,11 @@ def test_draw_batches_exact_size_and_seeded():
     assert len(set(torch.cat([a[0][1], a[1][1]]).tolist())) == 60
     c = draw_batches(iter([(x[:50], y[:50]), (x[50:], y[50:])]), 30, 1, seed=5)
     assert len(c[0][0]) == 30
+    # a plain list of batches is batches (1-D labels), not a dataset of two samples
+    d = draw_batches([(x[:50], y[:50]), (x[50:], y[50:])], 30, 1, seed=5)
+    assert torch.equal(d[0][1], c[0][1])
+    samples = [(x[i], int(y[i])) for i in range(100)]  # a list of samples stays a dataset
+    assert len(draw_batches(samples, 30, 2, seed=5)[1][0]) == 30
     with pytest.raises(HessianError, match="100 samples but batch_size"):
         draw_batches((x, y), 60, 2, seed=0)
 
