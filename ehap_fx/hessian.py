@@ -468,6 +468,14 @@ class _StopRule:
         return bool(ok) or n >= o.max_probes
 
 
+def start_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    """The device an estimate runs on (the model's by default), its CUDA peak reset."""
+    device = torch.device(device if device is not None else next(model.parameters()).device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return device
+
+
 def _peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
@@ -498,11 +506,7 @@ def estimate_hessian(
     if loss_fn is not None and opts.estimator != "hutchinson":
         raise HessianError(f"estimator={opts.estimator!r} needs the default cross-entropy loss;"
                            " use estimator='hutchinson' with a custom loss_fn")
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    device = start_device(model, device)
     start = time.perf_counter()
     s = _prepare(model, data, opts, names, loss_fn or F.cross_entropy, device)
     p_c = [p[0].numel() for p in s.params]

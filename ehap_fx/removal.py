@@ -30,7 +30,7 @@ from torch import nn
 
 from ehap_fx.errors import HessianError
 from ehap_fx.ggn import ggn_removal
-from ehap_fx.hessian import DTYPES, HessianOptions, _peak_memory, _prepare
+from ehap_fx.hessian import DTYPES, HessianOptions, _peak_memory, _prepare, start_device
 
 
 @dataclass(frozen=True)
@@ -83,11 +83,7 @@ def estimate_removal(
     if missing:
         raise HessianError(f"groups {missing[:5]} have no conv/linear consumer: their removal cannot "
                            "be scored; use scorer='hessian' or exclude them")
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    device = start_device(model, device)
     start = time.perf_counter()
     s = _prepare(model, data, opts, list(slices), F.cross_entropy, device)
     sizes = {g.id: g.size for g in groups}

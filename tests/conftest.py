@@ -17,6 +17,16 @@ def _seed_and_threads():
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny models run faster, and far steadier on a shared
+    CPU (two spinning threads on a loaded 2-core box run many times slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def cifar10_root() -> Path:
     """Directory holding ``cifar-10-batches-py``; skips the test when absent."""
     if not (CIFAR10_DIR / "cifar-10-batches-py" / "test_batch").exists():

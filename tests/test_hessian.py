@@ -31,13 +31,7 @@ from ehap_fx.hessian import (
 NAMES = ["a", "b", "c"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster, and far steadier on a shared CPU, on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(act=nn.ReLU) -> nn.Module:

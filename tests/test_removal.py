@@ -28,12 +28,7 @@ from ehap_fx.target import Target, select_plan
 FP32 = HessianOptions(dtype="fp32", batch_size=16, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def grouped(net: nn.Module, x: torch.Tensor):
