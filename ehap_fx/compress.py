@@ -25,7 +25,7 @@ from ehap_fx.errors import EhapError
 from ehap_fx.hessian import HessianOptions, group_sensitivity, group_stderr
 from ehap_fx.latency import LatencyModel, LatencyOptions, LatencyTable
 from ehap_fx.passes.cost import Cost, total_cost
-from ehap_fx.passes.group import ChannelGroups, group_channels, groups_of
+from ehap_fx.passes.group import ChannelGroups, group_channels, groups_of, producer_modules
 from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
 from ehap_fx.removal import estimate_removal
@@ -110,7 +110,7 @@ def _rank(gm, data, scorer: str, hessian: HessianOptions, loss_fn) -> tuple[dict
                             "use scorer='hessian' with estimator='hutchinson'")
         removal = estimate_removal(gm, data, groups.prunable, hessian)
         return removal.scores, None, {"scorer": "removal", **removal.summary()}
-    names = sorted({m.module for g in groups.prunable for m in g.members if m.role == "out"})
+    names = producer_modules(groups.prunable)
     # estimate_hessian itself, split over the ranks inside a torch.distributed process group
     result = distributed.estimate_hessian_distributed(gm, data, hessian, names=names, loss_fn=loss_fn,
                                                       groups=groups.prunable)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.func import functional_call, jvp, vjp, vmap
+from torch.utils._pytree import tree_map
 
 Params = dict[str, torch.Tensor]
 
@@ -39,6 +40,34 @@ def _channel_sq_sum(g: torch.Tensor) -> torch.Tensor:
     return g.float().pow(2).flatten(2).sum(dim=(0, 2))
 
 
+def _ggn_sample_mean(model: nn.Module, names: list[str], x: torch.Tensor, chunk: int,
+                     autocast: Callable | None, reduce: Callable):
+    """Mean over the samples of ``x`` of ``reduce(grads, weights)``, where ``grads[name]`` is
+    ``(C, *w.shape)``: the per-sample gradients ``J_nᵀ a_nk`` of the C columns of ``A_n``
+    (vmapped ``chunk`` samples at a time). ``reduce`` returns a pytree of tensors."""
+    selected, fixed = _split_params(model, names)
+    ctx = autocast or _null
+
+    def logits(p: Params, x1: torch.Tensor) -> torch.Tensor:
+        with ctx():
+            return functional_call(model, (p, fixed), (x1.unsqueeze(0),)).squeeze(0).float()
+
+    def per_sample(x1: torch.Tensor):
+        out, vjp_fn = vjp(lambda p: logits(p, x1), selected)
+        prob = out.detach().softmax(-1)  # (C,)
+        sq = prob.sqrt()
+        a = torch.diag(sq) - prob[:, None] * sq[None, :]  # (C, C); columns a_k
+        (grads,) = vmap(vjp_fn)(a.T.contiguous())  # dict of (C, *w.shape)
+        return reduce(grads, selected)
+
+    batched = vmap(per_sample)
+    total = None
+    for start in range(0, x.shape[0], chunk):
+        part = tree_map(lambda t: t.sum(0), batched(x[start : start + chunk]))
+        total = part if total is None else tree_map(torch.add, total, part)
+    return tree_map(lambda t: t / x.shape[0], total)
+
+
 def ggn_channel_traces(
     model: nn.Module,
     names: list[str],
@@ -51,28 +80,8 @@ def ggn_channel_traces(
     ``names`` are parameter names (``"conv1.weight"``); returns one fp32 ``(C_out,)`` tensor per
     name, summed over the batch ``x`` and divided by its size. The labels do not enter the GGN.
     """
-    selected, fixed = _split_params(model, names)
-    ctx = autocast or _null
-
-    def logits(p: Params, x1: torch.Tensor) -> torch.Tensor:
-        with ctx():
-            return functional_call(model, (p, fixed), (x1.unsqueeze(0),)).squeeze(0).float()
-
-    def per_sample(x1: torch.Tensor) -> list[torch.Tensor]:
-        out, vjp_fn = vjp(lambda p: logits(p, x1), selected)
-        prob = out.detach().softmax(-1)  # (C,)
-        sq = prob.sqrt()
-        a = torch.diag(sq) - prob[:, None] * sq[None, :]  # (C, C); columns a_k
-        (grads,) = vmap(vjp_fn)(a.T.contiguous())  # dict of (C, *w.shape)
-        return [_channel_sq_sum(grads[n]) for n in names]
-
-    batched = vmap(per_sample)
-    total = [torch.zeros(selected[n].shape[0], device=x.device) for n in names]
-    for start in range(0, x.shape[0], chunk):
-        parts = batched(x[start : start + chunk])  # list of (B, C_out)
-        for t, p in zip(total, parts, strict=True):
-            t += p.sum(0)
-    return [t / x.shape[0] for t in total]
+    return _ggn_sample_mean(model, names, x, chunk, autocast,
+                            lambda grads, _: [_channel_sq_sum(grads[n]) for n in names])
 
 
 def ggn_vector_product(
@@ -122,38 +131,23 @@ def ggn_removal(
     weight at once. Returns one fp32 ``(sizes[key],)`` tensor per key, averaged over ``x``.
     """
     names = list(slices)
-    selected, fixed = _split_params(model, names)
-    ctx = autocast or _null
+    widths = {n: p.shape[1] for n, p in model.named_parameters() if n in slices}
     # 0/1 maps from a weight's input channels to each key's channels (duplicates counted once)
     maps = []
     for n in names:
         for key, index in slices[n]:
-            m = torch.zeros(sizes[key], selected[n].shape[1], device=x.device)
+            m = torch.zeros(sizes[key], widths[n], device=x.device)
             m[torch.arange(sizes[key], device=x.device)[:, None].expand_as(index), index.to(x.device)] = 1
             maps.append((n, key, m))
 
-    def logits(p: Params, x1: torch.Tensor) -> torch.Tensor:
-        with ctx():
-            return functional_call(model, (p, fixed), (x1.unsqueeze(0),)).squeeze(0).float()
-
-    def per_sample(x1: torch.Tensor) -> dict[int, torch.Tensor]:
-        out, vjp_fn = vjp(lambda p: logits(p, x1), selected)
-        prob = out.detach().softmax(-1)
-        sq = prob.sqrt()
-        a = torch.diag(sq) - prob[:, None] * sq[None, :]
-        (grads,) = vmap(vjp_fn)(a.T.contiguous())  # (C, *w.shape) per weight
-        # d loss-direction / d gate of input channel i: <W[:, i], grad[:, i]>  -> (C, in)
-        per_in = {n: (grads[n].float() * selected[n].float()).transpose(1, 2).flatten(2).sum(-1)
+    def reduce(grads, weights) -> dict[int, torch.Tensor]:
+        # derivative along "scale input channel i of w": <W[:, i], grad[:, i]>  -> (C, in)
+        per_in = {n: (grads[n].float() * weights[n].float()).transpose(1, 2).flatten(2).sum(-1)
                   for n in names}
-        acc = {key: torch.zeros(out.shape[-1], size, device=x1.device) for key, size in sizes.items()}
+        acc = {key: 0 for key in sizes}
         for n, key, m in maps:
-            acc[key] = acc[key] + per_in[n] @ m.T
+            acc[key] = acc[key] + per_in[n] @ m.T  # (C, size)
         return {key: v.pow(2).sum(0) for key, v in acc.items()}
 
-    batched = vmap(per_sample)
-    total = {key: torch.zeros(size, device=x.device) for key, size in sizes.items()}
-    for start in range(0, x.shape[0], chunk):
-        part = batched(x[start : start + chunk])
-        for key in total:
-            total[key] += part[key].sum(0)
-    return {key: 0.5 * v / x.shape[0] for key, v in total.items()}
+    mean = _ggn_sample_mean(model, names, x, chunk, autocast, reduce)
+    return {key: 0.5 * v for key, v in mean.items()}

@@ -185,7 +185,8 @@ def draw_batches(data, batch_size: int, n_batches: int, seed: int) -> list[Batch
 
     ``data`` is an ``(x, y)`` tensor pair, a map-style dataset of ``(x, y)`` samples, a
     ``DataLoader`` (its dataset is sampled), or any iterable of ``(x, y)`` batches, a list of
-    batches included (pooled until enough samples are there, then sampled). The draw depends only on ``seed``.
+    batches included (pooled until enough samples are there, then sampled). The draw depends
+    only on ``seed``.
     """
     need = batch_size * n_batches
     gen = torch.Generator().manual_seed(seed)
@@ -368,8 +369,6 @@ class _Hvp:
     def __call__(self, vs: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
         """``vs``: one tensor per weight, shaped ``(P, *w.shape)``; returns the same shapes:
         products with the Hessian of the original weights (folded BN mapped back)."""
-        if not any(k is not None for k in self.s.fold):
-            return self._products(vs, scale)
         products = self._products(_scale_channels(vs, self.s.fold, out=False), scale)
         return _scale_channels(products, self.s.fold, out=True)
 

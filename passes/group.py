@@ -128,6 +128,12 @@ def producer_slices(group: ChannelGroup) -> Iterator[tuple[str, torch.Tensor]]:
             yield m.module, m.index
 
 
+def producer_modules(groups: Iterable[ChannelGroup]) -> list[str]:
+    """Sorted names of the conv/linear modules whose output channels ``groups`` own: the
+    weights a Hessian ranking of those groups needs."""
+    return sorted({name for g in groups for name, _ in producer_slices(g)})
+
+
 class KeptChannels:
     """Which channels of any node survive, given one boolean keep-mask per group.
 

@@ -373,13 +373,10 @@ def test_folding_batchnorm_changes_no_estimate(estimator):
     # original weights (probe for probe) and their norms must not move
     from ehap_fx.hessian import _fold_batchnorm
     from ehap_fx.models import get_model
+    from tests.nets import randomize_bn
 
     torch.manual_seed(0)
-    net = get_model("resnet20").eval()
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_var.uniform_(0.3, 3.0)
-            m.weight.data.uniform_(0.5, 2.0)
+    net = randomize_bn(get_model("resnet20"))
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     names = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     _, scales = _fold_batchnorm(copy.deepcopy(net), names)

@@ -101,7 +101,7 @@ def int8(model, train, args, norm, path: Path, inputs, backend: str) -> ExportRe
 def time_models(entries: list[Entry], batch: int, rounds: int, threads: int) -> dict:
     """Median seconds per run for each entry and batch size, interleaved across entries."""
     # no spinning: the sessions take turns, and idle spinning threads of one would steal the
-    # 2 cores from the next (measured: dense fp32 187 -> 154 ms, INT8 91 -> 61 ms without it)
+    # cores from the next (docs/int8.md: the same bench before and after this change)
     sessions = {e.name: session(e.path, threads=threads, spinning=False) for e in entries}
     feeds = {
         b: {"input": np.random.default_rng(0).standard_normal((b, 3, 32, 32), np.float32)} for b in (1, batch)

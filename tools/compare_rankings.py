@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from ehap_fx.passes.cost import total_cost
-from ehap_fx.passes.group import group_channels, groups_of
+from ehap_fx.passes.group import group_channels, groups_of, producer_modules
 from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
 
@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     removal = estimate_removal(gm, batch, groups, opts).scores
     t_removal = time.perf_counter() - t
     t = time.perf_counter()
-    names = sorted({m.module for g in groups for m in g.members if m.role == "out"})
+    names = producer_modules(groups)
     trace_scores = group_sensitivity(groups, gm, estimate_hessian(gm, batch, opts, names=names))
     t_trace = time.perf_counter() - t
     print(f"{args.model}, pretrained, dense top-1 {evaluate(gm, test):.2f} % on {args.test_limit} test "

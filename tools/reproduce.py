@@ -8,7 +8,8 @@ For each model, MACs target and scorer, every stage is evaluated on the test set
 Scorers: ``hessian-fp32`` / ``hessian-half`` (the paper's Hutchinson estimator; half is fp16 on
 CUDA, bf16 on a CPU), ``ggn-fp32`` / ``ggn-half`` (the exact Gauss-Newton trace in the same
 formula), ``removal-fp32`` / ``removal-half`` (``ehap_fx.removal``: the exact Gauss-Newton loss
-increase of removing each channel, ranked per MAC saved), ``l1`` (the magnitude control). A ranking does not depend on the target, so one Hessian per scorer
+increase of removing each channel, ranked per MAC saved), ``l1`` (the magnitude control).
+A ranking does not depend on the target, so one Hessian per scorer
 serves all targets (one-shot pruning). Each Hessian runs in a fresh subprocess so that its
 peak memory (CUDA ``max_memory_allocated``, or the peak RSS on a CPU, also given as growth over
 the RSS after setup) belongs to that precision alone.
@@ -47,7 +48,7 @@ import numpy as np
 import torch
 from ehap_fx.passes.cost import total_cost
 from ehap_fx.passes.export import INPUT, ExportOptions, export, session
-from ehap_fx.passes.group import group_channels, groups_of
+from ehap_fx.passes.group import group_channels, groups_of, producer_modules
 from ehap_fx.passes.quantize import QuantizeOptions, quantize
 from ehap_fx.passes.shrink import PrunePlan, shrink
 from ehap_fx.passes.trace import trace
@@ -495,7 +496,7 @@ def rank_worker(spec_path: Path) -> None:
         torch.cuda.reset_peak_memory_stats()
     base = _rss()
     groups = groups_of(gm).prunable
-    names = sorted({m.module for g in groups for m in g.members if m.role == "out"})
+    names = producer_modules(groups)
     if spec["scorer"].startswith("removal"):
         result = estimate_removal(gm, (x, y), groups, opts)
         scores = result.scores
