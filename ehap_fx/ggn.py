@@ -40,8 +40,14 @@ def _channel_sq_sum(g: torch.Tensor) -> torch.Tensor:
     return g.float().pow(2).flatten(2).sum(dim=(0, 2))
 
 
-def _ggn_sample_mean(model: nn.Module, names: list[str], x: torch.Tensor, chunk: int,
-                     autocast: Callable | None, reduce: Callable):
+def _ggn_sample_mean(
+    model: nn.Module,
+    names: list[str],
+    x: torch.Tensor,
+    chunk: int,
+    autocast: Callable | None,
+    reduce: Callable,
+):
     """Mean over the samples of ``x`` of ``reduce(grads, weights)``, where ``grads[name]`` is
     ``(C, *w.shape)``: the per-sample gradients ``J_nᵀ a_nk`` of the C columns of ``A_n``
     (vmapped ``chunk`` samples at a time). ``reduce`` returns a pytree of tensors."""
@@ -80,8 +86,9 @@ def ggn_channel_traces(
     ``names`` are parameter names (``"conv1.weight"``); returns one fp32 ``(C_out,)`` tensor per
     name, summed over the batch ``x`` and divided by its size. The labels do not enter the GGN.
     """
-    return _ggn_sample_mean(model, names, x, chunk, autocast,
-                            lambda grads, _: [_channel_sq_sum(grads[n]) for n in names])
+    return _ggn_sample_mean(
+        model, names, x, chunk, autocast, lambda grads, _: [_channel_sq_sum(grads[n]) for n in names]
+    )
 
 
 def ggn_vector_product(
@@ -123,12 +130,14 @@ def ggn_removal(
     x: torch.Tensor,
     chunk: int = 8,
     autocast: Callable | None = None,
-) -> dict[int, torch.Tensor]:
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """``½ δᵀGδ`` of mean softmax cross-entropy for zeroing each set of input-channel slices.
 
     ``slices[param name]`` lists ``(key, index)``: entry ``c`` of ``key`` zeroes input channels
     ``index[c]`` (dim 1 of that weight, ``index`` shaped ``(sizes[key], k)``) of every listed
-    weight at once. Returns one fp32 ``(sizes[key],)`` tensor per key, averaged over ``x``.
+    weight at once. Returns, averaged over ``x``, one fp32 ``(sizes[key],)`` tensor per key
+    (each entry alone) and one fp32 scalar per key (all its entries at once, cross terms
+    included: the whole group removed).
     """
     names = list(slices)
     widths = {n: p.shape[1] for n, p in model.named_parameters() if n in slices}
@@ -142,12 +151,15 @@ def ggn_removal(
 
     def reduce(grads, weights) -> dict[int, torch.Tensor]:
         # derivative along "scale input channel i of w": <W[:, i], grad[:, i]>  -> (C, in)
-        per_in = {n: (grads[n].float() * weights[n].float()).transpose(1, 2).flatten(2).sum(-1)
-                  for n in names}
+        per_in = {
+            n: (grads[n].float() * weights[n].float()).transpose(1, 2).flatten(2).sum(-1) for n in names
+        }
         acc = {key: 0 for key in sizes}
         for n, key, m in maps:
             acc[key] = acc[key] + per_in[n] @ m.T  # (C, size)
-        return {key: v.pow(2).sum(0) for key, v in acc.items()}
+        each = {key: v.pow(2).sum(0) for key, v in acc.items()}
+        whole = {key: v.sum(1).pow(2).sum(0) for key, v in acc.items()}
+        return each, whole
 
-    mean = _ggn_sample_mean(model, names, x, chunk, autocast, reduce)
-    return {key: 0.5 * v for key, v in mean.items()}
+    each, whole = _ggn_sample_mean(model, names, x, chunk, autocast, reduce)
+    return {key: 0.5 * v for key, v in each.items()}, {key: 0.5 * v for key, v in whole.items()}

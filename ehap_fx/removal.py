@@ -35,9 +35,11 @@ from ehap_fx.hessian import DTYPES, HessianOptions, _peak_memory, _prepare, star
 
 @dataclass(frozen=True)
 class RemovalResult:
-    """``scores[group id]``: ``(size,)`` loss increase (fp32, CPU) of removing each channel."""
+    """``scores[group id]``: ``(size,)`` loss increase (fp32, CPU) of removing each channel;
+    ``whole[group id]``: of removing all the group's channels at once (cross terms included)."""
 
     scores: dict[int, torch.Tensor]
+    whole: dict[int, float]
     dtype: str
     seconds: float
     peak_memory: int
@@ -46,9 +48,15 @@ class RemovalResult:
     n_batches: int
 
     def summary(self) -> dict:
-        return {"estimator": "removal", "dtype": self.dtype, "seconds": round(self.seconds, 3),
-                "peak_memory": self.peak_memory, "peak_memory_kind": self.peak_memory_kind,
-                "batch_size": self.batch_size, "n_batches": self.n_batches}
+        return {
+            "estimator": "removal",
+            "dtype": self.dtype,
+            "seconds": round(self.seconds, 3),
+            "peak_memory": self.peak_memory,
+            "peak_memory_kind": self.peak_memory_kind,
+            "batch_size": self.batch_size,
+            "n_batches": self.n_batches,
+        }
 
 
 def consumer_slices(groups: Sequence) -> dict[str, list[tuple[int, torch.Tensor]]]:
@@ -81,22 +89,30 @@ def estimate_removal(
     read = {gid for entries in slices.values() for gid, _ in entries}
     missing = [g.id for g in groups if g.id not in read]
     if missing:
-        raise HessianError(f"groups {missing[:5]} have no conv/linear consumer: their removal cannot "
-                           "be scored; use scorer='hessian' or exclude them")
+        raise HessianError(
+            f"groups {missing[:5]} have no conv/linear consumer: their removal cannot "
+            "be scored; use scorer='hessian' or exclude them"
+        )
     device = start_device(model, device)
     start = time.perf_counter()
     s = _prepare(model, data, opts, list(slices), F.cross_entropy, device)
     sizes = {g.id: g.size for g in groups}
     pslices = {(f"{n}.weight" if n else "weight"): v for n, v in slices.items()}
     total = {g.id: torch.zeros(g.size, device=device) for g in groups}
+    whole = {g.id: torch.zeros((), device=device) for g in groups}
     for x, _ in s.batches:
-        part = ggn_removal(s.model, pslices, sizes, x, chunk=opts.ggn_chunk, autocast=s.autocast)
+        each, all_at_once = ggn_removal(s.model, pslices, sizes, x, chunk=opts.ggn_chunk, autocast=s.autocast)
         for k in total:
-            total[k] += part[k]
+            total[k] += each[k]
+            whole[k] += all_at_once[k]
     peak, kind = _peak_memory(device)
     return RemovalResult(
         scores={k: (v / len(s.batches)).cpu() for k, v in total.items()},
+        whole={k: float(v) / len(s.batches) for k, v in whole.items()},
         dtype={v: k for k, v in DTYPES.items()}[s.dtype],
-        seconds=time.perf_counter() - start, peak_memory=peak, peak_memory_kind=kind,
-        batch_size=opts.batch_size, n_batches=opts.n_batches,
+        seconds=time.perf_counter() - start,
+        peak_memory=peak,
+        peak_memory_kind=kind,
+        batch_size=opts.batch_size,
+        n_batches=opts.n_batches,
     )

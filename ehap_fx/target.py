@@ -19,7 +19,14 @@ from torch import fx
 from ehap_fx.errors import TargetError
 from ehap_fx.latency import LatencyModel
 from ehap_fx.passes.cost import plan_cost
-from ehap_fx.passes.group import ChannelGroup, KeptChannels, emptiable_groups, groups_of, producer_slices
+from ehap_fx.passes.group import (
+    ChannelGroup,
+    KeptChannels,
+    droppable_groups,
+    emptiable_groups,
+    groups_of,
+    producer_slices,
+)
 from ehap_fx.passes.shrink import PrunePlan
 
 #: Kept widths of each group are multiples of this by default. 16 suits onnxruntime's INT8
@@ -28,6 +35,7 @@ from ehap_fx.passes.shrink import PrunePlan
 #: groups) dropped. Use 16, or a latency target, for INT8 speed.
 DEFAULT_ROUND_TO = 8
 KINDS = ("macs", "params", "latency")
+GRANULARITIES = ("channel", "block", "both")
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,11 @@ class Target:
     ``passes.group.emptiable_groups``), ``round_to`` makes kept widths multiples of it (groups smaller
     than ``round_to`` are left whole unless ``round_to=1``), ``steps`` > 1 prunes iteratively,
     re-ranking between steps.
+
+    ``granularity`` says what may go: ``"channel"`` channels of any group (widths shrink);
+    ``"block"`` only whole droppable groups (``passes.group.droppable_groups``: a residual
+    block's inner channels, so the block goes and the widths stay: depth pruning, which the
+    INT8 kernels like best); ``"both"`` channels, and droppable groups may go to zero.
     """
 
     macs: float | None = None
@@ -52,6 +65,7 @@ class Target:
     min_channels: int = 1
     round_to: int = DEFAULT_ROUND_TO
     steps: int = 1
+    granularity: str = "channel"
 
     def __post_init__(self):
         set_ = {k: getattr(self, k) for k in KINDS if getattr(self, k) is not None}
@@ -64,6 +78,8 @@ class Target:
             )
         if not 0 <= self.max_prune < 1:
             raise ValueError(f"max_prune={self.max_prune} must be in [0, 1)")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity={self.granularity!r} must be one of {GRANULARITIES}")
         if self.min_channels < 1 or self.round_to < 1 or self.steps < 1:
             raise ValueError(
                 f"min_channels={self.min_channels}, round_to={self.round_to}, steps={self.steps} must be >= 1"
@@ -124,6 +140,12 @@ def _blocks(
     return blocks
 
 
+def _whole(group: ChannelGroup, score: float, scores: torch.Tensor, saving: Saving | None) -> _Block:
+    """The one removal step of a group that goes entirely (``granularity="block"``)."""
+    key = score / saving(group.id, 0) if saving is not None else float(scores.mean())
+    return _Block(group.id, 0, key)
+
+
 def _plan(order: list[_Block], n: int, scores: Mapping[int, torch.Tensor]) -> PrunePlan:
     kept: dict[int, int] = {}
     for b in order[:n]:
@@ -156,6 +178,7 @@ def select_plan(
     base: float | None = None,
     latency: LatencyModel | None = None,
     per_cost: bool = False,
+    whole: Mapping[int, float] | None = None,
 ) -> PrunePlan:
     """The plan that removes the least sensitive channels until ``gm`` meets ``target``.
 
@@ -166,7 +189,9 @@ def select_plan(
     always ranks by sensitivity per second saved; ``per_cost=True`` ranks MACs and params
     targets the same way, by sensitivity per unit of the target's cost saved (right for
     scores in loss units, such as ``ehap_fx.removal``; wrong for L1 norms, whose sums over
-    producers already favour the channels that cost most).
+    producers already favour the channels that cost most). ``whole[group_id]`` is the
+    sensitivity of removing a group entirely, for ``granularity="block"`` (e.g.
+    ``RemovalResult.whole``, cross terms included; default: the sum of its channel scores).
     Raises TargetError stating the reachable minimum.
     """
     groups = groups_of(gm)
@@ -187,13 +212,24 @@ def select_plan(
         def saving(group: int, kept: int) -> float:
             return dense - value(PrunePlan({group: tuple(range(kept))}))
 
-    emptiable = emptiable_groups(gm)
-    blocks = (
-        b
-        for g in groups.prunable
-        if g.id in scores
-        for b in _blocks(g, scores[g.id].float().cpu(), target, saving, g.id in emptiable)
-    )
+    scored = [g for g in groups.prunable if g.id in scores]
+    if target.granularity == "block":
+        droppable = droppable_groups(gm)
+        whole = whole or {}
+        blocks = [
+            _whole(g, float(whole.get(g.id, scores[g.id].sum())), scores[g.id].float().cpu(), saving)
+            for g in scored
+            if g.id in droppable
+        ]
+    else:
+        emptiable = emptiable_groups(gm)
+        if target.granularity == "both":
+            emptiable |= droppable_groups(gm)
+        blocks = [
+            b
+            for g in scored
+            for b in _blocks(g, scores[g.id].float().cpu(), target, saving, g.id in emptiable)
+        ]
     order = sorted(blocks, key=lambda b: b.score)
 
     def cost(n: int) -> float:

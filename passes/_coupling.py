@@ -538,6 +538,51 @@ _BINARY = (
     "div_",
 )
 
+_SPATIAL = (
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    F.max_pool1d,
+    F.avg_pool1d,
+    F.interpolate,
+)
+_SPATIAL_MODULES = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Upsample,
+)
+
+
+def is_pointwise(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Does the op act on each element (eval-mode norms: each channel) on its own, so that a
+    per-channel constant ``(1, C, 1, ...)`` stays one? (Pooling and resizing do not.)"""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return isinstance(
+            mod, (*_UNARY_MODULES, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+        ) and not isinstance(mod, _SPATIAL_MODULES)
+    if node.op not in ("call_function", "call_method"):
+        return False
+    try:
+        return node.target in _UNARY_FUNCTIONS + _UNARY_METHODS + _BINARY and node.target not in _SPATIAL
+    except TypeError:
+        return False
+
+
+def is_binary(node: fx.Node) -> bool:
+    """A broadcasting elementwise op of two tensors (add, mul, ...)."""
+    try:
+        return node.op in ("call_function", "call_method") and node.target in _BINARY
+    except TypeError:
+        return False
+
+
 #: Rules for call_function targets and call_method names.
 COUPLING: dict[Any, Callable[[_Analysis, fx.Node], Any]] = {
     **{op: same_channels for op in _UNARY_FUNCTIONS + _UNARY_METHODS},

@@ -34,8 +34,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from ehap_fx.passes._coupling import _Analysis, _flat_labels, _map_meta, _Pin, _rule_for
-from torch import fx
+from ehap_fx.passes._coupling import (
+    _Analysis,
+    _flat_labels,
+    _map_meta,
+    _Pin,
+    _rule_for,
+    is_binary,
+    is_pointwise,
+)
+from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ehap_fx import _meta
@@ -57,7 +65,9 @@ class Member:
     ``role`` says what the member is: ``"out"`` output channels of a conv/linear weight
     (``dim=0``), ``"in"`` its input channels (``dim=1``), ``"norm"`` per-channel parameters
     and buffers of a norm layer (``dim=0``), ``"pad"`` zero channels made by ``F.pad``
-    (``dim=1`` of the pad's output).
+    (``dim=1`` of the pad's output), ``"const"`` a per-channel constant ``(1, C, 1, ...)`` read
+    with ``get_attr`` (``dim=1``; what a dropped residual branch leaves, see
+    ``droppable_groups``).
     """
 
     node: str
@@ -169,8 +179,11 @@ def emptiable_groups(gm: fx.GraphModule) -> frozenset[int]:
     """
     groups = groups_of(gm)
     candidates = {g.id for g in groups.prunable}
-    shared = [set(s.group.tolist()) for n in gm.graph.nodes
-              if isinstance(s := n.meta.get(_meta.CHANNELS), ChannelSlots) and len(s)]
+    shared = [
+        set(s.group.tolist())
+        for n in gm.graph.nodes
+        if isinstance(s := n.meta.get(_meta.CHANNELS), ChannelSlots) and len(s)
+    ]
     changed = True
     while changed:
         changed = False
@@ -179,6 +192,65 @@ def emptiable_groups(gm: fx.GraphModule) -> frozenset[int]:
                 candidates -= present
                 changed = True
     return frozenset(candidates)
+
+
+def droppable_groups(gm: fx.GraphModule) -> frozenset[int]:
+    """Prunable groups that may lose *all* their channels by dropping the branch they live in
+    (depth pruning).
+
+    A group qualifies when the values it lives in carry nothing else, only convs/linears
+    (``groups=1``) read them, and what those readers compute from an empty input (their bias,
+    a per-channel constant) flows through pointwise ops into a binary op with a live operand:
+    the residual add of a ResNet block, whose inner group is the typical case. ``shrink`` then
+    folds the constant into a buffer, and the block becomes ``relu(x + c)``.
+    """
+    nodes_of: dict[int, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if isinstance(s := n.meta.get(_meta.CHANNELS), ChannelSlots):
+            for gid in set(s.group.tolist()):
+                nodes_of.setdefault(gid, []).append(n)
+    return frozenset(g.id for g in groups_of(gm).prunable if _droppable(gm, g, nodes_of.get(g.id, [])))
+
+
+def _droppable(gm: fx.GraphModule, group: ChannelGroup, nodes: list[fx.Node]) -> bool:
+    roles = {m.role for m in group.members}
+    if not roles <= {"out", "norm", "in"} or not {"out", "in"} <= roles:
+        return False
+    inside = set(nodes)
+    for n in nodes:
+        if n.op not in ("call_module", "call_function", "call_method"):
+            return False
+        if not bool((n.meta[_meta.CHANNELS].group == group.id).all()):
+            return False  # the value carries other channels too
+    readers = {u for n in nodes for u in n.users if u not in inside}
+    for r in readers:
+        mod = gm.get_submodule(r.target) if r.op == "call_module" else None
+        if (
+            not isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+            or getattr(mod, "groups", 1) != 1
+        ):
+            return False
+        if r.all_input_nodes != [r.args[0]] or r.args[0] not in inside:
+            return False
+    return constant_flows_into_live_ops(gm, readers)
+
+
+def constant_flows_into_live_ops(gm: fx.GraphModule, start: Iterable[fx.Node]) -> bool:
+    """If the nodes ``start`` computed per-channel constants, would every use of them (through
+    pointwise ops) end in a binary op with a live operand, so that folding them is legal?"""
+    constant = set(start)
+    stack = list(constant)
+    while stack:
+        for user in stack.pop().users:
+            if user in constant:
+                continue
+            inputs = user.all_input_nodes
+            if is_pointwise(gm, user) and all(a in constant for a in inputs):
+                constant.add(user)
+                stack.append(user)
+            elif not (is_binary(user) and any(a not in constant for a in inputs)):
+                return False  # the constant would reach a reduction, a reshape or the output
+    return True
 
 
 def groups_of(gm: fx.GraphModule) -> ChannelGroups:
@@ -215,6 +287,11 @@ def _visit(a: _Analysis, node: fx.Node) -> Any:
     if node.op == "placeholder":
         return a.fresh_pinned(node, f"model input {node.name}")
     if node.op == "get_attr":
+        shape = node.meta["tensor_meta"].shape if "tensor_meta" in node.meta else ()
+        if len(shape) >= 2 and shape[0] == 1 and all(d == 1 for d in shape[2:]):
+            labels = a.uf.fresh(int(shape[1]))  # a per-channel constant, e.g. a dropped branch
+            a.touch(node, "const", 1, labels)
+            return labels
         return a.fresh_pinned(node, f"constant tensor {node.target}")
     if node.op == "output":
         a.pin_inputs(node, "model output")

@@ -6,6 +6,11 @@ depthwise convs, and the shape constants baked into the graph (split sizes, pad 
 channel slices, reshape sizes). The result is an ordinary ``GraphModule``: it runs,
 re-traces, saves, loads and exports like any other model, and its output equals the
 original's with the removed channels zeroed (``passes.mask.mask_channels``).
+
+A plan may also empty a *droppable* group (``passes.group.droppable_groups``: the inner
+channels of a residual block): the convs that read it then compute their bias alone, a
+per-channel constant, which is folded (in eval mode) through the pointwise ops after it into
+one buffer; the block's branch disappears and its add reads the buffer (depth pruning).
 """
 
 from __future__ import annotations
@@ -17,7 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from ehap_fx.passes.group import ChannelGroups, KeptChannels, group_channels, groups_of
+from ehap_fx.passes._coupling import is_binary, is_pointwise
+from ehap_fx.passes.group import (
+    ChannelGroups,
+    KeptChannels,
+    droppable_groups,
+    group_channels,
+    groups_of,
+)
 from ehap_fx.passes.trace import refresh_shapes
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
@@ -62,14 +74,21 @@ class PrunePlan:
 
         A group may lose every channel when each tensor it lives in keeps others: the zero
         channels an option-A shortcut pads on (the tensors also carry the previous stage's
-        channels) can go entirely, which a per-group floor of one channel would forbid.
+        channels) can go entirely, which a per-group floor of one channel would forbid. So
+        may a droppable group (``droppable_groups``): its values vanish with its branch.
         """
         keep = KeptChannels(groups_of(gm), self.masks(groups_of(gm)))
+        dropped = droppable_groups(gm) & {g for g, k in self.keep.items() if not k}
         for node in gm.graph.nodes:
             if keep.count(node) == 0:
-                emptied = sorted({int(g) for g in node.meta[_meta.CHANNELS].group})
-                raise ShrinkError(f"{node.format_node()} would keep no channel: keep at least one "
-                                  f"channel of group(s) {emptied}")
+                emptied = {int(g) for g in node.meta[_meta.CHANNELS].group}
+                if emptied <= dropped:
+                    continue
+                emptied = sorted(emptied)
+                raise ShrinkError(
+                    f"{node.format_node()} would keep no channel: keep at least one "
+                    f"channel of group(s) {emptied}"
+                )
 
     def masks(self, groups: ChannelGroups) -> list[torch.Tensor]:
         """One boolean keep-mask per group."""
@@ -151,6 +170,17 @@ def shrink_norm(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
         norm.num_groups = len(k) // per_group
     else:
         norm.num_features = len(k)
+
+
+def shrink_constant(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
+    """A per-channel constant read with ``get_attr`` (``(1, C, 1, ...)``) loses the removed channels."""
+    owner, _, name = node.target.rpartition(".")
+    module = gm.get_submodule(owner)
+    value = getattr(module, name)
+    sliced = value.detach().index_select(1, _idx(keep(node))).clone()
+    if isinstance(value, nn.Parameter):
+        sliced = nn.Parameter(sliced, requires_grad=value.requires_grad)
+    setattr(module, name, sliced)
 
 
 def shrink_pad(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
@@ -245,6 +275,8 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
             rule = SHRINK.get(node.target)
         except TypeError:
             rule = None
+    elif node.op == "get_attr":
+        rule = shrink_constant
     else:
         rule = None
     if rule is not None and _meta.CHANNELS in node.meta:
@@ -262,6 +294,7 @@ def shrink(gm: fx.GraphModule, plan: PrunePlan) -> PassResult:
     plan.check_widths(gm)
     out = copy.deepcopy(gm)
     keep = _Keep(groups, plan)
+    fold_dropped_branches(out, keep)
     for node in out.graph.nodes:
         _rewrite(out, node, keep)
     out.graph.lint()
@@ -271,6 +304,75 @@ def shrink(gm: fx.GraphModule, plan: PrunePlan) -> PassResult:
     out.meta[_meta.PLAN] = plan
     modified = any(len(k) < groups[g].size for g, k in plan.keep.items())
     return PassResult(out, modified)
+
+
+def fold_dropped_branches(gm: fx.GraphModule, keep: KeptChannels) -> None:
+    """Replace each conv/linear whose input keeps no channel by its output, the per-channel
+    constant ``bias`` (zeros without one), fold it forward through pointwise ops (norms in
+    eval mode) and read the result from a buffer; the dead branch is erased. In place."""
+    values: dict[fx.Node, torch.Tensor] = {}
+    with torch.no_grad():
+        for node in gm.graph.nodes:
+            if _reads_nothing(gm, node, keep):
+                mod = gm.get_submodule(node.target)
+                shape = node.meta["tensor_meta"].shape
+                bias = mod.bias.detach() if mod.bias is not None else torch.zeros(shape[1])
+                values[node] = bias.reshape(1, -1, *[1] * (len(shape) - 2)).clone()
+            elif values and node.all_input_nodes and all(a in values for a in node.all_input_nodes):
+                if is_pointwise(gm, node):
+                    values[node] = _evaluate(gm, node, values)
+    for node, value in values.items():
+        live = [u for u in node.users if u not in values]
+        if not live:
+            continue
+        if not all(is_binary(u) for u in live):
+            raise ShrinkError(
+                f"{live[0].format_node()}: the plan turns its input {node.name} into a "
+                "constant, which only a binary op (a residual add) can absorb; keep a "
+                "channel of the group feeding it"
+            )
+        name = _fresh_attr(gm, f"{node.name}_constant")
+        gm.register_buffer(name, value)
+        with gm.graph.inserting_before(node):
+            const = gm.graph.get_attr(name)
+        if _meta.CHANNELS in node.meta:
+            const.meta[_meta.CHANNELS] = node.meta[_meta.CHANNELS]
+        node.replace_all_uses_with(const)
+    if values:
+        used_before = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+        gm.graph.eliminate_dead_code()
+        used_after = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+        for target in used_before - used_after:
+            gm.delete_submodule(target)
+
+
+def _reads_nothing(gm: fx.GraphModule, node: fx.Node, keep: KeptChannels) -> bool:
+    if node.op != "call_module" or not isinstance(
+        gm.get_submodule(node.target), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    ):
+        return False
+    return isinstance(node.args[0], fx.Node) and keep.count(node.args[0]) == 0
+
+
+def _evaluate(gm: fx.GraphModule, node: fx.Node, values: Mapping[fx.Node, torch.Tensor]) -> torch.Tensor:
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: values[a].clone())
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    mod = gm.get_submodule(node.target)
+    training = mod.training
+    try:
+        return mod.eval()(*args, **kwargs)
+    finally:
+        mod.train(training)
+
+
+def _fresh_attr(gm: fx.GraphModule, name: str) -> str:
+    candidate, i = name, 1
+    while hasattr(gm, candidate):
+        candidate, i = f"{name}_{i}", i + 1
+    return candidate
 
 
 class Shrink(PassBase):

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from ehap_fx.passes.group import group_channels, groups_of
+from ehap_fx.passes.group import droppable_groups, group_channels, groups_of
 from ehap_fx.passes.trace import trace
 from scipy.stats import spearmanr
 from torch import nn
@@ -110,6 +110,34 @@ def test_resnet20_stream_groups_match_forward_mode_reference():
                         ({k: params[k] for k in delta},), (delta,))
             ref = 0.5 * ((prob * jd**2).sum(-1) - (prob * jd).sum(-1) ** 2).mean()
             assert result.scores[g.id][c].item() == pytest.approx(ref.item(), rel=1e-3)
+
+
+def test_whole_group_score_includes_cross_terms():
+    # removing all of a group at once: the residual-block inner groups that depth pruning
+    # drops, and a stream group; against forward-mode J δ with δ summed over the channels
+    torch.manual_seed(0)
+    net = get_model("resnet20").eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.1)
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    gm, groups = grouped(net, x)
+    result = estimate_removal(gm, (x, y), groups, FP32)
+    params = {n: p.detach() for n, p in gm.named_parameters()}
+    prob = functional_call(gm, params, (x,)).softmax(-1)
+    dropped = droppable_groups(gm)
+    stream = max(groups, key=lambda g: sum(m.role == "in" for m in g.members))
+    for g in [groups[i] for i in range(len(groups)) if groups[i].id in dropped][:2] + [stream]:
+        delta = {}
+        for c in range(g.size):
+            for k, v in removal_direction(gm, g, c).items():
+                delta[k] = delta.get(k, 0) + v  # the channels' slices are disjoint
+        _, jd = jvp(lambda p: functional_call(gm, {**params, **p}, (x,)),
+                    ({k: params[k] for k in delta},), (delta,))
+        ref = 0.5 * ((prob * jd**2).sum(-1) - (prob * jd).sum(-1) ** 2).mean()
+        assert result.whole[g.id] == pytest.approx(ref.item(), rel=1e-3)
+        assert result.whole[g.id] != pytest.approx(float(result.scores[g.id].sum()), rel=0.05)
 
 
 def test_bf16_ranks_like_fp32():
