@@ -106,6 +106,9 @@ def _compress_parser(sub) -> None:
     p.add_argument("--max-prune", type=float, default=0.8, help="max fraction of a group to remove")
     p.add_argument("--min-channels", type=int, default=1)
     p.add_argument("--steps", type=int, default=1, help="iterative pruning steps")
+    p.add_argument("--granularity", choices=("channel", "block", "both"), default="channel",
+                   help="channel: narrow layers; block: drop whole residual blocks (depth pruning, "
+                        "widths stay: fastest in INT8); both")
     p.add_argument("--scorer", choices=("hessian", "removal", "l1"), default="hessian",
                    help="hessian: the paper's trace sensitivity; removal: exact Gauss-Newton loss "
                         "increase of removing each channel, ranked per MAC saved; l1: magnitude")
@@ -197,7 +200,7 @@ def compress_options(args) -> CompressOptions:
         target = Target(**(given or {"macs": 0.5}), max_prune=args.max_prune,
                         min_channels=args.min_channels,
                         round_to=DEFAULT_ROUND_TO if args.round_to is None else args.round_to,
-                        steps=args.steps)
+                        steps=args.steps, granularity=args.granularity)
         hessian = HessianOptions(
             estimator=_pick(args.estimator, prof["estimator"]), dtype=args.hessian_dtype,
             batch_size=_pick(args.hessian_batch, prof["hessian_batch"]),

@@ -99,24 +99,30 @@ def _cost_dict(c: Cost, base: Cost | None = None) -> dict:
     return d
 
 
-def _rank(gm, data, scorer: str, hessian: HessianOptions, loss_fn) -> tuple[dict, dict | None, dict]:
-    """Scores per prunable group (higher = keep), their standard errors, and a summary."""
+def _rank(
+    gm, data, scorer: str, hessian: HessianOptions, loss_fn
+) -> tuple[dict, dict | None, dict, dict | None]:
+    """Scores per prunable group (higher = keep), their standard errors, a summary, and the
+    scores of removing each group whole (None: the sums of its channel scores)."""
     if scorer == "l1":
-        return magnitude_scores(gm), None, {"scorer": "l1"}
+        return magnitude_scores(gm), None, {"scorer": "l1"}, None
     groups = groups_of(gm)
     if scorer == "removal":
         if loss_fn is not None:
-            raise EhapError("scorer='removal' is exact for cross-entropy only: drop loss_fn, or "
-                            "use scorer='hessian' with estimator='hutchinson'")
+            raise EhapError(
+                "scorer='removal' is exact for cross-entropy only: drop loss_fn, or "
+                "use scorer='hessian' with estimator='hutchinson'"
+            )
         removal = estimate_removal(gm, data, groups.prunable, hessian)
-        return removal.scores, None, {"scorer": "removal", **removal.summary()}
+        return removal.scores, None, {"scorer": "removal", **removal.summary()}, removal.whole
     names = producer_modules(groups.prunable)
     # estimate_hessian itself, split over the ranks inside a torch.distributed process group
-    result = distributed.estimate_hessian_distributed(gm, data, hessian, names=names, loss_fn=loss_fn,
-                                                      groups=groups.prunable)
+    result = distributed.estimate_hessian_distributed(
+        gm, data, hessian, names=names, loss_fn=loss_fn, groups=groups.prunable
+    )
     scores = group_sensitivity(groups.prunable, gm, result)
     stderr = group_stderr(groups.prunable, gm, result)
-    return scores, stderr, {"scorer": "hessian", **result.summary()}
+    return scores, stderr, {"scorer": "hessian", **result.summary()}, None
 
 
 def _record(step: int, groups: ChannelGroups, plan, scores, stderr) -> list[GroupRecord]:
@@ -261,14 +267,22 @@ def _prune(gm, data, target, scorer, hessian, loss_fn, finetune_options, latency
     dense_value = None
     for step in range(1, target.steps + 1):
         t = time.perf_counter()
-        scores, stderr, summary = _rank(gm, data, scorer, hessian, loss_fn)
+        scores, stderr, summary, whole = _rank(gm, data, scorer, hessian, loss_fn)
         seconds[f"rank_{step}"] = time.perf_counter() - t
         model_latency = LatencyModel(gm, table) if table is not None else None
         if dense_value is None:
             dense_value = measure(gm, target, latency=model_latency)
         fraction = target.at_step(step)
-        plan = select_plan(gm, scores, target, fraction=fraction, base=dense_value, latency=model_latency,
-                           per_cost=scorer == "removal")
+        plan = select_plan(
+            gm,
+            scores,
+            target,
+            fraction=fraction,
+            base=dense_value,
+            latency=model_latency,
+            per_cost=scorer == "removal",
+            whole=whole,
+        )
         plan = distributed.broadcast_object(plan)  # rank 0's plan on every rank (latency timings differ)
         report.ranking.append({"step": step, **summary})
         report.groups.extend(_record(step, groups_of(gm), plan, scores, stderr))

@@ -213,7 +213,12 @@ class LatencyModel:
     def __call__(self, kept: KeptChannels) -> float:
         total = 0.0
         for node, shape in self.convs:
-            cin = kept.count(node.args[0]) or node.args[0].meta["tensor_meta"].shape[1]
-            cout = kept.count(node) or node.meta["tensor_meta"].shape[1]
-            total += self.table.seconds(shape, int(cin), int(cout))
+            cin, cout = _width(kept, node.args[0]), _width(kept, node)
+            if cin and cout:  # a conv left with no channel is gone (a dropped block)
+                total += self.table.seconds(shape, cin, cout)
         return total
+
+
+def _width(kept: KeptChannels, node: fx.Node) -> int:
+    count = kept.count(node)
+    return int(node.meta["tensor_meta"].shape[1] if count is None else count)

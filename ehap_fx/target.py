@@ -238,12 +238,17 @@ def select_plan(
     if dense <= goal:
         return PrunePlan({})
     if cost(len(order)) > goal:
+        smallest = f"the smallest reachable is {cost(len(order)) / base:.3f} of the dense {target.kind}"
+        if target.granularity == "block":
+            raise TargetError(
+                f"target {target.kind}={fraction or target.fraction} is unreachable with "
+                f"granularity='block' ({len(order)} droppable blocks): {smallest}; raise the target, "
+                "or use granularity='both' to narrow layers too"
+            )
         raise TargetError(
             f"target {target.kind}={fraction or target.fraction} is unreachable: with "
             f"max_prune={target.max_prune}, min_channels={target.min_channels} and "
-            f"round_to={target.round_to} "
-            f"the smallest reachable is {cost(len(order)) / base:.3f} of the dense {target.kind}; "
-            "raise the target or max_prune, or lower round_to"
+            f"round_to={target.round_to} {smallest}; raise the target or max_prune, or lower round_to"
         )
     lo, hi = 0, len(order)  # cost(lo) > goal >= cost(hi); cost falls as blocks go
     while hi - lo > 1:

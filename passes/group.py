@@ -244,11 +244,11 @@ def constant_flows_into_live_ops(gm: fx.GraphModule, start: Iterable[fx.Node]) -
         for user in stack.pop().users:
             if user in constant:
                 continue
-            inputs = user.all_input_nodes
-            if is_pointwise(gm, user) and all(a in constant for a in inputs):
+            live = [a for a in user.all_input_nodes if a not in constant and a.op != "get_attr"]
+            if is_pointwise(gm, user) and not live:
                 constant.add(user)
                 stack.append(user)
-            elif not (is_binary(user) and any(a not in constant for a in inputs)):
+            elif not (is_binary(user) and live):
                 return False  # the constant would reach a reduction, a reshape or the output
     return True
 

@@ -270,6 +270,22 @@ def test_impossible_target(tmp_path):
     assert 0.05 < reachable < 0.5
 
 
+def test_block_granularity_drops_whole_blocks(tmp_path):
+    out = tmp_path / "out"
+    proc = ehap("compress", *TINY, "--granularity", "block", "--target-macs", "0.7", "--out", str(out),
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert 0.6 < report["cost_after"]["macs_ratio"] <= 0.7
+    before, after = report["channels_before"], report["channels_after"]
+    assert set(after) < set(before)  # convs are gone, not narrowed
+    assert all(after[k] == before[k] for k in after)
+    out = tmp_path / "out2"
+    proc = ehap("compress", *TINY, "--granularity", "block", "--target-macs", "0.005", "--out", str(out),
+                cwd=tmp_path)
+    assert_user_error(proc, "unreachable", "granularity='block'", "9 droppable blocks", out=out)
+
+
 def test_nan_loss(tmp_path):
     out = tmp_path / "out"
     proc = ehap("compress", *TINY, "--lr", "1e30", "--finetune-steps", "4", "--out", str(out),

@@ -5,7 +5,8 @@ Builds, from the pretrained ResNet-56 (``../shared/weights``; random init when a
 * dense fp32, dense INT8 (PTQ, or ``--qat-steps`` of QAT),
 * pruned fp32 / INT8 for each ``--round-to``: ``trace -> group_channels -> select_plan``
   (L1 magnitude, ``Target(macs=--macs, round_to=...)``) ``-> shrink``, optionally
-  fine-tuned (``--finetune-steps``) before quantization.
+  fine-tuned (``--finetune-steps``) before quantization; with ``--granularity block`` also
+  a depth-pruned one (whole residual blocks dropped, ``Target(granularity="block")``).
 
 Then times every ONNX file in onnxruntime (``--threads`` intra-op threads) at batch 1 and
 ``--batch``, the models interleaved round by round so machine noise hits all alike, and prints
@@ -13,7 +14,8 @@ median latency, throughput and the ratio to dense fp32; then, for each INT8 mode
 convs onnxruntime runs as QLinearConv and their channel counts; with CIFAR-10 test top-1 of
 every model (in onnxruntime) when ``../shared/data`` is present.
 
-    python tools/bench_onnx.py [--rounds 20] [--round-to 8 16] [--macs 0.5] [--out DIR]
+    python tools/bench_onnx.py [--rounds 20] [--round-to 8 16] [--granularity channel block]
+                               [--macs 0.5] [--out DIR]
     python tools/bench_onnx.py --pipeline --rounds 3   # FX vs PT2E quantization step times
 """
 
@@ -73,8 +75,8 @@ def base_model(weights_dir: Path):
         return get_model("resnet56").eval(), "random"
 
 
-def pruned_model(gm, macs: float, round_to: int, train, args, norm):
-    plan = select_plan(gm, magnitude_scores(gm), Target(macs=macs, round_to=round_to))
+def pruned_model(gm, target: Target, train, args, norm):
+    plan = select_plan(gm, magnitude_scores(gm), target)
     small = shrink(gm, plan).graph_module
     if args.finetune_steps:
         finetune(
@@ -218,6 +220,16 @@ def bench_pipeline(args) -> None:
         )
 
 
+def variants(args) -> list[tuple[str, Target]]:
+    """The pruned models to build: one per ``--round-to`` (channel), one depth-pruned (block)."""
+    out = []
+    if "channel" in args.granularity:
+        out += [(f"r{r}", Target(macs=args.macs, round_to=r)) for r in args.round_to]
+    if "block" in args.granularity:
+        out.append(("blocks", Target(macs=args.macs, granularity="block")))
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=20)
@@ -225,6 +237,13 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[2], help="one table per thread count")
     ap.add_argument("--macs", type=float, default=0.5)
     ap.add_argument("--round-to", type=int, nargs="+", default=[8, 16])
+    ap.add_argument(
+        "--granularity",
+        nargs="+",
+        choices=("channel", "block"),
+        default=["channel"],
+        help="channel: one pruned model per --round-to; block: one depth-pruned model",
+    )
     ap.add_argument("--backend", choices=("fx", "pt2e"), nargs="+", default=["fx"])
     ap.add_argument("--qat-steps", type=int, default=0, help="0: post-training quantization")
     ap.add_argument("--calibration-batches", type=int, default=16)
@@ -256,22 +275,24 @@ def main(argv=None) -> None:
         entries.append(
             Entry(f"dense int8 {b}", path, entries[0].macs, int8(gm, train, args, norm, path, inputs, b))
         )
-    for r in args.round_to:
+    for label, target in variants(args):
         try:
-            small = pruned_model(gm, args.macs, r, train, args, norm)
+            small = pruned_model(gm, target, train, args, norm)
         except TargetError as e:
-            print(f"skipping round_to={r}: {e}")
+            print(f"skipping {label}: {e}")
             continue
         macs = total_cost(small).macs
         entries.append(
             Entry(
-                f"pruned r{r} fp32", export_onnx(small, X, out / f"pruned{r}_fp32.onnx", dynamo=False), macs
+                f"pruned {label} fp32",
+                export_onnx(small, X, out / f"pruned_{label}_fp32.onnx", dynamo=False),
+                macs,
             )
         )
         for b in args.backend:
-            path = out / f"pruned{r}_int8_{b}.onnx"
+            path = out / f"pruned_{label}_int8_{b}.onnx"
             entries.append(
-                Entry(f"pruned r{r} int8 {b}", path, macs, int8(small, train, args, norm, path, inputs, b))
+                Entry(f"pruned {label} int8 {b}", path, macs, int8(small, train, args, norm, path, inputs, b))
             )
     if test is not None:
         for e in entries:

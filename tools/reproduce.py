@@ -67,7 +67,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 MODELS = ("resnet32", "resnet56")
 TARGETS = (0.7, 0.5, 0.35)
-SCORERS = ("hessian-fp32", "hessian-half", "ggn-fp32", "ggn-half", "removal-fp32", "removal-half", "l1")
+SCORERS = ("hessian-fp32", "hessian-half", "ggn-fp32", "ggn-half", "removal-fp32", "removal-half", "l1",
+           "removal-fp32-block", "removal-half-block", "l1-block")
 DEFAULT_SCORERS = ("hessian-fp32", "hessian-half", "l1")
 QUICK_TARGETS = (0.5,)  # --quick: one target keeps CI within minutes
 
@@ -146,8 +147,15 @@ QUICK = Budget(epochs=1.0, max_steps=2, qat_steps=2, calibration_batches=2, hess
                probes=2, train_limit=256, test_limit=256, batch_size=64)
 
 
+def ranking_of(scorer: str) -> tuple[str, str]:
+    """``(ranking, granularity)``: ``"removal-half-block"`` ranks like ``"removal-half"`` and
+    drops whole residual blocks (``Target(granularity="block")``, depth pruning)."""
+    return (scorer[: -len("-block")], "block") if scorer.endswith("-block") else (scorer, "channel")
+
+
 def hessian_options(scorer: str, budget: Budget) -> HessianOptions | None:
     """The Hessian settings of ``scorer``; None for the L1 control."""
+    scorer = ranking_of(scorer)[0]
     if scorer == "l1":
         return None
     estimator, precision = scorer.split("-")
@@ -290,6 +298,8 @@ class Run:
         return stage(self.ft_dir / "dense-int8", fn, f"{self.name} dense INT8", self.log)
 
     def rank(self, scorer: str) -> dict:
+        scorer = ranking_of(scorer)[0]
+
         def fn(folder):
             gm = grouped(self.model, self.budget)
             if scorer == "l1":
@@ -323,13 +333,20 @@ class Run:
     def prune(self, scorer: str, target: float) -> dict:
         def fn(folder):
             gm = grouped(self.model, self.budget)
-            scores = torch.load(self.dir / f"rank-{scorer}" / "scores.pt")
+            ranking, granularity = ranking_of(scorer)
+            folder_of_rank = self.dir / f"rank-{ranking}"
+            scores = torch.load(folder_of_rank / "scores.pt")
             if {g.id: g.size for g in groups_of(gm).prunable if g.id in scores} != \
                     {g: len(s) for g, s in scores.items()}:
-                raise ReproduceError(f"cached scores of {scorer} do not match {self.name}'s groups; "
-                                     f"delete {self.dir / f'rank-{scorer}'}")
-            plan = select_plan(gm, scores, Target(macs=target, round_to=self.budget.round_to),
-                               per_cost=scorer.startswith("removal"))
+                raise ReproduceError(f"cached scores of {ranking} do not match {self.name}'s groups; "
+                                     f"delete {folder_of_rank}")
+            whole = None
+            if ranking.startswith("removal"):
+                if not (folder_of_rank / "whole.pt").exists():
+                    raise ReproduceError(f"{folder_of_rank} predates whole-group scores; delete it")
+                whole = torch.load(folder_of_rank / "whole.pt")
+            target_ = Target(macs=target, round_to=self.budget.round_to, granularity=granularity)
+            plan = select_plan(gm, scores, target_, per_cost=ranking.startswith("removal"), whole=whole)
             (folder / "plan.json").write_text(json.dumps({str(g): list(k) for g, k in plan.keep.items()}))
             pruned = _to(shrink(gm, plan).graph_module, self.budget.device)
             return {"top1": evaluate(pruned, test_loader(self.data, self.budget, self.name)),
@@ -399,12 +416,15 @@ class Run:
     def agreement(self, scorer: str, target: float) -> dict:
         """Spearman of all channel scores, and Jaccard overlap of the pruned channel sets, with
         the fp32 run of the same estimator (``hessian-fp32`` for L1; empty when not run)."""
-        reference = "hessian-fp32" if scorer == "l1" else scorer.split("-")[0] + "-fp32"
+        ranking, granularity = ranking_of(scorer)
+        reference = "hessian-fp32" if ranking == "l1" else ranking.split("-")[0] + "-fp32"
         ref = self.dir / f"rank-{reference}" / "scores.pt"
+        if granularity == "block" and ranking != "l1":
+            reference += "-block"
         ref_plan = self.dir / f"{reference}-{target}" / "pruned" / "plan.json"
         if not (ref.exists() and ref_plan.exists()):
             return {}
-        a, b = torch.load(self.dir / f"rank-{scorer}" / "scores.pt"), torch.load(ref)
+        a, b = torch.load(self.dir / f"rank-{ranking}" / "scores.pt"), torch.load(ref)
         ids = sorted(set(a) & set(b))
         rho = spearmanr(torch.cat([a[g] for g in ids]).numpy(), torch.cat([b[g] for g in ids]).numpy())
         mine = _removed(self.dir / f"{scorer}-{target}" / "pruned" / "plan.json", a)
@@ -500,6 +520,7 @@ def rank_worker(spec_path: Path) -> None:
     if spec["scorer"].startswith("removal"):
         result = estimate_removal(gm, (x, y), groups, opts)
         scores = result.scores
+        torch.save(result.whole, out / "whole.pt")
     else:
         result = estimate_hessian(gm, (x, y), opts, names=names, groups=groups)
         scores = group_sensitivity(groups, gm, result)
@@ -557,7 +578,7 @@ def time_hessians(run: Run, scorers, repeats: int) -> str:
     """Each Hessian scorer ``repeats`` times, alternating, each in a fresh subprocess (no cache):
     median seconds and peak memory, and their ratios to the first scorer, as a Markdown table."""
     run.dense()
-    scorers = [s for s in scorers if s != "l1"]
+    scorers = list(dict.fromkeys(ranking_of(s)[0] for s in scorers if not s.startswith("l1")))
     runs: dict[str, list[dict]] = {s: [] for s in scorers}
     for i in tqdm(range(repeats), desc="hessian timing"):
         for s in scorers:

@@ -1,0 +1,141 @@
+"""Depth pruning: dropping whole residual blocks (``droppable_groups``, ``granularity="block"``).
+
+Emptying a block's inner group leaves its second conv with no input: it computes its bias
+alone, a per-channel constant. ``shrink`` folds that constant through the BN after it into a
+buffer and erases the branch; the result must equal the masked original exactly, cost what
+``plan_cost`` predicted, keep pruning (the buffer is a member of the stream's group) and go
+through INT8 and ONNX like any other model.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ehap_fx.passes.cost import plan_cost, total_cost
+from ehap_fx.passes.export import ExportOptions, export
+from ehap_fx.passes.group import droppable_groups, group_channels, groups_of
+from ehap_fx.passes.mask import random_plan
+from ehap_fx.passes.quantize import QuantizeOptions, quantize
+from ehap_fx.passes.shrink import PrunePlan, shrink
+from ehap_fx.passes.trace import trace
+from torch import nn
+
+from ehap_fx.errors import ShrinkError
+from ehap_fx.models import get_model
+from ehap_fx.target import Target, magnitude_scores, select_plan
+from tests.nets import randomize_bn
+from tests.test_shrink import assert_shrunk_equals_masked
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def grouped(name: str):
+    x = torch.randn(4, 3, 32, 32)
+    return group_channels(trace(randomize_bn(get_model(name)), x)).graph_module, x
+
+
+def inner_owner(gm, gid: int) -> str:
+    (owner,) = [m.module for m in groups_of(gm)[gid].members if m.role == "out"]
+    return owner
+
+
+@pytest.mark.parametrize("name,blocks", [("resnet20", 9), ("resnet20-b", 9), ("wrn-16-2", 6)])
+def test_each_residual_block_inner_group_is_droppable(name, blocks):
+    gm, _ = grouped(name)
+    dropped = droppable_groups(gm)
+    assert len(dropped) == blocks
+    assert all(inner_owner(gm, g).endswith(".conv1") for g in dropped)
+
+
+class Plain(nn.Module):
+    """conv -> bn -> relu -> conv -> pool -> fc: no residual add to absorb a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.b(F.relu(self.bn(self.a(x))))
+        return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+class BranchIntoCat(nn.Module):
+    """A residual-looking branch whose output is concatenated, not added."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return torch.cat([self.b(F.relu(self.a(x))), x], 1)
+
+
+@pytest.mark.parametrize("make", [Plain, BranchIntoCat])
+def test_a_constant_nothing_can_absorb_is_not_droppable(make):
+    gm = group_channels(trace(make().eval(), torch.randn(2, 3, 8, 8))).graph_module
+    assert droppable_groups(gm) == frozenset()
+    first = groups_of(gm).prunable[0]
+    with pytest.raises(ShrinkError, match="keep no channel"):
+        shrink(gm, PrunePlan({first.id: ()}))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet20-b", "wrn-16-2"])
+def test_dropped_blocks_equal_the_masked_model_and_cost_what_was_planned(name):
+    gm, x = grouped(name)
+    dropped = sorted(droppable_groups(gm))
+    plan = PrunePlan({g: () for g in dropped[::2]})
+    small = assert_shrunk_equals_masked(gm, x, plan)
+    assert plan_cost(gm, plan.masks(groups_of(gm))) == total_cost(small)
+    convs = [m for m in small.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == sum(isinstance(m, nn.Conv2d) for m in gm.modules()) - 2 * len(dropped[::2])
+    # the constants are ordinary buffers; the survivors can be dropped next
+    assert sum(name.endswith("_constant") for name, _ in small.named_buffers()) == len(dropped[::2])
+    assert len(droppable_groups(small)) == len(dropped) - len(dropped[::2])
+
+
+def test_a_dropped_blocks_constant_is_pruned_with_its_stream():
+    gm, x = grouped("resnet20")
+    small = shrink(gm, PrunePlan({g: () for g in sorted(droppable_groups(gm))[:3]})).graph_module
+    const = [g for g in groups_of(small).prunable if any(m.role == "const" for m in g.members)]
+    assert len(const) == 1  # the stage-1 stream: all three constants are added to it
+    plan = random_plan(small, fraction=0.5, generator=torch.Generator().manual_seed(0))
+    smaller = assert_shrunk_equals_masked(small, x, plan)
+    kept = len(plan.keep[const[0].id])
+    assert {b.shape for n, b in smaller.named_buffers() if n.endswith("_constant")} == {(1, kept, 1, 1)}
+
+
+def test_block_granularity_only_drops_whole_blocks_and_meets_the_target():
+    gm, _ = grouped("resnet20")
+    target = Target(macs=0.6, granularity="block")
+    plan = select_plan(gm, magnitude_scores(gm), target)
+    assert plan.keep and all(k == () for k in plan.keep.values())
+    assert set(plan.keep) <= droppable_groups(gm)
+    ratio = plan_cost(gm, plan.masks(groups_of(gm))).macs / total_cost(gm).macs
+    assert 0.5 < ratio <= 0.6
+
+
+def test_whole_group_scores_decide_which_blocks_go():
+    gm, _ = grouped("resnet20")
+    dropped = sorted(droppable_groups(gm))
+    scores = {g.id: torch.ones(g.size) for g in groups_of(gm).prunable}
+    whole = {g: 1.0 for g in dropped}
+    whole[dropped[-1]] = 0.0  # the last stage-3 block costs nothing to remove
+    plan = select_plan(gm, scores, Target(macs=0.97, granularity="block"), per_cost=True, whole=whole)
+    assert set(plan.keep) == {dropped[-1]}
+
+
+def test_granularity_validates():
+    with pytest.raises(ValueError, match="granularity"):
+        Target(macs=0.5, granularity="layer")
+
+
+@pytest.mark.parametrize("backend", ["fx", "pt2e"])
+def test_depth_pruned_model_quantizes_and_exports(backend, tmp_path):
+    gm, x = grouped("resnet20")
+    small = shrink(gm, PrunePlan({g: () for g in sorted(droppable_groups(gm))[::2]})).graph_module
+    data = [(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))) for _ in range(4)]
+    q = quantize(small, x[:2], data, QuantizeOptions(backend=backend, mode="ptq", calibration_batches=4))
+    report = export(q, x[:2], tmp_path / "m.onnx", inputs=torch.randn(64, 3, 32, 32),
+                    options=ExportOptions(fp32_reference=False))
+    assert report.op_counts.get("QLinearConv", 0) == 19 - 2 * 5
+    assert report.argmax_agreement >= 0.95
