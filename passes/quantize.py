@@ -33,6 +33,7 @@ import contextlib
 import copy
 import logging
 import math
+import operator
 import time
 import types
 import warnings
@@ -270,8 +271,60 @@ def fx_qconfig_mapping(qat: bool):
 def _prepare_fx(model: nn.Module, example: torch.Tensor, qat: bool) -> fx.GraphModule:
     from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
 
+    if isinstance(model, fx.GraphModule):
+        constant_adds_as_convs(model)
     fn = prepare_qat_fx if qat else prepare_fx
     return fn(model, fx_qconfig_mapping(qat), (example,))
+
+
+_ADDS = (operator.add, operator.iadd, torch.add, "add")
+
+
+def constant_adds_as_convs(gm: fx.GraphModule) -> int:
+    """Rewrite ``x + c`` (``c`` a per-channel constant ``(1, C, 1, 1)`` read with ``get_attr``,
+    what a dropped residual block leaves, see ``passes.shrink``) into a 1x1 depthwise conv with
+    weight 1 and bias ``c``. FX quantization does not observe ``get_attr`` constants, so the
+    add would run in float between a DequantizeLinear and a QuantizeLinear (measured: 45 % of
+    the onnxruntime INT8 latency of a depth-pruned ResNet-56); the conv computes the same
+    (weight 1 is exact in symmetric int8) and quantizes like any conv. In place; returns the
+    number of adds rewritten."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method") or node.target not in _ADDS or node.kwargs:
+            continue
+        if len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
+            continue
+        const, x = node.args if node.args[0].op == "get_attr" else node.args[::-1]
+        if const.op != "get_attr" or x.op == "get_attr":
+            continue
+        owner, _, name = const.target.rpartition(".")
+        value = getattr(gm.get_submodule(owner), name)
+        shape = x.meta["tensor_meta"].shape if "tensor_meta" in x.meta else None
+        if (
+            value.dim() != 4
+            or value.shape[0] != 1
+            or value.shape[2:] != (1, 1)
+            or shape is None
+            or (len(shape) != 4 or shape[1] != value.shape[1])
+        ):
+            continue
+        c = value.shape[1]
+        conv = nn.Conv2d(c, c, 1, groups=c, bias=True)
+        with torch.no_grad():
+            conv.weight.fill_(1.0)
+            conv.bias.copy_(value.detach().flatten())
+        target = f"{name}_add" if not hasattr(gm, f"{name}_add") else f"{name}_add_{count}"
+        gm.add_submodule(target, conv)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(target, (x,))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        count += 1
+    if count:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return count
 
 
 def _prepare_pt2e(model: nn.Module, example: torch.Tensor, qat: bool) -> fx.GraphModule:

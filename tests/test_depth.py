@@ -7,6 +7,8 @@ buffer and erases the branch; the result must equal the masked original exactly,
 through INT8 and ONNX like any other model.
 """
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,7 @@ from ehap_fx.passes.cost import plan_cost, total_cost
 from ehap_fx.passes.export import ExportOptions, export
 from ehap_fx.passes.group import droppable_groups, group_channels, groups_of
 from ehap_fx.passes.mask import random_plan
-from ehap_fx.passes.quantize import QuantizeOptions, quantize
+from ehap_fx.passes.quantize import QuantizeOptions, constant_adds_as_convs, quantize
 from ehap_fx.passes.shrink import PrunePlan, shrink
 from ehap_fx.passes.trace import trace
 from torch import nn
@@ -129,6 +131,15 @@ def test_granularity_validates():
         Target(macs=0.5, granularity="layer")
 
 
+def test_constant_adds_become_exact_depthwise_convs():
+    gm, x = grouped("resnet20")
+    small = shrink(gm, PrunePlan({g: () for g in sorted(droppable_groups(gm))[:4]})).graph_module
+    rewritten = copy.deepcopy(small)
+    assert constant_adds_as_convs(rewritten) == 4
+    assert not any(n.op == "get_attr" for n in rewritten.graph.nodes)
+    torch.testing.assert_close(rewritten(x), small(x), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", ["fx", "pt2e"])
 def test_depth_pruned_model_quantizes_and_exports(backend, tmp_path):
     gm, x = grouped("resnet20")
@@ -137,5 +148,9 @@ def test_depth_pruned_model_quantizes_and_exports(backend, tmp_path):
     q = quantize(small, x[:2], data, QuantizeOptions(backend=backend, mode="ptq", calibration_batches=4))
     report = export(q, x[:2], tmp_path / "m.onnx", inputs=torch.randn(64, 3, 32, 32),
                     options=ExportOptions(fp32_reference=False))
-    assert report.op_counts.get("QLinearConv", 0) == 19 - 2 * 5
+    # FX does not observe get_attr constants: each block's `x + c` becomes a 1x1 depthwise conv
+    extra = 5 if backend == "fx" else 0
+    assert report.op_counts.get("QLinearConv", 0) == 19 - 2 * 5 + extra
+    assert report.op_counts.get("QLinearAdd", 0) == 9 - extra
+    assert "Add" not in report.op_counts  # no add left in float between DQ and Q
     assert report.argmax_agreement >= 0.95
