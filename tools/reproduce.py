@@ -68,7 +68,8 @@ SHARED = ROOT.parent / "shared"
 MODELS = ("resnet32", "resnet56")
 TARGETS = (0.7, 0.5, 0.35)
 SCORERS = ("hessian-fp32", "hessian-half", "ggn-fp32", "ggn-half", "removal-fp32", "removal-half", "l1",
-           "removal-fp32-block", "removal-half-block", "l1-block")
+           "removal-fp32-block", "removal-half-block", "l1-block", "removal-fp32-both", "removal-half-both",
+           "l1-both")
 DEFAULT_SCORERS = ("hessian-fp32", "hessian-half", "l1")
 QUICK_TARGETS = (0.5,)  # --quick: one target keeps CI within minutes
 
@@ -149,8 +150,12 @@ QUICK = Budget(epochs=1.0, max_steps=2, qat_steps=2, calibration_batches=2, hess
 
 def ranking_of(scorer: str) -> tuple[str, str]:
     """``(ranking, granularity)``: ``"removal-half-block"`` ranks like ``"removal-half"`` and
-    drops whole residual blocks (``Target(granularity="block")``, depth pruning)."""
-    return (scorer[: -len("-block")], "block") if scorer.endswith("-block") else (scorer, "channel")
+    drops whole residual blocks (``Target(granularity="block")``, depth pruning); ``-both``
+    narrows layers and may drop blocks."""
+    for granularity in ("block", "both"):
+        if scorer.endswith(f"-{granularity}"):
+            return scorer[: -len(granularity) - 1], granularity
+    return scorer, "channel"
 
 
 def hessian_options(scorer: str, budget: Budget) -> HessianOptions | None:
@@ -419,8 +424,8 @@ class Run:
         ranking, granularity = ranking_of(scorer)
         reference = "hessian-fp32" if ranking == "l1" else ranking.split("-")[0] + "-fp32"
         ref = self.dir / f"rank-{reference}" / "scores.pt"
-        if granularity == "block" and ranking != "l1":
-            reference += "-block"
+        if granularity != "channel" and ranking != "l1":
+            reference += f"-{granularity}"
         ref_plan = self.dir / f"{reference}-{target}" / "pruned" / "plan.json"
         if not (ref.exists() and ref_plan.exists()):
             return {}
