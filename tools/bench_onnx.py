@@ -4,7 +4,7 @@ Builds, from the pretrained ResNet-56 (``../shared/weights``; random init when a
 
 * dense fp32, dense INT8 (PTQ, or ``--qat-steps`` of QAT),
 * pruned fp32 / INT8 for each ``--round-to``: ``trace -> group_channels -> select_plan``
-  (L1 magnitude, ``Target(macs=--macs, round_to=...)``) ``-> shrink``, optionally
+  (L1 magnitude or ``--scorer removal``, ``Target(macs=--macs, round_to=...)``) ``-> shrink``, optionally
   fine-tuned (``--finetune-steps``) before quantization; with ``--granularity block`` also
   a depth-pruned one (whole residual blocks dropped, ``Target(granularity="block")``).
 
@@ -75,8 +75,24 @@ def base_model(weights_dir: Path):
         return get_model("resnet56").eval(), "random"
 
 
-def pruned_model(gm, target: Target, train, args, norm):
-    plan = select_plan(gm, magnitude_scores(gm), target)
+def ranking(gm, train, args, norm) -> tuple[dict, dict | None]:
+    """Channel scores (and whole-group scores) of ``--scorer``: L1, or the removal criterion
+    (``ehap_fx.removal``, bf16, on ``--hessian-batch`` training images)."""
+    if args.scorer == "l1":
+        return magnitude_scores(gm), None
+    from ehap_fx.passes.group import groups_of
+
+    from ehap_fx.hessian import HessianOptions
+    from ehap_fx.removal import estimate_removal
+
+    x, y = next(iter(train.loader(args.hessian_batch, shuffle=True, normalization=norm)))
+    opts = HessianOptions(dtype="bf16", batch_size=args.hessian_batch, progress=False)
+    result = estimate_removal(gm, (x, y), groups_of(gm).prunable, opts)
+    return result.scores, result.whole
+
+
+def pruned_model(gm, target: Target, scores, train, args, norm):
+    plan = select_plan(gm, scores[0], target, per_cost=args.scorer == "removal", whole=scores[1])
     small = shrink(gm, plan).graph_module
     if args.finetune_steps:
         finetune(
@@ -248,6 +264,13 @@ def main(argv=None) -> None:
     ap.add_argument("--qat-steps", type=int, default=0, help="0: post-training quantization")
     ap.add_argument("--calibration-batches", type=int, default=16)
     ap.add_argument("--finetune-steps", type=int, default=0)
+    ap.add_argument(
+        "--scorer",
+        choices=("l1", "removal"),
+        default="l1",
+        help="ranking of the pruned models: L1 magnitude, or the removal criterion",
+    )
+    ap.add_argument("--hessian-batch", type=int, default=256, help="images for --scorer removal")
     ap.add_argument("--data", type=Path, default=SHARED / "data")
     ap.add_argument("--weights", type=Path, default=SHARED / "weights")
     ap.add_argument("--out", type=Path, default=None)
@@ -275,9 +298,10 @@ def main(argv=None) -> None:
         entries.append(
             Entry(f"dense int8 {b}", path, entries[0].macs, int8(gm, train, args, norm, path, inputs, b))
         )
+    scores = ranking(gm, train, args, norm)
     for label, target in variants(args):
         try:
-            small = pruned_model(gm, target, train, args, norm)
+            small = pruned_model(gm, target, scores, train, args, norm)
         except TargetError as e:
             print(f"skipping {label}: {e}")
             continue
@@ -304,7 +328,7 @@ def main(argv=None) -> None:
             f"\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
             f"onnxruntime {__import__('onnxruntime').__version__}, {threads} thread(s); "
-            f"ResNet-56 ({source} weights), INT8 = {quant}, pruned = L1 select_plan to "
+            f"ResNet-56 ({source} weights), INT8 = {quant}, pruned = {args.scorer} select_plan to "
             f"{args.macs} MACs (fine-tune {args.finetune_steps} steps); median of {args.rounds} "
             f"interleaved rounds; speed-up = dense fp32 latency / model latency; top-1 on "
             f"{len(test) if test is not None else 0} CIFAR-10 test images (onnxruntime)"
