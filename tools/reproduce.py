@@ -61,7 +61,7 @@ from ehap_fx.hessian import HessianOptions, estimate_hessian, group_sensitivity
 from ehap_fx.models import NUM_CLASSES, find_pretrained, get_model, load_pretrained, normalization
 from ehap_fx.removal import estimate_removal
 from ehap_fx.target import Target, magnitude_scores, select_plan
-from ehap_fx.train import FinetuneOptions, evaluate, finetune
+from ehap_fx.train import FinetuneOptions, evaluate, finetune, recalibrate_bn
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -69,7 +69,8 @@ MODELS = ("resnet32", "resnet56")
 TARGETS = (0.7, 0.5, 0.35)
 SCORERS = ("hessian-fp32", "hessian-half", "ggn-fp32", "ggn-half", "removal-fp32", "removal-half", "l1",
            "removal-fp32-block", "removal-half-block", "l1-block", "removal-fp32-both", "removal-half-both",
-           "l1-both")
+           "l1-both", "removal-fp32-iter", "removal-half-iter")
+ITER_STEPS = 4  # "-iter": re-rank after each of this many steps (BN re-estimated in between)
 DEFAULT_SCORERS = ("hessian-fp32", "hessian-half", "l1")
 QUICK_TARGETS = (0.5,)  # --quick: one target keeps CI within minutes
 
@@ -151,10 +152,10 @@ QUICK = Budget(epochs=1.0, max_steps=2, qat_steps=2, calibration_batches=2, hess
 def ranking_of(scorer: str) -> tuple[str, str]:
     """``(ranking, granularity)``: ``"removal-half-block"`` ranks like ``"removal-half"`` and
     drops whole residual blocks (``Target(granularity="block")``, depth pruning); ``-both``
-    narrows layers and may drop blocks."""
-    for granularity in ("block", "both"):
+    narrows layers and may drop blocks; ``-iter`` prunes channels in ``ITER_STEPS`` steps."""
+    for granularity in ("block", "both", "iter"):
         if scorer.endswith(f"-{granularity}"):
-            return scorer[: -len(granularity) - 1], granularity
+            return scorer[: -len(granularity) - 1], "channel" if granularity == "iter" else granularity
     return scorer, "channel"
 
 
@@ -331,12 +332,37 @@ class Run:
         return json.loads((folder / "summary.json").read_text())
 
     def _rebuild(self, scorer: str, target: float):
+        if scorer.endswith("-iter"):
+            path = self.dir / f"{scorer}-{target}" / "pruned" / "model.pt"
+            return torch.load(path, map_location="cpu", weights_only=False)  # our own GraphModule
         plan = json.loads((self.dir / f"{scorer}-{target}" / "pruned" / "plan.json").read_text())
         keep = PrunePlan({int(g): tuple(k) for g, k in plan.items()})
         return shrink(grouped(self.model, self.budget), keep).graph_module
 
+    def prune_iteratively(self, scorer: str, target: float, folder: Path):
+        """Removal criterion re-estimated after each of ``ITER_STEPS`` steps (geometric MACs
+        schedule to ``target``), BN statistics re-estimated between steps, no fine-tune."""
+        ranking, _ = ranking_of(scorer)
+        gm = grouped(self.model, self.budget)
+        dense = total_cost(gm).macs
+        x, y = hessian_batch(self.budget, self.name, self.data.train)
+        for step in range(1, ITER_STEPS + 1):
+            result = estimate_removal(gm, (x, y), groups_of(gm).prunable, hessian_options(ranking, self.budget))
+            plan = select_plan(gm, result.scores, Target(macs=target, round_to=self.budget.round_to),
+                               fraction=target ** (step / ITER_STEPS), base=dense, per_cost=True,
+                               whole=result.whole)
+            gm = shrink(gm, plan).graph_module
+            if step < ITER_STEPS:
+                recalibrate_bn(gm, train_loader(self.data, self.budget, self.name, seed=2), batches=20)
+        torch.save(gm, folder / "model.pt")
+        return gm
+
     def prune(self, scorer: str, target: float) -> dict:
         def fn(folder):
+            if scorer.endswith("-iter"):
+                pruned = _to(self.prune_iteratively(scorer, target, folder), self.budget.device)
+                return {"top1": evaluate(pruned, test_loader(self.data, self.budget, self.name)),
+                        **self._cost(pruned)}
             gm = grouped(self.model, self.budget)
             ranking, granularity = ranking_of(scorer)
             folder_of_rank = self.dir / f"rank-{ranking}"
@@ -422,6 +448,8 @@ class Run:
         """Spearman of all channel scores, and Jaccard overlap of the pruned channel sets, with
         the fp32 run of the same estimator (``hessian-fp32`` for L1; empty when not run)."""
         ranking, granularity = ranking_of(scorer)
+        if scorer.endswith("-iter"):
+            return {}  # later steps rank a pruned graph: no channel-for-channel comparison
         reference = "hessian-fp32" if ranking == "l1" else ranking.split("-")[0] + "-fp32"
         ref = self.dir / f"rank-{reference}" / "scores.pt"
         if granularity != "channel" and ranking != "l1":
