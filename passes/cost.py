@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from ehap_fx.passes._coupling import is_pointwise
-from ehap_fx.passes.group import KeptChannels, groups_of
+from ehap_fx.passes.group import KeptChannels, groups_of, reads_no_channel
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.shape_prop import TensorMetadata
@@ -203,10 +203,8 @@ def plan_cost(gm: fx.GraphModule, keep_masks: list[torch.Tensor]) -> Cost:
 def _folds(gm: fx.GraphModule, node: fx.Node, count: Callable[[fx.Node], int], constant: set) -> bool:
     """Will ``shrink`` fold the node into a constant? A conv/linear whose input keeps no
     channel, and pointwise ops of such constants only (``shrink.fold_dropped_branches``)."""
-    if node.op == "call_module" and isinstance(
-        gm.get_submodule(node.target), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-    ):
-        return isinstance(node.args[0], fx.Node) and count(node.args[0]) == 0
+    if reads_no_channel(gm, node, count):
+        return True
     inputs = node.all_input_nodes
     return bool(constant) and bool(inputs) and all(a in constant for a in inputs) and is_pointwise(gm, node)
 

@@ -28,7 +28,7 @@ Nothing is guessed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,6 +194,17 @@ def emptiable_groups(gm: fx.GraphModule) -> frozenset[int]:
     return frozenset(candidates)
 
 
+CONV_OR_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def reads_no_channel(gm: fx.GraphModule, node: fx.Node, count: Callable[[fx.Node], int | None]) -> bool:
+    """Is ``node`` a conv/linear whose input keeps no channel (``count(input) == 0``)? What a
+    dropped group leaves: it then computes its bias alone, a per-channel constant."""
+    if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), CONV_OR_LINEAR):
+        return False
+    return isinstance(node.args[0], fx.Node) and count(node.args[0]) == 0
+
+
 def droppable_groups(gm: fx.GraphModule) -> frozenset[int]:
     """Prunable groups that may lose *all* their channels by dropping the branch they live in
     (depth pruning).
@@ -225,10 +236,7 @@ def _droppable(gm: fx.GraphModule, group: ChannelGroup, nodes: list[fx.Node]) ->
     readers = {u for n in nodes for u in n.users if u not in inside}
     for r in readers:
         mod = gm.get_submodule(r.target) if r.op == "call_module" else None
-        if (
-            not isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
-            or getattr(mod, "groups", 1) != 1
-        ):
+        if not isinstance(mod, CONV_OR_LINEAR) or getattr(mod, "groups", 1) != 1:
             return False
         if r.all_input_nodes != [r.args[0]] or r.args[0] not in inside:
             return False

@@ -29,6 +29,7 @@ from ehap_fx.passes.group import (
     droppable_groups,
     group_channels,
     groups_of,
+    reads_no_channel,
 )
 from ehap_fx.passes.trace import refresh_shapes
 from torch import fx, nn
@@ -313,7 +314,7 @@ def fold_dropped_branches(gm: fx.GraphModule, keep: KeptChannels) -> None:
     values: dict[fx.Node, torch.Tensor] = {}
     with torch.no_grad():
         for node in gm.graph.nodes:
-            if _reads_nothing(gm, node, keep):
+            if reads_no_channel(gm, node, keep.count):
                 mod = gm.get_submodule(node.target)
                 shape = node.meta["tensor_meta"].shape
                 bias = mod.bias.detach() if mod.bias is not None else torch.zeros(shape[1])
@@ -344,14 +345,6 @@ def fold_dropped_branches(gm: fx.GraphModule, keep: KeptChannels) -> None:
         used_after = {n.target for n in gm.graph.nodes if n.op == "call_module"}
         for target in used_before - used_after:
             gm.delete_submodule(target)
-
-
-def _reads_nothing(gm: fx.GraphModule, node: fx.Node, keep: KeptChannels) -> bool:
-    if node.op != "call_module" or not isinstance(
-        gm.get_submodule(node.target), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-    ):
-        return False
-    return isinstance(node.args[0], fx.Node) and keep.count(node.args[0]) == 0
 
 
 def _evaluate(gm: fx.GraphModule, node: fx.Node, values: Mapping[fx.Node, torch.Tensor]) -> torch.Tensor:
