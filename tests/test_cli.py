@@ -192,6 +192,7 @@ def test_real_cifar10_pretrained_resnet20(cifar10_root, weights_dir, tmp_path):
     assert "SYNTHETIC" not in proc.stdout + (out / "report.md").read_text()
     assert 75 <= report["accuracy"]["dense"] <= 88  # 79.69 on the first 256 test images
     assert report["cost_after"]["macs_ratio"] <= 0.7
+    assert report["ranking"][0]["scorer"] == "removal"  # the default with real data
     assert report["export"]["argmax_agreement"] >= 0.95  # 0.98 measured
     proc = ehap("eval", str(out / "model_int8.onnx"), "--data", str(cifar10_root),
                 "--limit-test", "256", cwd=tmp_path)
