@@ -48,10 +48,10 @@ from ehap_fx.errors import EhapError, HessianError
 from ehap_fx.hessian import (
     HessianOptions,
     HessianResult,
-    draw_batches,
     estimate_hessian,
     group_sensitivity,
 )
+from ehap_fx.sampling import draw_batches
 
 log = logging.getLogger("ehap_fx")
 

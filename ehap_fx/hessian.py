@@ -26,24 +26,24 @@ from __future__ import annotations
 import copy
 import resource
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 from tqdm.auto import tqdm
 
 from ehap_fx.errors import HessianError
+from ehap_fx.fold import fold_batchnorm, scale_channels
 from ehap_fx.ggn import ggn_channel_traces, ggn_vector_product
+from ehap_fx.sampling import Batch, draw_batches
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ESTIMATORS = ("hutchinson", "ggn", "hybrid")
 HVPS = ("double_backward", "forward_over_reverse")
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -180,65 +180,6 @@ def prunable_modules(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, kinds) and m.weight is not None]
 
 
-def draw_batches(data, batch_size: int, n_batches: int, seed: int) -> list[Batch]:
-    """``n_batches`` batches of exactly ``batch_size`` samples, drawn without replacement.
-
-    ``data`` is an ``(x, y)`` tensor pair, a map-style dataset of ``(x, y)`` samples, a
-    ``DataLoader`` (its dataset is sampled), or any iterable of ``(x, y)`` batches, a list of
-    batches included (pooled until enough samples are there, then sampled). The draw depends
-    only on ``seed``.
-    """
-    need = batch_size * n_batches
-    gen = torch.Generator().manual_seed(seed)
-    dataset = getattr(data, "dataset", None)
-    if isinstance(data, torch.utils.data.DataLoader) and hasattr(dataset, "__getitem__"):
-        data = dataset
-    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
-        x, y = data
-        idx = _choose(len(x), need, gen)
-        x, y = x[idx], y[idx]
-    elif isinstance(data, (tuple, list)) and data and _is_batch(data[0]):  # a list of batches
-        x, y = _pool(data, need)
-        idx = _choose(len(x), need, gen)
-        x, y = x[idx], y[idx]
-    elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
-        idx = _choose(len(data), need, gen).tolist()
-        samples = [data[i] for i in idx]
-        x = torch.stack([torch.as_tensor(s[0]) for s in samples])
-        y = torch.as_tensor([int(s[1]) for s in samples])
-    else:
-        x, y = _pool(data, need)
-        idx = _choose(len(x), need, gen)
-        x, y = x[idx], y[idx]
-    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, need, batch_size)]
-
-
-def _is_batch(item) -> bool:
-    """An ``(x, y)`` batch, told from a sample by its labels: a 1-D tensor, not a scalar."""
-    return (isinstance(item, (tuple, list)) and len(item) == 2 and torch.is_tensor(item[1])
-            and item[1].dim() == 1)
-
-
-def _choose(available: int, need: int, gen: torch.Generator) -> torch.Tensor:
-    if available < need:
-        raise HessianError(f"the data has {available} samples but batch_size * n_batches = "
-                           f"{need}: lower batch_size or n_batches, or pass more data")
-    return torch.randperm(available, generator=gen)[:need]
-
-
-def _pool(batches: Iterable, need: int) -> Batch:
-    xs, ys, have = [], [], 0
-    for x, y in batches:
-        xs.append(torch.as_tensor(x))
-        ys.append(torch.as_tensor(y))
-        have += len(xs[-1])
-        if have >= need:
-            break
-    if not xs:
-        raise HessianError("the data yielded no batches: pass (x, y) tensors or a DataLoader")
-    return torch.cat(xs), torch.cat(ys)
-
-
 @dataclass
 class _Setup:
     """The working copy of the model and what every probe needs."""
@@ -254,69 +195,12 @@ class _Setup:
     fold: list[torch.Tensor | None]  # per weight: BN scale s (folded = s·original) or None
 
 
-def _fold_batchnorm(work: nn.Module, names: Sequence[str]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Fold every eval-mode BatchNorm that alone consumes one of the ``names`` convs into it.
-
-    ``BN(conv(x, w)) = conv(x, s·w) + b'`` with ``s = γ/√(σ²+ε)`` per output channel, an exact
-    reparametrisation: ``H_w = S H_{s·w} S``, so probes and traces are mapped back by ``s``
-    and every estimate is the one of the original weights. Returns the (traced) model and
-    ``s`` per folded conv; a model that ``torch.fx`` cannot trace is returned unfolded.
-    """
-    if not isinstance(work, fx.GraphModule):
-        try:
-            work = fx.symbolic_trace(work)
-        except Exception:  # noqa: BLE001 - folding is an optimisation, never a requirement
-            return work, {}
-    modules = dict(work.named_modules())
-    calls = Counter(n.target for n in work.graph.nodes if n.op == "call_module")
-    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    scales = {}
-    for node in list(work.graph.nodes):
-        if node.op != "call_module" or node.target not in names or calls[node.target] != 1:
-            continue
-        conv = modules[node.target]
-        users = list(node.users)
-        if not isinstance(conv, convs) or len(users) != 1 or users[0].op != "call_module":
-            continue
-        bn_node = users[0]
-        bn = modules[bn_node.target]
-        if (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_var is None
-                or calls[bn_node.target] != 1 or bn_node.args[0] is not node or len(bn_node.args) != 1):
-            continue
-        with torch.no_grad():
-            s = (bn.running_var + bn.eps).rsqrt()
-            if bn.affine:
-                s = s * bn.weight
-            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-            shift = (bias - bn.running_mean) * s + (bn.bias if bn.affine else 0.0)
-            conv.weight.mul_(s.reshape(-1, *[1] * (conv.weight.dim() - 1)))
-            conv.bias = nn.Parameter(shift)
-        bn_node.replace_all_uses_with(node)
-        work.graph.erase_node(bn_node)
-        scales[node.target] = s.detach().float().clone()
-    work.graph.lint()
-    work.recompile()
-    return work, scales
-
-
-def _scale_channels(ts: list[torch.Tensor], fold: list[torch.Tensor | None], out: bool) -> list[torch.Tensor]:
-    """Multiply each ``(P, C_out, ...)`` tensor by its weight's BN scale per output channel:
-    probes going into the folded model (in their dtype), or products coming out (in fp32)."""
-    res = []
-    for t, k in zip(ts, fold, strict=True):
-        if k is not None:
-            k = k.reshape(1, -1, *[1] * (t.dim() - 2))
-            t = t.float() * k if out else t * k.to(t.dtype)
-        res.append(t)
-    return res
-
-
 def _prepare(model, data, opts: HessianOptions, names, loss_fn, device) -> _Setup:
     dtype = DTYPES[resolve_dtype(opts.dtype, device)]
     work = copy.deepcopy(model).eval().to(device)
     scales = {}
     if opts.fold_bn:
-        work, scales = _fold_batchnorm(work, names)
+        work, scales = fold_batchnorm(work, names)
     if opts.amp == "cast":
         work = work.to(dtype)
     fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
@@ -369,8 +253,8 @@ class _Hvp:
     def __call__(self, vs: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
         """``vs``: one tensor per weight, shaped ``(P, *w.shape)``; returns the same shapes:
         products with the Hessian of the original weights (folded BN mapped back)."""
-        products = self._products(_scale_channels(vs, self.s.fold, out=False), scale)
-        return _scale_channels(products, self.s.fold, out=True)
+        products = self._products(scale_channels(vs, self.s.fold, out=False), scale)
+        return scale_channels(products, self.s.fold, out=True)
 
     def _products(self, vs: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
         if self.opts.hvp == "forward_over_reverse":
@@ -633,12 +517,12 @@ def _gv_contrib(s: _Setup, vs, pnames) -> torch.Tensor:
     rows = []
     for p in range(vs[0].shape[0]):
         v = [t[p] for t in vs]
-        folded = [t[0] for t in _scale_channels([t[p : p + 1] for t in vs], s.fold, out=False)]
+        folded = [t[0] for t in scale_channels([t[p : p + 1] for t in vs], s.fold, out=False)]
         gv = None
         for x, _ in s.batches:
             part = ggn_vector_product(s.model, pnames, x, folded, autocast=s.autocast)
             gv = part if gv is None else [a + b for a, b in zip(gv, part, strict=True)]
-        gv = [g[0] for g in _scale_channels([g.unsqueeze(0) for g in gv], s.fold, out=True)]
+        gv = [g[0] for g in scale_channels([g.unsqueeze(0) for g in gv], s.fold, out=True)]
         rows.append(_contrib([t.unsqueeze(0) for t in v],
                              [g.unsqueeze(0) for g in gv], float(len(s.batches))))
     return torch.cat(rows)

@@ -21,12 +21,12 @@ from torch.func import functional_call, hessian, jacrev
 from ehap_fx.errors import HessianError
 from ehap_fx.hessian import (
     HessianOptions,
-    draw_batches,
     estimate_hessian,
     group_sensitivity,
     group_stderr,
     resolve_dtype,
 )
+from ehap_fx.sampling import draw_batches
 
 NAMES = ["a", "b", "c"]
 
@@ -371,7 +371,7 @@ def test_stderr_stop_rule():
 def test_folding_batchnorm_changes_no_estimate(estimator):
     # folding BN into the conv before it is an exact reparametrisation: the estimates of the
     # original weights (probe for probe) and their norms must not move
-    from ehap_fx.hessian import _fold_batchnorm
+    from ehap_fx.fold import fold_batchnorm
     from ehap_fx.models import get_model
     from tests.nets import randomize_bn
 
@@ -379,7 +379,7 @@ def test_folding_batchnorm_changes_no_estimate(estimator):
     net = randomize_bn(get_model("resnet20"))
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     names = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    _, scales = _fold_batchnorm(copy.deepcopy(net), names)
+    _, scales = fold_batchnorm(copy.deepcopy(net), names)
     assert len(scales) == len(names) - 1  # every conv is followed by a BN; the head is not
     opts = dict(estimator=estimator, dtype="fp32", batch_size=8, probes=3, progress=False)
     folded = estimate_hessian(net, (x, y), HessianOptions(**opts))

@@ -37,11 +37,11 @@ import torch.nn.functional as F
 
 from ehap_fx.hessian import (
     HessianOptions,
-    draw_batches,
     estimate_hessian,
     group_sensitivity,
 )
 from ehap_fx.models import get_model, normalization, pretrained_model
+from ehap_fx.sampling import draw_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
