@@ -364,8 +364,8 @@ def _build_groups(a: _Analysis) -> tuple[ChannelGroups, np.ndarray, np.ndarray]:
             idx = pair_start[first + j][:, None] + np.arange(count)[None, :]  # (size, count)
             t = a.touches[t_id]
             members.append(Member(t.node, t.module, t.role, t.dim, torch.from_numpy(trip[idx, 2])))
-        if pinned is None and not members:
-            pinned = "channels touch no parameter"
+        if pinned is None and all(m.role == "const" for m in members):
+            pinned = "channels touch no parameter"  # nothing to score them by
         groups.append(ChannelGroup(gid, len(units), tuple(members), pinned))
         group_of_unit[units] = gid
         index_of_unit[units] = np.arange(len(units))

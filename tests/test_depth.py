@@ -72,6 +72,29 @@ class BranchIntoCat(nn.Module):
         return torch.cat([self.b(F.relu(self.a(x))), x], 1)
 
 
+class ScaledOutput(nn.Module):
+    """conv -> x * s with a (1, 1, 1, 1) buffer and a (1, 8, 1, 1) parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.register_buffer("s", torch.full((1, 1, 1, 1), 2.0))
+        self.gamma = nn.Parameter(torch.randn(1, 8, 1, 1))
+
+    def forward(self, x):
+        return F.relu(self.conv(x) * self.s * self.gamma).mean((2, 3))
+
+
+def test_constants_alone_make_no_prunable_group():
+    gm = group_channels(trace(ScaledOutput(), torch.randn(2, 3, 8, 8))).graph_module
+    groups = groups_of(gm)
+    lonely = [g for g in groups if {m.role for m in g.members} == {"const"}]
+    assert lonely and all(not g.prunable for g in lonely)  # the broadcast scalar: nothing to score
+    # the per-channel parameter follows the conv's channels (pinned here: they reach the output)
+    (conv,) = [g for g in groups if any(m.role == "out" for m in g.members)]
+    assert "const" in {m.role for m in conv.members}
+
+
 @pytest.mark.parametrize("make", [Plain, BranchIntoCat])
 def test_a_constant_nothing_can_absorb_is_not_droppable(make):
     gm = group_channels(trace(make().eval(), torch.randn(2, 3, 8, 8))).graph_module
