@@ -249,7 +249,7 @@ def _export_section(report) -> list[str]:
 def _channels_section(report) -> list[str]:
     before, after = report["channels_before"], report["channels_after"]
     out = ["## Channels per layer", "", "| layer | before | after |", "|---|---:|---:|"]
-    out += [f"| {k} | {v} | {after.get(k, '-')} |" for k, v in before.items()]
+    out += [f"| {k} | {v} | {after.get(k, 'dropped')} |" for k, v in before.items()]  # depth pruning
     return out + [""]
 
 

@@ -288,6 +288,8 @@ def test_block_granularity_drops_whole_blocks(tmp_path):
     before, after = report["channels_before"], report["channels_after"]
     assert set(after) < set(before)  # convs are gone, not narrowed
     assert all(after[k] == before[k] for k in after)
+    md = (out / "report.md").read_text()
+    assert all(f"| {k} | {before[k]} | dropped |" in md for k in set(before) - set(after))
     out = tmp_path / "out2"
     proc = ehap("compress", *TINY, "--granularity", "block", "--target-macs", "0.005", "--out", str(out),
                 cwd=tmp_path)
