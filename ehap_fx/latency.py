@@ -22,6 +22,7 @@ import numpy as np
 from torch import fx, nn
 
 from ehap_fx.errors import EhapError
+from ehap_fx.passes.cost import removed_nodes
 from ehap_fx.passes.group import KeptChannels
 
 PRECISIONS = ("int8", "fp32")
@@ -201,6 +202,7 @@ class LatencyModel:
     """Estimated latency of ``gm`` under a plan: Σ over its convs of the table's timings."""
 
     def __init__(self, gm: fx.GraphModule, table: LatencyTable):
+        self.gm = gm
         self.table = table
         self.convs: list[tuple[fx.Node, ConvShape]] = []
         for node in gm.graph.nodes:
@@ -211,14 +213,10 @@ class LatencyModel:
                 self.convs.append((node, shape))
 
     def __call__(self, kept: KeptChannels) -> float:
-        total = 0.0
-        for node, shape in self.convs:
-            cin, cout = _width(kept, node.args[0]), _width(kept, node)
-            if cin and cout:  # a conv left with no channel is gone (a dropped block)
-                total += self.table.seconds(shape, cin, cout)
-        return total
+        def width(node: fx.Node) -> int:
+            count = kept.count(node)
+            return int(node.meta["tensor_meta"].shape[1] if count is None else count)
 
-
-def _width(kept: KeptChannels, node: fx.Node) -> int:
-    count = kept.count(node)
-    return int(node.meta["tensor_meta"].shape[1] if count is None else count)
+        gone = removed_nodes(self.gm, width)  # the convs of dropped blocks
+        return sum(self.table.seconds(shape, width(node.args[0]), width(node))
+                   for node, shape in self.convs if node not in gone)

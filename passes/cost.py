@@ -189,10 +189,9 @@ def plan_cost(gm: fx.GraphModule, keep_masks: list[torch.Tensor]) -> Cost:
 
     seen: set[str] = set()
     total = Cost(0, 0)
-    constant: set[fx.Node] = set()  # folded by shrink (dropped branches): they cost nothing
+    gone = removed_nodes(gm, count)
     for node in gm.graph.nodes:
-        if _folds(gm, node, count, constant):
-            constant.add(node)
+        if node in gone:
             continue
         c = _node_cost(gm, node, seen, count)
         if c is not None:
@@ -200,13 +199,25 @@ def plan_cost(gm: fx.GraphModule, keep_masks: list[torch.Tensor]) -> Cost:
     return total
 
 
-def _folds(gm: fx.GraphModule, node: fx.Node, count: Callable[[fx.Node], int], constant: set) -> bool:
-    """Will ``shrink`` fold the node into a constant? A conv/linear whose input keeps no
-    channel, and pointwise ops of such constants only (``shrink.fold_dropped_branches``)."""
-    if reads_no_channel(gm, node, count):
-        return True
-    inputs = node.all_input_nodes
-    return bool(constant) and bool(inputs) and all(a in constant for a in inputs) and is_pointwise(gm, node)
+def removed_nodes(gm: fx.GraphModule, count: Callable[[fx.Node], int | None]) -> set[fx.Node]:
+    """Nodes ``shrink`` will fold into constants or erase, given the kept channel ``count``
+    of each node (``shrink.fold_dropped_branches``): a conv/linear whose input keeps no channel,
+    pointwise ops of such constants, and whatever then feeds nothing that is still computed
+    (the rest of a dropped branch, e.g. the first conv of a bottleneck)."""
+    constant: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        inputs = node.all_input_nodes
+        if reads_no_channel(gm, node, count) or (
+            constant and inputs and all(a in constant for a in inputs) and is_pointwise(gm, node)
+        ):
+            constant.add(node)
+    if not constant:
+        return constant
+    live: set[fx.Node] = set()
+    for node in reversed(gm.graph.nodes):
+        if node.op == "output" or any(u in live and u not in constant for u in node.users):
+            live.add(node)
+    return {n for n in gm.graph.nodes if n in constant or n not in live}
 
 
 class CountCost(PassBase):

@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.models as tvm
 from ehap_fx.passes.cost import plan_cost, total_cost
 from ehap_fx.passes.export import ExportOptions, export
 from ehap_fx.passes.group import droppable_groups, group_channels, groups_of
@@ -116,6 +117,19 @@ def test_dropped_blocks_equal_the_masked_model_and_cost_what_was_planned(name):
     # the constants are ordinary buffers; the survivors can be dropped next
     assert sum(name.endswith("_constant") for name, _ in small.named_buffers()) == len(dropped[::2])
     assert len(droppable_groups(small)) == len(dropped) - len(dropped[::2])
+
+
+def test_bottleneck_blocks_drop_with_their_first_conv():
+    # torchvision Bottleneck: conv1 -> conv2 -> conv3; conv3's input group is droppable (conv1's
+    # is not: a constant would reach conv3), and dropping it leaves conv1 feeding nothing
+    gm = group_channels(trace(randomize_bn(tvm.resnet50()), torch.randn(2, 3, 64, 64))).graph_module
+    dropped = sorted(droppable_groups(gm))
+    assert len(dropped) == 16 and all(inner_owner(gm, g).endswith(".conv2") for g in dropped)
+    plan = PrunePlan({g: () for g in dropped[1::3]})
+    small = assert_shrunk_equals_masked(gm, torch.randn(2, 3, 64, 64), plan)
+    assert plan_cost(gm, plan.masks(groups_of(gm))) == total_cost(small)
+    names = {n for n, m in small.named_modules() if isinstance(m, nn.Conv2d)}
+    assert not any(f"{inner_owner(gm, g)[: -len('conv2')]}conv1" in names for g in dropped[1::3])
 
 
 def test_a_dropped_blocks_constant_is_pruned_with_its_stream():
