@@ -192,6 +192,7 @@ def compress(
             "round_to": target.round_to,
             "max_prune": target.max_prune,
             "steps": target.steps,
+            "granularity": target.granularity,
             "scorer": scorer,
         },
         cost_before=_cost_dict(base),

@@ -285,6 +285,7 @@ def test_block_granularity_drops_whole_blocks(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert 0.6 < report["cost_after"]["macs_ratio"] <= 0.7
+    assert report["target"]["granularity"] == "block"
     before, after = report["channels_before"], report["channels_after"]
     assert set(after) < set(before)  # convs are gone, not narrowed
     assert all(after[k] == before[k] for k in after)
