@@ -439,6 +439,28 @@ def no_channels(a: _Analysis, node: fx.Node) -> None:
     return None
 
 
+#: Ops that keep channels but mix or resize the spatial dims (a per-channel constant would
+#: not stay one through them).
+_SPATIAL = (
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    F.max_pool1d,
+    F.avg_pool1d,
+    F.interpolate,
+)
+POOLING_MODULES = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
+_SPATIAL_MODULES = (*POOLING_MODULES, nn.Upsample)
+
 _UNARY_FUNCTIONS = (
     F.relu,
     torch.relu,
@@ -457,13 +479,7 @@ _UNARY_FUNCTIONS = (
     F.hardtanh,
     F.dropout,
     F.dropout2d,
-    F.max_pool2d,
-    F.avg_pool2d,
-    F.adaptive_avg_pool2d,
-    F.adaptive_max_pool2d,
-    F.max_pool1d,
-    F.avg_pool1d,
-    F.interpolate,
+    *_SPATIAL,
     torch.clone,
     operator.neg,
     torch.clamp,
@@ -505,14 +521,7 @@ _UNARY_MODULES = (
     nn.Dropout,
     nn.Dropout2d,
     nn.Identity,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d,
-    nn.Upsample,
+    *_SPATIAL_MODULES,
 )
 _BINARY = (
     operator.add,
@@ -537,27 +546,6 @@ _BINARY = (
     "div",
     "div_",
 )
-
-_SPATIAL = (
-    F.max_pool2d,
-    F.avg_pool2d,
-    F.adaptive_avg_pool2d,
-    F.adaptive_max_pool2d,
-    F.max_pool1d,
-    F.avg_pool1d,
-    F.interpolate,
-)
-_SPATIAL_MODULES = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d,
-    nn.Upsample,
-)
-
 
 def is_pointwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Does the op act on each element (eval-mode norms: each channel) on its own, so that a

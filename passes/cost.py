@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from ehap_fx.passes._coupling import is_pointwise
-from ehap_fx.passes.group import KeptChannels, groups_of, reads_no_channel
+from ehap_fx.passes._coupling import POOLING_MODULES
+from ehap_fx.passes.group import KeptChannels, folded_nodes, groups_of
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.shape_prop import TensorMetadata
@@ -93,18 +93,7 @@ MODULE_COST: dict[type[nn.Module], CostFn] = {
     nn.LayerNorm: _norm,
     nn.InstanceNorm2d: _norm,
     **dict.fromkeys((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.Upsample), _per_output_element),
-    **dict.fromkeys(
-        (
-            nn.MaxPool1d,
-            nn.MaxPool2d,
-            nn.AvgPool1d,
-            nn.AvgPool2d,
-            nn.AdaptiveAvgPool1d,
-            nn.AdaptiveAvgPool2d,
-            nn.AdaptiveMaxPool2d,
-        ),
-        _per_input_element,
-    ),
+    **dict.fromkeys(POOLING_MODULES, _per_input_element),
 }
 
 #: Cost formulas for functional calls (Torch-Pruning does not count these).
@@ -204,13 +193,7 @@ def removed_nodes(gm: fx.GraphModule, count: Callable[[fx.Node], int | None]) ->
     of each node (``shrink.fold_dropped_branches``): a conv/linear whose input keeps no channel,
     pointwise ops of such constants, and whatever then feeds nothing that is still computed
     (the rest of a dropped branch, e.g. the first conv of a bottleneck)."""
-    constant: set[fx.Node] = set()
-    for node in gm.graph.nodes:
-        inputs = node.all_input_nodes
-        if reads_no_channel(gm, node, count) or (
-            constant and inputs and all(a in constant for a in inputs) and is_pointwise(gm, node)
-        ):
-            constant.add(node)
+    constant = set(folded_nodes(gm, count))
     if not constant:
         return constant
     live: set[fx.Node] = set()

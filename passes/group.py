@@ -205,6 +205,20 @@ def reads_no_channel(gm: fx.GraphModule, node: fx.Node, count: Callable[[fx.Node
     return isinstance(node.args[0], fx.Node) and count(node.args[0]) == 0
 
 
+def folded_nodes(gm: fx.GraphModule, count: Callable[[fx.Node], int | None]) -> list[fx.Node]:
+    """The nodes that become per-channel constants under the kept channel ``count`` of each
+    node, in graph order: convs/linears that read no channel (``reads_no_channel``) and the
+    pointwise ops of such constants only. ``shrink`` folds them into buffers."""
+    constant: dict[fx.Node, None] = {}
+    for node in gm.graph.nodes:
+        inputs = node.all_input_nodes
+        if reads_no_channel(gm, node, count) or (
+            constant and inputs and all(a in constant for a in inputs) and is_pointwise(gm, node)
+        ):
+            constant[node] = None
+    return list(constant)
+
+
 def droppable_groups(gm: fx.GraphModule) -> frozenset[int]:
     """Prunable groups that may lose *all* their channels by dropping the branch they live in
     (depth pruning).

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from ehap_fx.passes._coupling import is_binary, is_pointwise
+from ehap_fx.passes._coupling import is_binary
 from ehap_fx.passes.group import (
     ChannelGroups,
     KeptChannels,
     droppable_groups,
+    folded_nodes,
     group_channels,
     groups_of,
     reads_no_channel,
@@ -313,15 +314,14 @@ def fold_dropped_branches(gm: fx.GraphModule, keep: KeptChannels) -> None:
     eval mode) and read the result from a buffer; the dead branch is erased. In place."""
     values: dict[fx.Node, torch.Tensor] = {}
     with torch.no_grad():
-        for node in gm.graph.nodes:
+        for node in folded_nodes(gm, keep.count):
             if reads_no_channel(gm, node, keep.count):
                 mod = gm.get_submodule(node.target)
                 shape = node.meta["tensor_meta"].shape
                 bias = mod.bias.detach() if mod.bias is not None else torch.zeros(shape[1])
                 values[node] = bias.reshape(1, -1, *[1] * (len(shape) - 2)).clone()
-            elif values and node.all_input_nodes and all(a in values for a in node.all_input_nodes):
-                if is_pointwise(gm, node):
-                    values[node] = _evaluate(gm, node, values)
+            else:
+                values[node] = _evaluate(gm, node, values)
     for node, value in values.items():
         live = [u for u in node.users if u not in values]
         if not live:

@@ -89,7 +89,9 @@ def test_tiny_relu_net_matches_exact_hessian_quadratic_form():
     assert checked == sum(g.size for g in groups) >= 4
 
 
-def test_resnet20_stream_groups_match_forward_mode_reference():
+@pytest.fixture(scope="module")
+def resnet20_removal():
+    """ResNet-20 with mild BN statistics, 16 random images, and its removal scores."""
     torch.manual_seed(0)
     net = get_model("resnet20").eval()
     for m in net.modules():
@@ -98,45 +100,41 @@ def test_resnet20_stream_groups_match_forward_mode_reference():
             m.bias.data.normal_(0, 0.1)
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     gm, groups = grouped(net, x)
-    result = estimate_removal(gm, (x, y), groups, FP32)
+    return gm, groups, x, estimate_removal(gm, (x, y), groups, FP32)
+
+
+def forward_mode_reference(gm, x, delta: dict[str, torch.Tensor]) -> float:
+    """½ δᵀGδ from forward-mode ``J δ``: ½ mean_n (E_p[(Jδ)²] − E_p[Jδ]²)."""
     params = {n: p.detach() for n, p in gm.named_parameters()}
     prob = functional_call(gm, params, (x,)).softmax(-1)
+    _, jd = jvp(lambda p: functional_call(gm, {**params, **p}, (x,)),
+                ({k: params[k] for k in delta},), (delta,))
+    return float(0.5 * ((prob * jd**2).sum(-1) - (prob * jd).sum(-1) ** 2).mean())
+
+
+def test_resnet20_stream_groups_match_forward_mode_reference(resnet20_removal):
+    gm, groups, x, result = resnet20_removal
     streams = [g for g in groups if sum(m.role == "in" for m in g.members) > 1]
     assert len(streams) >= 2  # option-A stage streams, read by several convs and the head
     for g in [*streams, groups[1], groups[-2]]:
         for c in (0, g.size - 1):
-            delta = removal_direction(gm, g, c)
-            _, jd = jvp(lambda p: functional_call(gm, {**params, **p}, (x,)),
-                        ({k: params[k] for k in delta},), (delta,))
-            ref = 0.5 * ((prob * jd**2).sum(-1) - (prob * jd).sum(-1) ** 2).mean()
-            assert result.scores[g.id][c].item() == pytest.approx(ref.item(), rel=1e-3)
+            ref = forward_mode_reference(gm, x, removal_direction(gm, g, c))
+            assert result.scores[g.id][c].item() == pytest.approx(ref, rel=1e-3)
 
 
-def test_whole_group_score_includes_cross_terms():
+def test_whole_group_score_includes_cross_terms(resnet20_removal):
     # removing all of a group at once: the residual-block inner groups that depth pruning
-    # drops, and a stream group; against forward-mode J δ with δ summed over the channels
-    torch.manual_seed(0)
-    net = get_model("resnet20").eval()
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_var.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.1)
-    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
-    gm, groups = grouped(net, x)
-    result = estimate_removal(gm, (x, y), groups, FP32)
-    params = {n: p.detach() for n, p in gm.named_parameters()}
-    prob = functional_call(gm, params, (x,)).softmax(-1)
+    # drops, and a stream group; δ summed over the channels
+    gm, groups, x, result = resnet20_removal
     dropped = droppable_groups(gm)
     stream = max(groups, key=lambda g: sum(m.role == "in" for m in g.members))
-    for g in [groups[i] for i in range(len(groups)) if groups[i].id in dropped][:2] + [stream]:
+    for g in [g for g in groups if g.id in dropped][:2] + [stream]:
         delta = {}
         for c in range(g.size):
             for k, v in removal_direction(gm, g, c).items():
                 delta[k] = delta.get(k, 0) + v  # the channels' slices are disjoint
-        _, jd = jvp(lambda p: functional_call(gm, {**params, **p}, (x,)),
-                    ({k: params[k] for k in delta},), (delta,))
-        ref = 0.5 * ((prob * jd**2).sum(-1) - (prob * jd).sum(-1) ** 2).mean()
-        assert result.whole[g.id] == pytest.approx(ref.item(), rel=1e-3)
+        ref = forward_mode_reference(gm, x, delta)
+        assert result.whole[g.id] == pytest.approx(ref, rel=1e-3)
         assert result.whole[g.id] != pytest.approx(float(result.scores[g.id].sum()), rel=0.05)
 
 
