@@ -166,6 +166,34 @@ def print_table(entries: list[Entry], med: dict, batch: int) -> None:
         )
 
 
+def print_profile(entries: list[Entry], batch: int, threads: int, runs: int = 5) -> None:
+    """Share of onnxruntime kernel time per op type, for each INT8 model (ORT's profiler)."""
+    import collections
+    import json
+
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32), np.float32)
+    for e in entries:
+        if e.report is None:
+            continue
+        so = ort.SessionOptions()
+        so.enable_profiling, so.intra_op_num_threads = True, threads
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        s = ort.InferenceSession(str(e.path), so, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            s.run(None, {"input": x})
+        events = json.loads(Path(s.end_profiling()).read_text())
+        per_op = collections.Counter()
+        for ev in events:
+            if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
+                per_op[ev["args"]["op_name"]] += ev["dur"]
+        total = sum(per_op.values())
+        shares = ", ".join(f"{op} {100 * t / total:.1f}%" for op, t in per_op.most_common(6))
+        print(f"\nORT kernel time, {e.name}, batch {batch}, {threads} thread(s): "
+              f"{total / runs / 1e3:.1f} ms/run; {shares}")
+
+
 def print_convs(entries: list[Entry]) -> None:
     for e in entries:
         if e.report is None:
@@ -276,6 +304,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--test-limit", type=int, default=None, help="score only the first N test images")
     ap.add_argument("--pipeline", action="store_true", help="only time the FX vs PT2E QAT steps")
+    ap.add_argument("--profile", action="store_true", help="per-op share of ORT time of each INT8 model")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(max(args.threads))
@@ -321,6 +350,12 @@ def main(argv=None) -> None:
     if test is not None:
         for e in entries:
             e.top1 = onnx_top1(e.path, test, norm, max(args.threads))
+    report(entries, args, source, len(test) if test is not None else 0)
+    print(f"\nONNX files in {out}")
+
+
+def report(entries: list[Entry], args, source: str, n_test: int) -> None:
+    """One timing table per thread count, then per-conv kernels, profiles and export summaries."""
     quant = f"{'/'.join(args.backend)} {f'QAT {args.qat_steps} steps' if args.qat_steps else 'PTQ'}"
     for threads in args.threads:
         med = time_models(entries, args.batch, args.rounds, threads)
@@ -331,14 +366,15 @@ def main(argv=None) -> None:
             f"ResNet-56 ({source} weights), INT8 = {quant}, pruned = {args.scorer} select_plan to "
             f"{args.macs} MACs (fine-tune {args.finetune_steps} steps); median of {args.rounds} "
             f"interleaved rounds; speed-up = dense fp32 latency / model latency; top-1 on "
-            f"{len(test) if test is not None else 0} CIFAR-10 test images (onnxruntime)"
+            f"{n_test} CIFAR-10 test images (onnxruntime)"
         )
         print_table(entries, med, args.batch)
     print_convs(entries)
+    if args.profile:
+        print_profile(entries, args.batch, max(args.threads))
     for e in entries:
         if e.report is not None:
             print(f"\n{e.name}: {e.report.summary()}")
-    print(f"\nONNX files in {out}")
 
 
 if __name__ == "__main__":
