@@ -15,7 +15,7 @@ convs onnxruntime runs as QLinearConv and their channel counts; with CIFAR-10 te
 every model (in onnxruntime) when ``../shared/data`` is present.
 
     python tools/bench_onnx.py [--rounds 20] [--round-to 8 16] [--granularity channel block]
-                               [--macs 0.5] [--out DIR]
+                               [--macs 0.5] [--scorer l1|removal] [--profile] [--out DIR]
     python tools/bench_onnx.py --pipeline --rounds 3   # FX vs PT2E quantization step times
 """
 
