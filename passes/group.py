@@ -197,6 +197,11 @@ def emptiable_groups(gm: fx.GraphModule) -> frozenset[int]:
 CONV_OR_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
+def is_channel_constant(shape: Sequence[int]) -> bool:
+    """A per-channel constant's shape, ``(1, C, 1, ...)``: what a dropped block leaves."""
+    return len(shape) >= 2 and shape[0] == 1 and all(d == 1 for d in shape[2:])
+
+
 def reads_no_channel(gm: fx.GraphModule, node: fx.Node, count: Callable[[fx.Node], int | None]) -> bool:
     """Is ``node`` a conv/linear whose input keeps no channel (``count(input) == 0``)? What a
     dropped group leaves: it then computes its bias alone, a per-channel constant."""
@@ -310,7 +315,7 @@ def _visit(a: _Analysis, node: fx.Node) -> Any:
         return a.fresh_pinned(node, f"model input {node.name}")
     if node.op == "get_attr":
         shape = node.meta["tensor_meta"].shape if "tensor_meta" in node.meta else ()
-        if len(shape) >= 2 and shape[0] == 1 and all(d == 1 for d in shape[2:]):
+        if is_channel_constant(shape):
             labels = a.uf.fresh(int(shape[1]))  # a per-channel constant, e.g. a dropped branch
             a.touch(node, "const", 1, labels)
             return labels

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from ehap_fx.passes.group import is_channel_constant
+from ehap_fx.passes.shrink import fresh_attr
 from torch import fx, nn
 
 from ehap_fx.errors import QuantizeError
@@ -299,21 +301,16 @@ def constant_adds_as_convs(gm: fx.GraphModule) -> int:
             continue
         owner, _, name = const.target.rpartition(".")
         value = getattr(gm.get_submodule(owner), name)
-        shape = x.meta["tensor_meta"].shape if "tensor_meta" in x.meta else None
-        if (
-            value.dim() != 4
-            or value.shape[0] != 1
-            or value.shape[2:] != (1, 1)
-            or shape is None
-            or (len(shape) != 4 or shape[1] != value.shape[1])
-        ):
+        shape = tuple(x.meta["tensor_meta"].shape) if "tensor_meta" in x.meta else ()
+        conv2d_constant = value.dim() == 4 and is_channel_constant(value.shape)
+        if not conv2d_constant or len(shape) != 4 or shape[1] != value.shape[1]:
             continue
         c = value.shape[1]
         conv = nn.Conv2d(c, c, 1, groups=c, bias=True)
         with torch.no_grad():
             conv.weight.fill_(1.0)
             conv.bias.copy_(value.detach().flatten())
-        target = f"{name}_add" if not hasattr(gm, f"{name}_add") else f"{name}_add_{count}"
+        target = fresh_attr(gm, f"{name}_add")
         gm.add_submodule(target, conv)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(target, (x,))

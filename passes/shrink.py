@@ -332,7 +332,7 @@ def fold_dropped_branches(gm: fx.GraphModule, keep: KeptChannels) -> None:
                 "constant, which only a binary op (a residual add) can absorb; keep a "
                 "channel of the group feeding it"
             )
-        name = _fresh_attr(gm, f"{node.name}_constant")
+        name = fresh_attr(gm, f"{node.name}_constant")
         gm.register_buffer(name, value)
         with gm.graph.inserting_before(node):
             const = gm.graph.get_attr(name)
@@ -361,7 +361,8 @@ def _evaluate(gm: fx.GraphModule, node: fx.Node, values: Mapping[fx.Node, torch.
         mod.train(training)
 
 
-def _fresh_attr(gm: fx.GraphModule, name: str) -> str:
+def fresh_attr(gm: fx.GraphModule, name: str) -> str:
+    """``name``, or ``name_1``, ``name_2``, ...: the first that is not an attribute of ``gm``."""
     candidate, i = name, 1
     while hasattr(gm, candidate):
         candidate, i = f"{name}_{i}", i + 1

@@ -179,11 +179,14 @@ def print_profile(entries: list[Entry], batch: int, threads: int, runs: int = 5)
             continue
         so = ort.SessionOptions()
         so.enable_profiling, so.intra_op_num_threads = True, threads
+        so.profile_file_prefix = str(Path(tempfile.gettempdir()) / "ehap_bench_onnx_profile")
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         s = ort.InferenceSession(str(e.path), so, providers=["CPUExecutionProvider"])
         for _ in range(runs):
             s.run(None, {"input": x})
-        events = json.loads(Path(s.end_profiling()).read_text())
+        profile = Path(s.end_profiling())
+        events = json.loads(profile.read_text())
+        profile.unlink()
         per_op = collections.Counter()
         for ev in events:
             if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):

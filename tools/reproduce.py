@@ -43,6 +43,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -149,19 +150,27 @@ QUICK = Budget(epochs=1.0, max_steps=2, qat_steps=2, calibration_batches=2, hess
                probes=2, train_limit=256, test_limit=256, batch_size=64)
 
 
-def ranking_of(scorer: str) -> tuple[str, str]:
-    """``(ranking, granularity)``: ``"removal-half-block"`` ranks like ``"removal-half"`` and
-    drops whole residual blocks (``Target(granularity="block")``, depth pruning); ``-both``
-    narrows layers and may drop blocks; ``-iter`` prunes channels in ``ITER_STEPS`` steps."""
-    for granularity in ("block", "both", "iter"):
-        if scorer.endswith(f"-{granularity}"):
-            return scorer[: -len(granularity) - 1], "channel" if granularity == "iter" else granularity
-    return scorer, "channel"
+class Variant(NamedTuple):
+    """How a scorer prunes: its ranking, the target's granularity, and the pruning steps."""
+
+    ranking: str
+    granularity: str = "channel"
+    steps: int = 1
+
+
+def variant_of(scorer: str) -> Variant:
+    """``"removal-half-block"`` ranks like ``"removal-half"`` and drops whole residual blocks
+    (``Target(granularity="block")``, depth pruning); ``-both`` narrows layers and may drop
+    blocks; ``-iter`` prunes channels in ``ITER_STEPS`` steps, re-ranking between them."""
+    for suffix, how in (("-block", ("block", 1)), ("-both", ("both", 1)), ("-iter", ("channel", ITER_STEPS))):
+        if scorer.endswith(suffix):
+            return Variant(scorer[: -len(suffix)], *how)
+    return Variant(scorer)
 
 
 def hessian_options(scorer: str, budget: Budget) -> HessianOptions | None:
     """The Hessian settings of ``scorer``; None for the L1 control."""
-    scorer = ranking_of(scorer)[0]
+    scorer = variant_of(scorer).ranking
     if scorer == "l1":
         return None
     estimator, precision = scorer.split("-")
@@ -304,7 +313,7 @@ class Run:
         return stage(self.ft_dir / "dense-int8", fn, f"{self.name} dense INT8", self.log)
 
     def rank(self, scorer: str) -> dict:
-        scorer = ranking_of(scorer)[0]
+        scorer = variant_of(scorer).ranking
 
         def fn(folder):
             gm = grouped(self.model, self.budget)
@@ -332,54 +341,57 @@ class Run:
         return json.loads((folder / "summary.json").read_text())
 
     def _rebuild(self, scorer: str, target: float):
-        if scorer.endswith("-iter"):
+        if variant_of(scorer).steps > 1:
             path = self.dir / f"{scorer}-{target}" / "pruned" / "model.pt"
             return torch.load(path, map_location="cpu", weights_only=False)  # our own GraphModule
         plan = json.loads((self.dir / f"{scorer}-{target}" / "pruned" / "plan.json").read_text())
         keep = PrunePlan({int(g): tuple(k) for g, k in plan.items()})
         return shrink(grouped(self.model, self.budget), keep).graph_module
 
-    def prune_iteratively(self, scorer: str, target: float, folder: Path):
-        """Removal criterion re-estimated after each of ``ITER_STEPS`` steps (geometric MACs
-        schedule to ``target``), BN statistics re-estimated between steps, no fine-tune."""
-        ranking, _ = ranking_of(scorer)
+    def _cached_ranking(self, ranking: str, gm) -> tuple[dict, dict | None]:
+        """The rank stage's channel scores (and whole-group scores of the removal criterion)."""
+        folder = self.dir / f"rank-{ranking}"
+        scores = torch.load(folder / "scores.pt")
+        if {g.id: g.size for g in groups_of(gm).prunable if g.id in scores} != \
+                {g: len(s) for g, s in scores.items()}:
+            raise ReproduceError(f"cached scores of {ranking} do not match {self.name}'s groups; "
+                                 f"delete {folder}")
+        if not ranking.startswith("removal"):
+            return scores, None
+        if not (folder / "whole.pt").exists():
+            raise ReproduceError(f"{folder} predates whole-group scores; delete it")
+        return scores, torch.load(folder / "whole.pt")
+
+    def _pruned_graph(self, scorer: str, target: float):
+        """One-shot, or (``-iter``) the removal criterion re-estimated on the pruned graph after
+        each step (geometric MACs schedule to ``target``), BN statistics re-estimated between
+        steps, no fine-tune; the first step uses the cached ranking of the dense model."""
+        v = variant_of(scorer)
         gm = grouped(self.model, self.budget)
         dense = total_cost(gm).macs
-        x, y = hessian_batch(self.budget, self.name, self.data.train)
-        for step in range(1, ITER_STEPS + 1):
-            result = estimate_removal(gm, (x, y), groups_of(gm).prunable, hessian_options(ranking, self.budget))
-            plan = select_plan(gm, result.scores, Target(macs=target, round_to=self.budget.round_to),
-                               fraction=target ** (step / ITER_STEPS), base=dense, per_cost=True,
-                               whole=result.whole)
-            gm = shrink(gm, plan).graph_module
-            if step < ITER_STEPS:
+        scores, whole = self._cached_ranking(v.ranking, gm)
+        batch = hessian_batch(self.budget, self.name, self.data.train) if v.steps > 1 else None
+        for step in range(1, v.steps + 1):
+            if step > 1:
                 recalibrate_bn(gm, train_loader(self.data, self.budget, self.name, seed=2), batches=20)
-        torch.save(gm, folder / "model.pt")
-        return gm
+                result = estimate_removal(gm, batch, groups_of(gm).prunable,
+                                          hessian_options(v.ranking, self.budget))
+                scores, whole = result.scores, result.whole
+            plan = select_plan(gm, scores, Target(macs=target, round_to=self.budget.round_to,
+                                                  granularity=v.granularity),
+                               fraction=target ** (step / v.steps), base=dense,
+                               per_cost=v.ranking.startswith("removal"), whole=whole)
+            gm = shrink(gm, plan).graph_module
+        return gm, plan
 
     def prune(self, scorer: str, target: float) -> dict:
         def fn(folder):
-            if scorer.endswith("-iter"):
-                pruned = _to(self.prune_iteratively(scorer, target, folder), self.budget.device)
-                return {"top1": evaluate(pruned, test_loader(self.data, self.budget, self.name)),
-                        **self._cost(pruned)}
-            gm = grouped(self.model, self.budget)
-            ranking, granularity = ranking_of(scorer)
-            folder_of_rank = self.dir / f"rank-{ranking}"
-            scores = torch.load(folder_of_rank / "scores.pt")
-            if {g.id: g.size for g in groups_of(gm).prunable if g.id in scores} != \
-                    {g: len(s) for g, s in scores.items()}:
-                raise ReproduceError(f"cached scores of {ranking} do not match {self.name}'s groups; "
-                                     f"delete {folder_of_rank}")
-            whole = None
-            if ranking.startswith("removal"):
-                if not (folder_of_rank / "whole.pt").exists():
-                    raise ReproduceError(f"{folder_of_rank} predates whole-group scores; delete it")
-                whole = torch.load(folder_of_rank / "whole.pt")
-            target_ = Target(macs=target, round_to=self.budget.round_to, granularity=granularity)
-            plan = select_plan(gm, scores, target_, per_cost=ranking.startswith("removal"), whole=whole)
-            (folder / "plan.json").write_text(json.dumps({str(g): list(k) for g, k in plan.keep.items()}))
-            pruned = _to(shrink(gm, plan).graph_module, self.budget.device)
+            gm, plan = self._pruned_graph(scorer, target)
+            if variant_of(scorer).steps > 1:
+                torch.save(gm, folder / "model.pt")  # later plans apply to pruned graphs
+            else:
+                (folder / "plan.json").write_text(json.dumps({str(g): list(k) for g, k in plan.keep.items()}))
+            pruned = _to(gm, self.budget.device)
             return {"top1": evaluate(pruned, test_loader(self.data, self.budget, self.name)),
                     **self._cost(pruned)}
         return stage(self.dir / f"{scorer}-{target}" / "pruned", fn,
@@ -447,8 +459,8 @@ class Run:
     def agreement(self, scorer: str, target: float) -> dict:
         """Spearman of all channel scores, and Jaccard overlap of the pruned channel sets, with
         the fp32 run of the same estimator (``hessian-fp32`` for L1; empty when not run)."""
-        ranking, granularity = ranking_of(scorer)
-        if scorer.endswith("-iter"):
+        ranking, granularity, steps = variant_of(scorer)
+        if steps > 1:
             return {}  # later steps rank a pruned graph: no channel-for-channel comparison
         reference = "hessian-fp32" if ranking == "l1" else ranking.split("-")[0] + "-fp32"
         ref = self.dir / f"rank-{reference}" / "scores.pt"
@@ -611,7 +623,7 @@ def time_hessians(run: Run, scorers, repeats: int) -> str:
     """Each Hessian scorer ``repeats`` times, alternating, each in a fresh subprocess (no cache):
     median seconds and peak memory, and their ratios to the first scorer, as a Markdown table."""
     run.dense()
-    scorers = list(dict.fromkeys(ranking_of(s)[0] for s in scorers if not s.startswith("l1")))
+    scorers = list(dict.fromkeys(variant_of(s).ranking for s in scorers if not s.startswith("l1")))
     runs: dict[str, list[dict]] = {s: [] for s in scorers}
     for i in tqdm(range(repeats), desc="hessian timing"):
         for s in scorers:
