@@ -147,3 +147,21 @@ def test_time_hessian_prints_ratios_to_fp32(tmp_path, capsys):
     assert [ln.split(" | ")[0] for ln in lines] == ["| hessian-fp32", "| hessian-half"]  # no L1
     assert lines[0].split(" | ")[3] == "1.00"  # the reference's own ratio
     assert len(list(tmp_path.rglob("timing/*/summary.json"))) == 2
+
+
+def test_gradual_pruning_spends_the_same_fine_tune_budget_in_four_shares(tmp_path, monkeypatch):
+    steps = []
+    finetune = reproduce.finetune
+
+    def counted(model, loader, options, *a, **k):
+        result = finetune(model, loader, options, *a, **k)
+        steps.append(result.steps)
+        return result
+
+    monkeypatch.setattr(reproduce, "finetune", counted)
+    argv = [*TINY, "--models", "resnet20", "--targets", "0.5", "--scorers", "l1-gradual", "--epochs", "4", "--max-steps", "8",
+            "--synthetic", "--out", str(tmp_path)]
+    dense, gradual = reproduce.main(argv)
+    assert gradual["scorer"] == "l1-gradual" and abs(gradual["macs_ratio"] - 0.5) < 0.01
+    assert steps == [2, 2, 2, 2, 8]  # three shares between the four steps, one after; the dense baseline
+    assert list(tmp_path.glob("*/resnet20/ft-*/l1-gradual-0.5/pruned/model.pt"))  # keyed by the budget

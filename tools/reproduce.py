@@ -70,8 +70,9 @@ MODELS = ("resnet32", "resnet56")
 TARGETS = (0.7, 0.5, 0.35)
 SCORERS = ("hessian-fp32", "hessian-half", "ggn-fp32", "ggn-half", "removal-fp32", "removal-half", "l1",
            "removal-fp32-block", "removal-half-block", "l1-block", "removal-fp32-both", "removal-half-both",
-           "l1-both", "removal-fp32-iter", "removal-half-iter")
-ITER_STEPS = 4  # "-iter": re-rank after each of this many steps (BN re-estimated in between)
+           "l1-both", "removal-fp32-iter", "removal-half-iter", "removal-fp32-gradual", "removal-half-gradual",
+           "l1-gradual")
+ITER_STEPS = 4  # "-iter" / "-gradual": re-rank after each of this many steps
 DEFAULT_SCORERS = ("hessian-fp32", "hessian-half", "l1")
 QUICK_TARGETS = (0.5,)  # --quick: one target keeps CI within minutes
 
@@ -151,18 +152,23 @@ QUICK = Budget(epochs=1.0, max_steps=2, qat_steps=2, calibration_batches=2, hess
 
 
 class Variant(NamedTuple):
-    """How a scorer prunes: its ranking, the target's granularity, and the pruning steps."""
+    """How a scorer prunes: its ranking, the target's granularity, the pruning steps, and
+    whether a share of the fine-tune budget runs between them (else BN is re-estimated)."""
 
     ranking: str
     granularity: str = "channel"
     steps: int = 1
+    gradual: bool = False
 
 
 def variant_of(scorer: str) -> Variant:
     """``"removal-half-block"`` ranks like ``"removal-half"`` and drops whole residual blocks
     (``Target(granularity="block")``, depth pruning); ``-both`` narrows layers and may drop
-    blocks; ``-iter`` prunes channels in ``ITER_STEPS`` steps, re-ranking between them."""
-    for suffix, how in (("-block", ("block", 1)), ("-both", ("both", 1)), ("-iter", ("channel", ITER_STEPS))):
+    blocks; ``-iter`` prunes channels in ``ITER_STEPS`` steps, re-ranking between them;
+    ``-gradual`` also fine-tunes between them, each step taking an equal share of the same
+    fine-tune budget (the last share after the last step)."""
+    for suffix, how in (("-block", ("block", 1)), ("-both", ("both", 1)), ("-iter", ("channel", ITER_STEPS)),
+                        ("-gradual", ("channel", ITER_STEPS, True))):
         if scorer.endswith(suffix):
             return Variant(scorer[: -len(suffix)], *how)
     return Variant(scorer)
@@ -284,14 +290,18 @@ class Run:
         return {"macs": c.macs, "params": c.params, "macs_ratio": c.macs / self.base.macs,
                 "params_ratio": c.params / self.base.params}
 
-    def _finetune(self, model, folder: Path) -> dict:
-        b = self.budget
-        opts = FinetuneOptions(epochs=b.epochs, lr=b.lr, max_steps=b.max_steps, progress=True)
-        model = _to(model, b.device)
-        res = finetune(model, train_loader(self.data, b, self.name), opts)
+    def _finetune(self, model, folder: Path, share: int = 1) -> dict:
+        """Fine-tune on ``1/share`` of the budget (a cosine schedule of its own) and save it."""
+        res = self._train(model, share)
         torch.save(model.state_dict(), folder / "model.pt")
-        return {"top1": evaluate(model, test_loader(self.data, b, self.name)), "steps": res.steps,
+        return {"top1": evaluate(model, test_loader(self.data, self.budget, self.name)), "steps": res.steps,
                 "finetune_seconds": round(res.seconds, 1), "final_loss": res.losses[-1]}
+
+    def _train(self, model, share: int = 1, seed: int = 0):
+        b = self.budget
+        opts = FinetuneOptions(epochs=b.epochs / share, lr=b.lr, progress=True,
+                               max_steps=None if b.max_steps is None else max(1, b.max_steps // share))
+        return finetune(_to(model, b.device), train_loader(self.data, b, self.name, seed=seed), opts)
 
     def dense(self) -> dict:
         def fn(folder):
@@ -340,9 +350,13 @@ class Run:
                                  f"{proc.stderr[-3000:]}")
         return json.loads((folder / "summary.json").read_text())
 
+    def _pruned_dir(self, scorer: str, target: float) -> Path:
+        """A gradual variant's pruned model depends on the fine-tune budget too."""
+        return (self.ft_dir if variant_of(scorer).gradual else self.dir) / f"{scorer}-{target}" / "pruned"
+
     def _rebuild(self, scorer: str, target: float):
         if variant_of(scorer).steps > 1:
-            path = self.dir / f"{scorer}-{target}" / "pruned" / "model.pt"
+            path = self._pruned_dir(scorer, target) / "model.pt"
             return torch.load(path, map_location="cpu", weights_only=False)  # our own GraphModule
         plan = json.loads((self.dir / f"{scorer}-{target}" / "pruned" / "plan.json").read_text())
         keep = PrunePlan({int(g): tuple(k) for g, k in plan.items()})
@@ -363,9 +377,10 @@ class Run:
         return scores, torch.load(folder / "whole.pt")
 
     def _pruned_graph(self, scorer: str, target: float):
-        """One-shot, or (``-iter``) the removal criterion re-estimated on the pruned graph after
-        each step (geometric MACs schedule to ``target``), BN statistics re-estimated between
-        steps, no fine-tune; the first step uses the cached ranking of the dense model."""
+        """One-shot, or (``-iter``, ``-gradual``) the ranking re-estimated on the pruned graph
+        after each step (geometric MACs schedule to ``target``), with BN statistics re-estimated
+        (``-iter``) or a share of the fine-tune budget (``-gradual``) between steps; the first
+        step uses the cached ranking of the dense model."""
         v = variant_of(scorer)
         gm = grouped(self.model, self.budget)
         dense = total_cost(gm).macs
@@ -373,16 +388,24 @@ class Run:
         batch = hessian_batch(self.budget, self.name, self.data.train) if v.steps > 1 else None
         for step in range(1, v.steps + 1):
             if step > 1:
-                recalibrate_bn(gm, train_loader(self.data, self.budget, self.name, seed=2), batches=20)
-                result = estimate_removal(gm, batch, groups_of(gm).prunable,
-                                          hessian_options(v.ranking, self.budget))
-                scores, whole = result.scores, result.whole
+                if v.gradual:  # each share sees other images than the final one (seed 0)
+                    self._train(gm, v.steps, seed=10 + step)
+                else:
+                    recalibrate_bn(gm, train_loader(self.data, self.budget, self.name, seed=2), batches=20)
+                gm = gm.cpu()
+                scores, whole = self._rerank(v.ranking, gm, batch)
             plan = select_plan(gm, scores, Target(macs=target, round_to=self.budget.round_to,
                                                   granularity=v.granularity),
                                fraction=target ** (step / v.steps), base=dense,
                                per_cost=v.ranking.startswith("removal"), whole=whole)
             gm = shrink(gm, plan).graph_module
         return gm, plan
+
+    def _rerank(self, ranking: str, gm, batch) -> tuple[dict, dict | None]:
+        if ranking == "l1":
+            return magnitude_scores(gm), None
+        result = estimate_removal(gm, batch, groups_of(gm).prunable, hessian_options(ranking, self.budget))
+        return result.scores, result.whole
 
     def prune(self, scorer: str, target: float) -> dict:
         def fn(folder):
@@ -394,12 +417,12 @@ class Run:
             pruned = _to(gm, self.budget.device)
             return {"top1": evaluate(pruned, test_loader(self.data, self.budget, self.name)),
                     **self._cost(pruned)}
-        return stage(self.dir / f"{scorer}-{target}" / "pruned", fn,
-                     f"{self.name} prune {scorer} @ {target}", self.log)
+        return stage(self._pruned_dir(scorer, target), fn, f"{self.name} prune {scorer} @ {target}", self.log)
 
     def pruned_ft(self, scorer: str, target: float) -> dict:
+        v = variant_of(scorer)
         return stage(self.ft_dir / f"{scorer}-{target}" / "ft",
-                     lambda f: self._finetune(self._rebuild(scorer, target), f),
+                     lambda f: self._finetune(self._rebuild(scorer, target), f, v.steps if v.gradual else 1),
                      f"{self.name} fine-tune {scorer} @ {target}", self.log)
 
     def pruned_int8(self, scorer: str, target: float) -> dict:
@@ -459,7 +482,7 @@ class Run:
     def agreement(self, scorer: str, target: float) -> dict:
         """Spearman of all channel scores, and Jaccard overlap of the pruned channel sets, with
         the fp32 run of the same estimator (``hessian-fp32`` for L1; empty when not run)."""
-        ranking, granularity, steps = variant_of(scorer)
+        ranking, granularity, steps, _ = variant_of(scorer)
         if steps > 1:
             return {}  # later steps rank a pruned graph: no channel-for-channel comparison
         reference = "hessian-fp32" if ranking == "l1" else ranking.split("-")[0] + "-fp32"
