@@ -179,6 +179,7 @@ def select_plan(
     latency: LatencyModel | None = None,
     per_cost: bool = False,
     whole: Mapping[int, float] | None = None,
+    choose: Mapping[int, torch.Tensor] | None = None,
 ) -> PrunePlan:
     """The plan that removes the least sensitive channels until ``gm`` meets ``target``.
 
@@ -192,9 +193,13 @@ def select_plan(
     producers already favour the channels that cost most). ``whole[group_id]`` is the
     sensitivity of removing a group entirely, for ``granularity="block"`` (e.g.
     ``RemovalResult.whole``, cross terms included; default: the sum of its channel scores).
+    ``choose`` (same groups and sizes as ``scores``) picks which channels a group keeps once
+    ``scores`` has decided how many: e.g. ``magnitude_scores(gm)``, so that the criterion sets
+    the widths and the weights' norms the channels (default: ``scores`` does both).
     Raises TargetError stating the reachable minimum.
     """
     groups = groups_of(gm)
+    keep_by = _keep_by(scores, choose)
     if target.kind == "latency" and latency is None:
         raise TargetError(
             "a latency target needs a LatencyModel: select_plan(..., latency=LatencyModel(gm, table))"
@@ -233,7 +238,7 @@ def select_plan(
     order = sorted(blocks, key=lambda b: b.score)
 
     def cost(n: int) -> float:
-        return value(_plan(order, n, scores))
+        return value(_plan(order, n, keep_by))
 
     if dense <= goal:
         return PrunePlan({})
@@ -254,8 +259,19 @@ def select_plan(
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if cost(mid) <= goal else (mid, hi)
-    chosen = _refill(order[:hi], goal, value, scores)
-    return _plan(chosen, len(chosen), scores)
+    chosen = _refill(order[:hi], goal, value, keep_by)
+    return _plan(chosen, len(chosen), keep_by)
+
+
+def _keep_by(scores: Mapping[int, torch.Tensor], choose: Mapping[int, torch.Tensor] | None):
+    """The scores that pick each group's kept channels: ``choose``, checked, else ``scores``."""
+    if choose is None:
+        return scores
+    wrong = [g for g, s in scores.items() if g not in choose or len(choose[g]) != len(s)]
+    if wrong:
+        raise TargetError(f"choose has no scores, or scores of another size, for groups {wrong}; "
+                          "give it one (size,) tensor per scored group")
+    return choose
 
 
 def _refill(chosen: list[_Block], goal: float, value, scores) -> list[_Block]:

@@ -46,6 +46,18 @@ def test_least_sensitive_channels_go_first(resnet56):
         assert list(kept) == list(range(size - len(kept), size))
 
 
+def test_choose_picks_the_channels_within_the_widths_the_scores_set(resnet56):
+    scores = magnitude_scores(resnet56)
+    reverse = {g: torch.arange(len(s), 0, -1, dtype=torch.float) for g, s in scores.items()}  # 0 first
+    target = Target(macs=0.5, round_to=1)
+    plain, chosen = select_plan(resnet56, scores, target), select_plan(resnet56, scores, target, choose=reverse)
+    assert {g: len(k) for g, k in chosen.keep.items()} == {g: len(k) for g, k in plain.keep.items()}
+    assert all(list(k) == list(range(len(k))) for k in chosen.keep.values())
+    assert chosen.keep != plain.keep
+    with pytest.raises(TargetError, match=r"choose has no scores, or scores of another size, for groups \[1\]"):
+        select_plan(resnet56, scores, target, choose={**reverse, 1: torch.ones(3)})
+
+
 def test_unreachable_target_states_the_minimum(resnet56):
     with pytest.raises(TargetError, match=r"smallest reachable is 0\.\d+ of the dense macs"):
         select_plan(resnet56, magnitude_scores(resnet56), Target(macs=0.05))

@@ -71,7 +71,7 @@ TARGETS = (0.7, 0.5, 0.35)
 SCORERS = ("hessian-fp32", "hessian-half", "ggn-fp32", "ggn-half", "removal-fp32", "removal-half", "l1",
            "removal-fp32-block", "removal-half-block", "l1-block", "removal-fp32-both", "removal-half-both",
            "l1-both", "removal-fp32-iter", "removal-half-iter", "removal-fp32-gradual", "removal-half-gradual",
-           "l1-gradual")
+           "l1-gradual", "removal-fp32-mag", "removal-half-mag")
 ITER_STEPS = 4  # "-iter" / "-gradual": re-rank after each of this many steps
 DEFAULT_SCORERS = ("hessian-fp32", "hessian-half", "l1")
 QUICK_TARGETS = (0.5,)  # --quick: one target keeps CI within minutes
@@ -152,13 +152,15 @@ QUICK = Budget(epochs=1.0, max_steps=2, qat_steps=2, calibration_batches=2, hess
 
 
 class Variant(NamedTuple):
-    """How a scorer prunes: its ranking, the target's granularity, the pruning steps, and
-    whether a share of the fine-tune budget runs between them (else BN is re-estimated)."""
+    """How a scorer prunes: its ranking, the target's granularity, the pruning steps, whether
+    a share of the fine-tune budget runs between them (else BN is re-estimated), and whether
+    the L1 norms pick the channels within the widths the ranking sets."""
 
     ranking: str
     granularity: str = "channel"
     steps: int = 1
     gradual: bool = False
+    by_magnitude: bool = False
 
 
 def variant_of(scorer: str) -> Variant:
@@ -166,9 +168,10 @@ def variant_of(scorer: str) -> Variant:
     (``Target(granularity="block")``, depth pruning); ``-both`` narrows layers and may drop
     blocks; ``-iter`` prunes channels in ``ITER_STEPS`` steps, re-ranking between them;
     ``-gradual`` also fine-tunes between them, each step taking an equal share of the same
-    fine-tune budget (the last share after the last step)."""
+    fine-tune budget (the last share after the last step); ``-mag`` lets the ranking set each
+    group's width and the L1 norms choose its channels (``select_plan(..., choose=...)``)."""
     for suffix, how in (("-block", ("block", 1)), ("-both", ("both", 1)), ("-iter", ("channel", ITER_STEPS)),
-                        ("-gradual", ("channel", ITER_STEPS, True))):
+                        ("-gradual", ("channel", ITER_STEPS, True)), ("-mag", ("channel", 1, False, True))):
         if scorer.endswith(suffix):
             return Variant(scorer[: -len(suffix)], *how)
     return Variant(scorer)
@@ -397,7 +400,8 @@ class Run:
             plan = select_plan(gm, scores, Target(macs=target, round_to=self.budget.round_to,
                                                   granularity=v.granularity),
                                fraction=target ** (step / v.steps), base=dense,
-                               per_cost=v.ranking.startswith("removal"), whole=whole)
+                               per_cost=v.ranking.startswith("removal"), whole=whole,
+                               choose=magnitude_scores(gm) if v.by_magnitude else None)
             gm = shrink(gm, plan).graph_module
         return gm, plan
 
@@ -482,14 +486,13 @@ class Run:
     def agreement(self, scorer: str, target: float) -> dict:
         """Spearman of all channel scores, and Jaccard overlap of the pruned channel sets, with
         the fp32 run of the same estimator (``hessian-fp32`` for L1; empty when not run)."""
-        ranking, granularity, steps, _ = variant_of(scorer)
-        if steps > 1:
+        ranking = variant_of(scorer).ranking
+        if variant_of(scorer).steps > 1:
             return {}  # later steps rank a pruned graph: no channel-for-channel comparison
         reference = "hessian-fp32" if ranking == "l1" else ranking.split("-")[0] + "-fp32"
         ref = self.dir / f"rank-{reference}" / "scores.pt"
-        if granularity != "channel" and ranking != "l1":
-            reference += f"-{granularity}"
-        ref_plan = self.dir / f"{reference}-{target}" / "pruned" / "plan.json"
+        same_variant = reference if ranking == "l1" else scorer.replace(ranking, reference, 1)
+        ref_plan = self.dir / f"{same_variant}-{target}" / "pruned" / "plan.json"
         if not (ref.exists() and ref_plan.exists()):
             return {}
         a, b = torch.load(self.dir / f"rank-{ranking}" / "scores.pt"), torch.load(ref)
