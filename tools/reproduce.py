@@ -375,9 +375,8 @@ class Run:
                                  f"delete {folder}")
         if not ranking.startswith("removal"):
             return scores, None
-        if not (folder / "whole.pt").exists():
-            raise ReproduceError(f"{folder} predates whole-group scores; delete it")
-        return scores, torch.load(folder / "whole.pt")
+        whole = folder / "whole.pt"  # only dropping whole groups needs these
+        return scores, torch.load(whole) if whole.exists() else None
 
     def _pruned_graph(self, scorer: str, target: float):
         """One-shot, or (``-iter``, ``-gradual``) the ranking re-estimated on the pruned graph
@@ -388,6 +387,8 @@ class Run:
         gm = grouped(self.model, self.budget)
         dense = total_cost(gm).macs
         scores, whole = self._cached_ranking(v.ranking, gm)
+        if v.granularity != "channel" and v.ranking.startswith("removal") and whole is None:
+            raise ReproduceError(f"{self.dir / f'rank-{v.ranking}'} predates whole-group scores; delete it")
         batch = hessian_batch(self.budget, self.name, self.data.train) if v.steps > 1 else None
         for step in range(1, v.steps + 1):
             if step > 1:
