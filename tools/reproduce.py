@@ -389,7 +389,7 @@ class Run:
         scores, whole = self._cached_ranking(v.ranking, gm)
         if v.granularity != "channel" and v.ranking.startswith("removal") and whole is None:
             raise ReproduceError(f"{self.dir / f'rank-{v.ranking}'} predates whole-group scores; delete it")
-        batch = hessian_batch(self.budget, self.name, self.data.train) if v.steps > 1 else None
+        batch = hessian_batch(self.budget, self.name, self.data.train) if v.steps > 1 and v.ranking != "l1" else None
         for step in range(1, v.steps + 1):
             if step > 1:
                 if v.gradual:  # each share sees other images than the final one (seed 0)
