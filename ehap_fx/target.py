@@ -150,8 +150,13 @@ def _plan(order: list[_Block], n: int, scores: Mapping[int, torch.Tensor]) -> Pr
     kept: dict[int, int] = {}
     for b in order[:n]:
         kept[b.group] = b.keep_after
+    return top_channels(scores, kept)
+
+
+def top_channels(scores: Mapping[int, torch.Tensor], widths: Mapping[int, int]) -> PrunePlan:
+    """The plan that keeps, in each group ``g`` of ``widths``, its ``widths[g]`` highest-scoring channels."""
     return PrunePlan(
-        {g: tuple(sorted(scores[g].argsort(descending=True)[:k].tolist())) for g, k in kept.items()}
+        {g: tuple(sorted(scores[g].argsort(descending=True)[:k].tolist())) for g, k in widths.items()}
     )
 
 

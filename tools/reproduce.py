@@ -361,7 +361,7 @@ class Run:
         if variant_of(scorer).steps > 1:
             path = self._pruned_dir(scorer, target) / "model.pt"
             return torch.load(path, map_location="cpu", weights_only=False)  # our own GraphModule
-        plan = json.loads((self.dir / f"{scorer}-{target}" / "pruned" / "plan.json").read_text())
+        plan = json.loads((self._pruned_dir(scorer, target) / "plan.json").read_text())
         keep = PrunePlan({int(g): tuple(k) for g, k in plan.items()})
         return shrink(grouped(self.model, self.budget), keep).graph_module
 
@@ -487,8 +487,9 @@ class Run:
     def agreement(self, scorer: str, target: float) -> dict:
         """Spearman of all channel scores, and Jaccard overlap of the pruned channel sets, with
         the fp32 run of the same estimator (``hessian-fp32`` for L1; empty when not run)."""
-        ranking = variant_of(scorer).ranking
-        if variant_of(scorer).steps > 1:
+        v = variant_of(scorer)
+        ranking = v.ranking
+        if v.steps > 1:
             return {}  # later steps rank a pruned graph: no channel-for-channel comparison
         reference = "hessian-fp32" if ranking == "l1" else ranking.split("-")[0] + "-fp32"
         ref = self.dir / f"rank-{reference}" / "scores.pt"

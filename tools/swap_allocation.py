@@ -20,15 +20,15 @@ import torch
 from ehap_fx.passes.shrink import PrunePlan, shrink
 from reproduce import Run, budget_from, grouped, load_data, stage, test_loader
 
+from ehap_fx.target import top_channels
 from ehap_fx.train import evaluate
 
 
 def crossed_plan(run: Run, allocation: str, selection: str, target: float) -> PrunePlan:
     """The widths of ``allocation``'s cached plan, the channels ``selection`` scores highest."""
-    widths = json.loads((run.dir / f"{allocation}-{target}" / "pruned" / "plan.json").read_text())
-    scores = torch.load(run.dir / f"rank-{selection}" / "scores.pt")
-    return PrunePlan({int(g): tuple(sorted(scores[int(g)].argsort(descending=True)[: len(k)].tolist()))
-                      for g, k in widths.items()})
+    kept = json.loads((run.dir / f"{allocation}-{target}" / "pruned" / "plan.json").read_text())
+    return top_channels(torch.load(run.dir / f"rank-{selection}" / "scores.pt"),
+                        {int(g): len(k) for g, k in kept.items()})
 
 
 def main(argv=None) -> list[dict]:
