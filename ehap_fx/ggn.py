@@ -130,14 +130,14 @@ def ggn_removal(
     x: torch.Tensor,
     chunk: int = 8,
     autocast: Callable | None = None,
-) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """``½ δᵀGδ`` of mean softmax cross-entropy for zeroing each set of input-channel slices.
+) -> dict[int, torch.Tensor]:
+    """``½ δᵀGδ`` of mean softmax cross-entropy for zeroing any subset of input-channel slices.
 
     ``slices[param name]`` lists ``(key, index)``: entry ``c`` of ``key`` zeroes input channels
     ``index[c]`` (dim 1 of that weight, ``index`` shaped ``(sizes[key], k)``) of every listed
-    weight at once. Returns, averaged over ``x``, one fp32 ``(sizes[key],)`` tensor per key
-    (each entry alone) and one fp32 scalar per key (all its entries at once, cross terms
-    included: the whole group removed).
+    weight at once. Returns, averaged over ``x``, one fp32 ``(sizes[key], sizes[key])`` matrix
+    ``Q`` per key: zeroing the entries of a set ``S`` changes the loss by ``1_Sᵀ Q 1_S`` (its
+    diagonal: each entry alone; its sum: the whole key, cross terms included).
     """
     names = list(slices)
     widths = {n: p.shape[1] for n, p in model.named_parameters() if n in slices}
@@ -157,9 +157,7 @@ def ggn_removal(
         acc = {key: 0 for key in sizes}
         for n, key, m in maps:
             acc[key] = acc[key] + per_in[n] @ m.T  # (C, size)
-        each = {key: v.pow(2).sum(0) for key, v in acc.items()}
-        whole = {key: v.sum(1).pow(2).sum(0) for key, v in acc.items()}
-        return each, whole
+        return {key: v.T @ v for key, v in acc.items()}
 
-    each, whole = _ggn_sample_mean(model, names, x, chunk, autocast, reduce)
-    return {key: 0.5 * v for key, v in each.items()}, {key: 0.5 * v for key, v in whole.items()}
+    joint = _ggn_sample_mean(model, names, x, chunk, autocast, reduce)
+    return {key: 0.5 * v for key, v in joint.items()}

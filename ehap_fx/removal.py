@@ -36,10 +36,13 @@ from ehap_fx.hessian import DTYPES, HessianOptions, _peak_memory, _prepare, star
 @dataclass(frozen=True)
 class RemovalResult:
     """``scores[group id]``: ``(size,)`` loss increase (fp32, CPU) of removing each channel;
-    ``whole[group id]``: of removing all the group's channels at once (cross terms included)."""
+    ``whole[group id]``: of removing all the group's channels at once (cross terms included);
+    ``joint[group id]``: ``(size, size)`` ``Q`` with ``1_Sᵀ Q 1_S`` the loss increase of removing
+    any set ``S`` of its channels together (``scores`` is its diagonal, ``whole`` its sum)."""
 
     scores: dict[int, torch.Tensor]
     whole: dict[int, float]
+    joint: dict[int, torch.Tensor]
     dtype: str
     seconds: float
     peak_memory: int
@@ -98,17 +101,17 @@ def estimate_removal(
     s = _prepare(model, data, opts, list(slices), F.cross_entropy, device)
     sizes = {g.id: g.size for g in groups}
     pslices = {(f"{n}.weight" if n else "weight"): v for n, v in slices.items()}
-    total = {g.id: torch.zeros(g.size, device=device) for g in groups}
-    whole = {g.id: torch.zeros((), device=device) for g in groups}
+    joint = {g.id: torch.zeros(g.size, g.size, device=device) for g in groups}
     for x, _ in s.batches:
-        each, all_at_once = ggn_removal(s.model, pslices, sizes, x, chunk=opts.ggn_chunk, autocast=s.autocast)
-        for k in total:
-            total[k] += each[k]
-            whole[k] += all_at_once[k]
+        batch = ggn_removal(s.model, pslices, sizes, x, chunk=opts.ggn_chunk, autocast=s.autocast)
+        for k, q in batch.items():
+            joint[k] += q
+    joint = {k: (q / len(s.batches)).cpu() for k, q in joint.items()}
     peak, kind = _peak_memory(device)
     return RemovalResult(
-        scores={k: (v / len(s.batches)).cpu() for k, v in total.items()},
-        whole={k: float(v) / len(s.batches) for k, v in whole.items()},
+        scores={k: q.diagonal().clone() for k, q in joint.items()},
+        whole={k: float(q.sum()) for k, q in joint.items()},
+        joint=joint,
         dtype={v: k for k, v in DTYPES.items()}[s.dtype],
         seconds=time.perf_counter() - start,
         peak_memory=peak,
@@ -116,3 +119,21 @@ def estimate_removal(
         batch_size=opts.batch_size,
         n_batches=opts.n_batches,
     )
+
+
+def joint_order(joint: torch.Tensor) -> torch.Tensor:
+    """Channel scores (higher = kept longer) from greedy removal under the joint loss ``Q``
+    (``RemovalResult.joint``): each next channel is the one whose removal, together with those
+    already removed, adds least to ``1_Sᵀ Q 1_S``. Any prefix of the order is the greedy set of
+    its size, so ``select_plan(..., choose={g: joint_order(q)})`` removes channels by it."""
+    size = joint.shape[0]
+    removed = torch.zeros(size, dtype=torch.bool)
+    cross = torch.zeros(size)  # Σ_{s ∈ S} Q[s, c]
+    position = torch.empty(size)
+    diag = joint.diagonal()
+    for step in range(size):
+        added = (diag + 2 * cross).masked_fill(removed, float("inf"))
+        c = int(added.argmin())
+        removed[c], position[c] = True, step
+        cross += joint[c]
+    return position

@@ -22,7 +22,7 @@ from ehap_fx.data import synthetic_cifar
 from ehap_fx.errors import EhapError
 from ehap_fx.hessian import HessianOptions
 from ehap_fx.models import get_model
-from ehap_fx.removal import estimate_removal
+from ehap_fx.removal import estimate_removal, joint_order
 from ehap_fx.target import Target, select_plan
 
 FP32 = HessianOptions(dtype="fp32", batch_size=16, progress=False)
@@ -136,6 +136,30 @@ def test_whole_group_score_includes_cross_terms(resnet20_removal):
         ref = forward_mode_reference(gm, x, delta)
         assert result.whole[g.id] == pytest.approx(ref, rel=1e-3)
         assert result.whole[g.id] != pytest.approx(float(result.scores[g.id].sum()), rel=0.05)
+
+
+def test_joint_matrix_gives_the_loss_of_removing_any_set_together(resnet20_removal):
+    gm, groups, x, result = resnet20_removal
+    stream = max(groups, key=lambda g: sum(m.role == "in" for m in g.members))
+    for g in (stream, groups[1]):
+        chosen = torch.randperm(g.size, generator=torch.Generator().manual_seed(g.id))[: g.size // 3]
+        delta = {}
+        for c in chosen.tolist():
+            for k, v in removal_direction(gm, g, c).items():
+                delta[k] = delta.get(k, 0) + v
+        indicator = torch.zeros(g.size)
+        indicator[chosen] = 1
+        q = result.joint[g.id]
+        assert float(indicator @ q @ indicator) == pytest.approx(forward_mode_reference(gm, x, delta), rel=1e-3)
+        assert torch.equal(q.diagonal(), result.scores[g.id])
+
+
+def test_joint_order_removes_greedily_by_the_joint_loss():
+    # channels 0 and 1 cost little alone but add up (strongly correlated); 2 costs more alone
+    q = torch.tensor([[1.0, 0.9, 0.0], [0.9, 1.1, 0.0], [0.0, 0.0, 1.5]])
+    order = joint_order(q)
+    assert order.tolist() == [0.0, 2.0, 1.0]  # 0 first; then 2 (adds 1.5) before 1 (adds 1.1 + 1.8)
+    assert joint_order(torch.diag(torch.tensor([3.0, 1.0, 2.0]))).tolist() == [2.0, 0.0, 1.0]  # no cross terms: by diagonal
 
 
 def test_bf16_ranks_like_fp32():

@@ -60,7 +60,7 @@ from ehap_fx.data import load_cifar, synthetic_cifar
 from ehap_fx.errors import EhapError
 from ehap_fx.hessian import HessianOptions, estimate_hessian, group_sensitivity
 from ehap_fx.models import NUM_CLASSES, find_pretrained, get_model, load_pretrained, normalization
-from ehap_fx.removal import estimate_removal
+from ehap_fx.removal import estimate_removal, joint_order
 from ehap_fx.target import Target, magnitude_scores, select_plan
 from ehap_fx.train import FinetuneOptions, evaluate, finetune, recalibrate_bn
 
@@ -71,7 +71,7 @@ TARGETS = (0.7, 0.5, 0.35)
 SCORERS = ("hessian-fp32", "hessian-half", "ggn-fp32", "ggn-half", "removal-fp32", "removal-half", "l1",
            "removal-fp32-block", "removal-half-block", "l1-block", "removal-fp32-both", "removal-half-both",
            "l1-both", "removal-fp32-iter", "removal-half-iter", "removal-fp32-gradual", "removal-half-gradual",
-           "l1-gradual", "removal-fp32-mag", "removal-half-mag")
+           "l1-gradual", "removal-fp32-mag", "removal-half-mag", "removal-fp32-joint", "removal-half-joint")
 ITER_STEPS = 4  # "-iter" / "-gradual": re-rank after each of this many steps
 DEFAULT_SCORERS = ("hessian-fp32", "hessian-half", "l1")
 QUICK_TARGETS = (0.5,)  # --quick: one target keeps CI within minutes
@@ -153,14 +153,15 @@ QUICK = Budget(epochs=1.0, max_steps=2, qat_steps=2, calibration_batches=2, hess
 
 class Variant(NamedTuple):
     """How a scorer prunes: its ranking, the target's granularity, the pruning steps, whether
-    a share of the fine-tune budget runs between them (else BN is re-estimated), and whether
-    the L1 norms pick the channels within the widths the ranking sets."""
+    a share of the fine-tune budget runs between them (else BN is re-estimated), and what picks
+    the channels within the widths the ranking sets: the ranking itself, ``"l1"`` norms, or
+    ``"joint"`` (greedy under the removal criterion's joint loss, ``removal.joint_order``)."""
 
     ranking: str
     granularity: str = "channel"
     steps: int = 1
     gradual: bool = False
-    by_magnitude: bool = False
+    channels: str = "ranking"
 
 
 def variant_of(scorer: str) -> Variant:
@@ -169,9 +170,11 @@ def variant_of(scorer: str) -> Variant:
     blocks; ``-iter`` prunes channels in ``ITER_STEPS`` steps, re-ranking between them;
     ``-gradual`` also fine-tunes between them, each step taking an equal share of the same
     fine-tune budget (the last share after the last step); ``-mag`` lets the ranking set each
-    group's width and the L1 norms choose its channels (``select_plan(..., choose=...)``)."""
+    group's width and the L1 norms choose its channels (``select_plan(..., choose=...)``), ``-joint``
+    the greedy joint-removal order of the same criterion."""
     for suffix, how in (("-block", ("block", 1)), ("-both", ("both", 1)), ("-iter", ("channel", ITER_STEPS)),
-                        ("-gradual", ("channel", ITER_STEPS, True)), ("-mag", ("channel", 1, False, True))):
+                        ("-gradual", ("channel", ITER_STEPS, True)), ("-mag", ("channel", 1, False, "l1")),
+                        ("-joint", ("channel", 1, False, "joint"))):
         if scorer.endswith(suffix):
             return Variant(scorer[: -len(suffix)], *how)
     return Variant(scorer)
@@ -402,9 +405,19 @@ class Run:
                                                   granularity=v.granularity),
                                fraction=target ** (step / v.steps), base=dense,
                                per_cost=v.ranking.startswith("removal"), whole=whole,
-                               choose=magnitude_scores(gm) if v.by_magnitude else None)
+                               choose=self._channel_scores(v, gm))
             gm = shrink(gm, plan).graph_module
         return gm, plan
+
+    def _channel_scores(self, v: Variant, gm) -> dict | None:
+        """What picks the kept channels within each width (None: the ranking's own scores)."""
+        if v.channels == "l1":
+            return magnitude_scores(gm)
+        if v.channels == "joint":  # the rank stage's batch and settings, recomputed for the joint matrices
+            batch = hessian_batch(self.budget, self.name, self.data.train)
+            result = estimate_removal(gm, batch, groups_of(gm).prunable, hessian_options(v.ranking, self.budget))
+            return {g: joint_order(q) for g, q in result.joint.items()}
+        return None
 
     def _rerank(self, ranking: str, gm, batch) -> tuple[dict, dict | None]:
         if ranking == "l1":
