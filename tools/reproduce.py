@@ -413,10 +413,15 @@ class Run:
         """What picks the kept channels within each width (None: the ranking's own scores)."""
         if v.channels == "l1":
             return magnitude_scores(gm)
-        if v.channels == "joint":  # the rank stage's batch and settings, recomputed for the joint matrices
-            batch = hessian_batch(self.budget, self.name, self.data.train)
-            result = estimate_removal(gm, batch, groups_of(gm).prunable, hessian_options(v.ranking, self.budget))
-            return {g: joint_order(q) for g, q in result.joint.items()}
+        if v.channels == "joint":
+            cached = self.dir / f"rank-{v.ranking}" / "joint.pt"
+            if cached.exists():
+                joint = torch.load(cached)
+            else:  # a rank stage from before joint matrices: its batch and settings again
+                batch = hessian_batch(self.budget, self.name, self.data.train)
+                joint = estimate_removal(gm, batch, groups_of(gm).prunable,
+                                         hessian_options(v.ranking, self.budget)).joint
+            return {g: joint_order(q) for g, q in joint.items()}
         return None
 
     def _rerank(self, ranking: str, gm, batch) -> tuple[dict, dict | None]:
@@ -607,6 +612,7 @@ def rank_worker(spec_path: Path) -> None:
         result = estimate_removal(gm, (x, y), groups, opts)
         scores = result.scores
         torch.save(result.whole, out / "whole.pt")
+        torch.save(result.joint, out / "joint.pt")
     else:
         result = estimate_hessian(gm, (x, y), opts, names=names, groups=groups)
         scores = group_sensitivity(groups, gm, result)
