@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from ehap_fx.latency import LatencyModel, LatencyOptions, LatencyTable
 from ehap_fx.passes.cost import Cost, total_cost
 from ehap_fx.passes.group import ChannelGroups, group_channels, groups_of, producer_modules
 from ehap_fx.passes.shrink import shrink
-from ehap_fx.passes.trace import trace
+from ehap_fx.passes.trace import call_with, trace
 from ehap_fx.removal import estimate_removal
 from ehap_fx.target import Target, magnitude_scores, measure, select_plan
 from ehap_fx.train import FinetuneOptions, evaluate, finetune
@@ -139,13 +140,13 @@ def _record(step: int, groups: ChannelGroups, plan, scores, stderr) -> list[Grou
 
 def compress(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: torch.Tensor | tuple | dict,
     *,
     data: Iterable | None = None,
     eval_data: Iterable | None = None,
     loss_fn: Callable | None = None,
     target: Target = Target(macs=0.5),
-    scorer: str = "hessian",
+    scorer: str | None = None,
     hessian: HessianOptions = HessianOptions(),
     finetune_options: FinetuneOptions | None = None,
     quantize: Any = None,
@@ -158,8 +159,14 @@ def compress(
     """Prune ``model`` to ``target`` by Hessian-aware channel ranking, then optionally
     fine-tune, quantize to INT8 and export to ONNX.
 
-    ``data`` yields ``(x, y)`` batches (e.g. ``ehap_fx.data.load_cifar(...).loader(128)``);
-    without it, ranking runs on labelled synthetic data and the report says so. ``eval_data``
+    ``example_input`` is one input tensor, a tuple of positional inputs or a dict of keyword
+    inputs; the outputs (a tensor, or tuples/dicts of them) keep their shapes.
+
+    ``data`` yields ``(x, y)`` batches (e.g. ``ehap_fx.data.load_cifar(...).loader(128)``).
+    Without it the default ranking is L1 weight magnitude (one warning says so); a Hessian
+    ``scorer`` asked for explicitly then ranks on synthetic inputs shaped like
+    ``example_input``, labelled by the model's own predictions, and the report says so.
+    ``loss_fn(output, y)`` (a scalar) says how to score outputs that are not class logits. ``eval_data``
     adds top-1 accuracies at each stage. ``quantize`` is a ``passes.quantize.QuantizeOptions``
     (or None to stay fp32); ``export`` an ONNX path (needs ``quantize``). A latency target
     measures a per-conv onnxruntime table (``latency`` options, cached on disk). The input
@@ -167,14 +174,18 @@ def compress(
 
     ``scorer``: ``"hessian"`` (the paper's per-channel trace sensitivity, ``hessian`` options),
     ``"removal"`` (``ehap_fx.removal``: the exact Gauss-Newton loss increase of removing each
-    channel, ranked per unit of cost saved; same precision/batch options) or ``"l1"``.
+    channel, ranked per unit of cost saved; same precision/batch options) or ``"l1"``
+    (default: ``"hessian"`` with ``data``, ``"l1"`` without).
     """
+    scorer = _default_scorer(scorer, data)
     if scorer not in SCORERS:
         raise ValueError(f"scorer={scorer!r} must be one of {SCORERS}")
     if export is not None and quantize is None:
         raise EhapError("export= writes the INT8 model: also pass quantize=QuantizeOptions()")
-    if data is None:
-        data, data_name = _synthetic_like(model, example_input)
+    if scorer != "l1":
+        _check_loss(model, example_input, data, loss_fn, scorer)
+    if data is None and scorer != "l1":
+        data, data_name = synthetic_like(model, example_input, hessian, loss_fn)
         log.warning("no data given: ranking on %s; pass data= for a meaningful ranking", data_name)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -185,7 +196,7 @@ def compress(
     seconds["trace_group"] = time.perf_counter() - t
     base = total_cost(gm)
     report = CompressReport(
-        data=data_name or "user data",
+        data=data_name or ("none (L1 ranking needs no data)" if data is None else "user data"),
         target={
             "kind": target.kind,
             "fraction": target.fraction,
@@ -324,14 +335,100 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _synthetic_like(model: nn.Module, example_input: torch.Tensor):
-    from ehap_fx.data import synthetic_cifar
+def _default_scorer(scorer: str | None, data) -> str:
+    """The scorer asked for, else ``"hessian"`` with data and ``"l1"`` (with one warning) without."""
+    if scorer is not None:
+        return scorer
+    if data is not None:
+        return "hessian"
+    warnings.warn(
+        "compress(): no data given, so channels are ranked by L1 weight magnitude. A Hessian "
+        "ranking needs data=: (inputs, labels) batches from the task (scorer='hessian' or "
+        "'removal'); scorer='hessian' without data ranks on synthetic inputs labelled by the "
+        "model's own predictions.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return "l1"
 
+
+def _model_output(model: nn.Module, example_input) -> Any:
     with torch.no_grad():
-        classes = copy.deepcopy(model).eval()(example_input).shape[-1]
-    if tuple(example_input.shape[1:]) != (3, 32, 32):
+        return call_with(copy.deepcopy(model).eval(), example_input)
+
+
+def _check_loss(model: nn.Module, example_input, data, loss_fn, scorer: str) -> None:
+    """A Hessian scorer needs one input tensor and a scalar loss of the output: say what to
+    change before any estimate starts."""
+    if not torch.is_tensor(example_input):
         raise EhapError(
-            f"no data given and example_input {tuple(example_input.shape)} is not CIFAR-shaped: pass data="
+            f"scorer={scorer!r} ranks with (x, y) tensor batches, and example_input is a "
+            f"{type(example_input).__name__}: use scorer='l1' for models with several inputs"
         )
-    synthetic = synthetic_cifar(512, num_classes=classes, seed=0)
-    return synthetic.loader(128, shuffle=True, seed=0), synthetic.name
+    batch = _peek(data) if data is not None else None
+    out = _model_output(model, batch[0] if batch is not None else example_input)
+    if loss_fn is None:
+        if not torch.is_tensor(out) or out.dim() != 2:
+            what = f"a {type(out).__name__}" if not torch.is_tensor(out) else f"shaped {tuple(out.shape)}"
+            raise EhapError(
+                f"scorer={scorer!r} needs a loss: the model's output is {what}, not (N, classes) "
+                "logits; pass loss_fn=lambda output, y: ... returning a scalar (e.g. "
+                "F.mse_loss(output['out'], y)), or scorer='l1'"
+            )
+        return
+    if data is not None and batch is None:
+        return  # a one-shot iterator: not read ahead
+    y = batch[1] if batch is not None else _own_labels(out, loss_fn)
+    try:
+        loss = loss_fn(out, y)
+    except Exception as e:
+        raise EhapError(f"loss_fn(output, y) failed on a first batch: {type(e).__name__}: {e}") from e
+    if not torch.is_tensor(loss) or loss.dim() != 0:
+        shape = tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__
+        raise EhapError(
+            f"loss_fn returned {shape}, not a scalar: reduce it (e.g. .mean()) so that the "
+            "Hessian of one number is estimated"
+        )
+
+
+def _peek(data) -> tuple | None:
+    """The first ``(x, y)`` batch (a few samples of it), when reading it does not consume the data."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
+        return data[0][:2], data[1][:2]  # an (x, y) pair of tensors
+    if iter(data) is data:  # a one-shot iterator: leave it alone
+        return None
+    for x, y in data:
+        return x[:2], y[:2]
+    return None
+
+
+def _own_labels(out, loss_fn):
+    """What the model predicts, as training labels: classes for logits, else the output itself."""
+    if loss_fn is None and torch.is_tensor(out) and out.dim() == 2:
+        return out.argmax(1)
+    return torch.utils._pytree.tree_map(lambda t: t.detach() if torch.is_tensor(t) else t, out)
+
+
+def synthetic_like(model: nn.Module, example_input: torch.Tensor, hessian: HessianOptions, loss_fn=None):
+    """Gaussian inputs shaped like ``example_input`` (its mean and std), as many as the Hessian
+    options draw, labelled by the model's own predictions (argmax of logits; the output itself
+    when ``loss_fn`` says how to compare outputs), in batches of 64 (one ``(x, y)`` pair for
+    labels that are not class indices), and their name."""
+    n = hessian.batch_size * hessian.n_batches
+    gen = torch.Generator().manual_seed(0)
+    x = example_input.detach().float()
+    mean, std = float(x.mean()), float(x.std()) if x.numel() > 1 else 1.0
+    std = std if std > 0 else 1.0
+    work = copy.deepcopy(model).eval()
+    batches = []
+    with torch.no_grad():
+        for i in range(0, n, 64):
+            xb = torch.randn((min(64, n - i), *x.shape[1:]), generator=gen) * std + mean
+            xb = xb.to(example_input.dtype)
+            batches.append((xb, _own_labels(work(xb), loss_fn)))
+    if not all(torch.is_tensor(y) and y.dim() == 1 for _, y in batches):
+        # labels that are not class indices: one (x, y) pair (sampling.draw_batches reads a
+        # list of batches only when its labels are 1-D)
+        batches = (torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
+    name = f"synthetic: {n} Gaussian inputs shaped like example_input, labelled by the model's own predictions"
+    return batches, name

@@ -8,6 +8,8 @@ the submodule and the source line that broke it and says how to fix it (leaf mod
 
 from __future__ import annotations
 
+import inspect
+import operator
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,7 +57,84 @@ def _user_frame(exc: BaseException) -> str:
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, dict):
+        return tuple(example_inputs.values())
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def call_with(module: nn.Module, example_inputs: Any) -> Any:
+    """Call ``module`` the way ``example_inputs`` says: a dict as keyword inputs, a tuple or
+    list as positional inputs, anything else (a tensor) as the one input."""
+    if isinstance(example_inputs, dict):
+        return module(**example_inputs)
+    return module(*_as_tuple(example_inputs))
+
+
+def _bind(model: nn.Module, example_inputs: Any, concrete_args: dict[str, Any] | None) -> dict[str, Any]:
+    """``concrete_args`` for every ``forward`` parameter that ``example_inputs`` does not give:
+    its default value (``targets=None`` of a detection model, a ``scale=1.0``), so the graph's
+    inputs are exactly the given ones. Missing parameters without a default raise TraceError."""
+    concrete = dict(concrete_args or {})
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return concrete
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return concrete  # *args / **kwargs: leave the tracer's defaults alone
+    names = [p.name for p in params]
+    if isinstance(example_inputs, dict):
+        given = set(example_inputs)
+        unknown = given - set(names)
+        if unknown:
+            raise TraceError(
+                f"example_input names {sorted(unknown)}, but {type(model).__name__}.forward takes {names}"
+            )
+    else:
+        given = set(names[: len(_as_tuple(example_inputs))])
+    missing = []
+    for p in params:
+        if p.name in given or p.name in concrete:
+            continue
+        if p.default is inspect.Parameter.empty:
+            missing.append(p.name)
+        else:
+            concrete[p.name] = p.default
+    if missing:
+        raise TraceError(
+            f"{type(model).__name__}.forward needs {missing}, which example_input does not give: "
+            f"pass them in example_input (a tuple in order, or a dict {{name: tensor}})"
+        )
+    return concrete
+
+
+_SPECIALIZATION_CHECKS = (torch._assert, torch.fx._symbolic_trace._assert_is_none, operator.eq)
+
+
+def _drop_specialized(model: nn.Module, graph: fx.Graph, concrete: dict[str, Any]) -> None:
+    """Erase the placeholders of ``concrete_args`` and the checks FX adds on them, so the
+    graph's inputs are exactly the given ones (ShapeProp and ``refresh_shapes`` need them all)."""
+    try:
+        names = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return
+    placeholders = graph.find_nodes(op="placeholder")
+    if len(placeholders) != len(names):
+        return
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for name, node in zip(names, placeholders):
+        if name not in concrete:
+            continue
+        checks, stack = set(), [node]
+        while stack:
+            for user in stack.pop().users:
+                if user.op == "call_function" and user.target in _SPECIALIZATION_CHECKS and user not in checks:
+                    checks.add(user)
+                    stack.append(user)
+        for check in sorted(checks, key=order.__getitem__, reverse=True):
+            if not check.users:
+                graph.erase_node(check)
+        if not node.users:
+            graph.erase_node(node)
 
 
 def propagate_shapes(gm: fx.GraphModule, *example_inputs: Any) -> fx.GraphModule:
@@ -94,6 +173,10 @@ def trace(
 ) -> fx.GraphModule:
     """Symbolically trace ``model`` and propagate the shapes of ``example_inputs``.
 
+    ``example_inputs`` is a tensor, a tuple of positional inputs, or a dict of keyword inputs;
+    ``forward`` parameters it does not give are fixed at their defaults (``concrete_args``),
+    so the graph takes exactly the given inputs.
+
     ``leaf_modules`` (qualified names or types) are kept as opaque calls; the channel-group
     pass pins what it cannot see into. The model is not modified: the result shares its
     parameters, so deep-copy the model first if a later pass must not touch them.
@@ -104,9 +187,10 @@ def trace(
     """
     if isinstance(model, fx.GraphModule) and not leaf_modules and concrete_args is None:
         return propagate_shapes(model, *_as_tuple(example_inputs))
+    concrete = _bind(model, example_inputs, concrete_args)
     tracer = _NamingTracer(leaf_modules)
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
+        graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:
         where = (
             f"inside submodule '{tracer.failed_module[0]}' ({tracer.failed_module[1]})"
@@ -125,6 +209,9 @@ def trace(
             f"Fix: use {leaf_hint}, or pass concrete_args for inputs that steer Python control "
             "flow, or rewrite data-dependent branches with tensor ops."
         ) from e
-    name = type(model).__name__
-    gm = fx.GraphModule(tracer.root, graph, name)
+    _drop_specialized(model, graph, concrete)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    if isinstance(example_inputs, dict):  # placeholders follow forward's order, not the dict's
+        order = [n.target for n in graph.find_nodes(op="placeholder")]
+        example_inputs = tuple(example_inputs[k] for k in order if k in example_inputs)
     return propagate_shapes(gm, *_as_tuple(example_inputs))

@@ -1,0 +1,373 @@
+"""Prunability table: ``compress(model, example_input)`` as a new user calls it, on every
+torchvision 0.29 classification, segmentation and detection model, with Torch-Pruning 1.6.1
+on the same models in the same run, side by side.
+
+For each model (random init, eval mode, 1×3×64×64 or the model's minimum input size), in its
+own subprocess with a timeout:
+
+* **ehap-fx**: ``compress(model, x)`` with nothing else (L1 ranking, ``Target(macs=0.5)``):
+  status ``pruned`` (MACs ≤ 0.55 of dense), ``pinned`` (the target is out of reach: the
+  largest pin reasons, by channels) or ``error``; the output keeps its shape (every leaf);
+  shrunk ≡ masked original (``passes.mask``) to fp32 rounding; the pruned graph re-traces with
+  ``torch.fx``; its ONNX export (TorchScript exporter, opset 17) matches PyTorch in onnxruntime.
+  Detection models do not trace whole (FX cannot follow their data-dependent control flow):
+  their row says where tracing stops, and ``compress`` runs on ``model.backbone`` (with its
+  FPN: a dict of feature maps).
+* **Torch-Pruning**: ``MagnitudePruner`` (L1, ``round_to=8`` like ehap-fx's default),
+  ``iterative_steps=20`` up to a ratio of 0.8, stepping until MACs ≤ 0.5 of dense; the final
+  classifier (or segmentation/detection heads) ignored, as in its torchvision example. Status
+  and whether every output keeps its shape.
+
+Results are cached per model in a JSON file (``--cache``), so a run resumes where it stopped.
+
+    python tools/prunability.py [--kinds classification segmentation detection] [--models ...]
+        [--timeout 900] [--cache docs/prunability.json] [--redo] [--markdown docs/prunability.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+TARGET = 0.5
+PRUNED_AT = 0.55  # MACs ratio that counts as pruned
+SIDE = 64
+
+
+def model_names(kinds: list[str]) -> list[tuple[str, str]]:
+    import torchvision.models as tvm
+
+    modules = {"classification": tvm, "segmentation": tvm.segmentation, "detection": tvm.detection}
+    return [(k, n) for k in kinds for n in tvm.list_models(module=modules[k])]
+
+
+def input_side(name: str) -> tuple[int, int]:
+    """64×64, or the model's minimum input size (its weights' ``min_size`` meta: read, not downloaded)."""
+    import torchvision.models as tvm
+
+    try:
+        weights = list(tvm.get_model_weights(name))
+    except Exception:
+        return SIDE, SIDE
+    sizes = [w.meta["min_size"] for w in weights if "min_size" in w.meta]
+    h = max([SIDE] + [s[0] for s in sizes])
+    w = max([SIDE] + [s[1] for s in sizes])
+    return h, w
+
+
+def build(kind: str, name: str):
+    import torchvision.models as tvm
+
+    extra = {"weights_backbone": None} if kind != "classification" else {}
+    if kind == "classification" and name in ("inception_v3", "googlenet"):
+        extra["aux_logits"] = False  # eval-mode models return one tensor; the aux heads are training-only
+        extra["init_weights"] = True
+    return tvm.get_model(name, weights=None, **extra).eval()
+
+
+def leaves(out) -> list:
+    import torch
+
+    return [t for t in torch.utils._pytree.tree_leaves(out) if torch.is_tensor(t)]
+
+
+def shapes(out) -> list[list[int]]:
+    return [list(t.shape) for t in leaves(out)]
+
+
+def max_diff(a, b) -> tuple[float, float]:
+    """max |a - b| over all output leaves, and max |a| (the scale it is relative to)."""
+    la, lb = leaves(a), leaves(b)
+    if [t.shape for t in la] != [t.shape for t in lb]:
+        return float("inf"), 0.0
+    diff = max((float((x.float() - y.float()).abs().max()) for x, y in zip(la, lb) if x.numel()), default=0.0)
+    scale = max((float(x.float().abs().max()) for x in la if x.numel()), default=0.0)
+    return diff, scale
+
+
+def close(diff: float, scale: float, rtol: float) -> bool:
+    return diff <= rtol * max(1.0, scale)
+
+
+def pin_reasons(gm, top: int = 4) -> list[str]:
+    """The largest pin reasons (by channels pinned), node names stripped to the op."""
+    from ehap_fx.passes.group import groups_of
+
+    by: dict[str, int] = {}
+    for g in groups_of(gm).pinned:
+        reason = g.pinned or ""
+        by[reason] = by.get(reason, 0) + g.size
+    ordered = sorted(by.items(), key=lambda kv: -kv[1])
+    return [f"{c} ch: {r[:160]}" for r, c in ordered[:top]]
+
+
+def run_ehap(model, x) -> dict:
+    import torch
+    from ehap_fx.compress import compress
+    from ehap_fx.passes.group import group_channels
+    from ehap_fx.passes.mask import mask_channels
+    from ehap_fx.passes.trace import call_with, trace
+
+    row: dict = {}
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            res = compress(model, x)
+        except Exception as e:
+            row.update(status="error", error=f"{type(e).__name__}: {str(e)[:400]}")
+            if type(e).__name__ == "TargetError":
+                row["status"] = "pinned"
+                gm = group_channels(trace(model, x)).graph_module
+                row["pinned"] = pin_reasons(gm)
+            row["seconds"] = round(time.perf_counter() - t, 1)
+            return row
+    row["seconds"] = round(time.perf_counter() - t, 1)
+    ratio = res.report.cost_after["macs_ratio"]
+    row.update(macs_ratio=round(ratio, 4), params_ratio=round(res.report.cost_after["params_ratio"], 4))
+    row["status"] = "pruned" if ratio <= PRUNED_AT else "pinned"
+    row["pinned"] = pin_reasons(res.pruned) if ratio > PRUNED_AT else []
+    pruned = res.pruned
+    with torch.no_grad():
+        dense = call_with(model, x)
+        out = call_with(pruned, x)
+        row["shape_kept"] = shapes(dense) == shapes(out)
+        # shrunk ≡ masked original, on the graph compress traced
+        gm = group_channels(trace(model, x)).graph_module
+        masked = mask_channels(gm, pruned.meta["ehap.plan"]).graph_module
+        diff, scale = max_diff(call_with(masked, x), out)
+        row.update(masked_diff=diff, out_scale=scale, masked_ok=close(diff, scale, 1e-4))
+    try:
+        again = torch.fx.symbolic_trace(pruned)
+        with torch.no_grad():
+            row["retrace_ok"] = close(*max_diff(call_with(again, x), out), 1e-6)
+    except Exception as e:
+        row["retrace_ok"] = False
+        row["retrace_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    row.update(onnx_check(pruned, x, out))
+    return row
+
+
+def onnx_check(pruned, x, out) -> dict:
+    import tempfile
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    inputs = tuple(x.values()) if isinstance(x, dict) else (x if isinstance(x, tuple) else (x,))
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "m.onnx"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(pruned, inputs, str(path), opset_version=17, dynamo=False)
+            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            feed = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)}
+            got = [torch.from_numpy(np.asarray(v)) for v in sess.run(None, feed)]
+        except Exception as e:
+            return {"onnx_ok": False, "onnx_error": f"{type(e).__name__}: {str(e)[:200]}"}
+    diff, scale = max_diff(leaves(out), got)
+    return {"onnx_diff": diff, "onnx_ok": close(diff, scale, 1e-4)}
+
+
+def _ignored(kind: str, model) -> list:
+    from torch import nn
+
+    if kind == "classification":
+        return [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 1000]
+    if kind == "segmentation":
+        return [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels == 21]
+    heads = [getattr(model, h) for h in ("roi_heads", "rpn", "head") if hasattr(model, h)]
+    return heads
+
+
+def run_tp(kind: str, model, x) -> dict:
+    import torch
+    import torch_pruning as tp
+
+    row: dict = {}
+    t = time.perf_counter()
+    example = [x[0]] if kind == "detection" else x
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.no_grad():
+                dense_out = model(example)
+            base, _ = tp.utils.count_ops_and_params(model, example)
+            pruner = tp.pruner.MagnitudePruner(
+                model, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=0.8,
+                iterative_steps=20, ignored_layers=_ignored(kind, model), round_to=8,
+            )
+            macs = base
+            for _ in range(20):
+                pruner.step()
+                macs, _ = tp.utils.count_ops_and_params(model, example)
+                if macs <= TARGET * base:
+                    break
+            with torch.no_grad():
+                out = model(example)
+    except Exception as e:
+        tb = traceback.extract_tb(e.__traceback__)[-1]
+        row.update(status="error", error=f"{type(e).__name__}: {str(e)[:300]} ({Path(tb.filename).name}:{tb.lineno})")
+        row["seconds"] = round(time.perf_counter() - t, 1)
+        return row
+    row["seconds"] = round(time.perf_counter() - t, 1)
+    ratio = macs / base
+    row.update(macs_ratio=round(ratio, 4), status="pruned" if ratio <= PRUNED_AT else "not reached")
+    row["shape_kept"] = shapes(dense_out) == shapes(out)
+    return row
+
+
+def run_one(kind: str, name: str) -> dict:
+    import copy
+
+    import torch
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    h, w = input_side(name)
+    row: dict = {"kind": kind, "model": name, "input": [1, 3, h, w]}
+    x = torch.randn(1, 3, h, w)
+    model = build(kind, name)
+    row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    if kind == "detection":
+        from ehap_fx.passes.trace import trace
+
+        try:
+            trace(copy.deepcopy(model), [x[0]])
+            row["whole_model"] = "traced"
+        except Exception as e:
+            row["whole_model"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        row["ehap"] = run_ehap(copy.deepcopy(model.backbone).eval(), torch.randn(1, 3, 256, 256))
+        row["ehap"]["on"] = "model.backbone at 1x3x256x256"
+    else:
+        row["ehap"] = run_ehap(copy.deepcopy(model), x)
+    row["tp"] = run_tp(kind, copy.deepcopy(model), x if kind != "detection" else torch.randn(1, 3, 256, 256))
+    return row
+
+
+def _cell(r: dict) -> str:
+    if r.get("status") == "pruned":
+        return f"pruned {r['macs_ratio']:.2f}"
+    if r.get("status") in ("pinned", "not reached"):
+        return f"{r['status']} {r.get('macs_ratio', 1.0):.2f}" if "macs_ratio" in r else r["status"]
+    return "error"
+
+
+def _yn(v) -> str:
+    return {True: "yes", False: "**no**", None: "–"}[v]
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    out = [
+        "| kind | model | input | params M | ehap-fx | shape kept | shrunk ≡ masked | re-traces | ONNX ≡ PyTorch | s | Torch-Pruning | TP shape kept | TP s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        e, t = row.get("ehap", {}), row.get("tp", {})
+        size = "×".join(str(d) for d in row.get("input", [])[2:])
+        if "on" in e:
+            size += " (backbone 256×256)"
+        out.append(
+            f"| {row['kind'][:3]} | {row['model']} | {size} | {row.get('params_m', '')} | {_cell(e)} | "
+            f"{_yn(e.get('shape_kept'))} | {_yn(e.get('masked_ok'))} | {_yn(e.get('retrace_ok'))} | "
+            f"{_yn(e.get('onnx_ok'))} | {e.get('seconds', '')} | {_cell(t)} | {_yn(t.get('shape_kept'))} | "
+            f"{t.get('seconds', '')} |"
+        )
+    notes = ["", "Why rows are not pruned (largest pin reasons, by channels) and errors:", ""]
+    for row in rows:
+        e, t = row.get("ehap", {}), row.get("tp", {})
+        if e.get("status") != "pruned":
+            why = "; ".join(e.get("pinned") or []) or e.get("error", "")
+            notes.append(f"- {row['model']} (ehap-fx): {why}")
+        if "whole_model" in row and row["whole_model"] != "traced":
+            notes.append(f"- {row['model']} (whole model, FX): {row['whole_model']}")
+        if t.get("status") == "error":
+            notes.append(f"- {row['model']} (Torch-Pruning): {t['error']}")
+    return "\n".join(out + notes) + "\n"
+
+
+def summary(rows: list[dict]) -> str:
+    lines = []
+    for kind in ("classification", "segmentation", "detection"):
+        rs = [r for r in rows if r["kind"] == kind]
+        if not rs:
+            continue
+        ours = sum(r.get("ehap", {}).get("status") == "pruned" for r in rs)
+        theirs = sum(r.get("tp", {}).get("status") == "pruned" for r in rs)
+        full = sum(
+            r.get("ehap", {}).get("status") == "pruned"
+            and all(r["ehap"].get(k) for k in ("shape_kept", "masked_ok", "retrace_ok", "onnx_ok"))
+            for r in rs
+        )
+        lines.append(
+            f"- {kind}: {len(rs)} models; ehap-fx pruned {ours} to ≤ {PRUNED_AT} MACs ({full} of them "
+            f"with shape kept, shrunk ≡ masked, re-trace and ONNX all passing); Torch-Pruning {theirs}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kinds", nargs="+", default=["classification", "segmentation", "detection"])
+    p.add_argument("--models", nargs="*", help="only these model names")
+    p.add_argument("--skip", nargs="*", default=[], help="model names to leave out")
+    p.add_argument("--timeout", type=int, default=900)
+    p.add_argument("--cache", type=Path, default=Path("docs/prunability.json"))
+    p.add_argument("--markdown", type=Path, help="write the table here")
+    p.add_argument("--redo", action="store_true", help="ignore cached rows of the selected models")
+    p.add_argument("--one", nargs=2, metavar=("KIND", "NAME"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        print("ROW " + json.dumps(run_one(*args.one)))
+        return 0
+    cache = json.loads(args.cache.read_text()) if args.cache.exists() else {"meta": {}, "rows": {}}
+    todo = [(k, n) for k, n in model_names(args.kinds) if (not args.models or n in args.models) and n not in args.skip]
+    for kind, name in todo:
+        if name in cache["rows"] and not args.redo:
+            continue
+        t = time.time()
+        try:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--one", kind, name],
+                capture_output=True, text=True, timeout=args.timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            )
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
+            if line is not None:
+                row = json.loads(line[4:])
+            else:
+                tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+                why = "killed (out of memory?)" if proc.returncode < 0 else tail[0][:300]
+                row = {"kind": kind, "model": name, "ehap": {"status": "error", "error": why}, "tp": {}}
+        except subprocess.TimeoutExpired:
+            row = {"kind": kind, "model": name, "ehap": {"status": "error", "error": f"timeout {args.timeout} s"}, "tp": {}}
+        row["wall_s"] = round(time.time() - t, 1)
+        cache["rows"][name] = row
+        cache["meta"] = {
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpu": platform.processor() or platform.machine(),
+            "command": "python tools/prunability.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        }
+        args.cache.write_text(json.dumps(cache, indent=1))
+        e, tpr = row.get("ehap", {}), row.get("tp", {})
+        print(f"{name}: ehap {_cell(e)} / TP {_cell(tpr)} ({row['wall_s']} s)", flush=True)
+    order = {n: i for i, (_, n) in enumerate(model_names(["classification", "segmentation", "detection"]))}
+    rows = sorted(cache["rows"].values(), key=lambda r: order.get(r["model"], 1e9))
+    print(summary(rows))
+    if args.markdown:
+        args.markdown.write_text(markdown(rows, cache["meta"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
