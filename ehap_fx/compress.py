@@ -29,7 +29,6 @@ from ehap_fx.passes.cost import Cost, total_cost
 from ehap_fx.passes.group import ChannelGroups, group_channels, groups_of, producer_modules
 from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import call_with, trace
-from ehap_fx.removal import estimate_removal
 from ehap_fx.target import Target, magnitude_scores, measure, select_plan
 from ehap_fx.train import FinetuneOptions, evaluate, finetune
 
@@ -114,7 +113,8 @@ def _rank(
                 "scorer='removal' is exact for cross-entropy only: drop loss_fn, or "
                 "use scorer='hessian' with estimator='hutchinson'"
             )
-        removal = estimate_removal(gm, data, groups.prunable, hessian)
+        # estimate_removal itself, split over the ranks inside a process group
+        removal = distributed.estimate_removal_distributed(gm, data, groups.prunable, hessian)
         return removal.scores, None, {"scorer": "removal", **removal.summary()}, removal.whole
     names = producer_modules(groups.prunable)
     # estimate_hessian itself, split over the ranks inside a torch.distributed process group

@@ -13,9 +13,16 @@ one, every function here is the single-process code path unchanged.
     with ``all_reduce``, weighted by each shard's share of the batch (so the weighted sum of
     the shard Hessians is the batch Hessian).
 
+  - the MC estimator: every rank takes its share of every batch's samples (``part=``) with
+    the labels drawn for the whole batch, so the summed rows equal one process's.
+
   Probing runs in rounds of ``check_every`` probes (all ranks together); the stop rule of
   :class:`~ehap_fx.hessian.HessianOptions` is applied to the combined estimate and rank 0's
-  decision is broadcast, so every rank stops after the same round.
+  decision is broadcast, so every rank stops after the same round. ``estimator="auto"`` is
+  resolved on rank 0 and broadcast; the memory budget, when a fraction, is shared by the
+  ranks of one machine (divided by ``LOCAL_WORLD_SIZE``).
+* :func:`estimate_removal_distributed`: the removal criterion split the same way (exact:
+  data shards; MC: sample shares), its matrices summed over the ranks.
 * :func:`data_parallel` wraps a model in ``DistributedDataParallel`` for ``finetune`` (and so
   QAT); :func:`shard_loader` gives each rank its ``1/world`` of a loader per epoch.
 * :func:`broadcast_object` / :func:`check_replicas` keep the pruning plan and the pruned
@@ -46,18 +53,22 @@ from tqdm.auto import tqdm
 
 from ehap_fx.errors import EhapError, HessianError
 from ehap_fx.hessian import (
+    SEED_STRIDE,
     HessianOptions,
     HessianResult,
+    choose_estimator,
     estimate_hessian,
     group_sensitivity,
+    round_size,
 )
+from ehap_fx.removal import RemovalResult, choose_removal, estimate_removal, removal_result
 from ehap_fx.sampling import draw_batches
 
 log = logging.getLogger("ehap_fx")
 
 SHARDS = ("auto", "probes", "data")
-SEED_STRIDE = 1_000_003
-"""Probe chunk ``c`` (round * world + rank) draws its probes with seed ``seed + c * SEED_STRIDE``."""
+# SEED_STRIDE (ehap_fx.hessian): probe chunk ``c`` (round * world + rank) is seeded
+# ``seed + c * SEED_STRIDE``
 
 
 class DistributedError(EhapError):
@@ -293,26 +304,92 @@ def estimate_hessian_distributed(
     kwargs = {"names": names, "loss_fn": loss_fn, "device": device, "groups": groups}
     if not is_distributed():
         return estimate_hessian(model, data, opts, **kwargs)
+    opts, choice = _agreed(opts, lambda o: choose_estimator(model, data, o, names=names, device=device))
     if shard == "auto":
-        shard = "data" if opts.estimator == "ggn" else "probes"
-    if shard == "probes" and opts.estimator == "ggn":
-        raise HessianError("estimator='ggn' draws no probes: use shard='data' (or 'auto') to "
-                           "split its Hessian batch over the ranks")
+        shard = "data" if opts.estimator in ("ggn", "mc") else "probes"
+    if shard == "probes" and opts.estimator in ("ggn", "mc"):
+        raise HessianError(f"estimator={opts.estimator!r} draws no probes: use shard='data' (or "
+                           "'auto') to split its Hessian batch over the ranks")
     start = time.perf_counter()
+    if opts.estimator == "mc":  # every rank: all the data, its share of the samples
+        run = _runner(model, data, opts, {**kwargs, "part": (rank(), world_size())})
+        if opts.mc_samples is not None:
+            res = run(opts.mc_samples, opts.seed)
+            rows = _weighted_sum(res.probe_traces, 1.0)
+            out = _combined(res, rows, [], opts, start, ggn=None, stats=_stats(res))
+        else:
+            out = _probe_rounds(run, opts, shard, 1.0, groups, start)
+        return dataclasses.replace(out, choice=choice)
     local, local_opts, weight = _local_data(data, opts, shard)
     run = _runner(model, local, local_opts, kwargs)
     if opts.estimator == "ggn":
         res = run(None, opts.seed)
         rows = _weighted_sum(res.probe_traces, weight)
-        return _combined(res, rows, [], opts, start, ggn=rows[0], stats=_stats(res))
-    return _probe_rounds(run, opts, shard, weight, groups, start)
+        out = _combined(res, rows, [], opts, start, ggn=rows[0], stats=_stats(res))
+    else:
+        out = _probe_rounds(run, opts, shard, weight, groups, start)
+    return dataclasses.replace(out, choice=choice)
+
+
+def estimate_removal_distributed(
+    model: nn.Module,
+    data,
+    groups: Sequence,
+    options: HessianOptions | None = None,
+    *,
+    device: torch.device | str | None = None,
+) -> RemovalResult:
+    """:func:`~ehap_fx.removal.estimate_removal` with the work split over the process group:
+    the exact pass over data shards (weighted as for the GGN), the MC form over sample shares;
+    the matrices summed, so every rank returns the single-process result (to fp32 rounding).
+    Without a process group this is ``estimate_removal`` itself."""
+    opts = options or HessianOptions()
+    if not is_distributed():
+        return estimate_removal(model, data, groups, opts, device=device)
+    opts, choice = _agreed(opts, lambda o: choose_removal(model, data, groups, o, device=device))
+    start = time.perf_counter()
+    if opts.estimator == "mc":
+        res = estimate_removal(model, data, groups, opts, device=device, part=(rank(), world_size()))
+        weight = 1.0
+    else:
+        local, local_opts, weight = _local_data(data, opts, "data")
+        res = estimate_removal(model, local, groups, local_opts, device=device)
+    keys = list(res.joint)
+    flat = _weighted_sum(torch.cat([res.joint[k].flatten() for k in keys]), weight)
+    parts = flat.split([res.joint[k].numel() for k in keys])
+    joint = {k: p.view_as(res.joint[k]) for k, p in zip(keys, parts, strict=True)}
+    peak = _comm(torch.tensor([float(res.peak_memory)], dtype=torch.float64))
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return removal_result(joint, dtype=res.dtype, seconds=time.perf_counter() - start,
+                          peak_memory=int(peak.item()), peak_memory_kind=res.peak_memory_kind,
+                          batch_size=opts.batch_size, n_batches=opts.n_batches,
+                          method=res.method, choice=choice)
+
+
+def _agreed(opts: HessianOptions, choose: Callable) -> tuple[HessianOptions, str]:
+    """Rank 0's estimator choice on every rank (``"auto"`` resolved, a budget fraction shared
+    by the ranks of this machine), and its reason for the report."""
+    if opts.memory_budget <= 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+        opts = dataclasses.replace(opts, memory_budget=opts.memory_budget / max(local, 1))
+    got: tuple = (None, None)
+    if is_main():
+        try:
+            got = (choose(opts), None)
+        except EhapError as e:  # every rank raises it, none waits on the broadcast
+            got = (None, e)
+    plan, error = broadcast_object(got)
+    if error is not None:
+        raise error
+    return dataclasses.replace(opts, estimator=plan.estimator), f"{plan.reason} (rank 0 of {world_size()})"
 
 
 def _runner(model, local, local_opts: HessianOptions, kwargs: dict):
     """``run(probes, seed)``: this rank's ``estimate_hessian`` on its data, quietly."""
 
     def run(probes: int | None, seed: int) -> HessianResult:
-        o = dataclasses.replace(local_opts, probes=probes, seed=seed, progress=False)
+        counts = {"mc_samples": probes} if local_opts.estimator == "mc" else {"probes": probes}
+        o = dataclasses.replace(local_opts, **counts, seed=seed, progress=False)
         return estimate_hessian(model, local, o, **kwargs)
 
     return run
@@ -350,14 +427,6 @@ def _share(total: int, w: int) -> list[int]:
     return [total // w + (r < total % w) for r in range(w)]
 
 
-def _round_total(opts: HessianOptions, n: int) -> int:
-    """Probes (all ranks together) in the next round, given ``n`` done."""
-    if opts.probes is not None:
-        return opts.probes
-    size = max(opts.min_probes, opts.check_every) if n == 0 else opts.check_every
-    return min(size, opts.max_probes - n)
-
-
 def _probe_rounds(run, opts: HessianOptions, shard: str, weight: float, groups, start: float
                   ) -> HessianResult:
     r, w = rank(), world_size()
@@ -369,7 +438,7 @@ def _probe_rounds(run, opts: HessianOptions, shard: str, weight: float, groups, 
     bar = tqdm(total=limit, desc=f"hessian {opts.estimator} x{w}",
                disable=not (opts.progress and r == 0))
     while True:
-        total = _round_total(opts, n)
+        total = round_size(opts.probes, opts, n)
         if shard == "probes":
             counts = _share(total, w)
             res = run(max(counts[r], 1), opts.seed + (rnd * w + r) * SEED_STRIDE)

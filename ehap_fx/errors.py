@@ -43,3 +43,7 @@ class WeightsError(ModelError):
 
 class TrainError(EhapError):
     """Fine-tuning failed (non-finite loss, empty loader)."""
+
+
+class MemoryBudgetError(HessianError):
+    """An estimate would not fit the memory budget, even with its cheapest settings."""

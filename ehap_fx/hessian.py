@@ -7,7 +7,11 @@ estimates. Three estimators (see ``docs/hessian.md`` for the measurements behind
 * ``"hutchinson"``: Rademacher probes ``v``, ``Tr(H_c) ≈ mean_v Σ_{i∈c} v_i (Hv)_i`` (the paper's);
 * ``"ggn"``: the exact per-channel trace of the Gauss-Newton matrix of softmax cross-entropy
   (``ehap_fx.ggn``), no sampling noise; equal to ``Tr(H_c)`` for piecewise-linear networks;
-* ``"hybrid"``: ``Tr(G_c)`` exactly plus Hutchinson on ``H − G``: unbiased for any network.
+* ``"hybrid"``: ``Tr(G_c)`` exactly plus Hutchinson on ``H − G``: unbiased for any network;
+* ``"mc"``: Monte-Carlo ``Tr(G_c)`` from labels drawn from the model's own softmax
+  (``ehap_fx.ggn_mc``): unbiased, one backward pass per draw whatever the class count;
+* ``"auto"`` (default): the exact GGN when the model has at most ``exact_max_classes``
+  classes and the pass fits the memory budget, else ``"mc"`` (``result.choice`` says why).
 
 Half precision runs the model cast to fp16/bf16; fp16 scales the loss, divides ``Hv`` back by
 the scale, and redoes a probe with a halved scale when it overflows (``result.retries``).
@@ -24,6 +28,7 @@ the scale, and redoes a probe with a halved scale when it overflows (``result.re
 from __future__ import annotations
 
 import copy
+import math
 import resource
 import time
 from collections.abc import Callable, Sequence
@@ -36,13 +41,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ehap_fx.errors import HessianError
+from ehap_fx.budget import fmt_bytes, resolve_budget, saved_bytes_per_sample
+from ehap_fx.errors import HessianError, MemoryBudgetError
 from ehap_fx.fold import fold_batchnorm, scale_channels
 from ehap_fx.ggn import ggn_channel_traces, ggn_vector_product
+from ehap_fx.ggn_mc import ReduceSize, mc_channel_traces, share
 from ehap_fx.sampling import Batch, draw_batches
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ESTIMATORS = ("hutchinson", "ggn", "hybrid")
+ESTIMATORS = ("auto", "ggn", "mc", "hutchinson", "hybrid")
+SEED_STRIDE = 1_000_003
+"""Round (or chunk) ``c`` of probes or label draws is seeded ``seed + c * SEED_STRIDE``."""
 HVPS = ("double_backward", "forward_over_reverse")
 
 
@@ -54,10 +63,15 @@ class HessianOptions:
     ``max_probes`` once every enabled rule holds at a check (every ``check_every`` probes):
     relative L1 change of the traces since the last check ``< tol``, Spearman of successive
     channel (or group) rankings ``>= rank_threshold``, summed standard error over summed
-    |trace| ``<= stderr_tol``. ``None`` disables a rule.
+    |trace| ``<= stderr_tol``. ``None`` disables a rule. The MC estimator draws
+    ``mc_samples`` labels per input (``None``: the same stop rule, counted in draws).
+
+    ``memory_budget``: bytes (``> 1``) or a fraction of the memory available when the
+    estimate starts (``<= 1``); every pass is sized to it before it allocates (chunks, the
+    ``"auto"`` choice), or refused with ``MemoryBudgetError``.
     """
 
-    estimator: str = "ggn"
+    estimator: str = "auto"
     dtype: str = "auto"
     amp: str = "cast"  # "cast": run a half-precision copy; "autocast": fp32 weights + autocast
     batch_size: int = 256
@@ -76,6 +90,10 @@ class HessianOptions:
     loss_scale: float | None = None  # None: 2**16 for fp16, no scaling otherwise
     max_retries: int = 30
     ggn_chunk: int = 8  # samples per vmapped GGN chunk: memory ~ chunk × classes × weights
+    exact_max_classes: int = 100  # "auto": the exact GGN up to this many classes (time ∝ classes)
+    mc_samples: int | None = 2  # label draws per input for "mc" (None: the stop rule decides)
+    mc_chunk: int | None = None  # samples per MC forward/backward (None: from the budget)
+    memory_budget: float = 0.5
     seed: int = 0  # probes
     data_seed: int = 0  # which samples form the Hessian batches
     progress: bool = True
@@ -100,6 +118,12 @@ class HessianOptions:
             raise ValueError(f"max_retries={self.max_retries} must be >= 0")
         if self.hvp == "forward_over_reverse" and self.probe_batch > 1:
             raise ValueError(f"probe_batch={self.probe_batch} needs hvp='double_backward'")
+        if not self.memory_budget > 0:
+            raise ValueError(f"memory_budget={self.memory_budget} must be > 0 (bytes, or a "
+                             "fraction of the available memory when <= 1)")
+        for name in ("mc_samples", "mc_chunk"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1 or None")
         for name in ("tol", "rank_threshold", "stderr_tol"):
             value = getattr(self, name)
             if value is not None and not 0 < value <= 1:
@@ -107,7 +131,7 @@ class HessianOptions:
 
     def _check_counts(self) -> None:
         for name in ("batch_size", "n_batches", "min_probes", "max_probes", "check_every",
-                     "probe_batch", "ggn_chunk"):
+                     "probe_batch", "ggn_chunk", "exact_max_classes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
@@ -141,6 +165,7 @@ class HessianResult:
     n_batches: int
     ggn: dict[str, torch.Tensor] | None = None
     history: tuple[tuple[int, float, float], ...] = field(default=())
+    choice: str = ""  # which estimator and chunk sizes, and why (the memory budget guard)
 
     def sensitivity(self) -> dict[str, torch.Tensor]:
         """Per-channel score ``Tr(H_c) / p_c · ‖w_c‖²`` for every module."""
@@ -152,7 +177,8 @@ class HessianResult:
                 "retries": self.retries, "loss_scale": self.loss_scale,
                 "converged": self.converged, "seconds": round(self.seconds, 3),
                 "peak_memory": self.peak_memory, "peak_memory_kind": self.peak_memory_kind,
-                "batch_size": self.batch_size, "n_batches": self.n_batches}
+                "batch_size": self.batch_size, "n_batches": self.n_batches,
+                "choice": self.choice}
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
@@ -374,13 +400,17 @@ def estimate_hessian(
     loss_fn: Callable | None = None,
     device: torch.device | str | None = None,
     groups: Sequence | None = None,
+    part: tuple[int, int] | None = None,
 ) -> HessianResult:
     """Per-output-channel Hessian traces of the ``names`` weights (default: all conv/linear).
 
     ``data``: see :func:`draw_batches`. ``loss_fn(logits_fp32, y)`` defaults to mean
-    cross-entropy (required by the ``"ggn"`` and ``"hybrid"`` estimators). ``groups``
+    cross-entropy (required by every estimator but ``"hutchinson"``). ``groups``
     (channel groups) makes the rank-stability rule compare group scores instead of channel
-    scores. The model itself is not modified: the estimate runs on an eval-mode copy.
+    scores. ``part=(rank, world)`` (``"mc"`` only): that share of every batch's samples, its
+    rows still divided by the whole batch, so the parts' rows sum to the whole estimate
+    (``ehap_fx.distributed``). The model itself is not modified: the estimate runs on an
+    eval-mode copy.
     """
     opts = options or HessianOptions()
     names = list(names) if names is not None else prunable_modules(model)
@@ -392,27 +422,34 @@ def estimate_hessian(
     device = start_device(model, device)
     start = time.perf_counter()
     s = _prepare(model, data, opts, names, loss_fn or F.cross_entropy, device)
+    plan = plan_pass(s, opts, weights=sum(p.numel() for p in s.params), part=part)
+    if part is not None and plan.estimator != "mc":
+        raise HessianError(f"part= splits the MC estimator's samples; {plan.estimator!r} is "
+                           "split by ehap_fx.distributed's shards")
     p_c = [p[0].numel() for p in s.params]
     w_sq = torch.cat([p.detach().float().pow(2).flatten(1).sum(1) / (1 if k is None else k.pow(2))
                       for p, k in zip(s.params, s.fold, strict=True)])
     pc_flat = torch.cat([torch.full((p.shape[0],), float(n), device=device)
                          for p, n in zip(s.params, p_c, strict=True)])
-    ggn = _ggn_part(s, opts) if opts.estimator != "hutchinson" else None
-    if opts.estimator == "ggn":
-        samples, n, retries, scale, converged, history = ggn[None], 0, 0, 1.0, True, ()
+    rows_cols = _group_index(groups, names, s.params, device) if groups else None
+
+    def score(mean):
+        per_channel = mean / pc_flat * w_sq
+        if rows_cols is None:
+            return per_channel
+        rows, cols, size = rows_cols
+        return torch.zeros(size, device=device).index_add_(0, rows, per_channel[cols])
+
+    ggn = _ggn_part(s, plan.ggn_chunk) if plan.estimator in ("ggn", "hybrid") else None
+    if plan.estimator == "ggn":
+        samples, retries, scale, history = ggn[None], 0, 1.0, ()
+    elif plan.estimator == "mc":
+        samples, retries, scale, history = _mc_loop(s, opts, plan, _StopRule(opts, score), part)
     else:
-        rows_cols = _group_index(groups, names, s.params, device) if groups else None
-
-        def score(mean):
-            per_channel = mean / pc_flat * w_sq
-            if rows_cols is None:
-                return per_channel
-            rows, cols, size = rows_cols
-            return torch.zeros(size, device=device).index_add_(0, rows, per_channel[cols])
-
         samples, retries, scale, history = _probe_loop(s, opts, ggn, _StopRule(opts, score))
-        n = samples.shape[0]
-        converged = opts.probes is not None or n < opts.max_probes
+    n = samples.shape[0] if plan.estimator != "ggn" else 0
+    fixed = opts.mc_samples if plan.estimator == "mc" else opts.probes
+    converged = plan.estimator == "ggn" or fixed is not None or n < opts.max_probes
     mean = samples.mean(0)
     se = samples.std(0) / n**0.5 if n > 1 else torch.zeros_like(mean)
     peak, kind = _peak_memory(device)
@@ -423,14 +460,152 @@ def estimate_hessian(
         channel_params=dict(zip(names, p_c, strict=True)),
         weight_sq=_split(w_sq, s.params, names),
         probe_traces=samples.cpu(),
-        estimator=opts.estimator,
+        estimator=plan.estimator,
         dtype={v: k for k, v in DTYPES.items()}[s.dtype],
         probes=n, retries=retries, loss_scale=scale, converged=converged,
         seconds=time.perf_counter() - start, peak_memory=peak, peak_memory_kind=kind,
         batch_size=opts.batch_size, n_batches=opts.n_batches,
         ggn=_split(ggn, s.params, names) if ggn is not None else None,
-        history=tuple(history),
+        history=tuple(history), choice=plan.reason,
     )
+
+
+def choose_estimator(model: nn.Module, data, options: HessianOptions | None = None, *,
+                     names: Sequence[str] | None = None, device: torch.device | str | None = None,
+                     extra: int = 0) -> Plan:
+    """The :class:`Plan` ``estimate_hessian`` would follow on these arguments, without running
+    the pass (one one-sample forward): what ``ehap_fx.distributed`` agrees on across ranks."""
+    opts = options or HessianOptions()
+    names = list(names) if names is not None else prunable_modules(model)
+    s = _prepare(model, data, opts, names, F.cross_entropy, start_device(model, device))
+    return plan_pass(s, opts, weights=sum(p.numel() for p in s.params), extra=extra)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a pass runs, sized to the memory budget before it allocates (``plan_pass``)."""
+
+    estimator: str  # resolved: never "auto"
+    ggn_chunk: int
+    mc_chunk: int
+    footprint: int  # predicted peak bytes of the pass, beyond what is allocated already
+    budget: int
+    reason: str
+
+
+def plan_pass(s: _Setup, opts: HessianOptions, *, weights: int, extra: int = 0,
+              part: tuple[int, int] | None = None) -> Plan:
+    """Resolve ``"auto"`` and size the chunks from the predicted footprints (bytes):
+
+    * exact GGN, ``c`` samples per chunk: ``2c·(A + K·(W + A))`` (``K`` classes, ``W`` the
+      estimated weights, ``A`` what autograd saves per sample; every class carries a
+      per-sample gradient and a backward pass, the 2 covers transients);
+    * MC, ``m`` samples per pass: ``m·(3A + R·(e + 4))`` (the graph kept over the draws and
+      one backward's transients, ``R`` the largest per-layer reduction buffer in the compute
+      dtype of size ``e`` and in fp32);
+    * Hutchinson: ``3A`` per sample of the whole batch (the double-backward graph).
+
+    ``extra`` bytes are reserved for the caller (the removal matrices). A pass that does not
+    fit even at one sample raises :class:`MemoryBudgetError` naming what to change.
+    """
+    x1 = s.batches[0][0][:1]
+    sizes = ReduceSize(s.model, s.names)
+    saved, out = saved_bytes_per_sample(s.model, x1, s.autocast, during=sizes)
+    if out.dim() != 2:
+        raise HessianError(f"the Hessian estimators need (N, classes) logits; the model returns "
+                           f"{tuple(out.shape)} per sample")
+    classes, e = out.shape[-1], s.dtype.itemsize
+    budget, how = resolve_budget(opts.memory_budget, s.device)
+    room = budget - extra
+    lo, hi = share(opts.batch_size, part)
+    exact1 = 2 * (saved + classes * (weights * e + saved))
+    est = opts.estimator
+    if est in ("hutchinson", "hybrid"):
+        need = 3 * saved * opts.batch_size
+        if need > room:
+            raise MemoryBudgetError(
+                f"estimator={est!r}: a Hessian batch of {opts.batch_size} needs ~{fmt_bytes(need)}"
+                f" > {fmt_bytes(room)} ({how}): lower batch_size (n_batches keeps the samples) "
+                "or raise memory_budget")
+    why = ""
+    if est in ("auto", "ggn", "hybrid"):
+        chunk = min(opts.ggn_chunk, room // exact1)
+        if est == "auto" and classes > opts.exact_max_classes:
+            why = (f"{classes} classes > exact_max_classes={opts.exact_max_classes} (the exact "
+                   "GGN's time grows with the classes)")
+        elif chunk >= 1:
+            lowered = f", ggn_chunk lowered from {opts.ggn_chunk}" if chunk < opts.ggn_chunk else ""
+            name = "exact GGN" if est != "hybrid" else "hybrid (exact GGN part)"
+            return Plan("ggn" if est == "auto" else est, chunk, 0, chunk * exact1, budget,
+                        f"{name}: {classes} classes, ~{fmt_bytes(chunk * exact1)} with ggn_chunk="
+                        f"{chunk}{lowered} <= {fmt_bytes(room)} ({how})")
+        elif est != "auto":
+            raise MemoryBudgetError(
+                f"estimator={est!r} with {classes} classes needs ~{fmt_bytes(exact1)} for one "
+                f"sample > {fmt_bytes(room)} ({how}): use estimator='auto' or 'mc', or raise "
+                "memory_budget")
+        else:
+            why = f"the exact GGN needs ~{fmt_bytes(exact1)} per sample > {fmt_bytes(room)}"
+    if est == "hutchinson":
+        return Plan(est, opts.ggn_chunk, 0, 3 * saved * opts.batch_size, budget,
+                    f"hutchinson: ~{fmt_bytes(3 * saved * opts.batch_size)} <= {fmt_bytes(room)}"
+                    f" ({how})")
+    mc1 = 3 * saved + sizes.worst * (e + 4)
+    chunk = min(opts.mc_chunk or (hi - lo), hi - lo, room // mc1)
+    if chunk < 1:
+        raise MemoryBudgetError(
+            f"the MC estimator needs ~{fmt_bytes(mc1)} for one sample > {fmt_bytes(room)} "
+            f"({how}): raise memory_budget, or use smaller inputs")
+    draws = f"mc_samples={opts.mc_samples}" if opts.mc_samples else "draws until the stop rule"
+    return Plan("mc", opts.ggn_chunk, chunk, chunk * mc1, budget,
+                f"MC GGN ({draws}){': ' + why if why else ''}; {chunk} samples "
+                f"per pass, ~{fmt_bytes(chunk * mc1)} <= {fmt_bytes(room)} ({how})")
+
+
+def round_size(fixed: int | None, opts: HessianOptions, n: int) -> int:
+    """Probes or draws (all ranks together) in the next round of an adaptive estimate."""
+    if fixed is not None:
+        return fixed
+    size = max(opts.min_probes, opts.check_every) if n == 0 else opts.check_every
+    return min(size, opts.max_probes - n)
+
+
+def _mc_loop(s: _Setup, opts: HessianOptions, plan: Plan, rule: _StopRule, part):
+    """Label draws in rounds (seeded ``seed + round · SEED_STRIDE``) until the stop rule holds
+    (one round of ``mc_samples`` when fixed); returns (rows, retries, scale, history)."""
+    if s.batches[0][0].is_floating_point():
+        for p in s.params:  # gradients flow to the input: no weight gradient is computed
+            p.requires_grad_(False)
+    scaling = s.dtype == torch.float16 or opts.loss_scale is not None
+    # the same gradient magnitudes as the mean-loss rules: per-sample cotangents are N× larger
+    base = float(opts.loss_scale or (2.0**16 if s.dtype == torch.float16 else 1.0))
+    scale = 2.0 ** math.floor(math.log2(max(base / opts.batch_size, 1.0))) if scaling else 1.0
+    rows, retries, n, rnd = [], 0, 0, 0
+    total = sq = None
+    fold = _fold_sq(s)
+    while True:
+        draws = round_size(opts.mc_samples, opts, n)
+        for tries in range(opts.max_retries + 1):
+            got = mc_channel_traces(s.model, s.names, [x for x, _ in s.batches], draws,
+                                    opts.seed + rnd * SEED_STRIDE, chunk=plan.mc_chunk,
+                                    autocast=s.autocast, scale=scale, part=part)
+            if bool(torch.isfinite(got).all()):
+                break
+            if not scaling:
+                raise HessianError(f"non-finite per-sample gradients in {s.dtype}: use dtype='fp32'")
+            scale /= 2
+        else:
+            raise HessianError(f"per-sample gradients still overflow after {opts.max_retries} "
+                               f"retries (loss scale {scale}): use dtype='bf16' or 'fp32'")
+        retries += tries
+        got = got * fold
+        rows.append(got)
+        total = got.sum(0) if total is None else total + got.sum(0)
+        sq = got.pow(2).sum(0) if sq is None else sq + got.pow(2).sum(0)
+        n, rnd = n + draws, rnd + 1
+        if opts.mc_samples is not None or rule.done(n, total, sq):
+            break
+    return torch.cat(rows), retries, scale, rule.history
 
 
 def _group_index(groups, names, params, device):
@@ -456,16 +631,20 @@ def _split(flat: torch.Tensor, params, names) -> dict[str, torch.Tensor]:
     return dict(zip(names, parts, strict=True))
 
 
-def _ggn_part(s: _Setup, opts: HessianOptions) -> torch.Tensor:
+def _ggn_part(s: _Setup, chunk: int) -> torch.Tensor:
     pnames = [f"{n}.weight" if n else "weight" for n in s.names]
     total = None
     for x, _ in s.batches:
-        parts = ggn_channel_traces(s.model, pnames, x, chunk=opts.ggn_chunk, autocast=s.autocast)
+        parts = ggn_channel_traces(s.model, pnames, x, chunk=chunk, autocast=s.autocast)
         flat = torch.cat(parts)
         total = flat if total is None else total + flat
-    fold = torch.cat([torch.ones(p.shape[0], device=s.device) if k is None else k.pow(2)
+    return total / len(s.batches) * _fold_sq(s)
+
+
+def _fold_sq(s: _Setup) -> torch.Tensor:
+    """Per channel, the square of its BN scale (traces of folded weights -> original ones)."""
+    return torch.cat([torch.ones(p.shape[0], device=s.device) if k is None else k.pow(2)
                       for p, k in zip(s.params, s.fold, strict=True)])
-    return total / len(s.batches) * fold
 
 
 def _probe_loop(s: _Setup, opts: HessianOptions, ggn, rule: _StopRule):

@@ -25,6 +25,7 @@ from ehap_fx.distributed import (
     SEED_STRIDE,
     _BatchShard,
     estimate_hessian_distributed,
+    estimate_removal_distributed,
     is_distributed,
     shard_loader,
 )
@@ -42,7 +43,30 @@ CASES = {  # name: (options, shard)
     "hybrid": (dataclasses.replace(HUTCH, estimator="hybrid", probes=2), "data"),
     "adaptive": (dataclasses.replace(HUTCH, probes=None, min_probes=4, check_every=4,
                                      max_probes=16, tol=0.3, rank_threshold=None), "probes"),
+    "mc": (dataclasses.replace(HUTCH, estimator="mc", probes=None, mc_samples=3), "auto"),
+    "mc_uneven": (dataclasses.replace(HUTCH, estimator="mc", probes=None, batch_size=31), "auto"),
+    "mc_adaptive": (dataclasses.replace(HUTCH, estimator="mc", probes=None, mc_samples=None,
+                                        min_probes=4, check_every=4, max_probes=12, tol=0.3,
+                                        rank_threshold=None), "auto"),
 }
+REMOVAL = {  # the removal criterion, exact and MC
+    "removal": dataclasses.replace(HUTCH, estimator="ggn", probes=None),
+    "removal_mc": dataclasses.replace(HUTCH, estimator="mc", probes=None, mc_samples=3),
+}
+SEEN: list[int] = []  # samples per forward of more than one sample, on this process
+
+
+def _count(module, args, output):
+    if args[0].shape[0] > 1:
+        SEEN.append(args[0].shape[0])
+
+
+def _grouped_model():
+    from ehap_fx.passes.group import group_channels, groups_of
+    from ehap_fx.passes.trace import trace
+
+    gm = group_channels(trace(_model(), torch.zeros(1, 3, 32, 32))).graph_module
+    return gm, groups_of(gm).prunable
 
 
 def _model() -> torch.nn.Module:
@@ -93,9 +117,18 @@ def _worker(rank: int, port: int, out: str) -> None:
     try:
         got = {}
         for name, (opts, shard) in CASES.items():
-            r = estimate_hessian_distributed(_model(), _hessian_batch(), opts, shard=shard)
+            model = _model()
+            model.conv1.register_forward_hook(_count)  # the copies the estimate runs share it
+            SEEN.clear()
+            r = estimate_hessian_distributed(model, _hessian_batch(), opts, shard=shard)
             got[name] = {"rows": r.probe_traces, "traces": r.traces, "probes": r.probes,
-                         "history": r.history}
+                         "history": r.history, "seen": list(SEEN), "choice": r.choice}
+        for name, opts in REMOVAL.items():
+            gm, groups = _grouped_model()
+            gm.conv1.register_forward_hook(_count)
+            SEEN.clear()
+            r = estimate_removal_distributed(gm, _hessian_batch(), groups, opts)
+            got[name] = {"joint": r.joint, "method": r.method, "seen": list(SEEN)}
         model = _model()
         result = _compress(model)
         got["pruned"] = {k: v.clone() for k, v in result.pruned.state_dict().items()}
@@ -159,13 +192,37 @@ def test_probe_shards_equal_one_process_over_the_same_probes(ranks):
     _close(_flat(ranks[0]["probes"]["traces"]), rows.mean(0))
 
 
-@pytest.mark.parametrize("name", ["data_batches", "data_split", "ggn", "ggn_uneven", "hybrid"])
+@pytest.mark.parametrize("name", ["data_batches", "data_split", "ggn", "ggn_uneven", "hybrid",
+                                  "mc", "mc_uneven", "mc_adaptive"])
 def test_data_shards_equal_one_process_over_the_whole_batch(ranks, name):
     opts, _ = CASES[name]
     ref = estimate_hessian(_model(), _hessian_batch(), opts)
     assert ranks[0][name]["probes"] == ref.probes
     _close(ranks[0][name]["rows"], ref.probe_traces)
     _close(_flat(ranks[0][name]["traces"]), _flat(ref.traces))
+
+
+def test_mc_ranks_draw_only_their_share_of_the_samples(ranks):
+    # batch 32 (31): rank 0 forwards 16 samples, rank 1 16 (15), once per round of draws
+    for r, (even, uneven) in enumerate([(16, 16), (16, 15)]):
+        assert ranks[r]["mc"]["seen"] == [even]
+        assert ranks[r]["mc_uneven"]["seen"] == [uneven]
+        assert ranks[r]["removal_mc"]["seen"] == [even]
+        assert ranks[r]["mc_adaptive"]["seen"] == [even] * len(ranks[0]["mc_adaptive"]["history"])
+    assert ranks[0]["mc"]["choice"].endswith("(rank 0 of 2)")
+
+
+@pytest.mark.parametrize("name", list(REMOVAL))
+def test_removal_splits_over_the_ranks_and_equals_one_process(ranks, name):
+    from ehap_fx.removal import estimate_removal
+
+    gm, groups = _grouped_model()
+    ref = estimate_removal(gm, _hessian_batch(), groups, REMOVAL[name])
+    a, b = ranks[0][name], ranks[1][name]
+    assert a["method"] == ref.method == ("mc" if name == "removal_mc" else "exact")
+    for g in groups:
+        assert torch.equal(a["joint"][g.id], b["joint"][g.id])
+        _close(a["joint"][g.id], ref.joint[g.id])
 
 
 def test_adaptive_rounds_stop_together_on_the_combined_estimate(ranks):

@@ -15,8 +15,15 @@ one run):
   seconds of: Spearman of the channel-group scores and overlap of the channel set pruned at
   a 50% MACs target, for every estimator and precision.
 
+* ``scale`` (issue 15): torchvision models at 224×224 with 1,000 classes (random init) and
+  a CIFAR ResNet: ranking wall time and peak RSS of each estimator against one fp32
+  forward+backward over the same batch, and agreement with a reference (group-score
+  Spearman, overlap of the channels pruned at 0.5 MACs). Each measurement in a fresh
+  subprocess (its own peak RSS), all in one run.
+
     python tools/bench_hessian.py --quick            # minutes on 2 CPU cores
     python tools/bench_hessian.py                    # fuller settings
+    python tools/bench_hessian.py --part scale --scale-batch 32 --json .cache/hessian/scale.json
 """
 
 from __future__ import annotations
@@ -124,7 +131,7 @@ def ehap_probe_seconds(model, data, opts: HessianOptions, device, probes: int) -
         times = []
         for _ in range(2):
             t0 = time.perf_counter()
-            h._ggn_part(s, opts).sum().item()
+            h._ggn_part(s, opts.ggn_chunk).sum().item()
             times.append(time.perf_counter() - t0)
         return min(times)
     hvp, gen = h._Hvp(s, opts), torch.Generator(device=device).manual_seed(0)
@@ -202,12 +209,12 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 class Decision:
     """Channel groups of the model and the set pruned at a MACs target by global ranking."""
 
-    def __init__(self, model, target: float = 0.5):
+    def __init__(self, model, target: float = 0.5, size: int = 32):
         from ehap_fx.passes.cost import plan_cost, total_cost
         from ehap_fx.passes.group import group_channels
         from ehap_fx.passes.trace import trace
 
-        gm = trace(model, torch.zeros(1, 3, 32, 32))
+        gm = trace(model, torch.zeros(1, 3, size, size))
         gm = group_channels(gm).graph_module
         self.gm, self.plan_cost = gm, plan_cost
         self.groups = list(gm.meta["ehap.groups"])
@@ -343,6 +350,244 @@ def _hybrid_time(name: str, curve: dict, curves: dict) -> None:
         pt["seconds"] = t_ggn + per * pt["probes"]
 
 
+# ---------------------------------------------------------------- scale (issue 15)
+
+IMAGENET = ("resnet50", "mobilenet_v3_large", "efficientnet_b0")
+SCALE_CONFIGS = {  # name: (kind, options); "fb" is the fp32 forward+backward yardstick
+    "fwd+bwd-fp32": ("fb", {}),
+    "mc2-bf16": ("hessian", dict(estimator="mc", dtype="bf16", mc_samples=2)),
+    "mc1-bf16": ("hessian", dict(estimator="mc", dtype="bf16", mc_samples=1)),
+    "mc2-fp32": ("hessian", dict(estimator="mc", dtype="fp32", mc_samples=2)),
+    "auto": ("hessian", {}),
+    "ggn-bf16": ("hessian", dict(estimator="ggn", dtype="bf16")),
+    "ggn-fp32": ("hessian", dict(estimator="ggn", dtype="fp32")),
+    "removal-auto": ("removal", {}),
+    "removal-mc2-bf16": ("removal", dict(estimator="mc", dtype="bf16", mc_samples=2)),
+    "vmap-mc1-fp32": ("vmap", {}),  # torch.func per-sample gradients, one label per image
+    "backpack-mc1-fp32": ("backpack", {}),  # BackPACK DiagGGNMC(mc_samples=1), if installed
+}
+
+
+def vmap_mc(gm, x, chunk: int = 8) -> None:
+    """The alternative to hooks: ``vmap(grad)`` per-sample gradients of every conv/linear
+    weight, one label per image drawn from the softmax, squared and summed per channel."""
+    from torch.func import functional_call, grad, vmap
+
+    from ehap_fx.hessian import prunable_modules
+
+    names = [f"{n}.weight" for n in prunable_modules(gm)]
+    params = {k: v.detach() for k, v in gm.named_parameters() if k in names}
+    rest = {k: v.detach() for k, v in gm.named_parameters() if k not in names}
+    rest.update(dict(gm.named_buffers()))
+    with torch.no_grad():
+        y = torch.multinomial(gm(x).softmax(-1), 1)[:, 0]
+
+    def loss(p, x1, y1):
+        return F.cross_entropy(functional_call(gm, (p, rest), (x1[None],)), y1[None])
+
+    total = None
+    for i in range(0, len(x), chunk):
+        g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x[i:i + chunk], y[i:i + chunk])
+        part = torch.cat([g[k].pow(2).flatten(2).sum((0, 2)) for k in names])
+        total = part if total is None else total + part
+
+
+def backpack_mc(model, x, path: str) -> None:
+    """BackPACK's ``DiagGGNMC`` (its fx converter for residual graphs): raises where it does
+    not cover the graph."""
+    sys.path.insert(0, path)
+    from backpack import backpack, extend
+    from backpack.extensions import DiagGGNMC
+
+    net = extend(model, use_converter=True)
+    with torch.no_grad():
+        y = torch.multinomial(net(x).softmax(-1), 1)[:, 0]
+    loss = extend(torch.nn.CrossEntropyLoss())(net(x), y)
+    with backpack(DiagGGNMC(mc_samples=1)):
+        loss.backward()
+
+
+def scale_model(name: str):
+    """A torchvision model (random init: no ImageNet weights here) or a CIFAR one, its traced
+    and grouped graph, and its input size."""
+    from ehap_fx.passes.group import group_channels
+    from ehap_fx.passes.trace import trace
+
+    if name in IMAGENET:
+        import torchvision
+
+        torch.manual_seed(0)
+        model, weights, size = torchvision.models.get_model(name, weights=None).eval(), "random init", 224
+    else:
+        (model, weights), size = load_model(name), 32
+    gm = group_channels(trace(model, torch.zeros(1, 3, size, size))).graph_module
+    return gm, weights, size
+
+
+@torch.no_grad()
+def calibrate(gm, x, logit_std: float = 3.0) -> None:
+    """Give a random-init network the statistics of a trained one: BN running statistics
+    re-estimated on ``x`` (eval-mode random init is degenerate: resnet50's softmax is one-hot,
+    mobilenet_v3's and efficientnet's the same for every image), then the last linear layer
+    scaled so the logits' standard deviation is ``logit_std``."""
+    bns = [m for m in gm.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calls
+    gm.train()
+    for i in range(0, len(x), 8):
+        gm(x[i:i + 8])
+    gm.eval()
+    last = [m for m in gm.modules() if isinstance(m, torch.nn.Linear)][-1]
+    k = logit_std / gm(x[:8]).std()
+    last.weight.mul_(k)
+    last.bias.mul_(k)
+
+
+def scale_data(name: str, size: int, n: int):
+    if size == 32:
+        return load_data(name, n)[0]
+    g = torch.Generator().manual_seed(0)  # no ImageNet here: N(0, 1) images, random labels
+    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, 1000, (n,), generator=g)
+
+
+def scale_child(spec: dict) -> dict:
+    """One measurement in this (fresh) process: seconds, peak RSS, and the group scores."""
+    from ehap_fx.passes.group import groups_of
+    from ehap_fx.removal import estimate_removal
+
+    torch.set_num_threads(spec["threads"])
+    gm, weights, size = scale_model(spec["model"])
+    x, y = scale_data(spec["model"], size, spec["batch"])
+    if spec["model"] in IMAGENET:
+        calibrate(gm, x)
+    kind, cfg = SCALE_CONFIGS[spec["config"]]
+    cfg = dict(cfg, **spec.get("override", {}))
+    prunable = groups_of(gm).prunable
+    base = rss()
+    out = dict(spec, weights=weights)
+    if kind in ("vmap", "backpack"):
+        t0 = time.perf_counter()
+        if kind == "vmap":
+            vmap_mc(gm, x)
+        else:
+            import torchvision
+
+            torch.manual_seed(0)
+            net = torchvision.models.get_model(spec["model"], weights=None).eval()
+            net.load_state_dict(gm.state_dict())  # the calibrated weights
+            backpack_mc(net, x, spec["backpack"])
+        out["seconds"], scores = time.perf_counter() - t0, None
+    elif kind == "fb":
+        times = []
+        for _ in range(2):
+            gm.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            F.cross_entropy(gm(x), y).backward()
+            times.append(time.perf_counter() - t0)
+        out["seconds"], scores = min(times), None
+    else:
+        opts = HessianOptions(batch_size=spec["batch"], progress=False, **cfg)
+        t0 = time.perf_counter()
+        if kind == "removal":
+            r = estimate_removal(gm, (x, y), prunable, opts)
+            scores = torch.cat([r.scores[g.id] for g in prunable])
+        else:
+            r = estimate_hessian(gm, (x, y), opts, groups=prunable)
+            s = group_sensitivity(prunable, gm, r)
+            scores = torch.cat([s[g.id] for g in prunable])
+        out["seconds"] = time.perf_counter() - t0
+        out["summary"] = r.summary()
+    out["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["base_rss"] = base
+    if scores is not None:
+        torch.save(scores, spec["scores"])
+    return out
+
+
+def run_scale(args) -> list[dict]:
+    rows = []
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    for model in args.scale_models:
+        cifar = model not in IMAGENET
+        configs = args.scale_configs or (
+            ["fwd+bwd-fp32", "ggn-bf16", "mc2-bf16", "mc1-bf16", "removal-auto",
+             "removal-mc2-bf16", "ggn-fp32"] if cifar
+            else ["fwd+bwd-fp32", "mc2-bf16", "mc1-bf16", "mc2-fp32", "auto", "vmap-mc1-fp32",
+                  "backpack-mc1-fp32", "removal-mc2-bf16", "ref"])
+        batch = args.scale_batch if not cifar else args.cifar_batch
+        for config in configs:
+            name, override = config, {}
+            if config == "ref":  # a many-draw MC run: the reference without an exact GGN
+                name, override = "mc2-bf16", dict(mc_samples=args.ref_draws, seed=99)
+            spec = dict(model=model, config=name, override=override, batch=batch,
+                        threads=args.threads, label=config, backpack=args.backpack,
+                        scores=str(cache / f"scale-{model}-{config}-b{batch}.pt"))
+            out = subprocess.run([sys.executable, __file__, "--scale-child", json.dumps(spec)],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                print(f"{model} {config}: FAILED\n{out.stderr[-2000:]}", file=sys.stderr)
+                rows.append(dict(spec, failed=out.stderr.strip().splitlines()[-1]))
+                continue
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            if args.json:
+                Path(args.json + ".partial").write_text(json.dumps({"scale": rows}, indent=1))
+            print(f"  {model:18s} {config:14s} {row['seconds']:8.2f} s  peak "
+                  f"{row['peak'] / 2**20:7.0f} MiB  {row.get('summary', {}).get('choice', '')}",
+                  flush=True)
+        _agreement(rows, model, "ref" if not cifar else "ggn-fp32", batch)
+    return rows
+
+
+def _agreement(rows: list[dict], model: str, ref_label: str, batch: int) -> None:
+    """Spearman of group scores and overlap of the channels pruned at 0.5 MACs, vs the
+    reference (trace scores vs ``ref_label``; removal scores vs the exact removal criterion,
+    ``removal-auto``, where it is exact)."""
+    mine = [r for r in rows if r["model"] == model and "failed" not in r]
+    gm, _, size = scale_model(model)
+    dec = Decision(gm, size=size)
+    refs = {}
+    for label in (ref_label, "removal-auto"):
+        ref = next((r for r in mine if r["label"] == label), None)
+        if ref is not None and (label == ref_label or ref["summary"]["method"] == "exact"):
+            scores = torch.load(ref["scores"])
+            refs[label] = (scores, dec.pruned(scores))
+    for r in mine:
+        kind = SCALE_CONFIGS[r["config"]][0]
+        against = "removal-auto" if kind == "removal" else ref_label
+        if r["label"] in refs or kind in ("fb", "vmap", "backpack") or against not in refs:
+            continue
+        sc, (ref_scores, ref_set) = torch.load(r["scores"]), refs[against]
+        r["spearman"], r["overlap"] = spearman(sc, ref_scores), overlap(dec.pruned(sc), ref_set)
+        r["reference"] = against
+
+
+def render_scale(rows: list[dict]) -> str:
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        fb = next((r for r in mine if r["config"] == "fwd+bwd-fp32" and "failed" not in r), None)
+        lines += [f"\n{model} ({mine[0].get('weights', '?')}), Hessian batch {mine[0]['batch']}, "
+                  f"{mine[0]['threads']} thread(s)\n",
+                  "| ranking | seconds | × fp32 fwd+bwd | peak RSS MiB | × fwd+bwd peak | "
+                  "Spearman vs ref | overlap @0.5 MACs | ref | choice |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in mine:
+            if "failed" in r:
+                lines.append(f"| {r['label']} | failed: {r['failed'][:80]} | | | | | | | |")
+                continue
+            t = f"{r['seconds'] / fb['seconds']:.2f}" if fb else "-"
+            m = f"{r['peak'] / fb['peak']:.2f}" if fb else "-"
+            sp = f"{r['spearman']:.3f}" if "spearman" in r else "-"
+            ov = f"{r['overlap']:.3f}" if "overlap" in r else "-"
+            choice = r.get("summary", {}).get("choice", "").split(";")[0].split(":")[0]
+            lines.append(f"| {r['label']} | {r['seconds']:.2f} | {t} | {r['peak'] / 2**20:.0f} | "
+                         f"{m} | {sp} | {ov} | {r.get('reference', '')} | {choice} |")
+    return "\n".join(lines)
+
+
 def render(results: dict) -> str:
     """Markdown tables of a results JSON (``--render``)."""
     lines = []
@@ -379,13 +624,23 @@ def render(results: dict) -> str:
         if "ggn_vs_ref_halves" in agree:
             a, b = agree["ggn_vs_ref_halves"]
             lines.append(f"\nGGN vs each reference half: Spearman {a:.3f} / {b:.3f}")
+    if results.get("scale"):
+        lines.append(render_scale(results["scale"]))
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small settings: a few minutes on CPU")
-    p.add_argument("--part", choices=["speed", "agree", "all"], default="all")
+    p.add_argument("--part", choices=["speed", "agree", "scale", "all"], default="all")
+    p.add_argument("--scale-models", nargs="+", default=[*IMAGENET, "resnet56"])
+    p.add_argument("--scale-configs", nargs="+", help="default: per model kind (see run_scale)")
+    p.add_argument("--scale-batch", type=int, default=32, help="Hessian batch at 224x224")
+    p.add_argument("--cifar-batch", type=int, default=256)
+    p.add_argument("--ref-draws", type=int, default=32, help="label draws of the MC reference")
+    p.add_argument("--backpack", default="/tmp/bp_pkgs",
+                   help="where backpack-for-pytorch is installed (pip install --target)")
+    p.add_argument("--scale-child", help=argparse.SUPPRESS)
     p.add_argument("--models", nargs="+")
     p.add_argument("--configs", nargs="+", help="default: all (hutch-fp16 only on CUDA)")
     p.add_argument("--curves", nargs="+", default=list(CURVES))
@@ -408,6 +663,9 @@ def main(argv=None) -> None:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
+    if args.scale_child:
+        print(json.dumps(scale_child(json.loads(args.scale_child))))
+        return
     q = args.quick
     args.configs = args.configs or [c for c in SPEED_CONFIGS
                                     if c != "hutch-fp16" or args.device.startswith("cuda")]
@@ -426,6 +684,8 @@ def main(argv=None) -> None:
         results["speed"] = run_speed(args)
     if args.part in ("agree", "all"):
         results["agree"] = run_agree(args)
+    if args.part == "scale":
+        results["scale"] = run_scale(args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     print(render(results))

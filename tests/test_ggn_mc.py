@@ -1,0 +1,195 @@
+"""The Monte-Carlo GGN (``ehap_fx.ggn_mc``) and the memory budget guard (``ehap_fx.budget``).
+
+Model under test: ``test_hessian.tiny`` (ReLU, 174 weights: the full Hessian is cheap)::
+
+    x (N,2,4,4) -> conv a -> BN -> ReLU -> conv b -> ReLU -> avgpool -> linear c -> (N,3)
+
+Per-sample reductions are checked layer by layer against ``torch.func`` per-sample gradients;
+the estimates against ``torch.func.hessian`` within their own standard errors.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+from test_hessian import NAMES, data, exact_traces, tiny
+from test_removal import grouped, tiny_relu
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from ehap_fx.errors import MemoryBudgetError
+from ehap_fx.ggn_mc import channel_sq_norms, input_directional, label_noise, share
+from ehap_fx.hessian import HessianOptions, estimate_hessian
+from ehap_fx.removal import estimate_removal
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MC = HessianOptions(estimator="mc", dtype="fp32", batch_size=16, progress=False)
+
+# (module, input shape): the Gram path is taken where T²(K + C) < C·T·K, i.e. small outputs
+LAYERS = {
+    "conv3x3": (nn.Conv2d(4, 6, 3, padding=1), (3, 4, 7, 7)),  # T=49, K=36, C=6: direct
+    "strided-dilated-grouped": (nn.Conv2d(4, 6, 3, stride=2, dilation=2, padding=2, groups=2), (3, 4, 7, 7)),
+    "depthwise-same-reflect": (nn.Conv2d(4, 4, 3, groups=4, padding="same", padding_mode="reflect"), (3, 4, 6, 6)),
+    "pointwise-strided": (nn.Conv2d(4, 6, 1, stride=2), (3, 4, 7, 7)),
+    "even-kernel-same": (nn.Conv2d(4, 8, 4, padding="same"), (3, 4, 6, 6)),
+    "gram": (nn.Conv2d(16, 32, 3), (3, 16, 6, 6)),  # T=16, K=144, C=32: Gram
+    "conv1d": (nn.Conv1d(4, 6, 3, padding=2, dilation=2), (3, 4, 9)),
+    "linear": (nn.Linear(5, 3), (3, 5)),  # T=1: Gram, ‖b‖²·‖a‖²
+    "linear-seq": (nn.Linear(5, 3), (3, 7, 5)),  # T=7 tokens, C=3 < T: direct
+}
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_per_sample_reductions_equal_torch_func_per_sample_gradients(name):
+    torch.manual_seed(0)
+    module, shape = LAYERS[name]
+    x = torch.randn(*shape)
+    b = torch.randn_like(module(x))
+
+    def f(w, x1, b1):
+        return (functional_call(module, {"weight": w, "bias": module.bias}, (x1[None],)) * b1[None]).sum()
+
+    w = module.weight.detach()
+    g = vmap(grad(f), in_dims=(None, 0, 0))(w, x, b)  # (N, *w.shape): per-sample gradients
+    torch.testing.assert_close(channel_sq_norms(module, x, b), g.pow(2).flatten(2).sum(-1),
+                               rtol=1e-5, atol=1e-6)
+    along_inputs = (g * w).transpose(1, 2).flatten(2).sum(-1)  # ⟨W[:, i], g[:, i]⟩
+    torch.testing.assert_close(input_directional(module, x, b), along_inputs, rtol=1e-5, atol=1e-6)
+
+
+def _flat(d):
+    return torch.cat([d[n] for n in NAMES])
+
+
+@pytest.mark.parametrize(("dtype", "rel"), [("fp32", 0.0), ("bf16", 0.02), ("fp16", 0.005)])
+def test_mc_estimate_is_within_its_standard_error_of_the_exact_trace(dtype, rel):
+    # ReLU net: Tr(G_c) = Tr(H_c). 400 draws x 16 inputs: SE ~1-2 % of each trace; 10 channels
+    # at 4 SE fail by chance with probability ~6e-4; a biased estimator (the empirical Fisher,
+    # true labels) is off by far more than that. Half precision adds its rounding (rel).
+    net = tiny(nn.ReLU)
+    x, y = data()
+    exact = _flat(exact_traces(net, x, y)).detach()
+    r = estimate_hessian(net, (x, y), dataclasses.replace(MC, dtype=dtype, mc_samples=400, seed=3),
+                         names=NAMES)
+    est, se = _flat(r.traces), _flat(r.stderr)
+    assert r.estimator == "mc" and r.probes == 400 and r.probe_traces.shape == (400, 10)
+    assert ((est - exact).abs() <= 4 * se + rel * exact).all(), ((est - exact) / se)
+    assert (se < 0.05 * exact).all()  # precise enough for the bound to mean something
+    if dtype == "fp16":
+        assert r.loss_scale == 2.0**12  # 2¹⁶ / batch 16: the gradients of the mean-loss rule
+
+
+def test_mc_with_true_labels_would_fail_the_bound():
+    """The bound above can fail: the empirical Fisher (observed labels) is not Tr(G_c)."""
+    net = tiny(nn.ReLU)
+    x, y = data()
+    exact = _flat(exact_traces(net, x, y)).detach()
+    logits = net(x)
+    g = torch.autograd.grad(nn.functional.cross_entropy(logits, y, reduction="sum"), logits)[0]
+    assert g.shape == (16, 3)
+    # per-sample Fisher of the last layer c: ‖(p − e_y) ⊗ h‖², against its exact trace
+    h = net[:-1](x)
+    fisher = (g.pow(2).T @ h.pow(2).sum(1)) / 16
+    assert ((fisher - exact[-3:]).abs() / exact[-3:]).max() > 0.2
+
+
+def test_micro_batches_and_parts_give_the_same_rows():
+    net = tiny(nn.ReLU)
+    x, y = data()
+    opts = dataclasses.replace(MC, mc_samples=3)
+    whole = estimate_hessian(net, (x, y), opts, names=NAMES).probe_traces
+    chunked = estimate_hessian(net, (x, y), dataclasses.replace(opts, mc_chunk=5), names=NAMES).probe_traces
+    parts = sum(estimate_hessian(net, (x, y), opts, names=NAMES, part=(r, 3)).probe_traces for r in range(3))
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-7)
+    assert [share(16, (r, 3)) for r in range(3)] == [(0, 6), (6, 11), (11, 16)]
+    assert torch.equal(label_noise(0, 2, [16])[0][:, 6:11], label_noise(0, 2, [16])[0][:, 6:11])
+
+
+def test_stop_rule_counts_draws():
+    net = tiny(nn.ReLU)
+    opts = dataclasses.replace(MC, mc_samples=None, min_probes=4, check_every=4, max_probes=64,
+                               tol=None, rank_threshold=None, stderr_tol=0.05)
+    r = estimate_hessian(net, data(), opts, names=NAMES)
+    n = [h[0] for h in r.history]
+    assert n == list(range(4, r.probes + 1, 4)) and r.converged and r.probes < 64
+    se, mean = _flat(r.stderr), _flat(r.traces)
+    assert se.sum() / mean.abs().sum() <= 0.05  # the rule it stopped on
+
+
+def test_forced_overflow_is_redone_at_lower_scale():
+    net = tiny(nn.ReLU)
+    x, y = data()
+    plain = estimate_hessian(net, (x, y), dataclasses.replace(MC, mc_samples=2), names=NAMES)
+    # 2⁸⁰ / batch 16 = 2⁷⁶ on the cotangents: their squares pass fp32's 2¹²⁸ until ~2⁶⁴
+    scaled = estimate_hessian(net, (x, y), dataclasses.replace(MC, mc_samples=2, loss_scale=2.0**80),
+                              names=NAMES)
+    assert scaled.retries >= 10 and scaled.loss_scale <= 2.0**64
+    torch.testing.assert_close(scaled.probe_traces, plain.probe_traces, rtol=1e-5, atol=1e-8)
+
+
+def test_mc_removal_is_unbiased_for_the_exact_criterion():
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 2, 5, 5), torch.randint(0, 3, (16,))
+    gm, groups = grouped(tiny_relu(), x)
+    exact = estimate_removal(gm, (x, y), groups, dataclasses.replace(MC, estimator="ggn"))
+    runs = [estimate_removal(gm, (x, y), groups, dataclasses.replace(MC, mc_samples=50, seed=s))
+            for s in range(8)]
+    assert exact.method == "exact" and runs[0].method == "mc"
+    for g in groups:
+        q = torch.stack([r.joint[g.id] for r in runs])  # (8, size, size): 8 independent runs
+        mean, se = q.mean(0), q.std(0) / 8**0.5
+        assert ((mean - exact.joint[g.id]).abs() <= 4 * se + 1e-9).all()
+        assert (se.diagonal() < 0.1 * exact.scores[g.id]).all()
+
+
+def _wide_head(classes: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, classes))
+
+
+def _images(classes: int, n=8):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def test_auto_takes_the_exact_ggn_for_few_classes_and_mc_for_many():
+    few = estimate_hessian(_wide_head(10), _images(10), HessianOptions(batch_size=8, progress=False))
+    many = estimate_hessian(_wide_head(1000), _images(1000), HessianOptions(batch_size=8, progress=False))
+    assert few.estimator == "ggn" and few.choice.startswith("exact GGN: 10 classes")
+    assert many.estimator == "mc" and "1000 classes > exact_max_classes=100" in many.choice
+    assert many.summary()["choice"] == many.choice  # and so in compress()'s report
+
+
+def test_budget_guard_takes_the_cheaper_path_instead_of_exhausting_memory():
+    # 200 classes: the exact pass holds 200 per-sample gradients and backward passes per
+    # sample (~3 MiB predicted here), the MC pass one draw's (~23 KiB). A 300 KiB budget fits
+    # only the MC one, 40 KiB only one sample of it at a time.
+    model, data200 = _wide_head(200), _images(200)
+    opts = HessianOptions(batch_size=8, progress=False, exact_max_classes=1000, memory_budget=300 * 2**10)
+    r = estimate_hessian(model, data200, opts)
+    assert r.estimator == "mc" and "the exact GGN needs" in r.choice
+    roomy = estimate_hessian(model, data200, dataclasses.replace(opts, memory_budget=2**30))
+    assert roomy.estimator == "ggn"
+    with pytest.raises(MemoryBudgetError, match=r"estimator='ggn' with 200 classes needs .* use "
+                                                r"estimator='auto' or 'mc', or raise memory_budget"):
+        estimate_hessian(model, data200, dataclasses.replace(opts, estimator="ggn"))
+    chunk = dataclasses.replace(opts, memory_budget=40 * 2**10)  # room for about 2 samples
+    small = estimate_hessian(model, data200, chunk)
+    assert small.estimator == "mc" and "samples per pass" in small.choice
+    assert int(small.choice.split(" samples per pass")[0].split()[-1]) < 8
+
+
+def test_too_small_a_budget_is_a_one_line_error_naming_the_fix():
+    with pytest.raises(MemoryBudgetError, match=r"MC estimator needs .* for one sample > .*: "
+                                                r"raise memory_budget") as e:
+        estimate_hessian(_wide_head(1000), _images(1000),
+                         HessianOptions(batch_size=8, progress=False, memory_budget=1000))
+    assert "\n" not in str(e.value)
+    with pytest.raises(MemoryBudgetError, match="lower batch_size"):
+        estimate_hessian(_wide_head(10), _images(10), HessianOptions(
+            estimator="hutchinson", batch_size=8, probes=1, progress=False, memory_budget=1000))
+    with pytest.raises(ValueError, match="memory_budget=0"):
+        HessianOptions(memory_budget=0)
