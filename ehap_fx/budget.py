@@ -71,7 +71,7 @@ def saved_bytes_per_sample(model: nn.Module, x1: torch.Tensor, autocast: Callabl
         out = model(leaf)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     weights |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    return sum(v for k, v in seen.items() if k not in weights), out.detach()
+    return sum(v for k, v in seen.items() if k not in weights), out
 
 
 def fmt_bytes(n: float) -> str:

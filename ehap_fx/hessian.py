@@ -511,14 +511,10 @@ def plan_pass(s: _Setup, opts: HessianOptions, *, weights: int, extra: int = 0,
     x1 = s.batches[0][0][:1]
     sizes = ReduceSize(s.model, s.names)
     saved, out = saved_bytes_per_sample(s.model, x1, s.autocast, during=sizes)
-    if out.dim() != 2:
-        raise HessianError(f"the Hessian estimators need (N, classes) logits; the model returns "
-                           f"{tuple(out.shape)} per sample")
-    classes, e = out.shape[-1], s.dtype.itemsize
+    e = s.dtype.itemsize
     budget, how = resolve_budget(opts.memory_budget, s.device)
     room = budget - extra
     lo, hi = share(opts.batch_size, part)
-    exact1 = 2 * (saved + classes * (weights * e + saved))
     est = opts.estimator
     if est in ("hutchinson", "hybrid"):
         need = 3 * saved * opts.batch_size
@@ -527,6 +523,15 @@ def plan_pass(s: _Setup, opts: HessianOptions, *, weights: int, extra: int = 0,
                 f"estimator={est!r}: a Hessian batch of {opts.batch_size} needs ~{fmt_bytes(need)}"
                 f" > {fmt_bytes(room)} ({how}): lower batch_size (n_batches keeps the samples) "
                 "or raise memory_budget")
+        if est == "hutchinson":  # any loss, any output
+            return Plan(est, opts.ggn_chunk, 0, need, budget,
+                        f"hutchinson: ~{fmt_bytes(need)} <= {fmt_bytes(room)} ({how})")
+    if not torch.is_tensor(out) or out.dim() != 2:
+        raise HessianError(f"estimator={est!r} needs (N, classes) logits; the model returns "
+                           f"{getattr(out, 'shape', type(out).__name__)} for one sample: use "
+                           "estimator='hutchinson' with a loss_fn")
+    classes = out.shape[-1]
+    exact1 = 2 * (saved + classes * (weights * e + saved))
     why = ""
     if est in ("auto", "ggn", "hybrid"):
         chunk = min(opts.ggn_chunk, room // exact1)
@@ -546,10 +551,6 @@ def plan_pass(s: _Setup, opts: HessianOptions, *, weights: int, extra: int = 0,
                 "memory_budget")
         else:
             why = f"the exact GGN needs ~{fmt_bytes(exact1)} per sample > {fmt_bytes(room)}"
-    if est == "hutchinson":
-        return Plan(est, opts.ggn_chunk, 0, 3 * saved * opts.batch_size, budget,
-                    f"hutchinson: ~{fmt_bytes(3 * saved * opts.batch_size)} <= {fmt_bytes(room)}"
-                    f" ({how})")
     mc1 = 3 * saved + sizes.worst * (e + 4)
     chunk = min(opts.mc_chunk or (hi - lo), hi - lo, room // mc1)
     if chunk < 1:
