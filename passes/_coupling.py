@@ -1,11 +1,14 @@
 """Coupling rules of the channel-group pass: how each op maps channel labels.
 
-Every channel of every value (along dim 1) carries a label; a rule receives the analysis
-state and a node, and returns the labels of the node's output (a tuple for ops returning
-tuples, None for non-tensors), creating fresh labels for producers, unioning labels that must
-stay equal, and recording ``_Touch`` es where parameters are indexed by channels. A rule that
-meets a use it cannot describe exactly raises ``_Pin``; an op without a rule is pinned by the
-pass. See ``passes/group.py`` for the whole picture.
+Every channel of every value carries a label; the channels are dim 1 unless a rule moved
+them (a ``permute`` to channels-last, a ``Linear`` over the last dim): ``_Analysis.dim(node)``
+says which dim. A rule receives the analysis state and a node, and returns the labels of the
+node's output (a tuple for ops returning tuples, None for non-tensors), creating fresh labels
+for producers, unioning labels that must stay equal, and recording ``_Touch`` es where
+parameters are indexed by channels. A rule that meets a use it cannot describe exactly
+raises ``_Pin``; an op without a rule is pinned by the pass. Only the rules in ``ANY_DIM``
+read channels at a dim other than 1; any other rule meeting such a value pins it. See
+``passes/group.py`` for the whole picture.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ class _Analysis:
         self.uf = _UnionFind()
         self.env: dict[fx.Node, Any] = {}
         self.touches: list[_Touch] = []
+        self.cdim: dict[fx.Node, int] = {}  # the channel dim of a value, where it is not 1
         self.calls_per_module = defaultdict(int)
         for n in gm.graph.nodes:
             if n.op == "call_module":
@@ -94,6 +98,29 @@ class _Analysis:
 
     def labels(self, arg: Any) -> Labels | None:
         return self.env.get(arg) if isinstance(arg, fx.Node) else None
+
+    def dim(self, arg: Any) -> int:
+        """The dim of ``arg`` that its labels describe (1 unless a rule moved the channels)."""
+        return self.cdim.get(arg, 1) if isinstance(arg, fx.Node) else 1
+
+    def set_dim(self, node: fx.Node, dim: int) -> None:
+        if dim == 1:
+            self.cdim.pop(node, None)
+        else:
+            self.cdim[node] = dim
+
+    def anchor(self, arg: fx.Node, dim: int, reason: str) -> Labels | None:
+        """The labels of ``arg`` at ``dim``. When its channels are another dim, those are
+        pinned: then no dim of ``arg`` ever changes size, so fresh pinned labels describe
+        ``dim`` exactly, and replace the old ones (later readers see channels at ``dim``)."""
+        labels = self.labels(arg)
+        shape = _shape(arg)
+        if labels is None or shape is None or _norm_dim(dim, len(shape)) == self.dim(arg):
+            return labels
+        self.uf.pin(labels, reason)
+        self.env[arg] = self._pinned_labels(int(shape[dim]), reason)
+        self.set_dim(arg, _norm_dim(dim, len(shape)))
+        return self.env[arg]
 
     def fresh_pinned(self, node: fx.Node, reason: str) -> Any:
         """Fresh pinned labels shaped like the node's output (tensor, tuple of tensors, or None)."""
@@ -118,12 +145,13 @@ class _Analysis:
         return self.gm.get_submodule(node.target)
 
 
-def _map_meta(node: fx.Node, fn: Callable[[int], Labels]) -> Any:
-    """Apply ``fn(channels)`` to each tensor in the node's ``tensor_meta`` (None for non-tensors)."""
+def _map_meta(node: fx.Node, fn: Callable[[int], Labels], dim: int = 1) -> Any:
+    """Apply ``fn(channels)`` to each tensor in the node's ``tensor_meta`` (None for non-tensors):
+    ``channels`` is its size along ``dim``."""
 
     def go(meta):
         if isinstance(meta, TensorMetadata):
-            return fn(int(meta.shape[1])) if len(meta.shape) >= 2 else None
+            return fn(int(meta.shape[dim])) if len(meta.shape) > dim else None
         if isinstance(meta, (tuple, list)):
             return tuple(go(m) for m in meta)
         return None
@@ -171,10 +199,14 @@ class _Pin(Exception):
 
 def same_channels(a: _Analysis, node: fx.Node) -> Labels:
     """Channel c of the output is computed from channel c of the (first) input only."""
-    labels = a.labels(node.args[0] if node.args else None)
-    out = _shape(node)
-    if labels is None or out is None or len(out) < 2 or out[1] != len(labels):
+    x = node.args[0] if node.args else None
+    labels, dim = a.labels(x), a.dim(x)
+    src, out = _shape(x), _shape(node)
+    if labels is None or out is None or src is None or len(out) <= dim or out[dim] != len(labels):
         raise _Pin("output does not keep the input's channel dim")
+    if dim != 1 and len(out) != len(src):
+        raise _Pin(f"op changes the rank of a value whose channels are dim {dim}")
+    a.set_dim(node, dim)
     return labels
 
 
@@ -201,10 +233,16 @@ def group_norm(a: _Analysis, node: fx.Node) -> Labels:
 
 
 def layer_norm(a: _Analysis, node: fx.Node) -> Labels:
-    """LayerNorm over trailing dims that exclude the channel dim acts per channel."""
+    """LayerNorm (module or ``F.layer_norm``) over trailing dims that exclude the channel dim
+    acts per channel. Over the channels (a channels-last LayerNorm) it pins: each channel's
+    output depends on the statistics of all of them, so removing one changes the others."""
     shape = _shape(node.args[0])
-    mod = a.module(node)
-    if shape is None or len(mod.normalized_shape) >= len(shape) - 1:
+    if node.op == "call_module":
+        normalized = a.module(node).normalized_shape
+    else:
+        normalized = _arg(node, 1, "normalized_shape")
+    normalized = (normalized,) if isinstance(normalized, int) else tuple(normalized)
+    if shape is None or a.dim(node.args[0]) >= len(shape) - len(normalized):
         raise _Pin("LayerNorm normalises over the channel dim")
     return same_channels(a, node)
 
@@ -237,57 +275,77 @@ def conv(a: _Analysis, node: fx.Node) -> Labels:
 
 
 def linear(a: _Analysis, node: fx.Node) -> Labels:
-    """Linear on (N, F): fresh output features; input features index ``weight`` dim 1."""
-    x = a.labels(node.args[0])
+    """Linear over the last dim, (N, F) or (N, ..., F) (a pointwise conv on a channels-last
+    tensor): fresh output features at the last dim; input features index ``weight`` dim 1.
+    An input whose channels are another dim has them pinned (``_Analysis.anchor``)."""
     shape = _shape(node.args[0])
-    if x is None or shape is None or len(shape) != 2:
-        raise _Pin("linear on an input that is not (N, features)")
+    if a.labels(node.args[0]) is None or shape is None or len(shape) < 2:
+        raise _Pin("linear on an input without (N, ..., features)")
+    d = a.dim(node.args[0])
+    x = a.anchor(node.args[0], -1, f"{node.format_node()}: mixes the last dim of a value whose channels are dim {d}")
     mod = a.module(node)
     out = a.uf.fresh(mod.out_features)
     a.touch(node, "in", 1, x)
     a.touch(node, "out", 0, out)
+    a.set_dim(node, len(shape) - 1)
     return out
 
 
 def elementwise(a: _Analysis, node: fx.Node) -> Labels:
-    """Broadcasting binary op: operands that carry the output's channel dim are unioned."""
+    """Broadcasting binary op: operands that carry the output's channel dim are unioned.
+
+    The output's channel dim is that of the operands' labels, which must all align (a
+    channels-last value times a ``(C,)`` layer-scale parameter aligns; a channels-first one
+    added to a channels-last one does not)."""
     out = _shape(node)
     if out is None or len(out) < 2:
         raise _Pin("elementwise op without a channel dim")
+    operands = [(arg, shape) for arg in _flat_args(node) if (shape := _shape(arg))]
+    # where the labelled operands that are not broadcast along their channels put them
+    at = set()
+    for arg, shape in operands:
+        d = a.dim(arg) + len(out) - len(shape)  # the output dim the operand's channels align with
+        if a.labels(arg) is not None and 0 <= d < len(out) and (shape[a.dim(arg)] != 1 or out[d] == 1):
+            at.add(d)
+    if len(at) > 1:
+        raise _Pin(f"operands carry their channels at different dims {sorted(at)}")
+    cdim = at.pop() if at else 1
     carried: list[Labels] = []
-    for arg in _flat_args(node):
-        shape = _shape(arg)
-        if shape is None or len(shape) == 0:
-            continue
-        dim = 1 - (len(out) - len(shape))  # the operand's dim aligned with the output's dim 1
-        if dim < 0 or (shape[dim] == 1 and out[1] != 1):
+    for arg, shape in operands:
+        dim = cdim - (len(out) - len(shape))  # the operand's dim aligned with the output's channels
+        if dim < 0 or (shape[dim] == 1 and out[cdim] != 1):
             continue  # broadcast along channels: no coupling
         labels = a.labels(arg)
-        if dim != 1 or labels is None:
+        if dim != a.dim(arg) or labels is None:
             raise _Pin(f"operand {arg.name} {tuple(shape)} aligns its dim {dim} with channels")
         carried.append(labels)
     if not carried:
         raise _Pin("no operand carries the channels")
     for other in carried[1:]:
         a.uf.union(carried[0], other)
+    a.set_dim(node, cdim)
     return carried[0]
 
 
 def concat(a: _Analysis, node: fx.Node) -> Labels:
-    """cat along channels concatenates labels; along another dim it unions them."""
+    """cat along channels concatenates labels; along another dim (batch, tokens, spatial) it
+    unions them: channel c of the output is channel c of every part."""
     tensors = _arg(node, 0, "tensors")
     out = _shape(node)
     dim = _norm_dim(_arg(node, 1, "dim", 0), len(out))
     parts = [a.labels(t) for t in tensors]
     if any(p is None for p in parts):
         raise _Pin("cat of a value without channel labels")
-    if dim == 1:
+    dims = {a.dim(t) for t in tensors}
+    if len(dims) != 1:
+        raise _Pin(f"cat of values with their channels at different dims {sorted(dims)}")
+    cdim = dims.pop()
+    a.set_dim(node, cdim)
+    if dim == cdim:
         return np.concatenate(parts)
-    if dim == 0:
-        for p in parts[1:]:
-            a.uf.union(parts[0], p)
-        return parts[0]
-    raise _Pin(f"cat along dim {dim}")  # spatial cat: would need equal channels anyway
+    for p in parts[1:]:
+        a.uf.union(parts[0], p)
+    return parts[0]
 
 
 def split(a: _Analysis, node: fx.Node) -> tuple[Labels, ...]:
@@ -297,8 +355,11 @@ def split(a: _Analysis, node: fx.Node) -> tuple[Labels, ...]:
     dim = _norm_dim(_arg(node, 2, "dim", 0), len(_shape(node.args[0])))
     if x is None or not isinstance(metas, (tuple, list)):
         raise _Pin("split of a value without channel labels")
-    if dim != 1:
+    a.set_dim(node, a.dim(node.args[0]))
+    if dim != a.dim(node.args[0]):
         return tuple(x for _ in metas)
+    if dim != 1:
+        raise _Pin(f"split of channels at dim {dim}")
     sizes = [int(m.shape[1]) for m in metas]
     return tuple(np.split(x, np.cumsum(sizes)[:-1]))
 
@@ -308,13 +369,33 @@ def getitem(a: _Analysis, node: fx.Node) -> Any:
     source, idx = node.args
     value = a.env.get(source)
     if isinstance(value, tuple):
+        a.set_dim(node, a.dim(source))  # the pieces of a split keep its channel dim
         return value[idx]
     if value is None:
         raise _Pin("indexing a value without channel labels")
+    if a.dim(source) != 1:
+        new = _moved_channels(idx, a.dim(source))
+        if new is None:
+            raise _Pin(f"index {idx!r} of a value with channels at dim {a.dim(source)}")
+        a.set_dim(node, new)
+        return value
     dims = _channel_index(idx)
     if dims is None:
         raise _Pin(f"index {idx!r} moves or reorders the channel dim")
     return value[dims]
+
+
+def _moved_channels(idx: Any, cdim: int) -> int | None:
+    """Where ``x[idx]`` puts channels that were at ``cdim`` (> 1), when it leaves them whole
+    and keeps the batch dim (``tokens[:, 0]``: dim 2 → dim 1); None otherwise."""
+    items = idx if isinstance(idx, tuple) else (idx,)
+    if any(not isinstance(i, (int, slice)) or isinstance(i, bool) for i in items):
+        return None  # Ellipsis, None, tensors, lists: dims move in ways not followed here
+    if not items or not isinstance(items[0], slice) or len(items) > cdim and items[cdim] != slice(None):
+        return None
+    if any(isinstance(v, fx.Node) for i in items if isinstance(i, slice) for v in (i.start, i.stop, i.step)):
+        return None
+    return cdim - sum(isinstance(i, int) for i in items[:cdim])
 
 
 def _channel_index(idx: Any) -> slice | None:
@@ -388,15 +469,22 @@ def reshape(a: _Analysis, node: fx.Node) -> Labels:
 
 
 def reduce_spatial(a: _Analysis, node: fx.Node) -> Labels:
-    """mean/sum/amax over dims that exclude batch and channels keep channels."""
-    shape = _shape(node.args[0])
+    """mean/sum/amax over dims that exclude batch and channels keep channels (at a lower dim
+    when dims before them go without ``keepdim``)."""
+    x = node.args[0]
+    shape, labels, cdim = _shape(x), a.labels(x), a.dim(x)
     dims = _arg(node, 1, "dim")
-    if dims is None or shape is None:
+    if dims is None or shape is None or labels is None:
         raise _Pin("reduction over all dims")
-    dims = (dims,) if isinstance(dims, int) else tuple(dims)
-    if any(_norm_dim(d, len(shape)) < 2 for d in dims):
-        raise _Pin(f"reduction over dims {dims} includes batch or channels")
-    return same_channels(a, node)
+    dims = {_norm_dim(d, len(shape)) for d in ((dims,) if isinstance(dims, int) else dims)}
+    if 0 in dims or cdim in dims:
+        raise _Pin(f"reduction over dims {sorted(dims)} includes batch or channels")
+    out = _shape(node)
+    new = cdim if _arg(node, 2, "keepdim", False) else cdim - sum(d < cdim for d in dims)
+    if out is None or len(out) <= new or out[new] != len(labels):
+        raise _Pin("reduction does not keep the channel dim")
+    a.set_dim(node, new)
+    return labels
 
 
 def _permutation(node: fx.Node) -> tuple[int, ...]:
@@ -405,19 +493,31 @@ def _permutation(node: fx.Node) -> tuple[int, ...]:
 
 
 def keeps_leading_dims(a: _Analysis, node: fx.Node) -> Labels:
-    """permute/transpose/unsqueeze/squeeze that leave dims 0 and 1 where they are."""
+    """unsqueeze/squeeze that leave dims 0 and 1 where they are."""
     src, dst = _shape(node.args[0]), _shape(node)
-    if src is None or dst is None or len(dst) < 2 or src[:2] != dst[:2]:
+    if src is None or dst is None or len(dst) < 2 or src[:2] != dst[:2] or a.dim(node.args[0]) != 1:
         raise _Pin("op moves the channel dim")
+    return same_channels(a, node)
+
+
+def moves_dims(a: _Analysis, node: fx.Node) -> Labels:
+    """permute/transpose: the channels follow their dim (``permute(0, 2, 3, 1)`` makes a
+    value channels-last); the batch dim must stay dim 0."""
+    x = node.args[0]
+    src, labels = _shape(x), a.labels(x)
+    if src is None or labels is None:
+        raise _Pin("permute of a value without channel labels")
     if node.target in ("permute", torch.permute):
         perm = tuple(_norm_dim(d, len(src)) for d in _permutation(node))
-        if perm[:2] != (0, 1):
-            raise _Pin(f"permute {perm} moves the channel dim")
-    if node.target in ("transpose", torch.transpose):
-        d0, d1 = (_norm_dim(d, len(src)) for d in node.args[1:3])
-        if min(d0, d1) < 2:
-            raise _Pin("transpose of the channel dim")
-    return same_channels(a, node)
+    else:
+        d0, d1 = (_norm_dim(d, len(src)) for d in (_arg(node, 1, "dim0"), _arg(node, 2, "dim1")))
+        perm = list(range(len(src)))
+        perm[d0], perm[d1] = d1, d0
+        perm = tuple(perm)
+    if perm[0] != 0:
+        raise _Pin(f"permute {perm} moves the batch dim")
+    a.set_dim(node, perm.index(a.dim(x)))
+    return labels
 
 
 def flatten(a: _Analysis, node: fx.Node) -> Labels:
@@ -461,6 +561,13 @@ POOLING_MODULES = (
 )
 _SPATIAL_MODULES = (*POOLING_MODULES, nn.Upsample)
 
+try:  # torchvision's stochastic depth: scales whole samples (identity in eval mode)
+    from torchvision.ops import stochastic_depth as _tv_stochastic_depth
+
+    _STOCHASTIC_DEPTH: tuple = (_tv_stochastic_depth,)
+except ImportError:  # pragma: no cover - torchvision is optional
+    _STOCHASTIC_DEPTH = ()
+
 _UNARY_FUNCTIONS = (
     F.relu,
     torch.relu,
@@ -480,6 +587,7 @@ _UNARY_FUNCTIONS = (
     F.dropout,
     F.dropout2d,
     *_SPATIAL,
+    *_STOCHASTIC_DEPTH,
     torch.clone,
     operator.neg,
     torch.clamp,
@@ -594,8 +702,11 @@ COUPLING: dict[Any, Callable[[_Analysis, fx.Node], Any]] = {
     "sum": reduce_spatial,
     "amax": reduce_spatial,
     torch.amax: reduce_spatial,
-    "permute": keeps_leading_dims,
-    "transpose": keeps_leading_dims,
+    "permute": moves_dims,  # channels follow their dim (channels-last and back)
+    torch.permute: moves_dims,
+    "transpose": moves_dims,
+    torch.transpose: moves_dims,
+    F.layer_norm: layer_norm,  # per channel unless it normalises over them
     "unsqueeze": keeps_leading_dims,
     "squeeze": keeps_leading_dims,
     torch.unsqueeze: keeps_leading_dims,
@@ -620,6 +731,14 @@ MODULE_COUPLING: dict[type[nn.Module], Callable[[_Analysis, fx.Node], Any]] = {
     nn.Flatten: flatten,
     **{m: same_channels for m in _UNARY_MODULES},
 }
+
+
+#: Rules that read channels at any dim (``_Analysis.dim``); the others see only values whose
+#: channels are dim 1, and a channels-last input pins.
+ANY_DIM = frozenset(
+    {same_channels, layer_norm, linear, elementwise, concat, split, getitem, moves_dims,
+     keeps_leading_dims, reduce_spatial, no_channels}
+)
 
 
 def _rule_for(a: _Analysis, node: fx.Node) -> Callable[[_Analysis, fx.Node], Any] | None:

@@ -45,6 +45,17 @@ def _spatial(meta: TensorMetadata) -> int:
     return math.prod(meta.shape[2:])
 
 
+def _channel_dim(node: fx.Node) -> int:
+    slots = node.meta.get(_meta.CHANNELS)
+    return getattr(slots, "dim", 1)
+
+
+def _per_channel(node: fx.Node) -> int:
+    """Elements per channel and sample: ``H*W`` channels-first, ``H*W`` too channels-last."""
+    shape = node.meta["tensor_meta"].shape
+    return math.prod(shape[1:]) // max(1, shape[_channel_dim(node)])
+
+
 def _conv(mod: nn.Module, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
     g = mod.groups
     if g == mod.in_channels == mod.out_channels:
@@ -63,7 +74,7 @@ def _linear(mod: nn.Module, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
 
 def _norm(mod: nn.Module, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
     affine = getattr(mod, "affine", getattr(mod, "elementwise_affine", False))
-    elems = c_out * _spatial(node.meta["tensor_meta"])
+    elems = c_out * _per_channel(node)
     params = 2 * c_out if affine and not isinstance(mod, nn.LayerNorm) else 0
     if isinstance(mod, nn.LayerNorm) and affine:
         params = 2 * math.prod(mod.normalized_shape)
@@ -71,11 +82,11 @@ def _norm(mod: nn.Module, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
 
 
 def _per_output_element(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
-    return NodeCost(c_out * _spatial(node.meta["tensor_meta"]), 0)
+    return NodeCost(c_out * _per_channel(node), 0)
 
 
 def _per_input_element(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
-    return NodeCost(c_in * _spatial(node.args[0].meta["tensor_meta"]), 0)
+    return NodeCost(c_in * _per_channel(node.args[0]), 0)
 
 
 CostFn = Callable[[nn.Module | None, fx.Node, int, int], NodeCost]
@@ -105,9 +116,21 @@ FUNCTION_COST: dict[object, CostFn] = {
 }
 
 
-def _channels(node: fx.Node) -> int:
+def _channels(node: fx.Node, dim: int | None = None) -> int:
     meta = node.meta.get("tensor_meta")
-    return int(meta.shape[1]) if isinstance(meta, TensorMetadata) and len(meta.shape) > 1 else 0
+    if not isinstance(meta, TensorMetadata) or len(meta.shape) < (2 if dim is None else 1):
+        return 0
+    return int(meta.shape[_channel_dim(node) if dim is None else dim])
+
+
+def _formula_dim(fn: CostFn, node: fx.Node) -> int:
+    """The dim whose channel counts the formula takes: a conv's dim 1, a linear's last dim,
+    otherwise wherever the node's channels are."""
+    if fn is _conv:
+        return 1
+    if fn is _linear:
+        return -1
+    return _channel_dim(node)
 
 
 def _cost_fn(gm: fx.GraphModule, node: fx.Node) -> tuple[CostFn | None, nn.Module | None]:
@@ -128,16 +151,21 @@ def _node_cost(gm, node, seen: set[str], count: Callable[[fx.Node], int]) -> Nod
     if node.op == "get_attr" and node.target not in seen:
         seen.add(node.target)
         try:
-            params = gm.get_parameter(node.target).numel()
+            p = gm.get_parameter(node.target)
         except AttributeError:  # a buffer or constant, not a parameter
-            params = 0
+            p = None
+        params = 0 if p is None else p.numel()
+        slots = node.meta.get(_meta.CHANNELS)
+        if params and slots is not None and p.dim() > slots.dim:  # a layer scale loses channels too
+            params = params // p.shape[slots.dim] * count(node, slots.dim)
     if fn is None:
         if mod is not None and node.target not in seen:  # unknown module: count its parameters
             seen.add(node.target)
             params = sum(p.numel() for p in mod.parameters())
         return NodeCost(0, params) if params else None
     inp = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else node
-    c = fn(mod, node, count(inp), count(node))
+    dim = _formula_dim(fn, node)
+    c = fn(mod, node, count(inp, dim), count(node, dim))
     if mod is not None:
         if node.target in seen:  # a module called twice has its parameters counted once
             c = NodeCost(c.macs, 0)
@@ -172,9 +200,9 @@ def plan_cost(gm: fx.GraphModule, keep_masks: list[torch.Tensor]) -> Cost:
     """
     kept = KeptChannels(groups_of(gm), keep_masks)
 
-    def count(node: fx.Node) -> int:
-        n = kept.count(node)
-        return _channels(node) if n is None else n
+    def count(node: fx.Node, dim: int | None = None) -> int:
+        n = kept.count(node, dim)
+        return _channels(node, dim) if n is None else n
 
     seen: set[str] = set()
     total = Cost(0, 0)

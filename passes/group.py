@@ -35,7 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 from ehap_fx.passes._coupling import (
+    ANY_DIM,
     _Analysis,
+    _flat_args,
     _flat_labels,
     _map_meta,
     _Pin,
@@ -45,6 +47,7 @@ from ehap_fx.passes._coupling import (
 )
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from ehap_fx import _meta
 from ehap_fx.errors import GroupError
@@ -93,10 +96,12 @@ class ChannelGroup:
 
 @dataclass(frozen=True)
 class ChannelSlots:
-    """Where each channel (dim 1) of a node's output lives: ``group[c]``'s channel ``index[c]``."""
+    """Where each channel (dim ``dim``, 1 unless channels-last) of a node's output lives:
+    ``group[c]``'s channel ``index[c]``."""
 
     group: torch.Tensor  # (C,) int64 group ids
     index: torch.Tensor  # (C,) int64 channel index within the group
+    dim: int = 1  # the tensor dim these channels are (3 for a channels-last (N, H, W, C))
 
     def __len__(self) -> int:
         return len(self.group)
@@ -159,16 +164,32 @@ class KeptChannels:
     def of(self, slots: ChannelSlots) -> torch.Tensor:
         return self.flat[self.offset[slots.group] + slots.index]
 
-    def mask(self, node: fx.Node) -> torch.Tensor:
+    def mask(self, node: fx.Node, dim: int | None = None) -> torch.Tensor:
+        """Keep-mask of the node's channels; of its ``dim`` when given (all kept when the
+        channels are another dim: only the channel dim of a value ever shrinks)."""
         slots = node.meta.get(_meta.CHANNELS)
         if not isinstance(slots, ChannelSlots):
             raise GroupError(f"{node.format_node()}: no channel slots; rerun group_channels")
+        if dim is not None and not _same_dim(node, slots.dim, dim):
+            return torch.ones(node.meta["tensor_meta"].shape[dim], dtype=torch.bool)
         return self.of(slots)
 
-    def count(self, node: fx.Node) -> int | None:
-        """Kept channels of the node's output, or None when it carries no channel slots."""
+    def count(self, node: fx.Node, dim: int | None = None) -> int | None:
+        """Kept channels of the node's output (along ``dim`` when given), or None when it
+        carries no channel slots."""
         slots = node.meta.get(_meta.CHANNELS)
-        return int(self.of(slots).sum()) if isinstance(slots, ChannelSlots) else None
+        if not isinstance(slots, ChannelSlots):
+            return None
+        if dim is not None and not _same_dim(node, slots.dim, dim):
+            return int(node.meta["tensor_meta"].shape[dim])
+        return int(self.of(slots).sum())
+
+
+def _same_dim(node: fx.Node, a: int, b: int) -> bool:
+    meta = node.meta.get("tensor_meta")
+    if not isinstance(meta, TensorMetadata):
+        return a == b
+    return a % len(meta.shape) == b % len(meta.shape)
 
 
 def emptiable_groups(gm: fx.GraphModule) -> frozenset[int]:
@@ -202,12 +223,26 @@ def is_channel_constant(shape: Sequence[int]) -> bool:
     return len(shape) >= 2 and shape[0] == 1 and all(d == 1 for d in shape[2:])
 
 
+def per_channel_dim(shape: Sequence[int]) -> int | None:
+    """The one dim of a constant that is not 1: ``(1, C, 1, 1)`` → 1 (a dropped block's
+    constant), ``(C, 1, 1)`` → 0 (a layer scale), ``(1, 1, C)`` → 2; None otherwise. Whether it
+    lines up with some value's channels is for the op that reads it to check."""
+    big = [d for d, n in enumerate(shape) if n != 1]
+    if not big:
+        return 1 if len(shape) >= 2 else None  # (1, 1, 1, 1): one channel, broadcast
+    return big[0] if len(big) == 1 else None
+
+
 def reads_no_channel(gm: fx.GraphModule, node: fx.Node, count: Callable[[fx.Node], int | None]) -> bool:
     """Is ``node`` a conv/linear whose input keeps no channel (``count(input) == 0``)? What a
     dropped group leaves: it then computes its bias alone, a per-channel constant."""
     if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), CONV_OR_LINEAR):
         return False
-    return isinstance(node.args[0], fx.Node) and count(node.args[0]) == 0
+    x = node.args[0]
+    if not isinstance(x, fx.Node) or not isinstance(slots := x.meta.get(_meta.CHANNELS), ChannelSlots):
+        return False
+    dim = -1 if isinstance(gm.get_submodule(node.target), nn.Linear) else 1
+    return _same_dim(x, slots.dim, dim) and count(x) == 0
 
 
 def folded_nodes(gm: fx.GraphModule, count: Callable[[fx.Node], int | None]) -> list[fx.Node]:
@@ -252,6 +287,8 @@ def _droppable(gm: fx.GraphModule, group: ChannelGroup, nodes: list[fx.Node]) ->
             return False
         if not bool((n.meta[_meta.CHANNELS].group == group.id).all()):
             return False  # the value carries other channels too
+        if n.meta[_meta.CHANNELS].dim != 1:
+            return False  # folding builds (1, C, 1, ...) constants
     readers = {u for n in nodes for u in n.users if u not in inside}
     for r in readers:
         mod = gm.get_submodule(r.target) if r.op == "call_module" else None
@@ -293,9 +330,9 @@ def groups_of(gm: fx.GraphModule) -> ChannelGroups:
 # ---------------------------------------------------------------------------------------------
 
 
-def _checked(node: fx.Node, value: Any) -> Any:
+def _checked(a: _Analysis, node: fx.Node, value: Any) -> Any:
     """Never trust a rule blindly: its labels must match the channel count ShapeProp saw."""
-    expected = _map_meta(node, lambda c: c)
+    expected = _map_meta(node, lambda c: c, a.dim(node))
     got = _map_meta_like(value)
     if got != expected:
         raise _Pin(f"rule produced {got} channels where the tensor has {expected}")
@@ -314,10 +351,12 @@ def _visit(a: _Analysis, node: fx.Node) -> Any:
     if node.op == "placeholder":
         return a.fresh_pinned(node, f"model input {node.name}")
     if node.op == "get_attr":
-        shape = node.meta["tensor_meta"].shape if "tensor_meta" in node.meta else ()
-        if is_channel_constant(shape):
-            labels = a.uf.fresh(int(shape[1]))  # a per-channel constant, e.g. a dropped branch
-            a.touch(node, "const", 1, labels)
+        meta = node.meta.get("tensor_meta")
+        dim = per_channel_dim(meta.shape) if isinstance(meta, TensorMetadata) else None
+        if dim is not None:  # a per-channel constant: a dropped branch's, a layer scale (C, 1, 1)
+            labels = a.uf.fresh(int(meta.shape[dim]))
+            a.touch(node, "const", dim, labels)
+            a.set_dim(node, dim)
             return labels
         return a.fresh_pinned(node, f"constant tensor {node.target}")
     if node.op == "output":
@@ -329,13 +368,18 @@ def _visit(a: _Analysis, node: fx.Node) -> Any:
         return a.fresh_pinned(node, reason)
     rule = _rule_for(a, node)
     what = node.format_node()
+    if rule is not None and rule not in ANY_DIM:  # it reads channels at dim 1
+        for arg in _flat_args(node):
+            if a.labels(arg) is not None and a.dim(arg) != 1:
+                a.anchor(arg, 1, f"{what}: reads dim 1 of a value whose channels are dim {a.dim(arg)}")
     if rule is None:
         reason = f"{what}: op not understood by the channel analysis"
     else:
         try:
-            value = _checked(node, rule(a, node))
+            value = _checked(a, node, rule(a, node))
         except _Pin as p:
             reason = f"{what}: {p}"
+            a.set_dim(node, 1)
         else:
             if node.op == "call_module" and node.target in a.exclude:
                 reason = f"module {node.target} excluded by the user"
@@ -391,11 +435,11 @@ def _build_groups(a: _Analysis) -> tuple[ChannelGroups, np.ndarray, np.ndarray]:
     return ChannelGroups(tuple(groups)), group_of_unit[roots], index_of_unit[roots]
 
 
-def _slots(value: Any, group_of: np.ndarray, index_of: np.ndarray) -> Any:
+def _slots(value: Any, group_of: np.ndarray, index_of: np.ndarray, dim: int) -> Any:
     if isinstance(value, np.ndarray):
-        return ChannelSlots(torch.from_numpy(group_of[value]), torch.from_numpy(index_of[value]))
+        return ChannelSlots(torch.from_numpy(group_of[value]), torch.from_numpy(index_of[value]), dim)
     if isinstance(value, tuple):
-        return tuple(_slots(v, group_of, index_of) for v in value)
+        return tuple(_slots(v, group_of, index_of, dim) for v in value)
     return None
 
 
@@ -425,7 +469,7 @@ def group_channels(gm: fx.GraphModule, exclude: Iterable[str] = ()) -> PassResul
         a.env[node] = _visit(a, node)
     groups, group_of, index_of = _build_groups(a)
     for node in gm.graph.nodes:
-        slots = _slots(a.env.get(node), group_of, index_of)
+        slots = _slots(a.env.get(node), group_of, index_of, a.dim(node))
         if slots is None:
             node.meta.pop(_meta.CHANNELS, None)
         else:

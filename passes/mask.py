@@ -23,7 +23,8 @@ from ehap_fx import _meta
 def mask_channels(gm: fx.GraphModule, plan: PrunePlan) -> PassResult:
     """Return a copy of ``gm`` whose removed channels are multiplied by zero after every node.
 
-    Masks are registered as buffers ``_ehap_mask_<i>`` of shape ``(1, C, 1, ...)``.
+    Masks are registered as buffers ``_ehap_mask_<i>`` of shape ``(1, C, 1, ...)`` (``C`` at
+    the value's channel dim).
     """
     groups = groups_of(gm)
     plan.validate(groups)
@@ -40,7 +41,9 @@ def mask_channels(gm: fx.GraphModule, plan: PrunePlan) -> PassResult:
         ndim = len(node.meta["tensor_meta"].shape)
         name = f"_ehap_mask_{count}"
         count += 1
-        out.register_buffer(name, k.to(node.meta["tensor_meta"].dtype).reshape(1, -1, *[1] * (ndim - 2)))
+        shape = [1] * ndim
+        shape[slots.dim] = -1  # (1, C, 1, 1), or (1, 1, 1, C) channels-last
+        out.register_buffer(name, k.to(node.meta["tensor_meta"].dtype).reshape(shape))
         with out.graph.inserting_after(node):
             mask = out.graph.get_attr(name)
         with out.graph.inserting_after(mask):

@@ -110,8 +110,8 @@ class _Keep(KeptChannels):
     def __init__(self, groups: ChannelGroups, plan: PrunePlan):
         super().__init__(groups, plan.masks(groups))
 
-    def __call__(self, node: fx.Node) -> torch.Tensor:
-        return self.mask(node)
+    def __call__(self, node: fx.Node, dim: int = 1) -> torch.Tensor:
+        return self.mask(node, dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ def shrink_conv(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
 
 def shrink_linear(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
     lin = gm.get_submodule(node.target)
-    k_in, k_out = _idx(keep(node.args[0])), _idx(keep(node))
+    k_in, k_out = _idx(keep(node.args[0], -1)), _idx(keep(node, -1))  # features: the last dim
     lin.weight = nn.Parameter(lin.weight.detach()[k_out][:, k_in].clone())  # (O_keep, I_keep)
     lin.bias = _param(lin.bias, k_out)
     lin.in_features, lin.out_features = len(k_in), len(k_out)
@@ -175,11 +175,13 @@ def shrink_norm(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
 
 
 def shrink_constant(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
-    """A per-channel constant read with ``get_attr`` (``(1, C, 1, ...)``) loses the removed channels."""
+    """A per-channel constant read with ``get_attr`` (``(1, C, 1, ...)``, a layer scale
+    ``(C, 1, 1)``) loses the removed channels."""
     owner, _, name = node.target.rpartition(".")
     module = gm.get_submodule(owner)
     value = getattr(module, name)
-    sliced = value.detach().index_select(1, _idx(keep(node))).clone()
+    dim = node.meta[_meta.CHANNELS].dim  # 1 for (1, C, 1, 1), 0 for a layer scale (C, 1, 1)
+    sliced = value.detach().index_select(dim, _idx(keep(node, dim))).clone()
     if isinstance(value, nn.Parameter):
         sliced = nn.Parameter(sliced, requires_grad=value.requires_grad)
     setattr(module, name, sliced)
@@ -212,8 +214,10 @@ def shrink_split(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
 
 def shrink_getitem(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
     source, idx = node.args
-    if not isinstance(idx, tuple) or len(idx) < 2 or idx[1] == slice(None):
+    if not isinstance(idx, tuple) or len(idx) < 2 or not isinstance(idx[1], slice) or idx[1] == slice(None):
         return
+    if source.meta[_meta.CHANNELS].dim != 1:
+        return  # channels elsewhere: the index leaves them whole (coupling.getitem)
     start, stop, _ = idx[1].indices(len(source.meta[_meta.CHANNELS]))
     k_in = keep(source)
     new = slice(int(k_in[:start].sum()), int(k_in[:stop].sum()))

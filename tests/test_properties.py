@@ -1,10 +1,12 @@
 """Property test: random residual CNNs built from every coupling the analysis knows.
 
 A drawn *program* is a list of ops applied to one running tensor ``x`` (N, C, 8, 8); each op
-changes C its own way. For every program and random plan: shrunk == masked original, and
+changes C its own way (or keeps it, moving channels to the last dim and back: a channels-last
+MLP with a layer scale, ViT-style tokens). For every program and random plan: shrunk == masked original, and
 the plan's predicted cost equals the shrunk graph's cost.
 """
 
+import pytest
 import torch
 import torch.nn.functional as F
 from ehap_fx.passes.cost import plan_cost, total_cost
@@ -15,8 +17,40 @@ from ehap_fx.passes.trace import trace
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torchvision.ops import stochastic_depth
 
-OPS = ["conv", "residual", "se", "cat", "split", "chunk", "pad", "slice", "grouped", "depthwise", "pool"]
+OPS = ["conv", "residual", "se", "cat", "split", "chunk", "pad", "slice", "grouped", "depthwise", "pool",
+       "mlp_last", "layerscale", "cat_spatial", "tokens"]
+
+
+class ChannelsLastMLP(nn.Module):
+    """ConvNeXt's block without its LayerNorm: permute to (N, H, W, C), Linear c→w, GELU,
+    Linear w→c, a (C,) layer scale, permute back, stochastic depth."""
+
+    def __init__(self, c, w):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(c, w), nn.Linear(w, c)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        y = self.fc2(F.gelu(self.fc1(x.permute(0, 2, 3, 1)))) * self.gamma
+        return stochastic_depth(y.permute(0, 3, 1, 2), 0.1, "row", training=False)
+
+
+class Tokens(nn.Module):
+    """ViT-style: (N, C, H, W) → (N, HW, C) tokens → MLP, token-mean and first-token gates → back."""
+
+    def __init__(self, c, w):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(c, w), nn.Linear(w, c)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)  # (N, HW, C)
+        t = t + self.fc2(F.gelu(self.fc1(t)))
+        t = t * torch.sigmoid(t.mean(1, keepdim=True))  # (N, 1, C) gate, broadcast over tokens
+        g = torch.sigmoid(t[:, 0] + t.mean(1))  # (N, C): the first token and the token mean
+        return t.transpose(1, 2).reshape(n, c, h, w) * g.view(n, c, 1, 1)
 
 
 class Program(nn.Module):
@@ -78,6 +112,19 @@ class Program(nn.Module):
             )
             self.plan.append((op, len(L) - 1, None))
             return c
+        if op in ("mlp_last", "tokens"):
+            L.append(ChannelsLastMLP(c, w) if op == "mlp_last" else Tokens(c, w))
+            self.plan.append((op, len(L) - 1, None))
+            return c
+        if op == "layerscale":
+            L.append(nn.Conv2d(c, c, 3, padding=1))
+            self.register_parameter(f"gamma{len(L) - 1}", nn.Parameter(torch.rand(c, 1, 1) + 0.5))
+            self.plan.append((op, len(L) - 1, None))
+            return c
+        if op == "cat_spatial":
+            L.append(nn.Conv2d(c, c, 1))
+            self.plan.append((op, len(L) - 1, None))
+            return c
         self.plan.append(("pool", None, None))  # also the fallback for ops that do not fit c
         return c
 
@@ -103,6 +150,12 @@ class Program(nn.Module):
                 x = F.pad(x, (0, 0, 0, 0, *arg))
             elif op == "slice":
                 x = x[:, arg[0] : arg[1]]
+            elif op in ("mlp_last", "tokens"):
+                x = x + layer(x)
+            elif op == "layerscale":
+                x = x + getattr(self, f"gamma{i}") * layer(x)
+            elif op == "cat_spatial":  # along the width, then pooled back to it
+                x = F.avg_pool2d(torch.cat([x, layer(x)], dim=3), (1, 2))
             else:
                 x = F.max_pool2d(x, 3, 1, 1)
         if self.head_kind == "flatten":
@@ -139,3 +192,32 @@ def test_random_programs_shrink_exactly(program):
     with torch.no_grad():
         torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-5)
     assert plan_cost(gm, plan.masks(groups)) == total_cost(small)
+
+
+def _check_program(ops, widths, head, fraction, seed):
+    torch.manual_seed(seed)
+    model = Program(ops, widths, head).eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = group_channels(trace(model, x)).graph_module
+    groups = groups_of(gm)
+    assert not [g.pinned for g in groups.pinned if "model" not in g.pinned]
+    plan = random_plan(gm, fraction, torch.Generator().manual_seed(seed))
+    small = shrink(gm, plan).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), mask_channels(gm, plan).graph_module(x), rtol=1e-5, atol=1e-5)
+    assert plan_cost(gm, plan.masks(groups)) == total_cost(small)
+    return gm, plan, small
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_each_op_between_convs_shrinks_exactly(op):
+    """Every op once, between two convs (so its channels are prunable), each group halved."""
+    gm, plan, small = _check_program(["conv", op, "conv"], [6, 8, 6, 6, 6, 6, 6], "mean", 0.5, 1)
+    kept = {g.id: len(plan.keep.get(g.id, range(g.size))) for g in groups_of(gm).prunable}
+    assert any(k < groups_of(gm)[g].size for g, k in kept.items())
+    if op in ("mlp_last", "tokens"):  # the hidden Linear lost exactly what its group lost
+        (hidden,) = [g for g in groups_of(gm).prunable if any(m.module == "layers.1.fc1" and m.role == "out" for m in g.members)]
+        assert small.get_submodule("layers.1.fc1").out_features == kept[hidden.id] == 4
+        assert small.get_submodule("layers.1.fc2").in_features == 4
+    if op == "layerscale":
+        assert small.gamma1.shape == (small.get_submodule("layers.1").out_channels, 1, 1) == (3, 1, 1)
