@@ -22,7 +22,7 @@ import torch
 from torch import fx, nn
 
 from ehap_fx import distributed
-from ehap_fx.errors import EhapError
+from ehap_fx.errors import EhapError, TargetError
 from ehap_fx.hessian import HessianOptions, group_sensitivity, group_stderr
 from ehap_fx.latency import LatencyModel, LatencyOptions, LatencyTable
 from ehap_fx.passes.cost import Cost, total_cost
@@ -212,7 +212,11 @@ def compress(
     )
     if eval_data is not None:
         report.accuracy["dense"] = evaluate(gm, eval_data)
-    gm = _prune(gm, data, target, scorer, hessian, loss_fn, finetune_options, latency, report, seconds)
+    try:
+        gm = _prune(gm, data, target, scorer, hessian, loss_fn, finetune_options, latency, report, seconds)
+    except TargetError as e:  # say what holds the channels back
+        reasons = "; ".join(f"{c} channels: {r}" for c, r in groups_of(gm).pin_reasons())
+        raise TargetError(f"{e}. Largest pins: {reasons}") from e
     report.channels_after = conv_widths(gm)
     distributed.check_replicas(report.channels_after)
     train_data = distributed.shard_loader(data)  # this rank's share for DDP training

@@ -449,22 +449,37 @@ def pad(a: _Analysis, node: fx.Node) -> Labels:
 def reshape(a: _Analysis, node: fx.Node) -> Labels:
     """view/reshape/flatten with the batch dim kept: channel c ↔ a block of output features.
 
-    ``(N, C, H, W) → (N, C*H*W)`` repeats each label ``H*W`` times; the reverse merges equal
-    blocks; anything else (e.g. a channel shuffle) pins.
+    ``(N, C, H, W) → (N, C*H*W)`` repeats each label ``H*W`` times. Merging blocks of
+    channels into one, ``(N, 1024) → (N, 64, 4, 4)``, unions each block (its 16 features go
+    together). Splitting the channels into ``(N, g, C/g, ...)`` (a channel shuffle's first
+    step) unions channel j of every group and puts the labels at dim 2; merging ``(N, A, B,
+    ...)`` with channels at dim 2 back into ``(N, A*B, ...)`` tiles them. Anything else pins.
     """
     x = a.labels(node.args[0])
     src, dst = _shape(node.args[0]), _shape(node)
     if x is None or src is None or dst is None or len(dst) < 2 or src[0] != dst[0]:
         raise _Pin("reshape that does not keep the batch dim")
+    cdim = a.dim(node.args[0])
+    if cdim == 2 and len(src) >= 3 and dst[1] == src[1] * src[2] and tuple(dst[2:]) == tuple(src[3:]):
+        return np.tile(x, src[1])  # (N, A, B, ...) → (N, A*B, ...): channel (i, j) is label j
+    if cdim != 1:
+        raise _Pin(f"reshape {tuple(src)} → {tuple(dst)} of a value whose channels are dim {cdim}")
     c_in, c_out = src[1], dst[1]
     if c_out == c_in and (len(src) == 2 or len(dst) >= 2):
         return x
     if c_out > c_in and c_out % c_in == 0:
         return np.repeat(x, c_out // c_in)
+    if len(dst) >= 3 and dst[1] * dst[2] == c_in and tuple(dst[3:]) == tuple(src[2:]) and c_out > 1:
+        rows = x.reshape(dst[1], dst[2])  # (g, C/g): channel j of each group is one unit
+        for r in range(1, dst[1]):
+            a.uf.union(rows[0], rows[r])
+        a.set_dim(node, 2)
+        return rows[0].copy()
     if c_in > c_out and c_in % c_out == 0:
         blocks = x.reshape(c_out, c_in // c_out)
-        if (blocks == blocks[:, :1]).all():
-            return blocks[:, 0].copy()
+        for j in range(1, blocks.shape[1]):
+            a.uf.union(blocks[:, 0], blocks[:, j])
+        return blocks[:, 0].copy()
     raise _Pin(f"reshape {tuple(src)} → {tuple(dst)} mixes channels")
 
 
@@ -737,7 +752,7 @@ MODULE_COUPLING: dict[type[nn.Module], Callable[[_Analysis, fx.Node], Any]] = {
 #: channels are dim 1, and a channels-last input pins.
 ANY_DIM = frozenset(
     {same_channels, layer_norm, linear, elementwise, concat, split, getitem, moves_dims,
-     keeps_leading_dims, reduce_spatial, no_channels}
+     keeps_leading_dims, reduce_spatial, reshape, no_channels}
 )
 
 

@@ -131,6 +131,13 @@ class ChannelGroups:
     def pinned(self) -> tuple[ChannelGroup, ...]:
         return tuple(g for g in self.groups if not g.prunable)
 
+    def pin_reasons(self, top: int = 3) -> list[tuple[int, str]]:
+        """The ``top`` reasons that pin the most channels, as ``(channels, reason)``."""
+        by: dict[str, int] = {}
+        for g in self.pinned:
+            by[g.pinned] = by.get(g.pinned, 0) + g.size
+        return sorted(((c, r) for r, c in by.items()), key=lambda cr: -cr[0])[:top]
+
 
 def producer_slices(group: ChannelGroup) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(module_name, index)`` for every conv/linear whose output channels the group owns.
@@ -347,6 +354,10 @@ def _map_meta_like(value: Any) -> Any:
     return None
 
 
+def _has_params(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
 def _visit(a: _Analysis, node: fx.Node) -> Any:
     if node.op == "placeholder":
         return a.fresh_pinned(node, f"model input {node.name}")
@@ -362,7 +373,7 @@ def _visit(a: _Analysis, node: fx.Node) -> Any:
     if node.op == "output":
         a.pin_inputs(node, "model output")
         return None
-    if node.op == "call_module" and a.calls_per_module[node.target] > 1 and any(a.module(node).parameters()):
+    if node.op == "call_module" and a.calls_per_module[node.target] > 1 and _has_params(a.module(node)):
         reason = f"module {node.target} is called {a.calls_per_module[node.target]} times (shared weights)"
         a.pin_inputs(node, reason)
         return a.fresh_pinned(node, reason)

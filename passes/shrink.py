@@ -231,9 +231,10 @@ def shrink_reshape(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
     x, *rest = node.args
     unpacked = len(rest) != 1 or not isinstance(rest[0], (list, tuple))  # view(n, c) vs view((n, c))
     shape = list(rest if unpacked else rest[0])
-    if len(shape) < 2 or not isinstance(shape[1], int) or shape[1] == -1:
+    dim = node.meta[_meta.CHANNELS].dim  # 2 after a channel split (N, g, C/g, ...)
+    if len(shape) <= dim or not isinstance(shape[dim], int) or shape[dim] == -1:
         return  # the channel size is computed at run time (or inferred): nothing baked in
-    shape[1] = int(keep(node).sum())
+    shape[dim] = int(keep(node, dim).sum())
     node.args = (x, *shape) if unpacked else (x, tuple(shape))
 
 
