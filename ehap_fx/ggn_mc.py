@@ -230,16 +230,17 @@ def mc_channel_traces(
     """
     mods = _modules(model, names)
     noise = label_noise(seed, draws, [len(x) for x in xs])
-    width = sum((m.out_channels if not isinstance(m, nn.Linear) else m.out_features) for m in mods.values())
+    widths = {n: m.out_features if isinstance(m, nn.Linear) else m.out_channels for n, m in mods.items()}
     device = next(model.parameters()).device
-    rows = torch.zeros(draws, width, device=device)
+    rows = torch.zeros(draws, sum(widths.values()), device=device)
+    zero = {n: torch.zeros(1, c, device=device) for n, c in widths.items()}  # outputs the loss ignores
     with _Hooks(mods, channel_sq_norms, linear=False) as hooks:
         for x, u in zip(xs, noise, strict=True):
             lo, hi = share(len(x), part)
             for a, b in _micro(lo, hi, chunk):
                 hooks.calls = {}
                 for d, got in enumerate(_draw_passes(model, x[a:b], u[:, a:b], hooks, autocast, scale)):
-                    rows[d] += torch.cat([got[n].sum(0) for n in mods]) / len(x)
+                    rows[d] += torch.cat([got.get(n, zero[n]).sum(0) for n in mods]) / len(x)
     return rows / (len(xs) * scale**2)
 
 
@@ -278,6 +279,8 @@ def mc_removal(
                 for got in _draw_passes(model, x[a:b], u[:, a:b], hooks, autocast, 1.0):
                     acc: dict[int, torch.Tensor] = {}
                     for n, key, m in maps:
+                        if n not in got:  # an output the loss ignores: no derivative
+                            continue
                         v = got[n] @ m.T  # (m, size)
                         acc[key] = v if key not in acc else acc[key] + v
                     for key, v in acc.items():

@@ -2,7 +2,7 @@
 
 ``estimate_hessian(model, data)`` returns ``Tr(H_c)`` for every output channel ``c`` of every
 prunable weight (BN and biases excluded, as in HAP), with a standard error from the per-probe
-estimates. Three estimators (see ``docs/hessian.md`` for the measurements behind the default):
+estimates. The estimators (see ``docs/hessian.md`` for the measurements behind the default):
 
 * ``"hutchinson"``: Rademacher probes ``v``, ``Tr(H_c) ≈ mean_v Σ_{i∈c} v_i (Hv)_i`` (the paper's);
 * ``"ggn"``: the exact per-channel trace of the Gauss-Newton matrix of softmax cross-entropy
@@ -140,10 +140,12 @@ class HessianOptions:
 class HessianResult:
     """Per-channel trace estimates; tensors are fp32 on the CPU, keyed by module name.
 
-    ``probe_traces`` holds one row per probe (all channels concatenated in ``names`` order,
-    exact GGN part included for ``"hybrid"``), so any reduction of the channels has a standard
-    error too (``group_sensitivity``). ``peak_memory`` is CUDA ``max_memory_allocated``, or
-    the process's peak RSS on a CPU (``peak_memory_kind`` says which).
+    ``probe_traces`` holds one row per probe, or per label draw for ``"mc"`` (all channels
+    concatenated in ``names`` order, exact GGN part included for ``"hybrid"``), so any
+    reduction of the channels has a standard error too (``group_stderr``). ``estimator`` is
+    the one that ran (never ``"auto"``); ``choice`` says why, and the chunk sizes.
+    ``peak_memory`` is CUDA ``max_memory_allocated``, or the process's peak RSS on a CPU
+    (``peak_memory_kind`` says which).
     """
 
     names: tuple[str, ...]
