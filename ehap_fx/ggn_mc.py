@@ -128,13 +128,21 @@ def _as_matrices(module: nn.Module, a: torch.Tensor, b: torch.Tensor):
         return u.unsqueeze(1), b.reshape(m, -1, b.shape[-1]).transpose(1, 2).unsqueeze(1)
     kernel, stride, dilation = _conv2d_args(module)
     a = _padded(module, a)
-    if kernel == (1, 1):
-        u = a[:, :, :: stride[0], :: stride[1]].flatten(2)  # (m, C_in, T)
-    else:
-        u = F.unfold(a, kernel, dilation=dilation, stride=stride)  # (m, C_in·k, T)
+    u = _im2col(a, kernel, dilation, stride)  # (m, C_in·k, T)
     g = module.groups
     t = u.shape[-1]
     return u.reshape(m, g, -1, t), b.reshape(m, g, -1, t)
+
+
+def _im2col(a: torch.Tensor, kernel, dilation, stride) -> torch.Tensor:
+    """``F.unfold`` of the padded ``a`` (same layout), from a strided view: one copy, about
+    twice as fast as ``im2col`` on a CPU. (m, C, H, W) -> (m, C·kh·kw, T)."""
+    (kh, kw), (dh, dw), (sh, sw) = kernel, dilation, stride
+    if (kh, kw) == (1, 1):
+        return a[:, :, ::sh, ::sw].flatten(2)
+    v = a.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+    m, c, ho, wo = v.shape[:4]
+    return v.permute(0, 1, 4, 5, 2, 3).reshape(m, c * kh * kw, ho * wo)
 
 
 def channel_sq_norms(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
