@@ -20,7 +20,7 @@ from torch import nn
 from torchvision.ops import stochastic_depth
 
 OPS = ["conv", "residual", "se", "cat", "split", "chunk", "pad", "slice", "grouped", "depthwise", "pool",
-       "mlp_last", "layerscale", "cat_spatial", "tokens"]
+       "mlp_last", "layerscale", "cat_spatial", "tokens", "shuffle", "unflatten"]
 
 
 class ChannelsLastMLP(nn.Module):
@@ -121,6 +121,13 @@ class Program(nn.Module):
             self.register_parameter(f"gamma{len(L) - 1}", nn.Parameter(torch.rand(c, 1, 1) + 0.5))
             self.plan.append((op, len(L) - 1, None))
             return c
+        if op == "shuffle" and c % 2 == 0:
+            self.plan.append((op, None, c // 2))
+            return c
+        if op == "unflatten":  # pooled features → Linear → (N, w, 2, 2) → upsampled
+            L.append(nn.Linear(c, 4 * w))
+            self.plan.append((op, len(L) - 1, w))
+            return w
         if op == "cat_spatial":
             L.append(nn.Conv2d(c, c, 1))
             self.plan.append((op, len(L) - 1, None))
@@ -154,6 +161,11 @@ class Program(nn.Module):
                 x = x + layer(x)
             elif op == "layerscale":
                 x = x + getattr(self, f"gamma{i}") * layer(x)
+            elif op == "shuffle":  # ShuffleNet's, with the group width as a literal
+                n, c, h, w = x.shape
+                x = x.view(n, 2, arg, h, w).transpose(1, 2).reshape(n, c, h, w)
+            elif op == "unflatten":
+                x = F.interpolate(layer(x.mean((2, 3))).view(x.shape[0], arg, 2, 2), scale_factor=4)
             elif op == "cat_spatial":  # along the width, then pooled back to it
                 x = F.avg_pool2d(torch.cat([x, layer(x)], dim=3), (1, 2))
             else:
