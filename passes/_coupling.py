@@ -13,6 +13,7 @@ read channels at a dim other than 1; any other rule meeting such a value pins it
 
 from __future__ import annotations
 
+import math
 import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -123,8 +124,14 @@ class _Analysis:
         return self.env[arg]
 
     def fresh_pinned(self, node: fx.Node, reason: str) -> Any:
-        """Fresh pinned labels shaped like the node's output (tensor, tuple of tensors, or None)."""
-        return _map_meta(node, lambda c: self._pinned_labels(c, reason))
+        """Fresh pinned labels shaped like the node's output (tensor, tuple of tensors, or None),
+        at the channel dim of its first input that has one, when the output has that dim
+        (pinned labels never prune, so any dim is exact; this one keeps later ops aligned)."""
+        dims = [self.dim(arg) for arg in _flat_args(node) if self.labels(arg) is not None]
+        meta = node.meta.get("tensor_meta")
+        dim = dims[0] if dims and isinstance(meta, TensorMetadata) and len(meta.shape) > dims[0] else 1
+        self.set_dim(node, dim)
+        return _map_meta(node, lambda c: self._pinned_labels(c, reason), dim)
 
     def _pinned_labels(self, channels: int, reason: str) -> Labels:
         labels = self.uf.fresh(channels)
@@ -300,7 +307,8 @@ def elementwise(a: _Analysis, node: fx.Node) -> Labels:
     out = _shape(node)
     if out is None or len(out) < 2:
         raise _Pin("elementwise op without a channel dim")
-    operands = [(arg, shape) for arg in _flat_args(node) if (shape := _shape(arg))]
+    # a one-element operand is a broadcast scalar, whichever dim its labels are
+    operands = [(arg, shape) for arg in _flat_args(node) if (shape := _shape(arg)) and math.prod(shape) > 1]
     # where the labelled operands that are not broadcast along their channels put them
     at = set()
     for arg, shape in operands:

@@ -235,8 +235,8 @@ def per_channel_dim(shape: Sequence[int]) -> int | None:
     constant), ``(C, 1, 1)`` → 0 (a layer scale), ``(1, 1, C)`` → 2; None otherwise. Whether it
     lines up with some value's channels is for the op that reads it to check."""
     big = [d for d, n in enumerate(shape) if n != 1]
-    if not big:
-        return 1 if len(shape) >= 2 else None  # (1, 1, 1, 1): one channel, broadcast
+    if not big:  # one channel: (1, 1, 1, 1) as a dropped block's, (1,) as a layer scale's
+        return (1 if len(shape) >= 2 else 0) if len(shape) else None
     return big[0] if len(big) == 1 else None
 
 
@@ -390,7 +390,6 @@ def _visit(a: _Analysis, node: fx.Node) -> Any:
             value = _checked(a, node, rule(a, node))
         except _Pin as p:
             reason = f"{what}: {p}"
-            a.set_dim(node, 1)
         else:
             if node.op == "call_module" and node.target in a.exclude:
                 reason = f"module {node.target} excluded by the user"

@@ -175,6 +175,12 @@ class Program(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+def _harmless(reason: str) -> bool:
+    """Pins every program may have: the model's input and output, and a one-channel layer
+    scale (after a slice to one channel: a broadcast scalar with nothing to score it by)."""
+    return "model" in reason or reason == "channels touch no parameter"
+
+
 programs = st.tuples(
     st.lists(st.sampled_from(OPS), min_size=1, max_size=7),
     st.lists(st.integers(2, 9), min_size=7, max_size=7),
@@ -197,7 +203,7 @@ def test_random_programs_shrink_exactly(program):
     x = torch.randn(2, 3, 8, 8)
     gm = group_channels(trace(model, x)).graph_module
     groups = groups_of(gm)
-    assert not [g.pinned for g in groups.pinned if "model" not in g.pinned]  # only input/output pins
+    assert not [g.pinned for g in groups.pinned if not _harmless(g.pinned)]  # only input/output pins
     plan = random_plan(gm, fraction, torch.Generator().manual_seed(seed))
     small = shrink(gm, plan).graph_module
     masked = mask_channels(gm, plan).graph_module
@@ -212,7 +218,7 @@ def _check_program(ops, widths, head, fraction, seed):
     x = torch.randn(2, 3, 8, 8)
     gm = group_channels(trace(model, x)).graph_module
     groups = groups_of(gm)
-    assert not [g.pinned for g in groups.pinned if "model" not in g.pinned]
+    assert not [g.pinned for g in groups.pinned if not _harmless(g.pinned)]
     plan = random_plan(gm, fraction, torch.Generator().manual_seed(seed))
     small = shrink(gm, plan).graph_module
     with torch.no_grad():
