@@ -242,6 +242,7 @@ def _quantize_and_export(
     out: CompressResult, example_input, data, eval_data, options, export, seconds
 ) -> None:
     from ehap_fx.passes.export import export as export_onnx
+    from ehap_fx.passes.export import onnx_top1
     from ehap_fx.passes.quantize import quantize as quantize_pass
 
     t = time.perf_counter()
@@ -254,6 +255,7 @@ def _quantize_and_export(
         "steps": q.steps,
         "calibration_batches": q.calibration_batches,
         "seconds": round(q.seconds, 3),
+        "scheme": q.scheme.as_dict(),
     }
     if eval_data is not None:
         out.report.accuracy["int8_torch"] = evaluate(q.graph_module, eval_data)
@@ -272,8 +274,11 @@ def _quantize_and_export(
             "argmax_agreement": rep.argmax_agreement,
             "max_abs_diff": rep.max_abs_diff,
             "max_diff_steps": rep.max_diff_steps,
+            "isa": rep.isa,
             "summary": rep.summary(),
         }
+        if eval_data is not None:
+            out.report.accuracy["int8_onnx"] = onnx_top1(rep.path, eval_data)
 
 
 def _prune(gm, data, target, scorer, hessian, loss_fn, finetune_options, latency, report, seconds):

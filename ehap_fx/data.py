@@ -34,6 +34,7 @@ import torch
 from ehap_fx.errors import DataError
 
 SYNTHETIC_NAME = "synthetic (random) CIFAR-shaped data"
+DIGITS_NAME = "digits"
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Normalization:
 IMAGENET_NORM = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # akamaster
 CIFAR10_NORM = Normalization((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_NORM = Normalization((0.5070, 0.4865, 0.4409), (0.2673, 0.2564, 0.2761))  # chenyaofo
+DIGITS_NORM = Normalization((0.3053,) * 3, (0.3189,) * 3)  # load_digits(), 16x16, all 1,797 images
 
 
 @dataclass(frozen=True)
@@ -346,6 +348,32 @@ def _download(root: Path, name: str) -> None:
             cls(str(root), train=train, download=True)
     except Exception as e:  # network errors come in many types
         raise DataError(f"downloading {name} into {str(root)!r} failed: {e}") from e
+
+
+def load_digits(split: str = "train", *, size: int = 16, test_fraction: float = 0.2) -> CifarData:
+    """scikit-learn's handwritten digits (1,797 real 8x8 grey images of 0-9, shipped inside the
+    package: no download) as a CIFAR-shaped split: bilinearly upsampled to ``size`` x ``size``,
+    grey repeated on three channels, uint8. Train and test are a fixed stratified split
+    (``test_fraction`` of each class in test: 1,437 / 360 images by default).
+
+    The embedded default of ``ehap compress``: real images on any machine, offline.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split={split!r}; known: {', '.join(SPLITS)}")
+    try:  # scikit-learn is imported here only: the rest of the package does not need it
+        from sklearn.datasets import load_digits as sklearn_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as e:
+        raise DataError(f"the digits data need scikit-learn ({e}): pip install scikit-learn") from e
+    digits = sklearn_digits()
+    index = np.arange(len(digits.target))
+    train, test = train_test_split(index, test_size=test_fraction, stratify=digits.target, random_state=0)
+    keep = np.sort(train if split == "train" else test)
+    grey = torch.from_numpy(digits.images[keep]).float().div_(16.0).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
+    grey = torch.nn.functional.interpolate(grey, size=(size, size), mode="bilinear", align_corners=False)
+    images = grey.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.from_numpy(digits.target[keep]).long()
+    return CifarData(images, labels, tuple(str(i) for i in range(10)), DIGITS_NAME, split)
 
 
 def synthetic_cifar(

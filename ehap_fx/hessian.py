@@ -31,6 +31,7 @@ import copy
 import math
 import resource
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from ehap_fx.errors import HessianError, MemoryBudgetError
 from ehap_fx.fold import fold_batchnorm, scale_channels
 from ehap_fx.ggn import ggn_channel_traces, ggn_vector_product
 from ehap_fx.ggn_mc import ReduceSize, mc_channel_traces, share
+from ehap_fx.isa import EmulatedPrecisionWarning, cpu_features, emulated_precision
 from ehap_fx.sampling import Batch, draw_batches
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -184,22 +186,16 @@ class HessianResult:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """``"auto"``: fp16 on CUDA, bf16 on a CPU with native bf16, else fp32."""
+    """``"auto"``: fp16 on CUDA, bf16 on a CPU with native bf16, else fp32. An explicit half
+    dtype that this CPU only emulates is kept, with an :class:`~ehap_fx.isa.EmulatedPrecisionWarning`
+    naming its measured cost."""
     if dtype != "auto":
+        if (message := emulated_precision(dtype, device)) is not None:
+            warnings.warn(message, EmulatedPrecisionWarning, stacklevel=3)
         return dtype
     if device.type == "cuda":
         return "fp16"
-    if device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX"):
-        return "bf16" if _cpu_has_bf16() else "fp32"
-    return "fp32"
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return "bf16" if device.type == "cpu" and cpu_features().bf16 else "fp32"
 
 
 def prunable_modules(model: nn.Module) -> list[str]:

@@ -209,14 +209,20 @@ def _cost_section(report) -> list[str]:
 def _ranking_section(report) -> list[str]:
     out = ["## Ranking", ""]
     for r in report["ranking"]:
-        if r.get("scorer") != "hessian":
-            out.append(f"- step {r['step']}: {r.get('scorer')} (weight magnitude, no Hessian)")
+        scorer = r.get("scorer")
+        if scorer == "l1":
+            out.append(f"- step {r['step']}: L1 weight magnitude (no Hessian, no data)")
             continue
         mem = r.get("peak_memory", 0) / 2**20
-        out.append(f"- step {r['step']}: Hessian {r['estimator']}, dtype {r['dtype']}, "
-                   f"probes {r['probes']}, retries {r['retries']}, converged {r['converged']}, "
-                   f"{r['seconds']:.2f} s, peak memory {mem:.0f} MiB ({r['peak_memory_kind']}), "
-                   f"batch {r['batch_size']} x {r['n_batches']}")
+        figures = (f"dtype {r['dtype']}, {r['seconds']:.2f} s, peak memory {mem:.0f} MiB "
+                   f"({r['peak_memory_kind']}), batch {r['batch_size']} x {r['n_batches']}")
+        if scorer == "removal":
+            out.append(f"- step {r['step']}: removal criterion (the exact Gauss-Newton loss increase "
+                       f"of removing each channel, cross terms of shared streams included), {figures}")
+        else:
+            out.append(f"- step {r['step']}: Hessian trace sensitivity (the paper's), estimator "
+                       f"{r['estimator']}, probes {r['probes']}, retries {r['retries']}, "
+                       f"converged {r['converged']}, {figures}")
     return out + [""]
 
 
@@ -235,11 +241,15 @@ def _export_section(report) -> list[str]:
     if q:
         out.append(f"- quantization: backend {q['backend']}, mode {q['mode']}, QAT steps "
                    f"{q['steps']}, calibration batches {q['calibration_batches']}")
+        if q.get("scheme"):
+            sc = q["scheme"]
+            out.append(f"- scheme: target {sc['target']}, {sc['weight_bits']}-bit symmetric per-channel "
+                       f"weights {tuple(sc['weight_range'])}, uint8 affine activations ({sc['reason']})")
     if not e:
         return out + ["- no ONNX export", ""]
     out += [f"- quantized convs (QLinearConv): {100 * e['quantized_conv_fraction']:.1f}%",
             f"- size: {e['int8_bytes']:,} bytes int8 vs {e['fp32_bytes'] or 0:,} bytes fp32",
-            f"- onnxruntime vs PyTorch INT8: argmax agreement {100 * e['argmax_agreement']:.2f}%, "
+            f"- onnxruntime ({e.get('isa') or 'this CPU'}) vs PyTorch INT8: argmax agreement {100 * e['argmax_agreement']:.2f}%, "
             f"max |diff| {e['max_abs_diff']:.4g}"
             + (f" = {e['max_diff_steps']:.2f} output steps" if e.get("max_diff_steps") is not None else ""),
             "", "```", e["summary"], "```", ""]

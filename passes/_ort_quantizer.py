@@ -6,7 +6,8 @@ torchao's ``X86InductorQuantizer`` follows Inductor's recipe: a conv that feeds 
 we exported that graph. This quantizer annotates the ONNX-friendly way, like the QDQ
 placement of ``torch.ao`` FX: every conv(+BN)(+ReLU) and linear quantizes its own output,
 every residual add(+ReLU) quantizes its inputs and its output. Scheme: weights symmetric
-per-channel int8 (-128..127, axis 0), activations per-tensor affine uint8 (0..255).
+per-channel int8 (-128..127, axis 0; 7-bit -64..63 for targets whose kernels saturate, see
+``passes.quantize.scheme``), activations per-tensor affine uint8 (0..255).
 
     x --Q--DQ--> conv --bn--relu--Q--DQ--> conv --bn--Q--DQ--> add --relu--Q--DQ--> ...
                   ^ w: per-channel int8                    shortcut --Q--DQ--^
@@ -51,8 +52,8 @@ def activation_spec(qat: bool) -> QuantizationSpec:
     )
 
 
-def weight_spec(qat: bool) -> QuantizationSpec:
-    """Per-output-channel symmetric int8 (-128..127, axis 0)."""
+def weight_spec(qat: bool, weight_range: tuple[int, int] = (-128, 127)) -> QuantizationSpec:
+    """Per-output-channel symmetric int8 (-128..127, or 7-bit -64..63 where kernels saturate; axis 0)."""
     ctr = (
         FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver)
         if qat
@@ -60,8 +61,8 @@ def weight_spec(qat: bool) -> QuantizationSpec:
     )
     return QuantizationSpec(
         dtype=torch.int8,
-        quant_min=-128,
-        quant_max=127,
+        quant_min=weight_range[0],
+        quant_max=weight_range[1],
         qscheme=torch.per_channel_symmetric,
         ch_axis=0,
         is_dynamic=False,
@@ -72,9 +73,9 @@ def weight_spec(qat: bool) -> QuantizationSpec:
 class OrtQuantizer(Quantizer):
     """Annotates conv(+BN)(+ReLU), linear and residual add(+ReLU) for onnxruntime's QDQ fusion."""
 
-    def __init__(self, qat: bool) -> None:
+    def __init__(self, qat: bool, weight_range: tuple[int, int] = (-128, 127)) -> None:
         super().__init__()
-        self.act, self.weight = activation_spec(qat), weight_spec(qat)
+        self.act, self.weight = activation_spec(qat), weight_spec(qat, weight_range)
 
     def annotate(self, model: GraphModule) -> GraphModule:
         for node in model.graph.nodes:

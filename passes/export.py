@@ -29,6 +29,7 @@ from ehap_fx.passes.quantize import QuantizeResult, quiet_quantization_warnings
 from torch import nn
 
 from ehap_fx.errors import QuantizeError
+from ehap_fx.isa import cpu_features
 
 INPUT, OUTPUT = "input", "logits"
 QUANTIZED_KERNELS = (
@@ -102,6 +103,8 @@ class ExportReport:
     max_abs_diff: float = float("nan")
     output_step: float | None = None
     argmax_agreement: float = float("nan")
+    isa: str = ""  # the CPU onnxruntime ran the check on (ehap_fx.isa), e.g. "x86_64 AVX2"
+    metadata: dict[str, str] | None = None  # what export() wrote into the file's metadata_props
 
     @property
     def quantized_conv_fraction(self) -> float:
@@ -133,7 +136,7 @@ class ExportReport:
             steps = f" = {self.max_diff_steps:.2f} output steps" if self.output_step else ""
             lines.append(
                 f"  vs PyTorch INT8 on {self.n_inputs} inputs (batches "
-                f"{self.batch_sizes}): argmax agreement {100 * self.argmax_agreement:.2f}%,"
+                f"{self.batch_sizes}; onnxruntime on {self.isa}): argmax agreement {100 * self.argmax_agreement:.2f}%,"
                 f" max |diff| {self.max_abs_diff:.4g}{steps}"
             )
         return "\n".join(lines)
@@ -145,9 +148,17 @@ class ExportReport:
 
 
 def export_onnx(
-    model: nn.Module, example_input: torch.Tensor, path: str | Path, *, dynamo: bool, opset: int = 17
+    model: nn.Module,
+    example_input: torch.Tensor,
+    path: str | Path,
+    *,
+    dynamo: bool,
+    opset: int = 17,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``model`` to ONNX with a dynamic batch axis (input ``input``, output ``logits``)."""
+    """Write ``model`` to ONNX with a dynamic batch axis (input ``input``, output ``logits``),
+    ``metadata`` in the file's ``metadata_props``. Written to ``<path>.tmp`` and renamed, so
+    an error or an interrupt leaves no half file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -166,13 +177,16 @@ def export_onnx(
                     output_names=[OUTPUT],
                     dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
                 )
+        if dynamo or metadata:
+            _rewrite(tmp, strip=dynamo, metadata=metadata or {})
         os.replace(tmp, path)
     except Exception as e:
-        tmp.unlink(missing_ok=True)
         how = "torch.export + dynamo=True" if dynamo else "TorchScript (dynamo=False)"
         raise QuantizeError(
             f"ONNX export of {type(model).__name__} via {how} failed: {type(e).__name__}: {e}"
         ) from e
+    finally:  # KeyboardInterrupt too
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -190,17 +204,21 @@ def _export_dynamo(model: nn.Module, example_input: torch.Tensor, path: Path, op
         verbose=False,
         external_data=False,
     )
-    _strip_metadata(path)
 
 
-def _strip_metadata(path: Path) -> None:
-    """Drop the per-node stack traces the dynamo exporter writes (they double the file size)."""
+def _rewrite(path: Path, *, strip: bool, metadata: dict[str, str]) -> None:
+    """Add ``metadata`` to the model's ``metadata_props``; ``strip``: drop the per-node stack
+    traces the dynamo exporter writes (they double the file size)."""
     import onnx
 
     model = onnx.load(str(path))
-    for node in model.graph.node:
-        del node.metadata_props[:]
-        node.doc_string = ""
+    if strip:
+        for node in model.graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, str(value)
     onnx.save(model, str(path))
 
 
@@ -218,8 +236,18 @@ def export(
     ``inputs`` (e.g. 512 test images) are compared with the PyTorch INT8 model;
     ``float_model`` is exported next to it as ``<stem>_fp32.onnx`` for the size comparison.
     """
+    metadata = {
+        "ehap.int8_target": quantized.scheme.target,
+        "ehap.weight_bits": str(quantized.scheme.weight_bits),
+        "ehap.int8_scheme": quantized.scheme.reason,
+    }
     path = export_onnx(
-        quantized.graph_module, example_input, path, dynamo=quantized.backend == "pt2e", opset=options.opset
+        quantized.graph_module,
+        example_input,
+        path,
+        dynamo=quantized.backend == "pt2e",
+        opset=options.opset,
+        metadata=metadata,
     )
     fp32_bytes = None
     if float_model is not None and options.fp32_reference:
@@ -229,7 +257,10 @@ def export(
         fp32_bytes = fp32_path.stat().st_size
     counts, convs = inspect_optimized(path)
     opset = max(options.opset, 18) if quantized.backend == "pt2e" else options.opset
-    report = ExportReport(path, quantized.backend, opset, path.stat().st_size, fp32_bytes, counts, convs)
+    report = ExportReport(
+        path, quantized.backend, opset, path.stat().st_size, fp32_bytes, counts, convs,
+        isa=cpu_features().describe(), metadata=metadata,
+    )
     _warn_float_convs(report, options.min_quantized_convs)
     if options.verify and inputs is not None:
         report = compare_with_torch(report, quantized.graph_module, inputs, options)
@@ -371,6 +402,20 @@ def compare_with_torch(
             "argmax_agreement": agree,
         }
     )
+
+
+def onnx_top1(path: str | Path, batches, threads: int | None = None) -> float:
+    """Top-1 (%) of the ONNX file itself in onnxruntime over ``(x, y)`` batches: what ships."""
+    sess = session(path, threads=threads)
+    name = sess.get_inputs()[0].name
+    correct = total = 0
+    for x, y in batches:
+        logits = sess.run(None, {name: x.numpy()})[0]
+        correct += int((logits.argmax(1) == y.numpy()).sum())
+        total += len(y)
+    if total == 0:
+        raise QuantizeError(f"no batches to evaluate {path} on")
+    return 100.0 * correct / total
 
 
 def output_step(model) -> float | None:

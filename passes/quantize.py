@@ -4,7 +4,9 @@ Why a pass: after ``shrink`` the model is a smaller ``GraphModule``; this pass t
 INT8 model whose ONNX export onnxruntime runs as QLinearConv/QLinearAdd/QGemm kernels
 (``passes.export``). One scheme everywhere, the one those kernels want:
 
-* weights: symmetric, per output channel, int8 (-128..127, zero point 0);
+* weights: symmetric, per output channel, int8 (-128..127, zero point 0), or 7-bit (-64..63)
+  for a target whose kernels would saturate (``QuantizeOptions.target``, see ``ehap_fx.isa``:
+  x86 without AVX512-VNNI adds u8·s8 pairs in int16);
 * activations: affine, per tensor, uint8 (0..255).
 
 Two backends build the same scheme:
@@ -47,11 +49,12 @@ from ehap_fx.passes.shrink import fresh_attr
 from torch import fx, nn
 
 from ehap_fx.errors import QuantizeError
+from ehap_fx.isa import INT8_TARGETS, WEIGHT_RANGES, cpu_features, int8_target
 
 BACKENDS = ("fx", "pt2e")
 MODES = ("qat", "ptq")
 ACTIVATION_RANGE = (0, 255)  # quint8, per-tensor affine
-WEIGHT_RANGE = (-128, 127)  # qint8, per-channel symmetric
+WEIGHT_RANGE = WEIGHT_RANGES["x86-vnni"]  # qint8, per-channel symmetric; 7-bit where kernels saturate
 
 
 @dataclass(frozen=True)
@@ -60,11 +63,14 @@ class QuantizeOptions:
 
     ``freeze_bn_after`` / ``freeze_observers_after`` are fractions of the QAT steps after
     which BatchNorm statistics, then the activation/weight ranges, stop updating (1.0: never).
-    ``calibration_batches`` is the number of batches observed in PTQ mode.
+    ``calibration_batches`` is the number of batches observed in PTQ mode. ``target`` is where
+    the INT8 model will run (``"auto"``: this CPU; ``"x86-vnni"``, ``"x86-avx2"``,
+    ``"arm64"``): it fixes the weight range (:func:`scheme`).
     """
 
     backend: str = "fx"
     mode: str = "qat"
+    target: str = "auto"
     epochs: float = 1.0
     max_steps: int | None = None
     lr: float = 1e-3
@@ -80,6 +86,8 @@ class QuantizeOptions:
             raise ValueError(f"backend={self.backend!r} must be one of {BACKENDS}")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} must be one of {MODES}")
+        if self.target != "auto" and self.target not in INT8_TARGETS:
+            raise ValueError(f"target={self.target!r} must be 'auto' or one of {INT8_TARGETS}")
         if not (math.isfinite(self.epochs) and self.epochs > 0):
             raise ValueError(f"epochs={self.epochs} must be > 0")
         if self.max_steps is not None and self.max_steps < 1:
@@ -99,6 +107,44 @@ class QuantizeOptions:
 
 
 @dataclass(frozen=True)
+class Int8Scheme:
+    """The integer ranges one INT8 target computes exactly, and why they were chosen."""
+
+    target: str
+    weight_range: tuple[int, int]
+    activation_range: tuple[int, int]
+    reason: str
+
+    @property
+    def weight_bits(self) -> int:
+        return (self.weight_range[1] - self.weight_range[0] + 1).bit_length() - 1
+
+    def as_dict(self) -> dict:
+        return {"target": self.target, "weight_bits": self.weight_bits,
+                "weight_range": list(self.weight_range),
+                "activation_range": list(self.activation_range), "reason": self.reason}
+
+
+def scheme(target: str = "auto") -> Int8Scheme:
+    """The :class:`Int8Scheme` of ``target`` (``"auto"``: this CPU's, see ``ehap_fx.isa``).
+
+    >>> scheme("x86-avx2").weight_range, scheme("x86-avx2").weight_bits
+    ((-64, 63), 7)
+    >>> scheme("x86-vnni").weight_bits
+    8
+    """
+    resolved = int8_target(target)
+    why = {
+        "x86-vnni": "AVX512-VNNI accumulates u8*s8 in int32: full 8-bit weights are exact",
+        "x86-avx2": "x86 without AVX512-VNNI adds u8*s8 pairs in saturating int16 "
+                    "(255*127*2 > 32767): 7-bit weights (255*64*2 <= 32767) never saturate",
+        "arm64": "ARM64 kernels widen u8*s8 products to int32: full 8-bit weights are exact",
+    }[resolved]
+    source = f"auto on {cpu_features().describe()}" if target == "auto" else "given"
+    return Int8Scheme(resolved, WEIGHT_RANGES[resolved], ACTIVATION_RANGE, f"{source}: {why}")
+
+
+@dataclass(frozen=True)
 class QuantizeResult:
     """The INT8 model (``graph_module``) and how it was made.
 
@@ -113,6 +159,7 @@ class QuantizeResult:
     losses: tuple[float, ...] = ()
     calibration_batches: int = 0
     seconds: float = 0.0
+    scheme: Int8Scheme = field(default_factory=lambda: scheme("x86-vnni"))
     modified: bool = field(default=True)
 
 
@@ -166,7 +213,8 @@ def quantize(
             "(e.g. ehap_fx.data.synthetic_cifar(512).loader(64), labelled synthetic)"
         )
     start = time.perf_counter()
-    prepared = prepare(model, example_input, options)
+    chosen = scheme(options.target)
+    prepared = prepare(model, example_input, options, chosen)
     steps, losses, seen = 0, (), 0
     if options.mode == "qat":
         from ehap_fx.qat import qat_finetune
@@ -177,20 +225,24 @@ def quantize(
         seen = calibrate(prepared, data, options.calibration_batches)
     converted = convert(prepared, options)
     return QuantizeResult(
-        converted, options.backend, options.mode, steps, losses, seen, time.perf_counter() - start
+        converted, options.backend, options.mode, steps, losses, seen, time.perf_counter() - start, chosen
     )
 
 
-def prepare(model: nn.Module, example_input: torch.Tensor, options: QuantizeOptions) -> fx.GraphModule:
-    """A copy of ``model`` with observers (PTQ) or fake quantizers (QAT) inserted."""
+def prepare(
+    model: nn.Module, example_input: torch.Tensor, options: QuantizeOptions, chosen: Int8Scheme | None = None
+) -> fx.GraphModule:
+    """A copy of ``model`` with observers (PTQ) or fake quantizers (QAT) inserted, for the
+    weight range of ``chosen`` (default: ``scheme(options.target)``)."""
     model = copy.deepcopy(model)
     model.train(options.mode == "qat")
     example = _batch_of_two(example_input)
+    weights = (chosen or scheme(options.target)).weight_range
     try:
         with quiet_quantization_warnings():
             if options.backend == "fx":
-                return _prepare_fx(model, example, options.mode == "qat")
-            return _prepare_pt2e(model, example, options.mode == "qat")
+                return _prepare_fx(model, example, options.mode == "qat", weights)
+            return _prepare_pt2e(model, example, options.mode == "qat", weights)
     except QuantizeError:
         raise
     except Exception as e:
@@ -235,7 +287,7 @@ def convert(prepared: fx.GraphModule, options: QuantizeOptions) -> fx.GraphModul
 # ---------------------------------------------------------------------------------------------
 
 
-def fx_qconfig_mapping(qat: bool):
+def fx_qconfig_mapping(qat: bool, weight_range: tuple[int, int] = WEIGHT_RANGE):
     """The torch.ao ``QConfigMapping`` of the scheme: FakeQuantize for QAT, observers for PTQ."""
     from torch.ao.quantization import (
         FakeQuantize,
@@ -258,8 +310,8 @@ def fx_qconfig_mapping(qat: bool):
         dtype=torch.qint8,
         qscheme=torch.per_channel_symmetric,
         ch_axis=0,
-        quant_min=WEIGHT_RANGE[0],
-        quant_max=WEIGHT_RANGE[1],
+        quant_min=weight_range[0],
+        quant_max=weight_range[1],
     )
     if qat:
         act = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, **act_kw)
@@ -270,13 +322,13 @@ def fx_qconfig_mapping(qat: bool):
     return QConfigMapping().set_global(QConfig(activation=act, weight=weight))
 
 
-def _prepare_fx(model: nn.Module, example: torch.Tensor, qat: bool) -> fx.GraphModule:
+def _prepare_fx(model: nn.Module, example: torch.Tensor, qat: bool, weights: tuple[int, int]) -> fx.GraphModule:
     from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
 
     if isinstance(model, fx.GraphModule):
         constant_adds_as_convs(model)
     fn = prepare_qat_fx if qat else prepare_fx
-    return fn(model, fx_qconfig_mapping(qat), (example,))
+    return fn(model, fx_qconfig_mapping(qat, weights), (example,))
 
 
 _ADDS = (operator.add, operator.iadd, torch.add, "add")
@@ -324,7 +376,7 @@ def constant_adds_as_convs(gm: fx.GraphModule) -> int:
     return count
 
 
-def _prepare_pt2e(model: nn.Module, example: torch.Tensor, qat: bool) -> fx.GraphModule:
+def _prepare_pt2e(model: nn.Module, example: torch.Tensor, qat: bool, weights: tuple[int, int]) -> fx.GraphModule:
     pytree_log = logging.getLogger("torch.utils._pytree")  # torchao's import-time notice
     level = pytree_log.level
     pytree_log.setLevel(logging.ERROR)
@@ -340,7 +392,7 @@ def _prepare_pt2e(model: nn.Module, example: torch.Tensor, qat: bool) -> fx.Grap
     batch = torch.export.Dim("batch", min=1, max=65536)
     exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     fn = prepare_qat_pt2e if qat else prepare_pt2e
-    prepared = fn(exported.module(), OrtQuantizer(qat))
+    prepared = fn(exported.module(), OrtQuantizer(qat, weights))
     return _bind_train_eval(prepared)
 
 

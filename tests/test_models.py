@@ -213,3 +213,63 @@ def test_pretrained_resnet20_top1(weights_dir, cifar10_root):
     test = load_cifar(cifar10_root, "cifar10", "test")
     top1 = evaluate(model, test.loader(500, limit=2000, normalization=normalization("resnet20")))
     assert top1 == pytest.approx(81.03, abs=3.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights that download: torch.hub's cache, sha256-checked (offline: a pre-filled cache, file://)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """An empty torch.hub cache in tmp_path."""
+    before = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    monkeypatch.delenv("EHAP_PRETRAINED_URL", raising=False)
+    yield tmp_path / "hub" / "checkpoints"
+    torch.hub.set_dir(before)
+
+
+def test_pretrained_from_a_prefilled_hub_cache(weights_dir, hub, monkeypatch):
+    import shutil
+
+    from ehap_fx.models import CHECKPOINTS, pretrained_model
+
+    hub.mkdir(parents=True)
+    shutil.copy(weights_dir / "resnet20-12fca82f.th", hub)
+    monkeypatch.setenv("EHAP_PRETRAINED_URL", "http://127.0.0.1:9")  # any download would fail
+    model = pretrained_model("resnet20")
+    reference = pretrained_model("resnet20", weights_dir)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    assert CHECKPOINTS[("resnet20", "cifar10")].file == "resnet20-12fca82f.th"
+
+
+def test_pretrained_downloads_into_the_hub_cache(weights_dir, hub, monkeypatch):
+    from ehap_fx.models import download_pretrained
+
+    monkeypatch.setenv("EHAP_PRETRAINED_URL", weights_dir.as_uri())  # a local "mirror"
+    path = download_pretrained("resnet56", progress=False)
+    assert path == hub / "resnet56-4bfd9763.th"
+    assert path.read_bytes() == (weights_dir / "resnet56-4bfd9763.th").read_bytes()
+
+
+def test_download_errors_name_the_url_and_leave_nothing(hub, tmp_path, monkeypatch):
+    from ehap_fx.models import download_pretrained
+
+    monkeypatch.setenv("EHAP_PRETRAINED_URL", "http://127.0.0.1:9/w")
+    with pytest.raises(WeightsError, match=r"downloading http://127.0.0.1:9/w/resnet32-d509ac18.th failed.*--pretrained-dir"):
+        download_pretrained("resnet32", progress=False)
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "resnet32-d509ac18.th").write_bytes(b"tampered")
+    monkeypatch.setenv("EHAP_PRETRAINED_URL", mirror.as_uri())
+    with pytest.raises(WeightsError, match="wrong sha256"):
+        download_pretrained("resnet32", progress=False)
+    assert not hub.exists() or not list(hub.iterdir())
+    hub.mkdir(parents=True, exist_ok=True)
+    (hub / "resnet32-d509ac18.th").write_bytes(b"tampered")  # a corrupted cache is caught too
+    with pytest.raises(WeightsError, match="expected d509ac1820d7"):
+        download_pretrained("resnet32", progress=False)
+    with pytest.raises(WeightsError, match="no public checkpoint of 'wrn-28-8'"):
+        download_pretrained("wrn-28-8")

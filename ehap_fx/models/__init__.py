@@ -13,13 +13,16 @@ Names: ``resnet{20,32,44,56,110}`` (option-A shortcuts, the akamaster checkpoint
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from ehap_fx.data import CIFAR10_NORM, CIFAR100_NORM, IMAGENET_NORM, Normalization
+from ehap_fx.data import CIFAR10_NORM, CIFAR100_NORM, DIGITS_NORM, IMAGENET_NORM, Normalization
 from ehap_fx.errors import ModelError, WeightsError
 from ehap_fx.models.resnet_cifar import (
     DEPTHS,
@@ -35,6 +38,8 @@ __all__ = [
     "NUM_CLASSES",
     "CifarResNet",
     "WideResNet",
+    "CHECKPOINTS",
+    "download_pretrained",
     "find_pretrained",
     "get_model",
     "load_pretrained",
@@ -54,7 +59,40 @@ MODEL_NAMES: tuple[str, ...] = (
     "wrn-28-8",
     "wrn-28-10",
 )
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10}
+DIGITS_MODEL = "resnet8"
+"""The model of the embedded default (scikit-learn digits, 16x16): trained in-process in seconds."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A public checkpoint of one of the paper's models: where it is and its sha256."""
+
+    url: str
+    sha256: str
+
+    @property
+    def file(self) -> str:
+        return self.url.rsplit("/", 1)[1]
+
+
+_AKAMASTER = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models"
+_CHENYAOFO = "https://github.com/chenyaofo/pytorch-cifar-models/releases/download/resnet"
+CHECKPOINTS: dict[tuple[str, str], Checkpoint] = {
+    ("resnet20", "cifar10"): Checkpoint(
+        f"{_AKAMASTER}/resnet20-12fca82f.th", "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8"),
+    ("resnet32", "cifar10"): Checkpoint(
+        f"{_AKAMASTER}/resnet32-d509ac18.th", "d509ac1820d7f25398913559d7e81a13229b1e7adc5648e3bfa5e22dc137f850"),
+    ("resnet44", "cifar10"): Checkpoint(
+        f"{_AKAMASTER}/resnet44-014dd654.th", "014dd6541728a1c700b1642ab640e211dc6eb8ed507d70697458dc8f8a0ae2e4"),
+    ("resnet56", "cifar10"): Checkpoint(
+        f"{_AKAMASTER}/resnet56-4bfd9763.th", "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367"),
+    ("resnet56-b", "cifar100"): Checkpoint(
+        f"{_CHENYAOFO}/cifar100_resnet56-f2eff4c8.pt",
+        "f2eff4c8461ca1e0d39af83a65f7243bf7d29ec421efee3064bcee93a3caaa73"),
+}
+"""The paper's public checkpoints (akamaster: BSD-2-Clause; chenyaofo: BSD-3-Clause), by
+(model, dataset). ``EHAP_PRETRAINED_URL`` replaces the part before the file name (a mirror)."""
 
 _RESNET = re.compile(r"resnet(\d+)(?:-([ab]))?")
 _WRN = re.compile(r"wrn-(\d+)-(\d+)")
@@ -104,6 +142,8 @@ def normalization(name: str, dataset: str = "cifar10") -> Normalization:
     """
     spec = _parse(name)
     _check_dataset(dataset)
+    if dataset == "digits":
+        return DIGITS_NORM
     if dataset == "cifar10" and spec.family == "resnet" and spec.shortcut == "A":
         return IMAGENET_NORM
     return CIFAR10_NORM if dataset == "cifar10" else CIFAR100_NORM
@@ -146,8 +186,61 @@ def find_pretrained(name: str, weights_dir: str | Path, dataset: str = "cifar10"
     return found[0]
 
 
-def pretrained_model(name: str, weights_dir: str | Path, dataset: str = "cifar10") -> nn.Module:
-    """``get_model`` + ``find_pretrained`` + ``load_pretrained`` in one call (eval mode)."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_pretrained(name: str, dataset: str = "cifar10", *, progress: bool = True) -> Path:
+    """The public checkpoint of ``name`` on ``dataset`` in torch.hub's cache
+    (``torch.hub.get_dir()/checkpoints``), downloaded there first if missing.
+
+    The file's full sha256 is checked after the download and again on every later use; a
+    failed download or a wrong hash raises :class:`WeightsError` naming the URL (or file)
+    and ``--pretrained-dir``, and leaves no file behind.
+    """
+    _check_dataset(dataset)
+    key = (name.strip().lower(), dataset)
+    if key not in CHECKPOINTS:
+        known = ", ".join(f"{m} ({d})" for m, d in CHECKPOINTS)
+        raise WeightsError(f"no public checkpoint of {name!r} on {dataset}; known: {known}")
+    ck = CHECKPOINTS[key]
+    url = ck.url
+    if mirror := os.environ.get("EHAP_PRETRAINED_URL"):
+        url = f"{mirror.rstrip('/')}/{ck.file}"
+    path = Path(torch.hub.get_dir()) / "checkpoints" / ck.file
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # writes a temporary file next to path, moved into place once the hash matches
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=ck.sha256, progress=progress)
+        except Exception as e:  # URLError, HTTPError, OSError, the hash RuntimeError
+            path.unlink(missing_ok=True)
+            why = "wrong sha256" if "invalid hash" in str(e) else f"{type(e).__name__}: {e}"
+            raise WeightsError(
+                f"downloading {url} failed ({why}); without network, pass --pretrained-dir DIR "
+                f"holding {ck.file} (Python: pretrained_model(name, DIR))"
+            ) from e
+    elif (digest := _sha256(path)) != ck.sha256:
+        raise WeightsError(
+            f"{path} has sha256 {digest[:12]}..., expected {ck.sha256[:12]}...: delete it to "
+            "download again, or pass --pretrained-dir DIR with the right file"
+        )
+    return path
+
+
+def pretrained_model(
+    name: str, weights_dir: str | Path | None = None, dataset: str = "cifar10", *, progress: bool = True
+) -> nn.Module:
+    """``name`` with its pretrained weights on ``dataset``, in eval mode: from the torch.hub-named
+    file in ``weights_dir``, or without it from torch.hub's cache (:func:`download_pretrained`).
+    """
     _check_dataset(dataset)
     model = get_model(name, NUM_CLASSES[dataset])
-    return load_pretrained(model, find_pretrained(name, weights_dir, dataset)).eval()
+    if weights_dir is None:
+        path = download_pretrained(name, dataset, progress=progress)
+    else:
+        path = find_pretrained(name, weights_dir, dataset)
+    return load_pretrained(model, path).eval()
