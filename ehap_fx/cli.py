@@ -43,7 +43,7 @@ DEFAULT_DATA_DIR = Path("~/.cache/ehap-fx/data")
 log = logging.getLogger("ehap_fx")
 
 DIGITS = {"batch_size": 64, "hessian_batch": 256, "scorer": "removal", "estimator": "ggn", "probes": None,
-          "finetune_epochs": 3.0, "finetune_steps": None, "qat_epochs": 1.0, "qat_steps": None,
+          "finetune_epochs": 2.0, "finetune_steps": None, "qat_epochs": 1.0, "qat_steps": None,
           "calibration_batches": 8, "train_epochs": 6.0}
 """Settings of the embedded default (scikit-learn digits, real images): about a minute on 2 cores."""
 
@@ -508,6 +508,7 @@ def _full_report(args, result, train, test, norm, seconds: float, weights: str |
         "pruned_checkpoint": "pruned_model.pt (torch.save(gm)); pruned_state_dict.pt (weights, "
                              "widths; ehap_fx.report.load_pruned)",
         "onnx": "model_int8.onnx" if result.onnx_path else None,
+        "input_shape": list(train.images.shape[1:]),
     }
     return report
 

@@ -26,9 +26,12 @@ from ehap_fx.errors import EhapError, TargetError
 from ehap_fx.hessian import HessianOptions, group_sensitivity, group_stderr
 from ehap_fx.latency import LatencyModel, LatencyOptions, LatencyTable
 from ehap_fx.passes.cost import Cost, total_cost
+from ehap_fx.passes.export import export as export_onnx
+from ehap_fx.passes.export import onnx_top1
 from ehap_fx.passes.group import ChannelGroups, group_channels, groups_of, producer_modules
 from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import call_with, trace
+from ehap_fx.qat import quantize as quantize_int8
 from ehap_fx.target import Target, magnitude_scores, measure, select_plan
 from ehap_fx.train import FinetuneOptions, evaluate, finetune
 
@@ -241,12 +244,8 @@ def compress(
 def _quantize_and_export(
     out: CompressResult, example_input, data, eval_data, options, export, seconds
 ) -> None:
-    from ehap_fx.passes.export import export as export_onnx
-    from ehap_fx.passes.export import onnx_top1
-    from ehap_fx.passes.quantize import quantize as quantize_pass
-
     t = time.perf_counter()
-    q = quantize_pass(out.pruned, example_input, data, options)
+    q = quantize_int8(out.pruned, example_input, data, options)
     seconds["quantize"] = time.perf_counter() - t
     out.quantized = q.graph_module
     out.report.quantize = {

@@ -1,4 +1,5 @@
-"""The short quantization-aware fine-tune: ehap_fx.train.finetune plus two freezes.
+"""The short quantization-aware fine-tune: ehap_fx.train.finetune plus two freezes; and
+:func:`quantize`, the INT8 pass (``passes.quantize``) with this loop for QAT.
 
 QAT follows the usual recipe (torch.ao's QAT tutorial, Krishnamoorthi 2018): train with fake
 quantization; part-way through, freeze the BatchNorm statistics (so the folded conv weights
@@ -13,9 +14,12 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from ehap_fx.errors import QuantizeError
+from ehap_fx.passes import quantize as quantize_pass
+from ehap_fx.passes.quantize import QuantizeOptions, QuantizeResult, quiet_quantization_warnings
 from ehap_fx.train import FinetuneOptions, FinetuneResult, finetune, total_steps
 
 
@@ -92,7 +96,15 @@ def qat_finetune(prepared: nn.Module, loader: Iterable[Any], options) -> Finetun
         actions.setdefault(bn_at, []).append(lambda: freeze_bn_stats(prepared, options.backend))
     if obs_at is not None:  # observers must see one batch first, or their scales stay empty
         actions.setdefault(max(1, obs_at), []).append(lambda: freeze_observers(prepared, options.backend))
-    from ehap_fx.passes.quantize import quiet_quantization_warnings
-
     with quiet_quantization_warnings():
         return finetune(prepared, _FreezingLoader(loader, actions), ft)
+
+
+def quantize(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    data: Iterable[Any] | None,
+    options: QuantizeOptions = QuantizeOptions(),
+) -> QuantizeResult:
+    """``passes.quantize.quantize`` with :func:`qat_finetune` as its QAT loop (PTQ: the same)."""
+    return quantize_pass.quantize(model, example_input, data, options, train=qat_finetune)

@@ -244,12 +244,14 @@ def _export_section(report) -> list[str]:
         if q.get("scheme"):
             sc = q["scheme"]
             out.append(f"- scheme: target {sc['target']}, {sc['weight_bits']}-bit symmetric per-channel "
-                       f"weights {tuple(sc['weight_range'])}, uint8 affine activations ({sc['reason']})")
+                       f"weights {tuple(sc['weight_range'])}, uint8 affine activations "
+                       f"({sc['reason']})")
     if not e:
         return out + ["- no ONNX export", ""]
     out += [f"- quantized convs (QLinearConv): {100 * e['quantized_conv_fraction']:.1f}%",
             f"- size: {e['int8_bytes']:,} bytes int8 vs {e['fp32_bytes'] or 0:,} bytes fp32",
-            f"- onnxruntime ({e.get('isa') or 'this CPU'}) vs PyTorch INT8: argmax agreement {100 * e['argmax_agreement']:.2f}%, "
+            f"- onnxruntime ({e.get('isa') or 'this CPU'}) vs PyTorch INT8: argmax agreement "
+            f"{100 * e['argmax_agreement']:.2f}%, "
             f"max |diff| {e['max_abs_diff']:.4g}"
             + (f" = {e['max_diff_steps']:.2f} output steps" if e.get("max_diff_steps") is not None else ""),
             "", "```", e["summary"], "```", ""]
@@ -273,15 +275,19 @@ def _pinned_section(report) -> list[str]:
 
 
 def _files_section(run) -> list[str]:
-    return ["## Files", "",
-            f"- `{PRUNED_MODEL}`: the pruned GraphModule, `torch.save(gm)`. Load (trusted files only):",
-            f"  `gm = torch.load('{PRUNED_MODEL}', weights_only=False)`",
-            f"- `{PRUNED_STATE}`: state dict, model name and kept widths (weights only). Load:",
-            f"  `from ehap_fx.report import load_pruned; gm = load_pruned('{PRUNED_STATE}')`",
-            f"- `{ONNX_NAME}`: INT8 ONNX (input `input` (N, 3, 32, 32) normalised, output `logits`);"
-            " `model_int8_fp32.onnx`: the pruned fp32 model",
-            "- `report.json`, `channels.png`, `sensitivity.png`",
-            f"- evaluate: `ehap eval {ONNX_NAME} --data DIR`; latency: `ehap bench {ONNX_NAME}`", ""]
+    """The files this run wrote (an INT8 export or a weights-only state dict only when made)."""
+    out = ["## Files", "",
+           f"- `{PRUNED_MODEL}`: the pruned GraphModule, `torch.save(gm)`. Load (trusted files only):",
+           f"  `gm = torch.load('{PRUNED_MODEL}', weights_only=False)`"]
+    if run.get("pruned_state_dict"):
+        out += [f"- `{PRUNED_STATE}`: state dict, model name and kept widths (weights only). Load:",
+                f"  `from ehap_fx.report import load_pruned; gm = load_pruned('{PRUNED_STATE}')`"]
+    if run.get("onnx"):
+        shape = ", ".join(str(d) for d in run.get("input_shape", (3, 32, 32)))
+        out += [f"- `{ONNX_NAME}`: INT8 ONNX (input `input` (N, {shape}) normalised, output `logits`);"
+                " `model_int8_fp32.onnx`: the pruned fp32 model",
+                f"- evaluate: `ehap eval {ONNX_NAME} [--data DIR]`; latency: `ehap bench {ONNX_NAME}`"]
+    return [*out, "- `report.json`, `channels.png`, `sensitivity.png`", ""]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -136,7 +136,8 @@ class ExportReport:
             steps = f" = {self.max_diff_steps:.2f} output steps" if self.output_step else ""
             lines.append(
                 f"  vs PyTorch INT8 on {self.n_inputs} inputs (batches "
-                f"{self.batch_sizes}; onnxruntime on {self.isa}): argmax agreement {100 * self.argmax_agreement:.2f}%,"
+                f"{self.batch_sizes}; onnxruntime on {self.isa}): "
+                f"argmax agreement {100 * self.argmax_agreement:.2f}%,"
                 f" max |diff| {self.max_abs_diff:.4g}{steps}"
             )
         return "\n".join(lines)

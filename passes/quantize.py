@@ -39,7 +39,7 @@ import operator
 import time
 import types
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,16 +195,24 @@ def quiet_quantization_warnings() -> Iterator[None]:
 Batches = Iterable[Any]
 
 
+Train = Callable[[fx.GraphModule, Batches, QuantizeOptions], Any]
+"""A QAT loop: fine-tunes the prepared graph in place, returns an object with ``steps`` and
+``losses`` (``ehap_fx.qat.qat_finetune``, or a compiler's own)."""
+
+
 def quantize(
     model: nn.Module,
     example_input: torch.Tensor,
     data: Batches | None,
     options: QuantizeOptions = QuantizeOptions(),
+    *,
+    train: Train | None = None,
 ) -> QuantizeResult:
     """Quantize a copy of ``model`` (``nn.Module`` or ``GraphModule``) to INT8.
 
-    ``data`` yields ``(x, y)`` batches (``x`` alone is enough for PTQ); QAT trains on it with
-    :func:`ehap_fx.qat.qat_finetune`, PTQ observes its first ``calibration_batches`` batches.
+    ``data`` yields ``(x, y)`` batches (``x`` alone is enough for PTQ); PTQ observes its first
+    ``calibration_batches`` batches, QAT trains on it with ``train`` (the pass has no training
+    loop of its own: ``ehap_fx.qat.quantize`` is this pass with ``ehap_fx.qat.qat_finetune``).
     The input model is not modified.
     """
     if data is None:
@@ -217,10 +225,13 @@ def quantize(
     prepared = prepare(model, example_input, options, chosen)
     steps, losses, seen = 0, (), 0
     if options.mode == "qat":
-        from ehap_fx.qat import qat_finetune
-
-        result = qat_finetune(prepared, data, options)
-        steps, losses = result.steps, result.losses
+        if train is None:
+            raise QuantizeError(
+                "mode='qat' fine-tunes the prepared graph: pass train= (ehap_fx.qat.qat_finetune), "
+                "or call ehap_fx.qat.quantize, which does"
+            )
+        result = train(prepared, data, options)
+        steps, losses = result.steps, tuple(result.losses)
     else:
         seen = calibrate(prepared, data, options.calibration_batches)
     converted = convert(prepared, options)
@@ -322,7 +333,9 @@ def fx_qconfig_mapping(qat: bool, weight_range: tuple[int, int] = WEIGHT_RANGE):
     return QConfigMapping().set_global(QConfig(activation=act, weight=weight))
 
 
-def _prepare_fx(model: nn.Module, example: torch.Tensor, qat: bool, weights: tuple[int, int]) -> fx.GraphModule:
+def _prepare_fx(
+    model: nn.Module, example: torch.Tensor, qat: bool, weights: tuple[int, int]
+) -> fx.GraphModule:
     from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
 
     if isinstance(model, fx.GraphModule):
@@ -376,7 +389,9 @@ def constant_adds_as_convs(gm: fx.GraphModule) -> int:
     return count
 
 
-def _prepare_pt2e(model: nn.Module, example: torch.Tensor, qat: bool, weights: tuple[int, int]) -> fx.GraphModule:
+def _prepare_pt2e(
+    model: nn.Module, example: torch.Tensor, qat: bool, weights: tuple[int, int]
+) -> fx.GraphModule:
     pytree_log = logging.getLogger("torch.utils._pytree")  # torchao's import-time notice
     level = pytree_log.level
     pytree_log.setLevel(logging.ERROR)

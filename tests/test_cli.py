@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ehap_fx.passes.export import onnx_top1 as _onnx_top1
 
 from ehap_fx.cli import _onnx_normalization
 from ehap_fx.data import synthetic_cifar
 from ehap_fx.isa import cpu_features
-from ehap_fx.passes.export import onnx_top1 as _onnx_top1
 from ehap_fx.report import REPORT_KEYS
 
 # Synthetic data with short settings (ResNet-56, Hutchinson ranking).

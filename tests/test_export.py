@@ -28,13 +28,14 @@ from ehap_fx.passes.export import (
 )
 from ehap_fx.passes.group import group_channels
 from ehap_fx.passes.mask import random_plan
-from ehap_fx.passes.quantize import QuantizeOptions, QuantizeResult, quantize
+from ehap_fx.passes.quantize import QuantizeOptions, QuantizeResult
 from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
 
 from ehap_fx.data import CifarData
 from ehap_fx.errors import QuantizeError
 from ehap_fx.models import get_model, normalization, pretrained_model
+from ehap_fx.qat import quantize
 from ehap_fx.train import FinetuneOptions, evaluate, finetune
 
 X = torch.randn(2, 3, 32, 32)
@@ -92,8 +93,9 @@ def test_qat_export_runs_int8_in_onnxruntime(pruned, backend, tmp_path):
     assert report.op_counts["QLinearAdd"] == 9 and report.op_counts["QGemm"] == 1
     # ORT matches the PyTorch INT8 model on 512 inputs, at batch 128 and batch 1
     assert report.n_inputs == 512 and report.batch_sizes == (1, 128)
-    assert report.argmax_agreement >= 0.99
-    assert report.output_step is not None and report.max_diff_steps <= 8
+    where = f"{report.isa}, scheme {q.scheme.target} ({q.scheme.weight_bits}-bit weights)"
+    assert report.argmax_agreement >= 0.99, where
+    assert report.output_step is not None and report.max_diff_steps <= 8, where
     # weights in int8: well under the fp32 file
     assert report.size_ratio > 1.2
     # the batch axis is dynamic: odd batch sizes run and agree row by row
@@ -134,7 +136,10 @@ def test_pt2e_export_small(tmp_path):
         ("QLinearConv", 16, 16),
     ]
     assert report.batch_sizes == (1, 128) and report.op_counts.get("QGemm") == 1
-    assert report.max_diff_steps <= 2
+    # q.scheme never saturates the int16 pair sums of this CPU's kernels (ehap_fx.isa), so ORT's
+    # integer accumulators equal the Q/DQ reference; they differ only in requantization rounding
+    # (at most 1 step at each of the 2 requantized convs, seen through the linear layer)
+    assert report.max_diff_steps <= 2, f"{report.isa}, scheme {q.scheme.target} ({q.scheme.weight_bits}-bit)"
 
 
 def test_float_convs_are_reported_with_a_warning(tmp_path):

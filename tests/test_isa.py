@@ -28,9 +28,8 @@ def _qlinearconv(weight: int) -> int:
     """onnxruntime's QLinearConv of x = [255, 255] with w = [weight, weight], all scales 1
     except y_scale = 1000, zero points 0: returns the uint8 output."""
     onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper
-
     from ehap_fx.passes.export import session
+    from onnx import TensorProto, helper
 
     inits = [
         helper.make_tensor("xs", TensorProto.FLOAT, [], [1.0]),

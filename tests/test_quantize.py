@@ -13,17 +13,17 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from ehap_fx.passes import quantize as quantize_pass
 from ehap_fx.passes.quantize import (
     QuantizeOptions,
     calibrate,
     convert,
     prepare,
-    quantize,
 )
 from torch import nn
 
 from ehap_fx.errors import QuantizeError
-from ehap_fx.qat import freeze_schedule, qat_finetune
+from ehap_fx.qat import freeze_schedule, qat_finetune, quantize
 
 
 class TinyResNet(nn.Module):
@@ -182,3 +182,17 @@ def test_deprecation_warnings_are_scoped():
         warnings.simplefilter("always")
         prepare_fx(TinyResNet().eval(), fx_qconfig_mapping(False), (X,))
     assert any("deprecated" in str(w.message) for w in caught)
+
+
+def test_the_pass_has_no_training_loop_of_its_own():
+    """QAT through the pass needs a loop (``train=``); ``ehap_fx.qat.quantize`` supplies one."""
+    with pytest.raises(QuantizeError, match="pass train="):
+        quantize_pass.quantize(TinyResNet(), X, batches(2), QuantizeOptions(max_steps=1))
+    calls = []
+
+    def loop(prepared, data, options):
+        calls.append(type(prepared).__name__)
+        return qat_finetune(prepared, data, options)
+
+    result = quantize_pass.quantize(TinyResNet(), X, batches(2), QuantizeOptions(max_steps=1), train=loop)
+    assert calls == ["GraphModule"] and result.steps == 1

@@ -36,12 +36,13 @@ import torch
 from ehap_fx.passes.cost import total_cost
 from ehap_fx.passes.export import ExportReport, export, export_onnx, session
 from ehap_fx.passes.group import group_channels
-from ehap_fx.passes.quantize import QuantizeOptions, QuantizeResult, quantize
+from ehap_fx.passes.quantize import QuantizeOptions, QuantizeResult
 from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
 
 from ehap_fx.errors import TargetError
 from ehap_fx.models import get_model, normalization, pretrained_model
+from ehap_fx.qat import quantize
 from ehap_fx.target import Target, magnitude_scores, select_plan
 from ehap_fx.train import FinetuneOptions, finetune
 

@@ -50,7 +50,7 @@ import torch
 from ehap_fx.passes.cost import total_cost
 from ehap_fx.passes.export import INPUT, ExportOptions, export, session
 from ehap_fx.passes.group import group_channels, groups_of, producer_modules
-from ehap_fx.passes.quantize import QuantizeOptions, quantize
+from ehap_fx.passes.quantize import QuantizeOptions
 from ehap_fx.passes.shrink import PrunePlan, shrink
 from ehap_fx.passes.trace import trace
 from scipy.stats import spearmanr
@@ -60,6 +60,7 @@ from ehap_fx.data import load_cifar, synthetic_cifar
 from ehap_fx.errors import EhapError
 from ehap_fx.hessian import HessianOptions, estimate_hessian, group_sensitivity
 from ehap_fx.models import NUM_CLASSES, find_pretrained, get_model, load_pretrained, normalization
+from ehap_fx.qat import quantize
 from ehap_fx.removal import estimate_removal, joint_order
 from ehap_fx.target import Target, magnitude_scores, select_plan
 from ehap_fx.train import FinetuneOptions, evaluate, finetune, recalibrate_bn

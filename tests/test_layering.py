@@ -1,0 +1,107 @@
+"""The package's imports go downward only, and its face costs nothing to import.
+
+    foundation (_meta, errors, isa)  ◀─  passes  ◀─  scoring  ◀─  pipeline  ◀─  cli
+    torch only                           graph       Hessian,      compress, train, QAT,
+                                         passes      GGN, removal  data, models, report
+
+Read from the source (AST), function-level imports included: a module may import its own tier
+and the tiers left of it, never one to its right, and no import cycle may exist at all.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TIERS = {
+    "foundation": {"ehap_fx._meta", "ehap_fx.errors", "ehap_fx.isa"},
+    "passes": {"ehap_fx.passes"},  # and every ehap_fx.passes.* module
+    "scoring": {"ehap_fx.hessian", "ehap_fx.ggn", "ehap_fx.removal", "ehap_fx.sampling", "ehap_fx.fold"},
+    "pipeline": {"ehap_fx.compress", "ehap_fx.train", "ehap_fx.qat", "ehap_fx.distributed",
+                 "ehap_fx.latency", "ehap_fx.report", "ehap_fx.target", "ehap_fx.data", "ehap_fx.models"},
+    "cli": {"ehap_fx.cli", "ehap_fx.__main__", "ehap_fx"},
+}
+ORDER = list(TIERS)
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for folder, prefix in ((ROOT / "ehap_fx", ("ehap_fx",)), (ROOT / "passes", ("ehap_fx", "passes"))):
+        for path in folder.rglob("*.py"):
+            parts = (*prefix, *path.relative_to(folder).with_suffix("").parts)
+            out[".".join(parts).removesuffix(".__init__")] = path
+    return out
+
+
+def tier(module: str) -> str:
+    for name, members in TIERS.items():
+        if module in members or any(module.startswith(m + ".") for m in members if m != "ehap_fx"):
+            return name
+    raise AssertionError(f"{module} belongs to no tier: add it to TIERS in tests/test_layering.py")
+
+
+def imports(path: Path, known: dict[str, Path]) -> set[str]:
+    """The package modules ``path`` imports, module- and function-level alike (the lazy
+    ``__getattr__`` of the package face excepted: that is what makes it free to import)."""
+    tree = ast.parse(path.read_text())
+    face = path == ROOT / "ehap_fx" / "__init__.py"
+    found = set()
+    for node in ast.walk(tree):
+        if face and node not in tree.body:
+            continue
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+        for n in names:
+            while n and n not in known:
+                n = n.rpartition(".")[0]
+            if n.startswith("ehap_fx"):
+                found.add(n)
+                break
+    return found
+
+
+def test_every_module_has_a_tier_and_imports_only_downward():
+    known = modules()
+    upward = []
+    for module, path in known.items():
+        mine = ORDER.index(tier(module))
+        for target in imports(path, known) - {module}:
+            if ORDER.index(tier(target)) > mine:
+                upward.append(f"{module} ({tier(module)}) imports {target} ({tier(target)})")
+    assert not upward, "\n".join(sorted(upward))
+
+
+def test_no_import_cycles():
+    known = modules()
+    graph = {m: imports(p, known) - {m} for m, p in known.items()}
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph[m]):
+            assert state.get(n) != 1, "import cycle: " + " -> ".join([*path, m, n])
+            if n not in state:
+                visit(n, [*path, m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+
+
+def test_the_package_face_and_a_pass_load_no_pipeline():
+    probe = ("import sys, ehap_fx, ehap_fx.passes.trace; "
+             "print(sorted(m for m in sys.modules if m.startswith('ehap_fx.')))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    # (torch itself imports tqdm, so that one cannot be asked of us)
+    for heavy in ("ehap_fx.hessian", "ehap_fx.compress", "ehap_fx.distributed", "ehap_fx.train"):
+        assert heavy not in loaded, f"{heavy} loaded by `import ehap_fx.passes.trace`: {loaded}"
+    import ehap_fx
+
+    assert ehap_fx.compress.__module__ == "ehap_fx.compress" and ehap_fx.Target.__name__ == "Target"
