@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TIERS = {
     "foundation": {"ehap_fx._meta", "ehap_fx.errors", "ehap_fx.isa"},
     "passes": {"ehap_fx.passes"},  # and every ehap_fx.passes.* module
-    "scoring": {"ehap_fx.hessian", "ehap_fx.ggn", "ehap_fx.removal", "ehap_fx.sampling", "ehap_fx.fold"},
+    "scoring": {"ehap_fx.hessian", "ehap_fx.ggn", "ehap_fx.ggn_mc", "ehap_fx.removal", "ehap_fx.sampling",
+                "ehap_fx.fold", "ehap_fx.budget"},
     "pipeline": {"ehap_fx.compress", "ehap_fx.train", "ehap_fx.qat", "ehap_fx.distributed",
                  "ehap_fx.latency", "ehap_fx.report", "ehap_fx.target", "ehap_fx.data", "ehap_fx.models"},
     "cli": {"ehap_fx.cli", "ehap_fx.__main__", "ehap_fx"},
