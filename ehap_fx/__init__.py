@@ -12,6 +12,8 @@ torch.distributed; ``ehap_fx.compress`` loads the pipeline on first use.
 """
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -32,3 +34,16 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(__all__)
+
+
+class _Face(types.ModuleType):
+    """Importing the submodule ``ehap_fx.compress`` would bind the package attribute
+    ``compress`` to that module; the public name is the function, as in an eager face."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Face

@@ -104,5 +104,8 @@ def test_the_package_face_and_a_pass_load_no_pipeline():
     for heavy in ("ehap_fx.hessian", "ehap_fx.compress", "ehap_fx.distributed", "ehap_fx.train"):
         assert heavy not in loaded, f"{heavy} loaded by `import ehap_fx.passes.trace`: {loaded}"
     import ehap_fx
+    import ehap_fx.compress as _  # noqa: F401  (the submodule, imported first, must not hide the function)
+    from ehap_fx import compress
 
-    assert ehap_fx.compress.__module__ == "ehap_fx.compress" and ehap_fx.Target.__name__ == "Target"
+    assert callable(compress) and compress.__module__ == "ehap_fx.compress"
+    assert ehap_fx.compress is compress and ehap_fx.Target.__name__ == "Target"

@@ -12,7 +12,6 @@ split and chunk) and reports what each tool does with them.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 import warnings
@@ -25,6 +24,7 @@ from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
 from torch import nn
 
+from ehap_fx.isa import cpu_features
 from ehap_fx.models import get_model
 
 
@@ -125,7 +125,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     print(
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={torch.get_num_threads()}"
+        f"torch {torch.__version__}, {cpu_features().describe()}, threads={torch.get_num_threads()}"
     )
     bench_resnet50(args.rounds)
     anchor_failures()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import socket
 import tempfile
 import time
@@ -35,6 +34,7 @@ import torch.multiprocessing as mp
 from ehap_fx.data import synthetic_cifar
 from ehap_fx.distributed import SEED_STRIDE, estimate_hessian_distributed, shard_loader
 from ehap_fx.hessian import HessianOptions, estimate_hessian
+from ehap_fx.isa import cpu_features
 from ehap_fx.models import get_model
 from ehap_fx.train import FinetuneOptions, finetune
 
@@ -119,7 +119,7 @@ def main() -> None:
         ranks = [torch.load(os.path.join(path, f"rank{r}.pt"), weights_only=False)
                  for r in range(args.world)]
     ref = _reference(args)
-    print(f"# {args.model}, world {args.world} (gloo, 1 thread/rank), {platform.machine()}, "
+    print(f"# {args.model}, world {args.world} (gloo, 1 thread/rank), {cpu_features().describe()}, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, torch {torch.__version__}, "
           f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"# hutchinson: {args.probes} probes, ggn: exact; Hessian batch {args.hessian_batch}; "

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
-import platform
 import resource
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from ehap_fx.hessian import (
     estimate_hessian,
     group_sensitivity,
 )
+from ehap_fx.isa import cpu_features
 from ehap_fx.models import get_model, normalization, pretrained_model
 from ehap_fx.sampling import draw_batches
 
@@ -457,6 +457,7 @@ def scale_data(name: str, size: int, n: int):
 def scale_child(spec: dict) -> dict:
     """One measurement in this (fresh) process: seconds, peak RSS, and the group scores."""
     from ehap_fx.passes.group import groups_of
+
     from ehap_fx.removal import estimate_removal
 
     torch.set_num_threads(spec["threads"])
@@ -700,7 +701,7 @@ def main(argv=None) -> None:
     args.agree_batch = args.agree_batch or (32 if q else 128)
     args.curve_probes = args.curve_probes or (100 if q else 400)
     print(f"# bench_hessian {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
-          f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{cpu_features().describe()}, torch {torch.__version__}, "
           f"device {args.device}, threads {args.threads}", flush=True)
     results = {"argv": sys.argv[1:], "device": args.device}
     if args.part in ("speed", "all"):

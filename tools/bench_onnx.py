@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -41,6 +40,7 @@ from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
 
 from ehap_fx.errors import TargetError
+from ehap_fx.isa import cpu_features
 from ehap_fx.models import get_model, normalization, pretrained_model
 from ehap_fx.qat import quantize
 from ehap_fx.target import Target, magnitude_scores, select_plan
@@ -365,7 +365,7 @@ def report(entries: list[Entry], args, source: str, n_test: int) -> None:
         med = time_models(entries, args.batch, args.rounds, threads)
         print(
             f"\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
+            f"{cpu_features().describe()}, {os.cpu_count()} CPUs visible, "
             f"onnxruntime {__import__('onnxruntime').__version__}, {threads} thread(s); "
             f"ResNet-56 ({source} weights), INT8 = {quant}, pruned = {args.scorer} select_plan to "
             f"{args.macs} MACs (fine-tune {args.finetune_steps} steps); median of {args.rounds} "

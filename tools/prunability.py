@@ -119,10 +119,11 @@ def pin_reasons(gm, top: int = 4) -> list[str]:
 
 def run_ehap(model, x) -> dict:
     import torch
-    from ehap_fx.compress import compress
     from ehap_fx.passes.group import group_channels
     from ehap_fx.passes.mask import mask_channels
     from ehap_fx.passes.trace import call_with, trace
+
+    from ehap_fx.compress import compress
 
     row: dict = {}
     t = time.perf_counter()

@@ -35,7 +35,6 @@ import copy
 import hashlib
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -59,6 +58,7 @@ from tqdm.auto import tqdm
 from ehap_fx.data import load_cifar, synthetic_cifar
 from ehap_fx.errors import EhapError
 from ehap_fx.hessian import HessianOptions, estimate_hessian, group_sensitivity
+from ehap_fx.isa import cpu_features
 from ehap_fx.models import NUM_CLASSES, find_pretrained, get_model, load_pretrained, normalization
 from ehap_fx.qat import quantize
 from ehap_fx.removal import estimate_removal, joint_order
@@ -781,7 +781,7 @@ def main(argv=None) -> list[dict]:
         rows.extend(run.all(args.scorers, targets))
     stem = args.out / budget.rank_key() / f"results-{budget.key()}"
     meta = {"budget": asdict(budget), "data": data.describe, "argv": sys.argv[1:] if argv is None else argv,
-            "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
+            "machine": f"{cpu_features().describe()}, {os.cpu_count()} cores",
             "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     rows = merge_rows(stem.with_suffix(".json"), rows)
