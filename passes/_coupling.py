@@ -119,6 +119,8 @@ class _Analysis:
         if labels is None or shape is None or _norm_dim(dim, len(shape)) == self.dim(arg):
             return labels
         self.uf.pin(labels, reason)
+        if not -len(shape) <= dim < len(shape):
+            return None  # no such dim (a (C,) vector read as (N, C)): pinned, nothing to label
         self.env[arg] = self._pinned_labels(int(shape[dim]), reason)
         self.set_dim(arg, _norm_dim(dim, len(shape)))
         return self.env[arg]
@@ -223,6 +225,24 @@ def norm_layer(a: _Analysis, node: fx.Node) -> Labels:
     mod = a.module(node)
     if getattr(mod, "affine", False) or getattr(mod, "track_running_stats", False):
         a.touch(node, "norm", 0, labels)
+    return labels
+
+
+def functional_norm(a: _Analysis, node: fx.Node) -> Labels:
+    """``F.batch_norm`` / ``F.instance_norm`` (what a norm subclass with its own ``forward``
+    calls): per channel; its statistics and affine tensors (``get_attr`` of shape ``(C,)``,
+    labelled as per-channel constants) are unioned with the channels, so they are sliced
+    with them."""
+    labels = same_channels(a, node)
+    if a.dim(node.args[0]) != 1:
+        raise _Pin("batch norm of a value whose channels are not dim 1")
+    for pos, name in enumerate(("running_mean", "running_var", "weight", "bias"), start=1):
+        t = _arg(node, pos, name)
+        if t is None:
+            continue
+        if not isinstance(t, fx.Node) or a.labels(t) is None or _shape(t) != (len(labels),):
+            raise _Pin(f"{name} is not a per-channel tensor")
+        a.uf.union(labels, a.labels(t))
     return labels
 
 
@@ -429,15 +449,17 @@ def _channel_index(idx: Any) -> slice | None:
 def pad(a: _Analysis, node: fx.Node) -> Labels:
     """F.pad: padding on the channel dim adds fresh zero channels (a pruned one shrinks the pad)."""
     x = a.labels(node.args[0])
-    widths = tuple(_arg(node, 1, "pad"))
+    widths = _arg(node, 1, "pad")
     ndim = len(_shape(node.args[0]))
-    if x is None or any(isinstance(w, fx.Node) for w in widths):
+    if x is None or not isinstance(widths, (tuple, list)) or a.dim(node.args[0]) != 1:
         raise _Pin("pad with unknown widths")
     covered = len(widths) // 2  # pad pairs apply to the last `covered` dims
     if covered > ndim - 1:
         raise _Pin("pad of the batch dim")
     if covered < ndim - 1:
-        return x
+        return x  # spatial only: widths may be computed at run time ("same" padding)
+    if any(isinstance(w, fx.Node) for w in widths):
+        raise _Pin("channel pad with widths computed at run time")
     front, back = widths[-2], widths[-1]
     if front < 0 or back < 0:
         raise _Pin(f"negative channel pad {front, back}")
@@ -730,6 +752,8 @@ COUPLING: dict[Any, Callable[[_Analysis, fx.Node], Any]] = {
     "transpose": moves_dims,
     torch.transpose: moves_dims,
     F.layer_norm: layer_norm,  # per channel unless it normalises over them
+    F.batch_norm: functional_norm,  # its (C,) tensors are sliced with the channels
+    F.instance_norm: functional_norm,
     "unsqueeze": keeps_leading_dims,
     "squeeze": keeps_leading_dims,
     torch.unsqueeze: keeps_leading_dims,
@@ -739,7 +763,8 @@ COUPLING: dict[Any, Callable[[_Analysis, fx.Node], Any]] = {
     getattr: no_channels,
 }
 
-#: Rules for call_module nodes, keyed by module type (matched with isinstance, first hit wins).
+#: Rules for call_module nodes, keyed by module type (a subclass that inherits ``forward``
+#: uses its base's rule: ``module_rule``).
 MODULE_COUPLING: dict[type[nn.Module], Callable[[_Analysis, fx.Node], Any]] = {
     nn.Conv1d: conv,
     nn.Conv2d: conv,
@@ -756,21 +781,33 @@ MODULE_COUPLING: dict[type[nn.Module], Callable[[_Analysis, fx.Node], Any]] = {
 }
 
 
+def module_rule(table: dict[type[nn.Module], Any], mod: nn.Module) -> Any:
+    """The entry of ``table`` for ``mod``'s type, or for the nearest base class in the table
+    whose ``forward`` it inherits (``class FrozenBN(nn.BatchNorm2d)`` with no ``forward`` of
+    its own is a BatchNorm2d; one with its own ``forward`` is traced into instead)."""
+    for cls in type(mod).__mro__:
+        if cls in table:
+            return table[cls] if type(mod).forward is cls.forward else None
+    return None
+
+
+def known_module(mod: nn.Module) -> bool:
+    """Does a rule describe ``mod`` (itself, or a base whose ``forward`` it inherits)? Such
+    modules are kept as one call when tracing."""
+    return module_rule(MODULE_COUPLING, mod) is not None
+
+
 #: Rules that read channels at any dim (``_Analysis.dim``); the others see only values whose
 #: channels are dim 1, and a channels-last input pins.
 ANY_DIM = frozenset(
     {same_channels, layer_norm, linear, elementwise, concat, split, getitem, moves_dims,
-     keeps_leading_dims, reduce_spatial, reshape, no_channels}
+     keeps_leading_dims, reduce_spatial, reshape, functional_norm, no_channels}
 )
 
 
 def _rule_for(a: _Analysis, node: fx.Node) -> Callable[[_Analysis, fx.Node], Any] | None:
     if node.op == "call_module":
-        mod = a.module(node)
-        for cls, rule in MODULE_COUPLING.items():
-            if type(mod) is cls:
-                return rule
-        return None
+        return module_rule(MODULE_COUPLING, a.module(node))
     try:
         return COUPLING.get(node.target)
     except TypeError:  # unhashable target

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from ehap_fx.passes._coupling import POOLING_MODULES
+from ehap_fx.passes._coupling import POOLING_MODULES, module_rule
 from ehap_fx.passes.group import KeptChannels, folded_nodes, groups_of
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
@@ -136,7 +136,7 @@ def _formula_dim(fn: CostFn, node: fx.Node) -> int:
 def _cost_fn(gm: fx.GraphModule, node: fx.Node) -> tuple[CostFn | None, nn.Module | None]:
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
-        return MODULE_COST.get(type(mod)), mod
+        return module_rule(MODULE_COST, mod), mod
     if node.op in ("call_function", "call_method"):
         try:
             return FUNCTION_COST.get(node.target), None

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from ehap_fx.passes._coupling import is_binary
+from ehap_fx.passes._coupling import is_binary, module_rule
 from ehap_fx.passes.group import (
     ChannelGroups,
     KeptChannels,
@@ -276,7 +276,7 @@ SHRINK: dict[Any, Callable[[fx.GraphModule, fx.Node, _Keep], None]] = {
 
 def _rewrite(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
     if node.op == "call_module":
-        rule = MODULE_SHRINK.get(type(gm.get_submodule(node.target)))
+        rule = module_rule(MODULE_SHRINK, gm.get_submodule(node.target))
     elif node.op in ("call_function", "call_method"):
         try:
             rule = SHRINK.get(node.target)

@@ -20,6 +20,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ehap_fx.errors import TraceError
+from ehap_fx.passes._coupling import known_module
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
 
@@ -35,6 +36,8 @@ class _NamingTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or isinstance(m, self.leaf_types):
+            return True
+        if known_module(m):  # a subclass of a known module that inherits its forward: one call
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

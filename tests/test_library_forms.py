@@ -1,0 +1,85 @@
+"""Spellings that model libraries write, each checked shrunk ≡ masked with exact widths.
+
+Models under test::
+
+    InheritsBN:   conv → FrozenishBN (subclass of BatchNorm2d, forward inherited) → relu → conv
+    BNAct:        conv → BatchNormAct2d (own forward: F.batch_norm on its buffers, then SiLU) → conv
+    SamePad:      conv → F.pad with widths computed from x.size() ("same" padding) → conv
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ehap_fx.passes.cost import plan_cost, total_cost
+from ehap_fx.passes.group import group_channels, groups_of
+from ehap_fx.passes.mask import mask_channels, random_plan
+from ehap_fx.passes.shrink import shrink
+from ehap_fx.passes.trace import trace
+from torch import nn
+
+from tests.nets import randomize_bn
+
+
+class FrozenishBN(nn.BatchNorm2d):
+    """A subclass that only changes construction: the same op as BatchNorm2d."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.weight.requires_grad_(False)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's pattern: the norm calls F.batch_norm itself, then an activation."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+        return self.act(x)
+
+
+@torch.fx.wrap
+def same_pad_amount(size: int, k: int, s: int) -> int:
+    """TensorFlow-style "same" padding of one dim (opaque to FX: a graph call on x.size())."""
+    return max((math.ceil(size / s) - 1) * s + k - size, 0)
+
+
+def pad_same(x, k: int, s: int = 1):
+    """F.pad with widths computed from the input's size at run time."""
+    ph, pw = same_pad_amount(x.size(-2), k, s), same_pad_amount(x.size(-1), k, s)
+    return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+
+
+class Net(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.conv1, self.norm, self.conv2 = nn.Conv2d(3, 12, 3), norm(12), nn.Conv2d(12, 6, 3, stride=2)
+
+    def forward(self, x):
+        y = self.norm(self.conv1(x))
+        y = F.relu(y) if not isinstance(self.norm, BatchNormAct2d) else y
+        return self.conv2(pad_same(y, 3, 2)).mean((2, 3))
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm2d, FrozenishBN, BatchNormAct2d])
+def test_norm_spellings_shrink_exactly(norm):
+    torch.manual_seed(0)
+    model = randomize_bn(Net(norm))
+    x = torch.randn(2, 3, 11, 11)
+    gm = group_channels(trace(model, x)).graph_module
+    groups = groups_of(gm)
+    (inner,) = groups.prunable
+    assert inner.size == 12
+    if norm is FrozenishBN:  # kept as one call, with BatchNorm2d's rule
+        assert any(n.op == "call_module" and n.target == "norm" for n in gm.graph.nodes)
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    small = shrink(gm, plan).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), mask_channels(gm, plan).graph_module(x), rtol=1e-5, atol=1e-5)
+    assert small.conv1.out_channels == small.conv2.in_channels == 6
+    assert small.norm.running_mean.shape == small.norm.weight.shape == (6,)
+    assert plan_cost(gm, plan.masks(groups)) == total_cost(small)
