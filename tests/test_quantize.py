@@ -19,6 +19,7 @@ from ehap_fx.passes.quantize import (
     calibrate,
     convert,
     prepare,
+    scheme,
 )
 from torch import nn
 
@@ -81,32 +82,50 @@ def test_no_data_is_a_clear_error():
         quantize(TinyResNet(), X, None, QuantizeOptions(mode="ptq"))
 
 
-def test_fx_qat_uses_fake_quantize_with_the_scheme():
+# The weight range is the INT8 target's (ehap_fx.isa): both explicit targets are checked on
+# every CPU; "auto" is this CPU's, read from cpuid (the message names the CPU).
+TARGETS = [("x86-vnni", (-128, 127)), ("x86-avx2", (-64, 63)), ("auto", None)]
+
+
+def _weight_range(target, expected):
+    from ehap_fx.isa import cpu_features
+
+    chosen = scheme(target)
+    if expected is None:
+        expected = (-128, 127) if chosen.target in ("x86-vnni", "arm64") else (-64, 63)
+    return expected, f"target={target} on {cpu_features().describe()}: {chosen.target}"
+
+
+@pytest.mark.parametrize(("target", "expected"), TARGETS)
+def test_fx_qat_uses_fake_quantize_with_the_scheme(target, expected):
     from torch.ao.quantization import FakeQuantize, FusedMovingAvgObsFakeQuantize
 
-    prepared = prepare(TinyResNet(), X, QuantizeOptions(backend="fx"))
+    (lo, hi), where = _weight_range(target, expected)
+    prepared = prepare(TinyResNet(), X, QuantizeOptions(backend="fx", target=target))
     fqs = [m for m in prepared.modules() if isinstance(m, FakeQuantize)]
     assert not any(isinstance(m, FusedMovingAvgObsFakeQuantize) for m in fqs)
     weights = [m for m in fqs if m.qscheme == torch.per_channel_symmetric]
     acts = [m for m in fqs if m.qscheme == torch.per_tensor_affine]
     assert len(weights) == 3  # conv1, conv2, fc
-    assert {(m.quant_min, m.quant_max, m.dtype, m.ch_axis) for m in weights} == {(-128, 127, torch.qint8, 0)}
+    assert {(m.quant_min, m.quant_max, m.dtype, m.ch_axis) for m in weights} == {(lo, hi, torch.qint8, 0)}, where
     assert {(m.quant_min, m.quant_max, m.dtype) for m in acts} == {(0, 255, torch.quint8)}
     # conv+BN(+ReLU) fused for QAT
     fused = {type(m).__name__ for m in prepared.modules()}
     assert {"ConvBnReLU2d", "ConvBn2d"} <= fused
 
 
-def test_pt2e_qat_uses_the_same_scheme():
+@pytest.mark.parametrize(("target", "expected"), TARGETS)
+def test_pt2e_qat_uses_the_same_scheme(target, expected):
     pytest.importorskip("torchao")
     from torchao.quantization.pt2e import FakeQuantize
 
-    prepared = prepare(TinyResNet(), X, QuantizeOptions(backend="pt2e"))
+    (lo, hi), where = _weight_range(target, expected)
+    prepared = prepare(TinyResNet(), X, QuantizeOptions(backend="pt2e", target=target))
     fqs = [m for m in prepared.modules() if isinstance(m, FakeQuantize)]
     weights = [m for m in fqs if m.qscheme == torch.per_channel_symmetric]
     acts = [m for m in fqs if m.qscheme == torch.per_tensor_affine]
     assert len(weights) == 3
-    assert {(m.quant_min, m.quant_max, m.dtype, m.ch_axis) for m in weights} == {(-128, 127, torch.int8, 0)}
+    assert {(m.quant_min, m.quant_max, m.dtype, m.ch_axis) for m in weights} == {(lo, hi, torch.int8, 0)}, where
     # x, conv1-bn-relu (shared by conv2 and the add), conv2-bn, add-relu, pooled, linear
     assert len(acts) == 6
     assert {(m.quant_min, m.quant_max, m.dtype) for m in acts} == {(0, 255, torch.uint8)}
