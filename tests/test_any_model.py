@@ -170,3 +170,31 @@ def test_a_loss_that_is_not_a_scalar_is_refused_before_estimating():
 def test_forward_arguments_without_a_value_are_named():
     with pytest.raises(TraceError, match=r"needs \['b'\]"):
         compress(TwoInputs(), torch.randn(1, 3, 8, 8), scorer="l1")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["convnext_tiny", pytest.param("shufflenet_v2_x0_5", marks=pytest.mark.slow), pytest.param("swin_t", marks=pytest.mark.slow)],
+)
+def test_torchvision_models_users_have_prune_exactly(name):
+    """ConvNeXt (channels-last MLPs, layer scales, stochastic depth), ShuffleNet (channel
+    shuffles) and Swin (token MLPs) with nothing but the call: ≤ 0.55 of the MACs, and the
+    pruned model equals the masked original relative to its output's scale."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name).eval()
+    for n, p in model.named_parameters():
+        if n.endswith("layer_scale"):  # 1e-6 at init would hide every block from the check
+            p.data.uniform_(0.5, 1.5)
+    randomize_bn(model)
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.warns(UserWarning, match="no data"):
+        res = compress(model, x)
+    assert res.report.cost_after["macs_ratio"] <= 0.55
+    gm = group_channels(trace(model, x)).graph_module
+    masked = mask_channels(gm, res.pruned.meta["ehap.plan"]).graph_module
+    with torch.no_grad():
+        got, want = res.pruned(x), masked(x)
+    assert got.shape == (2, 1000)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * float(want.abs().max()))
