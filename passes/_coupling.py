@@ -18,6 +18,7 @@ import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -145,8 +146,8 @@ class _Analysis:
             for labels in _flat_labels(self.env.get(arg)):
                 self.uf.pin(labels, reason)
 
-    def touch(self, node: fx.Node, role: str, dim: int, labels: Labels, index=None) -> None:
-        module = node.target if node.op == "call_module" else None
+    def touch(self, node: fx.Node, role: str, dim: int, labels: Labels, index=None, module=None) -> None:
+        module = module or (node.target if node.op == "call_module" else functional_conv_owner(self.gm, node))
         idx = np.arange(len(labels)) if index is None else np.asarray(index)
         self.touches.append(_Touch(node.name, module, role, dim, labels, idx))
 
@@ -280,7 +281,7 @@ def conv(a: _Analysis, node: fx.Node) -> Labels:
     Depthwise (groups == in == out) passes channels through. Other grouped convs couple the
     i-th channel of every group (removing it from all groups keeps them equal).
     """
-    mod = a.module(node)
+    mod = a.module(node) if node.op == "call_module" else _functional_conv_module(a, node)
     x = a.labels(node.args[0])
     if x is None:
         raise _Pin("conv input has no channel labels")
@@ -299,6 +300,52 @@ def conv(a: _Analysis, node: fx.Node) -> Labels:
     a.touch(node, "in", 1, x, np.arange(cin) % per_in)
     a.touch(node, "out", 0, out)
     return out
+
+
+_FUNCTIONAL_CONVS = (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
+
+
+def functional_conv_owner(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """For ``F.conv2d(x, <m>.weight, <m>.bias, ...)`` (a conv subclass's own ``forward``, as
+    timm's ``Conv2dSame``), the path ``m`` of the module holding the weight; None otherwise.
+    (The traced graph keeps ``m`` only as a holder of its tensors: what the conv is comes
+    from the call's arguments and the weight's shape, ``functional_conv``.)"""
+    if node.op != "call_function" or node.target not in _FUNCTIONAL_CONVS:
+        return None
+    w, b = _arg(node, 1, "weight"), _arg(node, 2, "bias")
+    if not isinstance(w, fx.Node) or w.op != "get_attr" or not w.target.endswith(".weight"):
+        return None
+    owner = w.target.rpartition(".")[0]
+    if b is not None and getattr(b, "target", None) != f"{owner}.bias":
+        return None
+    return owner
+
+
+def functional_conv(gm: fx.GraphModule, node: fx.Node) -> Any:
+    """The conv an ``F.conv*`` call on get_attr tensors computes, with the attributes the
+    conv rule, shrink and cost read (``groups``, ``in_channels``, ``out_channels``,
+    ``kernel_size``, ``weight``, ``bias``); None when it is not such a call."""
+    owner = functional_conv_owner(gm, node)
+    if owner is None:
+        return None
+    holder = gm.get_submodule(owner)
+    weight, bias = holder.weight, getattr(holder, "bias", None) if _arg(node, 2, "bias") is not None else None
+    groups = _arg(node, 6, "groups", 1)
+    return SimpleNamespace(
+        groups=groups, in_channels=weight.shape[1] * groups, out_channels=weight.shape[0],
+        kernel_size=tuple(weight.shape[2:]), weight=weight, bias=bias, owner=owner,
+    )
+
+
+def _functional_conv_module(a: _Analysis, node: fx.Node) -> Any:
+    """``functional_conv``, checked: its tensors read once, by this call alone."""
+    spec = functional_conv(a.gm, node)
+    if spec is None:
+        raise _Pin("F.conv on tensors that are not one module's weight and bias")
+    reads = [n for n in a.gm.graph.nodes if n.op == "get_attr" and n.target.startswith(spec.owner + ".")]
+    if len(reads) != 1 + (spec.bias is not None) or any(len(r.users) != 1 for r in reads):
+        raise _Pin(f"{spec.owner}'s tensors are read elsewhere too")
+    return spec
 
 
 def linear(a: _Analysis, node: fx.Node) -> Labels:
@@ -753,6 +800,7 @@ COUPLING: dict[Any, Callable[[_Analysis, fx.Node], Any]] = {
     torch.transpose: moves_dims,
     F.layer_norm: layer_norm,  # per channel unless it normalises over them
     F.batch_norm: functional_norm,  # its (C,) tensors are sliced with the channels
+    **dict.fromkeys(_FUNCTIONAL_CONVS, conv),  # on a conv module's own weight: as that module
     F.instance_norm: functional_norm,
     "unsqueeze": keeps_leading_dims,
     "squeeze": keeps_leading_dims,

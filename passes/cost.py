@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from ehap_fx.passes._coupling import POOLING_MODULES, module_rule
+from ehap_fx.passes._coupling import POOLING_MODULES, functional_conv, functional_conv_owner, module_rule
 from ehap_fx.passes.group import KeptChannels, folded_nodes, groups_of
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
@@ -137,6 +137,8 @@ def _cost_fn(gm: fx.GraphModule, node: fx.Node) -> tuple[CostFn | None, nn.Modul
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
         return module_rule(MODULE_COST, mod), mod
+    if (spec := functional_conv(gm, node)) is not None:  # F.conv2d on a conv's own weight
+        return _conv, spec
     if node.op in ("call_function", "call_method"):
         try:
             return FUNCTION_COST.get(node.target), None
@@ -148,6 +150,9 @@ def _cost_fn(gm: fx.GraphModule, node: fx.Node) -> tuple[CostFn | None, nn.Modul
 def _node_cost(gm, node, seen: set[str], count: Callable[[fx.Node], int]) -> NodeCost | None:
     fn, mod = _cost_fn(gm, node)
     params = 0
+    key = functional_conv_owner(gm, node) or node.target  # whose parameters these are
+    if node.op == "get_attr" and node.users and all(functional_conv_owner(gm, u) for u in node.users):
+        return None  # a functional conv's weight or bias: counted by the conv's formula
     if node.op == "get_attr" and node.target not in seen:
         seen.add(node.target)
         try:
@@ -167,9 +172,9 @@ def _node_cost(gm, node, seen: set[str], count: Callable[[fx.Node], int]) -> Nod
     dim = _formula_dim(fn, node)
     c = fn(mod, node, count(inp, dim), count(node, dim))
     if mod is not None:
-        if node.target in seen:  # a module called twice has its parameters counted once
+        if key in seen:  # a module called twice has its parameters counted once
             c = NodeCost(c.macs, 0)
-        seen.add(node.target)
+        seen.add(key)
     return c
 
 

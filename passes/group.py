@@ -37,7 +37,6 @@ import torch
 from ehap_fx.passes._coupling import (
     ANY_DIM,
     _Analysis,
-    _flat_args,
     _flat_labels,
     _map_meta,
     _Pin,
@@ -379,10 +378,9 @@ def _visit(a: _Analysis, node: fx.Node) -> Any:
         return a.fresh_pinned(node, reason)
     rule = _rule_for(a, node)
     what = node.format_node()
-    if rule is not None and rule not in ANY_DIM:  # it reads channels at dim 1
-        for arg in _flat_args(node):
-            if a.labels(arg) is not None and a.dim(arg) != 1:
-                a.anchor(arg, 1, f"{what}: reads dim 1 of a value whose channels are dim {a.dim(arg)}")
+    x = node.args[0] if node.args else None
+    if rule is not None and rule not in ANY_DIM and a.labels(x) is not None and a.dim(x) != 1:
+        a.anchor(x, 1, f"{what}: reads dim 1 of a value whose channels are dim {a.dim(x)}")  # its input
     if rule is None:
         reason = f"{what}: op not understood by the channel analysis"
     else:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from ehap_fx.passes._coupling import is_binary, module_rule
+from ehap_fx.passes._coupling import _FUNCTIONAL_CONVS, functional_conv, is_binary, module_rule
 from ehap_fx.passes.group import (
     ChannelGroups,
     KeptChannels,
@@ -129,9 +129,30 @@ def _idx(mask: torch.Tensor) -> torch.Tensor:
     return mask.nonzero().flatten()
 
 
+def shrink_functional_conv(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
+    """``F.conv2d(x, m.weight, m.bias, ..., groups)`` of a conv subclass: shrink its tensors
+    as a conv module's, and the ``groups`` literal with them."""
+    spec = functional_conv(gm, node)
+    if spec is None:
+        return
+    _shrink_conv_module(spec, keep(node.args[0]), keep(node))
+    holder = gm.get_submodule(spec.owner)
+    holder.weight = spec.weight
+    if spec.bias is not None:
+        holder.bias = spec.bias
+    if _arg_present(node, 6, "groups"):
+        _set_arg(node, 6, "groups", spec.groups)
+
+
+def _arg_present(node: fx.Node, pos: int, name: str) -> bool:
+    return len(node.args) > pos or name in node.kwargs
+
+
 def shrink_conv(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
-    conv = gm.get_submodule(node.target)
-    k_in, k_out = keep(node.args[0]), keep(node)
+    _shrink_conv_module(gm.get_submodule(node.target), keep(node.args[0]), keep(node))
+
+
+def _shrink_conv_module(conv: nn.Module, k_in: torch.Tensor, k_out: torch.Tensor) -> None:
     g = conv.groups
     if g == conv.in_channels == conv.out_channels:  # depthwise: in == out channels
         conv.groups = int(k_out.sum())
@@ -263,6 +284,7 @@ MODULE_SHRINK: dict[type[nn.Module], Callable[[fx.GraphModule, fx.Node, _Keep], 
 #: Rewrites for call_function targets / call_method names that bake in channel counts.
 SHRINK: dict[Any, Callable[[fx.GraphModule, fx.Node, _Keep], None]] = {
     torch.nn.functional.pad: shrink_pad,
+    **dict.fromkeys(_FUNCTIONAL_CONVS, shrink_functional_conv),
     torch.split: shrink_split,
     "split": shrink_split,
     torch.chunk: shrink_split,

@@ -4,7 +4,9 @@ Models under test::
 
     InheritsBN:   conv → FrozenishBN (subclass of BatchNorm2d, forward inherited) → relu → conv
     BNAct:        conv → BatchNormAct2d (own forward: F.batch_norm on its buffers, then SiLU) → conv
-    SamePad:      conv → F.pad with widths computed from x.size() ("same" padding) → conv
+    every Net:    conv → norm → depthwise conv → F.pad with widths computed from x.size()
+                  ("same" padding) → conv; the convs nn.Conv2d or Conv2dSame (own forward:
+                  F.conv2d on its weight)
 """
 
 import math
@@ -54,21 +56,35 @@ def pad_same(x, k: int, s: int = 1):
     return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
 
 
+class Conv2dSame(nn.Conv2d):
+    """timm's pattern: a conv subclass whose forward pads "same" and calls F.conv2d on its
+    own weight and bias (traced into: the graph reads them with get_attr)."""
+
+    def forward(self, x):
+        x = pad_same(x, self.kernel_size[0], self.stride[0])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
 class Net(nn.Module):
-    def __init__(self, norm):
+    def __init__(self, norm, conv=nn.Conv2d):
         super().__init__()
-        self.conv1, self.norm, self.conv2 = nn.Conv2d(3, 12, 3), norm(12), nn.Conv2d(12, 6, 3, stride=2)
+        self.conv1, self.norm = conv(3, 12, 3), norm(12)
+        self.dw = conv(12, 12, 3, groups=12)
+        self.conv2 = conv(12, 6, 3, stride=2)
 
     def forward(self, x):
         y = self.norm(self.conv1(x))
         y = F.relu(y) if not isinstance(self.norm, BatchNormAct2d) else y
-        return self.conv2(pad_same(y, 3, 2)).mean((2, 3))
+        return self.conv2(pad_same(self.dw(y), 3, 2)).mean((2, 3))
 
 
-@pytest.mark.parametrize("norm", [nn.BatchNorm2d, FrozenishBN, BatchNormAct2d])
-def test_norm_spellings_shrink_exactly(norm):
+@pytest.mark.parametrize(
+    "norm, conv",
+    [(nn.BatchNorm2d, nn.Conv2d), (FrozenishBN, nn.Conv2d), (BatchNormAct2d, nn.Conv2d), (nn.BatchNorm2d, Conv2dSame)],
+)
+def test_norm_and_conv_spellings_shrink_exactly(norm, conv):
     torch.manual_seed(0)
-    model = randomize_bn(Net(norm))
+    model = randomize_bn(Net(norm, conv))
     x = torch.randn(2, 3, 11, 11)
     gm = group_channels(trace(model, x)).graph_module
     groups = groups_of(gm)
@@ -80,6 +96,9 @@ def test_norm_spellings_shrink_exactly(norm):
     small = shrink(gm, plan).graph_module
     with torch.no_grad():
         torch.testing.assert_close(small(x), mask_channels(gm, plan).graph_module(x), rtol=1e-5, atol=1e-5)
-    assert small.conv1.out_channels == small.conv2.in_channels == 6
+    assert small.conv1.weight.shape[0] == small.dw.weight.shape[0] == small.conv2.weight.shape[1] == 6
     assert small.norm.running_mean.shape == small.norm.weight.shape == (6,)
+    if conv is Conv2dSame:  # the functional calls are kept, the depthwise one's groups rewritten
+        (dw,) = [n for n in small.graph.nodes if n.target is F.conv2d and n.args[1].target == "dw.weight"]
+        assert dw.args[6] == 6
     assert plan_cost(gm, plan.masks(groups)) == total_cost(small)
