@@ -511,54 +511,76 @@ def plan_pass(s: _Setup, opts: HessianOptions, *, weights: int, extra: int = 0,
     saved, out = saved_bytes_per_sample(s.model, x1, s.autocast, during=sizes)
     e = s.dtype.itemsize
     budget, how = resolve_budget(opts.memory_budget, s.device)
-    room = budget - extra
-    lo, hi = share(opts.batch_size, part)
+    room = _Room(budget, budget - extra, how)
     est = opts.estimator
     if est in ("hutchinson", "hybrid"):
-        need = 3 * saved * opts.batch_size
-        if need > room:
-            raise MemoryBudgetError(
-                f"estimator={est!r}: a Hessian batch of {opts.batch_size} needs ~{fmt_bytes(need)}"
-                f" > {fmt_bytes(room)} ({how}): lower batch_size (n_batches keeps the samples) "
-                "or raise memory_budget")
+        probes = _probe_plan(opts, 3 * saved * opts.batch_size, room)
         if est == "hutchinson":  # any loss, any output
-            return Plan(est, opts.ggn_chunk, 0, need, budget,
-                        f"hutchinson: ~{fmt_bytes(need)} <= {fmt_bytes(room)} ({how})")
+            return probes
     if not torch.is_tensor(out) or out.dim() != 2:
         raise HessianError(f"estimator={est!r} needs (N, classes) logits; the model returns "
                            f"{getattr(out, 'shape', type(out).__name__)} for one sample: use "
                            "estimator='hutchinson' with a loss_fn")
-    classes = out.shape[-1]
-    exact1 = 2 * (saved + classes * (weights * e + saved))
-    why = ""
-    if est in ("auto", "ggn", "hybrid"):
-        chunk = min(opts.ggn_chunk, room // exact1)
-        if est == "auto" and classes > opts.exact_max_classes:
-            why = (f"{classes} classes > exact_max_classes={opts.exact_max_classes} (the exact "
-                   "GGN's time grows with the classes)")
-        elif chunk >= 1:
-            lowered = f", ggn_chunk lowered from {opts.ggn_chunk}" if chunk < opts.ggn_chunk else ""
-            name = "exact GGN" if est != "hybrid" else "hybrid (exact GGN part)"
-            return Plan("ggn" if est == "auto" else est, chunk, 0, chunk * exact1, budget,
-                        f"{name}: {classes} classes, ~{fmt_bytes(chunk * exact1)} with ggn_chunk="
-                        f"{chunk}{lowered} <= {fmt_bytes(room)} ({how})")
-        elif est != "auto":
-            raise MemoryBudgetError(
-                f"estimator={est!r} with {classes} classes needs ~{fmt_bytes(exact1)} for one "
-                f"sample > {fmt_bytes(room)} ({how}): use estimator='auto' or 'mc', or raise "
-                "memory_budget")
-        else:
-            why = f"the exact GGN needs ~{fmt_bytes(exact1)} per sample > {fmt_bytes(room)}"
-    mc1 = 3 * saved + sizes.worst * (e + 4)
-    chunk = min(opts.mc_chunk or (hi - lo), hi - lo, room // mc1)
+    classes, why = out.shape[-1], ""
+    if est != "mc":
+        exact, why = _exact_plan(opts, classes, 2 * (saved + classes * (weights * e + saved)), room)
+        if exact is not None:
+            return exact
+    lo, hi = share(opts.batch_size, part)
+    return _mc_plan(opts, 3 * saved + sizes.worst * (e + 4), hi - lo, room, why)
+
+
+@dataclass(frozen=True)
+class _Room:
+    budget: int  # bytes
+    room: int  # the budget less what the caller reserved
+    how: str  # how the budget was obtained, for the reason
+
+    def __str__(self) -> str:
+        return f"{fmt_bytes(self.room)} ({self.how})"
+
+
+def _probe_plan(opts: HessianOptions, need: int, room: _Room) -> Plan:
+    if need > room.room:
+        raise MemoryBudgetError(
+            f"estimator={opts.estimator!r}: a Hessian batch of {opts.batch_size} needs "
+            f"~{fmt_bytes(need)} > {room}: lower batch_size (n_batches keeps the samples) or "
+            "raise memory_budget")
+    return Plan(opts.estimator, opts.ggn_chunk, 0, need, room.budget,
+                f"hutchinson: ~{fmt_bytes(need)} <= {room}")
+
+
+def _exact_plan(opts: HessianOptions, classes: int, per_sample: int, room: _Room
+                ) -> tuple[Plan | None, str]:
+    """The exact GGN's plan, or None and why not (``"auto"`` only; else an error)."""
+    est = opts.estimator
+    chunk = min(opts.ggn_chunk, room.room // per_sample)
+    if est == "auto" and classes > opts.exact_max_classes:
+        return None, (f"{classes} classes > exact_max_classes={opts.exact_max_classes} (the "
+                      "exact GGN's time grows with the classes)")
+    if chunk < 1 and est == "auto":
+        return None, f"the exact GGN needs ~{fmt_bytes(per_sample)} per sample > {fmt_bytes(room.room)}"
     if chunk < 1:
         raise MemoryBudgetError(
-            f"the MC estimator needs ~{fmt_bytes(mc1)} for one sample > {fmt_bytes(room)} "
-            f"({how}): raise memory_budget, or use smaller inputs")
+            f"estimator={est!r} with {classes} classes needs ~{fmt_bytes(per_sample)} for one "
+            f"sample > {room}: use estimator='auto' or 'mc', or raise memory_budget")
+    lowered = f", ggn_chunk lowered from {opts.ggn_chunk}" if chunk < opts.ggn_chunk else ""
+    name = "exact GGN" if est != "hybrid" else "hybrid (exact GGN part)"
+    return Plan("ggn" if est == "auto" else est, chunk, 0, chunk * per_sample, room.budget,
+                f"{name}: {classes} classes, ~{fmt_bytes(chunk * per_sample)} with ggn_chunk="
+                f"{chunk}{lowered} <= {room}"), ""
+
+
+def _mc_plan(opts: HessianOptions, per_sample: int, samples: int, room: _Room, why: str) -> Plan:
+    chunk = min(opts.mc_chunk or samples, samples, room.room // per_sample)
+    if chunk < 1:
+        raise MemoryBudgetError(
+            f"the MC estimator needs ~{fmt_bytes(per_sample)} for one sample > {room}: raise "
+            "memory_budget, or use smaller inputs")
     draws = f"mc_samples={opts.mc_samples}" if opts.mc_samples else "draws until the stop rule"
-    return Plan("mc", opts.ggn_chunk, chunk, chunk * mc1, budget,
-                f"MC GGN ({draws}){': ' + why if why else ''}; {chunk} samples "
-                f"per pass, ~{fmt_bytes(chunk * mc1)} <= {fmt_bytes(room)} ({how})")
+    return Plan("mc", opts.ggn_chunk, chunk, chunk * per_sample, room.budget,
+                f"MC GGN ({draws}){': ' + why if why else ''}; {chunk} samples per pass, "
+                f"~{fmt_bytes(chunk * per_sample)} <= {room}")
 
 
 def round_size(fixed: int | None, opts: HessianOptions, n: int) -> int:

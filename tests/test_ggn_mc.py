@@ -193,3 +193,22 @@ def test_too_small_a_budget_is_a_one_line_error_naming_the_fix():
             estimator="hutchinson", batch_size=8, probes=1, progress=False, memory_budget=1000))
     with pytest.raises(ValueError, match="memory_budget=0"):
         HessianOptions(memory_budget=0)
+
+
+class _DeadBranch(nn.Module):
+    """conv ``dead`` runs, but nothing reads its output: its trace is 0, not an error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.dead, self.head = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 2, 3), nn.Linear(4, 5)
+
+    def forward(self, x):
+        self.dead(x)
+        return self.head(self.conv(x).relu().mean((2, 3)))
+
+
+def test_a_layer_the_loss_ignores_scores_zero():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,))
+    r = estimate_hessian(_DeadBranch(), (x, y), dataclasses.replace(MC, batch_size=8))
+    assert torch.equal(r.traces["dead"], torch.zeros(2)) and (r.traces["conv"] > 0).all()
