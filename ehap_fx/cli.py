@@ -519,7 +519,7 @@ def _write_outputs(folder: Path, args, result, report: dict, dense: nn.Module) -
 
     report["run"]["pruned_state_dict"] = rep.save_pruned(
         result.pruned, folder, model=args.model, num_classes=NUM_CLASSES[args.dataset],
-        groups=report["groups"], dense=dense)
+        groups=report["groups"], dense=dense, input_shape=tuple(report["run"]["input_shape"]))
     if result.onnx_path is not None:
         _tag_onnx(result.onnx_path, report["run"])
     rep.write_json(report, folder / "report.json")

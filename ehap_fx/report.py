@@ -48,19 +48,21 @@ log = logging.getLogger("ehap_fx")
 
 
 def save_pruned(gm: fx.GraphModule, folder: Path, *, model: str, num_classes: int,
-                groups: list[Mapping[str, Any]], dense: nn.Module) -> bool:
+                groups: list[Mapping[str, Any]], dense: nn.Module,
+                input_shape: tuple[int, ...] = (3, 32, 32)) -> bool:
     """Write ``pruned_model.pt`` (whole GraphModule) and ``pruned_state_dict.pt``.
 
     The state-dict file carries the kept channel indices of every step (recomputed from the
     report's scores, as ``select_plan`` keeps the top-scored channels); it is written only
-    when rebuilding ``dense`` from it reproduces ``gm``'s outputs. Returns whether it was.
+    when rebuilding ``dense`` from it reproduces ``gm``'s outputs on two inputs of
+    ``input_shape`` (one image, no batch axis). Returns whether it was.
     """
     torch.save(gm, folder / PRUNED_MODEL)
     ckpt = {"state_dict": gm.state_dict(), "arch": model, "num_classes": num_classes,
             "channels": conv_widths(gm), "plans": kept_indices(groups)}
     try:
         rebuilt = _rebuild(ckpt, copy.deepcopy(dense))
-        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             torch.testing.assert_close(rebuilt(x), gm.eval()(x), rtol=1e-4, atol=1e-4)
     except Exception as e:  # never fail a finished run over the convenience file
