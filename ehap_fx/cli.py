@@ -42,7 +42,7 @@ DEFAULT_DATA_DIR = Path("~/.cache/ehap-fx/data")
 
 log = logging.getLogger("ehap_fx")
 
-DIGITS = {"batch_size": 64, "hessian_batch": 256, "scorer": "removal", "estimator": "ggn", "probes": None,
+DIGITS = {"batch_size": 64, "hessian_batch": 256, "scorer": "removal", "estimator": "auto", "probes": None,
           "finetune_epochs": 2.0, "finetune_steps": None, "qat_epochs": 1.0, "qat_steps": None,
           "calibration_batches": 8, "train_epochs": 6.0}
 """Settings of the embedded default (scikit-learn digits, real images): about a minute on 2 cores."""
@@ -52,7 +52,7 @@ SHORT = {"batch_size": 64, "hessian_batch": 32, "scorer": "hessian", "estimator"
          "calibration_batches": 2, "synthetic_train": 512, "synthetic_test": 256}
 """Settings with --synthetic data: end to end in minutes on a CPU."""
 
-FULL = {"batch_size": 128, "hessian_batch": 256, "scorer": "removal", "estimator": "ggn", "probes": None,
+FULL = {"batch_size": 128, "hessian_batch": 256, "scorer": "removal", "estimator": "auto", "probes": None,
         "finetune_epochs": 1.0, "finetune_steps": None, "qat_epochs": 1.0, "qat_steps": None,
         "calibration_batches": 16}
 """Settings with real data: one fine-tune epoch and one QAT epoch (raise for accuracy)."""
@@ -132,9 +132,10 @@ def _compress_parser(sub) -> None:
                         "increase of removing each channel, ranked per MAC saved (default with real "
                         "data: 4.5-6 points better than hessian after fine-tuning, docs/results.md); "
                         "l1: magnitude. Default on synthetic data: hessian (a random model's GGN is 0)")
-    p.add_argument("--estimator", choices=("hutchinson", "ggn", "hybrid"),
-                   help="Hessian estimator (default: ggn; hutchinson with synthetic data, where "
-                        "a random model's saturated softmax makes the GGN zero)")
+    p.add_argument("--estimator", choices=("auto", "ggn", "mc", "hutchinson", "hybrid"),
+                   help="Hessian estimator (default: auto, the exact GGN when it fits the memory "
+                        "budget and the classes are few, else the Monte-Carlo GGN; hutchinson with "
+                        "synthetic data, where a random model's saturated softmax makes the GGN zero)")
     p.add_argument("--hessian-dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     p.add_argument("--hessian-batch", type=int, help="images per Hessian batch")
     p.add_argument("--probes", type=int,

@@ -52,10 +52,14 @@ def test_per_sample_reductions_equal_torch_func_per_sample_gradients(name):
 
     w = module.weight.detach()
     g = vmap(grad(f), in_dims=(None, 0, 0))(w, x, b)  # (N, *w.shape): per-sample gradients
-    torch.testing.assert_close(channel_sq_norms(module, x, b), g.pow(2).flatten(2).sum(-1),
-                               rtol=1e-5, atol=1e-6)
-    along_inputs = (g * w).transpose(1, 2).flatten(2).sum(-1)  # ⟨W[:, i], g[:, i]⟩
-    torch.testing.assert_close(input_directional(module, x, b), along_inputs, rtol=1e-5, atol=1e-6)
+
+    def close(got, ref):
+        # the same fp32 sums in another order: a few ulps of the largest value (measured <= 3)
+        atol = 16 * torch.finfo(torch.float32).eps * float(ref.abs().max())
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=atol)
+
+    close(channel_sq_norms(module, x, b), g.pow(2).flatten(2).sum(-1))
+    close(input_directional(module, x, b), (g * w).transpose(1, 2).flatten(2).sum(-1))  # ⟨W[:, i], g[:, i]⟩
 
 
 def _flat(d):
