@@ -23,6 +23,7 @@ from ehap_fx.passes.export import (
     QuantizeWarning,
     export,
     export_onnx,
+    onnx_top1,
     output_step,
     session,
 )
@@ -202,14 +203,6 @@ def _real(cifar10_root, weights_dir):
     return model, train, test, norm
 
 
-def _onnx_top1(path, test, norm) -> float:
-    sess = session(path)
-    correct = 0
-    for x, y in test.loader(500, normalization=norm):
-        correct += int((sess.run(None, {"input": x.numpy()})[0].argmax(1) == y.numpy()).sum())
-    return 100.0 * correct / len(test)
-
-
 @pytest.mark.slow
 def test_resnet56_ptq_within_1pt(cifar10_root, weights_dir, tmp_path):
     model, train, test, norm = _real(cifar10_root, weights_dir)
@@ -227,7 +220,7 @@ def test_resnet56_ptq_within_1pt(cifar10_root, weights_dir, tmp_path):
         inputs=next(iter(test.loader(512, normalization=norm)))[0],
         float_model=model,
     )
-    int8 = _onnx_top1(report.path, test, norm)
+    int8 = onnx_top1(report.path, test.loader(500, normalization=norm))
     print(f"\nresnet56 PTQ: fp32 {fp32:.2f}%, int8 (ORT) {int8:.2f}%\n{report.summary()}")
     # 55 layers of different requantization rounding (fbgemm vs MLAS): measured 98.63 %
     # agreement (max 5 output steps) on 2026-11-24; ResNet-20 reaches 100 %.
@@ -257,7 +250,7 @@ def test_resnet56_short_qat_within_half_pt(cifar10_root, weights_dir, tmp_path, 
             inputs=next(iter(test.loader(512, normalization=norm)))[0],
             float_model=model,
         )
-    int8 = _onnx_top1(report.path, test, norm)
+    int8 = onnx_top1(report.path, test.loader(500, normalization=norm))
     print(
         f"\nresnet56 QAT {backend} ({q.steps} steps, {q.seconds:.0f} s): fp32 {fp32:.2f}%, "
         f"int8 (ORT) {int8:.2f}%\n{report.summary()}"

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ehap_fx.passes.cost import total_cost
-from ehap_fx.passes.export import ExportReport, export, export_onnx, session
+from ehap_fx.passes.export import ExportReport, export, export_onnx, onnx_top1, session
 from ehap_fx.passes.group import group_channels
 from ehap_fx.passes.quantize import QuantizeOptions, QuantizeResult
 from ehap_fx.passes.shrink import shrink
@@ -138,14 +138,6 @@ def time_models(entries: list[Entry], batch: int, rounds: int, threads: int) -> 
                     s.run(None, feed)
                 times[(name, b)].append((time.perf_counter() - t) / reps)
     return {k: statistics.median(v) for k, v in times.items()}
-
-
-def onnx_top1(path: Path, test, norm, threads: int) -> float:
-    s = session(path, threads=threads)
-    correct = 0
-    for x, y in test.loader(500, normalization=norm):
-        correct += int((s.run(None, {"input": x.numpy()})[0].argmax(1) == y.numpy()).sum())
-    return 100.0 * correct / len(test)
 
 
 def print_table(entries: list[Entry], med: dict, batch: int) -> None:
@@ -353,7 +345,7 @@ def main(argv=None) -> None:
             )
     if test is not None:
         for e in entries:
-            e.top1 = onnx_top1(e.path, test, norm, max(args.threads))
+            e.top1 = onnx_top1(e.path, test.loader(500, normalization=norm), threads=max(args.threads))
     report(entries, args, source, len(test) if test is not None else 0)
     print(f"\nONNX files in {out}")
 

@@ -78,23 +78,15 @@ class Checkpoint:
 
 _AKAMASTER = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models"
 _CHENYAOFO = "https://github.com/chenyaofo/pytorch-cifar-models/releases/download/resnet"
+_AKAMASTER_SHA256 = {  # CIFAR-10, option A; the file name carries the first 8 hex digits
+    20: "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8",
+    32: "d509ac1820d7f25398913559d7e81a13229b1e7adc5648e3bfa5e22dc137f850",
+    44: "014dd6541728a1c700b1642ab640e211dc6eb8ed507d70697458dc8f8a0ae2e4",
+    56: "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367",
+}
 CHECKPOINTS: dict[tuple[str, str], Checkpoint] = {
-    ("resnet20", "cifar10"): Checkpoint(
-        f"{_AKAMASTER}/resnet20-12fca82f.th",
-        "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8",
-    ),
-    ("resnet32", "cifar10"): Checkpoint(
-        f"{_AKAMASTER}/resnet32-d509ac18.th",
-        "d509ac1820d7f25398913559d7e81a13229b1e7adc5648e3bfa5e22dc137f850",
-    ),
-    ("resnet44", "cifar10"): Checkpoint(
-        f"{_AKAMASTER}/resnet44-014dd654.th",
-        "014dd6541728a1c700b1642ab640e211dc6eb8ed507d70697458dc8f8a0ae2e4",
-    ),
-    ("resnet56", "cifar10"): Checkpoint(
-        f"{_AKAMASTER}/resnet56-4bfd9763.th",
-        "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367",
-    ),
+    **{(f"resnet{d}", "cifar10"): Checkpoint(f"{_AKAMASTER}/resnet{d}-{h[:8]}.th", h)
+       for d, h in _AKAMASTER_SHA256.items()},
     ("resnet56-b", "cifar100"): Checkpoint(
         f"{_CHENYAOFO}/cifar100_resnet56-f2eff4c8.pt",
         "f2eff4c8461ca1e0d39af83a65f7243bf7d29ec421efee3064bcee93a3caaa73"),
