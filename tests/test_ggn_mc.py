@@ -31,6 +31,11 @@ LAYERS = {
     "conv3x3": (nn.Conv2d(4, 6, 3, padding=1), (3, 4, 7, 7)),  # T=49, K=36, C=6: direct
     "strided-dilated-grouped": (nn.Conv2d(4, 6, 3, stride=2, dilation=2, padding=2, groups=2), (3, 4, 7, 7)),
     "depthwise-same-reflect": (nn.Conv2d(4, 4, 3, groups=4, padding="same", padding_mode="reflect"), (3, 4, 6, 6)),
+    # depthwise convs take their own path (the per-sample gradient as an m·C-group conv)
+    "depthwise-strided-dilated": (nn.Conv2d(4, 4, 3, stride=2, dilation=2, padding=1, groups=4), (3, 4, 8, 9)),
+    "depthwise-multiplier-5x5": (nn.Conv2d(3, 6, 5, stride=2, padding=2, groups=3), (3, 3, 9, 9)),
+    "depthwise-even-same": (nn.Conv2d(4, 4, (2, 3), padding="same", groups=4), (3, 4, 6, 7)),
+    "depthwise-conv1d": (nn.Conv1d(4, 8, 3, stride=2, padding=1, groups=4), (3, 4, 10)),
     "pointwise-strided": (nn.Conv2d(4, 6, 1, stride=2), (3, 4, 7, 7)),
     "even-kernel-same": (nn.Conv2d(4, 8, 4, padding="same"), (3, 4, 6, 6)),
     "gram": (nn.Conv2d(16, 32, 3), (3, 16, 6, 6)),  # T=16, K=144, C=32: Gram
