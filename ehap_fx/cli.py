@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -242,7 +242,7 @@ def compress_options(args) -> CompressOptions:
     """The option dataclasses for ``compress()``; bad values raise UsageError."""
     from ehap_fx.hessian import HessianOptions
     from ehap_fx.latency import LatencyOptions
-    from ehap_fx.passes.quantize import QuantizeOptions
+    from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions
     from ehap_fx.target import DEFAULT_ROUND_TO, Target
     from ehap_fx.train import FinetuneOptions
 
@@ -266,9 +266,9 @@ def compress_options(args) -> CompressOptions:
             progress=show)
         quantize = None if args.no_quantize else QuantizeOptions(
             backend=args.backend, mode=args.quant_mode, target=args.int8_target,
-            epochs=_pick(args.qat_epochs, prof["qat_epochs"]),
-            max_steps=_pick(args.qat_steps, prof["qat_steps"]),
-            calibration_batches=prof["calibration_batches"], progress=show)
+            finetune=replace(QAT_FINETUNE, epochs=_pick(args.qat_epochs, prof["qat_epochs"]),
+                             max_steps=_pick(args.qat_steps, prof["qat_steps"]), progress=show),
+            calibration_batches=prof["calibration_batches"])
         latency = LatencyOptions(batch_size=args.latency_batch, precision=args.latency_precision)
     except ValueError as e:
         raise UsageError(str(e)) from e

@@ -158,6 +158,7 @@ def compress(
     leaf_modules: Sequence[str | type[nn.Module]] = (),
     data_name: str | None = None,
     latency: LatencyOptions | None = None,
+    teacher: nn.Module | None = None,
 ) -> CompressResult:
     """Prune ``model`` to ``target`` by Hessian-aware channel ranking, then optionally
     fine-tune, quantize to INT8 and export to ONNX.
@@ -178,9 +179,14 @@ def compress(
     ``scorer``: ``"hessian"`` (the paper's per-channel trace sensitivity, ``hessian`` options),
     ``"removal"`` (``ehap_fx.removal``: the exact Gauss-Newton loss increase of removing each
     channel, ranked per unit of cost saved; same precision/batch options) or ``"l1"``
-    (default: ``"hessian"`` with ``data``, ``"l1"`` without).
+    (default: ``"removal"`` with ``data``, as the CLI; ``"hessian"`` with data and a
+    ``loss_fn``; ``"l1"`` without data).
+
+    Distillation: when ``finetune_options.distill`` (or ``quantize.finetune.distill``) is set,
+    fine-tuning (and QAT) also learn from ``teacher``'s softened logits — by default the dense
+    ``model`` itself, as given.
     """
-    scorer = _default_scorer(scorer, data)
+    scorer = _default_scorer(scorer, data, loss_fn)
     if scorer not in SCORERS:
         raise ValueError(f"scorer={scorer!r} must be one of {SCORERS}")
     if export is not None and quantize is None:
@@ -197,6 +203,7 @@ def compress(
     ).graph_module
     distributed.broadcast_module(gm)  # under torchrun: every rank starts from rank 0's weights
     seconds["trace_group"] = time.perf_counter() - t
+    teacher = _teacher(teacher, gm, finetune_options, quantize)
     base = total_cost(gm)
     report = CompressReport(
         data=data_name or ("none (L1 ranking needs no data)" if data is None else "user data"),
@@ -216,7 +223,8 @@ def compress(
     if eval_data is not None:
         report.accuracy["dense"] = evaluate(gm, eval_data)
     try:
-        gm = _prune(gm, data, target, scorer, hessian, loss_fn, finetune_options, latency, report, seconds)
+        gm = _prune(gm, data, target, scorer, hessian, loss_fn, finetune_options, latency, report, seconds,
+                    teacher)
     except TargetError as e:  # say what holds the channels back
         reasons = "; ".join(f"{c} channels: {r}" for c, r in groups_of(gm).pin_reasons())
         raise TargetError(f"{e}. Largest pins: {reasons}") from e
@@ -227,7 +235,8 @@ def compress(
         report.accuracy["pruned"] = evaluate(gm, eval_data)
     if finetune_options is not None:
         t = time.perf_counter()
-        result = finetune(gm, train_data, finetune_options, eval_loader=eval_data)
+        result = finetune(gm, train_data, finetune_options, eval_loader=eval_data,
+                          teacher=teacher if finetune_options.distill is not None else None)
         seconds["finetune"] = time.perf_counter() - t
         report.finetune = _plain(result)
         if eval_data is not None:
@@ -236,16 +245,17 @@ def compress(
     if quantize is not None:
         qdata = train_data if getattr(quantize, "mode", None) == "qat" else data  # PTQ: same batches
         export = export if distributed.is_main() else None  # only rank 0 writes
-        _quantize_and_export(out, example_input, qdata, eval_data, quantize, export, seconds)
+        _quantize_and_export(out, example_input, qdata, eval_data, quantize, export, seconds, teacher)
     report.seconds = {k: round(v, 3) for k, v in seconds.items()}
     return out
 
 
 def _quantize_and_export(
-    out: CompressResult, example_input, data, eval_data, options, export, seconds
+    out: CompressResult, example_input, data, eval_data, options, export, seconds, teacher
 ) -> None:
     t = time.perf_counter()
-    q = quantize_int8(out.pruned, example_input, data, options)
+    q = quantize_int8(out.pruned, example_input, data, options, teacher=teacher)
+    distill = options.finetune.distill if options.mode == "qat" and teacher is not None else None
     seconds["quantize"] = time.perf_counter() - t
     out.quantized = q.graph_module
     out.report.quantize = {
@@ -255,6 +265,7 @@ def _quantize_and_export(
         "calibration_batches": q.calibration_batches,
         "seconds": round(q.seconds, 3),
         "scheme": q.scheme.as_dict(),
+        "distill": asdict(distill) if distill is not None else None,
     }
     if eval_data is not None:
         out.report.accuracy["int8_torch"] = evaluate(q.graph_module, eval_data)
@@ -280,7 +291,8 @@ def _quantize_and_export(
             out.report.accuracy["int8_onnx"] = onnx_top1(rep.path, eval_data)
 
 
-def _prune(gm, data, target, scorer, hessian, loss_fn, finetune_options, latency, report, seconds):
+def _prune(gm, data, target, scorer, hessian, loss_fn, finetune_options, latency, report, seconds,
+           teacher=None):
     """The pruning loop: rank → select → shrink, ``target.steps`` times (fine-tuning between)."""
     base = total_cost(gm)
     table = LatencyTable(latency or LatencyOptions()) if target.kind == "latency" else None
@@ -308,7 +320,8 @@ def _prune(gm, data, target, scorer, hessian, loss_fn, finetune_options, latency
         report.groups.extend(_record(step, groups_of(gm), plan, scores, stderr))
         gm = shrink(gm, plan).graph_module
         if finetune_options is not None and step < target.steps:
-            finetune(gm, distributed.shard_loader(data), finetune_options)
+            finetune(gm, distributed.shard_loader(data), finetune_options,
+                     teacher=teacher if finetune_options.distill is not None else None)
     report.cost_after = _cost_dict(total_cost(gm), base)
     if table is not None:
         after = measure(gm, target, latency=LatencyModel(gm, table))
@@ -343,12 +356,24 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _default_scorer(scorer: str | None, data) -> str:
-    """The scorer asked for, else ``"hessian"`` with data and ``"l1"`` (with one warning) without."""
+def _teacher(teacher, dense: fx.GraphModule, finetune_options, quantize) -> nn.Module | None:
+    """The model to distil from, when any training step distils: ``teacher`` if given, else a
+    frozen copy of the dense graph (before any pruning)."""
+    wanted = [o.distill for o in (finetune_options, getattr(quantize, "finetune", None)) if o is not None]
+    if not any(d is not None for d in wanted):
+        return None
+    model = teacher if teacher is not None else copy.deepcopy(dense)
+    return model.eval().requires_grad_(False) if teacher is None else model
+
+
+def _default_scorer(scorer: str | None, data, loss_fn=None) -> str:
+    """The scorer asked for; else the removal criterion with data (the CLI's default too:
+    docs/results.md), the paper's ``"hessian"`` when a ``loss_fn`` replaces cross-entropy, and
+    ``"l1"`` (with one warning) without data."""
     if scorer is not None:
         return scorer
     if data is not None:
-        return "hessian"
+        return "hessian" if loss_fn is not None else "removal"
     warnings.warn(
         "compress(): no data given, so channels are ranked by L1 weight magnitude. A Hessian "
         "ranking needs data=: (inputs, labels) batches from the task (scorer='hessian' or "

@@ -10,6 +10,8 @@ training loader applies them when the step's batch is drawn.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -20,7 +22,7 @@ from torch import nn
 from ehap_fx.errors import QuantizeError
 from ehap_fx.passes import quantize as quantize_pass
 from ehap_fx.passes.quantize import QuantizeOptions, QuantizeResult, quiet_quantization_warnings
-from ehap_fx.train import FinetuneOptions, FinetuneResult, finetune, total_steps
+from ehap_fx.train import FinetuneResult, finetune, total_steps
 
 
 class _FreezingLoader:
@@ -75,17 +77,15 @@ def freeze_observers(prepared: nn.Module, backend: str) -> None:
     prepared.apply(disable_observer)
 
 
-def qat_finetune(prepared: nn.Module, loader: Iterable[Any], options) -> FinetuneResult:
-    """Fine-tune a prepared QAT graph in place (``options``: ``passes.quantize.QuantizeOptions``)."""
-    ft = FinetuneOptions(
-        epochs=options.epochs,
-        lr=options.lr,
-        momentum=options.momentum,
-        nesterov=options.momentum > 0,
-        weight_decay=options.weight_decay,
-        max_steps=options.max_steps,
-        progress=options.progress,
-    )
+def qat_finetune(
+    prepared: nn.Module, loader: Iterable[Any], options: QuantizeOptions, teacher: nn.Module | None = None
+) -> FinetuneResult:
+    """Fine-tune a prepared QAT graph in place with ``options.finetune`` (distilling from
+    ``teacher`` when ``options.finetune.distill`` is set), freezing BN statistics and then the
+    observers at the steps ``options`` says."""
+    ft = options.finetune
+    if teacher is None and ft.distill is not None:
+        ft = dataclasses.replace(ft, distill=None)  # no teacher at hand: labels alone
     try:
         steps = total_steps(loader, ft)
     except TypeError as e:
@@ -97,7 +97,8 @@ def qat_finetune(prepared: nn.Module, loader: Iterable[Any], options) -> Finetun
     if obs_at is not None:  # observers must see one batch first, or their scales stay empty
         actions.setdefault(max(1, obs_at), []).append(lambda: freeze_observers(prepared, options.backend))
     with quiet_quantization_warnings():
-        return finetune(prepared, _FreezingLoader(loader, actions), ft)
+        return finetune(prepared, _FreezingLoader(loader, actions), ft,
+                        teacher=teacher if ft.distill is not None else None)
 
 
 def quantize(
@@ -105,6 +106,10 @@ def quantize(
     example_input: torch.Tensor,
     data: Iterable[Any] | None,
     options: QuantizeOptions = QuantizeOptions(),
+    *,
+    teacher: nn.Module | None = None,
 ) -> QuantizeResult:
-    """``passes.quantize.quantize`` with :func:`qat_finetune` as its QAT loop (PTQ: the same)."""
-    return quantize_pass.quantize(model, example_input, data, options, train=qat_finetune)
+    """``passes.quantize.quantize`` with :func:`qat_finetune` as its QAT loop (PTQ: the same);
+    ``teacher`` is distilled from when ``options.finetune.distill`` is set."""
+    train = functools.partial(qat_finetune, teacher=teacher)
+    return quantize_pass.quantize(model, example_input, data, options, train=train)

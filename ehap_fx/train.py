@@ -24,47 +24,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from ehap_fx.distributed import data_parallel, global_mean, is_main
 from ehap_fx.errors import TrainError
+from ehap_fx.train_options import DistillOptions, FinetuneOptions
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class FinetuneOptions:
-    """Settings of :func:`finetune`; the defaults are the usual CIFAR fine-tuning recipe.
-
-    ``epochs`` may be fractional (0.2 = a fifth of the loader); ``max_steps`` caps the
-    number of optimizer steps. ``progress`` shows a tqdm bar.
-    """
-
-    epochs: float = 1.0
-    lr: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.0
-    max_steps: int | None = None
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.epochs) and self.epochs > 0):
-            raise ValueError(f"epochs={self.epochs} must be > 0")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr={self.lr} must be > 0")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum={self.momentum} must be in [0, 1)")
-        if self.nesterov and self.momentum == 0:
-            raise ValueError("nesterov=True needs momentum > 0; set momentum or nesterov=False")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps={self.max_steps} must be >= 1 or None")
 
 
 @dataclass(frozen=True)
@@ -118,13 +86,22 @@ def finetune(
     options: FinetuneOptions = FinetuneOptions(),
     eval_loader: Batches | None = None,
     callback: Callback | None = None,
+    teacher: nn.Module | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place; returns per-step losses and per-epoch reports.
 
     Evaluates top-1 on ``eval_loader`` after each epoch (and after a final partial one) and
-    then calls ``callback(model, report)``. Leaves the model in eval mode. Raises
-    :class:`TrainError` on a non-finite loss, naming the step and the learning rate.
+    then calls ``callback(model, report)``. With ``options.distill`` the loss also matches
+    ``teacher``'s softened logits (:func:`distillation_loss`; the teacher runs in eval mode,
+    without gradients, and gets its mode back afterwards). Leaves the model in eval mode.
+    Raises :class:`TrainError` on a non-finite loss, naming the step and the learning rate.
     """
+    if (options.distill is None) != (teacher is None):
+        raise TrainError(
+            "distillation needs both FinetuneOptions(distill=DistillOptions()) and "
+            f"finetune(..., teacher=model): got distill={options.distill}, "
+            f"teacher={type(teacher).__name__ if teacher is not None else None}"
+        )
     steps = total_steps(train_loader, options)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -132,14 +109,14 @@ def finetune(
     optimizer = torch.optim.SGD(params, lr=options.lr, momentum=options.momentum,
                                 nesterov=options.nesterov, weight_decay=options.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=0.0)
-    criterion = nn.CrossEntropyLoss(label_smoothing=options.label_smoothing)
+    criterion = Objective(options, teacher)
     device = model_device(model)
     losses: list[float] = []
     reports: list[EpochReport] = []
     start = time.perf_counter()
     show = options.progress and is_main()  # under torchrun: rank 0 only
     bar = tqdm(total=steps, desc="finetune", unit="step", disable=not show)
-    with bar, data_parallel(model) as net:  # DDP inside a torch.distributed process group
+    with bar, data_parallel(model) as net, criterion:  # DDP inside a torch.distributed process group
         while len(losses) < steps:
             net.train()
             epoch_losses = _run_epoch(net, train_loader, optimizer, schedule, criterion,
@@ -158,12 +135,62 @@ def finetune(
     return FinetuneResult(len(losses), tuple(losses), tuple(reports), time.perf_counter() - start)
 
 
+def distillation_loss(
+    logits: torch.Tensor, soft: torch.Tensor, hard: torch.Tensor, options: DistillOptions
+) -> torch.Tensor:
+    """The distillation term: ``alpha · T² · KL(softmax(soft/T) ‖ softmax(logits/T))`` plus
+    ``(1 - alpha)`` times the cross-entropy ``hard`` (a scalar) — see :class:`DistillOptions`.
+
+    >>> z = torch.tensor([[2.0, 0.0, -1.0]])
+    >>> float(distillation_loss(z, z, torch.tensor(0.5), DistillOptions(alpha=0.5)))  # KL(p‖p) = 0
+    0.25
+    """
+    t = options.temperature
+    kl = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(soft / t, dim=1),
+                  reduction="batchmean", log_target=True)
+    return (1.0 - options.alpha) * hard + options.alpha * t * t * kl
+
+
+class Objective:
+    """The loss of one training batch: cross-entropy (optional label smoothing), blended with
+    the teacher's soft targets when ``options.distill`` is set. A context manager: inside it
+    the teacher is in eval mode; its mode comes back on exit."""
+
+    def __init__(self, options: FinetuneOptions, teacher: nn.Module | None = None):
+        self.ce = nn.CrossEntropyLoss(label_smoothing=options.label_smoothing)
+        self.distill, self.teacher = options.distill, teacher
+        self._was_training = False
+
+    def __enter__(self) -> Objective:
+        if self.teacher is not None:
+            self._was_training = self.teacher.training
+            self.teacher.eval()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.teacher is not None:
+            self.teacher.train(self._was_training)
+
+    def __call__(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        hard = self.ce(logits, y)
+        if self.distill is None:
+            return hard
+        with torch.no_grad():
+            soft = self.teacher(x.to(model_device(self.teacher))).to(logits.device)  # (N, classes)
+        if soft.shape != logits.shape:
+            raise TrainError(
+                f"the teacher's output {tuple(soft.shape)} does not match the student's "
+                f"{tuple(logits.shape)}: distillation needs the same classes"
+            )
+        return distillation_loss(logits, soft.float(), hard, self.distill)
+
+
 def _run_epoch(model, loader, optimizer, schedule, criterion, device, budget, done, bar):
     """At most ``budget`` steps over one pass of ``loader``; returns their losses."""
     losses: list[float] = []
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = criterion(model(x), y)
+        loss = criterion(model(x), x, y)
         value = global_mean(loss)  # loss.item(), averaged over the ranks under DDP
         if not math.isfinite(value):
             raise TrainError(

@@ -50,36 +50,36 @@ from torch import fx, nn
 
 from ehap_fx.errors import QuantizeError
 from ehap_fx.isa import INT8_TARGETS, WEIGHT_RANGES, cpu_features, int8_target
+from ehap_fx.train_options import FinetuneOptions
 
 BACKENDS = ("fx", "pt2e")
 MODES = ("qat", "ptq")
 ACTIVATION_RANGE = (0, 255)  # quint8, per-tensor affine
 WEIGHT_RANGE = WEIGHT_RANGES["x86-vnni"]  # qint8, per-channel symmetric; 7-bit where kernels saturate
+QAT_FINETUNE = FinetuneOptions(epochs=1.0, lr=1e-3, weight_decay=0.0, progress=False)
 
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    """How to quantize. The defaults: FX backend, a short QAT fine-tune (1 epoch, lr 1e-3).
+    """How to quantize. The defaults: FX backend, QAT with a short fine-tune (``finetune``:
+    1 epoch, lr 1e-3, no weight decay, distillation when a teacher is given).
 
-    ``freeze_bn_after`` / ``freeze_observers_after`` are fractions of the QAT steps after
-    which BatchNorm statistics, then the activation/weight ranges, stop updating (1.0: never).
-    ``calibration_batches`` is the number of batches observed in PTQ mode. ``target`` is where
-    the INT8 model will run (``"auto"``: this CPU; ``"x86-vnni"``, ``"x86-avx2"``,
-    ``"arm64"``): it fixes the weight range (:func:`scheme`).
+    ``finetune`` is the QAT loop's :class:`~ehap_fx.train_options.FinetuneOptions` (epochs,
+    learning rate, distillation, ...). ``freeze_bn_after`` / ``freeze_observers_after`` are
+    fractions of the QAT steps after which BatchNorm statistics, then the activation/weight
+    ranges, stop updating (1.0: never). ``calibration_batches`` is the number of batches
+    observed in PTQ mode (and, in QAT, observed before training starts, so that training
+    begins from the PTQ ranges). ``target`` is where the INT8 model will run (``"auto"``: this
+    CPU; ``"x86-vnni"``, ``"x86-avx2"``, ``"arm64"``): it fixes the weight range (:func:`scheme`).
     """
 
     backend: str = "fx"
     mode: str = "qat"
     target: str = "auto"
-    epochs: float = 1.0
-    max_steps: int | None = None
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    finetune: FinetuneOptions = QAT_FINETUNE
     freeze_bn_after: float = 0.5
     freeze_observers_after: float = 0.75
     calibration_batches: int = 16
-    progress: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -88,16 +88,8 @@ class QuantizeOptions:
             raise ValueError(f"mode={self.mode!r} must be one of {MODES}")
         if self.target != "auto" and self.target not in INT8_TARGETS:
             raise ValueError(f"target={self.target!r} must be 'auto' or one of {INT8_TARGETS}")
-        if not (math.isfinite(self.epochs) and self.epochs > 0):
-            raise ValueError(f"epochs={self.epochs} must be > 0")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps={self.max_steps} must be >= 1 or None")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr={self.lr} must be > 0")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum={self.momentum} must be in [0, 1)")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
+        if not isinstance(self.finetune, FinetuneOptions):
+            raise TypeError(f"finetune={self.finetune!r} must be a FinetuneOptions")
         for name in ("freeze_bn_after", "freeze_observers_after"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

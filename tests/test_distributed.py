@@ -83,7 +83,7 @@ def _hessian_batch():
 
 
 def _compress(model):
-    from ehap_fx.passes.quantize import QuantizeOptions
+    from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions
 
     from ehap_fx import Target, compress
     from ehap_fx.train import FinetuneOptions
@@ -93,7 +93,7 @@ def _compress(model):
     return compress(model, torch.randn(1, 3, 32, 32), data=loader, target=target,
                     hessian=dataclasses.replace(CASES["adaptive"][0], max_probes=8, rank_threshold=0.9),
                     finetune_options=FinetuneOptions(max_steps=3, lr=0.05, progress=False),
-                    quantize=QuantizeOptions(backend="fx", max_steps=2, progress=False))
+                    quantize=QuantizeOptions(backend="fx", finetune=dataclasses.replace(QAT_FINETUNE, max_steps=2)))
 
 
 def _tiny() -> torch.nn.Module:

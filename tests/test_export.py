@@ -14,6 +14,7 @@ marked slow and skip when ``../shared`` is absent.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ from ehap_fx.passes.export import (
 )
 from ehap_fx.passes.group import group_channels
 from ehap_fx.passes.mask import random_plan
-from ehap_fx.passes.quantize import QuantizeOptions, QuantizeResult
+from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions, QuantizeResult
 from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
 
@@ -82,7 +83,7 @@ def test_qat_export_runs_int8_in_onnxruntime(pruned, backend, tmp_path):
         pytest.importorskip("torchao")
     name, gm = pruned
     q = quantize(
-        gm, X, TRAIN.loader(32, shuffle=True), QuantizeOptions(backend=backend, max_steps=2, lr=1e-3)
+        gm, X, TRAIN.loader(32, shuffle=True), QuantizeOptions(backend=backend, finetune=replace(QAT_FINETUNE, max_steps=2))
     )
     assert q.steps == 2
     report = export(q, X, tmp_path / "model_int8.onnx", inputs=TEST_X, float_model=gm)
@@ -130,7 +131,7 @@ def test_pt2e_export_small(tmp_path):
         torch.nn.Flatten(),
         torch.nn.Linear(16, 10),
     )
-    q = quantize(net, X, TRAIN.loader(64), QuantizeOptions(backend="pt2e", max_steps=2))
+    q = quantize(net, X, TRAIN.loader(64), QuantizeOptions(backend="pt2e", finetune=replace(QAT_FINETUNE, max_steps=2)))
     report = export(q, X, tmp_path / "small_pt2e.onnx", inputs=TEST_X[:256], float_model=net)
     assert [(c.op_type, c.in_channels, c.out_channels) for c in report.convs] == [
         ("QLinearConv", 3, 16),
@@ -241,7 +242,7 @@ def test_resnet56_short_qat_within_half_pt(cifar10_root, weights_dir, tmp_path, 
             model,
             X,
             train.loader(64, shuffle=True, augment=True, normalization=norm),
-            QuantizeOptions(backend=backend, max_steps=30, lr=1e-3),
+            QuantizeOptions(backend=backend, finetune=replace(QAT_FINETUNE, max_steps=30)),
         )
         report = export(
             q,

@@ -1,7 +1,7 @@
 """The package's imports go downward only, and its face costs nothing to import.
 
-    foundation (_meta, errors, isa)  ◀─  passes  ◀─  scoring  ◀─  pipeline  ◀─  cli
-    torch only                           graph       Hessian,      compress, train, QAT,
+    foundation (_meta, errors, isa,  ◀─  passes  ◀─  scoring  ◀─  pipeline  ◀─  cli
+    train_options): torch only           graph       Hessian,      compress, train, QAT,
                                          passes      GGN, removal  data, models, report
 
 Read from the source (AST), function-level imports included: a module may import its own tier
@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TIERS = {
-    "foundation": {"ehap_fx._meta", "ehap_fx.errors", "ehap_fx.isa"},
+    "foundation": {"ehap_fx._meta", "ehap_fx.errors", "ehap_fx.isa", "ehap_fx.train_options"},
     "passes": {"ehap_fx.passes"},  # and every ehap_fx.passes.* module
     "scoring": {"ehap_fx.hessian", "ehap_fx.ggn", "ehap_fx.ggn_mc", "ehap_fx.removal", "ehap_fx.sampling",
                 "ehap_fx.fold", "ehap_fx.budget"},

@@ -9,12 +9,14 @@ Model under test (small, fast)::
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from ehap_fx.passes import quantize as quantize_pass
 from ehap_fx.passes.quantize import (
+    QAT_FINETUNE,
     QuantizeOptions,
     calibrate,
     convert,
@@ -56,11 +58,6 @@ X = torch.randn(2, 3, 16, 16)
     [
         ("backend", "onnx", "backend='onnx'"),
         ("mode", "int4", "mode='int4'"),
-        ("epochs", 0.0, "epochs=0.0"),
-        ("max_steps", 0, "max_steps=0"),
-        ("lr", -1.0, "lr=-1.0"),
-        ("momentum", 1.0, "momentum=1.0"),
-        ("weight_decay", -0.1, "weight_decay=-0.1"),
         ("freeze_bn_after", 1.5, "freeze_bn_after=1.5"),
         ("freeze_observers_after", -0.1, "freeze_observers_after=-0.1"),
         ("calibration_batches", 0, "calibration_batches=0"),
@@ -69,6 +66,13 @@ X = torch.randn(2, 3, 16, 16)
 def test_options_name_the_bad_value(field, value, match):
     with pytest.raises(ValueError, match=match):
         QuantizeOptions(**{field: value})
+
+
+def test_qat_training_settings_are_finetune_options():
+    with pytest.raises(TypeError, match="finetune=.*must be a FinetuneOptions"):
+        QuantizeOptions(finetune={"lr": 1e-3})
+    assert QuantizeOptions().finetune == QAT_FINETUNE
+    assert (QAT_FINETUNE.lr, QAT_FINETUNE.weight_decay, QAT_FINETUNE.distill) == (1e-3, 0.0, None)
 
 
 def test_freeze_schedule_steps():
@@ -135,7 +139,8 @@ def test_pt2e_qat_uses_the_same_scheme(target, expected):
 def test_qat_freezes_bn_then_observers(backend):
     if backend == "pt2e":
         pytest.importorskip("torchao")
-    options = QuantizeOptions(backend=backend, max_steps=4, freeze_bn_after=0.25, freeze_observers_after=0.5)
+    options = QuantizeOptions(backend=backend, finetune=replace(QAT_FINETUNE, max_steps=4),
+                              freeze_bn_after=0.25, freeze_observers_after=0.5)
     prepared = prepare(TinyResNet(), X, options)
     result = qat_finetune(prepared, batches(4), options)
     assert result.steps == 4 and all(torch.isfinite(torch.tensor(result.losses)))
@@ -149,7 +154,8 @@ def test_qat_freezes_bn_then_observers(backend):
 
 
 def test_qat_without_freezes_keeps_observing():
-    options = QuantizeOptions(max_steps=2, freeze_bn_after=1.0, freeze_observers_after=1.0)
+    options = QuantizeOptions(finetune=replace(QAT_FINETUNE, max_steps=2), freeze_bn_after=1.0,
+                              freeze_observers_after=1.0)
     prepared = prepare(TinyResNet(), X, options)
     qat_finetune(prepared, batches(2), options)
     enabled = {int(m.observer_enabled[0]) for m in prepared.modules() if hasattr(m, "observer_enabled")}
@@ -175,7 +181,7 @@ def test_ptq_calibrates_n_batches_and_matches_float(backend):
 def test_input_model_is_not_modified():
     model = TinyResNet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    quantize(model, X, batches(2), QuantizeOptions(max_steps=2, lr=0.1))
+    quantize(model, X, batches(2), QuantizeOptions(finetune=replace(QAT_FINETUNE, max_steps=2, lr=0.1)))
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k])
 
@@ -206,12 +212,12 @@ def test_deprecation_warnings_are_scoped():
 def test_the_pass_has_no_training_loop_of_its_own():
     """QAT through the pass needs a loop (``train=``); ``ehap_fx.qat.quantize`` supplies one."""
     with pytest.raises(QuantizeError, match="pass train="):
-        quantize_pass.quantize(TinyResNet(), X, batches(2), QuantizeOptions(max_steps=1))
+        quantize_pass.quantize(TinyResNet(), X, batches(2), QuantizeOptions(finetune=replace(QAT_FINETUNE, max_steps=1)))
     calls = []
 
     def loop(prepared, data, options):
         calls.append(type(prepared).__name__)
         return qat_finetune(prepared, data, options)
 
-    result = quantize_pass.quantize(TinyResNet(), X, batches(2), QuantizeOptions(max_steps=1), train=loop)
+    result = quantize_pass.quantize(TinyResNet(), X, batches(2), QuantizeOptions(finetune=replace(QAT_FINETUNE, max_steps=1)), train=loop)
     assert calls == ["GraphModule"] and result.steps == 1

@@ -27,7 +27,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ import torch
 from ehap_fx.passes.cost import total_cost
 from ehap_fx.passes.export import ExportReport, export, export_onnx, onnx_top1, session
 from ehap_fx.passes.group import group_channels
-from ehap_fx.passes.quantize import QuantizeOptions, QuantizeResult
+from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions, QuantizeResult
 from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
 
@@ -109,7 +109,7 @@ def int8(model, train, args, norm, path: Path, inputs, backend: str) -> ExportRe
     opts = QuantizeOptions(
         backend=backend,
         mode=mode,
-        max_steps=args.qat_steps or None,
+        finetune=replace(QAT_FINETUNE, max_steps=args.qat_steps or None),
         calibration_batches=args.calibration_batches,
     )
     loader = train.loader(128, shuffle=True, augment=mode == "qat", normalization=norm)
@@ -216,7 +216,7 @@ def bench_pipeline(args) -> None:
     steps, reports = {b: {} for b in ("fx", "pt2e")}, {}
     for _ in range(args.rounds):
         for b in steps:
-            opts = QuantizeOptions(backend=b, max_steps=4)
+            opts = QuantizeOptions(backend=b, finetune=replace(QAT_FINETUNE, max_steps=4))
             t = time.perf_counter()
             p = prepare(get_model("resnet20"), X, opts)
             t1 = time.perf_counter()

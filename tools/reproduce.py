@@ -49,7 +49,7 @@ import torch
 from ehap_fx.passes.cost import total_cost
 from ehap_fx.passes.export import INPUT, ExportOptions, export, session
 from ehap_fx.passes.group import group_channels, groups_of, producer_modules
-from ehap_fx.passes.quantize import QuantizeOptions
+from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions
 from ehap_fx.passes.shrink import PrunePlan, shrink
 from ehap_fx.passes.trace import trace
 from scipy.stats import spearmanr
@@ -462,8 +462,8 @@ class Run:
         """QAT (or PTQ) on the CPU FX backend, ONNX export verified, ORT top-1 and latency."""
         b = self.budget
         gm = gm.cpu().eval()
-        opts = QuantizeOptions(mode="qat" if b.qat_steps else "ptq", epochs=1.0,
-                               max_steps=b.qat_steps or None, lr=b.qat_lr,
+        opts = QuantizeOptions(mode="qat" if b.qat_steps else "ptq",
+                               finetune=replace(QAT_FINETUNE, max_steps=b.qat_steps or None, lr=b.qat_lr),
                                calibration_batches=b.calibration_batches)
         loader = train_loader(self.data, b, self.name, seed=1)
         q = quantize(gm, example_input(b).cpu(), loader, opts)
