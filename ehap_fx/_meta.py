@@ -12,3 +12,5 @@ COST = "ehap.cost"
 GROUPS = "ehap.groups"
 # gm.meta: the last pruning plan applied by shrink (passes.shrink.PrunePlan).
 PLAN = "ehap.plan"
+# gm.meta: how torch.export captured the graph, to export it again (passes.trace.ExportCapture).
+CAPTURE = "ehap.capture"

@@ -159,6 +159,7 @@ def compress(
     data_name: str | None = None,
     latency: LatencyOptions | None = None,
     teacher: nn.Module | None = None,
+    capture: str = "fx",
 ) -> CompressResult:
     """Prune ``model`` to ``target`` by Hessian-aware channel ranking, then optionally
     fine-tune, quantize to INT8 and export to ONNX.
@@ -185,6 +186,10 @@ def compress(
     Distillation: when ``finetune_options.distill`` (or ``quantize.finetune.distill``) is set,
     fine-tuning (and QAT) also learn from ``teacher``'s softened logits — by default the dense
     ``model`` itself, as given.
+
+    ``capture``: ``"fx"`` (symbolic_trace), ``"export"`` (torch.export: an ATen graph, for
+    models FX cannot trace; ``passes.program.exported_program(result.pruned)`` is the pruned
+    ``ExportedProgram``; quantize with ``backend="pt2e"``) or ``"auto"`` (FX, else export).
     """
     scorer = _default_scorer(scorer, data, loss_fn)
     if scorer not in SCORERS:
@@ -199,7 +204,7 @@ def compress(
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     gm = group_channels(
-        trace(copy.deepcopy(model).eval(), example_input, leaf_modules=leaf_modules), exclude
+        trace(copy.deepcopy(model).eval(), example_input, leaf_modules=leaf_modules, capture=capture), exclude
     ).graph_module
     distributed.broadcast_module(gm)  # under torchrun: every rank starts from rank 0's weights
     seconds["trace_group"] = time.perf_counter() - t

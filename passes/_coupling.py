@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
+aten = torch.ops.aten
+
 # ---------------------------------------------------------------------------------------------
 # Label bookkeeping
 # ---------------------------------------------------------------------------------------------
@@ -229,15 +231,26 @@ def norm_layer(a: _Analysis, node: fx.Node) -> Labels:
     return labels
 
 
+_F_NORM_TENSORS = ("running_mean", "running_var", "weight", "bias")  # F.batch_norm's order
+#: ATen norms take ``(input, weight, bias, running_mean, running_var, ...)``
+_NORM_TENSORS = dict.fromkeys(
+    (aten.batch_norm.default, aten.instance_norm.default, aten._native_batch_norm_legit_no_training.default),
+    ("weight", "bias", "running_mean", "running_var"),
+)
+
+
 def functional_norm(a: _Analysis, node: fx.Node) -> Labels:
     """``F.batch_norm`` / ``F.instance_norm`` (what a norm subclass with its own ``forward``
     calls): per channel; its statistics and affine tensors (``get_attr`` of shape ``(C,)``,
     labelled as per-channel constants) are unioned with the channels, so they are sliced
     with them."""
-    labels = same_channels(a, node)
+    return _union_norm_tensors(a, node, same_channels(a, node))
+
+
+def _union_norm_tensors(a: _Analysis, node: fx.Node, labels: Labels) -> Labels:
     if a.dim(node.args[0]) != 1:
         raise _Pin("batch norm of a value whose channels are not dim 1")
-    for pos, name in enumerate(("running_mean", "running_var", "weight", "bias"), start=1):
+    for pos, name in enumerate(_NORM_TENSORS.get(node.target, _F_NORM_TENSORS), start=1):
         t = _arg(node, pos, name)
         if t is None:
             continue
@@ -302,7 +315,16 @@ def conv(a: _Analysis, node: fx.Node) -> Labels:
     return out
 
 
-_FUNCTIONAL_CONVS = (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
+_FUNCTIONAL_CONVS = (
+    F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d,
+    aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,  # torch.export's training IR
+    aten.convolution.default,  # core ATen: (x, w, b, stride, padding, dilation, transposed, _, groups)
+)
+
+
+def conv_groups_at(node: fx.Node) -> int:
+    """The position of ``groups`` in a functional conv call: 8 for ``aten.convolution``, else 6."""
+    return 8 if node.target is aten.convolution.default else 6
 
 
 def functional_conv_owner(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -312,6 +334,8 @@ def functional_conv_owner(gm: fx.GraphModule, node: fx.Node) -> str | None:
     from the call's arguments and the weight's shape, ``functional_conv``.)"""
     if node.op != "call_function" or node.target not in _FUNCTIONAL_CONVS:
         return None
+    if node.target is aten.convolution.default and node.args[6]:
+        return None  # a transposed conv: its weight is (in, out/groups, ...)
     w, b = _arg(node, 1, "weight"), _arg(node, 2, "bias")
     if not isinstance(w, fx.Node) or w.op != "get_attr" or not w.target.endswith(".weight"):
         return None
@@ -330,7 +354,7 @@ def functional_conv(gm: fx.GraphModule, node: fx.Node) -> Any:
         return None
     holder = gm.get_submodule(owner)
     weight, bias = holder.weight, getattr(holder, "bias", None) if _arg(node, 2, "bias") is not None else None
-    groups = _arg(node, 6, "groups", 1)
+    groups = _arg(node, conv_groups_at(node), "groups", 1)
     return SimpleNamespace(
         groups=groups, in_channels=weight.shape[1] * groups, out_channels=weight.shape[0],
         kernel_size=tuple(weight.shape[2:]), weight=weight, bias=bias, owner=owner,
@@ -510,7 +534,8 @@ def pad(a: _Analysis, node: fx.Node) -> Labels:
     front, back = widths[-2], widths[-1]
     if front < 0 or back < 0:
         raise _Pin(f"negative channel pad {front, back}")
-    if _arg(node, 2, "mode", "constant") != "constant" and (front or back):
+    mode = "constant" if node.target is aten.constant_pad_nd.default else _arg(node, 2, "mode", "constant")
+    if mode != "constant" and (front or back):
         raise _Pin("non-constant channel pad")
     zf, zb = a.uf.fresh(front), a.uf.fresh(back)
     a.touch(
@@ -599,7 +624,7 @@ def moves_dims(a: _Analysis, node: fx.Node) -> Labels:
     src, labels = _shape(x), a.labels(x)
     if src is None or labels is None:
         raise _Pin("permute of a value without channel labels")
-    if node.target in ("permute", torch.permute):
+    if node.target in ("permute", torch.permute, aten.permute.default):
         perm = tuple(_norm_dim(d, len(src)) for d in _permutation(node))
     else:
         d0, d1 = (_norm_dim(d, len(src)) for d in (_arg(node, 1, "dim0"), _arg(node, 2, "dim1")))
@@ -811,6 +836,190 @@ COUPLING: dict[Any, Callable[[_Analysis, fx.Node], Any]] = {
     getattr: no_channels,
 }
 
+# ---------------------------------------------------------------------------------------------
+# ATen spellings: the ops of torch.export graphs (the training IR and core ATen), where they
+# mean what an FX row above means; see docs/core.md "torch.export graphs"
+# ---------------------------------------------------------------------------------------------
+
+
+def aten_slice(a: _Analysis, node: fx.Node) -> Labels:
+    """``aten.slice.Tensor(x, dim, start, end, step)``: a slice of another dim keeps the
+    channels; of the channel dim with step 1 it slices their labels (bounds rewritten by
+    shrink); any other step there pins."""
+    x = node.args[0]
+    labels, shape = a.labels(x), _shape(x)
+    if labels is None or shape is None:
+        raise _Pin("slice of a value without channel labels")
+    dim = _norm_dim(_arg(node, 1, "dim", 0), len(shape))
+    if dim == 0:
+        raise _Pin("slice of the batch dim")
+    if dim != a.dim(x):
+        return same_channels(a, node)
+    if _arg(node, 4, "step", 1) != 1:
+        raise _Pin(f"slice of channels with step {_arg(node, 4, 'step', 1)}")
+    start, stop, _ = slice(_arg(node, 2, "start"), _arg(node, 3, "end")).indices(len(labels))
+    a.set_dim(node, dim)
+    return labels[start:stop]
+
+
+def _tuple_keeps_channels(a: _Analysis, node: fx.Node) -> Labels:
+    """The labels of the input of an op returning a tuple whose first tensor keeps its
+    channels (at dim 1)."""
+    x = node.args[0]
+    labels, metas = a.labels(x), node.meta.get("tensor_meta")
+    first = metas[0] if isinstance(metas, (tuple, list)) and metas else None
+    if labels is None or a.dim(x) != 1 or not isinstance(first, TensorMetadata):
+        raise _Pin("op on a value without channels at dim 1")
+    if len(first.shape) < 2 or first.shape[1] != len(labels):
+        raise _Pin("output does not keep the input's channel dim")
+    return labels
+
+
+def aten_norm_tuple(a: _Analysis, node: fx.Node) -> tuple:
+    """``_native_batch_norm_legit_no_training`` (core ATen's eval batch norm) returns
+    ``(out, mean, rstd)``: ``out`` as ``functional_norm``'s, the statistics empty."""
+    return (_union_norm_tensors(a, node, _tuple_keeps_channels(a, node)), None, None)
+
+
+def with_indices(a: _Analysis, node: fx.Node) -> tuple:
+    """max pooling that also returns indices: both keep the channels of the input."""
+    labels = _tuple_keeps_channels(a, node)
+    return labels, labels
+
+
+def functional_linear_spec(gm: fx.GraphModule, node: fx.Node) -> Any:
+    """The linear layer an ``aten.linear(x, w, b)`` or ``aten.addmm(b, x, w.T)`` (core ATen)
+    on one module's ``weight`` and ``bias`` computes: ``input`` (the data node), ``owner``,
+    ``weight``, ``bias``, ``in_features``, ``out_features``; None when it is not such a call."""
+    if node.op != "call_function" or node.target not in (aten.linear.default, aten.addmm.default):
+        return None
+    if node.target is aten.linear.default:
+        x, w, b = node.args[0], node.args[1], _arg(node, 2, "bias")
+    else:
+        b, x, wt = node.args[:3]
+        if node.kwargs or not (isinstance(wt, fx.Node) and _is_transpose_2d(wt)):
+            return None
+        w = wt.args[0]
+    if not isinstance(w, fx.Node) or w.op != "get_attr" or not w.target.endswith(".weight"):
+        return None
+    owner = w.target.rpartition(".")[0]
+    if b is not None and getattr(b, "target", None) != f"{owner}.bias":
+        return None
+    holder = gm.get_submodule(owner)
+    weight = holder.weight
+    return SimpleNamespace(
+        input=x, owner=owner, weight=weight, bias=holder.bias if b is not None else None,
+        in_features=weight.shape[1], out_features=weight.shape[0],
+    )
+
+
+def _is_transpose_2d(node: fx.Node) -> bool:
+    if node.target is aten.t.default:
+        return True
+    return node.target is aten.permute.default and list(node.args[1]) == [1, 0]
+
+
+def layer_tensor(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Is ``node`` a weight or bias that only functional convs/linears read (a ``get_attr``,
+    or core ATen's 2-D transpose of a linear weight)? Their rules describe its channels."""
+    if not node.users:
+        return False
+    if node.op == "get_attr":
+        return all(_reads_as_layer_tensor(gm, user, node) for user in node.users)
+    if node.op == "call_function" and _is_transpose_2d(node) and node.args[0].op == "get_attr":
+        return all(functional_linear_spec(gm, user) is not None for user in node.users)
+    return False
+
+
+def _reads_as_layer_tensor(gm: fx.GraphModule, user: fx.Node, node: fx.Node) -> bool:
+    if functional_conv_owner(gm, user) is not None:
+        return node is _arg(user, 1, "weight") or node is _arg(user, 2, "bias")
+    if user.op == "call_function" and _is_transpose_2d(user):
+        return layer_tensor(gm, user)
+    spec = functional_linear_spec(gm, user)
+    return spec is not None and node is not spec.input
+
+
+def functional_linear(a: _Analysis, node: fx.Node) -> Labels:
+    """``aten.linear`` / ``aten.addmm`` on one module's tensors: as an ``nn.Linear``."""
+    spec = functional_linear_spec(a.gm, node)
+    if spec is None:
+        raise _Pin("linear on tensors that are not one module's weight and bias")
+    x, shape = spec.input, _shape(spec.input)
+    if a.labels(x) is None or shape is None or len(shape) < 2:
+        raise _Pin("linear on an input without (N, ..., features)")
+    why = f"{node.format_node()}: mixes the last dim of a value whose channels are dim {a.dim(x)}"
+    x_labels = a.anchor(x, -1, why)
+    out = a.uf.fresh(spec.out_features)
+    a.touch(node, "in", 1, x_labels, module=spec.owner)
+    a.touch(node, "out", 0, out, module=spec.owner)
+    a.set_dim(node, len(shape) - 1)
+    return out
+
+
+_ATEN_UNARY = (
+    aten.relu, aten.relu_, aten.hardtanh, aten.hardtanh_, aten.gelu, aten.silu, aten.silu_,
+    aten.hardswish, aten.hardswish_, aten.hardsigmoid, aten.sigmoid, aten.tanh, aten.leaky_relu,
+    aten.elu, aten.mish, aten.clamp, aten.clamp_min, aten.abs, aten.neg, aten.dropout, aten.dropout_,
+    aten.clone, aten.alias, aten._to_copy, aten.to, aten.contiguous,
+    aten.max_pool2d, aten.avg_pool2d, aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d,
+    aten.upsample_nearest2d, aten.upsample_bilinear2d,
+)
+_ATEN_BINARY = (aten.add, aten.add_, aten.sub, aten.mul, aten.mul_, aten.div, aten.maximum, aten.minimum)
+
+#: Rows keyed by ATen ``OpOverloadPacket`` (every overload) or ``OpOverload`` (that one);
+#: ``_rule_for`` looks the overload up first, then its packet.
+ATEN_COUPLING: dict[Any, Callable[[_Analysis, fx.Node], Any]] = {
+    **{op: same_channels for op in _ATEN_UNARY},  # activations, dropout, copies, pooling, resizing
+    **{op: elementwise for op in _ATEN_BINARY},  # broadcasting: residual adds, SE gates
+    aten.cat: concat,  # cat.default(tensors, dim)
+    aten.concat: concat,
+    aten.split_with_sizes: split,  # (x, sizes, dim)
+    aten.split: split,  # split.Tensor(x, size, dim): pieces read from the shapes
+    aten.chunk: split,
+    aten.pad: pad,  # pad.default(x, pad, mode, value): the training IR's F.pad
+    aten.constant_pad_nd: pad,  # core ATen's constant pad
+    aten.view: reshape,
+    aten.reshape: reshape,
+    aten._unsafe_view: reshape,
+    aten.flatten: flatten,  # flatten.using_ints(x, start_dim, end_dim)
+    aten.permute: moves_dims,
+    aten.transpose: moves_dims,  # transpose.int(x, dim0, dim1)
+    aten.mean: reduce_spatial,  # mean.dim(x, dims, keepdim); mean.default (all dims) pins
+    aten.sum: reduce_spatial,
+    aten.amax: reduce_spatial,
+    aten.unsqueeze: keeps_leading_dims,
+    aten.squeeze: keeps_leading_dims,
+    aten.slice: aten_slice,  # slice.Tensor(x, dim, start, end, step)
+    aten.max_pool2d_with_indices: with_indices,  # core ATen's max pooling: (out, indices)
+    aten.adaptive_max_pool2d: with_indices,
+    aten.conv1d: conv,  # on one module's weight and bias: as that conv (functional_conv)
+    aten.conv2d: conv,
+    aten.conv3d: conv,
+    aten.convolution: conv,  # core ATen; transposed convs pin
+    aten.batch_norm: functional_norm,  # (x, weight, bias, running_mean, running_var, training, ...)
+    aten.instance_norm: functional_norm,
+    aten._native_batch_norm_legit_no_training: aten_norm_tuple,  # core ATen's eval batch norm
+    aten.layer_norm: layer_norm,
+    aten.linear: functional_linear,  # (x, w, b) on one module's tensors: as that nn.Linear
+    aten.addmm: functional_linear,  # core ATen: addmm(b, x, permute(w, [1, 0]))
+    aten.sym_size: no_channels,  # dynamic sizes, not tensors
+}
+COUPLING.update(ATEN_COUPLING)
+
+
+def table_rule(table: dict[Any, Any], target: Any) -> Any:
+    """``table``'s entry for a call target: the target itself, else (an ATen ``OpOverload``)
+    its ``OpOverloadPacket``; None for unknown or unhashable targets."""
+    try:
+        rule = table.get(target)
+    except TypeError:  # unhashable target
+        return None
+    if rule is None and isinstance(target, torch._ops.OpOverload):
+        rule = table.get(target.overloadpacket)
+    return rule
+
+
 #: Rules for call_module nodes, keyed by module type (a subclass that inherits ``forward``
 #: uses its base's rule: ``module_rule``).
 MODULE_COUPLING: dict[type[nn.Module], Callable[[_Analysis, fx.Node], Any]] = {
@@ -849,14 +1058,12 @@ def known_module(mod: nn.Module) -> bool:
 #: channels are dim 1, and a channels-last input pins.
 ANY_DIM = frozenset(
     {same_channels, layer_norm, linear, elementwise, concat, split, getitem, moves_dims,
-     keeps_leading_dims, reduce_spatial, reshape, functional_norm, no_channels}
+     keeps_leading_dims, reduce_spatial, reshape, functional_norm, no_channels,
+     aten_slice, functional_linear}
 )
 
 
 def _rule_for(a: _Analysis, node: fx.Node) -> Callable[[_Analysis, fx.Node], Any] | None:
     if node.op == "call_module":
         return module_rule(MODULE_COUPLING, a.module(node))
-    try:
-        return COUPLING.get(node.target)
-    except TypeError:  # unhashable target
-        return None
+    return table_rule(COUPLING, node.target)

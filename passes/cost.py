@@ -16,7 +16,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from ehap_fx.passes._coupling import POOLING_MODULES, functional_conv, functional_conv_owner, module_rule
+from ehap_fx.passes._coupling import (
+    POOLING_MODULES,
+    aten,
+    functional_conv,
+    functional_conv_owner,
+    functional_linear_spec,
+    layer_tensor,
+    module_rule,
+    table_rule,
+)
 from ehap_fx.passes.group import KeptChannels, folded_nodes, groups_of
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
@@ -89,6 +98,12 @@ def _per_input_element(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
     return NodeCost(c_in * _per_channel(node.args[0]), 0)
 
 
+def _aten_norm(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
+    """``aten.batch_norm``: as a BatchNorm module (its parameters are counted as tensors)."""
+    affine = len(node.args) > 1 and node.args[1] is not None
+    return NodeCost(c_out * _per_channel(node) * (2 if affine else 1), 0)
+
+
 CostFn = Callable[[nn.Module | None, fx.Node, int, int], NodeCost]
 
 #: Cost formulas for call_module nodes by module type.
@@ -113,6 +128,16 @@ FUNCTION_COST: dict[object, CostFn] = {
     **dict.fromkeys(
         (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d), _per_input_element
     ),
+    # ATen spellings of what the module rows count (torch.export graphs; packets: every overload)
+    **dict.fromkeys(
+        (aten.relu, aten.relu_, aten.hardtanh, aten.leaky_relu, aten.elu, aten.upsample_nearest2d,
+         aten.upsample_bilinear2d), _per_output_element
+    ),
+    **dict.fromkeys(
+        (aten.max_pool2d, aten.max_pool2d_with_indices, aten.avg_pool2d, aten.adaptive_avg_pool2d,
+         aten._adaptive_avg_pool2d, aten.adaptive_max_pool2d), _per_input_element
+    ),
+    aten.batch_norm: _aten_norm,
 }
 
 
@@ -139,20 +164,20 @@ def _cost_fn(gm: fx.GraphModule, node: fx.Node) -> tuple[CostFn | None, nn.Modul
         return module_rule(MODULE_COST, mod), mod
     if (spec := functional_conv(gm, node)) is not None:  # F.conv2d on a conv's own weight
         return _conv, spec
+    if (spec := functional_linear_spec(gm, node)) is not None:  # aten.linear / addmm
+        return _linear, spec
     if node.op in ("call_function", "call_method"):
-        try:
-            return FUNCTION_COST.get(node.target), None
-        except TypeError:
-            return None, None
+        return table_rule(FUNCTION_COST, node.target), None
     return None, None
 
 
 def _node_cost(gm, node, seen: set[str], count: Callable[[fx.Node], int]) -> NodeCost | None:
     fn, mod = _cost_fn(gm, node)
     params = 0
-    key = functional_conv_owner(gm, node) or node.target  # whose parameters these are
-    if node.op == "get_attr" and node.users and all(functional_conv_owner(gm, u) for u in node.users):
-        return None  # a functional conv's weight or bias: counted by the conv's formula
+    linear = functional_linear_spec(gm, node)
+    key = functional_conv_owner(gm, node) or (linear.owner if linear else node.target)  # whose parameters
+    if layer_tensor(gm, node):
+        return None  # a functional conv's or linear's weight or bias: counted by its formula
     if node.op == "get_attr" and node.target not in seen:
         seen.add(node.target)
         try:
@@ -169,6 +194,7 @@ def _node_cost(gm, node, seen: set[str], count: Callable[[fx.Node], int]) -> Nod
             params = sum(p.numel() for p in mod.parameters())
         return NodeCost(0, params) if params else None
     inp = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else node
+    inp = linear.input if linear else inp
     dim = _formula_dim(fn, node)
     c = fn(mod, node, count(inp, dim), count(node, dim))
     if mod is not None:

@@ -43,6 +43,7 @@ from ehap_fx.passes._coupling import (
     _rule_for,
     is_binary,
     is_pointwise,
+    layer_tensor,
 )
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
@@ -357,18 +358,24 @@ def _has_params(module: nn.Module) -> bool:
     return next(module.parameters(), None) is not None
 
 
+def _constant(a: _Analysis, node: fx.Node) -> Any:
+    meta = node.meta.get("tensor_meta")
+    dim = per_channel_dim(meta.shape) if isinstance(meta, TensorMetadata) else None
+    if dim is not None:  # a per-channel constant: a dropped branch's, a layer scale (C, 1, 1)
+        labels = a.uf.fresh(int(meta.shape[dim]))
+        a.touch(node, "const", dim, labels)
+        a.set_dim(node, dim)
+        return labels
+    return a.fresh_pinned(node, f"constant tensor {node.target}")
+
+
 def _visit(a: _Analysis, node: fx.Node) -> Any:
     if node.op == "placeholder":
         return a.fresh_pinned(node, f"model input {node.name}")
+    if layer_tensor(a.gm, node):
+        return None  # a functional conv's or linear's weight or bias: its rule reads it
     if node.op == "get_attr":
-        meta = node.meta.get("tensor_meta")
-        dim = per_channel_dim(meta.shape) if isinstance(meta, TensorMetadata) else None
-        if dim is not None:  # a per-channel constant: a dropped branch's, a layer scale (C, 1, 1)
-            labels = a.uf.fresh(int(meta.shape[dim]))
-            a.touch(node, "const", dim, labels)
-            a.set_dim(node, dim)
-            return labels
-        return a.fresh_pinned(node, f"constant tensor {node.target}")
+        return _constant(a, node)
     if node.op == "output":
         a.pin_inputs(node, "model output")
         return None

@@ -22,7 +22,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from ehap_fx.passes._coupling import _FUNCTIONAL_CONVS, functional_conv, is_binary, module_rule
+from ehap_fx.passes._coupling import (
+    _FUNCTIONAL_CONVS,
+    _arg,
+    aten,
+    conv_groups_at,
+    functional_conv,
+    functional_linear_spec,
+    is_binary,
+    module_rule,
+    table_rule,
+)
 from ehap_fx.passes.group import (
     ChannelGroups,
     KeptChannels,
@@ -140,8 +150,8 @@ def shrink_functional_conv(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> No
     holder.weight = spec.weight
     if spec.bias is not None:
         holder.bias = spec.bias
-    if _arg_present(node, 6, "groups"):
-        _set_arg(node, 6, "groups", spec.groups)
+    if _arg_present(node, conv_groups_at(node), "groups"):
+        _set_arg(node, conv_groups_at(node), "groups", spec.groups)
 
 
 def _arg_present(node: fx.Node, pos: int, name: str) -> bool:
@@ -219,18 +229,60 @@ def shrink_pad(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
 
 
 def shrink_split(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
-    slots = node.meta[_meta.CHANNELS]
-    ndim = len(node.args[0].meta["tensor_meta"].shape)
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    if dim % ndim != 1:
+    sizes = _kept_split_sizes(node, keep)
+    if sizes is None:
         return
-    sizes = [int(keep.of(s).sum()) for s in slots]
-    if 0 in sizes:
-        raise ShrinkError(f"{node.format_node()}: the plan empties piece {sizes.index(0)} of the split")
     # chunk(x, n, 1) cannot express unequal pieces: it becomes split(x, sizes, 1)
     node.target = torch.split if node.op == "call_function" else "split"
     node.args = (node.args[0], sizes, 1)
     node.kwargs = {}
+
+
+def shrink_aten_split(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
+    """``aten.split`` / ``chunk`` / ``split_with_sizes`` of channels: ``split_with_sizes``."""
+    sizes = _kept_split_sizes(node, keep)
+    if sizes is not None:
+        node.target = aten.split_with_sizes.default
+        node.args, node.kwargs = (node.args[0], sizes, 1), {}
+
+
+def _kept_split_sizes(node: fx.Node, keep: _Keep) -> list[int] | None:
+    """The kept size of each piece of a split along dim 1; None for a split of another dim."""
+    slots = node.meta[_meta.CHANNELS]
+    ndim = len(node.args[0].meta["tensor_meta"].shape)
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    if dim % ndim != 1:
+        return None
+    sizes = [int(keep.of(s).sum()) for s in slots]
+    if 0 in sizes:
+        raise ShrinkError(f"{node.format_node()}: the plan empties piece {sizes.index(0)} of the split")
+    return sizes
+
+
+def shrink_aten_slice(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
+    """``aten.slice.Tensor(x, dim, start, end)`` of the channels: the bounds of the kept ones."""
+    source, dim = node.args[0], _arg(node, 1, "dim", 0)
+    slots, ndim = source.meta[_meta.CHANNELS], len(source.meta["tensor_meta"].shape)
+    if dim % ndim != slots.dim:
+        return  # another dim: nothing about channels baked in
+    start, stop, _ = slice(_arg(node, 2, "start"), _arg(node, 3, "end")).indices(len(slots))
+    k_in = keep(source, slots.dim)
+    new = (int(k_in[:start].sum()), int(k_in[:stop].sum()))
+    if new[0] == new[1]:
+        raise ShrinkError(f"{node.format_node()}: the plan empties the channel slice")
+    node.args, node.kwargs = (source, dim, *new, _arg(node, 4, "step", 1)), {}
+
+
+def shrink_functional_linear(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
+    """``aten.linear`` / ``aten.addmm`` on a module's tensors: slice them as ``shrink_linear``."""
+    spec = functional_linear_spec(gm, node)
+    if spec is None:
+        return
+    holder = gm.get_submodule(spec.owner)
+    k_in, k_out = _idx(keep(spec.input, -1)), _idx(keep(node, -1))  # features: the last dim
+    holder.weight = nn.Parameter(spec.weight.detach()[k_out][:, k_in].clone())  # (O_keep, I_keep)
+    if spec.bias is not None:
+        holder.bias = _param(spec.bias, k_out)
 
 
 def shrink_getitem(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
@@ -293,6 +345,18 @@ SHRINK: dict[Any, Callable[[fx.GraphModule, fx.Node, _Keep], None]] = {
     "view": shrink_reshape,
     "reshape": shrink_reshape,
     torch.reshape: shrink_reshape,
+    # ATen spellings (torch.export graphs; packets cover every overload)
+    aten.split: shrink_aten_split,
+    aten.split_with_sizes: shrink_aten_split,
+    aten.chunk: shrink_aten_split,
+    aten.slice: shrink_aten_slice,
+    aten.pad: shrink_pad,
+    aten.constant_pad_nd: shrink_pad,
+    aten.view: shrink_reshape,
+    aten.reshape: shrink_reshape,
+    aten._unsafe_view: shrink_reshape,
+    aten.linear: shrink_functional_linear,
+    aten.addmm: shrink_functional_linear,
 }
 
 
@@ -300,10 +364,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
     if node.op == "call_module":
         rule = module_rule(MODULE_SHRINK, gm.get_submodule(node.target))
     elif node.op in ("call_function", "call_method"):
-        try:
-            rule = SHRINK.get(node.target)
-        except TypeError:
-            rule = None
+        rule = table_rule(SHRINK, node.target)
     elif node.op == "get_attr":
         rule = shrink_constant
     else:

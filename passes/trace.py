@@ -4,6 +4,14 @@ Every later pass reads ``node.meta["tensor_meta"]`` (written by torch.fx's ``Sha
 tracing and shape propagation are one step here. When symbolic tracing fails, the error names
 the submodule and the source line that broke it and says how to fix it (leaf modules or
 ``concrete_args``), instead of a bare FX stack trace.
+
+Two captures (``capture=``): ``"fx"``, ``symbolic_trace`` (module calls, torch functions);
+``"export"``, ``torch.export`` (an ATen graph, what PT2 compilers, PT2E quantization and the
+dynamo ONNX exporter read; Python control flow on shapes is specialised away). An exported
+graph is unlifted (``ExportedProgram.module()``: parameters read with ``get_attr`` under
+their own names) into an ``ExportedGraph``; the same group/cost/shrink passes run on it, and
+``passes.program.exported_program`` exports the result again. ``"auto"`` tries FX, then
+export, and names both failures when neither works.
 """
 
 from __future__ import annotations
@@ -12,15 +20,19 @@ import inspect
 import operator
 import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from ehap_fx.passes._coupling import known_module
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ehap_fx import _meta
 from ehap_fx.errors import TraceError
-from ehap_fx.passes._coupling import known_module
+
+CAPTURES = ("fx", "export", "auto")
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
 
@@ -168,6 +180,42 @@ def refresh_shapes(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def trace(
+    model: nn.Module | torch.export.ExportedProgram,
+    example_inputs: Any,
+    *,
+    leaf_modules: Sequence[str | type[nn.Module]] = (),
+    concrete_args: dict[str, Any] | None = None,
+    capture: str = "fx",
+    dynamic_shapes: Any = "batch",
+) -> fx.GraphModule:
+    """Capture ``model`` as a graph (``capture``: ``"fx"``, ``"export"`` or ``"auto"``, see the
+    module docstring; an ``ExportedProgram`` is always taken as exported) and propagate the
+    shapes of ``example_inputs``. ``dynamic_shapes`` is for export only (torch.export's
+    argument; ``"batch"``: dim 0 of every tensor input, static when that does not export).
+
+    >>> gm = trace(nn.Sequential(nn.Conv2d(3, 8, 3)), torch.randn(2, 3, 8, 8), capture="export")
+    >>> [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    ['aten.conv2d.default']
+    """
+    if capture not in CAPTURES:
+        raise ValueError(f"capture={capture!r} must be one of {CAPTURES}")
+    if capture == "export" or isinstance(model, torch.export.ExportedProgram):
+        return export_capture(model, example_inputs, dynamic_shapes)
+    if capture == "fx":
+        return fx_trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    try:
+        return fx_trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    except TraceError as fx_error:
+        try:
+            return export_capture(model, example_inputs, dynamic_shapes)
+        except TraceError as export_error:
+            raise TraceError(
+                f"neither capture works on {type(model).__name__}.\n[symbolic_trace] {fx_error}\n"
+                f"[torch.export] {export_error}"
+            ) from export_error
+
+
+def fx_trace(
     model: nn.Module,
     example_inputs: Any,
     *,
@@ -218,3 +266,156 @@ def trace(
         order = [n.target for n in graph.find_nodes(op="placeholder")]
         example_inputs = tuple(example_inputs[k] for k in order if k in example_inputs)
     return propagate_shapes(gm, *_as_tuple(example_inputs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Capture by torch.export
+# ---------------------------------------------------------------------------------------------
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class ExportCapture:
+    """How ``torch.export`` captured a graph (``gm.meta["ehap.capture"]``), so that a shrunk
+    copy is exported the same way: example inputs, dynamic shapes, and whether the program
+    was decomposed to core ATen (``run_decompositions``) rather than the training IR."""
+
+    args: tuple
+    kwargs: dict
+    dynamic_shapes: Any
+    decomposed: bool
+
+
+class ExportedGraph(fx.GraphModule):
+    """The unlifted graph of an ``ExportedProgram`` (ATen ops, parameters and buffers read
+    with ``get_attr`` under their state-dict names) as an ordinary ``GraphModule``.
+
+    ``.train()`` / ``.eval()`` work (``ExportedProgram.module()`` refuses them): they set the
+    ``training`` flag of every ``aten.batch_norm`` and ``aten.dropout`` call, so fine-tuning
+    updates BatchNorm statistics as the module would. (Core ATen's
+    ``_native_batch_norm_legit_no_training`` has no flag: such a graph stays in eval mode.)
+    """
+
+    def train(self, mode: bool = True) -> ExportedGraph:
+        super().train(mode)
+        if _set_training_flags(self.graph, mode):
+            self.recompile()
+        return self
+
+
+_TRAINING_FLAG = {aten.batch_norm.default: 5, aten.dropout.default: 2, aten.dropout_.default: 2}  # `train` at
+
+
+def _set_training_flags(graph: fx.Graph, mode: bool) -> bool:
+    changed = False
+    for node in graph.nodes:
+        pos = _TRAINING_FLAG.get(node.target) if node.op == "call_function" else None
+        if pos is not None and len(node.args) > pos and node.args[pos] != mode:
+            node.args = (*node.args[:pos], mode, *node.args[pos + 1 :])
+            changed = True
+    return changed
+
+
+def export_capture(
+    model: nn.Module | torch.export.ExportedProgram, example_inputs: Any, dynamic_shapes: Any = "batch"
+) -> ExportedGraph:
+    """``torch.export`` ``model`` (or take an ``ExportedProgram``), unlift it into an
+    ``ExportedGraph`` and propagate the shapes of ``example_inputs``."""
+    if isinstance(model, torch.export.ExportedProgram):
+        ep, capture = model, _capture_of_program(model, example_inputs)
+    else:
+        ep, capture = _export(model, *_args_kwargs(example_inputs), dynamic_shapes)
+    args, kwargs = capture.args, capture.kwargs
+    unlifted = ep.module()
+    gm = ExportedGraph(unlifted, unlifted.graph, type(model).__name__)
+    gm.training = False
+    gm.meta[_meta.CAPTURE] = capture
+    return propagate_shapes(gm, *args, *kwargs.values())
+
+
+def _args_kwargs(example_inputs: Any) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    return _as_tuple(example_inputs), {}
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> tuple[Any, ExportCapture]:
+    """The ``ExportedProgram`` and how it was exported: with a dynamic batch dim of every
+    tensor input for ``"batch"`` (static when that fails: a model may fix its batch)."""
+    if dynamic_shapes == "batch":
+        batch, args2, kwargs2 = _batch_dims(args, kwargs), batches_of_two(args), batches_of_two(kwargs)
+        try:
+            ep = torch.export.export(model, args2, kwargs2, dynamic_shapes=batch)
+            return ep, ExportCapture(args2, kwargs2, batch, False)
+        except Exception:
+            dynamic_shapes = None
+    try:
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
+        return ep, ExportCapture(args, kwargs, dynamic_shapes, False)
+    except Exception as e:
+        raise TraceError(
+            f"torch.export cannot capture {type(model).__name__}, at {_user_frame(e)}: "
+            f"{type(e).__name__}: {_first_lines(str(e))}\n"
+            "Fix: rewrite data-dependent branches with tensor ops (torch.where, torch.cond), or "
+            "use capture='fx'."
+        ) from e
+
+
+def _first_lines(text: str, n: int = 4) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return "\n".join(lines[:n]) + (" ..." if len(lines) > n else "")
+
+
+def _batch_dims(args: tuple, kwargs: dict) -> Any:
+    batch = torch.export.Dim("batch", min=1, max=65536)
+
+    def spec(t):
+        return {0: batch} if isinstance(t, torch.Tensor) and t.dim() > 0 else None
+
+    return {k: spec(v) for k, v in kwargs.items()} if kwargs else tuple(spec(a) for a in args)
+
+
+def batches_of_two(inputs: Any) -> Any:
+    """Batches of at least two (torch.export specialises a dim of size 1)."""
+
+    def grow(t):
+        return torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 1 else t
+
+    if isinstance(inputs, dict):
+        return {k: grow(v) for k, v in inputs.items()}
+    return tuple(grow(t) for t in inputs)
+
+
+def _capture_of_program(ep: torch.export.ExportedProgram, example_inputs: Any) -> ExportCapture:
+    """How to export ``ep.module()`` as ``ep`` was; ``example_inputs`` None: ``ep``'s own."""
+    if example_inputs is None and ep.example_inputs is None:
+        raise TraceError("the ExportedProgram keeps no example inputs: pass example_inputs")
+    args, kwargs = ep.example_inputs if example_inputs is None else _args_kwargs(example_inputs)
+    dynamic = _dynamic_shapes_of(ep)
+    if dynamic is not None:
+        args, kwargs = batches_of_two(args), batches_of_two(kwargs)
+    return ExportCapture(tuple(args), dict(kwargs), dynamic, _is_core_aten(ep))
+
+
+def _dynamic_shapes_of(ep: torch.export.ExportedProgram) -> Any:
+    """Dynamic shapes that export ``ep.module()`` again as ``ep`` was: every symbolic dim of a
+    user input becomes ``Dim.DYNAMIC`` (its range is inferred again)."""
+    specs = []
+    for node in ep.graph.find_nodes(op="placeholder"):
+        if node.name not in ep.graph_signature.user_inputs:
+            continue
+        val = node.meta.get("val")
+        shape = getattr(val, "shape", ())
+        dims = {i: torch.export.Dim.DYNAMIC for i, d in enumerate(shape) if isinstance(d, torch.SymInt)}
+        specs.append(dims or None)
+    return tuple(specs) if any(specs) else None
+
+
+_CORE_ONLY = (aten.convolution.default, aten._native_batch_norm_legit_no_training.default, aten.addmm.default)
+_TRAINING_IR_ONLY = (aten.conv2d.default, aten.batch_norm.default, aten.linear.default)
+
+
+def _is_core_aten(ep: torch.export.ExportedProgram) -> bool:
+    targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
+    return any(t in targets for t in _CORE_ONLY) and not any(t in targets for t in _TRAINING_IR_ONLY)

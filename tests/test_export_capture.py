@@ -1,0 +1,255 @@
+"""torch.export capture: the export-pruned program equals the FX-pruned model, plan for plan.
+
+Pipeline under test::
+
+    model ─▶ trace(capture="fx") ─────▶ group ─▶ random plan P ─▶ shrink ──────────────▶ y_fx
+      └────▶ trace(capture="export") ─▶ group ─▶ plan_for(gm, kept_outputs(P)) ─▶ shrink
+             ─▶ exported_program ─▶ torch.export.save / load ─▶ .module() ─────────▶ y_export
+
+``plan_for`` refuses a plan the export graph's groups cannot keep exactly, so each passing
+case also shows that both captures partition the channels alike. Both graphs run the same
+kernels on the same sliced tensors: y_export == y_fx to fp32 rounding (in fact bit for bit).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.models as tvm
+from ehap_fx.passes.cost import total_cost
+from ehap_fx.passes.group import group_channels, groups_of
+from ehap_fx.passes.mask import mask_channels, random_plan
+from ehap_fx.passes.program import exported_program, kept_outputs, plan_for
+from ehap_fx.passes.shrink import shrink
+from ehap_fx.passes.trace import ExportedGraph, trace
+from torch import nn
+
+from ehap_fx.errors import ShrinkError, TraceError
+from ehap_fx.models import get_model
+from tests.nets import SEDepthwise, SplitChunk, TinyOptionA, randomize_bn
+
+aten = torch.ops.aten
+
+
+def assert_same(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal to fp32 rounding, relative to the output's scale (as tests/test_shrink.py)."""
+    scale = expected.abs().max().clamp_min(1.0)
+    torch.testing.assert_close(got / scale, expected / scale, rtol=0, atol=2e-6)
+
+
+def prune_both(model: nn.Module, x: torch.Tensor, fraction: float, seed: int, src=None):
+    """The FX-pruned model and the export-pruned graph under one plan (made on the FX graph)."""
+    fx = group_channels(trace(model, x)).graph_module
+    ex = group_channels(trace(model if src is None else src, x, capture="export")).graph_module
+    assert sorted(g.size for g in groups_of(ex).prunable) == sorted(g.size for g in groups_of(fx).prunable)
+    plan = random_plan(fx, fraction, torch.Generator().manual_seed(seed))
+    eplan = plan_for(ex, kept_outputs(fx, plan))
+    return fx, ex, shrink(fx, plan).graph_module, shrink(ex, eplan).graph_module, eplan
+
+
+def check_program(small_fx, small_ex, x, tmp_path) -> torch.export.ExportedProgram:
+    """The re-exported program runs, keeps the pruned shapes, and survives save/load."""
+    ep = exported_program(small_ex)
+    for name, m in small_fx.named_modules():  # the state dict holds the sliced tensors
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            assert ep.state_dict[f"{name}.weight"].shape == m.weight.shape, name
+    path = tmp_path / "pruned.pt2"
+    torch.export.save(ep, path)
+    loaded = torch.export.load(path)
+    x5 = torch.randn(5, *x.shape[1:])  # the batch stayed dynamic through shrink, save and load
+    with torch.no_grad():
+        assert_same(ep.module()(x), small_fx(x))
+        assert_same(loaded.module()(x), small_fx(x))
+        assert_same(loaded.module()(x5), small_fx(x5))
+    return ep
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's models and six torchvision models
+# ---------------------------------------------------------------------------------------------
+
+PAPER = ["resnet20", "resnet20-b", *(pytest.param(n, marks=pytest.mark.slow) for n in (
+    "resnet32", "resnet56", "resnet110", "resnet56-b", "resnet110-b", "wrn-28-8"))]
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_models_export_equals_fx(name, tmp_path):
+    model, x = randomize_bn(get_model(name)), torch.randn(2, 3, 32, 32)
+    fx, ex, small_fx, small_ex, _ = prune_both(model, x, 0.5, seed=1)
+    assert total_cost(ex) == total_cost(fx) and total_cost(small_ex) == total_cost(small_fx)
+    check_program(small_fx, small_ex, x, tmp_path)
+
+
+TORCHVISION = [
+    "squeezenet1_1",
+    *(pytest.param(n, marks=pytest.mark.slow) for n in (
+        "resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "shufflenet_v2_x0_5")),
+]
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_torchvision_export_equals_fx(name, tmp_path):
+    torch.manual_seed(0)
+    model, x = randomize_bn(getattr(tvm, name)(num_classes=10)), torch.randn(2, 3, 64, 64)
+    fx, ex, small_fx, small_ex, _ = prune_both(model, x, 0.4, seed=2)
+    assert total_cost(small_ex) == total_cost(small_fx)
+    assert [r for r in groups_of(ex).pin_reasons(5)] == [r for r in groups_of(fx).pin_reasons(5)]
+    check_program(small_fx, small_ex, x, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Each ATen rule, in the training IR and in core ATen (run_decompositions)
+# ---------------------------------------------------------------------------------------------
+
+SMALL = [(TinyOptionA, (2, 3, 16, 16)), (SplitChunk, (2, 3, 8, 8)), (SEDepthwise, (2, 3, 8, 8))]
+
+
+@pytest.mark.parametrize("make,shape", SMALL, ids=lambda v: getattr(v, "__name__", ""))
+@pytest.mark.parametrize("ir", ["training", "core"])
+def test_small_models_both_irs(make, shape, ir, tmp_path):
+    model, x = randomize_bn(make()), torch.randn(shape)
+    src = torch.export.export(model, (x,)).run_decompositions() if ir == "core" else None
+    fx, ex, small_fx, small_ex, eplan = prune_both(model, x, 0.5, seed=3, src=src)
+    with torch.no_grad():  # also the export graph's own reference: masked == shrunk
+        assert_same(small_ex(x), mask_channels(ex, eplan).graph_module(x))
+        assert_same(small_ex(x), small_fx(x))
+    ep = exported_program(small_ex)
+    targets = {n.target for n in ep.graph.nodes}
+    if ir == "core":  # the program is decomposed again, as it was captured
+        assert aten.convolution.default in targets and aten.conv2d.default not in targets
+    else:
+        assert aten.conv2d.default in targets
+    with torch.no_grad():
+        assert_same(ep.module()(x), small_fx(x))
+
+
+def test_core_aten_ops_are_understood():
+    """TinyOptionA in core ATen: conv, no-training BN, constant_pad_nd, slice, mean, view,
+    permute + addmm all carry channels (only the input and the output pin)."""
+    model, x = randomize_bn(TinyOptionA()), torch.randn(2, 3, 16, 16)
+    core = torch.export.export(model, (x,)).run_decompositions()
+    gm = group_channels(trace(core, x)).graph_module
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert {aten.convolution.default, aten._native_batch_norm_legit_no_training.default,
+            aten.constant_pad_nd.default, aten.slice.Tensor, aten.mean.dim, aten.addmm.default} <= targets
+    assert [r for _, r in groups_of(gm).pin_reasons(5)] == ["model output", "model input x"]
+
+
+def test_unknown_aten_op_pins_with_its_name():
+    class Roll(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.b(torch.roll(self.a(x), 1, dims=1))
+
+    gm = group_channels(trace(Roll(), torch.randn(2, 3, 4, 4), capture="export")).graph_module
+    (reason,) = [r for _, r in groups_of(gm).pin_reasons(5) if "roll" in r]
+    assert "aten.roll.default" in reason and "not understood" in reason
+    assert not groups_of(gm).prunable
+
+
+# ---------------------------------------------------------------------------------------------
+# What FX cannot capture
+# ---------------------------------------------------------------------------------------------
+
+
+class ShapeBranch(nn.Module):
+    """Branches on the input's width, which symbolic_trace cannot follow (a Proxy in ``if``)::
+
+        x ─▶ stem conv(16) ─▶ bn ─▶ relu ─┬─ W > 32: wide conv(24, stride 2) ─┬─▶ mean ─▶ fc
+                                          └─ else:   narrow conv(24, 1x1) ───┘
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.wide, self.narrow = nn.Conv2d(16, 24, 3, stride=2), nn.Conv2d(16, 24, 1)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        if x.shape[-1] > 32:
+            x = self.wide(x)
+        else:
+            x = self.narrow(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_shape_dependent_branch_prunes_through_export(tmp_path):
+    model, x = randomize_bn(ShapeBranch()), torch.randn(2, 3, 40, 40)
+    with pytest.raises(TraceError, match="torch.fx cannot trace ShapeBranch"):
+        trace(model, x)
+    for capture in ("export", "auto"):
+        gm = group_channels(trace(model, x, capture=capture)).graph_module
+        assert isinstance(gm, ExportedGraph)
+        # the branch taken (wide) is the graph: its 24 channels and the stem's 16 prune
+        assert sorted(g.size for g in groups_of(gm).prunable) == [16, 24]
+    plan = plan_for(gm, {"stem": range(0, 16, 2), "wide": range(0, 24, 3)})
+    ep = exported_program(shrink(gm, plan).graph_module)
+    assert ep.state_dict["wide.weight"].shape == (8, 8, 3, 3) and "narrow.weight" not in ep.state_dict
+    path = tmp_path / "branch.pt2"
+    torch.export.save(ep, path)
+    with torch.no_grad():
+        assert_same(torch.export.load(path).module()(x), mask_channels(gm, plan).graph_module(x))
+
+
+class DataBranch(nn.Module):
+    """Branches on a tensor's value: neither capture can follow it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.conv(x)
+        return x
+
+
+def test_error_names_both_failures():
+    with pytest.raises(TraceError) as err:
+        trace(DataBranch(), torch.randn(2, 3, 4, 4), capture="auto")
+    msg = str(err.value)
+    assert "neither capture works on DataBranch" in msg
+    assert "[symbolic_trace] torch.fx cannot trace DataBranch" in msg and "if x.sum() > 0" in msg
+    assert "[torch.export] torch.export cannot capture DataBranch" in msg
+    with pytest.raises(ValueError, match="capture='jit'"):
+        trace(DataBranch(), torch.randn(2, 3, 4, 4), capture="jit")
+
+
+# ---------------------------------------------------------------------------------------------
+# The exported graph as a module: train/eval, plans from elsewhere
+# ---------------------------------------------------------------------------------------------
+
+
+def test_train_and_eval_switch_batch_norm():
+    model, x = randomize_bn(TinyOptionA()), torch.randn(4, 3, 16, 16)
+    gm = trace(model, x, capture="export")
+    before = gm.get_buffer("bn1.running_mean").clone()
+    with torch.no_grad():
+        gm.eval()(x)
+        assert torch.equal(gm.get_buffer("bn1.running_mean"), before)
+        gm.train()
+        got = gm(x)
+        expected = model.train()(x)  # batch statistics, and the running ones updated alike
+    assert_same(got, expected)
+    torch.testing.assert_close(gm.get_buffer("bn1.running_mean"), model.bn1.running_mean)
+    assert not torch.equal(gm.get_buffer("bn1.running_mean"), before)
+
+
+def test_plan_the_groups_cannot_keep_is_refused():
+    model, x = randomize_bn(TinyOptionA()), torch.randn(2, 3, 16, 16)
+    gm = group_channels(trace(model, x, capture="export")).graph_module
+    # l1.conv2's outputs are the residual stream of conv1 (one group): keeping different
+    # channels of the two is no plan at all
+    with pytest.raises(ShrinkError, match="its layers disagree"):
+        plan_for(gm, {"conv1": [0, 1], "l1.conv2": [2, 3]})
+
+
+def test_fx_graph_has_no_program():
+    gm = trace(nn.Conv2d(3, 4, 1), torch.randn(2, 3, 4, 4))
+    with pytest.raises(TraceError, match="capture='export'"):
+        exported_program(gm)
