@@ -221,3 +221,13 @@ def test_a_layer_the_loss_ignores_scores_zero():
     x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 5, (8,))
     r = estimate_hessian(_DeadBranch(), (x, y), dataclasses.replace(MC, batch_size=8))
     assert torch.equal(r.traces["dead"], torch.zeros(2)) and (r.traces["conv"] > 0).all()
+
+
+def test_compress_with_too_small_a_budget_stops_with_the_fix_before_estimating():
+    """The bad-input case through the public call: one line naming the option to change."""
+    from ehap_fx.compress import compress
+
+    model, (x, y) = _wide_head(1000), _images(1000)
+    with pytest.raises(MemoryBudgetError, match="raise memory_budget") as e:
+        compress(model, x[:1], data=[(x, y)], hessian=HessianOptions(batch_size=8, progress=False, memory_budget=1000))
+    assert "\n" not in str(e.value)

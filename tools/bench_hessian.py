@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import resource
 import subprocess
@@ -368,7 +369,26 @@ SCALE_CONFIGS = {  # name: (kind, options); "fb" is the fp32 forward+backward ya
 }
 
 
-REPEATED = {"fwd+bwd-fp32", "mc2-bf16", "mc1-bf16", "ggn-bf16"}
+REPEATED = {"fwd+bwd-fp32", "mc2-bf16", "mc1-bf16", "ggn-bf16", "auto"}
+FB_PER_SAMPLE = 1.6  # fp32 forward+backward peak growth per sample / autograd's saved bytes (resnet50 @224: measured 1.55)
+
+
+def fit_batch(name: str, fraction: float, cap: int = 256) -> tuple[int, str]:
+    """The largest Hessian batch (a multiple of 8, at most ``cap``) whose fp32
+    forward+backward is predicted to fit ``fraction`` of the memory available now: the
+    process's RSS after setup + ``FB_PER_SAMPLE`` × the bytes autograd saves per sample
+    (measured on one sample) × batch + weights and their gradients."""
+    from ehap_fx.budget import available_memory, fmt_bytes, saved_bytes_per_sample
+
+    gm, _, size = scale_model(name)
+    per, _ = saved_bytes_per_sample(gm, torch.zeros(1, 3, size, size))
+    weights = 2 * sum(p.numel() * p.element_size() for p in gm.parameters())
+    room = fraction * available_memory(torch.device("cpu")) - rss() - weights
+    batch = max(8, min(cap, int(room / (FB_PER_SAMPLE * per)) // 8 * 8))
+    why = (f"batch {batch}: fp32 forward+backward predicted {fmt_bytes(rss() + weights + FB_PER_SAMPLE * per * batch)} "
+           f"({fmt_bytes(per)} saved per sample) <= {fraction:g} of {fmt_bytes(available_memory(torch.device('cpu')))} available"
+           + ("" if batch < cap else f" (capped at {cap})"))
+    return batch, why
 
 
 def vmap_mc(gm, x, chunk: int = 8) -> None:
@@ -504,6 +524,7 @@ def scale_child(spec: dict) -> dict:
         out["summary"] = r.summary()
     out["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out["base_rss"] = base
+    out["load"] = round(os.getloadavg()[0], 1)
     if scores is not None:
         torch.save(scores, spec["scores"])
     return out
@@ -515,12 +536,18 @@ def run_scale(args) -> list[dict]:
     cache.mkdir(parents=True, exist_ok=True)
     for model in args.scale_models:
         cifar = model not in IMAGENET
-        configs = args.scale_configs or (
+        configs = (args.cifar_configs if cifar else args.scale_configs) or (
             ["fwd+bwd-fp32", "ggn-bf16", "mc2-bf16", "mc1-bf16", "removal-auto",
              "removal-mc2-bf16", "ggn-fp32"] if cifar
             else ["fwd+bwd-fp32", "mc2-bf16", "mc1-bf16", "mc2-fp32", "auto", "vmap-mc1-fp32",
                   "backpack-mc1-fp32", "removal-mc2-bf16", "ref"])
-        batch = args.scale_batch if not cifar else args.cifar_batch
+        if cifar:
+            batch = args.cifar_batch
+        elif args.scale_batch == "auto":
+            batch, why = fit_batch(model, args.fit_fraction)
+            print(f"  {model}: {why}", flush=True)
+        else:
+            batch = int(args.scale_batch)
         again = [c for c in configs if c in REPEATED]  # the timings the ratios rest on
         for config in configs + again * (args.repeat - 1):  # interleaved: the machine is shared
             name, override = config, {}
@@ -540,8 +567,8 @@ def run_scale(args) -> list[dict]:
             if args.json:
                 Path(args.json + ".partial").write_text(json.dumps({"scale": rows}, indent=1))
             print(f"  {model:18s} {config:14s} {row['seconds']:8.2f} s  peak "
-                  f"{row['peak'] / 2**20:7.0f} MiB  {row.get('summary', {}).get('choice', '')}",
-                  flush=True)
+                  f"{row['peak'] / 2**20:7.0f} MiB  load {row['load']}  "
+                  f"{row.get('summary', {}).get('choice', '')}", flush=True)
         _agreement(rows, model, "ref" if not cifar else "ggn-fp32", batch)
     return _fastest(rows)
 
@@ -592,11 +619,11 @@ def render_scale(rows: list[dict]) -> str:
         lines += [f"\n{model} ({mine[0].get('weights', '?')}), Hessian batch {mine[0]['batch']}, "
                   f"{mine[0]['threads']} thread(s)\n",
                   "| ranking | seconds | × fp32 fwd+bwd | peak RSS MiB | × fwd+bwd peak | "
-                  "Spearman vs ref | overlap @0.5 MACs | ref | choice |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "Spearman vs ref | overlap @0.5 MACs | ref | choice | load |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in mine:
             if "failed" in r:
-                lines.append(f"| {r['label']} | failed: {r['failed'][:80]} | | | | | | | |")
+                lines.append(f"| {r['label']} | failed: {r['failed'][:80]} | | | | | | | | |")
                 continue
             t = f"{r['seconds'] / fb['seconds']:.2f}" if fb else "-"
             m = f"{r['peak'] / fb['peak']:.2f}" if fb else "-"
@@ -606,7 +633,7 @@ def render_scale(rows: list[dict]) -> str:
             secs = "/".join(f"{v:.1f}" for v in r.get("all_seconds", [])) if len(r.get("all_seconds", [])) > 1 \
                 else f"{r['seconds']:.2f}"
             lines.append(f"| {r['label']} | {secs} | {t} | {r['peak'] / 2**20:.0f} | "
-                         f"{m} | {sp} | {ov} | {r.get('reference', '')} | {choice} |")
+                         f"{m} | {sp} | {ov} | {r.get('reference', '')} | {choice} | {r.get('load', '')} |")
     return "\n".join(lines)
 
 
@@ -656,8 +683,12 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="small settings: a few minutes on CPU")
     p.add_argument("--part", choices=["speed", "agree", "scale", "all"], default="all")
     p.add_argument("--scale-models", nargs="+", default=[*IMAGENET, "resnet56"])
-    p.add_argument("--scale-configs", nargs="+", help="default: per model kind (see run_scale)")
-    p.add_argument("--scale-batch", type=int, default=32, help="Hessian batch at 224x224")
+    p.add_argument("--scale-configs", nargs="+", help="ImageNet models' configs (default: see run_scale)")
+    p.add_argument("--cifar-configs", nargs="+", help="CIFAR models' configs (default: see run_scale)")
+    p.add_argument("--scale-batch", default="auto",
+                   help="Hessian batch at 224x224: a number, or auto (the largest <= 256 predicted to fit)")
+    p.add_argument("--fit-fraction", type=float, default=0.35,
+                   help="--scale-batch auto: the share of the available memory the forward+backward may take")
     p.add_argument("--cifar-batch", type=int, default=256)
     p.add_argument("--ref-draws", type=int, default=32, help="label draws of the MC reference")
     p.add_argument("--repeat", type=int, default=1,
@@ -702,7 +733,8 @@ def main(argv=None) -> None:
     args.curve_probes = args.curve_probes or (100 if q else 400)
     print(f"# bench_hessian {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
           f"{cpu_features().describe()}, torch {torch.__version__}, "
-          f"device {args.device}, threads {args.threads}", flush=True)
+          f"device {args.device}, threads {args.threads}, load average "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
     results = {"argv": sys.argv[1:], "device": args.device}
     if args.part in ("speed", "all"):
         results["speed"] = run_speed(args)

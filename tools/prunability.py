@@ -86,6 +86,7 @@ def input_side(name: str) -> tuple[int, int]:
 # below these with the activations of one 224×224 image.
 COPIES = {"ehap": 5.0, "tp": 3.0}
 BASE_BYTES = 0.8 * 2**30  # torch, torchvision, onnxruntime imported
+FLOOR_BYTES = 2 * 2**30  # a part is stopped when the machine's available memory falls below this
 
 
 def footprint(name: str, part: str, side: tuple[int, int]) -> int:
@@ -125,6 +126,9 @@ def run_guarded(cmd: list[str], timeout: float, limit: int) -> tuple[int, str, s
             peak = max(peak, rss_bytes(proc.pid))
             if peak > limit:
                 why = f"stopped by the memory watchdog at {peak / 2**30:.1f} GiB > {limit / 2**30:.1f} GiB"
+            elif available_bytes() < FLOOR_BYTES:  # the machine is shared: others' jobs grow too
+                why = (f"stopped by the memory watchdog at {peak / 2**30:.1f} GiB: the machine's available "
+                       f"memory fell below {FLOOR_BYTES / 2**30:.1f} GiB")
             elif time.time() - t0 > timeout:
                 why = f"timeout {timeout:.0f} s"
             if why:
