@@ -559,6 +559,11 @@ def reshape(a: _Analysis, node: fx.Node) -> Labels:
     """
     x = a.labels(node.args[0])
     src, dst = _shape(node.args[0]), _shape(node)
+    if x is not None and src is not None and dst is not None and a.dim(node.args[0]) == 0:
+        moved = _unit_dims_moved(src, dst, 0)  # a (C,) parameter viewed as (1, C, 1, 1)
+        if moved is not None:
+            a.set_dim(node, moved)
+            return x
     if x is None or src is None or dst is None or len(dst) < 2 or src[0] != dst[0]:
         raise _Pin("reshape that does not keep the batch dim")
     cdim = a.dim(node.args[0])
@@ -583,6 +588,16 @@ def reshape(a: _Analysis, node: fx.Node) -> Labels:
             a.uf.union(blocks[:, 0], blocks[:, j])
         return blocks[:, 0].copy()
     raise _Pin(f"reshape {tuple(src)} → {tuple(dst)} mixes channels")
+
+
+def _unit_dims_moved(src: tuple[int, ...], dst: tuple[int, ...], cdim: int) -> int | None:
+    """Where the channels at ``cdim`` land when a reshape only inserts or drops size-1 dims
+    (the other dims in the same order); None for any other reshape."""
+    big_src = [d for d, n in enumerate(src) if n != 1]
+    big_dst = [d for d, n in enumerate(dst) if n != 1]
+    if src[cdim] == 1 or [src[d] for d in big_src] != [dst[d] for d in big_dst]:
+        return None
+    return big_dst[big_src.index(cdim)]
 
 
 def reduce_spatial(a: _Analysis, node: fx.Node) -> Labels:
@@ -824,6 +839,7 @@ COUPLING: dict[Any, Callable[[_Analysis, fx.Node], Any]] = {
     "transpose": moves_dims,
     torch.transpose: moves_dims,
     F.layer_norm: layer_norm,  # per channel unless it normalises over them
+    F.normalize: same_channels,  # any dim, any p: a zeroed channel adds nothing to the norm (SSD's L2Norm)
     F.batch_norm: functional_norm,  # its (C,) tensors are sliced with the channels
     **dict.fromkeys(_FUNCTIONAL_CONVS, conv),  # on a conv module's own weight: as that module
     F.instance_norm: functional_norm,

@@ -20,7 +20,7 @@ from torch import nn
 from torchvision.ops import stochastic_depth
 
 OPS = ["conv", "residual", "se", "cat", "split", "chunk", "pad", "slice", "grouped", "depthwise", "pool",
-       "mlp_last", "layerscale", "cat_spatial", "tokens", "shuffle", "unflatten"]
+       "mlp_last", "layerscale", "cat_spatial", "tokens", "shuffle", "unflatten", "l2norm"]
 
 
 class ChannelsLastMLP(nn.Module):
@@ -121,6 +121,11 @@ class Program(nn.Module):
             self.register_parameter(f"gamma{len(L) - 1}", nn.Parameter(torch.rand(c, 1, 1) + 0.5))
             self.plan.append((op, len(L) - 1, None))
             return c
+        if op == "l2norm":  # SSD's L2Norm: a (C,) scale viewed as (1, C, 1, 1) times F.normalize over channels
+            L.append(nn.Conv2d(c, c, 3, padding=1))
+            self.register_parameter(f"scale{len(L) - 1}", nn.Parameter(torch.rand(c) + 0.5))
+            self.plan.append((op, len(L) - 1, None))
+            return c
         if op == "shuffle" and c % 2 == 0:
             self.plan.append((op, None, c // 2))
             return c
@@ -161,6 +166,8 @@ class Program(nn.Module):
                 x = x + layer(x)
             elif op == "layerscale":
                 x = x + getattr(self, f"gamma{i}") * layer(x)
+            elif op == "l2norm":
+                x = getattr(self, f"scale{i}").view(1, -1, 1, 1) * F.normalize(layer(x))
             elif op == "shuffle":  # ShuffleNet's, with the group width as a literal
                 n, c, h, w = x.shape
                 x = x.view(n, 2, arg, h, w).transpose(1, 2).reshape(n, c, h, w)
@@ -237,5 +244,7 @@ def test_each_op_between_convs_shrinks_exactly(op):
         (hidden,) = [g for g in groups_of(gm).prunable if any(m.module == "layers.1.fc1" and m.role == "out" for m in g.members)]
         assert small.get_submodule("layers.1.fc1").out_features == kept[hidden.id] == 4
         assert small.get_submodule("layers.1.fc2").in_features == 4
+    if op == "l2norm":  # the scale lost exactly what its conv's channels lost
+        assert small.scale1.shape == (small.get_submodule("layers.1").out_channels,) == (3,)
     if op == "layerscale":
         assert small.gamma1.shape == (small.get_submodule("layers.1").out_channels, 1, 1) == (3, 1, 1)

@@ -353,24 +353,54 @@ def run_one(kind: str, name: str, part: str) -> dict:
     model = fresh(kind, name)
     row: dict = {"input": [1, 3, h, w], "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
     if part == "tp":
+        side = backbone_side(model) if kind == "detection" else None
         del model
-        row["tp"] = run_tp(kind, name, x if kind != "detection" else torch.randn(1, 3, 256, 256))
+        row["tp"] = run_tp(kind, name, x if kind != "detection" else torch.randn(1, 3, side, side))
     elif kind == "detection":
-        from ehap_fx.passes.trace import trace
-
-        try:
-            trace(model, [x[0]])
-            row["whole_model"] = "traced"
-        except Exception as e:
-            row["whole_model"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        row["whole_model"] = whole_model_trace(model, x)
+        side = backbone_side(model)
         backbone = model.backbone.eval()
         del model
-        row["ehap"] = run_ehap(backbone, torch.randn(1, 3, 256, 256))
-        row["ehap"]["on"] = "model.backbone at 1x3x256x256"
+        row["ehap"] = run_ehap(backbone, torch.randn(1, 3, side, side))
+        row["ehap"]["on"] = f"model.backbone at 1x3x{side}x{side}"
     else:
         row["ehap"] = run_ehap(model, x)
     row[part]["peak_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     return row
+
+
+def backbone_side(model) -> int:
+    """A detection backbone's input side: the transform's fixed size (SSD: 300 or 320; its
+    valid-padded extra layers need it), else 256."""
+    fixed = getattr(getattr(model, "transform", None), "fixed_size", None)
+    return int(fixed[0]) if fixed else 256
+
+
+def whole_model_trace(model, x) -> str:
+    """Whether FX traces the whole detection model: as called (a list of images), then
+    called by a wrapper that builds the list (so the list itself is no Proxy) with the
+    transform, heads and anchor generator as ``leaf_modules``."""
+    from ehap_fx.passes.trace import trace
+    from torch import nn
+
+    class OneImage(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m([x[0]])
+
+    leaves = [f"m.{h}" for h in ("transform", "rpn", "roi_heads", "head", "anchor_generator") if hasattr(model, h)]
+    tries = []
+    for what, call in (("as called", lambda: trace(model, [x[0]])),
+                       (f"wrapped, leaf_modules={leaves}", lambda: trace(OneImage(model), x, leaf_modules=leaves))):
+        try:
+            call()
+            return f"traced ({what})"
+        except Exception as e:
+            tries.append(f"{what}: {type(e).__name__}: {str(e).splitlines()[0][:240]}")
+    return " | ".join(tries)
 
 
 def run_part(kind: str, name: str, part: str, args) -> dict:
@@ -458,19 +488,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "",
         summary(rows),
         "",
-        "| kind | model | input | params M | ehap-fx | shape kept | shrunk ≡ masked | re-traces | ONNX ≡ PyTorch | s | Torch-Pruning | TP shape kept | TP s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kind | model | input | params M | ehap-fx | shape kept | shrunk ≡ masked | re-traces | ONNX ≡ PyTorch | s | peak GiB | Torch-Pruning | TP shape kept | TP s | TP peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         e, t = judged(row.get("ehap", {})), row.get("tp", {})
         size = "×".join(str(d) for d in row.get("input", [])[2:])
         if "on" in e:
-            size += " (backbone 256×256)"
+            size += f" (backbone {e['on'].split('x')[-1]}×{e['on'].split('x')[-1]})"
         out.append(
             f"| {row['kind'][:3]} | {row['model']} | {size} | {row.get('params_m', '')} | {_cell(e)} | "
             f"{_yn(e.get('shape_kept'))} | {_yn(e.get('masked_ok'))} | {_yn(e.get('retrace_ok'))} | "
-            f"{_yn(e.get('onnx_ok'))} | {e.get('seconds', '')} | {_cell(t)} | {_yn(t.get('shape_kept'))} | "
-            f"{t.get('seconds', '')} |"
+            f"{_yn(e.get('onnx_ok'))} | {e.get('seconds', '')} | {e.get('peak_gib', '')} | {_cell(t)} | "
+            f"{_yn(t.get('shape_kept'))} | {t.get('seconds', '')} | {t.get('peak_gib', '')} |"
         )
     if meta.get("missing"):
         out += ["", f"**Partial table**: {len(meta['missing'])} models were not run in the time this run had "
@@ -481,7 +511,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         if e.get("status") != "pruned":
             why = "; ".join(e.get("pinned") or []) or e.get("error", "")
             notes.append(f"- {row['model']} (ehap-fx): {why}")
-        if "whole_model" in row and row["whole_model"] != "traced":
+        if "whole_model" in row and not row["whole_model"].startswith("traced"):
             notes.append(f"- {row['model']} (whole model, FX): {row['whole_model']}")
         if t.get("status") == "error":
             notes.append(f"- {row['model']} (Torch-Pruning): {t['error']}")
@@ -492,6 +522,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def summary(rows: list[dict]) -> str:
     lines = []
+    both = [0, 0]
     for kind in ("classification", "segmentation", "detection"):
         rs = [r for r in rows if r["kind"] == kind]
         if not rs:
@@ -503,10 +534,16 @@ def summary(rows: list[dict]) -> str:
             and all(judged(r["ehap"]).get(k) for k in ("shape_kept", "masked_ok", "retrace_ok", "onnx_ok"))
             for r in rs
         )
+        unrun = sum(r.get("ehap", {}).get("status") in ("skipped", "error") for r in rs)
+        if kind != "detection":
+            both[0] += ours
+            both[1] += theirs
         lines.append(
-            f"- {kind}: {len(rs)} models; ehap-fx pruned {ours} to ≤ {PRUNED_AT} MACs ({full} of them "
-            f"with shape kept, shrunk ≡ masked, re-trace and ONNX all passing); Torch-Pruning {theirs}"
+            f"- {kind}: {len(rs)} models; ehap-fx pruned {ours} ({ours / len(rs):.0%}) to ≤ {PRUNED_AT} MACs "
+            f"({full} of them with shape kept, shrunk ≡ masked, re-trace and ONNX all passing; "
+            f"{unrun} not run to a result: skipped or error); Torch-Pruning pruned {theirs}"
         )
+    lines.append(f"- classification + segmentation: ehap-fx {both[0]}, Torch-Pruning {both[1]}")
     return "\n".join(lines)
 
 
