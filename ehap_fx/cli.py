@@ -152,6 +152,17 @@ def _compress_parser(sub) -> None:
     p.add_argument("--int8-target", choices=("auto", *INT8_TARGETS), default="auto",
                    help="where the INT8 model will run: fixes the weight range its kernels compute "
                         "exactly (auto: this CPU; x86 without AVX512-VNNI gets 7-bit weights)")
+    p.add_argument("--no-distill", action="store_true",
+                   help="fine-tune and QAT from the labels alone (default: also distil from the dense "
+                        "model's softened logits)")
+    p.add_argument("--distill-alpha", type=float, default=0.7,
+                   help="weight of the teacher's soft targets in the loss (default 0.7)")
+    p.add_argument("--distill-temperature", type=float, default=4.0, help="softmax temperature (default 4)")
+    p.add_argument("--bench-rounds", type=int, default=10,
+                   help="onnxruntime timing rounds of the dense fp32 and the INT8 model at batch 1 and "
+                        "128, for the report's speed-up (0: skip; default 10)")
+    p.add_argument("--bench-threads", type=int,
+                   help="onnxruntime threads of that timing (default: all cores)")
     p.add_argument("--train-epochs", type=float,
                    help="epochs of the in-process training of the digits model (default "
                         f"{DIGITS['train_epochs']:g}; only without --weights on digits)")
@@ -205,6 +216,7 @@ class CompressOptions:
     finetune: object
     quantize: object
     latency: object
+    bench: object
 
 
 def profile(args) -> dict:
@@ -241,10 +253,10 @@ def resolve_defaults(args) -> None:
 def compress_options(args) -> CompressOptions:
     """The option dataclasses for ``compress()``; bad values raise UsageError."""
     from ehap_fx.hessian import HessianOptions
-    from ehap_fx.latency import LatencyOptions
+    from ehap_fx.latency import BenchOptions, LatencyOptions
     from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions
     from ehap_fx.target import DEFAULT_ROUND_TO, Target
-    from ehap_fx.train import FinetuneOptions
+    from ehap_fx.train import DistillOptions, FinetuneOptions
 
     prof, show = profile(args), not args.quiet
     try:
@@ -260,19 +272,24 @@ def compress_options(args) -> CompressOptions:
             probes=_pick(args.probes, prof["probes"]),
             max_probes=args.max_probes, min_probes=min(20, args.max_probes), seed=args.seed,
             data_seed=args.seed, progress=show)
+        distill = None if args.no_distill else DistillOptions(args.distill_alpha, args.distill_temperature)
         epochs = _pick(args.finetune_epochs, prof["finetune_epochs"])
         finetune = None if epochs == 0 else FinetuneOptions(
             epochs=epochs, lr=args.lr, max_steps=_pick(args.finetune_steps, prof["finetune_steps"]),
-            progress=show)
+            progress=show, distill=distill)
         quantize = None if args.no_quantize else QuantizeOptions(
             backend=args.backend, mode=args.quant_mode, target=args.int8_target,
             finetune=replace(QAT_FINETUNE, epochs=_pick(args.qat_epochs, prof["qat_epochs"]),
-                             max_steps=_pick(args.qat_steps, prof["qat_steps"]), progress=show),
+                             max_steps=_pick(args.qat_steps, prof["qat_steps"]), progress=show,
+                             distill=distill),
             calibration_batches=prof["calibration_batches"])
         latency = LatencyOptions(batch_size=args.latency_batch, precision=args.latency_precision)
+        bench = None if args.bench_rounds == 0 or quantize is None else BenchOptions(
+            rounds=args.bench_rounds, threads=args.bench_threads)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    return CompressOptions(target, _pick(args.scorer, prof["scorer"]), hessian, finetune, quantize, latency)
+    return CompressOptions(target, _pick(args.scorer, prof["scorer"]), hessian, finetune, quantize, latency,
+                           bench)
 
 
 def _pick(flag, default):
@@ -459,7 +476,7 @@ def _compress_rank(args, main: bool) -> int:
                           target=opts.target, scorer=opts.scorer, hessian=opts.hessian,
                           finetune_options=opts.finetune, quantize=opts.quantize,
                           export=tmp / "model_int8.onnx" if opts.quantize else None,
-                          data_name=train.describe(), latency=opts.latency)
+                          data_name=train.describe(), latency=opts.latency, bench=opts.bench)
         report = _full_report(args, result, train, test, norm, time.perf_counter() - start, weights)
         if report.get("export"):  # name the final folder, not the temporary one
             for key in ("path", "summary"):
@@ -559,6 +576,11 @@ def _summary(out: Path, report: dict, args) -> None:
         lines.append(f"  INT8 ({q['scheme']['target']}, {q['scheme']['weight_bits']}-bit weights): "
                      f"{100 * e['quantized_conv_fraction']:.0f}% of convs QLinearConv, onnxruntime on "
                      f"{e['isa']} agrees with PyTorch INT8 on {100 * e['argmax_agreement']:.2f}% of argmaxes")
+    if report.get("latency"):
+        lat = report["latency"]
+        lines.append("  onnxruntime on this CPU, dense fp32 -> INT8: " + ", ".join(
+            f"batch {b}: {lat['ms']['dense_fp32'][b]:.2f} -> {lat['ms']['int8'][b]:.2f} ms "
+            f"({lat['speedup'][b]:.2f}x)" for b in lat["speedup"]))
     if all_scores_zero(report):
         lines.append(f"  WARNING: {ZERO_SCORES}")
     if report["run"]["dataset"] == "digits":

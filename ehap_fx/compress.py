@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -24,9 +25,11 @@ from torch import fx, nn
 from ehap_fx import distributed
 from ehap_fx.errors import EhapError, TargetError
 from ehap_fx.hessian import HessianOptions, group_sensitivity, group_stderr
-from ehap_fx.latency import LatencyModel, LatencyOptions, LatencyTable
+from ehap_fx.isa import cpu_features
+from ehap_fx.latency import BenchOptions, LatencyModel, LatencyOptions, LatencyTable, time_onnx
 from ehap_fx.passes.cost import Cost, total_cost
 from ehap_fx.passes.export import export as export_onnx
+from ehap_fx.passes.export import export_onnx as export_float
 from ehap_fx.passes.export import onnx_top1
 from ehap_fx.passes.group import ChannelGroups, group_channels, groups_of, producer_modules
 from ehap_fx.passes.shrink import shrink
@@ -70,6 +73,7 @@ class CompressReport:
     finetune: dict | None = None
     quantize: dict | None = None
     export: dict | None = None
+    latency: dict | None = None  # onnxruntime: dense fp32 vs the INT8 file, per batch size
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -160,6 +164,7 @@ def compress(
     latency: LatencyOptions | None = None,
     teacher: nn.Module | None = None,
     capture: str = "fx",
+    bench: BenchOptions | None = None,
 ) -> CompressResult:
     """Prune ``model`` to ``target`` by Hessian-aware channel ranking, then optionally
     fine-tune, quantize to INT8 and export to ONNX.
@@ -190,6 +195,9 @@ def compress(
     ``capture``: ``"fx"`` (symbolic_trace), ``"export"`` (torch.export: an ATen graph, for
     models FX cannot trace; ``passes.program.exported_program(result.pruned)`` is the pruned
     ``ExportedProgram``; quantize with ``backend="pt2e"``) or ``"auto"`` (FX, else export).
+
+    ``bench`` (with ``export``): time the dense fp32 model and the INT8 file in onnxruntime on
+    this machine (``report.latency``: milliseconds per batch size, the speed-up).
     """
     scorer = _default_scorer(scorer, data, loss_fn)
     if scorer not in SCORERS:
@@ -208,6 +216,7 @@ def compress(
     ).graph_module
     distributed.broadcast_module(gm)  # under torchrun: every rank starts from rank 0's weights
     seconds["trace_group"] = time.perf_counter() - t
+    dense = copy.deepcopy(gm) if bench is not None and export is not None else None
     teacher = _teacher(teacher, gm, finetune_options, quantize)
     base = total_cost(gm)
     report = CompressReport(
@@ -251,8 +260,27 @@ def compress(
         qdata = train_data if getattr(quantize, "mode", None) == "qat" else data  # PTQ: same batches
         export = export if distributed.is_main() else None  # only rank 0 writes
         _quantize_and_export(out, example_input, qdata, eval_data, quantize, export, seconds, teacher)
+    if dense is not None and out.onnx_path is not None:
+        t = time.perf_counter()
+        report.latency = measure_speedup(dense, example_input, out.onnx_path, bench)
+        seconds["bench"] = time.perf_counter() - t
     report.seconds = {k: round(v, 3) for k, v in seconds.items()}
     return out
+
+
+def measure_speedup(dense: nn.Module, example_input, int8_path: Path, options: BenchOptions) -> dict:
+    """onnxruntime latency of ``dense`` (exported to fp32 ONNX in a temp folder) and of the INT8
+    file, interleaved (``latency.time_onnx``): milliseconds per batch and the speed-up."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_float(dense.eval(), example_input, Path(tmp) / "dense_fp32.onnx", dynamo=False)
+        med = time_onnx({"dense_fp32": fp32, "int8": int8_path}, options)
+    return {
+        "isa": cpu_features().describe(),
+        "threads": options.threads,
+        "rounds": options.rounds,
+        "ms": {name: {str(b): round(1000 * s, 3) for b, s in per.items()} for name, per in med.items()},
+        "speedup": {str(b): round(med["dense_fp32"][b] / med["int8"][b], 3) for b in options.batches},
+    }
 
 
 def _quantize_and_export(

@@ -23,6 +23,7 @@ from torch import fx, nn
 
 from ehap_fx.errors import EhapError
 from ehap_fx.passes.cost import removed_nodes
+from ehap_fx.passes.export import session
 from ehap_fx.passes.group import KeptChannels
 
 PRECISIONS = ("int8", "fp32")
@@ -220,3 +221,57 @@ class LatencyModel:
         gone = removed_nodes(self.gm, width)  # the convs of dropped blocks
         return sum(self.table.seconds(shape, width(node.args[0]), width(node))
                    for node, shape in self.convs if node not in gone)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole models: what the deployer measures
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """How to time whole ONNX models in onnxruntime: the batch sizes, the rounds (every model
+    runs once per round, the models interleaved so that machine noise hits all alike), and
+    intra-op threads (``None``: onnxruntime's default, every core)."""
+
+    batches: tuple[int, ...] = (1, 128)
+    rounds: int = 10
+    threads: int | None = None
+
+    def __post_init__(self):
+        if not self.batches or min(self.batches) < 1:
+            raise ValueError(f"batches={self.batches} must be one or more sizes >= 1")
+        if self.rounds < 1:
+            raise ValueError(f"rounds={self.rounds} must be >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads={self.threads} must be >= 1 or None")
+
+
+def time_onnx(
+    paths: dict[str, str | Path], options: BenchOptions = BenchOptions()
+) -> dict[str, dict[int, float]]:
+    """Median seconds per run of each ONNX file at each batch size, ``{name: {batch: s}}``.
+
+    Sessions run without thread spinning (idle spinning threads of one session would steal
+    the cores from the next one's run); after 3 warm-up runs each, the models take turns round
+    by round; a round at batch 1 is 20 runs (one run is too short to time alone). Inputs are
+    Gaussian, shaped like each file's first input with its batch axis set.
+    """
+    sessions = {name: session(p, threads=options.threads, spinning=False) for name, p in paths.items()}
+    times: dict[str, dict[int, list[float]]] = {n: {b: [] for b in options.batches} for n in sessions}
+    rng = np.random.default_rng(0)
+    for b in options.batches:
+        feeds = {}
+        for name, s in sessions.items():
+            spec = s.get_inputs()[0]
+            feeds[name] = {spec.name: rng.standard_normal((b, *spec.shape[1:]), dtype=np.float32)}
+            for _ in range(3):
+                s.run(None, feeds[name])
+        reps = 20 if b == 1 else 1
+        for _ in range(options.rounds):
+            for name, s in sessions.items():
+                t = time.perf_counter()
+                for _ in range(reps):
+                    s.run(None, feeds[name])
+                times[name][b].append((time.perf_counter() - t) / reps)
+    return {n: {b: statistics.median(v) for b, v in per.items()} for n, per in times.items()}

@@ -172,6 +172,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines += _ranking_section(report)
     lines += _accuracy_section(report)
     lines += _export_section(report)
+    lines += _speed_section(report)
     lines += _channels_section(report)
     lines += _pinned_section(report)
     lines += _files_section(run)
@@ -258,6 +259,22 @@ def _export_section(report) -> list[str]:
             + (f" = {e['max_diff_steps']:.2f} output steps" if e.get("max_diff_steps") is not None else ""),
             "", "```", e["summary"], "```", ""]
     return out
+
+
+def _speed_section(report) -> list[str]:
+    lat = report.get("latency")
+    if not lat:
+        return []
+    acc = report.get("accuracy") or {}
+    out = [f"## Speed: onnxruntime on this machine ({lat['isa']}; threads "
+           f"{lat['threads'] or 'default'}, median of {lat['rounds']} interleaved rounds)", "",
+           "| batch | dense fp32 ms | INT8 ms | speed-up |", "|---:|---:|---:|---:|"]
+    out += [f"| {b} | {lat['ms']['dense_fp32'][b]:.3f} | {lat['ms']['int8'][b]:.3f} | {lat['speedup'][b]:.2f}x |"
+            for b in lat["speedup"]]
+    if "dense" in acc and "int8_onnx" in acc:
+        out += ["", f"top-1: dense {acc['dense']:.2f} % (PyTorch fp32) vs the INT8 ONNX file "
+                    f"{acc['int8_onnx']:.2f} % (onnxruntime)"]
+    return out + [""]
 
 
 def _channels_section(report) -> list[str]:

@@ -200,6 +200,25 @@ def test_embedded_default_is_real_digits(tmp_path):
     assert "int8_onnx" in proc.stdout and "--download --pretrained" in proc.stdout
     listed = re.search(r"outputs in \S+ \((.*)\)", proc.stdout)[1].split(", ")
     assert listed == sorted(p.name for p in out.iterdir())  # what was written, nothing else
+    # distilled from the dense model in fine-tuning and QAT (the default), and timed in onnxruntime
+    assert report["quantize"]["distill"] == {"alpha": 0.7, "temperature": 4.0}
+    lat = report["latency"]
+    assert lat["isa"] == cpu_features().describe() and set(lat["speedup"]) == {"1", "128"}
+    for b in ("1", "128"):
+        ms = lat["ms"]
+        assert lat["speedup"][b] == pytest.approx(ms["dense_fp32"][b] / ms["int8"][b], rel=2e-3)
+    md = (out / "report.md").read_text()
+    assert "## Speed: onnxruntime on this machine" in md and f"| 128 | {lat['ms']['dense_fp32']['128']:.3f} |" in md
+    assert f"the INT8 ONNX file {acc['int8_onnx']:.2f} %" in md
+    assert f"batch 128: {lat['ms']['dense_fp32']['128']:.2f} -> " in proc.stdout
+
+
+def test_no_distill_and_no_bench(tmp_path):
+    proc = ehap("compress", *DIGITS, "--no-distill", "--bench-rounds", "0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "runs" / "compress-resnet8" / "report.json").read_text())
+    assert report["quantize"]["distill"] is None and report["latency"] is None
+    assert "## Speed" not in (tmp_path / "runs" / "compress-resnet8" / "report.md").read_text()
 
 
 @pytest.mark.slow
@@ -335,6 +354,9 @@ def test_nan_loss(tmp_path):
     (["--lr", "-1"], ["lr=-1.0"]),
     (["--synthetic", "--data", "."], ["not both"]),
     (["--limit-train", "0"], ["--limit-train=0"]),
+    (["--distill-alpha", "2"], ["alpha=2.0"]),
+    (["--distill-temperature", "0"], ["temperature=0.0"]),
+    (["--bench-rounds", "-1"], ["rounds=-1"]),
 ])
 def test_bad_flag_values(tmp_path, flags, words):
     out = tmp_path / "out"

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ehap_fx.passes.cost import total_cost
-from ehap_fx.passes.export import ExportReport, export, export_onnx, onnx_top1, session
+from ehap_fx.passes.export import ExportReport, export, export_onnx, onnx_top1
 from ehap_fx.passes.group import group_channels
 from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions, QuantizeResult
 from ehap_fx.passes.shrink import shrink
@@ -41,6 +41,7 @@ from ehap_fx.passes.trace import trace
 
 from ehap_fx.errors import TargetError
 from ehap_fx.isa import cpu_features
+from ehap_fx.latency import BenchOptions, time_onnx
 from ehap_fx.models import get_model, normalization, pretrained_model
 from ehap_fx.qat import quantize
 from ehap_fx.target import Target, magnitude_scores, select_plan
@@ -119,25 +120,8 @@ def int8(model, train, args, norm, path: Path, inputs, backend: str) -> ExportRe
 
 def time_models(entries: list[Entry], batch: int, rounds: int, threads: int) -> dict:
     """Median seconds per run for each entry and batch size, interleaved across entries."""
-    # no spinning: the sessions take turns, and idle spinning threads of one would steal the
-    # cores from the next (docs/int8.md: the same bench before and after this change)
-    sessions = {e.name: session(e.path, threads=threads, spinning=False) for e in entries}
-    feeds = {
-        b: {"input": np.random.default_rng(0).standard_normal((b, 3, 32, 32), np.float32)} for b in (1, batch)
-    }
-    times = {(e.name, b): [] for e in entries for b in feeds}
-    for b, feed in feeds.items():
-        for s in sessions.values():  # warm-up
-            for _ in range(3):
-                s.run(None, feed)
-        reps = 20 if b == 1 else 1
-        for _ in range(rounds):
-            for name, s in sessions.items():
-                t = time.perf_counter()
-                for _ in range(reps):
-                    s.run(None, feed)
-                times[(name, b)].append((time.perf_counter() - t) / reps)
-    return {k: statistics.median(v) for k, v in times.items()}
+    med = time_onnx({e.name: e.path for e in entries}, BenchOptions((1, batch), rounds, threads))
+    return {(name, b): s for name, per in med.items() for b, s in per.items()}
 
 
 def print_table(entries: list[Entry], med: dict, batch: int) -> None:
