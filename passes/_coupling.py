@@ -593,6 +593,8 @@ def reshape(a: _Analysis, node: fx.Node) -> Labels:
 def _unit_dims_moved(src: tuple[int, ...], dst: tuple[int, ...], cdim: int) -> int | None:
     """Where the channels at ``cdim`` land when a reshape only inserts or drops size-1 dims
     (the other dims in the same order); None for any other reshape."""
+    if math.prod(src) == 1:  # one channel: a broadcast scalar, wherever it lands (binary ops skip it)
+        return 1 if len(dst) >= 2 else None
     big_src = [d for d, n in enumerate(src) if n != 1]
     big_dst = [d for d, n in enumerate(dst) if n != 1]
     if src[cdim] == 1 or [src[d] for d in big_src] != [dst[d] for d in big_dst]:
