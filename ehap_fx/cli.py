@@ -27,36 +27,26 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ehap_fx.compress import PRESETS, CompressOptions, Preset
 from ehap_fx.errors import DataError, EhapError, ModelError
+from ehap_fx.hessian import HessianOptions
 from ehap_fx.isa import INT8_TARGETS, emulated_precision
+from ehap_fx.latency import BenchOptions, LatencyOptions
 from ehap_fx.models import DIGITS_MODEL
+from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions
 from ehap_fx.report import ZERO_SCORES, all_scores_zero
+from ehap_fx.target import DEFAULT_ROUND_TO, Target
+from ehap_fx.train import DistillOptions, FinetuneOptions
 
 DEFAULT_DATA_DIR = Path("~/.cache/ehap-fx/data")
 
 log = logging.getLogger("ehap_fx")
-
-DIGITS = {"batch_size": 64, "hessian_batch": 256, "scorer": "removal", "estimator": "auto", "probes": None,
-          "finetune_epochs": 2.0, "finetune_steps": None, "qat_epochs": 1.0, "qat_steps": None,
-          "calibration_batches": 8, "train_epochs": 6.0}
-"""Settings of the embedded default (scikit-learn digits, real images): about a minute on 2 cores."""
-
-SHORT = {"batch_size": 64, "hessian_batch": 32, "scorer": "hessian", "estimator": "hutchinson", "probes": 4,
-         "finetune_epochs": 1.0, "finetune_steps": 8, "qat_epochs": 1.0, "qat_steps": 4,
-         "calibration_batches": 2, "synthetic_train": 512, "synthetic_test": 256}
-"""Settings with --synthetic data: end to end in minutes on a CPU."""
-
-FULL = {"batch_size": 128, "hessian_batch": 256, "scorer": "removal", "estimator": "auto", "probes": None,
-        "finetune_epochs": 1.0, "finetune_steps": None, "qat_epochs": 1.0, "qat_steps": None,
-        "calibration_batches": 16}
-"""Settings with real data: one fine-tune epoch and one QAT epoch (raise for accuracy)."""
-
 
 class UsageError(EhapError):
     """A flag value or combination the CLI cannot run with."""
@@ -120,7 +110,8 @@ def _compress_parser(sub) -> None:
                    help="fraction of the dense onnxruntime latency to keep (measured, cached)")
     p.add_argument("--latency-batch", type=int, default=128, help="batch of the latency table")
     p.add_argument("--latency-precision", choices=("int8", "fp32"), default="int8")
-    p.add_argument("--round-to", type=int, default=None, help="kept widths are multiples of this")
+    p.add_argument("--round-to", type=int, default=DEFAULT_ROUND_TO,
+                   help=f"kept widths are multiples of this (default {DEFAULT_ROUND_TO})")
     p.add_argument("--max-prune", type=float, default=0.8, help="max fraction of a group to remove")
     p.add_argument("--min-channels", type=int, default=1)
     p.add_argument("--steps", type=int, default=1, help="iterative pruning steps")
@@ -129,8 +120,9 @@ def _compress_parser(sub) -> None:
                         "widths stay: fastest in INT8); both")
     p.add_argument("--scorer", choices=("hessian", "removal", "l1"),
                    help="hessian: the paper's trace sensitivity; removal: exact Gauss-Newton loss "
-                        "increase of removing each channel, ranked per MAC saved (default with real "
-                        "data: 4.5-6 points better than hessian after fine-tuning, docs/results.md); "
+                        "increase of removing each channel, ranked per unit of the target's cost saved "
+                        "(MAC, parameter or second; the default with real data: 4.15-6.19 points above "
+                        "hessian after fine-tuning CIFAR ResNet-56/-32 at 0.5 MACs, docs/results.md); "
                         "l1: magnitude. Default on synthetic data: hessian (a random model's GGN is 0)")
     p.add_argument("--estimator", choices=("auto", "ggn", "mc", "hutchinson", "hybrid"),
                    help="Hessian estimator (default: auto, the exact GGN when it fits the memory "
@@ -165,7 +157,7 @@ def _compress_parser(sub) -> None:
                    help="onnxruntime threads of that timing (default: all cores)")
     p.add_argument("--train-epochs", type=float,
                    help="epochs of the in-process training of the digits model (default "
-                        f"{DIGITS['train_epochs']:g}; only without --weights on digits)")
+                        f"{PRESETS['digits'].train_epochs:g}; only without --weights on digits)")
     p.add_argument("--out", type=Path, help="output folder (default runs/compress-<model>)")
     p.set_defaults(func=cmd_compress)
 
@@ -208,20 +200,9 @@ def _bench_parser(sub) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class CompressOptions:
-    target: object
-    scorer: str
-    hessian: object
-    finetune: object
-    quantize: object
-    latency: object
-    bench: object
-
-
-def profile(args) -> dict:
-    """DIGITS settings on the digits, SHORT on synthetic data, FULL on CIFAR; explicit flags win."""
-    return {"digits": DIGITS, "synthetic": SHORT, "cifar": FULL}[source(args)]
+def profile(args) -> Preset:
+    """The preset of the data source (``PRESETS``: digits, synthetic, cifar); explicit flags win."""
+    return PRESETS[source(args)]
 
 
 def source(args) -> str:
@@ -251,45 +232,40 @@ def resolve_defaults(args) -> None:
 
 
 def compress_options(args) -> CompressOptions:
-    """The option dataclasses for ``compress()``; bad values raise UsageError."""
-    from ehap_fx.hessian import HessianOptions
-    from ehap_fx.latency import BenchOptions, LatencyOptions
-    from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions
-    from ehap_fx.target import DEFAULT_ROUND_TO, Target
-    from ehap_fx.train import DistillOptions, FinetuneOptions
-
+    """The options of ``compress()`` from the flags and the data source's preset; bad values
+    raise UsageError."""
     prof, show = profile(args), not args.quiet
     try:
         given = {k: v for k, v in (("macs", args.target_macs), ("params", args.target_params),
                                    ("latency", args.target_latency)) if v is not None}
         target = Target(**(given or {"macs": 0.5}), max_prune=args.max_prune,
                         min_channels=args.min_channels,
-                        round_to=DEFAULT_ROUND_TO if args.round_to is None else args.round_to,
+                        round_to=args.round_to,
                         steps=args.steps, granularity=args.granularity)
         hessian = HessianOptions(
-            estimator=_pick(args.estimator, prof["estimator"]), dtype=args.hessian_dtype,
-            batch_size=_pick(args.hessian_batch, prof["hessian_batch"]),
-            probes=_pick(args.probes, prof["probes"]),
+            estimator=_pick(args.estimator, prof.estimator), dtype=args.hessian_dtype,
+            batch_size=_pick(args.hessian_batch, prof.hessian_batch),
+            probes=_pick(args.probes, prof.probes),
             max_probes=args.max_probes, min_probes=min(20, args.max_probes), seed=args.seed,
             data_seed=args.seed, progress=show)
         distill = None if args.no_distill else DistillOptions(args.distill_alpha, args.distill_temperature)
-        epochs = _pick(args.finetune_epochs, prof["finetune_epochs"])
+        epochs = _pick(args.finetune_epochs, prof.finetune_epochs)
         finetune = None if epochs == 0 else FinetuneOptions(
-            epochs=epochs, lr=args.lr, max_steps=_pick(args.finetune_steps, prof["finetune_steps"]),
+            epochs=epochs, lr=args.lr, max_steps=_pick(args.finetune_steps, prof.finetune_steps),
             progress=show, distill=distill)
         quantize = None if args.no_quantize else QuantizeOptions(
             backend=args.backend, mode=args.quant_mode, target=args.int8_target,
-            finetune=replace(QAT_FINETUNE, epochs=_pick(args.qat_epochs, prof["qat_epochs"]),
-                             max_steps=_pick(args.qat_steps, prof["qat_steps"]), progress=show,
+            finetune=replace(QAT_FINETUNE, epochs=_pick(args.qat_epochs, prof.qat_epochs),
+                             max_steps=_pick(args.qat_steps, prof.qat_steps), progress=show,
                              distill=distill),
-            calibration_batches=prof["calibration_batches"])
+            calibration_batches=prof.calibration_batches)
         latency = LatencyOptions(batch_size=args.latency_batch, precision=args.latency_precision)
         bench = None if args.bench_rounds == 0 or quantize is None else BenchOptions(
             rounds=args.bench_rounds, threads=args.bench_threads)
+        return CompressOptions(target, _pick(args.scorer, prof.scorer), hessian, finetune, quantize, latency,
+                               bench)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    return CompressOptions(target, _pick(args.scorer, prof["scorer"]), hessian, finetune, quantize, latency,
-                           bench)
 
 
 def _pick(flag, default):
@@ -362,8 +338,9 @@ def load_data(args, *, train: bool = True):
     kind = source(args)
     if kind == "synthetic":
         k = NUM_CLASSES[args.dataset]
-        tr = synthetic_cifar(args.limit_train or SHORT["synthetic_train"], k, args.seed) if train else None
-        te = synthetic_cifar(args.limit_test or SHORT["synthetic_test"], k, args.seed, split="test")
+        sizes = PRESETS["synthetic"]
+        tr = synthetic_cifar(args.limit_train or sizes.train_images, k, args.seed) if train else None
+        te = synthetic_cifar(args.limit_test or sizes.test_images, k, args.seed, split="test")
         log.warning("DATA IS SYNTHETIC (random CIFAR-shaped images): figures are not CIFAR "
                     "figures; pass --data DIR for real CIFAR")
         return tr, te
@@ -388,7 +365,7 @@ def train_digits_model(model: nn.Module, train, norm, args) -> str:
     as its weights."""
     from ehap_fx.train import FinetuneOptions, finetune
 
-    epochs = _pick(args.train_epochs, DIGITS["train_epochs"])
+    epochs = _pick(args.train_epochs, PRESETS["digits"].train_epochs)
     try:
         options = FinetuneOptions(epochs=epochs, lr=0.1, weight_decay=5e-4, progress=not args.quiet)
     except ValueError as e:
@@ -463,7 +440,7 @@ def _compress_rank(args, main: bool) -> int:
     weights = _weights_of(args)
     if args.dataset == "digits" and weights is None:
         weights = train_digits_model(model, train, norm, args)
-    batch = _pick(args.batch_size, prof["batch_size"])
+    batch = _pick(args.batch_size, prof.batch_size)
     augment = args.dataset != "digits"  # crop + flip are CIFAR's: a flipped digit is another digit
     train_loader = train.loader(batch, shuffle=True, augment=augment, seed=args.seed, normalization=norm)
     test_loader = test.loader(256, normalization=norm)
@@ -473,10 +450,8 @@ def _compress_rank(args, main: bool) -> int:
         _announce(args, opts, train, test, out)
     with staging(out) if main else _scratch() as tmp:
         result = compress(model, example, data=train_loader, eval_data=test_loader,
-                          target=opts.target, scorer=opts.scorer, hessian=opts.hessian,
-                          finetune_options=opts.finetune, quantize=opts.quantize,
                           export=tmp / "model_int8.onnx" if opts.quantize else None,
-                          data_name=train.describe(), latency=opts.latency, bench=opts.bench)
+                          data_name=train.describe(), **vars(opts))
         report = _full_report(args, result, train, test, norm, time.perf_counter() - start, weights)
         if report.get("export"):  # name the final folder, not the temporary one
             for key in ("path", "summary"):

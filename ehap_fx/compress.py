@@ -24,23 +24,76 @@ from torch import fx, nn
 
 from ehap_fx import distributed
 from ehap_fx.errors import EhapError, TargetError
-from ehap_fx.hessian import HessianOptions, group_sensitivity, group_stderr
+from ehap_fx.hessian import HessianOptions
 from ehap_fx.isa import cpu_features
 from ehap_fx.latency import BenchOptions, LatencyModel, LatencyOptions, LatencyTable, time_onnx
 from ehap_fx.passes.cost import Cost, total_cost
 from ehap_fx.passes.export import export as export_onnx
 from ehap_fx.passes.export import export_onnx as export_float
 from ehap_fx.passes.export import onnx_top1
-from ehap_fx.passes.group import ChannelGroups, group_channels, groups_of, producer_modules
-from ehap_fx.passes.shrink import shrink
+from ehap_fx.passes.group import ChannelGroups, group_channels, groups_of
+from ehap_fx.passes.quantize import QuantizeOptions
+from ehap_fx.passes.shrink import PrunePlan, shrink
 from ehap_fx.passes.trace import call_with, trace
 from ehap_fx.qat import quantize as quantize_int8
-from ehap_fx.target import Target, magnitude_scores, measure, select_plan
+from ehap_fx.ranking import SCORERS, rank
+from ehap_fx.target import Ranking, Target, measure, select_plan
 from ehap_fx.train import FinetuneOptions, evaluate, finetune
 
 log = logging.getLogger("ehap_fx")
 
-SCORERS = ("hessian", "removal", "l1")
+
+@dataclass(frozen=True)
+class CompressOptions:
+    """What ``compress`` does to a traced model, as one typed value (``compress``'s keyword
+    arguments of the same names): the CLI builds one from its flags and a :class:`Preset`, then
+    calls ``compress(model, x, data=..., **vars(options))``."""
+
+    target: Target = Target(macs=0.5)
+    scorer: str | None = None
+    hessian: HessianOptions = HessianOptions()
+    finetune_options: FinetuneOptions | None = None
+    quantize: QuantizeOptions | None = None
+    latency: LatencyOptions | None = None
+    bench: BenchOptions | None = None
+
+    def __post_init__(self) -> None:
+        if self.scorer is not None and self.scorer not in SCORERS:
+            raise ValueError(f"scorer={self.scorer!r} must be one of {SCORERS}")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The defaults of a run that its flags leave open, one per data source (:data:`PRESETS`):
+    batch sizes, scorer and estimator, fine-tune and QAT lengths; ``train_epochs`` of the digits
+    model trained in-process, ``train_images``/``test_images`` of synthetic data."""
+
+    batch_size: int
+    hessian_batch: int
+    scorer: str
+    estimator: str
+    probes: int | None
+    finetune_epochs: float
+    finetune_steps: int | None
+    calibration_batches: int
+    qat_epochs: float = 1.0
+    qat_steps: int | None = None
+    train_epochs: float = 6.0
+    train_images: int = 512
+    test_images: int = 256
+
+
+PRESETS = {
+    # the embedded default (scikit-learn digits, real images): about a minute on 2 cores
+    "digits": Preset(batch_size=64, hessian_batch=256, scorer="removal", estimator="auto", probes=None,
+                     finetune_epochs=2.0, finetune_steps=None, calibration_batches=8),
+    # synthetic data: end to end in minutes on a CPU (a random model's GGN is 0: Hutchinson)
+    "synthetic": Preset(batch_size=64, hessian_batch=32, scorer="hessian", estimator="hutchinson", probes=4,
+                        finetune_epochs=1.0, finetune_steps=8, calibration_batches=2, qat_steps=4),
+    # real CIFAR: one fine-tune epoch and one QAT epoch (raise them for accuracy)
+    "cifar": Preset(batch_size=128, hessian_batch=256, scorer="removal", estimator="auto", probes=None,
+                    finetune_epochs=1.0, finetune_steps=None, calibration_batches=16),
+}
 
 
 @dataclass(frozen=True)
@@ -106,42 +159,15 @@ def _cost_dict(c: Cost, base: Cost | None = None) -> dict:
     return d
 
 
-def _rank(
-    gm, data, scorer: str, hessian: HessianOptions, loss_fn
-) -> tuple[dict, dict | None, dict, dict | None]:
-    """Scores per prunable group (higher = keep), their standard errors, a summary, and the
-    scores of removing each group whole (None: the sums of its channel scores)."""
-    if scorer == "l1":
-        return magnitude_scores(gm), None, {"scorer": "l1"}, None
-    groups = groups_of(gm)
-    if scorer == "removal":
-        if loss_fn is not None:
-            raise EhapError(
-                "scorer='removal' is exact for cross-entropy only: drop loss_fn, or "
-                "use scorer='hessian' with estimator='hutchinson'"
-            )
-        # estimate_removal itself, split over the ranks inside a process group
-        removal = distributed.estimate_removal_distributed(gm, data, groups.prunable, hessian)
-        return removal.scores, None, {"scorer": "removal", **removal.summary()}, removal.whole
-    names = producer_modules(groups.prunable)
-    # estimate_hessian itself, split over the ranks inside a torch.distributed process group
-    result = distributed.estimate_hessian_distributed(
-        gm, data, hessian, names=names, loss_fn=loss_fn, groups=groups.prunable
-    )
-    scores = group_sensitivity(groups.prunable, gm, result)
-    stderr = group_stderr(groups.prunable, gm, result)
-    return scores, stderr, {"scorer": "hessian", **result.summary()}, None
-
-
-def _record(step: int, groups: ChannelGroups, plan, scores, stderr) -> list[GroupRecord]:
-    out = []
-    for g in groups.prunable:
+def _record(step: PruneStep) -> list[GroupRecord]:
+    scores, stderr, out = step.ranking.scores, step.ranking.stderr, []
+    for g in step.groups.prunable:
         if g.id not in scores:
             continue
-        kept = len(plan.keep.get(g.id, range(g.size)))
+        kept = len(step.plan.keep.get(g.id, range(g.size)))
         members = tuple(f"{m.module or m.node}:{m.role}" for m in g.members)
         se = tuple(stderr[g.id].tolist()) if stderr is not None else None
-        out.append(GroupRecord(step, g.id, g.size, kept, members, tuple(scores[g.id].tolist()), se))
+        out.append(GroupRecord(step.step, g.id, g.size, kept, members, tuple(scores[g.id].tolist()), se))
     return out
 
 
@@ -156,7 +182,7 @@ def compress(
     scorer: str | None = None,
     hessian: HessianOptions = HessianOptions(),
     finetune_options: FinetuneOptions | None = None,
-    quantize: Any = None,
+    quantize: QuantizeOptions | None = None,
     export: str | Path | None = None,
     exclude: Sequence[str] = (),
     leaf_modules: Sequence[str | type[nn.Module]] = (),
@@ -200,8 +226,7 @@ def compress(
     this machine (``report.latency``: milliseconds per batch size, the speed-up).
     """
     scorer = _default_scorer(scorer, data, loss_fn)
-    if scorer not in SCORERS:
-        raise ValueError(f"scorer={scorer!r} must be one of {SCORERS}")
+    CompressOptions(target, scorer, hessian, finetune_options, quantize, latency, bench)  # validates
     if export is not None and quantize is None:
         raise EhapError("export= writes the INT8 model: also pass quantize=QuantizeOptions()")
     if scorer != "l1":
@@ -236,12 +261,21 @@ def compress(
     )
     if eval_data is not None:
         report.accuracy["dense"] = evaluate(gm, eval_data)
+    table = LatencyTable(latency or LatencyOptions()) if target.kind == "latency" else None
+
+    def between(gm: fx.GraphModule, step: int) -> None:
+        finetune(gm, distributed.shard_loader(data), finetune_options,
+                 teacher=teacher if finetune_options.distill is not None else None)
+
     try:
-        gm = _prune(gm, data, target, scorer, hessian, loss_fn, finetune_options, latency, report, seconds,
-                    teacher)
+        pruned = prune(gm, target, lambda g, _: rank(g, data, scorer, hessian, loss_fn=loss_fn),
+                       between=between if finetune_options is not None else None, latency=table)
     except TargetError as e:  # say what holds the channels back
         reasons = "; ".join(f"{c} channels: {r}" for c, r in groups_of(gm).pin_reasons())
         raise TargetError(f"{e}. Largest pins: {reasons}") from e
+    gm = pruned.graph_module
+    report.cost_after = _cost_dict(total_cost(gm), base)
+    _record_pruning(report, pruned, target, table, seconds)
     report.channels_after = conv_widths(gm)
     distributed.check_replicas(report.channels_after)
     train_data = distributed.shard_loader(data)  # this rank's share for DDP training
@@ -324,46 +358,69 @@ def _quantize_and_export(
             out.report.accuracy["int8_onnx"] = onnx_top1(rep.path, eval_data)
 
 
-def _prune(gm, data, target, scorer, hessian, loss_fn, finetune_options, latency, report, seconds,
-           teacher=None):
-    """The pruning loop: rank → select → shrink, ``target.steps`` times (fine-tuning between)."""
-    base = total_cost(gm)
-    table = LatencyTable(latency or LatencyOptions()) if target.kind == "latency" else None
-    dense_value = None
+@dataclass(frozen=True)
+class PruneStep:
+    """One rank → select → shrink step of :func:`prune`: the ranking, the plan, the groups of
+    the graph it ranked, and the seconds ranking took."""
+
+    step: int
+    ranking: Ranking
+    plan: PrunePlan
+    groups: ChannelGroups
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What :func:`prune` returns: the shrunk graph, its steps, and the dense graph's value of
+    the target's quantity (MACs, params, or estimated seconds)."""
+
+    graph_module: fx.GraphModule
+    steps: tuple[PruneStep, ...]
+    dense: float
+
+
+def prune(
+    gm: fx.GraphModule,
+    target: Target,
+    ranker: Callable[[fx.GraphModule, int], Ranking],
+    *,
+    between: Callable[[fx.GraphModule, int], Any] | None = None,
+    latency: LatencyTable | None = None,
+) -> Pruned:
+    """The pruning loop: ``ranker(gm, step)`` → ``select_plan`` → ``shrink``, ``target.steps``
+    times toward ``target.at_step(step)`` of the dense value, ``between(gm, step)`` (a fine-tune,
+    a BN re-estimate) after every step but the last. A latency target needs ``latency`` (a table)."""
+    steps, dense = [], None
     for step in range(1, target.steps + 1):
         t = time.perf_counter()
-        scores, stderr, summary, whole = _rank(gm, data, scorer, hessian, loss_fn)
-        seconds[f"rank_{step}"] = time.perf_counter() - t
-        model_latency = LatencyModel(gm, table) if table is not None else None
-        if dense_value is None:
-            dense_value = measure(gm, target, latency=model_latency)
-        fraction = target.at_step(step)
-        plan = select_plan(
-            gm,
-            scores,
-            target,
-            fraction=fraction,
-            base=dense_value,
-            latency=model_latency,
-            per_cost=scorer == "removal",
-            whole=whole,
-        )
+        ranking = ranker(gm, step)
+        seconds = time.perf_counter() - t
+        model_latency = LatencyModel(gm, latency) if latency is not None else None
+        if dense is None:
+            dense = measure(gm, target, latency=model_latency)
+        plan = select_plan(gm, ranking, target.at_step(step), base=dense, latency=model_latency)
         plan = distributed.broadcast_object(plan)  # rank 0's plan on every rank (latency timings differ)
-        report.ranking.append({"step": step, **summary})
-        report.groups.extend(_record(step, groups_of(gm), plan, scores, stderr))
+        steps.append(PruneStep(step, ranking, plan, groups_of(gm), seconds))
         gm = shrink(gm, plan).graph_module
-        if finetune_options is not None and step < target.steps:
-            finetune(gm, distributed.shard_loader(data), finetune_options,
-                     teacher=teacher if finetune_options.distill is not None else None)
-    report.cost_after = _cost_dict(total_cost(gm), base)
+        if between is not None and step < target.steps:
+            between(gm, step)
+    return Pruned(gm, tuple(steps), dense)
+
+
+def _record_pruning(report: CompressReport, pruned: Pruned, target: Target, table, seconds: dict) -> None:
+    """The steps of ``pruned`` in ``report`` (rankings, groups, cost, latency) and ``seconds``."""
+    gm = pruned.graph_module
+    for s in pruned.steps:
+        seconds[f"rank_{s.step}"] = s.seconds
+        report.ranking.append({"step": s.step, **s.ranking.summary})
+        report.groups.extend(_record(s))
     if table is not None:
         after = measure(gm, target, latency=LatencyModel(gm, table))
-        report.target.update(
-            latency_before_s=dense_value, latency_after_s=after, latency_ratio=after / dense_value
-        )
+        report.target.update(latency_before_s=pruned.dense, latency_after_s=after,
+                             latency_ratio=after / pruned.dense)
         if distributed.is_main():
             table.save()
-    return gm
 
 
 def _take(batches: Iterable, n: int) -> list:

@@ -48,6 +48,7 @@ from ehap_fx.fold import fold_batchnorm, scale_channels
 from ehap_fx.ggn import ggn_channel_traces, ggn_vector_product
 from ehap_fx.ggn_mc import ReduceSize, mc_channel_traces, share
 from ehap_fx.isa import EmulatedPrecisionWarning, cpu_features, emulated_precision
+from ehap_fx.passes.group import producer_slices
 from ehap_fx.sampling import Batch, draw_batches
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -171,6 +172,10 @@ class HessianResult:
     history: tuple[tuple[int, float, float], ...] = field(default=())
     choice: str = ""  # which estimator and chunk sizes, and why (the memory budget guard)
 
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A flat per-channel vector over ``names`` as ``{module name: (channels,)}``."""
+        return split_channels(flat, [self.traces[n].shape[0] for n in self.names], self.names)
+
     def sensitivity(self) -> dict[str, torch.Tensor]:
         """Per-channel score ``Tr(H_c) / p_c · ‖w_c‖²`` for every module."""
         return {n: self.traces[n] / self.channel_params[n] * self.weight_sq[n] for n in self.names}
@@ -205,7 +210,7 @@ def prunable_modules(model: nn.Module) -> list[str]:
 
 
 @dataclass
-class _Setup:
+class Setup:
     """The working copy of the model and what every probe needs."""
 
     model: nn.Module
@@ -219,7 +224,9 @@ class _Setup:
     fold: list[torch.Tensor | None]  # per weight: BN scale s (folded = s·original) or None
 
 
-def _prepare(model, data, opts: HessianOptions, names, loss_fn, device) -> _Setup:
+def prepare(model, data, opts: HessianOptions, names, loss_fn, device) -> Setup:
+    """The eval-mode working copy (BN folded, cast), its ``names`` weights requiring grad and
+    the Hessian batches on ``device``: what every estimator (here and in ``removal``) starts from."""
     dtype = DTYPES[resolve_dtype(opts.dtype, device)]
     work = copy.deepcopy(model).eval().to(device)
     scales = {}
@@ -249,7 +256,7 @@ def _prepare(model, data, opts: HessianOptions, names, loss_fn, device) -> _Setu
     else:
         autocast = nullcontext
     fold = [scales.get(n) for n in names]
-    return _Setup(work, list(names), params, batches, loss_fn, autocast, dtype, device, fold)
+    return Setup(work, list(names), params, batches, loss_fn, autocast, dtype, device, fold)
 
 
 class _Hvp:
@@ -259,7 +266,7 @@ class _Hvp:
     costs one backward pass through it; it is rebuilt when the loss scale changes.
     """
 
-    def __init__(self, setup: _Setup, opts: HessianOptions) -> None:
+    def __init__(self, setup: Setup, opts: HessianOptions) -> None:
         self.s, self.opts = setup, opts
         self.keep = opts.hvp == "double_backward" and len(setup.batches) == 1
         self._graph: tuple[float, list[torch.Tensor]] | None = None
@@ -334,19 +341,40 @@ def _contrib(vs, hvs, scale: float) -> torch.Tensor:
     return torch.cat(cols, dim=1) / scale
 
 
-def _spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    ra = a.argsort().argsort().float()
-    rb = b.argsort().argsort().float()
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of two score vectors (ties broken by position), in float64."""
+    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
     ra, rb = ra - ra.mean(), rb - rb.mean()
-    return (ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-30)
+    return ((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-30)).item()
+
+
+def stop_check(opts: HessianOptions, n: int, mean: torch.Tensor, se: torch.Tensor, score: torch.Tensor,
+               prev: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[bool, tuple[int, float, float]]:
+    """The adaptive stop rule of ``opts`` at one check point, a pure function (both drivers,
+    here and ``ehap_fx.distributed_hessian``, apply it): ``mean``/``se`` the per-channel estimate
+    and its standard error after ``n`` probes, ``score`` its ranking scores, ``prev`` the
+    previous check's ``(mean, score)`` (None at the first). Returns whether to stop and the
+    history row ``(n, relative change of the mean, Spearman ρ of the scores)``."""
+    rel = rho = float("nan")
+    ok = True
+    if prev is not None:
+        rel = ((mean - prev[0]).abs().sum() / mean.abs().sum().clamp_min(1e-30)).item()
+        rho = spearman(score, prev[1])
+    if opts.tol is not None:
+        ok &= rel < opts.tol
+    if opts.rank_threshold is not None:
+        ok &= rho >= opts.rank_threshold
+    if opts.stderr_tol is not None:
+        ok &= (se.sum() / mean.abs().sum().clamp_min(1e-30)).item() <= opts.stderr_tol
+    return bool(ok) or n >= opts.max_probes, (n, rel, rho)
 
 
 class _StopRule:
-    """Decides convergence at check points; keeps ``(probes, rel_change, spearman)``."""
+    """Applies :func:`stop_check` at the check points; keeps ``(probes, rel_change, spearman)``."""
 
     def __init__(self, opts: HessianOptions, score: Callable[[torch.Tensor], torch.Tensor]):
         self.opts, self.score = opts, score
-        self.prev: torch.Tensor | None = None
+        self.prev: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last = 0
         self.history: list[tuple[int, float, float]] = []
 
@@ -358,21 +386,12 @@ class _StopRule:
             return n >= o.max_probes
         self.last = n
         mean = total / n
-        rel = rho = float("nan")
-        ok = True
-        if self.prev is not None:
-            rel = ((mean - self.prev).abs().sum() / mean.abs().sum().clamp_min(1e-30)).item()
-            rho = _spearman(self.score(mean), self.score(self.prev)).item()
-        self.history.append((n, rel, rho))
-        if o.tol is not None:
-            ok &= rel < o.tol
-        if o.rank_threshold is not None:
-            ok &= rho >= o.rank_threshold
-        if o.stderr_tol is not None:
-            se = ((sq / n - mean**2).clamp_min(0) / max(n - 1, 1)).sqrt()
-            ok &= (se.sum() / mean.abs().sum().clamp_min(1e-30)).item() <= o.stderr_tol
-        self.prev = mean
-        return bool(ok) or n >= o.max_probes
+        se = ((sq / n - mean**2).clamp_min(0) / max(n - 1, 1)).sqrt()
+        score = self.score(mean)
+        stop, row = stop_check(o, n, mean, se, score, self.prev)
+        self.history.append(row)
+        self.prev = (mean, score)
+        return stop
 
 
 def start_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
@@ -383,7 +402,8 @@ def start_device(model: nn.Module, device: torch.device | str | None) -> torch.d
     return device
 
 
-def _peak_memory(device: torch.device) -> tuple[int, str]:
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """The peak memory of this process on ``device`` since ``start_device``, and its kind."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
@@ -419,7 +439,7 @@ def estimate_hessian(
                            " use estimator='hutchinson' with a custom loss_fn")
     device = start_device(model, device)
     start = time.perf_counter()
-    s = _prepare(model, data, opts, names, loss_fn or F.cross_entropy, device)
+    s = prepare(model, data, opts, names, loss_fn or F.cross_entropy, device)
     plan = plan_pass(s, opts, weights=sum(p.numel() for p in s.params), part=part)
     if part is not None and plan.estimator != "mc":
         raise HessianError(f"part= splits the MC estimator's samples; {plan.estimator!r} is "
@@ -450,20 +470,21 @@ def estimate_hessian(
     converged = plan.estimator == "ggn" or fixed is not None or n < opts.max_probes
     mean = samples.mean(0)
     se = samples.std(0) / n**0.5 if n > 1 else torch.zeros_like(mean)
-    peak, kind = _peak_memory(device)
+    peak, kind = peak_memory(device)
+    sizes = [p.shape[0] for p in s.params]
     return HessianResult(
         names=tuple(names),
-        traces=_split(mean, s.params, names),
-        stderr=_split(se, s.params, names),
+        traces=split_channels(mean, sizes, names),
+        stderr=split_channels(se, sizes, names),
         channel_params=dict(zip(names, p_c, strict=True)),
-        weight_sq=_split(w_sq, s.params, names),
+        weight_sq=split_channels(w_sq, sizes, names),
         probe_traces=samples.cpu(),
         estimator=plan.estimator,
         dtype={v: k for k, v in DTYPES.items()}[s.dtype],
         probes=n, retries=retries, loss_scale=scale, converged=converged,
         seconds=time.perf_counter() - start, peak_memory=peak, peak_memory_kind=kind,
         batch_size=opts.batch_size, n_batches=opts.n_batches,
-        ggn=_split(ggn, s.params, names) if ggn is not None else None,
+        ggn=split_channels(ggn, sizes, names) if ggn is not None else None,
         history=tuple(history), choice=plan.reason,
     )
 
@@ -475,7 +496,7 @@ def choose_estimator(model: nn.Module, data, options: HessianOptions | None = No
     the pass (one one-sample forward): what ``ehap_fx.distributed`` agrees on across ranks."""
     opts = options or HessianOptions()
     names = list(names) if names is not None else prunable_modules(model)
-    s = _prepare(model, data, opts, names, F.cross_entropy, start_device(model, device))
+    s = prepare(model, data, opts, names, F.cross_entropy, start_device(model, device))
     return plan_pass(s, opts, weights=sum(p.numel() for p in s.params), extra=extra)
 
 
@@ -491,7 +512,7 @@ class Plan:
     reason: str
 
 
-def plan_pass(s: _Setup, opts: HessianOptions, *, weights: int, extra: int = 0,
+def plan_pass(s: Setup, opts: HessianOptions, *, weights: int, extra: int = 0,
               part: tuple[int, int] | None = None) -> Plan:
     """Resolve ``"auto"`` and size the chunks from the predicted footprints (bytes):
 
@@ -591,7 +612,7 @@ def round_size(fixed: int | None, opts: HessianOptions, n: int) -> int:
     return min(size, opts.max_probes - n)
 
 
-def _mc_loop(s: _Setup, opts: HessianOptions, plan: Plan, rule: _StopRule, part):
+def _mc_loop(s: Setup, opts: HessianOptions, plan: Plan, rule: _StopRule, part):
     """Label draws in rounds (seeded ``seed + round · SEED_STRIDE``) until the stop rule holds
     (one round of ``mc_samples`` when fixed); returns (rows, retries, scale, history)."""
     if s.batches[0][0].is_floating_point():
@@ -631,8 +652,6 @@ def _mc_loop(s: _Setup, opts: HessianOptions, plan: Plan, rule: _StopRule, part)
 
 def _group_index(groups, names, params, device):
     """Scatter indices so that group scores = index_add(channel scores): (rows, cols, size)."""
-    from ehap_fx.passes.group import producer_slices
-
     offsets = dict(zip(names, torch.tensor([0] + [p.shape[0] for p in params]).cumsum(0).tolist(),
                        strict=False))
     rows, cols, start = [], [], 0
@@ -647,12 +666,12 @@ def _group_index(groups, names, params, device):
     return torch.cat(rows).to(device), torch.cat(cols).to(device), start
 
 
-def _split(flat: torch.Tensor, params, names) -> dict[str, torch.Tensor]:
-    parts = flat.detach().float().cpu().split([p.shape[0] for p in params])
-    return dict(zip(names, parts, strict=True))
+def split_channels(flat: torch.Tensor, sizes: Sequence[int], names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """A flat per-channel vector as ``{module name: (channels,)}`` (fp32, on the CPU)."""
+    return dict(zip(names, flat.detach().float().cpu().split(list(sizes)), strict=True))
 
 
-def _ggn_part(s: _Setup, chunk: int) -> torch.Tensor:
+def _ggn_part(s: Setup, chunk: int) -> torch.Tensor:
     pnames = [f"{n}.weight" if n else "weight" for n in s.names]
     total = None
     for x, _ in s.batches:
@@ -662,13 +681,13 @@ def _ggn_part(s: _Setup, chunk: int) -> torch.Tensor:
     return total / len(s.batches) * _fold_sq(s)
 
 
-def _fold_sq(s: _Setup) -> torch.Tensor:
+def _fold_sq(s: Setup) -> torch.Tensor:
     """Per channel, the square of its BN scale (traces of folded weights -> original ones)."""
     return torch.cat([torch.ones(p.shape[0], device=s.device) if k is None else k.pow(2)
                       for p, k in zip(s.params, s.fold, strict=True)])
 
 
-def _probe_loop(s: _Setup, opts: HessianOptions, ggn, rule: _StopRule):
+def _probe_loop(s: Setup, opts: HessianOptions, ggn, rule: _StopRule):
     """Draw probes until the stop rule holds; returns (per-probe rows, retries, scale, history)."""
     scaling = s.dtype == torch.float16 or opts.loss_scale is not None
     scale = float(opts.loss_scale or (2.0**16 if s.dtype == torch.float16 else 1.0))
@@ -712,7 +731,7 @@ def _one_step(s, hvp, vs, scale, scaling, opts, ggn, pnames):
                        f"retries (loss scale {scale}): use dtype='bf16' or 'fp32'")
 
 
-def _gv_contrib(s: _Setup, vs, pnames) -> torch.Tensor:
+def _gv_contrib(s: Setup, vs, pnames) -> torch.Tensor:
     """Per-probe ``Σ_{i∈c} v_i (G v)_i`` in fp32, averaged over the Hessian batches."""
     rows = []
     for p in range(vs[0].shape[0]):
@@ -730,8 +749,6 @@ def _gv_contrib(s: _Setup, vs, pnames) -> torch.Tensor:
 
 def _group_rows(groups, result: HessianResult, rows: torch.Tensor) -> dict[int, torch.Tensor]:
     """Σ over producer members of per-channel ``rows`` (R, total) -> {group id: (R, size)}."""
-    from ehap_fx.passes.group import producer_slices
-
     offsets, start = {}, 0
     for n in result.names:
         offsets[n] = start
@@ -750,19 +767,14 @@ def _group_rows(groups, result: HessianResult, rows: torch.Tensor) -> dict[int, 
     return out
 
 
-def group_sensitivity(groups, model: nn.Module | None, result: HessianResult
-                      ) -> dict[int, torch.Tensor]:
-    """Per group, a ``(size,)`` score per channel: Σ over producers of ``Tr(H_c)/p_c·‖w_c‖²``.
-
-    ``‖w_c‖²`` is taken from ``result`` (the weights the traces were estimated at); ``model``
-    is accepted for symmetry with other scorers and may be ``None``.
-    """
+def group_sensitivity(groups, result: HessianResult) -> dict[int, torch.Tensor]:
+    """Per group, a ``(size,)`` score per channel: Σ over producers of ``Tr(H_c)/p_c·‖w_c‖²``
+    (``‖w_c‖²`` from ``result``: the weights the traces were estimated at)."""
     mean = torch.cat([result.traces[n] for n in result.names])[None]
     return {k: v[0] for k, v in _group_rows(groups, result, mean).items()}
 
 
-def group_stderr(groups, model: nn.Module | None, result: HessianResult
-                 ) -> dict[int, torch.Tensor]:
+def group_stderr(groups, result: HessianResult) -> dict[int, torch.Tensor]:
     """Standard error of :func:`group_sensitivity` from the per-probe estimates (0 for GGN)."""
     rows = _group_rows(groups, result, result.probe_traces)
     n = result.probe_traces.shape[0]

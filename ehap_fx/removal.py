@@ -43,9 +43,9 @@ from ehap_fx.hessian import (
     DTYPES,
     HessianOptions,
     Plan,
-    _peak_memory,
-    _prepare,
+    peak_memory,
     plan_pass,
+    prepare,
     start_device,
 )
 
@@ -116,7 +116,7 @@ def estimate_removal(
     slices, sizes = _checked_slices(groups)
     device = start_device(model, device)
     start = time.perf_counter()
-    s = _prepare(model, data, opts, list(slices), F.cross_entropy, device)
+    s = prepare(model, data, opts, list(slices), F.cross_entropy, device)
     plan = _plan(s, opts, sizes, part)
     if part is not None and plan.estimator != "mc":
         raise HessianError("part= splits the MC form's samples; shard the exact pass's data")
@@ -135,7 +135,7 @@ def estimate_removal(
             for k, q in batch.items():
                 joint[k] += q
         joint = {k: q / len(xs) for k, q in joint.items()}
-    peak, mem_kind = _peak_memory(device)
+    peak, mem_kind = peak_memory(device)
     return removal_result(
         {k: q.cpu() for k, q in joint.items()}, dtype={v: k for k, v in DTYPES.items()}[s.dtype],
         seconds=time.perf_counter() - start, peak_memory=peak, peak_memory_kind=mem_kind,
@@ -148,7 +148,7 @@ def choose_removal(model: nn.Module, data, groups: Sequence, options: HessianOpt
     """The plan (exact or MC, chunks) ``estimate_removal`` would follow, without running it."""
     opts = options or HessianOptions()
     slices, sizes = _checked_slices(groups)
-    s = _prepare(model, data, opts, list(slices), F.cross_entropy, start_device(model, device))
+    s = prepare(model, data, opts, list(slices), F.cross_entropy, start_device(model, device))
     return _plan(s, opts, sizes, None)
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import fx
@@ -93,9 +94,35 @@ class Target:
     def fraction(self) -> float:
         return getattr(self, self.kind)
 
-    def at_step(self, step: int) -> float:
-        """The fraction to reach after ``step`` of ``steps`` (geometric schedule)."""
-        return self.fraction ** (step / self.steps)
+    def at_step(self, step: int) -> Target:
+        """The one-step target to reach after ``step`` of ``steps`` (geometric schedule)."""
+        return replace(self, steps=1, **{self.kind: self.fraction ** (step / self.steps)})
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """What a scorer says about the prunable groups of one graph (``ehap_fx.ranking.rank``).
+
+    ``scores[group_id]``: a ``(size,)`` tensor, higher = more important; ``stderr`` their
+    standard errors (None: exact, or not estimated); ``whole[group_id]``: the score of removing
+    the group entirely (``granularity="block"``; default the sum of its channel scores);
+    ``per_cost``: rank by score per unit of the target's cost saved (right for scores in loss
+    units, such as ``ehap_fx.removal``'s; wrong for L1 norms, whose sums over producers already
+    favour the channels that cost most); ``choose`` (same groups and sizes as ``scores``) picks
+    which channels a group keeps once ``scores`` has decided how many (e.g.
+    ``magnitude_scores(gm)``: the criterion sets the widths, the weights' norms the channels);
+    ``summary``: the scorer and its estimate, JSON-ready for the report; ``result``: the
+    estimate itself (``HessianResult``, ``RemovalResult``; None for L1), for what a tool reads
+    beyond the scores (the removal criterion's joint matrices).
+    """
+
+    scores: Mapping[int, torch.Tensor]
+    stderr: Mapping[int, torch.Tensor] | None = None
+    whole: Mapping[int, float] | None = None
+    summary: dict = field(default_factory=dict)
+    per_cost: bool = False
+    choose: Mapping[int, torch.Tensor] | None = None
+    result: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -176,35 +203,25 @@ def measure(
 
 def select_plan(
     gm: fx.GraphModule,
-    scores: Mapping[int, torch.Tensor],
+    ranking: Ranking | Mapping[int, torch.Tensor],
     target: Target,
     *,
-    fraction: float | None = None,
     base: float | None = None,
     latency: LatencyModel | None = None,
-    per_cost: bool = False,
-    whole: Mapping[int, float] | None = None,
-    choose: Mapping[int, torch.Tensor] | None = None,
 ) -> PrunePlan:
     """The plan that removes the least sensitive channels until ``gm`` meets ``target``.
 
-    ``scores[group_id]`` is a ``(size,)`` tensor (higher = more important) for each prunable
-    group; groups without scores are left whole. ``fraction`` and ``base`` override the
-    target's fraction and the dense value it is relative to (iterative pruning passes the
-    original model's). A latency target needs ``latency`` (a ``LatencyModel`` of ``gm``) and
-    always ranks by sensitivity per second saved; ``per_cost=True`` ranks MACs and params
-    targets the same way, by sensitivity per unit of the target's cost saved (right for
-    scores in loss units, such as ``ehap_fx.removal``; wrong for L1 norms, whose sums over
-    producers already favour the channels that cost most). ``whole[group_id]`` is the
-    sensitivity of removing a group entirely, for ``granularity="block"`` (e.g.
-    ``RemovalResult.whole``, cross terms included; default: the sum of its channel scores).
-    ``choose`` (same groups and sizes as ``scores``) picks which channels a group keeps once
-    ``scores`` has decided how many: e.g. ``magnitude_scores(gm)``, so that the criterion sets
-    the widths and the weights' norms the channels (default: ``scores`` does both).
+    ``ranking`` is a :class:`Ranking`, or its scores alone (``{group_id: (size,) tensor}``,
+    e.g. ``magnitude_scores(gm)``); groups without scores are left whole. ``base`` overrides
+    the dense value the target's fraction is relative to (iterative pruning passes the original
+    model's, with ``target.at_step(step)``). A latency target needs ``latency`` (a
+    ``LatencyModel`` of ``gm``) and always ranks by sensitivity per second saved.
     Raises TargetError stating the reachable minimum.
     """
+    ranking = ranking if isinstance(ranking, Ranking) else Ranking(ranking)
+    scores, whole, per_cost = ranking.scores, ranking.whole, ranking.per_cost
     groups = groups_of(gm)
-    keep_by = _keep_by(scores, choose)
+    keep_by = _keep_by(scores, ranking.choose)
     if target.kind == "latency" and latency is None:
         raise TargetError(
             "a latency target needs a LatencyModel: select_plan(..., latency=LatencyModel(gm, table))"
@@ -215,7 +232,7 @@ def select_plan(
 
     dense = value(PrunePlan({}))
     base = base if base is not None else dense
-    goal = (fraction if fraction is not None else target.fraction) * base
+    goal = target.fraction * base
     saving = None
     if target.kind == "latency" or per_cost:
 
@@ -251,12 +268,12 @@ def select_plan(
         smallest = f"the smallest reachable is {cost(len(order)) / base:.3f} of the dense {target.kind}"
         if target.granularity == "block":
             raise TargetError(
-                f"target {target.kind}={fraction or target.fraction} is unreachable with "
+                f"target {target.kind}={target.fraction} is unreachable with "
                 f"granularity='block' ({len(order)} droppable blocks): {smallest}; raise the target, "
                 "or use granularity='both' to narrow layers too"
             )
         raise TargetError(
-            f"target {target.kind}={fraction or target.fraction} is unreachable: with "
+            f"target {target.kind}={target.fraction} is unreachable: with "
             f"max_prune={target.max_prune}, min_channels={target.min_channels} and "
             f"round_to={target.round_to} {smallest}; raise the target or max_prune, or lower round_to"
         )
@@ -309,5 +326,3 @@ def magnitude_scores(gm: fx.GraphModule, p: int = 1) -> dict[int, torch.Tensor]:
         scores[g.id] = total
     return scores
 
-
-ScoreFn = Callable[[fx.GraphModule], Mapping[int, torch.Tensor]]

@@ -24,7 +24,7 @@ from torch import nn
 
 from ehap_fx.errors import ShrinkError
 from ehap_fx.models import get_model
-from ehap_fx.target import Target, magnitude_scores, select_plan
+from ehap_fx.target import Ranking, Target, magnitude_scores, select_plan
 from tests.nets import randomize_bn
 from tests.test_shrink import assert_shrunk_equals_masked
 
@@ -159,7 +159,7 @@ def test_whole_group_scores_decide_which_blocks_go():
     scores = {g.id: torch.ones(g.size) for g in groups_of(gm).prunable}
     whole = {g: 1.0 for g in dropped}
     whole[dropped[-1]] = 0.0  # the last stage-3 block costs nothing to remove
-    plan = select_plan(gm, scores, Target(macs=0.97, granularity="block"), per_cost=True, whole=whole)
+    plan = select_plan(gm, Ranking(scores, whole=whole, per_cost=True), Target(macs=0.97, granularity="block"))
     assert set(plan.keep) == {dropped[-1]}
 
 

@@ -21,13 +21,11 @@ import torch.multiprocessing as mp
 from nets import TinyOptionA, randomize_bn
 
 from ehap_fx.data import synthetic_cifar
-from ehap_fx.distributed import (
+from ehap_fx.distributed import _BatchShard, is_distributed, shard_loader
+from ehap_fx.distributed_hessian import (
     SEED_STRIDE,
-    _BatchShard,
     estimate_hessian_distributed,
     estimate_removal_distributed,
-    is_distributed,
-    shard_loader,
 )
 from ehap_fx.hessian import HessianOptions, estimate_hessian
 

@@ -286,18 +286,18 @@ def test_group_sensitivity_sums_producers_and_k_indices():
         Member("b", "b", "in", 1, torch.tensor([[0], [2]])),
     ))
     g1 = ChannelGroup(1, 3, (Member("c", "c", "out", 0, torch.arange(3)[:, None]),), "output")
-    scores = group_sensitivity([g0, g1], net, r)
+    scores = group_sensitivity([g0, g1], r)
     want0 = torch.stack([s["a"][0] + 2 * s["b"][1], s["a"][2] + s["b"][2] + s["b"][3]])
     torch.testing.assert_close(scores[0], want0)
     torch.testing.assert_close(scores[1], s["c"])
     w = net.a.weight.detach()
     torch.testing.assert_close(s["a"], r.traces["a"] / 18 * w.pow(2).flatten(1).sum(1))
-    se = group_stderr([g0, g1], net, r)
+    se = group_stderr([g0, g1], r)
     rows = r.probe_traces[:, 7:10] * (r.weight_sq["c"] / 4)
     torch.testing.assert_close(se[1], rows.std(0) / 30**0.5)
     with pytest.raises(HessianError, match="module 'zz' has no Hessian trace"):
         group_sensitivity([ChannelGroup(2, 1, (Member("z", "zz", "out", 0,
-                                                      torch.tensor([[0]])),))], net, r)
+                                                      torch.tensor([[0]])),))], r)
 
 
 def test_options_validate_and_name_the_value():

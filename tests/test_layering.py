@@ -21,7 +21,8 @@ TIERS = {
     "passes": {"ehap_fx.passes"},  # and every ehap_fx.passes.* module
     "scoring": {"ehap_fx.hessian", "ehap_fx.ggn", "ehap_fx.ggn_mc", "ehap_fx.removal", "ehap_fx.sampling",
                 "ehap_fx.fold", "ehap_fx.budget"},
-    "pipeline": {"ehap_fx.compress", "ehap_fx.train", "ehap_fx.qat", "ehap_fx.distributed",
+    "pipeline": {"ehap_fx.compress", "ehap_fx.ranking", "ehap_fx.train", "ehap_fx.qat", "ehap_fx.distributed",
+                 "ehap_fx.distributed_hessian",
                  "ehap_fx.latency", "ehap_fx.report", "ehap_fx.target", "ehap_fx.data", "ehap_fx.models"},
     "cli": {"ehap_fx.cli", "ehap_fx.__main__", "ehap_fx"},
 }

@@ -23,7 +23,7 @@ from ehap_fx.errors import EhapError
 from ehap_fx.hessian import HessianOptions
 from ehap_fx.models import get_model
 from ehap_fx.removal import estimate_removal, joint_order
-from ehap_fx.target import Target, select_plan
+from ehap_fx.target import Ranking, Target, select_plan
 
 FP32 = HessianOptions(dtype="fp32", batch_size=16, progress=False)
 
@@ -184,7 +184,7 @@ def test_per_cost_ranking_prunes_the_channels_that_save_most_per_unit_of_score()
     scores = {first.id: torch.ones(8), second.id: torch.full((8,), 0.9)}
     target = Target(macs=0.9, round_to=1)
     plain = select_plan(gm, scores, target)
-    per_cost = select_plan(gm, scores, target, per_cost=True)
+    per_cost = select_plan(gm, Ranking(scores, per_cost=True), target)
     assert set(plain.keep) == {second.id}
     assert set(per_cost.keep) == {first.id}
 

@@ -10,7 +10,7 @@ from ehap_fx.passes.trace import trace
 from ehap_fx.errors import TargetError
 from ehap_fx.latency import LatencyModel, LatencyOptions, LatencyTable
 from ehap_fx.models import get_model
-from ehap_fx.target import Target, magnitude_scores, select_plan
+from ehap_fx.target import Ranking, Target, magnitude_scores, select_plan
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +50,12 @@ def test_choose_picks_the_channels_within_the_widths_the_scores_set(resnet56):
     scores = magnitude_scores(resnet56)
     reverse = {g: torch.arange(len(s), 0, -1, dtype=torch.float) for g, s in scores.items()}  # 0 first
     target = Target(macs=0.5, round_to=1)
-    plain, chosen = select_plan(resnet56, scores, target), select_plan(resnet56, scores, target, choose=reverse)
+    plain, chosen = select_plan(resnet56, scores, target), select_plan(resnet56, Ranking(scores, choose=reverse), target)
     assert {g: len(k) for g, k in chosen.keep.items()} == {g: len(k) for g, k in plain.keep.items()}
     assert all(list(k) == list(range(len(k))) for k in chosen.keep.values())
     assert chosen.keep != plain.keep
     with pytest.raises(TargetError, match=r"choose has no scores, or scores of another size, for groups \[1\]"):
-        select_plan(resnet56, scores, target, choose={**reverse, 1: torch.ones(3)})
+        select_plan(resnet56, Ranking(scores, choose={**reverse, 1: torch.ones(3)}), target)
 
 
 def test_unreachable_target_states_the_minimum(resnet56):

@@ -127,7 +127,7 @@ def ehap_probe_seconds(model, data, opts: HessianOptions, device, probes: int) -
     from ehap_fx import hessian as h
 
     names = h.prunable_modules(model)
-    s = h._prepare(model, data, opts, names, F.cross_entropy, device)
+    s = h.prepare(model, data, opts, names, F.cross_entropy, device)
     if opts.estimator == "ggn":
         times = []
         for _ in range(2):
@@ -224,7 +224,7 @@ class Decision:
         self.model = model
 
     def scores(self, result) -> torch.Tensor:
-        s = group_sensitivity(self.prunable, self.model, result)
+        s = group_sensitivity(self.prunable, result)
         return torch.cat([s[g.id] for g in self.prunable])
 
     def pruned(self, scores: torch.Tensor) -> set[int]:
@@ -518,7 +518,7 @@ def scale_child(spec: dict) -> dict:
             scores = torch.cat([r.scores[g.id] for g in prunable])
         else:
             r = estimate_hessian(gm, (x, y), opts, groups=prunable)
-            s = group_sensitivity(prunable, gm, r)
+            s = group_sensitivity(prunable, r)
             scores = torch.cat([s[g.id] for g in prunable])
         out["seconds"] = time.perf_counter() - t0
         out["summary"] = r.summary()

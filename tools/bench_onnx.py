@@ -40,11 +40,13 @@ from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
 
 from ehap_fx.errors import TargetError
+from ehap_fx.hessian import HessianOptions
 from ehap_fx.isa import cpu_features
 from ehap_fx.latency import BenchOptions, time_onnx
 from ehap_fx.models import get_model, normalization, pretrained_model
 from ehap_fx.qat import quantize
-from ehap_fx.target import Target, magnitude_scores, select_plan
+from ehap_fx.ranking import rank
+from ehap_fx.target import Ranking, Target, select_plan
 from ehap_fx.train import FinetuneOptions, finetune
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -77,24 +79,16 @@ def base_model(weights_dir: Path):
         return get_model("resnet56").eval(), "random"
 
 
-def ranking(gm, train, args, norm) -> tuple[dict, dict | None]:
-    """Channel scores (and whole-group scores) of ``--scorer``: L1, or the removal criterion
-    (``ehap_fx.removal``, bf16, on ``--hessian-batch`` training images)."""
-    if args.scorer == "l1":
-        return magnitude_scores(gm), None
-    from ehap_fx.passes.group import groups_of
-
-    from ehap_fx.hessian import HessianOptions
-    from ehap_fx.removal import estimate_removal
-
-    x, y = next(iter(train.loader(args.hessian_batch, shuffle=True, normalization=norm)))
+def ranking(gm, train, args, norm) -> Ranking:
+    """The ranking of ``--scorer``: L1, or the removal criterion (``ehap_fx.removal``, bf16, on
+    ``--hessian-batch`` training images)."""
+    batch = next(iter(train.loader(args.hessian_batch, shuffle=True, normalization=norm)))
     opts = HessianOptions(dtype="bf16", batch_size=args.hessian_batch, progress=False)
-    result = estimate_removal(gm, (x, y), groups_of(gm).prunable, opts)
-    return result.scores, result.whole
+    return rank(gm, batch, args.scorer, opts)
 
 
-def pruned_model(gm, target: Target, scores, train, args, norm):
-    plan = select_plan(gm, scores[0], target, per_cost=args.scorer == "removal", whole=scores[1])
+def pruned_model(gm, target: Target, scores: Ranking, train, args, norm):
+    plan = select_plan(gm, scores, target)
     small = shrink(gm, plan).graph_module
     if args.finetune_steps:
         finetune(

@@ -15,19 +15,20 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from ehap_fx.passes.cost import total_cost
-from ehap_fx.passes.group import group_channels, groups_of, producer_modules
+from ehap_fx.passes.group import group_channels, groups_of
 from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
 
 from ehap_fx.data import load_cifar
-from ehap_fx.hessian import HessianOptions, estimate_hessian, group_sensitivity
+from ehap_fx.hessian import HessianOptions
 from ehap_fx.models import normalization, pretrained_model
-from ehap_fx.removal import estimate_removal
-from ehap_fx.target import Target, magnitude_scores, select_plan
+from ehap_fx.ranking import rank
+from ehap_fx.target import Target, select_plan
 from ehap_fx.train import evaluate, recalibrate_bn
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -55,11 +56,10 @@ def main(argv=None) -> None:
     batch = next(iter(train.loader(args.hessian_batch, shuffle=True, seed=123, normalization=norm)))
     opts = HessianOptions(dtype="fp32", batch_size=args.hessian_batch, progress=False)
     t = time.perf_counter()
-    removal = estimate_removal(gm, batch, groups, opts).scores
+    removal = rank(gm, batch, "removal", opts)
     t_removal = time.perf_counter() - t
     t = time.perf_counter()
-    names = producer_modules(groups)
-    trace_scores = group_sensitivity(groups, gm, estimate_hessian(gm, batch, opts, names=names))
+    trace_scores = rank(gm, batch, "hessian", opts)
     t_trace = time.perf_counter() - t
     print(f"{args.model}, pretrained, dense top-1 {evaluate(gm, test):.2f} % on {args.test_limit} test "
           f"images; one Hessian batch of {args.hessian_batch} training images; removal "
@@ -68,10 +68,10 @@ def main(argv=None) -> None:
     print("\n| ranking | selection | MACs kept | params kept | stream widths | top-1 after BN re-estimation |")
     print("|---|---|---|---|---|---|")
     base = total_cost(gm)
-    for name, scores in (("L1", magnitude_scores(gm)), ("exact GGN trace, paper formula", trace_scores),
-                         ("removal ½δᵀGδ", removal)):
+    for name, ranking in (("L1", rank(gm, None, "l1")), ("exact GGN trace, paper formula", trace_scores),
+                          ("removal ½δᵀGδ", removal)):
         for per_cost in (False, True):
-            plan = select_plan(gm, scores, Target(macs=args.macs, round_to=1), per_cost=per_cost)
+            plan = select_plan(gm, replace(ranking, per_cost=per_cost), Target(macs=args.macs, round_to=1))
             small = shrink(gm, plan).graph_module
             recalibrate_bn(small, train.loader(128, shuffle=True, seed=1, normalization=norm),
                            args.recal_batches)
