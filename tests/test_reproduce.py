@@ -68,8 +68,7 @@ def test_quick_run_has_every_row_and_resumes_from_cache(tmp_path):
     for r in pruned:
         assert abs(r["macs_ratio"] - 0.5) < 0.01  # round_to=1 meets the target closely
         assert r["params"] < dense["params"]
-        for stage in ("pruned", "finetuned", "int8_onnx"):
-            assert 0.0 <= r[stage] <= 100.0
+        _assert_rows_are_the_cached_models(tmp_path, argv, r)
         assert r["int8_b1_ms"] > 0 and r["int8_bytes"] < r["params"] * 4
     assert pruned[0]["hessian_dtype"] == "bf16" and pruned[0]["hessian_probes"] == 2
     assert pruned[0]["hessian_peak_memory"] > pruned[0]["hessian_rss_growth"] > 0
@@ -83,6 +82,22 @@ def test_quick_run_has_every_row_and_resumes_from_cache(tmp_path):
     stamps = [p.stat().st_mtime_ns for p in done]
     assert reproduce.main(argv) == rows
     assert [p.stat().st_mtime_ns for p in done] == stamps
+
+
+def _assert_rows_are_the_cached_models(out: Path, argv: list[str], row: dict) -> None:
+    """A row's top-1 figures are those of the models its stages cached: the pruned graph rebuilt
+    from its plan, the same graph with the fine-tuned weights, and the INT8 ONNX file."""
+    args = reproduce.parse_args(argv)
+    budget = reproduce.budget_from(args)
+    data = reproduce.load_data(budget, args.data_root)
+    run = reproduce.Run(row["model"], budget, data, args.data_root, args.weights, out, lambda s: None)
+    tests = reproduce.test_loader(data, budget, row["model"])
+    gm = run._rebuild(row["scorer"], row["target"])
+    assert reproduce.evaluate(gm, tests) == row["pruned"]
+    ft = run.ft_dir / f"{row['scorer']}-{row['target']}"
+    gm.load_state_dict(torch.load(ft / "ft" / "model.pt"))
+    assert reproduce.evaluate(gm, tests) == row["finetuned"]
+    assert reproduce.onnx_top1(ft / "int8" / "model_int8.onnx", tests) == row["int8_onnx"]
 
 
 def test_cached_scores_that_do_not_fit_the_model_are_refused(tmp_path):

@@ -47,22 +47,24 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from ehap_fx.passes.cost import total_cost
-from ehap_fx.passes.export import INPUT, ExportOptions, export, session
-from ehap_fx.passes.group import group_channels, groups_of, producer_modules
+from ehap_fx.passes.export import INPUT, ExportOptions, export, onnx_top1, session
+from ehap_fx.passes.group import group_channels, groups_of
 from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions
 from ehap_fx.passes.shrink import PrunePlan, shrink
 from ehap_fx.passes.trace import trace
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
+from ehap_fx.compress import prune
 from ehap_fx.data import load_cifar, synthetic_cifar
 from ehap_fx.errors import EhapError
-from ehap_fx.hessian import HessianOptions, estimate_hessian, group_sensitivity
+from ehap_fx.hessian import HessianOptions
 from ehap_fx.isa import cpu_features
 from ehap_fx.models import NUM_CLASSES, find_pretrained, get_model, load_pretrained, normalization
 from ehap_fx.qat import quantize
-from ehap_fx.removal import estimate_removal, joint_order
-from ehap_fx.target import Target, magnitude_scores, select_plan
+from ehap_fx.ranking import rank
+from ehap_fx.removal import joint_order
+from ehap_fx.target import Ranking, Target, magnitude_scores
 from ehap_fx.train import FinetuneOptions, evaluate, finetune, recalibrate_bn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +173,7 @@ def variant_of(scorer: str) -> Variant:
     blocks; ``-iter`` prunes channels in ``ITER_STEPS`` steps, re-ranking between them;
     ``-gradual`` also fine-tunes between them, each step taking an equal share of the same
     fine-tune budget (the last share after the last step); ``-mag`` lets the ranking set each
-    group's width and the L1 norms choose its channels (``select_plan(..., choose=...)``), ``-joint``
+    group's width and the L1 norms choose its channels (``Ranking(..., choose=...)``), ``-joint``
     the greedy joint-removal order of the same criterion."""
     for suffix, how in (("-block", ("block", 1)), ("-both", ("both", 1)), ("-iter", ("channel", ITER_STEPS)),
                         ("-gradual", ("channel", ITER_STEPS, True)), ("-mag", ("channel", 1, False, "l1")),
@@ -179,6 +181,12 @@ def variant_of(scorer: str) -> Variant:
         if scorer.endswith(suffix):
             return Variant(scorer[: -len(suffix)], *how)
     return Variant(scorer)
+
+
+def scorer_of(ranking: str) -> str:
+    """The ``ehap_fx.ranking.rank`` scorer of a ranking: ``"l1"``, ``"removal"``, or ``"hessian"``
+    (the trace formula, with the Hutchinson or the exact GGN estimator)."""
+    return ranking.split("-")[0] if ranking.startswith(("l1", "removal")) else "hessian"
 
 
 def hessian_options(scorer: str, budget: Budget) -> HessianOptions | None:
@@ -336,8 +344,7 @@ class Run:
             gm = grouped(self.model, self.budget)
             if scorer == "l1":
                 t = time.perf_counter()
-                scores = magnitude_scores(gm)
-                torch.save(scores, folder / "scores.pt")
+                torch.save(rank(gm, None, "l1").scores, folder / "scores.pt")
                 return {"scorer": "l1", "seconds": round(time.perf_counter() - t, 3)}
             return self._hessian_subprocess(scorer, folder)
         return stage(self.dir / f"rank-{scorer}", fn, f"{self.name} rank {scorer}", self.log)
@@ -369,46 +376,47 @@ class Run:
         keep = PrunePlan({int(g): tuple(k) for g, k in plan.items()})
         return shrink(grouped(self.model, self.budget), keep).graph_module
 
-    def _cached_ranking(self, ranking: str, gm) -> tuple[dict, dict | None]:
-        """The rank stage's channel scores (and whole-group scores of the removal criterion)."""
+    def _cached_ranking(self, ranking: str, gm) -> Ranking:
+        """The rank stage's ranking: channel scores (and whole-group scores of the removal criterion)."""
         folder = self.dir / f"rank-{ranking}"
         scores = torch.load(folder / "scores.pt")
         if {g.id: g.size for g in groups_of(gm).prunable if g.id in scores} != \
                 {g: len(s) for g, s in scores.items()}:
             raise ReproduceError(f"cached scores of {ranking} do not match {self.name}'s groups; "
                                  f"delete {folder}")
-        if not ranking.startswith("removal"):
-            return scores, None
+        if scorer_of(ranking) != "removal":
+            return Ranking(scores)
         whole = folder / "whole.pt"  # only dropping whole groups needs these
-        return scores, torch.load(whole) if whole.exists() else None
+        return Ranking(scores, whole=torch.load(whole) if whole.exists() else None, per_cost=True)
 
     def _pruned_graph(self, scorer: str, target: float):
-        """One-shot, or (``-iter``, ``-gradual``) the ranking re-estimated on the pruned graph
-        after each step (geometric MACs schedule to ``target``), with BN statistics re-estimated
-        (``-iter``) or a share of the fine-tune budget (``-gradual``) between steps; the first
-        step uses the cached ranking of the dense model."""
+        """``ehap_fx.compress.prune``: one-shot, or (``-iter``, ``-gradual``) the ranking
+        re-estimated on the pruned graph after each step (geometric MACs schedule to
+        ``target``), with BN statistics re-estimated (``-iter``) or a share of the fine-tune
+        budget (``-gradual``) between steps; the first step uses the cached ranking of the
+        dense model."""
         v = variant_of(scorer)
         gm = grouped(self.model, self.budget)
-        dense = total_cost(gm).macs
-        scores, whole = self._cached_ranking(v.ranking, gm)
-        if v.granularity != "channel" and v.ranking.startswith("removal") and whole is None:
+        first = self._cached_ranking(v.ranking, gm)
+        if v.granularity != "channel" and first.per_cost and first.whole is None:
             raise ReproduceError(f"{self.dir / f'rank-{v.ranking}'} predates whole-group scores; delete it")
         batch = hessian_batch(self.budget, self.name, self.data.train) if v.steps > 1 and v.ranking != "l1" else None
-        for step in range(1, v.steps + 1):
-            if step > 1:
-                if v.gradual:  # each share sees other images than the final one (seed 0)
-                    self._train(gm, v.steps, seed=10 + step)
-                else:
-                    recalibrate_bn(gm, train_loader(self.data, self.budget, self.name, seed=2), batches=20)
-                gm = gm.cpu()
-                scores, whole = self._rerank(v.ranking, gm, batch)
-            plan = select_plan(gm, scores, Target(macs=target, round_to=self.budget.round_to,
-                                                  granularity=v.granularity),
-                               fraction=target ** (step / v.steps), base=dense,
-                               per_cost=v.ranking.startswith("removal"), whole=whole,
-                               choose=self._channel_scores(v, gm))
-            gm = shrink(gm, plan).graph_module
-        return gm, plan
+
+        def ranker(gm, step: int) -> Ranking:
+            ranking = first if step == 1 else rank(gm, batch, scorer_of(v.ranking),
+                                                   hessian_options(v.ranking, self.budget))
+            return replace(ranking, choose=self._channel_scores(v, gm))
+
+        def between(gm, step: int) -> None:
+            if v.gradual:  # each share sees other images than the final one (seed 0)
+                self._train(gm, v.steps, seed=10 + step + 1)
+            else:
+                recalibrate_bn(gm, train_loader(self.data, self.budget, self.name, seed=2), batches=20)
+            gm.cpu()
+
+        target = Target(macs=target, round_to=self.budget.round_to, granularity=v.granularity, steps=v.steps)
+        pruned = prune(gm, target, ranker, between=between)
+        return pruned.graph_module, pruned.steps[-1].plan
 
     def _channel_scores(self, v: Variant, gm) -> dict | None:
         """What picks the kept channels within each width (None: the ranking's own scores)."""
@@ -420,16 +428,9 @@ class Run:
                 joint = torch.load(cached)
             else:  # a rank stage from before joint matrices: its batch and settings again
                 batch = hessian_batch(self.budget, self.name, self.data.train)
-                joint = estimate_removal(gm, batch, groups_of(gm).prunable,
-                                         hessian_options(v.ranking, self.budget)).joint
+                joint = rank(gm, batch, "removal", hessian_options(v.ranking, self.budget)).result.joint
             return {g: joint_order(q) for g, q in joint.items()}
         return None
-
-    def _rerank(self, ranking: str, gm, batch) -> tuple[dict, dict | None]:
-        if ranking == "l1":
-            return magnitude_scores(gm), None
-        result = estimate_removal(gm, batch, groups_of(gm).prunable, hessian_options(ranking, self.budget))
-        return result.scores, result.whole
 
     def prune(self, scorer: str, target: float) -> dict:
         def fn(folder):
@@ -471,7 +472,7 @@ class Run:
         inputs = torch.cat([x for x, _ in tests])[:512]
         rep = export(q, example_input(b).cpu(), folder / "model_int8.onnx", inputs=inputs, float_model=gm,
                      options=ExportOptions(threads=1))
-        ort_top1 = ort_accuracy(folder / "model_int8.onnx", tests)
+        ort_top1 = onnx_top1(folder / "model_int8.onnx", tests)
         lat = {f"int8_{k}": v for k, v in onnx_latency(folder / "model_int8.onnx", b).items()}
         lat.update({f"fp32_{k}": v for k, v in onnx_latency(folder / "model_int8_fp32.onnx", b).items()})
         return {"top1": ort_top1, "torch_int8_agreement": rep.argmax_agreement, "mode": q.mode,
@@ -551,17 +552,6 @@ def _rank_fields(r: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def ort_accuracy(path: Path, loader) -> float:
-    """Top-1 % of the ONNX model in onnxruntime over ``loader``."""
-    sess = session(path)
-    correct = total = 0
-    for x, y in loader:
-        logits = sess.run(None, {INPUT: x.numpy()})[0]
-        correct += int((logits.argmax(1) == y.numpy()).sum())
-        total += len(y)
-    return 100.0 * correct / total
-
-
 def onnx_latency(path: Path, budget: Budget) -> dict:
     """Median milliseconds per run at batch 1 and batch 128, one onnxruntime thread."""
     sess = session(path, threads=1)
@@ -607,17 +597,12 @@ def rank_worker(spec_path: Path) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     base = _rss()
-    groups = groups_of(gm).prunable
-    names = producer_modules(groups)
-    if spec["scorer"].startswith("removal"):
-        result = estimate_removal(gm, (x, y), groups, opts)
-        scores = result.scores
-        torch.save(result.whole, out / "whole.pt")
+    ranking = rank(gm, (x, y), scorer_of(spec["scorer"]), opts)
+    result = ranking.result
+    if ranking.per_cost:  # the removal criterion: its whole-group scores and joint matrices
+        torch.save(ranking.whole, out / "whole.pt")
         torch.save(result.joint, out / "joint.pt")
-    else:
-        result = estimate_hessian(gm, (x, y), opts, names=names, groups=groups)
-        scores = group_sensitivity(groups, gm, result)
-    torch.save({g: s.cpu() for g, s in scores.items()}, out / "scores.pt")
+    torch.save({g: s.cpu() for g, s in ranking.scores.items()}, out / "scores.pt")
     summary = {**result.summary(), "scorer": spec["scorer"], "base_rss": base,
                "rss_growth": result.peak_memory - base if device.type == "cpu" else None}
     (out / "summary.json").write_text(json.dumps(summary))
