@@ -15,7 +15,7 @@ Gauss-Newton matrix ``G`` (equal to ``H`` per layer for piecewise-linear nets, s
 
 the same per-sample gradients as the GGN traces, contracted with the weights before squaring
 (optimal brain damage on the whole group, cross terms included). Scores are in loss units,
-so ``select_plan(..., per_cost=True)`` can rank them per MAC saved.
+so ``select_plan`` (``Ranking(..., per_cost=True)``) can rank them per unit of cost saved.
 
 At scale the exact pass costs one backward per class and sample; ``HessianOptions.estimator``
 ``"auto"`` (default) takes it when it is cheap and fits the memory budget, else the
@@ -190,7 +190,8 @@ def joint_order(joint: torch.Tensor) -> torch.Tensor:
     """Channel scores (higher = kept longer) from greedy removal under the joint loss ``Q``
     (``RemovalResult.joint``): each next channel is the one whose removal, together with those
     already removed, adds least to ``1_Sᵀ Q 1_S``. Any prefix of the order is the greedy set of
-    its size, so ``select_plan(..., choose={g: joint_order(q)})`` removes channels by it."""
+    its size, so ``select_plan(gm, Ranking(scores, choose={g: joint_order(q)}), target)`` removes
+    channels by it."""
     size = joint.shape[0]
     removed = torch.zeros(size, dtype=torch.bool)
     cross = torch.zeros(size)  # Σ_{s ∈ S} Q[s, c]
