@@ -328,10 +328,20 @@ def export_capture(
         ep, capture = _export(model, *_args_kwargs(example_inputs), dynamic_shapes)
     args, kwargs = capture.args, capture.kwargs
     unlifted = ep.module()
+    _drop_guards(unlifted)
+    unlifted.graph._tracer_cls = None  # export's tracer cannot re-trace a pickled copy
     gm = ExportedGraph(unlifted, unlifted.graph, type(model).__name__)
     gm.training = False
     gm.meta[_meta.CAPTURE] = capture
     return propagate_shapes(gm, *args, *kwargs.values())
+
+
+def _drop_guards(gm: fx.GraphModule) -> None:
+    """Erase the input-shape guard call of an unlifted program (``_guards_fn``, which cannot
+    be pickled); ``passes.program.exported_program`` exports the guards again."""
+    for node in gm.graph.find_nodes(op="call_module"):
+        if node.target == "_guards_fn" and not node.users:
+            gm.graph.erase_node(node)
 
 
 def _args_kwargs(example_inputs: Any) -> tuple[tuple, dict]:

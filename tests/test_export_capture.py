@@ -13,6 +13,8 @@ kernels on the same sliced tensors: y_export == y_fx to fp32 rounding (in fact b
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -253,3 +255,106 @@ def test_fx_graph_has_no_program():
     gm = trace(nn.Conv2d(3, 4, 1), torch.randn(2, 3, 4, 4))
     with pytest.raises(TraceError, match="capture='export'"):
         exported_program(gm)
+
+
+# ---------------------------------------------------------------------------------------------
+# Straight into PT2E and the dynamo ONNX exporter
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pruned_program_goes_straight_into_pt2e_and_onnx(tmp_path):
+    """prepare_pt2e / convert_pt2e on the pruned program's module, the dynamo ONNX export of
+    the program itself: every conv QLinearConv at its pruned width, ORT == PyTorch."""
+    pytest.importorskip("torchao")
+    from ehap_fx.passes._ort_quantizer import OrtQuantizer
+    from ehap_fx.passes.export import export, session
+    from ehap_fx.passes.quantize import QuantizeResult, scheme
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    model, x = randomize_bn(TinyOptionA()), torch.randn(2, 3, 16, 16)
+    gm = group_channels(trace(model, x, capture="export")).graph_module
+    small = shrink(gm, random_plan(gm, 0.5, torch.Generator().manual_seed(4))).graph_module
+    ep = exported_program(small)
+
+    fp32 = tmp_path / "pruned_fp32.onnx"  # the program as it is, through the dynamo exporter
+    torch.onnx.export(ep, f=str(fp32), dynamo=True, input_names=["input"], external_data=False)
+    inputs = torch.randn(256, 3, 16, 16)
+    ort = session(fp32).run(None, {"input": inputs[:128].numpy()})[0]
+    with torch.no_grad():
+        assert_same(torch.from_numpy(ort), small(inputs[:128]))
+
+    chosen = scheme("auto")
+    prepared = prepare_pt2e(ep.module(), OrtQuantizer(False, chosen.weight_range))
+    with torch.no_grad():
+        for batch in torch.split(inputs, 64):
+            prepared(batch)
+    q = QuantizeResult(convert_pt2e(prepared), backend="pt2e", mode="ptq", scheme=chosen)
+    report = export(q, x, tmp_path / "pruned_int8.onnx", inputs=inputs)
+    widths = [tuple(small.get_parameter(n.args[1].target).shape[:2]) for n in small.graph.nodes
+              if n.target is aten.conv2d.default]
+    assert [(c.op_type, c.out_channels, c.in_channels) for c in report.convs] == [
+        ("QLinearConv", o, i) for o, i in widths
+    ]
+    assert report.batch_sizes == (1, 128) and report.op_counts.get("QGemm") == 1
+    # requantization rounding may differ by a step at each of the 7 convs and 3 adds
+    assert report.max_diff_steps <= 8, f"{report.isa}, {chosen.target} ({chosen.weight_bits}-bit)"
+
+
+@pytest.mark.slow
+def test_resnet56_export_pruned_pt2e_qat_onnx(cifar10_root, weights_dir, tmp_path):
+    """The paper's model through the export path only: capture → group → L1 plan to half the
+    MACs (widths multiples of 16) → shrink → 100 fp32 fine-tune steps → PT2E QAT (30 steps) →
+    ONNX, checked in onnxruntime as the FX path is (tests/test_export.py)."""
+    pytest.importorskip("torchao")
+    from dataclasses import replace
+
+    from ehap_fx.passes.export import QuantizeWarning, export, onnx_top1
+    from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions
+
+    from ehap_fx.data import load_cifar
+    from ehap_fx.models import normalization, pretrained_model
+    from ehap_fx.qat import quantize
+    from ehap_fx.target import Target, magnitude_scores, select_plan
+    from ehap_fx.train import FinetuneOptions, evaluate, finetune
+
+    model, norm = pretrained_model("resnet56", weights_dir), normalization("resnet56")
+    train, test = load_cifar(cifar10_root, split="train"), load_cifar(cifar10_root, split="test").head(2000)
+    x = torch.randn(2, 3, 32, 32)
+    gm = group_channels(trace(model, x, capture="export")).graph_module
+    plan = select_plan(gm, magnitude_scores(gm), Target(macs=0.5, round_to=16))
+    small = shrink(gm, plan).graph_module
+    assert total_cost(small).macs <= 0.5 * total_cost(gm).macs
+    finetune(small, train.loader(128, shuffle=True, augment=True, normalization=norm),
+             FinetuneOptions(max_steps=100, lr=0.01, progress=False))
+    small.eval()
+    fp32 = evaluate(small, test.loader(500, normalization=norm))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", QuantizeWarning)  # a conv left in float fails the test
+        q = quantize(small, x, train.loader(64, shuffle=True, augment=True, normalization=norm),
+                     QuantizeOptions(backend="pt2e", finetune=replace(QAT_FINETUNE, max_steps=30)))
+        inputs = next(iter(test.loader(512, normalization=norm)))[0]
+        report = export(q, x, tmp_path / "r56_export_qat.onnx", inputs=inputs)
+    int8 = onnx_top1(report.path, test.loader(500, normalization=norm))
+    print(f"\nresnet56 export-pruned ({total_cost(small).macs / total_cost(gm).macs:.3f} MACs), "
+          f"fine-tuned fp32 {fp32:.2f}%, PT2E QAT int8 (ORT) {int8:.2f}%\n{report.summary()}")
+    widths = sorted(tuple(small.get_parameter(n.args[1].target).shape[:2][::-1]) for n in small.graph.nodes
+                    if n.target is aten.conv2d.default)
+    assert len(report.convs) == 55 and report.quantized_conv_fraction == 1.0
+    assert sorted((c.in_channels, c.out_channels) for c in report.convs) == widths
+    assert report.argmax_agreement >= 0.98  # as the FX path's ResNet-56 checks
+    assert int8 >= fp32 - 1.0
+
+
+def test_compress_with_export_capture_equals_fx():
+    """compress(..., capture="export") prunes the same channels as the FX capture (L1 ranks
+    the same weights), and its pruned graph exports as a program."""
+    from ehap_fx import Target, compress
+
+    model, x = randomize_bn(get_model("resnet20")), torch.randn(1, 3, 32, 32)
+    with pytest.warns(UserWarning, match="L1"):
+        ex = compress(model, x, capture="export", target=Target(macs=0.5))
+    fx = compress(model, x, target=Target(macs=0.5), scorer="l1")
+    assert isinstance(ex.pruned, ExportedGraph)
+    assert ex.report.cost_after == fx.report.cost_after and ex.report.cost_after["macs_ratio"] <= 0.5
+    with torch.no_grad():
+        assert_same(exported_program(ex.pruned).module()(x), fx.pruned(x))

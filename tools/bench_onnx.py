@@ -17,6 +17,9 @@ every model (in onnxruntime) when ``../shared/data`` is present.
     python tools/bench_onnx.py [--rounds 20] [--round-to 8 16] [--granularity channel block]
                                [--macs 0.5] [--scorer l1|removal] [--profile] [--out DIR]
     python tools/bench_onnx.py --pipeline --rounds 3   # FX vs PT2E quantization step times
+
+``--capture fx export`` also prunes a ``torch.export`` capture of the model under the same
+plan (``passes.program.plan_for``) and quantizes it with PT2E (``pruned r16 export ...``).
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ import torch
 from ehap_fx.passes.cost import total_cost
 from ehap_fx.passes.export import ExportReport, export, export_onnx, onnx_top1
 from ehap_fx.passes.group import group_channels
+from ehap_fx.passes.program import kept_outputs, plan_for
 from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions, QuantizeResult
 from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
 
+from ehap_fx import _meta
 from ehap_fx.errors import TargetError
 from ehap_fx.hessian import HessianOptions
 from ehap_fx.isa import cpu_features
@@ -110,6 +115,25 @@ def int8(model, train, args, norm, path: Path, inputs, backend: str) -> ExportRe
     loader = train.loader(128, shuffle=True, augment=mode == "qat", normalization=norm)
     q = quantize(model, X, loader, opts)
     return export(q, X, path, inputs=inputs)
+
+
+def export_captured(exported, gm, small, label: str, train, args, norm, out: Path, inputs) -> list[Entry]:
+    """The torch.export capture pruned under the plan that made ``small`` from ``gm``
+    (``plan_for``: the same kept channels), fine-tuned alike, in fp32 and PT2E INT8."""
+    plan = plan_for(exported, kept_outputs(gm, small.meta[_meta.PLAN]))
+    small_e = shrink(exported, plan).graph_module
+    if args.finetune_steps:
+        finetune(
+            small_e,
+            train.loader(128, shuffle=True, augment=True, normalization=norm),
+            FinetuneOptions(max_steps=args.finetune_steps, lr=0.01, progress=False),
+        )
+    small_e.eval()
+    macs, name = total_cost(small_e).macs, f"pruned {label} export"
+    fp32 = export_onnx(small_e, X, out / f"pruned_{label}_export_fp32.onnx", dynamo=True)
+    path = out / f"pruned_{label}_export_int8_pt2e.onnx"
+    report = int8(small_e, train, args, norm, path, inputs, "pt2e")
+    return [Entry(f"{name} fp32", fp32, macs), Entry(f"{name} int8 pt2e", path, macs, report)]
 
 
 def time_models(entries: list[Entry], batch: int, rounds: int, threads: int) -> dict:
@@ -263,6 +287,13 @@ def main(argv=None) -> None:
         help="channel: one pruned model per --round-to; block: one depth-pruned model",
     )
     ap.add_argument("--backend", choices=("fx", "pt2e"), nargs="+", default=["fx"])
+    ap.add_argument(
+        "--capture",
+        choices=("fx", "export"),
+        nargs="+",
+        default=["fx"],
+        help="export: also the torch.export capture pruned under the same plan (INT8 by PT2E)",
+    )
     ap.add_argument("--qat-steps", type=int, default=0, help="0: post-training quantization")
     ap.add_argument("--calibration-batches", type=int, default=16)
     ap.add_argument("--finetune-steps", type=int, default=0)
@@ -302,12 +333,17 @@ def main(argv=None) -> None:
             Entry(f"dense int8 {b}", path, entries[0].macs, int8(gm, train, args, norm, path, inputs, b))
         )
     scores = ranking(gm, train, args, norm)
+    exported = None
+    if "export" in args.capture:
+        exported = group_channels(trace(model, X, capture="export")).graph_module
     for label, target in variants(args):
         try:
             small = pruned_model(gm, target, scores, train, args, norm)
         except TargetError as e:
             print(f"skipping {label}: {e}")
             continue
+        if exported is not None:
+            entries += export_captured(exported, gm, small, label, train, args, norm, out, inputs)
         macs = total_cost(small).macs
         entries.append(
             Entry(
