@@ -409,17 +409,29 @@ def _capture_of_program(ep: torch.export.ExportedProgram, example_inputs: Any) -
 
 
 def _dynamic_shapes_of(ep: torch.export.ExportedProgram) -> Any:
-    """Dynamic shapes that export ``ep.module()`` again as ``ep`` was: every symbolic dim of a
-    user input becomes ``Dim.DYNAMIC`` (its range is inferred again)."""
+    """Dynamic shapes that export ``ep.module()`` again as ``ep`` was: each symbolic dim of a
+    user input becomes a ``Dim`` with the range ``ep`` constrains it to (one ``Dim`` per
+    symbol, so dims that were equal stay equal)."""
+    dims: dict[str, Any] = {}
     specs = []
     for node in ep.graph.find_nodes(op="placeholder"):
         if node.name not in ep.graph_signature.user_inputs:
             continue
-        val = node.meta.get("val")
-        shape = getattr(val, "shape", ())
-        dims = {i: torch.export.Dim.DYNAMIC for i, d in enumerate(shape) if isinstance(d, torch.SymInt)}
-        specs.append(dims or None)
+        shape = getattr(node.meta.get("val"), "shape", ())
+        spec = {i: _dim_of(ep, d, dims) for i, d in enumerate(shape) if isinstance(d, torch.SymInt)}
+        specs.append(spec or None)
     return tuple(specs) if any(specs) else None
+
+
+def _dim_of(ep: torch.export.ExportedProgram, size: torch.SymInt, dims: dict[str, Any]) -> Any:
+    expr = size.node.expr
+    if not expr.is_Symbol or expr not in ep.range_constraints:
+        return torch.export.Dim.DYNAMIC  # a derived size (2 * s0): export infers it again
+    if str(expr) not in dims:
+        bounds = ep.range_constraints[expr]
+        upper = int(bounds.upper) if bounds.upper.is_finite else None
+        dims[str(expr)] = torch.export.Dim(str(expr), min=max(int(bounds.lower), 1), max=upper)
+    return dims[str(expr)]
 
 
 _CORE_ONLY = (aten.convolution.default, aten._native_batch_norm_legit_no_training.default, aten.addmm.default)

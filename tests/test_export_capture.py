@@ -358,3 +358,24 @@ def test_compress_with_export_capture_equals_fx():
     assert ex.report.cost_after == fx.report.cost_after and ex.report.cost_after["macs_ratio"] <= 0.5
     with torch.no_grad():
         assert_same(exported_program(ex.pruned).module()(x), fx.pruned(x))
+
+
+def test_program_in_program_out():
+    """A user's ExportedProgram (batch dim in [1, 1024]) pruned: the result keeps the range,
+    its signature lists exactly its (sliced) state, and it equals the masked original."""
+    model, x = randomize_bn(TinyOptionA()), torch.randn(4, 3, 16, 16)
+    n = torch.export.Dim("n", min=1, max=1024)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: n},))
+    gm = group_channels(trace(ep, None)).graph_module  # the program's own example inputs
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(5))
+    small = exported_program(shrink(gm, plan).graph_module)
+    assert [str(r) for r in small.range_constraints.values()] == [str(r) for r in ep.range_constraints.values()]
+    sig = small.graph_signature
+    assert sorted(sig.parameters + sig.buffers) == sorted(small.state_dict)
+    kept_bn1 = len(kept_outputs(gm, plan)["conv1"])  # bn1 normalises conv1's channels
+    assert kept_bn1 < 4 and small.state_dict["bn1.running_mean"].shape == (kept_bn1,)
+    masked = mask_channels(gm, plan).graph_module
+    with torch.no_grad():
+        for batch in (1, 7):
+            xb = torch.randn(batch, 3, 16, 16)
+            assert_same(small.module()(xb), masked(xb))
