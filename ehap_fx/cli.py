@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _eval_parser(sub)
     _bench_parser(sub)
+    _sweep_parser(sub)
     return parser
 
 
@@ -193,6 +194,38 @@ def _bench_parser(sub) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+
+def _sweep_parser(sub) -> None:
+    p = sub.add_parser(
+        "sweep", help="the accuracy-latency front: several latency targets x scorers, timed in onnxruntime",
+        description="Compress one model at several latency targets with each scorer, the same fine-tune "
+                    "budget for every arm, quantize, export; then time every ONNX file side by side "
+                    "(batch 1 and 128) and write front.md/json/png (ehap_fx.sweep). Resumable: rerun "
+                    "the same command to finish an interrupted sweep.")
+    _common(p)
+    p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.35, 0.25],
+                   help="latency fractions of the dense INT8 estimate (default 0.5 0.35 0.25)")
+    p.add_argument("--scorers", nargs="+", default=["removal", "hessian", "l1"],
+                   choices=("removal", "hessian", "l1"))
+    p.add_argument("--granularity", choices=("channel", "block", "both"), default="both")
+    p.add_argument("--round-to", type=int, default=8)
+    p.add_argument("--finetune-epochs", type=float, default=0.5)
+    p.add_argument("--finetune-steps", type=int, help="cap on fine-tune steps per arm")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--distill", choices=("on", "off", "both"), default="on",
+                   help="distil every arm from the teacher (both: each arm with and without)")
+    p.add_argument("--teacher", choices=("finetuned", "given"), default="finetuned",
+                   help="the dense model after the same fine-tune budget (default) or as given")
+    p.add_argument("--quant-mode", choices=("qat", "ptq"), default="ptq")
+    p.add_argument("--qat-steps", type=int)
+    p.add_argument("--hessian-batch", type=int, default=256)
+    p.add_argument("--bench-rounds", type=int, default=10)
+    p.add_argument("--bench-threads", type=int)
+    p.add_argument("--quick", action="store_true",
+                   help="a small front on the digits (2 targets, removal and l1, a few steps): minutes")
+    p.add_argument("--out", type=Path, help="output folder (default runs/sweep-<model>)")
+    p.set_defaults(func=cmd_sweep)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,6 +492,60 @@ def _compress_rank(args, main: bool) -> int:
         _write_outputs(tmp, args, result, report, model)
     if main:
         _summary(out, report, args)
+    return 0
+
+
+QUICK_SWEEP = {"targets": [0.6, 0.4], "scorers": ["removal", "l1"], "finetune_steps": 30, "bench_rounds": 3,
+               "hessian_batch": 128, "train_epochs": 3}
+
+
+def cmd_sweep(args) -> int:
+    from ehap_fx.hessian import HessianOptions
+    from ehap_fx.latency import BenchOptions, LatencyOptions
+    from ehap_fx.models import NUM_CLASSES
+    from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions
+    from ehap_fx.sweep import SweepOptions, sweep
+    from ehap_fx.train import DistillOptions, FinetuneOptions
+
+    if args.quick:
+        if args.data is not None or args.download or args.synthetic:
+            raise UsageError("--quick runs on the embedded digits: drop --data/--download/--synthetic")
+        for k, v in QUICK_SWEEP.items():
+            setattr(args, k, v)
+    resolve_defaults(args)
+    try:
+        options = SweepOptions(
+            targets=tuple(args.targets), scorers=tuple(dict.fromkeys(args.scorers)),
+            granularity=args.granularity, round_to=args.round_to,
+            finetune=FinetuneOptions(epochs=args.finetune_epochs, lr=args.lr, max_steps=args.finetune_steps,
+                                     progress=False),
+            distill={"on": (True,), "off": (False,), "both": (True, False)}[args.distill],
+            distill_options=DistillOptions(), teacher=args.teacher,
+            quantize=QuantizeOptions(mode=args.quant_mode,
+                                     finetune=replace(QAT_FINETUNE, max_steps=args.qat_steps)),
+            hessian=HessianOptions(batch_size=args.hessian_batch, seed=args.seed, data_seed=args.seed,
+                                   progress=False),
+            latency=LatencyOptions(),
+            bench=BenchOptions(rounds=args.bench_rounds, threads=args.bench_threads),
+            progress=not args.quiet)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    torch.manual_seed(args.seed)
+    model = build_model(args, NUM_CLASSES[args.dataset])
+    train, test = load_data(args)
+    norm = model_normalization(args)
+    if args.dataset == "digits" and _weights_of(args) is None:
+        train_digits_model(model, train, norm, args)
+    augment = args.dataset != "digits"
+    loader = train.loader(_pick(args.batch_size, 128), shuffle=True, augment=augment, seed=args.seed,
+                          normalization=norm)
+    out = args.out or Path("runs") / f"sweep-{_slug(args.model)}"
+    example = torch.randn((1, *train.images.shape[1:]), generator=torch.Generator().manual_seed(args.seed))
+    result = sweep(model, example, loader, test.loader(256, normalization=norm), out, options,
+                   calibration=train.loader(128, normalization=norm),
+                   name=f"{args.model} on {train.describe()}")
+    print(f"ehap: front of {len(result.rows)} arms in {out}/ (front.md, front.json, front.png)")
+    print((out / "front.md").read_text())
     return 0
 
 
