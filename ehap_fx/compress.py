@@ -327,7 +327,9 @@ def _quantize_and_export(
     out.quantized = q.graph_module
     out.report.quantize = {
         "backend": q.backend,
-        "mode": q.mode,
+        "mode": q.mode,  # the kept model's: "ptq" when QAT ran but did not beat PTQ (check)
+        "asked": options.mode,
+        "check": q.check,
         "steps": q.steps,
         "calibration_batches": q.calibration_batches,
         "seconds": round(q.seconds, 3),

@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ehap_fx.errors import QuantizeError
 from ehap_fx.passes import quantize as quantize_pass
 from ehap_fx.passes.quantize import QuantizeOptions, QuantizeResult, quiet_quantization_warnings
 from ehap_fx.train import FinetuneResult, finetune, total_steps
+
+log = logging.getLogger("ehap_fx")
 
 
 class _FreezingLoader:
@@ -110,6 +114,52 @@ def quantize(
     teacher: nn.Module | None = None,
 ) -> QuantizeResult:
     """``passes.quantize.quantize`` with :func:`qat_finetune` as its QAT loop (PTQ: the same);
-    ``teacher`` is distilled from when ``options.finetune.distill`` is set."""
+    ``teacher`` is distilled from when ``options.finetune.distill`` is set.
+
+    QAT with ``options.ptq_fallback`` (the default) earns its cost or is dropped: a PTQ model
+    is calibrated as well, both INT8 models are scored by cross-entropy on the same
+    ``calibration_batches`` training batches (drawn before QAT starts), and the QAT model is
+    kept only if its loss is not higher; ``result.check`` records both losses and the choice.
+    """
     train = functools.partial(qat_finetune, teacher=teacher)
-    return quantize_pass.quantize(model, example_input, data, options, train=train)
+    result = quantize_pass.quantize(model, example_input, data, options, train=train)
+    if options.mode != "qat" or not options.ptq_fallback:
+        return result
+    batches = _take(data, options.calibration_batches)
+    ptq = quantize_pass.quantize(model, example_input, batches, dataclasses.replace(options, mode="ptq"))
+    qat_loss, ptq_loss = check_loss(result.graph_module, batches), check_loss(ptq.graph_module, batches)
+    kept = result if qat_loss <= ptq_loss else ptq
+    check = {
+        "qat_loss": qat_loss, "ptq_loss": ptq_loss, "images": sum(len(b[1]) for b in batches),
+        "kept": kept.mode,
+        "reason": (f"QAT's INT8 model ends at cross-entropy {qat_loss:.4f} against PTQ's {ptq_loss:.4f} on "
+                   f"the same {len(batches)} training batches: "
+                   + ("QAT kept" if kept is result
+                      else "QAT did not earn its cost here, the PTQ model is kept")),
+    }
+    if kept is not result:
+        log.warning("INT8: %s", check["reason"])
+    return dataclasses.replace(kept, steps=result.steps, losses=result.losses, check=check,
+                               seconds=result.seconds + ptq.seconds)
+
+
+def _take(data: Iterable[Any], n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``n`` ``(x, y)`` batches of ``data`` (held in memory, so both models see the same)."""
+    out = []
+    for batch in data:
+        if len(out) == n:
+            break
+        out.append((batch[0], batch[1]))
+    if not out:
+        raise QuantizeError("the QAT data yielded no batches for the PTQ check")
+    return out
+
+
+@torch.no_grad()
+def check_loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean cross-entropy of ``model`` (in eval mode) over ``batches``, per image."""
+    total, n = 0.0, 0
+    for x, y in batches:
+        total += float(F.cross_entropy(model(x), y, reduction="sum"))
+        n += len(y)
+    return total / n

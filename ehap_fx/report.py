@@ -244,6 +244,8 @@ def _export_section(report) -> list[str]:
     if q:
         out.append(f"- quantization: backend {q['backend']}, mode {q['mode']}, QAT steps "
                    f"{q['steps']}, calibration batches {q['calibration_batches']}")
+        if q.get("check"):
+            out.append(f"- QAT against PTQ: {q['check']['reason']}")
         if q.get("scheme"):
             sc = q["scheme"]
             out.append(f"- scheme: target {sc['target']}, {sc['weight_bits']}-bit symmetric per-channel "

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 import operator
 import time
 import types
@@ -68,9 +67,11 @@ class QuantizeOptions:
     learning rate, distillation, ...). ``freeze_bn_after`` / ``freeze_observers_after`` are
     fractions of the QAT steps after which BatchNorm statistics, then the activation/weight
     ranges, stop updating (1.0: never). ``calibration_batches`` is the number of batches
-    observed in PTQ mode (and, in QAT, observed before training starts, so that training
-    begins from the PTQ ranges). ``target`` is where the INT8 model will run (``"auto"``: this
-    CPU; ``"x86-vnni"``, ``"x86-avx2"``, ``"arm64"``): it fixes the weight range (:func:`scheme`).
+    observed in PTQ mode. ``ptq_fallback`` (QAT only, ``ehap_fx.qat.quantize``): also
+    calibrate a PTQ model and keep it when the QAT model ends with a higher loss on the same
+    ``calibration_batches`` training batches (the report says so). ``target`` is where the INT8
+    model will run (``"auto"``: this CPU; ``"x86-vnni"``, ``"x86-avx2"``, ``"arm64"``): it fixes
+    the weight range (:func:`scheme`).
     """
 
     backend: str = "fx"
@@ -80,6 +81,7 @@ class QuantizeOptions:
     freeze_bn_after: float = 0.5
     freeze_observers_after: float = 0.75
     calibration_batches: int = 16
+    ptq_fallback: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -153,6 +155,7 @@ class QuantizeResult:
     seconds: float = 0.0
     scheme: Int8Scheme = field(default_factory=lambda: scheme("x86-vnni"))
     modified: bool = field(default=True)
+    check: dict | None = None  # QAT against PTQ on the same batches (ehap_fx.qat.quantize)
 
 
 # ---------------------------------------------------------------------------------------------

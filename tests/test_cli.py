@@ -106,7 +106,9 @@ def test_default_report_json(default_run):
     assert rank["retries"] == 0 and rank["seconds"] > 0 and rank["peak_memory"] > 0
     assert {p["reason"] for p in report["pinned"]} == {"model input x", "model output"}
     assert set(report["accuracy"]) == {"dense", "pruned", "finetuned", "int8_torch", "int8_onnx"}
-    assert report["quantize"]["mode"] == "qat" and report["quantize"]["steps"] == 1
+    q = report["quantize"]
+    assert q["asked"] == "qat" and q["steps"] == 1
+    assert q["mode"] == q["check"]["kept"] == ("qat" if q["check"]["qat_loss"] <= q["check"]["ptq_loss"] else "ptq")
     assert report["export"]["quantized_conv_fraction"] == 1.0
     # a barely trained random model has near-tied logits: INT8 rounding flips some argmaxes
     assert report["export"]["argmax_agreement"] >= 0.5

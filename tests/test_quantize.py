@@ -26,7 +26,8 @@ from ehap_fx.passes.quantize import (
 from torch import nn
 
 from ehap_fx.errors import QuantizeError
-from ehap_fx.qat import freeze_schedule, qat_finetune, quantize
+from ehap_fx.qat import check_loss, freeze_schedule, qat_finetune, quantize
+from ehap_fx.train import DistillOptions, FinetuneOptions, finetune
 
 
 class TinyResNet(nn.Module):
@@ -221,3 +222,36 @@ def test_the_pass_has_no_training_loop_of_its_own():
 
     result = quantize_pass.quantize(TinyResNet(), X, batches(2), QuantizeOptions(finetune=replace(QAT_FINETUNE, max_steps=1)), train=loop)
     assert calls == ["GraphModule"] and result.steps == 1
+
+
+def fitted_tiny(data) -> nn.Module:
+    """TinyResNet fitted to ``data``'s labels (its cross-entropy there far below ln 10)."""
+    torch.manual_seed(0)
+    model = TinyResNet()
+    finetune(model, data * 10, FinetuneOptions(lr=0.05, max_steps=40, progress=False))
+    return model.eval()
+
+
+@pytest.mark.parametrize("teacher", [None, "random"])
+def test_qat_keeps_the_ptq_model_when_it_does_not_beat_it(teacher):
+    """The QAT model competes with a PTQ model on the same training batches; the returned model
+    is the one with the lower cross-entropy there. Distilled toward a random teacher alone
+    (alpha=1), QAT unlearns the labels: the PTQ model is kept, and the result says why."""
+    data = batches(4)
+    model = fitted_tiny(data)
+    distill = DistillOptions(alpha=1.0, temperature=1.0) if teacher else None
+    options = QuantizeOptions(finetune=replace(QAT_FINETUNE, epochs=2, lr=0.05, distill=distill),
+                              calibration_batches=4)
+    result = quantize(model, X, data, options, teacher=TinyResNet() if teacher else None)
+    c = result.check
+    assert c["images"] == 32 and result.steps == 8  # 2 epochs of 4 batches
+    assert c["kept"] == result.mode == ("qat" if c["qat_loss"] <= c["ptq_loss"] else "ptq")
+    assert check_loss(result.graph_module, data) == pytest.approx(min(c["qat_loss"], c["ptq_loss"]), rel=1e-6)
+    if teacher:
+        assert c["kept"] == "ptq" and "did not earn its cost" in c["reason"]
+
+
+def test_ptq_fallback_off_keeps_qat():
+    options = QuantizeOptions(finetune=replace(QAT_FINETUNE, max_steps=2, lr=3.0), ptq_fallback=False)
+    result = quantize(TinyResNet(), X, batches(2), options)
+    assert result.mode == "qat" and result.check is None
