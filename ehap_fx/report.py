@@ -271,7 +271,8 @@ def _speed_section(report) -> list[str]:
     out = [f"## Speed: onnxruntime on this machine ({lat['isa']}; threads "
            f"{lat['threads'] or 'default'}, median of {lat['rounds']} interleaved rounds)", "",
            "| batch | dense fp32 ms | INT8 ms | speed-up |", "|---:|---:|---:|---:|"]
-    out += [f"| {b} | {lat['ms']['dense_fp32'][b]:.3f} | {lat['ms']['int8'][b]:.3f} | {lat['speedup'][b]:.2f}x |"
+    ms = lat["ms"]
+    out += [f"| {b} | {ms['dense_fp32'][b]:.3f} | {ms['int8'][b]:.3f} | {lat['speedup'][b]:.2f}x |"
             for b in lat["speedup"]]
     if "dense" in acc and "int8_onnx" in acc:
         out += ["", f"top-1: dense {acc['dense']:.2f} % (PyTorch fp32) vs the INT8 ONNX file "

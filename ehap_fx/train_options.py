@@ -32,7 +32,9 @@ class DistillOptions:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha={self.alpha} must be in [0, 1]: the weight of the teacher's soft targets")
+            raise ValueError(
+                f"alpha={self.alpha} must be in [0, 1]: the weight of the teacher's soft targets"
+            )
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature={self.temperature} must be > 0")
 
