@@ -1,0 +1,92 @@
+"""QAT against PTQ at equal data on a pruned, fine-tuned ResNet-56 (shared CIFAR-10).
+
+Prunes the pretrained ResNet-56 (L1, ``--macs``, ``--round-to``), fine-tunes it
+``--finetune-epochs``, then builds INT8 models from it: PTQ (16 calibration batches) and QAT
+variants of ``--steps`` steps each (defaults; lr 1e-4; distilled from the fp32 model), each
+scored on every test image in PyTorch INT8. The fine-tuned model and each finished variant are
+cached in ``--out``, so a rerun resumes. See docs/int8.md ("QAT against PTQ").
+
+    python tools/qat_vs_ptq.py [--steps 98] [--variants ptq qat_default qat_lr1e-4 qat_distill]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from ehap_fx.passes.group import group_channels
+from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions
+from ehap_fx.passes.shrink import shrink
+from ehap_fx.passes.trace import trace
+
+from ehap_fx.data import load_cifar
+from ehap_fx.models import normalization, pretrained_model
+from ehap_fx.qat import quantize
+from ehap_fx.target import Target, magnitude_scores, select_plan
+from ehap_fx.train import DistillOptions, FinetuneOptions, evaluate, finetune
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def variants(steps: int) -> dict[str, QuantizeOptions]:
+    qat = replace(QAT_FINETUNE, max_steps=steps)
+    return {  # ptq_fallback off: each row is the method itself, not the guarded default
+        "ptq": QuantizeOptions(mode="ptq"),
+        "qat_default": QuantizeOptions(finetune=qat, ptq_fallback=False),
+        "qat_lr1e-4": QuantizeOptions(finetune=replace(qat, lr=1e-4), ptq_fallback=False),
+        "qat_distill": QuantizeOptions(finetune=replace(qat, distill=DistillOptions()), ptq_fallback=False),
+    }
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=SHARED / "data")
+    p.add_argument("--weights", type=Path, default=SHARED / "weights")
+    p.add_argument("--macs", type=float, default=0.5)
+    p.add_argument("--round-to", type=int, default=16)
+    p.add_argument("--finetune-epochs", type=float, default=0.5)
+    p.add_argument("--steps", type=int, default=98)
+    p.add_argument("--variants", nargs="+", default=list(variants(1)))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("runs/qat_vs_ptq"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    norm = normalization("resnet56")
+    train = load_cifar(args.data, split="train")
+    test = load_cifar(args.data, split="test").loader(500, normalization=norm)
+    x = torch.randn(2, 3, 32, 32)
+    cached = args.out / f"pruned_ft_{args.macs}_{args.round_to}_{args.finetune_epochs}.pt"
+    if cached.exists():
+        gm = torch.load(cached, weights_only=False)
+    else:
+        gm = group_channels(trace(pretrained_model("resnet56", args.weights).eval(), x)).graph_module
+        gm = shrink(gm, select_plan(gm, magnitude_scores(gm), Target(macs=args.macs, round_to=args.round_to)))
+        gm = gm.graph_module
+        finetune(gm, train.loader(128, shuffle=True, augment=True, normalization=norm, seed=0),
+                 FinetuneOptions(epochs=args.finetune_epochs))
+        torch.save(gm, cached)
+    path = args.out / f"results_{cached.stem}_{args.steps}.json"
+    res = json.loads(path.read_text()) if path.exists() else {}
+    if "fp32" not in res:
+        res["fp32"] = evaluate(gm, test)
+    for name, opts in variants(args.steps).items():
+        if name not in args.variants or name in res:
+            continue
+        start = time.time()
+        loader = train.loader(128, shuffle=True, augment=opts.mode == "qat", normalization=norm, seed=1)
+        teacher = copy.deepcopy(gm).eval() if opts.finetune.distill else None
+        q = quantize(gm, x, loader, opts, teacher=teacher)
+        res[name] = {"top1": evaluate(q.graph_module, test), "steps": q.steps, "seconds": round(time.time() - start, 1)}
+        path.write_text(json.dumps(res, indent=1))
+        print(name, res[name], flush=True)
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
