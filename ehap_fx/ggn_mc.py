@@ -149,6 +149,12 @@ def channel_sq_norms(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> tor
     """``‖(per-sample weight gradient)_c‖²`` for every sample and output channel: (m, C_out), fp32."""
     if not isinstance(module, nn.Linear) and module.in_channels == module.groups > 1:
         return _depthwise_sq_norms(module, a, b.to(a.dtype))
+    return im2col_sq_norms(module, a, b)
+
+
+def im2col_sq_norms(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:func:`channel_sq_norms` through the unfolded input, for any conv (depthwise too: the
+    path ``tools/bench_hessian.py`` measures the depthwise one against) and linear layer."""
     u, bb = _as_matrices(module, a, b.to(a.dtype))
     m, g, k, t = u.shape
     c = bb.shape[2]

@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ehap_fx.errors import MemoryBudgetError
-from ehap_fx.ggn_mc import channel_sq_norms, input_directional, label_noise, share
+from ehap_fx.ggn_mc import channel_sq_norms, im2col_sq_norms, input_directional, label_noise, share
 from ehap_fx.hessian import HessianOptions, estimate_hessian
 from ehap_fx.removal import estimate_removal
 
@@ -64,6 +64,7 @@ def test_per_sample_reductions_equal_torch_func_per_sample_gradients(name):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=atol)
 
     close(channel_sq_norms(module, x, b), g.pow(2).flatten(2).sum(-1))
+    close(im2col_sq_norms(module, x, b), g.pow(2).flatten(2).sum(-1))  # the general path, depthwise too
     close(input_directional(module, x, b), (g * w).transpose(1, 2).flatten(2).sum(-1))  # ⟨W[:, i], g[:, i]⟩
 
 

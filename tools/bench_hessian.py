@@ -360,6 +360,7 @@ SCALE_CONFIGS = {  # name: (kind, options); "fb" is the fp32 forward+backward ya
     "mc1-bf16": ("hessian", dict(estimator="mc", dtype="bf16", mc_samples=1)),
     "mc2-fp32": ("hessian", dict(estimator="mc", dtype="fp32", mc_samples=2)),
     "auto": ("hessian", {}),
+    "auto-im2col": ("hessian", {}),  # the default with depthwise convs through im2col (before 2026-12-01)
     "ggn-bf16": ("hessian", dict(estimator="ggn", dtype="bf16")),
     "ggn-fp32": ("hessian", dict(estimator="ggn", dtype="fp32")),
     "removal-auto": ("removal", {}),
@@ -486,6 +487,10 @@ def scale_child(spec: dict) -> dict:
     if spec["model"] in IMAGENET:
         calibrate(gm, x)
     kind, cfg = SCALE_CONFIGS[spec["config"]]
+    if spec["config"].endswith("-im2col"):
+        import ehap_fx.ggn_mc as mc
+
+        mc.channel_sq_norms = mc.im2col_sq_norms
     cfg = dict(cfg, **spec.get("override", {}))
     prunable = groups_of(gm).prunable
     base = rss()

@@ -271,23 +271,38 @@ def onnx_check(pruned, x, out) -> dict:
     return {"onnx_diff": diff, "onnx_ok": close(diff, scale, 1e-4), "onnx_exporter": exporter}
 
 
-def _ignored(kind: str, model) -> list:
+def _ignored(kind: str, model, name: str = "") -> list:
+    """Layers Torch-Pruning leaves whole: the classifier / segmentation head, and for detection
+    what its own example (``examples/torchvision_models/torchvision_pruning.py``) ignores per
+    model (its FPN for Faster R-CNN, the prediction convs elsewhere)."""
     from torch import nn
 
     if kind == "classification":
         return [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 1000]
     if kind == "segmentation":
         return [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels == 21]
-    heads = [getattr(model, h) for h in ("roi_heads", "rpn", "head") if hasattr(model, h)]
-    return heads
+    paths = {
+        "ssd": ["head"],
+        "fasterrcnn": ["rpn.head.cls_logits", "rpn.head.bbox_pred", "backbone.fpn", "roi_heads"],
+        "fcos": ["head.classification_head.cls_logits", "head.regression_head.bbox_reg",
+                 "head.regression_head.bbox_ctrness"],
+        "keypointrcnn": ["rpn.head.cls_logits", "backbone.fpn.layer_blocks", "rpn.head.bbox_pred",
+                         "roi_heads.box_head", "roi_heads.box_predictor", "roi_heads.keypoint_predictor"],
+        "maskrcnn": ["rpn.head.cls_logits", "rpn.head.bbox_pred", "roi_heads.box_predictor", "roi_heads.mask_predictor"],
+        "retinanet": ["head.classification_head.cls_logits", "head.regression_head.bbox_reg"],
+    }
+    key = next((k for k in paths if name.startswith(k)), None)
+    if key is None:
+        return [getattr(model, h) for h in ("roi_heads", "rpn", "head") if hasattr(model, h)]
+    return [model.get_submodule(path) for path in paths[key]]
 
 
 def run_tp(kind: str, name: str, x) -> dict:
     """Torch-Pruning with ``round_to=8``; if that fails, once more without it (noted), on the
     model rebuilt from the same seed (no second copy of the weights held)."""
-    row = _run_tp(kind, fresh(kind, name), x, round_to=8)
+    row = _run_tp(kind, name, fresh(kind, name), x, round_to=8)
     if row["status"] == "error":
-        retry = _run_tp(kind, fresh(kind, name), x, round_to=None)
+        retry = _run_tp(kind, name, fresh(kind, name), x, round_to=None)
         if retry["status"] != "error":
             retry["note"] = f"round_to=8 failed ({row['error'][:120]}); this is round_to=None"
             return retry
@@ -301,9 +316,14 @@ def fresh(kind: str, name: str):
     return build(kind, name)
 
 
-def _run_tp(kind: str, model, x, round_to) -> dict:
+def _run_tp(kind: str, name: str, model, x, round_to) -> dict:
     import torch
     import torch_pruning as tp
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    vit = isinstance(model, VisionTransformer)
+    if vit:  # as its example does: whole attention heads, and the model's hidden_dim updated
+        round_to = model.encoder.layers[0].num_heads
 
     row: dict = {}
     t = time.perf_counter()
@@ -318,11 +338,13 @@ def _run_tp(kind: str, model, x, round_to) -> dict:
             base, _ = tp.utils.count_ops_and_params(model, example)
             pruner = tp.pruner.MagnitudePruner(
                 model, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=0.45,
-                iterative_steps=3, ignored_layers=_ignored(kind, model), round_to=round_to,
+                iterative_steps=3, ignored_layers=_ignored(kind, model, name), round_to=round_to,
             )
             macs = base
             for _ in range(3):
                 pruner.step()
+                if vit:
+                    model.hidden_dim = model.conv_proj.out_channels
                 macs, _ = tp.utils.count_ops_and_params(model, example)
                 if macs <= TARGET * base:
                     break
