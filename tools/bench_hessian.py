@@ -370,7 +370,7 @@ SCALE_CONFIGS = {  # name: (kind, options); "fb" is the fp32 forward+backward ya
 }
 
 
-REPEATED = {"fwd+bwd-fp32", "mc2-bf16", "mc1-bf16", "ggn-bf16", "auto"}
+REPEATED = {"fwd+bwd-fp32", "mc2-bf16", "mc1-bf16", "ggn-bf16", "auto", "auto-im2col"}
 FB_PER_SAMPLE = 1.6  # fp32 forward+backward peak growth per sample / autograd's saved bytes (resnet50 @224: measured 1.55)
 
 

@@ -278,7 +278,8 @@ def _ignored(kind: str, model, name: str = "") -> list:
     from torch import nn
 
     if kind == "classification":
-        return [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 1000]
+        return [m for m in model.modules() if (isinstance(m, nn.Linear) and m.out_features == 1000)
+                or (isinstance(m, nn.Conv2d) and m.out_channels == 1000)]  # squeezenet's classifier is a conv
     if kind == "segmentation":
         return [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels == 21]
     paths = {
@@ -505,6 +506,7 @@ their Torch-Pruning cell the whole model.
 def markdown(rows: list[dict], meta: dict) -> str:
     out = [
         HEADER,
+        *([meta["notes"]] if meta.get("notes") else []),
         f"Run: {meta.get('date', '?')} (last row), {meta.get('cpu', '?')}; {meta.get('versions', '')}.",
         f"Command: `{meta.get('command', '')}` (resumable: cached per model in `docs/prunability.json`).",
         "",
@@ -577,6 +579,7 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=int, default=900)
     p.add_argument("--cache", type=Path, default=Path("docs/prunability.json"))
     p.add_argument("--markdown", type=Path, help="write the table here")
+    p.add_argument("--notes", type=Path, help="a markdown file of reading notes, put after the header")
     p.add_argument("--redo", action="store_true", help="ignore cached rows of the selected models")
     p.add_argument("--report-only", action="store_true", help="run nothing: print and write what is cached")
     p.add_argument("--memory-fraction", type=float, default=0.5,
@@ -617,7 +620,7 @@ def main(argv=None) -> int:
     missing = [n for _, n in model_names(args.kinds) if n not in cache["rows"]]
     print(summary(rows) + (f"\nnot run: {', '.join(missing)}" if missing else ""))
     if args.markdown:
-        meta = {**cache["meta"], "missing": missing}
+        meta = {**cache["meta"], "missing": missing, "notes": args.notes.read_text() if args.notes else ""}
         args.markdown.write_text(markdown(rows, meta))
     return 0
 
