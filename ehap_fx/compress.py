@@ -10,6 +10,7 @@ this function only chains them and records what happened in a ``CompressReport``
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import tempfile
 import time
@@ -291,9 +292,13 @@ def compress(
             report.accuracy["finetuned"] = evaluate(gm, eval_data)
     out = CompressResult(gm, report)
     if quantize is not None:
-        qdata = train_data if getattr(quantize, "mode", None) == "qat" else data  # PTQ: same batches
+        # PTQ and the QAT-against-PTQ check: rank 0's first batches on every rank (one choice)
+        first = list(itertools.islice(data, quantize.calibration_batches)) if data is not None else None
+        calibration = distributed.broadcast_object(first)
+        qdata = train_data if quantize.mode == "qat" else calibration
         export = export if distributed.is_main() else None  # only rank 0 writes
-        _quantize_and_export(out, example_input, qdata, eval_data, quantize, export, seconds, teacher)
+        _quantize_and_export(out, example_input, qdata, eval_data, quantize, export, seconds, teacher,
+                             calibration=calibration)
     if dense is not None and out.onnx_path is not None:
         t = time.perf_counter()
         report.latency = measure_speedup(dense, example_input, out.onnx_path, bench)
@@ -318,10 +323,10 @@ def measure_speedup(dense: nn.Module, example_input, int8_path: Path, options: B
 
 
 def _quantize_and_export(
-    out: CompressResult, example_input, data, eval_data, options, export, seconds, teacher
+    out: CompressResult, example_input, data, eval_data, options, export, seconds, teacher, calibration=None
 ) -> None:
     t = time.perf_counter()
-    q = quantize_int8(out.pruned, example_input, data, options, teacher=teacher)
+    q = quantize_int8(out.pruned, example_input, data, options, teacher=teacher, calibration=calibration)
     distill = options.finetune.distill if options.mode == "qat" and teacher is not None else None
     seconds["quantize"] = time.perf_counter() - t
     out.quantized = q.graph_module

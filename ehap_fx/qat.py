@@ -112,20 +112,23 @@ def quantize(
     options: QuantizeOptions = QuantizeOptions(),
     *,
     teacher: nn.Module | None = None,
+    calibration: Iterable[Any] | None = None,
 ) -> QuantizeResult:
     """``passes.quantize.quantize`` with :func:`qat_finetune` as its QAT loop (PTQ: the same);
     ``teacher`` is distilled from when ``options.finetune.distill`` is set.
 
     QAT with ``options.ptq_fallback`` (the default) earns its cost or is dropped: a PTQ model
     is calibrated as well, both INT8 models are scored by cross-entropy on the same
-    ``calibration_batches`` training batches (drawn before QAT starts), and the QAT model is
-    kept only if its loss is not higher; ``result.check`` records both losses and the choice.
+    ``calibration_batches`` training batches of ``calibration`` (default ``data``; under
+    torchrun pass batches every rank shares, so that every rank makes the same choice), and the
+    QAT model is kept only if its loss is not higher; ``result.check`` records both losses and
+    the choice.
     """
     train = functools.partial(qat_finetune, teacher=teacher)
     result = quantize_pass.quantize(model, example_input, data, options, train=train)
     if options.mode != "qat" or not options.ptq_fallback:
         return result
-    batches = _take(data, options.calibration_batches)
+    batches = _take(data if calibration is None else calibration, options.calibration_batches)
     ptq = quantize_pass.quantize(model, example_input, batches, dataclasses.replace(options, mode="ptq"))
     qat_loss, ptq_loss = check_loss(result.graph_module, batches), check_loss(ptq.graph_module, batches)
     kept = result if qat_loss <= ptq_loss else ptq

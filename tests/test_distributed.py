@@ -88,15 +88,15 @@ def _compress(model):
 
     loader = _data().loader(16, shuffle=True, augment=True, seed=1)
     target = Target(macs=0.6, round_to=1, steps=2)  # fine-tunes between the two steps
-    return compress(model, torch.randn(1, 3, 32, 32), data=loader, target=target,
+    return compress(model, torch.randn(1, 3, 32, 32), data=loader, target=target, scorer="hessian",
                     hessian=dataclasses.replace(CASES["adaptive"][0], max_probes=8, rank_threshold=0.9),
                     finetune_options=FinetuneOptions(max_steps=3, lr=0.05, progress=False),
                     quantize=QuantizeOptions(backend="fx", finetune=dataclasses.replace(QAT_FINETUNE, max_steps=2)))
 
 
-def _tiny() -> torch.nn.Module:
+def _tiny(seed: int = 0) -> torch.nn.Module:
     """No BatchNorm: a DDP step is then exactly a step on the ranks' batches joined."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                                torch.nn.Flatten(), torch.nn.Linear(8, 10))
 
@@ -106,6 +106,12 @@ def _train_loader():
 
 
 FT = dict(max_steps=3, lr=0.1, progress=False)
+
+
+def _distill_ft():
+    from ehap_fx.train import DistillOptions, FinetuneOptions
+
+    return FinetuneOptions(**FT, distill=DistillOptions(alpha=0.5, temperature=2.0))
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -133,6 +139,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         got["int8"] = {k: v for k, v in result.quantized.state_dict().items()
                        if torch.is_tensor(v)}
         got["widths"] = result.report.channels_after
+        got["check"] = result.report.quantize["check"]
         got["ranking_probes"] = [step["probes"] for step in result.report.ranking]
         got["finetune_losses"] = result.report.finetune["losses"]
         got["dense"] = {k: v.clone() for k, v in model.state_dict().items()}
@@ -144,6 +151,10 @@ def _worker(rank: int, port: int, out: str) -> None:
 
         got["ddp_losses"] = finetune(tiny, shard_loader(_train_loader()), FinetuneOptions(**FT)).losses
         got["ddp"] = {k: v.clone() for k, v in tiny.state_dict().items()}
+        tiny = _tiny()
+        got["ddp_distill_losses"] = finetune(tiny, shard_loader(_train_loader()), _distill_ft(),
+                                             teacher=_tiny(seed=1)).losses
+        got["ddp_distill"] = {k: v.clone() for k, v in tiny.state_dict().items()}
         torch.save(got, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -241,6 +252,7 @@ def test_ranks_end_with_the_same_pruned_and_int8_models(ranks):
     assert a["ranking_probes"] == b["ranking_probes"]  # adaptive, stopped on group scores
     assert len(a["ranking_probes"]) == 2 and all(4 <= n <= 8 for n in a["ranking_probes"])
     assert sum(a["widths"].values()) < sum(conv for conv in _dense_widths().values())
+    assert a["check"] == b["check"] and a["check"]["images"] == 64  # QAT vs PTQ: the same batches, choice
     assert a["pruned"].keys() == b["pruned"].keys()
     for k in a["pruned"]:
         assert torch.equal(a["pruned"][k], b["pruned"][k]), k
@@ -263,6 +275,23 @@ def test_ddp_steps_equal_one_process_on_the_joined_batches(ranks):
         assert torch.equal(ranks[0]["ddp"][k], ranks[1]["ddp"][k])
     torch.testing.assert_close(torch.tensor(ranks[0]["ddp_losses"]), torch.tensor(result.losses))
     assert (tiny[0].weight - _tiny()[0].weight).abs().max() > 1e-3  # it trained
+
+
+def test_ddp_distillation_equals_one_process_on_the_joined_batches(ranks):
+    """Each rank's teacher sees its own shard; the per-rank losses average, as the joined batch's."""
+    from ehap_fx.train import finetune
+
+    shards = [_train_loader().sharded(r, WORLD) for r in range(WORLD)]
+    joined = [(torch.cat([x for x, _ in bs]), torch.cat([y for _, y in bs])) for bs in zip(*shards)]
+    tiny = _tiny()
+    result = finetune(tiny, joined, _distill_ft(), teacher=_tiny(seed=1))
+    for k, v in tiny.state_dict().items():
+        _close(ranks[0]["ddp_distill"][k], v)
+        assert torch.equal(ranks[0]["ddp_distill"][k], ranks[1]["ddp_distill"][k])
+    torch.testing.assert_close(torch.tensor(ranks[0]["ddp_distill_losses"]), torch.tensor(result.losses))
+    plain = _tiny()
+    finetune(plain, joined, __import__("ehap_fx.train", fromlist=["FinetuneOptions"]).FinetuneOptions(**FT))
+    assert (plain[0].weight - tiny[0].weight).abs().max() > 1e-4  # the teacher changed the steps
 
 
 def _dense_widths():
