@@ -20,10 +20,10 @@ from torch import fx
 from ehap_fx.errors import TargetError
 from ehap_fx.latency import LatencyModel
 from ehap_fx.passes.cost import plan_cost
+from ehap_fx.passes.depth import droppable_groups
 from ehap_fx.passes.group import (
     ChannelGroup,
     KeptChannels,
-    droppable_groups,
     emptiable_groups,
     groups_of,
     producer_slices,
@@ -54,7 +54,7 @@ class Target:
     re-ranking between steps.
 
     ``granularity`` says what may go: ``"channel"`` channels of any group (widths shrink);
-    ``"block"`` only whole droppable groups (``passes.group.droppable_groups``: a residual
+    ``"block"`` only whole droppable groups (``passes.depth.droppable_groups``: a residual
     block's inner channels, so the block goes and the widths stay: depth pruning, which the
     INT8 kernels like best); ``"both"`` channels, and droppable groups may go to zero.
     """

@@ -26,7 +26,8 @@ from ehap_fx.passes._coupling import (
     module_rule,
     table_rule,
 )
-from ehap_fx.passes.group import KeptChannels, folded_nodes, groups_of
+from ehap_fx.passes.depth import folded_nodes
+from ehap_fx.passes.group import KeptChannels, groups_of
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.shape_prop import TensorMetadata
@@ -221,6 +222,12 @@ def total_cost(gm: fx.GraphModule) -> Cost:
     count_cost(gm)
     costs = [n.meta[_meta.COST] for n in gm.graph.nodes if _meta.COST in n.meta]
     return Cost(sum(c.macs for c in costs), sum(c.params for c in costs))
+
+
+def conv_widths(gm: nn.Module) -> dict[str, int]:
+    """Output channels of every conv and linear module (``out_channels``/``out_features``), by name."""
+    return {name: m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
+            for name, m in gm.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
 
 
 def plan_cost(gm: fx.GraphModule, keep_masks: list[torch.Tensor]) -> Cost:

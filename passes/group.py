@@ -28,7 +28,7 @@ Nothing is guessed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +41,6 @@ from ehap_fx.passes._coupling import (
     _map_meta,
     _Pin,
     _rule_for,
-    is_binary,
-    is_pointwise,
     layer_tensor,
 )
 from torch import fx, nn
@@ -70,7 +68,7 @@ class Member:
     and buffers of a norm layer (``dim=0``), ``"pad"`` zero channels made by ``F.pad``
     (``dim=1`` of the pad's output), ``"const"`` a per-channel constant ``(1, C, 1, ...)`` read
     with ``get_attr`` (``dim=1``; what a dropped residual branch leaves, see
-    ``droppable_groups``).
+    ``passes.depth.droppable_groups``).
     """
 
     node: str
@@ -177,7 +175,7 @@ class KeptChannels:
         slots = node.meta.get(_meta.CHANNELS)
         if not isinstance(slots, ChannelSlots):
             raise GroupError(f"{node.format_node()}: no channel slots; rerun group_channels")
-        if dim is not None and not _same_dim(node, slots.dim, dim):
+        if dim is not None and not same_dim(node, slots.dim, dim):
             return torch.ones(node.meta["tensor_meta"].shape[dim], dtype=torch.bool)
         return self.of(slots)
 
@@ -187,12 +185,13 @@ class KeptChannels:
         slots = node.meta.get(_meta.CHANNELS)
         if not isinstance(slots, ChannelSlots):
             return None
-        if dim is not None and not _same_dim(node, slots.dim, dim):
+        if dim is not None and not same_dim(node, slots.dim, dim):
             return int(node.meta["tensor_meta"].shape[dim])
         return int(self.of(slots).sum())
 
 
-def _same_dim(node: fx.Node, a: int, b: int) -> bool:
+def same_dim(node: fx.Node, a: int, b: int) -> bool:
+    """Are dims ``a`` and ``b`` the same dim of ``node``'s value (negative dims counted from the end)?"""
     meta = node.meta.get("tensor_meta")
     if not isinstance(meta, TensorMetadata):
         return a == b
@@ -222,9 +221,6 @@ def emptiable_groups(gm: fx.GraphModule) -> frozenset[int]:
     return frozenset(candidates)
 
 
-CONV_OR_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
 def is_channel_constant(shape: Sequence[int]) -> bool:
     """A per-channel constant's shape, ``(1, C, 1, ...)``: what a dropped block leaves."""
     return len(shape) >= 2 and shape[0] == 1 and all(d == 1 for d in shape[2:])
@@ -238,90 +234,6 @@ def per_channel_dim(shape: Sequence[int]) -> int | None:
     if not big:  # one channel: (1, 1, 1, 1) as a dropped block's, (1,) as a layer scale's
         return (1 if len(shape) >= 2 else 0) if len(shape) else None
     return big[0] if len(big) == 1 else None
-
-
-def reads_no_channel(gm: fx.GraphModule, node: fx.Node, count: Callable[[fx.Node], int | None]) -> bool:
-    """Is ``node`` a conv/linear whose input keeps no channel (``count(input) == 0``)? What a
-    dropped group leaves: it then computes its bias alone, a per-channel constant."""
-    if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), CONV_OR_LINEAR):
-        return False
-    x = node.args[0]
-    if not isinstance(x, fx.Node) or not isinstance(slots := x.meta.get(_meta.CHANNELS), ChannelSlots):
-        return False
-    dim = -1 if isinstance(gm.get_submodule(node.target), nn.Linear) else 1
-    return _same_dim(x, slots.dim, dim) and count(x) == 0
-
-
-def folded_nodes(gm: fx.GraphModule, count: Callable[[fx.Node], int | None]) -> list[fx.Node]:
-    """The nodes that become per-channel constants under the kept channel ``count`` of each
-    node, in graph order: convs/linears that read no channel (``reads_no_channel``) and the
-    pointwise ops of such constants only. ``shrink`` folds them into buffers."""
-    constant: dict[fx.Node, None] = {}
-    for node in gm.graph.nodes:
-        inputs = node.all_input_nodes
-        if reads_no_channel(gm, node, count) or (
-            constant and inputs and all(a in constant for a in inputs) and is_pointwise(gm, node)
-        ):
-            constant[node] = None
-    return list(constant)
-
-
-def droppable_groups(gm: fx.GraphModule) -> frozenset[int]:
-    """Prunable groups that may lose *all* their channels by dropping the branch they live in
-    (depth pruning).
-
-    A group qualifies when the values it lives in carry nothing else, only convs/linears
-    (``groups=1``) read them, and what those readers compute from an empty input (their bias,
-    a per-channel constant) flows through pointwise ops into a binary op with a live operand:
-    the residual add of a ResNet block, whose inner group is the typical case. ``shrink`` then
-    folds the constant into a buffer, and the block becomes ``relu(x + c)``.
-    """
-    nodes_of: dict[int, list[fx.Node]] = {}
-    for n in gm.graph.nodes:
-        if isinstance(s := n.meta.get(_meta.CHANNELS), ChannelSlots):
-            for gid in set(s.group.tolist()):
-                nodes_of.setdefault(gid, []).append(n)
-    return frozenset(g.id for g in groups_of(gm).prunable if _droppable(gm, g, nodes_of.get(g.id, [])))
-
-
-def _droppable(gm: fx.GraphModule, group: ChannelGroup, nodes: list[fx.Node]) -> bool:
-    roles = {m.role for m in group.members}
-    if not roles <= {"out", "norm", "in"} or not {"out", "in"} <= roles:
-        return False
-    inside = set(nodes)
-    for n in nodes:
-        if n.op not in ("call_module", "call_function", "call_method"):
-            return False
-        if not bool((n.meta[_meta.CHANNELS].group == group.id).all()):
-            return False  # the value carries other channels too
-        if n.meta[_meta.CHANNELS].dim != 1:
-            return False  # folding builds (1, C, 1, ...) constants
-    readers = {u for n in nodes for u in n.users if u not in inside}
-    for r in readers:
-        mod = gm.get_submodule(r.target) if r.op == "call_module" else None
-        if not isinstance(mod, CONV_OR_LINEAR) or getattr(mod, "groups", 1) != 1:
-            return False
-        if r.all_input_nodes != [r.args[0]] or r.args[0] not in inside:
-            return False
-    return constant_flows_into_live_ops(gm, readers)
-
-
-def constant_flows_into_live_ops(gm: fx.GraphModule, start: Iterable[fx.Node]) -> bool:
-    """If the nodes ``start`` computed per-channel constants, would every use of them (through
-    pointwise ops) end in a binary op with a live operand, so that folding them is legal?"""
-    constant = set(start)
-    stack = list(constant)
-    while stack:
-        for user in stack.pop().users:
-            if user in constant:
-                continue
-            live = [a for a in user.all_input_nodes if a not in constant and a.op != "get_attr"]
-            if is_pointwise(gm, user) and not live:
-                constant.add(user)
-                stack.append(user)
-            elif not (is_binary(user) and live):
-                return False  # the constant would reach a reduction, a reshape or the output
-    return True
 
 
 def groups_of(gm: fx.GraphModule) -> ChannelGroups:

@@ -7,7 +7,7 @@ channel slices, reshape sizes). The result is an ordinary ``GraphModule``: it ru
 re-traces, saves, loads and exports like any other model, and its output equals the
 original's with the removed channels zeroed (``passes.mask.mask_channels``).
 
-A plan may also empty a *droppable* group (``passes.group.droppable_groups``: the inner
+A plan may also empty a *droppable* group (``passes.depth.droppable_groups``: the inner
 channels of a residual block): the convs that read it then compute their bias alone, a
 per-channel constant, which is folded (in eval mode) through the pointwise ops after it into
 one buffer; the block's branch disappears and its add reads the buffer (depth pruning).
@@ -33,14 +33,12 @@ from ehap_fx.passes._coupling import (
     module_rule,
     table_rule,
 )
+from ehap_fx.passes.depth import droppable_groups, folded_nodes, reads_no_channel
 from ehap_fx.passes.group import (
     ChannelGroups,
     KeptChannels,
-    droppable_groups,
-    folded_nodes,
     group_channels,
     groups_of,
-    reads_no_channel,
 )
 from ehap_fx.passes.trace import refresh_shapes
 from torch import fx, nn

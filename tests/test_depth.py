@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
 from ehap_fx.passes.cost import plan_cost, total_cost
+from ehap_fx.passes.depth import droppable_groups
 from ehap_fx.passes.export import ExportOptions, export
-from ehap_fx.passes.group import droppable_groups, group_channels, groups_of
+from ehap_fx.passes.group import group_channels, groups_of
 from ehap_fx.passes.mask import random_plan
 from ehap_fx.passes.quantize import QuantizeOptions, constant_adds_as_convs, quantize
 from ehap_fx.passes.shrink import PrunePlan, shrink

@@ -11,7 +11,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from ehap_fx.passes.group import droppable_groups, group_channels, groups_of
+from ehap_fx.passes.depth import droppable_groups
+from ehap_fx.passes.group import group_channels, groups_of
 from ehap_fx.passes.trace import trace
 from scipy.stats import spearmanr
 from torch import nn
