@@ -12,5 +12,7 @@ COST = "ehap.cost"
 GROUPS = "ehap.groups"
 # gm.meta: the last pruning plan applied by shrink (passes.shrink.PrunePlan).
 PLAN = "ehap.plan"
+# gm.meta: True once QAT froze BatchNorm on its running statistics (passes.quantize, ehap_fx.qat).
+BN_FROZEN = "ehap.bn_frozen"
 # gm.meta: how torch.export captured the graph, to export it again (passes.trace.ExportCapture).
 CAPTURE = "ehap.capture"

@@ -28,7 +28,7 @@ from ehap_fx.errors import EhapError, TargetError
 from ehap_fx.hessian import HessianOptions
 from ehap_fx.isa import cpu_features
 from ehap_fx.latency import BenchOptions, LatencyModel, LatencyOptions, LatencyTable, time_onnx
-from ehap_fx.passes.cost import Cost, total_cost
+from ehap_fx.passes.cost import Cost, conv_widths, total_cost
 from ehap_fx.passes.export import export as export_onnx
 from ehap_fx.passes.export import export_onnx as export_float
 from ehap_fx.passes.export import onnx_top1
@@ -142,15 +142,6 @@ class CompressResult:
     report: CompressReport
     quantized: nn.Module | None = None
     onnx_path: Path | None = None
-
-
-def conv_widths(gm: nn.Module) -> dict[str, int]:
-    """Output channels of every conv/linear, by module name."""
-    return {
-        name: (m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features)
-        for name, m in gm.named_modules()
-        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
-    }
 
 
 def _cost_dict(c: Cost, base: Cost | None = None) -> dict:
@@ -560,5 +551,6 @@ def synthetic_like(model: nn.Module, example_input: torch.Tensor, hessian: Hessi
         # labels that are not class indices: one (x, y) pair (sampling.draw_batches reads a
         # list of batches only when its labels are 1-D)
         batches = (torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
-    name = f"synthetic: {n} Gaussian inputs shaped like example_input, labelled by the model's own predictions"
+    name = (f"synthetic: {n} Gaussian inputs shaped like example_input, labelled by the model's "
+            "own predictions")
     return batches, name

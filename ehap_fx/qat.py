@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ehap_fx import _meta
 from ehap_fx.errors import QuantizeError
 from ehap_fx.passes import quantize as quantize_pass
 from ehap_fx.passes.quantize import QuantizeOptions, QuantizeResult, quiet_quantization_warnings
@@ -68,7 +69,7 @@ def freeze_bn_stats(prepared: nn.Module, backend: str) -> None:
 
         prepared.apply(freeze)
     else:
-        prepared.meta["ehap.bn_frozen"] = True
+        prepared.meta[_meta.BN_FROZEN] = True
         prepared.train(prepared.training)
 
 

@@ -30,14 +30,15 @@ import torch
 from torch import fx, nn
 
 from ehap_fx.errors import WeightsError
+from ehap_fx.passes.cost import conv_widths
 
 REPORT_KEYS = ("data", "target", "cost_before", "cost_after", "channels_before", "channels_after",
                "groups", "pinned", "ranking", "accuracy", "finetune", "quantize", "export",
                "seconds", "run")
 PRUNED_MODEL, PRUNED_STATE = "pruned_model.pt", "pruned_state_dict.pt"
-ZERO_SCORES = ("every channel sensitivity is 0, so the ranking was arbitrary (a saturated softmax, "
-               "e.g. of a random model, makes the GGN exactly 0): use --estimator hutchinson or a "
-               "trained model")
+ZERO_SCORES = ("every channel score is 0, so the ranking was arbitrary (a saturated softmax, e.g. of a "
+               "random model, makes the GGN, and so the removal scores, exactly 0): use --scorer hessian "
+               "--estimator hutchinson, or a trained model")
 ONNX_NAME = "model_int8.onnx"
 log = logging.getLogger("ehap_fx")
 
@@ -81,10 +82,6 @@ def kept_indices(groups: list[Mapping[str, Any]]) -> list[list[list]]:
             order = torch.tensor(g["scores"], dtype=torch.float32).argsort(descending=True)
             steps.setdefault(g["step"], []).append([g["group"], sorted(order[: g["kept"]].tolist())])
     return [steps.get(s, []) for s in range(1, max(steps, default=0) + 1)]
-
-
-def conv_widths(gm: nn.Module) -> dict[str, int]:
-    return {n: m.out_channels for n, m in gm.named_modules() if isinstance(m, nn.Conv2d)}
 
 
 def load_pruned(path: str | Path, model: nn.Module | None = None) -> fx.GraphModule:
@@ -196,9 +193,9 @@ def _data_section(report, run) -> list[str]:
 
 
 def all_scores_zero(report: Mapping[str, Any]) -> bool:
-    """Whether a Hessian ranking scored every channel 0 (the plan is then arbitrary)."""
+    """Whether a Hessian or removal ranking scored every channel 0 (the plan is then arbitrary)."""
     scores = [s for g in report["groups"] for s in g["scores"]]
-    return report["target"].get("scorer") == "hessian" and bool(scores) and not any(scores)
+    return report["target"].get("scorer") in ("hessian", "removal") and bool(scores) and not any(scores)
 
 
 def _cost_section(report) -> list[str]:

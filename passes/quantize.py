@@ -47,6 +47,7 @@ from ehap_fx.passes.group import is_channel_constant
 from ehap_fx.passes.shrink import fresh_attr
 from torch import fx, nn
 
+from ehap_fx import _meta
 from ehap_fx.errors import QuantizeError
 from ehap_fx.isa import INT8_TARGETS, WEIGHT_RANGES, cpu_features, int8_target
 from ehap_fx.train_options import FinetuneOptions
@@ -409,13 +410,13 @@ def _prepare_pt2e(
 def _bind_train_eval(gm: fx.GraphModule) -> fx.GraphModule:
     """Make ``.train()``/``.eval()`` of an exported graph switch its BN and dropout ops.
 
-    ``gm.meta["ehap.bn_frozen"]`` keeps BatchNorm on running statistics even in train mode
+    ``gm.meta[_meta.BN_FROZEN]`` keeps BatchNorm on running statistics even in train mode
     (the PT2E counterpart of torch.ao's ``freeze_bn_stats``).
     """
     from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
 
     def train(self, mode: bool = True):
-        if mode and not self.meta.get("ehap.bn_frozen", False):
+        if mode and not self.meta.get(_meta.BN_FROZEN, False):
             move_exported_model_to_train(self)
         else:
             move_exported_model_to_eval(self)

@@ -295,7 +295,7 @@ def test_ddp_distillation_equals_one_process_on_the_joined_batches(ranks):
 
 
 def _dense_widths():
-    from ehap_fx.compress import conv_widths
+    from ehap_fx.passes.cost import conv_widths
 
     return conv_widths(_model())
 

@@ -25,6 +25,7 @@ from ehap_fx.passes.quantize import (
 )
 from torch import nn
 
+from ehap_fx import _meta
 from ehap_fx.errors import QuantizeError
 from ehap_fx.qat import check_loss, freeze_schedule, qat_finetune, quantize
 from ehap_fx.train import DistillOptions, FinetuneOptions, finetune
@@ -151,7 +152,7 @@ def test_qat_freezes_bn_then_observers(backend):
         frozen = [m.freeze_bn for m in prepared.modules() if hasattr(m, "freeze_bn")]
         assert frozen == [True, True]
     else:
-        assert prepared.meta["ehap.bn_frozen"] is True
+        assert prepared.meta[_meta.BN_FROZEN] is True
 
 
 def test_qat_without_freezes_keeps_observing():
