@@ -25,6 +25,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -314,9 +315,9 @@ def _is_synthetic(args) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_model(args, num_classes: int) -> nn.Module:
+def build_model(args, num_classes: int) -> tuple[nn.Module, Path | None]:
     """``--model`` (a name or ``module:Class``) with ``--weights``, ``--pretrained-dir`` or
-    ``--pretrained``."""
+    ``--pretrained``, in eval mode, and the checkpoint file it was loaded from (None: none)."""
     from ehap_fx.models import download_pretrained, find_pretrained, get_model, load_pretrained
 
     given = [f for f, v in (("--weights", args.weights), ("--pretrained-dir", args.pretrained_dir),
@@ -335,7 +336,7 @@ def build_model(args, num_classes: int) -> nn.Module:
     if path is not None:
         load_pretrained(model, path)
         log.info("loaded weights %s", path)
-    return model.eval()
+    return model.eval(), path
 
 
 def _import_model(spec: str, num_classes: int) -> nn.Module:
@@ -431,13 +432,28 @@ def staging(out: Path) -> Iterator[Path]:
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with _uninterruptible():  # a second Ctrl-C must not stop the cleanup halfway
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    with _uninterruptible():
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _uninterruptible() -> Iterator[None]:
+    """SIGINT ignored inside (in the main thread; elsewhere Python delivers none), restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,10 +483,10 @@ def _compress_rank(args, main: bool) -> int:
     prof = profile(args)
     out = args.out or Path("runs") / f"compress-{_slug(args.model)}"
     check_out(out)
-    model = build_model(args, NUM_CLASSES[args.dataset])
+    model, path = build_model(args, NUM_CLASSES[args.dataset])
     train, test = load_data(args)
     norm = model_normalization(args)
-    weights = _weights_of(args)
+    weights = str(path) if path is not None else None  # the checkpoint file, not its folder
     if args.dataset == "digits" and weights is None:
         weights = train_digits_model(model, train, norm, args)
     batch = _pick(args.batch_size, prof.batch_size)
@@ -531,10 +547,10 @@ def cmd_sweep(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from e
     torch.manual_seed(args.seed)
-    model = build_model(args, NUM_CLASSES[args.dataset])
+    model, path = build_model(args, NUM_CLASSES[args.dataset])
     train, test = load_data(args)
     norm = model_normalization(args)
-    if args.dataset == "digits" and _weights_of(args) is None:
+    if args.dataset == "digits" and path is None:
         train_digits_model(model, train, norm, args)
     augment = args.dataset != "digits"
     loader = train.loader(_pick(args.batch_size, 128), shuffle=True, augment=augment, seed=args.seed,
@@ -547,19 +563,6 @@ def cmd_sweep(args) -> int:
     print(f"ehap: front of {len(result.rows)} arms in {out}/ (front.md, front.json, front.png)")
     print((out / "front.md").read_text())
     return 0
-
-
-def _weights_of(args) -> str | None:
-    """The checkpoint the model was loaded from, as the report names it (None: none)."""
-    from ehap_fx.models import CHECKPOINTS, find_pretrained
-
-    if args.weights is not None:
-        return str(args.weights)
-    if args.pretrained_dir is not None:
-        return str(find_pretrained(args.model, args.pretrained_dir, args.dataset))
-    if args.pretrained:
-        return CHECKPOINTS[(args.model.lower(), args.dataset)].url
-    return None
 
 
 @contextlib.contextmanager
@@ -585,8 +588,6 @@ def _full_report(args, result, train, test, norm, seconds: float, weights: str |
         "data_detail": f"train: {train.describe()}; test: {test.describe()}",
         "normalization": {"mean": list(norm.mean), "std": list(norm.std)},
         "seconds": round(seconds, 2),
-        "pruned_checkpoint": "pruned_model.pt (torch.save(gm)); pruned_state_dict.pt (weights, "
-                             "widths; ehap_fx.report.load_pruned)",
         "onnx": "model_int8.onnx" if result.onnx_path else None,
         "input_shape": list(train.images.shape[1:]),
     }
@@ -597,9 +598,11 @@ def _write_outputs(folder: Path, args, result, report: dict, dense: nn.Module) -
     from ehap_fx import report as rep
     from ehap_fx.models import NUM_CLASSES
 
-    report["run"]["pruned_state_dict"] = rep.save_pruned(
+    saved = report["run"]["pruned_state_dict"] = rep.save_pruned(
         result.pruned, folder, model=args.model, num_classes=NUM_CLASSES[args.dataset],
         groups=report["groups"], dense=dense, input_shape=tuple(report["run"]["input_shape"]))
+    report["run"]["pruned_checkpoint"] = "pruned_model.pt (torch.save(gm))" + (
+        "; pruned_state_dict.pt (weights, widths; ehap_fx.report.load_pruned)" if saved else "")
     if result.onnx_path is not None:
         _tag_onnx(result.onnx_path, report["run"])
     rep.write_json(report, folder / "report.json")
@@ -675,7 +678,7 @@ def cmd_train(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from e
     out = args.out or Path("runs") / f"{_slug(args.model)}-{args.dataset}.pt"
-    model = build_model(args, NUM_CLASSES[args.dataset])
+    model, _ = build_model(args, NUM_CLASSES[args.dataset])
     train, test = load_data(args)
     norm = model_normalization(args)
     loader = train.loader(args.batch_size or 128, shuffle=True, augment=args.dataset != "digits",
@@ -796,8 +799,7 @@ def main(argv: list[str] | None = None) -> int:
                         level=logging.WARNING if args.quiet else logging.INFO)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not kill the cleanup
+    except KeyboardInterrupt:  # staging() has removed the partial outputs (SIGINT ignored meanwhile)
         print("ehap: interrupted; no partial outputs were left behind", file=sys.stderr)
         return 130
     except EhapError as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,10 +24,11 @@ import pytest
 import torch
 from ehap_fx.passes.export import onnx_top1 as _onnx_top1
 
+from ehap_fx import cli
 from ehap_fx.cli import _onnx_normalization
 from ehap_fx.data import synthetic_cifar
 from ehap_fx.isa import cpu_features
-from ehap_fx.report import REPORT_KEYS
+from ehap_fx.report import REPORT_KEYS, ZERO_SCORES, all_scores_zero
 
 # Synthetic data with short settings (ResNet-56, Hutchinson ranking).
 SHORT = ["--synthetic", "--hessian-batch", "16", "--probes", "2", "--limit-train", "64", "--limit-test", "64",
@@ -110,8 +112,12 @@ def test_default_report_json(default_run):
     assert q["asked"] == "qat" and q["steps"] == 1
     assert q["mode"] == q["check"]["kept"] == ("qat" if q["check"]["qat_loss"] <= q["check"]["ptq_loss"] else "ptq")
     assert report["export"]["quantized_conv_fraction"] == 1.0
-    # a barely trained random model has near-tied logits: INT8 rounding flips some argmaxes
-    assert report["export"]["argmax_agreement"] >= 0.5
+    # the agreement was measured on the 64 test images themselves (the first 512 of the eval
+    # data): two classifiers' accuracies differ by at most the share of images they disagree on
+    agree, acc = report["export"]["argmax_agreement"], report["accuracy"]
+    assert agree * 64 == pytest.approx(round(agree * 64))
+    assert abs(acc["int8_onnx"] - acc["int8_torch"]) <= 100 * (1 - agree) + 1e-9
+    assert ("pruned_state_dict.pt" in report["run"]["pruned_checkpoint"]) == (out / "pruned_state_dict.pt").exists()
     assert report["export"]["max_diff_steps"] <= 20
     assert ".partial-" not in report["export"]["summary"]
 
@@ -235,6 +241,7 @@ def test_real_cifar10_pretrained_resnet20(cifar10_root, weights_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["run"]["synthetic"] is False and report["data"].startswith("cifar10 train")
+    assert Path(report["run"]["weights"]).is_file()  # the checkpoint itself, not its folder
     assert "SYNTHETIC" not in proc.stdout + (out / "report.md").read_text()
     assert 75 <= report["accuracy"]["dense"] <= 88  # 79.69 on the first 256 test images
     assert report["cost_after"]["macs_ratio"] <= 0.7
@@ -364,6 +371,32 @@ def test_bad_flag_values(tmp_path, flags, words):
     out = tmp_path / "out"
     proc = ehap("compress", *TINY, *flags, "--out", str(out), cwd=tmp_path)
     assert_user_error(proc, *words, out=out)
+
+
+def test_the_zero_score_warning_covers_both_loss_scorers():
+    def report(scorer, scores):
+        return {"target": {"scorer": scorer}, "groups": [{"scores": scores}]}
+
+    assert all_scores_zero(report("hessian", [0.0, 0.0])) and all_scores_zero(report("removal", [0.0]))
+    assert not all_scores_zero(report("removal", [0.0, 1e-9])) and not all_scores_zero(report("l1", [0.0]))
+    assert "--scorer hessian --estimator hutchinson" in ZERO_SCORES
+
+
+def test_a_second_ctrl_c_does_not_stop_the_cleanup(tmp_path, monkeypatch):
+    rmtree = shutil.rmtree
+
+    def interrupted_rmtree(path, **kwargs):  # the user presses Ctrl-C again during the cleanup
+        os.kill(os.getpid(), signal.SIGINT)
+        rmtree(path, **kwargs)
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with cli.staging(out) as tmp:
+            (tmp / "report.json").write_text("{}")
+            monkeypatch.setattr(cli.shutil, "rmtree", interrupted_rmtree)
+            raise KeyboardInterrupt
+    assert not tmp.exists() and not out.exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
 def test_refuses_to_replace_a_foreign_folder(tmp_path):
