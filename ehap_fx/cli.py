@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import json
 import logging
 import os
 import shlex
@@ -25,25 +26,47 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import onnx
 import torch
 from torch import nn
 
-from ehap_fx.compress import PRESETS, CompressOptions, Preset
+from ehap_fx import distributed
+from ehap_fx import report as rep
+from ehap_fx.compress import PRESETS, CompressOptions, compress
+from ehap_fx.data import (
+    CIFAR10_NORM,
+    CIFAR100_NORM,
+    DIGITS_NORM,
+    Normalization,
+    load_cifar,
+    load_digits,
+    synthetic_cifar,
+)
 from ehap_fx.errors import DataError, EhapError, ModelError
 from ehap_fx.hessian import HessianOptions
 from ehap_fx.isa import INT8_TARGETS, emulated_precision
 from ehap_fx.latency import BenchOptions, LatencyOptions
-from ehap_fx.models import DIGITS_MODEL
+from ehap_fx.models import (
+    DIGITS_MODEL,
+    NUM_CLASSES,
+    download_pretrained,
+    find_pretrained,
+    get_model,
+    load_pretrained,
+    normalization,
+)
+from ehap_fx.passes.export import onnx_top1, session
 from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions
-from ehap_fx.report import ZERO_SCORES, all_scores_zero
+from ehap_fx.report import ZERO_SCORES, all_scores_zero, load_pruned
+from ehap_fx.sweep import SweepOptions, sweep
 from ehap_fx.target import DEFAULT_ROUND_TO, Target
-from ehap_fx.train import DistillOptions, FinetuneOptions
+from ehap_fx.train import DistillOptions, FinetuneOptions, evaluate, finetune
 
 DEFAULT_DATA_DIR = Path("~/.cache/ehap-fx/data")
 
@@ -234,11 +257,6 @@ def _sweep_parser(sub) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def profile(args) -> Preset:
-    """The preset of the data source (``PRESETS``: digits, synthetic, cifar); explicit flags win."""
-    return PRESETS[source(args)]
-
-
 def source(args) -> str:
     """Where the images come from: ``"synthetic"``, ``"cifar"`` or ``"digits"`` (the default)."""
     if args.synthetic:
@@ -266,9 +284,8 @@ def resolve_defaults(args) -> None:
 
 
 def compress_options(args) -> CompressOptions:
-    """The options of ``compress()`` from the flags and the data source's preset; bad values
-    raise UsageError."""
-    prof, show = profile(args), not args.quiet
+    """``compress()``'s options from the flags and the data source's preset (UsageError if bad)."""
+    prof, show = PRESETS[source(args)], not args.quiet
     try:
         given = {k: v for k, v in (("macs", args.target_macs), ("params", args.target_params),
                                    ("latency", args.target_latency)) if v is not None}
@@ -306,10 +323,6 @@ def _pick(flag, default):
     return default if flag is None else flag
 
 
-def _is_synthetic(args) -> bool:
-    return source(args) == "synthetic"
-
-
 # ---------------------------------------------------------------------------------------------
 # Models and data
 # ---------------------------------------------------------------------------------------------
@@ -318,8 +331,6 @@ def _is_synthetic(args) -> bool:
 def build_model(args, num_classes: int) -> tuple[nn.Module, Path | None]:
     """``--model`` (a name or ``module:Class``) with ``--weights``, ``--pretrained-dir`` or
     ``--pretrained``, in eval mode, and the checkpoint file it was loaded from (None: none)."""
-    from ehap_fx.models import download_pretrained, find_pretrained, get_model, load_pretrained
-
     given = [f for f, v in (("--weights", args.weights), ("--pretrained-dir", args.pretrained_dir),
                             ("--pretrained", args.pretrained)) if v]
     if len(given) > 1:
@@ -353,9 +364,6 @@ def _import_model(spec: str, num_classes: int) -> nn.Module:
 
 
 def model_normalization(args):
-    from ehap_fx.data import CIFAR10_NORM, CIFAR100_NORM, DIGITS_NORM
-    from ehap_fx.models import normalization
-
     if ":" in args.model:
         return {"cifar10": CIFAR10_NORM, "cifar100": CIFAR100_NORM, "digits": DIGITS_NORM}[args.dataset]
     return normalization(args.model, args.dataset)
@@ -363,9 +371,6 @@ def model_normalization(args):
 
 def load_data(args, *, train: bool = True):
     """(train split or None, test split) as CifarData: the digits, CIFAR from --data, or synthetic."""
-    from ehap_fx.data import load_cifar, load_digits, synthetic_cifar
-    from ehap_fx.models import NUM_CLASSES
-
     for flag in ("limit_train", "limit_test", "batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be >= 1")
@@ -397,8 +402,6 @@ def load_data(args, *, train: bool = True):
 def train_digits_model(model: nn.Module, train, norm, args) -> str:
     """Train the embedded default's model on the digits in-process; returns what to report
     as its weights."""
-    from ehap_fx.train import FinetuneOptions, finetune
-
     epochs = _pick(args.train_epochs, PRESETS["digits"].train_epochs)
     try:
         options = FinetuneOptions(epochs=epochs, lr=0.1, weight_decay=5e-4, progress=not args.quiet)
@@ -445,10 +448,7 @@ def staging(out: Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def _uninterruptible() -> Iterator[None]:
-    """SIGINT ignored inside (in the main thread; elsewhere Python delivers none), restored after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    """SIGINT ignored inside (the CLI's main thread), restored after."""
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
@@ -464,8 +464,6 @@ def _uninterruptible() -> Iterator[None]:
 def cmd_compress(args) -> int:
     """``ehap compress``; under ``torchrun`` one rank of the group (gloo: models run on the CPU),
     rank 0 alone announcing and writing ``--out`` (see docs/distributed.md)."""
-    from ehap_fx import distributed
-
     with distributed.process_group_from_env(backend="gloo"):
         if not distributed.is_main():
             logging.getLogger("ehap_fx").setLevel(logging.ERROR)  # rank 0 speaks
@@ -473,14 +471,11 @@ def cmd_compress(args) -> int:
 
 
 def _compress_rank(args, main: bool) -> int:
-    from ehap_fx.compress import compress
-    from ehap_fx.models import NUM_CLASSES
-
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     resolve_defaults(args)
     opts = compress_options(args)
-    prof = profile(args)
+    prof = PRESETS[source(args)]
     out = args.out or Path("runs") / f"compress-{_slug(args.model)}"
     check_out(out)
     model, path = build_model(args, NUM_CLASSES[args.dataset])
@@ -516,13 +511,6 @@ QUICK_SWEEP = {"targets": [0.6, 0.4], "scorers": ["removal", "l1"], "finetune_st
 
 
 def cmd_sweep(args) -> int:
-    from ehap_fx.hessian import HessianOptions
-    from ehap_fx.latency import BenchOptions, LatencyOptions
-    from ehap_fx.models import NUM_CLASSES
-    from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions
-    from ehap_fx.sweep import SweepOptions, sweep
-    from ehap_fx.train import DistillOptions, FinetuneOptions
-
     if args.quick:
         if args.data is not None or args.download or args.synthetic:
             raise UsageError("--quick runs on the embedded digits: drop --data/--download/--synthetic")
@@ -595,9 +583,6 @@ def _full_report(args, result, train, test, norm, seconds: float, weights: str |
 
 
 def _write_outputs(folder: Path, args, result, report: dict, dense: nn.Module) -> None:
-    from ehap_fx import report as rep
-    from ehap_fx.models import NUM_CLASSES
-
     saved = report["run"]["pruned_state_dict"] = rep.save_pruned(
         result.pruned, folder, model=args.model, num_classes=NUM_CLASSES[args.dataset],
         groups=report["groups"], dense=dense, input_shape=tuple(report["run"]["input_shape"]))
@@ -613,10 +598,6 @@ def _write_outputs(folder: Path, args, result, report: dict, dense: nn.Module) -
 
 def _tag_onnx(path: Path, run: dict) -> None:
     """Record model, dataset, normalisation and the synthetic flag in the ONNX metadata."""
-    import json
-
-    import onnx
-
     model = onnx.load(str(path))
     for key, value in (("ehap.model", run["model"]), ("ehap.dataset", run["dataset"]),
                        ("ehap.normalization", json.dumps(run["normalization"])),
@@ -666,9 +647,6 @@ def _slug(name: str) -> str:
 
 
 def cmd_train(args) -> int:
-    from ehap_fx.models import NUM_CLASSES
-    from ehap_fx.train import FinetuneOptions, evaluate, finetune
-
     torch.manual_seed(args.seed)
     resolve_defaults(args)
     try:
@@ -699,10 +677,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ehap_fx.models import NUM_CLASSES
-    from ehap_fx.passes.export import onnx_top1
-    from ehap_fx.train import evaluate
-
     path = args.path
     if not path.is_file():
         raise UsageError(f"{str(path)!r} does not exist or is not a file")
@@ -723,9 +697,6 @@ def cmd_eval(args) -> int:
 
 def _load_checkpoint(path: Path, args, num_classes: int) -> tuple[nn.Module, str | None]:
     """(model in eval mode, architecture name recorded in the file or None)."""
-    from ehap_fx.models import get_model, load_pretrained
-    from ehap_fx.report import load_pruned
-
     obj = None
     with contextlib.suppress(Exception):  # a whole pickled GraphModule is not weights-only
         obj = torch.load(path, weights_only=True, map_location="cpu")
@@ -738,12 +709,6 @@ def _load_checkpoint(path: Path, args, num_classes: int) -> tuple[nn.Module, str
 
 
 def _onnx_normalization(path: Path):
-    import json
-
-    import onnx
-
-    from ehap_fx.data import Normalization
-
     meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     if "ehap.normalization" not in meta:
         return None
@@ -752,10 +717,6 @@ def _onnx_normalization(path: Path):
 
 
 def cmd_bench(args) -> int:
-    import numpy as np
-
-    from ehap_fx.passes.export import session
-
     if not args.path.is_file():
         raise UsageError(f"{str(args.path)!r} does not exist or is not a file")
     if args.runs < 1 or args.warmup < 0 or min(args.batch) < 1:

@@ -46,9 +46,8 @@ log = logging.getLogger("ehap_fx")
 
 @dataclass(frozen=True)
 class CompressOptions:
-    """What ``compress`` does to a traced model, as one typed value (``compress``'s keyword
-    arguments of the same names): the CLI builds one from its flags and a :class:`Preset`, then
-    calls ``compress(model, x, data=..., **vars(options))``."""
+    """``compress``'s keyword arguments of these names as one typed value: the CLI builds one from
+    its flags and a :class:`Preset`, then calls ``compress(model, x, data=..., **vars(options))``."""
 
     target: Target = Target(macs=0.5)
     scorer: str | None = None
@@ -65,9 +64,8 @@ class CompressOptions:
 
 @dataclass(frozen=True)
 class Preset:
-    """The defaults of a run that its flags leave open, one per data source (:data:`PRESETS`):
-    batch sizes, scorer and estimator, fine-tune and QAT lengths; ``train_epochs`` of the digits
-    model trained in-process, ``train_images``/``test_images`` of synthetic data."""
+    """The defaults a run's flags leave open, one per data source (:data:`PRESETS`); ``train_epochs``
+    of the digits model trained in-process, ``train_images``/``test_images`` of synthetic data."""
 
     batch_size: int
     hessian_batch: int
@@ -151,18 +149,6 @@ def _cost_dict(c: Cost, base: Cost | None = None) -> dict:
     return d
 
 
-def _record(step: PruneStep) -> list[GroupRecord]:
-    scores, stderr, out = step.ranking.scores, step.ranking.stderr, []
-    for g in step.groups.prunable:
-        if g.id not in scores:
-            continue
-        kept = len(step.plan.keep.get(g.id, range(g.size)))
-        members = tuple(f"{m.module or m.node}:{m.role}" for m in g.members)
-        se = tuple(stderr[g.id].tolist()) if stderr is not None else None
-        out.append(GroupRecord(step.step, g.id, g.size, kept, members, tuple(scores[g.id].tolist()), se))
-    return out
-
-
 def compress(
     model: nn.Module,
     example_input: torch.Tensor | tuple | dict,
@@ -238,15 +224,8 @@ def compress(
     base = total_cost(gm)
     report = CompressReport(
         data=data_name or ("none (L1 ranking needs no data)" if data is None else "user data"),
-        target={
-            "kind": target.kind,
-            "fraction": target.fraction,
-            "round_to": target.round_to,
-            "max_prune": target.max_prune,
-            "steps": target.steps,
-            "granularity": target.granularity,
-            "scorer": scorer,
-        },
+        target={**{k: getattr(target, k) for k in ("kind", "fraction", "round_to", "max_prune", "steps",
+                                                      "granularity")}, "scorer": scorer},
         cost_before=_cost_dict(base),
         channels_before=conv_widths(gm),
         pinned=[{"group": g.id, "size": g.size, "reason": g.pinned} for g in groups_of(gm).pinned],
@@ -340,26 +319,17 @@ def _quantize_and_export(
         rep = export_onnx(q, example_input, export, inputs=inputs, float_model=out.pruned)
         seconds["export"] = time.perf_counter() - t
         out.onnx_path = Path(export)
-        out.report.export = {
-            "path": str(rep.path),
-            "int8_bytes": rep.int8_bytes,
-            "fp32_bytes": rep.fp32_bytes,
-            "quantized_conv_fraction": rep.quantized_conv_fraction,
-            "op_counts": rep.op_counts,
-            "argmax_agreement": rep.argmax_agreement,
-            "max_abs_diff": rep.max_abs_diff,
-            "max_diff_steps": rep.max_diff_steps,
-            "isa": rep.isa,
-            "summary": rep.summary(),
-        }
+        fields = ("int8_bytes", "fp32_bytes", "quantized_conv_fraction", "op_counts", "argmax_agreement",
+                  "max_abs_diff", "max_diff_steps", "isa")
+        out.report.export = {"path": str(rep.path), **{k: getattr(rep, k) for k in fields},
+                             "summary": rep.summary()}
         if eval_data is not None:
             out.report.accuracy["int8_onnx"] = onnx_top1(rep.path, eval_data)
 
 
 @dataclass(frozen=True)
 class PruneStep:
-    """One rank → select → shrink step of :func:`prune`: the ranking, the plan, the groups of
-    the graph it ranked, and the seconds ranking took."""
+    """One rank → select → shrink step of :func:`prune` (``groups``: of the graph it ranked)."""
 
     step: int
     ranking: Ranking
@@ -370,22 +340,16 @@ class PruneStep:
 
 @dataclass(frozen=True)
 class Pruned:
-    """What :func:`prune` returns: the shrunk graph, its steps, and the dense graph's value of
-    the target's quantity (MACs, params, or estimated seconds)."""
+    """:func:`prune`'s shrunk graph, its steps, and the dense value of the target's quantity."""
 
     graph_module: fx.GraphModule
     steps: tuple[PruneStep, ...]
     dense: float
 
 
-def prune(
-    gm: fx.GraphModule,
-    target: Target,
-    ranker: Callable[[fx.GraphModule, int], Ranking],
-    *,
-    between: Callable[[fx.GraphModule, int], Any] | None = None,
-    latency: LatencyTable | None = None,
-) -> Pruned:
+def prune(gm: fx.GraphModule, target: Target, ranker: Callable[[fx.GraphModule, int], Ranking], *,
+          between: Callable[[fx.GraphModule, int], Any] | None = None, latency: LatencyTable | None = None
+          ) -> Pruned:
     """The pruning loop: ``ranker(gm, step)`` → ``select_plan`` → ``shrink``, ``target.steps``
     times toward ``target.at_step(step)`` of the dense value, ``between(gm, step)`` (a fine-tune,
     a BN re-estimate) after every step but the last. A latency target needs ``latency`` (a table)."""
@@ -412,7 +376,12 @@ def _record_pruning(report: CompressReport, pruned: Pruned, target: Target, tabl
     for s in pruned.steps:
         seconds[f"rank_{s.step}"] = s.seconds
         report.ranking.append({"step": s.step, **s.ranking.summary})
-        report.groups.extend(_record(s))
+        scores, stderr = s.ranking.scores, s.ranking.stderr
+        for g in (g for g in s.groups.prunable if g.id in scores):
+            members = tuple(f"{m.module or m.node}:{m.role}" for m in g.members)
+            se = tuple(stderr[g.id].tolist()) if stderr is not None else None
+            report.groups.append(GroupRecord(s.step, g.id, g.size, len(s.plan.keep.get(g.id, range(g.size))),
+                                             members, tuple(scores[g.id].tolist()), se))
     if table is not None:
         after = measure(gm, target, latency=LatencyModel(gm, table))
         report.target.update(latency_before_s=pruned.dense, latency_after_s=after,

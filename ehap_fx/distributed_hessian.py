@@ -1,28 +1,17 @@
-"""The Hessian and removal estimates split over the ranks of a ``torch.distributed`` group.
+"""The Hessian and removal estimates split over the ranks of a ``torch.distributed`` group
+(the group itself: ``ehap_fx.distributed``); without one, the single-process estimators.
 
-With no process group, or a group of one, each function here is the single-process estimator
-itself (``ehap_fx.hessian``, ``ehap_fx.removal``); the group itself is ``ehap_fx.distributed``.
-
-* :func:`estimate_hessian_distributed` splits the Hessian work over the ranks and returns the
-  same combined :class:`~ehap_fx.hessian.HessianResult`, bit for bit, on every rank:
-
-  - ``shard="probes"`` (Hutchinson, hybrid): every rank draws its own probes (seed chunk
-    ``round * world + rank``) on the full Hessian batch; the rows are all-gathered;
-  - ``shard="data"`` (GGN, or Hutchinson/hybrid on a batch too large for one device): every
-    rank takes its shard of the Hessian samples and the same probes; the rows are summed
-    with ``all_reduce``, weighted by each shard's share of the batch (so the weighted sum of
-    the shard Hessians is the batch Hessian).
-
-  - the MC estimator: every rank takes its share of every batch's samples (``part=``) with
-    the labels drawn for the whole batch, so the summed rows equal one process's.
-
-  Probing runs in rounds of ``check_every`` probes (all ranks together); the stop rule of
-  :class:`~ehap_fx.hessian.HessianOptions` (``hessian.stop_check``, as in one process) is
-  applied to the combined estimate and rank 0's decision is broadcast, so every rank stops
-  after the same round. ``estimator="auto"`` is resolved on rank 0 and broadcast; the memory
-  budget, when a fraction, is shared by the ranks of one machine (divided by ``LOCAL_WORLD_SIZE``).
-* :func:`estimate_removal_distributed`: the removal criterion split the same way (exact:
-  data shards; MC: sample shares), its matrices summed over the ranks.
+:func:`estimate_hessian_distributed` returns the same combined ``HessianResult``, bit for bit,
+on every rank: ``shard="probes"`` (Hutchinson, hybrid) gives each rank its own probes (seed
+chunk ``round * world + rank``) on the whole Hessian batch, the rows all-gathered;
+``shard="data"`` (GGN, or a batch too large for one device) each rank its shard of the
+samples and the same probes, the rows summed with ``all_reduce`` weighted by each shard's
+share; the MC estimator each rank its share of every batch's samples (``part=``), the labels
+drawn for the whole batch. Probing runs in rounds of ``check_every`` probes (all ranks
+together); ``hessian.StopRule`` judges the combined rows and rank 0's decision is broadcast.
+``estimator="auto"`` is resolved on rank 0 and broadcast (a memory budget fraction is shared
+by the ranks of one machine). :func:`estimate_removal_distributed` splits the removal
+criterion the same way (exact: data shards; MC: sample shares), its matrices summed.
 
 >>> _share(7, 3)
 [3, 2, 2]
@@ -47,11 +36,11 @@ from ehap_fx.hessian import (
     SEED_STRIDE,
     HessianOptions,
     HessianResult,
+    StopRule,
     choose_estimator,
     estimate_hessian,
     group_sensitivity,
     round_size,
-    stop_check,
 )
 from ehap_fx.removal import RemovalResult, choose_removal, estimate_removal, removal_result
 from ehap_fx.sampling import draw_batches
@@ -210,7 +199,8 @@ def _share(total: int, w: int) -> list[int]:
 def _probe_rounds(run, opts: HessianOptions, shard: str, weight: float, groups, start: float
                   ) -> HessianResult:
     r, w = rank(), world_size()
-    agree = _Agreement(opts, groups)
+    last: list[HessianResult] = []  # this round's result: the layout the scores need
+    rule = StopRule(opts, lambda mean: _scores(groups, last[0], mean))
     rows: list[torch.Tensor] = []
     stats = torch.tensor([0.0, -math.inf, -math.inf], dtype=torch.float64)  # see _stats
     n = rnd = 0
@@ -230,14 +220,15 @@ def _probe_rounds(run, opts: HessianOptions, shard: str, weight: float, groups, 
         rows.append(new)
         n, rnd = n + new.shape[0], rnd + 1
         bar.update(new.shape[0])
-        if agree.done(n, torch.cat(rows), res):
+        last[:] = [res]
+        if _rank0_says(rule.done(n, rows)):  # every rank stops after the same round
             break
     bar.close()
     ggn = None
     if res.ggn is not None:
         ggn = torch.cat([res.ggn[k] for k in res.names])
         ggn = _weighted_sum(ggn[None], weight)[0] if shard == "data" else ggn
-    return _combined(res, torch.cat(rows), agree.history, opts, start, ggn=ggn, stats=stats)
+    return _combined(res, torch.cat(rows), rule.history, opts, start, ggn=ggn, stats=stats)
 
 
 def _stats(res: HessianResult) -> torch.Tensor:
@@ -270,38 +261,17 @@ def _weighted_sum(t: torch.Tensor, weight: float) -> torch.Tensor:
     return buf.cpu()
 
 
-class _Agreement:
-    """The stop rule of ``HessianOptions`` on the combined rows; rank 0's decision is final."""
+def _scores(groups, res: HessianResult, mean: torch.Tensor) -> torch.Tensor:
+    """Channel sensitivities ``Tr/p·‖w‖²`` of the combined ``mean``, or group scores with groups."""
+    tmp = dataclasses.replace(res, traces=res.split(mean))
+    return torch.cat(list((group_sensitivity(groups, tmp) if groups else tmp.sensitivity()).values()))
 
-    def __init__(self, opts: HessianOptions, groups) -> None:
-        self.opts, self.groups = opts, groups
-        self.prev: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.history: list[tuple[int, float, float]] = []
 
-    def done(self, n: int, rows: torch.Tensor, res: HessianResult) -> bool:
-        o = self.opts
-        stop = True if o.probes is not None else self._check(n, rows, res)
-        flag = to_backend(torch.tensor([int(stop)]))
-        dist.broadcast(flag, src=0)
-        return bool(flag.item())
-
-    def _check(self, n: int, rows: torch.Tensor, res: HessianResult) -> bool:
-        if n < self.opts.min_probes:
-            return n >= self.opts.max_probes
-        mean = rows.mean(0)
-        se = rows.std(0) / math.sqrt(n) if n > 1 else torch.zeros_like(mean)
-        score = self._score(mean, res)
-        stop, row = stop_check(self.opts, n, mean, se, score, self.prev)
-        self.history.append(row)
-        self.prev = (mean, score)
-        return stop
-
-    def _score(self, mean: torch.Tensor, res: HessianResult) -> torch.Tensor:
-        """Channel sensitivities ``Tr/p·‖w‖²``, or group scores when groups were given."""
-        tmp = dataclasses.replace(res, traces=res.split(mean))
-        if self.groups:
-            return torch.cat(list(group_sensitivity(self.groups, tmp).values()))
-        return torch.cat(list(tmp.sensitivity().values()))
+def _rank0_says(stop: bool) -> bool:
+    """Rank 0's ``stop`` on every rank."""
+    flag = to_backend(torch.tensor([int(stop)]))
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _combined(res: HessianResult, rows: torch.Tensor, history, opts: HessianOptions,

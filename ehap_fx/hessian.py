@@ -40,6 +40,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, grad, jvp
 from tqdm.auto import tqdm
 
 from ehap_fx.budget import fmt_bytes, resolve_budget, saved_bytes_per_sample
@@ -308,8 +309,6 @@ class _Hvp:
         return list(hv) if batched else [h.unsqueeze(0) for h in hv]
 
     def _forward_over_reverse(self, vs, scale: float) -> list[torch.Tensor]:
-        from torch.func import functional_call, grad, jvp
-
         names = [f"{n}.weight" if n else "weight" for n in self.s.names]
         fixed = {k: t for k, t in self.s.model.named_parameters() if k not in names}
         fixed.update(dict(self.s.model.named_buffers()))
@@ -350,11 +349,10 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def stop_check(opts: HessianOptions, n: int, mean: torch.Tensor, se: torch.Tensor, score: torch.Tensor,
                prev: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[bool, tuple[int, float, float]]:
-    """The adaptive stop rule of ``opts`` at one check point, a pure function (both drivers,
-    here and ``ehap_fx.distributed_hessian``, apply it): ``mean``/``se`` the per-channel estimate
-    and its standard error after ``n`` probes, ``score`` its ranking scores, ``prev`` the
-    previous check's ``(mean, score)`` (None at the first). Returns whether to stop and the
-    history row ``(n, relative change of the mean, Spearman ρ of the scores)``."""
+    """The adaptive stop rule of ``opts`` at one check point, pure (both drivers apply it through
+    :class:`StopRule`): ``mean``/``se`` the per-channel estimate and its standard error after ``n``
+    probes, ``score`` its ranking scores, ``prev`` the previous check's ``(mean, score)`` (None at
+    first). Returns whether to stop and the row ``(n, relative change of the mean, Spearman ρ)``."""
     rel = rho = float("nan")
     ok = True
     if prev is not None:
@@ -369,8 +367,9 @@ def stop_check(opts: HessianOptions, n: int, mean: torch.Tensor, se: torch.Tenso
     return bool(ok) or n >= opts.max_probes, (n, rel, rho)
 
 
-class _StopRule:
-    """Applies :func:`stop_check` at the check points; keeps ``(probes, rel_change, spearman)``."""
+class StopRule:
+    """:func:`stop_check` on the probe rows every ``check_every`` probes from ``min_probes`` on,
+    with its ``history``: what both drivers (here, and ``distributed_hessian`` on all ranks' rows) ask."""
 
     def __init__(self, opts: HessianOptions, score: Callable[[torch.Tensor], torch.Tensor]):
         self.opts, self.score = opts, score
@@ -378,15 +377,17 @@ class _StopRule:
         self.last = 0
         self.history: list[tuple[int, float, float]] = []
 
-    def done(self, n: int, total: torch.Tensor, sq: torch.Tensor) -> bool:
+    def done(self, n: int, rows: list[torch.Tensor]) -> bool:
+        """After ``n`` probes whose per-channel rows are ``rows`` (``(P_i, channels)`` each)."""
         o = self.opts
         if o.probes is not None:
             return n >= o.probes
         if n < o.min_probes or (n - self.last < o.check_every and n < o.max_probes):
             return n >= o.max_probes
         self.last = n
-        mean = total / n
-        se = ((sq / n - mean**2).clamp_min(0) / max(n - 1, 1)).sqrt()
+        every = torch.cat(rows)
+        mean = every.mean(0)
+        se = every.std(0) / math.sqrt(n) if n > 1 else torch.zeros_like(mean)
         score = self.score(mean)
         stop, row = stop_check(o, n, mean, se, score, self.prev)
         self.history.append(row)
@@ -427,7 +428,7 @@ def estimate_hessian(
     (channel groups) makes the rank-stability rule compare group scores instead of channel
     scores. ``part=(rank, world)`` (``"mc"`` only): that share of every batch's samples, its
     rows still divided by the whole batch, so the parts' rows sum to the whole estimate
-    (``ehap_fx.distributed``). The model itself is not modified: the estimate runs on an
+    (``ehap_fx.distributed_hessian``). The model itself is not modified: the estimate runs on an
     eval-mode copy.
     """
     opts = options or HessianOptions()
@@ -443,7 +444,7 @@ def estimate_hessian(
     plan = plan_pass(s, opts, weights=sum(p.numel() for p in s.params), part=part)
     if part is not None and plan.estimator != "mc":
         raise HessianError(f"part= splits the MC estimator's samples; {plan.estimator!r} is "
-                           "split by ehap_fx.distributed's shards")
+                           "split by ehap_fx.distributed_hessian's shards")
     p_c = [p[0].numel() for p in s.params]
     w_sq = torch.cat([p.detach().float().pow(2).flatten(1).sum(1) / (1 if k is None else k.pow(2))
                       for p, k in zip(s.params, s.fold, strict=True)])
@@ -462,9 +463,9 @@ def estimate_hessian(
     if plan.estimator == "ggn":
         samples, retries, scale, history = ggn[None], 0, 1.0, ()
     elif plan.estimator == "mc":
-        samples, retries, scale, history = _mc_loop(s, opts, plan, _StopRule(opts, score), part)
+        samples, retries, scale, history = _mc_loop(s, opts, plan, StopRule(opts, score), part)
     else:
-        samples, retries, scale, history = _probe_loop(s, opts, ggn, _StopRule(opts, score))
+        samples, retries, scale, history = _probe_loop(s, opts, ggn, StopRule(opts, score))
     n = samples.shape[0] if plan.estimator != "ggn" else 0
     fixed = opts.mc_samples if plan.estimator == "mc" else opts.probes
     converged = plan.estimator == "ggn" or fixed is not None or n < opts.max_probes
@@ -493,7 +494,7 @@ def choose_estimator(model: nn.Module, data, options: HessianOptions | None = No
                      names: Sequence[str] | None = None, device: torch.device | str | None = None,
                      extra: int = 0) -> Plan:
     """The :class:`Plan` ``estimate_hessian`` would follow on these arguments, without running
-    the pass (one one-sample forward): what ``ehap_fx.distributed`` agrees on across ranks."""
+    the pass (one one-sample forward): what ``ehap_fx.distributed_hessian`` agrees on across ranks."""
     opts = options or HessianOptions()
     names = list(names) if names is not None else prunable_modules(model)
     s = prepare(model, data, opts, names, F.cross_entropy, start_device(model, device))
@@ -612,7 +613,7 @@ def round_size(fixed: int | None, opts: HessianOptions, n: int) -> int:
     return min(size, opts.max_probes - n)
 
 
-def _mc_loop(s: Setup, opts: HessianOptions, plan: Plan, rule: _StopRule, part):
+def _mc_loop(s: Setup, opts: HessianOptions, plan: Plan, rule: StopRule, part):
     """Label draws in rounds (seeded ``seed + round · SEED_STRIDE``) until the stop rule holds
     (one round of ``mc_samples`` when fixed); returns (rows, retries, scale, history)."""
     if s.batches[0][0].is_floating_point():
@@ -623,7 +624,6 @@ def _mc_loop(s: Setup, opts: HessianOptions, plan: Plan, rule: _StopRule, part):
     base = float(opts.loss_scale or (2.0**16 if s.dtype == torch.float16 else 1.0))
     scale = 2.0 ** math.floor(math.log2(max(base / opts.batch_size, 1.0))) if scaling else 1.0
     rows, retries, n, rnd = [], 0, 0, 0
-    total = sq = None
     fold = _fold_sq(s)
     while True:
         draws = round_size(opts.mc_samples, opts, n)
@@ -640,12 +640,9 @@ def _mc_loop(s: Setup, opts: HessianOptions, plan: Plan, rule: _StopRule, part):
             raise HessianError(f"per-sample gradients still overflow after {opts.max_retries} "
                                f"retries (loss scale {scale}): use dtype='bf16' or 'fp32'")
         retries += tries
-        got = got * fold
-        rows.append(got)
-        total = got.sum(0) if total is None else total + got.sum(0)
-        sq = got.pow(2).sum(0) if sq is None else sq + got.pow(2).sum(0)
+        rows.append(got * fold)
         n, rnd = n + draws, rnd + 1
-        if opts.mc_samples is not None or rule.done(n, total, sq):
+        if opts.mc_samples is not None or rule.done(n, rows):
             break
     return torch.cat(rows), retries, scale, rule.history
 
@@ -687,7 +684,7 @@ def _fold_sq(s: Setup) -> torch.Tensor:
                       for p, k in zip(s.params, s.fold, strict=True)])
 
 
-def _probe_loop(s: Setup, opts: HessianOptions, ggn, rule: _StopRule):
+def _probe_loop(s: Setup, opts: HessianOptions, ggn, rule: StopRule):
     """Draw probes until the stop rule holds; returns (per-probe rows, retries, scale, history)."""
     scaling = s.dtype == torch.float16 or opts.loss_scale is not None
     scale = float(opts.loss_scale or (2.0**16 if s.dtype == torch.float16 else 1.0))
@@ -695,7 +692,6 @@ def _probe_loop(s: Setup, opts: HessianOptions, ggn, rule: _StopRule):
     hvp = _Hvp(s, opts)
     pnames = [f"{n}.weight" if n else "weight" for n in s.names]
     rows: list[torch.Tensor] = []
-    total = sq = None
     retries = 0
     limit = opts.probes or opts.max_probes
     bar = tqdm(total=limit, desc=f"hessian {opts.estimator}", disable=not opts.progress)
@@ -705,11 +701,9 @@ def _probe_loop(s: Setup, opts: HessianOptions, ggn, rule: _StopRule):
         row, scale, tries = _one_step(s, hvp, vs, scale, scaling, opts, ggn, pnames)
         retries += tries
         rows.append(row)
-        total = row.sum(0) if total is None else total + row.sum(0)
-        sq = row.pow(2).sum(0) if sq is None else sq + row.pow(2).sum(0)
         n += row.shape[0]
         bar.update(row.shape[0])
-        if rule.done(n, total, sq):
+        if rule.done(n, rows):
             break
     bar.close()
     samples = torch.cat(rows)

@@ -1,13 +1,10 @@
-"""rank(): the one seam between a graph and its scorers (compress, the CLI and every tool).
-
-    gm (grouped) ──rank(gm, data, scorer, options)──▶ Ranking(scores, stderr, whole, summary)
-                                                          └──select_plan(gm, ranking, target)
+"""rank(gm, data, scorer, options) -> Ranking: the one seam between a graph and its scorers,
+used by compress, the CLI and every tool; ``select_plan(gm, ranking, target)`` reads it.
 
 ``"hessian"``: the paper's trace sensitivity (``ehap_fx.hessian``); ``"removal"``: the exact
 Gauss-Newton loss increase of removing each channel (``ehap_fx.removal``, ranked per unit of
-cost saved); ``"l1"``: weight magnitude. Inside a ``torch.distributed`` process group the
-estimates are split over the ranks (``ehap_fx.distributed_hessian``); without one they are the
-single-process estimators themselves.
+cost saved); ``"l1"``: weight magnitude. In a process group the estimates are split over the
+ranks (``ehap_fx.distributed_hessian``).
 """
 
 from __future__ import annotations

@@ -30,7 +30,11 @@ import torch
 from torch import fx, nn
 
 from ehap_fx.errors import WeightsError
+from ehap_fx.models import get_model
 from ehap_fx.passes.cost import conv_widths
+from ehap_fx.passes.group import group_channels
+from ehap_fx.passes.shrink import PrunePlan, shrink
+from ehap_fx.passes.trace import trace
 
 REPORT_KEYS = ("data", "target", "cost_before", "cost_after", "channels_before", "channels_after",
                "groups", "pinned", "ranking", "accuracy", "finetune", "quantize", "export",
@@ -108,11 +112,6 @@ def load_pruned(path: str | Path, model: nn.Module | None = None) -> fx.GraphMod
 
 
 def _rebuild(ckpt: dict, model: nn.Module | None) -> fx.GraphModule:
-    from ehap_fx.models import get_model
-    from ehap_fx.passes.group import group_channels
-    from ehap_fx.passes.shrink import PrunePlan, shrink
-    from ehap_fx.passes.trace import trace
-
     if model is None:
         model = get_model(ckpt["arch"], ckpt["num_classes"])
     gm = group_channels(trace(model.eval(), torch.zeros(1, 3, 32, 32))).graph_module
@@ -361,7 +360,7 @@ def _title(report) -> str:
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # here, not at the top: heavy, and only the two plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

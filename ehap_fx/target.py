@@ -101,20 +101,14 @@ class Target:
 
 @dataclass(frozen=True)
 class Ranking:
-    """What a scorer says about the prunable groups of one graph (``ehap_fx.ranking.rank``).
-
-    ``scores[group_id]``: a ``(size,)`` tensor, higher = more important; ``stderr`` their
-    standard errors (None: exact, or not estimated); ``whole[group_id]``: the score of removing
-    the group entirely (``granularity="block"``; default the sum of its channel scores);
-    ``per_cost``: rank by score per unit of the target's cost saved (right for scores in loss
-    units, such as ``ehap_fx.removal``'s; wrong for L1 norms, whose sums over producers already
-    favour the channels that cost most); ``choose`` (same groups and sizes as ``scores``) picks
-    which channels a group keeps once ``scores`` has decided how many (e.g.
-    ``magnitude_scores(gm)``: the criterion sets the widths, the weights' norms the channels);
-    ``summary``: the scorer and its estimate, JSON-ready for the report; ``result``: the
-    estimate itself (``HessianResult``, ``RemovalResult``; None for L1), for what a tool reads
-    beyond the scores (the removal criterion's joint matrices).
-    """
+    """What a scorer says about the prunable groups of one graph (``ehap_fx.ranking.rank``):
+    ``scores[group_id]`` a ``(size,)`` tensor (higher = more important), ``stderr`` theirs (None:
+    exact); ``whole[group_id]`` the score of removing the group entirely (``granularity="block"``;
+    default the sum of its channel scores); ``per_cost``: rank per unit of the target's cost saved
+    (right for loss units, such as ``ehap_fx.removal``'s; wrong for L1 norms, whose sums over
+    producers already favour costly channels); ``choose`` picks the channels a group keeps once
+    ``scores`` has set how many (e.g. ``magnitude_scores(gm)``); ``summary`` the scorer and its
+    estimate for the report; ``result`` the estimate itself (``HessianResult``, ``RemovalResult``)."""
 
     scores: Mapping[int, torch.Tensor]
     stderr: Mapping[int, torch.Tensor] | None = None
@@ -214,18 +208,15 @@ def select_plan(
     ``ranking`` is a :class:`Ranking`, or its scores alone (``{group_id: (size,) tensor}``,
     e.g. ``magnitude_scores(gm)``); groups without scores are left whole. ``base`` overrides
     the dense value the target's fraction is relative to (iterative pruning passes the original
-    model's, with ``target.at_step(step)``). A latency target needs ``latency`` (a
-    ``LatencyModel`` of ``gm``) and always ranks by sensitivity per second saved.
-    Raises TargetError stating the reachable minimum.
-    """
+    model's, with ``target.at_step(step)``). A latency target needs ``latency`` (a ``LatencyModel``
+    of ``gm``) and ranks per second saved. Raises TargetError stating the reachable minimum."""
     ranking = ranking if isinstance(ranking, Ranking) else Ranking(ranking)
     scores, whole, per_cost = ranking.scores, ranking.whole, ranking.per_cost
     groups = groups_of(gm)
     keep_by = _keep_by(scores, ranking.choose)
     if target.kind == "latency" and latency is None:
-        raise TargetError(
-            "a latency target needs a LatencyModel: select_plan(..., latency=LatencyModel(gm, table))"
-        )
+        raise TargetError("a latency target needs a LatencyModel: "
+                          "select_plan(..., latency=LatencyModel(gm, table))")
 
     def value(plan: PrunePlan) -> float:
         return measure(gm, target, plan, latency=latency)

@@ -1,12 +1,10 @@
-"""Depth-pruning analysis: which channel groups may go entirely, by dropping their branch.
+"""Depth pruning: which channel groups may go entirely, by dropping the branch they live in.
 
-A residual block ``relu(x + bn2(conv2(relu(bn1(conv1(x))))))`` whose inner group (conv1's
-outputs, bn1, conv2's inputs) loses all its channels computes ``conv2``'s bias alone: a
-per-channel constant ``c``. The block is then ``relu(x + c)``, and ``shrink`` folds ``c`` into
-a buffer. :func:`droppable_groups` finds the groups for which that is legal (read by
-``Target(granularity="block")``); :func:`folded_nodes` the nodes a plan turns into constants
-(read by ``shrink`` and ``cost``). Reads the analysis ``passes.group.group_channels`` left in
-``node.meta``; writes nothing.
+A residual block whose inner group loses every channel computes its last conv's bias alone, a
+per-channel constant ``c``: the block becomes ``relu(x + c)``. :func:`droppable_groups` finds
+where that is legal (``Target(granularity="block")``), :func:`folded_nodes` the nodes a plan
+turns into constants (``shrink`` folds them into buffers, ``cost`` counts them). Reads the
+``node.meta`` of ``passes.group.group_channels``; writes nothing.
 """
 
 from __future__ import annotations
