@@ -31,11 +31,11 @@ def namespace() -> dict:
     model = group_channels(trace(get_model("resnet20").eval(), torch.zeros(1, 3, 32, 32))).graph_module
     train = synthetic_cifar(256, seed=0)
     loader = train.loader(64, shuffle=True, seed=0)
-    x, y = train.images, train.labels
+    x, y = next(iter(train.loader(256)))  # normalised float images, as every loader yields
     return {"torch": torch, "model": model, "example": torch.zeros(1, 3, 32, 32), "loader": loader,
             "x": x, "y": y, "groups": groups_of(model).prunable, "pruned_gm": model,
             "example_input": torch.zeros(1, 3, 32, 32), "train_loader": loader,
-            "test_images": synthetic_cifar(512, seed=1, split="test").images}
+            "test_images": next(iter(synthetic_cifar(512, seed=1, split="test").loader(512)))[0]}
 
 
 def test_every_snippet_is_found():
