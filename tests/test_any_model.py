@@ -198,3 +198,18 @@ def test_torchvision_models_users_have_prune_exactly(name):
         got, want = res.pruned(x), masked(x)
     assert got.shape == (2, 1000)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * float(want.abs().max()))
+
+
+def test_default_scorer_with_data_is_the_clis():
+    """compress() and the CLI rank with the same default: the removal criterion with data and
+    cross-entropy, the paper's trace with a loss_fn (the removal criterion is exact for CE only)."""
+    model, x = stem(), torch.randn(1, 3, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 7, (8,), generator=g)) for _ in range(2)]
+    opts = HessianOptions(dtype="fp32", batch_size=8, progress=False)
+    res = compress(model, x, data=data, hessian=opts, target=Target(macs=0.7, round_to=1))
+    assert res.report.ranking[0]["scorer"] == "removal" and res.report.target["scorer"] == "removal"
+    _assert_exact(model, x, res)
+    with_loss = compress(model, x, data=data, hessian=HUTCH, target=Target(macs=0.7, round_to=1),
+                   loss_fn=lambda out, y: F.cross_entropy(out, y))
+    assert with_loss.report.ranking[0]["scorer"] == "hessian"
