@@ -12,15 +12,15 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from ehap_fx.compress import compress
-from ehap_fx.errors import EhapError, TraceError
-from ehap_fx.hessian import HessianOptions
 from ehap_fx.passes.group import group_channels
 from ehap_fx.passes.mask import mask_channels
 from ehap_fx.passes.trace import call_with, trace
-from ehap_fx.target import Target
 from torch import nn
 
+from ehap_fx.compress import compress
+from ehap_fx.errors import EhapError, TraceError
+from ehap_fx.hessian import HessianOptions
+from ehap_fx.target import Target
 from tests.nets import randomize_bn
 
 HUTCH = HessianOptions(estimator="hutchinson", dtype="fp32", batch_size=8, probes=4, progress=False)
