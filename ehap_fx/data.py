@@ -204,6 +204,11 @@ class CifarLoader:
         return CifarLoader(self.data, self.batch_size, self.shuffle, self.augment, self.seed,
                            self.drop_last, self.normalization, rank=rank, world_size=world_size)
 
+    def restarted(self) -> CifarLoader:
+        """The same loader back at its first epoch: the same batches, in the same order, as
+        this loader yielded before any ``iter()`` (so that several runs see the same data)."""
+        return self.sharded(self.rank, self.world_size)
+
     def _local_size(self) -> int:
         return -(-len(self.data) // self.world_size)
 

@@ -127,19 +127,25 @@ def sweep(
     out = Path(out)
     (out / "arms").mkdir(parents=True, exist_ok=True)
     dense = _stage(out / "dense",
-                   lambda d: _dense(model, example_input, train, test, calibration, options, d))
+                   lambda d: _dense(model, example_input, restart(train), test, calibration, options, d))
     teacher = _teacher(model, out / "dense", options)
     todo = arms(options)
     bar = tqdm(todo, desc="sweep", unit="arm", disable=not options.progress)
     for arm in bar:
         bar.set_postfix_str(arm.name)
         _stage(out / "arms" / arm.name,
-               lambda d, arm=arm: _arm(model, example_input, train, test, arm, teacher, options, d))
+               lambda d, arm=arm: _arm(model, example_input, restart(train), test, arm, teacher, options, d))
     rows = [json.loads((out / "arms" / a.name / "result.json").read_text()) for a in todo]
     timing = _time_all(out, dense, rows, options)
     result = SweepResult(rows, dense, timing, out, {"isa": cpu_features().describe(), "model": name})
     write_front(result, options)
     return result
+
+
+def restart(batches: Iterable) -> Iterable:
+    """``batches`` from their first epoch (``CifarLoader.restarted``), so that the dense stage
+    and every arm, in this process or a resumed one, see the same batches in the same order."""
+    return batches.restarted() if hasattr(batches, "restarted") else batches
 
 
 # ---------------------------------------------------------------------------------------------

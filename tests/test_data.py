@@ -205,6 +205,18 @@ def test_augmented_loader_is_seeded_reproducible():
     assert a[0].shape == (16, 3, 32, 32) and a[0].dtype == torch.float32
 
 
+def test_restarted_loader_replays_the_first_epoch():
+    """Each iter() is a new epoch (another order, other crops); restarted() goes back to the
+    first, as a fresh loader with the same arguments would."""
+    loader = synthetic_cifar(32, seed=2).loader(16, shuffle=True, augment=True, seed=7)
+    first = [(x, y) for x, y in loader]
+    second = [(x, y) for x, y in loader]
+    again = [(x, y) for x, y in loader.restarted()]
+    assert not torch.equal(first[0][0], second[0][0])
+    for (x, y), (x2, y2) in zip(first, again, strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
 def test_padding_is_zero_pixels_before_normalisation():
     """A white image shifted by the crop shows black (0) borders, normalised like 0."""
     data = CifarData(torch.full((64, 3, 32, 32), 255, dtype=torch.uint8),
