@@ -480,11 +480,15 @@ def _cpu() -> str:
 
 
 def _versions() -> str:
+    from importlib.metadata import version
+
     import torch
     import torch_pruning
     import torchvision
 
-    return f"torch {torch.__version__}, torchvision {torchvision.__version__}, Torch-Pruning {torch_pruning.__version__}"
+    # the package metadata: torch_pruning.__version__ of the 1.6.1 wheel still reads 1.6.0
+    return (f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
+            f"Torch-Pruning {version('torch-pruning')} (its __version__: {torch_pruning.__version__})")
 
 
 HEADER = """# Prunability: every torchvision model, ehap-fx and Torch-Pruning side by side
