@@ -1,7 +1,7 @@
 """Every Python snippet of README.md and docs/ runs, on the objects it names (so none can rot).
 
 The snippets name objects the text introduces (``model``, ``loader``, ``groups``, ...): each
-runs in a namespace holding small real ones (a ResNet-20 and synthetic CIFAR images). The
+runs in a namespace holding small real ones (a ResNet-8 and synthetic CIFAR images). The
 README's ``compress`` example runs on the shared CIFAR-10 and pretrained ResNet-56 when present,
 on a 256-image slice of each split (its one epoch of fine-tuning and of QAT are then 2 steps).
 """
@@ -27,8 +27,8 @@ def snippets(path: Path) -> list[str]:
 
 
 def namespace() -> dict:
-    """What the docs' snippets refer to: a grouped ResNet-20, its data, a Hessian batch."""
-    model = group_channels(trace(get_model("resnet20").eval(), torch.zeros(1, 3, 32, 32))).graph_module
+    """What the docs' snippets refer to: a grouped ResNet-8, its data, a Hessian batch."""
+    model = group_channels(trace(get_model("resnet8").eval(), torch.zeros(1, 3, 32, 32))).graph_module
     train = synthetic_cifar(256, seed=0)
     loader = train.loader(64, shuffle=True, seed=0)
     x, y = next(iter(train.loader(256)))  # normalised float images, as every loader yields
