@@ -228,11 +228,11 @@ def _sweep_parser(sub) -> None:
                     "(batch 1 and 128) and write front.md/json/png (ehap_fx.sweep). Resumable: rerun "
                     "the same command to finish an interrupted sweep.")
     _common(p)
-    p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.35, 0.25],
+    p.add_argument("--targets", type=float, nargs="+",
                    help="latency fractions of the dense INT8 estimate (default 0.5 0.35 0.25)")
-    p.add_argument("--scorers", nargs="+", default=["removal", "hessian", "l1"],
-                   choices=("removal", "hessian", "l1"))
-    p.add_argument("--granularity", choices=("channel", "block", "both"), default="both")
+    p.add_argument("--scorers", nargs="+", choices=("removal", "hessian", "l1"),
+                   help="default: removal hessian l1")
+    p.add_argument("--granularity", choices=("channel", "block", "both"), help="default both")
     p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--finetune-epochs", type=float, default=0.5)
     p.add_argument("--finetune-steps", type=int, help="cap on fine-tune steps per arm")
@@ -243,11 +243,13 @@ def _sweep_parser(sub) -> None:
                    help="the dense model after the same fine-tune budget (default) or as given")
     p.add_argument("--quant-mode", choices=("qat", "ptq"), default="ptq")
     p.add_argument("--qat-steps", type=int)
-    p.add_argument("--hessian-batch", type=int, default=256)
-    p.add_argument("--bench-rounds", type=int, default=10)
+    p.add_argument("--hessian-batch", type=int, help="default 256")
+    p.add_argument("--bench-rounds", type=int, help="default 10")
     p.add_argument("--bench-threads", type=int)
     p.add_argument("--quick", action="store_true",
-                   help="a small front on the digits (2 targets, removal and l1, a few steps): minutes")
+                   help="a small front on the digits (latency 0.8 and 0.6, removal and l1, 30 steps): minutes")
+    p.add_argument("--finished-only", action="store_true",
+                   help="compute nothing new: time and tabulate the arms already finished in --out")
     p.add_argument("--out", type=Path, help="output folder (default runs/sweep-<model>)")
     p.set_defaults(func=cmd_sweep)
 
@@ -506,15 +508,19 @@ def _compress_rank(args, main: bool) -> int:
     return 0
 
 
-QUICK_SWEEP = {"targets": [0.6, 0.4], "scorers": ["removal", "l1"], "finetune_steps": 30, "bench_rounds": 3,
-               "hessian_batch": 128, "train_epochs": 3}
+SWEEP_DEFAULTS = {"targets": [0.5, 0.35, 0.25], "scorers": ["removal", "hessian", "l1"], "hessian_batch": 256,
+                  "bench_rounds": 10, "granularity": "both"}
+QUICK_SWEEP = {"targets": [0.8, 0.6], "scorers": ["removal", "l1"], "finetune_steps": 30, "bench_rounds": 3,
+               "hessian_batch": 128, "train_epochs": 3,
+               # whole blocks: a latency cut every machine's conv timings can reach on a 16x16 model
+               "granularity": "both"}
 
 
 def cmd_sweep(args) -> int:
-    if args.quick:
-        if args.data is not None or args.download or args.synthetic:
-            raise UsageError("--quick runs on the embedded digits: drop --data/--download/--synthetic")
-        for k, v in QUICK_SWEEP.items():
+    if args.quick and (args.data is not None or args.download or args.synthetic):
+        raise UsageError("--quick runs on the embedded digits: drop --data/--download/--synthetic")
+    for k, v in (QUICK_SWEEP if args.quick else SWEEP_DEFAULTS).items():
+        if getattr(args, k, None) is None:  # flags given explicitly win over --quick
             setattr(args, k, v)
     resolve_defaults(args)
     try:
@@ -547,7 +553,7 @@ def cmd_sweep(args) -> int:
     example = torch.randn((1, *train.images.shape[1:]), generator=torch.Generator().manual_seed(args.seed))
     result = sweep(model, example, loader, test.loader(256, normalization=norm), out, options,
                    calibration=train.loader(128, normalization=norm),
-                   name=f"{args.model} on {train.describe()}")
+                   name=f"{args.model} on {train.describe()}", finished_only=args.finished_only)
     print(f"ehap: front of {len(result.rows)} arms in {out}/ (front.md, front.json, front.png)")
     print((out / "front.md").read_text())
     return 0

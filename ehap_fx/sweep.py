@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ehap_fx.compress import compress
+from ehap_fx.errors import EhapError
 from ehap_fx.hessian import HessianOptions
 from ehap_fx.isa import cpu_features
 from ehap_fx.latency import BenchOptions, LatencyOptions, time_onnx
@@ -118,11 +119,14 @@ def sweep(
     *,
     calibration: Iterable | None = None,
     name: str = "model",
+    finished_only: bool = False,
 ) -> SweepResult:
     """Run (or resume) the front of ``model`` into ``out``; returns its rows.
 
     ``train`` yields shuffled ``(x, y)`` training batches (the fine-tune and QAT data),
     ``test`` the evaluation batches, ``calibration`` the PTQ batches (default ``train``).
+    ``finished_only``: compute nothing new; time and tabulate the arms already finished (e.g.
+    while another process works on the rest).
     """
     out = Path(out)
     (out / "arms").mkdir(parents=True, exist_ok=True)
@@ -130,6 +134,10 @@ def sweep(
                    lambda d: _dense(model, example_input, restart(train), test, calibration, options, d))
     teacher = _teacher(model, out / "dense", options)
     todo = arms(options)
+    if finished_only:
+        todo = [a for a in todo if (out / "arms" / a.name / "result.json").exists()]
+        if not todo or not (out / "dense" / "result.json").exists():
+            raise EhapError(f"{out}: no finished arms (or no dense baseline) to tabulate yet")
     bar = tqdm(todo, desc="sweep", unit="arm", disable=not options.progress)
     for arm in bar:
         bar.set_postfix_str(arm.name)

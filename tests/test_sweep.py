@@ -1,7 +1,7 @@
 """`ehap sweep --quick`: the accuracy–latency front on the embedded digits, end to end.
 
     dense ─▶ fine-tuned dense (teacher) ─▶ dense fp32 / INT8 ONNX
-      └─▶ {removal, l1} × {0.6, 0.4} latency targets ─▶ fine-tune (distilled) ─▶ INT8 ONNX
+      └─▶ {removal, l1} × {0.8, 0.6} latency targets ─▶ fine-tune (distilled) ─▶ INT8 ONNX
     every ONNX file timed in one interleaved onnxruntime run ─▶ front.md / .json / .png
 """
 
@@ -32,8 +32,8 @@ def test_quick_front_has_every_arm_timed_side_by_side(quick):
     out, proc = quick
     front = json.loads((out / "front.json").read_text())
     rows = front["rows"]
-    assert [r["name"] for r in rows] == ["dense fp32", "dense INT8", "removal-t0.6", "l1-t0.6",
-                                         "removal-t0.4", "l1-t0.4"]
+    assert [r["name"] for r in rows] == ["dense fp32", "dense INT8", "removal-t0.8", "l1-t0.8",
+                                         "removal-t0.6", "l1-t0.6"]
     assert front["machine"]["isa"] == cpu_features().describe()
     t = front["timing_ms"]
     for r in rows:
@@ -45,7 +45,7 @@ def test_quick_front_has_every_arm_timed_side_by_side(quick):
         assert r["prediction_error"] == pytest.approx(r["predicted_ratio"] / r["measured_ratio"] - 1, rel=1e-9)
     assert (out / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "front.md").read_text()
-    assert md.count("\n| ") == 1 + len(rows) and "removal-t0.4" in proc.stdout
+    assert md.count("\n| ") == 1 + len(rows) and "removal-t0.6" in proc.stdout
 
 
 def test_quick_front_top1_is_the_onnx_files_own(quick):
@@ -70,6 +70,13 @@ def test_quick_front_resumes_without_recomputing(quick):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # every arm read back, none re-run
     assert not list(out.rglob(".*partial-*"))
+    # --finished-only with a target not run yet: the finished arms tabulated, nothing computed
+    proc = subprocess.run([sys.executable, "-m", "ehap_fx", "sweep", "--quick", "--quiet", "--out", "front",
+                           "--bench-rounds", "1", "--finished-only", "--targets", "0.8", "0.6", "0.3"],
+                          cwd=out.parent, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "front.json").read_text())["rows"]
+    assert len(rows) == 6 and not (out / "arms" / "removal-t0.3").exists()
 
 
 def test_an_interrupted_stage_leaves_nothing(tmp_path):
