@@ -247,7 +247,7 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--bench-rounds", type=int, help="default 10")
     p.add_argument("--bench-threads", type=int)
     p.add_argument("--quick", action="store_true",
-                   help="a small front on the digits (latency 0.8 and 0.6, removal and l1, 30 steps): minutes")
+                   help="a small front on the digits (latency 0.8, 0.6; removal, l1; 30 steps): minutes")
     p.add_argument("--finished-only", action="store_true",
                    help="compute nothing new: time and tabulate the arms already finished in --out")
     p.add_argument("--out", type=Path, help="output folder (default runs/sweep-<model>)")
