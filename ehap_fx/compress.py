@@ -219,8 +219,14 @@ def compress(
     ).graph_module
     distributed.broadcast_module(gm)  # under torchrun: every rank starts from rank 0's weights
     seconds["trace_group"] = time.perf_counter() - t
-    dense = copy.deepcopy(gm) if bench is not None and export is not None else None
-    teacher = _teacher(teacher, gm, finetune_options, quantize)
+    distilling = any(o is not None and o.distill is not None
+                     for o in (finetune_options, getattr(quantize, "finetune", None)))
+    timed = bench is not None and export is not None
+    # one frozen copy of the dense graph, for the default teacher and the speed-up timing alike
+    needed = timed or (distilling and teacher is None)
+    dense = copy.deepcopy(gm).eval().requires_grad_(False) if needed else None
+    teacher = (teacher if teacher is not None else dense) if distilling else None
+    dense = dense if timed else None
     base = total_cost(gm)
     report = CompressReport(
         data=data_name or ("none (L1 ranking needs no data)" if data is None else "user data"),
@@ -411,16 +417,6 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
     return obj
-
-
-def _teacher(teacher, dense: fx.GraphModule, finetune_options, quantize) -> nn.Module | None:
-    """The model to distil from, when any training step distils: ``teacher`` if given, else a
-    frozen copy of the dense graph (before any pruning)."""
-    wanted = [o.distill for o in (finetune_options, getattr(quantize, "finetune", None)) if o is not None]
-    if not any(d is not None for d in wanted):
-        return None
-    model = teacher if teacher is not None else copy.deepcopy(dense)
-    return model.eval().requires_grad_(False) if teacher is None else model
 
 
 def _default_scorer(scorer: str | None, data, loss_fn=None) -> str:
