@@ -7,6 +7,18 @@ scored on every test image in PyTorch INT8. The fine-tuned model and each finish
 cached in ``--out``, so a rerun resumes. See docs/int8.md ("QAT against PTQ").
 
     python tools/qat_vs_ptq.py [--steps 98] [--variants ptq qat_default qat_lr1e-4 qat_distill]
+
+``--readme``: the README command's recipe instead (``ehap compress --model resnet56 --data
+../shared/data --pretrained-dir ../shared/weights --target-macs 0.5 --finetune-epochs 1``: its
+flags parsed by the CLI itself, so scorer, rounding, fine-tune, distillation and the QAT length
+are the CLI's defaults). The model is pruned and fine-tuned once by ``compress`` (no
+quantization), then quantized both ways from the same fine-tuned weights and the same
+training batches: PTQ (the CLI's calibration batches) and QAT (the CLI's one epoch, distilled
+from the dense model, ``ptq_fallback`` off), each scored on every test image; the row
+``check`` is the guarded default's choice (cross-entropy of both INT8 models on the same
+calibration batches).
+
+    python tools/qat_vs_ptq.py --readme [--out runs/qat_vs_ptq]
 """
 
 from __future__ import annotations
@@ -54,7 +66,10 @@ def main(argv=None) -> None:
     p.add_argument("--variants", nargs="+", default=list(variants(1)))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("runs/qat_vs_ptq"))
+    p.add_argument("--readme", action="store_true", help="the README command's recipe (module docstring)")
     args = p.parse_args(argv)
+    if args.readme:
+        return readme_recipe(args.data, args.weights, args.out)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     norm = normalization("resnet56")
@@ -85,6 +100,70 @@ def main(argv=None) -> None:
         res[name] = {"top1": evaluate(q.graph_module, test), "steps": q.steps, "seconds": round(time.time() - start, 1)}
         path.write_text(json.dumps(res, indent=1))
         print(name, res[name], flush=True)
+    print(json.dumps(res, indent=1))
+
+
+README_FLAGS = ["--model", "resnet56", "--target-macs", "0.5", "--finetune-epochs", "1"]
+
+
+def readme_recipe(data: Path, weights: Path, out: Path) -> None:
+    """PTQ against QAT on the README command's pruned, fine-tuned ResNet-56 (module docstring)."""
+    from ehap_fx import cli
+    from ehap_fx.compress import compress
+    from ehap_fx.qat import check_loss
+
+    args = cli.build_parser().parse_args(
+        ["compress", *README_FLAGS, "--data", str(data), "--pretrained-dir", str(weights)])
+    cli.resolve_defaults(args)
+    opts = cli.compress_options(args)
+    prof = cli.PRESETS[cli.source(args)]
+    torch.manual_seed(args.seed)
+    model, _ = cli.build_model(args, cli.NUM_CLASSES[args.dataset])
+    train, test = cli.load_data(args)
+    norm = cli.model_normalization(args)
+
+    def loader(seed: int):
+        return train.loader(prof.batch_size, shuffle=True, augment=True, seed=seed, normalization=norm)
+
+    test_loader = test.loader(500, normalization=norm)
+    x = torch.randn((1, *train.images.shape[1:]), generator=torch.Generator().manual_seed(args.seed))
+    out.mkdir(parents=True, exist_ok=True)
+    cached, path = out / "readme_pruned_ft.pt", out / "results_readme.json"
+    res = json.loads(path.read_text()) if path.exists() else {}
+    if cached.exists():
+        gm = torch.load(cached, weights_only=False)
+    else:
+        start = time.time()
+        r = compress(model, x, data=loader(args.seed), eval_data=test_loader,
+                     **vars(replace(opts, quantize=None, bench=None)))
+        gm = r.pruned
+        torch.save(gm, cached)
+        res["recipe"] = {"flags": " ".join(README_FLAGS), "scorer": opts.scorer,
+                         "macs_ratio": r.report.cost_after["macs_ratio"],
+                         "accuracy": r.report.accuracy, "seconds": round(time.time() - start, 1)}
+        path.write_text(json.dumps(res, indent=1))
+    if "check" in res:  # finished
+        print(json.dumps(res, indent=1))
+        return
+    if "fp32" not in res:
+        res["fp32"] = evaluate(gm, test_loader)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    built = {}
+    for name, q_opts in (("ptq", replace(opts.quantize, mode="ptq")),
+                         ("qat", replace(opts.quantize, ptq_fallback=False))):
+        start = time.time()
+        q = quantize(gm, x, loader(1), q_opts, teacher=teacher)  # the same batches for both
+        built[name] = q.graph_module
+        res[name] = {"top1": evaluate(q.graph_module, test_loader), "steps": q.steps,
+                     "seconds": round(time.time() - start, 1)}
+        path.write_text(json.dumps(res, indent=1))
+        print(name, res[name], flush=True)
+    batches = [(b[0], b[1]) for _, b in zip(range(opts.quantize.calibration_batches), loader(1))]
+    losses = {n: check_loss(m, batches) for n, m in built.items()}
+    res["check"] = {**{f"{n}_loss": v for n, v in losses.items()},
+                    "kept": "qat" if losses["qat"] <= losses["ptq"] else "ptq",
+                    "test_images": sum(len(y) for _, y in test_loader)}
+    path.write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
 
 
