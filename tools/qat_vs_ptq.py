@@ -9,16 +9,17 @@ cached in ``--out``, so a rerun resumes. See docs/int8.md ("QAT against PTQ").
     python tools/qat_vs_ptq.py [--steps 98] [--variants ptq qat_default qat_lr1e-4 qat_distill]
 
 ``--readme``: the README command's recipe instead (``ehap compress --model resnet56 --data
-../shared/data --pretrained-dir ../shared/weights --target-macs 0.5 --finetune-epochs 1``: its
-flags parsed by the CLI itself, so scorer, rounding, fine-tune, distillation and the QAT length
-are the CLI's defaults). The model is pruned and fine-tuned once by ``compress`` (no
-quantization), then quantized both ways from the same fine-tuned weights and the same
-training batches: PTQ (the CLI's calibration batches) and QAT (the CLI's one epoch, distilled
-from the dense model, ``ptq_fallback`` off), each scored on every test image; the row
-``check`` is the guarded default's choice (cross-entropy of both INT8 models on the same
-calibration batches).
+../shared/data --pretrained-dir ../shared/weights --target-latency 0.5 --finetune-epochs 1``:
+its flags parsed by the CLI itself, so scorer, granularity, rounding, fine-tune, distillation
+and the QAT length are the CLI's defaults). The model is pruned and fine-tuned once by
+``compress`` (no quantization), then quantized both ways from the same fine-tuned weights and
+the same training batches: PTQ (the CLI's calibration batches) and QAT (the CLI's one epoch,
+distilled from the dense model, ``ptq_fallback`` off), each scored on every test image; the
+row ``check`` is the guarded default's choice (cross-entropy of both INT8 models on the same
+calibration batches). Both INT8 models and the dense fp32 model are exported to ONNX and
+timed side by side in onnxruntime (``--bench-rounds``; a rerun re-times only).
 
-    python tools/qat_vs_ptq.py --readme [--out runs/qat_vs_ptq]
+    python tools/qat_vs_ptq.py --readme [--out runs/qat_vs_ptq] [--bench-rounds 20]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from ehap_fx.passes.export import export, export_onnx, onnx_top1
 from ehap_fx.passes.group import group_channels
 from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions
 from ehap_fx.passes.shrink import shrink
@@ -67,9 +69,10 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("runs/qat_vs_ptq"))
     p.add_argument("--readme", action="store_true", help="the README command's recipe (module docstring)")
+    p.add_argument("--bench-rounds", type=int, default=10, help="--readme: onnxruntime timing rounds (0: none)")
     args = p.parse_args(argv)
     if args.readme:
-        return readme_recipe(args.data, args.weights, args.out)
+        return readme_recipe(args.data, args.weights, args.out, args.bench_rounds)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     norm = normalization("resnet56")
@@ -103,10 +106,10 @@ def main(argv=None) -> None:
     print(json.dumps(res, indent=1))
 
 
-README_FLAGS = ["--model", "resnet56", "--target-macs", "0.5", "--finetune-epochs", "1"]
+README_FLAGS = ["--model", "resnet56", "--target-latency", "0.5", "--finetune-epochs", "1"]
 
 
-def readme_recipe(data: Path, weights: Path, out: Path) -> None:
+def readme_recipe(data: Path, weights: Path, out: Path, bench_rounds: int = 10) -> None:
     """PTQ against QAT on the README command's pruned, fine-tuned ResNet-56 (module docstring)."""
     from ehap_fx import cli
     from ehap_fx.compress import compress
@@ -142,8 +145,8 @@ def readme_recipe(data: Path, weights: Path, out: Path) -> None:
                          "macs_ratio": r.report.cost_after["macs_ratio"],
                          "accuracy": r.report.accuracy, "seconds": round(time.time() - start, 1)}
         path.write_text(json.dumps(res, indent=1))
-    if "check" in res:  # finished
-        print(json.dumps(res, indent=1))
+    if "check" in res:  # finished: time the files again
+        _time_readme(out, res, path, bench_rounds)
         return
     if "fp32" not in res:
         res["fp32"] = evaluate(gm, test_loader)
@@ -154,7 +157,9 @@ def readme_recipe(data: Path, weights: Path, out: Path) -> None:
         start = time.time()
         q = quantize(gm, x, loader(1), q_opts, teacher=teacher)  # the same batches for both
         built[name] = q.graph_module
+        rep = export(q, x, out / f"readme_{name}.onnx")
         res[name] = {"top1": evaluate(q.graph_module, test_loader), "steps": q.steps,
+                     "onnx_top1": onnx_top1(rep.path, test_loader),
                      "seconds": round(time.time() - start, 1)}
         path.write_text(json.dumps(res, indent=1))
         print(name, res[name], flush=True)
@@ -163,7 +168,25 @@ def readme_recipe(data: Path, weights: Path, out: Path) -> None:
     res["check"] = {**{f"{n}_loss": v for n, v in losses.items()},
                     "kept": "qat" if losses["qat"] <= losses["ptq"] else "ptq",
                     "test_images": sum(len(y) for _, y in test_loader)}
+    export_onnx(model.eval(), x, out / "readme_dense_fp32.onnx", dynamo=False)
     path.write_text(json.dumps(res, indent=1))
+    _time_readme(out, res, path, bench_rounds)
+
+
+def _time_readme(out: Path, res: dict, path: Path, rounds: int) -> None:
+    """The dense fp32 model and both INT8 files, interleaved in onnxruntime (2 threads)."""
+    from ehap_fx.isa import cpu_features
+    from ehap_fx.latency import BenchOptions, time_onnx
+
+    if rounds > 0:
+        files = {n: out / f"readme_{n}.onnx" for n in ("dense_fp32", "ptq", "qat")}
+        med = time_onnx(files, BenchOptions(rounds=rounds, threads=2))
+        res["latency_ms"] = {n: {str(b): round(1000 * t, 3) for b, t in per.items()} for n, per in med.items()}
+        res["speedup_vs_dense_fp32"] = {n: {str(b): round(med["dense_fp32"][b] / t, 3) for b, t in per.items()}
+                                        for n, per in med.items()}
+        res["timing"] = {"isa": cpu_features().describe(), "rounds": rounds, "threads": 2,
+                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        path.write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
 
 
