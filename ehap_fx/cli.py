@@ -38,7 +38,7 @@ from torch import nn
 
 from ehap_fx import distributed
 from ehap_fx import report as rep
-from ehap_fx.compress import PRESETS, CompressOptions, compress
+from ehap_fx.compress import PRESETS, RECIPE, CompressOptions, compress
 from ehap_fx.data import (
     CIFAR10_NORM,
     CIFAR100_NORM,
@@ -65,7 +65,7 @@ from ehap_fx.passes.export import onnx_top1, session
 from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions
 from ehap_fx.report import ZERO_SCORES, all_scores_zero, load_pruned
 from ehap_fx.sweep import SweepOptions, sweep
-from ehap_fx.target import DEFAULT_ROUND_TO, Target
+from ehap_fx.target import Target
 from ehap_fx.train import DistillOptions, FinetuneOptions, evaluate, finetune
 
 DEFAULT_DATA_DIR = Path("~/.cache/ehap-fx/data")
@@ -135,14 +135,14 @@ def _compress_parser(sub) -> None:
                    help="fraction of the dense onnxruntime latency to keep (measured, cached)")
     p.add_argument("--latency-batch", type=int, default=128, help="batch of the latency table")
     p.add_argument("--latency-precision", choices=("int8", "fp32"), default="int8")
-    p.add_argument("--round-to", type=int, default=DEFAULT_ROUND_TO,
-                   help=f"kept widths are multiples of this (default {DEFAULT_ROUND_TO})")
+    p.add_argument("--round-to", type=int, default=RECIPE.round_to,
+                   help=f"kept widths are multiples of this (default {RECIPE.round_to})")
     p.add_argument("--max-prune", type=float, default=0.8, help="max fraction of a group to remove")
     p.add_argument("--min-channels", type=int, default=1)
     p.add_argument("--steps", type=int, default=1, help="iterative pruning steps")
-    p.add_argument("--granularity", choices=("channel", "block", "both"), default="channel",
+    p.add_argument("--granularity", choices=("channel", "block", "both"), default=RECIPE.granularity,
                    help="channel: narrow layers; block: drop whole residual blocks (depth pruning, "
-                        "widths stay: fastest in INT8); both")
+                        f"widths stay: fastest in INT8); both (default {RECIPE.granularity})")
     p.add_argument("--scorer", choices=("hessian", "removal", "l1"),
                    help="hessian: the paper's trace sensitivity; removal: exact Gauss-Newton loss "
                         "increase of removing each channel, ranked per unit of the target's cost saved "
@@ -163,7 +163,8 @@ def _compress_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=0.01, help="fine-tune learning rate")
     p.add_argument("--qat-epochs", type=float)
     p.add_argument("--qat-steps", type=int, help="cap on QAT steps")
-    p.add_argument("--quant-mode", choices=("qat", "ptq"), default="qat")
+    p.add_argument("--quant-mode", choices=("qat", "ptq"), default=RECIPE.quant_mode,
+                   help=f"default {RECIPE.quant_mode} (QAT is kept only if it beats PTQ on the same batches)")
     p.add_argument("--backend", choices=("fx", "pt2e"), default="fx")
     p.add_argument("--no-quantize", action="store_true", help="stop at the pruned fp32 model")
     p.add_argument("--int8-target", choices=("auto", *INT8_TARGETS), default="auto",
@@ -172,9 +173,11 @@ def _compress_parser(sub) -> None:
     p.add_argument("--no-distill", action="store_true",
                    help="fine-tune and QAT from the labels alone (default: also distil from the dense "
                         "model's softened logits)")
-    p.add_argument("--distill-alpha", type=float, default=0.7,
-                   help="weight of the teacher's soft targets in the loss (default 0.7)")
-    p.add_argument("--distill-temperature", type=float, default=4.0, help="softmax temperature (default 4)")
+    p.add_argument("--distill-alpha", type=float, default=RECIPE.distill.alpha,
+                   help=f"weight of the teacher's soft targets in the loss "
+                        f"(default {RECIPE.distill.alpha:g})")
+    p.add_argument("--distill-temperature", type=float, default=RECIPE.distill.temperature,
+                   help=f"softmax temperature (default {RECIPE.distill.temperature:g})")
     p.add_argument("--bench-rounds", type=int, default=10,
                    help="onnxruntime timing rounds of the dense fp32 and the INT8 model at batch 1 and "
                         "128, for the report's speed-up (0: skip; default 10)")
@@ -232,8 +235,9 @@ def _sweep_parser(sub) -> None:
                    help="latency fractions of the dense INT8 estimate (default 0.5 0.35 0.25)")
     p.add_argument("--scorers", nargs="+", choices=("removal", "hessian", "l1"),
                    help="default: removal hessian l1")
-    p.add_argument("--granularity", choices=("channel", "block", "both"), help="default both")
-    p.add_argument("--round-to", type=int, default=8)
+    p.add_argument("--granularity", choices=("channel", "block", "both"),
+                   help=f"default {RECIPE.granularity}")
+    p.add_argument("--round-to", type=int, default=RECIPE.round_to)
     p.add_argument("--finetune-epochs", type=float, default=0.5)
     p.add_argument("--finetune-steps", type=int, help="cap on fine-tune steps per arm")
     p.add_argument("--lr", type=float, default=0.01)
@@ -509,7 +513,7 @@ def _compress_rank(args, main: bool) -> int:
 
 
 SWEEP_DEFAULTS = {"targets": [0.5, 0.35, 0.25], "scorers": ["removal", "hessian", "l1"], "hessian_batch": 256,
-                  "bench_rounds": 10, "granularity": "both"}
+                  "bench_rounds": 10, "granularity": RECIPE.granularity}
 QUICK_SWEEP = {"targets": [0.8, 0.6], "scorers": ["removal", "l1"], "finetune_steps": 30, "bench_rounds": 3,
                "hessian_batch": 128, "train_epochs": 3,
                # whole blocks: a latency cut every machine's conv timings can reach on a 16x16 model

@@ -16,7 +16,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +33,56 @@ from ehap_fx.passes.export import export as export_onnx
 from ehap_fx.passes.export import export_onnx as export_float
 from ehap_fx.passes.export import onnx_top1
 from ehap_fx.passes.group import ChannelGroups, group_channels, groups_of
-from ehap_fx.passes.quantize import QuantizeOptions
+from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions
 from ehap_fx.passes.shrink import PrunePlan, shrink
 from ehap_fx.passes.trace import call_with, trace
 from ehap_fx.qat import quantize as quantize_int8
 from ehap_fx.ranking import SCORERS, rank
-from ehap_fx.target import Ranking, Target, measure, select_plan
-from ehap_fx.train import FinetuneOptions, evaluate, finetune
+from ehap_fx.target import DEFAULT_ROUND_TO, Ranking, Target, measure, select_plan
+from ehap_fx.train import DistillOptions, FinetuneOptions, evaluate, finetune
 
 log = logging.getLogger("ehap_fx")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The default recipe: what ``compress()`` and ``ehap compress`` do where they are not told
+    otherwise, one value for both. Chosen from the accuracy–latency front (docs/results.md,
+    "Accuracy at speed"): the ranking (``scorer``, with data), what may go (``granularity``,
+    ``round_to``), distillation from the dense model during fine-tuning and QAT (``distill``)
+    and the INT8 mode (``quant_mode``; QAT is kept only if it beats PTQ, ``ptq_fallback``).
+
+    ``compress()`` trains only when asked (it is a graph pass first): its ``target`` and
+    ``scorer`` defaults are the recipe's, and ``finetune_options=RECIPE.finetune(epochs)``,
+    ``quantize=RECIPE.quantize()`` give it the CLI's training half.
+
+    >>> RECIPE.target(latency=0.5).granularity == RECIPE.granularity
+    True
+    """
+
+    scorer: str = "removal"
+    granularity: str = "both"
+    round_to: int = DEFAULT_ROUND_TO
+    distill: DistillOptions | None = DistillOptions()
+    quant_mode: str = "qat"
+
+    def target(self, **fraction: float) -> Target:
+        """``Target`` of the given fraction (default ``macs=0.5``) with the recipe's granularity
+        and rounding."""
+        return Target(**(fraction or {"macs": 0.5}), granularity=self.granularity, round_to=self.round_to)
+
+    def finetune(self, epochs: float = 1.0, **options: Any) -> FinetuneOptions:
+        """The fine-tune of ``epochs``, distilled as the recipe says (``options``: the rest)."""
+        return FinetuneOptions(epochs=epochs, **{"distill": self.distill, **options})
+
+    def quantize(self, **options: Any) -> QuantizeOptions:
+        """INT8 in the recipe's mode; QAT's loop distilled as the recipe says."""
+        return QuantizeOptions(mode=self.quant_mode, finetune=replace(QAT_FINETUNE, distill=self.distill),
+                               **options)
+
+
+#: The one default recipe (see :class:`Recipe`).
+RECIPE = Recipe()
 
 
 @dataclass(frozen=True)
@@ -49,7 +90,7 @@ class CompressOptions:
     """``compress``'s keyword arguments of these names as one typed value: the CLI builds one from
     its flags and a :class:`Preset`, then calls ``compress(model, x, data=..., **vars(options))``."""
 
-    target: Target = Target(macs=0.5)
+    target: Target = RECIPE.target()
     scorer: str | None = None
     hessian: HessianOptions = HessianOptions()
     finetune_options: FinetuneOptions | None = None
@@ -84,13 +125,13 @@ class Preset:
 
 PRESETS = {
     # the embedded default (scikit-learn digits, real images): about a minute on 2 cores
-    "digits": Preset(batch_size=64, hessian_batch=256, scorer="removal", estimator="auto", probes=None,
+    "digits": Preset(batch_size=64, hessian_batch=256, scorer=RECIPE.scorer, estimator="auto", probes=None,
                      finetune_epochs=2.0, finetune_steps=None, calibration_batches=8),
     # synthetic data: end to end in minutes on a CPU (a random model's GGN is 0: Hutchinson)
     "synthetic": Preset(batch_size=64, hessian_batch=32, scorer="hessian", estimator="hutchinson", probes=4,
                         finetune_epochs=1.0, finetune_steps=8, calibration_batches=2, qat_steps=4),
     # real CIFAR: one fine-tune epoch and one QAT epoch (raise them for accuracy)
-    "cifar": Preset(batch_size=128, hessian_batch=256, scorer="removal", estimator="auto", probes=None,
+    "cifar": Preset(batch_size=128, hessian_batch=256, scorer=RECIPE.scorer, estimator="auto", probes=None,
                     finetune_epochs=1.0, finetune_steps=None, calibration_batches=16),
 }
 
@@ -156,7 +197,7 @@ def compress(
     data: Iterable | None = None,
     eval_data: Iterable | None = None,
     loss_fn: Callable | None = None,
-    target: Target = Target(macs=0.5),
+    target: Target = RECIPE.target(),
     scorer: str | None = None,
     hessian: HessianOptions = HessianOptions(),
     finetune_options: FinetuneOptions | None = None,
@@ -189,9 +230,12 @@ def compress(
     ``scorer``: ``"hessian"`` (the paper's per-channel trace sensitivity, ``hessian`` options),
     ``"removal"`` (``ehap_fx.removal``: the exact Gauss-Newton loss increase of removing each
     channel, ranked per unit of cost saved; same precision/batch options) or ``"l1"``
-    (default: ``"removal"`` with ``data``, as the CLI; ``"hessian"`` with data and a
-    ``loss_fn``; ``"l1"`` without data).
+    (default: :data:`RECIPE`'s, ``"removal"``, with ``data``, as the CLI; ``"hessian"`` with
+    data and a ``loss_fn``; ``"l1"`` without data). ``target`` defaults to ``RECIPE.target()``
+    (0.5 of the MACs, the recipe's granularity and rounding).
 
+    Training happens only when asked: ``finetune_options=RECIPE.finetune(1)`` and
+    ``quantize=RECIPE.quantize()`` are the CLI's (distilled, QAT kept only if it beats PTQ).
     Distillation: when ``finetune_options.distill`` (or ``quantize.finetune.distill``) is set,
     fine-tuning (and QAT) also learn from ``teacher``'s softened logits — by default the dense
     ``model`` itself, as given.
@@ -420,13 +464,14 @@ def _plain(obj: Any) -> Any:
 
 
 def _default_scorer(scorer: str | None, data, loss_fn=None) -> str:
-    """The scorer asked for; else the removal criterion with data (the CLI's default too:
-    docs/results.md), the paper's ``"hessian"`` when a ``loss_fn`` replaces cross-entropy, and
-    ``"l1"`` (with one warning) without data."""
+    """The scorer asked for; else the recipe's with data (``RECIPE.scorer``, the CLI's default
+    too), the paper's ``"hessian"`` when a ``loss_fn`` replaces cross-entropy and the recipe's is
+    the removal criterion (exact for cross-entropy only), and ``"l1"`` (with one warning)
+    without data."""
     if scorer is not None:
         return scorer
     if data is not None:
-        return "hessian" if loss_fn is not None else "removal"
+        return "hessian" if loss_fn is not None and RECIPE.scorer == "removal" else RECIPE.scorer
     warnings.warn(
         "compress(): no data given, so channels are ranked by L1 weight magnitude. A Hessian "
         "ranking needs data=: (inputs, labels) batches from the task (scorer='hessian' or "

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ehap_fx.compress import compress
+from ehap_fx.compress import RECIPE, compress
 from ehap_fx.errors import EhapError
 from ehap_fx.hessian import HessianOptions
 from ehap_fx.isa import cpu_features
@@ -57,8 +57,8 @@ class SweepOptions:
 
     targets: tuple[float, ...] = (0.5, 0.35, 0.25)
     scorers: tuple[str, ...] = SCORERS
-    granularity: str = "both"
-    round_to: int = 8
+    granularity: str = RECIPE.granularity
+    round_to: int = RECIPE.round_to
     finetune: FinetuneOptions = FinetuneOptions(epochs=0.5, progress=False)
     distill: tuple[bool, ...] = (True,)
     distill_options: DistillOptions = DistillOptions()

@@ -267,6 +267,8 @@ def select_plan(
             f"target {target.kind}={target.fraction} is unreachable: with "
             f"max_prune={target.max_prune}, min_channels={target.min_channels} and "
             f"round_to={target.round_to} {smallest}; raise the target or max_prune, or lower round_to"
+            + (f", or use granularity='both' to drop whole blocks too ({len(blocks_left)} droppable)"
+               if target.granularity == "channel" and (blocks_left := droppable_groups(gm)) else "")
         )
     lo, hi = 0, len(order)  # cost(lo) > goal >= cost(hi); cost falls as blocks go
     while hi - lo > 1:

@@ -61,6 +61,12 @@ def test_choose_picks_the_channels_within_the_widths_the_scores_set(resnet56):
 def test_unreachable_target_states_the_minimum(resnet56):
     with pytest.raises(TargetError, match=r"smallest reachable is 0\.\d+ of the dense macs"):
         select_plan(resnet56, magnitude_scores(resnet56), Target(macs=0.05))
+    # channel granularity on a model with droppable blocks: the message names the way out
+    with pytest.raises(TargetError, match=r"or use granularity='both' to drop whole blocks too \(\d+ droppable\)"):
+        select_plan(resnet56, magnitude_scores(resnet56), Target(macs=0.05))
+    with pytest.raises(TargetError) as both:
+        select_plan(resnet56, magnitude_scores(resnet56), Target(macs=0.001, granularity="both"))
+    assert "granularity='both' to drop" not in str(both.value)
 
 
 @pytest.mark.parametrize(
