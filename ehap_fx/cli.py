@@ -178,6 +178,10 @@ def _compress_parser(sub) -> None:
                         f"(default {RECIPE.distill.alpha:g})")
     p.add_argument("--distill-temperature", type=float, default=RECIPE.distill.temperature,
                    help=f"softmax temperature (default {RECIPE.distill.temperature:g})")
+    p.add_argument("--teacher", choices=("finetuned", "given"), default=RECIPE.distill.teacher,
+                   help="distil from the dense model fine-tuned first with the same budget (one more "
+                        "fine-tune; its top-1 is the report's baseline) or as given (default "
+                        f"{RECIPE.distill.teacher})")
     p.add_argument("--bench-rounds", type=int, default=10,
                    help="onnxruntime timing rounds of the dense fp32 and the INT8 model at batch 1 and "
                         "128, for the report's speed-up (0: skip; default 10)")
@@ -305,7 +309,8 @@ def compress_options(args) -> CompressOptions:
             probes=_pick(args.probes, prof.probes),
             max_probes=args.max_probes, min_probes=min(20, args.max_probes), seed=args.seed,
             data_seed=args.seed, progress=show)
-        distill = None if args.no_distill else DistillOptions(args.distill_alpha, args.distill_temperature)
+        distill = None if args.no_distill else DistillOptions(args.distill_alpha, args.distill_temperature,
+                                                              args.teacher)
         epochs = _pick(args.finetune_epochs, prof.finetune_epochs)
         finetune = None if epochs == 0 else FinetuneOptions(
             epochs=epochs, lr=args.lr, max_steps=_pick(args.finetune_steps, prof.finetune_steps),

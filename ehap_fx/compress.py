@@ -175,12 +175,14 @@ class CompressReport:
 
 @dataclass
 class CompressResult:
-    """The pruned ``GraphModule``, the INT8 model and ONNX file when asked for, and the report."""
+    """The pruned ``GraphModule``, the INT8 model and ONNX file when asked for, the report, and the
+    teacher distilled from (e.g. to distil a later QAT from the same model)."""
 
     pruned: fx.GraphModule
     report: CompressReport
     quantized: nn.Module | None = None
     onnx_path: Path | None = None
+    teacher: nn.Module | None = None  # the frozen model distilled from, when distilling
 
 
 def _cost_dict(c: Cost, base: Cost | None = None) -> dict:
@@ -237,8 +239,11 @@ def compress(
     Training happens only when asked: ``finetune_options=RECIPE.finetune(1)`` and
     ``quantize=RECIPE.quantize()`` are the CLI's (distilled, QAT kept only if it beats PTQ).
     Distillation: when ``finetune_options.distill`` (or ``quantize.finetune.distill``) is set,
-    fine-tuning (and QAT) also learn from ``teacher``'s softened logits — by default the dense
-    ``model`` itself, as given.
+    fine-tuning (and QAT) also learn from ``teacher``'s softened logits — by default
+    (``DistillOptions.teacher="finetuned"``) the dense model fine-tuned first with the same
+    ``finetune_options`` from the labels alone (``report.accuracy["dense_finetuned"]``: the
+    baseline at equal budget), or the dense ``model`` as given (``teacher="given"``, or
+    without a fine-tune).
 
     ``capture``: ``"fx"`` (symbolic_trace), ``"export"`` (torch.export: an ATen graph, for
     models FX cannot trace; ``passes.program.exported_program(result.pruned)`` is the pruned
@@ -269,8 +274,7 @@ def compress(
     # one frozen copy of the dense graph, for the default teacher and the speed-up timing alike
     needed = timed or (distilling and teacher is None)
     dense = copy.deepcopy(gm).eval().requires_grad_(False) if needed else None
-    teacher = (teacher if teacher is not None else dense) if distilling else None
-    dense = dense if timed else None
+    given_teacher = teacher
     base = total_cost(gm)
     report = CompressReport(
         data=data_name or ("none (L1 ranking needs no data)" if data is None else "user data"),
@@ -282,6 +286,9 @@ def compress(
     )
     if eval_data is not None:
         report.accuracy["dense"] = evaluate(gm, eval_data)
+    teacher = _teacher(given_teacher, dense, distilling, gm, data, finetune_options, quantize, eval_data,
+                       report, seconds)
+    dense = dense if timed else None
     table = LatencyTable(latency or LatencyOptions()) if target.kind == "latency" else None
 
     def between(gm: fx.GraphModule, step: int) -> None:
@@ -310,7 +317,7 @@ def compress(
         report.finetune = _plain(result)
         if eval_data is not None:
             report.accuracy["finetuned"] = evaluate(gm, eval_data)
-    out = CompressResult(gm, report)
+    out = CompressResult(gm, report, teacher=teacher)
     if quantize is not None:
         # PTQ and the QAT-against-PTQ check: rank 0's first batches on every rank (one choice)
         first = list(itertools.islice(data, quantize.calibration_batches)) if data is not None else None
@@ -461,6 +468,30 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
     return obj
+
+
+def _teacher(given, dense, distilling: bool, gm: fx.GraphModule, data, options: FinetuneOptions | None,
+             quantize: QuantizeOptions | None, eval_data, report, seconds) -> nn.Module | None:
+    """The teacher: none without distillation; the one given; else, with ``teacher="finetuned"``
+    (the default) and a fine-tune budget, the dense graph fine-tuned with that budget from the
+    labels alone (also the baseline the pruned model is measured against); else the frozen
+    dense copy."""
+    if not distilling or given is not None:
+        return given if distilling else None
+    distill = (options.distill if options is not None else None) or (
+        quantize.finetune.distill if quantize is not None else None)
+    if options is None or distill.teacher != "finetuned":
+        return dense
+    t = time.perf_counter()
+    teacher = copy.deepcopy(gm)
+    finetune(teacher, distributed.shard_loader(data), replace(options, distill=None))
+    teacher.eval().requires_grad_(False)
+    seconds["teacher_finetune"] = time.perf_counter() - t
+    if eval_data is not None:
+        report.accuracy["dense_finetuned"] = evaluate(teacher, eval_data)
+    log.info("teacher: the dense model fine-tuned with the same budget (%.0f s)",
+             seconds["teacher_finetune"])
+    return teacher
 
 
 def _default_scorer(scorer: str | None, data, loss_fn=None) -> str:

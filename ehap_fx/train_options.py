@@ -25,12 +25,23 @@ class DistillOptions:
     The loss is ``(1 - alpha) · CE(student, y) + alpha · T² · KL(p_T(teacher) ‖ p_T(student))``
     with ``p_T = softmax(logits / T)``: ``T²`` keeps the soft term's gradients on the scale of
     the hard one as ``T`` grows. The teacher runs in eval mode without gradients.
+
+    ``teacher`` says which dense model ``compress`` distils from when it is not handed one:
+    ``"finetuned"`` (default) the dense model after the same fine-tune budget, trained first
+    (one more fine-tune; it is also the fair baseline, reported as ``dense_finetuned``), or
+    ``"given"`` the dense model as given. A given model trained on other data than the
+    fine-tune's (e.g. clean CIFAR-10 weights on JPEG-re-encoded images) is a poor teacher: on
+    the README's ResNet-56 job it held the student 3 points under the fine-tuned one
+    (docs/results.md).
     """
 
     alpha: float = 0.7
     temperature: float = 4.0
+    teacher: str = "finetuned"
 
     def __post_init__(self) -> None:
+        if self.teacher not in ("finetuned", "given"):
+            raise ValueError(f"teacher={self.teacher!r} must be 'finetuned' or 'given'")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(
                 f"alpha={self.alpha} must be in [0, 1]: the weight of the teacher's soft targets"

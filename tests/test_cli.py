@@ -109,7 +109,8 @@ def test_default_report_json(default_run):
     assert len(scores) == sum(g["size"] for g in report["groups"]) and any(scores)
     assert rank["retries"] == 0 and rank["seconds"] > 0 and rank["peak_memory"] > 0
     assert {p["reason"] for p in report["pinned"]} == {"model input x", "model output"}
-    assert set(report["accuracy"]) == {"dense", "pruned", "finetuned", "int8_torch", "int8_onnx"}
+    # dense_finetuned: the default teacher, the dense model fine-tuned with the same budget
+    assert set(report["accuracy"]) == {"dense", "dense_finetuned", "pruned", "finetuned", "int8_torch", "int8_onnx"}
     q = report["quantize"]
     assert q["asked"] == "qat" and q["steps"] == 1
     assert q["mode"] == q["check"]["kept"] == ("qat" if q["check"]["qat_loss"] <= q["check"]["ptq_loss"] else "ptq")
@@ -190,7 +191,8 @@ def test_embedded_default_is_real_digits(tmp_path):
     assert report["run"]["synthetic"] is False and report["run"]["dataset"] == "digits"
     assert report["data"] == "digits train (1437 images, 10 classes)"
     assert report["run"]["weights"].startswith("trained in-process on digits train")
-    assert set(report["accuracy"]) == {"dense", "pruned", "finetuned", "int8_torch", "int8_onnx"}
+    # dense_finetuned: the default teacher, the dense model fine-tuned with the same budget
+    assert set(report["accuracy"]) == {"dense", "dense_finetuned", "pruned", "finetuned", "int8_torch", "int8_onnx"}
     # 360 real test images, chance 10 %: the model trained here is far above it; the shortened
     # fine-tune leaves the pruned model lower, but above chance
     acc = report["accuracy"]
@@ -211,7 +213,8 @@ def test_embedded_default_is_real_digits(tmp_path):
     listed = re.search(r"outputs in \S+ \((.*)\)", proc.stdout)[1].split(", ")
     assert listed == sorted(p.name for p in out.iterdir())  # what was written, nothing else
     # distilled from the dense model in fine-tuning and QAT (the default), and timed in onnxruntime
-    assert report["quantize"]["distill"] == {"alpha": 0.7, "temperature": 4.0}
+    assert report["quantize"]["distill"] == {"alpha": 0.7, "temperature": 4.0, "teacher": "finetuned"}
+    assert "teacher_finetune" in report["seconds"]
     lat = report["latency"]
     assert lat["isa"] == cpu_features().describe() and set(lat["speedup"]) == {"1", "128"}
     for b in ("1", "128"):  # ms and speed-up are rounded to 3 decimals: at most 5e-4 off each
@@ -220,6 +223,7 @@ def test_embedded_default_is_real_digits(tmp_path):
     md = (out / "report.md").read_text()
     assert "## Speed: onnxruntime on this machine" in md and f"| 128 | {lat['ms']['dense_fp32']['128']:.3f} |" in md
     assert f"the INT8 ONNX file {acc['int8_onnx']:.2f} %" in md
+    assert f"{acc['dense_finetuned']:.2f} % fine-tuned with the same budget (the teacher)" in md
     assert f"batch 128: {lat['ms']['dense_fp32']['128']:.2f} -> " in proc.stdout
 
 

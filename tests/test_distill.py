@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -128,3 +129,27 @@ def test_objective_without_distill_is_cross_entropy():
     logits, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
     with Objective(plain(label_smoothing=0.1)) as objective:
         torch.testing.assert_close(objective(logits, None, y), F.cross_entropy(logits, y, label_smoothing=0.1))
+
+
+def test_compress_distils_from_the_dense_model_finetuned_with_the_same_budget():
+    """``DistillOptions.teacher="finetuned"`` (the default): the teacher is the dense model
+    fine-tuned first with the student's budget from the labels alone, and its top-1 is reported
+    as the baseline; ``"given"`` distils from the model as given and fine-tunes no teacher."""
+    from ehap_fx import Target, compress
+    from ehap_fx.train import evaluate
+
+    g = torch.Generator().manual_seed(2)
+    proj = torch.randn(3, 5, generator=g)
+    xs = [torch.randn(16, 3, 6, 6, generator=g) for _ in range(4)]
+    data = [(x, (x.mean((2, 3)) @ proj).argmax(1)) for x in xs]  # learnable labels
+    model, x = net(), torch.randn(1, 3, 6, 6)
+    ft = FinetuneOptions(epochs=5, lr=0.2, progress=False)
+    kw = dict(data=data, eval_data=data, scorer="l1", target=Target(macs=0.8, round_to=1))
+    res = compress(model, x, finetune_options=replace(ft, distill=DistillOptions()), **kw)
+    want = copy.deepcopy(model)
+    finetune(want, data, ft)
+    acc = res.report.accuracy
+    assert acc["dense_finetuned"] == evaluate(want, data) > acc["dense"]  # the teacher trained first
+    assert "teacher_finetune" in res.report.seconds
+    given = compress(model, x, finetune_options=replace(ft, distill=DistillOptions(teacher="given")), **kw)
+    assert "dense_finetuned" not in given.report.accuracy and "teacher_finetune" not in given.report.seconds

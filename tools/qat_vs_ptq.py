@@ -14,7 +14,7 @@ its flags parsed by the CLI itself, so scorer, granularity, rounding, fine-tune,
 and the QAT length are the CLI's defaults). The model is pruned and fine-tuned once by
 ``compress`` (no quantization), then quantized both ways from the same fine-tuned weights and
 the same training batches: PTQ (the CLI's calibration batches) and QAT (the CLI's one epoch,
-distilled from the dense model, ``ptq_fallback`` off), each scored on every test image; the
+distilled from the fine-tune's teacher, ``ptq_fallback`` off), each scored on every test image; the
 row ``check`` is the guarded default's choice (cross-entropy of both INT8 models on the same
 calibration batches). Both INT8 models and the dense fp32 model are exported to ONNX and
 timed side by side in onnxruntime (``--bench-rounds``; a rerun re-times only).
@@ -134,13 +134,13 @@ def readme_recipe(data: Path, weights: Path, out: Path, bench_rounds: int = 10) 
     cached, path = out / "readme_pruned_ft.pt", out / "results_readme.json"
     res = json.loads(path.read_text()) if path.exists() else {}
     if cached.exists():
-        gm = torch.load(cached, weights_only=False)
+        gm, teacher = torch.load(cached, weights_only=False)
     else:
         start = time.time()
         r = compress(model, x, data=loader(args.seed), eval_data=test_loader,
                      **vars(replace(opts, quantize=None, bench=None)))
-        gm = r.pruned
-        torch.save(gm, cached)
+        gm, teacher = r.pruned, r.teacher  # QAT distils from the fine-tune's teacher, as compress does
+        torch.save((gm, teacher), cached)
         res["recipe"] = {"flags": " ".join(README_FLAGS), "scorer": opts.scorer,
                          "macs_ratio": r.report.cost_after["macs_ratio"],
                          "accuracy": r.report.accuracy, "seconds": round(time.time() - start, 1)}
@@ -150,7 +150,6 @@ def readme_recipe(data: Path, weights: Path, out: Path, bench_rounds: int = 10) 
         return
     if "fp32" not in res:
         res["fp32"] = evaluate(gm, test_loader)
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
     built = {}
     for name, q_opts in (("ptq", replace(opts.quantize, mode="ptq")),
                          ("qat", replace(opts.quantize, ptq_fallback=False))):
