@@ -134,7 +134,8 @@ def readme_recipe(data: Path, weights: Path, out: Path, bench_rounds: int = 10) 
     cached, path = out / "readme_pruned_ft.pt", out / "results_readme.json"
     res = json.loads(path.read_text()) if path.exists() else {}
     if cached.exists():
-        gm, teacher = torch.load(cached, weights_only=False)
+        saved = torch.load(cached, weights_only=False)
+        gm, teacher = saved if isinstance(saved, tuple) else (saved, None)  # (a file of the first version)
     else:
         start = time.time()
         r = compress(model, x, data=loader(args.seed), eval_data=test_loader,
