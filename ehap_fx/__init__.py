@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "CompressReport": "ehap_fx.compress",
     "CompressResult": "ehap_fx.compress",
+    "RECIPE": "ehap_fx.compress",
     "compress": "ehap_fx.compress",
     "Target": "ehap_fx.target",
 }
