@@ -268,13 +268,6 @@ def compress(
     ).graph_module
     distributed.broadcast_module(gm)  # under torchrun: every rank starts from rank 0's weights
     seconds["trace_group"] = time.perf_counter() - t
-    distilling = any(o is not None and o.distill is not None
-                     for o in (finetune_options, getattr(quantize, "finetune", None)))
-    timed = bench is not None and export is not None
-    # one frozen copy of the dense graph, for the default teacher and the speed-up timing alike
-    needed = timed or (distilling and teacher is None)
-    dense = copy.deepcopy(gm).eval().requires_grad_(False) if needed else None
-    given_teacher = teacher
     base = total_cost(gm)
     report = CompressReport(
         data=data_name or ("none (L1 ranking needs no data)" if data is None else "user data"),
@@ -286,9 +279,8 @@ def compress(
     )
     if eval_data is not None:
         report.accuracy["dense"] = evaluate(gm, eval_data)
-    teacher = _teacher(given_teacher, dense, distilling, gm, data, finetune_options, quantize, eval_data,
-                       report, seconds)
-    dense = dense if timed else None
+    teacher, dense = _teacher_and_dense(gm, teacher, finetune_options, quantize, bench, export,
+                                        data, eval_data, report, seconds)
     table = LatencyTable(latency or LatencyOptions()) if target.kind == "latency" else None
 
     def between(gm: fx.GraphModule, step: int) -> None:
@@ -470,18 +462,30 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _teacher(given, dense, distilling: bool, gm: fx.GraphModule, data, options: FinetuneOptions | None,
-             quantize: QuantizeOptions | None, eval_data, report, seconds) -> nn.Module | None:
-    """The teacher: none without distillation; the one given; else, with ``teacher="finetuned"``
-    (the default) and a fine-tune budget, the dense graph fine-tuned with that budget from the
-    labels alone (also the baseline the pruned model is measured against); else the frozen
-    dense copy."""
-    if not distilling or given is not None:
-        return given if distilling else None
+def _teacher_and_dense(gm: fx.GraphModule, teacher, options: FinetuneOptions | None,
+                       quantize: QuantizeOptions | None, bench, export, data, eval_data, report, seconds):
+    """``(teacher, dense)``: the teacher distilled from (None without distillation; the one given;
+    with ``DistillOptions.teacher="finetuned"`` and a fine-tune budget, the dense graph fine-tuned
+    first with that budget; else a frozen dense copy) and the frozen dense copy for the speed-up
+    timing (None without it), made only when one of them needs it."""
     distill = (options.distill if options is not None else None) or (
         quantize.finetune.distill if quantize is not None else None)
-    if options is None or distill.teacher != "finetuned":
-        return dense
+    if distill is None:
+        teacher = None
+    default = distill is not None and teacher is None
+    train_teacher = default and options is not None and distill.teacher == "finetuned"
+    as_given = default and not train_teacher
+    timed = bench is not None and export is not None
+    dense = copy.deepcopy(gm).eval().requires_grad_(False) if timed or as_given else None
+    if train_teacher:
+        teacher = _finetuned_teacher(gm, data, options, eval_data, report, seconds)
+    return (dense if as_given else teacher), (dense if timed else None)
+
+
+def _finetuned_teacher(gm: fx.GraphModule, data, options: FinetuneOptions, eval_data, report,
+                       seconds) -> nn.Module:
+    """The default teacher: the dense graph fine-tuned with the student's budget from the labels
+    alone, frozen; its top-1 is the baseline the pruned model is measured against."""
     t = time.perf_counter()
     teacher = copy.deepcopy(gm)
     finetune(teacher, distributed.shard_loader(data), replace(options, distill=None))
