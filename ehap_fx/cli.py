@@ -62,7 +62,7 @@ from ehap_fx.models import (
     normalization,
 )
 from ehap_fx.passes.export import onnx_top1, session
-from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions
+from ehap_fx.passes.quantize import QAT_FINETUNE, QAT_RANGES, QuantizeOptions
 from ehap_fx.report import ZERO_SCORES, all_scores_zero, load_pruned
 from ehap_fx.sweep import SweepOptions, sweep
 from ehap_fx.target import Target
@@ -165,6 +165,9 @@ def _compress_parser(sub) -> None:
     p.add_argument("--qat-steps", type=int, help="cap on QAT steps")
     p.add_argument("--quant-mode", choices=("qat", "ptq"), default=RECIPE.quant_mode,
                    help=f"default {RECIPE.quant_mode} (QAT is kept only if it beats PTQ on the same batches)")
+    p.add_argument("--qat-ranges", choices=QAT_RANGES, default=QuantizeOptions().qat_ranges,
+                   help="QAT's activation ranges: calibrated (PTQ's histogram on the calibration batches, "
+                        "then held: QAT starts from the PTQ model) or moving (min/max of the training batches)")
     p.add_argument("--backend", choices=("fx", "pt2e"), default="fx")
     p.add_argument("--no-quantize", action="store_true", help="stop at the pruned fp32 model")
     p.add_argument("--int8-target", choices=("auto", *INT8_TARGETS), default="auto",
@@ -316,7 +319,7 @@ def compress_options(args) -> CompressOptions:
             epochs=epochs, lr=args.lr, max_steps=_pick(args.finetune_steps, prof.finetune_steps),
             progress=show, distill=distill)
         quantize = None if args.no_quantize else QuantizeOptions(
-            backend=args.backend, mode=args.quant_mode, target=args.int8_target,
+            backend=args.backend, mode=args.quant_mode, target=args.int8_target, qat_ranges=args.qat_ranges,
             finetune=replace(QAT_FINETUNE, epochs=_pick(args.qat_epochs, prof.qat_epochs),
                              max_steps=_pick(args.qat_steps, prof.qat_steps), progress=show,
                              distill=distill),

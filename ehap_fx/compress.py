@@ -353,6 +353,7 @@ def _quantize_and_export(
         "backend": q.backend,
         "mode": q.mode,  # the kept model's: "ptq" when QAT ran but did not beat PTQ (check)
         "asked": options.mode,
+        "qat_ranges": options.qat_ranges if options.mode == "qat" else None,
         "check": q.check,
         "steps": q.steps,
         "calibration_batches": q.calibration_batches,

@@ -1,8 +1,9 @@
 """The short quantization-aware fine-tune: ehap_fx.train.finetune plus two freezes; and
 :func:`quantize`, the INT8 pass (``passes.quantize``) with this loop for QAT.
 
-QAT follows the usual recipe (torch.ao's QAT tutorial, Krishnamoorthi 2018): train with fake
-quantization; part-way through, freeze the BatchNorm statistics (so the folded conv weights
+QAT follows the usual recipe (torch.ao's QAT tutorial, Krishnamoorthi 2018), starting from
+the PTQ model (activation ranges calibrated first, ``passes.quantize.calibrate_ranges``): train
+with fake quantization; part-way through, freeze the BatchNorm statistics (so the folded conv weights
 stop moving under the quantizers), later freeze the observers (so the scales the INT8 model
 will use stop moving). The freezes happen at fixed optimizer steps: a thin wrapper around the
 training loader applies them when the step's batch is drawn.
@@ -88,6 +89,14 @@ def qat_finetune(
     """Fine-tune a prepared QAT graph in place with ``options.finetune`` (distilling from
     ``teacher`` when ``options.finetune.distill`` is set), freezing BN statistics and then the
     observers at the steps ``options`` says."""
+    uncalibrated = [n for n, m in prepared.named_modules() if hasattr(m, "observer_enabled")
+                    and type(m.activation_post_process).__name__ == "HistogramObserver" and m.observer_enabled[0]]
+    if uncalibrated:
+        raise QuantizeError(
+            f"{len(uncalibrated)} activation quantizers (e.g. {uncalibrated[0]}) wait for calibrated ranges: "
+            "run passes.quantize.calibrate_ranges(prepared, batches, n) first (passes.quantize.quantize does), "
+            "or prepare with QuantizeOptions(qat_ranges='moving')"
+        )
     ft = options.finetune
     if teacher is None and ft.distill is not None:
         ft = dataclasses.replace(ft, distill=None)  # no teacher at hand: labels alone
@@ -118,18 +127,23 @@ def quantize(
     """``passes.quantize.quantize`` with :func:`qat_finetune` as its QAT loop (PTQ: the same);
     ``teacher`` is distilled from when ``options.finetune.distill`` is set.
 
-    QAT with ``options.ptq_fallback`` (the default) earns its cost or is dropped: a PTQ model
-    is calibrated as well, both INT8 models are scored by cross-entropy on the same
-    ``calibration_batches`` training batches of ``calibration`` (default ``data``; under
+    QAT's activation ranges are calibrated (``options.qat_ranges``) on the first
+    ``calibration_batches`` batches of ``calibration`` (default ``data``), so QAT starts from
+    the PTQ model of those batches. With ``options.ptq_fallback`` (the default) it earns its
+    cost or is dropped: that PTQ model is made as well, both INT8 models are scored by
+    cross-entropy on the same batches (under
     torchrun pass batches every rank shares, so that every rank makes the same choice), and the
     QAT model is kept only if its loss is not higher; ``result.check`` records both losses and
     the choice.
     """
     train = functools.partial(qat_finetune, teacher=teacher)
-    result = quantize_pass.quantize(model, example_input, data, options, train=train)
-    if options.mode != "qat" or not options.ptq_fallback:
-        return result
+    if options.mode != "qat":
+        return quantize_pass.quantize(model, example_input, data, options, calibration=calibration)
+    # QAT's calibrated ranges, the PTQ model and the check all see these same batches
     batches = _take(data if calibration is None else calibration, options.calibration_batches)
+    result = quantize_pass.quantize(model, example_input, data, options, train=train, calibration=batches)
+    if not options.ptq_fallback:
+        return result
     ptq = quantize_pass.quantize(model, example_input, batches, dataclasses.replace(options, mode="ptq"))
     qat_loss, ptq_loss = check_loss(result.graph_module, batches), check_loss(ptq.graph_module, batches)
     kept = result if qat_loss <= ptq_loss else ptq

@@ -39,9 +39,13 @@ RELU = (aten.relu.default, aten.relu_.default)
 ADD = (aten.add.Tensor, aten.add_.Tensor)
 
 
-def activation_spec(qat: bool) -> QuantizationSpec:
-    """Per-tensor affine uint8 (0..255): fake-quantized for QAT, a histogram for PTQ."""
-    ctr = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver) if qat else HistogramObserver
+def activation_spec(qat: bool, calibrated: bool = False) -> QuantizationSpec:
+    """Per-tensor affine uint8 (0..255): a histogram for PTQ; fake-quantized for QAT, observed by
+    a moving min/max or (``calibrated``: ``passes.quantize.calibrate_ranges``) PTQ's histogram."""
+    if qat:
+        ctr = FakeQuantize.with_args(observer=HistogramObserver if calibrated else MovingAverageMinMaxObserver)
+    else:
+        ctr = HistogramObserver
     return QuantizationSpec(
         dtype=torch.uint8,
         quant_min=0,
@@ -73,9 +77,9 @@ def weight_spec(qat: bool, weight_range: tuple[int, int] = (-128, 127)) -> Quant
 class OrtQuantizer(Quantizer):
     """Annotates conv(+BN)(+ReLU), linear and residual add(+ReLU) for onnxruntime's QDQ fusion."""
 
-    def __init__(self, qat: bool, weight_range: tuple[int, int] = (-128, 127)) -> None:
+    def __init__(self, qat: bool, weight_range: tuple[int, int] = (-128, 127), calibrated: bool = False) -> None:
         super().__init__()
-        self.act, self.weight = activation_spec(qat), weight_spec(qat, weight_range)
+        self.act, self.weight = activation_spec(qat, calibrated), weight_spec(qat, weight_range)
 
     def annotate(self, model: GraphModule) -> GraphModule:
         for node in model.graph.nodes:

@@ -19,7 +19,9 @@ Two backends build the same scheme:
 
 Two modes: ``"qat"`` fine-tunes with fake quantization (freezing BN statistics, then the
 observers, part-way through), ``"ptq"`` only runs ``calibration_batches`` batches through the
-observers (no labels needed).
+observers (no labels needed). QAT starts where PTQ ends (``qat_ranges="calibrated"``, the
+default): its activation ranges are PTQ's histogram calibration on the same batches, held
+while QAT trains the weights (:func:`calibrate_ranges`), so step 0 of QAT is the PTQ model.
 
 >>> from torch import nn
 >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
@@ -54,6 +56,7 @@ from ehap_fx.train_options import FinetuneOptions
 
 BACKENDS = ("fx", "pt2e")
 MODES = ("qat", "ptq")
+QAT_RANGES = ("calibrated", "moving")
 ACTIVATION_RANGE = (0, 255)  # quint8, per-tensor affine
 WEIGHT_RANGE = WEIGHT_RANGES["x86-vnni"]  # qint8, per-channel symmetric; 7-bit where kernels saturate
 QAT_FINETUNE = FinetuneOptions(epochs=1.0, lr=1e-3, weight_decay=0.0, progress=False)
@@ -70,7 +73,12 @@ class QuantizeOptions:
     ranges, stop updating (1.0: never). ``calibration_batches`` is the number of batches
     observed in PTQ mode. ``ptq_fallback`` (QAT only, ``ehap_fx.qat.quantize``): also
     calibrate a PTQ model and keep it when the QAT model ends with a higher loss on the same
-    ``calibration_batches`` training batches (the report says so). ``target`` is where the INT8
+    ``calibration_batches`` training batches (the report says so). ``qat_ranges``: where QAT's
+    activation ranges come from. ``"calibrated"`` (default): PTQ's histogram calibration on
+    ``calibration_batches`` batches, then held (:func:`calibrate_ranges`); ``"moving"``: torch.ao's
+    moving-average min/max of the training batches, frozen at ``freeze_observers_after``. Min/max
+    ranges are wider than the histogram's (one outlier sets the scale): on the README's ResNet-56
+    job QAT with moving ranges ended 0.19 pt under PTQ (docs/results.md). ``target`` is where the INT8
     model will run (``"auto"``: this CPU; ``"x86-vnni"``, ``"x86-avx2"``, ``"arm64"``): it fixes
     the weight range (:func:`scheme`).
     """
@@ -83,12 +91,15 @@ class QuantizeOptions:
     freeze_observers_after: float = 0.75
     calibration_batches: int = 16
     ptq_fallback: bool = True
+    qat_ranges: str = "calibrated"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} must be one of {BACKENDS}")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} must be one of {MODES}")
+        if self.qat_ranges not in QAT_RANGES:
+            raise ValueError(f"qat_ranges={self.qat_ranges!r} must be one of {QAT_RANGES}")
         if self.target != "auto" and self.target not in INT8_TARGETS:
             raise ValueError(f"target={self.target!r} must be 'auto' or one of {INT8_TARGETS}")
         if not isinstance(self.finetune, FinetuneOptions):
@@ -203,13 +214,16 @@ def quantize(
     options: QuantizeOptions = QuantizeOptions(),
     *,
     train: Train | None = None,
+    calibration: Batches | None = None,
 ) -> QuantizeResult:
     """Quantize a copy of ``model`` (``nn.Module`` or ``GraphModule``) to INT8.
 
     ``data`` yields ``(x, y)`` batches (``x`` alone is enough for PTQ); PTQ observes its first
     ``calibration_batches`` batches, QAT trains on it with ``train`` (the pass has no training
-    loop of its own: ``ehap_fx.qat.quantize`` is this pass with ``ehap_fx.qat.qat_finetune``).
-    The input model is not modified.
+    loop of its own: ``ehap_fx.qat.quantize`` is this pass with ``ehap_fx.qat.qat_finetune``),
+    after calibrating its activation ranges (``qat_ranges="calibrated"``). ``calibration``:
+    the batches calibrated on, when not the first of ``data`` (pass the same list to a PTQ and
+    a QAT call and QAT starts from that PTQ model). The input model is not modified.
     """
     if data is None:
         raise QuantizeError(
@@ -226,10 +240,13 @@ def quantize(
                 "mode='qat' fine-tunes the prepared graph: pass train= (ehap_fx.qat.qat_finetune), "
                 "or call ehap_fx.qat.quantize, which does"
             )
+        if options.qat_ranges == "calibrated":
+            seen = calibrate_ranges(prepared, data if calibration is None else calibration,
+                                    options.calibration_batches)
         result = train(prepared, data, options)
         steps, losses = result.steps, tuple(result.losses)
     else:
-        seen = calibrate(prepared, data, options.calibration_batches)
+        seen = calibrate(prepared, data if calibration is None else calibration, options.calibration_batches)
     converted = convert(prepared, options)
     return QuantizeResult(
         converted, options.backend, options.mode, steps, losses, seen, time.perf_counter() - start, chosen
@@ -245,11 +262,12 @@ def prepare(
     model.train(options.mode == "qat")
     example = _batch_of_two(example_input)
     weights = (chosen or scheme(options.target)).weight_range
+    calibrated = options.qat_ranges == "calibrated"
     try:
         with quiet_quantization_warnings():
             if options.backend == "fx":
-                return _prepare_fx(model, example, options.mode == "qat", weights)
-            return _prepare_pt2e(model, example, options.mode == "qat", weights)
+                return _prepare_fx(model, example, options.mode == "qat", weights, calibrated)
+            return _prepare_pt2e(model, example, options.mode == "qat", weights, calibrated)
     except QuantizeError:
         raise
     except Exception as e:
@@ -276,6 +294,41 @@ def calibrate(prepared: nn.Module, data: Batches, batches: int) -> int:
     return seen
 
 
+@torch.no_grad()
+def calibrate_ranges(prepared: nn.Module, data: Batches, batches: int) -> int:
+    """PTQ's calibration on a QAT graph: QAT then starts from the PTQ model.
+
+    With fake quantization off (the float network, as PTQ's observers see it, BN on its
+    running statistics), ``batches`` batches of ``data`` go through; the activation quantizers'
+    histogram observers (``qat_ranges="calibrated"``) set their scale and zero point once from
+    them and stop observing, so the ranges hold while QAT trains the weights (the weight
+    quantizers keep tracking their weights until the observers freeze). Returns the count.
+    """
+    quantizers = [m for m in prepared.modules() if hasattr(m, "fake_quant_enabled") and hasattr(m, "scale")]
+    ranges = [m for m in quantizers if type(m.activation_post_process).__name__ == "HistogramObserver"]
+    if not ranges:
+        raise QuantizeError("calibrate_ranges: the graph has no histogram-observed activation quantizers "
+                            "(prepare it with qat_ranges='calibrated')")
+    for m in quantizers:
+        m.disable_fake_quant()
+    for m in ranges:  # observe without recomputing the histogram's search at every batch
+        m.disable_observer()
+    hooks = [m.register_forward_pre_hook(lambda m, args: m.activation_post_process(args[0].detach()))
+             for m in ranges]
+    try:
+        seen = calibrate(prepared, data, batches)
+    finally:
+        for h in hooks:
+            h.remove()
+    for m in ranges:
+        scale, zero_point = m.calculate_qparams()
+        m.scale.resize_(scale.shape).copy_(scale)
+        m.zero_point.resize_(zero_point.shape).copy_(zero_point)
+    for m in quantizers:
+        m.enable_fake_quant()
+    return seen
+
+
 def convert(prepared: fx.GraphModule, options: QuantizeOptions) -> fx.GraphModule:
     """The INT8 model of a prepared (and trained or calibrated) graph, in eval mode."""
     _set_mode(prepared, train=False)
@@ -294,8 +347,10 @@ def convert(prepared: fx.GraphModule, options: QuantizeOptions) -> fx.GraphModul
 # ---------------------------------------------------------------------------------------------
 
 
-def fx_qconfig_mapping(qat: bool, weight_range: tuple[int, int] = WEIGHT_RANGE):
-    """The torch.ao ``QConfigMapping`` of the scheme: FakeQuantize for QAT, observers for PTQ."""
+def fx_qconfig_mapping(qat: bool, weight_range: tuple[int, int] = WEIGHT_RANGE, calibrated: bool = False):
+    """The torch.ao ``QConfigMapping`` of the scheme: FakeQuantize for QAT, observers for PTQ.
+    ``calibrated`` (QAT): the activation quantizers observe with PTQ's histogram
+    (:func:`calibrate_ranges`), not a moving min/max."""
     from torch.ao.quantization import (
         FakeQuantize,
         HistogramObserver,
@@ -321,7 +376,8 @@ def fx_qconfig_mapping(qat: bool, weight_range: tuple[int, int] = WEIGHT_RANGE):
         quant_max=weight_range[1],
     )
     if qat:
-        act = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, **act_kw)
+        act = FakeQuantize.with_args(
+            observer=HistogramObserver if calibrated else MovingAverageMinMaxObserver, **act_kw)
         weight = FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, **w_kw)
     else:
         act = HistogramObserver.with_args(**act_kw)
@@ -330,14 +386,14 @@ def fx_qconfig_mapping(qat: bool, weight_range: tuple[int, int] = WEIGHT_RANGE):
 
 
 def _prepare_fx(
-    model: nn.Module, example: torch.Tensor, qat: bool, weights: tuple[int, int]
+    model: nn.Module, example: torch.Tensor, qat: bool, weights: tuple[int, int], calibrated: bool = False
 ) -> fx.GraphModule:
     from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
 
     if isinstance(model, fx.GraphModule):
         constant_adds_as_convs(model)
     fn = prepare_qat_fx if qat else prepare_fx
-    return fn(model, fx_qconfig_mapping(qat, weights), (example,))
+    return fn(model, fx_qconfig_mapping(qat, weights, calibrated), (example,))
 
 
 _ADDS = (operator.add, operator.iadd, torch.add, "add")
@@ -386,7 +442,7 @@ def constant_adds_as_convs(gm: fx.GraphModule) -> int:
 
 
 def _prepare_pt2e(
-    model: nn.Module, example: torch.Tensor, qat: bool, weights: tuple[int, int]
+    model: nn.Module, example: torch.Tensor, qat: bool, weights: tuple[int, int], calibrated: bool = False
 ) -> fx.GraphModule:
     pytree_log = logging.getLogger("torch.utils._pytree")  # torchao's import-time notice
     level = pytree_log.level
@@ -403,7 +459,7 @@ def _prepare_pt2e(
     batch = torch.export.Dim("batch", min=1, max=65536)
     exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     fn = prepare_qat_pt2e if qat else prepare_pt2e
-    prepared = fn(exported.module(), OrtQuantizer(qat, weights))
+    prepared = fn(exported.module(), OrtQuantizer(qat, weights, calibrated))
     return _bind_train_eval(prepared)
 
 

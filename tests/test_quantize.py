@@ -8,6 +8,7 @@ Model under test (small, fast)::
 
 from __future__ import annotations
 
+import types
 import warnings
 from dataclasses import replace
 
@@ -19,11 +20,12 @@ from ehap_fx.passes.quantize import (
     QAT_FINETUNE,
     QuantizeOptions,
     calibrate,
+    calibrate_ranges,
     convert,
     prepare,
     scheme,
 )
-from torch import nn
+from torch import fx, nn
 
 from ehap_fx import _meta
 from ehap_fx.errors import QuantizeError
@@ -63,6 +65,7 @@ X = torch.randn(2, 3, 16, 16)
         ("freeze_bn_after", 1.5, "freeze_bn_after=1.5"),
         ("freeze_observers_after", -0.1, "freeze_observers_after=-0.1"),
         ("calibration_batches", 0, "calibration_batches=0"),
+        ("qat_ranges", "learned", "qat_ranges='learned'"),
     ],
 )
 def test_options_name_the_bad_value(field, value, match):
@@ -144,6 +147,7 @@ def test_qat_freezes_bn_then_observers(backend):
     options = QuantizeOptions(backend=backend, finetune=replace(QAT_FINETUNE, max_steps=4),
                               freeze_bn_after=0.25, freeze_observers_after=0.5)
     prepared = prepare(TinyResNet(), X, options)
+    calibrate_ranges(prepared, batches(2), 2)
     result = qat_finetune(prepared, batches(4), options)
     assert result.steps == 4 and all(torch.isfinite(torch.tensor(result.losses)))
     enabled = [int(m.observer_enabled[0]) for m in prepared.modules() if hasattr(m, "observer_enabled")]
@@ -155,13 +159,60 @@ def test_qat_freezes_bn_then_observers(backend):
         assert prepared.meta[_meta.BN_FROZEN] is True
 
 
-def test_qat_without_freezes_keeps_observing():
+@pytest.mark.parametrize("ranges", ["moving", "calibrated"])
+def test_qat_without_freezes_keeps_observing(ranges):
+    """Never frozen, the weight quantizers keep observing; so do moving activation ranges, while
+    calibrated ones are held from the calibration on."""
     options = QuantizeOptions(finetune=replace(QAT_FINETUNE, max_steps=2), freeze_bn_after=1.0,
-                              freeze_observers_after=1.0)
+                              freeze_observers_after=1.0, qat_ranges=ranges)
     prepared = prepare(TinyResNet(), X, options)
+    if ranges == "calibrated":
+        calibrate_ranges(prepared, batches(2), 2)
     qat_finetune(prepared, batches(2), options)
-    enabled = {int(m.observer_enabled[0]) for m in prepared.modules() if hasattr(m, "observer_enabled")}
-    assert enabled == {1}
+    quantizers = [m for m in prepared.modules() if hasattr(m, "observer_enabled")]
+    observing = {m.qscheme: int(m.observer_enabled[0]) for m in quantizers}
+    assert observing == {torch.per_channel_symmetric: 1, torch.per_tensor_affine: int(ranges == "moving")}
+
+
+def test_qat_on_uncalibrated_ranges_names_the_fix():
+    prepared = prepare(TinyResNet(), X, QuantizeOptions())
+    with pytest.raises(QuantizeError, match="calibrate_ranges.*qat_ranges='moving'"):
+        qat_finetune(prepared, batches(1), QuantizeOptions())
+
+
+def _scales(gm) -> list[float]:
+    """Every activation scale of a converted INT8 graph: FX's quantized modules and its
+    quantize_per_tensor buffers, or PT2E's quantize/dequantize arguments."""
+    out = [float(m.scale) for m in gm.modules() if isinstance(getattr(m, "scale", None), (float, torch.Tensor))
+           and torch.as_tensor(m.scale).numel() == 1 and not isinstance(m, fx.GraphModule)]
+    out += [float(v) for k, v in gm.state_dict().items() if k.endswith("scale_0") and v.numel() == 1]
+    out += [float(n.args[1]) for n in gm.graph.nodes if n.op == "call_function" and "quantize_per_tensor" in str(n.target)
+            and isinstance(n.args[1], float)]
+    return sorted(out)
+
+
+@pytest.mark.parametrize("backend", ["fx", "pt2e"])
+def test_qat_starts_where_ptq_ends(backend):
+    """With calibrated ranges (the default), QAT before its first step is the PTQ model of the
+    same batches: every activation scale equal, to float32 rounding (the fake-quantized graph
+    folds BN into the conv weights in another order, so activations differ in the last bits).
+    Moving ranges that never saw a batch stay at the quantizer's initial scale."""
+    if backend == "pt2e":
+        pytest.importorskip("torchao")
+    model, data = fitted_tiny(batches(4)), batches(4)
+
+    def no_training(prepared, data, options):
+        return types.SimpleNamespace(steps=0, losses=())
+
+    ptq = quantize_pass.quantize(model, X, data, QuantizeOptions(backend=backend, mode="ptq", calibration_batches=4))
+    qat = quantize_pass.quantize(model, X, data, QuantizeOptions(backend=backend, calibration_batches=4), train=no_training)
+    moving = quantize_pass.quantize(model, X, data, QuantizeOptions(backend=backend, qat_ranges="moving"),
+                                    train=no_training)
+    assert qat.calibration_batches == 4
+    ptq_scales = _scales(ptq.graph_module)
+    assert len(ptq_scales) >= 4
+    assert _scales(qat.graph_module) == pytest.approx(ptq_scales, rel=1e-5)
+    assert _scales(moving.graph_module) != pytest.approx(ptq_scales, rel=1e-2)
 
 
 @pytest.mark.parametrize("backend", ["fx", "pt2e"])

@@ -16,10 +16,15 @@ and the QAT length are the CLI's defaults). The model is pruned and fine-tuned o
 the same training batches: PTQ (the CLI's calibration batches) and QAT (the CLI's one epoch,
 distilled from the fine-tune's teacher, ``ptq_fallback`` off), each scored on every test image; the
 row ``check`` is the guarded default's choice (cross-entropy of both INT8 models on the same
-calibration batches). Both INT8 models and the dense fp32 model are exported to ONNX and
-timed side by side in onnxruntime (``--bench-rounds``; a rerun re-times only).
+calibration batches), ``qat_minus_ptq`` the paired difference of their test top-1 with its
+standard error (per image, both models on the same images). Both INT8 models and the dense
+fp32 model are exported to ONNX and timed side by side in onnxruntime (``--bench-rounds``; a
+rerun re-times only). ``--qat-seed`` draws the INT8 step's batches (PTQ's calibration, QAT's
+epoch) in another order from the same fine-tuned model (a second seed of the comparison);
+``--qat-ranges`` is QuantizeOptions.qat_ranges.
 
     python tools/qat_vs_ptq.py --readme [--out runs/qat_vs_ptq] [--bench-rounds 20]
+        [--qat-seed 1] [--qat-ranges calibrated|moving]
 """
 
 from __future__ import annotations
@@ -70,9 +75,12 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/qat_vs_ptq"))
     p.add_argument("--readme", action="store_true", help="the README command's recipe (module docstring)")
     p.add_argument("--bench-rounds", type=int, default=10, help="--readme: onnxruntime timing rounds (0: none)")
+    p.add_argument("--qat-seed", type=int, default=1, help="--readme: the INT8 step's data order")
+    p.add_argument("--qat-ranges", choices=["calibrated", "moving"], default=QuantizeOptions().qat_ranges,
+                   help="--readme: QuantizeOptions.qat_ranges")
     args = p.parse_args(argv)
     if args.readme:
-        return readme_recipe(args.data, args.weights, args.out, args.bench_rounds)
+        return readme_recipe(args.data, args.weights, args.out, args.bench_rounds, args.qat_seed, args.qat_ranges)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     norm = normalization("resnet56")
@@ -109,7 +117,8 @@ def main(argv=None) -> None:
 README_FLAGS = ["--model", "resnet56", "--target-latency", "0.5", "--finetune-epochs", "1"]
 
 
-def readme_recipe(data: Path, weights: Path, out: Path, bench_rounds: int = 10) -> None:
+def readme_recipe(data: Path, weights: Path, out: Path, bench_rounds: int = 10, qat_seed: int = 1,
+                  qat_ranges: str = "calibrated") -> None:
     """PTQ against QAT on the README command's pruned, fine-tuned ResNet-56 (module docstring)."""
     from ehap_fx import cli
     from ehap_fx.compress import compress
@@ -151,19 +160,24 @@ def readme_recipe(data: Path, weights: Path, out: Path, bench_rounds: int = 10) 
         return
     if "fp32" not in res:
         res["fp32"] = evaluate(gm, test_loader)
-    built = {}
+    built, correct = {}, {}
+    res["int8_step"] = {"seed": qat_seed, "qat_ranges": qat_ranges}
     for name, q_opts in (("ptq", replace(opts.quantize, mode="ptq")),
-                         ("qat", replace(opts.quantize, ptq_fallback=False))):
+                         ("qat", replace(opts.quantize, ptq_fallback=False, qat_ranges=qat_ranges))):
         start = time.time()
-        q = quantize(gm, x, loader(1), q_opts, teacher=teacher)  # the same batches for both
-        built[name] = q.graph_module
+        q = quantize(gm, x, loader(qat_seed), q_opts, teacher=teacher)  # the same batches for both
+        built[name], correct[name] = q.graph_module, _correct(q.graph_module, test_loader)
         rep = export(q, x, out / f"readme_{name}.onnx")
         res[name] = {"top1": evaluate(q.graph_module, test_loader), "steps": q.steps,
                      "onnx_top1": onnx_top1(rep.path, test_loader),
                      "seconds": round(time.time() - start, 1)}
         path.write_text(json.dumps(res, indent=1))
         print(name, res[name], flush=True)
-    batches = [(b[0], b[1]) for _, b in zip(range(opts.quantize.calibration_batches), loader(1))]
+    d = correct["qat"] - correct["ptq"]  # per image: +1 QAT alone right, -1 PTQ alone right
+    res["qat_minus_ptq"] = {"pt": round(100 * float(d.mean()), 2),
+                            "se_pt": round(100 * float(d.std() / len(d) ** 0.5), 2),
+                            "only_qat_right": int((d > 0).sum()), "only_ptq_right": int((d < 0).sum())}
+    batches = [(b[0], b[1]) for _, b in zip(range(opts.quantize.calibration_batches), loader(qat_seed))]
     losses = {n: check_loss(m, batches) for n, m in built.items()}
     res["check"] = {**{f"{n}_loss": v for n, v in losses.items()},
                     "kept": "qat" if losses["qat"] <= losses["ptq"] else "ptq",
@@ -171,6 +185,12 @@ def readme_recipe(data: Path, weights: Path, out: Path, bench_rounds: int = 10) 
     export_onnx(model.eval(), x, out / "readme_dense_fp32.onnx", dynamo=False)
     path.write_text(json.dumps(res, indent=1))
     _time_readme(out, res, path, bench_rounds)
+
+
+@torch.no_grad()
+def _correct(model, loader) -> torch.Tensor:
+    """1.0 where ``model``'s top-1 is right, per test image (in the loader's order)."""
+    return torch.cat([(model(x).argmax(1) == y).float() for x, y in loader])
 
 
 def _time_readme(out: Path, res: dict, path: Path, rounds: int) -> None:
