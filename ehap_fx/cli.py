@@ -542,7 +542,7 @@ def cmd_sweep(args) -> int:
             finetune=FinetuneOptions(epochs=args.finetune_epochs, lr=args.lr, max_steps=args.finetune_steps,
                                      progress=False),
             distill={"on": (True,), "off": (False,), "both": (True, False)}[args.distill],
-            distill_options=DistillOptions(), teacher=args.teacher,
+            distill_options=DistillOptions(teacher=args.teacher),
             quantize=QuantizeOptions(mode=args.quant_mode,
                                      finetune=replace(QAT_FINETUNE, max_steps=args.qat_steps)),
             hessian=HessianOptions(batch_size=args.hessian_batch, seed=args.seed, data_seed=args.seed,

@@ -51,8 +51,9 @@ class SweepOptions:
 
     ``targets`` are latency fractions (of the dense model's estimated INT8 latency at
     ``latency.batch_size``, the per-conv onnxruntime table); ``distill`` lists the arms'
-    distillation settings (``(True, False)`` runs both, side by side); the teacher is the dense
-    model after the same fine-tune budget (``teacher="finetuned"``) or as given (``"given"``).
+    distillation settings (``(True, False)`` runs both, side by side), ``distill_options`` how
+    (its ``teacher``: the dense model after the same fine-tune budget, ``"finetuned"``, or as
+    given, ``"given"``).
     """
 
     targets: tuple[float, ...] = (0.5, 0.35, 0.25)
@@ -62,7 +63,6 @@ class SweepOptions:
     finetune: FinetuneOptions = FinetuneOptions(epochs=0.5, progress=False)
     distill: tuple[bool, ...] = (True,)
     distill_options: DistillOptions = DistillOptions()
-    teacher: str = "finetuned"
     quantize: QuantizeOptions = QuantizeOptions(mode="ptq")
     hessian: HessianOptions = HessianOptions()
     latency: LatencyOptions = LatencyOptions()
@@ -77,8 +77,6 @@ class SweepOptions:
             raise ValueError(f"scorers={self.scorers} must be some of {SCORERS}")
         if not self.distill or not all(isinstance(d, bool) for d in self.distill):
             raise ValueError(f"distill={self.distill} must be a non-empty tuple of True/False")
-        if self.teacher not in ("finetuned", "given"):
-            raise ValueError(f"teacher={self.teacher!r} must be 'finetuned' or 'given'")
         if self.finetune.distill is not None:
             raise ValueError("finetune.distill must be None: the sweep sets it per arm (distill=)")
 
@@ -208,7 +206,7 @@ def _dense(model, x, train, test, calibration, options: SweepOptions, folder: Pa
 
 def _teacher(model: nn.Module, dense_folder: Path, options: SweepOptions) -> nn.Module:
     teacher = copy.deepcopy(model)
-    if options.teacher == "finetuned":
+    if options.distill_options.teacher == "finetuned":
         teacher.load_state_dict(torch.load(dense_folder / "finetuned.pt", weights_only=True))
     return teacher.eval().requires_grad_(False)
 
@@ -295,7 +293,7 @@ def write_front(result: SweepResult, options: SweepOptions) -> None:
 def render_front(rows: list[dict], result: SweepResult, options: SweepOptions, n: int | None) -> str:
     b = sorted(result.timing["dense_fp32"], key=int)
     ft = options.finetune
-    bench, teacher = options.bench, "budget-matched fine-tuned" if options.teacher == "finetuned" else "given"
+    bench, teacher = options.bench, "budget-matched fine-tuned" if options.distill_options.teacher == "finetuned" else "given"
     steps = f" (max {ft.max_steps} steps)" if ft.max_steps else ""
     lines = [f"# Accuracy–latency front: {result.machine.get('model')}", "",
              f"- machine: {result.machine['isa']}; onnxruntime threads {bench.threads or 'default'}, "

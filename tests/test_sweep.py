@@ -101,7 +101,6 @@ def test_arms_put_the_first_distillation_setting_first():
 
 @pytest.mark.parametrize("kw, match", [
     ({"targets": (1.5,)}, "targets="), ({"scorers": ("snip",)}, "scorers="), ({"distill": ()}, "distill="),
-    ({"teacher": "big"}, "teacher="),
 ])
 def test_options_name_the_bad_value(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -21,10 +21,10 @@ standard error (per image, both models on the same images). Both INT8 models and
 fp32 model are exported to ONNX and timed side by side in onnxruntime (``--bench-rounds``; a
 rerun re-times only). ``--qat-seed`` draws the INT8 step's batches (PTQ's calibration, QAT's
 epoch) in another order from the same fine-tuned model (a second seed of the comparison);
-``--qat-ranges`` is QuantizeOptions.qat_ranges.
+``--qat-ranges`` is QuantizeOptions.qat_ranges, ``--qat-lr`` the QAT loop's learning rate.
 
     python tools/qat_vs_ptq.py --readme [--out runs/qat_vs_ptq] [--bench-rounds 20]
-        [--qat-seed 1] [--qat-ranges calibrated|moving]
+        [--qat-seed 1] [--qat-ranges calibrated|moving] [--qat-lr 1e-3]
 """
 
 from __future__ import annotations
@@ -78,9 +78,11 @@ def main(argv=None) -> None:
     p.add_argument("--qat-seed", type=int, default=1, help="--readme: the INT8 step's data order")
     p.add_argument("--qat-ranges", choices=["calibrated", "moving"], default=QuantizeOptions().qat_ranges,
                    help="--readme: QuantizeOptions.qat_ranges")
+    p.add_argument("--qat-lr", type=float, default=QAT_FINETUNE.lr, help="--readme: the QAT loop's learning rate")
     args = p.parse_args(argv)
     if args.readme:
-        return readme_recipe(args.data, args.weights, args.out, args.bench_rounds, args.qat_seed, args.qat_ranges)
+        return readme_recipe(args.data, args.weights, args.out, args.bench_rounds, args.qat_seed, args.qat_ranges,
+                             args.qat_lr)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     norm = normalization("resnet56")
@@ -118,7 +120,7 @@ README_FLAGS = ["--model", "resnet56", "--target-latency", "0.5", "--finetune-ep
 
 
 def readme_recipe(data: Path, weights: Path, out: Path, bench_rounds: int = 10, qat_seed: int = 1,
-                  qat_ranges: str = "calibrated") -> None:
+                  qat_ranges: str = "calibrated", qat_lr: float = QAT_FINETUNE.lr) -> None:
     """PTQ against QAT on the README command's pruned, fine-tuned ResNet-56 (module docstring)."""
     from ehap_fx import cli
     from ehap_fx.compress import compress
@@ -161,9 +163,10 @@ def readme_recipe(data: Path, weights: Path, out: Path, bench_rounds: int = 10, 
     if "fp32" not in res:
         res["fp32"] = evaluate(gm, test_loader)
     built, correct = {}, {}
-    res["int8_step"] = {"seed": qat_seed, "qat_ranges": qat_ranges}
-    for name, q_opts in (("ptq", replace(opts.quantize, mode="ptq")),
-                         ("qat", replace(opts.quantize, ptq_fallback=False, qat_ranges=qat_ranges))):
+    res["int8_step"] = {"seed": qat_seed, "qat_ranges": qat_ranges, "qat_lr": qat_lr}
+    qat_opts = replace(opts.quantize, ptq_fallback=False, qat_ranges=qat_ranges,
+                       finetune=replace(opts.quantize.finetune, lr=qat_lr))
+    for name, q_opts in (("ptq", replace(opts.quantize, mode="ptq")), ("qat", qat_opts)):
         start = time.time()
         q = quantize(gm, x, loader(qat_seed), q_opts, teacher=teacher)  # the same batches for both
         built[name], correct[name] = q.graph_module, _correct(q.graph_module, test_loader)
