@@ -34,7 +34,7 @@ from ehap_fx.target import DEFAULT_ROUND_TO
 
 # Synthetic data with short settings (ResNet-56, Hutchinson ranking).
 SHORT = ["--synthetic", "--hessian-batch", "16", "--probes", "2", "--limit-train", "64", "--limit-test", "64",
-         "--batch-size", "32", "--finetune-steps", "1", "--qat-steps", "1", "--quiet"]
+         "--batch-size", "32", "--finetune-steps", "1", "--quant-mode", "qat", "--qat-steps", "1", "--quiet"]
 # Quick runs for the error paths: ResNet-20, L1 ranking, tiny data (synthetic unless --data).
 TINY_DATA = ["--model", "resnet20", "--scorer", "l1", "--limit-train", "64", "--limit-test", "64",
              "--batch-size", "32", "--finetune-steps", "1", "--qat-steps", "1", "--quiet"]
@@ -212,8 +212,11 @@ def test_embedded_default_is_real_digits(tmp_path):
     assert "int8_onnx" in proc.stdout and "--download --pretrained" in proc.stdout
     listed = re.search(r"outputs in \S+ \((.*)\)", proc.stdout)[1].split(", ")
     assert listed == sorted(p.name for p in out.iterdir())  # what was written, nothing else
-    # distilled from the dense model in fine-tuning and QAT (the default), and timed in onnxruntime
-    assert report["quantize"]["distill"] == {"alpha": 0.7, "temperature": 4.0, "teacher": "finetuned"}
+    # distilled from the dense model in fine-tuning (the default), INT8 by PTQ (the recipe's), and
+    # timed in onnxruntime
+    assert report["finetune"]["distill"] == {"alpha": 0.7, "temperature": 4.0, "teacher": "finetuned"}
+    q = report["quantize"]
+    assert q["mode"] == q["asked"] == "ptq" and q["steps"] == 0 and q["check"] is None and q["distill"] is None
     assert "teacher_finetune" in report["seconds"]
     lat = report["latency"]
     assert lat["isa"] == cpu_features().describe() and set(lat["speedup"]) == {"1", "128"}
@@ -231,7 +234,7 @@ def test_no_distill_and_no_bench(tmp_path):
     proc = ehap("compress", *DIGITS, "--no-distill", "--bench-rounds", "0", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "runs" / "compress-resnet8" / "report.json").read_text())
-    assert report["quantize"]["distill"] is None and report["latency"] is None
+    assert report["finetune"]["distill"] is None and report["latency"] is None
     assert "## Speed" not in (tmp_path / "runs" / "compress-resnet8" / "report.md").read_text()
 
 
