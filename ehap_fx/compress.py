@@ -51,7 +51,7 @@ class Recipe:
     "Accuracy at speed"): the ranking (``scorer``, with data), what may go (``granularity``,
     ``round_to``), distillation from the dense model during fine-tuning and QAT (``distill``)
     and the INT8 mode (``quant_mode``): PTQ. On the README's ResNet-56 job QAT (391 steps,
-    starting from the PTQ model) ties PTQ (−0.02 and −0.08 pt, ±0.12, two seeds) at 15–20× its
+    starting from the PTQ model) ties PTQ (−0.02 and −0.08 pt, ±0.12, two seeds) at 15–29× its
     cost, and a QAT learning rate ten times higher loses 0.42 pt; ``quant_mode="qat"`` still
     runs it, kept only if it beats PTQ on the same batches (``ptq_fallback``).
 
