@@ -153,6 +153,11 @@ def choose_removal(model: nn.Module, data, groups: Sequence, options: HessianOpt
 
 
 def _checked_slices(groups: Sequence):
+    other = sorted({m.module for g in groups for m in g.members if m.role == "in" and m.module and m.dim != 1})
+    if other:
+        raise HessianError(
+            f"{other[0]} reads its input channels at weight dim 0 (a transposed conv), which the removal "
+            "criterion does not model: use scorer='hessian' or scorer='l1' for this model")
     slices = consumer_slices(groups)
     read = {gid for entries in slices.values() for gid, _ in entries}
     missing = [g.id for g in groups if g.id not in read]

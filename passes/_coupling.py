@@ -315,6 +315,21 @@ def conv(a: _Analysis, node: fx.Node) -> Labels:
     return out
 
 
+def conv_transpose(a: _Analysis, node: fx.Node) -> Labels:
+    """Transposed conv, weight ``(in, out/groups, k...)``: its input channels index ``weight``
+    dim 0 and go with their producer (a decoder after a reshape); its output channels (dim 1
+    of the weight) are pinned, since no scorer reads that dim of a weight yet."""
+    mod = a.module(node)
+    if a.labels(node.args[0]) is None or a.dim(node.args[0]) != 1:
+        raise _Pin("transposed conv input has no channel labels at dim 1")
+    if mod.groups != 1:
+        raise _Pin(f"grouped transposed conv (groups={mod.groups})")
+    if len(node.args) > 1 or node.kwargs:
+        raise _Pin("transposed conv called with output_size")
+    a.touch(node, "in", 0, a.labels(node.args[0]))
+    return a._pinned_labels(mod.out_channels, f"{type(mod).__name__} output channels (weight dim 1) are not pruned")
+
+
 _FUNCTIONAL_CONVS = (
     F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d,
     aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,  # torch.export's training IR
@@ -1044,6 +1059,9 @@ MODULE_COUPLING: dict[type[nn.Module], Callable[[_Analysis, fx.Node], Any]] = {
     nn.Conv1d: conv,
     nn.Conv2d: conv,
     nn.Conv3d: conv,
+    nn.ConvTranspose1d: conv_transpose,
+    nn.ConvTranspose2d: conv_transpose,
+    nn.ConvTranspose3d: conv_transpose,
     nn.Linear: linear,
     nn.BatchNorm1d: norm_layer,
     nn.BatchNorm2d: norm_layer,

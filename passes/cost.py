@@ -76,6 +76,15 @@ def _conv(mod: nn.Module, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
     return NodeCost(hw * (k * (c_in // g) * c_out + bias), k * (c_in // g) * c_out + bias)
 
 
+def _conv_transpose(mod: nn.Module, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
+    """Each input element meets ``k · c_out/groups`` weights (a conv's count, seen from its input)."""
+    k = math.prod(mod.kernel_size)
+    weights = k * c_in * (c_out // mod.groups)
+    bias = c_out if mod.bias is not None else 0
+    return NodeCost(_spatial(node.args[0].meta["tensor_meta"]) * weights + _spatial(node.meta["tensor_meta"]) * bias,
+                    weights + bias)
+
+
 def _linear(mod: nn.Module, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
     bias = c_out if mod.bias is not None else 0
     rows = math.prod(node.meta["tensor_meta"].shape[1:-1])  # extra leading dims, 1 for (N, F)
@@ -112,6 +121,7 @@ MODULE_COST: dict[type[nn.Module], CostFn] = {
     nn.Conv1d: _conv,
     nn.Conv2d: _conv,
     nn.Conv3d: _conv,
+    **dict.fromkeys((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _conv_transpose),
     nn.Linear: _linear,
     nn.BatchNorm1d: _norm,
     nn.BatchNorm2d: _norm,

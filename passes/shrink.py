@@ -178,6 +178,15 @@ def _shrink_conv_module(conv: nn.Module, k_in: torch.Tensor, k_out: torch.Tensor
     conv.in_channels, conv.out_channels = len(in_pos) * g, int(k_out.sum())
 
 
+def shrink_conv_transpose(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
+    """Input channels only (weight dim 0): its outputs are pinned (``_coupling.conv_transpose``)."""
+    conv = gm.get_submodule(node.target)
+    k_in = _idx(keep(node.args[0]))
+    conv.weight = nn.Parameter(conv.weight.detach().index_select(0, k_in).clone(),
+                               requires_grad=conv.weight.requires_grad)  # (I_keep, O, k...)
+    conv.in_channels = len(k_in)
+
+
 def shrink_linear(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
     lin = gm.get_submodule(node.target)
     k_in, k_out = _idx(keep(node.args[0], -1)), _idx(keep(node, -1))  # features: the last dim
@@ -323,6 +332,9 @@ MODULE_SHRINK: dict[type[nn.Module], Callable[[fx.GraphModule, fx.Node, _Keep], 
     nn.Conv1d: shrink_conv,
     nn.Conv2d: shrink_conv,
     nn.Conv3d: shrink_conv,
+    nn.ConvTranspose1d: shrink_conv_transpose,
+    nn.ConvTranspose2d: shrink_conv_transpose,
+    nn.ConvTranspose3d: shrink_conv_transpose,
     nn.Linear: shrink_linear,
     nn.BatchNorm1d: shrink_norm,
     nn.BatchNorm2d: shrink_norm,

@@ -20,7 +20,7 @@ from torch import nn
 from torchvision.ops import stochastic_depth
 
 OPS = ["conv", "residual", "se", "cat", "split", "chunk", "pad", "slice", "grouped", "depthwise", "pool",
-       "mlp_last", "layerscale", "cat_spatial", "tokens", "shuffle", "unflatten", "l2norm"]
+       "mlp_last", "layerscale", "cat_spatial", "tokens", "shuffle", "unflatten", "l2norm", "convT"]
 
 
 class ChannelsLastMLP(nn.Module):
@@ -133,6 +133,10 @@ class Program(nn.Module):
             L.append(nn.Linear(c, 4 * w))
             self.plan.append((op, len(L) - 1, w))
             return w
+        if op == "convT":  # a decoder's transposed conv: its input channels go, its outputs stay
+            L.append(nn.ConvTranspose2d(c, w, 3, padding=1))
+            self.plan.append((op, len(L) - 1, None))
+            return w
         if op == "cat_spatial":
             L.append(nn.Conv2d(c, c, 1))
             self.plan.append((op, len(L) - 1, None))
@@ -143,7 +147,7 @@ class Program(nn.Module):
     def forward(self, x):
         for op, i, arg in self.plan:
             layer = self.layers[i] if i is not None else None
-            if op in ("conv", "grouped", "depthwise"):
+            if op in ("conv", "grouped", "depthwise", "convT"):
                 x = layer(x)
             elif op == "residual":
                 x = F.relu(x + layer(x))
@@ -185,7 +189,8 @@ class Program(nn.Module):
 def _harmless(reason: str) -> bool:
     """Pins every program may have: the model's input and output, and a one-channel layer
     scale (after a slice to one channel: a broadcast scalar with nothing to score it by)."""
-    return "model" in reason or reason == "channels touch no parameter"
+    return ("model" in reason or reason == "channels touch no parameter"
+            or reason == "ConvTranspose2d output channels (weight dim 1) are not pruned")
 
 
 programs = st.tuples(
@@ -246,5 +251,8 @@ def test_each_op_between_convs_shrinks_exactly(op):
         assert small.get_submodule("layers.1.fc2").in_features == 4
     if op == "l2norm":  # the scale lost exactly what its conv's channels lost
         assert small.scale1.shape == (small.get_submodule("layers.1").out_channels,) == (3,)
+    if op == "convT":  # its weight lost exactly the rows of the conv before it
+        assert small.get_submodule("layers.1").in_channels == small.get_submodule("layers.0.0").out_channels == 3
+        assert small.get_submodule("layers.1").weight.shape[:2] == (3, 8)
     if op == "layerscale":
         assert small.gamma1.shape == (small.get_submodule("layers.1").out_channels, 1, 1) == (3, 1, 1)

@@ -25,6 +25,7 @@ SHRINKS = {
     "non_feature_dim_cat": ({"conv1"}, {"conv2"}),
     "split": ({"block1.0"}, {"block2_1.0", "block2_2.0"}),
     "single_channel_output": ({"conv1"}, {"conv3"}),
+    "reshape": ({"linear"}, {"up1", "up2", "final"}),  # up1's input channels go with linear's
 }
 
 
@@ -63,13 +64,39 @@ def test_split_prunes_the_unshared_piece_exactly():
     assert any("called 2 times" in (g.pinned or "") for g in groups.pinned)
 
 
-def test_reshape_into_transposed_convs_is_pinned_with_its_reason():
-    """Linear → view (N, 64, 4, 4) merges 16 features per channel (a rule); the transposed
-    convs after it have no coupling rule yet, so the target is out of reach, and the error
-    names them."""
+def test_reshape_into_transposed_convs_prunes_the_decoder_input():
+    """Linear → view (N, 64, 4, 4) merges 16 features per channel; the transposed conv after it
+    reads those 64 channels at weight dim 0, so they go together (linear's 1024 features in
+    blocks of 16, up1's weight rows); the transposed convs' outputs stay, pinned with a reason."""
     model, x = BUILDERS["reshape"]()
-    with pytest.raises(TargetError, match=r"Largest pins:.*ConvTranspose|Largest pins:.*up1"):
-        compress(model.eval(), x, target=Target(macs=0.6, round_to=1))
+    gm = group_channels(trace(model.eval(), x)).graph_module
+    groups = gm.meta["ehap.groups"]
+    (g,) = [g for g in groups.prunable if any(m.module == "up1" for m in g.members)]
+    assert g.size == 64
+    ins = [m for m in g.members if m.module == "up1"]
+    assert [(m.role, m.dim) for m in ins] == [("in", 0)]
+    outs = [m for m in g.members if m.module == "linear"]
+    assert [(m.role, tuple(m.index.shape)) for m in outs] == [("out", (64, 16))]
+    assert any("ConvTranspose2d output channels" in (p.pinned or "") for p in groups.pinned)
+    # up1 (64 → 32, 4×4 kernel, 4×4 → 8×8): every input element meets 16·32 weights, + a bias per output
+    from ehap_fx import _meta
+    from ehap_fx.passes.cost import count_cost
+
+    count_cost(gm)
+    (up1,) = [n for n in gm.graph.nodes if n.target == "up1"]
+    assert (up1.meta[_meta.COST].macs, up1.meta[_meta.COST].params) == (4 * 4 * 16 * 64 * 32 + 32 * 8 * 8, 16 * 64 * 32 + 32)
+    res = compress(model.eval(), x, target=Target(macs=0.6, round_to=1))
+    assert res.pruned.get_submodule("up1").in_channels == res.pruned.get_submodule("linear").out_features // 16 < 64
+
+
+def test_the_removal_criterion_names_a_transposed_conv_it_cannot_model():
+    from ehap_fx.errors import HessianError
+    from ehap_fx.removal import estimate_removal
+
+    model, x = BUILDERS["reshape"]()
+    gm = group_channels(trace(model.eval(), x)).graph_module
+    with pytest.raises(HessianError, match="up1 reads its input channels at weight dim 0.*scorer='hessian'"):
+        estimate_removal(gm, [(x, torch.zeros(len(x), dtype=torch.long))], gm.meta["ehap.groups"].prunable)
 
 
 def test_multiple_inputs_and_outputs_keep_every_output():
