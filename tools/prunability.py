@@ -218,6 +218,7 @@ def run_ehap(model, x) -> dict:
             row["seconds"] = round(time.perf_counter() - t, 1)
             return row
     row["seconds"] = round(time.perf_counter() - t, 1)
+    row["granularity"] = res.report.target["granularity"]  # the default's (rows before it: "channel")
     ratio = res.report.cost_after["macs_ratio"]
     row.update(macs_ratio=round(ratio, 4), params_ratio=round(res.report.cost_after["params_ratio"], 4))
     row["status"] = "pruned" if ratio <= PRUNED_AT else "pinned"
