@@ -164,11 +164,13 @@ def _compress_parser(sub) -> None:
     p.add_argument("--qat-epochs", type=float)
     p.add_argument("--qat-steps", type=int, help="cap on QAT steps")
     p.add_argument("--quant-mode", choices=("qat", "ptq"), default=RECIPE.quant_mode,
-                   help=f"default {RECIPE.quant_mode} (QAT tied PTQ on ResNet-56 at 15-29x the cost, docs/results.md); "
+                   help=f"default {RECIPE.quant_mode} (QAT tied PTQ on ResNet-56 at 15-29x the cost, "
+                        "docs/results.md); "
                         "QAT starts from the PTQ model and is kept only if it beats PTQ on the same batches")
     p.add_argument("--qat-ranges", choices=QAT_RANGES, default=QuantizeOptions().qat_ranges,
                    help="QAT's activation ranges: calibrated (PTQ's histogram on the calibration batches, "
-                        "then held: QAT starts from the PTQ model) or moving (min/max of the training batches)")
+                        "then held: QAT starts from the PTQ model) or moving (min/max of the training "
+                        "batches)")
     p.add_argument("--backend", choices=("fx", "pt2e"), default="fx")
     p.add_argument("--no-quantize", action="store_true", help="stop at the pruned fp32 model")
     p.add_argument("--int8-target", choices=("auto", *INT8_TARGETS), default="auto",

@@ -90,11 +90,13 @@ def qat_finetune(
     ``teacher`` when ``options.finetune.distill`` is set), freezing BN statistics and then the
     observers at the steps ``options`` says."""
     uncalibrated = [n for n, m in prepared.named_modules() if hasattr(m, "observer_enabled")
-                    and type(m.activation_post_process).__name__ == "HistogramObserver" and m.observer_enabled[0]]
+                    and type(m.activation_post_process).__name__ == "HistogramObserver"
+                    and m.observer_enabled[0]]
     if uncalibrated:
         raise QuantizeError(
             f"{len(uncalibrated)} activation quantizers (e.g. {uncalibrated[0]}) wait for calibrated ranges: "
-            "run passes.quantize.calibrate_ranges(prepared, batches, n) first (passes.quantize.quantize does), "
+            "run passes.quantize.calibrate_ranges(prepared, batches, n) first "
+            "(passes.quantize.quantize does), "
             "or prepare with QuantizeOptions(qat_ranges='moving')"
         )
     ft = options.finetune

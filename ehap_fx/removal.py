@@ -153,7 +153,8 @@ def choose_removal(model: nn.Module, data, groups: Sequence, options: HessianOpt
 
 
 def _checked_slices(groups: Sequence):
-    other = sorted({m.module for g in groups for m in g.members if m.role == "in" and m.module and m.dim != 1})
+    other = sorted({m.module for g in groups for m in g.members
+                    if m.role == "in" and m.module and m.dim != 1})
     if other:
         raise HessianError(
             f"{other[0]} reads its input channels at weight dim 0 (a transposed conv), which the removal "

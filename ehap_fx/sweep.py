@@ -293,7 +293,8 @@ def write_front(result: SweepResult, options: SweepOptions) -> None:
 def render_front(rows: list[dict], result: SweepResult, options: SweepOptions, n: int | None) -> str:
     b = sorted(result.timing["dense_fp32"], key=int)
     ft = options.finetune
-    bench, teacher = options.bench, "budget-matched fine-tuned" if options.distill_options.teacher == "finetuned" else "given"
+    bench = options.bench
+    teacher = "budget-matched fine-tuned" if options.distill_options.teacher == "finetuned" else "given"
     steps = f" (max {ft.max_steps} steps)" if ft.max_steps else ""
     lines = [f"# Accuracy–latency front: {result.machine.get('model')}", "",
              f"- machine: {result.machine['isa']}; onnxruntime threads {bench.threads or 'default'}, "

@@ -327,7 +327,8 @@ def conv_transpose(a: _Analysis, node: fx.Node) -> Labels:
     if len(node.args) > 1 or node.kwargs:
         raise _Pin("transposed conv called with output_size")
     a.touch(node, "in", 0, a.labels(node.args[0]))
-    return a._pinned_labels(mod.out_channels, f"{type(mod).__name__} output channels (weight dim 1) are not pruned")
+    reason = f"{type(mod).__name__} output channels (weight dim 1) are not pruned"
+    return a._pinned_labels(mod.out_channels, reason)
 
 
 _FUNCTIONAL_CONVS = (

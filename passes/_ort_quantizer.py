@@ -43,7 +43,8 @@ def activation_spec(qat: bool, calibrated: bool = False) -> QuantizationSpec:
     """Per-tensor affine uint8 (0..255): a histogram for PTQ; fake-quantized for QAT, observed by
     a moving min/max or (``calibrated``: ``passes.quantize.calibrate_ranges``) PTQ's histogram."""
     if qat:
-        ctr = FakeQuantize.with_args(observer=HistogramObserver if calibrated else MovingAverageMinMaxObserver)
+        observer = HistogramObserver if calibrated else MovingAverageMinMaxObserver
+        ctr = FakeQuantize.with_args(observer=observer)
     else:
         ctr = HistogramObserver
     return QuantizationSpec(
@@ -77,7 +78,8 @@ def weight_spec(qat: bool, weight_range: tuple[int, int] = (-128, 127)) -> Quant
 class OrtQuantizer(Quantizer):
     """Annotates conv(+BN)(+ReLU), linear and residual add(+ReLU) for onnxruntime's QDQ fusion."""
 
-    def __init__(self, qat: bool, weight_range: tuple[int, int] = (-128, 127), calibrated: bool = False) -> None:
+    def __init__(self, qat: bool, weight_range: tuple[int, int] = (-128, 127),
+                 calibrated: bool = False) -> None:
         super().__init__()
         self.act, self.weight = activation_spec(qat, calibrated), weight_spec(qat, weight_range)
 

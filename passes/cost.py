@@ -81,8 +81,8 @@ def _conv_transpose(mod: nn.Module, node: fx.Node, c_in: int, c_out: int) -> Nod
     k = math.prod(mod.kernel_size)
     weights = k * c_in * (c_out // mod.groups)
     bias = c_out if mod.bias is not None else 0
-    return NodeCost(_spatial(node.args[0].meta["tensor_meta"]) * weights + _spatial(node.meta["tensor_meta"]) * bias,
-                    weights + bias)
+    macs = _spatial(node.args[0].meta["tensor_meta"]) * weights + _spatial(node.meta["tensor_meta"]) * bias
+    return NodeCost(macs, weights + bias)
 
 
 def _linear(mod: nn.Module, node: fx.Node, c_in: int, c_out: int) -> NodeCost:

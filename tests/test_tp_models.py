@@ -5,13 +5,13 @@ can go without changing an output, the error says which pins hold the channels."
 
 import pytest
 import torch
-from ehap_fx.compress import compress
-from ehap_fx.errors import TargetError
 from ehap_fx.passes.group import group_channels
 from ehap_fx.passes.mask import mask_channels
 from ehap_fx.passes.trace import call_with, trace
-from ehap_fx.target import Target
 
+from ehap_fx.compress import compress
+from ehap_fx.errors import TargetError
+from ehap_fx.target import Target
 from tests.tp_models import BUILDERS
 
 pytestmark = pytest.mark.filterwarnings("ignore:compress\\(\\)")
@@ -79,8 +79,9 @@ def test_reshape_into_transposed_convs_prunes_the_decoder_input():
     assert [(m.role, tuple(m.index.shape)) for m in outs] == [("out", (64, 16))]
     assert any("ConvTranspose2d output channels" in (p.pinned or "") for p in groups.pinned)
     # up1 (64 → 32, 4×4 kernel, 4×4 → 8×8): every input element meets 16·32 weights, + a bias per output
-    from ehap_fx import _meta
     from ehap_fx.passes.cost import count_cost
+
+    from ehap_fx import _meta
 
     count_cost(gm)
     (up1,) = [n for n in gm.graph.nodes if n.target == "up1"]
