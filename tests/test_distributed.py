@@ -339,7 +339,8 @@ def test_ehap_compress_under_torchrun(tmp_path):
     """`torchrun --nproc-per-node 2 -m ehap_fx compress`: one output folder, from rank 0."""
     out = tmp_path / "out"
     flags = ["--model", "resnet20", "--hessian-batch", "16", "--probes", "2", "--limit-train", "64",
-             "--limit-test", "64", "--batch-size", "16", "--finetune-steps", "100", "--qat-steps", "1",
+             "--limit-test", "64", "--batch-size", "16", "--finetune-epochs", "1", "--finetune-steps", "100",
+             "--qat-steps", "1",
              "--quiet", "--out", str(out)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "ehap_fx", "compress", *flags]
