@@ -338,7 +338,7 @@ def test_single_process_is_the_plain_estimate():
 def test_ehap_compress_under_torchrun(tmp_path):
     """`torchrun --nproc-per-node 2 -m ehap_fx compress`: one output folder, from rank 0."""
     out = tmp_path / "out"
-    flags = ["--model", "resnet20", "--hessian-batch", "16", "--probes", "2", "--limit-train", "64",
+    flags = ["--synthetic", "--model", "resnet20", "--hessian-batch", "16", "--probes", "2", "--limit-train", "64",
              "--limit-test", "64", "--batch-size", "16", "--finetune-epochs", "1", "--finetune-steps", "100",
              "--qat-steps", "1",
              "--quiet", "--out", str(out)]
