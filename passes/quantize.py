@@ -71,14 +71,15 @@ class QuantizeOptions:
     learning rate, distillation, ...). ``freeze_bn_after`` / ``freeze_observers_after`` are
     fractions of the QAT steps after which BatchNorm statistics, then the activation/weight
     ranges, stop updating (1.0: never). ``calibration_batches`` is the number of batches
-    observed in PTQ mode. ``ptq_fallback`` (QAT only, ``ehap_fx.qat.quantize``): also
+    observed in PTQ mode, and QAT's activation ranges are calibrated on. ``ptq_fallback`` (QAT only, ``ehap_fx.qat.quantize``): also
     calibrate a PTQ model and keep it when the QAT model ends with a higher loss on the same
     ``calibration_batches`` training batches (the report says so). ``qat_ranges``: where QAT's
     activation ranges come from. ``"calibrated"`` (default): PTQ's histogram calibration on
     ``calibration_batches`` batches, then held (:func:`calibrate_ranges`); ``"moving"``: torch.ao's
     moving-average min/max of the training batches, frozen at ``freeze_observers_after``. Min/max
     ranges are wider than the histogram's (one outlier sets the scale): on the README's ResNet-56
-    job QAT with moving ranges ended 0.19 pt under PTQ (docs/results.md). ``target`` is where the INT8
+    job QAT with moving ranges ended 0.22 ± 0.13 pt under PTQ, with calibrated ones it tied
+    (−0.02 / −0.08 ± 0.12 pt, two seeds; docs/results.md). ``target`` is where the INT8
     model will run (``"auto"``: this CPU; ``"x86-vnni"``, ``"x86-avx2"``, ``"arm64"``): it fixes
     the weight range (:func:`scheme`).
     """
