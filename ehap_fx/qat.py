@@ -89,9 +89,7 @@ def qat_finetune(
     """Fine-tune a prepared QAT graph in place with ``options.finetune`` (distilling from
     ``teacher`` when ``options.finetune.distill`` is set), freezing BN statistics and then the
     observers at the steps ``options`` says."""
-    uncalibrated = [n for n, m in prepared.named_modules() if hasattr(m, "observer_enabled")
-                    and type(m.activation_post_process).__name__ == "HistogramObserver"
-                    and m.observer_enabled[0]]
+    uncalibrated = [n for n, m in quantize_pass.histogram_quantizers(prepared) if m.observer_enabled[0]]
     if uncalibrated:
         raise QuantizeError(
             f"{len(uncalibrated)} activation quantizers (e.g. {uncalibrated[0]}) wait for calibrated ranges: "

@@ -295,6 +295,13 @@ def calibrate(prepared: nn.Module, data: Batches, batches: int) -> int:
     return seen
 
 
+def histogram_quantizers(prepared: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The fake quantizers of a QAT graph whose ranges come from PTQ's histogram
+    (``qat_ranges="calibrated"``: the activations'), with their names."""
+    return [(n, m) for n, m in prepared.named_modules() if hasattr(m, "fake_quant_enabled")
+            and type(m.activation_post_process).__name__ == "HistogramObserver"]
+
+
 @torch.no_grad()
 def calibrate_ranges(prepared: nn.Module, data: Batches, batches: int) -> int:
     """PTQ's calibration on a QAT graph: QAT then starts from the PTQ model.
@@ -306,7 +313,7 @@ def calibrate_ranges(prepared: nn.Module, data: Batches, batches: int) -> int:
     quantizers keep tracking their weights until the observers freeze). Returns the count.
     """
     quantizers = [m for m in prepared.modules() if hasattr(m, "fake_quant_enabled") and hasattr(m, "scale")]
-    ranges = [m for m in quantizers if type(m.activation_post_process).__name__ == "HistogramObserver"]
+    ranges = [m for _, m in histogram_quantizers(prepared)]
     if not ranges:
         raise QuantizeError("calibrate_ranges: the graph has no histogram-observed activation quantizers "
                             "(prepare it with qat_ranges='calibrated')")
