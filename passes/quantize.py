@@ -72,8 +72,9 @@ class QuantizeOptions:
     fractions of the QAT steps after which BatchNorm statistics, then the activation/weight
     ranges, stop updating (1.0: never). ``calibration_batches`` is the number of batches
     observed in PTQ mode, and QAT's activation ranges are calibrated on. ``ptq_fallback`` (QAT
-    only, ``ehap_fx.qat.quantize``): also calibrate a PTQ model and keep it when the QAT model ends with a higher loss on the same
-    ``calibration_batches`` training batches (the report says so). ``qat_ranges``: where QAT's
+    only, ``ehap_fx.qat.quantize``): also calibrate a PTQ model and keep it when the QAT model
+    ends with a higher loss on the same ``calibration_batches`` training batches (the report
+    says so). ``qat_ranges``: where QAT's
     activation ranges come from. ``"calibrated"`` (default): PTQ's histogram calibration on
     ``calibration_batches`` batches, then held (:func:`calibrate_ranges`); ``"moving"``: torch.ao's
     moving-average min/max of the training batches, frozen at ``freeze_observers_after``. Min/max
