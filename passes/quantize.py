@@ -233,6 +233,7 @@ def quantize(
             "(e.g. ehap_fx.data.synthetic_cifar(512).loader(64), labelled synthetic)"
         )
     start = time.perf_counter()
+    calibration = data if calibration is None else calibration
     chosen = scheme(options.target)
     prepared = prepare(model, example_input, options, chosen)
     steps, losses, seen = 0, (), 0
@@ -243,12 +244,11 @@ def quantize(
                 "or call ehap_fx.qat.quantize, which does"
             )
         if options.qat_ranges == "calibrated":
-            seen = calibrate_ranges(prepared, data if calibration is None else calibration,
-                                    options.calibration_batches)
+            seen = calibrate_ranges(prepared, calibration, options.calibration_batches)
         result = train(prepared, data, options)
         steps, losses = result.steps, tuple(result.losses)
     else:
-        seen = calibrate(prepared, data if calibration is None else calibration, options.calibration_batches)
+        seen = calibrate(prepared, calibration, options.calibration_batches)
     converted = convert(prepared, options)
     return QuantizeResult(
         converted, options.backend, options.mode, steps, losses, seen, time.perf_counter() - start, chosen
