@@ -36,7 +36,7 @@ import onnx
 import torch
 from torch import nn
 
-from ehap_fx import distributed
+from ehap_fx import process_group
 from ehap_fx import report as rep
 from ehap_fx.compress import PRESETS, RECIPE, CompressOptions, compress
 from ehap_fx.data import (
@@ -49,7 +49,6 @@ from ehap_fx.data import (
     synthetic_cifar,
 )
 from ehap_fx.errors import DataError, EhapError, ModelError
-from ehap_fx.hessian import HessianOptions
 from ehap_fx.isa import INT8_TARGETS, emulated_precision
 from ehap_fx.latency import BenchOptions, LatencyOptions
 from ehap_fx.models import (
@@ -64,6 +63,7 @@ from ehap_fx.models import (
 from ehap_fx.passes.export import onnx_top1, session
 from ehap_fx.passes.quantize import QAT_FINETUNE, QAT_RANGES, QuantizeOptions
 from ehap_fx.report import ZERO_SCORES, all_scores_zero, load_pruned
+from ehap_fx.scoring.hessian import HessianOptions
 from ehap_fx.sweep import SweepOptions, sweep
 from ehap_fx.target import Target
 from ehap_fx.train import DistillOptions, FinetuneOptions, evaluate, finetune
@@ -481,10 +481,10 @@ def _uninterruptible() -> Iterator[None]:
 def cmd_compress(args) -> int:
     """``ehap compress``; under ``torchrun`` one rank of the group (gloo: models run on the CPU),
     rank 0 alone announcing and writing ``--out`` (see docs/distributed.md)."""
-    with distributed.process_group_from_env(backend="gloo"):
-        if not distributed.is_main():
+    with process_group.process_group_from_env(backend="gloo"):
+        if not process_group.is_main():
             logging.getLogger("ehap_fx").setLevel(logging.ERROR)  # rank 0 speaks
-        return _compress_rank(args, distributed.is_main())
+        return _compress_rank(args, process_group.is_main())
 
 
 def _compress_rank(args, main: bool) -> int:

@@ -23,9 +23,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ehap_fx import distributed
+from ehap_fx import distributed, process_group
 from ehap_fx.errors import EhapError, TargetError
-from ehap_fx.hessian import HessianOptions
 from ehap_fx.isa import cpu_features
 from ehap_fx.latency import BenchOptions, LatencyModel, LatencyOptions, LatencyTable, time_onnx
 from ehap_fx.passes.cost import Cost, conv_widths, total_cost
@@ -37,8 +36,8 @@ from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions
 from ehap_fx.passes.shrink import PrunePlan, shrink
 from ehap_fx.passes.trace import call_with, trace
 from ehap_fx.qat import quantize as quantize_int8
-from ehap_fx.ranking import SCORERS, rank
-from ehap_fx.target import DEFAULT_ROUND_TO, Ranking, Target, measure, select_plan
+from ehap_fx.scoring import SCORERS, HessianOptions, Ranking, rank
+from ehap_fx.target import DEFAULT_ROUND_TO, Target, measure, select_plan
 from ehap_fx.train import DistillOptions, FinetuneOptions, evaluate, finetune
 
 log = logging.getLogger("ehap_fx")
@@ -233,7 +232,7 @@ def compress(
     model is not modified.
 
     ``scorer``: ``"hessian"`` (the paper's per-channel trace sensitivity, ``hessian`` options),
-    ``"removal"`` (``ehap_fx.removal``: the exact Gauss-Newton loss increase of removing each
+    ``"removal"`` (``ehap_fx.scoring.removal``: the exact Gauss-Newton loss increase of removing each
     channel, ranked per unit of cost saved; same precision/batch options) or ``"l1"``
     (default: :data:`RECIPE`'s, ``"removal"``, with ``data``, as the CLI; ``"hessian"`` with
     data and a ``loss_fn``; ``"l1"`` without data). ``target`` defaults to ``RECIPE.target()``
@@ -269,7 +268,7 @@ def compress(
     gm = group_channels(
         trace(copy.deepcopy(model).eval(), example_input, leaf_modules=leaf_modules, capture=capture), exclude
     ).graph_module
-    distributed.broadcast_module(gm)  # under torchrun: every rank starts from rank 0's weights
+    process_group.broadcast_module(gm)  # under torchrun: every rank starts from rank 0's weights
     seconds["trace_group"] = time.perf_counter() - t
     base = total_cost(gm)
     report = CompressReport(
@@ -300,7 +299,7 @@ def compress(
     report.cost_after = _cost_dict(total_cost(gm), base)
     _record_pruning(report, pruned, target, table, seconds)
     report.channels_after = conv_widths(gm)
-    distributed.check_replicas(report.channels_after)
+    process_group.check_replicas(report.channels_after)
     train_data = distributed.shard_loader(data)  # this rank's share for DDP training
     if eval_data is not None:
         report.accuracy["pruned"] = evaluate(gm, eval_data)
@@ -317,9 +316,9 @@ def compress(
     if quantize is not None:
         # PTQ and the QAT-against-PTQ check: rank 0's first batches on every rank (one choice)
         first = list(itertools.islice(data, quantize.calibration_batches)) if data is not None else None
-        calibration = distributed.broadcast_object(first)
+        calibration = process_group.broadcast_object(first)
         qdata = train_data if quantize.mode == "qat" else calibration
-        export = export if distributed.is_main() else None  # only rank 0 writes
+        export = export if process_group.is_main() else None  # only rank 0 writes
         _quantize_and_export(out, example_input, qdata, eval_data, quantize, export, seconds, teacher,
                              calibration=calibration)
     if dense is not None and out.onnx_path is not None:
@@ -416,7 +415,7 @@ def prune(gm: fx.GraphModule, target: Target, ranker: Callable[[fx.GraphModule, 
         if dense is None:
             dense = measure(gm, target, latency=model_latency)
         plan = select_plan(gm, ranking, target.at_step(step), base=dense, latency=model_latency)
-        plan = distributed.broadcast_object(plan)  # rank 0's plan on every rank (latency timings differ)
+        plan = process_group.broadcast_object(plan)  # rank 0's plan on every rank (latency timings differ)
         steps.append(PruneStep(step, ranking, plan, groups_of(gm), seconds))
         gm = shrink(gm, plan).graph_module
         if between is not None and step < target.steps:
@@ -440,7 +439,7 @@ def _record_pruning(report: CompressReport, pruned: Pruned, target: Target, tabl
         after = measure(gm, target, latency=LatencyModel(gm, table))
         report.target.update(latency_before_s=pruned.dense, latency_after_s=after,
                              latency_ratio=after / pruned.dense)
-        if distributed.is_main():
+        if process_group.is_main():
             table.save()
 
 

@@ -47,3 +47,7 @@ class TrainError(EhapError):
 
 class MemoryBudgetError(HessianError):
     """An estimate would not fit the memory budget, even with its cheapest settings."""
+
+
+class DistributedError(EhapError):
+    """The ranks of a process group disagree, or the group cannot be set up."""

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx
@@ -26,9 +25,9 @@ from ehap_fx.passes.group import (
     KeptChannels,
     emptiable_groups,
     groups_of,
-    producer_slices,
 )
 from ehap_fx.passes.shrink import PrunePlan
+from ehap_fx.scoring.ranking import Ranking
 
 #: Kept widths of each group are multiples of this by default. 16 suits onnxruntime's INT8
 #: kernels better (docs/int8.md: 0.5-MACs ResNet-56 INT8 runs 3.7x faster than dense fp32 at
@@ -97,26 +96,6 @@ class Target:
     def at_step(self, step: int) -> Target:
         """The one-step target to reach after ``step`` of ``steps`` (geometric schedule)."""
         return replace(self, steps=1, **{self.kind: self.fraction ** (step / self.steps)})
-
-
-@dataclass(frozen=True)
-class Ranking:
-    """What a scorer says about the prunable groups of one graph (``ehap_fx.ranking.rank``):
-    ``scores[group_id]`` a ``(size,)`` tensor (higher = more important), ``stderr`` theirs (None:
-    exact); ``whole[group_id]`` the score of removing the group entirely (``granularity="block"``;
-    default the sum of its channel scores); ``per_cost``: rank per unit of the target's cost saved
-    (right for loss units, such as ``ehap_fx.removal``'s; wrong for L1 norms, whose sums over
-    producers already favour costly channels); ``choose`` picks the channels a group keeps once
-    ``scores`` has set how many (e.g. ``magnitude_scores(gm)``); ``summary`` the scorer and its
-    estimate for the report; ``result`` the estimate itself (``HessianResult``, ``RemovalResult``)."""
-
-    scores: Mapping[int, torch.Tensor]
-    stderr: Mapping[int, torch.Tensor] | None = None
-    whole: Mapping[int, float] | None = None
-    summary: dict = field(default_factory=dict)
-    per_cost: bool = False
-    choose: Mapping[int, torch.Tensor] | None = None
-    result: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -305,17 +284,3 @@ def _refill(chosen: list[_Block], goal: float, value, scores) -> list[_Block]:
                 break
         else:
             return chosen
-
-
-def magnitude_scores(gm: fx.GraphModule, p: int = 1) -> dict[int, torch.Tensor]:
-    """The L1 (``p=1``) control: per group channel, Σ over producers of ``‖w_c‖_p``."""
-    scores = {}
-    for g in groups_of(gm).prunable:
-        total = torch.zeros(g.size)
-        for name, index in producer_slices(g):
-            w = gm.get_submodule(name).weight.detach().float()
-            norms = w.flatten(1).norm(p=p, dim=1)  # (out_channels,)
-            total += norms[index].sum(1)
-        scores[g.id] = total
-    return scores
-

@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ehap_fx.distributed import data_parallel, global_mean, is_main
+from ehap_fx.distributed import data_parallel
 from ehap_fx.errors import TrainError
+from ehap_fx.process_group import global_mean, is_main
 from ehap_fx.train_options import DistillOptions, FinetuneOptions
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]

@@ -25,7 +25,8 @@ from torch import nn
 
 from ehap_fx.errors import ShrinkError
 from ehap_fx.models import get_model
-from ehap_fx.target import Ranking, Target, magnitude_scores, select_plan
+from ehap_fx.scoring import Ranking, magnitude_scores
+from ehap_fx.target import Target, select_plan
 from tests.nets import randomize_bn
 from tests.test_shrink import assert_shrunk_equals_masked
 

@@ -21,13 +21,14 @@ import torch.multiprocessing as mp
 from nets import TinyOptionA, randomize_bn
 
 from ehap_fx.data import synthetic_cifar
-from ehap_fx.distributed import _BatchShard, is_distributed, shard_loader
-from ehap_fx.distributed_hessian import (
+from ehap_fx.distributed import _BatchShard, shard_loader
+from ehap_fx.process_group import is_distributed
+from ehap_fx.scoring.distributed import (
     SEED_STRIDE,
     estimate_hessian_distributed,
     estimate_removal_distributed,
 )
-from ehap_fx.hessian import HessianOptions, estimate_hessian
+from ehap_fx.scoring.hessian import HessianOptions, estimate_hessian
 
 WORLD = 2
 HUTCH = HessianOptions(estimator="hutchinson", dtype="fp32", batch_size=32, n_batches=1,
@@ -223,7 +224,7 @@ def test_mc_ranks_draw_only_their_share_of_the_samples(ranks):
 
 @pytest.mark.parametrize("name", list(REMOVAL))
 def test_removal_splits_over_the_ranks_and_equals_one_process(ranks, name):
-    from ehap_fx.removal import estimate_removal
+    from ehap_fx.scoring.removal import estimate_removal
 
     gm, groups = _grouped_model()
     ref = estimate_removal(gm, _hessian_batch(), groups, REMOVAL[name])

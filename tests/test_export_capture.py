@@ -314,7 +314,8 @@ def test_resnet56_export_pruned_pt2e_qat_onnx(cifar10_root, weights_dir, tmp_pat
     from ehap_fx.data import load_cifar
     from ehap_fx.models import normalization, pretrained_model
     from ehap_fx.qat import quantize
-    from ehap_fx.target import Target, magnitude_scores, select_plan
+    from ehap_fx.scoring import magnitude_scores
+    from ehap_fx.target import Target, select_plan
     from ehap_fx.train import FinetuneOptions, evaluate, finetune
 
     model, norm = pretrained_model("resnet56", weights_dir), normalization("resnet56")

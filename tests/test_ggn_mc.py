@@ -1,4 +1,4 @@
-"""The Monte-Carlo GGN (``ehap_fx.ggn_mc``) and the memory budget guard (``ehap_fx.budget``).
+"""The Monte-Carlo GGN (``ehap_fx.scoring.ggn_mc``) and the memory budget guard (``ehap_fx.scoring.budget``).
 
 Model under test: ``test_hessian.tiny`` (ReLU, 174 weights: the full Hessian is cheap)::
 
@@ -18,9 +18,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ehap_fx.errors import MemoryBudgetError
-from ehap_fx.ggn_mc import channel_sq_norms, im2col_sq_norms, input_directional, label_noise, share
-from ehap_fx.hessian import HessianOptions, estimate_hessian
-from ehap_fx.removal import estimate_removal
+from ehap_fx.scoring.ggn_mc import channel_sq_norms, im2col_sq_norms, input_directional, label_noise, share
+from ehap_fx.scoring.hessian import HessianOptions, estimate_hessian
+from ehap_fx.scoring.removal import estimate_removal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,14 +19,14 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from ehap_fx.errors import HessianError
-from ehap_fx.hessian import (
+from ehap_fx.scoring.hessian import (
     HessianOptions,
     estimate_hessian,
     group_sensitivity,
     group_stderr,
     resolve_dtype,
 )
-from ehap_fx.sampling import draw_batches
+from ehap_fx.scoring.sampling import draw_batches
 
 NAMES = ["a", "b", "c"]
 
@@ -371,8 +371,8 @@ def test_stderr_stop_rule():
 def test_folding_batchnorm_changes_no_estimate(estimator):
     # folding BN into the conv before it is an exact reparametrisation: the estimates of the
     # original weights (probe for probe) and their norms must not move
-    from ehap_fx.fold import fold_batchnorm
     from ehap_fx.models import get_model
+    from ehap_fx.scoring.fold import fold_batchnorm
     from tests.nets import randomize_bn
 
     torch.manual_seed(0)

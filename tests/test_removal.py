@@ -1,4 +1,4 @@
-"""Removal sensitivity (``ehap_fx.removal``): ½ δᵀGδ for removing each group channel.
+"""Removal sensitivity (``ehap_fx.scoring.removal``): ½ δᵀGδ for removing each group channel.
 
 Checked against two independent references: the exact Hessian of a tiny ReLU net
 (``torch.func.hessian``; within one layer H = G for piecewise-linear nets), and forward-mode
@@ -21,10 +21,11 @@ from torch.func import functional_call, hessian, jvp
 from ehap_fx.compress import compress
 from ehap_fx.data import synthetic_cifar
 from ehap_fx.errors import EhapError
-from ehap_fx.hessian import HessianOptions
 from ehap_fx.models import get_model
-from ehap_fx.removal import estimate_removal, joint_order
-from ehap_fx.target import Ranking, Target, select_plan
+from ehap_fx.scoring import Ranking
+from ehap_fx.scoring.hessian import HessianOptions
+from ehap_fx.scoring.removal import estimate_removal, joint_order
+from ehap_fx.target import Target, select_plan
 
 FP32 = HessianOptions(dtype="fp32", batch_size=16, progress=False)
 

@@ -10,7 +10,8 @@ from ehap_fx.passes.trace import trace
 from ehap_fx.errors import TargetError
 from ehap_fx.latency import LatencyModel, LatencyOptions, LatencyTable
 from ehap_fx.models import get_model
-from ehap_fx.target import Ranking, Target, magnitude_scores, select_plan
+from ehap_fx.scoring import Ranking, magnitude_scores
+from ehap_fx.target import Target, select_plan
 
 
 @pytest.fixture(scope="module")

@@ -92,7 +92,7 @@ def test_reshape_into_transposed_convs_prunes_the_decoder_input():
 
 def test_the_removal_criterion_names_a_transposed_conv_it_cannot_model():
     from ehap_fx.errors import HessianError
-    from ehap_fx.removal import estimate_removal
+    from ehap_fx.scoring.removal import estimate_removal
 
     model, x = BUILDERS["reshape"]()
     gm = group_channels(trace(model.eval(), x)).graph_module

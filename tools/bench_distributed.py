@@ -33,10 +33,10 @@ import torch.multiprocessing as mp
 
 from ehap_fx.data import synthetic_cifar
 from ehap_fx.distributed import shard_loader
-from ehap_fx.distributed_hessian import SEED_STRIDE, estimate_hessian_distributed
-from ehap_fx.hessian import HessianOptions, estimate_hessian
 from ehap_fx.isa import cpu_features
 from ehap_fx.models import get_model
+from ehap_fx.scoring.distributed import SEED_STRIDE, estimate_hessian_distributed
+from ehap_fx.scoring.hessian import HessianOptions, estimate_hessian
 from ehap_fx.train import FinetuneOptions, finetune
 
 

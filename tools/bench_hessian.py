@@ -42,14 +42,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ehap_fx.hessian import (
+from ehap_fx.isa import cpu_features
+from ehap_fx.models import get_model, normalization, pretrained_model
+from ehap_fx.scoring.hessian import (
     HessianOptions,
     estimate_hessian,
     group_sensitivity,
 )
-from ehap_fx.isa import cpu_features
-from ehap_fx.models import get_model, normalization, pretrained_model
-from ehap_fx.sampling import draw_batches
+from ehap_fx.scoring.sampling import draw_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -124,7 +124,7 @@ def pyhessian_probe_seconds(model, x, y, probes: int) -> float:
 
 def ehap_probe_seconds(model, data, opts: HessianOptions, device, probes: int) -> float:
     """The estimator's own probe path (``hessian._Hvp``), fastest probe after a warm-up."""
-    from ehap_fx import hessian as h
+    from ehap_fx.scoring import hessian as h
 
     names = h.prunable_modules(model)
     s = h.prepare(model, data, opts, names, F.cross_entropy, device)
@@ -379,7 +379,7 @@ def fit_batch(name: str, fraction: float, cap: int = 256) -> tuple[int, str]:
     forward+backward is predicted to fit ``fraction`` of the memory available now: the
     process's RSS after setup + ``FB_PER_SAMPLE`` × the bytes autograd saves per sample
     (measured on one sample) × batch + weights and their gradients."""
-    from ehap_fx.budget import available_memory, fmt_bytes, saved_bytes_per_sample
+    from ehap_fx.scoring.budget import available_memory, fmt_bytes, saved_bytes_per_sample
 
     gm, _, size = scale_model(name)
     per, _ = saved_bytes_per_sample(gm, torch.zeros(1, 3, size, size))
@@ -397,7 +397,7 @@ def vmap_mc(gm, x, chunk: int = 8) -> None:
     weight, one label per image drawn from the softmax, squared and summed per channel."""
     from torch.func import functional_call, grad, vmap
 
-    from ehap_fx.hessian import prunable_modules
+    from ehap_fx.scoring.hessian import prunable_modules
 
     names = [f"{n}.weight" for n in prunable_modules(gm)]
     params = {k: v.detach() for k, v in gm.named_parameters() if k in names}
@@ -479,7 +479,7 @@ def scale_child(spec: dict) -> dict:
     """One measurement in this (fresh) process: seconds, peak RSS, and the group scores."""
     from ehap_fx.passes.group import groups_of
 
-    from ehap_fx.removal import estimate_removal
+    from ehap_fx.scoring.removal import estimate_removal
 
     torch.set_num_threads(spec["threads"])
     gm, weights, size = scale_model(spec["model"])
@@ -488,7 +488,7 @@ def scale_child(spec: dict) -> dict:
         calibrate(gm, x)
     kind, cfg = SCALE_CONFIGS[spec["config"]]
     if spec["config"].endswith("-im2col"):
-        import ehap_fx.ggn_mc as mc
+        import ehap_fx.scoring.ggn_mc as mc
 
         mc.channel_sq_norms = mc.im2col_sq_norms
     cfg = dict(cfg, **spec.get("override", {}))

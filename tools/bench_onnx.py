@@ -45,13 +45,13 @@ from ehap_fx.passes.trace import trace
 
 from ehap_fx import _meta
 from ehap_fx.errors import TargetError
-from ehap_fx.hessian import HessianOptions
 from ehap_fx.isa import cpu_features
 from ehap_fx.latency import BenchOptions, time_onnx
 from ehap_fx.models import get_model, normalization, pretrained_model
 from ehap_fx.qat import quantize
-from ehap_fx.ranking import rank
-from ehap_fx.target import Ranking, Target, select_plan
+from ehap_fx.scoring import Ranking, rank
+from ehap_fx.scoring.hessian import HessianOptions
+from ehap_fx.target import Target, select_plan
 from ehap_fx.train import FinetuneOptions, finetune
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -85,7 +85,7 @@ def base_model(weights_dir: Path):
 
 
 def ranking(gm, train, args, norm) -> Ranking:
-    """The ranking of ``--scorer``: L1, or the removal criterion (``ehap_fx.removal``, bf16, on
+    """The ranking of ``--scorer``: L1, or the removal criterion (``ehap_fx.scoring.removal``, bf16, on
     ``--hessian-batch`` training images)."""
     batch = next(iter(train.loader(args.hessian_batch, shuffle=True, normalization=norm)))
     opts = HessianOptions(dtype="bf16", batch_size=args.hessian_batch, progress=False)

@@ -1,7 +1,7 @@
 """Which ranking prunes a pretrained CIFAR ResNet best, one-shot, before any fine-tune?
 
 For each scorer (L1, the paper's trace formula with the exact GGN trace, the removal
-sensitivity of ``ehap_fx.removal``) and each selection (plain global ranking, or per unit of
+sensitivity of ``ehap_fx.scoring.removal``) and each selection (plain global ranking, or per unit of
 MACs saved), prune the pretrained model to ``--macs`` with ``round_to=1``, re-estimate the BN
 statistics on ``--recal-batches`` training batches (no gradient step), and report top-1 on the
 first ``--test-limit`` test images, with the kept params and the stream widths. A cheap proxy
@@ -25,9 +25,9 @@ from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
 
 from ehap_fx.data import load_cifar
-from ehap_fx.hessian import HessianOptions
 from ehap_fx.models import normalization, pretrained_model
-from ehap_fx.ranking import rank
+from ehap_fx.scoring import rank
+from ehap_fx.scoring.hessian import HessianOptions
 from ehap_fx.target import Target, select_plan
 from ehap_fx.train import evaluate, recalibrate_bn
 

@@ -46,7 +46,8 @@ from ehap_fx.passes.trace import trace
 from ehap_fx.data import load_cifar
 from ehap_fx.models import normalization, pretrained_model
 from ehap_fx.qat import quantize
-from ehap_fx.target import Target, magnitude_scores, select_plan
+from ehap_fx.scoring import magnitude_scores
+from ehap_fx.target import Target, select_plan
 from ehap_fx.train import DistillOptions, FinetuneOptions, evaluate, finetune
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

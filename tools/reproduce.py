@@ -7,7 +7,7 @@ For each model, MACs target and scorer, every stage is evaluated on the test set
 
 Scorers: ``hessian-fp32`` / ``hessian-half`` (the paper's Hutchinson estimator; half is fp16 on
 CUDA, bf16 on a CPU), ``ggn-fp32`` / ``ggn-half`` (the exact Gauss-Newton trace in the same
-formula), ``removal-fp32`` / ``removal-half`` (``ehap_fx.removal``: the exact Gauss-Newton loss
+formula), ``removal-fp32`` / ``removal-half`` (``ehap_fx.scoring.removal``: the exact Gauss-Newton loss
 increase of removing each channel, ranked per MAC saved), ``l1`` (the magnitude control).
 A ranking does not depend on the target, so one Hessian per scorer
 serves all targets (one-shot pruning). Each Hessian runs in a fresh subprocess so that its
@@ -58,13 +58,13 @@ from tqdm.auto import tqdm
 from ehap_fx.compress import prune
 from ehap_fx.data import load_cifar, synthetic_cifar
 from ehap_fx.errors import EhapError
-from ehap_fx.hessian import HessianOptions
 from ehap_fx.isa import cpu_features
 from ehap_fx.models import NUM_CLASSES, find_pretrained, get_model, load_pretrained, normalization
 from ehap_fx.qat import quantize
-from ehap_fx.ranking import rank
-from ehap_fx.removal import joint_order
-from ehap_fx.target import Ranking, Target, magnitude_scores
+from ehap_fx.scoring import Ranking, magnitude_scores, rank
+from ehap_fx.scoring.hessian import HessianOptions
+from ehap_fx.scoring.removal import joint_order
+from ehap_fx.target import Target
 from ehap_fx.train import FinetuneOptions, evaluate, finetune, recalibrate_bn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,7 +184,7 @@ def variant_of(scorer: str) -> Variant:
 
 
 def scorer_of(ranking: str) -> str:
-    """The ``ehap_fx.ranking.rank`` scorer of a ranking: ``"l1"``, ``"removal"``, or ``"hessian"``
+    """The ``ehap_fx.scoring.ranking.rank`` scorer of a ranking: ``"l1"``, ``"removal"``, or ``"hessian"``
     (the trace formula, with the Hutchinson or the exact GGN estimator)."""
     return ranking.split("-")[0] if ranking.startswith(("l1", "removal")) else "hessian"
 

@@ -1,6 +1,6 @@
 """Monte-Carlo Gauss-Newton: ``Tr(G_c)`` and the removal matrices at a cost free of the class count.
 
-The exact pass (``ehap_fx.ggn``) backpropagates one cotangent per class and sample: its time
+The exact pass (``ehap_fx.scoring.ggn``) backpropagates one cotangent per class and sample: its time
 and memory grow with the number of classes (1,000 for ImageNet). For a label ``ŷ`` drawn
 from the model's own softmax ``p_n``::
 
@@ -288,7 +288,7 @@ def mc_removal(
     autocast: Callable | None = None,
     part: tuple[int, int] | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Monte-Carlo ``Q`` of :func:`ehap_fx.ggn.ggn_removal` (same ``slices``/``sizes``; module
+    """Monte-Carlo ``Q`` of :func:`ehap_fx.scoring.ggn.ggn_removal` (same ``slices``/``sizes``; module
     names as keys): ``½ · 1/N Σ_n mean_draws v_n v_nᵀ`` with ``v_n`` the per-sample
     derivatives along each key's channels, averaged over ``xs``. ``part`` as in
     :func:`mc_channel_traces`."""

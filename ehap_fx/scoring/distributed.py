@@ -1,5 +1,5 @@
 """The Hessian and removal estimates split over the ranks of a ``torch.distributed`` group
-(the group itself: ``ehap_fx.distributed``); without one, the single-process estimators.
+(the group itself: ``ehap_fx.process_group``); without one, the single-process estimators.
 
 :func:`estimate_hessian_distributed` returns the same combined ``HessianResult``, bit for bit,
 on every rank: ``shard="probes"`` (Hutchinson, hybrid) gives each rank its own probes (seed
@@ -30,9 +30,16 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ehap_fx.distributed import broadcast_object, is_distributed, is_main, rank, to_backend, world_size
 from ehap_fx.errors import EhapError, HessianError
-from ehap_fx.hessian import (
+from ehap_fx.process_group import (
+    broadcast_object,
+    get_rank,
+    get_world_size,
+    is_distributed,
+    is_main,
+    to_backend,
+)
+from ehap_fx.scoring.hessian import (
     SEED_STRIDE,
     HessianOptions,
     HessianResult,
@@ -42,11 +49,11 @@ from ehap_fx.hessian import (
     group_sensitivity,
     round_size,
 )
-from ehap_fx.removal import RemovalResult, choose_removal, estimate_removal, removal_result
-from ehap_fx.sampling import draw_batches
+from ehap_fx.scoring.removal import RemovalResult, choose_removal, estimate_removal, removal_result
+from ehap_fx.scoring.sampling import draw_batches
 
 SHARDS = ("auto", "probes", "data")
-# SEED_STRIDE (ehap_fx.hessian): probe chunk ``c`` (round * world + rank) is seeded
+# SEED_STRIDE (ehap_fx.scoring.hessian): probe chunk ``c`` (round * world + rank) is seeded
 # ``seed + c * SEED_STRIDE``
 
 
@@ -61,7 +68,7 @@ def estimate_hessian_distributed(
     groups: Sequence | None = None,
     shard: str = "auto",
 ) -> HessianResult:
-    """:func:`~ehap_fx.hessian.estimate_hessian` with the work split over the process group.
+    """:func:`~ehap_fx.scoring.hessian.estimate_hessian` with the work split over the process group.
 
     ``shard`` is ``"probes"``, ``"data"`` or ``"auto"`` (data for GGN, probes otherwise).
     Every rank must pass the same model, data and options; all return the same result.
@@ -81,7 +88,7 @@ def estimate_hessian_distributed(
                            "'auto') to split its Hessian batch over the ranks")
     start = time.perf_counter()
     if opts.estimator == "mc":  # every rank: all the data, its share of the samples
-        run = _runner(model, data, opts, {**kwargs, "part": (rank(), world_size())})
+        run = _runner(model, data, opts, {**kwargs, "part": (get_rank(), get_world_size())})
         if opts.mc_samples is not None:
             res = run(opts.mc_samples, opts.seed)
             rows = _weighted_sum(res.probe_traces, 1.0)
@@ -108,7 +115,7 @@ def estimate_removal_distributed(
     *,
     device: torch.device | str | None = None,
 ) -> RemovalResult:
-    """:func:`~ehap_fx.removal.estimate_removal` with the work split over the process group:
+    """:func:`~ehap_fx.scoring.removal.estimate_removal` with the work split over the process group:
     the exact pass over data shards (weighted as for the GGN), the MC form over sample shares;
     the matrices summed, so every rank returns the single-process result (to fp32 rounding).
     Without a process group this is ``estimate_removal`` itself."""
@@ -118,7 +125,7 @@ def estimate_removal_distributed(
     opts, choice = _agreed(opts, lambda o: choose_removal(model, data, groups, o, device=device))
     start = time.perf_counter()
     if opts.estimator == "mc":
-        res = estimate_removal(model, data, groups, opts, device=device, part=(rank(), world_size()))
+        res = estimate_removal(model, data, groups, opts, device=device, part=(get_rank(), get_world_size()))
         weight = 1.0
     else:
         local, local_opts, weight = _local_data(data, opts, "data")
@@ -139,7 +146,7 @@ def _agreed(opts: HessianOptions, choose: Callable) -> tuple[HessianOptions, str
     """Rank 0's estimator choice on every rank (``"auto"`` resolved, a budget fraction shared
     by the ranks of this machine), and its reason for the report."""
     if opts.memory_budget <= 1:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", get_world_size()))
         opts = dataclasses.replace(opts, memory_budget=opts.memory_budget / max(local, 1))
     got: tuple = (None, None)
     if is_main():
@@ -150,7 +157,8 @@ def _agreed(opts: HessianOptions, choose: Callable) -> tuple[HessianOptions, str
     plan, error = broadcast_object(got)
     if error is not None:
         raise error
-    return dataclasses.replace(opts, estimator=plan.estimator), f"{plan.reason} (rank 0 of {world_size()})"
+    reason = f"{plan.reason} (rank 0 of {get_world_size()})"
+    return dataclasses.replace(opts, estimator=plan.estimator), reason
 
 
 def _runner(model, local, local_opts: HessianOptions, kwargs: dict):
@@ -174,7 +182,7 @@ def _local_data(data, opts: HessianOptions, shard: str):
     its shard.
     """
     batches = draw_batches(data, opts.batch_size, opts.n_batches, opts.data_seed)  # same everywhere
-    r, w = rank(), world_size()
+    r, w = get_rank(), get_world_size()
     b, n, weight = opts.batch_size, opts.n_batches, 1.0
     if shard == "probes":
         mine = batches
@@ -198,7 +206,7 @@ def _share(total: int, w: int) -> list[int]:
 
 def _probe_rounds(run, opts: HessianOptions, shard: str, weight: float, groups, start: float
                   ) -> HessianResult:
-    r, w = rank(), world_size()
+    r, w = get_rank(), get_world_size()
     last: list[HessianResult] = []  # this round's result: the layout the scores need
     rule = StopRule(opts, lambda mean: _scores(groups, last[0], mean))
     rows: list[torch.Tensor] = []

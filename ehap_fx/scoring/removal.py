@@ -9,7 +9,7 @@ Removing channel ``c`` of a group is exactly the same, for the loss, as zeroing 
 slice ``W_k[:, c]`` of every consumer ``k`` (conv/linear ``"in"`` members): nothing else reads
 the channel. Along that direction ``δ`` the second-order loss change is ``½ δᵀHδ``; with the
 Gauss-Newton matrix ``G`` (equal to ``H`` per layer for piecewise-linear nets, see
-``ehap_fx.ggn``) it is exact and noise-free::
+``ehap_fx.scoring.ggn``) it is exact and noise-free::
 
     ½ δᵀGδ = ½ · 1/N Σ_n Σ_k ( Σ_consumers ⟨W[:, c], (J_nᵀ a_nk)[:, c]⟩ )²
 
@@ -19,7 +19,7 @@ so ``select_plan`` (``Ranking(..., per_cost=True)``) can rank them per unit of c
 
 At scale the exact pass costs one backward per class and sample; ``HessianOptions.estimator``
 ``"auto"`` (default) takes it when it is cheap and fits the memory budget, else the
-Monte-Carlo form (``ehap_fx.ggn_mc.mc_removal``: labels drawn from the softmax, one backward
+Monte-Carlo form (``ehap_fx.scoring.ggn_mc.mc_removal``: labels drawn from the softmax, one backward
 per draw, unbiased). Its limit is the matrices themselves: ``Σ_groups size²`` floats (twice,
 with transients) must fit the budget, or :class:`MemoryBudgetError` says so.
 """
@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ehap_fx.budget import fmt_bytes, resolve_budget
 from ehap_fx.errors import HessianError, MemoryBudgetError
-from ehap_fx.ggn import ggn_removal
-from ehap_fx.ggn_mc import mc_removal
-from ehap_fx.hessian import (
+from ehap_fx.scoring.budget import fmt_bytes, resolve_budget
+from ehap_fx.scoring.ggn import ggn_removal
+from ehap_fx.scoring.ggn_mc import mc_removal
+from ehap_fx.scoring.hessian import (
     DTYPES,
     HessianOptions,
     Plan,

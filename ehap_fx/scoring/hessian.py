@@ -6,10 +6,10 @@ estimates. The estimators (see ``docs/hessian.md`` for the measurements behind t
 
 * ``"hutchinson"``: Rademacher probes ``v``, ``Tr(H_c) ≈ mean_v Σ_{i∈c} v_i (Hv)_i`` (the paper's);
 * ``"ggn"``: the exact per-channel trace of the Gauss-Newton matrix of softmax cross-entropy
-  (``ehap_fx.ggn``), no sampling noise; equal to ``Tr(H_c)`` for piecewise-linear networks;
+  (``ehap_fx.scoring.ggn``), no sampling noise; equal to ``Tr(H_c)`` for piecewise-linear networks;
 * ``"hybrid"``: ``Tr(G_c)`` exactly plus Hutchinson on ``H − G``: unbiased for any network;
 * ``"mc"``: Monte-Carlo ``Tr(G_c)`` from labels drawn from the model's own softmax
-  (``ehap_fx.ggn_mc``): unbiased, one backward pass per draw whatever the class count;
+  (``ehap_fx.scoring.ggn_mc``): unbiased, one backward pass per draw whatever the class count;
 * ``"auto"`` (default): the exact GGN when the model has at most ``exact_max_classes``
   classes and the pass fits the memory budget, else ``"mc"`` (``result.choice`` says why).
 
@@ -43,14 +43,14 @@ from torch import nn
 from torch.func import functional_call, grad, jvp
 from tqdm.auto import tqdm
 
-from ehap_fx.budget import fmt_bytes, resolve_budget, saved_bytes_per_sample
 from ehap_fx.errors import HessianError, MemoryBudgetError
-from ehap_fx.fold import fold_batchnorm, scale_channels
-from ehap_fx.ggn import ggn_channel_traces, ggn_vector_product
-from ehap_fx.ggn_mc import ReduceSize, mc_channel_traces, share
 from ehap_fx.isa import EmulatedPrecisionWarning, cpu_features, emulated_precision
 from ehap_fx.passes.group import producer_slices
-from ehap_fx.sampling import Batch, draw_batches
+from ehap_fx.scoring.budget import fmt_bytes, resolve_budget, saved_bytes_per_sample
+from ehap_fx.scoring.fold import fold_batchnorm, scale_channels
+from ehap_fx.scoring.ggn import ggn_channel_traces, ggn_vector_product
+from ehap_fx.scoring.ggn_mc import ReduceSize, mc_channel_traces, share
+from ehap_fx.scoring.sampling import Batch, draw_batches
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ESTIMATORS = ("auto", "ggn", "mc", "hutchinson", "hybrid")
@@ -428,7 +428,7 @@ def estimate_hessian(
     (channel groups) makes the rank-stability rule compare group scores instead of channel
     scores. ``part=(rank, world)`` (``"mc"`` only): that share of every batch's samples, its
     rows still divided by the whole batch, so the parts' rows sum to the whole estimate
-    (``ehap_fx.distributed_hessian``). The model itself is not modified: the estimate runs on an
+    (``ehap_fx.scoring.distributed``). The model itself is not modified: the estimate runs on an
     eval-mode copy.
     """
     opts = options or HessianOptions()
@@ -444,7 +444,7 @@ def estimate_hessian(
     plan = plan_pass(s, opts, weights=sum(p.numel() for p in s.params), part=part)
     if part is not None and plan.estimator != "mc":
         raise HessianError(f"part= splits the MC estimator's samples; {plan.estimator!r} is "
-                           "split by ehap_fx.distributed_hessian's shards")
+                           "split by ehap_fx.scoring.distributed's shards")
     p_c = [p[0].numel() for p in s.params]
     w_sq = torch.cat([p.detach().float().pow(2).flatten(1).sum(1) / (1 if k is None else k.pow(2))
                       for p, k in zip(s.params, s.fold, strict=True)])
@@ -494,7 +494,7 @@ def choose_estimator(model: nn.Module, data, options: HessianOptions | None = No
                      names: Sequence[str] | None = None, device: torch.device | str | None = None,
                      extra: int = 0) -> Plan:
     """The :class:`Plan` ``estimate_hessian`` would follow on these arguments, without running
-    the pass (one one-sample forward): what ``ehap_fx.distributed_hessian`` agrees on across ranks."""
+    the pass (one one-sample forward): what ``ehap_fx.scoring.distributed`` agrees on across ranks."""
     opts = options or HessianOptions()
     names = list(names) if names is not None else prunable_modules(model)
     s = prepare(model, data, opts, names, F.cross_entropy, start_device(model, device))

@@ -1,7 +1,7 @@
 """Memory budgets for the Hessian passes: read what is available, predict, choose, then allocate.
 
 An estimate killed by the OOM killer loses the user's work; a clear refusal does not. Before a
-pass allocates, ``ehap_fx.hessian`` compares its predicted footprint with a budget (a fraction
+pass allocates, ``ehap_fx.scoring.hessian`` compares its predicted footprint with a budget (a fraction
 of the memory available, ``HessianOptions.memory_budget``) and picks the chunk sizes, the
 estimator, or a one-line ``MemoryBudgetError`` from that.
 
