@@ -38,12 +38,9 @@ from ehap_fx.latency import BenchOptions, LatencyOptions, time_onnx
 from ehap_fx.passes.export import export, export_onnx, onnx_top1
 from ehap_fx.passes.quantize import QuantizeOptions
 from ehap_fx.qat import quantize
-from ehap_fx.scoring.hessian import HessianOptions
+from ehap_fx.scoring import SCORERS, HessianOptions
 from ehap_fx.target import Target
 from ehap_fx.train import DistillOptions, FinetuneOptions, evaluate, finetune
-
-SCORERS = ("removal", "hessian", "l1")
-
 
 @dataclass(frozen=True)
 class SweepOptions:
@@ -57,7 +54,7 @@ class SweepOptions:
     """
 
     targets: tuple[float, ...] = (0.5, 0.35, 0.25)
-    scorers: tuple[str, ...] = SCORERS
+    scorers: tuple[str, ...] = (RECIPE.scorer, *(s for s in SCORERS if s != RECIPE.scorer))
     granularity: str = RECIPE.granularity
     round_to: int = RECIPE.round_to
     finetune: FinetuneOptions = FinetuneOptions(epochs=0.5, progress=False)
