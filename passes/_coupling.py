@@ -476,6 +476,31 @@ def concat(a: _Analysis, node: fx.Node) -> Labels:
     return parts[0]
 
 
+def stack(a: _Analysis, node: fx.Node) -> Labels:
+    """stack of same-shaped values (an FPN's merge: ``torch.stack(maps).sum(0)``): channel c of
+    every part is one unit; a new dim at or before the channels moves them one dim on."""
+    tensors = _arg(node, 0, "tensors")
+    parts = [a.labels(t) for t in tensors]
+    dims = {a.dim(t) for t in tensors}
+    if any(p is None for p in parts) or len(dims) != 1:
+        raise _Pin("stack of values without channel labels at one dim")
+    cdim = dims.pop()
+    dim = _norm_dim(_arg(node, 1, "dim", 0), len(_shape(node)))
+    for p in parts[1:]:
+        a.uf.union(parts[0], p)
+    a.set_dim(node, cdim + 1 if dim <= cdim else cdim)
+    return parts[0]
+
+
+def _stacked_dim(node: Any) -> int | None:
+    """The dim a ``stack`` node inserted (None for any other node)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    if table_rule(COUPLING, node.target) is not stack:
+        return None
+    return _norm_dim(_arg(node, 1, "dim", 0), len(_shape(node)))
+
+
 def split(a: _Analysis, node: fx.Node) -> tuple[Labels, ...]:
     """split/chunk along channels slice the labels; along another dim each piece keeps them."""
     x = a.labels(node.args[0])
@@ -640,7 +665,8 @@ def reduce_spatial(a: _Analysis, node: fx.Node) -> Labels:
     if dims is None or shape is None or labels is None:
         raise _Pin("reduction over all dims")
     dims = {_norm_dim(d, len(shape)) for d in ((dims,) if isinstance(dims, int) else dims)}
-    if 0 in dims or cdim in dims:
+    over_parts = dims == {0} and _stacked_dim(x) == 0 and cdim > 1  # a stack's parts: their sum
+    if not over_parts and (0 in dims or cdim in dims):
         raise _Pin(f"reduction over dims {sorted(dims)} includes batch or channels")
     out = _shape(node)
     new = cdim if _arg(node, 2, "keepdim", False) else cdim - sum(d < cdim for d in dims)
@@ -919,6 +945,7 @@ COUPLING: dict[Any, Callable[[_Analysis, fx.Node], Any]] = {
     **{op: same_channels for op in _UNARY_FUNCTIONS + _UNARY_METHODS},
     **{op: elementwise for op in _BINARY},
     torch.cat: concat,  # offsets along channels, union along batch
+    torch.stack: stack,  # parts unioned, channels one dim on when stacked before them
     torch.concat: concat,
     torch.split: split,  # labels sliced by the split sizes
     "split": split,
@@ -1089,6 +1116,7 @@ _ATEN_UNARY = (
     aten.hardswish, aten.hardswish_, aten.hardsigmoid, aten.sigmoid, aten.tanh, aten.leaky_relu,
     aten.elu, aten.mish, aten.clamp, aten.clamp_min, aten.abs, aten.neg, aten.dropout, aten.dropout_,
     aten.clone, aten.alias, aten._to_copy, aten.to, aten.contiguous,
+    aten.feature_dropout, aten.feature_dropout_, aten.alpha_dropout, aten.feature_alpha_dropout,
     aten.type_as, aten.sigmoid_, aten.tanh_, aten.relu6, aten.hardtanh, aten.softplus, aten.gelu_,
     aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d,
     aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d,
@@ -1106,6 +1134,7 @@ ATEN_COUPLING: dict[Any, Callable[[_Analysis, fx.Node], Any]] = {
     **{op: same_channels for op in _ATEN_UNARY},  # activations, dropout, copies, pooling, resizing
     **{op: elementwise for op in _ATEN_BINARY},  # broadcasting: residual adds, SE gates
     aten.cat: concat,  # cat.default(tensors, dim)
+    aten.stack: stack,  # parts unioned; sum/mean over the stacked dim 0 reduces them
     aten.concat: concat,
     aten.split_with_sizes: split,  # (x, sizes, dim)
     aten.split: split,  # split.Tensor(x, size, dim): pieces read from the shapes
@@ -1214,7 +1243,7 @@ def known_module(mod: nn.Module) -> bool:
 ANY_DIM = frozenset(
     {same_channels, layer_norm, linear, elementwise, concat, split, getitem, moves_dims,
      keeps_leading_dims, reduce_spatial, reshape, functional_norm, no_channels,
-     aten_slice, functional_linear, softmax}
+     aten_slice, functional_linear, softmax, stack}
 )
 
 

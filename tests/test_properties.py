@@ -24,7 +24,7 @@ OPS = ["conv", "residual", "se", "cat", "split", "chunk", "pad", "slice", "group
 #: The ops the libraries people bring use (ultralytics, transformers, smp, timm): every spelling
 #: is checked under both captures (``test_library_ops_shrink_exactly``).
 LIBRARY_OPS = ["prelu", "prelu_shared", "fprelu", "same", "group_norm_f", "pixel_shuffle", "softmax", "conv3d",
-               "conv1d"]
+               "conv1d", "fpn_merge"]
 OPS += LIBRARY_OPS
 
 
@@ -209,6 +209,10 @@ class Program(nn.Module):
             L.append(nn.Sequential(nn.Conv2d(c, w, 1), nn.Softmax(dim=-1)))
             self.plan.append((op, len(L) - 1, None))
             return w
+        if op == "fpn_merge":  # smp's FPN: two branches stacked and summed over the stack
+            L.append(nn.ModuleList([nn.Conv2d(c, w, 3, padding=1), nn.Conv2d(c, w, 1)]))
+            self.plan.append((op, len(L) - 1, None))
+            return w
         if op in ("conv3d", "conv1d"):
             L.append(Conv3dBlock(c, w) if op == "conv3d" else Conv1dBlock(c, w))
             self.plan.append((op, len(L) - 1, None))
@@ -225,6 +229,8 @@ class Program(nn.Module):
             layer = self.layers[i] if i is not None else None
             if op in ("conv", "grouped", "depthwise", "convT", "prelu", "prelu_shared", "same", "conv3d", "conv1d"):
                 x = layer(x)
+            elif op == "fpn_merge":
+                x = F.dropout2d(torch.stack([layer[0](x), layer[1](x)]).sum(0), 0.2, training=False)
             elif op == "fprelu":
                 x = F.prelu(layer(x), getattr(self, f"slope{i}"))
             elif op == "group_norm_f":
