@@ -49,9 +49,9 @@ class Detect(nn.Module):
     def forward(self, xs: list[torch.Tensor]):
         xs = [torch.cat((b(x), c(x)), 1) for x, b, c in zip(xs, self.box, self.cls)]
         shape = xs[0].shape
-        if self.shape != shape:  # anchors cached per input shape: Python control flow on a shape
+        if self.shape != shape[2:]:  # anchors cached per map size: Python control flow on a shape
             self.anchors = torch.cat([torch.arange(x.shape[2] * x.shape[3]) for x in xs]).float()
-            self.shape = shape
+            self.shape = shape[2:]
         y = torch.cat([x.view(shape[0], self.no, -1) for x in xs], 2)  # (N, no, A)
         box, cls = y.split((self.no - self.nc, self.nc), 1)
         return torch.cat((box + self.anchors, cls.sigmoid()), 1), xs
