@@ -16,3 +16,5 @@ PLAN = "ehap.plan"
 BN_FROZEN = "ehap.bn_frozen"
 # gm.meta: how torch.export captured the graph, to export it again (passes.trace.ExportCapture).
 CAPTURE = "ehap.capture"
+# gm.meta: which capture (torch.fx or torch.export) made the graph, and why (passes.capture.Captured).
+CAPTURED = "ehap.captured"

@@ -143,6 +143,9 @@ def _compress_parser(sub) -> None:
     p.add_argument("--granularity", choices=("channel", "block", "both"), default=RECIPE.granularity,
                    help="channel: narrow layers; block: drop whole residual blocks (depth pruning, "
                         f"widths stay: fastest in INT8); both (default {RECIPE.granularity})")
+    p.add_argument("--capture", choices=("auto", "fx", "export"), default="auto",
+                   help="how the model becomes a graph: auto (default: torch.fx, else torch.export, and "
+                        "export where it keeps more channels prunable), fx, or export")
     p.add_argument("--scorer", choices=("hessian", "removal", "l1"),
                    help="hessian: the paper's trace sensitivity; removal: exact Gauss-Newton loss "
                         "increase of removing each channel, ranked per unit of the target's cost saved "
@@ -512,7 +515,7 @@ def _compress_rank(args, main: bool) -> int:
     with staging(out) if main else _scratch() as tmp:
         result = compress(model, example, data=train_loader, eval_data=test_loader,
                           export=tmp / "model_int8.onnx" if opts.quantize else None,
-                          data_name=train.describe(), **vars(opts))
+                          data_name=train.describe(), capture=args.capture, **vars(opts))
         report = _full_report(args, result, train, test, norm, time.perf_counter() - start, weights)
         if report.get("export"):  # name the final folder, not the temporary one
             for key in ("path", "summary"):

@@ -23,18 +23,19 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ehap_fx import distributed, process_group
+from ehap_fx import _meta, distributed, process_group
 from ehap_fx.errors import EhapError, TargetError
 from ehap_fx.isa import cpu_features
 from ehap_fx.latency import BenchOptions, LatencyModel, LatencyOptions, LatencyTable, time_onnx
+from ehap_fx.passes.capture import capture_groups
 from ehap_fx.passes.cost import Cost, conv_widths, total_cost
 from ehap_fx.passes.export import export as export_onnx
 from ehap_fx.passes.export import export_onnx as export_float
 from ehap_fx.passes.export import onnx_top1
-from ehap_fx.passes.group import ChannelGroups, group_channels, groups_of
+from ehap_fx.passes.group import ChannelGroups, groups_of
 from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions
 from ehap_fx.passes.shrink import PrunePlan, shrink
-from ehap_fx.passes.trace import call_with, trace
+from ehap_fx.passes.trace import call_with
 from ehap_fx.qat import quantize as quantize_int8
 from ehap_fx.scoring import SCORERS, HessianOptions, Ranking, rank
 from ehap_fx.target import DEFAULT_ROUND_TO, Target, measure, select_plan
@@ -170,6 +171,7 @@ class CompressReport:
     export: dict | None = None
     latency: dict | None = None  # onnxruntime: dense fp32 vs the INT8 file, per batch size
     seconds: dict[str, float] = field(default_factory=dict)
+    capture: dict = field(default_factory=dict)  # which capture made the graph, and why (passes.capture)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -212,7 +214,7 @@ def compress(
     data_name: str | None = None,
     latency: LatencyOptions | None = None,
     teacher: nn.Module | None = None,
-    capture: str = "fx",
+    capture: str = "auto",
     bench: BenchOptions | None = None,
 ) -> CompressResult:
     """Prune ``model`` to ``target`` by Hessian-aware channel ranking, then optionally
@@ -247,9 +249,11 @@ def compress(
     baseline at equal budget), or the dense ``model`` as given (``teacher="given"``, or
     without a fine-tune).
 
-    ``capture``: ``"fx"`` (symbolic_trace), ``"export"`` (torch.export: an ATen graph, for
-    models FX cannot trace; ``passes.program.exported_program(result.pruned)`` is the pruned
-    ``ExportedProgram``; quantize with ``backend="pt2e"``) or ``"auto"`` (FX, else export).
+    ``capture``: ``"auto"`` (default: FX, else torch.export, and export where it keeps more
+    channels prunable than a partial FX graph; ``report.capture`` says which ran and why,
+    ``passes.capture``), ``"fx"`` (symbolic_trace) or ``"export"`` (an ATen graph;
+    ``passes.program.exported_program(result.pruned)`` is the pruned ``ExportedProgram``;
+    quantize with ``backend="pt2e"``).
 
     ``bench`` (with ``export``): time the dense fp32 model and the INT8 file in onnxruntime on
     this machine (``report.latency``: milliseconds per batch size, the speed-up).
@@ -265,9 +269,8 @@ def compress(
         log.warning("no data given: ranking on %s; pass data= for a meaningful ranking", data_name)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    gm = group_channels(
-        trace(copy.deepcopy(model).eval(), example_input, leaf_modules=leaf_modules, capture=capture), exclude
-    ).graph_module
+    gm = capture_groups(copy.deepcopy(model).eval(), example_input, capture=capture,
+                        leaf_modules=leaf_modules, exclude=exclude)
     process_group.broadcast_module(gm)  # under torchrun: every rank starts from rank 0's weights
     seconds["trace_group"] = time.perf_counter() - t
     base = total_cost(gm)
@@ -278,6 +281,7 @@ def compress(
         cost_before=_cost_dict(base),
         channels_before=conv_widths(gm),
         pinned=[{"group": g.id, "size": g.size, "reason": g.pinned} for g in groups_of(gm).pinned],
+        capture=gm.meta[_meta.CAPTURED].as_dict(),
     )
     if eval_data is not None:
         report.accuracy["dense"] = evaluate(gm, eval_data)

@@ -17,11 +17,13 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from torch import fx, nn
 
 from ehap_fx.errors import EhapError
+from ehap_fx.passes._coupling import _arg, functional_conv
 from ehap_fx.passes.cost import removed_nodes
 from ehap_fx.passes.export import session
 from ehap_fx.passes.group import KeptChannels
@@ -68,14 +70,21 @@ class ConvShape:
     out_size: tuple[int, int]  # output (H, W), as ShapeProp recorded it
 
     @classmethod
-    def of(cls, conv: nn.Conv2d, height: int, width: int, out_size: tuple[int, int]) -> ConvShape:
-        if isinstance(conv.padding, str):
-            raise EhapError(f"conv padding={conv.padding!r}: latency tables need numeric padding")
+    def of(cls, conv: nn.Conv2d | SimpleNamespace, height: int, width: int,
+           out_size: tuple[int, int]) -> ConvShape:
+        padding = conv.padding
+        if padding == "valid":
+            padding = (0,) * len(conv.kernel_size)
+        elif padding == "same" and all(k % 2 for k in conv.kernel_size):  # symmetric: (d·(k−1))/2 a side
+            padding = tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size))
+        if isinstance(padding, str):
+            raise EhapError(f"conv padding={padding!r} with kernel {tuple(conv.kernel_size)}: latency tables "
+                            "need numeric, symmetric padding")
         depthwise = conv.groups == conv.in_channels == conv.out_channels
         return cls(
             tuple(conv.kernel_size),
             tuple(conv.stride),
-            tuple(conv.padding),
+            tuple(padding),
             tuple(conv.dilation),
             1 if depthwise else conv.groups,
             depthwise,
@@ -199,6 +208,26 @@ class LatencyTable:
         os.replace(tmp, path)
 
 
+def conv2d_of(gm: fx.GraphModule, node: fx.Node) -> nn.Conv2d | SimpleNamespace | None:
+    """The 2-D conv a node computes: an ``nn.Conv2d`` call, or (a torch.export graph) an ATen
+    conv on one module's weight (``aten.conv2d`` any overload, ``aten.convolution``), as the
+    attributes ``ConvShape.of`` reads; None for anything else."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return mod if isinstance(mod, nn.Conv2d) else None
+    spec = functional_conv(gm, node)
+    if spec is None or len(spec.kernel_size) != 2:
+        return None
+    # aten.conv2d (x, w, b, stride, padding, dilation, groups); aten.convolution the same first six
+    stride, padding, dilation = (_arg(node, i, name, default) for i, name, default in
+                                 ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1)))
+    pair = (lambda v: tuple(v) * (2 if len(v) == 1 else 1) if isinstance(v, (list, tuple)) else (v, v))
+    padding = padding if isinstance(padding, str) else pair(padding)
+    return SimpleNamespace(kernel_size=spec.kernel_size, stride=pair(stride), padding=padding,
+                           dilation=pair(dilation), groups=spec.groups, in_channels=spec.in_channels,
+                           out_channels=spec.out_channels)
+
+
 class LatencyModel:
     """Estimated latency of ``gm`` under a plan: Σ over its convs of the table's timings."""
 
@@ -207,11 +236,11 @@ class LatencyModel:
         self.table = table
         self.convs: list[tuple[fx.Node, ConvShape]] = []
         for node in gm.graph.nodes:
-            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Conv2d):
+            conv = conv2d_of(gm, node)
+            if conv is not None:
                 h, w = node.args[0].meta["tensor_meta"].shape[2:]
                 out_hw = tuple(int(d) for d in node.meta["tensor_meta"].shape[2:])
-                shape = ConvShape.of(gm.get_submodule(node.target), int(h), int(w), out_hw)
-                self.convs.append((node, shape))
+                self.convs.append((node, ConvShape.of(conv, int(h), int(w), out_hw)))
 
     def __call__(self, kept: KeptChannels) -> float:
         def width(node: fx.Node) -> int:

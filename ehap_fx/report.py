@@ -38,7 +38,7 @@ from ehap_fx.passes.trace import trace
 
 REPORT_KEYS = ("data", "target", "cost_before", "cost_after", "channels_before", "channels_after",
                "groups", "pinned", "ranking", "accuracy", "finetune", "quantize", "export",
-               "seconds", "run")
+               "seconds", "capture", "run")
 PRUNED_MODEL, PRUNED_STATE = "pruned_model.pt", "pruned_state_dict.pt"
 ZERO_SCORES = ("every channel score is 0, so the ranking was arbitrary (a saturated softmax, e.g. of a "
                "random model, makes the GGN, and so the removal scores, exactly 0): use --scorer hessian "
@@ -186,6 +186,8 @@ def _data_section(report, run) -> list[str]:
             f"- data: **{report['data']}**" + (f" ({run['data_detail']})" if run.get("data_detail") else ""),
             f"- model: `{run.get('model')}`, weights: {run.get('weights') or 'random init'}",
             f"- target: {report['target']}",
+            *([f"- capture: {c['capture']} (asked: {c['asked']}; {c['why']})"]
+              if (c := report.get("capture")) else []),
             f"- command: `{run.get('command', '')}`",
             f"- total time: {run.get('seconds', 0):.1f} s; stages: {report.get('seconds')}", ""]
     return out

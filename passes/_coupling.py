@@ -338,6 +338,19 @@ _FUNCTIONAL_CONVS = (
 )
 
 
+def is_functional_conv(target: Any) -> bool:
+    """An ``F.conv*`` / ATen conv target, any overload (``aten.conv2d.padding``: ``padding="same"``)."""
+    try:
+        if target in _FUNCTIONAL_CONVS:
+            return True
+    except TypeError:
+        return False
+    return isinstance(target, torch._ops.OpOverload) and target.overloadpacket in _FUNCTIONAL_CONV_PACKETS
+
+
+_FUNCTIONAL_CONV_PACKETS = (aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)
+
+
 def conv_groups_at(node: fx.Node) -> int:
     """The position of ``groups`` in a functional conv call: 8 for ``aten.convolution``, else 6."""
     return 8 if node.target is aten.convolution.default else 6
@@ -348,7 +361,7 @@ def functional_conv_owner(gm: fx.GraphModule, node: fx.Node) -> str | None:
     timm's ``Conv2dSame``), the path ``m`` of the module holding the weight; None otherwise.
     (The traced graph keeps ``m`` only as a holder of its tensors: what the conv is comes
     from the call's arguments and the weight's shape, ``functional_conv``.)"""
-    if node.op != "call_function" or node.target not in _FUNCTIONAL_CONVS:
+    if node.op != "call_function" or not is_functional_conv(node.target):
         return None
     if node.target is aten.convolution.default and node.args[6]:
         return None  # a transposed conv: its weight is (in, out/groups, ...)
@@ -461,6 +474,31 @@ def concat(a: _Analysis, node: fx.Node) -> Labels:
     for p in parts[1:]:
         a.uf.union(parts[0], p)
     return parts[0]
+
+
+def stack(a: _Analysis, node: fx.Node) -> Labels:
+    """stack of same-shaped values (an FPN's merge: ``torch.stack(maps).sum(0)``): channel c of
+    every part is one unit; a new dim at or before the channels moves them one dim on."""
+    tensors = _arg(node, 0, "tensors")
+    parts = [a.labels(t) for t in tensors]
+    dims = {a.dim(t) for t in tensors}
+    if any(p is None for p in parts) or len(dims) != 1:
+        raise _Pin("stack of values without channel labels at one dim")
+    cdim = dims.pop()
+    dim = _norm_dim(_arg(node, 1, "dim", 0), len(_shape(node)))
+    for p in parts[1:]:
+        a.uf.union(parts[0], p)
+    a.set_dim(node, cdim + 1 if dim <= cdim else cdim)
+    return parts[0]
+
+
+def _stacked_dim(node: Any) -> int | None:
+    """The dim a ``stack`` node inserted (None for any other node)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    if table_rule(COUPLING, node.target) is not stack:
+        return None
+    return _norm_dim(_arg(node, 1, "dim", 0), len(_shape(node)))
 
 
 def split(a: _Analysis, node: fx.Node) -> tuple[Labels, ...]:
@@ -627,7 +665,8 @@ def reduce_spatial(a: _Analysis, node: fx.Node) -> Labels:
     if dims is None or shape is None or labels is None:
         raise _Pin("reduction over all dims")
     dims = {_norm_dim(d, len(shape)) for d in ((dims,) if isinstance(dims, int) else dims)}
-    if 0 in dims or cdim in dims:
+    over_parts = dims == {0} and _stacked_dim(x) == 0 and cdim > 1  # a stack's parts: their sum
+    if not over_parts and (0 in dims or cdim in dims):
         raise _Pin(f"reduction over dims {sorted(dims)} includes batch or channels")
     out = _shape(node)
     new = cdim if _arg(node, 2, "keepdim", False) else cdim - sum(d < cdim for d in dims)
@@ -689,27 +728,99 @@ def no_channels(a: _Analysis, node: fx.Node) -> None:
     return None
 
 
+def prelu(a: _Analysis, node: fx.Node) -> Labels:
+    """PReLU (``nn.PReLU``, ``F.prelu``, ``aten.prelu``): per channel. A per-channel slope
+    ``(C,)`` goes with the channels (``weight`` dim 0); a shared one (one element) does not
+    couple them."""
+    labels = same_channels(a, node)
+    if a.dim(node.args[0]) != 1:
+        raise _Pin("PReLU of a value whose channels are not dim 1")
+    if node.op == "call_module":
+        if a.module(node).num_parameters > 1:
+            a.touch(node, "norm", 0, labels)
+        return labels
+    w = _arg(node, 1, "weight")
+    if not isinstance(w, fx.Node) or _shape(w) is None:
+        raise _Pin("PReLU slope is not a tensor of the graph")
+    if math.prod(_shape(w)) == 1:
+        return labels
+    if a.labels(w) is None or _shape(w) != (len(labels),):
+        raise _Pin(f"PReLU slope of shape {_shape(w)} is not per channel")
+    a.uf.union(labels, a.labels(w))
+    return labels
+
+
+def functional_group_norm(a: _Analysis, node: fx.Node) -> Labels:
+    """``F.group_norm(x, num_groups, weight, bias)`` / ``aten.group_norm``: as ``group_norm``
+    (whole groups are one unit), its ``(C,)`` tensors sliced with the channels; shrink
+    rewrites ``num_groups``."""
+    labels = same_channels(a, node)
+    groups = _arg(node, 1, "num_groups")
+    if a.dim(node.args[0]) != 1 or not isinstance(groups, int) or len(labels) % groups:
+        where = a.dim(node.args[0])
+        raise _Pin(f"group norm with num_groups={groups} over {len(labels)} channels at dim {where}")
+    rows = labels.reshape(groups, len(labels) // groups)
+    for j in range(1, rows.shape[1]):
+        a.uf.union(rows[:, 0], rows[:, j])
+    for pos, name in ((2, "weight"), (3, "bias")):
+        t = _arg(node, pos, name)
+        if t is None:
+            continue
+        if not isinstance(t, fx.Node) or a.labels(t) is None or _shape(t) != (len(labels),):
+            raise _Pin(f"{name} is not a per-channel tensor")
+        a.uf.union(labels, a.labels(t))
+    return labels
+
+
+def pixel_shuffle(a: _Analysis, node: fx.Node) -> Labels:
+    """pixel_shuffle (``C·r² → C``): output channel ``c`` is input channels ``c·r² … c·r²+r²−1``,
+    one unit; pixel_unshuffle (``C → C·r²``): each channel becomes ``r²`` (its labels repeat)."""
+    x = node.args[0]
+    labels, out = a.labels(x), _shape(node)
+    if labels is None or out is None or a.dim(x) != 1:
+        raise _Pin("pixel shuffle of a value without channels at dim 1")
+    c_in, c_out = len(labels), int(out[1])
+    if c_in % c_out == 0:
+        blocks = labels.reshape(c_out, c_in // c_out)
+        for j in range(1, blocks.shape[1]):
+            a.uf.union(blocks[:, 0], blocks[:, j])
+        return blocks[:, 0].copy()
+    if c_out % c_in == 0:
+        return np.repeat(labels, c_out // c_in)
+    raise _Pin(f"pixel shuffle {c_in} → {c_out} channels")
+
+
+def softmax(a: _Analysis, node: fx.Node) -> Labels:
+    """softmax / log_softmax over a dim other than the channels: per channel; over the
+    channels each output depends on all of them (pinned)."""
+    x = node.args[0]
+    shape = _shape(x)
+    dim = a.module(node).dim if node.op == "call_module" else _arg(node, 1, "dim")
+    if dim is None or shape is None:
+        raise _Pin("softmax over an implicit dim")
+    if _norm_dim(dim, len(shape)) == a.dim(x):
+        raise _Pin(f"softmax over the channel dim {dim}")
+    return same_channels(a, node)
+
+
 #: Ops that keep channels but mix or resize the spatial dims (a per-channel constant would
 #: not stay one through them).
 _SPATIAL = (
-    F.max_pool2d,
-    F.avg_pool2d,
-    F.adaptive_avg_pool2d,
-    F.adaptive_max_pool2d,
-    F.max_pool1d,
-    F.avg_pool1d,
-    F.interpolate,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d,
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    F.lp_pool1d, F.lp_pool2d,
+    F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear,
 )
 POOLING_MODULES = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.LPPool1d, nn.LPPool2d,
 )
-_SPATIAL_MODULES = (*POOLING_MODULES, nn.Upsample)
+_SPATIAL_MODULES = (*POOLING_MODULES, nn.Upsample)  # UpsamplingNearest2d/Bilinear2d inherit its forward
 
 try:  # torchvision's stochastic depth: scales whole samples (identity in eval mode)
     from torchvision.ops import stochastic_depth as _tv_stochastic_depth
@@ -834,6 +945,7 @@ COUPLING: dict[Any, Callable[[_Analysis, fx.Node], Any]] = {
     **{op: same_channels for op in _UNARY_FUNCTIONS + _UNARY_METHODS},
     **{op: elementwise for op in _BINARY},
     torch.cat: concat,  # offsets along channels, union along batch
+    torch.stack: stack,  # parts unioned, channels one dim on when stacked before them
     torch.concat: concat,
     torch.split: split,  # labels sliced by the split sizes
     "split": split,
@@ -861,6 +973,14 @@ COUPLING: dict[Any, Callable[[_Analysis, fx.Node], Any]] = {
     F.batch_norm: functional_norm,  # its (C,) tensors are sliced with the channels
     **dict.fromkeys(_FUNCTIONAL_CONVS, conv),  # on a conv module's own weight: as that module
     F.instance_norm: functional_norm,
+    F.group_norm: functional_group_norm,  # whole groups, num_groups rewritten by shrink
+    F.prelu: prelu,  # a (C,) slope is sliced with the channels
+    F.pixel_shuffle: pixel_shuffle,
+    F.pixel_unshuffle: pixel_shuffle,
+    torch.pixel_shuffle: pixel_shuffle,
+    torch.pixel_unshuffle: pixel_shuffle,
+    **dict.fromkeys((F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax"),
+                    softmax),  # per channel unless over them
     "unsqueeze": keeps_leading_dims,
     "squeeze": keeps_leading_dims,
     torch.unsqueeze: keeps_leading_dims,
@@ -996,8 +1116,15 @@ _ATEN_UNARY = (
     aten.hardswish, aten.hardswish_, aten.hardsigmoid, aten.sigmoid, aten.tanh, aten.leaky_relu,
     aten.elu, aten.mish, aten.clamp, aten.clamp_min, aten.abs, aten.neg, aten.dropout, aten.dropout_,
     aten.clone, aten.alias, aten._to_copy, aten.to, aten.contiguous,
-    aten.max_pool2d, aten.avg_pool2d, aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d,
-    aten.upsample_nearest2d, aten.upsample_bilinear2d,
+    aten.feature_dropout, aten.feature_dropout_, aten.alpha_dropout, aten.feature_alpha_dropout,
+    aten.type_as, aten.sigmoid_, aten.tanh_, aten.relu6, aten.hardtanh, aten.softplus, aten.gelu_,
+    aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d,
+    aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d,
+    aten.adaptive_avg_pool3d, aten._adaptive_avg_pool3d,
+    aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d,
+    aten._upsample_nearest_exact1d, aten._upsample_nearest_exact2d, aten._upsample_nearest_exact3d,
+    aten.upsample_linear1d, aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.upsample_trilinear3d,
+    aten._upsample_bilinear2d_aa, aten._upsample_bicubic2d_aa,
 )
 _ATEN_BINARY = (aten.add, aten.add_, aten.sub, aten.mul, aten.mul_, aten.div, aten.maximum, aten.minimum)
 
@@ -1007,6 +1134,7 @@ ATEN_COUPLING: dict[Any, Callable[[_Analysis, fx.Node], Any]] = {
     **{op: same_channels for op in _ATEN_UNARY},  # activations, dropout, copies, pooling, resizing
     **{op: elementwise for op in _ATEN_BINARY},  # broadcasting: residual adds, SE gates
     aten.cat: concat,  # cat.default(tensors, dim)
+    aten.stack: stack,  # parts unioned; sum/mean over the stacked dim 0 reduces them
     aten.concat: concat,
     aten.split_with_sizes: split,  # (x, sizes, dim)
     aten.split: split,  # split.Tensor(x, size, dim): pieces read from the shapes
@@ -1026,7 +1154,19 @@ ATEN_COUPLING: dict[Any, Callable[[_Analysis, fx.Node], Any]] = {
     aten.squeeze: keeps_leading_dims,
     aten.slice: aten_slice,  # slice.Tensor(x, dim, start, end, step)
     aten.max_pool2d_with_indices: with_indices,  # core ATen's max pooling: (out, indices)
+    aten.max_pool3d_with_indices: with_indices,
+    aten.adaptive_max_pool1d: with_indices,
     aten.adaptive_max_pool2d: with_indices,
+    aten.adaptive_max_pool3d: with_indices,
+    aten.prelu: prelu,  # (x, weight): a (C,) slope goes with the channels, a shared one does not
+    aten._prelu_kernel: prelu,  # core ATen's
+    aten.group_norm: functional_group_norm,  # (x, num_groups, weight, bias, eps, cudnn)
+    aten.pixel_shuffle: pixel_shuffle,  # C·r² → C: blocks of r² channels are one unit
+    aten.pixel_unshuffle: pixel_shuffle,  # C → C·r²: each channel repeats
+    aten.softmax: softmax,  # softmax.int(x, dim, dtype): per channel unless over them
+    aten._softmax: softmax,
+    aten.log_softmax: softmax,
+    aten._log_softmax: softmax,
     aten.conv1d: conv,  # on one module's weight and bias: as that conv (functional_conv)
     aten.conv2d: conv,
     aten.conv3d: conv,
@@ -1067,8 +1207,15 @@ MODULE_COUPLING: dict[type[nn.Module], Callable[[_Analysis, fx.Node], Any]] = {
     nn.BatchNorm1d: norm_layer,
     nn.BatchNorm2d: norm_layer,
     nn.BatchNorm3d: norm_layer,
+    nn.InstanceNorm1d: norm_layer,
     nn.InstanceNorm2d: norm_layer,
+    nn.InstanceNorm3d: norm_layer,
     nn.GroupNorm: group_norm,
+    nn.PReLU: prelu,
+    nn.PixelShuffle: pixel_shuffle,
+    nn.PixelUnshuffle: pixel_shuffle,
+    nn.Softmax: softmax,
+    nn.LogSoftmax: softmax,
     nn.LayerNorm: layer_norm,
     nn.Flatten: flatten,
     **{m: same_channels for m in _UNARY_MODULES},
@@ -1096,7 +1243,7 @@ def known_module(mod: nn.Module) -> bool:
 ANY_DIM = frozenset(
     {same_channels, layer_norm, linear, elementwise, concat, split, getitem, moves_dims,
      keeps_leading_dims, reduce_spatial, reshape, functional_norm, no_channels,
-     aten_slice, functional_linear}
+     aten_slice, functional_linear, softmax, stack}
 )
 
 

@@ -128,8 +128,10 @@ MODULE_COST: dict[type[nn.Module], CostFn] = {
     nn.BatchNorm3d: _norm,
     nn.GroupNorm: _norm,
     nn.LayerNorm: _norm,
+    nn.InstanceNorm1d: _norm,
     nn.InstanceNorm2d: _norm,
-    **dict.fromkeys((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.Upsample), _per_output_element),
+    nn.InstanceNorm3d: _norm,
+    **dict.fromkeys((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.PReLU, nn.Upsample), _per_output_element),
     **dict.fromkeys(POOLING_MODULES, _per_input_element),
 }
 
@@ -141,12 +143,18 @@ FUNCTION_COST: dict[object, CostFn] = {
     ),
     # ATen spellings of what the module rows count (torch.export graphs; packets: every overload)
     **dict.fromkeys(
-        (aten.relu, aten.relu_, aten.hardtanh, aten.leaky_relu, aten.elu, aten.upsample_nearest2d,
-         aten.upsample_bilinear2d), _per_output_element
+        (aten.relu, aten.relu_, aten.hardtanh, aten.leaky_relu, aten.elu, aten.prelu, aten._prelu_kernel,
+         aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d, aten.upsample_linear1d,
+         aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.upsample_trilinear3d,
+         aten._upsample_nearest_exact2d), _per_output_element
     ),
     **dict.fromkeys(
-        (aten.max_pool2d, aten.max_pool2d_with_indices, aten.avg_pool2d, aten.adaptive_avg_pool2d,
-         aten._adaptive_avg_pool2d, aten.adaptive_max_pool2d), _per_input_element
+        (aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.max_pool2d_with_indices,
+         aten.max_pool3d_with_indices, aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d,
+         aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d,
+         aten.adaptive_avg_pool3d, aten._adaptive_avg_pool3d, aten.adaptive_max_pool1d,
+         aten.adaptive_max_pool2d, aten.adaptive_max_pool3d),
+        _per_input_element
     ),
     aten.batch_norm: _aten_norm,
 }

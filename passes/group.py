@@ -281,6 +281,17 @@ def _constant(a: _Analysis, node: fx.Node) -> Any:
     return a.fresh_pinned(node, f"constant tensor {node.target}")
 
 
+def _where(node: fx.Node) -> str:
+    """`` in module 'path' (Type)``: the innermost module whose code made the node (both
+    captures record ``nn_module_stack``), so a pin reason names the op and the module."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path, kind = list(stack.values())[-1]
+    name = kind.rpartition(".")[2] if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    return f" in module '{path}' ({name})"
+
+
 def _visit(a: _Analysis, node: fx.Node) -> Any:
     if node.op == "placeholder":
         return a.fresh_pinned(node, f"model input {node.name}")
@@ -301,12 +312,12 @@ def _visit(a: _Analysis, node: fx.Node) -> Any:
     if rule is not None and rule not in ANY_DIM and a.labels(x) is not None and a.dim(x) != 1:
         a.anchor(x, 1, f"{what}: reads dim 1 of a value whose channels are dim {a.dim(x)}")  # its input
     if rule is None:
-        reason = f"{what}: op not understood by the channel analysis"
+        reason = f"{what}{_where(node)}: op not understood by the channel analysis"
     else:
         try:
             value = _checked(a, node, rule(a, node))
         except _Pin as p:
-            reason = f"{what}: {p}"
+            reason = f"{what}{_where(node)}: {p}"
         else:
             if node.op == "call_module" and node.target in a.exclude:
                 reason = f"module {node.target} excluded by the user"

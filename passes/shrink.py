@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from ehap_fx.passes._coupling import (
+    _FUNCTIONAL_CONV_PACKETS,
     _FUNCTIONAL_CONVS,
     _arg,
     aten,
@@ -212,6 +213,23 @@ def shrink_norm(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
         norm.num_features = len(k)
 
 
+def shrink_prelu(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
+    """``nn.PReLU`` with a slope per channel loses the removed channels' slopes."""
+    mod = gm.get_submodule(node.target)
+    if mod.num_parameters > 1:
+        k = _idx(keep(node))
+        mod.weight = _param(mod.weight, k)
+        mod.num_parameters = len(k)
+
+
+def shrink_functional_group_norm(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
+    """``F.group_norm`` / ``aten.group_norm``: whole groups went, so ``num_groups`` shrinks by
+    the same factor as the channels (its tensors are ``get_attr`` s, sliced as constants)."""
+    k = keep(node)  # (C,) bool over the channels before shrinking
+    per_group = len(k) // _arg(node, 1, "num_groups")
+    _set_arg(node, 1, "num_groups", int(k.sum()) // per_group)
+
+
 def shrink_constant(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
     """A per-channel constant read with ``get_attr`` (``(1, C, 1, ...)``, a layer scale
     ``(C, 1, 1)``) loses the removed channels."""
@@ -339,14 +357,20 @@ MODULE_SHRINK: dict[type[nn.Module], Callable[[fx.GraphModule, fx.Node, _Keep], 
     nn.BatchNorm1d: shrink_norm,
     nn.BatchNorm2d: shrink_norm,
     nn.BatchNorm3d: shrink_norm,
+    nn.InstanceNorm1d: shrink_norm,
     nn.InstanceNorm2d: shrink_norm,
+    nn.InstanceNorm3d: shrink_norm,
     nn.GroupNorm: shrink_norm,
+    nn.PReLU: shrink_prelu,
 }
 
 #: Rewrites for call_function targets / call_method names that bake in channel counts.
 SHRINK: dict[Any, Callable[[fx.GraphModule, fx.Node, _Keep], None]] = {
     torch.nn.functional.pad: shrink_pad,
     **dict.fromkeys(_FUNCTIONAL_CONVS, shrink_functional_conv),
+    **dict.fromkeys(_FUNCTIONAL_CONV_PACKETS, shrink_functional_conv),  # every overload (conv2d.padding)
+    torch.nn.functional.group_norm: shrink_functional_group_norm,
+    aten.group_norm: shrink_functional_group_norm,
     torch.split: shrink_split,
     "split": shrink_split,
     torch.chunk: shrink_split,

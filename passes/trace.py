@@ -10,8 +10,9 @@ Two captures (``capture=``): ``"fx"``, ``symbolic_trace`` (module calls, torch f
 dynamo ONNX exporter read; Python control flow on shapes is specialised away). An exported
 graph is unlifted (``ExportedProgram.module()``: parameters read with ``get_attr`` under
 their own names) into an ``ExportedGraph``; the same group/cost/shrink passes run on it, and
-``passes.program.exported_program`` exports the result again. ``"auto"`` tries FX, then
-export, and names both failures when neither works.
+``passes.program.exported_program`` exports the result again. ``"auto"`` (the default) tries
+FX, then export, and names both failures when neither works (``passes.capture`` also takes
+export when it keeps more channels prunable than a partial FX graph).
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ def trace(
     *,
     leaf_modules: Sequence[str | type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
-    capture: str = "fx",
+    capture: str = "auto",
     dynamic_shapes: Any = "batch",
 ) -> fx.GraphModule:
     """Capture ``model`` as a graph (``capture``: ``"fx"``, ``"export"`` or ``"auto"``, see the
@@ -200,19 +201,67 @@ def trace(
     if capture not in CAPTURES:
         raise ValueError(f"capture={capture!r} must be one of {CAPTURES}")
     if capture == "export" or isinstance(model, torch.export.ExportedProgram):
-        return export_capture(model, example_inputs, dynamic_shapes)
+        gm = export_capture(model, example_inputs, dynamic_shapes)
+        return _captured(gm, "export", capture, "asked for")
     if capture == "fx":
-        return fx_trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        gm = fx_trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        return _captured(gm, "fx", capture, "asked for")
     try:
-        return fx_trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        gm = fx_trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        fx_output_check(model, gm, example_inputs)
+        return _captured(gm, "fx", capture, "torch.fx traced it")
     except TraceError as fx_error:
         try:
-            return export_capture(model, example_inputs, dynamic_shapes)
+            gm = export_capture(model, example_inputs, dynamic_shapes)
         except TraceError as export_error:
-            raise TraceError(
-                f"neither capture works on {type(model).__name__}.\n[symbolic_trace] {fx_error}\n"
-                f"[torch.export] {export_error}"
-            ) from export_error
+            raise both_failed(model, fx_error, export_error) from export_error
+        why = f"torch.fx cannot trace it: {str(fx_error).splitlines()[0][:300]}"
+        return _captured(gm, "export", capture, why)
+
+
+def fx_output_check(model: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> None:
+    """Raise TraceError when the FX graph returns another structure than ``model`` does:
+    symbolic tracing rebuilds a ``dict`` subclass (Hugging Face's ``ModelOutput``) or a
+    dataclass as a plain ``dict`` (``out.logits`` would break); torch.export keeps it."""
+    with torch.no_grad():
+        want = torch.utils._pytree.tree_structure(call_with(model, example_inputs))
+        got = torch.utils._pytree.tree_structure(call_with(gm, example_inputs))
+    if want != got:
+        raise TraceError(f"torch.fx returns {_container(got)} where {type(model).__name__} returns "
+                         f"{_container(want)}: symbolic tracing does not keep that output type")
+
+
+def _container(spec: Any) -> str:
+    return getattr(spec.type, "__name__", str(spec.type)) if spec.type is not None else "a tensor"
+
+
+@dataclass(frozen=True)
+class Captured:
+    """Which capture made a graph (``"fx"`` or ``"export"``; ``gm.meta["ehap.captured"]``),
+    what was asked (``capture=``), and why."""
+
+    capture: str
+    asked: str
+    why: str
+
+    def as_dict(self) -> dict:
+        return {"capture": self.capture, "asked": self.asked, "why": self.why}
+
+
+def _captured(gm: fx.GraphModule, capture: str, asked: str, why: str) -> fx.GraphModule:
+    gm.meta[_meta.CAPTURED] = Captured(capture, asked, why)
+    return gm
+
+
+def both_failed(model: nn.Module, fx_error: TraceError, export_error: TraceError) -> TraceError:
+    """One error for ``capture="auto"`` when neither capture works: what each failed on."""
+    return TraceError(
+        f"neither capture works on {type(model).__name__}.\n[symbolic_trace] {fx_error}\n"
+        f"[torch.export] {export_error}\n"
+        "Fix: make one of them work: for torch.fx, leaf_modules=[...] for the submodule named above "
+        "(kept whole, its channels never pruned) or concrete_args; for torch.export, replace the "
+        "data-dependent branch with tensor ops (torch.where, torch.cond)."
+    )
 
 
 def fx_trace(

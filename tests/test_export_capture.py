@@ -183,7 +183,7 @@ class ShapeBranch(nn.Module):
 def test_shape_dependent_branch_prunes_through_export(tmp_path):
     model, x = randomize_bn(ShapeBranch()), torch.randn(2, 3, 40, 40)
     with pytest.raises(TraceError, match="torch.fx cannot trace ShapeBranch"):
-        trace(model, x)
+        trace(model, x, capture="fx")
     for capture in ("export", "auto"):
         gm = group_channels(trace(model, x, capture=capture)).graph_module
         assert isinstance(gm, ExportedGraph)

@@ -21,6 +21,51 @@ from torchvision.ops import stochastic_depth
 
 OPS = ["conv", "residual", "se", "cat", "split", "chunk", "pad", "slice", "grouped", "depthwise", "pool",
        "mlp_last", "layerscale", "cat_spatial", "tokens", "shuffle", "unflatten", "l2norm", "convT"]
+#: The ops the libraries people bring use (ultralytics, transformers, smp, timm): every spelling
+#: is checked under both captures (``test_library_ops_shrink_exactly``).
+LIBRARY_OPS = ["prelu", "prelu_shared", "fprelu", "same", "group_norm_f", "pixel_shuffle", "softmax", "conv3d",
+               "conv1d", "fpn_merge"]
+OPS += LIBRARY_OPS
+
+
+def _randomize(module: nn.Module) -> nn.Module:
+    """Distinct per-channel parameters (PReLU's 0.25 or a norm's ones would hide a wrong slice)."""
+    for name, p in module.named_parameters():
+        if p.dim() == 1:
+            p.data.uniform_(0.1, 0.9) if "weight" in name or p.numel() == 1 else p.data.normal_(0, 0.5)
+    return module
+
+
+class Conv3dBlock(nn.Module):
+    """A Conv3d network's ops on (N, C, 1, H, W): conv, BN, instance norm, adaptive and max/avg
+    pooling, a trilinear resize and back."""
+
+    def __init__(self, c, w):
+        super().__init__()
+        self.conv = nn.Conv3d(c, w, (1, 3, 3), padding=(0, 1, 1))
+        self.bn, self.inorm = nn.BatchNorm3d(w), nn.InstanceNorm3d(w, affine=True)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool3d((1, 8, 8)), nn.MaxPool3d((1, 3, 3), 1, (0, 1, 1)))
+        _randomize(self)
+
+    def forward(self, x):
+        y = self.pool(self.inorm(self.bn(self.conv(x.unsqueeze(2)))))
+        y = F.interpolate(y, scale_factor=(1, 2, 2), mode="trilinear")
+        return F.avg_pool3d(F.adaptive_max_pool3d(y, (1, 8, 8)), (1, 3, 3), 1, (0, 1, 1)).squeeze(2)
+
+
+class Conv1dBlock(nn.Module):
+    """A Conv1d network's ops on (N, C, H·W): conv, instance norm, adaptive max and avg pooling."""
+
+    def __init__(self, c, w):
+        super().__init__()
+        self.conv, self.inorm = nn.Conv1d(c, w, 3, padding=1), nn.InstanceNorm1d(w, affine=True)
+        self.pool = nn.Sequential(nn.AdaptiveMaxPool1d(64), nn.AvgPool1d(3, 1, 1))
+        _randomize(self)
+
+    def forward(self, x):
+        n = x.shape[0]
+        y = self.pool(self.inorm(self.conv(x.flatten(2))))  # (N, w, 64)
+        return F.upsample_nearest(y.view(n, -1, 4, 16), size=(8, 8))  # a deprecated spelling, still used
 
 
 class ChannelsLastMLP(nn.Module):
@@ -137,6 +182,41 @@ class Program(nn.Module):
             L.append(nn.ConvTranspose2d(c, w, 3, padding=1))
             self.plan.append((op, len(L) - 1, None))
             return w
+        if op in ("prelu", "prelu_shared"):
+            L.append(_randomize(nn.Sequential(nn.Conv2d(c, w, 3, padding=1), nn.PReLU(w if op == "prelu" else 1))))
+            self.plan.append((op, len(L) - 1, None))
+            return w
+        if op == "fprelu":  # F.prelu with a (C,) slope of the model's own
+            L.append(nn.Conv2d(c, w, 3, padding=1))
+            self.register_parameter(f"slope{len(L) - 1}", nn.Parameter(torch.rand(w) * 0.8 + 0.1))
+            self.plan.append((op, len(L) - 1, None))
+            return w
+        if op == "same":  # padding="same" with an even kernel (asymmetric pad): aten.conv2d.padding
+            L.append(nn.Conv2d(c, w, 4, padding="same", dilation=1))
+            self.plan.append((op, len(L) - 1, None))
+            return w
+        if op == "group_norm_f":  # F.group_norm, 2 groups, its own (C,) weight and bias
+            L.append(nn.Conv2d(c, 2 * (w // 2 + 1), 3, padding=1))
+            self.register_parameter(f"gn_w{len(L) - 1}", nn.Parameter(torch.rand(2 * (w // 2 + 1)) + 0.5))
+            self.register_parameter(f"gn_b{len(L) - 1}", nn.Parameter(torch.randn(2 * (w // 2 + 1))))
+            self.plan.append((op, len(L) - 1, None))
+            return 2 * (w // 2 + 1)
+        if op == "pixel_shuffle":  # conv → 4w → PixelShuffle(2) (N, w, 16, 16) → F.pixel_unshuffle → 4w
+            L.append(nn.Sequential(nn.Conv2d(c, 4 * w, 1), nn.PixelShuffle(2), nn.Conv2d(w, w, 3, padding=1)))
+            self.plan.append((op, len(L) - 1, None))
+            return 4 * w
+        if op == "softmax":  # attention over the width, per channel
+            L.append(nn.Sequential(nn.Conv2d(c, w, 1), nn.Softmax(dim=-1)))
+            self.plan.append((op, len(L) - 1, None))
+            return w
+        if op == "fpn_merge":  # smp's FPN: two branches stacked and summed over the stack
+            L.append(nn.ModuleList([nn.Conv2d(c, w, 3, padding=1), nn.Conv2d(c, w, 1)]))
+            self.plan.append((op, len(L) - 1, None))
+            return w
+        if op in ("conv3d", "conv1d"):
+            L.append(Conv3dBlock(c, w) if op == "conv3d" else Conv1dBlock(c, w))
+            self.plan.append((op, len(L) - 1, None))
+            return w
         if op == "cat_spatial":
             L.append(nn.Conv2d(c, c, 1))
             self.plan.append((op, len(L) - 1, None))
@@ -147,8 +227,19 @@ class Program(nn.Module):
     def forward(self, x):
         for op, i, arg in self.plan:
             layer = self.layers[i] if i is not None else None
-            if op in ("conv", "grouped", "depthwise", "convT"):
+            if op in ("conv", "grouped", "depthwise", "convT", "prelu", "prelu_shared", "same", "conv3d", "conv1d"):
                 x = layer(x)
+            elif op == "fpn_merge":
+                x = F.dropout2d(torch.stack([layer[0](x), layer[1](x)]).sum(0), 0.2, training=False)
+            elif op == "fprelu":
+                x = F.prelu(layer(x), getattr(self, f"slope{i}"))
+            elif op == "group_norm_f":
+                x = F.group_norm(layer(x), 2, getattr(self, f"gn_w{i}"), getattr(self, f"gn_b{i}"))
+            elif op == "pixel_shuffle":
+                x = F.pixel_unshuffle(layer(x), 2)
+            elif op == "softmax":
+                y = layer[0](x)
+                x = y * layer[1](y)
             elif op == "residual":
                 x = F.relu(x + layer(x))
             elif op == "se":
@@ -224,11 +315,11 @@ def test_random_programs_shrink_exactly(program):
     assert plan_cost(gm, plan.masks(groups)) == total_cost(small)
 
 
-def _check_program(ops, widths, head, fraction, seed):
+def _check_program(ops, widths, head, fraction, seed, capture="auto"):
     torch.manual_seed(seed)
     model = Program(ops, widths, head).eval()
     x = torch.randn(2, 3, 8, 8)
-    gm = group_channels(trace(model, x)).graph_module
+    gm = group_channels(trace(model, x, capture=capture)).graph_module
     groups = groups_of(gm)
     assert not [g.pinned for g in groups.pinned if not _harmless(g.pinned)]
     plan = random_plan(gm, fraction, torch.Generator().manual_seed(seed))
@@ -256,3 +347,24 @@ def test_each_op_between_convs_shrinks_exactly(op):
         assert small.get_submodule("layers.1").weight.shape[:2] == (3, 8)
     if op == "layerscale":
         assert small.gamma1.shape == (small.get_submodule("layers.1").out_channels, 1, 1) == (3, 1, 1)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("op", LIBRARY_OPS)
+@pytest.mark.filterwarnings("ignore:.*upsample.*deprecated:UserWarning", "ignore:Using padding='same'")
+def test_library_ops_shrink_exactly(op, capture):
+    """Each op the libraries use, between two convs, in both captures' spellings (``nn.PReLU``
+    / ``aten.prelu``, ``padding="same"`` / ``aten.conv2d.padding``, ``F.group_norm`` /
+    ``aten.group_norm``, 1-D and 3-D convs, norms and pools): its channels prune (a group
+    loses channels), and shrunk ≡ masked original."""
+    gm, plan, small = _check_program(["conv", op, "conv"], [6, 8, 6, 6, 6, 6, 6], "mean", 0.5, 1, capture)
+    groups = groups_of(gm)
+    # the op's own channels (its conv's outputs) are a prunable group, halved by the plan
+    (own,) = [g for g in groups.prunable
+              if any(m.role == "out" and m.module in ("layers.1", "layers.1.0", "layers.1.conv") for m in g.members)]
+    assert len(plan.keep[own.id]) == own.size // 2 >= 1
+    if op == "prelu" and capture == "fx":
+        assert small.get_submodule("layers.1.1").weight.shape == (4,)
+    if op == "group_norm_f":
+        (gn,) = [n for n in small.graph.nodes if "group_norm" in str(n.target)]
+        assert gn.args[1] == 1  # 10 channels in 2 groups: half the groups (one) kept

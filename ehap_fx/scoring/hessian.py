@@ -260,6 +260,17 @@ def prepare(model, data, opts: HessianOptions, names, loss_fn, device) -> Setup:
     return Setup(work, list(names), params, batches, loss_fn, autocast, dtype, device, fold)
 
 
+
+def _fp32(out):
+    """The model's output in fp32 for the loss: a tensor, or every floating tensor of a tuple,
+    dict or ``ModelOutput`` (a detector's, a Hugging Face model's), the structure kept."""
+    if torch.is_tensor(out):
+        return out.float()
+    def up(t):
+        return t.float() if torch.is_tensor(t) and t.is_floating_point() else t
+
+    return torch.utils._pytree.tree_map(up, out)
+
 class _Hvp:
     """Scaled Hessian-vector products ``s·H v`` on the fixed Hessian batches.
 
@@ -275,7 +286,7 @@ class _Hvp:
     def _grads(self, x, y, scale: float) -> list[torch.Tensor]:
         with self.s.autocast():
             out = self.s.model(x)
-        loss = self.s.loss_fn(out.float(), y)
+        loss = self.s.loss_fn(_fp32(out), y)
         if not torch.isfinite(loss):
             raise HessianError(f"the loss is {loss.item()} on the Hessian batch: check the "
                                "model, the data and the loss function")
@@ -318,7 +329,7 @@ class _Hvp:
             def loss(p, x=x, y=y):
                 with self.s.autocast():
                     out = functional_call(self.s.model, (p, fixed), (x,))
-                return self.s.loss_fn(out.float(), y) * scale
+                return self.s.loss_fn(_fp32(out), y) * scale
 
             tangent = {k: v[0] for k, v in zip(names, vs, strict=True)}
             _, hv = jvp(grad(loss), (primal,), (tangent,))
