@@ -778,8 +778,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(format="ehap: %(message)s", stream=sys.stderr,
-                        level=logging.WARNING if args.quiet else logging.INFO)
+    # our own info messages only: libraries' (matplotlib's "generated new fontManager", the ONNX
+    # optimizer's "Replaced initializer ...") stay at their warnings
+    logging.basicConfig(format="ehap: %(message)s", stream=sys.stderr, level=logging.WARNING)
+    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         return args.func(args)
     except KeyboardInterrupt:  # staging() has removed the partial outputs (SIGINT ignored meanwhile)

@@ -28,7 +28,6 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from ehap_fx.distributed import broadcast_object, is_distributed, is_main, rank, to_backend, world_size
 from ehap_fx.errors import EhapError, HessianError
@@ -42,6 +41,7 @@ from ehap_fx.hessian import (
     group_sensitivity,
     round_size,
 )
+from ehap_fx.progress import bar as tqdm
 from ehap_fx.removal import RemovalResult, choose_removal, estimate_removal, removal_result
 from ehap_fx.sampling import draw_batches
 

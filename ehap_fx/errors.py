@@ -47,3 +47,7 @@ class TrainError(EhapError):
 
 class MemoryBudgetError(HessianError):
     """An estimate would not fit the memory budget, even with its cheapest settings."""
+
+
+class ArgumentError(EhapError, TypeError):
+    """A Python API argument of the wrong kind; the message names the value that fits."""

@@ -41,7 +41,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp
-from tqdm.auto import tqdm
 
 from ehap_fx.budget import fmt_bytes, resolve_budget, saved_bytes_per_sample
 from ehap_fx.errors import HessianError, MemoryBudgetError
@@ -50,6 +49,7 @@ from ehap_fx.ggn import ggn_channel_traces, ggn_vector_product
 from ehap_fx.ggn_mc import ReduceSize, mc_channel_traces, share
 from ehap_fx.isa import EmulatedPrecisionWarning, cpu_features, emulated_precision
 from ehap_fx.passes.group import producer_slices
+from ehap_fx.progress import bar as tqdm
 from ehap_fx.sampling import Batch, draw_batches
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TIERS = {
-    "foundation": {"ehap_fx._meta", "ehap_fx.errors", "ehap_fx.isa", "ehap_fx.train_options"},
+    "foundation": {"ehap_fx._meta", "ehap_fx.errors", "ehap_fx.isa", "ehap_fx.train_options", "ehap_fx.progress"},
     "passes": {"ehap_fx.passes"},  # and every ehap_fx.passes.* module
     "scoring": {"ehap_fx.hessian", "ehap_fx.ggn", "ehap_fx.ggn_mc", "ehap_fx.removal", "ehap_fx.sampling",
                 "ehap_fx.fold", "ehap_fx.budget"},
