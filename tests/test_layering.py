@@ -23,7 +23,7 @@ TIERS = {
                 "ehap_fx.fold", "ehap_fx.budget"},
     "pipeline": {"ehap_fx.compress", "ehap_fx.ranking", "ehap_fx.train", "ehap_fx.qat", "ehap_fx.distributed",
                  "ehap_fx.distributed_hessian",
-                 "ehap_fx.latency", "ehap_fx.report", "ehap_fx.target", "ehap_fx.data", "ehap_fx.models",
+                 "ehap_fx.latency", "ehap_fx.report", "ehap_fx.target", "ehap_fx.data", "ehap_fx.imagefolder", "ehap_fx.models",
                  "ehap_fx.sweep"},
     "cli": {"ehap_fx.cli", "ehap_fx.__main__", "ehap_fx"},
 }
