@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -43,12 +42,14 @@ from ehap_fx.data import (
     CIFAR10_NORM,
     CIFAR100_NORM,
     DIGITS_NORM,
+    IMAGENET_NORM,
     Normalization,
     load_cifar,
     load_digits,
     synthetic_cifar,
 )
 from ehap_fx.errors import DataError, EhapError, ModelError
+from ehap_fx.imagefolder import check_classes, layout, load_image_folder
 from ehap_fx.isa import INT8_TARGETS, emulated_precision
 from ehap_fx.latency import BenchOptions, LatencyOptions
 from ehap_fx.models import (
@@ -60,6 +61,7 @@ from ehap_fx.models import (
     load_pretrained,
     normalization,
 )
+from ehap_fx.models.resolve import ResolvedModel, library_of, resolve_model
 from ehap_fx.passes.export import onnx_top1, session
 from ehap_fx.passes.quantize import QAT_FINETUNE, QAT_RANGES, QuantizeOptions
 from ehap_fx.report import ZERO_SCORES, all_scores_zero, load_pruned
@@ -99,17 +101,37 @@ def build_parser() -> argparse.ArgumentParser:
 def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     if model:
         p.add_argument("--model",
-                       help="model name (resnet8..110, resnet56-b, wrn-28-8) or module:Class "
-                            f"(default: {DIGITS_MODEL} on digits, resnet56 on CIFAR)")
-        p.add_argument("--weights", type=Path, help="checkpoint to load into the model")
+                       help="the paper's names (resnet8..110, resnet56-b, wrn-28-8), torchvision:NAME, "
+                            "timm:NAME, path/to/file.py:factory or module:attr (a class or a function, "
+                            f"called with num_classes= when it takes it; default: {DIGITS_MODEL} on digits, "
+                            "resnet56 on CIFAR)")
+        p.add_argument("--weights", type=Path,
+                       help="a state dict or a checkpoint holding one (read weights-only), or for "
+                            "torchvision:/timm: models a pretrained tag (DEFAULT, IMAGENET1K_V1, pretrained, "
+                            "a timm tag) taken from the library's local cache, never downloaded; a "
+                            "pretrained head of another class count is replaced")
+        p.add_argument("--num-classes", type=int,
+                       help="classes of the model's output (default: the data's class count)")
         p.add_argument("--pretrained-dir", type=Path,
                        help="folder of torch.hub-named pretrained checkpoints (finds the model's)")
         p.add_argument("--pretrained", action="store_true",
                        help="the paper's public checkpoint of --model, from torch.hub's cache "
                             "(downloaded there, sha256-checked, when missing)")
     p.add_argument("--data", type=Path,
-                   help="folder holding cifar-10-batches-py/ or cifar-100-python/ (without it and "
-                        "without --download: scikit-learn's handwritten digits, real images)")
+                   help="folder holding cifar-10-batches-py/ or cifar-100-python/, or an image folder: "
+                        "train/ and val/ (or test/) of class folders (torchvision's ImageFolder layout, any "
+                        "format Pillow reads), or images alone (unlabelled: ranking and PTQ calibration "
+                        "only). Without it and without --download: scikit-learn's handwritten digits")
+    p.add_argument("--input-size", type=int,
+                   help="image folders: the side images are resized/cropped to (default: the model "
+                        "library's, else 224)")
+    p.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"),
+                   help="normalisation mean of RGB in [0, 1] (default: the model's weights' or library's; "
+                        "with --std)")
+    p.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"),
+                   help="normalisation std (with --mean)")
+    p.add_argument("--workers", type=int,
+                   help="image folders: decoding processes (default: the cores but one, at most 8; 0: none)")
     p.add_argument("--dataset", choices=("cifar10", "cifar100", "digits"),
                    help="default: digits without --data/--download, else cifar10")
     p.add_argument("--download", action="store_true",
@@ -174,7 +196,9 @@ def _compress_parser(sub) -> None:
                    help="QAT's activation ranges: calibrated (PTQ's histogram on the calibration batches, "
                         "then held: QAT starts from the PTQ model) or moving (min/max of the training "
                         "batches)")
-    p.add_argument("--backend", choices=("fx", "pt2e"), default="fx")
+    p.add_argument("--backend", choices=("pt2e", "fx"), default=QuantizeOptions().backend,
+                   help="INT8 path: pt2e (default: torchao's PT2E, the maintained one) or fx "
+                        "(torch.ao's FX prepare/convert, deprecated upstream)")
     p.add_argument("--no-quantize", action="store_true", help="stop at the pruned fp32 model")
     p.add_argument("--int8-target", choices=("auto", *INT8_TARGETS), default="auto",
                    help="where the INT8 model will run: fixes the weight range its kernels compute "
@@ -277,12 +301,40 @@ def _sweep_parser(sub) -> None:
 
 
 def source(args) -> str:
-    """Where the images come from: ``"synthetic"``, ``"cifar"`` or ``"digits"`` (the default)."""
+    """Where the images come from: ``"synthetic"``, ``"cifar"``, ``"folder"`` (an image folder,
+    labelled), ``"images"`` (images alone) or ``"digits"`` (the default)."""
     if args.synthetic:
         return "synthetic"
+    if args.data is not None and args.dataset not in ("cifar10", "cifar100") and not args.download:
+        found = _folder_layout(args.data)
+        if found is not None:
+            return "folder" if found == "imagefolder" else "images"
     if args.data is not None or args.download or args.dataset in ("cifar10", "cifar100"):
         return "cifar"
     return "digits"
+
+
+def _folder_layout(root: Path) -> str | None:
+    """An image folder's layout (``imagefolder.layout``), None for a CIFAR folder or nothing."""
+    if any((root / d).is_dir() for d in ("cifar-10-batches-py", "cifar-100-python")):
+        return None
+    if (root / "batches.meta").is_file() or (root / "meta").is_file():
+        return None  # the CIFAR folder itself
+    return layout(root)
+
+
+FOLDERS = ("folder", "images")
+# image folders: PIL decoding in workers, small Hessian batches (capped at the images there)
+FOLDER_PRESETS = {
+    "folder": replace(PRESETS["cifar"], batch_size=64, hessian_batch=64),
+    "images": replace(PRESETS["cifar"], batch_size=64, hessian_batch=64, finetune_epochs=0.0),
+}
+
+
+def preset(args):
+    """The defaults of the run's data source (``compress.PRESETS``; image folders here)."""
+    kind = source(args)
+    return FOLDER_PRESETS[kind] if kind in FOLDERS else PRESETS[kind]
 
 
 def resolve_defaults(args) -> None:
@@ -292,6 +344,18 @@ def resolve_defaults(args) -> None:
     if args.dataset == "digits" and (args.data is not None or args.download):
         raise UsageError("--dataset digits ships with scikit-learn: drop --data/--download")
     kind = source(args)
+    if getattr(args, "input_size", None) is not None and kind not in FOLDERS:
+        raise UsageError(f"--input-size resizes image folders; {kind} images have a fixed size "
+                         "(drop --input-size, or give --data an image folder)")
+    if getattr(args, "input_size", None) is not None and args.input_size < 1:
+        raise UsageError(f"--input-size={args.input_size} must be >= 1")
+    if getattr(args, "num_classes", None) is not None and args.num_classes < 1:
+        raise UsageError(f"--num-classes={args.num_classes} must be >= 1")
+    if kind in FOLDERS:
+        args.dataset = "imagefolder"
+        if hasattr(args, "model") and args.model is None:
+            raise UsageError(f"--data {str(args.data)!r} is an image folder: name its model, e.g. --model "
+                             "torchvision:resnet18, timm:NAME or path/to/file.py:factory")
     if args.dataset is None:
         args.dataset = "digits" if kind == "digits" else "cifar10"
     if kind == "cifar" and args.data is None:
@@ -304,7 +368,7 @@ def resolve_defaults(args) -> None:
 
 def compress_options(args) -> CompressOptions:
     """``compress()``'s options from the flags and the data source's preset (UsageError if bad)."""
-    prof, show = PRESETS[source(args)], not args.quiet
+    prof, show = preset(args), not args.quiet
     try:
         given = {k: v for k, v in (("macs", args.target_macs), ("params", args.target_params),
                                    ("latency", args.target_latency)) if v is not None}
@@ -348,17 +412,24 @@ def _pick(flag, default):
 # ---------------------------------------------------------------------------------------------
 
 
-def build_model(args, num_classes: int) -> tuple[nn.Module, Path | None]:
-    """``--model`` (a name or ``module:Class``) with ``--weights``, ``--pretrained-dir`` or
-    ``--pretrained``, in eval mode, and the checkpoint file it was loaded from (None: none)."""
+def build_model(args, num_classes: int) -> tuple[nn.Module, Path | str | None]:
+    """``--model`` (see ``ehap_fx.models.resolve``) with ``--weights``, ``--pretrained-dir`` or
+    ``--pretrained``, in eval mode, and the weights it was loaded from (a file or a library's
+    pretrained tag; None: none). ``args.resolved`` keeps what the model's library said."""
     given = [f for f, v in (("--weights", args.weights), ("--pretrained-dir", args.pretrained_dir),
                             ("--pretrained", args.pretrained)) if v]
     if len(given) > 1:
         raise UsageError(f"give one of {', '.join(given)}, not several")
     name = args.model
-    if given and given[0] != "--weights" and ":" in name:
-        raise UsageError(f"{given[0]} needs a model name; use --weights with module:Class")
-    model = _import_model(name, num_classes) if ":" in name else get_model(name, num_classes)
+    if given and given[0] != "--weights" and library_of(name) != "ehap":
+        raise UsageError(f"{given[0]} needs one of the paper's model names; use --weights with {name}")
+    if library_of(name) != "ehap":
+        args.resolved = resolve_model(name, num_classes, args.weights)
+        if args.resolved.weights is not None:
+            log.info("loaded weights %s%s", args.resolved.weights,
+                     f" ({args.resolved.head})" if args.resolved.head else "")
+        return args.resolved.model, args.resolved.weights
+    model = get_model(name, num_classes)
     path = args.weights
     if args.pretrained_dir is not None:
         path = find_pretrained(args.model, args.pretrained_dir, args.dataset)
@@ -370,23 +441,63 @@ def build_model(args, num_classes: int) -> tuple[nn.Module, Path | None]:
     return model.eval(), path
 
 
-def _import_model(spec: str, num_classes: int) -> nn.Module:
-    module_name, _, cls_name = spec.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module_name), cls_name)
-    except (ImportError, AttributeError) as e:
-        raise ModelError(f"--model {spec!r}: cannot import {cls_name!r} from {module_name!r} "
-                         f"({e}); is the module on PYTHONPATH?") from e
-    try:
-        return cls(num_classes=num_classes)
-    except TypeError:
-        return cls()
-
-
-def model_normalization(args):
-    if ":" in args.model:
+def model_normalization(args) -> Normalization:
+    """``--mean``/``--std``; else the model's: its pretrained weights' or library's on image
+    folders (ImageNet statistics when it says none), the dataset's for other models on CIFAR
+    and digits, the checkpoint source's for the paper's models."""
+    if (getattr(args, "mean", None) is None) != (getattr(args, "std", None) is None):
+        raise UsageError("give --mean and --std together (three values each, RGB in [0, 1])")
+    if getattr(args, "mean", None) is not None:
+        try:
+            return Normalization(tuple(args.mean), tuple(args.std))
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+    resolved: ResolvedModel | None = getattr(args, "resolved", None)
+    pretrained_tag = resolved is not None and resolved.weights is not None and ":" in resolved.weights
+    if resolved is not None and resolved.normalization is not None and (
+            args.dataset == "imagefolder" or pretrained_tag):
+        return resolved.normalization
+    if args.dataset == "imagefolder":
+        return IMAGENET_NORM
+    if library_of(args.model) != "ehap":
         return {"cifar10": CIFAR10_NORM, "cifar100": CIFAR100_NORM, "digits": DIGITS_NORM}[args.dataset]
     return normalization(args.model, args.dataset)
+
+
+def num_classes(args, data) -> int:
+    """``--num-classes``, else the data's (CIFAR's, the digits', an image folder's class folders)."""
+    have = data.num_classes if args.dataset == "imagefolder" else NUM_CLASSES[args.dataset]
+    if getattr(args, "num_classes", None) is not None:
+        if data.num_classes and args.num_classes < have:
+            raise UsageError(f"--num-classes={args.num_classes} is fewer than the {have} classes of "
+                             f"{data.describe()}")
+        return args.num_classes
+    if not have:
+        raise UsageError(f"{data.describe()}: images without labels have no class count; give "
+                         "--num-classes (that of the model's weights)")
+    return have
+
+
+def input_size(args) -> int:
+    """An image folder's side: ``--input-size``, else the model library's, else 224."""
+    resolved = getattr(args, "resolved", None)
+    if args.input_size is not None:
+        return args.input_size
+    return resolved.input_size if resolved is not None and resolved.input_size else 224
+
+
+def check_output(model: nn.Module, example: torch.Tensor, classes: int, spec: str) -> None:
+    """A model of another class count than the data's cannot be scored: say so before any work."""
+    try:
+        with torch.no_grad():
+            out = model.eval()(example.expand(2, *example.shape[1:]))
+    except Exception as e:
+        raise ModelError(f"--model {spec!r} fails on a {tuple(example.shape[1:])} input: "
+                         f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from e
+    if not torch.is_tensor(out) or out.dim() != 2 or out.shape[1] != classes:
+        what = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise ModelError(f"--model {spec!r} outputs {what}, not (N, {classes}) logits for the data's "
+                         f"{classes} classes: give --num-classes, or a factory taking num_classes=")
 
 
 def load_data(args, *, train: bool = True):
@@ -395,6 +506,8 @@ def load_data(args, *, train: bool = True):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be >= 1")
     kind = source(args)
+    if kind in FOLDERS:
+        return _load_folder(args, kind, train)
     if kind == "synthetic":
         k = NUM_CLASSES[args.dataset]
         sizes = PRESETS["synthetic"]
@@ -416,6 +529,37 @@ def load_data(args, *, train: bool = True):
         tr = tr.head(args.limit_train)
     if args.limit_test:
         te = te.head(args.limit_test)
+    return tr, te
+
+
+def _load_folder(args, kind: str, train: bool):
+    """(train or None, test) of an image folder; images alone serve as both (no labels)."""
+    size = args.input_size or 224  # the model's default is applied once it is known (resized)
+    if kind == "images":
+        every = load_image_folder(args.data, size=size)
+        return (every.head(args.limit_train) if args.limit_train else every) if train else None, (
+            every.head(args.limit_test) if args.limit_test else every)
+    tr = load_image_folder(args.data, "train", size=size) if train else None
+    te = load_image_folder(args.data, "test", size=size)
+    if tr is not None:
+        check_classes(tr, te)
+        tr = tr.head(args.limit_train) if args.limit_train else tr
+    return tr, te.head(args.limit_test) if args.limit_test else te
+
+
+def loaders(args, train, test, norm, batch: int):
+    """(training loader or None, test loader or None: images without labels have no top-1)."""
+    if args.dataset != "imagefolder":
+        augment = args.dataset != "digits"  # crop + flip are CIFAR's: a flipped digit is another digit
+        tr = None if train is None else train.loader(batch, shuffle=True, augment=augment, seed=args.seed,
+                                                     normalization=norm)
+        return tr, test.loader(256, normalization=norm)
+    workers = getattr(args, "workers", None)
+    if workers is not None and workers < 0:
+        raise UsageError(f"--workers={workers} must be >= 0")
+    tr = None if train is None else train.loader(batch, shuffle=train.labelled, augment=train.labelled,
+                                                 seed=args.seed, normalization=norm, workers=workers)
+    te = test.loader(64, normalization=norm, workers=workers) if test.labelled else None
     return tr, te
 
 
@@ -495,21 +639,24 @@ def _compress_rank(args, main: bool) -> int:
     torch.manual_seed(args.seed)
     resolve_defaults(args)
     opts = compress_options(args)
-    prof = PRESETS[source(args)]
+    prof = preset(args)
     out = args.out or Path("runs") / f"compress-{_slug(args.model)}"
     check_out(out)
-    model, path = build_model(args, NUM_CLASSES[args.dataset])
     train, test = load_data(args)
+    model, path = build_model(args, num_classes(args, train))
+    if args.dataset == "imagefolder":
+        train, test = train.resized(input_size(args)), test.resized(input_size(args))
+        if args.hessian_batch is None and len(train) < opts.hessian.batch_size:  # a small folder
+            opts = replace(opts, hessian=replace(opts.hessian, batch_size=len(train)))
     norm = model_normalization(args)
     weights = str(path) if path is not None else None  # the checkpoint file, not its folder
     if args.dataset == "digits" and weights is None:
         weights = train_digits_model(model, train, norm, args)
-    batch = _pick(args.batch_size, prof.batch_size)
-    augment = args.dataset != "digits"  # crop + flip are CIFAR's: a flipped digit is another digit
-    train_loader = train.loader(batch, shuffle=True, augment=augment, seed=args.seed, normalization=norm)
-    test_loader = test.loader(256, normalization=norm)
-    shape = (1, *train.images.shape[1:])
+    train_loader, test_loader = loaders(args, train, test, norm, _pick(args.batch_size, prof.batch_size))
+    shape = (1, *_image_shape(train))
     example = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
+    if library_of(args.model) != "ehap":
+        check_output(model, example, num_classes(args, train), args.model)
     if main:
         _announce(args, opts, train, test, out)
     with staging(out) if main else _scratch() as tmp:
@@ -541,6 +688,9 @@ def cmd_sweep(args) -> int:
         if getattr(args, k, None) is None:  # flags given explicitly win over --quick
             setattr(args, k, v)
     resolve_defaults(args)
+    if args.dataset == "imagefolder":
+        raise UsageError("ehap sweep runs on CIFAR and the digits; for an image folder use ehap compress "
+                         "at each target")
     try:
         options = SweepOptions(
             targets=tuple(args.targets), scorers=tuple(dict.fromkeys(args.scorers)),
@@ -568,7 +718,7 @@ def cmd_sweep(args) -> int:
     loader = train.loader(_pick(args.batch_size, 128), shuffle=True, augment=augment, seed=args.seed,
                           normalization=norm)
     out = args.out or Path("runs") / f"sweep-{_slug(args.model)}"
-    example = torch.randn((1, *train.images.shape[1:]), generator=torch.Generator().manual_seed(args.seed))
+    example = torch.randn((1, *_image_shape(train)), generator=torch.Generator().manual_seed(args.seed))
     result = sweep(model, example, loader, test.loader(256, normalization=norm), out, options,
                    calibration=train.loader(128, normalization=norm),
                    name=f"{args.model} on {train.describe()}", finished_only=args.finished_only)
@@ -582,6 +732,11 @@ def _scratch() -> Iterator[Path]:
     """Where a rank other than 0 writes: a temporary folder, removed at the end."""
     with tempfile.TemporaryDirectory(prefix="ehap-rank-") as folder:
         yield Path(folder)
+
+
+def _image_shape(data) -> tuple[int, ...]:
+    """(3, H, W) of a dataset's images: CIFAR-shaped tensors in memory or an image folder's."""
+    return tuple(data.image_shape) if hasattr(data, "image_shape") else tuple(data.images.shape[1:])
 
 
 def _announce(args, opts, train, test, out) -> None:
@@ -601,14 +756,17 @@ def _full_report(args, result, train, test, norm, seconds: float, weights: str |
         "normalization": {"mean": list(norm.mean), "std": list(norm.std)},
         "seconds": round(seconds, 2),
         "onnx": "model_int8.onnx" if result.onnx_path else None,
-        "input_shape": list(train.images.shape[1:]),
+        "input_shape": list(_image_shape(train)),
+        "num_classes": num_classes(args, train),
+        "model_library": library_of(args.model),
+        "head": getattr(getattr(args, "resolved", None), "head", None),
     }
     return report
 
 
 def _write_outputs(folder: Path, args, result, report: dict, dense: nn.Module) -> None:
     saved = report["run"]["pruned_state_dict"] = rep.save_pruned(
-        result.pruned, folder, model=args.model, num_classes=NUM_CLASSES[args.dataset],
+        result.pruned, folder, model=args.model, num_classes=report["run"]["num_classes"],
         groups=report["groups"], dense=dense, input_shape=tuple(report["run"]["input_shape"]))
     report["run"]["pruned_checkpoint"] = "pruned_model.pt (torch.save(gm))" + (
         "; pruned_state_dict.pt (weights, widths; ehap_fx.report.load_pruned)" if saved else "")
@@ -681,13 +839,16 @@ def cmd_train(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from e
     out = args.out or Path("runs") / f"{_slug(args.model)}-{args.dataset}.pt"
-    model, _ = build_model(args, NUM_CLASSES[args.dataset])
     train, test = load_data(args)
+    model, _ = build_model(args, num_classes(args, train))
+    if args.dataset == "imagefolder":
+        train, test = train.resized(input_size(args)), test.resized(input_size(args))
     norm = model_normalization(args)
-    loader = train.loader(args.batch_size or 128, shuffle=True, augment=args.dataset != "digits",
-                          seed=args.seed, normalization=norm)
-    result = finetune(model, loader, options, eval_loader=test.loader(256, normalization=norm))
-    top1 = evaluate(model, test.loader(256, normalization=norm))
+    loader, test_loader = loaders(args, train, test, norm, args.batch_size or 128)
+    if test_loader is None:
+        raise UsageError(f"ehap train learns from labels: {train.describe()} has none")
+    result = finetune(model, loader, options, eval_loader=test_loader)
+    top1 = evaluate(model, test_loader)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".partial-{os.getpid()}")
     try:
@@ -707,11 +868,17 @@ def cmd_eval(args) -> int:
         raise UsageError(f"{str(path)!r} does not exist or is not a file")
     resolve_defaults(args)
     _, test = load_data(args, train=False)
+    if args.dataset == "imagefolder":
+        if not test.labelled:
+            raise UsageError(f"top-1 needs labels: {test.describe()} has none")
+        dims = session(path).get_inputs()[0].shape[2:] if path.suffix == ".onnx" else []
+        side = dims[-1] if dims and isinstance(dims[-1], int) and args.input_size is None else None
+        test = test.resized(side or input_size(args))
     if path.suffix == ".onnx":
         norm = _onnx_normalization(path) or model_normalization(args)
         top1 = onnx_top1(path, test.loader(args.batch_size or 256, normalization=norm))
     else:
-        model, arch = _load_checkpoint(path, args, NUM_CLASSES[args.dataset])
+        model, arch = _load_checkpoint(path, args, num_classes(args, test))
         if arch is not None:  # the checkpoint names its architecture: use its normalisation
             args.model = arch
         norm = model_normalization(args)
@@ -729,8 +896,9 @@ def _load_checkpoint(path: Path, args, num_classes: int) -> tuple[nn.Module, str
     if obj is None or (isinstance(obj, dict) and "plans" in obj):
         return load_pruned(path), arch
     name = arch or args.model
-    model = _import_model(name, num_classes) if ":" in name else get_model(name, num_classes)
-    return load_pretrained(model, path).eval(), arch
+    if library_of(name) != "ehap":
+        return resolve_model(name, num_classes, path).model, arch
+    return load_pretrained(get_model(name, num_classes), path).eval(), arch
 
 
 def _onnx_normalization(path: Path):
@@ -781,13 +949,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(format="ehap: %(message)s", stream=sys.stderr,
-                        level=logging.WARNING if args.quiet else logging.INFO)
+    # our own info messages only: libraries' (matplotlib's "generated new fontManager", the ONNX
+    # optimizer's "Replaced initializer ...") stay at their warnings
+    logging.basicConfig(format="ehap: %(message)s", stream=sys.stderr, level=logging.WARNING)
+    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         return args.func(args)
     except KeyboardInterrupt:  # staging() has removed the partial outputs (SIGINT ignored meanwhile)
         print("ehap: interrupted; no partial outputs were left behind", file=sys.stderr)
         return 130
     except EhapError as e:
-        print(f"ehap: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"ehap: error: {_one_line(e)}", file=sys.stderr)
         return 1
+
+
+def _one_line(error: EhapError) -> str:
+    """The error's message on one line; one re-raised from a DataLoader worker (which carries
+    the worker's traceback) by its last line, the original message."""
+    text = str(error)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1].partition(": ")[2] or text
+    return " ".join(text.split())

@@ -24,7 +24,8 @@ import torch
 from torch import fx, nn
 
 from ehap_fx import _meta, distributed, process_group
-from ehap_fx.errors import EhapError, TargetError
+from ehap_fx.data import OwnLabels, yields_images_only
+from ehap_fx.errors import ArgumentError, DataError, EhapError, TargetError
 from ehap_fx.isa import cpu_features
 from ehap_fx.latency import BenchOptions, LatencyModel, LatencyOptions, LatencyTable, time_onnx
 from ehap_fx.passes.capture import capture_groups
@@ -258,6 +259,9 @@ def compress(
     ``bench`` (with ``export``): time the dense fp32 model and the INT8 file in onnxruntime on
     this machine (``report.latency``: milliseconds per batch size, the speed-up).
     """
+    target, quantize, finetune_options, bench = _edge_options(target, quantize, finetune_options, hessian,
+                                                              latency, bench, export)
+    data, data_name = _edge_data(model, data, eval_data, data_name, finetune_options, quantize, loss_fn)
     scorer = _default_scorer(scorer, data, loss_fn)
     CompressOptions(target, scorer, hessian, finetune_options, quantize, latency, bench)  # validates
     if export is not None and quantize is None:
@@ -449,7 +453,8 @@ def _record_pruning(report: CompressReport, pruned: Pruned, target: Target, tabl
 
 def _take(batches: Iterable, n: int) -> list:
     out, seen = [], 0
-    for x, y in batches:
+    for batch in batches:
+        x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)  # images alone
         out.append((x, y))
         seen += len(x)
         if seen >= n:
@@ -607,3 +612,66 @@ def synthetic_like(model: nn.Module, example_input: torch.Tensor, hessian: Hessi
     name = (f"synthetic: {n} Gaussian inputs shaped like example_input, labelled by the model's "
             "own predictions")
     return batches, name
+
+
+# ---------------------------------------------------------------------------------------------
+# The edge: compress()'s arguments checked once, with the fix named
+# ---------------------------------------------------------------------------------------------
+
+
+def _edge_options(target, quantize, finetune_options, hessian, latency, bench, export):
+    """``(target, quantize, finetune_options, bench)`` as compress() uses them: a float target is
+    the fraction of MACs kept (``RECIPE.target(macs=...)``), ``quantize=True/False`` the recipe's
+    INT8 or none, ``bench=True`` the default timing; anything else of the wrong kind is refused,
+    naming what fits."""
+    if isinstance(target, (int, float)) and not isinstance(target, bool):
+        try:
+            target = RECIPE.target(macs=float(target))
+        except ValueError as e:
+            raise TargetError(f"target={target!r}, a fraction of the MACs to keep: {e}") from e
+    if quantize is True:
+        quantize = RECIPE.quantize()
+    if quantize is False:
+        quantize = None
+    if bench is True:
+        bench = BenchOptions()
+    if bench is False:
+        bench = None
+    if finetune_options is False:
+        finetune_options = None
+    for name, value, kind, fix in (
+        ("target", target, Target, "Target(macs=0.5), RECIPE.target(latency=0.5) or a float (MACs kept)"),
+        ("quantize", quantize, QuantizeOptions, "RECIPE.quantize(), QuantizeOptions(), True or None"),
+        ("finetune_options", finetune_options, FinetuneOptions, "RECIPE.finetune(epochs=1) or None"),
+        ("hessian", hessian, HessianOptions, "HessianOptions(...)"),
+        ("latency", latency, LatencyOptions, "LatencyOptions(...) or None"),
+        ("bench", bench, BenchOptions, "BenchOptions(...), True or None"),
+        ("export", export, (str, Path), "a path such as 'out/model_int8.onnx', or None"),
+    ):
+        if value is not None and not isinstance(value, kind):
+            raise ArgumentError(f"compress({name}={value!r:.60}): expected {fix}")
+    if target is None:
+        raise ArgumentError("compress(target=None): expected Target(macs=0.5), RECIPE.target(...) or a float")
+    return target, quantize, finetune_options, bench
+
+
+def _edge_data(model: nn.Module, data, eval_data, data_name: str | None, finetune_options, quantize, loss_fn):
+    """``(data, data_name)``: images alone (a tensor, a list of tensors, a loader of bare
+    tensors) become ``(x, y)`` batches labelled by the model's own predictions, which is all
+    ranking and PTQ calibration need; the steps that learn from or score against labels are
+    named and refused."""
+    if eval_data is not None and yields_images_only(eval_data):
+        raise DataError("eval_data yields images without labels: top-1 accuracy needs (images, labels) "
+                        "batches; pass labelled batches or eval_data=None")
+    if data is None or not yields_images_only(data):
+        return data, data_name
+    needs = [what for what, on in (
+        ("fine-tuning (finetune_options)", finetune_options is not None),
+        ("QAT (quantize mode='qat')", quantize is not None and quantize.mode == "qat"),
+        ("loss_fn(output, y)", loss_fn is not None)) if on]
+    if needs:
+        raise DataError(f"data yields images without labels, and {' and '.join(needs)} needs labels: pass "
+                        "(images, labels) batches, or leave those out (ranking and PTQ calibration need "
+                        "none: finetune_options=None, quantize=RECIPE.quantize(), PTQ)")
+    name = f"{data_name or 'user data'} (unlabelled: ranked against the dense model's own predictions)"
+    return OwnLabels(data, model), name

@@ -404,3 +404,69 @@ def synthetic_cifar(
     images = (templates[labels] + noise).clamp_(0, 255).to(torch.uint8)
     classes = tuple(f"class_{i}" for i in range(num_classes))
     return CifarData(images, labels, classes, SYNTHETIC_NAME, split, synthetic=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unlabelled batches: images alone
+# ---------------------------------------------------------------------------------------------
+
+
+def unlabelled_batches(data) -> list | None:
+    """``data`` as a list of image batches when it holds images alone, else None.
+
+    Images alone: a tensor (one batch), or a list/tuple of tensors that is not an ``(x, y)``
+    pair (a pair's second tensor has fewer dimensions or an integer dtype: labels).
+
+    >>> len(unlabelled_batches(torch.zeros(4, 3, 8, 8))), unlabelled_batches([torch.zeros(2, 3)])[0].shape
+    (1, torch.Size([2, 3]))
+    >>> unlabelled_batches((torch.zeros(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))) is None
+    True
+    """
+    if torch.is_tensor(data):
+        return [data]
+    if not isinstance(data, (tuple, list)) or not data or not all(torch.is_tensor(t) for t in data):
+        return None
+    if len(data) == 2 and (data[1].dim() < data[0].dim() or not data[1].is_floating_point()):
+        return None  # an (x, y) pair
+    return list(data)
+
+
+def yields_images_only(data) -> bool:
+    """Whether ``data`` (a list or a re-iterable loader) yields bare image tensors, not
+    ``(x, y)`` batches; a one-shot iterator is not read ahead (False)."""
+    if unlabelled_batches(data) is not None:
+        return True
+    if data is None or iter(data) is data:
+        return False
+    for batch in data:
+        return torch.is_tensor(batch)
+    return False
+
+
+class OwnLabels:
+    """``(x, y)`` batches from batches of images alone: ``y`` is what ``model`` predicts
+    (argmax of its logits, in eval mode, without gradients; the model's mode is restored).
+    What a Gauss-Newton ranking needs from unlabelled images: its curvature does not depend on
+    the labels, and a Hutchinson estimate then measures the loss around the model's own
+    decisions."""
+
+    def __init__(self, images, model: torch.nn.Module) -> None:
+        self.images = unlabelled_batches(images) or images
+        self.model = model
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x in self.images:
+            yield x, self.labels(x)
+
+    @torch.no_grad()
+    def labels(self, x: torch.Tensor) -> torch.Tensor:
+        was = self.model.training
+        self.model.eval()
+        try:
+            device = next(self.model.parameters(), torch.empty(0)).device
+            return self.model(x.to(device)).argmax(1).to(x.device)  # (N,)
+        finally:
+            self.model.train(was)

@@ -51,3 +51,7 @@ class MemoryBudgetError(HessianError):
 
 class DistributedError(EhapError):
     """The ranks of a process group disagree, or the group cannot be set up."""
+
+
+class ArgumentError(EhapError, TypeError):
+    """A Python API argument of the wrong kind; the message names the value that fits."""

@@ -64,7 +64,7 @@ def save_pruned(gm: fx.GraphModule, folder: Path, *, model: str, num_classes: in
     """
     torch.save(gm, folder / PRUNED_MODEL)
     ckpt = {"state_dict": gm.state_dict(), "arch": model, "num_classes": num_classes,
-            "channels": conv_widths(gm), "plans": kept_indices(groups)}
+            "channels": conv_widths(gm), "plans": kept_indices(groups), "input_shape": list(input_shape)}
     try:
         rebuilt = _rebuild(ckpt, copy.deepcopy(dense))
         x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
@@ -114,7 +114,8 @@ def load_pruned(path: str | Path, model: nn.Module | None = None) -> fx.GraphMod
 def _rebuild(ckpt: dict, model: nn.Module | None) -> fx.GraphModule:
     if model is None:
         model = get_model(ckpt["arch"], ckpt["num_classes"])
-    gm = group_channels(trace(model.eval(), torch.zeros(1, 3, 32, 32))).graph_module
+    shape = tuple(ckpt.get("input_shape", (3, 32, 32)))  # (C, H, W) the model was pruned at
+    gm = group_channels(trace(model.eval(), torch.zeros(1, *shape))).graph_module
     for plan in ckpt["plans"]:
         gm = shrink(gm, PrunePlan({int(g): tuple(idx) for g, idx in plan})).graph_module
     try:

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ehap_fx.compress import RECIPE, compress
 from ehap_fx.errors import EhapError
@@ -37,10 +36,12 @@ from ehap_fx.isa import cpu_features
 from ehap_fx.latency import BenchOptions, LatencyOptions, time_onnx
 from ehap_fx.passes.export import export, export_onnx, onnx_top1
 from ehap_fx.passes.quantize import QuantizeOptions
+from ehap_fx.progress import bar as tqdm
 from ehap_fx.qat import quantize
 from ehap_fx.scoring import SCORERS, HessianOptions
 from ehap_fx.target import Target
 from ehap_fx.train import DistillOptions, FinetuneOptions, evaluate, finetune
+
 
 @dataclass(frozen=True)
 class SweepOptions:

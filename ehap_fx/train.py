@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ehap_fx.distributed import data_parallel
 from ehap_fx.errors import TrainError
 from ehap_fx.process_group import global_mean, is_main
+from ehap_fx.progress import bar as tqdm
 from ehap_fx.train_options import DistillOptions, FinetuneOptions
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -204,8 +204,8 @@ def _run_epoch(model, loader, optimizer, schedule, criterion, device, budget, do
         optimizer.step()
         schedule.step()
         losses.append(value)
+        bar.set_postfix(loss=f"{value:.4f}", refresh=False)  # shown by the update
         bar.update(1)
-        bar.set_postfix(loss=f"{value:.4f}", refresh=False)
         if len(losses) == budget:
             break
     if not losses:

@@ -11,11 +11,14 @@ INT8 model whose ONNX export onnxruntime runs as QLinearConv/QLinearAdd/QGemm ke
 
 Two backends build the same scheme:
 
+* ``"pt2e"`` (the default): torchao's PT2E (``prepare_qat_pt2e`` / ``prepare_pt2e``,
+  ``convert_pt2e``), the maintained path, on a ``torch.export`` graph with a dynamic batch,
+  annotated by ``passes._ort_quantizer`` (the x86 scheme, placed where onnxruntime fuses
+  integer kernels); the same for graphs of either capture (``capture="fx"`` or ``"export"``).
 * ``"fx"``: ``torch.ao`` FX graph mode (``prepare_qat_fx`` / ``prepare_fx``, ``convert_fx``),
-  conv+BN(+ReLU) fused for QAT, ``FakeQuantize`` observers. Deprecated upstream; its warnings
-  are silenced only around our own calls (:func:`quiet_quantization_warnings`).
-* ``"pt2e"``: torchao's PT2E (``prepare_qat_pt2e`` / ``prepare_pt2e``, ``convert_pt2e``) on a
-  ``torch.export`` graph with a dynamic batch, annotated by ``passes._ort_quantizer``.
+  conv+BN(+ReLU) fused for QAT, ``FakeQuantize`` observers, while torch still ships it.
+  Deprecated upstream; its warnings are silenced only around our own calls
+  (:func:`quiet_quantization_warnings`).
 
 Two modes: ``"qat"`` fine-tunes with fake quantization (freezing BN statistics, then the
 observers, part-way through), ``"ptq"`` only runs ``calibration_batches`` batches through the
@@ -64,7 +67,7 @@ QAT_FINETUNE = FinetuneOptions(epochs=1.0, lr=1e-3, weight_decay=0.0, progress=F
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    """How to quantize. The defaults: FX backend, QAT with a short fine-tune (``finetune``:
+    """How to quantize. The defaults: PT2E backend, QAT with a short fine-tune (``finetune``:
     1 epoch, lr 1e-3, no weight decay, distillation when a teacher is given).
 
     ``finetune`` is the QAT loop's :class:`~ehap_fx.train_options.FinetuneOptions` (epochs,
@@ -85,7 +88,7 @@ class QuantizeOptions:
     the weight range (:func:`scheme`).
     """
 
-    backend: str = "fx"
+    backend: str = "pt2e"
     mode: str = "qat"
     target: str = "auto"
     finetune: FinetuneOptions = QAT_FINETUNE
@@ -461,7 +464,8 @@ def _prepare_pt2e(
         from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
     except ImportError as e:
         raise QuantizeError(
-            f"backend='pt2e' needs torchao ({e}); pip install 'ehap-fx[quant]' or use backend='fx'"
+            f"backend='pt2e' (the default INT8 path) needs torchao ({e}): pip install torchao "
+            "(ehap-fx[quant]), or use backend='fx' (CLI: --backend fx)"
         ) from e
     finally:
         pytree_log.setLevel(level)

@@ -17,8 +17,8 @@ import torch
 from ehap_fx.passes.quantize import QuantizeOptions, scheme
 
 from ehap_fx import isa
-from ehap_fx.scoring import hessian
 from ehap_fx.isa import CpuFeatures, EmulatedPrecisionWarning, cpu_features, emulated_precision, int8_target
+from ehap_fx.scoring import hessian
 from ehap_fx.scoring.hessian import resolve_dtype
 
 AVX2 = CpuFeatures("x86_64", avx2=True)

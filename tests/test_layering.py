@@ -21,7 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"passes": ROOT / "passes", "scoring": ROOT / "ehap_fx" / "scoring"}
-FOUNDATION = {"ehap_fx._meta", "ehap_fx.errors", "ehap_fx.isa", "ehap_fx.process_group", "ehap_fx.train_options"}
+FOUNDATION = {"ehap_fx._meta", "ehap_fx.errors", "ehap_fx.isa", "ehap_fx.process_group", "ehap_fx.progress",
+              "ehap_fx.train_options"}
 CLI = {"ehap_fx.cli", "ehap_fx.__main__", "ehap_fx"}
 ORDER = ["foundation", "passes", "scoring", "pipeline", "cli"]
 

@@ -28,7 +28,6 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from ehap_fx.errors import EhapError, HessianError
 from ehap_fx.process_group import (
@@ -39,6 +38,7 @@ from ehap_fx.process_group import (
     is_main,
     to_backend,
 )
+from ehap_fx.progress import bar as tqdm
 from ehap_fx.scoring.hessian import (
     SEED_STRIDE,
     HessianOptions,

@@ -41,11 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp
-from tqdm.auto import tqdm
 
 from ehap_fx.errors import HessianError, MemoryBudgetError
 from ehap_fx.isa import EmulatedPrecisionWarning, cpu_features, emulated_precision
 from ehap_fx.passes.group import producer_slices
+from ehap_fx.progress import bar as tqdm
 from ehap_fx.scoring.budget import fmt_bytes, resolve_budget, saved_bytes_per_sample
 from ehap_fx.scoring.fold import fold_batchnorm, scale_channels
 from ehap_fx.scoring.ggn import ggn_channel_traces, ggn_vector_product
