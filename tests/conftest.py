@@ -1,5 +1,9 @@
-"""Shared fixtures: where the real CIFAR-10 data and pretrained weights live, when present."""
+"""Shared fixtures: where the real CIFAR-10 data and pretrained weights live, when present; and
+caches in a temporary folder, so that a test run writes nothing under the user's ``~/.cache``."""
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +12,32 @@ import torch
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CIFAR10_DIR = SHARED / "data"
 WEIGHTS_DIR = SHARED / "weights"
+
+
+# Caches a test run would otherwise write under ~: the latency table (ehap_fx.latency, under
+# XDG_CACHE_HOME), torch.hub's checkpoints (TORCH_HOME) and matplotlib's font cache
+# (MPLCONFIGDIR). Set for the whole session, so the CLI's subprocesses inherit them.
+CACHE_VARIABLES = ("XDG_CACHE_HOME", "TORCH_HOME", "MPLCONFIGDIR")
+_saved_environment: dict[str, str | None] = {}
+
+
+def pytest_configure(config):
+    root = Path(tempfile.mkdtemp(prefix="ehap-test-cache-"))
+    config._ehap_cache_root = root
+    for name in CACHE_VARIABLES:
+        _saved_environment[name] = os.environ.get(name)
+        os.environ[name] = str(root / name.lower())
+
+
+def pytest_unconfigure(config):
+    for name, value in _saved_environment.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    root = getattr(config, "_ehap_cache_root", None)
+    if root is not None:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

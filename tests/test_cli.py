@@ -424,7 +424,21 @@ def test_the_zero_score_warning_covers_both_loss_scorers():
     assert "--scorer hessian --estimator hutchinson" in ZERO_SCORES
 
 
-def test_a_second_ctrl_c_does_not_stop_the_cleanup(tmp_path, monkeypatch):
+@pytest.fixture
+def sigint_as_from_a_terminal():
+    """SIGINT raises KeyboardInterrupt here, and children start with it at SIG_DFL (exec resets a
+    caught signal, so their Python installs its own handler), as under an interactive shell;
+    the disposition the suite inherited is restored after. A background job of a
+    non-interactive shell (``bash -c 'pytest & wait'``) inherits SIGINT *ignored*: Python then
+    installs no handler, and rightly so, and a child spawned from it ignores SIGINT too."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_a_second_ctrl_c_does_not_stop_the_cleanup(tmp_path, monkeypatch, sigint_as_from_a_terminal):
     rmtree = shutil.rmtree
 
     def interrupted_rmtree(path, **kwargs):  # the user presses Ctrl-C again during the cleanup
@@ -450,7 +464,7 @@ def test_refuses_to_replace_a_foreign_folder(tmp_path):
     assert (out / "thesis.tex").read_text() == "precious"
 
 
-def test_interrupted_run_leaves_nothing(tmp_path):
+def test_interrupted_run_leaves_nothing(tmp_path, sigint_as_from_a_terminal):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "ehap_fx", "compress", *TINY,
                              "--finetune-steps", "50", "--out", str(out)],
