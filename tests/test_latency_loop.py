@@ -154,3 +154,36 @@ def test_onnx_timer_pairs_rounds_of_both_files(tmp_path, one_thread):
     assert timer.exports == 2 and (tmp_path / "dense_int8.onnx").exists()
     timer(gm, gm)
     assert timer.exports == 3  # the dense file is exported once
+
+
+def test_prune_measures_its_last_step_against_the_dense_graph(resnet20):
+    import functools
+
+    from ehap_fx.compress import prune
+
+    gm, _ = resnet20
+    target = Target(latency=0.5, granularity="both", round_to=1, steps=2)
+    timer = FakeTimer(overhead=0.3)
+    loop = functools.partial(deliver, timer=timer, options=OPTIONS)
+    pruned = prune(gm, target, lambda g, _: magnitude_scores(g), latency=MacsTable(), loop=loop)
+    rep = pruned.loop
+    assert rep.status == MET  # step 2 re-planned from step 1's graph, timed against the dense one
+    assert rep.delivered.at(128).ratio == pytest.approx(true_ratio(gm, pruned.graph_module, 0.3), rel=1e-9)
+
+
+def test_compress_reports_the_loop_in_onnxruntime(tmp_path, one_thread):
+    pytest.importorskip("onnxruntime")
+    from ehap_fx.compress import compress
+    from ehap_fx.latency_loop import NOT_MET, OUT_OF_TIME, STUCK, UNREACHABLE
+    from tests.nets import TinyOptionA
+
+    options = LoopOptions(max_rounds=2, bench=BenchOptions(batches=(1,), rounds=3, threads=1))
+    with pytest.warns(UserWarning, match="L1"):
+        res = compress(TinyOptionA().eval(), torch.randn(2, 3, 8, 8), target=Target(latency=0.8, round_to=1),
+                       latency=LatencyOptions(batch_size=4, repeats=1, cache=tmp_path / "lat.json"),
+                       latency_loop=options)
+    loop = res.report.latency_loop  # what was asked, what was delivered (values depend on the machine)
+    assert loop["target"] == 0.8 and loop["batch"] == 4 and 1 <= len(loop["rounds"]) <= 2
+    assert loop["status"] in (MET, NOISY, NOT_MET, UNREACHABLE, OUT_OF_TIME, STUCK)
+    assert set(loop["measured_ratio"]) == {"4", "1"} and loop["isa"]
+    assert res.report.seconds["latency_loop"] > 0
