@@ -52,6 +52,7 @@ from ehap_fx.errors import DataError, EhapError, ModelError
 from ehap_fx.imagefolder import check_classes, layout, load_image_folder
 from ehap_fx.isa import INT8_TARGETS, emulated_precision
 from ehap_fx.latency import BenchOptions, LatencyOptions
+from ehap_fx.latency_loop import LoopOptions
 from ehap_fx.models import (
     DIGITS_MODEL,
     NUM_CLASSES,
@@ -157,6 +158,13 @@ def _compress_parser(sub) -> None:
                    help="fraction of the dense onnxruntime latency to keep (measured, cached)")
     p.add_argument("--latency-batch", type=int, default=128, help="batch of the latency table")
     p.add_argument("--latency-precision", choices=("int8", "fp32"), default="int8")
+    p.add_argument("--latency-loop-rounds", type=int, default=LoopOptions().max_rounds,
+                   help="with --target-latency: plans exported to INT8 and timed against the dense INT8 "
+                        "model, the plan corrected until the measured ratio meets the target (0: trust "
+                        f"the per-conv table alone; default {LoopOptions().max_rounds})")
+    p.add_argument("--latency-tolerance", type=float, default=LoopOptions().tolerance,
+                   help="the latency loop's tolerance on measured/target - 1 (default "
+                        f"{LoopOptions().tolerance})")
     p.add_argument("--round-to", type=int, default=RECIPE.round_to,
                    help=f"kept widths are multiples of this (default {RECIPE.round_to})")
     p.add_argument("--max-prune", type=float, default=0.8, help="max fraction of a group to remove")
@@ -397,8 +405,10 @@ def compress_options(args) -> CompressOptions:
         latency = LatencyOptions(batch_size=args.latency_batch, precision=args.latency_precision)
         bench = None if args.bench_rounds == 0 or quantize is None else BenchOptions(
             rounds=args.bench_rounds, threads=args.bench_threads)
+        loop = None if args.latency_loop_rounds == 0 or target.kind != "latency" else LoopOptions(
+            tolerance=args.latency_tolerance, max_rounds=args.latency_loop_rounds)
         return CompressOptions(target, _pick(args.scorer, prof.scorer), hessian, finetune, quantize, latency,
-                               bench)
+                               bench, loop)
     except ValueError as e:
         raise UsageError(str(e)) from e
 
@@ -799,6 +809,13 @@ def _summary(out: Path, report: dict, args) -> None:
              f"  top-1: {acc or 'not evaluated'}  [{report['data']}]"]
     if "latency_ratio" in report["target"]:
         lines.insert(2, f"  estimated onnxruntime latency: {report['target']['latency_ratio']:.3f} of dense")
+    if report.get("latency_loop"):
+        loop = report["latency_loop"]
+        lines.insert(3, "  measured INT8 latency / dense INT8: " + ", ".join(
+            f"batch {b}: {r:.3f} ±{100 * loop['noise'][b]:.1f}%" for b, r in loop["measured_ratio"].items())
+            + f" (asked {loop['target']:g}; {loop['status']}, {len(loop['rounds'])} round(s))")
+        if loop["status"] != "met":
+            lines.insert(4, f"  WARNING: latency loop: {loop['message']}")
     if report.get("export"):
         e, q = report["export"], report["quantize"]
         lines.append(f"  INT8 ({q['scheme']['target']}, {q['scheme']['weight_bits']}-bit weights): "

@@ -10,6 +10,7 @@ this function only chains them and records what happened in a ``CompressReport``
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import logging
 import tempfile
@@ -29,6 +30,7 @@ from ehap_fx.errors import ArgumentError, DataError, EhapError, TargetError
 from ehap_fx.isa import cpu_features
 from ehap_fx.latency import BenchOptions, LatencyModel, LatencyOptions, LatencyTable, time_onnx
 from ehap_fx.passes.capture import capture_groups
+from ehap_fx.latency_loop import Delivered, LoopOptions, LoopReport, OnnxTimer, deliver
 from ehap_fx.passes.cost import Cost, conv_widths, total_cost
 from ehap_fx.passes.export import export as export_onnx
 from ehap_fx.passes.export import export_onnx as export_float
@@ -101,6 +103,7 @@ class CompressOptions:
     quantize: QuantizeOptions | None = None
     latency: LatencyOptions | None = None
     bench: BenchOptions | None = None
+    latency_loop: LoopOptions | None = None
 
     def __post_init__(self) -> None:
         if self.scorer is not None and self.scorer not in SCORERS:
@@ -171,6 +174,7 @@ class CompressReport:
     quantize: dict | None = None
     export: dict | None = None
     latency: dict | None = None  # onnxruntime: dense fp32 vs the INT8 file, per batch size
+    latency_loop: dict | None = None  # a latency target measured in the loop (latency_loop.LoopReport)
     seconds: dict[str, float] = field(default_factory=dict)
     capture: dict = field(default_factory=dict)  # which capture made the graph, and why (passes.capture)
 
@@ -217,6 +221,7 @@ def compress(
     teacher: nn.Module | None = None,
     capture: str = "auto",
     bench: BenchOptions | None = None,
+    latency_loop: LoopOptions | None = None,
 ) -> CompressResult:
     """Prune ``model`` to ``target`` by Hessian-aware channel ranking, then optionally
     fine-tune, quantize to INT8 and export to ONNX.
@@ -258,12 +263,18 @@ def compress(
 
     ``bench`` (with ``export``): time the dense fp32 model and the INT8 file in onnxruntime on
     this machine (``report.latency``: milliseconds per batch size, the speed-up).
+
+    ``latency_loop`` (with a latency target): measure the plan, not only predict it — export
+    the candidate and the dense model to INT8 ONNX, time them interleaved and correct the plan
+    until the measured ratio meets the target (``ehap_fx.latency_loop.deliver``;
+    ``report.latency_loop``: rounds, predicted and measured ratios per batch, noise, or why
+    the loop stopped, e.g. a machine too noisy to decide).
     """
     target, quantize, finetune_options, bench = _edge_options(target, quantize, finetune_options, hessian,
                                                               latency, bench, export)
     data, data_name = _edge_data(model, data, eval_data, data_name, finetune_options, quantize, loss_fn)
     scorer = _default_scorer(scorer, data, loss_fn)
-    CompressOptions(target, scorer, hessian, finetune_options, quantize, latency, bench)  # validates
+    CompressOptions(target, scorer, hessian, finetune_options, quantize, latency, bench, latency_loop)
     if export is not None and quantize is None:
         raise EhapError("export= writes the INT8 model: also pass quantize=QuantizeOptions()")
     if scorer != "l1":
@@ -299,7 +310,8 @@ def compress(
 
     try:
         pruned = prune(gm, target, lambda g, _: rank(g, data, scorer, hessian, loss_fn=loss_fn),
-                       between=between if finetune_options is not None else None, latency=table)
+                       between=between if finetune_options is not None else None, latency=table,
+                       loop=_latency_loop(latency_loop, table, example_input, data, quantize))
     except TargetError as e:  # say what holds the channels back
         reasons = "; ".join(f"{c} channels: {r}" for c, r in groups_of(gm).pin_reasons())
         raise TargetError(f"{e}. Largest pins: {reasons}") from e
@@ -406,15 +418,18 @@ class Pruned:
     graph_module: fx.GraphModule
     steps: tuple[PruneStep, ...]
     dense: float
+    loop: LoopReport | None = None  # the last step's measured latency loop, when one ran
 
 
 def prune(gm: fx.GraphModule, target: Target, ranker: Callable[[fx.GraphModule, int], Ranking], *,
-          between: Callable[[fx.GraphModule, int], Any] | None = None, latency: LatencyTable | None = None
-          ) -> Pruned:
+          between: Callable[[fx.GraphModule, int], Any] | None = None, latency: LatencyTable | None = None,
+          loop: Callable[..., Delivered] | None = None) -> Pruned:
     """The pruning loop: ``ranker(gm, step)`` → ``select_plan`` → ``shrink``, ``target.steps``
     times toward ``target.at_step(step)`` of the dense value, ``between(gm, step)`` (a fine-tune,
-    a BN re-estimate) after every step but the last. A latency target needs ``latency`` (a table)."""
-    steps, dense = [], None
+    a BN re-estimate) after every step but the last. A latency target needs ``latency`` (a table).
+    ``loop`` (``latency_loop.deliver`` with its timer and options bound) replaces the last
+    step's ``select_plan``: that plan is measured against the dense ``gm`` and corrected."""
+    steps, dense, original, report = [], None, gm, None
     for step in range(1, target.steps + 1):
         t = time.perf_counter()
         ranking = ranker(gm, step)
@@ -422,13 +437,35 @@ def prune(gm: fx.GraphModule, target: Target, ranker: Callable[[fx.GraphModule, 
         model_latency = LatencyModel(gm, latency) if latency is not None else None
         if dense is None:
             dense = measure(gm, target, latency=model_latency)
-        plan = select_plan(gm, ranking, target.at_step(step), base=dense, latency=model_latency)
+        if loop is not None and step == target.steps:
+            got = loop(gm, ranking, target.at_step(step), base=dense, latency=model_latency,
+                       reference=original)
+            plan, report = got.plan, got.report
+        else:
+            plan = select_plan(gm, ranking, target.at_step(step), base=dense, latency=model_latency)
         plan = process_group.broadcast_object(plan)  # rank 0's plan on every rank (latency timings differ)
         steps.append(PruneStep(step, ranking, plan, groups_of(gm), seconds))
         gm = shrink(gm, plan).graph_module
         if between is not None and step < target.steps:
             between(gm, step)
-    return Pruned(gm, tuple(steps), dense)
+    return Pruned(gm, tuple(steps), dense, report)
+
+
+def _latency_loop(options: LoopOptions | None, table: LatencyTable | None, example_input, data,
+                  quantize: QuantizeOptions | None) -> Callable[..., Delivered] | None:
+    """``deliver`` with an onnxruntime timer bound (the run's INT8 backend, PTQ on the first
+    batches of ``data``), deciding at the table's batch; None without a latency target."""
+    if options is None or table is None:
+        return None
+    if not torch.is_tensor(example_input):
+        raise EhapError("the latency loop exports one-input models: pass latency_loop=None for "
+                        f"an example_input of type {type(example_input).__name__}")
+    batch = table.options.batch_size
+    bench = replace(options.bench, batches=tuple(sorted({*options.bench.batches, batch}, reverse=True)))
+    calibration = list(itertools.islice(data, options.calibration_batches)) if data is not None else None
+    timer = OnnxTimer(example_input, bench, calibration=calibration, quantize=quantize,
+                      batches=options.calibration_batches)
+    return functools.partial(deliver, timer=timer, options=options, batch=batch)
 
 
 def _record_pruning(report: CompressReport, pruned: Pruned, target: Target, table, seconds: dict) -> None:
@@ -449,6 +486,10 @@ def _record_pruning(report: CompressReport, pruned: Pruned, target: Target, tabl
                              latency_ratio=after / pruned.dense)
         if process_group.is_main():
             table.save()
+    if pruned.loop is not None:
+        report.latency_loop = pruned.loop.as_dict()
+        seconds["latency_loop"] = pruned.loop.seconds
+        log.info("%s", pruned.loop.summary())
 
 
 def _take(batches: Iterable, n: int) -> list:

@@ -279,7 +279,18 @@ class BenchOptions:
 def time_onnx(
     paths: dict[str, str | Path], options: BenchOptions = BenchOptions()
 ) -> dict[str, dict[int, float]]:
-    """Median seconds per run of each ONNX file at each batch size, ``{name: {batch: s}}``.
+    """Median seconds per run of each ONNX file at each batch size, ``{name: {batch: s}}``
+    (the medians of :func:`time_rounds`)."""
+    rounds = time_rounds(paths, options)
+    return {n: {b: statistics.median(v) for b, v in per.items()} for n, per in rounds.items()}
+
+
+def time_rounds(
+    paths: dict[str, str | Path], options: BenchOptions = BenchOptions()
+) -> dict[str, dict[int, list[float]]]:
+    """Seconds per run of each ONNX file at each batch size, one value per round,
+    ``{name: {batch: [s, ...]}}``: round ``i`` of every file ran back to back, so per-round
+    ratios pair measurements taken under the same load.
 
     Sessions run without thread spinning (idle spinning threads of one session would steal
     the cores from the next one's run); after 3 warm-up runs each, the models take turns round
@@ -303,4 +314,4 @@ def time_onnx(
                 for _ in range(reps):
                     s.run(None, feeds[name])
                 times[name][b].append((time.perf_counter() - t) / reps)
-    return {n: {b: statistics.median(v) for b, v in per.items()} for n, per in times.items()}
+    return times
