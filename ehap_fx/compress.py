@@ -29,8 +29,8 @@ from ehap_fx.data import OwnLabels, yields_images_only
 from ehap_fx.errors import ArgumentError, DataError, EhapError, TargetError
 from ehap_fx.isa import cpu_features
 from ehap_fx.latency import BenchOptions, LatencyModel, LatencyOptions, LatencyTable, time_onnx
-from ehap_fx.passes.capture import capture_groups
 from ehap_fx.latency_loop import Delivered, LoopOptions, LoopReport, OnnxTimer, deliver
+from ehap_fx.passes.capture import capture_groups
 from ehap_fx.passes.cost import Cost, conv_widths, total_cost
 from ehap_fx.passes.export import export as export_onnx
 from ehap_fx.passes.export import export_onnx as export_float
