@@ -66,7 +66,7 @@ from ehap_fx.models.resolve import ResolvedModel, library_of, resolve_model
 from ehap_fx.passes.export import onnx_top1, session
 from ehap_fx.passes.quantize import QAT_FINETUNE, QAT_RANGES, QuantizeOptions
 from ehap_fx.report import ZERO_SCORES, all_scores_zero, load_pruned
-from ehap_fx.scoring.hessian import HessianOptions
+from ehap_fx.scoring.options import HessianOptions
 from ehap_fx.sweep import SweepOptions, sweep
 from ehap_fx.target import Target
 from ehap_fx.train import DistillOptions, FinetuneOptions, evaluate, finetune

@@ -19,7 +19,7 @@ from torch import nn
 
 from ehap_fx.compress import compress
 from ehap_fx.errors import EhapError, TraceError
-from ehap_fx.scoring.hessian import HessianOptions
+from ehap_fx.scoring.options import HessianOptions
 from ehap_fx.target import Target
 from tests.nets import randomize_bn
 

@@ -28,7 +28,8 @@ from ehap_fx.scoring.distributed import (
     estimate_hessian_distributed,
     estimate_removal_distributed,
 )
-from ehap_fx.scoring.hessian import HessianOptions, estimate_hessian
+from ehap_fx.scoring.hessian import estimate_hessian
+from ehap_fx.scoring.options import HessianOptions
 
 WORLD = 2
 HUTCH = HessianOptions(estimator="hutchinson", dtype="fp32", batch_size=32, n_batches=1,

@@ -19,7 +19,8 @@ from torch.func import functional_call, grad, vmap
 
 from ehap_fx.errors import MemoryBudgetError
 from ehap_fx.scoring.ggn_mc import channel_sq_norms, im2col_sq_norms, input_directional, label_noise, share
-from ehap_fx.scoring.hessian import HessianOptions, estimate_hessian
+from ehap_fx.scoring.hessian import estimate_hessian
+from ehap_fx.scoring.options import HessianOptions
 from ehap_fx.scoring.removal import estimate_removal
 
 pytestmark = pytest.mark.usefixtures("one_thread")

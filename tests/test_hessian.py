@@ -19,14 +19,10 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from ehap_fx.errors import HessianError
-from ehap_fx.scoring.hessian import (
-    HessianOptions,
-    estimate_hessian,
-    group_sensitivity,
-    group_stderr,
-    resolve_dtype,
-)
+from ehap_fx.scoring.hessian import estimate_hessian, group_sensitivity, group_stderr
+from ehap_fx.scoring.options import HessianOptions
 from ehap_fx.scoring.sampling import draw_batches
+from ehap_fx.scoring.setup import resolve_dtype
 
 NAMES = ["a", "b", "c"]
 

@@ -18,8 +18,8 @@ from ehap_fx.passes.quantize import QuantizeOptions, scheme
 
 from ehap_fx import isa
 from ehap_fx.isa import CpuFeatures, EmulatedPrecisionWarning, cpu_features, emulated_precision, int8_target
-from ehap_fx.scoring import hessian
-from ehap_fx.scoring.hessian import resolve_dtype
+from ehap_fx.scoring import setup
+from ehap_fx.scoring.setup import resolve_dtype
 
 AVX2 = CpuFeatures("x86_64", avx2=True)
 VNNI = CpuFeatures("x86_64", avx2=True, avx512=True, vnni=True, bf16=True)
@@ -111,7 +111,7 @@ def test_emulated_half_precision_warns_with_its_cost(monkeypatch):
     assert emulated_precision("fp32") is None
     assert emulated_precision("bf16", "cuda") is None
     monkeypatch.setattr(isa, "cpu_features", lambda: VNNI)
-    monkeypatch.setattr(hessian, "cpu_features", lambda: VNNI)
+    monkeypatch.setattr(setup, "cpu_features", lambda: VNNI)
     assert emulated_precision("bf16") is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")

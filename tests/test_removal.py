@@ -23,7 +23,7 @@ from ehap_fx.data import synthetic_cifar
 from ehap_fx.errors import EhapError
 from ehap_fx.models import get_model
 from ehap_fx.scoring import Ranking
-from ehap_fx.scoring.hessian import HessianOptions
+from ehap_fx.scoring.options import HessianOptions
 from ehap_fx.scoring.removal import estimate_removal, joint_order
 from ehap_fx.target import Target, select_plan
 

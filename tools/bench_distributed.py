@@ -36,7 +36,8 @@ from ehap_fx.distributed import shard_loader
 from ehap_fx.isa import cpu_features
 from ehap_fx.models import get_model
 from ehap_fx.scoring.distributed import SEED_STRIDE, estimate_hessian_distributed
-from ehap_fx.scoring.hessian import HessianOptions, estimate_hessian
+from ehap_fx.scoring.hessian import estimate_hessian
+from ehap_fx.scoring.options import HessianOptions
 from ehap_fx.train import FinetuneOptions, finetune
 
 

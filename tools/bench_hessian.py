@@ -44,11 +44,8 @@ import torch.nn.functional as F
 
 from ehap_fx.isa import cpu_features
 from ehap_fx.models import get_model, normalization, pretrained_model
-from ehap_fx.scoring.hessian import (
-    HessianOptions,
-    estimate_hessian,
-    group_sensitivity,
-)
+from ehap_fx.scoring.hessian import estimate_hessian, group_sensitivity
+from ehap_fx.scoring.options import HessianOptions
 from ehap_fx.scoring.sampling import draw_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -397,7 +394,7 @@ def vmap_mc(gm, x, chunk: int = 8) -> None:
     weight, one label per image drawn from the softmax, squared and summed per channel."""
     from torch.func import functional_call, grad, vmap
 
-    from ehap_fx.scoring.hessian import prunable_modules
+    from ehap_fx.scoring.setup import prunable_modules
 
     names = [f"{n}.weight" for n in prunable_modules(gm)]
     params = {k: v.detach() for k, v in gm.named_parameters() if k in names}

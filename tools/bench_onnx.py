@@ -50,7 +50,7 @@ from ehap_fx.latency import BenchOptions, time_onnx
 from ehap_fx.models import get_model, normalization, pretrained_model
 from ehap_fx.qat import quantize
 from ehap_fx.scoring import Ranking, rank
-from ehap_fx.scoring.hessian import HessianOptions
+from ehap_fx.scoring.options import HessianOptions
 from ehap_fx.target import Target, select_plan
 from ehap_fx.train import FinetuneOptions, finetune
 

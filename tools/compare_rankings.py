@@ -27,7 +27,7 @@ from ehap_fx.passes.trace import trace
 from ehap_fx.data import load_cifar
 from ehap_fx.models import normalization, pretrained_model
 from ehap_fx.scoring import rank
-from ehap_fx.scoring.hessian import HessianOptions
+from ehap_fx.scoring.options import HessianOptions
 from ehap_fx.target import Target, select_plan
 from ehap_fx.train import evaluate, recalibrate_bn
 

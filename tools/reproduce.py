@@ -62,7 +62,7 @@ from ehap_fx.isa import cpu_features
 from ehap_fx.models import NUM_CLASSES, find_pretrained, get_model, load_pretrained, normalization
 from ehap_fx.qat import quantize
 from ehap_fx.scoring import Ranking, magnitude_scores, rank
-from ehap_fx.scoring.hessian import HessianOptions
+from ehap_fx.scoring.options import HessianOptions
 from ehap_fx.scoring.removal import joint_order
 from ehap_fx.target import Target
 from ehap_fx.train import FinetuneOptions, evaluate, finetune, recalibrate_bn

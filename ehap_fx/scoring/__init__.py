@@ -10,7 +10,7 @@ and the same estimates split over the ranks of a process group (``distributed``)
 the foundation and ``ehap_fx.passes`` (tests/test_layering.py).
 """
 
-from ehap_fx.scoring.hessian import HessianOptions
+from ehap_fx.scoring.options import HessianOptions
 from ehap_fx.scoring.ranking import SCORERS, Ranking, magnitude_scores, rank
 
 __all__ = ["SCORERS", "HessianOptions", "Ranking", "magnitude_scores", "rank"]

@@ -40,8 +40,6 @@ from ehap_fx.process_group import (
 )
 from ehap_fx.progress import bar as tqdm
 from ehap_fx.scoring.hessian import (
-    SEED_STRIDE,
-    HessianOptions,
     HessianResult,
     StopRule,
     choose_estimator,
@@ -49,6 +47,7 @@ from ehap_fx.scoring.hessian import (
     group_sensitivity,
     round_size,
 )
+from ehap_fx.scoring.options import SEED_STRIDE, HessianOptions
 from ehap_fx.scoring.removal import RemovalResult, choose_removal, estimate_removal, removal_result
 from ehap_fx.scoring.sampling import draw_batches
 

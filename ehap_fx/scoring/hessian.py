@@ -27,117 +27,25 @@ the scale, and redoes a probe with a halved scale when it overflows (``result.re
 
 from __future__ import annotations
 
-import copy
 import math
-import resource
 import time
-import warnings
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp
 
-from ehap_fx.errors import HessianError, MemoryBudgetError
-from ehap_fx.isa import EmulatedPrecisionWarning, cpu_features, emulated_precision
+from ehap_fx.errors import HessianError
 from ehap_fx.passes.group import producer_slices
 from ehap_fx.progress import bar as tqdm
-from ehap_fx.scoring.budget import fmt_bytes, resolve_budget, saved_bytes_per_sample
-from ehap_fx.scoring.fold import fold_batchnorm, scale_channels
+from ehap_fx.scoring.fold import scale_channels
 from ehap_fx.scoring.ggn import ggn_channel_traces, ggn_vector_product
-from ehap_fx.scoring.ggn_mc import ReduceSize, mc_channel_traces, share
-from ehap_fx.scoring.sampling import Batch, draw_batches
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ESTIMATORS = ("auto", "ggn", "mc", "hutchinson", "hybrid")
-SEED_STRIDE = 1_000_003
-"""Round (or chunk) ``c`` of probes or label draws is seeded ``seed + c * SEED_STRIDE``."""
-HVPS = ("double_backward", "forward_over_reverse")
-
-
-@dataclass(frozen=True)
-class HessianOptions:
-    """How to estimate the per-channel Hessian traces.
-
-    ``probes`` fixes the probe count; otherwise probing stops between ``min_probes`` and
-    ``max_probes`` once every enabled rule holds at a check (every ``check_every`` probes):
-    relative L1 change of the traces since the last check ``< tol``, Spearman of successive
-    channel (or group) rankings ``>= rank_threshold``, summed standard error over summed
-    |trace| ``<= stderr_tol``. ``None`` disables a rule. The MC estimator draws
-    ``mc_samples`` labels per input (``None``: the same stop rule, counted in draws).
-
-    ``memory_budget``: bytes (``> 1``) or a fraction of the memory available when the
-    estimate starts (``<= 1``); every pass is sized to it before it allocates (chunks, the
-    ``"auto"`` choice), or refused with ``MemoryBudgetError``.
-    """
-
-    estimator: str = "auto"
-    dtype: str = "auto"
-    amp: str = "cast"  # "cast": run a half-precision copy; "autocast": fp32 weights + autocast
-    batch_size: int = 256
-    n_batches: int = 1
-    probes: int | None = None
-    min_probes: int = 20
-    max_probes: int = 200
-    check_every: int = 10
-    tol: float | None = 0.02
-    rank_threshold: float | None = 0.98
-    stderr_tol: float | None = None
-    probe_batch: int = 1
-    hvp: str = "double_backward"
-    channels_last: bool = False
-    fold_bn: bool = True  # fold eval BatchNorm into the conv before it (exact; fewer ops per probe)
-    loss_scale: float | None = None  # None: 2**16 for fp16, no scaling otherwise
-    max_retries: int = 30
-    ggn_chunk: int = 8  # samples per vmapped GGN chunk: memory ~ chunk × classes × weights
-    exact_max_classes: int = 100  # "auto": the exact GGN up to this many classes (time ∝ classes)
-    mc_samples: int | None = 2  # label draws per input for "mc" (None: the stop rule decides)
-    mc_chunk: int | None = None  # samples per MC forward/backward (None: from the budget)
-    memory_budget: float = 0.5
-    seed: int = 0  # probes
-    data_seed: int = 0  # which samples form the Hessian batches
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator={self.estimator!r} must be one of {ESTIMATORS}")
-        if self.dtype not in (*DTYPES, "auto"):
-            raise ValueError(f"dtype={self.dtype!r} must be 'auto', 'fp16', 'bf16' or 'fp32'")
-        if self.amp not in ("cast", "autocast"):
-            raise ValueError(f"amp={self.amp!r} must be 'cast' or 'autocast'")
-        if self.hvp not in HVPS:
-            raise ValueError(f"hvp={self.hvp!r} must be one of {HVPS}")
-        self._check_counts()
-        if self.probes is not None and self.probes < 1:
-            raise ValueError(f"probes={self.probes} must be >= 1 or None")
-        if self.min_probes > self.max_probes:
-            raise ValueError(f"min_probes={self.min_probes} > max_probes={self.max_probes}")
-        if self.loss_scale is not None and not self.loss_scale > 0:
-            raise ValueError(f"loss_scale={self.loss_scale} must be > 0 or None")
-        if self.max_retries < 0:
-            raise ValueError(f"max_retries={self.max_retries} must be >= 0")
-        if self.hvp == "forward_over_reverse" and self.probe_batch > 1:
-            raise ValueError(f"probe_batch={self.probe_batch} needs hvp='double_backward'")
-        if not self.memory_budget > 0:
-            raise ValueError(f"memory_budget={self.memory_budget} must be > 0 (bytes, or a "
-                             "fraction of the available memory when <= 1)")
-        for name in ("mc_samples", "mc_chunk"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1 or None")
-        for name in ("tol", "rank_threshold", "stderr_tol"):
-            value = getattr(self, name)
-            if value is not None and not 0 < value <= 1:
-                raise ValueError(f"{name}={value} must be in (0, 1] or None")
-
-    def _check_counts(self) -> None:
-        for name in ("batch_size", "n_batches", "min_probes", "max_probes", "check_every",
-                     "probe_batch", "ggn_chunk", "exact_max_classes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+from ehap_fx.scoring.ggn_mc import mc_channel_traces
+from ehap_fx.scoring.options import DTYPES, SEED_STRIDE, HessianOptions
+from ehap_fx.scoring.plan import Plan, plan_pass
+from ehap_fx.scoring.setup import Setup, peak_memory, prepare, prunable_modules, start_device
 
 
 @dataclass(frozen=True)
@@ -189,76 +97,6 @@ class HessianResult:
                 "peak_memory": self.peak_memory, "peak_memory_kind": self.peak_memory_kind,
                 "batch_size": self.batch_size, "n_batches": self.n_batches,
                 "choice": self.choice}
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """``"auto"``: fp16 on CUDA, bf16 on a CPU with native bf16, else fp32. An explicit half
-    dtype that this CPU only emulates is kept, with an :class:`~ehap_fx.isa.EmulatedPrecisionWarning`
-    naming its measured cost."""
-    if dtype != "auto":
-        if (message := emulated_precision(dtype, device)) is not None:
-            warnings.warn(message, EmulatedPrecisionWarning, stacklevel=3)
-        return dtype
-    if device.type == "cuda":
-        return "fp16"
-    return "bf16" if device.type == "cpu" and cpu_features().bf16 else "fp32"
-
-
-def prunable_modules(model: nn.Module) -> list[str]:
-    """Names of every conv and linear module with a weight, in module order."""
-    kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-    return [n for n, m in model.named_modules() if isinstance(m, kinds) and m.weight is not None]
-
-
-@dataclass
-class Setup:
-    """The working copy of the model and what every probe needs."""
-
-    model: nn.Module
-    names: list[str]
-    params: list[torch.Tensor]
-    batches: list[Batch]
-    loss_fn: Callable
-    autocast: Callable
-    dtype: torch.dtype
-    device: torch.device
-    fold: list[torch.Tensor | None]  # per weight: BN scale s (folded = s·original) or None
-
-
-def prepare(model, data, opts: HessianOptions, names, loss_fn, device) -> Setup:
-    """The eval-mode working copy (BN folded, cast), its ``names`` weights requiring grad and
-    the Hessian batches on ``device``: what every estimator (here and in ``removal``) starts from."""
-    dtype = DTYPES[resolve_dtype(opts.dtype, device)]
-    work = copy.deepcopy(model).eval().to(device)
-    scales = {}
-    if opts.fold_bn:
-        work, scales = fold_batchnorm(work, names)
-    if opts.amp == "cast":
-        work = work.to(dtype)
-    fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
-    if opts.channels_last:
-        work = work.to(memory_format=torch.channels_last)
-    modules = dict(work.named_modules())
-    missing = [n for n in names if n not in modules or getattr(modules[n], "weight", None) is None]
-    if missing:
-        raise HessianError(f"modules {missing} have no weight; pass conv/linear module names")
-    for p in work.parameters():
-        p.requires_grad_(False)
-    params = [modules[n].weight.requires_grad_(True) for n in names]
-    in_dtype = dtype if opts.amp == "cast" else torch.float32
-    batches = []
-    for x, y in draw_batches(data, opts.batch_size, opts.n_batches, opts.data_seed):
-        x = x.to(device, in_dtype)
-        if x.dim() == 4:
-            x = x.contiguous(memory_format=fmt)
-        batches.append((x, y.to(device)))
-    if opts.amp == "autocast" and dtype != torch.float32:
-        autocast = partial(torch.autocast, device_type=device.type, dtype=dtype)
-    else:
-        autocast = nullcontext
-    fold = [scales.get(n) for n in names]
-    return Setup(work, list(names), params, batches, loss_fn, autocast, dtype, device, fold)
-
 
 
 def _fp32(out):
@@ -406,21 +244,6 @@ class StopRule:
         return stop
 
 
-def start_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
-    """The device an estimate runs on (the model's by default), its CUDA peak reset."""
-    device = torch.device(device if device is not None else next(model.parameters()).device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    return device
-
-
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    """The peak memory of this process on ``device`` since ``start_device``, and its kind."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
-
-
 def estimate_hessian(
     model: nn.Module,
     data,
@@ -510,110 +333,6 @@ def choose_estimator(model: nn.Module, data, options: HessianOptions | None = No
     names = list(names) if names is not None else prunable_modules(model)
     s = prepare(model, data, opts, names, F.cross_entropy, start_device(model, device))
     return plan_pass(s, opts, weights=sum(p.numel() for p in s.params), extra=extra)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a pass runs, sized to the memory budget before it allocates (``plan_pass``)."""
-
-    estimator: str  # resolved: never "auto"
-    ggn_chunk: int
-    mc_chunk: int
-    footprint: int  # predicted peak bytes of the pass, beyond what is allocated already
-    budget: int
-    reason: str
-
-
-def plan_pass(s: Setup, opts: HessianOptions, *, weights: int, extra: int = 0,
-              part: tuple[int, int] | None = None) -> Plan:
-    """Resolve ``"auto"`` and size the chunks from the predicted footprints (bytes):
-
-    * exact GGN, ``c`` samples per chunk: ``2c·(A + K·(W + A))`` (``K`` classes, ``W`` the
-      estimated weights, ``A`` what autograd saves per sample; every class carries a
-      per-sample gradient and a backward pass, the 2 covers transients);
-    * MC, ``m`` samples per pass: ``m·(3A + R·(e + 4))`` (the graph kept over the draws and
-      one backward's transients, ``R`` the largest per-layer reduction buffer in the compute
-      dtype of size ``e`` and in fp32);
-    * Hutchinson: ``3A`` per sample of the whole batch (the double-backward graph).
-
-    ``extra`` bytes are reserved for the caller (the removal matrices). A pass that does not
-    fit even at one sample raises :class:`MemoryBudgetError` naming what to change.
-    """
-    x1 = s.batches[0][0][:1]
-    sizes = ReduceSize(s.model, s.names)
-    saved, out = saved_bytes_per_sample(s.model, x1, s.autocast, during=sizes)
-    e = s.dtype.itemsize
-    budget, how = resolve_budget(opts.memory_budget, s.device)
-    room = _Room(budget, budget - extra, how)
-    est = opts.estimator
-    if est in ("hutchinson", "hybrid"):
-        probes = _probe_plan(opts, 3 * saved * opts.batch_size, room)
-        if est == "hutchinson":  # any loss, any output
-            return probes
-    if not torch.is_tensor(out) or out.dim() != 2:
-        raise HessianError(f"estimator={est!r} needs (N, classes) logits; the model returns "
-                           f"{getattr(out, 'shape', type(out).__name__)} for one sample: use "
-                           "estimator='hutchinson' with a loss_fn")
-    classes, why = out.shape[-1], ""
-    if est != "mc":
-        exact, why = _exact_plan(opts, classes, 2 * (saved + classes * (weights * e + saved)), room)
-        if exact is not None:
-            return exact
-    lo, hi = share(opts.batch_size, part)
-    return _mc_plan(opts, 3 * saved + sizes.worst * (e + 4), hi - lo, room, why)
-
-
-@dataclass(frozen=True)
-class _Room:
-    budget: int  # bytes
-    room: int  # the budget less what the caller reserved
-    how: str  # how the budget was obtained, for the reason
-
-    def __str__(self) -> str:
-        return f"{fmt_bytes(self.room)} ({self.how})"
-
-
-def _probe_plan(opts: HessianOptions, need: int, room: _Room) -> Plan:
-    if need > room.room:
-        raise MemoryBudgetError(
-            f"estimator={opts.estimator!r}: a Hessian batch of {opts.batch_size} needs "
-            f"~{fmt_bytes(need)} > {room}: lower batch_size (n_batches keeps the samples) or "
-            "raise memory_budget")
-    return Plan(opts.estimator, opts.ggn_chunk, 0, need, room.budget,
-                f"hutchinson: ~{fmt_bytes(need)} <= {room}")
-
-
-def _exact_plan(opts: HessianOptions, classes: int, per_sample: int, room: _Room
-                ) -> tuple[Plan | None, str]:
-    """The exact GGN's plan, or None and why not (``"auto"`` only; else an error)."""
-    est = opts.estimator
-    chunk = min(opts.ggn_chunk, room.room // per_sample)
-    if est == "auto" and classes > opts.exact_max_classes:
-        return None, (f"{classes} classes > exact_max_classes={opts.exact_max_classes} (the "
-                      "exact GGN's time grows with the classes)")
-    if chunk < 1 and est == "auto":
-        return None, f"the exact GGN needs ~{fmt_bytes(per_sample)} per sample > {fmt_bytes(room.room)}"
-    if chunk < 1:
-        raise MemoryBudgetError(
-            f"estimator={est!r} with {classes} classes needs ~{fmt_bytes(per_sample)} for one "
-            f"sample > {room}: use estimator='auto' or 'mc', or raise memory_budget")
-    lowered = f", ggn_chunk lowered from {opts.ggn_chunk}" if chunk < opts.ggn_chunk else ""
-    name = "exact GGN" if est != "hybrid" else "hybrid (exact GGN part)"
-    return Plan("ggn" if est == "auto" else est, chunk, 0, chunk * per_sample, room.budget,
-                f"{name}: {classes} classes, ~{fmt_bytes(chunk * per_sample)} with ggn_chunk="
-                f"{chunk}{lowered} <= {room}"), ""
-
-
-def _mc_plan(opts: HessianOptions, per_sample: int, samples: int, room: _Room, why: str) -> Plan:
-    chunk = min(opts.mc_chunk or samples, samples, room.room // per_sample)
-    if chunk < 1:
-        raise MemoryBudgetError(
-            f"the MC estimator needs ~{fmt_bytes(per_sample)} for one sample > {room}: raise "
-            "memory_budget, or use smaller inputs")
-    draws = f"mc_samples={opts.mc_samples}" if opts.mc_samples else "draws until the stop rule"
-    return Plan("mc", opts.ggn_chunk, chunk, chunk * per_sample, room.budget,
-                f"MC GGN ({draws}){': ' + why if why else ''}; {chunk} samples per pass, "
-                f"~{fmt_bytes(chunk * per_sample)} <= {room}")
 
 
 def round_size(fixed: int | None, opts: HessianOptions, n: int) -> int:

@@ -19,7 +19,8 @@ from torch import fx
 from ehap_fx.errors import EhapError
 from ehap_fx.passes.group import groups_of, producer_modules, producer_slices
 from ehap_fx.scoring.distributed import estimate_hessian_distributed, estimate_removal_distributed
-from ehap_fx.scoring.hessian import HessianOptions, group_sensitivity, group_stderr
+from ehap_fx.scoring.hessian import group_sensitivity, group_stderr
+from ehap_fx.scoring.options import HessianOptions
 
 SCORERS = ("hessian", "removal", "l1")
 

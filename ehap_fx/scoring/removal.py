@@ -39,15 +39,9 @@ from ehap_fx.errors import HessianError, MemoryBudgetError
 from ehap_fx.scoring.budget import fmt_bytes, resolve_budget
 from ehap_fx.scoring.ggn import ggn_removal
 from ehap_fx.scoring.ggn_mc import mc_removal
-from ehap_fx.scoring.hessian import (
-    DTYPES,
-    HessianOptions,
-    Plan,
-    peak_memory,
-    plan_pass,
-    prepare,
-    start_device,
-)
+from ehap_fx.scoring.options import DTYPES, HessianOptions
+from ehap_fx.scoring.plan import Plan, plan_pass
+from ehap_fx.scoring.setup import peak_memory, prepare, start_device
 
 
 @dataclass(frozen=True)
