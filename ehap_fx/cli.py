@@ -199,7 +199,7 @@ def _compress_parser(sub) -> None:
     p.add_argument("--quant-mode", choices=("qat", "ptq"), default=RECIPE.quant_mode,
                    help=f"default {RECIPE.quant_mode} (QAT tied PTQ on ResNet-56 at 15-29x the cost, "
                         "docs/results.md); "
-                        "QAT starts from the PTQ model and is kept only if it beats PTQ on the same batches")
+                        "QAT starts from the PTQ model and is kept only if it beats PTQ on held-out training images")
     p.add_argument("--qat-ranges", choices=QAT_RANGES, default=QuantizeOptions().qat_ranges,
                    help="QAT's activation ranges: calibrated (PTQ's histogram on the calibration batches, "
                         "then held: QAT starts from the PTQ model) or moving (min/max of the training "

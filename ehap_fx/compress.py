@@ -56,7 +56,7 @@ class Recipe:
     and the INT8 mode (``quant_mode``): PTQ. On the README's ResNet-56 job QAT (391 steps,
     starting from the PTQ model) ties PTQ (−0.02 and −0.08 pt, ±0.12, two seeds) at 15–29× its
     cost, and a QAT learning rate ten times higher loses 0.42 pt; ``quant_mode="qat"`` still
-    runs it, kept only if it beats PTQ on the same batches (``ptq_fallback``).
+    runs it, kept only if it beats PTQ on held-out training images (``ptq_fallback``).
 
     ``compress()`` trains only when asked (it is a graph pass first): its ``target`` and
     ``scorer`` defaults are the recipe's, and ``finetune_options=RECIPE.finetune(epochs)``,

@@ -123,6 +123,7 @@ def quantize(
     *,
     teacher: nn.Module | None = None,
     calibration: Iterable[Any] | None = None,
+    check: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> QuantizeResult:
     """``passes.quantize.quantize`` with :func:`qat_finetune` as its QAT loop (PTQ: the same);
     ``teacher`` is distilled from when ``options.finetune.distill`` is set.
@@ -131,34 +132,119 @@ def quantize(
     ``calibration_batches`` batches of ``calibration`` (default ``data``), so QAT starts from
     the PTQ model of those batches. With ``options.ptq_fallback`` (the default) it earns its
     cost or is dropped: that PTQ model is made as well, both INT8 models are scored by
-    cross-entropy on the same batches (under
-    torchrun pass batches every rank shares, so that every rank makes the same choice), and the
-    QAT model is kept only if its loss is not higher; ``result.check`` records both losses and
-    the choice.
+    cross-entropy on ``check``, batches QAT does not train on (default: :func:`hold_out`'s
+    slice of ``data``, which QAT then trains without; under torchrun the same images on every
+    rank, so that every rank makes the same choice), and the QAT model is kept only if its loss
+    is lower; ``result.check`` records both losses and the choice.
     """
     train = functools.partial(qat_finetune, teacher=teacher)
     if options.mode != "qat":
         return quantize_pass.quantize(model, example_input, data, options, calibration=calibration)
-    # QAT's calibrated ranges, the PTQ model and the check all see these same batches
+    if options.ptq_fallback and check is None and data is not None:
+        data, check = hold_out(data, options.calibration_batches)
+    # QAT's calibrated ranges and the PTQ model see these same batches
     batches = _take(data if calibration is None else calibration, options.calibration_batches)
     result = quantize_pass.quantize(model, example_input, data, options, train=train, calibration=batches)
     if not options.ptq_fallback:
         return result
     ptq = quantize_pass.quantize(model, example_input, batches, dataclasses.replace(options, mode="ptq"))
-    qat_loss, ptq_loss = check_loss(result.graph_module, batches), check_loss(ptq.graph_module, batches)
-    kept = result if qat_loss <= ptq_loss else ptq
-    check = {
-        "qat_loss": qat_loss, "ptq_loss": ptq_loss, "images": sum(len(b[1]) for b in batches),
+    qat_loss, ptq_loss = check_loss(result.graph_module, check), check_loss(ptq.graph_module, check)
+    kept = result if qat_loss < ptq_loss else ptq  # a tie keeps the cheaper, simpler model
+    check_record = {
+        "qat_loss": qat_loss, "ptq_loss": ptq_loss, "images": sum(len(b[1]) for b in check),
         "kept": kept.mode,
         "reason": (f"QAT's INT8 model ends at cross-entropy {qat_loss:.4f} against PTQ's {ptq_loss:.4f} on "
-                   f"the same {len(batches)} training batches: "
+                   f"{len(check)} held-out batches QAT did not train on: "
                    + ("QAT kept" if kept is result
                       else "QAT did not earn its cost here, the PTQ model is kept")),
     }
     if kept is not result:
-        log.warning("INT8: %s", check["reason"])
-    return dataclasses.replace(kept, steps=result.steps, losses=result.losses, check=check,
+        log.warning("INT8: %s", check_record["reason"])
+    return dataclasses.replace(kept, steps=result.steps, losses=result.losses, check=check_record,
                                seconds=result.seconds + ptq.seconds)
+
+
+HELD_OUT_FRACTION = 0.1  # of the training data, for QAT's check against PTQ
+
+
+def hold_out(data: Iterable[Any], batches: int) -> tuple[Iterable[Any], list[tuple[torch.Tensor, ...]]]:
+    """``(rest, held_out)``: ``data`` without a slice of its images, and that slice as ``(x, y)``
+    batches, for scoring a model on images it was not trained on: a tenth of the images
+    (:data:`HELD_OUT_FRACTION`), at most ``batches`` batches, at least one image or batch.
+
+    * a :class:`~ehap_fx.data.CifarLoader`: a fixed random subset of its images (seed 0, the
+      same on every rank of a sharded loader), unshuffled and unaugmented; ``rest`` is the same
+      loader (shuffle, augmentation, seed, shard) over the other images;
+    * a ``DataLoader`` over a map-style dataset: the same, with ``Subset``;
+    * a list or tuple of batches: its last batches.
+
+    >>> data = [(torch.zeros(2, 1), torch.tensor([i, i])) for i in range(20)]
+    >>> rest, held = hold_out(data, 4)
+    >>> len(rest), [int(y[0]) for _, y in held]
+    (18, [18, 19])
+    """
+    from ehap_fx.data import CifarLoader
+
+    if isinstance(data, CifarLoader):
+        return _hold_out_cifar(data, batches)
+    if isinstance(data, torch.utils.data.DataLoader):
+        return _hold_out_dataloader(data, batches)
+    if isinstance(data, (list, tuple)):
+        if len(data) < 2:
+            raise QuantizeError(f"QAT's check against PTQ holds out training batches and {len(data)} batch "
+                                "leaves none to train on: pass more batches, check=, or ptq_fallback=False")
+        k = max(1, min(batches, int(len(data) * HELD_OUT_FRACTION)))
+        return list(data[:-k]), [(b[0], b[1]) for b in data[-k:]]
+    raise QuantizeError(
+        f"QAT's check against PTQ needs images QAT does not train on, and a {type(data).__name__} cannot "
+        "be split: pass a list of batches, an ehap_fx.data CifarLoader or a DataLoader over a map-style "
+        "dataset, or check= (held-out batches), or ptq_fallback=False")
+
+
+def _held_out_indices(n: int, batch_size: int, batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held-out) indices of ``n`` items, both sorted; held out: a fixed random subset."""
+    if n < 2:
+        raise QuantizeError(f"QAT's check against PTQ holds out training images and {n} image leaves none "
+                            "to train on: pass more data, check=, or ptq_fallback=False")
+    k = max(1, min(batches * batch_size, int(n * HELD_OUT_FRACTION)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    return order[k:].sort().values, order[:k].sort().values
+
+
+def _hold_out_cifar(loader, batches: int):
+    from ehap_fx.data import CifarData, CifarLoader
+
+    d = loader.data
+    keep, held = _held_out_indices(len(d), loader.batch_size, batches)
+
+    def subset(idx):
+        return CifarData(d.images[idx], d.labels[idx], d.classes, d.name, d.split, d.synthetic, d.root)
+
+    rest = CifarLoader(subset(keep), loader.batch_size, loader.shuffle, loader.augment, loader.seed,
+                       loader.drop_last, loader.normalization, rank=loader.rank, world_size=loader.world_size)
+    check = CifarLoader(subset(held), loader.batch_size, shuffle=False, augment=False, seed=loader.seed,
+                        drop_last=False, normalization=loader.normalization)
+    return rest, list(check)
+
+
+def _hold_out_dataloader(loader, batches: int):
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
+
+    if loader.batch_size is None or isinstance(loader.dataset, torch.utils.data.IterableDataset):
+        raise QuantizeError("QAT's check against PTQ holds out images of a map-style dataset with a "
+                            "batch_size: pass check= (held-out batches) or ptq_fallback=False")
+    keep, held = _held_out_indices(len(loader.dataset), loader.batch_size, batches)
+    train_set, check_set = Subset(loader.dataset, keep.tolist()), Subset(loader.dataset, held.tolist())
+    sampler = loader.sampler
+    kw = dict(batch_size=loader.batch_size, drop_last=loader.drop_last, collate_fn=loader.collate_fn,
+              num_workers=loader.num_workers)
+    if isinstance(sampler, DistributedSampler):
+        kw["sampler"] = DistributedSampler(train_set, sampler.num_replicas, sampler.rank, sampler.shuffle,
+                                           sampler.seed, sampler.drop_last)
+    else:
+        kw["shuffle"] = isinstance(sampler, RandomSampler)
+    check = DataLoader(check_set, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
+    return DataLoader(train_set, **kw), [(b[0], b[1]) for b in check]
 
 
 def _take(data: Iterable[Any], n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

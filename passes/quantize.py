@@ -75,9 +75,9 @@ class QuantizeOptions:
     fractions of the QAT steps after which BatchNorm statistics, then the activation/weight
     ranges, stop updating (1.0: never). ``calibration_batches`` is the number of batches
     observed in PTQ mode, and QAT's activation ranges are calibrated on. ``ptq_fallback`` (QAT
-    only, ``ehap_fx.qat.quantize``): also calibrate a PTQ model and keep it when the QAT model
-    ends with a higher loss on the same ``calibration_batches`` training batches (the report
-    says so). ``qat_ranges``: where QAT's
+    only, ``ehap_fx.qat.quantize``): also calibrate a PTQ model and keep QAT only if it ends
+    with a lower loss on held-out training images QAT does not train on (``ehap_fx.qat.hold_out``;
+    the report says which won). ``qat_ranges``: where QAT's
     activation ranges come from. ``"calibrated"`` (default): PTQ's histogram calibration on
     ``calibration_batches`` batches, then held (:func:`calibrate_ranges`); ``"moving"``: torch.ao's
     moving-average min/max of the training batches, frozen at ``freeze_observers_after``. Min/max
@@ -172,7 +172,7 @@ class QuantizeResult:
     seconds: float = 0.0
     scheme: Int8Scheme = field(default_factory=lambda: scheme("x86-vnni"))
     modified: bool = field(default=True)
-    check: dict | None = None  # QAT against PTQ on the same batches (ehap_fx.qat.quantize)
+    check: dict | None = None  # QAT against PTQ on held-out batches (ehap_fx.qat.quantize)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,10 +348,38 @@ def convert(prepared: fx.GraphModule, options: QuantizeOptions) -> fx.GraphModul
         if options.backend == "fx":
             from torch.ao.quantization.quantize_fx import convert_fx
 
-            return convert_fx(prepared).eval()
+            converted = convert_fx(prepared).eval()
+            saturate_weights(converted, scheme(options.target).weight_range)
+            return converted
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
         return _bind_train_eval(convert_pt2e(prepared))
+
+
+def saturate_weights(converted: nn.Module, weight_range: tuple[int, int]) -> int:
+    """Clamp the integer weights of torch.ao's quantized modules into ``weight_range``, as the
+    fake quantizers (and PT2E's conversion) do; returns the number of weights moved. In place.
+
+    A symmetric per-channel observer sets ``scale = max|w| / ((hi - lo) / 2)``, so a channel's
+    largest positive weight lands on ``round((hi - lo) / 2) = hi + 1``; ``convert_fx`` then
+    clamps only to the dtype's (-128, 127): harmless for 8 bits (128 -> 127), but 7-bit weights
+    reached +64 against the x86-avx2 scheme's (-64, 63), where AVX2's int16 pair sums saturate.
+    """
+    lo, hi = weight_range
+    moved = 0
+    for m in converted.modules():
+        if not callable(getattr(m, "weight", None)) or not hasattr(m, "set_weight_bias"):
+            continue
+        w = m.weight()
+        if not (w.is_quantized and w.qscheme() in (torch.per_channel_symmetric, torch.per_channel_affine)):
+            continue  # packed, the symmetric weights read back as affine with zero points 0
+        ints = w.int_repr()  # (C_out, ...) int8
+        clamped = ints.clamp(lo, hi)
+        moved += int((clamped != ints).sum())
+        clamped = torch._make_per_channel_quantized_tensor(
+            clamped, w.q_per_channel_scales(), w.q_per_channel_zero_points(), w.q_per_channel_axis())
+        m.set_weight_bias(clamped, m.bias())
+    return moved
 
 
 # ---------------------------------------------------------------------------------------------

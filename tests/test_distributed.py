@@ -254,7 +254,8 @@ def test_ranks_end_with_the_same_pruned_and_int8_models(ranks):
     assert a["ranking_probes"] == b["ranking_probes"]  # adaptive, stopped on group scores
     assert len(a["ranking_probes"]) == 2 and all(4 <= n <= 8 for n in a["ranking_probes"])
     assert sum(a["widths"].values()) < sum(conv for conv in _dense_widths().values())
-    assert a["check"] == b["check"] and a["check"]["images"] == 64  # QAT vs PTQ: the same batches, choice
+    # QAT vs PTQ: the same held-out images on both ranks (a tenth of 64: 6), the same choice
+    assert a["check"] == b["check"] and a["check"]["images"] == 6
     assert a["pruned"].keys() == b["pruned"].keys()
     for k in a["pruned"]:
         assert torch.equal(a["pruned"][k], b["pruned"][k]), k
