@@ -436,7 +436,12 @@ def yields_images_only(data) -> bool:
     ``(x, y)`` batches; a one-shot iterator is not read ahead (False)."""
     if unlabelled_batches(data) is not None:
         return True
-    if data is None or iter(data) is data:
+    if data is None or isinstance(data, CifarLoader):
+        return False
+    dataset = getattr(data, "dataset", None)
+    if isinstance(data, torch.utils.data.DataLoader) and hasattr(dataset, "__getitem__"):
+        return len(dataset) > 0 and torch.is_tensor(dataset[0])  # a sample, not a shuffled batch
+    if iter(data) is data:
         return False
     for batch in data:
         return torch.is_tensor(batch)

@@ -183,9 +183,13 @@ def test_eval_and_bench_on_the_outputs(default_run):
 
 
 def test_embedded_default_is_real_digits(tmp_path):
-    """`ehap compress` with no arguments (shortened): real images, real accuracies at every stage."""
-    proc = ehap("compress", *DIGITS, cwd=tmp_path)
+    """`ehap compress` with no arguments (shortened): real images, real accuracies at every stage;
+    INT8 by PT2E without a deprecation warning, and no library chatter (a fresh matplotlib cache
+    logs "generated new fontManager" at INFO)."""
+    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "mpl")}
+    proc = ehap("compress", *DIGITS, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "deprecat" not in proc.stderr.lower() and "fontManager" not in proc.stderr, proc.stderr
     out = tmp_path / "runs" / "compress-resnet8"
     report = json.loads((out / "report.json").read_text())
     assert report["run"]["synthetic"] is False and report["run"]["dataset"] == "digits"
@@ -217,6 +221,7 @@ def test_embedded_default_is_real_digits(tmp_path):
     assert report["finetune"]["distill"] == {"alpha": 0.7, "temperature": 4.0, "teacher": "finetuned"}
     q = report["quantize"]
     assert q["mode"] == q["asked"] == "ptq" and q["steps"] == 0 and q["check"] is None and q["distill"] is None
+    assert q["backend"] == "pt2e"
     assert "teacher_finetune" in report["seconds"]
     lat = report["latency"]
     assert lat["isa"] == cpu_features().describe() and set(lat["speedup"]) == {"1", "128"}
@@ -231,10 +236,12 @@ def test_embedded_default_is_real_digits(tmp_path):
 
 
 def test_no_distill_and_no_bench(tmp_path):
-    proc = ehap("compress", *DIGITS, "--no-distill", "--bench-rounds", "0", cwd=tmp_path)
+    proc = ehap("compress", *DIGITS, "--no-distill", "--bench-rounds", "0", "--backend", "fx", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "runs" / "compress-resnet8" / "report.json").read_text())
     assert report["finetune"]["distill"] is None and report["latency"] is None
+    # torch.ao's FX path, while torch ships it: the same scheme, every conv QLinearConv
+    assert report["quantize"]["backend"] == "fx" and report["export"]["quantized_conv_fraction"] == 1.0
     assert "## Speed" not in (tmp_path / "runs" / "compress-resnet8" / "report.md").read_text()
 
 

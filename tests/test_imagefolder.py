@@ -134,6 +134,7 @@ def test_layout_is_recognised(tree, tmp_path):
     torch.testing.assert_close(x[0], (raw - mean) / std)
 
 
+@pytest.mark.slow  # 11M parameters through fp32 and INT8 exports: ~30 s on a quiet 2-core machine
 def test_torchvision_model_on_an_image_folder(tree, tmp_path):
     out = tmp_path / "out"
     proc = ehap("compress", "--model", "torchvision:resnet18", "--data", str(tree), *QUICK, "--out", str(out),
@@ -144,6 +145,7 @@ def test_torchvision_model_on_an_image_folder(tree, tmp_path):
     assert report["channels_before"]["conv1"] == 64 and report["channels_after"]["fc"] == 3
 
 
+@pytest.mark.slow
 def test_timm_model_on_an_image_folder(tree, tmp_path):
     pytest.importorskip("timm")
     out = tmp_path / "out"

@@ -1,0 +1,136 @@
+"""PT2E (the default INT8 path) against torch.ao FX, side by side, on real CIFAR-10 models.
+
+For each model and each backend: PTQ (16 calibration batches of 128 training images), the ONNX
+export and its onnxruntime check, then on the first ``--limit-test`` CIFAR-10 test images the
+top-1 of fp32, of the PyTorch INT8 model and of the ONNX file in onnxruntime, the ORT-vs-PyTorch
+argmax agreement, the QLinearConv share, the time to quantize (prepare + calibrate + convert)
+and to export, and the onnxruntime latency of the fp32 model and of both INT8 files at batch 1
+and 128, timed interleaved (``ehap_fx.latency.time_onnx``).
+
+Models: the pretrained ResNet-56 (``../shared/weights``), and torchvision models at 32x32 with
+their CIFAR-10 head, trained here for ``--train-steps`` steps from scratch (no weights can be
+downloaded; their accuracy is that of a short training, the backends see the same model).
+
+    python tools/int8_backends.py [--models resnet56 torchvision:resnet18 torchvision:mobilenet_v3_large]
+        [--limit-test 2000] [--train-steps 300] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+from ehap_fx.passes.export import export, export_onnx, session
+from ehap_fx.passes.quantize import QuantizeOptions, quantize, quiet_quantization_warnings
+
+from ehap_fx.data import CIFAR10_NORM, load_cifar
+from ehap_fx.isa import cpu_features
+from ehap_fx.latency import BenchOptions, time_onnx
+from ehap_fx.models import normalization, pretrained_model
+from ehap_fx.models.resolve import resolve_model
+from ehap_fx.train import FinetuneOptions, finetune
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@torch.no_grad()
+def logits_of(model, loader) -> tuple[np.ndarray, np.ndarray]:
+    out, labels = [], []
+    with quiet_quantization_warnings():
+        for x, y in loader:
+            out.append(model(x).float().numpy())
+            labels.append(y.numpy())
+    return np.concatenate(out), np.concatenate(labels)
+
+
+def ort_logits(path: Path, loader) -> np.ndarray:
+    sess = session(path)
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x.numpy()})[0] for x, _ in loader])
+
+
+def build(spec: str, args, train):
+    """(model in eval mode, normalisation, what it is)."""
+    if spec == "resnet56":
+        return pretrained_model("resnet56", args.weights), normalization("resnet56"), "pretrained (akamaster)"
+    model = resolve_model(spec, 10).model
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    result = finetune(model, train.loader(128, shuffle=True, augment=True, normalization=CIFAR10_NORM),
+                      FinetuneOptions(epochs=100, max_steps=args.train_steps, lr=0.05, progress=False))
+    return model.eval(), CIFAR10_NORM, f"trained here, {result.steps} steps ({time.perf_counter() - t:.0f} s)"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+",
+                   default=["resnet56", "torchvision:resnet18", "torchvision:mobilenet_v3_large"])
+    p.add_argument("--backends", nargs="+", default=["pt2e", "fx"], choices=("pt2e", "fx"))
+    p.add_argument("--limit-test", type=int, default=2000)
+    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime threads of the timing")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--data", type=Path, default=SHARED / "data")
+    p.add_argument("--weights", type=Path, default=SHARED / "weights")
+    args = p.parse_args(argv)
+    if not (args.data / "cifar-10-batches-py").is_dir() or not args.weights.is_dir():
+        print(f"skipped: needs CIFAR-10 under {args.data} and weights under {args.weights}")
+        return 0
+    train, test = load_cifar(args.data, split="train"), load_cifar(args.data, split="test").head(args.limit_test)
+    x = torch.randn(2, 3, 32, 32)
+    rows, speed = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in args.models:
+            model, norm, what = build(spec, args, train)
+            loader = test.loader(250, normalization=norm)
+            fp32, labels = logits_of(model, loader)
+            files = {"fp32": export_onnx(model, x, Path(tmp) / f"{spec.replace(':', '_')}_fp32.onnx", dynamo=False)}
+            for backend in args.backends:
+                t = time.perf_counter()
+                q = quantize(model, x, train.loader(128, shuffle=True, normalization=norm),
+                             QuantizeOptions(backend=backend, mode="ptq", calibration_batches=16))
+                quantize_s = time.perf_counter() - t
+                path = Path(tmp) / f"{spec.replace(':', '_')}_{backend}.onnx"
+                t = time.perf_counter()
+                rep = export(q, x, path, float_model=model)
+                export_s = time.perf_counter() - t
+                torch_int8, _ = logits_of(q.graph_module, loader)
+                ort = ort_logits(path, loader)
+                top = [100.0 * float((z.argmax(1) == labels).mean()) for z in (fp32, torch_int8, ort)]
+                agree = 100.0 * float((ort.argmax(1) == torch_int8.argmax(1)).mean())
+                convs = sum(1 for c in rep.convs if c.op_type == "QLinearConv")
+                rows.append((spec, what, backend, *top, agree, convs, len(rep.convs), quantize_s, export_s,
+                             rep.int8_bytes / 1024))
+                files[backend] = path
+            ms = time_onnx(files, BenchOptions(batches=(1, 128), rounds=args.rounds, threads=args.threads))
+            speed.append((spec, {k: {b: 1000 * s for b, s in v.items()} for k, v in ms.items()}))
+            print(f"done {spec}", file=sys.stderr, flush=True)
+    print(f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu_features().describe()}, torch {torch.__version__}, "
+          f"onnxruntime {onnxruntime.__version__}; PTQ (16 x 128 calibration images), first {len(test)} "
+          "CIFAR-10 test images")
+    print("\n| model | backend | fp32 top-1 | PyTorch INT8 | ONNX INT8 (ORT) | ORT vs PyTorch argmax "
+          "| QLinearConv | quantize s | export s | INT8 file KiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for spec, what, backend, f32, tq, oq, agree, qc, nc, qs, es, kib in rows:
+        print(f"| {spec} ({what}) | {backend} | {f32:.2f} | {tq:.2f} | {oq:.2f} | {agree:.2f} % | {qc}/{nc} "
+              f"| {qs:.1f} | {es:.1f} | {kib:.0f} |")
+    print(f"\nonnxruntime, {args.threads} threads, median of {args.rounds} interleaved rounds, ms per batch:\n")
+    print("| model | batch | fp32 | " + " | ".join(f"{b} INT8" for b in args.backends)
+          + " | " + " | ".join(f"fp32/{b}" for b in args.backends) + " |")
+    print("|---|---:|---:|" + "---:|" * (2 * len(args.backends)))
+    for spec, ms in speed:
+        for b in (1, 128):
+            print(f"| {spec} | {b} | {ms['fp32'][b]:.2f} | " + " | ".join(f"{ms[k][b]:.2f}" for k in args.backends)
+                  + " | " + " | ".join(f"{ms['fp32'][b] / ms[k][b]:.2f}x" for k in args.backends) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
