@@ -54,7 +54,9 @@ class LoopOptions:
     latency table's batch), at most ``max_rounds`` plans timed and ``max_seconds`` spent, each
     timing ``bench.rounds`` interleaved rounds; ``max_noise`` (None: ``tolerance / 2``) is the
     largest relative half-width of the median ratio's 95 % interval the loop decides on;
-    ``damping`` (0, 1] scales each correction; ``calibration_batches`` of PTQ per INT8 export.
+    ``damping`` (0, 1] scales each correction; ``calibration_batches`` of PTQ per INT8 export;
+    ``retimes``: how many times a measurement too noisy to decide on is timed again (its
+    rounds pooled with the earlier ones) before the loop refuses.
     """
 
     tolerance: float = 0.1
@@ -65,6 +67,7 @@ class LoopOptions:
     batch: int | None = None
     bench: BenchOptions = BenchOptions(batches=(128, 1), rounds=9)
     calibration_batches: int = 2
+    retimes: int = 1
 
     def __post_init__(self) -> None:
         if not 0 < self.tolerance < 1:
@@ -212,8 +215,7 @@ def deliver(
             break
         plans.append(plan)
         predicted = measure(gm, target, plan, latency=latency) / base
-        timed = timer(shrink(gm, plan).graph_module, reference)
-        measured = tuple(ratio_of(b, *timed[b]) for b in sorted(timed, reverse=True))
+        measured = _timed(timer, shrink(gm, plan).graph_module, reference, batch, options)
         rounds.append(LoopRound(len(rounds) + 1, goal, predicted, measured, time.perf_counter() - t))
         now = rounds[-1].at(batch)
         if now.noise > options.noise_limit:
@@ -239,6 +241,22 @@ def deliver(
                         {"max_rounds": options.max_rounds, "max_seconds": options.max_seconds,
                          "max_noise": options.noise_limit, "bench_rounds": options.bench.rounds})
     return Delivered(plans[chosen - 1], report)
+
+
+def _timed(timer: Timer, candidate: fx.GraphModule, reference: fx.GraphModule, batch: int,
+           options: LoopOptions) -> tuple[Ratio, ...]:
+    """The ratios of ``candidate`` to ``reference``, timed again (rounds pooled) up to
+    ``options.retimes`` times while too noisy to decide at ``batch``."""
+    pooled: dict[int, tuple[list[float], list[float]]] = {}
+    for _ in range(1 + options.retimes):
+        for b, (c, d) in timer(candidate, reference).items():
+            pooled.setdefault(b, ([], []))
+            pooled[b][0].extend(c)
+            pooled[b][1].extend(d)
+        measured = tuple(ratio_of(b, *pooled[b]) for b in sorted(pooled, reverse=True))
+        if next(m for m in measured if m.batch == batch).noise <= options.noise_limit:
+            break
+    return measured
 
 
 def _corrected(rounds: list[LoopRound], batch: int, target: float, damping: float) -> float:
