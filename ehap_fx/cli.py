@@ -61,6 +61,7 @@ from ehap_fx.models import (
     load_pretrained,
     normalization,
 )
+from ehap_fx.passes.compensate import CompensateOptions
 from ehap_fx.passes.export import onnx_top1, session
 from ehap_fx.passes.quantize import QAT_FINETUNE, QAT_RANGES, QuantizeOptions
 from ehap_fx.report import ZERO_SCORES, all_scores_zero, load_pruned
@@ -159,6 +160,13 @@ def _compress_parser(sub) -> None:
                    help="fixed number of Hutchinson probes (default: adaptive; 4 on synthetic data)")
     p.add_argument("--max-probes", type=int, default=200)
     p.add_argument("--finetune-epochs", type=float, help="fine-tune epochs (0: no fine-tune)")
+    p.add_argument("--no-compensate", action="store_true",
+                   help="skip the least-squares repair of the surviving weights after pruning (default: "
+                        "refit them to reproduce the dense model's activations; with --finetune-epochs 0 "
+                        "that is the post-training recipe)")
+    p.add_argument("--compensate-images", type=int, default=CompensateOptions().images,
+                   help=f"calibration images of that repair (no labels read; default "
+                        f"{CompensateOptions().images})")
     p.add_argument("--finetune-steps", type=int, help="cap on fine-tune steps")
     p.add_argument("--lr", type=float, default=0.01, help="fine-tune learning rate")
     p.add_argument("--qat-epochs", type=float)
@@ -330,8 +338,9 @@ def compress_options(args) -> CompressOptions:
         latency = LatencyOptions(batch_size=args.latency_batch, precision=args.latency_precision)
         bench = None if args.bench_rounds == 0 or quantize is None else BenchOptions(
             rounds=args.bench_rounds, threads=args.bench_threads)
+        compensate = None if args.no_compensate else CompensateOptions(images=args.compensate_images)
         return CompressOptions(target, _pick(args.scorer, prof.scorer), hessian, finetune, quantize, latency,
-                               bench)
+                               bench, compensate)
     except ValueError as e:
         raise UsageError(str(e)) from e
 

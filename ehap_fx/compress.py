@@ -23,11 +23,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ehap_fx import distributed
+from ehap_fx import _meta, distributed
 from ehap_fx.errors import EhapError, TargetError
 from ehap_fx.hessian import HessianOptions
 from ehap_fx.isa import cpu_features
 from ehap_fx.latency import BenchOptions, LatencyModel, LatencyOptions, LatencyTable, time_onnx
+from ehap_fx.passes.compensate import CompensateOptions
+from ehap_fx.passes.compensate import compensate as repair
 from ehap_fx.passes.cost import Cost, conv_widths, total_cost
 from ehap_fx.passes.export import export as export_onnx
 from ehap_fx.passes.export import export_onnx as export_float
@@ -100,6 +102,7 @@ class CompressOptions:
     quantize: QuantizeOptions | None = None
     latency: LatencyOptions | None = None
     bench: BenchOptions | None = None
+    compensate: CompensateOptions | None = CompensateOptions()
 
     def __post_init__(self) -> None:
         if self.scorer is not None and self.scorer not in SCORERS:
@@ -170,6 +173,7 @@ class CompressReport:
     quantize: dict | None = None
     export: dict | None = None
     latency: dict | None = None  # onnxruntime: dense fp32 vs the INT8 file, per batch size
+    compensation: dict | None = None  # the least-squares repair after pruning (passes.compensate)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -215,6 +219,7 @@ def compress(
     teacher: nn.Module | None = None,
     capture: str = "fx",
     bench: BenchOptions | None = None,
+    compensate: CompensateOptions | None = CompensateOptions(),
 ) -> CompressResult:
     """Prune ``model`` to ``target`` by Hessian-aware channel ranking, then optionally
     fine-tune, quantize to INT8 and export to ONNX.
@@ -254,9 +259,19 @@ def compress(
 
     ``bench`` (with ``export``): time the dense fp32 model and the INT8 file in onnxruntime on
     this machine (``report.latency``: milliseconds per batch size, the speed-up).
+
+    ``compensate`` (with ``data``; None turns it off): after pruning, refit the surviving weights
+    layer by layer to reproduce the dense model's activations on ``compensate.images`` inputs of
+    ``data`` (``passes.compensate``; no labels read). Without ``finetune_options`` that is the
+    post-training recipe; with it, the fine-tune starts from the repaired model.
+    ``report.accuracy["pruned"]`` is the top-1 before the repair, ``["compensated"]`` after.
+    ``data`` may yield inputs alone (no labels): the ranking then draws its labels from the
+    model's own softmax (Monte-Carlo, as the GGN estimators assume); fine-tuning needs labels.
     """
     scorer = _default_scorer(scorer, data, loss_fn)
-    CompressOptions(target, scorer, hessian, finetune_options, quantize, latency, bench)  # validates
+    CompressOptions(target, scorer, hessian, finetune_options, quantize, latency, bench,
+                    compensate)  # validates
+    compensate, data = _calibration(model, data, loss_fn, compensate)
     if export is not None and quantize is None:
         raise EhapError("export= writes the INT8 model: also pass quantize=QuantizeOptions()")
     if scorer != "l1":
@@ -285,6 +300,7 @@ def compress(
     teacher, dense = _teacher_and_dense(gm, teacher, finetune_options, quantize, bench, export,
                                         data, eval_data, report, seconds)
     table = LatencyTable(latency or LatencyOptions()) if target.kind == "latency" else None
+    reference = copy.deepcopy(gm).eval() if compensate is not None else None  # what the repair matches
 
     def between(gm: fx.GraphModule, step: int) -> None:
         finetune(gm, distributed.shard_loader(data), finetune_options,
@@ -304,6 +320,8 @@ def compress(
     train_data = distributed.shard_loader(data)  # this rank's share for DDP training
     if eval_data is not None:
         report.accuracy["pruned"] = evaluate(gm, eval_data)
+    gm = _compensate(gm, reference, data, compensate, report, eval_data, seconds)
+    del reference
     if finetune_options is not None:
         t = time.perf_counter()
         result = finetune(gm, train_data, finetune_options, eval_loader=eval_data,
@@ -328,6 +346,64 @@ def compress(
         seconds["bench"] = time.perf_counter() - t
     report.seconds = {k: round(v, 3) for k, v in seconds.items()}
     return out
+
+
+def _compensate(gm: fx.GraphModule, reference: fx.GraphModule, data, options: CompensateOptions,
+                report: CompressReport, eval_data, seconds: dict) -> fx.GraphModule:
+    """The least-squares repair of the pruned ``gm`` against the dense ``reference`` (none: ``gm``
+    as it is), recorded."""
+    if reference is None:
+        return gm
+    t = time.perf_counter()
+    gm = repair(gm, reference, data, options).graph_module
+    distributed.broadcast_module(gm)  # one repair on every rank (rank 0's)
+    seconds["compensate"] = time.perf_counter() - t
+    report.compensation = {**gm.meta[_meta.COMPENSATION].summary(), "options": _plain(options)}
+    if eval_data is not None:
+        report.accuracy["compensated"] = evaluate(gm, eval_data)
+    return gm
+
+
+class OwnLabels:
+    """Unlabelled batches as ``(x, y)``, ``y`` drawn from the model's own softmax (Monte-Carlo
+    labels: the Gauss-Newton/Fisher the rankings estimate is their expectation), the same draws
+    on every pass. Batches that already carry labels are passed through."""
+
+    def __init__(self, model: nn.Module, batches: Iterable, seed: int = 0):
+        self.model, self.batches, self.seed = copy.deepcopy(model).eval(), batches, seed
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed)
+        for x in self.batches:
+            with torch.no_grad():
+                p = torch.softmax(self.model(x).float(), 1)
+            yield x, torch.multinomial(p, 1, generator=gen).squeeze(1)
+
+
+def _calibration(model: nn.Module, data, loss_fn, compensate: CompensateOptions | None):
+    """``compensate`` where the user gave data (never on synthetic inputs), and ``data`` with the
+    model's own labels where it has none (:func:`own_labels`; not with a ``loss_fn``)."""
+    if data is None:
+        return None, None
+    return compensate, data if loss_fn is not None else own_labels(model, data)
+
+
+def own_labels(model: nn.Module, data):
+    """``data`` as it is when it yields ``(x, y)`` batches; else (one tensor of inputs, or batches of
+    inputs alone) :class:`OwnLabels` of its batches."""
+    if torch.is_tensor(data):
+        return OwnLabels(model, data.split(128))
+    if isinstance(data, (list, tuple)):
+        pair = len(data) == 2 and all(torch.is_tensor(t) for t in data) and data[1].dim() == 1
+        inputs = bool(data) and torch.is_tensor(data[0]) and not (pair and len(data[1]) == len(data[0]))
+        return OwnLabels(model, data) if inputs else data  # an (x, y) pair of tensors stays
+    if iter(data) is data:
+        return data  # a one-shot iterator: not read ahead
+    first = next(iter(data), None)
+    return OwnLabels(model, data) if torch.is_tensor(first) else data
 
 
 def measure_speedup(dense: nn.Module, example_input, int8_path: Path, options: BenchOptions) -> dict:

@@ -41,7 +41,7 @@ import contextlib
 import copy
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -59,12 +59,14 @@ class CompensateOptions:
     """How ``compensate`` fits: on the first ``images`` calibration images, damping ``λ`` as a
     fraction of ``mean(diag H)``, at most ``max_rows`` rows of ``X`` per batch and layer (im2col
     positions sampled uniformly, seeded by ``seed``, when a batch has more: a big feature map's
-    neighbouring positions say nearly the same; None keeps all)."""
+    neighbouring positions say nearly the same; None keeps all). ``add_bias``: a conv/linear
+    module without a bias gets one to fit (the mean shift the removed channels leave behind)."""
 
     images: int = 512
     damping: float = 1e-4
     max_rows: int | None = 32768
     seed: int = 0
+    add_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.images < 1:
@@ -355,7 +357,7 @@ def _repair(node: fx.Node, layer: _Layer, paired: tuple[fx.Node, list[Any]], wal
     dense_node, dense_out = paired
     index = _dense_channels(node, dense_node, layer)
     outputs, inputs = walk.env[node], walk.env[layer.input]
-    bias = layer.bias is not None
+    bias = layer.bias is not None or (options.add_bias and node.op == "call_module")
     h = r = None
     e2 = y2 = 0.0
     rows = 0
@@ -382,6 +384,10 @@ def _repair(node: fx.Node, layer: _Layer, paired: tuple[fx.Node, list[Any]], wal
         return LayerFit(node.name, rows, k, g, 0.0, 0.0, False), size
     delta = solve(h, r, options.damping)  # (g, K+1, O/g)
     after = e2 - 2 * float((delta * r).sum()) + float((delta * torch.bmm(h, delta)).sum())
+    if bias and layer.bias is None:  # add_bias: a zero bias to fit
+        module = walk.interp.module.get_submodule(node.target)
+        module.bias = nn.Parameter(layer.weight.new_zeros(layer.weight.shape[0]))
+        layer = replace(layer, bias=module.bias)
     _update(layer, delta)
     walk.env[node] = walk.compute(node)
     scale = max(y2, 1e-30)

@@ -176,3 +176,27 @@ def test_the_repair_brings_the_logits_back(one_thread):
         ref = dense(held_out)
         before, after = (small(held_out) - ref).square().mean(), (fixed(held_out) - ref).square().mean()
     assert after < 0.5 * before
+
+
+def test_compress_repairs_by_default_on_unlabelled_data(one_thread):
+    from ehap_fx.compress import compress
+    from ehap_fx.target import Target
+
+    model = randomize_bn(TinyOptionA())
+    gen = torch.Generator().manual_seed(0)
+    calib, held_out = torch.randn(256, 3, 12, 12, generator=gen), torch.randn(256, 3, 12, 12, generator=gen)
+    with torch.no_grad():
+        eval_data = [(held_out, model(held_out).argmax(1))]  # top-1 = agreement with the dense model
+    batches = list(calib.split(64))  # images alone: no labels anywhere
+    target = Target(macs=0.6, round_to=1)
+    on = compress(model, calib[:1], data=batches, eval_data=eval_data, target=target)
+    off = compress(model, calib[:1], data=batches, eval_data=eval_data, target=target, compensate=None)
+    acc = on.report.accuracy
+    assert acc["dense"] == 100.0 and acc["pruned"] == off.report.accuracy["pruned"]
+    assert acc["compensated"] >= acc["pruned"]
+    with torch.no_grad():
+        ref = model(held_out)
+        before, after = ((m(held_out) - ref).square().mean() for m in (off.pruned, on.pruned))
+    assert after < 0.5 * before
+    assert on.report.compensation["images"] == 256 and on.report.compensation["layers_repaired"] >= 3
+    assert "compensated" not in off.report.accuracy and off.report.compensation is None
