@@ -320,7 +320,8 @@ def compress(
     train_data = distributed.shard_loader(data)  # this rank's share for DDP training
     if eval_data is not None:
         report.accuracy["pruned"] = evaluate(gm, eval_data)
-    gm = _compensate(gm, reference, data, compensate, report, eval_data, seconds)
+    gm = _compensate(gm, reference, data, compensate, report, eval_data, seconds,
+                     recipe="start of the fine-tune" if finetune_options else "post-training (no fine-tune)")
     del reference
     if finetune_options is not None:
         t = time.perf_counter()
@@ -349,7 +350,7 @@ def compress(
 
 
 def _compensate(gm: fx.GraphModule, reference: fx.GraphModule, data, options: CompensateOptions,
-                report: CompressReport, eval_data, seconds: dict) -> fx.GraphModule:
+                report: CompressReport, eval_data, seconds: dict, recipe: str) -> fx.GraphModule:
     """The least-squares repair of the pruned ``gm`` against the dense ``reference`` (none: ``gm``
     as it is), recorded."""
     if reference is None:
@@ -358,7 +359,8 @@ def _compensate(gm: fx.GraphModule, reference: fx.GraphModule, data, options: Co
     gm = repair(gm, reference, data, options).graph_module
     distributed.broadcast_module(gm)  # one repair on every rank (rank 0's)
     seconds["compensate"] = time.perf_counter() - t
-    report.compensation = {**gm.meta[_meta.COMPENSATION].summary(), "options": _plain(options)}
+    report.compensation = {**gm.meta[_meta.COMPENSATION].summary(), "recipe": recipe,
+                           "options": _plain(options)}
     if eval_data is not None:
         report.accuracy["compensated"] = evaluate(gm, eval_data)
     return gm

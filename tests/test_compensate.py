@@ -199,4 +199,19 @@ def test_compress_repairs_by_default_on_unlabelled_data(one_thread):
         before, after = ((m(held_out) - ref).square().mean() for m in (off.pruned, on.pruned))
     assert after < 0.5 * before
     assert on.report.compensation["images"] == 256 and on.report.compensation["layers_repaired"] >= 3
+    assert on.report.compensation["recipe"] == "post-training (no fine-tune)"
     assert "compensated" not in off.report.accuracy and off.report.compensation is None
+
+
+def test_the_cli_repairs_as_compress_does_and_can_be_told_not_to():
+    import inspect
+
+    from ehap_fx import cli
+    from ehap_fx.compress import compress
+
+    default = inspect.signature(compress).parameters["compensate"].default
+    for flags, want in (([], default), (["--no-compensate"], None),
+                        (["--compensate-images", "256"], CompensateOptions(images=256))):
+        args = cli.build_parser().parse_args(["compress", "--data", "somewhere", *flags])
+        cli.resolve_defaults(args)
+        assert cli.compress_options(args).compensate == want
