@@ -12,6 +12,11 @@ COST = "ehap.cost"
 GROUPS = "ehap.groups"
 # gm.meta: the last pruning plan applied by shrink (passes.shrink.PrunePlan).
 PLAN = "ehap.plan"
+# node.meta: the channels the node's output keeps, as a tuple of indices into the channels of
+# the graph before its first shrink (passes.shrink, composed over repeated shrinks).
+KEPT = "ehap.kept"
+# gm.meta: what the compensation pass repaired (passes.compensate.Compensation).
+COMPENSATION = "ehap.compensation"
 # gm.meta: True once QAT froze BatchNorm on its running statistics (passes.quantize, ehap_fx.qat).
 BN_FROZEN = "ehap.bn_frozen"
 # gm.meta: how torch.export captured the graph, to export it again (passes.trace.ExportCapture).

@@ -63,6 +63,7 @@ from ehap_fx.models import (
     normalization,
 )
 from ehap_fx.models.resolve import ResolvedModel, library_of, resolve_model
+from ehap_fx.passes.compensate import CompensateOptions
 from ehap_fx.passes.export import onnx_top1, session
 from ehap_fx.passes.quantize import QAT_FINETUNE, QAT_RANGES, QuantizeOptions
 from ehap_fx.report import ZERO_SCORES, all_scores_zero, load_pruned
@@ -192,6 +193,13 @@ def _compress_parser(sub) -> None:
                    help="fixed number of Hutchinson probes (default: adaptive; 4 on synthetic data)")
     p.add_argument("--max-probes", type=int, default=200)
     p.add_argument("--finetune-epochs", type=float, help="fine-tune epochs (0: no fine-tune)")
+    p.add_argument("--no-compensate", action="store_true",
+                   help="skip the least-squares repair of the surviving weights after pruning (default: "
+                        "refit them to reproduce the dense model's activations; with --finetune-epochs 0 "
+                        "that is the post-training recipe)")
+    p.add_argument("--compensate-images", type=int, default=CompensateOptions().images,
+                   help=f"calibration images of that repair (no labels read; default "
+                        f"{CompensateOptions().images})")
     p.add_argument("--finetune-steps", type=int, help="cap on fine-tune steps")
     p.add_argument("--lr", type=float, default=0.01, help="fine-tune learning rate")
     p.add_argument("--qat-epochs", type=float)
@@ -199,7 +207,8 @@ def _compress_parser(sub) -> None:
     p.add_argument("--quant-mode", choices=("qat", "ptq"), default=RECIPE.quant_mode,
                    help=f"default {RECIPE.quant_mode} (QAT tied PTQ on ResNet-56 at 15-29x the cost, "
                         "docs/results.md); "
-                        "QAT starts from the PTQ model and is kept only if it beats PTQ on held-out training images")
+                        "QAT starts from the PTQ model and is kept only if it beats PTQ on held-out "
+                        "training images")
     p.add_argument("--qat-ranges", choices=QAT_RANGES, default=QuantizeOptions().qat_ranges,
                    help="QAT's activation ranges: calibrated (PTQ's histogram on the calibration batches, "
                         "then held: QAT starts from the PTQ model) or moving (min/max of the training "
@@ -407,8 +416,9 @@ def compress_options(args) -> CompressOptions:
             rounds=args.bench_rounds, threads=args.bench_threads)
         loop = None if args.latency_loop_rounds == 0 or target.kind != "latency" else LoopOptions(
             tolerance=args.latency_tolerance, max_rounds=args.latency_loop_rounds)
+        compensate = None if args.no_compensate else CompensateOptions(images=args.compensate_images)
         return CompressOptions(target, _pick(args.scorer, prof.scorer), hessian, finetune, quantize, latency,
-                               bench, loop)
+                               bench, loop, compensate)
     except ValueError as e:
         raise UsageError(str(e)) from e
 

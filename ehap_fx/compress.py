@@ -31,6 +31,8 @@ from ehap_fx.isa import cpu_features
 from ehap_fx.latency import BenchOptions, LatencyModel, LatencyOptions, LatencyTable, time_onnx
 from ehap_fx.latency_loop import Delivered, LoopOptions, LoopReport, OnnxTimer, deliver
 from ehap_fx.passes.capture import capture_groups
+from ehap_fx.passes.compensate import CompensateOptions
+from ehap_fx.passes.compensate import compensate as repair
 from ehap_fx.passes.cost import Cost, conv_widths, total_cost
 from ehap_fx.passes.export import export as export_onnx
 from ehap_fx.passes.export import export_onnx as export_float
@@ -104,6 +106,7 @@ class CompressOptions:
     latency: LatencyOptions | None = None
     bench: BenchOptions | None = None
     latency_loop: LoopOptions | None = None
+    compensate: CompensateOptions | None = CompensateOptions()
 
     def __post_init__(self) -> None:
         if self.scorer is not None and self.scorer not in SCORERS:
@@ -175,6 +178,7 @@ class CompressReport:
     export: dict | None = None
     latency: dict | None = None  # onnxruntime: dense fp32 vs the INT8 file, per batch size
     latency_loop: dict | None = None  # a latency target measured in the loop (latency_loop.LoopReport)
+    compensation: dict | None = None  # the least-squares repair after pruning (passes.compensate)
     seconds: dict[str, float] = field(default_factory=dict)
     capture: dict = field(default_factory=dict)  # which capture made the graph, and why (passes.capture)
 
@@ -222,6 +226,7 @@ def compress(
     capture: str = "auto",
     bench: BenchOptions | None = None,
     latency_loop: LoopOptions | None = None,
+    compensate: CompensateOptions | None = CompensateOptions(),
 ) -> CompressResult:
     """Prune ``model`` to ``target`` by Hessian-aware channel ranking, then optionally
     fine-tune, quantize to INT8 and export to ONNX.
@@ -269,12 +274,22 @@ def compress(
     until the measured ratio meets the target (``ehap_fx.latency_loop.deliver``;
     ``report.latency_loop``: rounds, predicted and measured ratios per batch, noise, or why
     the loop stopped, e.g. a machine too noisy to decide).
+    ``compensate`` (with ``data``; None turns it off): after pruning, refit the surviving weights
+    layer by layer to reproduce the dense model's activations on ``compensate.images`` inputs of
+    ``data`` (``passes.compensate``; no labels read). Without ``finetune_options`` that is the
+    post-training recipe; with it, the fine-tune starts from the repaired model.
+    ``report.accuracy["pruned"]`` is the top-1 before the repair, ``["compensated"]`` after.
+    ``data`` may yield inputs alone (no labels): the ranking then draws its labels from the
+    model's own softmax (Monte-Carlo, as the GGN estimators assume); fine-tuning needs labels.
     """
     target, quantize, finetune_options, bench = _edge_options(target, quantize, finetune_options, hessian,
                                                               latency, bench, export)
+    images = data  # the user's own batches, for the repair (which reads no labels)
     data, data_name = _edge_data(model, data, eval_data, data_name, finetune_options, quantize, loss_fn)
     scorer = _default_scorer(scorer, data, loss_fn)
-    CompressOptions(target, scorer, hessian, finetune_options, quantize, latency, bench, latency_loop)
+    CompressOptions(target, scorer, hessian, finetune_options, quantize, latency, bench, latency_loop,
+                    compensate)  # validates
+    compensate = compensate if data is not None else None  # the user's data only, never synthetic
     if export is not None and quantize is None:
         raise EhapError("export= writes the INT8 model: also pass quantize=QuantizeOptions()")
     if scorer != "l1":
@@ -303,6 +318,7 @@ def compress(
     teacher, dense = _teacher_and_dense(gm, teacher, finetune_options, quantize, bench, export,
                                         data, eval_data, report, seconds)
     table = LatencyTable(latency or LatencyOptions()) if target.kind == "latency" else None
+    reference = copy.deepcopy(gm).eval() if compensate is not None else None  # what the repair matches
 
     def between(gm: fx.GraphModule, step: int) -> None:
         finetune(gm, distributed.shard_loader(data), finetune_options,
@@ -323,6 +339,9 @@ def compress(
     train_data = distributed.shard_loader(data)  # this rank's share for DDP training
     if eval_data is not None:
         report.accuracy["pruned"] = evaluate(gm, eval_data)
+    gm = _compensate(gm, reference, images, compensate, report, eval_data, seconds,
+                     recipe="start of the fine-tune" if finetune_options else "post-training (no fine-tune)")
+    del reference
     if finetune_options is not None:
         t = time.perf_counter()
         result = finetune(gm, train_data, finetune_options, eval_loader=eval_data,
@@ -347,6 +366,23 @@ def compress(
         seconds["bench"] = time.perf_counter() - t
     report.seconds = {k: round(v, 3) for k, v in seconds.items()}
     return out
+
+
+def _compensate(gm: fx.GraphModule, reference: fx.GraphModule, data, options: CompensateOptions,
+                report: CompressReport, eval_data, seconds: dict, recipe: str) -> fx.GraphModule:
+    """The least-squares repair of the pruned ``gm`` against the dense ``reference`` (none: ``gm``
+    as it is), recorded."""
+    if reference is None:
+        return gm
+    t = time.perf_counter()
+    gm = repair(gm, reference, data, options).graph_module
+    process_group.broadcast_module(gm)  # one repair on every rank (rank 0's)
+    seconds["compensate"] = time.perf_counter() - t
+    report.compensation = {**gm.meta[_meta.COMPENSATION].summary(), "recipe": recipe,
+                           "options": _plain(options)}
+    if eval_data is not None:
+        report.accuracy["compensated"] = evaluate(gm, eval_data)
+    return gm
 
 
 def measure_speedup(dense: nn.Module, example_input, int8_path: Path, options: BenchOptions) -> dict:

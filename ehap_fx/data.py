@@ -449,29 +449,32 @@ def yields_images_only(data) -> bool:
 
 
 class OwnLabels:
-    """``(x, y)`` batches from batches of images alone: ``y`` is what ``model`` predicts
-    (argmax of its logits, in eval mode, without gradients; the model's mode is restored).
-    What a Gauss-Newton ranking needs from unlabelled images: its curvature does not depend on
-    the labels, and a Hutchinson estimate then measures the loss around the model's own
-    decisions."""
+    """``(x, y)`` batches from batches of images alone: ``y`` drawn from ``model``'s own softmax
+    (in eval mode, without gradients; the model's mode is restored), seeded, so every pass over
+    the batches yields the same labels. Monte-Carlo labels are what a Gauss-Newton ranking needs
+    from unlabelled images: the Gauss-Newton (Fisher) matrix is the expectation over them, and
+    the loss gradient averages to zero around the model's own decisions (argmax labels would
+    bias it toward the predicted class)."""
 
-    def __init__(self, images, model: torch.nn.Module) -> None:
+    def __init__(self, images, model: torch.nn.Module, seed: int = 0) -> None:
         self.images = unlabelled_batches(images) or images
-        self.model = model
+        self.model, self.seed = model, seed
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(self.seed)
         for x in self.images:
-            yield x, self.labels(x)
+            yield x, self.labels(x, gen)
 
     @torch.no_grad()
-    def labels(self, x: torch.Tensor) -> torch.Tensor:
+    def labels(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         was = self.model.training
         self.model.eval()
         try:
             device = next(self.model.parameters(), torch.empty(0)).device
-            return self.model(x.to(device)).argmax(1).to(x.device)  # (N,)
+            p = torch.softmax(self.model(x.to(device)).float().cpu(), 1)
+            return torch.multinomial(p, 1, generator=gen).squeeze(1).to(x.device)  # (N,)
         finally:
             self.model.train(was)

@@ -37,6 +37,7 @@ from ehap_fx.passes._coupling import (
 from ehap_fx.passes.depth import droppable_groups, folded_nodes, reads_no_channel
 from ehap_fx.passes.group import (
     ChannelGroups,
+    ChannelSlots,
     KeptChannels,
     group_channels,
     groups_of,
@@ -418,6 +419,7 @@ def shrink(gm: fx.GraphModule, plan: PrunePlan) -> PassResult:
     plan.check_widths(gm)
     out = copy.deepcopy(gm)
     keep = _Keep(groups, plan)
+    record_kept(out, keep)
     fold_dropped_branches(out, keep)
     for node in out.graph.nodes:
         _rewrite(out, node, keep)
@@ -428,6 +430,19 @@ def shrink(gm: fx.GraphModule, plan: PrunePlan) -> PassResult:
     out.meta[_meta.PLAN] = plan
     modified = any(len(k) < groups[g].size for g, k in plan.keep.items())
     return PassResult(out, modified)
+
+
+def record_kept(gm: fx.GraphModule, keep: KeptChannels) -> None:
+    """``node.meta[KEPT]``: the channels each node's output keeps, as indices into the graph's
+    channels before its first shrink (composed with what an earlier shrink recorded), so a pass
+    can pair a pruned value with the dense one (``passes.compensate``). In place."""
+    for node in gm.graph.nodes:
+        slots = node.meta.get(_meta.CHANNELS)
+        if not isinstance(slots, ChannelSlots):
+            continue
+        kept = _idx(keep.of(slots)).tolist()
+        before = node.meta.get(_meta.KEPT)
+        node.meta[_meta.KEPT] = tuple(before[i] for i in kept) if before is not None else tuple(kept)
 
 
 def fold_dropped_branches(gm: fx.GraphModule, keep: KeptChannels) -> None:

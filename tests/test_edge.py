@@ -9,6 +9,7 @@ labels, wrong kinds of values (one clear message naming the fix), and progress w
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -99,12 +100,19 @@ def test_images_alone_rank_like_images_labelled_by_the_model():
     assert not model.training  # the user's model keeps its mode
 
 
-def test_own_labels_keep_the_model_mode():
+def test_own_labels_are_drawn_from_the_model_and_keep_its_mode():
     model = net().train()
-    (x, y), = list(OwnLabels(IMAGES[:1], model))
+    labels = OwnLabels(IMAGES[:1], model)
+    (x, y), = list(labels)
     assert model.training and y.shape == (16,) and y.dtype == torch.long
-    model.eval()
-    assert torch.equal(y, model(x).argmax(1))
+    assert torch.equal(y, next(iter(labels))[1])  # the same draws on every pass
+    sure = copy.deepcopy(model).eval()
+    sure[-1].weight.data *= 1e4  # logits so far apart that the softmax is one-hot in float32
+    (_, y_sure), = list(OwnLabels(IMAGES[:1], sure))
+    assert torch.equal(y_sure, sure(x).argmax(1))
+    draws = torch.cat([y for _, y in OwnLabels([x] * 64, model.eval())])
+    p = torch.softmax(model(x), 1).mean(0)  # what a draw's class frequency estimates
+    assert draws.bincount(minlength=10).float().div(len(draws)).sub(p).abs().max() < 5 * (0.25 / len(draws)) ** 0.5
 
 
 @pytest.mark.parametrize(("kwargs", "words"), [

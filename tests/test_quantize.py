@@ -175,9 +175,8 @@ def test_7bit_weights_reach_the_onnx_file_in_range(tmp_path):
     """The ONNX file's int8 weights (what onnxruntime's AVX2 kernels read: initializers or, as
     the FX export writes them, Constant nodes) lie in [-64, 63] too."""
     onnx = pytest.importorskip("onnx")
-    from onnx import numpy_helper
-
     from ehap_fx.passes.export import export
+    from onnx import numpy_helper
 
     q = quantize(TinyResNet().eval(), X, batches(2), QuantizeOptions(mode="ptq", target="x86-avx2"))
     export(q, X, tmp_path / "m.onnx")

@@ -1,0 +1,217 @@
+"""Compensation pass: each repaired layer is the least-squares fit of the dense layer's output on
+the inputs the repaired pruned model itself produces, computed here independently
+(``F.unfold`` + ``torch.linalg.lstsq``, float64), layer by layer in graph order.
+
+Model under test (TinyOptionA, a pruned option-A ResNet)::
+
+    x ─▶ conv1' ─▶ bn ─▶ relu ─▶ [conv1' ─▶ bn ─▶ relu ─▶ conv2' ─▶ bn] ─(+ stream)─▶ ... ─▶ fc'
+          fitted on x           fitted on the repaired stream          fitted on the pooled stream
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ehap_fx.passes.compensate import CompensateOptions, Compensation, calibration_inputs, compensate
+from ehap_fx.passes.group import group_channels, groups_of
+from ehap_fx.passes.mask import random_plan
+from ehap_fx.passes.shrink import PrunePlan, shrink
+from ehap_fx.passes.trace import trace
+from torch import fx, nn
+
+from ehap_fx import _meta
+from tests.nets import SEDepthwise, TinyOptionA, randomize_bn
+
+EXACT = CompensateOptions(images=10**6, damping=0.0, max_rows=None)
+
+
+def values_by_name(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every node's output of ``gm(x)``, by node name."""
+    out = {}
+
+    class Record(fx.Interpreter):
+        def run_node(self, n):
+            out[n.name] = super().run_node(n)
+            return out[n.name]
+
+    with torch.no_grad():
+        Record(gm).run(x)
+    return out
+
+
+def lstsq_fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The least-squares weights (and the design matrix) of ``module`` mapping its input ``x`` to
+    ``y`` (float64), solved per group with ``torch.linalg.lstsq``: ``(g, K [+1], O/g)``."""
+    if isinstance(module, nn.Linear):
+        a, b, g = x.reshape(-1, 1, x.shape[-1]), y.reshape(-1, 1, y.shape[-1]), 1
+    else:
+        g = module.groups
+        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        a = cols.transpose(1, 2).reshape(-1, g, cols.shape[1] // g)  # (N·L, g, K)
+        b = y.flatten(2).transpose(1, 2).reshape(-1, g, y.shape[1] // g)  # (N·L, g, O/g)
+    if module.bias is not None:
+        a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype)], 2)
+    a, b = a.transpose(0, 1), b.transpose(0, 1)  # (g, rows, K), (g, rows, O/g)
+    return torch.linalg.lstsq(a, b).solution, a
+
+
+def as_solution(module: nn.Module) -> torch.Tensor:
+    """``module``'s weights (and bias) in ``lstsq_fit``'s layout."""
+    o = module.weight.shape[0]
+    g = getattr(module, "groups", 1)
+    w = module.weight.reshape(g, o // g, -1).transpose(1, 2)  # (g, K, O/g)
+    if module.bias is not None:
+        w = torch.cat([w, module.bias.reshape(g, 1, o // g)], 1)
+    return w
+
+
+def pruned_pair(make, shape, fraction, seed=0):
+    gm = group_channels(trace(randomize_bn(make()).double(), torch.randn(shape, dtype=torch.float64)))
+    gm = gm.graph_module
+    plan = random_plan(gm, fraction, torch.Generator().manual_seed(seed))
+    return gm, shrink(gm, plan).graph_module
+
+
+@pytest.mark.parametrize("make,shape", [(TinyOptionA, (48, 3, 12, 12)), (SEDepthwise, (384, 3, 8, 8))],
+                         ids=["option-a-resnet", "depthwise-grouped-linear"])
+def test_each_layer_is_the_lstsq_optimum_on_the_repaired_inputs(make, shape, one_thread):
+    dense, small = pruned_pair(make, shape, 0.5)
+    x = torch.randn(shape, dtype=torch.float64)
+    fixed = compensate(small, dense, [x[: len(x) // 2], x[len(x) // 2 :]], EXACT).graph_module
+    fits = fixed.meta[_meta.COMPENSATION].layers
+    assert sum(f.repaired for f in fits) >= 3
+    got, want = values_by_name(fixed, x), values_by_name(dense, x)
+    checked = 0
+    for fit in fits:
+        node = next(n for n in fixed.graph.nodes if n.name == fit.node)
+        module = fixed.get_submodule(node.target)
+        y = want[node.name]
+        kept = node.meta[_meta.KEPT]
+        y = y.index_select(1 if module.weight.dim() > 2 else -1, torch.tensor(kept))
+        solution, a = lstsq_fit(module, got[node.args[0].name], y)
+        if not fit.repaired:  # its output already equals the dense one
+            torch.testing.assert_close(got[node.name], y, rtol=0, atol=1e-12)
+            continue
+        # the fitted outputs agree to float64 rounding, amplified by the conditioning of A
+        cond = torch.linalg.cond(a).max()
+        pred_tol = 64 * torch.finfo(torch.float64).eps * float(cond) * float(y.abs().max())
+        torch.testing.assert_close(a @ as_solution(module), a @ solution, rtol=0, atol=pred_tol)
+        if torch.linalg.matrix_rank(a).min() == a.shape[-1]:  # a unique optimum: the weights too
+            scale = float(solution.abs().max())
+            torch.testing.assert_close(as_solution(module), solution, rtol=0,
+                                       atol=64 * torch.finfo(torch.float64).eps * float(cond) ** 2 * scale)
+            checked += 1
+        assert fit.error_after <= fit.error_before
+    assert checked >= 2
+
+
+class ZeroChannels(nn.Module):
+    """conv a (8, bias) ─▶ relu ─▶ conv b (8) ─▶ relu ─▶ conv c (6) ─▶ pool ─▶ fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = F.relu(self.b(F.relu(self.a(x))))
+        return self.fc(self.c(x).mean((2, 3)))
+
+
+def test_a_layer_whose_removed_inputs_were_exactly_zero_is_unchanged(one_thread):
+    model = ZeroChannels()
+    with torch.no_grad():  # a's channels 1, 4, 6 are exactly zero: b reads nothing from them
+        model.a.weight[[1, 4, 6]] = 0
+        model.a.bias[[1, 4, 6]] = 0
+    gm = group_channels(trace(model, torch.randn(2, 3, 8, 8))).graph_module
+    a_out, b_out = (next(g.id for g in groups_of(gm).prunable if g.members[0].module == m) for m in "ab")
+    plan = PrunePlan.removing(groups_of(gm), {a_out: [1, 4, 6], b_out: [0, 3]})  # b's are not zero
+    small = shrink(gm, plan).graph_module
+    fixed = compensate(small, gm, torch.randn(64, 3, 8, 8)).graph_module
+    fits = {f.node: f for f in fixed.meta[_meta.COMPENSATION].layers}
+    assert not fits["b"].repaired and fits["c"].repaired
+    assert torch.equal(fixed.b.weight, small.b.weight) and torch.equal(fixed.b.bias, small.b.bias)
+    assert torch.equal(fixed.a.weight, small.a.weight)
+    assert not torch.equal(fixed.c.weight, small.c.weight)
+    assert fits["c"].error_after < fits["c"].error_before
+
+
+def test_inputs_are_left_alone_and_labels_are_not_needed(one_thread):
+    dense, small = pruned_pair(TinyOptionA, (4, 3, 12, 12), 0.5)
+    dense_sd, small_sd = copy.deepcopy(dense.state_dict()), copy.deepcopy(small.state_dict())
+    x = torch.randn(40, 3, 12, 12, dtype=torch.float64)
+    labelled = compensate(small, dense, [(x, torch.zeros(40, dtype=torch.long))]).graph_module
+    bare = compensate(small, dense, x).graph_module
+    for k, v in bare.state_dict().items():
+        assert torch.equal(v, labelled.state_dict()[k]), k
+    for before, module in ((dense_sd, dense), (small_sd, small)):
+        for k, v in module.state_dict().items():
+            assert torch.equal(v, before[k]), k
+    assert len(calibration_inputs([x[:30], x[30:]], 35)[1]) == 5
+
+
+def test_both_captures_give_the_same_repair(one_thread):
+    model = randomize_bn(SEDepthwise()).double()
+    x = torch.randn(64, 3, 8, 8, dtype=torch.float64)
+    results = []
+    for capture in ("fx", "export"):
+        gm = group_channels(trace(copy.deepcopy(model), x[:2], capture=capture)).graph_module
+        plan = PrunePlan({g.id: tuple(range(1, g.size, 2)) or (0,) for g in groups_of(gm).prunable})
+        fixed = compensate(shrink(gm, plan).graph_module, gm, x).graph_module
+        info: Compensation = fixed.meta[_meta.COMPENSATION]
+        assert sum(f.repaired for f in info.layers) >= 3
+        results.append(fixed(x))
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-9)
+
+
+def test_the_repair_brings_the_logits_back(one_thread):
+    dense, small = pruned_pair(TinyOptionA, (4, 3, 12, 12), 0.6, seed=1)
+    calib, held_out = torch.randn(256, 3, 12, 12, dtype=torch.float64), torch.randn(256, 3, 12, 12,
+                                                                                      dtype=torch.float64)
+    fixed = compensate(small, dense, calib).graph_module
+    with torch.no_grad():
+        ref = dense(held_out)
+        before, after = (small(held_out) - ref).square().mean(), (fixed(held_out) - ref).square().mean()
+    assert after < 0.5 * before
+
+
+def test_compress_repairs_by_default_on_unlabelled_data(one_thread):
+    from ehap_fx.compress import compress
+    from ehap_fx.target import Target
+
+    model = randomize_bn(TinyOptionA())
+    gen = torch.Generator().manual_seed(0)
+    calib, held_out = torch.randn(256, 3, 12, 12, generator=gen), torch.randn(256, 3, 12, 12, generator=gen)
+    with torch.no_grad():
+        eval_data = [(held_out, model(held_out).argmax(1))]  # top-1 = agreement with the dense model
+    batches = list(calib.split(64))  # images alone: no labels anywhere
+    target = Target(macs=0.6, round_to=1)
+    on = compress(model, calib[:1], data=batches, eval_data=eval_data, target=target)
+    off = compress(model, calib[:1], data=batches, eval_data=eval_data, target=target, compensate=None)
+    acc = on.report.accuracy
+    assert acc["dense"] == 100.0 and acc["pruned"] == off.report.accuracy["pruned"]
+    assert acc["compensated"] >= acc["pruned"]
+    with torch.no_grad():
+        ref = model(held_out)
+        before, after = ((m(held_out) - ref).square().mean() for m in (off.pruned, on.pruned))
+    assert after < 0.5 * before
+    assert on.report.compensation["images"] == 256 and on.report.compensation["layers_repaired"] >= 3
+    assert on.report.compensation["recipe"] == "post-training (no fine-tune)"
+    assert "compensated" not in off.report.accuracy and off.report.compensation is None
+
+
+def test_the_cli_repairs_as_compress_does_and_can_be_told_not_to():
+    import inspect
+
+    from ehap_fx import cli
+    from ehap_fx.compress import compress
+
+    default = inspect.signature(compress).parameters["compensate"].default
+    for flags, want in (([], default), (["--no-compensate"], None),
+                        (["--compensate-images", "256"], CompensateOptions(images=256))):
+        args = cli.build_parser().parse_args(["compress", "--data", "somewhere", *flags])
+        cli.resolve_defaults(args)
+        assert cli.compress_options(args).compensate == want
