@@ -38,10 +38,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 import prunability as base  # noqa: E402  (tools/prunability.py: runner, checks, ONNX check)
 
 PRUNED_AT = 0.55
-# Input sides, chosen so that most rows run in < 30 s on 2 shared cores (the FLOPs ratio of a
-# CNN hardly depends on the side): YOLO n/s at 256, m/l/x at 224; YOLO classify 160;
-# transformers and timm 160 (or the size a model is fixed to); smp 192 (a multiple of 32).
-YOLO_SIDE, YOLO_BIG_SIDE, YOLO_CLS_SIDE, CLS_SIDE, SEG_SIDE = 256, 224, 160, 160, 192
+# Input sides, chosen so that the lists run in about an hour on 2 cores shared with other jobs
+# (the FLOPs ratio of a CNN hardly depends on the side): YOLO n/s at 256, m at 224, l/x at 160;
+# YOLO classify 160; transformers and timm 128 (or the size a model is fixed to, or its minimum);
+# smp 128 (a multiple of 32).
+YOLO_SIDE, YOLO_CLS_SIDE, CLS_SIDE, SEG_SIDE = 256, 160, 128, 128
+YOLO_BIG_SIDE = {"m": 224, "l": 160, "x": 160}
 YOLO_TASKS = {"": "detect", "-seg": "segment", "-cls": "classify", "-pose": "pose", "-obb": "obb"}
 HF = ["ResNet", "ConvNext", "ConvNextV2", "MobileNetV1", "MobileNetV2", "EfficientNet", "RegNet", "Bit", "HGNetV2",
       "PPLCNet", "TextNet", "PoolFormer", "MobileViT", "MobileViTV2", "Levit", "Cvt", "FocalNet", "SwiftFormer",
@@ -49,6 +51,16 @@ HF = ["ResNet", "ConvNext", "ConvNextV2", "MobileNetV1", "MobileNetV2", "Efficie
 HF_SEG = ["Segformer", "MobileNetV2", "MobileViT", "MobileViTV2", "UperNet"]
 HF_FIXED = {"Levit"}  # attention biases for one resolution: the config's image_size
 HF_CONFIG = {"EfficientNet": {"width_coefficient": 1.0, "depth_coefficient": 1.0}}  # B0 (the default is B7)
+
+
+def _hf_config(T, cls: str):
+    """The default config (small overrides in ``HF_CONFIG``); UperNet on a ConvNeXt-T backbone
+    (its default backbone is a ResNet-50)."""
+    if cls == "UperNet":
+        stages = ["stage1", "stage2", "stage3", "stage4"]
+        backbone = T.ConvNextConfig(out_features=stages, hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3])
+        return T.UperNetConfig(backbone_config=backbone)  # lists: ConvNext's tuple defaults fail its __init__
+    return getattr(T, f"{cls}Config")(**HF_CONFIG.get(cls, {}))
 SMP_ARCHS = ["Unet", "UnetPlusPlus", "MAnet", "Linknet", "FPN", "PSPNet", "PAN", "DeepLabV3", "DeepLabV3Plus",
              "UPerNet", "Segformer", "DPT"]
 SMP_ENCODERS = ["resnet18", "mobilenet_v2", "efficientnet-b0"]
@@ -88,13 +100,14 @@ def build(library: str, name: str):
         from ultralytics import YOLO
 
         model = YOLO(f"{name}.yaml").model.eval()  # built from the package's yaml
-        side = YOLO_CLS_SIDE if name.endswith("-cls") else YOLO_BIG_SIDE if name[len("yolo11")] in "mlx" else YOLO_SIDE
+        size = name[len("yolo11")]  # yolov8n / yolo11n: the size letter
+        side = YOLO_CLS_SIDE if name.endswith("-cls") else YOLO_BIG_SIDE.get(size, YOLO_SIDE)
         return model, torch.randn(1, 3, side, side)
     if library == "transformers":
         import transformers as T
 
         cls = name.replace("ForImageClassification", "").replace("ForSemanticSegmentation", "")
-        config = getattr(T, f"{cls}Config")(**HF_CONFIG.get(cls, {}))  # the default config, random init
+        config = _hf_config(T, cls)  # random init
         model = getattr(T, name)(config).eval()
         side = config.image_size if cls in HF_FIXED else CLS_SIDE
         return model, torch.randn(1, getattr(config, "num_channels", 3), side, side)
@@ -382,6 +395,7 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", type=Path)
     p.add_argument("--no-tp", action="store_true", help="run the ehap-fx part only")
     p.add_argument("--rerun", nargs="*", default=[], choices=["ehap", "tp"], help="parts to run again")
+    p.add_argument("--reverse", action="store_true", help="last model first (a second run on the same list)")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--memory-fraction", type=float, default=0.5)
     p.add_argument("--one", nargs=3, metavar=("LIBRARY", "NAME", "PARTS"), help=argparse.SUPPRESS)
@@ -390,6 +404,7 @@ def main(argv=None) -> int:
         run_one(args.one[0], args.one[1], args.one[2].split(","))
         return 0
     todo = [(lib, n) for lib in args.library for n in model_names(lib) if not args.models or n in args.models]
+    todo = todo[::-1] if args.reverse else todo
     versions = None if args.report_only else _versions()
     for lib, name in [] if args.report_only else todo:
         key = f"{lib}:{name}"
