@@ -38,23 +38,45 @@ sys.path.insert(0, str(Path(__file__).parent))
 import prunability as base  # noqa: E402  (tools/prunability.py: runner, checks, ONNX check)
 
 PRUNED_AT = 0.55
-YOLO_SIDE, SEG_SIDE, CLS_SIDE = 256, 256, 224
+# Input sides, chosen so that the lists run in about an hour on 2 cores shared with other jobs
+# (the FLOPs ratio of a CNN hardly depends on the side): YOLO n/s at 256, m at 224, l/x at 160;
+# YOLO classify 160; transformers and timm 128 (or the size a model is fixed to, or its minimum);
+# smp 128 (a multiple of 32).
+YOLO_SIDE, YOLO_CLS_SIDE, CLS_SIDE, SEG_SIDE = 256, 160, 128, 128
+YOLO_BIG_SIDE = {"m": 224, "l": 160, "x": 160}
 YOLO_TASKS = {"": "detect", "-seg": "segment", "-cls": "classify", "-pose": "pose", "-obb": "obb"}
-HF = ["ResNet", "ConvNext", "ConvNextV2", "MobileNetV1", "MobileNetV2", "EfficientNet", "RegNet", "BiT",
-      "MobileViT", "MobileViTV2", "PoolFormer", "Van", "EfficientFormer", "SwiftFormer", "LevitNoTeacher", "Cvt",
-      "FocalNet"]
-HF_SEG = ["Segformer", "MobileViT", "MobileNetV2", "MobileViTV2"]
-SMP_ARCHS = ["Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3", "DeepLabV3Plus", "Linknet", "MAnet", "PAN",
-             "UPerNet", "Segformer"]
+HF = ["ResNet", "ConvNext", "ConvNextV2", "MobileNetV1", "MobileNetV2", "EfficientNet", "RegNet", "Bit", "HGNetV2",
+      "PPLCNet", "TextNet", "PoolFormer", "MobileViT", "MobileViTV2", "Levit", "Cvt", "FocalNet", "SwiftFormer",
+      "PvtV2", "Segformer", "Dinat"]
+HF_SEG = ["Segformer", "MobileNetV2", "MobileViT", "MobileViTV2", "UperNet"]
+HF_FIXED = {"Levit"}  # attention biases for one resolution: the config's image_size
+HF_CONFIG = {"EfficientNet": {"width_coefficient": 1.0, "depth_coefficient": 1.0}}  # B0 (the default is B7)
+
+
+def _hf_config(T, cls: str):
+    """The default config (small overrides in ``HF_CONFIG``); UperNet on a ConvNeXt-T backbone
+    (its default backbone is a ResNet-50)."""
+    if cls == "UperNet":
+        stages = ["stage1", "stage2", "stage3", "stage4"]
+        backbone = T.ConvNextConfig(out_features=stages, hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3])
+        return T.UperNetConfig(backbone_config=backbone)  # lists: ConvNext's tuple defaults fail its __init__
+    return getattr(T, f"{cls}Config")(**HF_CONFIG.get(cls, {}))
+SMP_ARCHS = ["Unet", "UnetPlusPlus", "MAnet", "Linknet", "FPN", "PSPNet", "PAN", "DeepLabV3", "DeepLabV3Plus",
+             "UPerNet", "Segformer", "DPT"]
 SMP_ENCODERS = ["resnet18", "mobilenet_v2", "efficientnet-b0"]
-TIMM = ["resnet18", "resnet50d", "resnext26ts", "seresnext26d_32x4d", "regnetx_002", "regnety_002",
-        "efficientnet_b0", "efficientnet_lite0", "tf_efficientnet_b0", "mobilenetv2_050", "mobilenetv3_small_050",
-        "mobilenetv4_conv_small", "ghostnet_050", "ghostnetv2_100", "hrnet_w18_small", "dla34", "dpn48b",
-        "densenet121", "vgg11", "repvgg_a0", "mobileone_s0", "convnext_atto", "convnextv2_atto", "cspresnet50",
-        "cspdarknet53", "darknet17", "rexnet_100", "fbnetc_100", "mnasnet_050", "lcnet_050", "tinynet_e",
-        "gernet_s", "resnest14d", "res2net50_14w_8s", "selecsls42b", "skresnet18", "xception41", "inception_v3",
-        "nf_resnet26", "regnetz_b16", "efficientvit_b0", "fastvit_t8", "edgenext_xx_small", "rdnet_tiny",
-        "vovnet39a", "ese_vovnet19b_dw", "hgnetv2_b0", "tresnet_m", "nasnetalarge", "pnasnet5large"]
+SMP_DPT_ENCODER = "tu-vit_tiny_patch16_224"  # DPT takes a ViT-style encoder only: one (a CNN fails its check)
+TIMM = ["resnet18", "resnet50d", "seresnext26d_32x4d", "resnetv2_50", "resnext26ts", "regnetx_002", "regnety_002",
+        "regnetz_b16", "efficientnet_b0", "efficientnet_lite0", "tf_efficientnet_b0", "tf_efficientnetv2_b0",
+        "mixnet_s", "mobilenetv2_050", "mobilenetv3_small_050", "mobilenetv4_conv_small", "mnasnet_050",
+        "fbnetc_100", "hardcorenas_a", "lcnet_050", "tinynet_e", "ghostnet_050", "ghostnetv2_100", "repghostnet_050",
+        "convnext_atto", "convnextv2_atto", "densenet121", "dla34", "dpn48b", "hrnet_w18_small", "inception_v3",
+        "xception41", "vgg11", "repvgg_a0", "mobileone_s0", "res2net50_14w_8s", "resnest14d", "rexnet_100",
+        "selecsls42b", "skresnet18", "tresnet_m", "cspresnet50", "cspdarknet53", "darknet17", "nf_resnet26",
+        "gernet_s", "hgnet_tiny", "hgnetv2_b0", "ese_vovnet19b_dw", "inception_next_atto", "rdnet_tiny",
+        "starnet_s050", "mambaout_femto", "fastvit_t8", "efficientvit_b0", "efficientformer_l1", "mobilevit_xxs",
+        "mobilevitv2_050", "edgenext_xx_small", "levit_128s", "botnet26t_256", "poolformer_s12"]
+SKIP = {"transformers:DinatForImageClassification": "needs the natten package (neighbourhood-attention kernels), "
+        "not installed"}
 
 
 def model_names(library: str) -> list[str]:
@@ -63,7 +85,7 @@ def model_names(library: str) -> list[str]:
     if library == "transformers":
         return [f"{c}ForImageClassification" for c in HF] + [f"{c}ForSemanticSegmentation" for c in HF_SEG]
     if library == "smp":
-        return [f"{a}/{e}" for a in SMP_ARCHS for e in SMP_ENCODERS]
+        return [f"{a}/{e}" for a in SMP_ARCHS if a != "DPT" for e in SMP_ENCODERS] + [f"DPT/{SMP_DPT_ENCODER}"]
     if library == "timm":
         return TIMM
     raise ValueError(f"library={library!r}")
@@ -78,31 +100,30 @@ def build(library: str, name: str):
         from ultralytics import YOLO
 
         model = YOLO(f"{name}.yaml").model.eval()  # built from the package's yaml
-        side = CLS_SIDE if name.endswith("-cls") else YOLO_SIDE
+        size = name[len("yolo11")]  # yolov8n / yolo11n: the size letter
+        side = YOLO_CLS_SIDE if name.endswith("-cls") else YOLO_BIG_SIDE.get(size, YOLO_SIDE)
         return model, torch.randn(1, 3, side, side)
     if library == "transformers":
         import transformers as T
 
         cls = name.replace("ForImageClassification", "").replace("ForSemanticSegmentation", "")
-        config_cls = {"LevitNoTeacher": "Levit"}.get(cls, cls)
-        config = getattr(T, f"{config_cls}Config")()
-        head = name[len(cls):]
-        model_cls = getattr(T, ("Levit" if cls == "LevitNoTeacher" else cls) + head)
-        model = model_cls(config).eval()
-        side = getattr(config, "image_size", CLS_SIDE)
-        side = side if isinstance(side, int) else side[0]
-        return model, torch.randn(1, getattr(config, "num_channels", 3), min(side, CLS_SIDE), min(side, CLS_SIDE))
+        config = _hf_config(T, cls)  # random init
+        model = getattr(T, name)(config).eval()
+        side = config.image_size if cls in HF_FIXED else CLS_SIDE
+        return model, torch.randn(1, getattr(config, "num_channels", 3), side, side)
     if library == "smp":
         import segmentation_models_pytorch as smp
 
         arch, encoder = name.split("/")
-        return getattr(smp, arch)(encoder, encoder_weights=None).eval(), torch.randn(1, 3, SEG_SIDE, SEG_SIDE)
+        side = 224 if arch == "DPT" else SEG_SIDE  # the ViT's patch grid
+        return getattr(smp, arch)(encoder, encoder_weights=None).eval(), torch.randn(1, 3, side, side)
     if library == "timm":
         import timm
 
         model = timm.create_model(name, pretrained=False).eval()
-        side = min(CLS_SIDE, model.pretrained_cfg.get("input_size", (3, CLS_SIDE, CLS_SIDE))[-1])
-        side = max(side, model.pretrained_cfg.get("min_input_size", (3, 32, 32))[-1])
+        cfg = model.pretrained_cfg
+        side = cfg["input_size"][-1] if cfg.get("fixed_input_size") else CLS_SIDE
+        side = max(side, cfg.get("min_input_size", (3, 32, 32))[-1])
         return model, torch.randn(1, 3, side, side)
     raise ValueError(library)
 
@@ -158,20 +179,73 @@ def run_ehap(model, x) -> dict:
 
 
 def _tp_ignored(library: str, model) -> list:
-    from torch import nn
-
-    if library == "ultralytics":  # its yolov8 example: the head's final prediction layers
-        head = model.model[-1]
-        return [m for m in head.modules() if isinstance(m, nn.Conv2d) and m.out_channels in
-                (getattr(head, "nc", -1), 4 * getattr(head, "reg_max", 16), getattr(head, "nm", -1),
-                 getattr(head, "nk", -1), getattr(head, "ne", -1), 1)] + [head.dfl] * hasattr(head, "dfl") + [
-            m for m in head.modules() if isinstance(m, nn.Linear)]
+    """The layers Torch-Pruning's own examples leave whole: the YOLOv8 example ignores the whole
+    ``Detect`` head (here: whichever head the task has, ``model.model[-1]``); elsewhere the
+    classifier or segmentation head."""
+    if library == "ultralytics":
+        return [model.model[-1]]
     if library == "transformers":
         return [m for n, m in model.named_modules() if n.startswith(("classifier", "decode_head.classifier",
                                                                      "segmentation_head"))]
     if library == "smp":
         return [model.segmentation_head]
     return [model.get_classifier()]
+
+
+class C2fSplit:
+    """What Torch-Pruning's YOLOv8 example does before pruning (its ``C2f_v2``): a ``C2f`` block
+    (yolo11's ``C3k2`` inherits its forward) computes ``cv1(x).chunk(2, 1)``, which TP's graph
+    cannot follow; the block is rebuilt with ``cv1`` split into two convs, same weights, same
+    output::
+
+        x ─ cv1 (2c) ─ chunk ─┬─ y0 ─────────────┐          x ─┬─ cv0 (c) ─────────────┐
+                              └─ y1 ─ m0 ─ … ────┴ cat ─ cv2   └─ cv1 (c) ─ m0 ─ … ────┴ cat ─ cv2
+    """
+
+    @staticmethod
+    def apply(model) -> int:
+        import copy
+
+        import torch
+        from torch import nn
+        from ultralytics.nn.modules.block import C2f
+
+        class Split(nn.Module):
+            def __init__(self, block):
+                super().__init__()
+                c = block.c
+                self.cv0, self.cv1 = copy.deepcopy(block.cv1), copy.deepcopy(block.cv1)
+                for conv, part in ((self.cv0, slice(0, c)), (self.cv1, slice(c, 2 * c))):
+                    conv.conv.weight = nn.Parameter(block.cv1.conv.weight.detach()[part].clone())
+                    conv.conv.out_channels = c
+                    bn = conv.bn
+                    for k in ("weight", "bias"):
+                        setattr(bn, k, nn.Parameter(getattr(block.cv1.bn, k).detach()[part].clone()))
+                    for k in ("running_mean", "running_var"):
+                        setattr(bn, k, getattr(block.cv1.bn, k)[part].clone())
+                    bn.num_features = c
+                self.m, self.cv2 = block.m, block.cv2
+                for k in ("i", "f", "type", "np"):  # ultralytics' routing attributes
+                    if hasattr(block, k):
+                        setattr(self, k, getattr(block, k))
+
+            def forward(self, x):
+                y = [self.cv0(x), self.cv1(x)]
+                y.extend(m(y[-1]) for m in self.m)
+                return self.cv2(torch.cat(y, 1))
+
+        n = 0
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, C2f) and type(child).forward is C2f.forward:
+                    setattr(parent, name, Split(child))
+                    n += 1
+        return n
+
+
+def _tp_prepare(library: str, model) -> None:
+    if library == "ultralytics":
+        C2fSplit.apply(model)
 
 
 def run_tp(library: str, name: str) -> dict:
@@ -184,6 +258,9 @@ def run_tp(library: str, name: str) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            with torch.no_grad():
+                reference = model(x)
+            _tp_prepare(library, model)
             dense_flops = flops(model, x)
             with torch.no_grad():
                 dense = model(x)
@@ -205,37 +282,65 @@ def run_tp(library: str, name: str) -> dict:
                 f"{tb.lineno})", "seconds": round(time.perf_counter() - t, 1)}
     row.update(flops_ratio=round(ratio, 4), status="pruned" if ratio <= PRUNED_AT else "not reached",
                shape_kept=base.shapes(dense) == base.shapes(out), seconds=round(time.perf_counter() - t, 1))
+    changed = [f"output {i}: {a} -> {b}" for i, (a, b) in enumerate(zip(base.shapes(dense), base.shapes(out))) if a != b]
+    if changed:
+        row["shape_changed"] = "; ".join(changed)[:300]
+    diff, scale = base.max_diff(reference, dense)  # its preparation (C2f split) keeps the outputs
+    row["prepared_ok"] = base.close(diff, scale, 1e-4)
     return row
 
 
-def run_one(library: str, name: str, part: str) -> dict:
+def run_one(library: str, name: str, parts: list[str]) -> None:
+    """Both parts in one process (torch and the library imported once), one ``ROW`` line each as
+    it finishes, so that a part stopped by the timeout or the watchdog loses only itself."""
     import resource
 
     import torch
 
     torch.set_num_threads(1)
-    if part == "tp":
-        row = {"tp": run_tp(library, name)}
-    else:
-        model, x = build(library, name)
-        row = {"input": list(x.shape), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-               "ehap": run_ehap(model, x)}
-    row[part]["peak_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-    return row
+    for part in parts:
+        t = time.time()
+        if part == "tp":
+            row = {"tp": run_tp(library, name)}
+        else:
+            model, x = build(library, name)
+            row = {"input": list(x.shape), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                   "ehap": run_ehap(model, x)}
+        row[part].update(peak_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+                         wall_s=round(time.time() - t, 1))
+        print("ROW " + json.dumps(row), flush=True)
 
 
-def run_part(library: str, name: str, part: str, args) -> dict:
+def run_row(library: str, name: str, parts: list[str], args) -> dict:
     limit = int(args.memory_fraction * base.available_bytes())
-    t = time.time()
-    rc, out, err, why = base.run_guarded([sys.executable, __file__, "--one", library, name, part], args.timeout, limit)
-    line = next((ln for ln in out.splitlines() if ln.startswith("ROW ")), None)
-    if line is not None:
-        row = json.loads(line[4:])
-    else:
-        tail = err.strip().splitlines()[-1:] or [f"exit code {rc}"]
-        row = {part: {"status": "error", "error": why or tail[0][:300]}}
-    row[part]["wall_s"] = round(time.time() - t, 1)
+    cmd = [sys.executable, __file__, "--one", library, name, ",".join(parts)]
+    rc, out, err, why = base.run_guarded(cmd, args.timeout, limit)
+    row: dict = {}
+    for line in out.splitlines():
+        if line.startswith("ROW "):
+            row.update(json.loads(line[4:]))
+    tail = err.strip().splitlines()[-1:] or [f"exit code {rc}"]
+    for part in parts:
+        row.setdefault(part, {"status": "error", "error": why or tail[0][:300]})
     return row
+
+
+def save_row(path: Path, key: str, row: dict, meta: dict) -> None:
+    """Merge one row into the cache under an exclusive lock: several runs (one per library) may
+    share the file."""
+    import fcntl
+
+    path.touch()
+    with path.open("r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        text = f.read()
+        cache = json.loads(text) if text.strip() else {"meta": {}, "rows": {}}
+        cache["rows"][key] = row
+        commands = [c for c in cache["meta"].get("commands", []) if c != meta["command"]] + [meta["command"]]
+        cache["meta"] = {**{k: v for k, v in meta.items() if k != "command"}, "commands": commands}
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(cache, indent=1))
 
 
 def _ok(e: dict) -> bool:
@@ -243,29 +348,40 @@ def _ok(e: dict) -> bool:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
+    commands = "; ".join(f"`{c}`" for c in meta.get("commands", [meta.get("command")]))
     out = [f"Run: {meta.get('date')}, {meta.get('cpu')}; {meta.get('versions')}.",
-           f"Command: `{meta.get('command')}` (resumable: `{meta.get('cache')}`).", ""]
+           f"Commands (resumable: `{meta.get('cache')}`): {commands}.", ""]
+    yn = (lambda v: "yes" if v is True else ("**no**" if v is False else "–"))
     for lib in ("ultralytics", "transformers", "smp", "timm"):
-        mine = [r for r in rows if r["library"] == lib]
+        order = {n: i for i, n in enumerate(model_names(lib))}
+        mine = sorted((r for r in rows if r["library"] == lib), key=lambda r: order.get(r["model"], len(order)))
         if not mine:
             continue
         ok = sum(_ok(r.get("ehap", {})) for r in mine)
         tp_ok = sum(r.get("tp", {}).get("status") == "pruned" and r["tp"].get("shape_kept") is True for r in mine)
-        out += [f"### {lib}: ehap-fx {ok} of {len(mine)} run, Torch-Pruning {tp_ok}", "",
-                "| model | input | ehap-fx | capture | FLOPs | shape | ≡ masked | ONNX | s | Torch-Pruning | FLOPs | s |",
-                "|---|---|---|---|---:|---|---|---|---:|---|---:|---:|"]
+        out += [f"### {lib}: {len(mine)} models; pruned to ≤ {PRUNED_AT} of the FLOPs with every check passing: "
+                f"ehap-fx {ok}, Torch-Pruning {tp_ok} (shape kept)", "",
+                "| model | input | ehap-fx | capture | FLOPs | shape | ≡ masked | ONNX | s | Torch-Pruning | FLOPs | shape "
+                "| s |", "|---|---|---|---|---:|---|---|---|---:|---|---:|---|---:|"]
         for r in mine:
             e, tpr = r.get("ehap", {}), r.get("tp", {})
-            yn = (lambda v: "yes" if v is True else ("**no**" if v is False else "–"))
+            if "skipped" in r:
+                out.append(f"| {r['model']} | – | skipped | | | | | | | skipped | | | |")
+                continue
             out.append(f"| {r['model']} | {'×'.join(map(str, r.get('input', [])[2:]))} | {e.get('status')} | "
                        f"{e.get('capture', {}).get('capture', '–')} | {e.get('flops_ratio', '–')} | "
                        f"{yn(e.get('shape_kept'))} | {yn(e.get('masked_ok'))} | {yn(e.get('onnx_ok'))} | "
                        f"{e.get('seconds', '')} | {tpr.get('status', '–')} | {tpr.get('flops_ratio', '–')} | "
-                       f"{tpr.get('seconds', '')} |")
-        notes = [f"- {r['model']} ({part}): {r[part].get('error', '')[:300]}" for r in mine for part in ("ehap", "tp")
-                 if r.get(part, {}).get("status") in ("error", "not reached", "pinned") and r[part].get("error")]
-        notes += [f"- {r['model']} (ehap-fx pins): {'; '.join(r['ehap'].get('pinned', []))[:400]}" for r in mine
-                  if r.get("ehap", {}).get("status") == "not reached"]
+                       f"{yn(tpr.get('shape_kept'))} | {tpr.get('seconds', '')} |")
+        notes = [f"- {r['model']}: skipped, {r['skipped']}" for r in mine if "skipped" in r]
+        notes += [f"- {r['model']} ({'ehap-fx' if part == 'ehap' else 'Torch-Pruning'}): {r[part]['error'][:400]}"
+                  for r in mine for part in ("ehap", "tp") if r.get(part, {}).get("error")]
+        notes += [f"- {r['model']} (Torch-Pruning changed the outputs): {r['tp']['shape_changed']}" for r in mine
+                  if r.get("tp", {}).get("shape_changed")]
+        notes += [f"- {r['model']} (ehap-fx ONNX): {r['ehap']['onnx_error'][:300]}" for r in mine
+                  if r.get("ehap", {}).get("onnx_error")]
+        notes += [f"- {r['model']} (ehap-fx, largest pins): {'; '.join(r['ehap'].get('pinned', []))[:400]}"
+                  for r in mine if r.get("ehap", {}).get("status") == "not reached"]
         out += [""] + notes + [""]
     return "\n".join(out)
 
@@ -274,38 +390,55 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--library", nargs="+", default=["ultralytics", "transformers", "smp", "timm"])
     p.add_argument("--models", nargs="*")
-    p.add_argument("--timeout", type=int, default=900)
+    p.add_argument("--timeout", type=int, default=900, help="seconds per row, both parts")
     p.add_argument("--cache", type=Path, default=Path("docs/prunability_libs.json"))
     p.add_argument("--markdown", type=Path)
     p.add_argument("--no-tp", action="store_true", help="run the ehap-fx part only")
+    p.add_argument("--rerun", nargs="*", default=[], choices=["ehap", "tp"], help="parts to run again")
+    p.add_argument("--reverse", action="store_true", help="last model first (a second run on the same list)")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--memory-fraction", type=float, default=0.5)
-    p.add_argument("--one", nargs=3, metavar=("LIBRARY", "NAME", "PART"), help=argparse.SUPPRESS)
+    p.add_argument("--one", nargs=3, metavar=("LIBRARY", "NAME", "PARTS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        print("ROW " + json.dumps(run_one(*args.one)))
+        run_one(args.one[0], args.one[1], args.one[2].split(","))
         return 0
-    cache = json.loads(args.cache.read_text()) if args.cache.exists() else {"meta": {}, "rows": {}}
     todo = [(lib, n) for lib in args.library for n in model_names(lib) if not args.models or n in args.models]
+    todo = todo[::-1] if args.reverse else todo
+    versions = None if args.report_only else _versions()
     for lib, name in [] if args.report_only else todo:
         key = f"{lib}:{name}"
-        row = cache["rows"].get(key, {"library": lib, "model": name})
-        for part in ("ehap",) if args.no_tp else ("ehap", "tp"):
-            if row.get(part, {}).get("status") not in (None,) and "timeout" not in row[part].get("error", ""):
-                continue
-            row.update(run_part(lib, name, part, args))
+        cache = json.loads(args.cache.read_text()) if args.cache.exists() and args.cache.read_text().strip() else {}
+        row = cache.get("rows", {}).get(key, {"library": lib, "model": name})
+        if key in SKIP:
+            row.update(skipped=SKIP[key])
+            parts = []
+        else:
+            parts = [part for part in (("ehap",) if args.no_tp else ("ehap", "tp")) if part in args.rerun
+                     or row.get(part, {}).get("status") is None or "timeout" in row[part].get("error", "")]
+        if not parts and "skipped" not in row:
+            continue
+        if parts:
+            row.update(run_row(lib, name, parts, args))
         row["load"] = os.getloadavg()[0]
-        cache["rows"][key] = row
-        cache["meta"] = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": base._cpu(),
-                         "versions": base._versions(), "cache": str(args.cache),
-                         "command": "python tools/prunability_libs.py " + " ".join(argv or sys.argv[1:])}
-        args.cache.write_text(json.dumps(cache, indent=1))
+        meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": base._cpu(),
+                "versions": versions, "cache": str(args.cache),
+                "command": "python tools/prunability_libs.py " + " ".join(argv or sys.argv[1:])}
+        save_row(args.cache, key, row, meta)
         e, tpr = row.get("ehap", {}), row.get("tp", {})
         print(f"{key}: ehap {e.get('status')} {e.get('flops_ratio', '')} ok={_ok(e)} / TP {tpr.get('status')} "
               f"{tpr.get('flops_ratio', '')}", flush=True)
     if args.markdown:
+        cache = json.loads(args.cache.read_text())
         args.markdown.write_text(markdown(list(cache["rows"].values()), cache["meta"]))
     return 0
+
+
+def _versions() -> str:
+    from importlib.metadata import version
+
+    libs = ("ultralytics", "transformers", "segmentation_models_pytorch", "timm", "onnxruntime")
+    return base._versions() + ", " + ", ".join(f"{lib} {version(lib)}" for lib in libs)
 
 
 if __name__ == "__main__":
