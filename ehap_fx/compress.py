@@ -291,7 +291,7 @@ def compress(
                     compensate)  # validates
     compensate = compensate if data is not None else None  # the user's data only, never synthetic
     if export is not None and quantize is None:
-        raise EhapError("export= writes the INT8 model: also pass quantize=QuantizeOptions()")
+        raise EhapError("export= writes the INT8 model: also pass quantize=RECIPE.quantize() (PTQ) or True")
     if scorer != "l1":
         _check_loss(model, example_input, data, loss_fn, scorer)
     if data is None and scorer != "l1":
@@ -718,7 +718,7 @@ def _edge_options(target, quantize, finetune_options, hessian, latency, bench, e
         finetune_options = None
     for name, value, kind, fix in (
         ("target", target, Target, "Target(macs=0.5), RECIPE.target(latency=0.5) or a float (MACs kept)"),
-        ("quantize", quantize, QuantizeOptions, "RECIPE.quantize(), QuantizeOptions(), True or None"),
+        ("quantize", quantize, QuantizeOptions, "RECIPE.quantize() (PTQ), QuantizeOptions(mode=...), True or None"),
         ("finetune_options", finetune_options, FinetuneOptions, "RECIPE.finetune(epochs=1) or None"),
         ("hessian", hessian, HessianOptions, "HessianOptions(...)"),
         ("latency", latency, LatencyOptions, "LatencyOptions(...) or None"),

@@ -74,3 +74,35 @@ def test_readme_compress_example_runs(cifar10_root, weights_dir, tmp_path, monke
     report = ns["result"].report
     assert report.cost_after["macs_ratio"] <= 0.5 and (tmp_path / "out" / "model_int8.onnx").is_file()
     assert set(report.accuracy) == {"dense", "dense_finetuned", "pruned", "finetuned", "int8_torch", "int8_onnx"}
+
+
+def test_the_defaults_the_docs_state_are_the_codes():
+    """Each default a page states, read from the page and from the code (so neither can drift)."""
+    import inspect
+
+    from ehap_fx.compress import RECIPE, compress
+    from ehap_fx.passes.quantize import QuantizeOptions
+    from ehap_fx.scoring import HessianOptions
+
+    readme = (ROOT / "README.md").read_text()
+    hessian = (ROOT / "docs" / "hessian.md").read_text()
+    core = (ROOT / "docs" / "core.md").read_text()
+    defaults = {k: p.default for k, p in inspect.signature(compress).parameters.items()}
+    stated = {
+        "INT8 mode (README)": (re.search(r"INT8 is \*\*(\w+)\*\* by default", readme)[1].lower(),
+                               RECIPE.quant_mode),
+        "INT8 backend (README)": (re.search(r"`--backend pt2e\|fx` \(default \*\*(\w+)\*\*", readme)[1].lower(),
+                                  QuantizeOptions().backend),
+        "granularity (README)": (re.search(r"`--granularity channel\|block\|both` \(.*?(\w+): the default\)",
+                                           readme, re.S)[1], RECIPE.granularity),
+        "estimator (hessian.md)": (re.search(r'\| `"(\w+)"` \(default\) \|', hessian)[1],
+                                   HessianOptions().estimator),
+        "estimator (hessian.md, prose)": (re.search(r'\*\*Default: `estimator="(\w+)"`\*\*', hessian)[1],
+                                          HessianOptions().estimator),
+        "pass options (docstring)": ("qat" if "QAT with a short fine-tune" in QuantizeOptions.__doc__ else "?",
+                                     QuantizeOptions().mode),
+        "capture (core.md)": (re.search(r'`capture="(\w+)"` \(the default', core)[1], defaults["capture"]),
+    }
+    wrong = {what: pair for what, pair in stated.items() if pair[0] != pair[1]}
+    assert not wrong, f"docs and code disagree (stated, code): {wrong}"
+    assert len(re.findall(r'\(default\)', hessian.split("## ")[2])) <= 1, "two estimators called the default"
