@@ -34,8 +34,8 @@ from ehap_fx.passes.capture import capture_groups
 from ehap_fx.passes.compensate import CompensateOptions
 from ehap_fx.passes.compensate import compensate as repair
 from ehap_fx.passes.cost import Cost, conv_widths, total_cost
-from ehap_fx.passes.export import export as export_onnx
-from ehap_fx.passes.export import export_onnx as export_float
+from ehap_fx.passes.export import export as export_int8
+from ehap_fx.passes.export import export_onnx as export_fp32
 from ehap_fx.passes.export import onnx_top1
 from ehap_fx.passes.group import ChannelGroups, groups_of
 from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions
@@ -389,7 +389,7 @@ def measure_speedup(dense: nn.Module, example_input, int8_path: Path, options: B
     """onnxruntime latency of ``dense`` (exported to fp32 ONNX in a temp folder) and of the INT8
     file, interleaved (``latency.time_onnx``): milliseconds per batch and the speed-up."""
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = export_float(dense.eval(), example_input, Path(tmp) / "dense_fp32.onnx", dynamo=False)
+        fp32 = export_fp32(dense.eval(), example_input, Path(tmp) / "dense_fp32.onnx", dynamo=False)
         med = time_onnx({"dense_fp32": fp32, "int8": int8_path}, options)
     return {
         "isa": cpu_features().describe(),
@@ -425,7 +425,7 @@ def _quantize_and_export(
     if export is not None:
         t = time.perf_counter()
         inputs = torch.cat([x for x, _ in _take(eval_data if eval_data is not None else data, 512)])[:512]
-        rep = export_onnx(q, example_input, export, inputs=inputs, float_model=out.pruned)
+        rep = export_int8(q, example_input, export, inputs=inputs, float_model=out.pruned)
         seconds["export"] = time.perf_counter() - t
         out.onnx_path = Path(export)
         fields = ("int8_bytes", "fp32_bytes", "quantized_conv_fraction", "op_counts", "argmax_agreement",
@@ -718,7 +718,7 @@ def _edge_options(target, quantize, finetune_options, hessian, latency, bench, e
         finetune_options = None
     for name, value, kind, fix in (
         ("target", target, Target, "Target(macs=0.5), RECIPE.target(latency=0.5) or a float (MACs kept)"),
-        ("quantize", quantize, QuantizeOptions, "RECIPE.quantize() (PTQ), QuantizeOptions(mode=...), True or None"),
+        ("quantize", quantize, QuantizeOptions, "RECIPE.quantize() (PTQ), QuantizeOptions(), True or None"),
         ("finetune_options", finetune_options, FinetuneOptions, "RECIPE.finetune(epochs=1) or None"),
         ("hessian", hessian, HessianOptions, "HessianOptions(...)"),
         ("latency", latency, LatencyOptions, "LatencyOptions(...) or None"),
