@@ -545,7 +545,10 @@ def test_forced_dtype_the_cpu_lacks(tmp_path):
 
 
 def _kept_sizes(report) -> list[tuple[int, int]]:
-    return [(g["kept"], g["size"]) for g in report["groups"]]
+    """(kept, size) of the blocks' inner groups (a block's conv1 output): never emptiable, so the
+    floors apply (an emptiable group, option A's zero-padded stream, may keep any width)."""
+    return [(g["kept"], g["size"]) for g in report["groups"]
+            if any(m.endswith(".conv1:out") for m in g["members"])]
 
 
 def _no_quantize(r, out):
@@ -568,7 +571,8 @@ def _int8_target_avx2(r, out):
     tensors = [*model.graph.initializer, *(n.attribute[0].t for n in model.graph.node if n.op_type == "Constant")]
     weights = [numpy_helper.to_array(t) for t in tensors if t.data_type == onnx.TensorProto.INT8]
     weights = [w for w in weights if w.ndim >= 2]
-    assert len(weights) == len(r["channels_after"])  # every conv left, and the fc
+    # every conv left and the fc, and a depthwise 1x1 conv per dropped block's constant add
+    assert len(weights) >= len(r["channels_after"])
     assert all(-64 <= w.min() and w.max() <= 63 for w in weights)
 
 
@@ -577,7 +581,7 @@ def _min_channels(r, out):
     # (but an emptiable group, option A's zero-padded shortcut channels, may go to 0: its values
     # carry other channels, ehap_fx.passes.group.emptiable_groups)
     assert r["target"]["fraction"] == 0.3
-    assert all(kept >= min(12, size) or kept == 0 for kept, size in _kept_sizes(r))
+    assert _kept_sizes(r) and all(kept >= min(12, size) or kept == 0 for kept, size in _kept_sizes(r))
     assert any(kept == 12 for kept, _ in _kept_sizes(r))
 
 
