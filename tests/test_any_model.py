@@ -80,9 +80,15 @@ def test_no_data_ranks_by_l1_with_one_warning_at_any_input_size():
 
 
 def test_explicit_l1_without_data_is_silent():
+    model, x = stem(), torch.randn(1, 3, 24, 24)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        compress(stem(), torch.randn(1, 3, 24, 24), scorer="l1", target=Target(macs=0.7, round_to=1))
+        res = compress(model, x, scorer="l1", target=Target(macs=0.7, round_to=1))
+    assert res.report.ranking[0]["scorer"] == "l1" and res.report.data.startswith("none")
+    # pruned to the target, past it by at most one channel: the costliest, a conv1 channel with
+    # its conv2 inputs, 3*9*576 + 32*9*144 = 57,024 of the ~912,600 MACs (0.0625)
+    assert 0.7 - 0.0625 <= res.report.cost_after["macs_ratio"] <= 0.7
+    _assert_exact(model, x, res)
 
 
 def test_hessian_without_data_ranks_on_synthetic_inputs_labelled_by_the_model():

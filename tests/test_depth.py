@@ -121,6 +121,64 @@ def test_dropped_blocks_equal_the_masked_model_and_cost_what_was_planned(name):
     assert len(droppable_groups(small)) == len(dropped) - len(dropped[::2])
 
 
+class BiasedBlocks(nn.Module):
+    """Two residual blocks whose convs carry biases (no BN after the second conv in block 0, a
+    BN in block 1)::
+
+        x ─▶ stem(3→8, bias) ─▶ [ conv_a(8→8, bias) ─▶ relu ─▶ conv_b(8→8, bias) (─▶ BN) ─▶ (+) ─▶ relu ] × 2
+                             └─────────────────────────────────────────────────────┘
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(2))
+        self.b = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(2))
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for i in range(2):
+            y = self.b[i](F.relu(self.a[i](x)))
+            x = F.relu(x + (self.bn(y) if i == 1 else y))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("block", [0, 1])
+def test_a_dropped_block_keeps_its_conv_bias(block):
+    """Dropping block ``block`` (its inner group emptied) leaves ``relu(x + c)`` with ``c`` the
+    second conv's bias, through the BN in eval mode where there is one: the depth-pruned model
+    equals the masked original, and the folded buffer is that constant exactly."""
+    torch.manual_seed(0)
+    model = randomize_bn(BiasedBlocks()).eval()
+    for conv in (*model.a, *model.b):
+        nn.init.uniform_(conv.bias, 0.5, 1.5)  # nonzero: a missing bias changes every output
+    x = torch.randn(4, 3, 8, 8)
+    gm = group_channels(trace(model, x)).graph_module
+    inner = {inner_owner(gm, g): g for g in droppable_groups(gm)}
+    assert set(inner) == {"a.0", "a.1"}
+    small = assert_shrunk_equals_masked(gm, x, PrunePlan({inner[f"a.{block}"]: ()}))
+    b, bn = model.b[block].bias.detach(), model.bn
+    c = b if block == 0 else (b - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+    (const,) = [v for n, v in small.named_buffers() if n.endswith("_constant")]
+    torch.testing.assert_close(const, c.detach().reshape(1, 8, 1, 1), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), forward_dropping(model, x, block, const), rtol=0, atol=1e-5)
+
+
+def forward_dropping(model: BiasedBlocks, x: torch.Tensor, block: int, c: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` with block ``block`` computing ``relu(x + c)``."""
+    x = model.stem(x)
+    for i in range(2):
+        if i == block:
+            x = F.relu(x + c)
+            continue
+        y = model.b[i](F.relu(model.a[i](x)))
+        x = F.relu(x + (model.bn(y) if i == 1 else y))
+    return model.fc(x.mean((2, 3)))
+
+
 def test_bottleneck_blocks_drop_with_their_first_conv():
     # torchvision Bottleneck: conv1 -> conv2 -> conv3; conv3's input group is droppable (conv1's
     # is not: a constant would reach conv3), and dropping it leaves conv1 feeding nothing

@@ -45,12 +45,42 @@ def test_every_snippet_is_found():
         "a snippet was added: give it a test here"
 
 
-@pytest.mark.parametrize("doc", ["distributed.md", "hessian.md", "int8.md"])
-def test_docs_snippets_run(doc, tmp_path, monkeypatch):
+def _distributed_did(ns: dict, folder: Path) -> None:
+    """compress() pruned to its default target, and rank 0 (the only one) saved the model."""
+    result = ns["result"]
+    assert result.report.cost_after["macs_ratio"] <= 0.5
+    saved = torch.load(folder / "pruned.pt", weights_only=False)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(saved.eval()(x), result.pruned.eval()(x), rtol=0, atol=0)
+
+
+def _hessian_did(ns: dict, folder: Path) -> None:
+    """One trace and standard error per output channel; a score and an error per group channel."""
+    result, groups = ns["result"], ns["groups"]
+    width = ns["model"].get_submodule("layer1.0.conv1").out_channels
+    assert result.traces["layer1.0.conv1"].shape == result.stderr["layer1.0.conv1"].shape == (width,)
+    for named in (ns["scores"], ns["errors"]):
+        assert {k: tuple(v.shape) for k, v in named.items()} == {g.id: (g.size,) for g in groups}
+    assert "choice" in result.summary()
+
+
+def _int8_did(ns: dict, folder: Path) -> None:
+    """QAT ran (checked against PTQ on held-out batches) and the ONNX file is all QLinearConv."""
+    q, report = ns["q"], ns["report"]
+    assert q.steps == 4 and q.check["kept"] == q.mode  # one epoch of 4 batches: 256 images, 10 % held out
+    assert (folder / "out" / "model_int8.onnx").is_file() and report.quantized_conv_fraction == 1.0
+    assert 0.0 <= report.argmax_agreement <= 1.0 and report.summary().startswith("out/model_int8.onnx")
+
+
+@pytest.mark.parametrize(("doc", "did"), [("distributed.md", _distributed_did), ("hessian.md", _hessian_did),
+                                          ("int8.md", _int8_did)])
+def test_docs_snippets_run(doc, did, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # int8.md writes out/model_int8.onnx
     (tmp_path / "out").mkdir()
+    ns = namespace()
     for code in snippets(ROOT / "docs" / doc):
-        exec(compile(code, doc, "exec"), namespace())
+        exec(compile(code, doc, "exec"), ns)
+    did(ns, tmp_path)
 
 
 def test_readme_pass_chain_runs():

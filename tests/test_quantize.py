@@ -100,8 +100,9 @@ def _weight_range(target, expected):
     from ehap_fx.isa import cpu_features
 
     chosen = scheme(target)
-    if expected is None:
-        expected = (-128, 127) if chosen.target in ("x86-vnni", "arm64") else (-64, 63)
+    if expected is None:  # this CPU: 8-bit weights where u8*s8 pairs accumulate in int32 (VNNI, ARM)
+        f = cpu_features()
+        expected = (-128, 127) if f.vnni or f.arch == "arm64" else (-64, 63)
     return expected, f"target={target} on {cpu_features().describe()}: {chosen.target}"
 
 
