@@ -110,8 +110,9 @@ def test_the_defaults_the_docs_state_are_the_codes():
     """Each default a page states, read from the page and from the code (so neither can drift)."""
     import inspect
 
-    from ehap_fx.compress import RECIPE, compress
     from ehap_fx.passes.quantize import QuantizeOptions
+
+    from ehap_fx.compress import RECIPE, compress
     from ehap_fx.scoring import HessianOptions
 
     readme = (ROOT / "README.md").read_text()

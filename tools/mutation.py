@@ -32,8 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# module -> the fast test files that exercise it (paths tried in order: the scoring modules
-# may live in ehap_fx/ or ehap_fx/scoring/)
+# module -> the fast test files that exercise it (paths tried in order)
 TARGETS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("passes/cost.py",): ("tests/test_cost.py", "tests/test_depth.py"),
     ("passes/depth.py",): ("tests/test_depth.py",),
@@ -41,10 +40,10 @@ TARGETS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("passes/mask.py",): ("tests/test_shrink.py",),
     ("passes/group.py",): ("tests/test_group.py", "tests/test_shrink.py"),
     ("ehap_fx/target.py",): ("tests/test_target.py",),
-    ("ehap_fx/removal.py", "ehap_fx/scoring/removal.py"): ("tests/test_removal.py",),
-    ("ehap_fx/ranking.py", "ehap_fx/scoring/ranking.py"): ("tests/test_removal.py", "tests/test_target.py"),
-    ("ehap_fx/budget.py", "ehap_fx/scoring/budget.py"): ("tests/test_hessian.py",),
-    ("ehap_fx/fold.py", "ehap_fx/scoring/fold.py"): ("tests/test_hessian.py",),
+    ("ehap_fx/scoring/removal.py",): ("tests/test_removal.py",),
+    ("ehap_fx/scoring/ranking.py",): ("tests/test_removal.py", "tests/test_target.py"),
+    ("ehap_fx/scoring/budget.py",): ("tests/test_hessian.py",),
+    ("ehap_fx/scoring/fold.py",): ("tests/test_hessian.py",),
 }
 
 SWAPS = {
