@@ -740,7 +740,7 @@ def _edge_data(model: nn.Module, data, eval_data, data_name: str | None, finetun
     if eval_data is not None and yields_images_only(eval_data):
         raise DataError("eval_data yields images without labels: top-1 accuracy needs (images, labels) "
                         "batches; pass labelled batches or eval_data=None")
-    if data is None or not yields_images_only(data):
+    if data is None or not yields_images_only(data, dense_targets=loss_fn is not None):
         return data, data_name
     needs = [what for what, on in (
         ("fine-tuning (finetune_options)", finetune_options is not None),

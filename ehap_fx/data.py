@@ -411,7 +411,7 @@ def synthetic_cifar(
 # ---------------------------------------------------------------------------------------------
 
 
-def unlabelled_batches(data) -> list | None:
+def unlabelled_batches(data, dense_targets: bool = False) -> list | None:
     """``data`` as a list of image batches when it holds images alone, else None.
 
     Images alone: a tensor (one batch), or a list/tuple of tensors that is not an ``(x, y)``
@@ -426,16 +426,21 @@ def unlabelled_batches(data) -> list | None:
         return [data]
     if not isinstance(data, (tuple, list)) or not data or not all(torch.is_tensor(t) for t in data):
         return None
-    if len(data) == 2 and (data[1].dim() < data[0].dim() or not data[1].is_floating_point()):
+    if len(data) == 2 and (data[1].dim() < data[0].dim() or not data[1].is_floating_point()
+                           or (dense_targets and isinstance(data, tuple) and len(data[0]) == len(data[1]))):
         return None  # an (x, y) pair
     return list(data)
 
 
-def yields_images_only(data) -> bool:
+def yields_images_only(data, dense_targets: bool = False) -> bool:
     """Whether ``data`` (a list or a re-iterable loader) yields bare image tensors, not
-    ``(x, y)`` batches; a one-shot iterator is not read ahead (False)."""
-    if unlabelled_batches(data) is not None:
+    ``(x, y)`` batches; a one-shot iterator is not read ahead (False). ``dense_targets``: a
+    ``loss_fn`` compares outputs with targets shaped like images (masks, maps), so a tuple of
+    two tensors of one length is an ``(x, y)`` pair (a list stays a list of batches)."""
+    if unlabelled_batches(data, dense_targets) is not None:
         return True
+    if isinstance(data, (tuple, list)) and data and all(torch.is_tensor(t) for t in data):
+        return False  # an (x, y) pair of tensors
     if data is None or isinstance(data, CifarLoader):
         return False
     dataset = getattr(data, "dataset", None)
