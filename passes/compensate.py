@@ -418,6 +418,9 @@ def _repair(node: fx.Node, layer: _Layer, paired: tuple[fx.Node, list[Any]], wal
     index = _dense_channels(node, dense_node)
     outputs, inputs = walk.env[node], walk.env[layer.input]
     bias = layer.bias is not None or (options.add_bias and node.op == "call_module")
+    if stream is None and index is None and all(torch.equal(y, got) for y, got in zip(dense_out, outputs,
+                                                                                       strict=True)):
+        return LayerFit(node.name, 0, 0, layer.groups, 0.0, 0.0, False), 0  # unchanged inputs: nothing to fit
     h = r = None
     e2 = y2 = 0.0
     rows = 0
@@ -474,17 +477,25 @@ def _dense_channels(node: fx.Node, dense_node: fx.Node) -> torch.Tensor | None:
         ) from e
 
 
+#: Above this many columns the factorisation runs in float32 (the accumulators stay float64):
+#: on ResNet-50 the float64 Cholesky of its 1,000–2,300-column systems took half the repair.
+FLOAT32_SOLVE_ABOVE = 1024
+
+
 def solve(h: torch.Tensor, r: torch.Tensor, damping: float) -> torch.Tensor:
     """``(H + λI)⁻¹ R`` per group by Cholesky, ``λ = damping · mean(diag H)``; a factorisation
     that fails (a singular ``H``: dead inputs, too few rows) is retried with ``λ`` ×10, from
-    ``1e-8 · mean(diag H)`` when ``damping`` is 0."""
+    ``1e-8 · mean(diag H)`` when ``damping`` is 0. float64, or float32 for systems of more than
+    ``FLOAT32_SOLVE_ABOVE`` columns; the result is float64."""
+    dtype = torch.float64 if h.shape[1] <= FLOAT32_SOLVE_ABOVE else torch.float32
     mean_diag = h.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)  # (g,)
     lam = damping * mean_diag
-    eye = torch.eye(h.shape[1], dtype=h.dtype)
     for _ in range(12):
-        factor, info = torch.linalg.cholesky_ex(h + lam[:, None, None] * eye)
+        a = h.to(dtype, copy=True)
+        a.diagonal(dim1=1, dim2=2).add_(lam[:, None].to(dtype))
+        factor, info = torch.linalg.cholesky_ex(a)
         if not bool(info.any()):
-            return torch.cholesky_solve(r, factor)
+            return torch.cholesky_solve(r.to(dtype), factor).double()
         lam = torch.maximum(lam * 10, 1e-8 * mean_diag)
     raise EhapError(f"compensate: H stays singular with damping {float((lam / mean_diag).max()):.1e}")
 
