@@ -102,7 +102,7 @@ def run_model(args) -> list[dict]:
     train = load_cifar(args.data, split="train")
     test = load_cifar(args.data, split="test").loader(500, normalization=norm, limit=args.test_images)
     gm = group_channels(trace(model.eval(), torch.randn(1, 3, 32, 32))).graph_module
-    dense_top1 = evaluate(gm, test)
+    dense_top1 = args.dense if args.dense is not None else evaluate(gm, test)
     print(f"{args.model}: dense {dense_top1:.2f} % on {args.test_images or 10000} test images", flush=True)
     rows = []
     for seed in args.seeds:
@@ -129,14 +129,16 @@ def evaluate_plan(gm, small, batches, test, args) -> dict:
     recalibrate_bn(bn, labelled)
     with PeakRss() as rss:
         t = time.perf_counter()
-        fixed = compensate(small, gm, batches, CompensateOptions(images=args.images, add_bias=args.add_bias))
+        fixed = compensate(small, gm, batches, CompensateOptions(images=args.images, add_bias=args.add_bias,
+                                                                     match=args.match))
         seconds = time.perf_counter() - t
     fixed = fixed.graph_module
     fixed_bn = copy.deepcopy(fixed)
     recalibrate_bn(fixed_bn, labelled)
+    after_bn = evaluate(fixed_bn, test) if args.bn_after else float("nan")
     info = fixed.meta["ehap.compensation"].summary()
     return {"pruned": evaluate(small, test), "+bn": evaluate(bn, test), "+repair": evaluate(fixed, test),
-            "+repair+bn": evaluate(fixed_bn, test), "repair_s": round(seconds, 2),
+            "+repair+bn": after_bn, "repair_s": round(seconds, 2),
             "repair_rss_mb": round(rss.increase_mb, 1), "layers": info["layers_repaired"],
             "accumulator_mb": round(info["accumulator_bytes"] / 2**20, 2)}
 
@@ -188,7 +190,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="ResNet-50: images per batch")
     p.add_argument("--test-images", type=int, help="first N test images (default: all)")
     p.add_argument("--add-bias", action=argparse.BooleanOptionalAction, default=CompensateOptions().add_bias)
+    p.add_argument("--match", choices=("block", "layer"), default=CompensateOptions().match)
     p.add_argument("--threads", type=int)
+    p.add_argument("--bn-after", action="store_true", help="also score the repaired model BN-re-estimated")
+    p.add_argument("--dense", type=float, help="the dense top-1, measured before (skips scoring it)")
     p.add_argument("--resnet50", action="store_true")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
