@@ -81,11 +81,11 @@ SKIP = {"transformers:DinatForImageClassification": "needs the natten package (n
 
 def model_names(library: str) -> list[str]:
     if library == "ultralytics":
-        return [f"yolo{v}{s}{t}" for v in ("v8", "11") for t in YOLO_TASKS for s in "nsmlx"]
+        return [f"yolo{v}{s}{t}" for t in YOLO_TASKS for s in "nsmlx" for v in ("v8", "11")]
     if library == "transformers":
         return [f"{c}ForImageClassification" for c in HF] + [f"{c}ForSemanticSegmentation" for c in HF_SEG]
     if library == "smp":
-        return [f"{a}/{e}" for a in SMP_ARCHS if a != "DPT" for e in SMP_ENCODERS] + [f"DPT/{SMP_DPT_ENCODER}"]
+        return [f"{a}/{e}" for e in SMP_ENCODERS for a in SMP_ARCHS if a != "DPT"] + [f"DPT/{SMP_DPT_ENCODER}"]
     if library == "timm":
         return TIMM
     raise ValueError(f"library={library!r}")
@@ -311,18 +311,87 @@ def run_one(library: str, name: str, parts: list[str]) -> None:
         print("ROW " + json.dumps(row), flush=True)
 
 
-def run_row(library: str, name: str, parts: list[str], args) -> dict:
-    limit = int(args.memory_fraction * base.available_bytes())
-    cmd = [sys.executable, __file__, "--one", library, name, ",".join(parts)]
-    rc, out, err, why = base.run_guarded(cmd, args.timeout, limit)
-    row: dict = {}
-    for line in out.splitlines():
-        if line.startswith("ROW "):
-            row.update(json.loads(line[4:]))
-    tail = err.strip().splitlines()[-1:] or [f"exit code {rc}"]
-    for part in parts:
-        row.setdefault(part, {"status": "error", "error": why or tail[0][:300]})
-    return row
+class Worker:
+    """A child process that runs rows sent on its stdin (``--serve``): torch and the libraries
+    are imported once, not once per row (on a loaded 2-core machine the imports took ~25 s of a
+    row's ~90). The parent keeps the per-row guard of ``tools/prunability.py``: wall-clock
+    timeout and memory watchdog; a child stopped by either, or after ``rows`` rows, is
+    replaced by a fresh one."""
+
+    def __init__(self, args, rows: int = 8):
+        self.args, self.rows, self.proc, self.done = args, rows, None, 0
+
+    def _start(self) -> None:
+        import queue
+        import subprocess
+        import threading
+
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                                     env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        self.lines, self.err, self.done = queue.Queue(), [], 0
+        threading.Thread(target=lambda: [self.lines.put(ln) for ln in self.proc.stdout], daemon=True).start()
+        threading.Thread(target=lambda: [self.err.append(ln) for ln in self.proc.stderr], daemon=True).start()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def _why_stop(self, t0: float, limit: int) -> str | None:
+        peak = base.rss_bytes(self.proc.pid)
+        if peak > limit:
+            return f"stopped by the memory watchdog at {peak / 2**30:.1f} GiB > {limit / 2**30:.1f} GiB"
+        if base.available_bytes() < base.FLOOR_BYTES:
+            return (f"stopped by the memory watchdog at {peak / 2**30:.1f} GiB: the machine's available "
+                    f"memory fell below {base.FLOOR_BYTES / 2**30:.1f} GiB")
+        if time.time() - t0 > self.args.timeout:
+            return f"timeout {self.args.timeout:.0f} s"
+        return None
+
+    def run(self, library: str, name: str, parts: list[str]) -> dict:
+        import queue
+
+        if self.proc is None or self.proc.poll() is not None or self.done >= self.rows:
+            self.stop()
+            self._start()
+        for _ in range(120):  # other jobs hold the memory: wait (up to 4 min) rather than start and be stopped
+            if base.available_bytes() > base.FLOOR_BYTES + 2**30:
+                break
+            time.sleep(2)
+        limit = max(int(self.args.memory_fraction * base.available_bytes()), 3 * 2**30)
+        self.proc.stdin.write(f"{library} {name} {','.join(parts)}\n")
+        self.proc.stdin.flush()
+        row, why, t0 = {}, None, time.time()
+        while True:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                line = None
+            if line is not None and line.startswith("ROW "):
+                row.update(json.loads(line[4:]))
+            elif line is not None and line.startswith("DONE"):
+                break
+            if self.proc.poll() is not None:
+                break
+            why = self._why_stop(t0, limit)
+            if why:
+                self.stop()
+                break
+        self.done += 1
+        tail = [ln.strip() for ln in self.err if ln.strip()][-1:] or ["the worker exited"]
+        for part in parts:
+            row.setdefault(part, {"status": "error", "error": why or tail[0][:300]})
+        return row
+
+
+def serve() -> None:
+    """``--serve``: one ``LIBRARY NAME PARTS`` line in, its ``ROW`` lines and ``DONE`` out."""
+    for line in sys.stdin:
+        library, name, parts = line.split()
+        run_one(library, name, parts.split(","))
+        print("DONE", flush=True)
 
 
 def save_row(path: Path, key: str, row: dict, meta: dict) -> None:
@@ -399,10 +468,15 @@ def main(argv=None) -> int:
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--memory-fraction", type=float, default=0.5)
     p.add_argument("--one", nargs=3, metavar=("LIBRARY", "NAME", "PARTS"), help=argparse.SUPPRESS)
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
         run_one(args.one[0], args.one[1], args.one[2].split(","))
         return 0
+    if args.serve:
+        serve()
+        return 0
+    worker = Worker(args)
     todo = [(lib, n) for lib in args.library for n in model_names(lib) if not args.models or n in args.models]
     todo = todo[::-1] if args.reverse else todo
     versions = None if args.report_only else _versions()
@@ -415,11 +489,11 @@ def main(argv=None) -> int:
             parts = []
         else:
             parts = [part for part in (("ehap",) if args.no_tp else ("ehap", "tp")) if part in args.rerun
-                     or row.get(part, {}).get("status") is None or "timeout" in row[part].get("error", "")]
+                     or row.get(part, {}).get("status") is None or _retry(row[part].get("error", ""))]
         if not parts and "skipped" not in row:
             continue
         if parts:
-            row.update(run_row(lib, name, parts, args))
+            row.update(worker.run(lib, name, parts))
         row["load"] = os.getloadavg()[0]
         meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": base._cpu(),
                 "versions": versions, "cache": str(args.cache),
@@ -428,10 +502,17 @@ def main(argv=None) -> int:
         e, tpr = row.get("ehap", {}), row.get("tp", {})
         print(f"{key}: ehap {e.get('status')} {e.get('flops_ratio', '')} ok={_ok(e)} / TP {tpr.get('status')} "
               f"{tpr.get('flops_ratio', '')}", flush=True)
+    worker.stop()
     if args.markdown:
         cache = json.loads(args.cache.read_text())
         args.markdown.write_text(markdown(list(cache["rows"].values()), cache["meta"]))
     return 0
+
+
+def _retry(error: str) -> bool:
+    """A part stopped by the clock or the memory watchdog (other jobs share the machine's memory)
+    runs again on the next pass."""
+    return "timeout" in error or "memory watchdog" in error
 
 
 def _versions() -> str:
