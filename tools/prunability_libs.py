@@ -25,6 +25,7 @@ Results are cached per model in ``--cache`` (resumable).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import prunability as base  # noqa: E402  (tools/prunability.py: runner, checks, ONNX check)
 
 PRUNED_AT = 0.55
+FLOOR_BYTES = 5 * 2**28  # 1.25 GiB: a row is stopped when the machine's available memory falls below
 # Input sides, chosen so that the lists run in about an hour on 2 cores shared with other jobs
 # (the FLOPs ratio of a CNN hardly depends on the side): YOLO n/s at 256, m at 224, l/x at 160;
 # YOLO classify 160; transformers and timm 128 (or the size a model is fixed to, or its minimum);
@@ -81,7 +83,7 @@ SKIP = {"transformers:DinatForImageClassification": "needs the natten package (n
 
 def model_names(library: str) -> list[str]:
     if library == "ultralytics":
-        return [f"yolo{v}{s}{t}" for t in YOLO_TASKS for s in "nsmlx" for v in ("v8", "11")]
+        return [f"yolo{v}{s}{t}" for s in "nsmlx" for t in YOLO_TASKS for v in ("v8", "11")]
     if library == "transformers":
         return [f"{c}ForImageClassification" for c in HF] + [f"{c}ForSemanticSegmentation" for c in HF_SEG]
     if library == "smp":
@@ -279,7 +281,7 @@ def run_tp(library: str, name: str) -> dict:
     except Exception as e:
         tb = traceback.extract_tb(e.__traceback__)[-1]
         return {"status": "error", "error": f"{type(e).__name__}: {str(e)[:300]} ({Path(tb.filename).name}:"
-                f"{tb.lineno})", "seconds": round(time.perf_counter() - t, 1)}
+                f"{tb.lineno}{_tp_where(e)})", "seconds": round(time.perf_counter() - t, 1)}
     row.update(flops_ratio=round(ratio, 4), status="pruned" if ratio <= PRUNED_AT else "not reached",
                shape_kept=base.shapes(dense) == base.shapes(out), seconds=round(time.perf_counter() - t, 1))
     changed = [f"output {i}: {a} -> {b}" for i, (a, b) in enumerate(zip(base.shapes(dense), base.shapes(out))) if a != b]
@@ -288,6 +290,21 @@ def run_tp(library: str, name: str) -> dict:
     diff, scale = base.max_diff(reference, dense)  # its preparation (C2f split) keeps the outputs
     row["prepared_ok"] = base.close(diff, scale, 1e-4)
     return row
+
+
+def _tp_where(e: Exception) -> str:
+    """The layer Torch-Pruning was at when it failed: the innermost ``dep`` (a dependency, whose
+    repr names both layers and the op between them) or ``layer``/``module`` in its frames."""
+    tb, found = e.__traceback__, ""
+    while tb is not None:
+        if "torch_pruning" in tb.tb_frame.f_code.co_filename:
+            local = tb.tb_frame.f_locals
+            for key in ("dep", "layer", "module"):
+                if key in local and local[key] is not None:
+                    found = f", at {key} {str(local[key]).splitlines()[0][:200]}"
+                    break
+        tb = tb.tb_next
+    return found
 
 
 def run_one(library: str, name: str, parts: list[str]) -> None:
@@ -343,9 +360,9 @@ class Worker:
         peak = base.rss_bytes(self.proc.pid)
         if peak > limit:
             return f"stopped by the memory watchdog at {peak / 2**30:.1f} GiB > {limit / 2**30:.1f} GiB"
-        if base.available_bytes() < base.FLOOR_BYTES:
+        if base.available_bytes() < FLOOR_BYTES:
             return (f"stopped by the memory watchdog at {peak / 2**30:.1f} GiB: the machine's available "
-                    f"memory fell below {base.FLOOR_BYTES / 2**30:.1f} GiB")
+                    f"memory fell below {FLOOR_BYTES / 2**30:.1f} GiB")
         if time.time() - t0 > self.args.timeout:
             return f"timeout {self.args.timeout:.0f} s"
         return None
@@ -357,7 +374,7 @@ class Worker:
             self.stop()
             self._start()
         for _ in range(120):  # other jobs hold the memory: wait (up to 4 min) rather than start and be stopped
-            if base.available_bytes() > base.FLOOR_BYTES + 2**30:
+            if base.available_bytes() > FLOOR_BYTES + 2**30:
                 break
             time.sleep(2)
         limit = max(int(self.args.memory_fraction * base.available_bytes()), 3 * 2**30)
@@ -465,6 +482,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-tp", action="store_true", help="run the ehap-fx part only")
     p.add_argument("--rerun", nargs="*", default=[], choices=["ehap", "tp"], help="parts to run again")
     p.add_argument("--reverse", action="store_true", help="last model first (a second run on the same list)")
+    p.add_argument("--interleave", action="store_true", help="one model of each library in turn")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--memory-fraction", type=float, default=0.5)
     p.add_argument("--one", nargs=3, metavar=("LIBRARY", "NAME", "PARTS"), help=argparse.SUPPRESS)
@@ -477,7 +495,8 @@ def main(argv=None) -> int:
         serve()
         return 0
     worker = Worker(args)
-    todo = [(lib, n) for lib in args.library for n in model_names(lib) if not args.models or n in args.models]
+    lists = [[(lib, n) for n in model_names(lib) if not args.models or n in args.models] for lib in args.library]
+    todo = [row for rows in itertools.zip_longest(*lists) for row in rows if row] if args.interleave else sum(lists, [])
     todo = todo[::-1] if args.reverse else todo
     versions = None if args.report_only else _versions()
     for lib, name in [] if args.report_only else todo:
