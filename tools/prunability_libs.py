@@ -2,8 +2,15 @@
 of ultralytics, Hugging Face transformers, segmentation_models_pytorch and timm, with
 Torch-Pruning 1.6.1 in the same run, side by side (random init, eval mode, no data).
 
-Per model, each part in its own subprocess with a timeout and memory watchdog (the guarded
-runner of ``tools/prunability.py``):
+The lists (``model_names``): every YOLO task (detect, segment, classify, pose, obb) × size
+(n, s, m, l, x) of v8 and 11, built from the package's yaml; the transformers
+``…ForImageClassification`` / ``…ForSemanticSegmentation`` CNNs and hybrids that build from a
+default config (``SKIP`` says why one is left out); every smp architecture × three encoders
+(DPT: a ViT encoder); one model (the smallest) of each timm CNN or hybrid family, with
+``padding='same'`` ``tf_`` models among them. Inputs: see ``YOLO_SIDE`` and below.
+
+Per model, both parts in a worker process (imports paid once per worker) with a per-row
+timeout and memory watchdog (``Worker``):
 
 * **ehap-fx**: ``compress(model, x)``, nothing else. FLOPs before and after counted on ATen
   ops with ``torch.utils.flop_counter.FlopCounterMode`` (FX and export graphs count alike);
@@ -11,15 +18,16 @@ runner of ``tools/prunability.py``):
   masked original (``passes.mask`` on the graph the same capture makes) within 1e-4 of the
   output's scale; ONNX ≡ PyTorch in onnxruntime (same tolerance). The capture that ran.
 * **Torch-Pruning**: ``MagnitudePruner`` (L1, ``round_to=8``, uniform ratios 0.15/0.30/0.45,
-  the first at ≤ 0.5 of its own MACs count), the output layers ignored as its examples do
-  (ultralytics: the Detect/Segment/Pose/OBB/Classify head's last convs/linear; transformers:
-  ``classifier``; smp: ``segmentation_head``; timm: ``get_classifier()``). FLOPs counted the
-  same way as ehap-fx's.
+  the first at ≤ 0.5 of its own MACs count), set up as its own examples do: ultralytics as
+  ``examples/yolov8/yolov8_pruning.py`` (each ``C2f`` rebuilt with its chunked ``cv1`` split in
+  two convs, ``C2fSplit``; the whole head ignored), elsewhere the classifier / segmentation
+  head ignored. FLOPs counted as for ehap-fx; its errors name the dependency it was at.
 
-Results are cached per model in ``--cache`` (resumable).
+Results are cached per model in ``--cache`` (resumable; several runs may share it).
 
     python tools/prunability_libs.py --library ultralytics transformers smp timm \\
-        [--models ...] [--timeout 900] [--cache docs/prunability_libs.json] [--markdown FILE]
+        [--models ...] [--timeout 900] [--cache docs/prunability_libs.json] [--markdown FILE] \\
+        [--interleave] [--reverse] [--rerun ehap tp] [--report-only]
 """
 
 from __future__ import annotations
