@@ -60,7 +60,7 @@ HF = ["ResNet", "ConvNext", "ConvNextV2", "MobileNetV1", "MobileNetV2", "Efficie
       "PvtV2", "Segformer", "Dinat"]
 HF_SEG = ["Segformer", "MobileNetV2", "MobileViT", "MobileViTV2", "UperNet"]
 HF_FIXED = {"Levit"}  # attention biases for one resolution: the config's image_size
-HF_CONFIG = {"EfficientNet": {"width_coefficient": 1.0, "depth_coefficient": 1.0}}  # B0 (the default is B7)
+HF_CONFIG = {"EfficientNet": {"width_coefficient": 1.0, "depth_coefficient": 1.0, "hidden_dim": 1280}}  # B0, not B7
 
 
 def _hf_config(T, cls: str):
@@ -442,9 +442,11 @@ def _ok(e: dict) -> bool:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    commands = "; ".join(f"`{c}`" for c in meta.get("commands", [meta.get("command")]))
+    commands = meta.get("commands", [meta.get("command")])
     out = [f"Run: {meta.get('date')}, {meta.get('cpu')}; {meta.get('versions')}.",
-           f"Commands (resumable: `{meta.get('cache')}`): {commands}.", ""]
+           f"Command (resumable: `{meta.get('cache')}`): `python tools/prunability_libs.py --library ultralytics "
+           f"transformers smp timm --markdown docs/prunability_libs.md`; the rows come from {len(commands)} runs of "
+           "it on parts of the lists (their command lines are in the cache's `meta`).", ""]
     yn = (lambda v: "yes" if v is True else ("**no**" if v is False else "–"))
     for lib in ("ultralytics", "transformers", "smp", "timm"):
         order = {n: i for i, n in enumerate(model_names(lib))}
@@ -545,8 +547,9 @@ def _retry(error: str) -> bool:
 def _versions() -> str:
     from importlib.metadata import version
 
-    libs = ("ultralytics", "transformers", "segmentation_models_pytorch", "timm", "onnxruntime")
-    return base._versions() + ", " + ", ".join(f"{lib} {version(lib)}" for lib in libs)
+    libs = ("torch", "torchvision", "torch-pruning", "ultralytics", "transformers", "segmentation_models_pytorch",
+            "timm", "onnxruntime")  # from the package metadata: the parent imports no torch (0.7 GiB)
+    return ", ".join(f"{lib} {version(lib)}" for lib in libs)
 
 
 if __name__ == "__main__":
