@@ -2,8 +2,15 @@
 of ultralytics, Hugging Face transformers, segmentation_models_pytorch and timm, with
 Torch-Pruning 1.6.1 in the same run, side by side (random init, eval mode, no data).
 
-Per model, each part in its own subprocess with a timeout and memory watchdog (the guarded
-runner of ``tools/prunability.py``):
+The lists (``model_names``): every YOLO task (detect, segment, classify, pose, obb) × size
+(n, s, m, l, x) of v8 and 11, built from the package's yaml; the transformers
+``…ForImageClassification`` / ``…ForSemanticSegmentation`` CNNs and hybrids that build from a
+default config (``SKIP`` says why one is left out); every smp architecture × three encoders
+(DPT: a ViT encoder); one model (the smallest) of each timm CNN or hybrid family, with
+``padding='same'`` ``tf_`` models among them. Inputs: see ``YOLO_SIDE`` and below.
+
+Per model, both parts in a worker process (imports paid once per worker) with a per-row
+timeout and memory watchdog (``Worker``):
 
 * **ehap-fx**: ``compress(model, x)``, nothing else. FLOPs before and after counted on ATen
   ops with ``torch.utils.flop_counter.FlopCounterMode`` (FX and export graphs count alike);
@@ -11,20 +18,22 @@ runner of ``tools/prunability.py``):
   masked original (``passes.mask`` on the graph the same capture makes) within 1e-4 of the
   output's scale; ONNX ≡ PyTorch in onnxruntime (same tolerance). The capture that ran.
 * **Torch-Pruning**: ``MagnitudePruner`` (L1, ``round_to=8``, uniform ratios 0.15/0.30/0.45,
-  the first at ≤ 0.5 of its own MACs count), the output layers ignored as its examples do
-  (ultralytics: the Detect/Segment/Pose/OBB/Classify head's last convs/linear; transformers:
-  ``classifier``; smp: ``segmentation_head``; timm: ``get_classifier()``). FLOPs counted the
-  same way as ehap-fx's.
+  the first at ≤ 0.5 of its own MACs count), set up as its own examples do: ultralytics as
+  ``examples/yolov8/yolov8_pruning.py`` (each ``C2f`` rebuilt with its chunked ``cv1`` split in
+  two convs, ``C2fSplit``; the whole head ignored), elsewhere the classifier / segmentation
+  head ignored. FLOPs counted as for ehap-fx; its errors name the dependency it was at.
 
-Results are cached per model in ``--cache`` (resumable).
+Results are cached per model in ``--cache`` (resumable; several runs may share it).
 
     python tools/prunability_libs.py --library ultralytics transformers smp timm \\
-        [--models ...] [--timeout 900] [--cache docs/prunability_libs.json] [--markdown FILE]
+        [--models ...] [--timeout 900] [--cache docs/prunability_libs.json] [--markdown FILE] \\
+        [--interleave] [--reverse] [--rerun ehap tp] [--report-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -38,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import prunability as base  # noqa: E402  (tools/prunability.py: runner, checks, ONNX check)
 
 PRUNED_AT = 0.55
+FLOOR_BYTES = 5 * 2**28  # 1.25 GiB: a row is stopped when the machine's available memory falls below
 # Input sides, chosen so that the lists run in about an hour on 2 cores shared with other jobs
 # (the FLOPs ratio of a CNN hardly depends on the side): YOLO n/s at 256, m at 224, l/x at 160;
 # YOLO classify 160; transformers and timm 128 (or the size a model is fixed to, or its minimum);
@@ -50,7 +60,7 @@ HF = ["ResNet", "ConvNext", "ConvNextV2", "MobileNetV1", "MobileNetV2", "Efficie
       "PvtV2", "Segformer", "Dinat"]
 HF_SEG = ["Segformer", "MobileNetV2", "MobileViT", "MobileViTV2", "UperNet"]
 HF_FIXED = {"Levit"}  # attention biases for one resolution: the config's image_size
-HF_CONFIG = {"EfficientNet": {"width_coefficient": 1.0, "depth_coefficient": 1.0}}  # B0 (the default is B7)
+HF_CONFIG = {"EfficientNet": {"width_coefficient": 1.0, "depth_coefficient": 1.0, "hidden_dim": 1280}}  # B0, not B7
 
 
 def _hf_config(T, cls: str):
@@ -81,11 +91,11 @@ SKIP = {"transformers:DinatForImageClassification": "needs the natten package (n
 
 def model_names(library: str) -> list[str]:
     if library == "ultralytics":
-        return [f"yolo{v}{s}{t}" for v in ("v8", "11") for t in YOLO_TASKS for s in "nsmlx"]
+        return [f"yolo{v}{s}{t}" for s in "nsmlx" for t in YOLO_TASKS for v in ("v8", "11")]
     if library == "transformers":
         return [f"{c}ForImageClassification" for c in HF] + [f"{c}ForSemanticSegmentation" for c in HF_SEG]
     if library == "smp":
-        return [f"{a}/{e}" for a in SMP_ARCHS if a != "DPT" for e in SMP_ENCODERS] + [f"DPT/{SMP_DPT_ENCODER}"]
+        return [f"{a}/{e}" for e in SMP_ENCODERS for a in SMP_ARCHS if a != "DPT"] + [f"DPT/{SMP_DPT_ENCODER}"]
     if library == "timm":
         return TIMM
     raise ValueError(f"library={library!r}")
@@ -279,7 +289,7 @@ def run_tp(library: str, name: str) -> dict:
     except Exception as e:
         tb = traceback.extract_tb(e.__traceback__)[-1]
         return {"status": "error", "error": f"{type(e).__name__}: {str(e)[:300]} ({Path(tb.filename).name}:"
-                f"{tb.lineno})", "seconds": round(time.perf_counter() - t, 1)}
+                f"{tb.lineno}{_tp_where(e)})", "seconds": round(time.perf_counter() - t, 1)}
     row.update(flops_ratio=round(ratio, 4), status="pruned" if ratio <= PRUNED_AT else "not reached",
                shape_kept=base.shapes(dense) == base.shapes(out), seconds=round(time.perf_counter() - t, 1))
     changed = [f"output {i}: {a} -> {b}" for i, (a, b) in enumerate(zip(base.shapes(dense), base.shapes(out))) if a != b]
@@ -288,6 +298,21 @@ def run_tp(library: str, name: str) -> dict:
     diff, scale = base.max_diff(reference, dense)  # its preparation (C2f split) keeps the outputs
     row["prepared_ok"] = base.close(diff, scale, 1e-4)
     return row
+
+
+def _tp_where(e: Exception) -> str:
+    """The layer Torch-Pruning was at when it failed: the innermost ``dep`` (a dependency, whose
+    repr names both layers and the op between them) or ``layer``/``module`` in its frames."""
+    tb, found = e.__traceback__, ""
+    while tb is not None:
+        if "torch_pruning" in tb.tb_frame.f_code.co_filename:
+            local = tb.tb_frame.f_locals
+            for key in ("dep", "layer", "module"):
+                if key in local and local[key] is not None:
+                    found = f", at {key} {str(local[key]).splitlines()[0][:200]}"
+                    break
+        tb = tb.tb_next
+    return found
 
 
 def run_one(library: str, name: str, parts: list[str]) -> None:
@@ -311,18 +336,87 @@ def run_one(library: str, name: str, parts: list[str]) -> None:
         print("ROW " + json.dumps(row), flush=True)
 
 
-def run_row(library: str, name: str, parts: list[str], args) -> dict:
-    limit = int(args.memory_fraction * base.available_bytes())
-    cmd = [sys.executable, __file__, "--one", library, name, ",".join(parts)]
-    rc, out, err, why = base.run_guarded(cmd, args.timeout, limit)
-    row: dict = {}
-    for line in out.splitlines():
-        if line.startswith("ROW "):
-            row.update(json.loads(line[4:]))
-    tail = err.strip().splitlines()[-1:] or [f"exit code {rc}"]
-    for part in parts:
-        row.setdefault(part, {"status": "error", "error": why or tail[0][:300]})
-    return row
+class Worker:
+    """A child process that runs rows sent on its stdin (``--serve``): torch and the libraries
+    are imported once, not once per row (on a loaded 2-core machine the imports took ~25 s of a
+    row's ~90). The parent keeps the per-row guard of ``tools/prunability.py``: wall-clock
+    timeout and memory watchdog; a child stopped by either, or after ``rows`` rows, is
+    replaced by a fresh one."""
+
+    def __init__(self, args, rows: int = 8):
+        self.args, self.rows, self.proc, self.done = args, rows, None, 0
+
+    def _start(self) -> None:
+        import queue
+        import subprocess
+        import threading
+
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                                     env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        self.lines, self.err, self.done = queue.Queue(), [], 0
+        threading.Thread(target=lambda: [self.lines.put(ln) for ln in self.proc.stdout], daemon=True).start()
+        threading.Thread(target=lambda: [self.err.append(ln) for ln in self.proc.stderr], daemon=True).start()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def _why_stop(self, t0: float, limit: int) -> str | None:
+        peak = base.rss_bytes(self.proc.pid)
+        if peak > limit:
+            return f"stopped by the memory watchdog at {peak / 2**30:.1f} GiB > {limit / 2**30:.1f} GiB"
+        if base.available_bytes() < FLOOR_BYTES:
+            return (f"stopped by the memory watchdog at {peak / 2**30:.1f} GiB: the machine's available "
+                    f"memory fell below {FLOOR_BYTES / 2**30:.1f} GiB")
+        if time.time() - t0 > self.args.timeout:
+            return f"timeout {self.args.timeout:.0f} s"
+        return None
+
+    def run(self, library: str, name: str, parts: list[str]) -> dict:
+        import queue
+
+        if self.proc is None or self.proc.poll() is not None or self.done >= self.rows:
+            self.stop()
+            self._start()
+        for _ in range(120):  # other jobs hold the memory: wait (up to 4 min) rather than start and be stopped
+            if base.available_bytes() > FLOOR_BYTES + 2**30:
+                break
+            time.sleep(2)
+        limit = max(int(self.args.memory_fraction * base.available_bytes()), 3 * 2**30)
+        self.proc.stdin.write(f"{library} {name} {','.join(parts)}\n")
+        self.proc.stdin.flush()
+        row, why, t0 = {}, None, time.time()
+        while True:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                line = None
+            if line is not None and line.startswith("ROW "):
+                row.update(json.loads(line[4:]))
+            elif line is not None and line.startswith("DONE"):
+                break
+            if self.proc.poll() is not None:
+                break
+            why = self._why_stop(t0, limit)
+            if why:
+                self.stop()
+                break
+        self.done += 1
+        tail = [ln.strip() for ln in self.err if ln.strip()][-1:] or ["the worker exited"]
+        for part in parts:
+            row.setdefault(part, {"status": "error", "error": why or tail[0][:300]})
+        return row
+
+
+def serve() -> None:
+    """``--serve``: one ``LIBRARY NAME PARTS`` line in, its ``ROW`` lines and ``DONE`` out."""
+    for line in sys.stdin:
+        library, name, parts = line.split()
+        run_one(library, name, parts.split(","))
+        print("DONE", flush=True)
 
 
 def save_row(path: Path, key: str, row: dict, meta: dict) -> None:
@@ -348,9 +442,11 @@ def _ok(e: dict) -> bool:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    commands = "; ".join(f"`{c}`" for c in meta.get("commands", [meta.get("command")]))
+    commands = meta.get("commands", [meta.get("command")])
     out = [f"Run: {meta.get('date')}, {meta.get('cpu')}; {meta.get('versions')}.",
-           f"Commands (resumable: `{meta.get('cache')}`): {commands}.", ""]
+           f"Command (resumable: `{meta.get('cache')}`): `python tools/prunability_libs.py --library ultralytics "
+           f"transformers smp timm --markdown docs/prunability_libs.md`; the rows come from {len(commands)} runs of "
+           "it on parts of the lists (their command lines are in the cache's `meta`).", ""]
     yn = (lambda v: "yes" if v is True else ("**no**" if v is False else "–"))
     for lib in ("ultralytics", "transformers", "smp", "timm"):
         order = {n: i for i, n in enumerate(model_names(lib))}
@@ -396,14 +492,21 @@ def main(argv=None) -> int:
     p.add_argument("--no-tp", action="store_true", help="run the ehap-fx part only")
     p.add_argument("--rerun", nargs="*", default=[], choices=["ehap", "tp"], help="parts to run again")
     p.add_argument("--reverse", action="store_true", help="last model first (a second run on the same list)")
+    p.add_argument("--interleave", action="store_true", help="one model of each library in turn")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--memory-fraction", type=float, default=0.5)
     p.add_argument("--one", nargs=3, metavar=("LIBRARY", "NAME", "PARTS"), help=argparse.SUPPRESS)
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
         run_one(args.one[0], args.one[1], args.one[2].split(","))
         return 0
-    todo = [(lib, n) for lib in args.library for n in model_names(lib) if not args.models or n in args.models]
+    if args.serve:
+        serve()
+        return 0
+    worker = Worker(args)
+    lists = [[(lib, n) for n in model_names(lib) if not args.models or n in args.models] for lib in args.library]
+    todo = [row for rows in itertools.zip_longest(*lists) for row in rows if row] if args.interleave else sum(lists, [])
     todo = todo[::-1] if args.reverse else todo
     versions = None if args.report_only else _versions()
     for lib, name in [] if args.report_only else todo:
@@ -415,11 +518,11 @@ def main(argv=None) -> int:
             parts = []
         else:
             parts = [part for part in (("ehap",) if args.no_tp else ("ehap", "tp")) if part in args.rerun
-                     or row.get(part, {}).get("status") is None or "timeout" in row[part].get("error", "")]
+                     or row.get(part, {}).get("status") is None or _retry(row[part].get("error", ""))]
         if not parts and "skipped" not in row:
             continue
         if parts:
-            row.update(run_row(lib, name, parts, args))
+            row.update(worker.run(lib, name, parts))
         row["load"] = os.getloadavg()[0]
         meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": base._cpu(),
                 "versions": versions, "cache": str(args.cache),
@@ -428,17 +531,25 @@ def main(argv=None) -> int:
         e, tpr = row.get("ehap", {}), row.get("tp", {})
         print(f"{key}: ehap {e.get('status')} {e.get('flops_ratio', '')} ok={_ok(e)} / TP {tpr.get('status')} "
               f"{tpr.get('flops_ratio', '')}", flush=True)
+    worker.stop()
     if args.markdown:
         cache = json.loads(args.cache.read_text())
         args.markdown.write_text(markdown(list(cache["rows"].values()), cache["meta"]))
     return 0
 
 
+def _retry(error: str) -> bool:
+    """A part stopped by the clock or the memory watchdog (other jobs share the machine's memory)
+    runs again on the next pass."""
+    return "timeout" in error or "memory watchdog" in error
+
+
 def _versions() -> str:
     from importlib.metadata import version
 
-    libs = ("ultralytics", "transformers", "segmentation_models_pytorch", "timm", "onnxruntime")
-    return base._versions() + ", " + ", ".join(f"{lib} {version(lib)}" for lib in libs)
+    libs = ("torch", "torchvision", "torch-pruning", "ultralytics", "transformers", "segmentation_models_pytorch",
+            "timm", "onnxruntime")  # from the package metadata: the parent imports no torch (0.7 GiB)
+    return ", ".join(f"{lib} {version(lib)}" for lib in libs)
 
 
 if __name__ == "__main__":
