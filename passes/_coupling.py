@@ -409,7 +409,8 @@ def linear(a: _Analysis, node: fx.Node) -> Labels:
     if a.labels(node.args[0]) is None or shape is None or len(shape) < 2:
         raise _Pin("linear on an input without (N, ..., features)")
     d = a.dim(node.args[0])
-    x = a.anchor(node.args[0], -1, f"{node.format_node()}: mixes the last dim of a value whose channels are dim {d}")
+    why = f"{node.format_node()}: mixes the last dim of a value whose channels are dim {d}"
+    x = a.anchor(node.args[0], -1, why)
     mod = a.module(node)
     out = a.uf.fresh(mod.out_features)
     a.touch(node, "in", 1, x)

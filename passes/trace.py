@@ -143,7 +143,8 @@ def _drop_specialized(model: nn.Module, graph: fx.Graph, concrete: dict[str, Any
         checks, stack = set(), [node]
         while stack:
             for user in stack.pop().users:
-                if user.op == "call_function" and user.target in _SPECIALIZATION_CHECKS and user not in checks:
+                check = user.op == "call_function" and user.target in _SPECIALIZATION_CHECKS
+                if check and user not in checks:
                     checks.add(user)
                     stack.append(user)
         for check in sorted(checks, key=order.__getitem__, reverse=True):
