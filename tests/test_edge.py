@@ -169,3 +169,16 @@ def test_finetune_progress_on_a_non_terminal(capsys):
     err = capsys.readouterr().err
     assert "\r" not in err
     assert err.count("finetune: ") == 10 and "finetune: 100% (10/10 step)" in err
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_default_int8_is_pt2e_on_both_captures(capture, tmp_path):
+    """quantize=True on either capture: PT2E, every conv a QLinearConv in onnxruntime, the ONNX
+    file agreeing with the PyTorch INT8 model; ranked and calibrated on images alone."""
+    result = compress(net(), X, data=IMAGES, hessian=HESSIAN, target=0.6, quantize=True, capture=capture,
+                      export=tmp_path / "m.onnx")
+    assert result.report.quantize["backend"] == "pt2e" and result.report.quantize["mode"] == "ptq"
+    export = result.report.export
+    assert export["quantized_conv_fraction"] == 1.0 and export["op_counts"]["QLinearConv"] == 2
+    assert export["argmax_agreement"] >= 0.9  # 32 images of a random net: near-ties may flip
+    assert (tmp_path / "m.onnx").is_file()
