@@ -167,6 +167,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if all_scores_zero(report):
         lines += [f"> **WARNING:** {ZERO_SCORES}.", ""]
     lines += _ranking_section(report)
+    lines += _latency_section(report)
+    lines += _repair_section(report)
     lines += _accuracy_section(report)
     lines += _export_section(report)
     lines += _speed_section(report)
@@ -226,6 +228,41 @@ def _ranking_section(report) -> list[str]:
                        f"{r['estimator']}, probes {r['probes']}, retries {r['retries']}, "
                        f"converged {r['converged']}, {figures}")
     return out + [""]
+
+
+def _latency_section(report) -> list[str]:
+    """A latency target: what was asked, what the table predicted, what was measured."""
+    t, loop = report["target"], report.get("latency_loop")
+    if t.get("kind") != "latency":
+        return []
+    out = ["## Latency: asked and delivered", "",
+           f"- asked: {t['fraction']:g} of the dense model's INT8 latency"]
+    if t.get("latency_ratio") is not None:
+        out.append(f"- the per-conv table's estimate of the plan: {t['latency_ratio']:.3f}")
+    if not loop:
+        return out + ["- not measured (no latency loop ran: `--latency-loop-rounds 0`, or no INT8 timer)", ""]
+    out.append(f"- measured in the loop on {loop['isa']}, tolerance ±{100 * loop['tolerance']:.0f} % at "
+               f"batch {loop['batch']}: {loop['status']} after {len(loop['rounds'])} round(s), "
+               f"{loop['seconds']:.0f} s: {loop['message']}")
+    out += ["", "| batch | predicted | measured (interleaved medians) | noise |", "|---:|---:|---:|---:|"]
+    out += [f"| {b} | {loop['predicted_ratio']:.3f} | {r:.3f} | {loop['noise'].get(b, float('nan')):.3f} |"
+            for b, r in loop["measured_ratio"].items()]
+    return out + [""]
+
+
+def _repair_section(report) -> list[str]:
+    c = report.get("compensation")
+    if not c:
+        return []
+    err = ""
+    if c.get("mean_error_before") is not None:
+        err = (f"; mean relative squared error of the layer outputs {c['mean_error_before']:.4g} → "
+               f"{c['mean_error_after']:.4g}")
+    return ["## Post-training repair", "",
+            f"- layer-wise least squares against the dense model ({c['recipe']}): {c['images']} "
+            f"calibration images (no labels), {c['layers_repaired']} layers refitted, "
+            f"{c['layers_unchanged']} unchanged, {c['seconds']:.1f} s, accumulators "
+            f"{c['accumulator_bytes'] / 2**20:.1f} MiB{err}", ""]
 
 
 def _accuracy_section(report) -> list[str]:

@@ -110,7 +110,10 @@ def test_default_report_json(default_run):
     assert rank["retries"] == 0 and rank["seconds"] > 0 and rank["peak_memory"] > 0
     assert {p["reason"] for p in report["pinned"]} == {"model input x", "model output"}
     # dense_finetuned: the default teacher, the dense model fine-tuned with the same budget
-    assert set(report["accuracy"]) == {"dense", "dense_finetuned", "pruned", "finetuned", "int8_torch", "int8_onnx"}
+    assert set(report["accuracy"]) == {"dense", "dense_finetuned", "pruned", "compensated", "finetuned", "int8_torch",
+                                       "int8_onnx"}
+    c = report["compensation"]  # the least-squares repair with data, on by default: the fine-tune's start
+    assert c["recipe"] == "start of the fine-tune" and c["layers_repaired"] > 0 and c["images"] > 0
     q = report["quantize"]
     assert q["asked"] == "qat" and q["steps"] == 1 and q["qat_ranges"] == "calibrated"
     assert q["mode"] == q["check"]["kept"] == ("qat" if q["check"]["qat_loss"] < q["check"]["ptq_loss"] else "ptq")
@@ -131,6 +134,9 @@ def test_default_report_md_shouts_synthetic(default_run):
     assert md.index("SYNTHETIC DATA") < md.index("## Cost")
     assert "| 127,087,242 |" in md and "| layer3.8.conv2 | 64 |" in md
     assert "model input x" in md and "weights_only=False" in md
+    c = json.loads((out / "report.json").read_text())["compensation"]
+    assert f"{c['layers_repaired']} layers refitted" in md and md.index("## Post-training repair") < md.index(
+        "## Accuracy")
 
 
 def test_default_onnx_runs_in_onnxruntime(default_run):
