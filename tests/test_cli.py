@@ -202,7 +202,7 @@ def test_embedded_default_is_real_digits(tmp_path):
     assert report["data"] == "digits train (1437 images, 10 classes)"
     assert report["run"]["weights"].startswith("trained in-process on digits train")
     # dense_finetuned: the default teacher, the dense model fine-tuned with the same budget
-    assert set(report["accuracy"]) == {"dense", "dense_finetuned", "pruned", "finetuned", "int8_torch", "int8_onnx"}
+    assert set(report["accuracy"]) == {"dense", "dense_finetuned", "pruned", "compensated", "finetuned", "int8_torch", "int8_onnx"}
     # 360 real test images, chance 10 %: the model trained here is far above it; the shortened
     # fine-tune leaves the pruned model lower, but above chance
     acc = report["accuracy"]
@@ -567,7 +567,7 @@ def _kept_sizes(report) -> list[tuple[int, int]]:
 def _no_quantize(r, out):
     assert r["quantize"] is None and r["export"] is None and r["latency"] is None
     assert not (out / "model_int8.onnx").exists()
-    assert set(r["accuracy"]) == {"dense", "dense_finetuned", "pruned", "finetuned"}
+    assert set(r["accuracy"]) == {"dense", "dense_finetuned", "pruned", "compensated", "finetuned"}
 
 
 def _backend_pt2e(r, out):

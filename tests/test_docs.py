@@ -104,7 +104,7 @@ def test_readme_compress_example_runs(cifar10_root, weights_dir, tmp_path, monke
     exec(compile(code, "README.md", "exec"), ns)
     report = ns["result"].report
     assert report.cost_after["macs_ratio"] <= 0.5 and (tmp_path / "out" / "model_int8.onnx").is_file()
-    assert set(report.accuracy) == {"dense", "dense_finetuned", "pruned", "finetuned", "int8_torch", "int8_onnx"}
+    assert set(report.accuracy) == {"dense", "dense_finetuned", "pruned", "compensated", "finetuned", "int8_torch", "int8_onnx"}
 
 
 def test_the_defaults_the_docs_state_are_the_codes():

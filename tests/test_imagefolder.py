@@ -100,7 +100,7 @@ def check_run(out: Path, proc, model: str) -> dict:
     assert report["run"]["model"] == model and report["run"]["dataset"] == "imagefolder"
     assert report["data"].startswith("imagefolder train (24 images, 3 classes)")
     assert report["run"]["num_classes"] == 3 and report["run"]["input_shape"] == [3, 32, 32]
-    assert set(report["accuracy"]) == {"dense", "dense_finetuned", "pruned", "finetuned", "int8_torch",
+    assert set(report["accuracy"]) == {"dense", "dense_finetuned", "pruned", "compensated", "finetuned", "int8_torch",
                                        "int8_onnx"}
     assert all(0 <= v <= 100 for v in report["accuracy"].values())
     assert report["cost_after"]["macs_ratio"] <= 0.5
