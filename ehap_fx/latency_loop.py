@@ -222,16 +222,9 @@ def deliver(
         predicted = measure(gm, target, plan, latency=model) / base
         measured = _timed(timer, shrink(gm, plan).graph_module, reference, batch, options)
         rounds.append(LoopRound(len(rounds) + 1, goal, predicted, measured, time.perf_counter() - t, name))
-        now = rounds[-1].at(batch)
-        if now.noise > options.noise_limit:
-            status = NOISY
-            message = (f"the median ratio's 95 % interval is ±{100 * now.noise:.1f} % "
-                       f"([{now.low:.3f}, {now.high:.3f}]), wider than ±{100 * options.noise_limit:.1f} %: "
-                       "this machine is too busy to tell whether the target is met; rerun when quieter "
-                       "(or raise LoopOptions.bench.rounds)")
-            break
-        if abs(now.ratio / target.fraction - 1) <= options.tolerance:
-            status, message = MET, f"measured {now.ratio:.3f} within ±{100 * options.tolerance:g} %"
+        verdict = _verdict(rounds[-1].at(batch), target.fraction, options)
+        if verdict is not None:
+            status, message = verdict
             break
         elapsed = time.perf_counter() - start
         if len(rounds) >= options.max_rounds:
@@ -249,6 +242,25 @@ def deliver(
                         {"max_rounds": options.max_rounds, "max_seconds": options.max_seconds,
                          "max_noise": options.noise_limit, "bench_rounds": options.bench.rounds})
     return Delivered(plans[chosen - 1], report)
+
+
+def _verdict(now: Ratio, target: float, options: LoopOptions) -> tuple[str, str] | None:
+    """``(status, message)`` when the loop stops at this measurement; None to correct and go on.
+
+    A ratio whose whole 95 % interval lies outside the tolerance band is off whatever the
+    noise: the loop corrects it. Otherwise an interval wider than ``noise_limit`` cannot tell
+    inside from outside: the loop stops and says so. A narrow one decides by its median."""
+    lo, hi = target * (1 - options.tolerance), target * (1 + options.tolerance)
+    if now.low > hi or now.high < lo:
+        return None
+    if now.noise > options.noise_limit:
+        return NOISY, (f"the median ratio {now.ratio:.3f} has a 95 % interval of ±{100 * now.noise:.1f} % "
+                       f"([{now.low:.3f}, {now.high:.3f}]), wider than ±{100 * options.noise_limit:.1f} % "
+                       f"and overlapping the band [{lo:.3f}, {hi:.3f}]: this machine is too busy to tell "
+                       "whether the target is met; rerun when quieter (or raise LoopOptions.bench.rounds)")
+    if lo <= now.ratio <= hi:
+        return MET, f"measured {now.ratio:.3f} within ±{100 * options.tolerance:g} %"
+    return None
 
 
 def _timed(timer: Timer, candidate: fx.GraphModule, reference: fx.GraphModule, batch: int,
