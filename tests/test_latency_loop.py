@@ -236,3 +236,19 @@ def test_whole_graph_model_sees_the_memory_bound_ops_of_either_capture(capture):
     assert (fit.conv_scale, fit.per_element) == (pytest.approx(1.5), pytest.approx(2e-9))
     one = WholeGraphModel.fit(model.convs, [(None, dense[0] + 3e-9 * dense[1])])
     assert (one.conv_scale, one.per_element) == (1.0, pytest.approx(3e-9))
+
+
+@pytest.mark.parametrize("flags, rounds", [([], 4), (["--latency-loop-rounds", "2", "--latency-tolerance", "0.05"], 2),
+                                           (["--latency-loop-rounds", "0"], None)])
+def test_cli_latency_targets_are_measured_by_default(flags, rounds):
+    from ehap_fx import cli
+
+    args = cli.build_parser().parse_args(["compress", "--target-latency", "0.5", *flags])
+    cli.resolve_defaults(args)
+    loop = cli.compress_options(args).latency_loop
+    assert (loop.max_rounds if loop else None) == rounds
+    if "--latency-tolerance" in flags:
+        assert loop.tolerance == 0.05
+    macs = cli.build_parser().parse_args(["compress", "--target-macs", "0.5"])
+    cli.resolve_defaults(macs)
+    assert cli.compress_options(macs).latency_loop is None  # nothing to measure against
