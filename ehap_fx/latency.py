@@ -151,6 +151,7 @@ class LatencyTable:
             f"{platform.machine()}/{platform.processor()}/ort-{ort.__version__}/threads={options.threads}"
         )
         self.entries: dict[str, float] = {}
+        self._keys: dict[tuple[ConvShape, int, int], str] = {}
         self.measured = 0
         if options.cache is not None and options.cache.exists():
             try:
@@ -163,7 +164,9 @@ class LatencyTable:
         return json.dumps([asdict(shape), cin, cout, o.batch_size, o.precision, o.repeats])
 
     def seconds(self, shape: ConvShape, cin: int, cout: int) -> float:
-        key = self._key(shape, cin, cout)
+        key = self._keys.get((shape, cin, cout))
+        if key is None:  # the JSON key is slow to build, and select_plan asks for it thousands of times
+            key = self._keys[shape, cin, cout] = self._key(shape, cin, cout)
         if key not in self.entries:
             self.entries[key] = self._measure(shape, cin, cout)
             self.measured += 1

@@ -36,6 +36,7 @@ from torch import fx
 from ehap_fx.errors import TargetError
 from ehap_fx.isa import cpu_features
 from ehap_fx.latency import BenchOptions, LatencyModel, time_rounds
+from ehap_fx.latency_graph import WholeGraphModel
 from ehap_fx.passes.shrink import PrunePlan, shrink
 from ehap_fx.scoring.ranking import Ranking
 from ehap_fx.target import Target, measure, select_plan
@@ -126,6 +127,7 @@ class LoopRound:
     predicted: float
     measured: tuple[Ratio, ...]
     seconds: float
+    model: str = "table"  # the model that planned it: the per-conv table, or the whole graph fitted
 
     def at(self, batch: int) -> Ratio:
         return next(m for m in self.measured if m.batch == batch)
@@ -190,7 +192,10 @@ def deliver(
 
     ``latency``, ``base``: as ``select_plan``'s (the model predicts, the timer decides);
     ``batch``: the batch the ratio is decided at when ``options.batch`` is None. Round 1 plans
-    for the target itself; later rounds for a goal corrected by the measured ratio. A
+    for the target itself with the per-conv table; later rounds with the whole graph's model
+    (``latency_graph.WholeGraphModel``) fitted to every time measured so far, for the target
+    corrected by that model's error on the last plan (when ``gm`` is not the reference, an
+    iterative step: the table, for a goal corrected by the measured ratio). A
     ``TargetError`` of round 1 propagates; a later one ends the loop (``"unreachable"``) with
     the best plan so far."""
     if target.kind != "latency":
@@ -199,12 +204,12 @@ def deliver(
     reference = gm if reference is None else reference
     start = time.perf_counter()
     base = base if base is not None else measure(gm, target, latency=latency)
-    goal, rounds, plans = target.fraction, [], []
+    goal, rounds, plans, model, name = target.fraction, [], [], latency, "table"
     status, message = NOT_MET, f"no plan within ±{100 * options.tolerance:g} % in {options.max_rounds} rounds"
     while True:
         t = time.perf_counter()
         try:
-            plan = select_plan(gm, ranking, replace(target, latency=goal), base=base, latency=latency)
+            plan = select_plan(gm, ranking, replace(target, latency=goal), base=base, latency=model)
         except TargetError as e:
             if not rounds:
                 raise
@@ -214,19 +219,12 @@ def deliver(
             status, message = STUCK, f"goal {goal:.3f} gives round {plans.index(plan) + 1}'s plan again"
             break
         plans.append(plan)
-        predicted = measure(gm, target, plan, latency=latency) / base
+        predicted = measure(gm, target, plan, latency=model) / base
         measured = _timed(timer, shrink(gm, plan).graph_module, reference, batch, options)
-        rounds.append(LoopRound(len(rounds) + 1, goal, predicted, measured, time.perf_counter() - t))
-        now = rounds[-1].at(batch)
-        if now.noise > options.noise_limit:
-            status = NOISY
-            message = (f"the median ratio's 95 % interval is ±{100 * now.noise:.1f} % "
-                       f"([{now.low:.3f}, {now.high:.3f}]), wider than ±{100 * options.noise_limit:.1f} %: "
-                       "this machine is too busy to tell whether the target is met; rerun when quieter "
-                       "(or raise LoopOptions.bench.rounds)")
-            break
-        if abs(now.ratio / target.fraction - 1) <= options.tolerance:
-            status, message = MET, f"measured {now.ratio:.3f} within ±{100 * options.tolerance:g} %"
+        rounds.append(LoopRound(len(rounds) + 1, goal, predicted, measured, time.perf_counter() - t, name))
+        verdict = _verdict(rounds[-1].at(batch), target.fraction, options)
+        if verdict is not None:
+            status, message = verdict
             break
         elapsed = time.perf_counter() - start
         if len(rounds) >= options.max_rounds:
@@ -234,13 +232,35 @@ def deliver(
         if elapsed + rounds[-1].seconds > options.max_seconds:
             status, message = OUT_OF_TIME, f"{elapsed:.0f} s spent, another round would pass max_seconds"
             break
-        goal = _corrected(rounds, batch, target.fraction, options.damping)
+        if reference is gm:
+            model, base, goal, name = _refit(latency, plans, rounds, batch, target.fraction, options.damping)
+        else:
+            goal = _corrected(rounds, batch, target.fraction, options.damping)
     chosen = _best(rounds, batch, target.fraction, status)
     report = LoopReport(target.fraction, options.tolerance, batch, status, message, chosen, tuple(rounds),
                         cpu_features().describe(), time.perf_counter() - start,
                         {"max_rounds": options.max_rounds, "max_seconds": options.max_seconds,
                          "max_noise": options.noise_limit, "bench_rounds": options.bench.rounds})
     return Delivered(plans[chosen - 1], report)
+
+
+def _verdict(now: Ratio, target: float, options: LoopOptions) -> tuple[str, str] | None:
+    """``(status, message)`` when the loop stops at this measurement; None to correct and go on.
+
+    A ratio whose whole 95 % interval lies outside the tolerance band is off whatever the
+    noise: the loop corrects it. Otherwise an interval wider than ``noise_limit`` cannot tell
+    inside from outside: the loop stops and says so. A narrow one decides by its median."""
+    lo, hi = target * (1 - options.tolerance), target * (1 + options.tolerance)
+    if now.low > hi or now.high < lo:
+        return None
+    if now.noise > options.noise_limit:
+        return NOISY, (f"the median ratio {now.ratio:.3f} has a 95 % interval of ±{100 * now.noise:.1f} % "
+                       f"([{now.low:.3f}, {now.high:.3f}]), wider than ±{100 * options.noise_limit:.1f} % "
+                       f"and overlapping the band [{lo:.3f}, {hi:.3f}]: this machine is too busy to tell "
+                       "whether the target is met; rerun when quieter (or raise LoopOptions.bench.rounds)")
+    if lo <= now.ratio <= hi:
+        return MET, f"measured {now.ratio:.3f} within ±{100 * options.tolerance:g} %"
+    return None
 
 
 def _timed(timer: Timer, candidate: fx.GraphModule, reference: fx.GraphModule, batch: int,
@@ -257,6 +277,21 @@ def _timed(timer: Timer, candidate: fx.GraphModule, reference: fx.GraphModule, b
         if next(m for m in measured if m.batch == batch).noise <= options.noise_limit:
             break
     return measured
+
+
+def _refit(latency: LatencyModel, plans: list[PrunePlan], rounds: list[LoopRound], batch: int,
+           target: float, damping: float):
+    """``(model, its dense estimate, goal, name)`` of the next round: the whole graph's model
+    fitted to every dense and candidate time measured, the goal corrected by its error on the
+    last plan (none when the fit is exact there)."""
+    points = [(None, r.at(batch).dense_ms / 1000) for r in rounds]
+    points += [(p, r.at(batch).candidate_ms / 1000) for p, r in zip(plans, rounds, strict=True)]
+    model = WholeGraphModel.fit(latency, points)
+    base = model(model.kept())
+    last = model(model.kept(plans[-1])) / base
+    goal = target * (last / rounds[-1].at(batch).ratio) ** damping
+    name = f"whole graph: {model.conv_scale:.3g} x convs + {model.per_element:.3g} s/element"
+    return model, base, min(1.0, max(1e-3, goal)), name
 
 
 def _corrected(rounds: list[LoopRound], batch: int, target: float, damping: float) -> float:

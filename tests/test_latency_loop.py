@@ -59,8 +59,9 @@ class FakeTimer:
 
 
 @pytest.fixture(scope="module")
-def resnet20():
-    gm = group_channels(trace(get_model("resnet20").eval(), torch.randn(1, 3, 32, 32))).graph_module
+def small():
+    net = get_model("resnet8", num_classes=10).eval()  # the digits model: small enough for seconds
+    gm = group_channels(trace(net, torch.randn(1, 3, 16, 16))).graph_module
     return gm, magnitude_scores(gm)
 
 
@@ -73,10 +74,10 @@ OPTIONS = LoopOptions(tolerance=0.05, bench=BenchOptions(rounds=ROUNDS))
 
 
 @pytest.mark.parametrize("fraction", [0.7, 0.5])
-def test_loop_converges_to_the_true_latency_the_model_underpredicts(resnet20, fraction):
+def test_loop_converges_to_the_true_latency_the_model_underpredicts(small, fraction):
     from ehap_fx.passes.shrink import shrink
 
-    gm, scores = resnet20
+    gm, scores = small
     target = Target(latency=fraction, granularity="both", round_to=1)
     timer = FakeTimer(overhead=0.3)
     got = deliver(gm, scores, target, latency=LatencyModel(gm, MacsTable()), timer=timer, options=OPTIONS)
@@ -85,7 +86,11 @@ def test_loop_converges_to_the_true_latency_the_model_underpredicts(resnet20, fr
     first = rep.rounds[0]
     assert first.predicted == pytest.approx(fraction, abs=0.02)  # the model believed round 1 ...
     assert first.at(128).ratio > fraction + 0.05  # ... which the timer shows too slow
-    assert len(rep.rounds) >= 2 and rep.rounds[1].goal < first.goal  # so the goal was lowered
+    # so round 2 planned with the whole graph's model fitted to round 1's times: its prediction is
+    # closer to the measurement than the table's was
+    second = rep.rounds[1]
+    assert second.model.startswith("whole graph") and first.model == "table"
+    assert abs(second.predicted - second.at(128).ratio) < abs(first.predicted - first.at(128).ratio) / 2
     truth = true_ratio(gm, shrink(gm, got.plan).graph_module, 0.3)
     assert rep.delivered.at(128).ratio == pytest.approx(truth, rel=1e-9)
     assert abs(truth / fraction - 1) <= 0.05
@@ -96,20 +101,35 @@ def test_loop_converges_to_the_true_latency_the_model_underpredicts(resnet20, fr
     assert "delivered" in rep.summary() and rep.isa
 
 
-def test_loop_refuses_when_the_machine_is_too_noisy(resnet20):
-    gm, scores = resnet20
+def test_loop_refuses_when_the_machine_is_too_noisy(small):
+    gm, scores = small
     target = Target(latency=0.5, granularity="both", round_to=1)
     timer = FakeTimer(overhead=0.3, sigma=0.4, seed=1)
     got = deliver(gm, scores, target, latency=LatencyModel(gm, MacsTable()), timer=timer, options=OPTIONS)
-    # timed again once (rounds pooled), still too noisy: one plan, refused
-    assert got.report.status == NOISY and len(got.report.rounds) == 1 and timer.calls == 1 + OPTIONS.retimes
-    assert got.report.delivered.at(128).noise > OPTIONS.noise_limit
-    assert got.report.delivered.at(128).rounds == ROUNDS * (1 + OPTIONS.retimes)
-    assert "too busy to tell" in got.report.message
+    rep = got.report
+    # each plan timed again once (rounds pooled) while too noisy; it stops at the first plan it
+    # cannot place inside or outside the band, and says so
+    assert rep.status == NOISY and timer.calls == len(rep.rounds) * (1 + OPTIONS.retimes)
+    last = rep.rounds[-1].at(128)
+    assert last.noise > OPTIONS.noise_limit and last.rounds == ROUNDS * (1 + OPTIONS.retimes)
+    assert last.low <= 0.5 * 1.05 and last.high >= 0.5 * 0.95
+    assert "too busy to tell" in rep.message and rep.chosen == len(rep.rounds)
 
 
-def test_loop_stops_at_max_rounds_with_the_closest_plan(resnet20):
-    gm, scores = resnet20
+def test_a_plan_clearly_off_is_corrected_however_noisy(small):
+    gm, scores = small
+    target = Target(latency=0.5, granularity="both", round_to=1)
+    # a large overhead the table cannot see: round 1 is far too slow, its interval wide but
+    # entirely above the band
+    timer = FakeTimer(overhead=1.5, sigma=0.1, seed=0)
+    got = deliver(gm, scores, target, latency=LatencyModel(gm, MacsTable()), timer=timer, options=OPTIONS)
+    first = got.report.rounds[0].at(128)
+    assert first.noise > OPTIONS.noise_limit and first.low > 0.5 * 1.05
+    assert len(got.report.rounds) >= 2
+
+
+def test_loop_stops_at_max_rounds_with_the_closest_plan(small):
+    gm, scores = small
     target = Target(latency=0.5, granularity="both", round_to=1)
     options = LoopOptions(tolerance=0.01, max_rounds=2, damping=0.25, bench=BenchOptions(rounds=ROUNDS))
     got = deliver(gm, scores, target, latency=LatencyModel(gm, MacsTable()), timer=FakeTimer(), options=options)
@@ -119,8 +139,8 @@ def test_loop_stops_at_max_rounds_with_the_closest_plan(resnet20):
     assert rep.chosen == 1 + int(np.argmin(errors))
 
 
-def test_an_unreachable_first_plan_raises(resnet20):
-    gm, scores = resnet20
+def test_an_unreachable_first_plan_raises(small):
+    gm, scores = small
     with pytest.raises(TargetError, match="unreachable"):
         deliver(gm, scores, Target(latency=0.01, round_to=1), latency=LatencyModel(gm, MacsTable()),
                 timer=FakeTimer(), options=OPTIONS)
@@ -158,12 +178,12 @@ def test_onnx_timer_pairs_rounds_of_both_files(tmp_path, one_thread):
     assert timer.exports == 3  # the dense file is exported once
 
 
-def test_prune_measures_its_last_step_against_the_dense_graph(resnet20):
+def test_prune_measures_its_last_step_against_the_dense_graph(small):
     import functools
 
     from ehap_fx.compress import prune
 
-    gm, _ = resnet20
+    gm, _ = small
     target = Target(latency=0.5, granularity="both", round_to=1, steps=2)
     timer = FakeTimer(overhead=0.3)
     loop = functools.partial(deliver, timer=timer, options=OPTIONS)
@@ -189,3 +209,46 @@ def test_compress_reports_the_loop_in_onnxruntime(tmp_path, one_thread):
     assert loop["status"] in (MET, NOISY, NOT_MET, UNREACHABLE, OUT_OF_TIME, STUCK)
     assert set(loop["measured_ratio"]) == {"4", "1"} and loop["isa"]
     assert res.report.seconds["latency_loop"] > 0
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_whole_graph_model_sees_the_memory_bound_ops_of_either_capture(capture):
+    from collections import Counter
+
+    from ehap_fx.latency_graph import WholeGraphModel, memory_ops
+
+    net = get_model("resnet8", num_classes=10).eval()
+    gm = group_channels(trace(net, torch.randn(2, 3, 16, 16), capture=capture)).graph_module
+    names = Counter(str(getattr(n.target, "__name__", n.target)).split(".")[0] for n in memory_ops(gm))
+    assert names["add"] == 3 and names["pad"] == 2 and names["adaptive_avg_pool2d"] == 1  # no bn, relu, conv
+    model = WholeGraphModel(LatencyModel(gm, MacsTable()))
+    scores = magnitude_scores(gm)
+    half = {g: tuple(range(len(s) // 2)) for g, s in scores.items()}
+    from ehap_fx.passes.shrink import PrunePlan
+
+    dense, pruned = model.parts(model.kept()), model.parts(model.kept(PrunePlan(half)))
+    assert pruned[1] < dense[1]  # narrower streams move fewer elements
+    if dense[0] == 0:
+        pytest.xfail("LatencyModel times call_module convs only; ATen convs come with the op-coverage work")
+    # two measurements fix both coefficients exactly; one fixes the per-element cost
+    truth = lambda c, m: 1.5 * c + 2e-9 * m  # noqa: E731
+    fit = WholeGraphModel.fit(model.convs, [(None, truth(*dense)), (PrunePlan(half), truth(*pruned))])
+    assert (fit.conv_scale, fit.per_element) == (pytest.approx(1.5), pytest.approx(2e-9))
+    one = WholeGraphModel.fit(model.convs, [(None, dense[0] + 3e-9 * dense[1])])
+    assert (one.conv_scale, one.per_element) == (1.0, pytest.approx(3e-9))
+
+
+@pytest.mark.parametrize("flags, rounds", [([], 4), (["--latency-loop-rounds", "2", "--latency-tolerance", "0.05"], 2),
+                                           (["--latency-loop-rounds", "0"], None)])
+def test_cli_latency_targets_are_measured_by_default(flags, rounds):
+    from ehap_fx import cli
+
+    args = cli.build_parser().parse_args(["compress", "--target-latency", "0.5", *flags])
+    cli.resolve_defaults(args)
+    loop = cli.compress_options(args).latency_loop
+    assert (loop.max_rounds if loop else None) == rounds
+    if "--latency-tolerance" in flags:
+        assert loop.tolerance == 0.05
+    macs = cli.build_parser().parse_args(["compress", "--target-macs", "0.5"])
+    cli.resolve_defaults(macs)
+    assert cli.compress_options(macs).latency_loop is None  # nothing to measure against

@@ -80,7 +80,9 @@ def run_model(name: str, args, folder: Path) -> dict:
         rep = got.report
         row |= {"status": rep.status, "message": rep.message, "rounds": len(rep.rounds),
                 "loop_seconds": round(rep.seconds, 1),
-                "goals": [round(r.goal, 4) for r in rep.rounds],
+                "goals": [round(r.goal, 4) for r in rep.rounds], "models": [r.model for r in rep.rounds],
+                "predicted_rounds": [r.predicted for r in rep.rounds],
+                "measured_rounds": [r.at(args.batch).ratio for r in rep.rounds],
                 "predicted_table": rep.rounds[0].predicted, "predicted_loop": rep.delivered.predicted,
                 "in_loop": {str(m.batch): [m.ratio, m.low, m.high] for m in rep.delivered.measured}}
         rows.append(row)
