@@ -250,7 +250,13 @@ def functional_norm(a: _Analysis, node: fx.Node) -> Labels:
 def _union_norm_tensors(a: _Analysis, node: fx.Node, labels: Labels) -> Labels:
     if a.dim(node.args[0]) != 1:
         raise _Pin("batch norm of a value whose channels are not dim 1")
-    for pos, name in enumerate(_NORM_TENSORS.get(node.target, _F_NORM_TENSORS), start=1):
+    names = _NORM_TENSORS.get(node.target, _F_NORM_TENSORS)
+    return _union_channel_tensors(a, node, labels, enumerate(names, start=1))
+
+
+def _union_channel_tensors(a: _Analysis, node: fx.Node, labels: Labels, args) -> Labels:
+    """The ``(C,)`` tensors at ``args`` (position, name) of ``node`` sliced with its channels."""
+    for pos, name in args:
         t = _arg(node, pos, name)
         if t is None:
             continue
@@ -763,14 +769,7 @@ def functional_group_norm(a: _Analysis, node: fx.Node) -> Labels:
     rows = labels.reshape(groups, len(labels) // groups)
     for j in range(1, rows.shape[1]):
         a.uf.union(rows[:, 0], rows[:, j])
-    for pos, name in ((2, "weight"), (3, "bias")):
-        t = _arg(node, pos, name)
-        if t is None:
-            continue
-        if not isinstance(t, fx.Node) or a.labels(t) is None or _shape(t) != (len(labels),):
-            raise _Pin(f"{name} is not a per-channel tensor")
-        a.uf.union(labels, a.labels(t))
-    return labels
+    return _union_channel_tensors(a, node, labels, ((2, "weight"), (3, "bias")))
 
 
 def pixel_shuffle(a: _Analysis, node: fx.Node) -> Labels:

@@ -28,7 +28,8 @@ import numpy as np
 import onnxruntime
 import torch
 from ehap_fx.passes.export import export, export_onnx, session
-from ehap_fx.passes.quantize import QuantizeOptions, quantize, quiet_quantization_warnings
+from ehap_fx.passes.quantize import QuantizeOptions, quantize
+from int8_agreement import SHARED, logits_of  # tools/ beside this script
 
 from ehap_fx.data import CIFAR10_NORM, load_cifar
 from ehap_fx.isa import cpu_features
@@ -36,18 +37,6 @@ from ehap_fx.latency import BenchOptions, time_onnx
 from ehap_fx.models import normalization, pretrained_model
 from ehap_fx.models.resolve import resolve_model
 from ehap_fx.train import FinetuneOptions, finetune
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-
-
-@torch.no_grad()
-def logits_of(model, loader) -> tuple[np.ndarray, np.ndarray]:
-    out, labels = [], []
-    with quiet_quantization_warnings():
-        for x, y in loader:
-            out.append(model(x).float().numpy())
-            labels.append(y.numpy())
-    return np.concatenate(out), np.concatenate(labels)
 
 
 def ort_logits(path: Path, loader) -> np.ndarray:
