@@ -337,7 +337,10 @@ def compensate(gm: fx.GraphModule, dense: fx.GraphModule, data: Iterable,
 
 def calibration_inputs(data: Iterable, images: int) -> list[Any]:
     """The first ``images`` inputs of ``data``, batch by batch: tensors, or the first element of
-    ``(x, y)`` pairs (labels are never read). ``data`` may also be one tensor of inputs."""
+    ``(x, y)`` pairs (labels are never read). ``data`` may also be one tensor of inputs, or one
+    ``(x, y)`` tuple of tensors (a tuple of two is a pair, as ``compress`` reads it)."""
+    if isinstance(data, tuple) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
+        data = data[0]
     if torch.is_tensor(data):
         data = data.split(256)
     out, seen = [], 0

@@ -83,7 +83,7 @@ def test_segmentation_ranks_with_a_pixel_wise_loss_on_the_export_graph():
     g = torch.Generator().manual_seed(1)
     data = (torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 3, (8, 32, 32), generator=g))
     res = compress(model, x, data=data, loss_fn=F.cross_entropy, hessian=HUTCH,
-                   target=Target(macs=0.5, round_to=1))
+                   target=Target(macs=0.5, round_to=1), compensate=None)  # pruned == masked: before a repair
     assert res.report.capture["capture"] == "export"
     assert res.report.ranking[0]["scorer"] == "hessian"
     scores = [s for grp in res.report.groups for s in grp.scores]
@@ -103,11 +103,19 @@ def test_detector_ranks_with_a_loss_of_its_outputs_on_the_export_graph():
     with torch.no_grad():
         targets = model(images)[0] + 0.1 * torch.randn(8, 7, 80, generator=g)  # (N, 4 + 3 classes, 80 anchors)
     res = compress(model, x, data=(images, targets), loss_fn=lambda out, y: F.mse_loss(out[0], y),
-                   hessian=HUTCH, target=Target(macs=0.5, round_to=1))
+                   hessian=HUTCH, target=Target(macs=0.5, round_to=1), compensate=None)
     assert res.report.capture["capture"] == "export" and res.report.ranking[0]["scorer"] == "hessian"
     assert any(s > 0 for grp in res.report.groups for s in grp.scores)
     assert res.report.cost_after["macs_ratio"] <= 0.5
     _exact(model, x, res)
+    # the default repair reads the images of the one (x, y) tuple and moves the pruned outputs
+    # toward the dense ones (it fits them in least squares on these very images)
+    fixed = compress(model, x, data=(images, targets), loss_fn=lambda out, y: F.mse_loss(out[0], y),
+                     hessian=HUTCH, target=Target(macs=0.5, round_to=1))
+    assert fixed.report.compensation["images"] == len(images) and fixed.report.compensation["layers_repaired"] > 0
+    with torch.no_grad():
+        dense, before, after = model(images)[0], res.pruned(images)[0], fixed.pruned(images)[0]
+    assert (after - dense).square().sum() < (before - dense).square().sum()
 
 
 def test_removal_criterion_on_a_classifier_fx_cannot_trace():
@@ -116,7 +124,7 @@ def test_removal_criterion_on_a_classifier_fx_cannot_trace():
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(2)]
     res = compress(model, x, data=data, hessian=HessianOptions(dtype="fp32", batch_size=8, progress=False),
-                   target=Target(macs=0.6, round_to=1))
+                   target=Target(macs=0.6, round_to=1), compensate=None)
     assert res.report.capture["capture"] == "export" and res.report.ranking[0]["scorer"] == "removal"
     assert res.report.cost_after["macs_ratio"] <= 0.6
     _exact(model, x, res)
