@@ -627,7 +627,7 @@ FLAG_CASES = {
                    "--max-prune", "0.25"], _max_prune),
     "teacher": (["--no-quantize", "--teacher", "given"], _teacher_given),
     "target-latency": (["--no-quantize", "--target-latency", "0.7", "--latency-batch", "8",
-                        "--latency-precision", "fp32"], _target_latency),
+                        "--latency-precision", "fp32", "--latency-loop-rounds", "0"], _target_latency),
 }
 
 

@@ -201,7 +201,10 @@ def test_compress_reports_the_loop_in_onnxruntime(tmp_path, one_thread):
 
     options = LoopOptions(max_rounds=2, bench=BenchOptions(batches=(1,), rounds=3, threads=1))
     with pytest.warns(UserWarning, match="L1"):
-        res = compress(TinyOptionA().eval(), torch.randn(2, 3, 8, 8), target=Target(latency=0.8, round_to=1),
+        # granularity "both": dropping blocks keeps 0.8 reachable however the loaded machine times
+        # the per-conv table (channels alone reach 0.89 of it on some runs)
+        res = compress(TinyOptionA().eval(), torch.randn(2, 3, 8, 8),
+                       target=Target(latency=0.8, round_to=1, granularity="both"),
                        latency=LatencyOptions(batch_size=4, repeats=1, cache=tmp_path / "lat.json"),
                        latency_loop=options)
     loop = res.report.latency_loop  # what was asked, what was delivered (values depend on the machine)
