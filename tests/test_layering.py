@@ -112,3 +112,15 @@ def test_the_package_face_and_a_pass_load_no_pipeline():
 
     assert callable(compress) and compress.__module__ == "ehap_fx.compress"
     assert ehap_fx.compress is compress and ehap_fx.Target.__name__ == "Target"
+
+
+def test_every_package_folder_is_installed():
+    """``pyproject.toml`` lists the packages by name (``passes/`` is mapped to ``ehap_fx.passes``):
+    a new package folder missing there would be left out of a wheel, though an editable install
+    still finds it."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(("ehap_fx", *p.parent.relative_to(ROOT / "ehap_fx").parts))
+               for p in (ROOT / "ehap_fx").rglob("__init__.py")} | {"ehap_fx.passes"}
+    assert folders == listed
