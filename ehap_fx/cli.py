@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ from torch import nn
 
 from ehap_fx import process_group
 from ehap_fx import report as rep
-from ehap_fx.compress import PRESETS, RECIPE, CompressOptions, compress
+from ehap_fx.compress import RECIPE, CompressOptions, compress
 from ehap_fx.data import (
     CIFAR10_NORM,
     CIFAR100_NORM,
@@ -342,6 +342,39 @@ def _folder_layout(root: Path) -> str | None:
 
 FOLDERS = ("folder", "images")
 # image folders: PIL decoding in workers, small Hessian batches (capped at the images there)
+@dataclass(frozen=True)
+class Preset:
+    """The defaults a run's flags leave open, one per data source (:data:`PRESETS`); ``train_epochs``
+    of the digits model trained in-process, ``train_images``/``test_images`` of synthetic data."""
+
+    batch_size: int
+    hessian_batch: int
+    scorer: str
+    estimator: str
+    probes: int | None
+    finetune_epochs: float
+    finetune_steps: int | None
+    calibration_batches: int
+    qat_epochs: float = 1.0
+    qat_steps: int | None = None
+    train_epochs: float = 6.0
+    train_images: int = 512
+    test_images: int = 256
+
+
+PRESETS = {
+    # the embedded default (scikit-learn digits, real images): about a minute on 2 cores
+    "digits": Preset(batch_size=64, hessian_batch=256, scorer=RECIPE.scorer, estimator="auto", probes=None,
+                     finetune_epochs=2.0, finetune_steps=None, calibration_batches=8),
+    # synthetic data: end to end in minutes on a CPU (a random model's GGN is 0: Hutchinson)
+    "synthetic": Preset(batch_size=64, hessian_batch=32, scorer="hessian", estimator="hutchinson", probes=4,
+                        finetune_epochs=1.0, finetune_steps=8, calibration_batches=2, qat_steps=4),
+    # real CIFAR: one fine-tune epoch and one QAT epoch (raise them for accuracy)
+    "cifar": Preset(batch_size=128, hessian_batch=256, scorer=RECIPE.scorer, estimator="auto", probes=None,
+                    finetune_epochs=1.0, finetune_steps=None, calibration_batches=16),
+}
+
+
 FOLDER_PRESETS = {
     "folder": replace(PRESETS["cifar"], batch_size=64, hessian_batch=64),
     "images": replace(PRESETS["cifar"], batch_size=64, hessian_batch=64, finetune_epochs=0.0),
@@ -349,7 +382,7 @@ FOLDER_PRESETS = {
 
 
 def preset(args):
-    """The defaults of the run's data source (``compress.PRESETS``; image folders here)."""
+    """The defaults of the run's data source (:data:`PRESETS`, :data:`FOLDER_PRESETS`)."""
     kind = source(args)
     return FOLDER_PRESETS[kind] if kind in FOLDERS else PRESETS[kind]
 

@@ -96,7 +96,8 @@ RECIPE = Recipe()
 @dataclass(frozen=True)
 class CompressOptions:
     """``compress``'s keyword arguments of these names as one typed value: the CLI builds one from
-    its flags and a :class:`Preset`, then calls ``compress(model, x, data=..., **vars(options))``."""
+    its flags and a preset (``ehap_fx.cli.PRESETS``), then calls
+    ``compress(model, x, data=..., **vars(options))``."""
 
     target: Target = RECIPE.target()
     scorer: str | None = None
@@ -111,39 +112,6 @@ class CompressOptions:
     def __post_init__(self) -> None:
         if self.scorer is not None and self.scorer not in SCORERS:
             raise ValueError(f"scorer={self.scorer!r} must be one of {SCORERS}")
-
-
-@dataclass(frozen=True)
-class Preset:
-    """The defaults a run's flags leave open, one per data source (:data:`PRESETS`); ``train_epochs``
-    of the digits model trained in-process, ``train_images``/``test_images`` of synthetic data."""
-
-    batch_size: int
-    hessian_batch: int
-    scorer: str
-    estimator: str
-    probes: int | None
-    finetune_epochs: float
-    finetune_steps: int | None
-    calibration_batches: int
-    qat_epochs: float = 1.0
-    qat_steps: int | None = None
-    train_epochs: float = 6.0
-    train_images: int = 512
-    test_images: int = 256
-
-
-PRESETS = {
-    # the embedded default (scikit-learn digits, real images): about a minute on 2 cores
-    "digits": Preset(batch_size=64, hessian_batch=256, scorer=RECIPE.scorer, estimator="auto", probes=None,
-                     finetune_epochs=2.0, finetune_steps=None, calibration_batches=8),
-    # synthetic data: end to end in minutes on a CPU (a random model's GGN is 0: Hutchinson)
-    "synthetic": Preset(batch_size=64, hessian_batch=32, scorer="hessian", estimator="hutchinson", probes=4,
-                        finetune_epochs=1.0, finetune_steps=8, calibration_batches=2, qat_steps=4),
-    # real CIFAR: one fine-tune epoch and one QAT epoch (raise them for accuracy)
-    "cifar": Preset(batch_size=128, hessian_batch=256, scorer=RECIPE.scorer, estimator="auto", probes=None,
-                    finetune_epochs=1.0, finetune_steps=None, calibration_batches=16),
-}
 
 
 @dataclass(frozen=True)
