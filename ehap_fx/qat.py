@@ -95,7 +95,7 @@ def qat_finetune(
             f"{len(uncalibrated)} activation quantizers (e.g. {uncalibrated[0]}) wait for calibrated ranges: "
             "run passes.quantize.calibrate_ranges(prepared, batches, n) first "
             "(passes.quantize.quantize does), "
-            "or prepare with QuantizeOptions(qat_ranges='moving')"
+            "or prepare with QuantizeOptions(mode='qat', qat_ranges='moving')"
         )
     ft = options.finetune
     if teacher is None and ft.distill is not None:

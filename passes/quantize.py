@@ -67,8 +67,9 @@ QAT_FINETUNE = FinetuneOptions(epochs=1.0, lr=1e-3, weight_decay=0.0, progress=F
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    """How to quantize. The defaults: PT2E backend, QAT with a short fine-tune (``finetune``:
-    1 epoch, lr 1e-3, no weight decay, distillation when a teacher is given).
+    """How to quantize. The defaults: PT2E backend, PTQ (``calibration_batches`` observed, the
+    recipe's mode); ``mode="qat"`` adds a short fine-tune (``finetune``: 1 epoch, lr 1e-3, no
+    weight decay, distillation when a teacher is given).
 
     ``finetune`` is the QAT loop's :class:`~ehap_fx.train_options.FinetuneOptions` (epochs,
     learning rate, distillation, ...). ``freeze_bn_after`` / ``freeze_observers_after`` are
@@ -89,7 +90,7 @@ class QuantizeOptions:
     """
 
     backend: str = "pt2e"
-    mode: str = "qat"
+    mode: str = "ptq"
     target: str = "auto"
     finetune: FinetuneOptions = QAT_FINETUNE
     freeze_bn_after: float = 0.5

@@ -93,7 +93,7 @@ def _compress(model):
     return compress(model, torch.randn(1, 3, 32, 32), data=loader, target=target, scorer="hessian",
                     hessian=dataclasses.replace(CASES["adaptive"][0], max_probes=8, rank_threshold=0.9),
                     finetune_options=FinetuneOptions(max_steps=3, lr=0.05, progress=False),
-                    quantize=QuantizeOptions(backend="fx", finetune=dataclasses.replace(QAT_FINETUNE, max_steps=2)))
+                    quantize=QuantizeOptions(mode="qat", backend="fx", finetune=dataclasses.replace(QAT_FINETUNE, max_steps=2)))
 
 
 def _tiny(seed: int = 0) -> torch.nn.Module:

@@ -131,8 +131,10 @@ def test_the_defaults_the_docs_state_are_the_codes():
                                    HessianOptions().estimator),
         "estimator (hessian.md, prose)": (re.search(r'\*\*Default: `estimator="(\w+)"`\*\*', hessian)[1],
                                           HessianOptions().estimator),
-        "pass options (docstring)": ("qat" if "QAT with a short fine-tune" in QuantizeOptions.__doc__ else "?",
-                                     QuantizeOptions().mode),
+        "pass options (docstring)": (re.search(r"The defaults: \w+ backend, (\w+)", QuantizeOptions.__doc__)[1]
+                                     .lower(), QuantizeOptions().mode),
+        "pass backend (docstring)": (re.search(r"The defaults: (\w+) backend", QuantizeOptions.__doc__)[1].lower(),
+                                     QuantizeOptions().backend),
         "capture (core.md)": (re.search(r'`capture="(\w+)"` \(the default', core)[1], defaults["capture"]),
     }
     wrong = {what: pair for what, pair in stated.items() if pair[0] != pair[1]}

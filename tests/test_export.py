@@ -83,7 +83,7 @@ def test_qat_export_runs_int8_in_onnxruntime(pruned, backend, tmp_path):
         pytest.importorskip("torchao")
     name, gm = pruned
     q = quantize(
-        gm, X, TRAIN.loader(32, shuffle=True), QuantizeOptions(backend=backend, finetune=replace(QAT_FINETUNE, max_steps=2))
+        gm, X, TRAIN.loader(32, shuffle=True), QuantizeOptions(mode="qat", backend=backend, finetune=replace(QAT_FINETUNE, max_steps=2))
     )
     assert q.steps == 2
     report = export(q, X, tmp_path / "model_int8.onnx", inputs=TEST_X, float_model=gm)
@@ -131,7 +131,7 @@ def test_pt2e_export_small(tmp_path):
         torch.nn.Flatten(),
         torch.nn.Linear(16, 10),
     )
-    q = quantize(net, X, TRAIN.loader(64), QuantizeOptions(backend="pt2e", finetune=replace(QAT_FINETUNE, max_steps=2)))
+    q = quantize(net, X, TRAIN.loader(64), QuantizeOptions(mode="qat", backend="pt2e", finetune=replace(QAT_FINETUNE, max_steps=2)))
     report = export(q, X, tmp_path / "small_pt2e.onnx", inputs=TEST_X[:256], float_model=net)
     assert [(c.op_type, c.in_channels, c.out_channels) for c in report.convs] == [
         ("QLinearConv", 3, 16),
@@ -242,7 +242,7 @@ def test_resnet56_short_qat_within_half_pt(cifar10_root, weights_dir, tmp_path, 
             model,
             X,
             train.loader(64, shuffle=True, augment=True, normalization=norm),
-            QuantizeOptions(backend=backend, finetune=replace(QAT_FINETUNE, max_steps=30)),
+            QuantizeOptions(mode="qat", backend=backend, finetune=replace(QAT_FINETUNE, max_steps=30)),
         )
         report = export(
             q,

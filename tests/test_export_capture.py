@@ -332,7 +332,7 @@ def test_resnet56_export_pruned_pt2e_qat_onnx(cifar10_root, weights_dir, tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("error", QuantizeWarning)  # a conv left in float fails the test
         q = quantize(small, x, train.loader(64, shuffle=True, augment=True, normalization=norm),
-                     QuantizeOptions(backend="pt2e", finetune=replace(QAT_FINETUNE, max_steps=30)))
+                     QuantizeOptions(mode="qat", backend="pt2e", finetune=replace(QAT_FINETUNE, max_steps=30)))
         inputs = next(iter(test.loader(512, normalization=norm)))[0]
         report = export(q, x, tmp_path / "r56_export_qat.onnx", inputs=inputs)
     int8 = onnx_top1(report.path, test.loader(500, normalization=norm))

@@ -111,7 +111,7 @@ def test_fx_qat_uses_fake_quantize_with_the_scheme(target, expected):
     from torch.ao.quantization import FakeQuantize, FusedMovingAvgObsFakeQuantize
 
     (lo, hi), where = _weight_range(target, expected)
-    prepared = prepare(TinyResNet(), X, QuantizeOptions(backend="fx", target=target))
+    prepared = prepare(TinyResNet(), X, QuantizeOptions(mode="qat", backend="fx", target=target))
     fqs = [m for m in prepared.modules() if isinstance(m, FakeQuantize)]
     assert not any(isinstance(m, FusedMovingAvgObsFakeQuantize) for m in fqs)
     weights = [m for m in fqs if m.qscheme == torch.per_channel_symmetric]
@@ -130,7 +130,7 @@ def test_pt2e_qat_uses_the_same_scheme(target, expected):
     from torchao.quantization.pt2e import FakeQuantize
 
     (lo, hi), where = _weight_range(target, expected)
-    prepared = prepare(TinyResNet(), X, QuantizeOptions(backend="pt2e", target=target))
+    prepared = prepare(TinyResNet(), X, QuantizeOptions(mode="qat", backend="pt2e", target=target))
     fqs = [m for m in prepared.modules() if isinstance(m, FakeQuantize)]
     weights = [m for m in fqs if m.qscheme == torch.per_channel_symmetric]
     acts = [m for m in fqs if m.qscheme == torch.per_tensor_affine]
@@ -197,7 +197,7 @@ def test_7bit_weights_reach_the_onnx_file_in_range(tmp_path):
 def test_qat_freezes_bn_then_observers(backend):
     if backend == "pt2e":
         pytest.importorskip("torchao")
-    options = QuantizeOptions(backend=backend, finetune=replace(QAT_FINETUNE, max_steps=4),
+    options = QuantizeOptions(mode="qat", backend=backend, finetune=replace(QAT_FINETUNE, max_steps=4),
                               freeze_bn_after=0.25, freeze_observers_after=0.5)
     prepared = prepare(TinyResNet(), X, options)
     calibrate_ranges(prepared, batches(2), 2)
@@ -216,7 +216,7 @@ def test_qat_freezes_bn_then_observers(backend):
 def test_qat_without_freezes_keeps_observing(ranges):
     """Never frozen, the weight quantizers keep observing; so do moving activation ranges, while
     calibrated ones are held from the calibration on."""
-    options = QuantizeOptions(finetune=replace(QAT_FINETUNE, max_steps=2), freeze_bn_after=1.0,
+    options = QuantizeOptions(mode="qat", finetune=replace(QAT_FINETUNE, max_steps=2), freeze_bn_after=1.0,
                               freeze_observers_after=1.0, qat_ranges=ranges)
     prepared = prepare(TinyResNet(), X, options)
     if ranges == "calibrated":
@@ -228,9 +228,9 @@ def test_qat_without_freezes_keeps_observing(ranges):
 
 
 def test_qat_on_uncalibrated_ranges_names_the_fix():
-    prepared = prepare(TinyResNet(), X, QuantizeOptions())
+    prepared = prepare(TinyResNet(), X, QuantizeOptions(mode="qat"))
     with pytest.raises(QuantizeError, match="calibrate_ranges.*qat_ranges='moving'"):
-        qat_finetune(prepared, batches(1), QuantizeOptions())
+        qat_finetune(prepared, batches(1), QuantizeOptions(mode="qat"))
 
 
 def _scales(gm) -> list[float]:
@@ -258,8 +258,8 @@ def test_qat_starts_where_ptq_ends(backend):
         return types.SimpleNamespace(steps=0, losses=())
 
     ptq = quantize_pass.quantize(model, X, data, QuantizeOptions(backend=backend, mode="ptq", calibration_batches=4))
-    qat = quantize_pass.quantize(model, X, data, QuantizeOptions(backend=backend, calibration_batches=4), train=no_training)
-    moving = quantize_pass.quantize(model, X, data, QuantizeOptions(backend=backend, qat_ranges="moving"),
+    qat = quantize_pass.quantize(model, X, data, QuantizeOptions(mode="qat", backend=backend, calibration_batches=4), train=no_training)
+    moving = quantize_pass.quantize(model, X, data, QuantizeOptions(mode="qat", backend=backend, qat_ranges="moving"),
                                     train=no_training)
     assert qat.calibration_batches == 4
     ptq_scales = _scales(ptq.graph_module)
@@ -287,7 +287,7 @@ def test_ptq_calibrates_n_batches_and_matches_float(backend):
 def test_input_model_is_not_modified():
     model = TinyResNet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    quantize(model, X, batches(2), QuantizeOptions(finetune=replace(QAT_FINETUNE, max_steps=2, lr=0.1)))
+    quantize(model, X, batches(2), QuantizeOptions(mode="qat", finetune=replace(QAT_FINETUNE, max_steps=2, lr=0.1)))
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k])
 
@@ -318,14 +318,14 @@ def test_deprecation_warnings_are_scoped():
 def test_the_pass_has_no_training_loop_of_its_own():
     """QAT through the pass needs a loop (``train=``); ``ehap_fx.qat.quantize`` supplies one."""
     with pytest.raises(QuantizeError, match="pass train="):
-        quantize_pass.quantize(TinyResNet(), X, batches(2), QuantizeOptions(finetune=replace(QAT_FINETUNE, max_steps=1)))
+        quantize_pass.quantize(TinyResNet(), X, batches(2), QuantizeOptions(mode="qat", finetune=replace(QAT_FINETUNE, max_steps=1)))
     calls = []
 
     def loop(prepared, data, options):
         calls.append(type(prepared).__name__)
         return qat_finetune(prepared, data, options)
 
-    result = quantize_pass.quantize(TinyResNet(), X, batches(2), QuantizeOptions(finetune=replace(QAT_FINETUNE, max_steps=1)), train=loop)
+    result = quantize_pass.quantize(TinyResNet(), X, batches(2), QuantizeOptions(mode="qat", finetune=replace(QAT_FINETUNE, max_steps=1)), train=loop)
     assert calls == ["GraphModule"] and result.steps == 1
 
 
@@ -359,7 +359,7 @@ def test_qat_keeps_the_ptq_model_when_it_does_not_beat_it(teacher):
     data = learnable_batches(4)
     model = fitted_tiny(data)
     distill = DistillOptions(alpha=1.0, temperature=1.0) if teacher else None
-    options = QuantizeOptions(finetune=replace(QAT_FINETUNE, epochs=2, lr=0.05, distill=distill),
+    options = QuantizeOptions(mode="qat", finetune=replace(QAT_FINETUNE, epochs=2, lr=0.05, distill=distill),
                               calibration_batches=4)
     result = quantize(model, X, data, options, teacher=TinyResNet() if teacher else None)
     c = result.check
@@ -373,7 +373,7 @@ def test_qat_keeps_the_ptq_model_when_it_does_not_beat_it(teacher):
 def test_a_tie_keeps_the_ptq_model(monkeypatch):
     """QAT must beat PTQ to be kept: at equal losses the PTQ model (no training) is returned."""
     monkeypatch.setattr("ehap_fx.qat.check_loss", lambda model, batches: 0.5)
-    result = quantize(TinyResNet(), X, batches(2), QuantizeOptions(finetune=replace(QAT_FINETUNE, max_steps=1)))
+    result = quantize(TinyResNet(), X, batches(2), QuantizeOptions(mode="qat", finetune=replace(QAT_FINETUNE, max_steps=1)))
     assert result.check["qat_loss"] == result.check["ptq_loss"] == 0.5
     assert result.check["kept"] == result.mode == "ptq" and result.steps == 1
 
@@ -419,7 +419,7 @@ def test_the_qat_check_set_is_disjoint_from_the_qat_training_batches(kind, monke
     monkeypatch.setattr("ehap_fx.qat.check_loss", spy_check)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     result = quantize(net, torch.randn(2, 3, 32, 32), loader,
-                      QuantizeOptions(finetune=replace(QAT_FINETUNE, epochs=1.0), calibration_batches=2))
+                      QuantizeOptions(mode="qat", finetune=replace(QAT_FINETUNE, epochs=1.0), calibration_batches=2))
     qat_scored, ptq_scored = scored
     assert _rows(qat_scored) == _rows(ptq_scored) and len(_rows(qat_scored)) == 8 == result.check["images"]
     assert _rows(trained).isdisjoint(_rows(qat_scored))
@@ -448,6 +448,6 @@ def test_hold_out_refuses_what_it_cannot_split():
 
 
 def test_ptq_fallback_off_keeps_qat():
-    options = QuantizeOptions(finetune=replace(QAT_FINETUNE, max_steps=2, lr=3.0), ptq_fallback=False)
+    options = QuantizeOptions(mode="qat", finetune=replace(QAT_FINETUNE, max_steps=2, lr=3.0), ptq_fallback=False)
     result = quantize(TinyResNet(), X, batches(2), options)
     assert result.mode == "qat" and result.check is None

@@ -218,7 +218,7 @@ def bench_pipeline(args) -> None:
     steps, reports = {b: {} for b in ("fx", "pt2e")}, {}
     for _ in range(args.rounds):
         for b in steps:
-            opts = QuantizeOptions(backend=b, finetune=replace(QAT_FINETUNE, max_steps=4))
+            opts = QuantizeOptions(mode="qat", backend=b, finetune=replace(QAT_FINETUNE, max_steps=4))
             t = time.perf_counter()
             p = prepare(get_model("resnet20"), X, opts)
             t1 = time.perf_counter()

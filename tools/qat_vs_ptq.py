@@ -57,9 +57,9 @@ def variants(steps: int) -> dict[str, QuantizeOptions]:
     qat = replace(QAT_FINETUNE, max_steps=steps)
     return {  # ptq_fallback off: each row is the method itself, not the guarded default
         "ptq": QuantizeOptions(mode="ptq"),
-        "qat_default": QuantizeOptions(finetune=qat, ptq_fallback=False),
-        "qat_lr1e-4": QuantizeOptions(finetune=replace(qat, lr=1e-4), ptq_fallback=False),
-        "qat_distill": QuantizeOptions(finetune=replace(qat, distill=DistillOptions()), ptq_fallback=False),
+        "qat_default": QuantizeOptions(mode="qat", finetune=qat, ptq_fallback=False),
+        "qat_lr1e-4": QuantizeOptions(mode="qat", finetune=replace(qat, lr=1e-4), ptq_fallback=False),
+        "qat_distill": QuantizeOptions(mode="qat", finetune=replace(qat, distill=DistillOptions()), ptq_fallback=False),
     }
 
 
