@@ -45,7 +45,8 @@ def logits_of(model, loader) -> tuple[np.ndarray, np.ndarray]:
 
 def ort_logits(path: Path, loader) -> np.ndarray:
     sess = session(path)
-    return np.concatenate([sess.run(None, {"input": x.numpy()})[0] for x, _ in loader])
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x.numpy()})[0] for x, _ in loader])
 
 
 def main(argv=None) -> int:

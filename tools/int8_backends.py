@@ -24,12 +24,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import onnxruntime
 import torch
-from ehap_fx.passes.export import export, export_onnx, session
+from ehap_fx.passes.export import export, export_onnx
 from ehap_fx.passes.quantize import QuantizeOptions, quantize
-from int8_agreement import SHARED, logits_of  # tools/ beside this script
+from int8_agreement import SHARED, logits_of, ort_logits  # tools/ beside this script
 
 from ehap_fx.data import CIFAR10_NORM, load_cifar
 from ehap_fx.isa import cpu_features
@@ -37,12 +36,6 @@ from ehap_fx.latency import BenchOptions, time_onnx
 from ehap_fx.models import normalization, pretrained_model
 from ehap_fx.models.resolve import resolve_model
 from ehap_fx.train import FinetuneOptions, finetune
-
-
-def ort_logits(path: Path, loader) -> np.ndarray:
-    sess = session(path)
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x.numpy()})[0] for x, _ in loader])
 
 
 def build(spec: str, args, train):
