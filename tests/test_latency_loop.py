@@ -212,6 +212,12 @@ def test_compress_reports_the_loop_in_onnxruntime(tmp_path, one_thread):
     assert loop["status"] in (MET, NOISY, NOT_MET, UNREACHABLE, OUT_OF_TIME, STUCK)
     assert set(loop["measured_ratio"]) == {"4", "1"} and loop["isa"]
     assert res.report.seconds["latency_loop"] > 0
+    from ehap_fx.report import render_markdown
+
+    md = render_markdown({**res.report.to_dict(), "run": {}})  # what was asked and what was delivered
+    measured = loop["measured_ratio"]["4"]
+    assert "## Latency: asked and delivered" in md and "- asked: 0.8 of the dense model's INT8 latency" in md
+    assert f"| 4 | {loop['predicted_ratio']:.3f} | {measured:.3f} |" in md and loop["status"] in md
 
 
 @pytest.mark.parametrize("capture", ["fx", "export"])
