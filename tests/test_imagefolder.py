@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pickle
@@ -30,6 +31,8 @@ from ehap_fx.data import IMAGENET_NORM
 from ehap_fx.errors import ModelError, WeightsError
 from ehap_fx.imagefolder import layout, load_image_folder
 from ehap_fx.models.resolve import library_of, load_weights, read_checkpoint, resolve_model
+
+HAVE_TIMM = importlib.util.find_spec("timm") is not None  # CI installs only '.[test]'; both answers are checked
 
 CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar-10-batches-py" / "test_batch"
 CLASSES = ("airplane", "automobile", "bird")
@@ -209,7 +212,8 @@ def _cases(t: Path, n: Path, d: Path) -> list[tuple[list[str], list[str]]]:
          ["resnet18 IMAGENET1K_V1 are not in torch.hub's cache", "--weights FILE"]),
         (["--model", "torchvision:resnet1800", "--data", str(t), *small], ["no model 'resnet1800'"]),
         (["--model", "timm:resnet18", "--data", str(t), "--weights", "pretrained", *small],
-         ["timm weights resnet18", "not in the local Hugging Face cache"]),
+         ["timm weights resnet18", "not in the local Hugging Face cache"] if HAVE_TIMM
+         else ["needs timm, which is not installed", "pip install timm"]),
         (["--data", str(t), *small], ["is an image folder: name its model", "torchvision:resnet18"]),
         (["--model", f"{n}:nope", "--data", str(t), *small], ["cannot import 'nope'", "make"]),
         (["--model", f"{d}/missing.py:make", "--data", str(t), *small], ["is not a file"]),
