@@ -450,8 +450,10 @@ def compress_options(args) -> CompressOptions:
         loop = None if args.latency_loop_rounds == 0 or target.kind != "latency" else LoopOptions(
             tolerance=args.latency_tolerance, max_rounds=args.latency_loop_rounds)
         compensate = None if args.no_compensate else CompensateOptions(images=args.compensate_images)
-        return CompressOptions(target, _pick(args.scorer, prof.scorer), hessian, finetune, quantize, latency,
-                               bench, loop, compensate)
+        return CompressOptions(target=target, scorer=_pick(args.scorer, prof.scorer), hessian=hessian,
+                               finetune_options=finetune, quantize=quantize, latency=latency, bench=bench,
+                               latency_loop=loop, compensate=compensate,
+                               capture=getattr(args, "capture", "auto"))
     except ValueError as e:
         raise UsageError(str(e)) from e
 
@@ -713,9 +715,9 @@ def _compress_rank(args, main: bool) -> int:
     if main:
         _announce(args, opts, train, test, out)
     with staging(out) if main else _scratch() as tmp:
+        opts = replace(opts, export=tmp / "model_int8.onnx" if opts.quantize else None)
         result = compress(model, example, data=train_loader, eval_data=test_loader,
-                          export=tmp / "model_int8.onnx" if opts.quantize else None,
-                          data_name=train.describe(), capture=args.capture, **vars(opts))
+                          data_name=train.describe(), **vars(opts))
         report = _full_report(args, result, train, test, norm, time.perf_counter() - start, weights)
         if report.get("export"):  # name the final folder, not the temporary one
             for key in ("path", "summary"):
