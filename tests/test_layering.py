@@ -1,7 +1,7 @@
 """The package's imports go downward only, and its face costs nothing to import.
 
     foundation          ◀─  passes      ◀─  scoring          ◀─  pipeline           ◀─  cli
-    (ehap_fx/_meta,         (passes/:       (ehap_fx/scoring/:    (the rest of           (ehap_fx/cli,
+    (ehap_fx/_meta,         (passes/:       (ehap_fx/scoring/:    (the rest of           (ehap_fx/cli/,
     errors, isa,            graph →          Hessian, GGN,         ehap_fx/: compress,    __main__, the
     process_group,          PassResult)      removal, ranking)     train, QAT, data, …)   package face)
     train_options)
@@ -20,10 +20,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"passes": ROOT / "passes", "scoring": ROOT / "ehap_fx" / "scoring"}
+FOLDERS = {"passes": ROOT / "passes", "scoring": ROOT / "ehap_fx" / "scoring", "cli": ROOT / "ehap_fx" / "cli"}
 FOUNDATION = {"ehap_fx._meta", "ehap_fx.errors", "ehap_fx.isa", "ehap_fx.process_group", "ehap_fx.progress",
               "ehap_fx.train_options"}
-CLI = {"ehap_fx.cli", "ehap_fx.__main__", "ehap_fx"}
+CLI = {"ehap_fx.__main__", "ehap_fx"}
 ORDER = ["foundation", "passes", "scoring", "pipeline", "cli"]
 
 
