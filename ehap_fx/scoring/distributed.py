@@ -24,6 +24,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -56,18 +57,11 @@ SHARDS = ("auto", "probes", "data")
 # ``seed + c * SEED_STRIDE``
 
 
-def estimate_hessian_distributed(
-    model: nn.Module,
-    data,
-    options: HessianOptions | None = None,
-    *,
-    names: Sequence[str] | None = None,
-    loss_fn: Callable | None = None,
-    device: torch.device | str | None = None,
-    groups: Sequence | None = None,
-    shard: str = "auto",
-) -> HessianResult:
-    """:func:`~ehap_fx.scoring.hessian.estimate_hessian` with the work split over the process group.
+def estimate_hessian_distributed(model: nn.Module, data, options: HessianOptions | None = None, *,
+                                 shard: str = "auto", **kwargs: Any) -> HessianResult:
+    """:func:`~ehap_fx.scoring.hessian.estimate_hessian` with the work split over the process group;
+    ``kwargs`` are its keyword arguments (``names``, ``loss_fn``, ``device``, ``groups``), passed
+    to it on every rank.
 
     ``shard`` is ``"probes"``, ``"data"`` or ``"auto"`` (data for GGN, probes otherwise).
     Every rank must pass the same model, data and options; all return the same result.
@@ -76,7 +70,7 @@ def estimate_hessian_distributed(
     opts = options or HessianOptions()
     if shard not in SHARDS:
         raise ValueError(f"shard={shard!r} must be one of {SHARDS}")
-    kwargs = {"names": names, "loss_fn": loss_fn, "device": device, "groups": groups}
+    names, device, groups = kwargs.get("names"), kwargs.get("device"), kwargs.get("groups")
     if not is_distributed():
         return estimate_hessian(model, data, opts, **kwargs)
     opts, choice = _agreed(opts, lambda o: choose_estimator(model, data, o, names=names, device=device))
@@ -106,29 +100,25 @@ def estimate_hessian_distributed(
     return dataclasses.replace(out, choice=choice)
 
 
-def estimate_removal_distributed(
-    model: nn.Module,
-    data,
-    groups: Sequence,
-    options: HessianOptions | None = None,
-    *,
-    device: torch.device | str | None = None,
-) -> RemovalResult:
-    """:func:`~ehap_fx.scoring.removal.estimate_removal` with the work split over the process group:
-    the exact pass over data shards (weighted as for the GGN), the MC form over sample shares;
-    the matrices summed, so every rank returns the single-process result (to fp32 rounding).
-    Without a process group this is ``estimate_removal`` itself."""
+def estimate_removal_distributed(model: nn.Module, data, groups: Sequence,
+                                 options: HessianOptions | None = None, **kwargs: Any) -> RemovalResult:
+    """:func:`~ehap_fx.scoring.removal.estimate_removal` with the work split over the process group
+    (``kwargs``: its keyword arguments, e.g. ``device``): the exact pass over data shards
+    (weighted as for the GGN), the MC form over sample shares; the matrices summed, so every
+    rank returns the single-process result (to fp32 rounding). Without a process group this is
+    ``estimate_removal`` itself."""
     opts = options or HessianOptions()
+    device = kwargs.get("device")
     if not is_distributed():
-        return estimate_removal(model, data, groups, opts, device=device)
+        return estimate_removal(model, data, groups, opts, **kwargs)
     opts, choice = _agreed(opts, lambda o: choose_removal(model, data, groups, o, device=device))
     start = time.perf_counter()
     if opts.estimator == "mc":
-        res = estimate_removal(model, data, groups, opts, device=device, part=(get_rank(), get_world_size()))
+        res = estimate_removal(model, data, groups, opts, **kwargs, part=(get_rank(), get_world_size()))
         weight = 1.0
     else:
         local, local_opts, weight = _local_data(data, opts, "data")
-        res = estimate_removal(model, local, groups, local_opts, device=device)
+        res = estimate_removal(model, local, groups, local_opts, **kwargs)
     keys = list(res.joint)
     flat = _weighted_sum(torch.cat([res.joint[k].flatten() for k in keys]), weight)
     parts = flat.split([res.joint[k].numel() for k in keys])
