@@ -357,7 +357,7 @@ def _mc_loop(s: Setup, opts: HessianOptions, plan: Plan, rule: StopRule, part):
     fold = _fold_sq(s)
     while True:
         draws = round_size(opts.mc_samples, opts, n)
-        for _tries in range(opts.max_retries + 1):
+        for tries in range(opts.max_retries + 1):  # noqa: B007  (read after the loop: retries += tries)
             got = mc_channel_traces(s.model, s.names, [x for x, _ in s.batches], draws,
                                     opts.seed + rnd * SEED_STRIDE, chunk=plan.mc_chunk,
                                     autocast=s.autocast, scale=scale, part=part)
