@@ -102,7 +102,12 @@ def load_pruned(path: str | Path, model: nn.Module | None = None) -> fx.GraphMod
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except Exception:  # a whole pickled GraphModule is not weights-only
-        obj = torch.load(path, weights_only=False, map_location="cpu")
+        try:
+            obj = torch.load(path, weights_only=False, map_location="cpu")
+        except Exception as e:  # not a torch file at all
+            raise WeightsError(f"{str(path)!r} is not a checkpoint torch.load can read ({type(e).__name__}: "
+                               f"{e}); pass a state dict, a pruned_state_dict.pt or pruned_model.pt of "
+                               "ehap compress, or an .onnx file") from e
     if isinstance(obj, nn.Module):
         return obj.eval()
     if not (isinstance(obj, dict) and "plans" in obj and "state_dict" in obj):

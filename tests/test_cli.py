@@ -638,3 +638,13 @@ def test_each_flag_has_its_effect(case, tmp_path):
     proc = ehap("compress", *TINY, *flags, "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     check(json.loads((out / "report.json").read_text()), out)
+
+
+def test_eval_on_a_file_that_is_no_checkpoint_is_one_line(tmp_path, capsys):
+    """Not a torch file at all (issue 28: it printed an unpickling traceback)."""
+    bad = tmp_path / "notes.pt"
+    bad.write_text("hello\n")
+    assert cli.main(["eval", str(bad), "--synthetic", "--limit-test", "8", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("ehap: error: ") == 1, err
+    assert "is not a checkpoint torch.load can read" in err and "pruned_state_dict.pt" in err
