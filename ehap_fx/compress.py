@@ -26,7 +26,7 @@ from torch import fx, nn
 
 from ehap_fx import _meta, distributed, process_group
 from ehap_fx.data import OwnLabels, yields_images_only
-from ehap_fx.errors import ArgumentError, DataError, EhapError, TargetError
+from ehap_fx.errors import ArgumentError, DataError, EhapError, OptionError, TargetError
 from ehap_fx.isa import cpu_features
 from ehap_fx.latency import BenchOptions, LatencyModel, LatencyOptions, LatencyTable, time_onnx
 from ehap_fx.latency_loop import Delivered, LoopOptions, LoopReport, OnnxTimer, deliver
@@ -40,7 +40,7 @@ from ehap_fx.passes.export import onnx_top1
 from ehap_fx.passes.group import ChannelGroups, groups_of
 from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions
 from ehap_fx.passes.shrink import PrunePlan, shrink
-from ehap_fx.passes.trace import call_with
+from ehap_fx.passes.trace import CAPTURES, call_with
 from ehap_fx.qat import quantize as quantize_int8
 from ehap_fx.scoring import SCORERS, HessianOptions, Ranking, rank
 from ehap_fx.target import DEFAULT_ROUND_TO, Target, measure, select_plan
@@ -252,6 +252,8 @@ def compress(
     """
     target, quantize, finetune_options, bench = _edge_options(target, quantize, finetune_options, hessian,
                                                               latency, bench, export)
+    _edge_kinds(scorer, capture, teacher, loss_fn, compensate, latency_loop, exclude, leaf_modules)
+    _edge_batches(example_input, data=data, eval_data=eval_data)
     images = data  # the user's own batches, for the repair (which reads no labels)
     data, data_name = _edge_data(model, data, eval_data, data_name, finetune_options, quantize, loss_fn)
     scorer = _default_scorer(scorer, data, loss_fn)
@@ -698,6 +700,64 @@ def _edge_options(target, quantize, finetune_options, hessian, latency, bench, e
     if target is None:
         raise ArgumentError("compress(target=None): expected Target(macs=0.5), RECIPE.target(...) or a float")
     return target, quantize, finetune_options, bench
+
+
+def _edge_kinds(scorer, capture, teacher, loss_fn, compensate, latency_loop, exclude, leaf_modules) -> None:
+    """compress()'s other keyword arguments, refused with one line naming what fits before
+    anything runs or is written."""
+    if scorer is not None and scorer not in SCORERS:
+        raise OptionError(f"compress(scorer={scorer!r:.60}): expected one of {SCORERS} or None (the recipe)")
+    if capture not in CAPTURES:
+        raise OptionError(f"compress(capture={capture!r:.60}): expected one of {CAPTURES}")
+    for name, value, ok, fix in (
+        ("teacher", teacher, isinstance(teacher, nn.Module), "an nn.Module or None"),
+        ("loss_fn", loss_fn, callable(loss_fn), "a function loss_fn(output, y) -> scalar tensor, or None"),
+        ("compensate", compensate, isinstance(compensate, CompensateOptions),
+         "CompensateOptions(...) or None"),
+        ("latency_loop", latency_loop, isinstance(latency_loop, LoopOptions), "LoopOptions(...) or None"),
+        ("exclude", exclude, _names(exclude), "a list of module names such as ['fc']"),
+        ("leaf_modules", leaf_modules, _names(leaf_modules, types=(str, type)),
+         "a list of module names or nn.Module classes"),
+    ):
+        if value is not None and not ok:
+            raise ArgumentError(f"compress({name}={value!r:.60}): expected {fix}")
+
+
+def _edge_batches(example_input, **data) -> None:
+    """``data``/``eval_data``: something batches come from, whose first batch (of a list) is images
+    or an ``(images, labels)`` pair with ``example_input``'s dimensions; one line naming what fits."""
+    for name, value in data.items():
+        if value is not None and not _batches(value):
+            raise ArgumentError(f"compress({name}={value!r:.60}): expected (images, labels) batches such as "
+                                "load_cifar(...).loader(128), images alone (a tensor or a list of tensors), "
+                                "or None")
+        first = value[0] if isinstance(value, (list, tuple)) and value else None
+        first = value if torch.is_tensor(value) else first
+        if first is not None and not torch.is_tensor(first) and not (
+                isinstance(first, (list, tuple, dict)) and first):
+            raise DataError(f"compress({name}=[{first!r:.40}, ...]): a batch is {type(first).__name__}; "
+                            "expected a tensor of images or an (images, labels) pair")
+        images = first[0] if isinstance(first, (list, tuple)) else first
+        x = example_input
+        if torch.is_tensor(images) and torch.is_tensor(x) and images.dim() != x.dim():
+            raise DataError(f"compress({name}=...): a batch of images is {tuple(images.shape)}, "
+                            f"example_input {tuple(x.shape)}: batches need the same dimensions (N first)")
+
+
+def _names(value, types: tuple = (str,)) -> bool:
+    """A list or tuple of names (not one string, which would be read letter by letter)."""
+    return isinstance(value, (list, tuple, set)) and all(isinstance(v, types) for v in value)
+
+
+def _batches(value) -> bool:
+    """Something batches can be drawn from: a tensor or an iterable that is not text or a mapping."""
+    if torch.is_tensor(value):
+        return True
+    try:
+        iter(value)
+    except TypeError:
+        return False
+    return not isinstance(value, (str, bytes, dict))
 
 
 def _edge_data(model: nn.Module, data, eval_data, data_name: str | None, finetune_options, quantize, loss_fn):
