@@ -23,11 +23,12 @@ from torch import fx, nn
 
 from ehap_fx import compress_report, edge, steps
 from ehap_fx.compress_report import CompressReport, GroupRecord
-from ehap_fx.errors import ArgumentError, EhapError, TargetError
+from ehap_fx.errors import ArgumentError, EhapError, OptionError, TargetError
 from ehap_fx.latency import BenchOptions, LatencyOptions
 from ehap_fx.latency_loop import LoopOptions
 from ehap_fx.passes.compensate import CompensateOptions
 from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions
+from ehap_fx.passes.trace import CAPTURES
 from ehap_fx.scoring import SCORERS, HessianOptions
 from ehap_fx.steps import Pruned, PruneStep, measure_speedup, prune
 from ehap_fx.target import DEFAULT_ROUND_TO, Target
@@ -149,6 +150,11 @@ class CompressOptions:
     def __post_init__(self) -> None:
         """The shorthands read (a float target, ``quantize``/``bench``/``finetune_options`` as
         True/False); anything else of the wrong kind refused, naming what fits."""
+        self._read_shorthands()
+        self._check_kinds()
+        self._check_values()
+
+    def _read_shorthands(self) -> None:
         target = self.target
         if isinstance(target, (int, float)) and not isinstance(target, bool):
             try:
@@ -162,6 +168,8 @@ class CompressOptions:
                 object.__setattr__(self, name, on())
             elif value is False:
                 object.__setattr__(self, name, off)
+
+    def _check_kinds(self) -> None:
         for name, kind, fix in (
             ("target", Target, "Target(macs=0.5), RECIPE.target(latency=0.5) or a float (MACs kept)"),
             ("quantize", QuantizeOptions, "RECIPE.quantize() (PTQ), QuantizeOptions(), True or None"),
@@ -177,11 +185,30 @@ class CompressOptions:
         if self.target is None:
             raise ArgumentError("compress(target=None): expected Target(macs=0.5), RECIPE.target(...) or a "
                                 "float")
+
+    def _check_values(self) -> None:
         if self.scorer is not None and self.scorer not in SCORERS:
-            raise ValueError(f"scorer={self.scorer!r} must be one of {SCORERS}")
+            raise OptionError(f"compress(scorer={self.scorer!r:.60}): expected one of {SCORERS} or None (the "
+                              "recipe)")
+        if self.capture not in CAPTURES:
+            raise OptionError(f"compress(capture={self.capture!r:.60}): expected one of {CAPTURES}")
+        for name, ok, fix in (
+            ("compensate", isinstance(self.compensate, CompensateOptions), "CompensateOptions(...) or None"),
+            ("latency_loop", isinstance(self.latency_loop, LoopOptions), "LoopOptions(...) or None"),
+            ("exclude", _names(self.exclude), "a list of module names such as ['fc']"),
+            ("leaf_modules", _names(self.leaf_modules, types=(str, type)),
+             "a list of module names or nn.Module classes"),
+        ):
+            if getattr(self, name) is not None and not ok:
+                raise ArgumentError(f"compress({name}={getattr(self, name)!r:.60}): expected {fix}")
         if self.export is not None and self.quantize is None:
             raise EhapError("export= writes the INT8 model: also pass quantize=RECIPE.quantize() (PTQ) or "
                             "True")
+
+
+def _names(value, types: tuple = (str,)) -> bool:
+    """A list or tuple of names (not one string, which would be read letter by letter)."""
+    return isinstance(value, (list, tuple, set)) and all(isinstance(v, types) for v in value)
 
 
 @dataclass
@@ -220,7 +247,7 @@ def compress(
     :class:`CompressOptions` (``target``, ``scorer``, ``quantize``, ``export``, ...), read there.
     """
     o = CompressOptions(**options) if set(options) <= _OPTION_NAMES else _unknown(options)
-    run = edge.inputs(model, example_input, data, eval_data, loss_fn, data_name, o, RECIPE.scorer)
+    run = edge.inputs(model, example_input, data, eval_data, loss_fn, data_name, o, RECIPE.scorer, teacher)
     top1 = steps.top1_on(eval_data)
     captured = steps.capture(model, example_input, o, top1)
     dense = captured.graph_module  # pruning and the repair copy it: it stays the dense graph

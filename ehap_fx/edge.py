@@ -22,7 +22,7 @@ from torch import nn
 
 from ehap_fx import distributed
 from ehap_fx.data import OwnLabels, yields_images_only
-from ehap_fx.errors import DataError, EhapError
+from ehap_fx.errors import ArgumentError, DataError, EhapError
 from ehap_fx.passes.trace import call_with
 from ehap_fx.scoring import HessianOptions
 
@@ -47,11 +47,13 @@ class Inputs:
 
 
 def inputs(model: nn.Module, example_input, data, eval_data, loss_fn, data_name: str | None, options,
-           recipe_scorer: str) -> Inputs:
+           recipe_scorer: str, teacher: nn.Module | None = None) -> Inputs:
     """:class:`Inputs` from compress()'s arguments and its checked ``options``: images alone
     labelled by the model (or refused for the steps that need labels), the scorer chosen
     (``recipe_scorer`` with data), the loss checked on a first batch, synthetic inputs for a
     Hessian scorer without data (one warning says so)."""
+    _kinds(teacher, loss_fn)
+    _batches_of(example_input, data=data, eval_data=eval_data)
     images = data if options.compensate is not None else None  # the user's data only, never synthetic
     data, data_name = _labelled(model, data, eval_data, data_name, options, loss_fn)
     scorer = default_scorer(options.scorer, data, loss_fn, recipe_scorer)
@@ -187,3 +189,44 @@ def _labelled(model: nn.Module, data, eval_data, data_name: str | None, options,
                         "none: finetune_options=None, quantize=RECIPE.quantize(), PTQ)")
     name = f"{data_name or 'user data'} (unlabelled: ranked against the dense model's own predictions)"
     return OwnLabels(data, model), name
+
+
+def _kinds(teacher, loss_fn) -> None:
+    for name, value, ok, fix in (
+        ("teacher", teacher, isinstance(teacher, nn.Module), "an nn.Module or None"),
+        ("loss_fn", loss_fn, callable(loss_fn), "a function loss_fn(output, y) -> scalar tensor, or None"),
+    ):
+        if value is not None and not ok:
+            raise ArgumentError(f"compress({name}={value!r:.60}): expected {fix}")
+
+
+def _batches_of(example_input, **data) -> None:
+    """``data``/``eval_data``: something batches come from, whose first batch (of a list) is images
+    or an ``(images, labels)`` pair with ``example_input``'s dimensions; one line naming what fits."""
+    for name, value in data.items():
+        if value is not None and not _batches(value):
+            raise ArgumentError(f"compress({name}={value!r:.60}): expected (images, labels) batches such as "
+                                "load_cifar(...).loader(128), images alone (a tensor or a list of tensors), "
+                                "or None")
+        first = value[0] if isinstance(value, (list, tuple)) and value else None
+        first = value if torch.is_tensor(value) else first
+        if first is not None and not torch.is_tensor(first) and not (
+                isinstance(first, (list, tuple, dict)) and first):
+            raise DataError(f"compress({name}=[{first!r:.40}, ...]): a batch is {type(first).__name__}; "
+                            "expected a tensor of images or an (images, labels) pair")
+        images = first[0] if isinstance(first, (list, tuple)) else first
+        x = example_input
+        if torch.is_tensor(images) and torch.is_tensor(x) and images.dim() != x.dim():
+            raise DataError(f"compress({name}=...): a batch of images is {tuple(images.shape)}, "
+                            f"example_input {tuple(x.shape)}: batches need the same dimensions (N first)")
+
+
+def _batches(value) -> bool:
+    """Something batches can be drawn from: a tensor or an iterable that is not text or a mapping."""
+    if torch.is_tensor(value):
+        return True
+    try:
+        iter(value)
+    except TypeError:
+        return False
+    return not isinstance(value, (str, bytes, dict))

@@ -55,3 +55,8 @@ class DistributedError(EhapError):
 
 class ArgumentError(EhapError, TypeError):
     """A Python API argument of the wrong kind; the message names the value that fits."""
+
+
+class OptionError(EhapError, ValueError):
+    """A Python API argument of the right kind with a value that does not exist (an unknown
+    scorer or capture); the message names the values that fit."""

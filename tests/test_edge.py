@@ -5,6 +5,7 @@ labels, wrong kinds of values (one clear message naming the fix), and progress w
     compress(model, x, quantize=False)        -> no INT8
     compress(model, x, data=[images])         -> ranked against the model's own predictions
     compress(model, x, data=[images], finetune_options=...)  -> DataError naming the step
+    compress(model, x, target=1.5, export="out/m.onnx")      -> TargetError, out/ not created
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 
 from ehap_fx import RECIPE, compress
 from ehap_fx.data import OwnLabels, unlabelled_batches, yields_images_only
-from ehap_fx.errors import ArgumentError, DataError, EhapError, TargetError
+from ehap_fx.errors import ArgumentError, DataError, EhapError, OptionError, TargetError
 from ehap_fx.progress import LineProgress, bar
 from ehap_fx.scoring import HessianOptions
 from ehap_fx.train import FinetuneOptions, finetune
@@ -75,6 +76,36 @@ def test_wrong_kinds_name_the_fix(kwargs, error, words):
     assert isinstance(info.value, EhapError)
     message = str(info.value)
     assert "\n" not in message and all(w in message for w in words), message
+
+
+@pytest.mark.parametrize(("kwargs", "error", "words"), [
+    ({"target": 1.5}, TargetError, ["target=1.5", "(0, 1]", "fraction of the MACs"]),
+    ({"target": -1}, TargetError, ["target=-1", "(0, 1]"]),
+    ({"target": float("nan")}, TargetError, ["target=nan", "(0, 1]"]),
+    ({"quantize": "yes"}, ArgumentError, ["quantize='yes'", "RECIPE.quantize()", "True or None"]),
+    ({"data": 5}, ArgumentError, ["data=5", "(images, labels) batches", "a list of tensors"]),
+    ({"data": "images/"}, ArgumentError, ["data='images/'", "(images, labels) batches"]),
+    ({"data": [5]}, DataError, ["data=[5, ...]", "a batch is int", "(images, labels) pair"]),
+    ({"data": torch.randn(3, 16, 16)}, DataError, ["(3, 16, 16)", "example_input (1, 3, 16, 16)"]),
+    ({"eval_data": 5}, ArgumentError, ["eval_data=5", "(images, labels) batches"]),
+    ({"scorer": "hesian"}, OptionError, ["scorer='hesian'", "'removal'"]),
+    ({"capture": "jit"}, OptionError, ["capture='jit'", "'export'"]),
+    ({"teacher": "dense"}, ArgumentError, ["teacher='dense'", "nn.Module"]),
+    ({"loss_fn": "ce"}, ArgumentError, ["loss_fn='ce'", "loss_fn(output, y)"]),
+    ({"exclude": "fc"}, ArgumentError, ["exclude='fc'", "a list of module names"]),
+    ({"compensate": 3}, ArgumentError, ["compensate=3", "CompensateOptions(...)"]),
+    ({"quantize": None}, EhapError, ["export=", "quantize=RECIPE.quantize()"]),
+])
+def test_bad_input_is_one_typed_line_and_writes_nothing(kwargs, error, words, tmp_path):
+    """A bad value of the Python API, with an export path under a folder that does not exist yet:
+    one line, an ``ehap_fx.errors`` type, raised before the folder or any file is made."""
+    args = {"data": IMAGES, "quantize": True, "export": tmp_path / "out" / "model_int8.onnx", **kwargs}
+    with pytest.raises(error) as info:
+        compress(net(), X, hessian=HESSIAN, **args)
+    assert isinstance(info.value, EhapError)
+    message = str(info.value)
+    assert "\n" not in message and all(w in message for w in words), message
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unlabelled_batches_are_told_from_pairs():
