@@ -379,6 +379,7 @@ def export_capture(
     args, kwargs = capture.args, capture.kwargs
     unlifted = ep.module()
     _drop_guards(unlifted)
+    _slice_copies_as_setitem(unlifted)
     unlifted.graph._tracer_cls = None  # export's tracer cannot re-trace a pickled copy
     gm = ExportedGraph(unlifted, unlifted.graph, type(model).__name__)
     gm.training = False
@@ -392,6 +393,46 @@ def _drop_guards(gm: fx.GraphModule) -> None:
     for node in gm.graph.find_nodes(op="call_module"):
         if node.target == "_guards_fn" and not node.users:
             gm.graph.erase_node(node)
+
+
+def _slice_copies_as_setitem(gm: fx.GraphModule) -> None:
+    """Write each in-place copy into a slice of a tensor, ``copy_(slice(base, d, a, b, s), src)``
+    (what export makes of ``y[:, 2::3] = f(y[:, 2::3])``, as YOLO's pose head decodes its
+    keypoints), as the assignment ``base[:, a:b:s] = src`` (``operator.setitem``).
+
+    Same values. Why: torch.onnx's TorchScript exporter drops such a copy from a traced graph
+    when the slice it writes is a separate ``aten.slice`` call (the ONNX model then returned the
+    keypoints undecoded, 250 off), while the same write as an assignment, as in eager mode,
+    exports as ``ScatterND``. A chain of slices (one per dim) becomes one index tuple.
+    """
+    for node in list(gm.graph.find_nodes(op="call_function", target=aten.copy_.default)):
+        dest, src = node.args[:2]
+        chain = []  # the slices from `dest` up to the base tensor, innermost first
+        while (isinstance(dest, fx.Node) and dest.target is aten.slice.Tensor and len(dest.users) == 1
+               and not dest.kwargs):
+            chain.append(dest)
+            dest = dest.args[0]
+        if not chain or node.users or node.kwargs or not isinstance(dest, fx.Node):
+            continue
+        index: list[Any] = []
+        for sl in reversed(chain):  # outermost first; a slice keeps every dim, so dims do not shift
+            dim, start, end, step = (list(sl.args[1:]) + [0, None, None, 1][len(sl.args) - 1 :])[:4]
+            rank = len(sl.meta["val"].shape) if "val" in sl.meta else None
+            if rank is None:
+                break
+            dim = dim % rank
+            index += [slice(None)] * (dim + 1 - len(index))
+            if index[dim] != slice(None):
+                break  # two slices of one dim: leave the copy as it is
+            index[dim] = slice(start, end, step)
+        else:
+            with gm.graph.inserting_before(node):
+                put = gm.graph.call_function(operator.setitem, (dest, tuple(index), src))
+            put.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+            gm.graph.erase_node(node)
+            for sl in chain:
+                gm.graph.erase_node(sl)
+    gm.recompile()
 
 
 def _args_kwargs(example_inputs: Any) -> tuple[tuple, dict]:
