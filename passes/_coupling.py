@@ -666,17 +666,43 @@ def _unit_dims_moved(src: tuple[int, ...], dst: tuple[int, ...], cdim: int) -> i
 def reduce_spatial(a: _Analysis, node: fx.Node) -> Labels:
     """mean/sum/amax over dims that exclude batch and channels keep channels (at a lower dim
     when dims before them go without ``keepdim``)."""
+    return _reduce(a, node, _arg(node, 1, "dim"), _arg(node, 2, "keepdim", False), over_channels=False)
+
+
+def reduce_additive(a: _Analysis, node: fx.Node) -> Labels:
+    """sum/mean: as ``reduce_spatial``, and also over the channels (with ``keepdim``): a removed
+    channel is zero in the masked original and adds nothing to a sum, so the kept channels' sum
+    is exact; ``passes.shrink.shrink_channel_mean`` divides a mean by the dense count, as the
+    masked original does (GRN's ``x_g.mean(dim=-1)``). Such a result (one value per sample, its
+    one-channel dim where the channels were) is a fresh unit of its own."""
+    return _reduce(a, node, _arg(node, 1, "dim"), _arg(node, 2, "keepdim", False), over_channels=True)
+
+
+def vector_norm(a: _Analysis, node: fx.Node) -> Labels:
+    """``x.norm(p, dim, keepdim)`` / ``torch.linalg.vector_norm(x, ord, dim, keepdim)``: over
+    spatial dims per channel (GRN's ``x_g``); over the channels too for ``ord >= 0`` (a zero
+    channel adds nothing to a p-norm, a max or a count of non-zeros), as a sum."""
+    order = node.args[1] if len(node.args) > 1 else node.kwargs.get("ord", node.kwargs.get("p", 2))
+    exact = order == "fro" or (isinstance(order, (int, float)) and order >= 0)
+    return _reduce(a, node, _arg(node, 2, "dim"), _arg(node, 3, "keepdim", False), over_channels=exact)
+
+
+def _reduce(a: _Analysis, node: fx.Node, dims: Any, keepdim: bool, over_channels: bool) -> Labels:
     x = node.args[0]
     shape, labels, cdim = _shape(x), a.labels(x), a.dim(x)
-    dims = _arg(node, 1, "dim")
     if dims is None or shape is None or labels is None:
         raise _Pin("reduction over all dims")
     dims = {_norm_dim(d, len(shape)) for d in ((dims,) if isinstance(dims, int) else dims)}
     over_parts = dims == {0} and _stacked_dim(x) == 0 and cdim > 1  # a stack's parts: their sum
+    if over_channels and cdim in dims and 0 not in dims and not over_parts:
+        if not keepdim:
+            raise _Pin(f"reduction over the channels (dims {sorted(dims)}) without keepdim")
+        a.set_dim(node, cdim)
+        return a.uf.fresh(1)  # (N, ..., 1, ...): one value per sample, at the channels' dim
     if not over_parts and (0 in dims or cdim in dims):
         raise _Pin(f"reduction over dims {sorted(dims)} includes batch or channels")
     out = _shape(node)
-    new = cdim if _arg(node, 2, "keepdim", False) else cdim - sum(d < cdim for d in dims)
+    new = cdim if keepdim else cdim - sum(d < cdim for d in dims)
     if out is None or len(out) <= new or out[new] != len(labels):
         raise _Pin("reduction does not keep the channel dim")
     a.set_dim(node, new)
@@ -958,10 +984,15 @@ COUPLING: dict[Any, Callable[[_Analysis, fx.Node], Any]] = {
     "view": reshape,  # only when the batch dim is kept and channels map to blocks
     "reshape": reshape,
     torch.reshape: reshape,
-    torch.mean: reduce_spatial,  # over spatial dims only
-    "mean": reduce_spatial,
-    torch.sum: reduce_spatial,
-    "sum": reduce_spatial,
+    torch.mean: reduce_additive,  # over spatial dims; over channels with keepdim (shrink: sum / dense C)
+    "mean": reduce_additive,
+    torch.sum: reduce_additive,
+    "sum": reduce_additive,
+    "norm": vector_norm,  # x.norm(p, dim, keepdim): per channel over spatial dims (GRN)
+    torch.norm: vector_norm,
+    torch.linalg.vector_norm: vector_norm,
+    torch.addcmul: elementwise,  # input + value · t1 · t2, broadcasting (GRN's bias + weight · x)
+    "addcmul": elementwise,
     "amax": reduce_spatial,
     torch.amax: reduce_spatial,
     "permute": moves_dims,  # channels follow their dim (channels-last and back)
@@ -1147,8 +1178,10 @@ ATEN_COUPLING: dict[Any, Callable[[_Analysis, fx.Node], Any]] = {
     aten.flatten: flatten,  # flatten.using_ints(x, start_dim, end_dim)
     aten.permute: moves_dims,
     aten.transpose: moves_dims,  # transpose.int(x, dim0, dim1)
-    aten.mean: reduce_spatial,  # mean.dim(x, dims, keepdim); mean.default (all dims) pins
-    aten.sum: reduce_spatial,
+    aten.mean: reduce_additive,  # mean.dim(x, dims, keepdim); mean.default (all dims) pins
+    aten.sum: reduce_additive,
+    aten.linalg_vector_norm: vector_norm,  # (x, ord, dim, keepdim)
+    aten.addcmul: elementwise,  # (input, t1, t2, value)
     aten.amax: reduce_spatial,
     aten.unsqueeze: keeps_leading_dims,
     aten.squeeze: keeps_leading_dims,
@@ -1242,7 +1275,7 @@ def known_module(mod: nn.Module) -> bool:
 #: channels are dim 1, and a channels-last input pins.
 ANY_DIM = frozenset(
     {same_channels, layer_norm, linear, elementwise, concat, split, getitem, moves_dims,
-     keeps_leading_dims, reduce_spatial, reshape, functional_norm, no_channels,
+     keeps_leading_dims, reduce_spatial, reduce_additive, vector_norm, reshape, functional_norm, no_channels,
      aten_slice, functional_linear, softmax, stack}
 )
 

@@ -16,6 +16,7 @@ one buffer; the block's branch disappears and its add reads the buffer (depth pr
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -337,6 +338,28 @@ def shrink_reshape(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
     node.args = (x, *shape) if unpacked else (x, tuple(shape))
 
 
+def shrink_channel_mean(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
+    """A mean over the channels (GRN's ``x_g.mean(dim=-1, keepdim=True)``, ``reduce_additive``):
+    the masked original averages the kept channels and the zeroed ones, dividing by all ``C``;
+    the shrunk graph sums the kept channels and divides by that same dense count."""
+    x, dims = node.args[0], _arg(node, 1, "dim")
+    slots = x.meta.get(_meta.CHANNELS) if isinstance(x, fx.Node) else None
+    if dims is None or not isinstance(slots, ChannelSlots):
+        return  # a mean over all dims pins its input: nothing removed
+    shape = x.meta["tensor_meta"].shape  # the dense shape: meta is refreshed after the rewrite
+    dims = {d % len(shape) for d in ((dims,) if isinstance(dims, int) else dims)}
+    if slots.dim % len(shape) not in dims or bool(keep(x, slots.dim).all()):
+        return  # over other dims, or no channel removed
+    count = math.prod(int(shape[d]) for d in dims)  # (N, ..., C, ...) → C·(other reduced sizes)
+    aten_graph = isinstance(node.target, torch._ops.OpOverload)
+    node.target = {"mean": "sum", torch.mean: torch.sum}.get(node.target, aten.sum.dim_IntList)
+    divide = aten.div.Tensor if aten_graph else operator.truediv
+    with gm.graph.inserting_after(node):
+        div = gm.graph.call_function(divide, (node, float(count)))
+    div.meta = dict(node.meta)
+    node.replace_all_uses_with(div, delete_user_cb=lambda user: user is not div)
+
+
 def _set_arg(node: fx.Node, pos: int, name: str, value: Any) -> None:
     if len(node.args) > pos:
         args = list(node.args)
@@ -380,6 +403,8 @@ SHRINK: dict[Any, Callable[[fx.GraphModule, fx.Node, _Keep], None]] = {
     "view": shrink_reshape,
     "reshape": shrink_reshape,
     torch.reshape: shrink_reshape,
+    torch.mean: shrink_channel_mean,
+    "mean": shrink_channel_mean,
     # ATen spellings (torch.export graphs; packets cover every overload)
     aten.split: shrink_aten_split,
     aten.split_with_sizes: shrink_aten_split,
@@ -392,6 +417,7 @@ SHRINK: dict[Any, Callable[[fx.GraphModule, fx.Node, _Keep], None]] = {
     aten._unsafe_view: shrink_reshape,
     aten.linear: shrink_functional_linear,
     aten.addmm: shrink_functional_linear,
+    aten.mean: shrink_channel_mean,
 }
 
 
