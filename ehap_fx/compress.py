@@ -34,6 +34,7 @@ from ehap_fx.passes.capture import capture_groups
 from ehap_fx.passes.compensate import CompensateOptions
 from ehap_fx.passes.compensate import compensate as repair
 from ehap_fx.passes.cost import Cost, conv_widths, total_cost
+from ehap_fx.passes.coupling import Rules
 from ehap_fx.passes.export import export as export_int8
 from ehap_fx.passes.export import export_onnx as export_fp32
 from ehap_fx.passes.export import onnx_top1
@@ -195,6 +196,7 @@ def compress(
     bench: BenchOptions | None = None,
     latency_loop: LoopOptions | None = None,
     compensate: CompensateOptions | None = CompensateOptions(),
+    rules: Rules | None = None,
 ) -> CompressResult:
     """Prune ``model`` to ``target`` by Hessian-aware channel ranking, then optionally
     fine-tune, quantize to INT8 and export to ONNX.
@@ -227,6 +229,9 @@ def compress(
     ``finetune_options`` from the labels alone (``report.accuracy["dense_finetuned"]``: the
     baseline at equal budget), or the dense ``model`` as given (``teacher="given"``, or
     without a fine-tune).
+
+    ``rules``: coupling rules for modules of your own, added to the default ones
+    (``passes.coupling``): ``Rules(modules={MyAct: same_channels})``.
 
     ``capture``: ``"auto"`` (default: FX, else torch.export, and export where it keeps more
     channels prunable than a partial FX graph; ``report.capture`` says which ran and why,
@@ -268,7 +273,7 @@ def compress(
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     gm = capture_groups(copy.deepcopy(model).eval(), example_input, capture=capture,
-                        leaf_modules=leaf_modules, exclude=exclude)
+                        leaf_modules=leaf_modules, exclude=exclude, rules=rules)
     process_group.broadcast_module(gm)  # under torchrun: every rank starts from rank 0's weights
     seconds["trace_group"] = time.perf_counter() - t
     base = total_cost(gm)

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from ehap_fx.passes._coupling import (
+from ehap_fx.passes._analysis import module_rule, table_rule
+from ehap_fx.passes._layers import (
     _FUNCTIONAL_CONV_PACKETS,
     _FUNCTIONAL_CONVS,
     _arg,
@@ -31,10 +32,8 @@ from ehap_fx.passes._coupling import (
     conv_groups_at,
     functional_conv,
     functional_linear_spec,
-    is_binary,
-    module_rule,
-    table_rule,
 )
+from ehap_fx.passes.coupling import is_binary
 from ehap_fx.passes.depth import droppable_groups, folded_nodes, reads_no_channel
 from ehap_fx.passes.group import (
     ChannelGroups,
@@ -182,7 +181,7 @@ def _shrink_conv_module(conv: nn.Module, k_in: torch.Tensor, k_out: torch.Tensor
 
 
 def shrink_conv_transpose(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
-    """Input channels only (weight dim 0): its outputs are pinned (``_coupling.conv_transpose``)."""
+    """Input channels only (weight dim 0): its outputs are pinned (``passes._layer_rules.conv_transpose``)."""
     conv = gm.get_submodule(node.target)
     k_in = _idx(keep(node.args[0]))
     conv.weight = nn.Parameter(conv.weight.detach().index_select(0, k_in).clone(),
