@@ -21,5 +21,8 @@ COMPENSATION = "ehap.compensation"
 BN_FROZEN = "ehap.bn_frozen"
 # gm.meta: how torch.export captured the graph, to export it again (passes.trace.ExportCapture).
 CAPTURE = "ehap.capture"
+# gm.meta: the coupling rules a graph was traced or grouped with, when not the default
+# (passes.coupling.Rules); group_channels, and so shrink's regrouping, read them.
+RULES = "ehap.rules"
 # gm.meta: which capture (torch.fx or torch.export) made the graph, and why (passes.capture.Captured).
 CAPTURED = "ehap.captured"

@@ -27,6 +27,7 @@ from ehap_fx.errors import ArgumentError, EhapError, OptionError, TargetError
 from ehap_fx.latency import BenchOptions, LatencyOptions
 from ehap_fx.latency_loop import LoopOptions
 from ehap_fx.passes.compensate import CompensateOptions
+from ehap_fx.passes.coupling import Rules
 from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions
 from ehap_fx.passes.trace import CAPTURES
 from ehap_fx.scoring import SCORERS, HessianOptions
@@ -126,6 +127,9 @@ class CompressOptions:
     ``report.latency_loop``: rounds, predicted and measured ratios per batch, noise, or why the
     loop stopped, e.g. a machine too noisy to decide).
 
+    ``rules``: coupling rules for modules of your own, added to the default ones
+    (``passes.coupling``): ``Rules(modules={MyAct: same_channels})``.
+
     ``compensate`` (with data; None turns it off): after pruning, refit the surviving weights
     layer by layer to reproduce the dense model's activations on ``compensate.images`` inputs of
     the data (``passes.compensate``; no labels read). Without ``finetune_options`` that is the
@@ -146,6 +150,7 @@ class CompressOptions:
     bench: BenchOptions | None = None
     latency_loop: LoopOptions | None = None
     compensate: CompensateOptions | None = CompensateOptions()
+    rules: Rules | None = None
 
     def __post_init__(self) -> None:
         """The shorthands read (a float target, ``quantize``/``bench``/``finetune_options`` as
@@ -178,6 +183,7 @@ class CompressOptions:
             ("latency", LatencyOptions, "LatencyOptions(...) or None"),
             ("bench", BenchOptions, "BenchOptions(...), True or None"),
             ("export", (str, Path), "a path such as 'out/model_int8.onnx', or None"),
+            ("rules", Rules, "passes.coupling.Rules(modules={MyModule: same_channels}) or None"),
         ):
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):

@@ -23,7 +23,7 @@ import numpy as np
 from torch import fx, nn
 
 from ehap_fx.errors import EhapError
-from ehap_fx.passes._coupling import _arg, functional_conv
+from ehap_fx.passes._layers import _arg, functional_conv
 from ehap_fx.passes.cost import removed_nodes
 from ehap_fx.passes.export import session
 from ehap_fx.passes.group import KeptChannels

@@ -12,8 +12,8 @@ with ``conv_scale`` and ``per_element`` fitted to whole-model measurements on th
 (:meth:`WholeGraphModel.fit`: the dense INT8 file alone fixes ``per_element``; a pruned one
 as well fixes both). Ops onnxruntime fuses into the conv before them (BatchNorm folded, ReLU
 clamped by the QLinearConv's output range) and views cost nothing and are not counted.
-FX call_module convs and torch.export's ATen convolutions alike are convs (``_coupling``'s
-``functional_conv``); every other node with a tensor output is a memory-bound op.
+FX call_module convs and torch.export's ATen convolutions alike are convs
+(``passes._layers.functional_conv``); every other node with a tensor output is a memory-bound op.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from ehap_fx import _meta
 from ehap_fx.latency import LatencyModel
-from ehap_fx.passes._coupling import functional_conv
+from ehap_fx.passes._layers import functional_conv
 from ehap_fx.passes.cost import removed_nodes
 from ehap_fx.passes.group import KeptChannels, groups_of
 from ehap_fx.passes.shrink import PrunePlan

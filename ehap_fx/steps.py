@@ -74,7 +74,7 @@ class Captured:
 def capture(model: nn.Module, example_input, options, top1: Top1) -> Captured:
     t = time.perf_counter()
     gm = capture_groups(copy.deepcopy(model).eval(), example_input, capture=options.capture,
-                        leaf_modules=options.leaf_modules, exclude=options.exclude)
+                        leaf_modules=options.leaf_modules, exclude=options.exclude, rules=options.rules)
     process_group.broadcast_module(gm)  # under torchrun: every rank starts from rank 0's weights
     seconds = time.perf_counter() - t
     pinned = [{"group": g.id, "size": g.size, "reason": g.pinned} for g in groups_of(gm).pinned]

@@ -4,5 +4,6 @@ Each returns torch.fx's ``PassResult`` (``group_channels``, ``mask_channels``, `
 ``count_cost``, ...) or, where torch has no convention, a named result (``trace`` → the
 ``GraphModule``; ``quantize`` → ``QuantizeResult``; ``export`` → ``ExportReport``). Three have
 ``PassBase`` wrappers for a ``PassManager``: ``GroupChannels``, ``Shrink``, ``CountCost``.
-docs/architecture.md says where a new pass goes.
+``coupling`` holds the channel-coupling rules as values (``Rules``) and says how to add one
+for a module of your own. docs/architecture.md says where a new pass or rule goes.
 """

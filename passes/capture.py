@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ehap_fx.passes.coupling import Rules
 from ehap_fx.passes.group import group_channels, groups_of
 from ehap_fx.passes.trace import CAPTURES, Captured, both_failed, export_capture, fx_output_check, fx_trace
 from torch import fx, nn
@@ -48,11 +49,14 @@ def capture_groups(
     leaf_modules: Sequence[str | type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
     exclude: Sequence[str] = (),
+    rules: Rules | None = None,
 ) -> fx.GraphModule:
     """Capture ``model`` (``capture``: ``"fx"``, ``"export"`` or ``"auto"``, module docstring),
-    group its channels (``passes.group.group_channels`` with ``exclude``) and record the
-    choice in ``gm.meta["ehap.captured"]``. ``exclude`` and ``leaf_modules`` name modules, so
-    with either given ``"auto"`` keeps a graph FX traced (an export graph has no module calls).
+    group its channels (``passes.group.group_channels`` with ``exclude`` and ``rules``, coupling
+    rules added to the default ones, ``passes.coupling``) and record the choice in
+    ``gm.meta["ehap.captured"]``.
+    ``exclude`` and ``leaf_modules`` name modules, so with either given ``"auto"`` keeps a graph
+    FX traced (an export graph has no module calls).
 
     >>> import torch
     >>> gm = capture_groups(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)), torch.randn(1, 3, 8, 8))
@@ -62,17 +66,18 @@ def capture_groups(
     if capture not in CAPTURES:
         raise ValueError(f"capture={capture!r} must be one of {CAPTURES}")
     if capture == "export":
-        return _record(group_channels(export_capture(model, example_inputs), exclude).graph_module,
+        return _record(group_channels(export_capture(model, example_inputs), exclude, rules).graph_module,
                        Captured("export", capture, "asked for"))
     try:
-        gm = fx_trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        gm = fx_trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                      rules=rules)
         if capture == "auto":
             fx_output_check(model, gm, example_inputs)
     except TraceError as fx_error:
         if capture == "fx":
             raise
-        return _export_instead(model, example_inputs, fx_error, exclude)
-    gm = group_channels(gm, exclude).graph_module
+        return _export_instead(model, example_inputs, fx_error, exclude, rules)
+    gm = group_channels(gm, exclude, rules).graph_module
     if capture == "fx":
         return _record(gm, Captured("fx", capture, "asked for"))
     pinned = _inner_pins(gm)
@@ -84,7 +89,7 @@ def capture_groups(
         why = f"{inside}; export not tried: exclude/leaf_modules name module calls"
         return _record(gm, Captured("fx", capture, why))
     try:
-        ex = group_channels(export_capture(model, example_inputs)).graph_module
+        ex = group_channels(export_capture(model, example_inputs), rules=rules).graph_module
     except TraceError as e:
         why = f"{inside}; torch.export failed ({str(e).splitlines()[0][:200]})"
         return _record(gm, Captured("fx", capture, why))
@@ -96,7 +101,8 @@ def capture_groups(
     return _record(gm, Captured("fx", capture, why))
 
 
-def _export_instead(model: nn.Module, example_inputs: Any, fx_error: TraceError, exclude: Sequence[str]):
+def _export_instead(model: nn.Module, example_inputs: Any, fx_error: TraceError, exclude: Sequence[str],
+                    rules: Rules | None):
     if exclude:
         raise TraceError(f"{fx_error}\nexclude={list(exclude)} names module calls, which only a torch.fx "
                          "graph has: fix the trace, or drop exclude to prune the torch.export graph"
@@ -107,7 +113,7 @@ def _export_instead(model: nn.Module, example_inputs: Any, fx_error: TraceError,
         raise both_failed(model, fx_error, export_error) from export_error
     reason = str(fx_error).splitlines()[0]
     why = f"torch.fx cannot trace it: {reason[:300]}"
-    return _record(group_channels(gm).graph_module, Captured("export", "auto", why))
+    return _record(group_channels(gm, rules=rules).graph_module, Captured("export", "auto", why))
 
 
 def _record(gm: fx.GraphModule, captured: Captured) -> fx.GraphModule:

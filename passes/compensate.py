@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from ehap_fx.passes._coupling import _arg, functional_conv, functional_linear_spec
+from ehap_fx.passes._layers import _arg, functional_conv, functional_linear_spec
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 

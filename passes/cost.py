@@ -16,16 +16,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from ehap_fx.passes._coupling import (
-    POOLING_MODULES,
+from ehap_fx.passes._analysis import module_rule, table_rule
+from ehap_fx.passes._layers import (
     aten,
     functional_conv,
     functional_conv_owner,
     functional_linear_spec,
     layer_tensor,
-    module_rule,
-    table_rule,
 )
+from ehap_fx.passes.coupling import POOLING_MODULES
 from ehap_fx.passes.depth import folded_nodes
 from ehap_fx.passes.group import KeptChannels, groups_of
 from torch import fx, nn

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from ehap_fx.passes._coupling import is_binary, is_pointwise
+from ehap_fx.passes.coupling import is_binary, is_pointwise
 from ehap_fx.passes.group import ChannelGroup, ChannelSlots, groups_of, same_dim
 from torch import fx, nn
 

@@ -34,15 +34,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from ehap_fx.passes._coupling import (
-    ANY_DIM,
-    _Analysis,
-    _flat_labels,
-    _map_meta,
-    _Pin,
-    _rule_for,
-    layer_tensor,
-)
+from ehap_fx.passes._analysis import Analysis, Pin, Rules, _flat_labels, _map_meta
+from ehap_fx.passes._layers import layer_tensor
+from ehap_fx.passes.coupling import coupling_rules, record_rules
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.shape_prop import TensorMetadata
@@ -249,12 +243,12 @@ def groups_of(gm: fx.GraphModule) -> ChannelGroups:
 # ---------------------------------------------------------------------------------------------
 
 
-def _checked(a: _Analysis, node: fx.Node, value: Any) -> Any:
+def _checked(a: Analysis, node: fx.Node, value: Any) -> Any:
     """Never trust a rule blindly: its labels must match the channel count ShapeProp saw."""
     expected = _map_meta(node, lambda c: c, a.dim(node))
     got = _map_meta_like(value)
     if got != expected:
-        raise _Pin(f"rule produced {got} channels where the tensor has {expected}")
+        raise Pin(f"rule produced {got} channels where the tensor has {expected}")
     return value
 
 
@@ -270,7 +264,7 @@ def _has_params(module: nn.Module) -> bool:
     return next(module.parameters(), None) is not None
 
 
-def _constant(a: _Analysis, node: fx.Node) -> Any:
+def _constant(a: Analysis, node: fx.Node) -> Any:
     meta = node.meta.get("tensor_meta")
     dim = per_channel_dim(meta.shape) if isinstance(meta, TensorMetadata) else None
     if dim is not None:  # a per-channel constant: a dropped branch's, a layer scale (C, 1, 1)
@@ -292,7 +286,7 @@ def _where(node: fx.Node) -> str:
     return f" in module '{path}' ({name})"
 
 
-def _visit(a: _Analysis, node: fx.Node) -> Any:
+def _visit(a: Analysis, node: fx.Node) -> Any:
     if node.op == "placeholder":
         return a.fresh_pinned(node, f"model input {node.name}")
     if layer_tensor(a.gm, node):
@@ -306,17 +300,17 @@ def _visit(a: _Analysis, node: fx.Node) -> Any:
         reason = f"module {node.target} is called {a.calls_per_module[node.target]} times (shared weights)"
         a.pin_inputs(node, reason)
         return a.fresh_pinned(node, reason)
-    rule = _rule_for(a, node)
+    rule = a.rules.rule_for(a.gm, node)
     what = node.format_node()
     x = node.args[0] if node.args else None
-    if rule is not None and rule not in ANY_DIM and a.labels(x) is not None and a.dim(x) != 1:
+    if rule is not None and rule not in a.rules.any_dim and a.labels(x) is not None and a.dim(x) != 1:
         a.anchor(x, 1, f"{what}: reads dim 1 of a value whose channels are dim {a.dim(x)}")  # its input
     if rule is None:
         reason = f"{what}{_where(node)}: op not understood by the channel analysis"
     else:
         try:
             value = _checked(a, node, rule(a, node))
-        except _Pin as p:
+        except Pin as p:
             reason = f"{what}{_where(node)}: {p}"
         else:
             if node.op == "call_module" and node.target in a.exclude:
@@ -329,7 +323,7 @@ def _visit(a: _Analysis, node: fx.Node) -> Any:
     return a.fresh_pinned(node, reason)
 
 
-def _build_groups(a: _Analysis) -> tuple[ChannelGroups, np.ndarray, np.ndarray]:
+def _build_groups(a: Analysis) -> tuple[ChannelGroups, np.ndarray, np.ndarray]:
     """Cluster units (union-find roots) by the parameters they touch; returns groups and,
     for each label, its group id and channel index within the group."""
     roots = a.uf.roots()
@@ -381,12 +375,13 @@ def _slots(value: Any, group_of: np.ndarray, index_of: np.ndarray, dim: int) -> 
     return None
 
 
-def group_channels(gm: fx.GraphModule, exclude: Iterable[str] = ()) -> PassResult:
+def group_channels(gm: fx.GraphModule, exclude: Iterable[str] = (), rules: Rules | None = None) -> PassResult:
     """Partition the channels of a traced graph into groups that must be pruned together.
 
     Needs ``tensor_meta`` on the nodes (``passes.trace.trace``). Writes ``ChannelSlots`` to
     ``node.meta["ehap.channels"]`` and ``ChannelGroups`` to ``gm.meta["ehap.groups"]``.
-    ``exclude`` names modules whose channels must never be pruned.
+    ``exclude`` names modules whose channels must never be pruned. ``rules``: coupling rules
+    added to the default ones (``passes.coupling``); by default those ``trace`` was given.
 
     >>> from torch import nn
     >>> from ehap_fx.passes.trace import trace
@@ -402,7 +397,9 @@ def group_channels(gm: fx.GraphModule, exclude: Iterable[str] = ()) -> PassResul
     unknown = set(exclude) - {name for name, _ in gm.named_modules()}
     if unknown:
         raise GroupError(f"exclude={sorted(unknown)} names no module of the graph")
-    a = _Analysis(gm, frozenset(exclude))
+    rules = rules if rules is not None else gm.meta.get(_meta.RULES)
+    record_rules(gm, rules)
+    a = Analysis(gm, frozenset(exclude), coupling_rules(rules))
     for node in gm.graph.nodes:
         a.env[node] = _visit(a, node)
     groups, group_of, index_of = _build_groups(a)
@@ -419,9 +416,10 @@ def group_channels(gm: fx.GraphModule, exclude: Iterable[str] = ()) -> PassResul
 class GroupChannels(PassBase):
     """``group_channels`` as a ``PassBase`` for a ``PassManager`` pipeline."""
 
-    def __init__(self, exclude: Sequence[str] = ()):
+    def __init__(self, exclude: Sequence[str] = (), rules: Rules | None = None):
         super().__init__()
         self.exclude = tuple(exclude)
+        self.rules = rules
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        return group_channels(graph_module, self.exclude)
+        return group_channels(graph_module, self.exclude, self.rules)

@@ -16,13 +16,15 @@ one buffer; the block's branch disappears and its add reads the buffer (depth pr
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from ehap_fx.passes._coupling import (
+from ehap_fx.passes._analysis import module_rule, table_rule
+from ehap_fx.passes._layers import (
     _FUNCTIONAL_CONV_PACKETS,
     _FUNCTIONAL_CONVS,
     _arg,
@@ -30,10 +32,8 @@ from ehap_fx.passes._coupling import (
     conv_groups_at,
     functional_conv,
     functional_linear_spec,
-    is_binary,
-    module_rule,
-    table_rule,
 )
+from ehap_fx.passes.coupling import is_binary
 from ehap_fx.passes.depth import droppable_groups, folded_nodes, reads_no_channel
 from ehap_fx.passes.group import (
     ChannelGroups,
@@ -181,7 +181,7 @@ def _shrink_conv_module(conv: nn.Module, k_in: torch.Tensor, k_out: torch.Tensor
 
 
 def shrink_conv_transpose(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
-    """Input channels only (weight dim 0): its outputs are pinned (``_coupling.conv_transpose``)."""
+    """Input channels only (weight dim 0): its outputs are pinned (``passes._layer_rules.conv_transpose``)."""
     conv = gm.get_submodule(node.target)
     k_in = _idx(keep(node.args[0]))
     conv.weight = nn.Parameter(conv.weight.detach().index_select(0, k_in).clone(),
@@ -337,6 +337,28 @@ def shrink_reshape(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
     node.args = (x, *shape) if unpacked else (x, tuple(shape))
 
 
+def shrink_channel_mean(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
+    """A mean over the channels (GRN's ``x_g.mean(dim=-1, keepdim=True)``, ``reduce_additive``):
+    the masked original averages the kept channels and the zeroed ones, dividing by all ``C``;
+    the shrunk graph sums the kept channels and divides by that same dense count."""
+    x, dims = node.args[0], _arg(node, 1, "dim")
+    slots = x.meta.get(_meta.CHANNELS) if isinstance(x, fx.Node) else None
+    if dims is None or not isinstance(slots, ChannelSlots):
+        return  # a mean over all dims pins its input: nothing removed
+    shape = x.meta["tensor_meta"].shape  # the dense shape: meta is refreshed after the rewrite
+    dims = {d % len(shape) for d in ((dims,) if isinstance(dims, int) else dims)}
+    if slots.dim % len(shape) not in dims or bool(keep(x, slots.dim).all()):
+        return  # over other dims, or no channel removed
+    count = math.prod(int(shape[d]) for d in dims)  # (N, ..., C, ...) → C·(other reduced sizes)
+    aten_graph = isinstance(node.target, torch._ops.OpOverload)
+    node.target = {"mean": "sum", torch.mean: torch.sum}.get(node.target, aten.sum.dim_IntList)
+    divide = aten.div.Tensor if aten_graph else operator.truediv
+    with gm.graph.inserting_after(node):
+        div = gm.graph.call_function(divide, (node, float(count)))
+    div.meta = dict(node.meta)
+    node.replace_all_uses_with(div, delete_user_cb=lambda user: user is not div)
+
+
 def _set_arg(node: fx.Node, pos: int, name: str, value: Any) -> None:
     if len(node.args) > pos:
         args = list(node.args)
@@ -380,6 +402,8 @@ SHRINK: dict[Any, Callable[[fx.GraphModule, fx.Node, _Keep], None]] = {
     "view": shrink_reshape,
     "reshape": shrink_reshape,
     torch.reshape: shrink_reshape,
+    torch.mean: shrink_channel_mean,
+    "mean": shrink_channel_mean,
     # ATen spellings (torch.export graphs; packets cover every overload)
     aten.split: shrink_aten_split,
     aten.split_with_sizes: shrink_aten_split,
@@ -392,6 +416,7 @@ SHRINK: dict[Any, Callable[[fx.GraphModule, fx.Node, _Keep], None]] = {
     aten._unsafe_view: shrink_reshape,
     aten.linear: shrink_functional_linear,
     aten.addmm: shrink_functional_linear,
+    aten.mean: shrink_channel_mean,
 }
 
 

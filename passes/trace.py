@@ -17,6 +17,7 @@ export when it keeps more channels prunable than a partial FX graph).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 import traceback
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ehap_fx.passes._coupling import known_module
+from ehap_fx.passes.coupling import COUPLING_RULES, Rules, coupling_rules, record_rules
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -41,8 +42,9 @@ _TORCH_DIR = str(Path(torch.__file__).parent)
 class _NamingTracer(fx.Tracer):
     """A tracer that remembers which submodule it was inside when tracing failed."""
 
-    def __init__(self, leaf_modules: Sequence[str | type[nn.Module]] = ()):
+    def __init__(self, leaf_modules: Sequence[str | type[nn.Module]] = (), rules: Rules = COUPLING_RULES):
         super().__init__()
+        self.rules = rules
         self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.failed_module: tuple[str, str] | None = None
@@ -50,7 +52,7 @@ class _NamingTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or isinstance(m, self.leaf_types):
             return True
-        if known_module(m):  # a subclass of a known module that inherits its forward: one call
+        if self.rules.for_module(m) is not None:  # a rule describes it, or the base whose forward it inherits
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -189,11 +191,15 @@ def trace(
     concrete_args: dict[str, Any] | None = None,
     capture: str = "auto",
     dynamic_shapes: Any = "batch",
+    rules: Rules | None = None,
 ) -> fx.GraphModule:
     """Capture ``model`` as a graph (``capture``: ``"fx"``, ``"export"`` or ``"auto"``, see the
     module docstring; an ``ExportedProgram`` is always taken as exported) and propagate the
     shapes of ``example_inputs``. ``dynamic_shapes`` is for export only (torch.export's
     argument; ``"batch"``: dim 0 of every tensor input, static when that does not export).
+    ``rules``: coupling rules for modules of your own, added to the default ones
+    (``passes.coupling``): torch.fx keeps a module they describe as one call, and the graph
+    records them for ``group_channels``.
 
     >>> gm = trace(nn.Sequential(nn.Conv2d(3, 8, 3)), torch.randn(2, 3, 8, 8), capture="export")
     >>> [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
@@ -203,21 +209,22 @@ def trace(
         raise ValueError(f"capture={capture!r} must be one of {CAPTURES}")
     if capture == "export" or isinstance(model, torch.export.ExportedProgram):
         gm = export_capture(model, example_inputs, dynamic_shapes)
-        return _captured(gm, "export", capture, "asked for")
+        return _captured(gm, "export", capture, "asked for", rules)
+    traced = functools.partial(fx_trace, model, example_inputs, leaf_modules=leaf_modules,
+                               concrete_args=concrete_args, rules=rules)
     if capture == "fx":
-        gm = fx_trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
-        return _captured(gm, "fx", capture, "asked for")
+        return _captured(traced(), "fx", capture, "asked for", rules)
     try:
-        gm = fx_trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        gm = traced()
         fx_output_check(model, gm, example_inputs)
-        return _captured(gm, "fx", capture, "torch.fx traced it")
+        return _captured(gm, "fx", capture, "torch.fx traced it", rules)
     except TraceError as fx_error:
         try:
             gm = export_capture(model, example_inputs, dynamic_shapes)
         except TraceError as export_error:
             raise both_failed(model, fx_error, export_error) from export_error
         why = f"torch.fx cannot trace it: {str(fx_error).splitlines()[0][:300]}"
-        return _captured(gm, "export", capture, why)
+        return _captured(gm, "export", capture, why, rules)
 
 
 def fx_output_check(model: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> None:
@@ -249,8 +256,10 @@ class Captured:
         return {"capture": self.capture, "asked": self.asked, "why": self.why}
 
 
-def _captured(gm: fx.GraphModule, capture: str, asked: str, why: str) -> fx.GraphModule:
+def _captured(gm: fx.GraphModule, capture: str, asked: str, why: str, rules: Rules | None) -> fx.GraphModule:
     gm.meta[_meta.CAPTURED] = Captured(capture, asked, why)
+    if rules is not None:
+        record_rules(gm, rules)
     return gm
 
 
@@ -271,6 +280,7 @@ def fx_trace(
     *,
     leaf_modules: Sequence[str | type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
+    rules: Rules | None = None,
 ) -> fx.GraphModule:
     """Symbolically trace ``model`` and propagate the shapes of ``example_inputs``.
 
@@ -279,8 +289,9 @@ def fx_trace(
     so the graph takes exactly the given inputs.
 
     ``leaf_modules`` (qualified names or types) are kept as opaque calls; the channel-group
-    pass pins what it cannot see into. The model is not modified: the result shares its
-    parameters, so deep-copy the model first if a later pass must not touch them.
+    pass pins what it cannot see into. A module ``rules`` describe is one call too, grouped by its
+    rule. The model is not modified: the result shares its parameters, so deep-copy the model
+    first if a later pass must not touch them.
 
     >>> gm = trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), torch.randn(1, 3, 8, 8))
     >>> [n.meta["tensor_meta"].shape for n in gm.graph.nodes if n.op == "call_module"]
@@ -289,7 +300,7 @@ def fx_trace(
     if isinstance(model, fx.GraphModule) and not leaf_modules and concrete_args is None:
         return propagate_shapes(model, *_as_tuple(example_inputs))
     concrete = _bind(model, example_inputs, concrete_args)
-    tracer = _NamingTracer(leaf_modules)
+    tracer = _NamingTracer(leaf_modules, coupling_rules(rules))
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:
@@ -379,6 +390,7 @@ def export_capture(
     args, kwargs = capture.args, capture.kwargs
     unlifted = ep.module()
     _drop_guards(unlifted)
+    _slice_copies_as_setitem(unlifted)
     unlifted.graph._tracer_cls = None  # export's tracer cannot re-trace a pickled copy
     gm = ExportedGraph(unlifted, unlifted.graph, type(model).__name__)
     gm.training = False
@@ -392,6 +404,46 @@ def _drop_guards(gm: fx.GraphModule) -> None:
     for node in gm.graph.find_nodes(op="call_module"):
         if node.target == "_guards_fn" and not node.users:
             gm.graph.erase_node(node)
+
+
+def _slice_copies_as_setitem(gm: fx.GraphModule) -> None:
+    """Write each in-place copy into a slice of a tensor, ``copy_(slice(base, d, a, b, s), src)``
+    (what export makes of ``y[:, 2::3] = f(y[:, 2::3])``, as YOLO's pose head decodes its
+    keypoints), as the assignment ``base[:, a:b:s] = src`` (``operator.setitem``).
+
+    Same values. Why: torch.onnx's TorchScript exporter drops such a copy from a traced graph
+    when the slice it writes is a separate ``aten.slice`` call (the ONNX model then returned the
+    keypoints undecoded, 250 off), while the same write as an assignment, as in eager mode,
+    exports as ``ScatterND``. A chain of slices (one per dim) becomes one index tuple.
+    """
+    for node in list(gm.graph.find_nodes(op="call_function", target=aten.copy_.default)):
+        dest, src = node.args[:2]
+        chain = []  # the slices from `dest` up to the base tensor, innermost first
+        while (isinstance(dest, fx.Node) and dest.target is aten.slice.Tensor and len(dest.users) == 1
+               and not dest.kwargs):
+            chain.append(dest)
+            dest = dest.args[0]
+        if not chain or node.users or node.kwargs or not isinstance(dest, fx.Node):
+            continue
+        index: list[Any] = []
+        for sl in reversed(chain):  # outermost first; a slice keeps every dim, so dims do not shift
+            dim, start, end, step = (list(sl.args[1:]) + [0, None, None, 1][len(sl.args) - 1 :])[:4]
+            rank = len(sl.meta["val"].shape) if "val" in sl.meta else None
+            if rank is None:
+                break
+            dim = dim % rank
+            index += [slice(None)] * (dim + 1 - len(index))
+            if index[dim] != slice(None):
+                break  # two slices of one dim: leave the copy as it is
+            index[dim] = slice(start, end, step)
+        else:
+            with gm.graph.inserting_before(node):
+                put = gm.graph.call_function(operator.setitem, (dest, tuple(index), src))
+            put.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+            gm.graph.erase_node(node)
+            for sl in chain:
+                gm.graph.erase_node(sl)
+    gm.recompile()
 
 
 def _args_kwargs(example_inputs: Any) -> tuple[tuple, dict]:

@@ -98,7 +98,8 @@ class SEDepthwise(nn.Module):
 
 
 class Unknown(nn.Module):
-    """An op the analysis does not know (torch.roll over channels) between two convs."""
+    """An op the analysis does not know (torch.roll over channels) between two convs, and a max
+    over the channels (a zeroed channel could be the max: not exact, unlike a sum or mean)."""
 
     def __init__(self):
         super().__init__()
@@ -108,7 +109,7 @@ class Unknown(nn.Module):
 
     def forward(self, x):
         y = self.a(x)
-        return self.c(torch.roll(self.b(y), 1, dims=1) + y.mean(1, keepdim=True))
+        return self.c(torch.roll(self.b(y), 1, dims=1) + y.amax(1, keepdim=True))
 
 
 class GroupNormNet(nn.Module):

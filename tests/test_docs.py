@@ -40,7 +40,7 @@ def namespace() -> dict:
 
 def test_every_snippet_is_found():
     found = {p.name: len(snippets(p)) for p in (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))}
-    assert found == {"README.md": 2, "architecture.md": 0, "core.md": 0, "distributed.md": 1, "hessian.md": 1,
+    assert found == {"README.md": 2, "architecture.md": 1, "core.md": 0, "distributed.md": 1, "hessian.md": 1,
                      "int8.md": 1, "mutation.md": 0, "prunability.md": 0, "prunability_libs.md": 0,
                      "results.md": 0}, \
         "a snippet was added: give it a test here"
@@ -73,8 +73,16 @@ def _int8_did(ns: dict, folder: Path) -> None:
     assert 0.0 <= report.argmax_agreement <= 1.0 and report.summary().startswith("out/model_int8.onnx")
 
 
+def _architecture_did(ns: dict, folder: Path) -> None:
+    """The user's rule made Snake one call, and conv 0's 8 channels prune through it."""
+    gm = ns["gm"]
+    assert [g.size for g in groups_of(gm).prunable] == [8]
+    assert [type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module"] == \
+        ["Conv2d", "Snake", "Conv2d"]
+
+
 @pytest.mark.parametrize(("doc", "did"), [("distributed.md", _distributed_did), ("hessian.md", _hessian_did),
-                                          ("int8.md", _int8_did)])
+                                          ("int8.md", _int8_did), ("architecture.md", _architecture_did)])
 def test_docs_snippets_run(doc, did, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # int8.md writes out/model_int8.onnx
     (tmp_path / "out").mkdir()

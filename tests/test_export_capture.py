@@ -380,3 +380,36 @@ def test_program_in_program_out():
         for batch in (1, 7):
             xb = torch.randn(batch, 3, 16, 16)
             assert_same(small.module()(xb), masked(xb))
+
+
+class _KeypointDecode(nn.Module):
+    """YOLO's pose head in small: a conv's keypoints, decoded by slice assignments."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 9, 1)
+
+    def forward(self, x):
+        y = self.conv(x).flatten(2).clone()  # (N, 9, H*W): (x, y, visibility) × 3 keypoints
+        y[:, 2::3] = y[:, 2::3].sigmoid()
+        y[:, 0::3] = y[:, 0::3] * 2.0 - 0.5
+        return y
+
+
+def test_slice_assignment_survives_torchscript_onnx(tmp_path):
+    """An export graph writes ``y[:, 2::3] = ...`` as ``copy_`` into an ``aten.slice``, which
+    torch.onnx's TorchScript exporter dropped (the ONNX model returned the keypoints undecoded):
+    the capture writes it back as an assignment, and ONNX ≡ PyTorch."""
+    ort = pytest.importorskip("onnxruntime")
+    model, x = _KeypointDecode().eval(), torch.randn(2, 3, 4, 4)
+    gm = trace(model, x, capture="export")
+    assert not gm.graph.find_nodes(op="call_function", target=aten.copy_.default)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(gm, (x,), str(path), opset_version=17, dynamo=False)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        expected = model(x)
+        assert_same(gm(x), expected)
+    assert_same(torch.from_numpy(got), expected)

@@ -6,6 +6,8 @@ MLP with a layer scale, ViT-style tokens). For every program and random plan: sh
 the plan's predicted cost equals the shrunk graph's cost.
 """
 
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,12 +21,14 @@ from hypothesis import strategies as st
 from torch import nn
 from torchvision.ops import stochastic_depth
 
+aten = torch.ops.aten
+
 OPS = ["conv", "residual", "se", "cat", "split", "chunk", "pad", "slice", "grouped", "depthwise", "pool",
        "mlp_last", "layerscale", "cat_spatial", "tokens", "shuffle", "unflatten", "l2norm", "convT"]
 #: The ops the libraries people bring use (ultralytics, transformers, smp, timm): every spelling
 #: is checked under both captures (``test_library_ops_shrink_exactly``).
 LIBRARY_OPS = ["prelu", "prelu_shared", "fprelu", "same", "group_norm_f", "pixel_shuffle", "softmax", "conv3d",
-               "conv1d", "fpn_merge"]
+               "conv1d", "fpn_merge", "grn", "grn_last", "grn_hf"]
 OPS += LIBRARY_OPS
 
 
@@ -80,6 +84,54 @@ class ChannelsLastMLP(nn.Module):
     def forward(self, x):
         y = self.fc2(F.gelu(self.fc1(x.permute(0, 2, 3, 1)))) * self.gamma
         return stochastic_depth(y.permute(0, 3, 1, 2), 0.1, "row", training=False)
+
+
+class GRN(nn.Module):
+    """ConvNeXt-V2's global response norm, timm's spelling (``timm.layers.grn``): the L2 norm
+    over space, divided by its mean over the channels, ``x + addcmul(bias, weight, x · x_n)``."""
+
+    def __init__(self, c, channels_last):
+        super().__init__()
+        self.spatial, self.channel = ((1, 2), -1) if channels_last else ((2, 3), 1)
+        self.shape = (1, 1, 1, -1) if channels_last else (1, -1, 1, 1)
+        self.weight, self.bias = nn.Parameter(torch.rand(c) + 0.5), nn.Parameter(torch.randn(c))
+
+    def forward(self, x):
+        x_g = x.norm(p=2, dim=self.spatial, keepdim=True)
+        x_n = x_g / (x_g.mean(dim=self.channel, keepdim=True) + 1e-6)
+        return x + torch.addcmul(self.bias.view(self.shape), self.weight.view(self.shape), x * x_n)
+
+
+class GRNHF(nn.Module):
+    """The same in transformers' spelling (``ConvNextV2GRN``): ``torch.linalg.vector_norm``,
+    (1, 1, 1, C) parameters, channels-last."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.rand(1, 1, 1, c) + 0.5), nn.Parameter(torch.randn(1, 1, 1, c))
+
+    def forward(self, x):
+        g = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
+        n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.weight * (x * n) + self.bias + x
+
+
+class GRNBlock(nn.Module):
+    """A GRN after a 1x1 conv (timm's ``GlobalResponseNormMlp(use_conv=True)``) or, channels-last,
+    after a Linear (ConvNeXt-V2's MLP): the GRN's channels are the layer's outputs."""
+
+    def __init__(self, c, w, kind):
+        super().__init__()
+        self.kind = kind
+        if kind == "grn":
+            self.conv, self.grn = nn.Conv2d(c, w, 1), GRN(w, channels_last=False)
+        else:
+            self.fc1, self.grn = nn.Linear(c, w), GRN(w, channels_last=True) if kind == "grn_last" else GRNHF(w)
+
+    def forward(self, x):
+        if self.kind == "grn":
+            return self.grn(self.conv(x))
+        return self.grn(self.fc1(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
 
 
 class Tokens(nn.Module):
@@ -213,6 +265,10 @@ class Program(nn.Module):
             L.append(nn.ModuleList([nn.Conv2d(c, w, 3, padding=1), nn.Conv2d(c, w, 1)]))
             self.plan.append((op, len(L) - 1, None))
             return w
+        if op in ("grn", "grn_last", "grn_hf"):
+            L.append(GRNBlock(c, w, op))
+            self.plan.append((op, len(L) - 1, None))
+            return w
         if op in ("conv3d", "conv1d"):
             L.append(Conv3dBlock(c, w) if op == "conv3d" else Conv1dBlock(c, w))
             self.plan.append((op, len(L) - 1, None))
@@ -227,7 +283,8 @@ class Program(nn.Module):
     def forward(self, x):
         for op, i, arg in self.plan:
             layer = self.layers[i] if i is not None else None
-            if op in ("conv", "grouped", "depthwise", "convT", "prelu", "prelu_shared", "same", "conv3d", "conv1d"):
+            if op in ("conv", "grouped", "depthwise", "convT", "prelu", "prelu_shared", "same", "conv3d", "conv1d",
+                      "grn", "grn_last", "grn_hf"):
                 x = layer(x)
             elif op == "fpn_merge":
                 x = F.dropout2d(torch.stack([layer[0](x), layer[1](x)]).sum(0), 0.2, training=False)
@@ -361,10 +418,15 @@ def test_library_ops_shrink_exactly(op, capture):
     groups = groups_of(gm)
     # the op's own channels (its conv's outputs) are a prunable group, halved by the plan
     (own,) = [g for g in groups.prunable
-              if any(m.role == "out" and m.module in ("layers.1", "layers.1.0", "layers.1.conv") for m in g.members)]
+              if any(m.role == "out" and m.module in ("layers.1", "layers.1.0", "layers.1.conv", "layers.1.fc1")
+                     for m in g.members)]
     assert len(plan.keep[own.id]) == own.size // 2 >= 1
     if op == "prelu" and capture == "fx":
         assert small.get_submodule("layers.1.1").weight.shape == (4,)
     if op == "group_norm_f":
         (gn,) = [n for n in small.graph.nodes if "group_norm" in str(n.target)]
         assert gn.args[1] == 1  # 10 channels in 2 groups: half the groups (one) kept
+    if op.startswith("grn"):  # the channel mean became a sum over the 4 kept, divided by the dense 8
+        (div,) = [n for n in small.graph.nodes
+                  if n.target in (operator.truediv, aten.div.Tensor) and isinstance(n.args[1], float)]
+        assert div.args[0].target in ("sum", aten.sum.dim_IntList) and div.args[1] == 8.0

@@ -1,0 +1,132 @@
+"""Coupling rules are values: a user's rule for a module of their own, passed in, never merged
+into a global.
+
+Model under test::
+
+    x ─▶ conv0 (3 → 8) ─▶ Snake: x + sin²(x), channel by channel ─▶ conv1 (8 → 4) ─▶ out
+
+No rule describes ``torch.sin`` or ``**``, so without a rule for ``Snake`` tracing goes into it
+and conv0's 8 channels pin there; with ``same_channels`` for ``Snake`` it is one call and
+conv0's channels prune (shrunk ≡ masked original).
+"""
+
+import io
+import pickle
+
+import pytest
+import torch
+from ehap_fx.passes.capture import capture_groups
+from ehap_fx.passes.coupling import (
+    ATEN_RULES,
+    COUPLING_RULES,
+    FX_RULES,
+    Rules,
+    coupling_rules,
+    pin,
+    same_channels,
+)
+from ehap_fx.passes.group import group_channels, groups_of
+from ehap_fx.passes.mask import mask_channels, random_plan
+from ehap_fx.passes.shrink import shrink
+from ehap_fx.passes.trace import trace
+from torch import nn
+
+from ehap_fx import _meta
+
+
+class Snake(nn.Module):
+    """x + sin²(x): each output channel from the same input channel alone."""
+
+    def forward(self, x):
+        return x + torch.sin(x) ** 2
+
+
+class Reverse(nn.Module):
+    """Reverses the channel order: no rule describes ``flip``."""
+
+    def forward(self, x):
+        return x.flip(1)
+
+
+def model_with(act: nn.Module) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), act, nn.Conv2d(8, 4, 1)).eval()
+
+
+X = torch.randn(2, 3, 8, 8)
+SNAKE_RULES = Rules(modules={Snake: same_channels})  # added to the default rules
+
+
+def conv0_group(gm):
+    """The group holding conv0's output channels."""
+    (group,) = [g for g in groups_of(gm).groups if any(m.module == "0" and m.role == "out" for m in g.members)]
+    return group
+
+
+def test_without_a_rule_the_group_pins_naming_the_module():
+    gm = group_channels(trace(model_with(Snake()), X)).graph_module
+    group = conv0_group(gm)
+    assert group.size == 8 and group.pinned is not None
+    assert group.pinned.endswith("in module '1' (Snake): op not understood by the channel analysis"), group.pinned
+    assert not groups_of(gm).prunable
+
+
+@pytest.mark.parametrize("capture", ["fx", "auto"])
+def test_with_a_rule_the_module_prunes_and_shrunk_equals_masked(capture):
+    gm = group_channels(trace(model_with(Snake()), X, capture=capture, rules=SNAKE_RULES)).graph_module
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1", "2"]  # Snake: one call
+    group = conv0_group(gm)
+    assert group.pinned is None and group.size == 8
+    assert [(m.module, m.role) for m in group.members] == [("0", "out"), ("2", "in")]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    small = shrink(gm, plan).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(small(X), mask_channels(gm, plan).graph_module(X), rtol=0, atol=1e-6)
+    assert small.get_submodule("0").out_channels == 4
+    assert conv0_group(small).pinned is None  # shrink grouped again with the rules the graph recorded
+    buf = io.BytesIO()
+    torch.save(small, buf)  # what report.py writes: the recorded rules pickle with the graph
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf, weights_only=False)(X), small(X))
+
+
+def test_rules_passed_to_group_channels_and_capture_groups():
+    traced = trace(model_with(Snake()), X, rules=SNAKE_RULES)
+    traced.meta.pop(_meta.RULES)  # as if traced with the rules, grouped without them
+    assert conv0_group(group_channels(traced).graph_module).pinned is not None
+    assert conv0_group(group_channels(traced, rules=SNAKE_RULES).graph_module).pinned is None
+    gm = capture_groups(model_with(Snake()), X, rules=SNAKE_RULES)
+    assert gm.meta[_meta.CAPTURED].capture == "fx" and conv0_group(gm).pinned is None
+
+
+def test_a_pin_rule_keeps_the_module_whole_with_its_reason():
+    gm = group_channels(trace(model_with(Reverse()), X)).graph_module
+    assert "(Reverse): op not understood" in conv0_group(gm).pinned
+    rules = Rules(modules={Reverse: pin("Reverse reorders its channels")})
+    gm = group_channels(trace(model_with(Reverse()), X, rules=rules)).graph_module
+    assert conv0_group(gm).pinned.endswith(": Reverse reorders its channels")
+    assert pickle.loads(pickle.dumps(rules)).for_module(Reverse()) == pin("Reverse reorders its channels")
+
+
+def test_composing_rules_leaves_the_defaults_unchanged():
+    before = (dict(COUPLING_RULES.functions), dict(COUPLING_RULES.modules), COUPLING_RULES.any_dim)
+    mine = Rules(functions={torch.sin: same_channels}, modules={Snake: same_channels})
+    both = COUPLING_RULES | mine
+    also = COUPLING_RULES.with_rules({Snake: same_channels, torch.sin: same_channels})
+    for new in (both, also, coupling_rules(mine)):
+        assert new.for_module(Snake()) is same_channels and new.for_function(torch.sin) is same_channels
+        assert len(new.functions) == len(before[0]) + 1 and len(new.modules) == len(before[1]) + 1
+    assert (dict(COUPLING_RULES.functions), dict(COUPLING_RULES.modules), COUPLING_RULES.any_dim) == before
+    assert COUPLING_RULES.for_module(Snake()) is None and COUPLING_RULES.for_function(torch.sin) is None
+    assert dict(COUPLING_RULES.functions) == {**FX_RULES.functions, **ATEN_RULES.functions}
+    assert not set(FX_RULES.functions) & set(ATEN_RULES.functions)  # composed, not overwritten
+    with pytest.raises(TypeError):
+        COUPLING_RULES.modules[Snake] = same_channels  # read-only rows
+    with pytest.raises(TypeError, match="nn.Module subclasses"):
+        Rules(modules={"Snake": same_channels})
+    with pytest.raises(TypeError, match="not a Rules value"):
+        group_channels(trace(model_with(Snake()), X), rules={Snake: same_channels})
+    assert coupling_rules(None) is COUPLING_RULES and coupling_rules(Rules()) is COUPLING_RULES
+    # a graph traced with the user's rules leaves the next default trace as it was
+    trace(model_with(Snake()), X, rules=SNAKE_RULES)
+    assert conv0_group(group_channels(trace(model_with(Snake()), X)).graph_module).pinned is not None
