@@ -316,16 +316,17 @@ def test_deprecation_warnings_are_scoped():
 
 
 def test_the_pass_has_no_training_loop_of_its_own():
-    """QAT through the pass needs a loop (``train=``); ``ehap_fx.qat.quantize`` supplies one."""
+    """QAT through the pass needs a loop (``train=``); ``ehap_fx.qat.quantize`` supplies one.
+    (Backend-independent: on FX, whose prepare costs a tenth of a second, not PT2E's export.)"""
     with pytest.raises(QuantizeError, match="pass train="):
-        quantize_pass.quantize(TinyResNet(), X, batches(2), QuantizeOptions(mode="qat", finetune=replace(QAT_FINETUNE, max_steps=1)))
+        quantize_pass.quantize(TinyResNet(), X, batches(2), QuantizeOptions(mode="qat", backend="fx", finetune=replace(QAT_FINETUNE, max_steps=1)))
     calls = []
 
     def loop(prepared, data, options):
         calls.append(type(prepared).__name__)
         return qat_finetune(prepared, data, options)
 
-    result = quantize_pass.quantize(TinyResNet(), X, batches(2), QuantizeOptions(mode="qat", finetune=replace(QAT_FINETUNE, max_steps=1)), train=loop)
+    result = quantize_pass.quantize(TinyResNet(), X, batches(2), QuantizeOptions(mode="qat", backend="fx", finetune=replace(QAT_FINETUNE, max_steps=1)), train=loop)
     assert calls == ["GraphModule"] and result.steps == 1
 
 
@@ -359,8 +360,8 @@ def test_qat_keeps_the_ptq_model_when_it_does_not_beat_it(teacher):
     data = learnable_batches(4)
     model = fitted_tiny(data)
     distill = DistillOptions(alpha=1.0, temperature=1.0) if teacher else None
-    options = QuantizeOptions(mode="qat", finetune=replace(QAT_FINETUNE, epochs=2, lr=0.05, distill=distill),
-                              calibration_batches=4)
+    options = QuantizeOptions(mode="qat", backend="fx",  # the keep-or-fall-back logic is the backend's caller's
+                              finetune=replace(QAT_FINETUNE, epochs=2, lr=0.05, distill=distill), calibration_batches=4)
     result = quantize(model, X, data, options, teacher=TinyResNet() if teacher else None)
     c = result.check
     assert c["images"] == 8 and result.steps == 6  # 2 epochs of the 3 batches left to train on
@@ -373,7 +374,8 @@ def test_qat_keeps_the_ptq_model_when_it_does_not_beat_it(teacher):
 def test_a_tie_keeps_the_ptq_model(monkeypatch):
     """QAT must beat PTQ to be kept: at equal losses the PTQ model (no training) is returned."""
     monkeypatch.setattr("ehap_fx.qat.check_loss", lambda model, batches: 0.5)
-    result = quantize(TinyResNet(), X, batches(2), QuantizeOptions(mode="qat", finetune=replace(QAT_FINETUNE, max_steps=1)))
+    result = quantize(TinyResNet(), X, batches(2), QuantizeOptions(mode="qat", backend="fx",
+                                                                   finetune=replace(QAT_FINETUNE, max_steps=1)))
     assert result.check["qat_loss"] == result.check["ptq_loss"] == 0.5
     assert result.check["kept"] == result.mode == "ptq" and result.steps == 1
 
@@ -448,6 +450,7 @@ def test_hold_out_refuses_what_it_cannot_split():
 
 
 def test_ptq_fallback_off_keeps_qat():
-    options = QuantizeOptions(mode="qat", finetune=replace(QAT_FINETUNE, max_steps=2, lr=3.0), ptq_fallback=False)
+    options = QuantizeOptions(mode="qat", backend="fx", finetune=replace(QAT_FINETUNE, max_steps=2, lr=3.0),
+                              ptq_fallback=False)
     result = quantize(TinyResNet(), X, batches(2), options)
     assert result.mode == "qat" and result.check is None
