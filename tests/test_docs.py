@@ -148,3 +148,17 @@ def test_the_defaults_the_docs_state_are_the_codes():
     wrong = {what: pair for what, pair in stated.items() if pair[0] != pair[1]}
     assert not wrong, f"docs and code disagree (stated, code): {wrong}"
     assert len(re.findall(r'\(default\)', hessian.split("## ")[2])) <= 1, "two estimators called the default"
+
+
+def test_readme_names_report_md_sections_in_the_order_they_are_written():
+    """README's outputs table lists report.md's sections as ``render_markdown`` writes them (issue
+    28: the table had drifted from the report's order and missed sections)."""
+    from ehap_fx import report as rep
+
+    source = Path(rep.__file__).read_text()
+    written = re.findall(r'"## ([A-Z][A-Za-z0-9 -]+)', source)
+    written = list(dict.fromkeys(w.split(":")[0].split(" (")[0].strip() for w in written))  # each once
+    row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `report.md` |"))
+    named = [n.split(":")[0] for n in re.findall(r"\*\*([^*]+)\*\*", row)]
+    firsts = [w.split()[0] for w in written]
+    assert [n.split()[0] for n in named] == firsts, (named, written)
