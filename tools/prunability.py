@@ -484,7 +484,9 @@ def main(argv=None) -> int:
     p.add_argument("--cache", type=Path, default=Path("docs/prunability.json"))
     p.add_argument("--markdown", type=Path, help="write the table here")
     p.add_argument("--notes", type=Path, help="a markdown file of reading notes, put after the header")
-    p.add_argument("--redo", action="store_true", help="ignore cached rows of the selected models")
+    p.add_argument("--redo", nargs="*", choices=["ehap", "tp"], default=None,
+                   help="run the selected models again: both parts, or only those named (e.g. --redo ehap "
+                        "after a change of ehap-fx's defaults, keeping Torch-Pruning's cached results)")
     p.add_argument("--report-only", action="store_true", help="run nothing: print and write what is cached")
     p.add_argument("--memory-fraction", type=float, default=0.5,
                    help="a part may use this fraction of the memory available when it starts")
@@ -496,13 +498,14 @@ def main(argv=None) -> int:
     cache = json.loads(args.cache.read_text()) if args.cache.exists() else {"meta": {}, "rows": {}}
     todo = [(k, n) for k, n in model_names(args.kinds) if (not args.models or n in args.models) and n not in args.skip]
     todo.sort(key=lambda kn: num_params(kn[1]))  # small models first: a stopped run covers most
+    redo = set() if args.redo is None else set(args.redo or ("ehap", "tp"))
     for kind, name in [] if args.report_only else todo:
         old = cache["rows"].get(name)
-        if old and not args.redo and not _failed(old):
+        if old and not redo and not _failed(old):
             continue
         row = {"kind": kind, "model": name}
         for part in ("ehap", "tp"):
-            if old and not args.redo and old.get(part, {}).get("status") not in (None, "error", "skipped"):
+            if old and part not in redo and old.get(part, {}).get("status") not in (None, "error", "skipped"):
                 row[part] = old[part]  # a part that already ran to a result is kept
                 row.update({k: v for k, v in old.items() if k in ("input", "params_m", "whole_model")})
                 continue
