@@ -19,6 +19,8 @@ what differs. Under torchrun rank 0 alone writes and reads; every rank gets rank
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -119,15 +121,17 @@ def _atomic(path: Path, write) -> None:
 def source_hash() -> str:
     """ehap-fx's version and a hash of its source (the package and its passes): a checkpoint of
     other code is refused even when the version number did not change."""
-    import ehap_fx
-    import ehap_fx.passes
-
     h = hashlib.sha256()
-    for root in (Path(ehap_fx.__file__).parent, Path(ehap_fx.passes.__file__).parent):
+    for package in ("ehap_fx", "ehap_fx.passes"):
+        root = Path(importlib.util.find_spec(package).origin).parent
         for f in sorted(root.rglob("*.py")):
-            h.update(f.relative_to(root).as_posix().encode())
+            h.update(f"{package}/{f.relative_to(root).as_posix()}".encode())
             h.update(f.read_bytes())
-    return f"ehap-fx {ehap_fx.__version__} (source {h.hexdigest()[:12]}), torch {torch.__version__}"
+    try:
+        version = importlib.metadata.version("ehap-fx")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return f"ehap-fx {version} (source {h.hexdigest()[:12]}), torch {torch.__version__}"
 
 
 def weights_hash(model: torch.nn.Module) -> str:
