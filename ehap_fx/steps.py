@@ -139,7 +139,8 @@ def teachers(gm: fx.GraphModule, teacher: nn.Module | None, options, run: Inputs
         tuned.eval().requires_grad_(False)
         return Teachers(tuned, dense if timed else None, saved["seconds"], saved["top1"])
     t = time.perf_counter()
-    finetune(tuned, distributed.shard_loader(run.data), replace(tune, distill=None))
+    finetune(tuned, distributed.shard_loader(run.data), replace(tune, distill=None),
+             checkpoints=options.checkpoints, name="teacher")
     tuned.eval().requires_grad_(False)
     seconds = time.perf_counter() - t
     log.info("teacher: the dense model fine-tuned with the same budget (%.0f s)", seconds)
@@ -353,7 +354,7 @@ def tune(gm: fx.GraphModule, run: Inputs, options, teacher: nn.Module | None, to
     t = time.perf_counter()
     distilling = tune.distill is not None
     result = finetune(gm, run.train, tune, eval_loader=run.eval_data,
-                      teacher=teacher if distilling else None)
+                      teacher=teacher if distilling else None, checkpoints=options.checkpoints)
     seconds = time.perf_counter() - t
     distill = plain(tune.distill) if distilling and teacher is not None else None
     tuned = Tuned(result, distill, seconds, top1(gm))

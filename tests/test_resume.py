@@ -127,3 +127,57 @@ def test_a_live_runs_partial_folder_is_not_taken(tmp_path):
     with cli.staging(out):  # its owner is gone: a new run takes the folder
         pass
     assert out.is_dir()
+
+
+# ---------------------------------------------------------------------------------------------
+# Mid-fine-tune checkpoints: every N steps, resumed bit-exact
+# ---------------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised right after a loop checkpoint is written: the run "dies" there."""
+
+
+@pytest.mark.parametrize("stop", [7, 23, 28])  # mid-epoch, the epoch's last batch (23 of 23), the next epoch
+def test_a_finetune_resumes_bit_exact_from_its_loop_checkpoint(stop, tmp_path, monkeypatch):
+    from torch import nn
+
+    from ehap_fx.data import load_digits
+    from ehap_fx.train import FinetuneOptions, finetune
+
+    train = load_digits("train")  # 1,437 images: 23 batches of 64
+
+    def run(checkpoints):  # dropout and augmentation: the global and the loader's random streams
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.3), nn.Flatten(),
+                            nn.Linear(8 * 14 * 14, 10))
+        result = finetune(net, train.loader(64, shuffle=True, augment=True, seed=0),
+                          FinetuneOptions(epochs=3, max_steps=50, progress=False), checkpoints=checkpoints)
+        return net, result
+
+    whole, whole_result = run(None)
+    save = Checkpoints.save
+
+    def save_then_die(self, name, value):
+        save(self, name, value)
+        raise _Stop
+
+    monkeypatch.setattr(Checkpoints, "save", save_then_die)
+    with pytest.raises(_Stop):
+        run(Checkpoints(tmp_path, every=stop))
+    monkeypatch.setattr(Checkpoints, "save", save)
+    resumed, result = run(Checkpoints(tmp_path, every=stop))
+    assert result.losses == whole_result.losses and result.epochs == whole_result.epochs
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_run_killed_mid_finetune_resumes_to_the_same_outputs(tmp_path, uninterrupted):
+    out = tmp_path / "out"
+    killed_after("finetune.loop", out, "--checkpoint-every", "2")  # after its step 2 or 4 of 5
+    proc = ehap("compress", *QUICK, "--out", str(out), "--resume", "--checkpoint-every", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state, accuracy = outputs(out)
+    assert accuracy == uninterrupted[1]
+    for name, tensor in uninterrupted[0].items():
+        assert torch.equal(state[name], tensor), name
