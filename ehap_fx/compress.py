@@ -22,6 +22,7 @@ import torch
 from torch import fx, nn
 
 from ehap_fx import compress_report, edge, steps
+from ehap_fx.checkpoint import Checkpoints, source_hash, weights_hash
 from ehap_fx.compress_report import CompressReport, GroupRecord
 from ehap_fx.errors import ArgumentError, EhapError, OptionError, TargetError
 from ehap_fx.latency import BenchOptions, LatencyOptions
@@ -130,6 +131,12 @@ class CompressOptions:
     ``rules``: coupling rules for modules of your own, added to the default ones
     (``passes.coupling``): ``Rules(modules={MyAct: same_channels})``.
 
+    ``checkpoints``: a :class:`~ehap_fx.checkpoint.Checkpoints` folder where each expensive step
+    (the teacher, the ranking and plans, the repair, the fine-tune) saves its result; the same
+    call again reads the finished steps instead of recomputing them and ends with the outputs
+    of an uninterrupted run. A folder of other options, weights or ehap-fx source is refused
+    (``ResumeError``). ``Checkpoints(folder, every=N)`` also saves a fine-tune every N steps.
+
     ``compensate`` (with data; None turns it off): after pruning, refit the surviving weights
     layer by layer to reproduce the dense model's activations on ``compensate.images`` inputs of
     the data (``passes.compensate``; no labels read). Without ``finetune_options`` that is the
@@ -151,6 +158,7 @@ class CompressOptions:
     latency_loop: LoopOptions | None = None
     compensate: CompensateOptions | None = CompensateOptions()
     rules: Rules | None = None
+    checkpoints: Checkpoints | None = None
 
     def __post_init__(self) -> None:
         """The shorthands read (a float target, ``quantize``/``bench``/``finetune_options`` as
@@ -184,6 +192,7 @@ class CompressOptions:
             ("bench", BenchOptions, "BenchOptions(...), True or None"),
             ("export", (str, Path), "a path such as 'out/model_int8.onnx', or None"),
             ("rules", Rules, "passes.coupling.Rules(modules={MyModule: same_channels}) or None"),
+            ("checkpoints", Checkpoints, "ehap_fx.checkpoint.Checkpoints('folder') or None"),
         ):
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
@@ -210,6 +219,23 @@ class CompressOptions:
         if self.export is not None and self.quantize is None:
             raise EhapError("export= writes the INT8 model: also pass quantize=RECIPE.quantize() (PTQ) or "
                             "True")
+
+
+def _identity(model: nn.Module, o: CompressOptions, run) -> dict:
+    """What a run's checkpoints belong to: the code, the model's weights, the data, the options
+    (but where the checkpoints and the ONNX file go, and progress bars)."""
+    options = steps.plain(replace(o, checkpoints=None, export=None, rules=None))
+    return {"ehap_fx": source_hash(), "weights": weights_hash(model), "data": run.name,
+            "rules": None if o.rules is None else sorted(
+                f"{getattr(k, '__module__', '')}.{getattr(k, '__qualname__', k)}"
+                for k in (*o.rules.functions, *o.rules.modules)),
+            **{f"options.{k}": v for k, v in _without(options, "progress").items()}}
+
+
+def _without(value, key: str):
+    if isinstance(value, dict):
+        return {k: _without(v, key) for k, v in value.items() if k != key}
+    return [_without(v, key) for v in value] if isinstance(value, list) else value
 
 
 def _names(value, types: tuple = (str,)) -> bool:
@@ -254,10 +280,12 @@ def compress(
     """
     o = CompressOptions(**options) if set(options) <= _OPTION_NAMES else _unknown(options)
     run = edge.inputs(model, example_input, data, eval_data, loss_fn, data_name, o, RECIPE.scorer, teacher)
+    if o.checkpoints is not None:  # a folder of another run is refused before any work
+        o.checkpoints.check("compress", _identity(model, o, run))
     top1 = steps.top1_on(eval_data)
     captured = steps.capture(model, example_input, o, top1)
     dense = captured.graph_module  # pruning and the repair copy it: it stays the dense graph
-    taught = steps.teachers(dense, teacher, o, run.data, top1)
+    taught = steps.teachers(dense, teacher, o, run, top1)
     shrunk = steps.prune_to_target(dense, example_input, run, o, taught.teacher, top1)
     repaired = steps.repair(shrunk.graph_module, dense if run.images is not None else None, run, o, top1)
     gm = repaired.graph_module

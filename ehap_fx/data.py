@@ -209,6 +209,15 @@ class CifarLoader:
         this loader yielded before any ``iter()`` (so that several runs see the same data)."""
         return self.sharded(self.rank, self.world_size)
 
+    def state_dict(self) -> dict:
+        """Where the loader is in its stream of epochs: its generators' states (the epoch order,
+        the augmentation), so that a resumed run draws the same batches (``ehap_fx.checkpoint``)."""
+        return {"order": self._gen.get_state(), "augment": self._aug.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._gen.set_state(state["order"])
+        self._aug.set_state(state["augment"])
+
     def _local_size(self) -> int:
         return -(-len(self.data) // self.world_size)
 

@@ -60,3 +60,7 @@ class ArgumentError(EhapError, TypeError):
 class OptionError(EhapError, ValueError):
     """A Python API argument of the right kind with a value that does not exist (an unknown
     scorer or capture); the message names the values that fit."""
+
+
+class ResumeError(EhapError):
+    """A checkpoint folder that this run cannot continue (other settings, another version)."""

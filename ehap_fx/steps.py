@@ -26,6 +26,7 @@ import torch
 from torch import fx, nn
 
 from ehap_fx import _meta, distributed, process_group
+from ehap_fx.checkpoint import loaders_of, rng_state, set_rng_state
 from ehap_fx.edge import Inputs
 from ehap_fx.errors import EhapError, TargetError
 from ehap_fx.isa import cpu_features
@@ -51,6 +52,29 @@ Top1 = Callable[[nn.Module], "float | None"]
 def top1_on(eval_data: Iterable | None) -> Top1:
     """The run's evaluation: top-1 on ``eval_data``, or None without it."""
     return (lambda m: evaluate(m, eval_data)) if eval_data is not None else (lambda m: None)
+
+
+def restored(options, name: str, run: Inputs) -> Any | None:
+    """The value step ``name`` saved in ``options.checkpoints`` (None: none saved, or no
+    checkpoints), with the run's random streams put back as they were when it was saved."""
+    ck = getattr(options, "checkpoints", None)
+    saved = ck.load(name) if ck is not None else None
+    if saved is None:
+        return None
+    set_rng_state(saved["rng"], _streams(run))
+    log.info("resumed: %s from %s", name, ck.path(name))
+    return saved["value"]
+
+
+def checkpoint(options, name: str, value: Any, run: Inputs) -> None:
+    """Save step ``name``'s ``value`` with the run's random streams (``ehap_fx.checkpoint``)."""
+    ck = getattr(options, "checkpoints", None)
+    if ck is not None:
+        ck.save(name, {"value": value, "rng": rng_state(_streams(run))})
+
+
+def _streams(run: Inputs) -> list:
+    return loaders_of(run.data, run.train, run.images, run.eval_data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,7 +117,7 @@ class Teachers:
     top1: float | None = None  # its top-1: the baseline at equal budget
 
 
-def teachers(gm: fx.GraphModule, teacher: nn.Module | None, options, data, top1: Top1) -> Teachers:
+def teachers(gm: fx.GraphModule, teacher: nn.Module | None, options, run: Inputs, top1: Top1) -> Teachers:
     """With ``DistillOptions.teacher="finetuned"`` and a fine-tune budget the teacher is the dense
     graph fine-tuned first with that budget from the labels alone; else the one given, else a
     frozen dense copy."""
@@ -109,13 +133,21 @@ def teachers(gm: fx.GraphModule, teacher: nn.Module | None, options, data, top1:
     dense = copy.deepcopy(gm).eval().requires_grad_(False) if timed or as_given else None
     if not train_teacher:
         return Teachers(dense if as_given else teacher, dense if timed else None)
-    t = time.perf_counter()
     tuned = copy.deepcopy(gm)
-    finetune(tuned, distributed.shard_loader(data), replace(tune, distill=None))
+    if (saved := restored(options, "teacher", run)) is not None:
+        tuned.load_state_dict(saved["state_dict"])
+        tuned.eval().requires_grad_(False)
+        return Teachers(tuned, dense if timed else None, saved["seconds"], saved["top1"])
+    t = time.perf_counter()
+    finetune(tuned, distributed.shard_loader(run.data), replace(tune, distill=None),
+             checkpoints=options.checkpoints, name="teacher")
     tuned.eval().requires_grad_(False)
     seconds = time.perf_counter() - t
     log.info("teacher: the dense model fine-tuned with the same budget (%.0f s)", seconds)
-    return Teachers(tuned, dense if timed else None, seconds, top1(tuned))
+    taught = Teachers(tuned, dense if timed else None, seconds, top1(tuned))
+    checkpoint(options, "teacher", {"state_dict": tuned.state_dict(), "seconds": seconds, "top1": taught.top1},
+               run)
+    return taught
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,6 +225,8 @@ def prune_to_target(gm: fx.GraphModule, example_input, run: Inputs, options, tea
                     top1: Top1) -> Shrunk:
     """:func:`prune` with the run's scorer, the fine-tune between steps, the latency table and
     loop of a latency target; a target out of reach names the largest pins."""
+    if (saved := restored(options, "prune", run)) is not None:
+        return _replayed(gm, saved)
     target, tune = options.target, options.finetune_options
     table = LatencyTable(options.latency or LatencyOptions()) if target.kind == "latency" else None
 
@@ -221,7 +255,23 @@ def prune_to_target(gm: fx.GraphModule, example_input, run: Inputs, options, tea
         log.info("%s", pruned.loop.summary())
     widths = conv_widths(out)
     process_group.check_replicas(widths)
-    return Shrunk(pruned, total_cost(out), widths, latency, top1(out))
+    shrunk = Shrunk(pruned, total_cost(out), widths, latency, top1(out))
+    checkpoint(options, "prune", {"steps": [(s.step, s.ranking, s.plan, s.seconds) for s in pruned.steps],
+                                  "dense": pruned.dense, "loop": pruned.loop, "latency": latency,
+                                  "top1": shrunk.top1, "state_dict": out.state_dict()}, run)
+    return shrunk
+
+
+def _replayed(gm: fx.GraphModule, saved: dict) -> Shrunk:
+    """A saved :func:`prune_to_target`: its plans replayed on the dense ``gm`` with ``shrink``
+    (as ``report.load_pruned`` does), then its weights (the fine-tunes between steps')."""
+    steps = []
+    for step, ranking, plan, seconds in saved["steps"]:
+        steps.append(PruneStep(step, ranking, plan, groups_of(gm), seconds))
+        gm = shrink(gm, plan).graph_module
+    gm.load_state_dict(saved["state_dict"])
+    return Shrunk(Pruned(gm, tuple(steps), saved["dense"], saved["loop"]), total_cost(gm), conv_widths(gm),
+                  saved["latency"], saved["top1"])
 
 
 def _latency_loop(options: LoopOptions | None, table: LatencyTable | None, example_input, data,
@@ -266,6 +316,10 @@ def repair(gm: fx.GraphModule, dense: fx.GraphModule | None, run: Inputs, option
     user's own images (none: ``gm`` as it is)."""
     if dense is None:
         return Repaired(gm)
+    if (saved := restored(options, "repair", run)) is not None:
+        gm = copy.deepcopy(gm)
+        gm.load_state_dict(saved["state_dict"])
+        return Repaired(gm.train(saved["training"]), saved["summary"], saved["seconds"], saved["top1"])
     t = time.perf_counter()
     gm = repair_pass(gm, dense, run.images, options.compensate).graph_module
     process_group.broadcast_module(gm)  # one repair on every rank (rank 0's)
@@ -273,7 +327,10 @@ def repair(gm: fx.GraphModule, dense: fx.GraphModule | None, run: Inputs, option
     recipe = "start of the fine-tune" if options.finetune_options else "post-training (no fine-tune)"
     summary = {**gm.meta[_meta.COMPENSATION].summary(), "recipe": recipe,
                "options": plain(options.compensate)}
-    return Repaired(gm, summary, seconds, top1(gm))
+    repaired = Repaired(gm, summary, seconds, top1(gm))
+    checkpoint(options, "repair", {"state_dict": gm.state_dict(), "training": gm.training, "summary": summary,
+                                   "seconds": seconds, "top1": repaired.top1}, run)
+    return repaired
 
 
 @dataclass(frozen=True)
@@ -290,13 +347,20 @@ def tune(gm: fx.GraphModule, run: Inputs, options, teacher: nn.Module | None, to
     tune = options.finetune_options
     if tune is None:
         return Tuned()
+    if (saved := restored(options, "finetune", run)) is not None:
+        gm.load_state_dict(saved["state_dict"])
+        gm.eval()
+        return Tuned(saved["result"], saved["distill"], saved["seconds"], saved["top1"])
     t = time.perf_counter()
     distilling = tune.distill is not None
     result = finetune(gm, run.train, tune, eval_loader=run.eval_data,
-                      teacher=teacher if distilling else None)
+                      teacher=teacher if distilling else None, checkpoints=options.checkpoints)
     seconds = time.perf_counter() - t
     distill = plain(tune.distill) if distilling and teacher is not None else None
-    return Tuned(result, distill, seconds, top1(gm))
+    tuned = Tuned(result, distill, seconds, top1(gm))
+    checkpoint(options, "finetune", {"state_dict": gm.state_dict(), "result": result, "distill": distill,
+                                     "seconds": seconds, "top1": tuned.top1}, run)
+    return tuned
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ehap_fx.checkpoint import Checkpoints, rng_state, set_rng_state
 from ehap_fx.distributed import data_parallel
 from ehap_fx.errors import TrainError
 from ehap_fx.process_group import global_mean, is_main
@@ -88,6 +89,8 @@ def finetune(
     eval_loader: Batches | None = None,
     callback: Callback | None = None,
     teacher: nn.Module | None = None,
+    checkpoints: Checkpoints | None = None,
+    name: str = "finetune",
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place; returns per-step losses and per-epoch reports.
 
@@ -96,6 +99,11 @@ def finetune(
     ``teacher``'s softened logits (:func:`distillation_loss`; the teacher runs in eval mode,
     without gradients, and gets its mode back afterwards). Leaves the model in eval mode.
     Raises :class:`TrainError` on a non-finite loss, naming the step and the learning rate.
+
+    ``checkpoints`` with ``every``: saves ``NAME.loop.pt`` every ``every`` steps (the model, the
+    optimizer, the schedule, the losses and reports so far, the data position: the random streams
+    at the start of the epoch and the batches drawn since, and the streams now) and starts from
+    it when it is there, ending with the weights of a run that never stopped.
     """
     if (options.distill is None) != (teacher is None):
         raise TrainError(
@@ -117,11 +125,33 @@ def finetune(
     start = time.perf_counter()
     show = options.progress and is_main()  # under torchrun: rank 0 only
     bar = tqdm(total=steps, desc="finetune", unit="step", disable=not show)
+    every = checkpoints.every if checkpoints is not None else None
+    saved = checkpoints.load(f"{name}.loop") if every is not None else None
+    if saved is not None:  # where a stopped run left off
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        losses, reports = list(saved["losses"]), list(saved["reports"])
+        bar.update(len(losses) + len(saved["epoch_losses"]))
     with bar, data_parallel(model) as net, criterion:  # DDP inside a torch.distributed process group
         while len(losses) < steps:
             net.train()
-            epoch_losses = _run_epoch(net, train_loader, optimizer, schedule, criterion,
-                                      device, steps - len(losses), len(losses), bar)
+            at_start = rng_state([train_loader]) if saved is None else saved["epoch_rng"]
+            drawn = [] if saved is None else list(saved["epoch_losses"])
+            if saved is not None:
+                set_rng_state(saved["epoch_rng"], [train_loader])
+
+            def save(done: int, epoch_losses: list[float], at_start=at_start) -> None:
+                if every is not None and done % every == 0 and done < steps:
+                    checkpoints.save(f"{name}.loop", {
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "losses": losses, "reports": reports,
+                        "epoch_losses": epoch_losses, "epoch_rng": at_start, "rng": rng_state()})
+
+            epoch_losses = _run_epoch(net, train_loader, optimizer, schedule, criterion, device,
+                                      steps - len(losses), len(losses), bar, drawn=drawn,
+                                      after=saved["rng"] if saved is not None else None, save=save)
+            saved = None
             losses.extend(epoch_losses)
             top1 = evaluate(model, eval_loader) if eval_loader is not None else None
             report = EpochReport(len(reports), len(losses), sum(epoch_losses) / len(epoch_losses),
@@ -186,10 +216,18 @@ class Objective:
         return distillation_loss(logits, soft.float(), hard, self.distill)
 
 
-def _run_epoch(model, loader, optimizer, schedule, criterion, device, budget, done, bar):
-    """At most ``budget`` steps over one pass of ``loader``; returns their losses."""
-    losses: list[float] = []
-    for x, y in loader:
+def _run_epoch(model, loader, optimizer, schedule, criterion, device, budget, done, bar, *,
+               drawn: list[float] = (), after: dict | None = None, save=None):
+    """At most ``budget`` steps over one pass of ``loader``; returns their losses. A resumed
+    epoch passes the losses of the steps it had ``drawn`` (their batches are drawn again and
+    skipped) and the random streams ``after`` them; ``save(step, losses)`` after each step."""
+    losses: list[float] = list(drawn)
+    for i, (x, y) in enumerate(loader):
+        if i < len(drawn):
+            continue
+        if after is not None:
+            set_rng_state(after)
+            after = None
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss = criterion(model(x), x, y)
         value = global_mean(loss)  # loss.item(), averaged over the ranks under DDP
@@ -206,8 +244,12 @@ def _run_epoch(model, loader, optimizer, schedule, criterion, device, budget, do
         losses.append(value)
         bar.set_postfix(loss=f"{value:.4f}", refresh=False)  # shown by the update
         bar.update(1)
+        if save is not None:
+            save(done + len(losses), losses)
         if len(losses) == budget:
             break
+    if after is not None:  # every batch of the epoch had been drawn before the stop
+        set_rng_state(after)
     if not losses:
         raise TrainError("the training loader yielded no batches in an epoch")
     return losses

@@ -2,7 +2,7 @@
 
     ehap compress [flags] --out OUT
       -> OUT/{pruned_model.pt, pruned_state_dict.pt, model_int8.onnx, report.json, report.md,
-              channels.png, sensitivity.png}     (written to .OUT.partial-PID, renamed at the end)
+              channels.png, sensitivity.png}     (written to .OUT.partial, renamed at the end)
       -> user errors: one line "ehap: error: ..." on stderr, exit 1, no OUT, no partial folder
 """
 
@@ -27,6 +27,7 @@ from ehap_fx.passes.export import onnx_top1 as _onnx_top1
 
 from ehap_fx import cli
 from ehap_fx.cli import _onnx_normalization
+from ehap_fx.cli import outputs as cli_outputs
 from ehap_fx.data import synthetic_cifar
 from ehap_fx.isa import cpu_features
 from ehap_fx.report import REPORT_KEYS, ZERO_SCORES, all_scores_zero
@@ -60,7 +61,7 @@ def assert_user_error(proc, *words: str, out: Path | None = None) -> str:
         assert word in lines[0], lines[0]
     if out is not None:
         assert not out.exists()
-        assert not list(out.parent.glob(f".{out.name}.partial-*"))
+        assert not list(out.parent.glob(f".{out.name}.partial*"))
     return lines[0]
 
 
@@ -125,7 +126,7 @@ def test_default_report_json(default_run):
     assert abs(acc["int8_onnx"] - acc["int8_torch"]) <= 100 * (1 - agree) + 1e-9
     assert ("pruned_state_dict.pt" in report["run"]["pruned_checkpoint"]) == (out / "pruned_state_dict.pt").exists()
     assert report["export"]["max_diff_steps"] <= 20
-    assert ".partial-" not in report["export"]["summary"]
+    assert ".partial" not in report["export"]["summary"]
 
 
 def test_default_report_md_shouts_synthetic(default_run):
@@ -462,7 +463,7 @@ def test_a_second_ctrl_c_does_not_stop_the_cleanup(tmp_path, monkeypatch, sigint
     with pytest.raises(KeyboardInterrupt):
         with cli.staging(out) as tmp:
             (tmp / "report.json").write_text("{}")
-            monkeypatch.setattr(cli.shutil, "rmtree", interrupted_rmtree)
+            monkeypatch.setattr(cli_outputs.shutil, "rmtree", interrupted_rmtree)
             raise KeyboardInterrupt
     assert not tmp.exists() and not out.exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
@@ -477,13 +478,13 @@ def test_refuses_to_replace_a_foreign_folder(tmp_path):
     assert (out / "thesis.tex").read_text() == "precious"
 
 
-def test_interrupted_run_leaves_nothing(tmp_path, sigint_as_from_a_terminal):
+def test_interrupted_run_leaves_nothing_but_its_saved_steps(tmp_path, sigint_as_from_a_terminal):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "ehap_fx", "compress", *TINY,
                              "--finetune-steps", "50", "--out", str(out)],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while not list(tmp_path.glob(".out.partial-*")) and time.monotonic() < deadline:
+    while not list(tmp_path.glob(".out.partial")) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         time.sleep(0.2)
     time.sleep(1.0)  # inside compress() by now
@@ -493,7 +494,12 @@ def test_interrupted_run_leaves_nothing(tmp_path, sigint_as_from_a_terminal):
     # both as 130; what matters is the message and that nothing was left behind
     assert proc.returncode in (130, -signal.SIGINT), stderr[-2000:]
     assert "interrupted" in stderr and "Traceback" not in stderr
-    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+    assert not out.exists()
+    kept = list(tmp_path.glob(".out.*"))  # the steps compress() saved (tests/test_resume.py), if any
+    assert kept in ([], [tmp_path / ".out.partial"]), kept
+    if kept:
+        assert f"kept in {kept[0]}; continue with: ehap compress" in stderr and "--resume" in stderr
+        assert sorted(p.name for p in kept[0].iterdir()) == ["checkpoints"], list(kept[0].iterdir())
 
 
 def test_train_then_eval_the_checkpoint(tmp_path):
@@ -503,7 +509,7 @@ def test_train_then_eval_the_checkpoint(tmp_path):
                 "--out", str(ckpt), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     trained = float(re.search(r"top-1 ([\d.]+)%", proc.stdout)[1])
-    assert f"--weights {ckpt}" in proc.stdout and not list(tmp_path.glob("*.partial-*"))
+    assert f"--weights {ckpt}" in proc.stdout and not list(tmp_path.glob("*.partial*"))
     saved = torch.load(ckpt, weights_only=True)
     assert saved["arch"] == "resnet20" and saved["steps"] == 2 and saved["synthetic"] is True
     proc = ehap("eval", str(ckpt), "--synthetic", "--limit-test", "64", cwd=tmp_path)

@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from ehap_fx import process_group
+from ehap_fx.checkpoint import Checkpoints
 from ehap_fx.cli.flags import (
     PRESETS,
     UsageError,
@@ -58,6 +60,7 @@ from ehap_fx.cli.outputs import (
     _slug,
     _summary,
     _write_outputs,
+    CHECKPOINTS,
     check_out,
     staging,
 )
@@ -95,7 +98,7 @@ log = logging.getLogger("ehap_fx")
 def cmd_compress(args) -> int:
     """``ehap compress``; under ``torchrun`` one rank of the group (gloo: models run on the CPU),
     rank 0 alone announcing and writing ``--out`` (see docs/distributed.md)."""
-    with process_group.process_group_from_env(backend="gloo"):
+    with process_group.process_group_from_env(backend="gloo"), _sigterm_interrupts():
         if not process_group.is_main():
             logging.getLogger("ehap_fx").setLevel(logging.ERROR)  # rank 0 speaks
         return _compress_rank(args, process_group.is_main())
@@ -106,6 +109,8 @@ def _compress_rank(args, main: bool) -> int:
     torch.manual_seed(args.seed)
     resolve_defaults(args)
     opts = compress_options(args)
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise UsageError(f"--checkpoint-every={args.checkpoint_every} must be >= 1 optimizer steps")
     prof = preset(args)
     out = args.out or Path("runs") / f"compress-{_slug(args.model)}"
     check_out(out)
@@ -126,8 +131,10 @@ def _compress_rank(args, main: bool) -> int:
         check_output(model, example, num_classes(args, train), args.model)
     if main:
         _announce(args, opts, train, test, out)
-    with staging(out) if main else _scratch() as tmp:
-        opts = replace(opts, export=tmp / "model_int8.onnx" if opts.quantize else None)
+    with staging(out, resume=args.resume) if main else _scratch() as tmp:
+        checkpoints = Checkpoints(tmp / CHECKPOINTS, every=args.checkpoint_every)
+        checkpoints.check("command", _command_identity(args))
+        opts = replace(opts, export=tmp / "model_int8.onnx" if opts.quantize else None, checkpoints=checkpoints)
         result = compress(model, example, data=train_loader, eval_data=test_loader,
                           data_name=train.describe(), **vars(opts))
         report = _full_report(args, result, train, test, norm, time.perf_counter() - start, weights)
@@ -138,6 +145,35 @@ def _compress_rank(args, main: bool) -> int:
     if main:
         _summary(out, report, args)
     return 0
+
+
+# flags that change neither what a run computes nor its outputs: a resumed run may differ in them
+_RESUME_FREE = {"out", "resume", "checkpoint_every", "quiet", "workers", "bench_threads"}
+
+
+def _command_identity(args) -> dict:
+    """The flags of a run (after the data source's defaults), as its checkpoints record them."""
+    return {f"--{k.replace('_', '-')}": str(v) if isinstance(v, Path) else v
+            for k, v in sorted(vars(args).items()) if k not in _RESUME_FREE and k != "resolved"}
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (a scheduler's stop) handled as Ctrl-C, so that the run keeps its saved steps."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 SWEEP_DEFAULTS = {"targets": [0.5, 0.35, 0.25], "scorers": ["removal", "hessian", "l1"], "hessian_batch": 256,
@@ -327,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         return COMMANDS[args.command](args)
-    except KeyboardInterrupt:  # staging() has removed the partial outputs (SIGINT ignored meanwhile)
-        print("ehap: interrupted; no partial outputs were left behind", file=sys.stderr)
+    except KeyboardInterrupt:  # staging() has kept the saved steps or removed the partial outputs
+        print("ehap: interrupted", file=sys.stderr)
         return 130
     except EhapError as e:
         print(f"ehap: error: {_one_line(e)}", file=sys.stderr)

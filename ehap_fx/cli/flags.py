@@ -191,6 +191,13 @@ def _compress_parser(sub) -> None:
                    help="epochs of the in-process training of the digits model (default "
                         f"{PRESETS['digits'].train_epochs:g}; only without --weights on digits)")
     p.add_argument("--out", type=Path, help="output folder (default runs/compress-<model>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run of this --out that was stopped (Ctrl-C, SIGTERM, a kill, a crash) "
+                        "from the steps it saved in its hidden .OUT.partial folder: the same command and "
+                        "flags plus --resume; the outputs equal an uninterrupted run's")
+    p.add_argument("--checkpoint-every", type=int, metavar="STEPS",
+                   help="also save each fine-tune and QAT every STEPS optimizer steps (default: at the end "
+                        "of each step of the recipe only)")
 
 
 def _train_parser(sub) -> None:

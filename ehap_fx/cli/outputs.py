@@ -20,6 +20,7 @@ from torch import nn
 
 from ehap_fx import report as rep
 from ehap_fx.cli.flags import UsageError
+from ehap_fx.errors import EhapError, ResumeError
 from ehap_fx.cli.inputs import num_classes
 from ehap_fx.models.resolve import library_of
 from ehap_fx.report import ZERO_SCORES, all_scores_zero
@@ -39,25 +40,89 @@ def check_out(out: Path) -> None:
                          "choose another --out")
 
 
+CHECKPOINTS = "checkpoints"  # the subfolder of the partial folder where compress() saves its steps
+OWNER = "owner.pid"  # the process writing the partial folder
+
+
+def partial_folder(out: Path) -> Path:
+    """Where a run of ``--out out`` is staged: one stable name, so that ``--resume`` finds it."""
+    return out.parent / f".{out.name}.partial"
+
+
 @contextlib.contextmanager
-def staging(out: Path) -> Iterator[Path]:
-    """A temporary folder next to ``out``, renamed to ``out`` on success, removed otherwise."""
+def staging(out: Path, *, resume: bool = False) -> Iterator[Path]:
+    """A temporary folder next to ``out`` (:func:`partial_folder`), renamed to ``out`` on success.
+
+    A run stopped (Ctrl-C, SIGTERM) or crashed after compress() saved a step keeps the folder and
+    says how to continue it (``--resume``); one that saved nothing, or stopped on a user error,
+    leaves nothing behind. A SIGKILLed run leaves it as it was. ``resume``: continue the folder's run (refused without
+    one); else a folder of an earlier, dead run is replaced. A live run's folder is never taken.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = partial_folder(out)
+    _claim(tmp, resume)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         with _uninterruptible():  # a second Ctrl-C must not stop the cleanup halfway
-            shutil.rmtree(tmp, ignore_errors=True)
+            _stopped(tmp, e)
         raise
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     with _uninterruptible():
+        shutil.rmtree(tmp / CHECKPOINTS, ignore_errors=True)
+        (tmp / OWNER).unlink(missing_ok=True)
         if out.exists():
             out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _claim(tmp: Path, resume: bool) -> None:
+    owner = _owner(tmp)
+    if owner is not None:
+        raise UsageError(f"another ehap (pid {owner}) is writing {str(tmp)!r}; wait for it to finish or "
+                         "choose another --out")
+    if resume and not (tmp / CHECKPOINTS).is_dir():
+        raise UsageError(f"--resume: no interrupted run to continue in {str(tmp)!r} (a run keeps it when "
+                         "stopped after its first step); drop --resume to start one")
+    if not resume and tmp.exists():
+        log.info("replacing the interrupted run in %s (--resume would continue it)", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(exist_ok=True)
+    (tmp / OWNER).write_text(str(os.getpid()))
+
+
+def _owner(tmp: Path) -> int | None:
+    """The pid of a live process other than this one that writes ``tmp``, else None."""
+    try:
+        pid = int((tmp / OWNER).read_text())
+    except (OSError, ValueError):
+        return None
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def _stopped(tmp: Path, error: BaseException) -> None:
+    """Keep the folder when compress() saved a step and the run was stopped (Ctrl-C, SIGTERM) or
+    crashed (say how to continue), or when it was refused for another run's (ResumeError); remove
+    it otherwise: after a user error the same flags would fail again."""
+    saved = (tmp / CHECKPOINTS).is_dir() and any(p.suffix == ".pt" for p in (tmp / CHECKPOINTS).iterdir())
+    refused = isinstance(error, ResumeError)
+    if not saved or (isinstance(error, EhapError) and not refused):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    (tmp / OWNER).unlink(missing_ok=True)
+    if not refused:  # a refused folder's message says why
+        argv = [a for a in sys.argv[1:] if a != "--resume"]
+        command = "ehap " + " ".join(shlex.quote(a) for a in [*(argv or ["compress"]), "--resume"])
+        print(f"ehap: the finished steps are kept in {tmp}; continue with: {command}", file=sys.stderr)
 
 
 @contextlib.contextmanager
