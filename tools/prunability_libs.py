@@ -491,6 +491,9 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", type=Path)
     p.add_argument("--no-tp", action="store_true", help="run the ehap-fx part only")
     p.add_argument("--rerun", nargs="*", default=[], choices=["ehap", "tp"], help="parts to run again")
+    p.add_argument("--no-retry", action="store_true",
+                   help="leave parts stopped by the clock or the memory watchdog as they are (default: "
+                        "run them again)")
     p.add_argument("--reverse", action="store_true", help="last model first (a second run on the same list)")
     p.add_argument("--interleave", action="store_true", help="one model of each library in turn")
     p.add_argument("--report-only", action="store_true")
@@ -518,7 +521,8 @@ def main(argv=None) -> int:
             parts = []
         else:
             parts = [part for part in (("ehap",) if args.no_tp else ("ehap", "tp")) if part in args.rerun
-                     or row.get(part, {}).get("status") is None or _retry(row[part].get("error", ""))]
+                     or row.get(part, {}).get("status") is None
+                     or (not args.no_retry and _retry(row[part].get("error", "")))]
         if not parts and "skipped" not in row:
             continue
         if parts:
