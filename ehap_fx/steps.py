@@ -145,7 +145,8 @@ def teachers(gm: fx.GraphModule, teacher: nn.Module | None, options, run: Inputs
     seconds = time.perf_counter() - t
     log.info("teacher: the dense model fine-tuned with the same budget (%.0f s)", seconds)
     taught = Teachers(tuned, dense if timed else None, seconds, top1(tuned))
-    checkpoint(options, "teacher", {"state_dict": tuned.state_dict(), "seconds": seconds, "top1": taught.top1},
+    checkpoint(options, "teacher",
+               {"state_dict": tuned.state_dict(), "seconds": seconds, "top1": taught.top1},
                run)
     return taught
 

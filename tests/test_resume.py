@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from ehap_fx import cli
-from ehap_fx.cli.outputs import partial_folder
 from ehap_fx.checkpoint import Checkpoints
+from ehap_fx.cli.outputs import partial_folder
 from ehap_fx.errors import ResumeError
 from tests.test_cli import assert_user_error, ehap
 

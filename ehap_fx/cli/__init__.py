@@ -53,6 +53,7 @@ from ehap_fx.cli.inputs import (
     train_digits_model,
 )
 from ehap_fx.cli.outputs import (
+    CHECKPOINTS,
     _announce,
     _full_report,
     _image_shape,
@@ -60,7 +61,6 @@ from ehap_fx.cli.outputs import (
     _slug,
     _summary,
     _write_outputs,
-    CHECKPOINTS,
     check_out,
     staging,
 )
@@ -134,7 +134,8 @@ def _compress_rank(args, main: bool) -> int:
     with staging(out, resume=args.resume) if main else _scratch() as tmp:
         checkpoints = Checkpoints(tmp / CHECKPOINTS, every=args.checkpoint_every)
         checkpoints.check("command", _command_identity(args))
-        opts = replace(opts, export=tmp / "model_int8.onnx" if opts.quantize else None, checkpoints=checkpoints)
+        opts = replace(opts, export=tmp / "model_int8.onnx" if opts.quantize else None,
+                       checkpoints=checkpoints)
         result = compress(model, example, data=train_loader, eval_data=test_loader,
                           data_name=train.describe(), **vars(opts))
         report = _full_report(args, result, train, test, norm, time.perf_counter() - start, weights)

@@ -20,8 +20,8 @@ from torch import nn
 
 from ehap_fx import report as rep
 from ehap_fx.cli.flags import UsageError
-from ehap_fx.errors import EhapError, ResumeError
 from ehap_fx.cli.inputs import num_classes
+from ehap_fx.errors import EhapError, ResumeError
 from ehap_fx.models.resolve import library_of
 from ehap_fx.report import ZERO_SCORES, all_scores_zero
 
@@ -55,8 +55,9 @@ def staging(out: Path, *, resume: bool = False) -> Iterator[Path]:
 
     A run stopped (Ctrl-C, SIGTERM) or crashed after compress() saved a step keeps the folder and
     says how to continue it (``--resume``); one that saved nothing, or stopped on a user error,
-    leaves nothing behind. A SIGKILLed run leaves it as it was. ``resume``: continue the folder's run (refused without
-    one); else a folder of an earlier, dead run is replaced. A live run's folder is never taken.
+    leaves nothing behind. A SIGKILLed run leaves it as it was. ``resume``: continue the folder's
+    run (refused without one); else a folder of an earlier, dead run is replaced. A live run's
+    folder is never taken.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_folder(out)
