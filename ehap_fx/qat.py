@@ -115,7 +115,7 @@ def qat_finetune(
                         teacher=teacher if ft.distill is not None else None)
 
 
-def quantize(
+def quantize_int8(
     model: nn.Module,
     example_input: torch.Tensor,
     data: Iterable[Any] | None,
@@ -125,7 +125,8 @@ def quantize(
     calibration: Iterable[Any] | None = None,
     check: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> QuantizeResult:
-    """``passes.quantize.quantize`` with :func:`qat_finetune` as its QAT loop (PTQ: the same);
+    """The recipe's INT8 step: the pass ``passes.quantize.quantize`` (graph → ``QuantizeResult``,
+    QAT only with a loop given) with :func:`qat_finetune` as its QAT loop (PTQ: the same);
     ``teacher`` is distilled from when ``options.finetune.distill`` is set.
 
     QAT's activation ranges are calibrated (``options.qat_ranges``) on the first

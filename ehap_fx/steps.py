@@ -39,7 +39,7 @@ from ehap_fx.passes.export import ExportReport, export, export_onnx, onnx_top1
 from ehap_fx.passes.group import ChannelGroups, groups_of
 from ehap_fx.passes.quantize import QuantizeOptions, QuantizeResult
 from ehap_fx.passes.shrink import PrunePlan, shrink
-from ehap_fx.qat import quantize as quantize_int8
+from ehap_fx.qat import quantize_int8
 from ehap_fx.scoring import Ranking, rank
 from ehap_fx.target import Target, measure, select_plan
 from ehap_fx.train import FinetuneResult, evaluate, finetune

@@ -37,7 +37,7 @@ from ehap_fx.latency import BenchOptions, LatencyOptions, time_onnx
 from ehap_fx.passes.export import export, export_onnx, onnx_top1
 from ehap_fx.passes.quantize import QuantizeOptions
 from ehap_fx.progress import bar as tqdm
-from ehap_fx.qat import quantize
+from ehap_fx.qat import quantize_int8
 from ehap_fx.scoring import SCORERS, HessianOptions
 from ehap_fx.target import Target
 from ehap_fx.train import DistillOptions, FinetuneOptions, evaluate, finetune
@@ -188,7 +188,7 @@ def _dense(model, x, train, test, calibration, options: SweepOptions, folder: Pa
     finetune_s = time.perf_counter() - start
     torch.save(gm.state_dict(), folder / "finetuned.pt")
     ptq = options.quantize.mode == "ptq" and calibration is not None
-    q = quantize(gm, x, calibration if ptq else train, options.quantize)
+    q = quantize_int8(gm, x, calibration if ptq else train, options.quantize)
     rep = export(q, x, folder / "dense_int8.onnx", float_model=None)
     export_onnx(gm, x, folder / "dense_fp32.onnx", dynamo=False)
     return {

@@ -76,7 +76,7 @@ class QuantizeOptions:
     fractions of the QAT steps after which BatchNorm statistics, then the activation/weight
     ranges, stop updating (1.0: never). ``calibration_batches`` is the number of batches
     observed in PTQ mode, and QAT's activation ranges are calibrated on. ``ptq_fallback`` (QAT
-    only, ``ehap_fx.qat.quantize``): also calibrate a PTQ model and keep QAT only if it ends
+    only, ``ehap_fx.qat.quantize_int8``): also calibrate a PTQ model and keep QAT only if it ends
     with a lower loss on held-out training images QAT does not train on (``ehap_fx.qat.hold_out``;
     the report says which won). ``qat_ranges``: where QAT's
     activation ranges come from. ``"calibrated"`` (default): PTQ's histogram calibration on
@@ -173,7 +173,7 @@ class QuantizeResult:
     seconds: float = 0.0
     scheme: Int8Scheme = field(default_factory=lambda: scheme("x86-vnni"))
     modified: bool = field(default=True)
-    check: dict | None = None  # QAT against PTQ on held-out batches (ehap_fx.qat.quantize)
+    check: dict | None = None  # QAT against PTQ on held-out batches (ehap_fx.qat.quantize_int8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ def quantize(
 
     ``data`` yields ``(x, y)`` batches (``x`` alone is enough for PTQ); PTQ observes its first
     ``calibration_batches`` batches, QAT trains on it with ``train`` (the pass has no training
-    loop of its own: ``ehap_fx.qat.quantize`` is this pass with ``ehap_fx.qat.qat_finetune``),
+    loop of its own: ``ehap_fx.qat.quantize_int8`` is this pass with ``ehap_fx.qat.qat_finetune``),
     after calibrating its activation ranges (``qat_ranges="calibrated"``). ``calibration``:
     the batches calibrated on, when not the first of ``data`` (pass the same list to a PTQ and
     a QAT call and QAT starts from that PTQ model). The input model is not modified.
@@ -245,7 +245,7 @@ def quantize(
         if train is None:
             raise QuantizeError(
                 "mode='qat' fine-tunes the prepared graph: pass train= (ehap_fx.qat.qat_finetune), "
-                "or call ehap_fx.qat.quantize, which does"
+                "or call ehap_fx.qat.quantize_int8, which does"
             )
         if options.qat_ranges == "calibrated":
             seen = calibrate_ranges(prepared, calibration, options.calibration_batches)

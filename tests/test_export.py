@@ -37,7 +37,7 @@ from ehap_fx.passes.trace import trace
 from ehap_fx.data import CifarData
 from ehap_fx.errors import QuantizeError
 from ehap_fx.models import get_model, normalization, pretrained_model
-from ehap_fx.qat import quantize
+from ehap_fx.qat import quantize_int8
 from ehap_fx.train import FinetuneOptions, evaluate, finetune
 
 X = torch.randn(2, 3, 32, 32)
@@ -82,7 +82,7 @@ def test_qat_export_runs_int8_in_onnxruntime(pruned, backend, tmp_path):
     if backend == "pt2e":
         pytest.importorskip("torchao")
     name, gm = pruned
-    q = quantize(
+    q = quantize_int8(
         gm, X, TRAIN.loader(32, shuffle=True), QuantizeOptions(mode="qat", backend=backend, finetune=replace(QAT_FINETUNE, max_steps=2))
     )
     assert q.steps == 2
@@ -109,7 +109,7 @@ def test_qat_export_runs_int8_in_onnxruntime(pruned, backend, tmp_path):
 
 def test_ptq_export_agrees(pruned, tmp_path):
     name, gm = pruned
-    q = quantize(gm, X, TRAIN.loader(64), QuantizeOptions(mode="ptq", calibration_batches=4))
+    q = quantize_int8(gm, X, TRAIN.loader(64), QuantizeOptions(mode="ptq", calibration_batches=4))
     report = export(q, X, tmp_path / "ptq.onnx", inputs=TEST_X)
     assert report.fp32_bytes is None and report.quantized_conv_fraction == 1.0
     assert report.argmax_agreement >= 0.99
@@ -131,7 +131,7 @@ def test_pt2e_export_small(tmp_path):
         torch.nn.Flatten(),
         torch.nn.Linear(16, 10),
     )
-    q = quantize(net, X, TRAIN.loader(64), QuantizeOptions(mode="qat", backend="pt2e", finetune=replace(QAT_FINETUNE, max_steps=2)))
+    q = quantize_int8(net, X, TRAIN.loader(64), QuantizeOptions(mode="qat", backend="pt2e", finetune=replace(QAT_FINETUNE, max_steps=2)))
     report = export(q, X, tmp_path / "small_pt2e.onnx", inputs=TEST_X[:256], float_model=net)
     assert [(c.op_type, c.in_channels, c.out_channels) for c in report.convs] == [
         ("QLinearConv", 3, 16),
@@ -208,7 +208,7 @@ def _real(cifar10_root, weights_dir):
 def test_resnet56_ptq_within_1pt(cifar10_root, weights_dir, tmp_path):
     model, train, test, norm = _real(cifar10_root, weights_dir)
     fp32 = evaluate(model, test.loader(500, normalization=norm))
-    q = quantize(
+    q = quantize_int8(
         model,
         X,
         train.loader(128, shuffle=True, normalization=norm),
@@ -238,7 +238,7 @@ def test_resnet56_short_qat_within_half_pt(cifar10_root, weights_dir, tmp_path, 
     fp32 = evaluate(model, test.loader(500, normalization=norm))
     with warnings.catch_warnings():
         warnings.simplefilter("error", QuantizeWarning)
-        q = quantize(
+        q = quantize_int8(
             model,
             X,
             train.loader(64, shuffle=True, augment=True, normalization=norm),

@@ -313,7 +313,7 @@ def test_resnet56_export_pruned_pt2e_qat_onnx(cifar10_root, weights_dir, tmp_pat
 
     from ehap_fx.data import load_cifar
     from ehap_fx.models import normalization, pretrained_model
-    from ehap_fx.qat import quantize
+    from ehap_fx.qat import quantize_int8
     from ehap_fx.scoring import magnitude_scores
     from ehap_fx.target import Target, select_plan
     from ehap_fx.train import FinetuneOptions, evaluate, finetune
@@ -331,7 +331,7 @@ def test_resnet56_export_pruned_pt2e_qat_onnx(cifar10_root, weights_dir, tmp_pat
     fp32 = evaluate(small, test.loader(500, normalization=norm))
     with warnings.catch_warnings():
         warnings.simplefilter("error", QuantizeWarning)  # a conv left in float fails the test
-        q = quantize(small, x, train.loader(64, shuffle=True, augment=True, normalization=norm),
+        q = quantize_int8(small, x, train.loader(64, shuffle=True, augment=True, normalization=norm),
                      QuantizeOptions(mode="qat", backend="pt2e", finetune=replace(QAT_FINETUNE, max_steps=30)))
         inputs = next(iter(test.loader(512, normalization=norm)))[0]
         report = export(q, x, tmp_path / "r56_export_qat.onnx", inputs=inputs)

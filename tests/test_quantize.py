@@ -29,7 +29,7 @@ from torch import fx, nn
 
 from ehap_fx import _meta
 from ehap_fx.errors import QuantizeError
-from ehap_fx.qat import check_loss, freeze_schedule, qat_finetune, quantize
+from ehap_fx.qat import check_loss, freeze_schedule, qat_finetune, quantize_int8
 from ehap_fx.train import DistillOptions, FinetuneOptions, finetune
 
 
@@ -88,7 +88,7 @@ def test_freeze_schedule_steps():
 
 def test_no_data_is_a_clear_error():
     with pytest.raises(QuantizeError, match="needs data"):
-        quantize(TinyResNet(), X, None, QuantizeOptions(mode="ptq"))
+        quantize_int8(TinyResNet(), X, None, QuantizeOptions(mode="ptq"))
 
 
 # The weight range is the INT8 target's (ehap_fx.isa): both explicit targets are checked on
@@ -166,7 +166,7 @@ def test_every_int8_weight_lies_in_the_targets_range(backend, mode, target, lo, 
         pytest.importorskip("torchao")
     options = QuantizeOptions(backend=backend, mode=mode, target=target,
                               finetune=replace(QAT_FINETUNE, max_steps=2), ptq_fallback=False)
-    result = quantize(TinyResNet().eval(), X, batches(2), options)
+    result = quantize_int8(TinyResNet().eval(), X, batches(2), options)
     weights = int_weights(result.graph_module)
     assert len(weights) == 3  # conv1, conv2, fc
     for name, w in weights.items():
@@ -182,7 +182,7 @@ def test_7bit_weights_reach_the_onnx_file_in_range(tmp_path):
     from ehap_fx.passes.export import export
     from onnx import numpy_helper
 
-    q = quantize(TinyResNet().eval(), X, batches(2), QuantizeOptions(mode="ptq", target="x86-avx2"))
+    q = quantize_int8(TinyResNet().eval(), X, batches(2), QuantizeOptions(mode="ptq", target="x86-avx2"))
     export(q, X, tmp_path / "m.onnx")
     model = onnx.load(str(tmp_path / "m.onnx"))
     tensors = [*model.graph.initializer, *(n.attribute[0].t for n in model.graph.node if n.op_type == "Constant")]
@@ -274,7 +274,7 @@ def test_ptq_calibrates_n_batches_and_matches_float(backend):
         pytest.importorskip("torchao")
     model = TinyResNet().eval()
     data = batches(5)
-    result = quantize(model, X, data, QuantizeOptions(backend=backend, mode="ptq", calibration_batches=3))
+    result = quantize_int8(model, X, data, QuantizeOptions(backend=backend, mode="ptq", calibration_batches=3))
     assert result.calibration_batches == 3 and result.steps == 0
     x = data[0][0]
     with torch.no_grad():
@@ -287,7 +287,7 @@ def test_ptq_calibrates_n_batches_and_matches_float(backend):
 def test_input_model_is_not_modified():
     model = TinyResNet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    quantize(model, X, batches(2), QuantizeOptions(mode="qat", finetune=replace(QAT_FINETUNE, max_steps=2, lr=0.1)))
+    quantize_int8(model, X, batches(2), QuantizeOptions(mode="qat", finetune=replace(QAT_FINETUNE, max_steps=2, lr=0.1)))
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k])
 
@@ -316,7 +316,7 @@ def test_deprecation_warnings_are_scoped():
 
 
 def test_the_pass_has_no_training_loop_of_its_own():
-    """QAT through the pass needs a loop (``train=``); ``ehap_fx.qat.quantize`` supplies one.
+    """QAT through the pass needs a loop (``train=``); ``ehap_fx.qat.quantize_int8`` supplies one.
     (Backend-independent: on FX, whose prepare costs a tenth of a second, not PT2E's export.)"""
     with pytest.raises(QuantizeError, match="pass train="):
         quantize_pass.quantize(TinyResNet(), X, batches(2), QuantizeOptions(mode="qat", backend="fx", finetune=replace(QAT_FINETUNE, max_steps=1)))
@@ -362,7 +362,7 @@ def test_qat_keeps_the_ptq_model_when_it_does_not_beat_it(teacher):
     distill = DistillOptions(alpha=1.0, temperature=1.0) if teacher else None
     options = QuantizeOptions(mode="qat", backend="fx",  # the keep-or-fall-back logic is the backend's caller's
                               finetune=replace(QAT_FINETUNE, epochs=2, lr=0.05, distill=distill), calibration_batches=4)
-    result = quantize(model, X, data, options, teacher=TinyResNet() if teacher else None)
+    result = quantize_int8(model, X, data, options, teacher=TinyResNet() if teacher else None)
     c = result.check
     assert c["images"] == 8 and result.steps == 6  # 2 epochs of the 3 batches left to train on
     assert c["kept"] == result.mode == ("qat" if c["qat_loss"] < c["ptq_loss"] else "ptq")
@@ -374,7 +374,7 @@ def test_qat_keeps_the_ptq_model_when_it_does_not_beat_it(teacher):
 def test_a_tie_keeps_the_ptq_model(monkeypatch):
     """QAT must beat PTQ to be kept: at equal losses the PTQ model (no training) is returned."""
     monkeypatch.setattr("ehap_fx.qat.check_loss", lambda model, batches: 0.5)
-    result = quantize(TinyResNet(), X, batches(2), QuantizeOptions(mode="qat", backend="fx",
+    result = quantize_int8(TinyResNet(), X, batches(2), QuantizeOptions(mode="qat", backend="fx",
                                                                    finetune=replace(QAT_FINETUNE, max_steps=1)))
     assert result.check["qat_loss"] == result.check["ptq_loss"] == 0.5
     assert result.check["kept"] == result.mode == "ptq" and result.steps == 1
@@ -420,7 +420,7 @@ def test_the_qat_check_set_is_disjoint_from_the_qat_training_batches(kind, monke
     monkeypatch.setattr("ehap_fx.qat.qat_finetune", spy_finetune)
     monkeypatch.setattr("ehap_fx.qat.check_loss", spy_check)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
-    result = quantize(net, torch.randn(2, 3, 32, 32), loader,
+    result = quantize_int8(net, torch.randn(2, 3, 32, 32), loader,
                       QuantizeOptions(mode="qat", finetune=replace(QAT_FINETUNE, epochs=1.0), calibration_batches=2))
     qat_scored, ptq_scored = scored
     assert _rows(qat_scored) == _rows(ptq_scored) and len(_rows(qat_scored)) == 8 == result.check["images"]
@@ -452,5 +452,5 @@ def test_hold_out_refuses_what_it_cannot_split():
 def test_ptq_fallback_off_keeps_qat():
     options = QuantizeOptions(mode="qat", backend="fx", finetune=replace(QAT_FINETUNE, max_steps=2, lr=3.0),
                               ptq_fallback=False)
-    result = quantize(TinyResNet(), X, batches(2), options)
+    result = quantize_int8(TinyResNet(), X, batches(2), options)
     assert result.mode == "qat" and result.check is None

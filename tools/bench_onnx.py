@@ -48,7 +48,7 @@ from ehap_fx.errors import TargetError
 from ehap_fx.isa import cpu_features
 from ehap_fx.latency import BenchOptions, time_onnx
 from ehap_fx.models import get_model, normalization, pretrained_model
-from ehap_fx.qat import quantize
+from ehap_fx.qat import quantize_int8
 from ehap_fx.scoring import Ranking, rank
 from ehap_fx.scoring.options import HessianOptions
 from ehap_fx.target import Target, select_plan
@@ -113,7 +113,7 @@ def int8(model, train, args, norm, path: Path, inputs, backend: str) -> ExportRe
         calibration_batches=args.calibration_batches,
     )
     loader = train.loader(128, shuffle=True, augment=mode == "qat", normalization=norm)
-    q = quantize(model, X, loader, opts)
+    q = quantize_int8(model, X, loader, opts)
     return export(q, X, path, inputs=inputs)
 
 

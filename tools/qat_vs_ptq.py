@@ -45,7 +45,7 @@ from ehap_fx.passes.trace import trace
 
 from ehap_fx.data import load_cifar
 from ehap_fx.models import normalization, pretrained_model
-from ehap_fx.qat import quantize
+from ehap_fx.qat import quantize_int8
 from ehap_fx.scoring import magnitude_scores
 from ehap_fx.target import Target, select_plan
 from ehap_fx.train import DistillOptions, FinetuneOptions, evaluate, finetune
@@ -110,7 +110,7 @@ def main(argv=None) -> None:
         start = time.time()
         loader = train.loader(128, shuffle=True, augment=opts.mode == "qat", normalization=norm, seed=1)
         teacher = copy.deepcopy(gm).eval() if opts.finetune.distill else None
-        q = quantize(gm, x, loader, opts, teacher=teacher)
+        q = quantize_int8(gm, x, loader, opts, teacher=teacher)
         res[name] = {"top1": evaluate(q.graph_module, test), "steps": q.steps, "seconds": round(time.time() - start, 1)}
         path.write_text(json.dumps(res, indent=1))
         print(name, res[name], flush=True)
@@ -169,7 +169,7 @@ def readme_recipe(data: Path, weights: Path, out: Path, bench_rounds: int = 10, 
                        finetune=replace(opts.quantize.finetune, lr=qat_lr))
     for name, q_opts in (("ptq", replace(opts.quantize, mode="ptq")), ("qat", qat_opts)):
         start = time.time()
-        q = quantize(gm, x, loader(qat_seed), q_opts, teacher=teacher)  # the same batches for both
+        q = quantize_int8(gm, x, loader(qat_seed), q_opts, teacher=teacher)  # the same batches for both
         built[name], correct[name] = q.graph_module, _correct(q.graph_module, test_loader)
         rep = export(q, x, out / f"readme_{name}.onnx")
         res[name] = {"top1": 100.0 * float(correct[name].mean()), "steps": q.steps,  # = evaluate()

@@ -85,7 +85,7 @@ from tqdm.auto import tqdm
 from ehap_fx.compress import prune
 from ehap_fx.isa import cpu_features
 from ehap_fx.models import NUM_CLASSES
-from ehap_fx.qat import quantize
+from ehap_fx.qat import quantize_int8
 from ehap_fx.scoring import Ranking, magnitude_scores, rank
 from ehap_fx.scoring.removal import joint_order
 from ehap_fx.target import Target
@@ -274,7 +274,7 @@ class Run:
                                finetune=replace(QAT_FINETUNE, max_steps=b.qat_steps or None, lr=b.qat_lr),
                                calibration_batches=b.calibration_batches)
         loader = train_loader(self.data, b, self.name, seed=1)
-        q = quantize(gm, example_input(b).cpu(), loader, opts)
+        q = quantize_int8(gm, example_input(b).cpu(), loader, opts)
         tests = test_loader(self.data, b, self.name)
         inputs = torch.cat([x for x, _ in tests])[:512]
         rep = export(q, example_input(b).cpu(), folder / "model_int8.onnx", inputs=inputs, float_model=gm,
