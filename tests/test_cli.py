@@ -242,6 +242,7 @@ def test_embedded_default_is_real_digits(tmp_path):
     assert f"batch 128: {lat['ms']['dense_fp32']['128']:.2f} -> " in proc.stdout
 
 
+@pytest.mark.slow  # a whole CLI run of its own (85 s on 2 busy cores); the flags' effects are test_each_flag_has_its_effect
 def test_no_distill_and_no_bench(tmp_path):
     proc = ehap("compress", *DIGITS, "--no-distill", "--bench-rounds", "0", "--backend", "fx", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -244,7 +244,7 @@ def _scales(gm) -> list[float]:
     return sorted(out)
 
 
-@pytest.mark.parametrize("backend", ["fx", "pt2e"])
+@pytest.mark.parametrize("backend", ["fx", pytest.param("pt2e", marks=pytest.mark.slow)])  # pt2e: 60 s of exports
 def test_qat_starts_where_ptq_ends(backend):
     """With calibrated ranges (the default), QAT before its first step is the PTQ model of the
     same batches: every activation scale equal, to float32 rounding (the fake-quantized graph

@@ -164,6 +164,7 @@ def test_time_hessian_prints_ratios_to_fp32(tmp_path, capsys):
     assert len(list(tmp_path.rglob("timing/*/summary.json"))) == 2
 
 
+@pytest.mark.slow  # four prune/fine-tune rounds (80 s on 2 busy cores)
 def test_gradual_pruning_spends_the_same_fine_tune_budget_in_four_shares(tmp_path, monkeypatch):
     steps = []
     finetune = reproduce.finetune

@@ -60,7 +60,10 @@ def killed_after(step: str, out: Path, *flags: str) -> Path:
     return partial
 
 
-@pytest.mark.parametrize("step", ["teacher", "prune", "finetune"])
+# each a whole run and a resumed one (60-80 s on 2 busy cores): the default run keeps "prune" (the
+# pruned graph rebuilt from its saved plans); -m slow runs the others
+@pytest.mark.parametrize("step", [pytest.param("teacher", marks=pytest.mark.slow), "prune",
+                                  pytest.param("finetune", marks=pytest.mark.slow)])
 def test_a_killed_run_resumes_to_the_same_outputs(step, tmp_path, uninterrupted):
     out = tmp_path / "out"
     killed_after(step, out)

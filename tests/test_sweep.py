@@ -61,6 +61,7 @@ def test_quick_front_top1_is_the_onnx_files_own(quick):
     assert dense["test_images"] == 360
 
 
+@pytest.mark.slow  # a second sweep over the cache (90 s on 2 busy cores)
 def test_quick_front_resumes_without_recomputing(quick):
     out, _ = quick
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/*/result.json")}
