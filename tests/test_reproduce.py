@@ -58,6 +58,7 @@ def test_cifar100_without_data_says_so(tmp_path):
         reproduce.budget_from(args)
 
 
+@pytest.mark.slow  # the whole quick reproduction on CIFAR, twice (73 s of the default run's 615 s on 2 cores)
 def test_quick_run_has_every_row_and_resumes_from_cache(tmp_path):
     argv = [*TINY, "--models", "resnet20", "--targets", "0.5", "--scorers", "hessian-half", "l1",
             "--out", str(tmp_path)]
