@@ -34,6 +34,20 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 @torch.no_grad()
+def add_shared_args(p) -> None:
+    """``--data`` and ``--weights``: the shared CIFAR-10 and pretrained ResNets (default ../shared)."""
+    p.add_argument("--data", type=Path, default=SHARED / "data")
+    p.add_argument("--weights", type=Path, default=SHARED / "weights")
+
+
+def shared_missing(args) -> bool:
+    """True (and says so) when the shared data or weights are not there: the tool skips cleanly."""
+    if (args.data / "cifar-10-batches-py").is_dir() and args.weights.is_dir():
+        return False
+    print(f"skipped: needs CIFAR-10 under {args.data} and weights under {args.weights}")
+    return True
+
+
 def logits_of(model, loader) -> tuple[np.ndarray, np.ndarray]:
     out, labels = [], []
     with quiet_quantization_warnings():
@@ -55,11 +69,9 @@ def main(argv=None) -> int:
                    choices=("auto", *INT8_TARGETS))
     p.add_argument("--calibration-batches", type=int, default=16)
     p.add_argument("--limit-test", type=int)
-    p.add_argument("--data", type=Path, default=SHARED / "data")
-    p.add_argument("--weights", type=Path, default=SHARED / "weights")
+    add_shared_args(p)
     args = p.parse_args(argv)
-    if not (args.data / "cifar-10-batches-py").is_dir() or not args.weights.is_dir():
-        print(f"skipped: needs CIFAR-10 under {args.data} and weights under {args.weights}")
+    if shared_missing(args):
         return 0
     torch.manual_seed(0)
     norm = normalization("resnet56")

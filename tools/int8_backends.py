@@ -32,7 +32,7 @@ import onnxruntime
 import torch
 from ehap_fx.passes.export import export, export_onnx
 from ehap_fx.passes.quantize import QuantizeOptions, quantize
-from int8_agreement import SHARED, logits_of, ort_logits  # tools/ beside this script
+from int8_agreement import add_shared_args, logits_of, ort_logits, shared_missing  # tools/ beside this script
 from train_cifar_torchvision import checkpoint_path
 
 from ehap_fx.data import CIFAR10_NORM, load_cifar
@@ -73,11 +73,9 @@ def main(argv=None) -> int:
                    / "cifar10-torchvision", help="where tools/train_cifar_torchvision.py wrote the torchvision models")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime threads of the timing")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--data", type=Path, default=SHARED / "data")
-    p.add_argument("--weights", type=Path, default=SHARED / "weights")
+    add_shared_args(p)
     args = p.parse_args(argv)
-    if not (args.data / "cifar-10-batches-py").is_dir() or not args.weights.is_dir():
-        print(f"skipped: needs CIFAR-10 under {args.data} and weights under {args.weights}")
+    if shared_missing(args):
         return 0
     train, test = load_cifar(args.data, split="train"), load_cifar(args.data, split="test").head(args.limit_test)
     x = torch.randn(2, 3, 32, 32)
