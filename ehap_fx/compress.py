@@ -32,12 +32,12 @@ from ehap_fx.passes.coupling import Rules
 from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions
 from ehap_fx.passes.trace import CAPTURES
 from ehap_fx.scoring import SCORERS, HessianOptions
-from ehap_fx.steps import Pruned, PruneStep, measure_speedup, prune
+from ehap_fx.steps import Pruned, PruneStep, prune
 from ehap_fx.target import DEFAULT_ROUND_TO, Target
 from ehap_fx.train import DistillOptions, FinetuneOptions
 
 __all__ = ["RECIPE", "CompressOptions", "CompressReport", "CompressResult", "GroupRecord", "PruneStep",
-           "Pruned", "Recipe", "compress", "measure_speedup", "prune"]
+           "Pruned", "Recipe", "compress", "prune"]
 
 
 @dataclass(frozen=True)

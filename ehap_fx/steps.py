@@ -307,11 +307,6 @@ class Repaired:
     top1: float | None = None
 
 
-def reference(gm: fx.GraphModule, run: Inputs) -> fx.GraphModule | None:
-    """The dense graph the repair matches (a copy, frozen in eval mode), when one runs."""
-    return copy.deepcopy(gm).eval() if run.images is not None else None
-
-
 def repair(gm: fx.GraphModule, dense: fx.GraphModule | None, run: Inputs, options, top1: Top1) -> Repaired:
     """Refit the surviving weights of the pruned ``gm`` to reproduce ``dense``'s activations on the
     user's own images (none: ``gm`` as it is)."""

@@ -52,6 +52,22 @@ def test_a_float_target_is_the_macs_fraction():
     assert short.report.cost_after["macs_ratio"] <= 0.5
 
 
+def test_an_unknown_keyword_is_one_typed_line_naming_the_near_option(tmp_path):
+    """compress's options are CompressOptions' fields: a misspelt one is refused before any work,
+    with the field it most resembles; help(compress) lists every field as a keyword."""
+    import inspect
+
+    from ehap_fx.compress import CompressOptions
+
+    with pytest.raises(ArgumentError, match=r"'scorr' \(did you mean 'scorer'\?\)"):
+        compress(net(), X, scorr="l1", export=tmp_path / "out" / "m.onnx")
+    assert not (tmp_path / "out").exists()
+    shown = inspect.signature(compress).parameters
+    fields = inspect.signature(CompressOptions).parameters
+    assert all(shown[name].default is fields[name].default for name in fields)
+    assert shown["target"].kind is inspect.Parameter.KEYWORD_ONLY and "options" not in shown
+
+
 def test_quantize_false_is_no_int8_and_true_the_recipes():
     model = net()
     with pytest.warns(UserWarning):

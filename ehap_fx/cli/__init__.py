@@ -3,8 +3,9 @@
 Flags are turned into the option dataclasses once (:func:`compress_options`); everything
 else calls the library. User errors (every :class:`~ehap_fx.errors.EhapError`, and bad flag
 values rejected by the options' validation) print one line on stderr and exit 1; Ctrl-C
-exits 130. ``ehap compress`` writes into a hidden temporary folder next to ``--out`` and
-renames it at the end, so a failed or interrupted run leaves nothing half-written.
+exits 130. ``ehap compress`` writes into a hidden ``.OUT.partial`` folder next to ``--out`` and
+renames it at the end, so ``--out`` is never half-written; an interrupted run keeps its saved
+steps there for ``--resume`` (``cli.outputs.staging``).
 
 With no arguments, ``ehap compress`` runs the embedded default: real images that an installed
 package ships (scikit-learn's handwritten digits, 16x16), a ResNet-8 trained on them in-process,
