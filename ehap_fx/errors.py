@@ -64,3 +64,16 @@ class OptionError(EhapError, ValueError):
 
 class ResumeError(EhapError):
     """A checkpoint folder that this run cannot continue (other settings, another version)."""
+
+
+def reraise_interrupt(error: BaseException) -> None:
+    """Raise the KeyboardInterrupt that ``error`` wraps, if any, so that Ctrl-C stays Ctrl-C where
+    a library re-raised it as another exception (Python 3.11 turns one that lands in a class
+    body's ``__set_name__``, e.g. while torch.ao imports its dataclasses, into a RuntimeError).
+    Call it first in every ``except Exception`` that turns a library's failure into an EhapError."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            raise error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__

@@ -28,7 +28,7 @@ import torch
 from ehap_fx.passes.quantize import QuantizeResult, quiet_quantization_warnings
 from torch import nn
 
-from ehap_fx.errors import QuantizeError
+from ehap_fx.errors import QuantizeError, reraise_interrupt
 from ehap_fx.isa import cpu_features
 
 INPUT, OUTPUT = "input", "logits"
@@ -182,6 +182,7 @@ def export_onnx(
             _rewrite(tmp, strip=dynamo, metadata=metadata or {})
         os.replace(tmp, path)
     except Exception as e:
+        reraise_interrupt(e)
         how = "torch.export + dynamo=True" if dynamo else "TorchScript (dynamo=False)"
         raise QuantizeError(
             f"ONNX export of {type(model).__name__} via {how} failed: {type(e).__name__}: {e}"
@@ -379,6 +380,7 @@ def compare_with_torch(
         ort_out = np.concatenate([sess.run(None, {INPUT: c.numpy()})[0] for c in chunks])
         single = sess.run(None, {INPUT: inputs[:1].numpy()})[0]
     except Exception as e:
+        reraise_interrupt(e)
         raise QuantizeError(
             f"onnxruntime could not run {report.path} at batch sizes "
             f"{sorted({len(c) for c in chunks} | {1})}: {e}"

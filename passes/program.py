@@ -40,7 +40,7 @@ from ehap_fx.passes.trace import ExportCapture
 from torch import fx
 
 from ehap_fx import _meta
-from ehap_fx.errors import ShrinkError, TraceError
+from ehap_fx.errors import ShrinkError, TraceError, reraise_interrupt
 
 
 def capture_of(gm: fx.GraphModule) -> ExportCapture:
@@ -62,6 +62,7 @@ def exported_program(gm: fx.GraphModule) -> torch.export.ExportedProgram:
     try:
         ep = torch.export.export(gm, capture.args, capture.kwargs, dynamic_shapes=capture.dynamic_shapes)
     except Exception as e:
+        reraise_interrupt(e)
         raise ShrinkError(
             f"torch.export of the shrunk {type(gm).__name__} failed: {type(e).__name__}: {e}"
         ) from e

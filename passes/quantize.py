@@ -53,7 +53,7 @@ from ehap_fx.passes.shrink import fresh_attr
 from torch import fx, nn
 
 from ehap_fx import _meta
-from ehap_fx.errors import QuantizeError
+from ehap_fx.errors import QuantizeError, reraise_interrupt
 from ehap_fx.isa import INT8_TARGETS, WEIGHT_RANGES, cpu_features, int8_target
 from ehap_fx.train_options import FinetuneOptions
 
@@ -277,6 +277,7 @@ def prepare(
     except QuantizeError:
         raise
     except Exception as e:
+        reraise_interrupt(e)
         raise QuantizeError(
             f"{options.backend} {options.mode} prepare failed on {type(model).__name__}: "
             f"{type(e).__name__}: {e}; try backend={_other(options.backend)!r}"

@@ -32,7 +32,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ehap_fx import _meta
-from ehap_fx.errors import TraceError
+from ehap_fx.errors import TraceError, reraise_interrupt
 
 CAPTURES = ("fx", "export", "auto")
 
@@ -162,6 +162,7 @@ def propagate_shapes(gm: fx.GraphModule, *example_inputs: Any) -> fx.GraphModule
         with torch.no_grad():
             ShapeProp(gm).propagate(*example_inputs)
     except Exception as e:  # ShapeProp wraps the failing node's error in its message
+        reraise_interrupt(e)
         raise TraceError(
             f"shape propagation failed: {e}. Check that example_input has the shape and dtype "
             "the model expects (e.g. torch.randn(1, 3, 32, 32) for CIFAR)."
@@ -304,6 +305,7 @@ def fx_trace(
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:
+        reraise_interrupt(e)
         where = (
             f"inside submodule '{tracer.failed_module[0]}' ({tracer.failed_module[1]})"
             if tracer.failed_module
@@ -460,12 +462,14 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) ->
         try:
             ep = torch.export.export(model, args2, kwargs2, dynamic_shapes=batch)
             return ep, ExportCapture(args2, kwargs2, batch, False)
-        except Exception:
+        except Exception as e:
+            reraise_interrupt(e)
             dynamic_shapes = None
     try:
         ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
         return ep, ExportCapture(args, kwargs, dynamic_shapes, False)
     except Exception as e:
+        reraise_interrupt(e)
         raise TraceError(
             f"torch.export cannot capture {type(model).__name__}, at {_user_frame(e)}: "
             f"{type(e).__name__}: {_first_lines(str(e))}\n"

@@ -69,7 +69,7 @@ from ehap_fx.compress import RECIPE, compress
 from ehap_fx.data import (
     Normalization,
 )
-from ehap_fx.errors import EhapError
+from ehap_fx.errors import EhapError, reraise_interrupt
 from ehap_fx.latency import BenchOptions, LatencyOptions
 from ehap_fx.models import (
     NUM_CLASSES,
@@ -369,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
         print("ehap: interrupted", file=sys.stderr)
         return 130
     except EhapError as e:
+        try:
+            reraise_interrupt(e)  # a Ctrl-C that a library wrapped before one of our wrappers saw it
+        except KeyboardInterrupt:
+            print("ehap: interrupted", file=sys.stderr)
+            return 130
         print(f"ehap: error: {_one_line(e)}", file=sys.stderr)
         return 1
 
