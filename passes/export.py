@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ehap_fx.passes._onnx_rewrites import tile_channel_constants
 from ehap_fx.passes.quantize import QuantizeResult, quiet_quantization_warnings
 from torch import nn
 
@@ -178,8 +179,7 @@ def export_onnx(
                     output_names=[OUTPUT],
                     dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
                 )
-        if dynamo or metadata:
-            _rewrite(tmp, strip=dynamo, metadata=metadata or {})
+        _rewrite(tmp, strip=dynamo, metadata=metadata or {})
         os.replace(tmp, path)
     except Exception as e:
         reraise_interrupt(e)
@@ -210,10 +210,12 @@ def _export_dynamo(model: nn.Module, example_input: torch.Tensor, path: Path, op
 
 def _rewrite(path: Path, *, strip: bool, metadata: dict[str, str]) -> None:
     """Add ``metadata`` to the model's ``metadata_props``; ``strip``: drop the per-node stack
-    traces the dynamo exporter writes (they double the file size)."""
+    traces the dynamo exporter writes (they double the file size); tile the per-channel
+    constants onnxruntime would broadcast slowly (:func:`tile_channel_constants`)."""
     import onnx
 
     model = onnx.load(str(path))
+    tile_channel_constants(model)
     if strip:
         for node in model.graph.node:
             del node.metadata_props[:]

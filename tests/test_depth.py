@@ -9,6 +9,7 @@ through INT8 and ONNX like any other model.
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -251,3 +252,54 @@ def test_depth_pruned_model_quantizes_and_exports(backend, tmp_path):
     assert report.op_counts.get("QLinearAdd", 0) == 9 - extra
     assert "Add" not in report.op_counts  # no add left in float between DQ and Q
     assert report.argmax_agreement >= 0.95
+    # PT2E's `x + c` reaches the file as a constant tiled to the block's [1, C, H, W]
+    # (export.tile_channel_constants: onnxruntime's channels-last QLinearAdd is ~30x slower on
+    # a [1, C, 1, 1] one); FX's became convs
+    # the dropped blocks, every second of ResNet-20's nine: two of 16x32x32, one of 32x16x16, two of 64x8x8
+    tiled = [[1, 16, 32, 32]] * 2 + [[1, 32, 16, 16]] + [[1, 64, 8, 8]] * 2
+    assert constant_add_shapes(tmp_path / "m.onnx") == ([] if backend == "fx" else tiled)
+
+
+def constant_add_shapes(path) -> list[list[int]]:
+    """The shapes of the initializers that reach an Add of ``path`` through DequantizeLinear."""
+    import onnx
+
+    model = onnx.load(str(path))
+    init = {t.name: list(t.dims) for t in model.graph.initializer}
+    dq = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return [init[dq[i]] for n in model.graph.node if n.op_type == "Add" for i in n.input if dq.get(i) in init]
+
+
+def test_tiling_a_channel_constant_changes_no_output():
+    """tile_channel_constants on a hand-made QDQ graph: ORT's output is bit-identical; a
+    constant two ops share gets one tiled copy, and the untiled one is gone."""
+    import onnxruntime as ort
+    from ehap_fx.passes.export import tile_channel_constants
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+             numpy_helper.from_array(np.array(128, np.uint8), "z"),
+             numpy_helper.from_array(rng.integers(0, 256, (1, 8, 1, 1)).astype(np.uint8), "c"),
+             numpy_helper.from_array(rng.integers(0, 256, (1, 8, 1, 1)).astype(np.uint8), "shared")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["c", "s", "z"], ["cd"]),
+             helper.make_node("Add", ["xd", "cd"], ["sum"]),
+             helper.make_node("DequantizeLinear", ["shared", "s", "z"], ["sd"]),
+             helper.make_node("Mul", ["sum", "sd"], ["prod"]),
+             helper.make_node("Sub", ["prod", "sd"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 5, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((3, 8, 5, 7)).astype(np.float32)
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    before = run(model)
+    assert tile_channel_constants(model) == 3
+    init = {t.name: list(t.dims) for t in model.graph.initializer}
+    assert init == {"s": [], "z": [], "c_tiled_5x7": [1, 8, 5, 7], "shared_tiled_5x7": [1, 8, 5, 7]}
+    assert [n.op_type for n in model.graph.node].count("DequantizeLinear") == 3  # x's, c's, shared's
+    np.testing.assert_array_equal(run(model), before)
