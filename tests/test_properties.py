@@ -356,7 +356,7 @@ def _harmless(reason: str) -> bool:
     """Pins every program may have: the model's input and output, and a one-channel layer
     scale (after a slice to one channel: a broadcast scalar with nothing to score it by)."""
     return ("model" in reason or reason == "channels touch no parameter"
-            or reason == "ConvTranspose2d output channels (weight dim 1) are not pruned")
+            or reason.endswith("output channels (weight dim 1) are not pruned"))  # a transposed conv's
 
 
 programs = st.tuples(
@@ -448,3 +448,18 @@ def test_library_ops_shrink_exactly(op, capture):
         (div,) = [n for n in small.graph.nodes
                   if n.target in (operator.truediv, aten.div.Tensor) and isinstance(n.args[1], float)]
         assert div.args[0].target in ("sum", aten.sum.dim_IntList) and div.args[1] == 8.0
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_transposed_conv_shrinks_exactly(capture):
+    """``nn.ConvTranspose2d`` / ``aten.conv_transpose2d.input`` between two convs: its weight
+    ``(in, out, k, k)`` loses exactly the rows (dim 0) of the channels the conv before it lost,
+    its outputs (dim 1) stay, and shrunk ≡ masked original."""
+    gm, plan, small = _check_program(["conv", "convT", "conv"], [6, 8, 6, 6, 6, 6, 6], "mean", 0.5, 1, capture)
+    targets = {n.target for n in gm.graph.nodes}
+    assert (aten.conv_transpose2d.input in targets) == (capture == "export")
+    (fed,) = [g for g in groups_of(gm).prunable if any(m.role == "in" and m.dim == 0 for m in g.members)]
+    assert fed.size == 6 and len(plan.keep[fed.id]) == 3
+    assert [m.module for m in fed.members if m.role == "in"] == ["layers.1"]
+    assert small.get_submodule("layers.1").weight.shape == (3, 8, 3, 3)
+    assert small.get_submodule("layers.0.0").weight.shape[0] == 3
