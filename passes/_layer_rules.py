@@ -14,7 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 from ehap_fx.passes._analysis import Analysis, Labels, Pin, _shape
-from ehap_fx.passes._layers import _arg, functional_conv, functional_linear_spec
+from ehap_fx.passes._layers import (
+    _arg,
+    functional_conv,
+    functional_conv_transpose,
+    functional_linear_spec,
+    is_transposed_conv,
+)
 from ehap_fx.passes._shape_rules import _tuple_keeps_channels, same_channels
 from torch import fx
 
@@ -121,26 +127,46 @@ def conv(a: Analysis, node: fx.Node) -> Labels:
 
 
 def conv_transpose(a: Analysis, node: fx.Node) -> Labels:
-    """Transposed conv, weight ``(in, out/groups, k...)``: its input channels index ``weight``
-    dim 0 and go with their producer (a decoder after a reshape); its output channels (dim 1
-    of the weight) are pinned, since no scorer reads that dim of a weight yet."""
-    mod = a.module(node)
+    """Transposed conv, weight ``(in, out/groups, k...)``: the roles of a conv's weight dims
+    swap. Its input channels index ``weight`` dim 0 and go with their producer (a decoder after
+    a reshape); its output channels (dim 1 of the weight) are pinned, since no scorer reads that
+    dim of a weight yet. ``nn.ConvTranspose*d``, ``F.conv_transpose*d`` on a module's own
+    tensors, ``aten.conv_transpose*d`` and core ATen's ``aten.convolution(transposed=True)``::
+
+        x (C) ──▶ conv_transpose ──▶ y (O, pinned)
+        channel c of x ↔ weight[c, :, ...]
+    """
+    if node.op == "call_module":
+        mod = a.module(node)
+        if len(node.args) > 1 or node.kwargs:
+            raise Pin("transposed conv called with output_size")
+    else:
+        mod = _functional_layer_checked(a, node, functional_conv_transpose(a.gm, node), "F.conv_transpose")
     if a.labels(node.args[0]) is None or a.dim(node.args[0]) != 1:
         raise Pin("transposed conv input has no channel labels at dim 1")
     if mod.groups != 1:
         raise Pin(f"grouped transposed conv (groups={mod.groups})")
-    if len(node.args) > 1 or node.kwargs:
-        raise Pin("transposed conv called with output_size")
     a.touch(node, "in", 0, a.labels(node.args[0]))
-    reason = f"{type(mod).__name__} output channels (weight dim 1) are not pruned"
+    kind = type(mod).__name__ if node.op == "call_module" else f"transposed conv '{mod.owner}':"
+    reason = f"{kind} output channels (weight dim 1) are not pruned"
     return a._pinned_labels(mod.out_channels, reason)
+
+
+def convolution(a: Analysis, node: fx.Node) -> Labels:
+    """Core ATen's ``aten.convolution``: a conv, or a transposed one (its ``transposed`` flag)."""
+    return conv_transpose(a, node) if is_transposed_conv(node) else conv(a, node)
 
 
 def _functional_conv_module(a: Analysis, node: fx.Node) -> Any:
     """``functional_conv``, checked: its tensors read once, by this call alone."""
-    spec = functional_conv(a.gm, node)
+    return _functional_layer_checked(a, node, functional_conv(a.gm, node), "F.conv")
+
+
+def _functional_layer_checked(a: Analysis, node: fx.Node, spec: Any, what: str) -> Any:
+    """``spec`` (a functional conv's, transposed or not), checked: its tensors are one module's
+    weight and bias, read once, by this call alone (so that shrink may slice them)."""
     if spec is None:
-        raise Pin("F.conv on tensors that are not one module's weight and bias")
+        raise Pin(f"{what} on tensors that are not one module's weight and bias")
     reads = [n for n in a.gm.graph.nodes if n.op == "get_attr" and n.target.startswith(spec.owner + ".")]
     if len(reads) != 1 + (spec.bias is not None) or any(len(r.users) != 1 for r in reads):
         raise Pin(f"{spec.owner}'s tensors are read elsewhere too")

@@ -1,5 +1,5 @@
-"""Which calls of a graph are layers: ``F.conv2d`` / ATen convs and ``aten.linear`` / ``aten.addmm``
-on one module's own ``weight`` and ``bias``.
+"""Which calls of a graph are layers: ``F.conv2d`` / ATen convs, their transposed forms, and
+``aten.linear`` / ``aten.addmm`` on one module's own ``weight`` and ``bias``.
 
 A conv subclass with its own ``forward`` (timm's ``Conv2dSame``) traces to ``F.conv2d`` on
 ``get_attr`` tensors, and a ``torch.export`` graph has no module calls at all: the coupling
@@ -45,21 +45,45 @@ def is_functional_conv(target: Any) -> bool:
 
 _FUNCTIONAL_CONV_PACKETS = (aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)
 
+#: Transposed convs, weight ``(in, out/groups, k...)``; core ATen spells them
+#: ``aten.convolution(..., transposed=True, ...)``.
+_FUNCTIONAL_CONV_TRANSPOSES = (
+    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+    aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input,  # training IR
+)
+_FUNCTIONAL_CONV_TRANSPOSE_PACKETS = (aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
+
+
+def is_transposed_conv(node: fx.Node) -> bool:
+    """A ``F.conv_transpose*`` / ATen transposed conv call, any overload, core ATen's
+    ``aten.convolution`` with ``transposed=True`` included."""
+    if node.op != "call_function":
+        return False
+    if isinstance(node.target, torch._ops.OpOverload):
+        packet = node.target.overloadpacket
+        if packet is aten.convolution:
+            return bool(_arg(node, 6, "transposed"))
+        return packet in _FUNCTIONAL_CONV_TRANSPOSE_PACKETS
+    try:
+        return node.target in _FUNCTIONAL_CONV_TRANSPOSES
+    except TypeError:
+        return False
+
 
 def conv_groups_at(node: fx.Node) -> int:
-    """The position of ``groups`` in a functional conv call: 8 for ``aten.convolution``, else 6."""
+    """The position of ``groups`` in a functional conv call (transposed or not): 8 for
+    ``aten.convolution``, else 6."""
     return 8 if node.target is aten.convolution.default else 6
 
 
 def functional_conv_owner(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """For ``F.conv2d(x, <m>.weight, <m>.bias, ...)`` (a conv subclass's own ``forward``, as
-    timm's ``Conv2dSame``), the path ``m`` of the module holding the weight; None otherwise.
-    (The traced graph keeps ``m`` only as a holder of its tensors: what the conv is comes
-    from the call's arguments and the weight's shape, ``functional_conv``.)"""
-    if node.op != "call_function" or not is_functional_conv(node.target):
+    timm's ``Conv2dSame``) or a transposed conv on such tensors, the path ``m`` of the module
+    holding the weight; None otherwise. (The traced graph keeps ``m`` only as a holder of its
+    tensors: what the conv is comes from the call's arguments and the weight's shape,
+    ``functional_conv`` / ``functional_conv_transpose``.)"""
+    if node.op != "call_function" or not (is_functional_conv(node.target) or is_transposed_conv(node)):
         return None
-    if node.target is aten.convolution.default and node.args[6]:
-        return None  # a transposed conv: its weight is (in, out/groups, ...)
     w, b = _arg(node, 1, "weight"), _arg(node, 2, "bias")
     if not isinstance(w, fx.Node) or w.op != "get_attr" or not w.target.endswith(".weight"):
         return None
@@ -72,17 +96,37 @@ def functional_conv_owner(gm: fx.GraphModule, node: fx.Node) -> str | None:
 def functional_conv(gm: fx.GraphModule, node: fx.Node) -> Any:
     """The conv an ``F.conv*`` call on get_attr tensors computes, with the attributes the
     conv rule, shrink and cost read (``groups``, ``in_channels``, ``out_channels``,
-    ``kernel_size``, ``weight``, ``bias``); None when it is not such a call."""
+    ``kernel_size``, ``weight``, ``bias``); None when it is not such a call (a transposed conv
+    included: ``functional_conv_transpose``)."""
+    spec = _functional_layer(gm, node)
+    if spec is None or is_transposed_conv(node):
+        return None
+    weight = spec.weight  # (out, in/groups, k...)
+    return SimpleNamespace(**vars(spec), in_channels=weight.shape[1] * spec.groups,
+                           out_channels=weight.shape[0])
+
+
+def functional_conv_transpose(gm: fx.GraphModule, node: fx.Node) -> Any:
+    """As ``functional_conv``, for a transposed conv (``aten.conv_transpose2d``,
+    ``F.conv_transpose2d``, ``aten.convolution`` with ``transposed=True``) on one module's
+    tensors: its weight is ``(in, out/groups, k...)``."""
+    spec = _functional_layer(gm, node)
+    if spec is None or not is_transposed_conv(node):
+        return None
+    weight = spec.weight  # (in, out/groups, k...)
+    return SimpleNamespace(**vars(spec), in_channels=weight.shape[0],
+                           out_channels=weight.shape[1] * spec.groups)
+
+
+def _functional_layer(gm: fx.GraphModule, node: fx.Node) -> SimpleNamespace | None:
     owner = functional_conv_owner(gm, node)
     if owner is None:
         return None
     holder = gm.get_submodule(owner)
     weight, bias = holder.weight, getattr(holder, "bias", None) if _arg(node, 2, "bias") is not None else None
     groups = _arg(node, conv_groups_at(node), "groups", 1)
-    return SimpleNamespace(
-        groups=groups, in_channels=weight.shape[1] * groups, out_channels=weight.shape[0],
-        kernel_size=tuple(weight.shape[2:]), weight=weight, bias=bias, owner=owner,
-    )
+    return SimpleNamespace(groups=groups, kernel_size=tuple(weight.shape[2:]), weight=weight, bias=bias,
+                           owner=owner)
 
 
 def functional_linear_spec(gm: fx.GraphModule, node: fx.Node) -> Any:

@@ -21,6 +21,7 @@ from ehap_fx.passes._layers import (
     aten,
     functional_conv,
     functional_conv_owner,
+    functional_conv_transpose,
     functional_linear_spec,
     layer_tensor,
 )
@@ -182,6 +183,8 @@ def _cost_fn(gm: fx.GraphModule, node: fx.Node) -> tuple[CostFn | None, nn.Modul
         return module_rule(MODULE_COST, mod), mod
     if (spec := functional_conv(gm, node)) is not None:  # F.conv2d on a conv's own weight
         return _conv, spec
+    if (spec := functional_conv_transpose(gm, node)) is not None:  # aten.conv_transpose2d on its own weight
+        return _conv_transpose, spec
     if (spec := functional_linear_spec(gm, node)) is not None:  # aten.linear / addmm
         return _linear, spec
     if node.op in ("call_function", "call_method"):

@@ -51,6 +51,7 @@ from ehap_fx.passes._layer_rules import (
     aten_norm_tuple,
     conv,
     conv_transpose,
+    convolution,
     functional_group_norm,
     functional_linear,
     functional_norm,
@@ -60,7 +61,7 @@ from ehap_fx.passes._layer_rules import (
     norm_layer,
     prelu,
 )
-from ehap_fx.passes._layers import _FUNCTIONAL_CONVS
+from ehap_fx.passes._layers import _FUNCTIONAL_CONV_TRANSPOSES, _FUNCTIONAL_CONVS
 from ehap_fx.passes._shape_rules import (
     aten_slice,
     concat,
@@ -292,7 +293,9 @@ _FX_FUNCTIONS: dict[Any, Rule] = {
     F.layer_norm: layer_norm,  # per channel unless it normalises over them
     F.normalize: same_channels,  # any dim, any p: a zeroed channel adds nothing to the norm (SSD's L2Norm)
     F.batch_norm: functional_norm,  # its (C,) tensors are sliced with the channels
-    **dict.fromkeys(_FUNCTIONAL_CONVS, conv),  # on a conv module's own weight: as that module
+    **dict.fromkeys(_FUNCTIONAL_CONVS, convolution),  # on a conv module's own weight: as that module (core
+    # ATen's aten.convolution.default with transposed=True: as a transposed one)
+    **dict.fromkeys(_FUNCTIONAL_CONV_TRANSPOSES, conv_transpose),  # inputs at weight dim 0, outputs pinned
     F.instance_norm: functional_norm,
     F.group_norm: functional_group_norm,  # whole groups, num_groups rewritten by shrink
     F.prelu: prelu,  # a (C,) slope is sliced with the channels
@@ -380,7 +383,10 @@ _ATEN_FUNCTIONS: dict[Any, Rule] = {
     aten.conv1d: conv,  # on one module's weight and bias: as that conv (functional_conv)
     aten.conv2d: conv,
     aten.conv3d: conv,
-    aten.convolution: conv,  # core ATen; transposed convs pin
+    aten.convolution: convolution,  # core ATen: a conv, or a transposed one (its `transposed` flag)
+    aten.conv_transpose1d: conv_transpose,  # (x, w, b, stride, padding, output_padding, groups, dilation)
+    aten.conv_transpose2d: conv_transpose,  # inputs index weight dim 0; outputs pinned
+    aten.conv_transpose3d: conv_transpose,
     aten.batch_norm: functional_norm,  # (x, weight, bias, running_mean, running_var, training, ...)
     aten.instance_norm: functional_norm,
     aten._native_batch_norm_legit_no_training: aten_norm_tuple,  # core ATen's eval batch norm

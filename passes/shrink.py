@@ -26,12 +26,16 @@ import torch
 from ehap_fx.passes._analysis import module_rule, table_rule
 from ehap_fx.passes._layers import (
     _FUNCTIONAL_CONV_PACKETS,
+    _FUNCTIONAL_CONV_TRANSPOSE_PACKETS,
+    _FUNCTIONAL_CONV_TRANSPOSES,
     _FUNCTIONAL_CONVS,
     _arg,
     aten,
     conv_groups_at,
     functional_conv,
+    functional_conv_transpose,
     functional_linear_spec,
+    is_transposed_conv,
 )
 from ehap_fx.passes.coupling import is_binary
 from ehap_fx.passes.depth import droppable_groups, folded_nodes, reads_no_channel
@@ -182,11 +186,31 @@ def _shrink_conv_module(conv: nn.Module, k_in: torch.Tensor, k_out: torch.Tensor
 
 def shrink_conv_transpose(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
     """Input channels only (weight dim 0): its outputs are pinned (``passes._layer_rules.conv_transpose``)."""
-    conv = gm.get_submodule(node.target)
-    k_in = _idx(keep(node.args[0]))
-    conv.weight = nn.Parameter(conv.weight.detach().index_select(0, k_in).clone(),
-                               requires_grad=conv.weight.requires_grad)  # (I_keep, O, k...)
-    conv.in_channels = len(k_in)
+    _shrink_conv_transpose_weight(gm.get_submodule(node.target), keep(node.args[0]))
+
+
+def shrink_functional_conv_transpose(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
+    """``aten.conv_transpose2d(x, m.weight, m.bias, ...)`` / ``F.conv_transpose2d`` on a
+    module's own tensors: slice ``m.weight`` as ``shrink_conv_transpose`` does (its bias goes
+    with the pinned outputs)."""
+    spec = functional_conv_transpose(gm, node)
+    if spec is None:
+        return
+    _shrink_conv_transpose_weight(spec, keep(node.args[0]))
+    gm.get_submodule(spec.owner).weight = spec.weight
+
+
+def shrink_convolution(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
+    """Core ATen's ``aten.convolution``: a conv or a transposed one (its ``transposed`` flag)."""
+    rewrite = shrink_functional_conv_transpose if is_transposed_conv(node) else shrink_functional_conv
+    rewrite(gm, node, keep)
+
+
+def _shrink_conv_transpose_weight(conv: Any, k_in: torch.Tensor) -> None:
+    index = _idx(k_in)
+    conv.weight = nn.Parameter(conv.weight.detach().index_select(0, index).clone(),
+                               requires_grad=conv.weight.requires_grad)  # (I_keep, O/groups, k...)
+    conv.in_channels = len(index)
 
 
 def shrink_linear(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
@@ -273,11 +297,13 @@ def shrink_aten_split(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
 
 
 def _kept_split_sizes(node: fx.Node, keep: _Keep) -> list[int] | None:
-    """The kept size of each piece of a split along dim 1; None for a split of another dim."""
-    slots = node.meta[_meta.CHANNELS]
+    """The kept size of each piece of a split of the channels at dim 1; None for a split of
+    another dim (each piece then has all the channels: CvT's ``split(tokens, [1, h * w], 1)``
+    of ``(N, 1 + h·w, C)``, channels at dim 2, cuts off the class token)."""
+    slots = node.meta[_meta.CHANNELS]  # one ChannelSlots per piece, at the input's channel dim
     ndim = len(node.args[0].meta["tensor_meta"].shape)
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    if dim % ndim != 1:
+    if dim % ndim != 1 or any(s.dim != 1 for s in slots):
         return None
     sizes = [int(keep.of(s).sum()) for s in slots]
     if 0 in sizes:
@@ -392,6 +418,10 @@ SHRINK: dict[Any, Callable[[fx.GraphModule, fx.Node, _Keep], None]] = {
     torch.nn.functional.pad: shrink_pad,
     **dict.fromkeys(_FUNCTIONAL_CONVS, shrink_functional_conv),
     **dict.fromkeys(_FUNCTIONAL_CONV_PACKETS, shrink_functional_conv),  # every overload (conv2d.padding)
+    **dict.fromkeys(_FUNCTIONAL_CONV_TRANSPOSES, shrink_functional_conv_transpose),
+    **dict.fromkeys(_FUNCTIONAL_CONV_TRANSPOSE_PACKETS, shrink_functional_conv_transpose),
+    aten.convolution.default: shrink_convolution,  # core ATen: transposed or not
+    aten.convolution: shrink_convolution,
     torch.nn.functional.group_norm: shrink_functional_group_norm,
     aten.group_norm: shrink_functional_group_norm,
     torch.split: shrink_split,

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
-from ehap_fx.passes.cost import total_cost
+from ehap_fx.passes.cost import count_cost, total_cost
 from ehap_fx.passes.group import group_channels, groups_of
 from ehap_fx.passes.mask import mask_channels, random_plan
 from ehap_fx.passes.program import exported_program, kept_outputs, plan_for
@@ -27,6 +27,7 @@ from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import ExportedGraph, trace
 from torch import nn
 
+from ehap_fx import _meta
 from ehap_fx.errors import ShrinkError, TraceError
 from ehap_fx.models import get_model
 from tests.nets import SEDepthwise, SplitChunk, TinyOptionA, randomize_bn
@@ -151,6 +152,78 @@ def test_unknown_aten_op_pins_with_its_name():
     (reason,) = [r for _, r in groups_of(gm).pin_reasons(5) if "roll" in r]
     assert "aten.roll.default" in reason and "not understood" in reason
     assert not groups_of(gm).prunable
+
+
+class _OwnConvTranspose2d(nn.ConvTranspose2d):
+    """A subclass with its own ``forward``: torch.fx traces into it, to ``F.conv_transpose2d``."""
+
+    def forward(self, x):
+        return F.conv_transpose2d(x, self.weight, self.bias, self.stride, self.padding, self.output_padding,
+                                  self.groups, self.dilation)
+
+
+class Decoder(nn.Module):
+    """A decoder stage as smp's Linknet has it, in 1, 2 or 3 spatial dims::
+
+        x ─▶ conv(8) ─ bn ─ relu ─▶ transposed conv ×2 (6) ─ bn ─ relu ─▶ conv 1x1 (4)
+             └── 8 channels prune: rows (dim 0) of the transposed weight (8, 6, 3, ...) ──┘
+    """
+
+    def __init__(self, dims: int, own_forward: bool = False):
+        super().__init__()
+        conv, bn = getattr(nn, f"Conv{dims}d"), getattr(nn, f"BatchNorm{dims}d")
+        up = _OwnConvTranspose2d if own_forward else getattr(nn, f"ConvTranspose{dims}d")
+        self.enc, self.bn0 = conv(3, 8, 3, padding=1), bn(8)
+        self.up, self.bn1 = up(8, 6, 3, stride=2, padding=1, output_padding=1), bn(6)
+        self.head = conv(6, 4, 1)
+        g = torch.Generator().manual_seed(0)
+        for m in (self.bn0, self.bn1):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+        self.eval()
+
+    def forward(self, x):
+        y = F.relu(self.bn0(self.enc(x)))
+        return self.head(F.relu(self.bn1(self.up(y))))
+
+
+def up_cost(gm):
+    """The cost of the transposed conv ``up`` (a module call, or a call on its weight)."""
+    count_cost(gm)
+    (up,) = [n for n in gm.graph.nodes if n.target == "up" or n.op == "call_function" and len(n.args) > 1
+             and getattr(n.args[1], "target", None) == "up.weight"]
+    return up.meta[_meta.COST]
+
+
+TRANSPOSED = {1: aten.conv_transpose1d.default, 2: aten.conv_transpose2d.input, 3: aten.conv_transpose3d.input}
+
+
+@pytest.mark.parametrize("dims,own_forward", [(1, False), (2, False), (3, False), (2, True)],
+                         ids=["1d", "2d", "3d", "F.conv_transpose2d"])
+@pytest.mark.parametrize("ir", ["training", "core"])
+def test_transposed_conv_inputs_prune_in_both_irs(dims, own_forward, ir):
+    """``aten.conv_transpose*d`` (training IR) and ``aten.convolution(transposed=True)`` (core
+    ATen) prune as ``nn.ConvTranspose*d`` does under FX: the channels they read go with their
+    producer, sliced from the weight's dim 0 (the outputs, dim 1, stay). Both captures keep the
+    same plan, cost alike, and the shrunk graph equals the masked original."""
+    model, x = Decoder(dims, own_forward), torch.randn(2, 3, *[4] * dims)
+    src = torch.export.export(model, (x,)).run_decompositions() if ir == "core" else None
+    fx, ex, small_fx, small_ex, eplan = prune_both(model, x, 0.5, seed=3, src=src)
+    assert (aten.convolution.default if ir == "core" else TRANSPOSED[dims]) in {n.target for n in ex.graph.nodes}
+    (fed,) = [g for g in groups_of(ex).prunable if any(m.role == "in" and m.dim == 0 for m in g.members)]
+    assert fed.size == 8 and [m.module for m in fed.members if m.role == "in"] == ["up"]
+    kept = len(eplan.keep[fed.id])
+    assert kept == 4
+    assert small_ex.up.weight.shape == small_fx.up.weight.shape == (kept, 6, *[3] * dims)
+    assert [up_cost(g) for g in (ex, small_ex)] == [up_cost(g) for g in (fx, small_fx)]
+    if ir == "training":  # (core ATen's _native_batch_norm_legit_no_training is not costed)
+        assert total_cost(ex) == total_cost(fx) and total_cost(small_ex) == total_cost(small_fx)
+    with torch.no_grad():
+        assert_same(small_ex(x), mask_channels(ex, eplan).graph_module(x))
+        assert_same(small_ex(x), small_fx(x))
+        ep = exported_program(small_ex)
+        assert ep.state_dict["up.weight"].shape == (kept, 6, *[3] * dims)
+        assert_same(ep.module()(x), small_fx(x))
 
 
 # ---------------------------------------------------------------------------------------------

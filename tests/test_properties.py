@@ -28,7 +28,7 @@ OPS = ["conv", "residual", "se", "cat", "split", "chunk", "pad", "slice", "group
 #: The ops the libraries people bring use (ultralytics, transformers, smp, timm): every spelling
 #: is checked under both captures (``test_library_ops_shrink_exactly``).
 LIBRARY_OPS = ["prelu", "prelu_shared", "fprelu", "same", "group_norm_f", "pixel_shuffle", "softmax", "conv3d",
-               "conv1d", "fpn_merge", "grn", "grn_last", "grn_hf"]
+               "conv1d", "fpn_merge", "grn", "grn_last", "grn_hf", "cls_split"]
 OPS += LIBRARY_OPS
 
 
@@ -150,6 +150,24 @@ class Tokens(nn.Module):
         return t.transpose(1, 2).reshape(n, c, h, w) * g.view(n, c, 1, 1)
 
 
+class ClsSplit(nn.Module):
+    """CvT's stage with a class token: tokens (N, HW, C), an MLP over the channels, the first
+    token split off along the tokens (``torch.split(t, [1, HW - 1], 1)``, the channels at dim
+    2: the split's sizes count tokens, not channels) and put back."""
+
+    def __init__(self, c, w):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(c, w), nn.Linear(w, c)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)  # (N, HW, C)
+        t = t + self.fc2(F.gelu(self.fc1(t)))
+        cls, rest = torch.split(t, [1, h * w - 1], 1)  # (N, 1, C), (N, HW - 1, C)
+        t = torch.cat([cls * torch.sigmoid(rest.mean(1, keepdim=True)), rest], 1)
+        return t.transpose(1, 2).reshape(n, c, h, w)
+
+
 class Program(nn.Module):
     """Interprets a list of op names; layers are created for the widths seen at build time."""
 
@@ -209,8 +227,8 @@ class Program(nn.Module):
             )
             self.plan.append((op, len(L) - 1, None))
             return c
-        if op in ("mlp_last", "tokens"):
-            L.append(ChannelsLastMLP(c, w) if op == "mlp_last" else Tokens(c, w))
+        if op in ("mlp_last", "tokens", "cls_split"):
+            L.append({"mlp_last": ChannelsLastMLP, "tokens": Tokens, "cls_split": ClsSplit}[op](c, w))
             self.plan.append((op, len(L) - 1, None))
             return c
         if op == "layerscale":
@@ -284,7 +302,7 @@ class Program(nn.Module):
         for op, i, arg in self.plan:
             layer = self.layers[i] if i is not None else None
             if op in ("conv", "grouped", "depthwise", "convT", "prelu", "prelu_shared", "same", "conv3d", "conv1d",
-                      "grn", "grn_last", "grn_hf"):
+                      "grn", "grn_last", "grn_hf", "cls_split"):
                 x = layer(x)
             elif op == "fpn_merge":
                 x = F.dropout2d(torch.stack([layer[0](x), layer[1](x)]).sum(0), 0.2, training=False)
@@ -338,7 +356,7 @@ def _harmless(reason: str) -> bool:
     """Pins every program may have: the model's input and output, and a one-channel layer
     scale (after a slice to one channel: a broadcast scalar with nothing to score it by)."""
     return ("model" in reason or reason == "channels touch no parameter"
-            or reason == "ConvTranspose2d output channels (weight dim 1) are not pruned")
+            or reason.endswith("output channels (weight dim 1) are not pruned"))  # a transposed conv's
 
 
 programs = st.tuples(
@@ -430,3 +448,18 @@ def test_library_ops_shrink_exactly(op, capture):
         (div,) = [n for n in small.graph.nodes
                   if n.target in (operator.truediv, aten.div.Tensor) and isinstance(n.args[1], float)]
         assert div.args[0].target in ("sum", aten.sum.dim_IntList) and div.args[1] == 8.0
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_transposed_conv_shrinks_exactly(capture):
+    """``nn.ConvTranspose2d`` / ``aten.conv_transpose2d.input`` between two convs: its weight
+    ``(in, out, k, k)`` loses exactly the rows (dim 0) of the channels the conv before it lost,
+    its outputs (dim 1) stay, and shrunk ≡ masked original."""
+    gm, plan, small = _check_program(["conv", "convT", "conv"], [6, 8, 6, 6, 6, 6, 6], "mean", 0.5, 1, capture)
+    targets = {n.target for n in gm.graph.nodes}
+    assert (aten.conv_transpose2d.input in targets) == (capture == "export")
+    (fed,) = [g for g in groups_of(gm).prunable if any(m.role == "in" and m.dim == 0 for m in g.members)]
+    assert fed.size == 6 and len(plan.keep[fed.id]) == 3
+    assert [m.module for m in fed.members if m.role == "in"] == ["layers.1"]
+    assert small.get_submodule("layers.1").weight.shape == (3, 8, 3, 3)
+    assert small.get_submodule("layers.0.0").weight.shape[0] == 3
