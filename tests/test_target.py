@@ -1,5 +1,6 @@
 """Target selection: plans meet MACs/params/latency targets exactly, ranked globally."""
 
+import numpy as np
 import pytest
 import torch
 from ehap_fx.passes.cost import total_cost
@@ -130,6 +131,32 @@ def test_latency_table_measures_and_caches(tmp_path):
     again = LatencyTable(options)
     assert LatencyModel(gm.graph_module, again)(KeptChannels(groups, PrunePlan({}).masks(groups))) == seconds
     assert again.measured == 0
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_the_table_times_compute_kernels_not_layout_changes(tmp_path, monkeypatch, precision):
+    """kernel_seconds sums the profiler's compute kernels of each run (QLinearConv / Conv) and
+    leaves out the layout changes onnxruntime wraps a lone conv in; a model of layout changes
+    alone has no kernel time to give and says so; the profile files go with the call."""
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    from ehap_fx.errors import EhapError
+    from ehap_fx.latency import ConvShape, _conv_model, kernel_seconds
+
+    monkeypatch.chdir(tmp_path)
+    shape = ConvShape((3, 3), (1, 1), (1, 1), (1, 1), 1, False, 8, 8, (8, 8))
+    model = _conv_model(shape, 16, 16, 2, precision)
+    x = np.zeros((2, 16, 8, 8), np.uint8 if precision == "int8" else np.float32)
+    assert kernel_seconds(model, {"x": x}, repeats=3) > 0
+    node = helper.make_node("Transpose", ["x"], ["y"], perm=[0, 2, 3, 1])
+    layout_only = helper.make_model(helper.make_graph(
+        [node], "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8, 8, 16])]),
+        opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(EhapError, match="0 kernel events"):
+        kernel_seconds(layout_only, {"x": x.astype(np.float32)}, repeats=3)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_round_to_16_reaches_half_the_macs_by_dropping_option_a_pad_groups():
