@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
@@ -33,7 +34,8 @@ from torch import nn
 from ehap_fx.compress import RECIPE, compress
 from ehap_fx.errors import EhapError
 from ehap_fx.isa import cpu_features
-from ehap_fx.latency import BenchOptions, LatencyOptions, time_onnx
+from ehap_fx.latency import BenchOptions, LatencyOptions, time_rounds
+from ehap_fx.latency_loop import ratio_of
 from ehap_fx.passes.export import export, export_onnx, onnx_top1
 from ehap_fx.passes.quantize import QuantizeOptions
 from ehap_fx.progress import bar as tqdm
@@ -94,9 +96,10 @@ class Arm:
 class SweepResult:
     rows: list[dict]
     dense: dict
-    timing: dict
+    timing: dict  # {file: {batch: median ms}}
     out: Path
     machine: dict = field(default_factory=dict)
+    rounds: dict = field(default_factory=dict)  # {file: {batch: [ms of each interleaved round]}}
 
 
 def arms(options: SweepOptions) -> list[Arm]:
@@ -140,8 +143,8 @@ def sweep(
         _stage(out / "arms" / arm.name,
                lambda d, arm=arm: _arm(model, example_input, restart(train), test, arm, teacher, options, d))
     rows = [json.loads((out / "arms" / a.name / "result.json").read_text()) for a in todo]
-    timing = _time_all(out, dense, rows, options)
-    result = SweepResult(rows, dense, timing, out, {"isa": cpu_features().describe(), "model": name})
+    timing, rounds = _time_all(out, dense, rows, options)
+    result = SweepResult(rows, dense, timing, out, {"isa": cpu_features().describe(), "model": name}, rounds)
     write_front(result, options)
     return result
 
@@ -232,12 +235,14 @@ def _arm(model, x, train, test, arm: Arm, teacher, options: SweepOptions, folder
     }
 
 
-def _time_all(out: Path, dense: dict, rows: list[dict], options: SweepOptions) -> dict:
-    """Every ONNX file of the front in one interleaved onnxruntime run."""
+def _time_all(out: Path, dense: dict, rows: list[dict], options: SweepOptions) -> tuple[dict, dict]:
+    """Every ONNX file of the front in one interleaved onnxruntime run: the median ms of each
+    file at each batch, and the ms of every round."""
     paths = {"dense_fp32": out / "dense" / "dense_fp32.onnx", "dense_int8": out / "dense" / "dense_int8.onnx"}
     paths |= {r["name"]: out / "arms" / r["name"] / "model_int8.onnx" for r in rows}
-    med = time_onnx(paths, options.bench)
-    return {n: {str(b): 1000 * s for b, s in per.items()} for n, per in med.items()}
+    rounds = {n: {str(b): [1000 * s for s in v] for b, v in per.items()}
+              for n, per in time_rounds(paths, options.bench).items()}
+    return {n: {b: statistics.median(v) for b, v in per.items()} for n, per in rounds.items()}, rounds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,16 +269,17 @@ def front_rows(result: SweepResult) -> list[dict]:
     rows = [{"name": "dense fp32", "scorer": "dense", "top1": d["top1_finetuned"], **speed("dense_fp32")},
             {"name": "dense INT8", "scorer": "dense", "top1": d["top1_int8_onnx"], **speed("dense_int8")}]
     big = max(base, key=int)
-    for r in result.rows:
-        measured = t[r["name"]][big] / t["dense_int8"][big]
+    for r in result.rows:  # the median of per-round ratios, and its 95 % interval (a noisy machine shows)
+        measured = ratio_of(int(big), result.rounds[r["name"]][big], result.rounds["dense_int8"][big])
         predicted = r["predicted_latency_ratio"]
         rows.append({
             "name": r["name"], "scorer": r["scorer"], "target": r["target"], "distill": r["distill"],
             "macs_ratio": r["macs_ratio"], "params": r["params"],
             "top1_pruned": r["accuracy"].get("pruned"), "top1_finetuned": r["accuracy"].get("finetuned"),
             "top1": r["accuracy"].get("int8_onnx"), **speed(r["name"]),
-            "predicted_ratio": predicted, "measured_ratio": measured,
-            "prediction_error": None if predicted is None else predicted / measured - 1,
+            "predicted_ratio": predicted, "measured_ratio": measured.ratio,
+            "measured_interval": [measured.low, measured.high],
+            "prediction_error": None if predicted is None else predicted / measured.ratio - 1,
         })
     return rows
 
@@ -283,7 +289,7 @@ def write_front(result: SweepResult, options: SweepOptions) -> None:
     n = result.dense.get("test_images")
     (result.out / "front.json").write_text(json.dumps(
         {"machine": result.machine, "options": _plain(options), "dense": result.dense, "rows": rows,
-         "timing_ms": result.timing}, indent=1))
+         "timing_ms": result.timing, "timing_rounds_ms": result.rounds}, indent=1))
     (result.out / "front.md").write_text(render_front(rows, result, options, n))
     plot_front(rows, result.out / "front.png", result.machine.get("model", "model"))
 
@@ -305,7 +311,7 @@ def render_front(rows: list[dict], result: SweepResult, options: SweepOptions, n
              f"round_to {options.round_to}", "",
              "| model | MACs | params | pruned | fine-tuned | INT8 ONNX top-1 | "
              + " | ".join(f"b{x} ms | b{x} speed-up" for x in b)
-             + " | latency predicted / measured (vs dense INT8) | error |",
+             + " | latency predicted / measured [95 % interval] (vs dense INT8) | error |",
              "|---|---:|---:|---:|---:|---:|" + "---:|---:|" * len(b) + "---:|---:|"]
     for r in rows:
         se = f" ± {stderr_pt(r['top1'], n):.2f}" if n and r.get("top1") is not None else ""
@@ -313,7 +319,8 @@ def render_front(rows: list[dict], result: SweepResult, options: SweepOptions, n
                  _f(r.get("top1_finetuned"), 2), _f(r.get("top1"), 2) + se]
         cells += [c for x in b for c in (_f(r[f"ms_b{x}"], 3), _f(r[f"speedup_b{x}"], 2) + "×")]
         if r.get("predicted_ratio") is not None:
-            cells += [f"{r['predicted_ratio']:.3f} / {r['measured_ratio']:.3f}",
+            low, high = r["measured_interval"]
+            cells += [f"{r['predicted_ratio']:.3f} / {r['measured_ratio']:.3f} [{low:.3f}, {high:.3f}]",
                       f"{100 * r['prediction_error']:+.0f} %"]
         else:
             cells += ["", ""]
