@@ -3,14 +3,15 @@
 import pytest
 import torch
 import torchvision.models as tvm
-from ehap_fx.passes.cost import total_cost
+from ehap_fx.passes.cost import Cost, plan_cost, total_cost
+from ehap_fx.passes.group import group_channels, groups_of
+from ehap_fx.passes.shrink import PrunePlan, shrink
 from ehap_fx.passes.trace import trace
 from torch import nn
 
 from ehap_fx import _meta
 from ehap_fx.models import get_model
-
-tp = pytest.importorskip("torch_pruning")
+from tests.nets import CountedNet, counted_net_cost
 
 
 def conv_linear_macs(gm):
@@ -33,6 +34,7 @@ def test_resnet56_matches_published_figures():
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "vgg11_bn", "resnext50_32x4d"])
 def test_matches_torch_pruning_per_module(name):
+    tp = pytest.importorskip("torch_pruning")
     model = getattr(tvm, name)(num_classes=10).eval()
     x = torch.randn(1, 3, 64, 64)
     ops, params, layer_ops, _ = tp.utils.count_ops_and_params(model, x, layer_wise=True)
@@ -50,3 +52,18 @@ def test_matches_torch_pruning_per_module(name):
         n.meta[_meta.COST].macs for n in gm.graph.nodes if n.op != "call_module" and _meta.COST in n.meta
     )
     assert cost.macs == ops + functional  # Torch-Pruning does not count functional ops
+
+
+# CountedNet (tests/nets.py): each formula once, counted by hand in counted_net_cost
+@pytest.mark.parametrize("kept", [(8, 4), (4, 2), (5, 1)])
+def test_costs_equal_hand_counted_macs_for_a_plan_and_after_shrinking(kept):
+    gm = group_channels(trace(CountedNet().eval(), torch.randn(2, 3, 8, 8))).graph_module
+    a, b = sorted(groups_of(gm).prunable, key=lambda g: -g.size)
+    assert (a.size, b.size) == (8, 4)
+    plan = PrunePlan({a.id: tuple(range(8 - kept[0], 8)), b.id: tuple(range(kept[1]))})
+    macs, params = counted_net_cost(*kept)
+    assert plan_cost(gm, plan.masks(groups_of(gm))) == Cost(macs, params)
+    assert total_cost(shrink(gm, plan).graph_module) == Cost(macs, params)
+    if kept == (8, 4):
+        assert (macs, params) == (18_265, 373) and total_cost(gm) == Cost(macs, params)
+        assert params == sum(p.numel() for p in CountedNet().parameters())
