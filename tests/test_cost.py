@@ -1,9 +1,11 @@
 """Cost pass: MACs and parameters, cross-checked with Torch-Pruning's counter and known figures."""
 
+import dataclasses
+
 import pytest
 import torch
 import torchvision.models as tvm
-from ehap_fx.passes.cost import Cost, plan_cost, total_cost
+from ehap_fx.passes.cost import Cost, NodeCost, plan_cost, total_cost
 from ehap_fx.passes.group import group_channels, groups_of
 from ehap_fx.passes.shrink import PrunePlan, shrink
 from ehap_fx.passes.trace import trace
@@ -66,4 +68,8 @@ def test_costs_equal_hand_counted_macs_for_a_plan_and_after_shrinking(kept):
     assert total_cost(shrink(gm, plan).graph_module) == Cost(macs, params)
     if kept == (8, 4):
         assert (macs, params) == (18_265, 373) and total_cost(gm) == Cost(macs, params)
+        conv = next(n for n in gm.graph.nodes if n.target == "a")
+        assert conv.meta[_meta.COST] == NodeCost(8 * 8 * (9 * 3 * 8 + 8), 9 * 3 * 8 + 8)
+        with pytest.raises(dataclasses.FrozenInstanceError):  # analysis in meta: frozen values
+            conv.meta[_meta.COST].macs = 0
         assert params == sum(p.numel() for p in CountedNet().parameters())
