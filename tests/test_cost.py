@@ -154,3 +154,10 @@ def test_unknown_modules_count_their_parameters_and_stale_costs_are_dropped():
     assert total_cost(gm) == Cost(4 * 4 * 3 * 4, 3 * 4 + (4 * 4 * 2 + 2))
     assert _meta.COST not in mean.meta
 
+
+
+@pytest.mark.xfail(strict=True, reason="found by the #29 mutation work: PReLU's row (_per_output_element) "
+                   "counts its MACs but not its per-channel weights")
+def test_prelu_counts_its_parameters():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.PReLU(4)).eval()
+    assert total_cost(trace(model, torch.randn(2, 3, 4, 4))).params == (3 * 4 + 4) + 4
