@@ -234,6 +234,10 @@ def test_the_removal_matrices_must_fit_half_the_memory_budget():
     with pytest.raises(MemoryBudgetError, match=rf"matrix per group: {fmt_bytes(matrices)} for these "
                                                 rf"{len(groups)} groups > half of {fmt_bytes(budget)}"):
         choose_removal(gm, (x, y), groups, dataclasses.replace(FP32, memory_budget=budget))
+    try:  # exactly half: the matrices fit (whatever else the tiny budget refuses)
+        choose_removal(gm, (x, y), groups, dataclasses.replace(FP32, memory_budget=2 * matrices))
+    except MemoryBudgetError as e:
+        assert "matrix per group" not in str(e)
     # the plan choose_removal names is the one estimate_removal follows
     plan = choose_removal(gm, (x, y), groups, FP32)
     result = estimate_removal(gm, (x, y), groups, FP32)
@@ -254,3 +258,16 @@ def test_mc_removal_draws_min_probes_labels_unless_told():
     for g in groups:  # the same seeded draws: equal to the last bit with 3, not with 2
         assert torch.equal(by_default.joint[g.id], three.joint[g.id])
         assert not torch.equal(by_default.joint[g.id], two.joint[g.id])
+
+
+def test_exact_removal_averages_over_batches():
+    # ½ δᵀGδ is a mean over samples: two batches of 8 give what one batch of 16 gives
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 2, 5, 5), torch.randint(0, 3, (16,))
+    gm, groups = grouped(tiny_relu(), x)
+    one = estimate_removal(gm, (x, y), groups, dataclasses.replace(FP32, n_batches=1))
+    two = estimate_removal(gm, [(x[:8], y[:8]), (x[8:], y[8:])], groups,
+                           dataclasses.replace(FP32, batch_size=8, n_batches=2))
+    assert two.n_batches == 2
+    for g in groups:
+        torch.testing.assert_close(two.joint[g.id], one.joint[g.id], rtol=1e-5, atol=1e-9)
