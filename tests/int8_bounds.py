@@ -18,12 +18,12 @@ over 20 layers bounds nothing. It holds in practice because the errors are spars
 roundings disagree only near a tie) and the global average pool divides what reaches the
 classifier by ``H·W``. Measured ``max_diff_steps`` against ``R`` (x86_64 AVX-512 VNNI,
 2026-12-07, on each test's own inputs): pruned ResNet-20 option A and B, FX QAT and PTQ
-(test_export, 512 inputs): 2.0 of R = 33; the small PT2E net of test_export: 1.0 of R = 5;
-TinyOptionA through PT2E (test_export_capture): 0.0 of R = 15; ResNet-56, the CLI's default
-run (test_cli, 64 synthetic images): 1.0 of R = 87; ResNet-56 FX PTQ on the 10,000 CIFAR-10
-test images (docs/int8.md, 2026-12-01): 7-8 of R ≈ 87. So ``R`` holds with a margin of 5x
-or more wherever measured. It is a bound on rounding, not a detector of every arithmetic
-error: saturated int16 pair sums (8-bit weights on AVX2) gave 5.0 steps on the small PT2E net,
+(test_export, 512 inputs): 2.0 of R = 33 (3-6 in earlier runs, docs/int8.md); the small PT2E
+net of test_export: 1.0 of R = 5; TinyOptionA through PT2E (test_export_capture): 0.0 of
+R = 15; ResNet-56, the CLI's default run (test_cli, 64 synthetic images): 1.0 of R = 87;
+ResNet-56 FX PTQ on the 10,000 CIFAR-10 test images (docs/int8.md, 2026-12-01): 7-8 of
+R ≈ 87. So ``R`` holds with a margin of 5x or more wherever measured. It is a bound on
+rounding, not a detector of every arithmetic error: saturated int16 pair sums (8-bit weights on AVX2) gave 5.0 steps on the small PT2E net,
 whose R is 5; test_export keeps its empirical ``<= 2`` there (measured 1.0 with the right
 weight range, 5.0 without), and ``tests/test_isa.py`` checks the arithmetic itself.
 """
