@@ -196,6 +196,16 @@ def test_select_plan_removes_least_sensitive_first_then_gives_back_what_fits(cou
         assert list(plan.keep.get(g, range(len(scores[g])))) == sorted(scores[g].argsort(descending=True)[:w].tolist())
 
 
+def test_per_cost_ranking_divides_sensitivity_by_the_macs_a_block_saves(counted):
+    # a channel of A saves 2,256 MACs, one of B 181 (by hand: counted_net_cost(8, 4) minus
+    # (7, 4), (8, 3)); A's channels are twice as sensitive, so per MAC saved they go first
+    gm, a, b = counted
+    scores = {a: torch.ones(8), b: torch.full((4,), 0.5)}
+    target = Target(macs=0.98, round_to=1)
+    assert kept_widths(select_plan(gm, scores, target), a, b) == (8, 1)  # (8, 2) = .9802 misses
+    assert kept_widths(select_plan(gm, Ranking(scores, per_cost=True), target), a, b) == (7, 4)
+
+
 def test_unreachable_minimum_is_the_floors_of_max_prune_and_min_channels(counted):
     gm, a, b = counted
     scores = {a: torch.arange(8.0), b: torch.arange(4.0)}
