@@ -263,3 +263,18 @@ def test_block_granularity_per_cost_drops_the_block_with_least_loss_per_mac_save
     assert plan == PrunePlan({big: ()})
     # ranked by loss alone, the smaller loss would go: the other block
     assert whole[small] < whole[big]
+
+
+def test_granularity_both_lets_a_droppable_group_go_to_zero():
+    # TinyOptionA's residual-block inner groups are droppable: with "both" the least sensitive
+    # one may lose every channel (the block goes); with "channel" max_prune keeps half of it
+    # at least
+    gm = group_channels(trace(TinyOptionA().eval(), torch.randn(2, 3, 16, 16))).graph_module
+    drop = min(droppable_groups(gm))
+    scores = {g.id: torch.ones(g.size) + (g.id != drop) for g in groups_of(gm).prunable}
+    goal = measure(gm, Target(macs=1.0), PrunePlan({drop: ()})) / total_cost(gm).macs
+    both = select_plan(gm, scores, Target(macs=goal, granularity="both", round_to=1, max_prune=0.5))
+    assert both == PrunePlan({drop: ()})
+    channel = select_plan(gm, scores, Target(macs=goal, granularity="channel", round_to=1, max_prune=0.5))
+    size = next(g.size for g in groups_of(gm).prunable if g.id == drop)
+    assert len(channel.keep.get(drop, range(size))) >= size // 2
