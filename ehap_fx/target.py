@@ -105,7 +105,7 @@ class _Block:
     score: float  # ranking key (monotone within a group)
 
 
-def _kept_counts(size: int, target: Target, emptiable: bool = False) -> list[int]:
+def _kept_counts(size: int, target: Target, emptiable: bool) -> list[int]:
     """Allowed kept widths of a group, largest first (the full width is always allowed).
     An emptiable group (``emptiable_groups``) may go to zero: its values keep other channels."""
     floor = 0 if emptiable else max(target.min_channels, math.ceil(size * (1 - target.max_prune)))

@@ -123,3 +123,45 @@ class GroupNormNet(nn.Module):
 
     def forward(self, x):
         return self.b(F.relu(self.gn(self.a(x))))
+
+
+class CountedNet(nn.Module):
+    """Model under test: every formula of the cost pass once, small enough to count by hand::
+
+        x (3, 8, 8) ─▶ conv a 3x3 +bias ─▶ BN ─▶ ReLU ─▶ MaxPool 2 ─▶ depthwise 3x3 (8, 4, 4)
+          ─▶ conv b 1x1 +bias (4, 4, 4) ─▶ F.relu ─▶ F.adaptive_avg_pool2d ─▶ flatten ─▶ fc (5)
+
+    Group A: conv a's 8 outputs (BN, the depthwise conv's channels, conv b's inputs);
+    group B: conv b's 4 outputs (fc's inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.b = nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        x = self.dw(self.pool(self.relu(self.bn(self.a(x)))))
+        x = F.relu(self.b(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def counted_net_cost(a: int, b: int) -> tuple[int, int]:
+    """MACs and parameters of ``CountedNet`` keeping ``a`` channels of group A and ``b`` of B, by hand."""
+    macs = (
+        8 * 8 * (9 * 3 * a + a)  # conv a at 8x8: 3x3 x 3 inputs per output, plus the bias add
+        + 2 * a * 8 * 8  # BN: scale and shift per element
+        + a * 8 * 8  # ReLU: one per output element
+        + a * 8 * 8  # max pool: one per input element
+        + 4 * 4 * 9 * a  # depthwise at 4x4: 3x3 x 1 input per output, stays depthwise when pruned
+        + 4 * 4 * (a * b + b)  # conv b 1x1 plus bias
+        + b * 4 * 4  # F.relu
+        + b * 4 * 4  # F.adaptive_avg_pool2d: one per input element
+        + (b * 5 + 5)  # fc
+    )
+    params = (9 * 3 * a + a) + 2 * a + 9 * a + (a * b + b) + (b * 5 + 5)
+    return macs, params

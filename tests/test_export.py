@@ -39,6 +39,7 @@ from ehap_fx.errors import QuantizeError
 from ehap_fx.models import get_model, normalization, pretrained_model
 from ehap_fx.qat import quantize_int8
 from ehap_fx.train import FinetuneOptions, evaluate, finetune
+from tests.int8_bounds import max_diff_steps_bound
 
 X = torch.randn(2, 3, 32, 32)
 CONVS = {"resnet20": 19, "resnet20-b": 21}  # option B adds two 1x1 shortcut convs
@@ -97,7 +98,10 @@ def test_qat_export_runs_int8_in_onnxruntime(pruned, backend, tmp_path):
     assert report.n_inputs == 512 and report.batch_sizes == (1, 128)
     where = f"{report.isa}, scheme {q.scheme.target} ({q.scheme.weight_bits}-bit weights)"
     assert report.argmax_agreement >= 0.99, where
-    assert report.output_step is not None and report.max_diff_steps <= 8, where
+    # rounding alone: at most one output step per rounding point (tests/int8_bounds.py: the
+    # premise, and its margin as measured: 2.0 steps of R = 33 here)
+    assert report.output_step is not None, where
+    assert report.max_diff_steps <= max_diff_steps_bound(report.op_counts), where
     # weights in int8: well under the fp32 file
     assert report.size_ratio > 1.2
     # the batch axis is dynamic: odd batch sizes run and agree row by row
@@ -139,9 +143,12 @@ def test_pt2e_export_small(tmp_path):
     ]
     assert report.batch_sizes == (1, 128) and report.op_counts.get("QGemm") == 1
     # q.scheme never saturates the int16 pair sums of this CPU's kernels (ehap_fx.isa), so ORT's
-    # integer accumulators equal the Q/DQ reference; they differ only in requantization rounding
-    # (at most 1 step at each of the 2 requantized convs, seen through the linear layer)
-    assert report.max_diff_steps <= 2, f"{report.isa}, scheme {q.scheme.target} ({q.scheme.weight_bits}-bit)"
+    # integer accumulators equal the Q/DQ reference; they differ only in rounding, which bounds
+    # the difference by R = 5 rounding points (tests/int8_bounds.py). 2 is tighter and
+    # empirical, not derived: measured 1.0 with the right weight range, 5.0 with saturating
+    # 8-bit weights under AVX2 (docs/int8.md), which the derived R would let through
+    where = f"{report.isa}, scheme {q.scheme.target} ({q.scheme.weight_bits}-bit)"
+    assert report.max_diff_steps <= min(2, max_diff_steps_bound(report.op_counts)), where
 
 
 def test_float_convs_are_reported_with_a_warning(tmp_path):

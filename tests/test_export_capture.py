@@ -30,6 +30,7 @@ from torch import nn
 from ehap_fx import _meta
 from ehap_fx.errors import ShrinkError, TraceError
 from ehap_fx.models import get_model
+from tests.int8_bounds import max_diff_steps_bound
 from tests.nets import SEDepthwise, SplitChunk, TinyOptionA, randomize_bn
 
 aten = torch.ops.aten
@@ -369,8 +370,10 @@ def test_pruned_program_goes_straight_into_pt2e_and_onnx(tmp_path):
         ("QLinearConv", o, i) for o, i in widths
     ]
     assert report.batch_sizes == (1, 128) and report.op_counts.get("QGemm") == 1
-    # requantization rounding may differ by a step at each of the 7 convs and 3 adds
-    assert report.max_diff_steps <= 8, f"{report.isa}, {chosen.target} ({chosen.weight_bits}-bit)"
+    # rounding alone: at most one output step per rounding point (7 convs, 3 adds, the pool,
+    # the gemm and the QuantizeLinears; tests/int8_bounds.py says why, and what was measured)
+    bound = max_diff_steps_bound(report.op_counts)
+    assert report.max_diff_steps <= bound, f"{report.isa}, {chosen.target} ({chosen.weight_bits}-bit), {bound=}"
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ terms that HAP's per-member sum leaves out).
 """
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -20,11 +21,12 @@ from torch.func import functional_call, hessian, jvp
 
 from ehap_fx.compress import compress
 from ehap_fx.data import synthetic_cifar
-from ehap_fx.errors import EhapError
+from ehap_fx.errors import EhapError, MemoryBudgetError
 from ehap_fx.models import get_model
 from ehap_fx.scoring import Ranking
+from ehap_fx.scoring.budget import fmt_bytes
 from ehap_fx.scoring.options import HessianOptions
-from ehap_fx.scoring.removal import estimate_removal, joint_order
+from ehap_fx.scoring.removal import choose_removal, estimate_removal, joint_order
 from ehap_fx.target import Target, select_plan
 
 FP32 = HessianOptions(dtype="fp32", batch_size=16, progress=False)
@@ -202,3 +204,70 @@ def test_compress_with_removal_scorer_meets_the_target():
     assert 0.55 < res.report.cost_after["macs_ratio"] <= 0.6
     with pytest.raises(EhapError, match="cross-entropy"):
         compress(model, x, data=loader, scorer="removal", loss_fn=F.cross_entropy)
+
+
+def test_joint_order_takes_the_least_quadratic_form_at_every_step():
+    # the oracle: 1_Sᵀ Q 1_S computed outright for each candidate set, no incremental sums
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 6, generator=g)
+    q = a @ a.T / 6 - 0.3 * torch.eye(6)  # cross terms of both signs, not a diagonal
+    position = joint_order(q)
+    removed: list[int] = []
+    for step in range(6):
+        loss = {c: float(q[removed + [c]][:, removed + [c]].sum()) for c in range(6) if c not in removed}
+        best = min(loss, key=loss.get)
+        assert position[best] == step, (step, loss)
+        removed.append(best)
+    # the 2 of 2·Q[S, c] counts both off-diagonal entries: 1.2 + 2·0.04 < 1.3 < 1.2 + 3·0.04
+    q = torch.tensor([[1.0, 0.04, 0.0], [0.04, 1.2, 0.0], [0.0, 0.0, 1.3]])
+    assert joint_order(q).tolist() == [0.0, 1.0, 2.0]
+    # ties go to the lower index (argmin's first minimum)
+    assert joint_order(torch.eye(3)).tolist() == [0.0, 1.0, 2.0]
+
+
+def test_the_removal_matrices_must_fit_half_the_memory_budget():
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 2, 5, 5), torch.randint(0, 3, (16,))
+    gm, groups = grouped(tiny_relu(), x)
+    matrices = 8 * sum(g.size**2 for g in groups)  # fp32: the running sum and one batch's, per group
+    budget = 2 * matrices - 2  # half of it is one byte short
+    with pytest.raises(MemoryBudgetError, match=rf"matrix per group: {fmt_bytes(matrices)} for these "
+                                                rf"{len(groups)} groups > half of {fmt_bytes(budget)}"):
+        choose_removal(gm, (x, y), groups, dataclasses.replace(FP32, memory_budget=budget))
+    try:  # exactly half: the matrices fit (whatever else the tiny budget refuses)
+        choose_removal(gm, (x, y), groups, dataclasses.replace(FP32, memory_budget=2 * matrices))
+    except MemoryBudgetError as e:
+        assert "matrix per group" not in str(e)
+    # the plan choose_removal names is the one estimate_removal follows
+    plan = choose_removal(gm, (x, y), groups, FP32)
+    result = estimate_removal(gm, (x, y), groups, FP32)
+    assert (plan.estimator, result.method, result.choice) == ("ggn", "exact", plan.reason)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.scores = {}
+    assert choose_removal(gm, (x, y), groups, dataclasses.replace(FP32, estimator="mc")).estimator == "mc"
+
+
+def test_mc_removal_draws_min_probes_labels_unless_told():
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 2, 5, 5), torch.randint(0, 3, (16,))
+    gm, groups = grouped(tiny_relu(), x)
+    mc = dataclasses.replace(FP32, estimator="mc", min_probes=3)
+    by_default, three, two = (estimate_removal(gm, (x, y), groups, dataclasses.replace(mc, mc_samples=n))
+                              for n in (None, 3, 2))
+    assert by_default.method == three.method == "mc"
+    for g in groups:  # the same seeded draws: equal to the last bit with 3, not with 2
+        assert torch.equal(by_default.joint[g.id], three.joint[g.id])
+        assert not torch.equal(by_default.joint[g.id], two.joint[g.id])
+
+
+def test_exact_removal_averages_over_batches():
+    # ½ δᵀGδ is a mean over samples: two batches of 8 give what one batch of 16 gives
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 2, 5, 5), torch.randint(0, 3, (16,))
+    gm, groups = grouped(tiny_relu(), x)
+    one = estimate_removal(gm, (x, y), groups, dataclasses.replace(FP32, n_batches=1))
+    two = estimate_removal(gm, [(x[:8], y[:8]), (x[8:], y[8:])], groups,
+                           dataclasses.replace(FP32, batch_size=8, n_batches=2))
+    assert two.n_batches == 2
+    for g in groups:
+        torch.testing.assert_close(two.joint[g.id], one.joint[g.id], rtol=1e-5, atol=1e-9)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from ehap_fx.passes.cost import total_cost
+from ehap_fx.passes.depth import droppable_groups
 from ehap_fx.passes.group import KeptChannels, emptiable_groups, group_channels, groups_of
 from ehap_fx.passes.shrink import PrunePlan, shrink
 from ehap_fx.passes.trace import trace
@@ -12,7 +13,8 @@ from ehap_fx.errors import TargetError
 from ehap_fx.latency import LatencyModel, LatencyOptions, LatencyTable
 from ehap_fx.models import get_model
 from ehap_fx.scoring import Ranking, magnitude_scores
-from ehap_fx.target import Target, select_plan
+from ehap_fx.target import Target, measure, select_plan
+from tests.nets import CountedNet, TinyOptionA, counted_net_cost
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +176,132 @@ def test_round_to_16_reaches_half_the_macs_by_dropping_option_a_pad_groups():
     small = shrink(gm, plan).graph_module
     # 16-channel blocks are coarse, but blocks given back after the goal is crossed land it close
     assert 0.48 * total_cost(gm).macs < total_cost(small).macs <= 0.5 * total_cost(gm).macs
+
+
+@pytest.fixture(scope="module")
+def counted():
+    """CountedNet (tests/nets.py): group A (8 channels) and B (4), MACs counted by hand."""
+    gm = group_channels(trace(CountedNet().eval(), torch.randn(2, 3, 8, 8))).graph_module
+    a, b = sorted(groups_of(gm).prunable, key=lambda g: -g.size)
+    return gm, a.id, b.id
+
+
+def kept_widths(plan: PrunePlan, a: int, b: int) -> tuple[int, int]:
+    return len(plan.keep.get(a, range(8))), len(plan.keep.get(b, range(4)))
+
+
+# MACs of CountedNet as a fraction of the dense 18,265, by kept widths (a, b):
+#   a=8: 1.0 .9901 .9802 .9703 (b = 4..1) | a=4: .5059 .4995 .4931 .4867 | a=2: .2589 .2543 .2496 .2449
+# B's channels least sensitive (LOW_B): B goes to its floor 1 (max_prune 0.8) before A loses
+# any. At 0.5 that crosses at (4, 1) = .4867; then removed blocks are given back, most
+# sensitive first, while the goal holds: A's (5, 1) = .6076 does not fit, B's (4, 2) and
+# (4, 3) do, (4, 4) = .5059 not. A least sensitive (LOW_A): (3, 4) = .3824 is the first to
+# meet 0.5. ONE_A: a single channel of A is the least sensitive of all, and goes alone though
+# it saves 12x what a channel of B saves (the plain ranking is by sensitivity, not per MAC).
+LOW_B = (10 + torch.arange(8.0), torch.tensor([1.0, 3.0, 0.0, 2.0]))
+LOW_A = (torch.arange(8.0), torch.tensor([11.0, 13.0, 10.0, 12.0]))
+ONE_A = (torch.tensor([100.0, 100, 0, 100, 100, 100, 100, 100]), torch.tensor([50.0, 60, 70, 80]))
+
+
+@pytest.mark.parametrize("sensitivity,fraction,widths", [
+    (LOW_B, 0.99, (8, 2)),  # (8, 3) = .9901 misses by 0.0001
+    (LOW_B, 0.975, (8, 1)),  # B down to one channel: min_channels=1 by default
+    (LOW_B, 0.5, (4, 3)),
+    (LOW_B, 0.51, (4, 4)),  # every B channel given back
+    (LOW_B, 0.3, (2, 4)),  # A at its floor 2 = ceil(0.2 * 8)
+    (LOW_A, 0.5, (3, 4)),
+    (ONE_A, 0.98, (7, 4)),  # not (8, 1) = .9703, which B's channels alone would reach
+])
+def test_select_plan_removes_least_sensitive_first_then_gives_back_what_fits(counted, sensitivity, fraction, widths):
+    gm, a, b = counted
+    scores = dict(zip((a, b), sensitivity, strict=True))
+    plan = select_plan(gm, scores, Target(macs=fraction, round_to=1))
+    assert kept_widths(plan, a, b) == widths
+    dense = counted_net_cost(8, 4)[0]
+    assert counted_net_cost(*widths)[0] <= fraction * dense
+    for g, w in zip((a, b), widths, strict=True):  # the top-scoring channels stay
+        assert list(plan.keep.get(g, range(len(scores[g])))) == sorted(scores[g].argsort(descending=True)[:w].tolist())
+
+
+def test_per_cost_ranking_divides_sensitivity_by_the_macs_a_block_saves(counted):
+    # a channel of A saves 2,256 MACs, one of B 181 (by hand: counted_net_cost(8, 4) minus
+    # (7, 4), (8, 3)); A's channels are twice as sensitive, so per MAC saved they go first
+    gm, a, b = counted
+    scores = {a: torch.ones(8), b: torch.full((4,), 0.5)}
+    target = Target(macs=0.98, round_to=1)
+    assert kept_widths(select_plan(gm, scores, target), a, b) == (8, 1)  # (8, 2) = .9802 misses
+    assert kept_widths(select_plan(gm, Ranking(scores, per_cost=True), target), a, b) == (7, 4)
+
+
+def test_unreachable_minimum_is_the_floors_of_max_prune_and_min_channels(counted):
+    gm, a, b = counted
+    scores = {a: torch.arange(8.0), b: torch.arange(4.0)}
+    # floors: A max(3, ceil(8 * 0.5)) = 4, B max(3, ceil(4 * 0.5)) = 3
+    smallest = counted_net_cost(4, 3)[0] / counted_net_cost(8, 4)[0]
+    with pytest.raises(TargetError, match=rf"smallest reachable is {smallest:.3f} of the dense macs"):
+        select_plan(gm, scores, Target(macs=0.2, max_prune=0.5, min_channels=3, round_to=1))
+    plan = select_plan(gm, scores, Target(macs=smallest, max_prune=0.5, min_channels=3, round_to=1))
+    assert kept_widths(plan, a, b) == (4, 3)
+    # round_to=4: A keeps 8 or 4; B (4 wide, no smaller multiple of 4) stays whole
+    plan = select_plan(gm, scores, Target(macs=0.6, round_to=4))
+    assert kept_widths(plan, a, b) == (4, 4)
+    assert select_plan(gm, scores, Target(macs=1.0)) == PrunePlan({})
+
+
+def test_at_step_follows_a_geometric_schedule():
+    t = Target(params=0.25, steps=2, round_to=4)
+    assert t.at_step(1) == Target(params=0.5, round_to=4)
+    assert t.at_step(2) == Target(params=0.25, round_to=4)
+    assert (t.kind, t.fraction) == ("params", 0.25)
+
+
+@pytest.mark.parametrize("kwargs", [{"macs": 1.0}, {"latency": 1e-3, "max_prune": 0.0}, {"params": 0.5, "min_channels": 1},
+                                    {"macs": 0.5, "granularity": "both"}, {"macs": 0.5, "granularity": "block"}])
+def test_target_accepts_its_boundaries(kwargs):
+    assert Target(**kwargs).fraction == next(v for k, v in kwargs.items() if k in ("macs", "params", "latency"))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"macs": 0.0}, r"\(0, 1\]"),
+    ({"macs": 0.5, "max_prune": -0.1}, "max_prune"),
+    ({"macs": 0.5, "min_channels": 0}, "min_channels"),
+    ({"macs": 0.5, "steps": 0}, "steps"),
+    ({"macs": 0.5, "granularity": "layer"}, "granularity"),
+    ({"macs": 0.5, "latency": 0.5}, "exactly one"),
+])
+def test_target_refuses_values_outside_its_ranges(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Target(**kwargs)
+
+
+def test_block_granularity_per_cost_drops_the_block_with_least_loss_per_mac_saved():
+    # two residual blocks of TinyOptionA (tests/nets.py), either of which alone meets the goal;
+    # the one that saves more MACs loses less per MAC saved, though its loss is the larger
+    gm = group_channels(trace(TinyOptionA().eval(), torch.randn(2, 3, 16, 16))).graph_module
+    dense = total_cost(gm).macs
+    saved = {g: dense - measure(gm, Target(macs=1.0), PrunePlan({g: ()})) for g in droppable_groups(gm)}
+    big, small = sorted(saved, key=saved.get, reverse=True)[:2]
+    assert saved[big] > 1.1 * saved[small]
+    whole = {big: 1.0 * saved[big], small: 1.1 * saved[small]}  # per MAC: 1.0 against 1.1
+    scores = {g.id: torch.ones(g.size) for g in groups_of(gm).prunable}
+    ranking = Ranking(scores, whole={**dict.fromkeys(saved, 1e9), **whole}, per_cost=True)
+    goal = (dense - saved[small]) / dense  # either block alone meets it
+    plan = select_plan(gm, ranking, Target(macs=goal, granularity="block"))
+    assert plan == PrunePlan({big: ()})
+    # ranked by loss alone, the smaller loss would go: the other block
+    assert whole[small] < whole[big]
+
+
+def test_granularity_both_lets_a_droppable_group_go_to_zero():
+    # TinyOptionA's residual-block inner groups are droppable: with "both" the least sensitive
+    # one may lose every channel (the block goes); with "channel" max_prune keeps half of it
+    # at least
+    gm = group_channels(trace(TinyOptionA().eval(), torch.randn(2, 3, 16, 16))).graph_module
+    drop = min(droppable_groups(gm))
+    scores = {g.id: torch.ones(g.size) + (g.id != drop) for g in groups_of(gm).prunable}
+    goal = measure(gm, Target(macs=1.0), PrunePlan({drop: ()})) / total_cost(gm).macs
+    both = select_plan(gm, scores, Target(macs=goal, granularity="both", round_to=1, max_prune=0.5))
+    assert both == PrunePlan({drop: ()})
+    channel = select_plan(gm, scores, Target(macs=goal, granularity="channel", round_to=1, max_prune=0.5))
+    size = next(g.size for g in groups_of(gm).prunable if g.id == drop)
+    assert len(channel.keep.get(drop, range(size))) >= size // 2

@@ -76,9 +76,9 @@ def mutants_of(path: str, source: str) -> list[Mutant]:
     lines = source.splitlines(keepends=True)
     out: list[Mutant] = []
     toks = list(tokenize.generate_tokens(io.StringIO(source).readline))
-    for i, tok in enumerate(toks):
+    prev = ""  # the last significant token: a bare ``*`` after a line break is still a signature's
+    for tok in toks:
         (row, col), text = tok.start, tok.string
-        prev = toks[i - 1].string if i else ""
         if tok.type == tokenize.OP and text in SWAPS:
             if text in ("*", "-") and prev in ("(", ",", "=", "[", ":", "return"):  # *args, unary minus
                 continue
@@ -87,8 +87,14 @@ def mutants_of(path: str, source: str) -> list[Mutant]:
             out.append(Mutant(path, row, col, text, SWAPS[text], "name"))
         elif tok.type == tokenize.NUMBER and text.isdigit():
             out.append(Mutant(path, row, col, text, str(int(text) + 1), "constant"))
+        if tok.type not in (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT):
+            prev = text
+    in_string = {row for tok in toks if tok.type == tokenize.STRING  # a docstring's inner lines
+                 for row in range(tok.start[0] + 1, tok.end[0] + 1)}
     for row, line in enumerate(lines, 1):
         stripped = line.strip()
+        if row in in_string:
+            continue
         if not stripped or stripped.startswith(("#", '"', "'")) or stripped.startswith(COMPOUND):
             continue
         if line.rstrip().endswith(("(", "[", "{", ",", "\\", ":")) or stripped[0] in ")]}":

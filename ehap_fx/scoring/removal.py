@@ -189,9 +189,9 @@ def removal_result(joint: dict[int, torch.Tensor], **fields) -> RemovalResult:
 def joint_order(joint: torch.Tensor) -> torch.Tensor:
     """Channel scores (higher = kept longer) from greedy removal under the joint loss ``Q``
     (``RemovalResult.joint``): each next channel is the one whose removal, together with those
-    already removed, adds least to ``1_Sᵀ Q 1_S``. Any prefix of the order is the greedy set of
-    its size, so ``select_plan(gm, Ranking(scores, choose={g: joint_order(q)}), target)`` removes
-    channels by it."""
+    already removed, adds least to ``1_Sᵀ Q 1_S`` (on a tie, the lowest index). Any prefix of
+    the order is the greedy set of its size, so
+    ``select_plan(gm, Ranking(scores, choose={g: joint_order(q)}), target)`` removes channels by it."""
     size = joint.shape[0]
     removed = torch.zeros(size, dtype=torch.bool)
     cross = torch.zeros(size)  # Σ_{s ∈ S} Q[s, c]
