@@ -104,6 +104,11 @@ def _per_output_element(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
     return NodeCost(c_out * _per_channel(node), 0)
 
 
+def _prelu(mod: nn.PReLU, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
+    """One slope per channel (shrinking with them), or one shared slope."""
+    return NodeCost(c_out * _per_channel(node), c_out if mod.num_parameters > 1 else 1)
+
+
 def _per_input_element(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
     return NodeCost(c_in * _per_channel(node.args[0]), 0)
 
@@ -131,7 +136,8 @@ MODULE_COST: dict[type[nn.Module], CostFn] = {
     nn.InstanceNorm1d: _norm,
     nn.InstanceNorm2d: _norm,
     nn.InstanceNorm3d: _norm,
-    **dict.fromkeys((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.PReLU, nn.Upsample), _per_output_element),
+    **dict.fromkeys((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.Upsample), _per_output_element),
+    nn.PReLU: _prelu,
     **dict.fromkeys(POOLING_MODULES, _per_input_element),
 }
 

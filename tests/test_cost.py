@@ -156,8 +156,14 @@ def test_unknown_modules_count_their_parameters_and_stale_costs_are_dropped():
 
 
 
-@pytest.mark.xfail(strict=True, reason="found by the #29 mutation work: PReLU's row (_per_output_element) "
-                   "counts its MACs but not its per-channel weights")
-def test_prelu_counts_its_parameters():
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.PReLU(4)).eval()
-    assert total_cost(trace(model, torch.randn(2, 3, 4, 4))).params == (3 * 4 + 4) + 4
+@pytest.mark.parametrize("slopes", [4, 1])
+def test_prelu_counts_its_parameters(slopes):
+    """Found by the #29 mutation work: PReLU's row counted its MACs but not its slopes. A
+    per-channel PReLU loses the slopes of pruned channels; a shared one keeps its one."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.PReLU(slopes), nn.Conv2d(4, 2, 1)).eval()
+    gm = group_channels(trace(model, torch.randn(2, 3, 4, 4))).graph_module
+    assert total_cost(gm).params == (3 * 4 + 4) + slopes + (4 * 2 + 2)
+    (g,) = groups_of(gm).prunable
+    small = shrink(gm, PrunePlan({g.id: (0, 2, 3)})).graph_module
+    assert total_cost(small).params == (3 * 3 + 3) + (3 if slopes == 4 else 1) + (3 * 2 + 2)
+    assert sum(p.numel() for p in small.parameters()) == total_cost(small).params
