@@ -12,7 +12,8 @@ onnxruntime run at ``--batches`` (default 128 and 1): the ratio to dense INT8 is
 the per-round ratios with its 95 % bootstrap interval. Prints a markdown table and writes
 ``--out`` (JSON). Models: ``resnet56``, ``resnet32``, ``resnet20`` (CIFAR, 32×32) and any
 torchvision classifier by name (``tv:mobilenet_v2``, ``tv:resnet18``; ``--tv-size`` input side);
-``--capture export`` captures with torch.export (PT2E INT8).
+``--capture export`` captures with torch.export; ``--backend`` quantizes with PT2E (the default,
+as ``compress``) or torch.ao FX (which writes a dropped block's constant add as a 1x1 conv).
 
     nice -n 5 python tools/latency_loop.py --models resnet56 --targets 0.7 0.5 0.35 \\
         --out runs/latency_loop.json
@@ -61,8 +62,7 @@ def run_model(name: str, args, folder: Path) -> dict:
     table = LatencyTable(LatencyOptions(batch_size=args.batch))
     latency = LatencyModel(gm, table)
     scores = magnitude_scores(gm)
-    backend = "pt2e" if args.capture == "export" else "fx"
-    quant = QuantizeOptions(mode="ptq", backend=backend)
+    quant = QuantizeOptions(mode="ptq", backend=args.backend)
     bench = BenchOptions(batches=(args.batch, 1), rounds=args.loop_rounds)
     options = LoopOptions(tolerance=args.tolerance, max_rounds=args.max_rounds, bench=bench)
     timer = OnnxTimer(x, bench, quantize=quant, folder=folder / "loop")
@@ -103,7 +103,7 @@ def run_model(name: str, args, folder: Path) -> dict:
                 row[f"macs_{kind}"] = macs[key]
                 row[f"final_{kind}"] = {str(b): vars(ratio_of(b, times[key][b], times["dense"][b]))
                                         for b in final.batches}
-    return {"model": name, "capture": args.capture, "rows": rows, "seconds": round(time.perf_counter() - t0),
+    return {"model": name, "capture": args.capture, "backend": args.backend, "rows": rows, "seconds": round(time.perf_counter() - t0),
             "dense_int8_ms": {str(b): 1000 * sorted(v)[len(v) // 2] for b, v in times["dense"].items()}}
 
 
@@ -133,6 +133,8 @@ def main() -> None:
     p.add_argument("--targets", nargs="+", type=float, default=[0.7, 0.5, 0.35])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--capture", choices=("fx", "export"), default="fx")
+    p.add_argument("--backend", choices=("pt2e", "fx"), default="pt2e",
+                   help="INT8 backend of every file (pt2e: compress's default; an export capture needs it)")
     p.add_argument("--tv-size", type=int, default=64)
     p.add_argument("--tolerance", type=float, default=0.1)
     p.add_argument("--max-rounds", type=int, default=4)
