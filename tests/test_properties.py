@@ -141,28 +141,27 @@ class Tokens(nn.Module):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(c, w), nn.Linear(w, c)
 
+    def mixed(self, x):
+        """(N, HW, C) tokens of ``x`` after a residual MLP over the channels."""
+        t = x.flatten(2).transpose(1, 2)  # (N, HW, C)
+        return t + self.fc2(F.gelu(self.fc1(t)))
+
     def forward(self, x):
         n, c, h, w = x.shape
-        t = x.flatten(2).transpose(1, 2)  # (N, HW, C)
-        t = t + self.fc2(F.gelu(self.fc1(t)))
+        t = self.mixed(x)
         t = t * torch.sigmoid(t.mean(1, keepdim=True))  # (N, 1, C) gate, broadcast over tokens
         g = torch.sigmoid(t[:, 0] + t.mean(1))  # (N, C): the first token and the token mean
         return t.transpose(1, 2).reshape(n, c, h, w) * g.view(n, c, 1, 1)
 
 
-class ClsSplit(nn.Module):
+class ClsSplit(Tokens):
     """CvT's stage with a class token: tokens (N, HW, C), an MLP over the channels, the first
     token split off along the tokens (``torch.split(t, [1, HW - 1], 1)``, the channels at dim
     2: the split's sizes count tokens, not channels) and put back."""
 
-    def __init__(self, c, w):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(c, w), nn.Linear(w, c)
-
     def forward(self, x):
         n, c, h, w = x.shape
-        t = x.flatten(2).transpose(1, 2)  # (N, HW, C)
-        t = t + self.fc2(F.gelu(self.fc1(t)))
+        t = self.mixed(x)
         cls, rest = torch.split(t, [1, h * w - 1], 1)  # (N, 1, C), (N, HW - 1, C)
         t = torch.cat([cls * torch.sigmoid(rest.mean(1, keepdim=True)), rest], 1)
         return t.transpose(1, 2).reshape(n, c, h, w)
