@@ -93,9 +93,8 @@ def droppable_groups(gm: fx.GraphModule) -> frozenset[int]:
     """
     nodes_of: dict[int, list[fx.Node]] = {}
     for n in gm.graph.nodes:
-        if isinstance(s := n.meta.get(_meta.CHANNELS), ChannelSlots):
-            for gid in set(s.group.tolist()):
-                nodes_of.setdefault(gid, []).append(n)
+        for gid in {int(g) for s in _slots(n) for g in s.group}:
+            nodes_of.setdefault(gid, []).append(n)
     return frozenset(g.id for g in groups_of(gm).prunable if _droppable(gm, g, nodes_of.get(g.id, [])))
 
 
@@ -111,10 +110,11 @@ def _droppable(gm: fx.GraphModule, group: ChannelGroup, nodes: list[fx.Node]) ->
             continue
         if n.op not in ("call_module", "call_function", "call_method"):
             return False
-        if not bool((n.meta[_meta.CHANNELS].group == group.id).all()):
-            return False  # the value carries other channels too
-        if n.meta[_meta.CHANNELS].dim != 1:
-            return False  # folding builds (1, C, 1, ...) constants
+        for s in _slots(n):
+            if not bool((s.group == group.id).all()):
+                return False  # the value carries other channels too
+            if s.dim != 1:
+                return False  # folding builds (1, C, 1, ...) constants
     readers = {u for n in nodes for u in n.users if u not in inside}
     for r in readers:
         layer = conv_or_linear(gm, r)
@@ -123,6 +123,15 @@ def _droppable(gm: fx.GraphModule, group: ChannelGroup, nodes: list[fx.Node]) ->
         if not all(a is layer.input or layer_tensor(gm, a) for a in r.all_input_nodes):
             return False  # it reads another activation, not just its weight and bias
     return constant_flows_into_live_ops(gm, readers)
+
+
+def _slots(node: fx.Node) -> list[ChannelSlots]:
+    """The channels of ``node``'s value, or of each tensor of its tuple (core ATen's batch
+    norm: ``(y, mean, invstd)``, the statistics empty in eval mode)."""
+    slots = node.meta.get(_meta.CHANNELS)
+    if isinstance(slots, tuple):
+        return [s for s in slots if isinstance(s, ChannelSlots)]
+    return [slots] if isinstance(slots, ChannelSlots) else []
 
 
 def constant_flows_into_live_ops(gm: fx.GraphModule, start: Iterable[fx.Node]) -> bool:
