@@ -5,7 +5,10 @@ far faster than others. Following HALP (Shen et al., "Hardware-Aware Latency Pru
 2022), the latency of a pruned graph is estimated as the sum of its convolutions' latencies,
 each looked up in a table of single-conv timings at the exact kept widths. Each entry is
 measured once (a one-node ONNX model: ``QLinearConv`` for INT8, ``Conv`` for fp32, at the
-deployment batch size) and cached on disk, keyed by machine, onnxruntime version and shape.
+deployment batch size; the profiler's kernel time, :func:`kernel_seconds`, without the layout
+changes a lone conv pays) and cached on disk, keyed by machine, onnxruntime version and shape.
+What the table leaves out (adds, pads, Q/DQ) the loop fits and measures (``latency_graph``,
+``latency_loop``).
 """
 
 from __future__ import annotations
