@@ -233,36 +233,14 @@ def is_pointwise(gm: fx.GraphModule, node: fx.Node) -> bool:
         ) and not isinstance(mod, _SPATIAL_MODULES)
     if node.op not in ("call_function", "call_method"):
         return False
-    if isinstance(node.target, torch._ops.OpOverload):
-        packet = node.target.overloadpacket
-        return packet in _ATEN_ELEMENTWISE + _ATEN_BINARY or _is_eval_batch_norm(node)
-    if node.target is operator.getitem and node.args[1] == 0:  # y of core ATen's (y, mean, invstd)
-        return isinstance(x := node.args[0], fx.Node) and x.target is _CORE_EVAL_BATCH_NORM
     try:
         return node.target in _UNARY_FUNCTIONS + _UNARY_METHODS + _BINARY and node.target not in _SPATIAL
     except TypeError:
         return False
 
 
-_CORE_EVAL_BATCH_NORM = aten._native_batch_norm_legit_no_training.default
-
-
-def _is_eval_batch_norm(node: fx.Node) -> bool:
-    """An ATen batch norm with running statistics: per channel in eval mode, as an
-    ``nn.BatchNorm*d`` is (its ``training`` flag follows ``ExportedGraph.train``). Core ATen's
-    ``_native_batch_norm_legit_no_training`` returns ``(y, ...)``: its ``getitem 0`` is ``y``."""
-    if node.target is _CORE_EVAL_BATCH_NORM:
-        return True
-    if node.target is not aten.batch_norm.default:
-        return False
-    stats = node.args[3:5]  # batch_norm(x, weight, bias, running_mean, running_var, training, ...)
-    return len(stats) == 2 and all(isinstance(s, fx.Node) for s in stats)
-
-
 def is_binary(node: fx.Node) -> bool:
-    """A broadcasting elementwise op of two tensors (add, mul, ...), in FX or ATen spelling."""
-    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-        return node.target.overloadpacket in _ATEN_BINARY
+    """A broadcasting elementwise op of two tensors (add, mul, ...)."""
     try:
         return node.op in ("call_function", "call_method") and node.target in _BINARY
     except TypeError:
@@ -344,17 +322,13 @@ _FX_FUNCTIONS: dict[Any, Rule] = {
 
 
 
-#: ATen ops that act on each element alone (what ``is_pointwise`` accepts of ``_ATEN_UNARY``).
-_ATEN_ELEMENTWISE = (
+_ATEN_UNARY = (
     aten.relu, aten.relu_, aten.hardtanh, aten.hardtanh_, aten.gelu, aten.silu, aten.silu_,
     aten.hardswish, aten.hardswish_, aten.hardsigmoid, aten.sigmoid, aten.tanh, aten.leaky_relu,
     aten.elu, aten.mish, aten.clamp, aten.clamp_min, aten.abs, aten.neg, aten.dropout, aten.dropout_,
     aten.clone, aten.alias, aten._to_copy, aten.to, aten.contiguous,
     aten.feature_dropout, aten.feature_dropout_, aten.alpha_dropout, aten.feature_alpha_dropout,
-    aten.type_as, aten.sigmoid_, aten.tanh_, aten.relu6, aten.softplus, aten.gelu_,
-)
-#: ATen pooling and resizing: channels kept, spatial dims mixed (``_SPATIAL``'s spellings).
-_ATEN_SPATIAL = (
+    aten.type_as, aten.sigmoid_, aten.tanh_, aten.relu6, aten.hardtanh, aten.softplus, aten.gelu_,
     aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d,
     aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d,
     aten.adaptive_avg_pool3d, aten._adaptive_avg_pool3d,
@@ -363,7 +337,6 @@ _ATEN_SPATIAL = (
     aten.upsample_linear1d, aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.upsample_trilinear3d,
     aten._upsample_bilinear2d_aa, aten._upsample_bicubic2d_aa,
 )
-_ATEN_UNARY = (*_ATEN_ELEMENTWISE, *_ATEN_SPATIAL)
 _ATEN_BINARY = (aten.add, aten.add_, aten.sub, aten.mul, aten.mul_, aten.div, aten.maximum, aten.minimum)
 
 #: Rows keyed by ATen ``OpOverloadPacket`` (every overload) or ``OpOverload`` (that one);

@@ -38,7 +38,7 @@ from ehap_fx.passes._layers import (
     is_transposed_conv,
 )
 from ehap_fx.passes.coupling import is_binary
-from ehap_fx.passes.depth import droppable_groups, folded_nodes, folded_value, reads_no_channel
+from ehap_fx.passes.depth import droppable_groups, folded_nodes, reads_no_channel
 from ehap_fx.passes.group import (
     ChannelGroups,
     ChannelSlots,
@@ -46,7 +46,7 @@ from ehap_fx.passes.group import (
     group_channels,
     groups_of,
 )
-from ehap_fx.passes.trace import _TRAINING_FLAG, refresh_shapes
+from ehap_fx.passes.trace import refresh_shapes
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
@@ -503,13 +503,15 @@ def record_kept(gm: fx.GraphModule, keep: KeptChannels) -> None:
 def fold_dropped_branches(gm: fx.GraphModule, keep: KeptChannels) -> None:
     """Replace each conv/linear whose input keeps no channel by its output, the per-channel
     constant ``bias`` (zeros without one), fold it forward through pointwise ops (norms in
-    eval mode) and read the result from a buffer; the dead branch is erased, with the modules
-    and the parameters only it read. In place."""
-    values: dict[fx.Node, Any] = {}
+    eval mode) and read the result from a buffer; the dead branch is erased. In place."""
+    values: dict[fx.Node, torch.Tensor] = {}
     with torch.no_grad():
         for node in folded_nodes(gm, keep.count):
             if reads_no_channel(gm, node, keep.count):
-                values[node] = folded_value(gm, node)  # (1, C, 1, ...)
+                mod = gm.get_submodule(node.target)
+                shape = node.meta["tensor_meta"].shape
+                bias = mod.bias.detach() if mod.bias is not None else torch.zeros(shape[1])
+                values[node] = bias.reshape(1, -1, *[1] * (len(shape) - 2)).clone()
             else:
                 values[node] = _evaluate(gm, node, values)
     for node, value in values.items():
@@ -530,43 +532,16 @@ def fold_dropped_branches(gm: fx.GraphModule, keep: KeptChannels) -> None:
             const.meta[_meta.CHANNELS] = node.meta[_meta.CHANNELS]
         node.replace_all_uses_with(const)
     if values:
-        _erase_dead_branches(gm)
+        used_before = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+        gm.graph.eliminate_dead_code()
+        used_after = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+        for target in used_before - used_after:
+            gm.delete_submodule(target)
 
 
-def _erase_dead_branches(gm: fx.GraphModule) -> None:
-    """Erase the nodes nothing reads any more, then the modules (FX) and parameters and
-    buffers (torch.export's ``get_attr`` tensors) that only they read. A ``get_attr`` no node
-    read before (an export graph's ``num_batches_tracked``) stays, as the state dict has it."""
-    read = {n for n in gm.graph.find_nodes(op="get_attr") if n.users}
-    used_before = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    for node in reversed(gm.graph.nodes):
-        if node.users or node.op in ("placeholder", "output") or node.is_impure():
-            continue
-        if node.op != "get_attr" or node in read:
-            gm.graph.erase_node(node)
-    used_after = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    for target in used_before - used_after:
-        gm.delete_submodule(target)
-    attrs = {n.target for n in gm.graph.find_nodes(op="get_attr")}
-    for target in {n.target for n in read} - attrs:
-        owner, _, name = target.rpartition(".")
-        if not any(owner == m or owner.startswith(f"{m}.") for m in used_after):  # a live module's own
-            delattr(gm.get_submodule(owner), name)
-
-
-def _evaluate(gm: fx.GraphModule, node: fx.Node, values: Mapping[fx.Node, Any]) -> Any:
-    """``node``'s output from the folded ``values`` of its inputs and its ``get_attr``
-    tensors, in eval mode (an ATen batch norm or dropout with its ``training`` flag off)."""
-
-    def value(a: fx.Node) -> Any:
-        v = values[a] if a in values else _fetch_attr(gm, a.target)
-        return v.clone() if isinstance(v, torch.Tensor) else v
-
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+def _evaluate(gm: fx.GraphModule, node: fx.Node, values: Mapping[fx.Node, torch.Tensor]) -> torch.Tensor:
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: values[a].clone())
     if node.op == "call_function":
-        pos = _TRAINING_FLAG.get(node.target)
-        if pos is not None and len(args) > pos:
-            args = (*args[:pos], False, *args[pos + 1 :])
         return node.target(*args, **kwargs)
     if node.op == "call_method":
         return getattr(args[0], node.target)(*args[1:], **kwargs)
@@ -576,11 +551,6 @@ def _evaluate(gm: fx.GraphModule, node: fx.Node, values: Mapping[fx.Node, Any]) 
         return mod.eval()(*args, **kwargs)
     finally:
         mod.train(training)
-
-
-def _fetch_attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner), name).detach()
 
 
 def fresh_attr(gm: fx.GraphModule, name: str) -> str:

@@ -19,7 +19,6 @@ from ehap_fx.passes.depth import droppable_groups
 from ehap_fx.passes.export import ExportOptions, export
 from ehap_fx.passes.group import group_channels, groups_of
 from ehap_fx.passes.mask import random_plan
-from ehap_fx.passes.program import exported_program, kept_outputs, plan_for
 from ehap_fx.passes.quantize import QuantizeOptions, constant_adds_as_convs, quantize
 from ehap_fx.passes.shrink import PrunePlan, shrink
 from ehap_fx.passes.trace import trace
@@ -30,7 +29,6 @@ from ehap_fx.models import get_model
 from ehap_fx.scoring import Ranking, magnitude_scores
 from ehap_fx.target import Target, select_plan
 from tests.nets import randomize_bn
-from tests.test_export_capture import assert_same
 from tests.test_shrink import assert_shrunk_equals_masked
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,16 +42,6 @@ def grouped(name: str):
 def inner_owner(gm, gid: int) -> str:
     (owner,) = [m.module for m in groups_of(gm)[gid].members if m.role == "out"]
     return owner
-
-
-def captured(model: nn.Module, x: torch.Tensor, how: str):
-    """``model`` traced by torch.fx (``"fx"``), captured by torch.export (``"export"``: the
-    training IR, ``aten.conv2d`` / ``aten.batch_norm``) or from its core ATen program
-    (``"core"``: ``aten.convolution`` / ``_native_batch_norm_legit_no_training``), grouped."""
-    if how == "core":
-        ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=1024)},))
-        return group_channels(trace(ep.run_decompositions(), x)).graph_module
-    return group_channels(trace(model, x, capture=how)).graph_module
 
 
 @pytest.mark.parametrize("name,blocks", [("resnet20", 9), ("resnet20-b", 9), ("wrn-16-2", 6)])
@@ -158,20 +146,17 @@ class BiasedBlocks(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-@pytest.mark.parametrize("how", ["fx", "export", "core"])
 @pytest.mark.parametrize("block", [0, 1])
-def test_a_dropped_block_keeps_its_conv_bias(block, how):
+def test_a_dropped_block_keeps_its_conv_bias(block):
     """Dropping block ``block`` (its inner group emptied) leaves ``relu(x + c)`` with ``c`` the
     second conv's bias, through the BN in eval mode where there is one: the depth-pruned model
-    equals the masked original, and the folded buffer is that constant exactly. In an export
-    capture the conv is ``aten.conv2d`` / ``aten.convolution`` on ``get_attr`` tensors and the
-    BN ``aten.batch_norm`` / core ATen's ``_native_batch_norm_legit_no_training``."""
+    equals the masked original, and the folded buffer is that constant exactly."""
     torch.manual_seed(0)
     model = randomize_bn(BiasedBlocks()).eval()
     for conv in (*model.a, *model.b):
         nn.init.uniform_(conv.bias, 0.5, 1.5)  # nonzero: a missing bias changes every output
     x = torch.randn(4, 3, 8, 8)
-    gm = captured(model, x, how)
+    gm = group_channels(trace(model, x)).graph_module
     inner = {inner_owner(gm, g): g for g in droppable_groups(gm)}
     assert set(inner) == {"a.0", "a.1"}
     small = assert_shrunk_equals_masked(gm, x, PrunePlan({inner[f"a.{block}"]: ()}))
@@ -181,26 +166,6 @@ def test_a_dropped_block_keeps_its_conv_bias(block, how):
     torch.testing.assert_close(const, c.detach().reshape(1, 8, 1, 1), rtol=0, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(small(x), forward_dropping(model, x, block, const), rtol=0, atol=1e-5)
-
-
-def test_a_dropped_block_folds_its_batch_norm_in_eval_mode_in_a_training_export_graph():
-    """``ExportedGraph.train()`` sets ``training=True`` on each ``aten.batch_norm``; the fold
-    still evaluates the BN with its running statistics, as FX's ``nn.BatchNorm2d`` in a
-    training-mode model is folded (a batch of one constant has variance 0: ``bn.bias``)."""
-    torch.manual_seed(0)
-    model = randomize_bn(BiasedBlocks()).eval()
-    x = torch.randn(4, 3, 8, 8)
-    consts = []
-    for how in ("fx", "export"):
-        gm = captured(copy.deepcopy(model), x, how).train()  # FX shares the modules
-        inner = {inner_owner(gm, g): g for g in droppable_groups(gm)}
-        small = shrink(gm, PrunePlan({inner["a.1"]: ()})).graph_module
-        (const,) = [v for n, v in small.named_buffers() if n.endswith("_constant")]
-        consts.append(const)
-    b, bn = model.b[1].bias.detach(), model.bn
-    c = (b - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
-    torch.testing.assert_close(consts[1], c.detach().reshape(1, 8, 1, 1), rtol=0, atol=1e-6)
-    torch.testing.assert_close(consts[1], consts[0], rtol=0, atol=0)
 
 
 def forward_dropping(model: BiasedBlocks, x: torch.Tensor, block: int, c: torch.Tensor) -> torch.Tensor:
@@ -213,54 +178,6 @@ def forward_dropping(model: BiasedBlocks, x: torch.Tensor, block: int, c: torch.
         y = model.b[i](F.relu(model.a[i](x)))
         x = F.relu(x + (model.bn(y) if i == 1 else y))
     return model.fc(x.mean((2, 3)))
-
-
-def droppable_owners(gm) -> list[str]:
-    return sorted(inner_owner(gm, g) for g in droppable_groups(gm))
-
-
-@pytest.mark.parametrize("how", ["export", "core"])
-@pytest.mark.parametrize("name", ["resnet20", "resnet20-b", "wrn-16-2", "biased"])
-def test_export_captures_drop_the_blocks_fx_drops(name, how):
-    """Depth pruning does not depend on the capture: the inner group of each block is
-    droppable in both torch.export IRs, as under torch.fx (the convs are ``call_function``
-    nodes on ``get_attr`` tensors there, the BN's tensors members of the group)."""
-    model = randomize_bn(BiasedBlocks() if name == "biased" else get_model(name)).eval()
-    x = torch.randn(2, 3, 8, 8) if name == "biased" else torch.randn(2, 3, 32, 32)
-    expected = droppable_owners(captured(model, x, "fx"))
-    assert len(expected) == {"resnet20": 9, "resnet20-b": 9, "wrn-16-2": 6, "biased": 2}[name]
-    assert droppable_owners(captured(model, x, how)) == expected
-
-
-@pytest.mark.parametrize("how", ["export", "core"])
-@pytest.mark.parametrize("name", ["resnet20", "wrn-16-2"])
-def test_export_depth_pruned_equals_masked_and_fx(name, how):
-    """Model under test: every second block dropped by a plan made on the FX graph and moved
-    to the export capture (``plan_for(ex, kept_outputs(fx, plan))``). The depth-pruned export
-    graph equals its masked original, the FX depth-pruned model and its own re-exported
-    program, costs what was planned, and the dropped blocks' parameters are gone."""
-    model, x = randomize_bn(get_model(name)).eval(), torch.randn(4, 3, 32, 32)
-    fx, ex = captured(model, x, "fx"), captured(model, x, how)
-    dropped = sorted(droppable_groups(fx))[::2]
-    plan = PrunePlan({g: () for g in dropped})
-    eplan = plan_for(ex, kept_outputs(fx, plan))
-    assert set(eplan.keep) <= droppable_groups(ex) and all(k == () for k in eplan.keep.values())
-    small_fx = shrink(fx, plan).graph_module
-    small_ex = assert_shrunk_equals_masked(ex, x, eplan)
-    assert plan_cost(ex, eplan.masks(groups_of(ex))) == total_cost(small_ex)
-    if how == "export":  # (cost counts no core ATen batch norm or mean: fewer MACs there)
-        assert total_cost(small_ex) == total_cost(small_fx)
-    assert len(droppable_groups(small_ex)) == len(droppable_groups(ex)) - len(dropped)
-    ep = exported_program(small_ex)
-    gone = {inner_owner(fx, g) for g in dropped}  # each block's first conv; its second went too
-    assert not [k for k in ep.state_dict if k.rpartition(".")[0] in gone]
-    assert {k for k in ep.state_dict if k.endswith(".weight")} == {
-        f"{n}.weight" for n, m in small_fx.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))
-    }
-    x5 = torch.randn(5, 3, 32, 32)
-    with torch.no_grad():
-        assert_same(small_ex(x), small_fx(x))
-        assert_same(ep.module()(x5), small_fx(x5))
 
 
 def test_bottleneck_blocks_drop_with_their_first_conv():
