@@ -109,14 +109,21 @@ def _copy_chain(graph, order: list, name: str, nodes: list, value: np.ndarray, s
 
 
 def _drop_unused(graph, order: list, replaced: list) -> None:
-    """``graph``'s nodes become ``order`` less the replaced chains nobody reads any more, and
-    their initializers go with them."""
-    used = {o.name for o in graph.output} | {i for n in order for i in n.input}
-    dead = {id(p) for _, nodes in replaced for p in nodes if p.output[0] not in used}
+    """``graph``'s nodes become ``order`` less the replaced chains nobody reads any more (a DQ
+    first, then the Q it read), and their initializers go with them."""
+    import collections
+
+    reads = collections.Counter(i for n in order for i in n.input)
+    reads.update(o.name for o in graph.output)
+    dead = set()
+    for _, nodes in replaced:
+        for p in nodes:  # the consumer's side first: a dead DQ frees its Q
+            if id(p) not in dead and reads[p.output[0]] == 0:
+                dead.add(id(p))
+                reads.subtract(p.input)
     del graph.node[:]
     graph.node.extend(n for n in order if id(n) not in dead)
-    used = {i for n in graph.node for i in n.input}
-    gone = {name for name, _ in replaced} - used
+    gone = {name for name, _ in replaced if reads[name] <= 0}
     kept = [t for t in graph.initializer if t.name not in gone]
     del graph.initializer[:]
     graph.initializer.extend(kept)

@@ -281,14 +281,22 @@ def test_tiling_a_channel_constant_changes_no_output():
     inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
              numpy_helper.from_array(np.array(128, np.uint8), "z"),
              numpy_helper.from_array(rng.integers(0, 256, (1, 8, 1, 1)).astype(np.uint8), "c"),
-             numpy_helper.from_array(rng.integers(0, 256, (1, 8, 1, 1)).astype(np.uint8), "shared")]
+             numpy_helper.from_array(rng.integers(0, 256, (1, 8, 1, 1)).astype(np.uint8), "shared"),
+             numpy_helper.from_array(rng.standard_normal((8, 1, 1)).astype(np.float32), "f")]
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
              helper.make_node("DequantizeLinear", ["c", "s", "z"], ["cd"]),
              helper.make_node("Add", ["xd", "cd"], ["sum"]),
              helper.make_node("DequantizeLinear", ["shared", "s", "z"], ["sd"]),
              helper.make_node("Mul", ["sum", "sd"], ["prod"]),
-             helper.make_node("Sub", ["prod", "sd"], ["y"])]
+             helper.make_node("Sub", ["prod", "sd"], ["p"]),
+             # a float constant quantized in the graph, with Constant-node scale and zero point
+             # (as the TorchScript exporter writes them)
+             helper.make_node("Constant", [], ["cs"], value=numpy_helper.from_array(np.array(0.05, np.float32))),
+             helper.make_node("Constant", [], ["cz"], value=numpy_helper.from_array(np.array(128, np.uint8))),
+             helper.make_node("QuantizeLinear", ["f", "cs", "cz"], ["fq"]),
+             helper.make_node("DequantizeLinear", ["fq", "cs", "cz"], ["fd"]),
+             helper.make_node("Add", ["fd", "p"], ["y"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 5, 7])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -298,8 +306,10 @@ def test_tiling_a_channel_constant_changes_no_output():
         return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
     before = run(model)
-    assert tile_channel_constants(model) == 3
+    assert tile_channel_constants(model) == 4
     init = {t.name: list(t.dims) for t in model.graph.initializer}
-    assert init == {"s": [], "z": [], "c_tiled_5x7": [1, 8, 5, 7], "shared_tiled_5x7": [1, 8, 5, 7]}
-    assert [n.op_type for n in model.graph.node].count("DequantizeLinear") == 3  # x's, c's, shared's
+    assert init == {"s": [], "z": [], "c_tiled_5x7": [1, 8, 5, 7], "shared_tiled_5x7": [1, 8, 5, 7],
+                    "f_tiled_5x7": [1, 8, 5, 7]}
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("DequantizeLinear") == 4 and ops.count("QuantizeLinear") == 2  # x's, c's, shared's, f's
     np.testing.assert_array_equal(run(model), before)

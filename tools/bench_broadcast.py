@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import torch
 from ehap_fx.passes.depth import droppable_groups
-from ehap_fx.passes.export import export_onnx, session
+from ehap_fx.passes.export import export_onnx
 from ehap_fx.passes.group import group_channels, groups_of
 from ehap_fx.passes.quantize import QuantizeOptions
 from ehap_fx.passes.shrink import PrunePlan, shrink
@@ -99,8 +99,6 @@ def main() -> None:
                  "tiled": export_onnx(quantize_int8(small, x, calib, q).graph_module, x, d / "tiled.onnx", dynamo=True)}
         files["untiled"] = d / "untiled.onnx"
         cut = untiled(files["tiled"], files["untiled"])
-        for f in files.values():
-            session(f)  # each loads
         times = time_rounds(files, BenchOptions(batches=(args.batch, 1), rounds=args.rounds))
         adds = {name: add_milliseconds(f, args.batch) for name, f in files.items()}
     print(f"# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {cpu_features().describe()}, "
