@@ -102,3 +102,53 @@ def test_norm_and_conv_spellings_shrink_exactly(norm, conv):
         (dw,) = [n for n in small.graph.nodes if n.target is F.conv2d and n.args[1].target == "dw.weight"]
         assert dw.args[6] == 6
     assert plan_cost(gm, plan.masks(groups)) == total_cost(small)
+
+
+class StdConv2d(nn.Conv2d):
+    """Weight standardisation (Hugging Face's BiT ``WeightStandardizedConv2d``, timm's
+    ``StdConv2d``): each output row of the weight normalised over its input columns by
+    ``F.batch_norm`` in training mode, then ``F.conv2d``."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
+                         eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class StdNet(nn.Module):
+    """std conv (3 → 12) → relu → grouped std conv (12 → 8, groups=2) → relu → std conv (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = StdConv2d(3, 12, 3)
+        self.conv2 = StdConv2d(12, 8, 3, groups=2, bias=False)
+        self.conv3 = StdConv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv3(F.relu(self.conv2(F.relu(self.conv1(x)))))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_standardized_weight_conv_shrinks_exactly(capture):
+    """Rows of a standardised weight prune with the conv's outputs; its input channels are
+    picked after the standardisation (the row statistics read every column), twice in a row."""
+    from ehap_fx.passes.capture import capture_groups
+
+    torch.manual_seed(0)
+    model, x = StdNet().eval(), torch.randn(2, 3, 10, 10)
+    gm = capture_groups(model, x, capture=capture)
+    assert sorted(g.size for g in groups_of(gm).prunable) == [4, 6]  # conv2's 8 as 4 pairs, conv1's 12 as 6
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    small = shrink(gm, plan).graph_module.train().eval()  # the export graph's flags: batch stats stay
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), mask_channels(gm, plan).graph_module(x), rtol=1e-5, atol=1e-5)
+    assert small.conv1.weight.shape == (6, 3, 3, 3)  # 12 rows → 6 (3 per group of conv2)
+    assert small.conv2.weight.shape == (4, 6, 3, 3)  # all 6 columns per group kept in the parameter
+    assert small.conv2.ehap_in_columns.shape == (3,) and small.conv3.ehap_in_columns.shape == (4,)
+    assert plan_cost(gm, plan.masks(groups_of(gm))).macs == total_cost(small).macs
+    assert sorted(g.size for g in groups_of(small).prunable) == [2, 3]  # the shrunk graph prunes again
+    plan2 = random_plan(small, 0.5, torch.Generator().manual_seed(1))
+    smaller = shrink(small, plan2).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(smaller(x), mask_channels(small, plan2).graph_module(x), rtol=1e-5, atol=1e-5)
+    assert smaller.conv3.ehap_in_columns.shape == (2,)
