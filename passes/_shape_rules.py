@@ -229,11 +229,10 @@ def reshape(a: Analysis, node: fx.Node) -> Labels:
     """
     x = a.labels(node.args[0])
     src, dst = _shape(node.args[0]), _shape(node)
-    if x is not None and src is not None and dst is not None and a.dim(node.args[0]) == 0:
-        moved = _unit_dims_moved(src, dst, 0)  # a (C,) parameter viewed as (1, C, 1, 1)
-        if moved is not None:
-            a.set_dim(node, moved)
-            return x
+    moved = _channels_moved(x, src, dst, a.dim(node.args[0]))
+    if moved is not None:
+        a.set_dim(node, moved)
+        return x
     if x is None or src is None or dst is None or len(dst) < 2 or src[0] != dst[0]:
         raise Pin("reshape that does not keep the batch dim")
     cdim = a.dim(node.args[0])
@@ -258,6 +257,39 @@ def reshape(a: Analysis, node: fx.Node) -> Labels:
             a.uf.union(blocks[:, 0], blocks[:, j])
         return blocks[:, 0].copy()
     raise Pin(f"reshape {tuple(src)} → {tuple(dst)} mixes channels")
+
+
+def _channels_moved(x: Labels | None, src: Any, dst: Any, cdim: int) -> int | None:
+    """Where a reshape that leaves the channels whole puts them: a ``(C,)`` parameter viewed
+    as ``(1, C, 1, 1)``; ``(N·T, C)`` ↔ ``(N, T, C)``, ``(N, T, C)`` ↔ ``(N, h, w, C)`` (only
+    the dims before the channels regrouped). None for any other reshape."""
+    if x is None or src is None or dst is None:
+        return None
+    return _unit_dims_moved(src, dst, 0) if cdim == 0 else _leading_dims_regrouped(src, dst, cdim)
+
+
+def _leading_dims_regrouped(src: Any, dst: Any, cdim: int) -> int | None:
+    """Where the channels at ``cdim`` land when a reshape keeps them and every dim after them
+    as they are and only regroups the dims before them (same product): row-major, each element
+    keeps its coordinates from ``cdim`` on. None for any other reshape."""
+    tail = len(src) - cdim
+    lead = len(dst) - tail
+    if lead < 1 or tuple(src[cdim:]) != tuple(dst[lead:]) or math.prod(src[:cdim]) != math.prod(dst[:lead]):
+        return None
+    return lead
+
+
+def reshape_as(a: Analysis, node: fx.Node) -> Labels:
+    """``x.reshape_as(other)`` / ``view_as``: the reshape to ``other``'s shape, whose channels
+    must be where the reshape puts ``x``'s: unioned with them, so the two shapes shrink alike
+    (LeViT's ``batch_norm(y.flatten(0, 1)).reshape_as(y)``)."""
+    labels = reshape(a, node)
+    other = node.args[1]
+    theirs = a.labels(other)
+    if theirs is None or a.dim(other) != a.dim(node) or len(theirs) != len(labels):
+        raise Pin(f"reshape_as a value whose {len(labels)} channels are not at dim {a.dim(node)}")
+    a.uf.union(labels, theirs)
+    return labels
 
 
 def _unit_dims_moved(src: tuple[int, ...], dst: tuple[int, ...], cdim: int) -> int | None:
@@ -352,17 +384,25 @@ def moves_dims(a: Analysis, node: fx.Node) -> Labels:
 
 
 def flatten(a: Analysis, node: fx.Node) -> Labels:
-    """flatten from dim >= 2 keeps channels; from dim 1 it is a reshape to (N, features)."""
+    """flatten of dims after the channels keeps them; of dims before them (LeViT's
+    ``(N, T, C).flatten(0, 1)``) keeps them at a lower dim; from dim 1 of channels at dim 1
+    it is a reshape to (N, features)."""
+    x, ndim = node.args[0], len(_shape(node.args[0]))
     if node.op == "call_module":
-        start = a.module(node).start_dim
+        start, end = a.module(node).start_dim, a.module(node).end_dim
     else:
-        start = _arg(node, 1, "start_dim", 0)
-    start = _norm_dim(start, len(_shape(node.args[0])))
-    if start >= 2:
-        return same_channels(a, node)
+        start, end = _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)
+    start, end, cdim = _norm_dim(start, ndim), _norm_dim(end, ndim), a.dim(x)
+    if start > cdim or start >= end or end < cdim:  # the channels are not among the merged dims
+        at = cdim if start > cdim or start >= end else cdim - (end - start)
+        labels, out = a.labels(x), _shape(node)
+        if labels is None or out is None or len(out) <= at or out[at] != len(labels):
+            raise Pin("flatten of a value without channel labels")
+        a.set_dim(node, at)
+        return labels
     if start == 1:
         return reshape(a, node)
-    raise Pin("flatten of the batch dim")
+    raise Pin(f"flatten of dims {start}..{end}, across the channels at dim {cdim}")
 
 
 def no_channels(a: Analysis, node: fx.Node) -> None:

@@ -11,6 +11,7 @@ modules both count (conv and linear MACs plus bias adds, 2 ops per element for a
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -119,6 +120,29 @@ def _aten_norm(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
     return NodeCost(c_out * _per_channel(node) * (2 if affine else 1), 0)
 
 
+def _matmul(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
+    """A matmul ``(…, n, k) @ (…, k, m)`` (attention's scores and its mix of values): ``k``
+    MACs per output element. No coupling rule describes a matmul's channels, so its inputs
+    are pinned and its shapes are the same under every plan."""
+    a, out = node.args[0].meta.get("tensor_meta"), node.meta.get("tensor_meta")
+    if not (isinstance(a, TensorMetadata) and isinstance(out, TensorMetadata)):
+        return NodeCost(0, 0)
+    if min(len(a.shape), len(out.shape)) < 2:
+        return NodeCost(0, 0)
+    return NodeCost(math.prod(out.shape[1:]) * int(a.shape[-1]), 0)
+
+
+def _attention(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
+    """``scaled_dot_product_attention(q, k, v)``, ``q (N, …, L, E)``, ``k (N, …, S, E)``,
+    ``v (N, …, S, Ev)``: the scores ``L·S·E`` and the mix ``L·S·Ev`` MACs per head (its inputs
+    pinned, as a matmul's)."""
+    q, k, v = (arg.meta.get("tensor_meta") for arg in node.args[:3])
+    if not all(isinstance(t, TensorMetadata) and len(t.shape) >= 3 for t in (q, k, v)):
+        return NodeCost(0, 0)
+    heads = math.prod(q.shape[1:-2])
+    return NodeCost(heads * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1]), 0)
+
+
 CostFn = Callable[[nn.Module | None, fx.Node, int, int], NodeCost]
 
 #: Cost formulas for call_module nodes by module type.
@@ -163,6 +187,9 @@ FUNCTION_COST: dict[object, CostFn] = {
         _per_input_element
     ),
     aten.batch_norm: _aten_norm,
+    **dict.fromkeys((torch.matmul, operator.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm", aten.matmul,
+                     aten.bmm, aten.mm), _matmul),
+    **dict.fromkeys((F.scaled_dot_product_attention, aten.scaled_dot_product_attention), _attention),
 }
 
 

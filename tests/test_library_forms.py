@@ -21,6 +21,7 @@ from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
 from torch import nn
 
+from ehap_fx import _meta
 from tests.nets import randomize_bn
 
 
@@ -152,3 +153,77 @@ def test_standardized_weight_conv_shrinks_exactly(capture):
     with torch.no_grad():
         torch.testing.assert_close(smaller(x), mask_channels(small, plan2).graph_module(x), rtol=1e-5, atol=1e-5)
     assert smaller.conv3.ehap_in_columns.shape == (2,)
+
+
+class LinearBN(nn.Module):
+    """LeViT's ``MLPLayerWithBN``: a linear on tokens ``(N, T, C)``, its BatchNorm1d on
+    ``flatten(0, 1)`` (``(N·T, C)``, channels at dim 1), ``reshape_as`` back."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.linear, self.bn = nn.Linear(i, o, bias=False), nn.BatchNorm1d(o)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class TokenNet(nn.Module):
+    """tokens (N, 16, 8) → LinearBN (8 → 16) → hardswish → LeViT's subsample: view (N, 4, 4, C),
+    [:, ::2, ::2], reshape (N, 4, C) → LinearBN (16 → 12) → hardswish → LinearBN (12 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.mid, self.down = LinearBN(8, 16), LinearBN(16, 12), LinearBN(12, 4)
+
+    def forward(self, x):
+        y = F.hardswish(self.up(x))
+        n, _, c = y.shape
+        y = y.view(n, 4, 4, c)[:, ::2, ::2].reshape(n, -1, c)
+        return self.down(F.hardswish(self.mid(y)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_token_linear_bn_and_subsample_shrink_exactly(capture):
+    """flatten(0, 1) and reshape_as move the channels between dims 2 and 1; a reshape that
+    only regroups the dims before the channels keeps them."""
+    from ehap_fx.passes.capture import capture_groups
+
+    torch.manual_seed(0)
+    model, x = randomize_bn(TokenNet()).eval(), torch.randn(2, 16, 8)
+    gm = capture_groups(model, x, capture=capture)
+    assert sorted(g.size for g in groups_of(gm).prunable) == [12, 16]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    small = shrink(gm, plan).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), mask_channels(gm, plan).graph_module(x), rtol=1e-5, atol=1e-5)
+    assert small.get_submodule("up.linear").weight.shape == (8, 8)
+    assert small.get_submodule("mid.linear").weight.shape == (6, 8)
+    assert small.get_submodule("down.linear").weight.shape == (4, 6)
+    assert plan_cost(gm, plan.masks(groups_of(gm))) == total_cost(small)
+
+
+class Attention(nn.Module):
+    """tokens (N, T, 8) → q, k (8 → 4), v (8 → 6) → softmax(q @ kᵀ) @ v → linear (6 → 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.proj = nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 6), nn.Linear(6, 8)
+
+    def forward(self, x):
+        scores = (self.q(x) @ self.k(x).transpose(-2, -1)).softmax(-1)
+        return self.proj(torch.matmul(scores, self.v(x)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_attention_matmuls_are_counted(capture):
+    """q @ kᵀ costs T·T·4 MACs per sample and scores @ v T·T·6 (FlopCounterMode counts them
+    too): a MACs target then means what the FLOPs say."""
+    from ehap_fx.passes.capture import capture_groups
+
+    model, x = Attention().eval(), torch.randn(2, 10, 8)
+    gm = capture_groups(model, x, capture=capture)
+    total_cost(gm)
+    matmuls = sorted(n.meta[_meta.COST].macs for n in gm.graph.nodes
+                     if n.op != "placeholder" and "matmul" in str(n.target) and _meta.COST in n.meta)
+    assert matmuls == [10 * 10 * 4, 10 * 10 * 6]
