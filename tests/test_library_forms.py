@@ -7,6 +7,9 @@ Models under test::
     every Net:    conv → norm → depthwise conv → F.pad with widths computed from x.size()
                   ("same" padding) → conv; the convs nn.Conv2d or Conv2dSame (own forward:
                   F.conv2d on its weight)
+    StdNet:       weight-standardised convs (BiT, timm's StdConv2d), one of them grouped
+    TokenNet:     LeViT's linear + BatchNorm1d on flatten(0, 1) + reshape_as, and its subsample
+    Attention:    softmax(q @ kᵀ) @ v, whose matmuls the cost counts
 """
 
 import math
