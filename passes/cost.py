@@ -225,7 +225,27 @@ def _cost_fn(gm: fx.GraphModule, node: fx.Node) -> tuple[CostFn | None, nn.Modul
     return None, None
 
 
-def _node_cost(gm, node, seen: set[str], count: Callable[[fx.Node], int]) -> NodeCost | None:
+def _batch(gm: fx.GraphModule) -> int:
+    """The samples the graph's shapes were propagated with: dim 0 of its first tensor input."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        meta = node.meta.get("tensor_meta")
+        if isinstance(meta, TensorMetadata) and len(meta.shape):
+            return max(1, int(meta.shape[0]))
+    return 1
+
+
+def _rows_per_sample(node: fx.Node, batch: int) -> int:
+    """Rows of dim 0 per sample: 1, or the patches / tokens a model folded into the batch dim
+    (MobileViT's unfolded patches ``(N·P, T, C)``, LeViT's ``(N·T, C)`` BatchNorm1d input). The
+    formulas count one row of dim 0; a dim 0 that is no multiple of the batch is counted so."""
+    meta = node.meta.get("tensor_meta")
+    if not isinstance(meta, TensorMetadata) or not len(meta.shape):
+        return 1
+    rows = int(meta.shape[0])
+    return rows // batch if rows > batch and rows % batch == 0 else 1
+
+
+def _node_cost(gm, node, seen: set[str], count: Callable[[fx.Node], int], batch: int = 1) -> NodeCost | None:
     fn, mod = _cost_fn(gm, node)
     params = 0
     linear = functional_linear_spec(gm, node)
@@ -251,6 +271,7 @@ def _node_cost(gm, node, seen: set[str], count: Callable[[fx.Node], int]) -> Nod
     inp = linear.input if linear else inp
     dim = _formula_dim(fn, node)
     c = fn(mod, node, count(inp, dim), count(node, dim))
+    c = NodeCost(c.macs * _rows_per_sample(node, batch), c.params)
     if mod is not None:
         if key in seen:  # a module called twice has its parameters counted once
             c = NodeCost(c.macs, 0)
@@ -261,8 +282,9 @@ def _node_cost(gm, node, seen: set[str], count: Callable[[fx.Node], int]) -> Nod
 def count_cost(gm: fx.GraphModule) -> PassResult:
     """Write ``NodeCost`` into ``node.meta["ehap.cost"]`` for every node that costs something."""
     seen: set[str] = set()
+    batch = _batch(gm)
     for node in gm.graph.nodes:
-        c = _node_cost(gm, node, seen, _channels)
+        c = _node_cost(gm, node, seen, _channels, batch)
         if c is None:
             node.meta.pop(_meta.COST, None)
         else:
@@ -296,12 +318,13 @@ def plan_cost(gm: fx.GraphModule, keep_masks: list[torch.Tensor]) -> Cost:
         return _channels(node, dim) if n is None else n
 
     seen: set[str] = set()
+    batch = _batch(gm)
     total = Cost(0, 0)
     gone = removed_nodes(gm, count)
     for node in gm.graph.nodes:
         if node in gone:
             continue
-        c = _node_cost(gm, node, seen, count)
+        c = _node_cost(gm, node, seen, count, batch)
         if c is not None:
             total = Cost(total.macs + c.macs, total.params + c.params)
     return total

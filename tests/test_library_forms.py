@@ -10,6 +10,7 @@ Models under test::
     StdNet:       weight-standardised convs (BiT, timm's StdConv2d), one of them grouped
     TokenNet:     LeViT's linear + BatchNorm1d on flatten(0, 1) + reshape_as, and its subsample
     Attention:    softmax(q @ kᵀ) @ v, whose matmuls the cost counts
+    PatchNet:     MobileViT's 2×2 patches folded into the batch dim around a linear
 """
 
 import math
@@ -230,3 +231,42 @@ def test_attention_matmuls_are_counted(capture):
     matmuls = sorted(n.meta[_meta.COST].macs for n in gm.graph.nodes
                      if n.op != "placeholder" and "matmul" in str(n.target) and _meta.COST in n.meta)
     assert matmuls == [10 * 10 * 4, 10 * 10 * 6]
+
+
+class PatchNet(nn.Module):
+    """MobileViT's unfolding: conv (3 → 8) → (N, C, H, W) as 2×2 patches, the patch position
+    folded into the batch dim, (N·4, H·W/4, C) → linear (8 → 8) → folded back → conv (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.linear, self.conv2 = nn.Conv2d(3, 8, 1), nn.Linear(8, 8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        n, c, h, w = y.shape
+        y = y.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 3, 5, 2, 4, 1).reshape(n * 4, h * w // 4, c)
+        y = self.linear(y)
+        c = y.shape[-1]
+        y = y.reshape(n, 2, 2, h // 2, w // 2, c).permute(0, 5, 3, 1, 4, 2).reshape(n, c, h, w)
+        return self.conv2(y)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_patches_folded_into_the_batch_dim_are_counted(capture):
+    """A linear on (N·4, T, C) costs 4 rows of T per sample; the channels follow the patch
+    reshapes (only the dims before them regrouped)."""
+    from ehap_fx.passes.capture import capture_groups
+
+    torch.manual_seed(0)
+    model, x = PatchNet().eval(), torch.randn(2, 3, 8, 8)
+    gm = capture_groups(model, x, capture=capture)
+    assert sorted(g.size for g in groups_of(gm).prunable) == [8, 8]
+    total_cost(gm)
+    (linear,) = [n for n in gm.graph.nodes if _meta.COST in n.meta and "linear" in str(n.target)]
+    assert linear.meta[_meta.COST].macs == 4 * (16 * 8 * 8 + 8)  # 4 patches of 16 tokens, + its bias
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    small = shrink(gm, plan).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), mask_channels(gm, plan).graph_module(x), rtol=1e-5, atol=1e-5)
+    assert small.linear.weight.shape == (4, 4)
+    assert plan_cost(gm, plan.masks(groups_of(gm))) == total_cost(small)
