@@ -143,6 +143,27 @@ def _attention(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
     return NodeCost(heads * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1]), 0)
 
 
+def _einsum(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
+    """``einsum("bhlk,bhtk->bhlt", q, k)`` of two operands (CvT's attention): one MAC per
+    combination of its letters, per row of the output's dim 0 (pinned inputs, as a matmul's).
+    Other forms (one or three operands, ``...``) are not counted."""
+    equation, *operands = node.args
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])  # einsum(eq, [a, b]) and aten.einsum(eq, [a, b])
+    if not isinstance(equation, str) or "..." in equation or "->" not in equation or len(operands) != 2:
+        return NodeCost(0, 0)
+    inputs, output = equation.replace(" ", "").split("->")
+    sizes: dict[str, int] = {}
+    for letters, arg in zip(inputs.split(","), operands):
+        meta = arg.meta.get("tensor_meta") if isinstance(arg, fx.Node) else None
+        if not isinstance(meta, TensorMetadata) or len(meta.shape) != len(letters):
+            return NodeCost(0, 0)
+        sizes.update(zip(letters, (int(n) for n in meta.shape)))
+    if not output:
+        return NodeCost(0, 0)
+    return NodeCost(math.prod(n for letter, n in sizes.items() if letter != output[0]), 0)
+
+
 CostFn = Callable[[nn.Module | None, fx.Node, int, int], NodeCost]
 
 #: Cost formulas for call_module nodes by module type.
@@ -190,6 +211,7 @@ FUNCTION_COST: dict[object, CostFn] = {
     **dict.fromkeys((torch.matmul, operator.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm", aten.matmul,
                      aten.bmm, aten.mm), _matmul),
     **dict.fromkeys((F.scaled_dot_product_attention, aten.scaled_dot_product_attention), _attention),
+    **dict.fromkeys((torch.einsum, aten.einsum), _einsum),
 }
 
 

@@ -210,26 +210,29 @@ def test_token_linear_bn_and_subsample_shrink_exactly(capture):
 class Attention(nn.Module):
     """tokens (N, T, 8) → q, k (8 → 4), v (8 → 6) → softmax(q @ kᵀ) @ v → linear (6 → 8)."""
 
-    def __init__(self):
+    def __init__(self, einsum=False):
         super().__init__()
         self.q, self.k, self.v, self.proj = nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 6), nn.Linear(6, 8)
+        self.einsum = einsum
 
     def forward(self, x):
-        scores = (self.q(x) @ self.k(x).transpose(-2, -1)).softmax(-1)
-        return self.proj(torch.matmul(scores, self.v(x)))
+        q, k = self.q(x), self.k(x)
+        scores = torch.einsum("btk,bsk->bts", q, k) if self.einsum else q @ k.transpose(-2, -1)
+        return self.proj(torch.matmul(scores.softmax(-1), self.v(x)))
 
 
+@pytest.mark.parametrize("einsum", [False, True])
 @pytest.mark.parametrize("capture", ["fx", "export"])
-def test_attention_matmuls_are_counted(capture):
-    """q @ kᵀ costs T·T·4 MACs per sample and scores @ v T·T·6 (FlopCounterMode counts them
-    too): a MACs target then means what the FLOPs say."""
+def test_attention_matmuls_are_counted(capture, einsum):
+    """q @ kᵀ (or CvT's einsum) costs T·T·4 MACs per sample and scores @ v T·T·6
+    (FlopCounterMode counts them too): a MACs target then means what the FLOPs say."""
     from ehap_fx.passes.capture import capture_groups
 
-    model, x = Attention().eval(), torch.randn(2, 10, 8)
+    model, x = Attention(einsum).eval(), torch.randn(2, 10, 8)
     gm = capture_groups(model, x, capture=capture)
     total_cost(gm)
-    matmuls = sorted(n.meta[_meta.COST].macs for n in gm.graph.nodes
-                     if n.op != "placeholder" and "matmul" in str(n.target) and _meta.COST in n.meta)
+    matmuls = sorted(n.meta[_meta.COST].macs for n in gm.graph.nodes if _meta.COST in n.meta
+                     and n.op == "call_function" and ("matmul" in str(n.target) or "einsum" in str(n.target)))
     assert matmuls == [10 * 10 * 4, 10 * 10 * 6]
 
 
