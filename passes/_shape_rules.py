@@ -265,7 +265,11 @@ def _channels_moved(x: Labels | None, src: Any, dst: Any, cdim: int) -> int | No
     the dims before the channels regrouped). None for any other reshape."""
     if x is None or src is None or dst is None:
         return None
-    return _unit_dims_moved(src, dst, 0) if cdim == 0 else _leading_dims_regrouped(src, dst, cdim)
+    if cdim == 0:
+        return _unit_dims_moved(src, dst, 0)
+    if cdim == 1 and src[0] == dst[0]:
+        return None  # the batch dim and the channels stay: the rules below (size-1 dims are ambiguous)
+    return _leading_dims_regrouped(src, dst, cdim)
 
 
 def _leading_dims_regrouped(src: Any, dst: Any, cdim: int) -> int | None:
