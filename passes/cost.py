@@ -122,14 +122,14 @@ def _aten_norm(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
 
 def _matmul(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
     """A matmul ``(…, n, k) @ (…, k, m)`` (attention's scores and its mix of values): ``k``
-    MACs per output element. No coupling rule describes a matmul's channels, so its inputs
-    are pinned and its shapes are the same under every plan."""
+    MACs per output element, ``k = c_in`` and ``m = c_out`` the kept sizes of the last dims
+    (``_formula_dim``: q's channels in the scores, v's in the mix; any other dim is pinned)."""
     a, out = node.args[0].meta.get("tensor_meta"), node.meta.get("tensor_meta")
     if not (isinstance(a, TensorMetadata) and isinstance(out, TensorMetadata)):
         return NodeCost(0, 0)
     if min(len(a.shape), len(out.shape)) < 2:
         return NodeCost(0, 0)
-    return NodeCost(math.prod(out.shape[1:]) * int(a.shape[-1]), 0)
+    return NodeCost(math.prod(out.shape[1:-1]) * c_out * c_in, 0)
 
 
 def _attention(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
@@ -227,7 +227,7 @@ def _formula_dim(fn: CostFn, node: fx.Node) -> int:
     otherwise wherever the node's channels are."""
     if fn is _conv:
         return 1
-    if fn is _linear:
+    if fn in (_linear, _matmul):
         return -1
     return _channel_dim(node)
 

@@ -69,6 +69,7 @@ from ehap_fx.passes._shape_rules import (
     flatten,
     getitem,
     keeps_leading_dims,
+    matmul,
     moves_dims,
     no_channels,
     pad,
@@ -254,7 +255,7 @@ def is_binary(node: fx.Node) -> bool:
 _ANY_DIM = frozenset(
     {same_channels, layer_norm, linear, elementwise, concat, split, getitem, moves_dims,
      keeps_leading_dims, reduce_spatial, reduce_additive, vector_norm, reshape, functional_norm, no_channels,
-     aten_slice, functional_linear, softmax, stack, flatten, reshape_as}
+     aten_slice, functional_linear, softmax, stack, flatten, reshape_as, matmul}
 )
 
 
@@ -278,6 +279,9 @@ _FX_FUNCTIONS: dict[Any, Rule] = {
     torch.reshape: reshape,
     "reshape_as": reshape_as,  # to the other's shape, whose channels must land where these do
     "view_as": reshape_as,
+    operator.matmul: matmul,  # attention: q @ kᵀ unions q's and k's channels, p @ v keeps v's
+    torch.matmul: matmul,
+    "matmul": matmul,
     torch.mean: reduce_additive,  # over spatial dims; over channels with keepdim (shrink: sum / dense C)
     "mean": reduce_additive,
     torch.sum: reduce_additive,
@@ -360,6 +364,7 @@ _ATEN_FUNCTIONS: dict[Any, Rule] = {
     aten._unsafe_view: reshape,
     aten.reshape_as: reshape_as,
     aten.view_as: reshape_as,
+    aten.matmul: matmul,
     aten.flatten: flatten,  # flatten.using_ints(x, start_dim, end_dim)
     aten.permute: moves_dims,
     aten.transpose: moves_dims,  # transpose.int(x, dim0, dim1)

@@ -332,8 +332,9 @@ def shrink_split(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
     if sizes is None:
         return
     # chunk(x, n, 1) cannot express unequal pieces: it becomes split(x, sizes, 1)
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     node.target = torch.split if node.op == "call_function" else "split"
-    node.args = (node.args[0], sizes, 1)
+    node.args = (node.args[0], sizes, dim)
     node.kwargs = {}
 
 
@@ -341,18 +342,19 @@ def shrink_aten_split(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
     """``aten.split`` / ``chunk`` / ``split_with_sizes`` of channels: ``split_with_sizes``."""
     sizes = _kept_split_sizes(node, keep)
     if sizes is not None:
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
         node.target = aten.split_with_sizes.default
-        node.args, node.kwargs = (node.args[0], sizes, 1), {}
+        node.args, node.kwargs = (node.args[0], sizes, dim), {}
 
 
 def _kept_split_sizes(node: fx.Node, keep: _Keep) -> list[int] | None:
-    """The kept size of each piece of a split of the channels at dim 1; None for a split of
-    another dim (each piece then has all the channels: CvT's ``split(tokens, [1, h * w], 1)``
+    """The kept size of each piece of a split of the channels (at dim 1, or at the last dim of
+    attention heads, LeViT's q, k, v); None for a split of another dim (each piece then has all the channels: CvT's ``split(tokens, [1, h * w], 1)``
     of ``(N, 1 + h·w, C)``, channels at dim 2, cuts off the class token)."""
     slots = node.meta[_meta.CHANNELS]  # one ChannelSlots per piece, at the input's channel dim
     ndim = len(node.args[0].meta["tensor_meta"].shape)
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    if dim % ndim != 1 or any(s.dim != 1 for s in slots):
+    if any(s.dim != dim % ndim for s in slots):
         return None
     sizes = [int(keep.of(s).sum()) for s in slots]
     if 0 in sizes:

@@ -11,6 +11,7 @@ Models under test::
     TokenNet:     LeViT's linear + BatchNorm1d on flatten(0, 1) + reshape_as, and its subsample
     Attention:    softmax(q @ kᵀ) @ v, whose matmuls the cost counts
     PatchNet:     MobileViT's 2×2 patches folded into the batch dim around a linear
+    HeadAttention: LeViT's attention, q, k, v split off per head, q·kᵀ and p·v
 """
 
 import math
@@ -272,4 +273,43 @@ def test_patches_folded_into_the_batch_dim_are_counted(capture):
     with torch.no_grad():
         torch.testing.assert_close(small(x), mask_channels(gm, plan).graph_module(x), rtol=1e-5, atol=1e-5)
     assert small.linear.weight.shape == (4, 4)
+    assert plan_cost(gm, plan.masks(groups_of(gm))) == total_cost(small)
+
+
+class HeadAttention(nn.Module):
+    """LeViT's attention on tokens (N, T, 8): linear in (8 → 8) → qkv linear (8 → 2 heads ×
+    (4 + 4 + 6)) viewed (N, T, 2, 14), split on the last dim into q, k, v, heads to dim 1;
+    softmax(q·kᵀ·scale) · v, heads merged back (N, T, 12), hardswish, projection (12 → 8),
+    residual, linear out (8 → 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.qkv, self.proj, self.out = nn.Linear(8, 8), nn.Linear(8, 28), nn.Linear(12, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        n, t, _ = x.shape
+        q, k, v = self.qkv(x).view(n, t, 2, -1).split([4, 4, 6], dim=3)
+        q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+        att = (q @ k.transpose(-2, -1) * 0.5).softmax(-1)
+        y = (att @ v).transpose(1, 2).reshape(n, t, 12)
+        return self.out(x + self.proj(F.hardswish(y)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_attention_head_dims_shrink_exactly(capture):
+    """q·kᵀ ties q's dim j to k's dim j (of every head: the heads split off the channels);
+    p·v keeps v's dims; the heads merged back tile them."""
+    from ehap_fx.passes.capture import capture_groups
+
+    torch.manual_seed(0)
+    model, x = HeadAttention().eval(), torch.randn(2, 5, 8)
+    gm = capture_groups(model, x, capture=capture)
+    assert sorted(g.size for g in groups_of(gm).prunable) == [4, 6, 8]  # q·k dims, v dims, residual
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    small = shrink(gm, plan).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), mask_channels(gm, plan).graph_module(x), rtol=1e-5, atol=1e-5)
+    assert small.qkv.weight.shape == (2 * (2 + 2 + 3), 4)  # per head: 2 q, 2 k, 3 v dims kept
+    assert small.proj.weight.shape == (4, 2 * 3)
     assert plan_cost(gm, plan.masks(groups_of(gm))) == total_cost(small)
