@@ -349,8 +349,9 @@ def shrink_aten_split(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
 
 def _kept_split_sizes(node: fx.Node, keep: _Keep) -> list[int] | None:
     """The kept size of each piece of a split of the channels (at dim 1, or at the last dim of
-    attention heads, LeViT's q, k, v); None for a split of another dim (each piece then has all the channels: CvT's ``split(tokens, [1, h * w], 1)``
-    of ``(N, 1 + h·w, C)``, channels at dim 2, cuts off the class token)."""
+    attention heads: LeViT's q, k, v); None for a split of another dim (each piece then has all
+    the channels: CvT's ``split(tokens, [1, h * w], 1)`` of ``(N, 1 + h·w, C)``, channels at
+    dim 2, cuts off the class token)."""
     slots = node.meta[_meta.CHANNELS]  # one ChannelSlots per piece, at the input's channel dim
     ndim = len(node.args[0].meta["tensor_meta"].shape)
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
