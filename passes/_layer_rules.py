@@ -171,8 +171,9 @@ def _functional_layer_checked(a: Analysis, node: fx.Node, spec: Any, what: str) 
         raise Pin(f"{what} on tensors that are not one module's weight and bias")
     computed = getattr(spec, "standardized", None)  # its chain reads the weight twice, by itself
     chain = computed.nodes if computed is not None else ()
+    own = (computed.index, *computed.gain[:1]) if computed is not None else ()  # its column index, its gain
     reads = [n for n in a.gm.graph.nodes if n.op == "get_attr" and n.target.startswith(spec.owner + ".")
-             and (computed is None or n is not computed.index)]
+             and n not in own]
     if len(reads) != 1 + (spec.bias is not None) or any(len(r.users) != 1 for r in reads if r not in chain):
         raise Pin(f"{spec.owner}'s tensors are read elsewhere too")
     return spec

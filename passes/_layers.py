@@ -16,6 +16,7 @@ standardisation, whose statistics read all of them.
 from __future__ import annotations
 
 import functools
+import operator
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -151,7 +152,9 @@ class StandardizedWeight:
     parameter alone, so rows are sliced as a conv's are. Every input column enters the row's
     statistics, so removing input channels cannot slice the parameter's columns; a shrink
     picks the kept columns after the standardisation instead (``gather``, ``index``: a
-    ``get_attr`` of the column indices)."""
+    ``get_attr`` of the column indices). The norm's weight may be a per-row gain (timm's
+    ``ScaledStdConv2d``: ``(gain * scale).view(-1)``, ``gain`` of shape ``(O, 1, 1, 1)``),
+    sliced with the rows."""
 
     param: fx.Node
     flat: fx.Node
@@ -159,17 +162,19 @@ class StandardizedWeight:
     back: fx.Node
     gather: fx.Node | None = None
     index: fx.Node | None = None
+    gain: tuple[fx.Node, ...] = ()  # timm's ScaledStdConv2d: a (O, 1, 1, 1) gain, first, its ops
 
     @property
     def nodes(self) -> tuple[fx.Node, ...]:
-        return tuple(n for n in (self.param, self.flat, self.norm, self.back, self.gather, self.index)
-                     if n is not None)
+        chain = (self.param, self.flat, self.norm, self.back, self.gather, self.index, *self.gain)
+        return tuple(n for n in chain if n is not None)
 
 
 _RESHAPES = ("reshape", "view", torch.reshape, aten.reshape.default, aten.view.default)
 _RESHAPE_AS = ("reshape_as", "view_as", aten.reshape_as.default, aten.view_as.default)
 _GATHERS = (torch.index_select, aten.index_select.default)
-_CHAIN_OPS = (*_RESHAPES, *_RESHAPE_AS, *_GATHERS, F.batch_norm, aten.batch_norm.default)
+_CHAIN_OPS = (*_RESHAPES, *_RESHAPE_AS, *_GATHERS, F.batch_norm, aten.batch_norm.default,
+              operator.mul, torch.mul, aten.mul.Tensor, "mul")
 
 
 def _calls(node: Any, targets: tuple) -> bool:
@@ -185,20 +190,37 @@ def _meta_shape(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(meta.shape) if hasattr(meta, "shape") else None
 
 
-def _is_standardizing_norm(node: Any) -> bool:
-    """``F.batch_norm(x, None, None, weight=None, bias=None, training=True)`` /
-    ``aten.batch_norm(x, None, None, None, None, True, ...)``: batch statistics, no affine."""
+def _norm_tensors(node: Any) -> tuple[list, Any] | None:
+    """``(input, running_mean, running_var, weight, bias)`` and ``training`` of a batch norm
+    call, ``F.batch_norm`` or ``aten.batch_norm``; None for any other node."""
     if _calls(node, (F.batch_norm,)):
-        tensors = [_arg(node, i, name) for i, name in enumerate(("input", "running_mean", "running_var",
-                                                                  "weight", "bias"))]
-        training = _arg(node, 5, "training", False)
+        names = ("input", "running_mean", "running_var", "weight", "bias")
+        tensors = [_arg(node, i, name) for i, name in enumerate(names)]
     elif _calls(node, (aten.batch_norm.default,)):
-        tensors = [_arg(node, i, name) for i, name in enumerate(("input", "weight", "bias", "running_mean",
-                                                                  "running_var"))]
-        training = _arg(node, 5, "training", False)
+        names = ("input", "weight", "bias", "running_mean", "running_var")
+        found = dict(zip(names, (_arg(node, i, name) for i, name in enumerate(names))))
+        tensors = [found[n] for n in ("input", "running_mean", "running_var", "weight", "bias")]
     else:
-        return False
-    return training is True and all(t is None for t in tensors[1:])
+        return None
+    return tensors, _arg(node, 5, "training", False)
+
+
+def _gain(node: Any, rows: int) -> tuple[fx.Node, ...] | None:
+    """timm's ``ScaledStdConv2d`` gain: ``(gain * scale).view(-1)`` of a ``get_attr`` ``(O, 1, 1,
+    1)`` (or ``(O,)``) by a number, each value read by the next alone: the nodes, gain first."""
+    if not _calls(node, _RESHAPES) or len(node.users) != 1:
+        return None
+    chain, x = [node], node.args[0]
+    if _calls(x, (operator.mul, torch.mul, aten.mul.Tensor, "mul")) and len(x.users) == 1:
+        tensors = [a for a in x.args if isinstance(a, fx.Node)]
+        if len(tensors) != 1 or not all(isinstance(a, (fx.Node, int, float)) for a in x.args):
+            return None
+        chain, x = [x, *chain], tensors[0]
+    shape = _meta_shape(x) if isinstance(x, fx.Node) else None
+    if x is None or x.op != "get_attr" or len(x.users) != 1 or shape is None or shape[0] != rows or any(
+            n != 1 for n in shape[1:]) or _meta_shape(node) != (rows,):
+        return None
+    return (x, *chain)
 
 
 def standardized_weight(w: Any) -> StandardizedWeight | None:
@@ -212,9 +234,10 @@ def standardized_weight(w: Any) -> StandardizedWeight | None:
     if not _calls(w, _RESHAPE_AS) or len(w.users) != 1:
         return None
     back, norm, param = w, w.args[0], w.args[1]
-    if not _is_standardizing_norm(norm) or len(norm.users) != 1:
-        return None
-    flat = norm.args[0]
+    found = _norm_tensors(norm)
+    if found is None or found[1] is not True or len(norm.users) != 1:
+        return None  # batch statistics (training=True) of the flattened rows
+    (flat, mean, var, gain, bias) = found[0]
     if not _calls(flat, _RESHAPES) or len(flat.users) != 1 or flat.args[0] is not param:
         return None
     if not isinstance(param, fx.Node) or param.op != "get_attr" or set(param.users) != {flat, back}:
@@ -223,14 +246,17 @@ def standardized_weight(w: Any) -> StandardizedWeight | None:
     if shape is None or len(shape) < 3 or flat_shape is None or flat_shape[:2] != (1, shape[0]) or len(
             flat_shape) != 3:
         return None  # not one row per output channel
-    return StandardizedWeight(param, flat, norm, back, gather, index)
+    gain_chain = () if gain is None else _gain(gain, shape[0])
+    if mean is not None or var is not None or bias is not None or gain_chain is None:
+        return None
+    return StandardizedWeight(param, flat, norm, back, gather, index, gain_chain)
 
 
 def weight_chain(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Is ``node`` part of a ``StandardizedWeight`` that a functional conv reads (its rule and
     shrink describe the whole chain)?"""
     frontier = [node]
-    for _ in range(5):  # param → flat → norm → back → gather → conv
+    for _ in range(7):  # gain → mul → view → norm → back → gather → conv
         frontier = [u for n in frontier for u in n.users]
         for user in frontier:
             if is_functional_conv(user.target) and functional_conv_owner(gm, user) is not None:

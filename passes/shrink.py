@@ -172,6 +172,10 @@ def _shrink_standardized_conv(gm: fx.GraphModule, node: fx.Node, spec: Any, keep
     holder.weight = _param(holder.weight, k_out)  # (O_keep, I/g, k...)
     if spec.bias is not None:
         holder.bias = _param(spec.bias, k_out)
+    if computed.gain:  # timm's ScaledStdConv2d: a gain (O, 1, 1, 1) per row
+        owner, _, name = computed.gain[0].target.rpartition(".")
+        module = gm.get_submodule(owner)
+        setattr(module, name, _param(getattr(module, name), k_out))
     flat = computed.flat
     _set_shape(flat, 1, len(k_out))  # reshape(w, (1, O_keep, -1))
     g = spec.groups

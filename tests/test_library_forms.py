@@ -121,27 +121,47 @@ class StdConv2d(nn.Conv2d):
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-class StdNet(nn.Module):
-    """std conv (3 → 12) → relu → grouped std conv (12 → 8, groups=2) → relu → std conv (8 → 4)."""
+class ScaledStdConv2d(nn.Conv2d):
+    """timm's ``ScaledStdConv2d`` (NFNets): as ``StdConv2d``, the norm's weight a per-row gain
+    ``(gain * scale).view(-1)``, ``gain`` of shape ``(O, 1, 1, 1)``."""
 
-    def __init__(self):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+        self.scale = self.weight[0].numel() ** -0.5
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0,
+                         eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class StdNet(nn.Module):
+    """std conv (3 → 12) → relu → grouped std conv (12 → 8, groups=2) → relu → std conv (8 → 4)
+    (the first two scaled std convs with a gain when ``scaled``)."""
+
+    def __init__(self, scaled=False):
         super().__init__()
-        self.conv1 = StdConv2d(3, 12, 3)
-        self.conv2 = StdConv2d(12, 8, 3, groups=2, bias=False)
+        first = ScaledStdConv2d if scaled else StdConv2d
+        self.conv1 = first(3, 12, 3)
+        self.conv2 = first(12, 8, 3, groups=2, bias=False)
         self.conv3 = StdConv2d(8, 4, 1)
 
     def forward(self, x):
         return self.conv3(F.relu(self.conv2(F.relu(self.conv1(x)))))
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("capture", ["fx", "export"])
-def test_standardized_weight_conv_shrinks_exactly(capture):
-    """Rows of a standardised weight prune with the conv's outputs; its input channels are
-    picked after the standardisation (the row statistics read every column), twice in a row."""
+def test_standardized_weight_conv_shrinks_exactly(capture, scaled):
+    """Rows of a standardised weight (and of its gain) prune with the conv's outputs; its
+    input channels are picked after the standardisation (the row statistics read every
+    column), twice in a row."""
     from ehap_fx.passes.capture import capture_groups
 
     torch.manual_seed(0)
-    model, x = StdNet().eval(), torch.randn(2, 3, 10, 10)
+    model, x = StdNet(scaled).eval(), torch.randn(2, 3, 10, 10)
     gm = capture_groups(model, x, capture=capture)
     assert sorted(g.size for g in groups_of(gm).prunable) == [4, 6]  # conv2's 8 as 4 pairs, conv1's 12 as 6
     plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
@@ -151,6 +171,8 @@ def test_standardized_weight_conv_shrinks_exactly(capture):
     assert small.conv1.weight.shape == (6, 3, 3, 3)  # 12 rows → 6 (3 per group of conv2)
     assert small.conv2.weight.shape == (4, 6, 3, 3)  # all 6 columns per group kept in the parameter
     assert small.conv2.ehap_in_columns.shape == (3,) and small.conv3.ehap_in_columns.shape == (4,)
+    if scaled:
+        assert small.conv1.gain.shape == (6, 1, 1, 1) and small.conv2.gain.shape == (4, 1, 1, 1)
     assert plan_cost(gm, plan.masks(groups_of(gm))).macs == total_cost(small).macs
     assert sorted(g.size for g in groups_of(small).prunable) == [2, 3]  # the shrunk graph prunes again
     plan2 = random_plan(small, 0.5, torch.Generator().manual_seed(1))
