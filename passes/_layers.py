@@ -257,12 +257,13 @@ def weight_chain(gm: fx.GraphModule, node: fx.Node) -> bool:
     shrink describe the whole chain)?"""
     frontier = [node]
     for _ in range(7):  # gain → mul → view → norm → back → gather → conv
-        frontier = [u for n in frontier for u in n.users]
-        for user in frontier:
+        users = [u for n in frontier for u in n.users]
+        for user in users:
             if is_functional_conv(user.target) and functional_conv_owner(gm, user) is not None:
                 computed = standardized_weight(_arg(user, 1, "weight"))
                 if computed is not None and node in computed.nodes:
                     return True
+        frontier = [u for u in users if _calls(u, _CHAIN_OPS)]  # only along the chain's own ops
     return False
 
 
