@@ -12,6 +12,7 @@ Models under test::
     Attention:    softmax(q @ kᵀ) @ v, whose matmuls the cost counts
     PatchNet:     MobileViT's 2×2 patches folded into the batch dim around a linear
     HeadAttention: LeViT's attention, q, k, v split off per head, q·kᵀ and p·v
+    RunTimePad:   BoTNet's F.pad of a flattened value by a width computed from its size
 """
 
 import math
@@ -335,3 +336,30 @@ def test_attention_head_dims_shrink_exactly(capture):
     assert small.qkv.weight.shape == (2 * (2 + 2 + 3), 4)  # per head: 2 q, 2 k, 3 v dims kept
     assert small.proj.weight.shape == (4, 2 * 3)
     assert plan_cost(gm, plan.masks(groups_of(gm))) == total_cost(small)
+
+
+class RunTimePad(nn.Module):
+    """timm's ``rel_logits_1d`` (BoTNet): ``F.pad`` of a flattened ``(N, F)`` value by a width
+    computed from its size (a graph node): conv (3 → 8) → relu → conv (8 → 2), flattened,
+    padded by ``F - 1``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.conv2(F.relu(self.conv1(x))).flatten(1)
+        return F.pad(y, [0, y.shape[-1] - 1])
+
+
+def test_pad_with_run_time_widths_stays_and_the_rest_shrinks():
+    """The pad's channels are pinned (its widths are graph nodes); shrink leaves it alone."""
+    torch.manual_seed(0)
+    model, x = RunTimePad().eval(), torch.randn(2, 3, 4, 4)
+    gm = group_channels(trace(model, x)).graph_module
+    assert [g.size for g in groups_of(gm).prunable] == [8]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    small = shrink(gm, plan).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), mask_channels(gm, plan).graph_module(x), rtol=1e-5, atol=1e-5)
+    assert small.conv1.weight.shape[0] == 4
