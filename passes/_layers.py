@@ -255,6 +255,8 @@ def standardized_weight(w: Any) -> StandardizedWeight | None:
 def weight_chain(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Is ``node`` part of a ``StandardizedWeight`` that a functional conv reads (its rule and
     shrink describe the whole chain)?"""
+    if node.op == "get_attr" and not any(_calls(u, _CHAIN_OPS) for u in node.users):
+        return False  # a weight its conv reads directly (the common case, checked first: it is cheap)
     frontier = [node]
     for _ in range(7):  # gain → mul → view → norm → back → gather → conv
         users = [u for n in frontier for u in n.users]

@@ -165,6 +165,7 @@ def test_standardized_weight_conv_shrinks_exactly(capture, scaled):
     model, x = StdNet(scaled).eval(), torch.randn(2, 3, 10, 10)
     gm = capture_groups(model, x, capture=capture)
     assert sorted(g.size for g in groups_of(gm).prunable) == [4, 6]  # conv2's 8 as 4 pairs, conv1's 12 as 6
+    assert all(g.pinned.startswith(("model input", "model output")) for g in groups_of(gm).pinned)  # the chain too
     plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
     small = shrink(gm, plan).graph_module.train().eval()  # the export graph's flags: batch stats stay
     with torch.no_grad():
