@@ -13,6 +13,7 @@ Models under test::
     PatchNet:     MobileViT's 2×2 patches folded into the batch dim around a linear
     HeadAttention: LeViT's attention, q, k, v split off per head, q·kᵀ and p·v
     RunTimePad:   BoTNet's F.pad of a flattened value by a width computed from its size
+    SDPA:         scaled_dot_product_attention, counted as FlopCounterMode counts it
 """
 
 import math
@@ -364,3 +365,28 @@ def test_pad_with_run_time_widths_stays_and_the_rest_shrinks():
     with torch.no_grad():
         torch.testing.assert_close(small(x), mask_channels(gm, plan).graph_module(x), rtol=1e-5, atol=1e-5)
     assert small.conv1.weight.shape[0] == 4
+
+
+class SDPA(nn.Module):
+    """q, k (8 → 4), v (8 → 6) on tokens (N, 2 heads, T, 8) → scaled_dot_product_attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 6)
+
+    def forward(self, x):
+        return F.scaled_dot_product_attention(self.q(x), self.k(x), self.v(x))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_scaled_dot_product_attention_is_counted_as_flop_counter_does(capture):
+    from ehap_fx.passes.capture import capture_groups
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, x = SDPA().eval(), torch.randn(2, 2, 10, 8)
+    gm = capture_groups(model, x, capture=capture)
+    total_cost(gm)
+    (sdpa,) = [n for n in gm.graph.nodes if "scaled_dot_product" in str(n.target)]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        F.scaled_dot_product_attention(torch.randn(2, 2, 10, 4), torch.randn(2, 2, 10, 4), torch.randn(2, 2, 10, 6))
+    assert sdpa.meta[_meta.COST].macs == counter.get_total_flops() // 2 // 2 == 2 * 10 * 10 * (4 + 6)
