@@ -376,7 +376,8 @@ def _set_training_flags(graph: fx.Graph, mode: bool) -> bool:
     changed = False
     for node in graph.nodes:
         pos = _TRAINING_FLAG.get(node.target) if node.op == "call_function" else None
-        if node.target is aten.batch_norm.default and node.args[3] is None and node.args[4] is None:
+        stats = node.args[3:5] if node.target is aten.batch_norm.default else ()
+        if len(stats) == 2 and stats[0] is None and stats[1] is None:
             continue  # no running statistics: batch statistics in either mode (a weight standardisation)
         if pos is not None and len(node.args) > pos and node.args[pos] != mode:
             node.args = (*node.args[:pos], mode, *node.args[pos + 1 :])
