@@ -121,7 +121,9 @@ def conv(a: Analysis, node: fx.Node) -> Labels:
         for rows in (x.reshape(g, per_in), out.reshape(g, per_out)):
             for r in range(1, g):
                 a.uf.union(rows[0], rows[r])
-    a.touch(node, "in", 1, x, np.arange(cin) % per_in)
+    columns = np.arange(cin) % per_in  # input channel c ↔ weight column c mod (I/g)
+    picked = getattr(mod, "in_columns", None)  # a standardised weight's columns a shrink kept
+    a.touch(node, "in", 1, x, columns if picked is None else picked.numpy()[columns])
     a.touch(node, "out", 0, out)
     return out
 
@@ -167,8 +169,12 @@ def _functional_layer_checked(a: Analysis, node: fx.Node, spec: Any, what: str) 
     weight and bias, read once, by this call alone (so that shrink may slice them)."""
     if spec is None:
         raise Pin(f"{what} on tensors that are not one module's weight and bias")
-    reads = [n for n in a.gm.graph.nodes if n.op == "get_attr" and n.target.startswith(spec.owner + ".")]
-    if len(reads) != 1 + (spec.bias is not None) or any(len(r.users) != 1 for r in reads):
+    computed = getattr(spec, "standardized", None)  # its chain reads the weight twice, by itself
+    chain = computed.nodes if computed is not None else ()
+    own = (computed.index, *computed.gain[:1]) if computed is not None else ()  # its column index, its gain
+    reads = [n for n in a.gm.graph.nodes if n.op == "get_attr" and n.target.startswith(spec.owner + ".")
+             and n not in own]
+    if len(reads) != 1 + (spec.bias is not None) or any(len(r.users) != 1 for r in reads if r not in chain):
         raise Pin(f"{spec.owner}'s tensors are read elsewhere too")
     return spec
 

@@ -127,9 +127,7 @@ def split(a: Analysis, node: fx.Node) -> tuple[Labels, ...]:
     a.set_dim(node, a.dim(node.args[0]))
     if dim != a.dim(node.args[0]):
         return tuple(x for _ in metas)
-    if dim != 1:
-        raise Pin(f"split of channels at dim {dim}")
-    sizes = [int(m.shape[1]) for m in metas]
+    sizes = [int(m.shape[dim]) for m in metas]  # LeViT's q, k, v split off each head at dim 3
     return tuple(np.split(x, np.cumsum(sizes)[:-1]))
 
 
@@ -229,18 +227,15 @@ def reshape(a: Analysis, node: fx.Node) -> Labels:
     """
     x = a.labels(node.args[0])
     src, dst = _shape(node.args[0]), _shape(node)
-    if x is not None and src is not None and dst is not None and a.dim(node.args[0]) == 0:
-        moved = _unit_dims_moved(src, dst, 0)  # a (C,) parameter viewed as (1, C, 1, 1)
-        if moved is not None:
-            a.set_dim(node, moved)
-            return x
+    moved = _channels_moved(x, src, dst, a.dim(node.args[0]))
+    if moved is not None:
+        a.set_dim(node, moved)
+        return x
     if x is None or src is None or dst is None or len(dst) < 2 or src[0] != dst[0]:
         raise Pin("reshape that does not keep the batch dim")
     cdim = a.dim(node.args[0])
-    if cdim == 2 and len(src) >= 3 and dst[1] == src[1] * src[2] and tuple(dst[2:]) == tuple(src[3:]):
-        return np.tile(x, src[1])  # (N, A, B, ...) → (N, A*B, ...): channel (i, j) is label j
-    if cdim != 1:
-        raise Pin(f"reshape {tuple(src)} → {tuple(dst)} of a value whose channels are dim {cdim}")
+    if cdim >= 2:
+        return _heads(a, node, x, src, dst, cdim)
     c_in, c_out = src[1], dst[1]
     if c_out == c_in and (len(src) == 2 or len(dst) >= 2):
         return x
@@ -258,6 +253,92 @@ def reshape(a: Analysis, node: fx.Node) -> Labels:
             a.uf.union(blocks[:, 0], blocks[:, j])
         return blocks[:, 0].copy()
     raise Pin(f"reshape {tuple(src)} → {tuple(dst)} mixes channels")
+
+
+def _channels_moved(x: Labels | None, src: Any, dst: Any, cdim: int) -> int | None:
+    """Where a reshape that leaves the channels whole puts them: a ``(C,)`` parameter viewed
+    as ``(1, C, 1, 1)``; ``(N·T, C)`` ↔ ``(N, T, C)``, ``(N, T, C)`` ↔ ``(N, h, w, C)`` (only
+    the dims before the channels regrouped). None for any other reshape."""
+    if x is None or src is None or dst is None:
+        return None
+    if cdim == 0:
+        return _unit_dims_moved(src, dst, 0)
+    if cdim == 1 and src[0] == dst[0]:
+        return None  # the batch dim and the channels stay: the rules below (size-1 dims are ambiguous)
+    return _leading_dims_regrouped(src, dst, cdim)
+
+
+def _leading_dims_regrouped(src: Any, dst: Any, cdim: int) -> int | None:
+    """Where the channels at ``cdim`` land when a reshape keeps them and every dim after them
+    as they are and only regroups the dims before them (same product): row-major, each element
+    keeps its coordinates from ``cdim`` on. None for any other reshape."""
+    tail = len(src) - cdim
+    lead = len(dst) - tail
+    if lead < 1 or tuple(src[cdim:]) != tuple(dst[lead:]) or math.prod(src[:cdim]) != math.prod(dst[:lead]):
+        return None
+    return lead
+
+
+def _heads(a: Analysis, node: fx.Node, x: Labels, src: Any, dst: Any, cdim: int) -> Labels:
+    """Reshapes of channels at dim ``cdim >= 2`` with the batch dim kept: merged with the dim
+    before them, ``(N, …, A, C, …) → (N, …, A·C, …)``, channel ``(i, j)`` is label ``j`` (the
+    labels tile: attention heads merged back); split, ``(N, …, C, …) → (N, …, g, C/g, …)``,
+    channel ``j`` of every group is one unit, its labels at the per-group dim (attention heads
+    split off)."""
+    src, dst = tuple(src), tuple(dst)
+    before = cdim - 1
+    if (len(dst) == len(src) - 1 and dst[:before] == src[:before] and dst[before] == src[before] * src[cdim]
+            and dst[cdim:] == src[cdim + 1:]):
+        a.set_dim(node, cdim - 1)
+        return np.tile(x, src[cdim - 1])
+    if (len(dst) == len(src) + 1 and dst[:cdim] == src[:cdim] and dst[cdim] * dst[cdim + 1] == src[cdim]
+            and dst[cdim + 2:] == src[cdim + 1:] and dst[cdim + 1] > 1):
+        rows = x.reshape(dst[cdim], dst[cdim + 1])  # (g, C/g): channel j of each group is one unit
+        for r in range(1, dst[cdim]):
+            a.uf.union(rows[0], rows[r])
+        a.set_dim(node, cdim + 1)
+        return rows[0].copy()
+    raise Pin(f"reshape {src} → {dst} of a value whose channels are dim {cdim}")
+
+
+def matmul(a: Analysis, node: fx.Node) -> Labels:
+    """``A @ B`` of equal ranks ≥ 3 (attention), in two exact forms::
+
+        scores = q @ kᵀ   q (…, T, d), kᵀ (…, d, S): channel j of q and row j of kᵀ meet in
+                          one product only, so they are one unit; the scores (…, T, S) carry
+                          no channel (pinned labels at dim 1)
+        out = p @ v       v (…, S, d): out[…, j] reads v[…, j] alone, so out keeps v's
+                          channels; p's are pinned (its shape then never changes)
+
+    Any other use pins."""
+    x, y = node.args[0], node.args[1]
+    sx, sy, out = _shape(x), _shape(y), _shape(node)
+    lx, ly = a.labels(x), a.labels(y)
+    if lx is None or ly is None or None in (sx, sy, out) or not len(sx) == len(sy) == len(out) >= 3:
+        raise Pin("matmul of values without channel labels or of unequal ranks")
+    last = len(out) - 1
+    if a.dim(x) == last and a.dim(y) == last - 1:
+        a.uf.union(lx, ly)
+        a.set_dim(node, 1)
+        return a._pinned_labels(int(out[1]), f"{node.format_node()}: attention scores carry no channel")
+    if a.dim(y) == last and a.dim(x) != last:
+        a.uf.pin(lx, f"{node.format_node()}: attention weights (the left operand) are not pruned")
+        a.set_dim(node, last)
+        return ly
+    raise Pin(f"matmul of operands with channels at dims {a.dim(x)} and {a.dim(y)}")
+
+
+def reshape_as(a: Analysis, node: fx.Node) -> Labels:
+    """``x.reshape_as(other)`` / ``view_as``: the reshape to ``other``'s shape, whose channels
+    must be where the reshape puts ``x``'s: unioned with them, so the two shapes shrink alike
+    (LeViT's ``batch_norm(y.flatten(0, 1)).reshape_as(y)``)."""
+    labels = reshape(a, node)
+    other = node.args[1]
+    theirs = a.labels(other)
+    if theirs is None or a.dim(other) != a.dim(node) or len(theirs) != len(labels):
+        raise Pin(f"reshape_as a value whose {len(labels)} channels are not at dim {a.dim(node)}")
+    a.uf.union(labels, theirs)
+    return labels
 
 
 def _unit_dims_moved(src: tuple[int, ...], dst: tuple[int, ...], cdim: int) -> int | None:
@@ -352,17 +433,25 @@ def moves_dims(a: Analysis, node: fx.Node) -> Labels:
 
 
 def flatten(a: Analysis, node: fx.Node) -> Labels:
-    """flatten from dim >= 2 keeps channels; from dim 1 it is a reshape to (N, features)."""
+    """flatten of dims after the channels keeps them; of dims before them (LeViT's
+    ``(N, T, C).flatten(0, 1)``) keeps them at a lower dim; from dim 1 of channels at dim 1
+    it is a reshape to (N, features)."""
+    x, ndim = node.args[0], len(_shape(node.args[0]))
     if node.op == "call_module":
-        start = a.module(node).start_dim
+        start, end = a.module(node).start_dim, a.module(node).end_dim
     else:
-        start = _arg(node, 1, "start_dim", 0)
-    start = _norm_dim(start, len(_shape(node.args[0])))
-    if start >= 2:
-        return same_channels(a, node)
+        start, end = _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)
+    start, end, cdim = _norm_dim(start, ndim), _norm_dim(end, ndim), a.dim(x)
+    if start > cdim or start >= end or end < cdim:  # the channels are not among the merged dims
+        at = cdim if start > cdim or start >= end else cdim - (end - start)
+        labels, out = a.labels(x), _shape(node)
+        if labels is None or out is None or len(out) <= at or out[at] != len(labels):
+            raise Pin("flatten of a value without channel labels")
+        a.set_dim(node, at)
+        return labels
     if start == 1:
         return reshape(a, node)
-    raise Pin("flatten of the batch dim")
+    raise Pin(f"flatten of dims {start}..{end}, across the channels at dim {cdim}")
 
 
 def no_channels(a: Analysis, node: fx.Node) -> None:

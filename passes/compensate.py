@@ -161,8 +161,8 @@ def layer_of(gm: fx.GraphModule, node: fx.Node) -> _Layer | None:
     if spec is not None:
         return _Layer(spec.input, spec.weight, spec.bias, False)
     spec = functional_conv(gm, node)
-    if spec is None or spec.weight.dim() not in (3, 4):
-        return None
+    if spec is None or spec.weight.dim() not in (3, 4) or spec.standardized is not None:
+        return None  # a standardised weight is not the parameter a least-squares fit would set
     return _Layer(node.args[0], spec.weight, spec.bias, True, _arg(node, 3, "stride", 1),
                   _arg(node, 4, "padding", 0), _arg(node, 5, "dilation", 1), spec.groups)
 

@@ -11,6 +11,7 @@ modules both count (conv and linear MACs plus bias adds, 2 ops per element for a
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -119,6 +120,50 @@ def _aten_norm(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
     return NodeCost(c_out * _per_channel(node) * (2 if affine else 1), 0)
 
 
+def _matmul(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
+    """A matmul ``(…, n, k) @ (…, k, m)`` (attention's scores and its mix of values): ``k``
+    MACs per output element, ``k = c_in`` and ``m = c_out`` the kept sizes of the last dims
+    (``_formula_dim``: q's channels in the scores, v's in the mix; any other dim is pinned)."""
+    a, out = node.args[0].meta.get("tensor_meta"), node.meta.get("tensor_meta")
+    if not (isinstance(a, TensorMetadata) and isinstance(out, TensorMetadata)):
+        return NodeCost(0, 0)
+    if min(len(a.shape), len(out.shape)) < 2:
+        return NodeCost(0, 0)
+    return NodeCost(math.prod(out.shape[1:-1]) * c_out * c_in, 0)
+
+
+def _attention(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
+    """``scaled_dot_product_attention(q, k, v)``, ``q (N, …, L, E)``, ``k (N, …, S, E)``,
+    ``v (N, …, S, Ev)``: the scores ``L·S·E`` and the mix ``L·S·Ev`` MACs per head (its inputs
+    pinned, as a matmul's)."""
+    q, k, v = (arg.meta.get("tensor_meta") for arg in node.args[:3])
+    if not all(isinstance(t, TensorMetadata) and len(t.shape) >= 3 for t in (q, k, v)):
+        return NodeCost(0, 0)
+    heads = math.prod(q.shape[1:-2])
+    return NodeCost(heads * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1]), 0)
+
+
+def _einsum(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
+    """``einsum("bhlk,bhtk->bhlt", q, k)`` of two operands (CvT's attention): one MAC per
+    combination of its letters, per row of the output's dim 0 (pinned inputs, as a matmul's).
+    Other forms (one or three operands, ``...``) are not counted."""
+    equation, *operands = node.args
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])  # einsum(eq, [a, b]) and aten.einsum(eq, [a, b])
+    if not isinstance(equation, str) or "..." in equation or "->" not in equation or len(operands) != 2:
+        return NodeCost(0, 0)
+    inputs, output = equation.replace(" ", "").split("->")
+    sizes: dict[str, int] = {}
+    for letters, arg in zip(inputs.split(","), operands):
+        meta = arg.meta.get("tensor_meta") if isinstance(arg, fx.Node) else None
+        if not isinstance(meta, TensorMetadata) or len(meta.shape) != len(letters):
+            return NodeCost(0, 0)
+        sizes.update(zip(letters, (int(n) for n in meta.shape)))
+    if not output:
+        return NodeCost(0, 0)
+    return NodeCost(math.prod(n for letter, n in sizes.items() if letter != output[0]), 0)
+
+
 CostFn = Callable[[nn.Module | None, fx.Node, int, int], NodeCost]
 
 #: Cost formulas for call_module nodes by module type.
@@ -163,6 +208,10 @@ FUNCTION_COST: dict[object, CostFn] = {
         _per_input_element
     ),
     aten.batch_norm: _aten_norm,
+    **dict.fromkeys((torch.matmul, operator.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm", aten.matmul,
+                     aten.bmm, aten.mm), _matmul),
+    **dict.fromkeys((F.scaled_dot_product_attention, aten.scaled_dot_product_attention), _attention),
+    **dict.fromkeys((torch.einsum, aten.einsum), _einsum),
 }
 
 
@@ -178,7 +227,7 @@ def _formula_dim(fn: CostFn, node: fx.Node) -> int:
     otherwise wherever the node's channels are."""
     if fn is _conv:
         return 1
-    if fn is _linear:
+    if fn in (_linear, _matmul):
         return -1
     return _channel_dim(node)
 
@@ -198,7 +247,27 @@ def _cost_fn(gm: fx.GraphModule, node: fx.Node) -> tuple[CostFn | None, nn.Modul
     return None, None
 
 
-def _node_cost(gm, node, seen: set[str], count: Callable[[fx.Node], int]) -> NodeCost | None:
+def _batch(gm: fx.GraphModule) -> int:
+    """The samples the graph's shapes were propagated with: dim 0 of its first tensor input."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        meta = node.meta.get("tensor_meta")
+        if isinstance(meta, TensorMetadata) and len(meta.shape):
+            return max(1, int(meta.shape[0]))
+    return 1
+
+
+def _rows_per_sample(node: fx.Node, batch: int) -> int:
+    """Rows of dim 0 per sample: 1, or the patches / tokens a model folded into the batch dim
+    (MobileViT's unfolded patches ``(N·P, T, C)``, LeViT's ``(N·T, C)`` BatchNorm1d input). The
+    formulas count one row of dim 0; a dim 0 that is no multiple of the batch is counted so."""
+    meta = node.meta.get("tensor_meta")
+    if not isinstance(meta, TensorMetadata) or not len(meta.shape):
+        return 1
+    rows = int(meta.shape[0])
+    return rows // batch if rows > batch and rows % batch == 0 else 1
+
+
+def _node_cost(gm, node, seen: set[str], count: Callable[[fx.Node], int], batch: int = 1) -> NodeCost | None:
     fn, mod = _cost_fn(gm, node)
     params = 0
     linear = functional_linear_spec(gm, node)
@@ -224,6 +293,7 @@ def _node_cost(gm, node, seen: set[str], count: Callable[[fx.Node], int]) -> Nod
     inp = linear.input if linear else inp
     dim = _formula_dim(fn, node)
     c = fn(mod, node, count(inp, dim), count(node, dim))
+    c = NodeCost(c.macs * _rows_per_sample(node, batch), c.params)
     if mod is not None:
         if key in seen:  # a module called twice has its parameters counted once
             c = NodeCost(c.macs, 0)
@@ -234,8 +304,9 @@ def _node_cost(gm, node, seen: set[str], count: Callable[[fx.Node], int]) -> Nod
 def count_cost(gm: fx.GraphModule) -> PassResult:
     """Write ``NodeCost`` into ``node.meta["ehap.cost"]`` for every node that costs something."""
     seen: set[str] = set()
+    batch = _batch(gm)
     for node in gm.graph.nodes:
-        c = _node_cost(gm, node, seen, _channels)
+        c = _node_cost(gm, node, seen, _channels, batch)
         if c is None:
             node.meta.pop(_meta.COST, None)
         else:
@@ -269,12 +340,13 @@ def plan_cost(gm: fx.GraphModule, keep_masks: list[torch.Tensor]) -> Cost:
         return _channels(node, dim) if n is None else n
 
     seen: set[str] = set()
+    batch = _batch(gm)
     total = Cost(0, 0)
     gone = removed_nodes(gm, count)
     for node in gm.graph.nodes:
         if node in gone:
             continue
-        c = _node_cost(gm, node, seen, count)
+        c = _node_cost(gm, node, seen, count, batch)
         if c is not None:
             total = Cost(total.macs + c.macs, total.params + c.params)
     return total

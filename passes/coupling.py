@@ -69,6 +69,7 @@ from ehap_fx.passes._shape_rules import (
     flatten,
     getitem,
     keeps_leading_dims,
+    matmul,
     moves_dims,
     no_channels,
     pad,
@@ -76,6 +77,7 @@ from ehap_fx.passes._shape_rules import (
     reduce_additive,
     reduce_spatial,
     reshape,
+    reshape_as,
     same_channels,
     softmax,
     split,
@@ -253,7 +255,7 @@ def is_binary(node: fx.Node) -> bool:
 _ANY_DIM = frozenset(
     {same_channels, layer_norm, linear, elementwise, concat, split, getitem, moves_dims,
      keeps_leading_dims, reduce_spatial, reduce_additive, vector_norm, reshape, functional_norm, no_channels,
-     aten_slice, functional_linear, softmax, stack}
+     aten_slice, functional_linear, softmax, stack, flatten, reshape_as, matmul}
 )
 
 
@@ -275,6 +277,11 @@ _FX_FUNCTIONS: dict[Any, Rule] = {
     "view": reshape,  # only when the batch dim is kept and channels map to blocks
     "reshape": reshape,
     torch.reshape: reshape,
+    "reshape_as": reshape_as,  # to the other's shape, whose channels must land where these do
+    "view_as": reshape_as,
+    operator.matmul: matmul,  # attention: q @ kᵀ unions q's and k's channels, p @ v keeps v's
+    torch.matmul: matmul,
+    "matmul": matmul,
     torch.mean: reduce_additive,  # over spatial dims; over channels with keepdim (shrink: sum / dense C)
     "mean": reduce_additive,
     torch.sum: reduce_additive,
@@ -355,6 +362,9 @@ _ATEN_FUNCTIONS: dict[Any, Rule] = {
     aten.view: reshape,
     aten.reshape: reshape,
     aten._unsafe_view: reshape,
+    aten.reshape_as: reshape_as,
+    aten.view_as: reshape_as,
+    aten.matmul: matmul,
     aten.flatten: flatten,  # flatten.using_ints(x, start_dim, end_dim)
     aten.permute: moves_dims,
     aten.transpose: moves_dims,  # transpose.int(x, dim0, dim1)

@@ -149,6 +149,9 @@ def shrink_functional_conv(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> No
     spec = functional_conv(gm, node)
     if spec is None:
         return
+    if spec.standardized is not None:
+        _shrink_standardized_conv(gm, node, spec, keep)
+        return
     _shrink_conv_module(spec, keep(node.args[0]), keep(node))
     holder = gm.get_submodule(spec.owner)
     holder.weight = spec.weight
@@ -156,6 +159,56 @@ def shrink_functional_conv(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> No
         holder.bias = spec.bias
     if _arg_present(node, conv_groups_at(node), "groups"):
         _set_arg(node, conv_groups_at(node), "groups", spec.groups)
+
+
+def _shrink_standardized_conv(gm: fx.GraphModule, node: fx.Node, spec: Any, keep: _Keep) -> None:
+    """A conv on a standardised weight (``passes._layers.StandardizedWeight``): the parameter
+    loses the removed output rows (each is standardised over its own columns) and the
+    ``(1, O, -1)`` reshape its count; removed input channels stay in the parameter, whose row
+    statistics read them, and the conv reads the kept columns of the standardised weight
+    (``index_select`` on dim 1, its index a buffer of the module)."""
+    computed, holder = spec.standardized, gm.get_submodule(spec.owner)
+    k_out = _idx(keep(node))
+    holder.weight = _param(holder.weight, k_out)  # (O_keep, I/g, k...)
+    if spec.bias is not None:
+        holder.bias = _param(spec.bias, k_out)
+    if computed.gain:  # timm's ScaledStdConv2d: a gain (O, 1, 1, 1) per row
+        owner, _, name = computed.gain[0].target.rpartition(".")
+        module = gm.get_submodule(owner)
+        setattr(module, name, _param(getattr(module, name), k_out))
+    flat = computed.flat
+    _set_shape(flat, 1, len(k_out))  # reshape(w, (1, O_keep, -1))
+    g = spec.groups
+    if g == spec.in_channels == spec.out_channels:  # depthwise: in == out channels
+        _set_arg(node, conv_groups_at(node), "groups", len(k_out))
+        return
+    per_in = spec.in_channels // g
+    in_pos = _idx(keep(node.args[0]).reshape(g, per_in)[0])  # grouped: the same positions in every group
+    if len(in_pos) == per_in:
+        return
+    columns = in_pos if spec.in_columns is None else spec.in_columns[in_pos]  # (I_keep/g,) of the param's
+    if computed.index is not None:
+        owner, _, name = computed.index.target.rpartition(".")
+        setattr(gm.get_submodule(owner), name, columns.clone())
+        return
+    name = fresh_attr(holder, "ehap_in_columns")
+    holder.register_buffer(name, columns.clone())
+    aten_graph = isinstance(node.target, torch._ops.OpOverload)
+    gather = aten.index_select.default if aten_graph else torch.index_select
+    with gm.graph.inserting_before(node):
+        index = gm.graph.get_attr(f"{spec.owner}.{name}")
+        picked = gm.graph.call_function(gather, (computed.back, 1, index))  # (O_keep, I_keep/g, k...)
+    _set_arg(node, 1, "weight", picked)
+
+
+def _set_shape(node: fx.Node, dim: int, size: int) -> None:
+    """Set entry ``dim`` of the literal shape of a ``reshape``/``view`` call, spelt
+    ``x.reshape(a, b, c)`` or ``reshape(x, (a, b, c))``."""
+    x, *rest = node.args
+    unpacked = len(rest) != 1 or not isinstance(rest[0], (list, tuple))
+    shape = list(rest if unpacked else rest[0])
+    shape[dim] = size
+    node.args = (x, *shape) if unpacked else (x, type(rest[0])(shape))
 
 
 def _arg_present(node: fx.Node, pos: int, name: str) -> bool:
@@ -272,6 +325,8 @@ def shrink_pad(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
     widths = list(node.args[1] if len(node.args) > 1 else node.kwargs["pad"])
     if len(widths) // 2 != len(node.meta["tensor_meta"].shape) - 1:
         return  # the channel dim is not padded
+    if not all(isinstance(w, int) for w in widths[-2:]):
+        return  # widths computed at run time: the coupling rule pinned the channels
     k = keep(node)
     front, back = widths[-2], widths[-1]
     widths[-2], widths[-1] = int(k[:front].sum()), int(k[len(k) - back :].sum())
@@ -283,8 +338,9 @@ def shrink_split(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
     if sizes is None:
         return
     # chunk(x, n, 1) cannot express unequal pieces: it becomes split(x, sizes, 1)
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     node.target = torch.split if node.op == "call_function" else "split"
-    node.args = (node.args[0], sizes, 1)
+    node.args = (node.args[0], sizes, dim)
     node.kwargs = {}
 
 
@@ -292,18 +348,20 @@ def shrink_aten_split(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
     """``aten.split`` / ``chunk`` / ``split_with_sizes`` of channels: ``split_with_sizes``."""
     sizes = _kept_split_sizes(node, keep)
     if sizes is not None:
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
         node.target = aten.split_with_sizes.default
-        node.args, node.kwargs = (node.args[0], sizes, 1), {}
+        node.args, node.kwargs = (node.args[0], sizes, dim), {}
 
 
 def _kept_split_sizes(node: fx.Node, keep: _Keep) -> list[int] | None:
-    """The kept size of each piece of a split of the channels at dim 1; None for a split of
-    another dim (each piece then has all the channels: CvT's ``split(tokens, [1, h * w], 1)``
-    of ``(N, 1 + h·w, C)``, channels at dim 2, cuts off the class token)."""
+    """The kept size of each piece of a split of the channels (at dim 1, or at the last dim of
+    attention heads: LeViT's q, k, v); None for a split of another dim (each piece then has all
+    the channels: CvT's ``split(tokens, [1, h * w], 1)`` of ``(N, 1 + h·w, C)``, channels at
+    dim 2, cuts off the class token)."""
     slots = node.meta[_meta.CHANNELS]  # one ChannelSlots per piece, at the input's channel dim
     ndim = len(node.args[0].meta["tensor_meta"].shape)
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    if dim % ndim != 1 or any(s.dim != 1 for s in slots):
+    if any(s.dim != dim % ndim for s in slots):
         return None
     sizes = [int(keep.of(s).sum()) for s in slots]
     if 0 in sizes:

@@ -356,7 +356,9 @@ class ExportedGraph(fx.GraphModule):
 
     ``.train()`` / ``.eval()`` work (``ExportedProgram.module()`` refuses them): they set the
     ``training`` flag of every ``aten.batch_norm`` and ``aten.dropout`` call, so fine-tuning
-    updates BatchNorm statistics as the module would. (Core ATen's
+    updates BatchNorm statistics as the module would; a batch norm without running statistics
+    (a weight standardisation, a BatchNorm with ``track_running_stats=False``) computes batch
+    statistics in either mode and keeps its flag. (Core ATen's
     ``_native_batch_norm_legit_no_training`` has no flag: such a graph stays in eval mode.)
     """
 
@@ -374,6 +376,9 @@ def _set_training_flags(graph: fx.Graph, mode: bool) -> bool:
     changed = False
     for node in graph.nodes:
         pos = _TRAINING_FLAG.get(node.target) if node.op == "call_function" else None
+        stats = node.args[3:5] if node.target is aten.batch_norm.default else ()
+        if len(stats) == 2 and stats[0] is None and stats[1] is None:
+            continue  # no running statistics: batch statistics in either mode (a weight standardisation)
         if pos is not None and len(node.args) > pos and node.args[pos] != mode:
             node.args = (*node.args[:pos], mode, *node.args[pos + 1 :])
             changed = True

@@ -7,6 +7,13 @@ Models under test::
     every Net:    conv → norm → depthwise conv → F.pad with widths computed from x.size()
                   ("same" padding) → conv; the convs nn.Conv2d or Conv2dSame (own forward:
                   F.conv2d on its weight)
+    StdNet:       weight-standardised convs (BiT, timm's StdConv2d), one of them grouped
+    TokenNet:     LeViT's linear + BatchNorm1d on flatten(0, 1) + reshape_as, and its subsample
+    Attention:    softmax(q @ kᵀ) @ v, whose matmuls the cost counts
+    PatchNet:     MobileViT's 2×2 patches folded into the batch dim around a linear
+    HeadAttention: LeViT's attention, q, k, v split off per head, q·kᵀ and p·v
+    RunTimePad:   BoTNet's F.pad of a flattened value by a width computed from its size
+    SDPA:         scaled_dot_product_attention, counted as FlopCounterMode counts it
 """
 
 import math
@@ -21,6 +28,7 @@ from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
 from torch import nn
 
+from ehap_fx import _meta
 from tests.nets import randomize_bn
 
 
@@ -102,3 +110,283 @@ def test_norm_and_conv_spellings_shrink_exactly(norm, conv):
         (dw,) = [n for n in small.graph.nodes if n.target is F.conv2d and n.args[1].target == "dw.weight"]
         assert dw.args[6] == 6
     assert plan_cost(gm, plan.masks(groups)) == total_cost(small)
+
+
+class StdConv2d(nn.Conv2d):
+    """Weight standardisation (Hugging Face's BiT ``WeightStandardizedConv2d``, timm's
+    ``StdConv2d``): each output row of the weight normalised over its input columns by
+    ``F.batch_norm`` in training mode, then ``F.conv2d``."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
+                         eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """timm's ``ScaledStdConv2d`` (NFNets): as ``StdConv2d``, the norm's weight a per-row gain
+    ``(gain * scale).view(-1)``, ``gain`` of shape ``(O, 1, 1, 1)``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+        self.scale = self.weight[0].numel() ** -0.5
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0,
+                         eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class StdNet(nn.Module):
+    """std conv (3 → 12) → relu → grouped std conv (12 → 8, groups=2) → relu → std conv (8 → 4)
+    (the first two scaled std convs with a gain when ``scaled``)."""
+
+    def __init__(self, scaled=False):
+        super().__init__()
+        first = ScaledStdConv2d if scaled else StdConv2d
+        self.conv1 = first(3, 12, 3)
+        self.conv2 = first(12, 8, 3, groups=2, bias=False)
+        self.conv3 = StdConv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv3(F.relu(self.conv2(F.relu(self.conv1(x)))))
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_standardized_weight_conv_shrinks_exactly(capture, scaled):
+    """Rows of a standardised weight (and of its gain) prune with the conv's outputs; its
+    input channels are picked after the standardisation (the row statistics read every
+    column), twice in a row."""
+    from ehap_fx.passes.capture import capture_groups
+
+    torch.manual_seed(0)
+    model, x = StdNet(scaled).eval(), torch.randn(2, 3, 10, 10)
+    gm = capture_groups(model, x, capture=capture)
+    assert sorted(g.size for g in groups_of(gm).prunable) == [4, 6]  # conv2's 8 as 4 pairs, conv1's 12 as 6
+    assert all(g.pinned.startswith(("model input", "model output")) for g in groups_of(gm).pinned)  # the chain too
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    small = shrink(gm, plan).graph_module.train().eval()  # the export graph's flags: batch stats stay
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), mask_channels(gm, plan).graph_module(x), rtol=1e-5, atol=1e-5)
+    assert small.conv1.weight.shape == (6, 3, 3, 3)  # 12 rows → 6 (3 per group of conv2)
+    assert small.conv2.weight.shape == (4, 6, 3, 3)  # all 6 columns per group kept in the parameter
+    assert small.conv2.ehap_in_columns.shape == (3,) and small.conv3.ehap_in_columns.shape == (4,)
+    if scaled:
+        assert small.conv1.gain.shape == (6, 1, 1, 1) and small.conv2.gain.shape == (4, 1, 1, 1)
+    assert plan_cost(gm, plan.masks(groups_of(gm))).macs == total_cost(small).macs
+    assert sorted(g.size for g in groups_of(small).prunable) == [2, 3]  # the shrunk graph prunes again
+    plan2 = random_plan(small, 0.5, torch.Generator().manual_seed(1))
+    smaller = shrink(small, plan2).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(smaller(x), mask_channels(small, plan2).graph_module(x), rtol=1e-5, atol=1e-5)
+    assert smaller.conv3.ehap_in_columns.shape == (2,)
+
+
+class LinearBN(nn.Module):
+    """LeViT's ``MLPLayerWithBN``: a linear on tokens ``(N, T, C)``, its BatchNorm1d on
+    ``flatten(0, 1)`` (``(N·T, C)``, channels at dim 1), ``reshape_as`` back."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.linear, self.bn = nn.Linear(i, o, bias=False), nn.BatchNorm1d(o)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class TokenNet(nn.Module):
+    """tokens (N, 16, 8) → LinearBN (8 → 16) → hardswish → LeViT's subsample: view (N, 4, 4, C),
+    [:, ::2, ::2], reshape (N, 4, C) → LinearBN (16 → 12) → hardswish → LinearBN (12 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.mid, self.down = LinearBN(8, 16), LinearBN(16, 12), LinearBN(12, 4)
+
+    def forward(self, x):
+        y = F.hardswish(self.up(x))
+        n, _, c = y.shape
+        y = y.view(n, 4, 4, c)[:, ::2, ::2].reshape(n, -1, c)
+        return self.down(F.hardswish(self.mid(y)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_token_linear_bn_and_subsample_shrink_exactly(capture):
+    """flatten(0, 1) and reshape_as move the channels between dims 2 and 1; a reshape that
+    only regroups the dims before the channels keeps them."""
+    from ehap_fx.passes.capture import capture_groups
+
+    torch.manual_seed(0)
+    model, x = randomize_bn(TokenNet()).eval(), torch.randn(2, 16, 8)
+    gm = capture_groups(model, x, capture=capture)
+    assert sorted(g.size for g in groups_of(gm).prunable) == [12, 16]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    small = shrink(gm, plan).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), mask_channels(gm, plan).graph_module(x), rtol=1e-5, atol=1e-5)
+    assert small.get_submodule("up.linear").weight.shape == (8, 8)
+    assert small.get_submodule("mid.linear").weight.shape == (6, 8)
+    assert small.get_submodule("down.linear").weight.shape == (4, 6)
+    assert plan_cost(gm, plan.masks(groups_of(gm))) == total_cost(small)
+
+
+class Attention(nn.Module):
+    """tokens (N, T, 8) → q, k (8 → 4), v (8 → 6) → softmax(q @ kᵀ) @ v → linear (6 → 8)."""
+
+    def __init__(self, einsum=False):
+        super().__init__()
+        self.q, self.k, self.v, self.proj = nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 6), nn.Linear(6, 8)
+        self.einsum = einsum
+
+    def forward(self, x):
+        q, k = self.q(x), self.k(x)
+        scores = torch.einsum("btk,bsk->bts", q, k) if self.einsum else q @ k.transpose(-2, -1)
+        return self.proj(torch.matmul(scores.softmax(-1), self.v(x)))
+
+
+@pytest.mark.parametrize("einsum", [False, True])
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_attention_matmuls_are_counted(capture, einsum):
+    """q @ kᵀ (or CvT's einsum) costs T·T·4 MACs per sample and scores @ v T·T·6
+    (FlopCounterMode counts them too): a MACs target then means what the FLOPs say."""
+    from ehap_fx.passes.capture import capture_groups
+
+    model, x = Attention(einsum).eval(), torch.randn(2, 10, 8)
+    gm = capture_groups(model, x, capture=capture)
+    total_cost(gm)
+    matmuls = sorted(n.meta[_meta.COST].macs for n in gm.graph.nodes if _meta.COST in n.meta
+                     and n.op == "call_function" and ("matmul" in str(n.target) or "einsum" in str(n.target)))
+    assert matmuls == [10 * 10 * 4, 10 * 10 * 6]
+
+
+class PatchNet(nn.Module):
+    """MobileViT's unfolding: conv (3 → 8) → (N, C, H, W) as 2×2 patches, the patch position
+    folded into the batch dim, (N·4, H·W/4, C) → linear (8 → 8) → folded back → conv (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.linear, self.conv2 = nn.Conv2d(3, 8, 1), nn.Linear(8, 8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        n, c, h, w = y.shape
+        y = y.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 3, 5, 2, 4, 1).reshape(n * 4, h * w // 4, c)
+        y = self.linear(y)
+        c = y.shape[-1]
+        y = y.reshape(n, 2, 2, h // 2, w // 2, c).permute(0, 5, 3, 1, 4, 2).reshape(n, c, h, w)
+        return self.conv2(y)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_patches_folded_into_the_batch_dim_are_counted(capture):
+    """A linear on (N·4, T, C) costs 4 rows of T per sample; the channels follow the patch
+    reshapes (only the dims before them regrouped)."""
+    from ehap_fx.passes.capture import capture_groups
+
+    torch.manual_seed(0)
+    model, x = PatchNet().eval(), torch.randn(2, 3, 8, 8)
+    gm = capture_groups(model, x, capture=capture)
+    assert sorted(g.size for g in groups_of(gm).prunable) == [8, 8]
+    total_cost(gm)
+    (linear,) = [n for n in gm.graph.nodes if _meta.COST in n.meta and "linear" in str(n.target)]
+    assert linear.meta[_meta.COST].macs == 4 * (16 * 8 * 8 + 8)  # 4 patches of 16 tokens, + its bias
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    small = shrink(gm, plan).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), mask_channels(gm, plan).graph_module(x), rtol=1e-5, atol=1e-5)
+    assert small.linear.weight.shape == (4, 4)
+    assert plan_cost(gm, plan.masks(groups_of(gm))) == total_cost(small)
+
+
+class HeadAttention(nn.Module):
+    """LeViT's attention on tokens (N, T, 8): linear in (8 → 8) → qkv linear (8 → 2 heads ×
+    (4 + 4 + 6)) viewed (N, T, 2, 14), split on the last dim into q, k, v, heads to dim 1;
+    softmax(q·kᵀ·scale) · v, heads merged back (N, T, 12), hardswish, projection (12 → 8),
+    residual, linear out (8 → 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.qkv, self.proj, self.out = nn.Linear(8, 8), nn.Linear(8, 28), nn.Linear(12, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        n, t, _ = x.shape
+        q, k, v = self.qkv(x).view(n, t, 2, -1).split([4, 4, 6], dim=3)
+        q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+        att = (q @ k.transpose(-2, -1) * 0.5).softmax(-1)
+        y = (att @ v).transpose(1, 2).reshape(n, t, 12)
+        return self.out(x + self.proj(F.hardswish(y)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_attention_head_dims_shrink_exactly(capture):
+    """q·kᵀ ties q's dim j to k's dim j (of every head: the heads split off the channels);
+    p·v keeps v's dims; the heads merged back tile them."""
+    from ehap_fx.passes.capture import capture_groups
+
+    torch.manual_seed(0)
+    model, x = HeadAttention().eval(), torch.randn(2, 5, 8)
+    gm = capture_groups(model, x, capture=capture)
+    assert sorted(g.size for g in groups_of(gm).prunable) == [4, 6, 8]  # q·k dims, v dims, residual
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    small = shrink(gm, plan).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), mask_channels(gm, plan).graph_module(x), rtol=1e-5, atol=1e-5)
+    assert small.qkv.weight.shape == (2 * (2 + 2 + 3), 4)  # per head: 2 q, 2 k, 3 v dims kept
+    assert small.proj.weight.shape == (4, 2 * 3)
+    assert plan_cost(gm, plan.masks(groups_of(gm))) == total_cost(small)
+
+
+class RunTimePad(nn.Module):
+    """timm's ``rel_logits_1d`` (BoTNet): ``F.pad`` of a flattened ``(N, F)`` value by a width
+    computed from its size (a graph node): conv (3 → 8) → relu → conv (8 → 2), flattened,
+    padded by ``F - 1``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.conv2(F.relu(self.conv1(x))).flatten(1)
+        return F.pad(y, [0, y.shape[-1] - 1])
+
+
+def test_pad_with_run_time_widths_stays_and_the_rest_shrinks():
+    """The pad's channels are pinned (its widths are graph nodes); shrink leaves it alone."""
+    torch.manual_seed(0)
+    model, x = RunTimePad().eval(), torch.randn(2, 3, 4, 4)
+    gm = group_channels(trace(model, x)).graph_module
+    assert [g.size for g in groups_of(gm).prunable] == [8]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    small = shrink(gm, plan).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), mask_channels(gm, plan).graph_module(x), rtol=1e-5, atol=1e-5)
+    assert small.conv1.weight.shape[0] == 4
+
+
+class SDPA(nn.Module):
+    """q, k (8 → 4), v (8 → 6) on tokens (N, 2 heads, T, 8) → scaled_dot_product_attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 6)
+
+    def forward(self, x):
+        return F.scaled_dot_product_attention(self.q(x), self.k(x), self.v(x))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_scaled_dot_product_attention_is_counted_as_flop_counter_does(capture):
+    from ehap_fx.passes.capture import capture_groups
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, x = SDPA().eval(), torch.randn(2, 2, 10, 8)
+    gm = capture_groups(model, x, capture=capture)
+    total_cost(gm)
+    (sdpa,) = [n for n in gm.graph.nodes if "scaled_dot_product" in str(n.target)]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        F.scaled_dot_product_attention(torch.randn(2, 2, 10, 4), torch.randn(2, 2, 10, 4), torch.randn(2, 2, 10, 6))
+    assert sdpa.meta[_meta.COST].macs == counter.get_total_flops() // 2 // 2 == 2 * 10 * 10 * (4 + 6)

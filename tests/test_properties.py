@@ -16,7 +16,7 @@ from ehap_fx.passes.group import group_channels, groups_of
 from ehap_fx.passes.mask import mask_channels, random_plan
 from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torchvision.ops import stochastic_depth
@@ -369,6 +369,7 @@ programs = st.tuples(
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(programs)
+@example((["slice", "se"], [2] * 7, "flatten", 0.5, 0))  # a 1-channel SE gate (N, 1) viewed as (N, 1, 1, 1)
 def test_random_programs_shrink_exactly(program):
     ops, widths, head, fraction, seed = program
     torch.manual_seed(seed)
