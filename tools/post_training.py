@@ -11,8 +11,11 @@ one forward+backward pass of the dense model over the same calibration images (c
 its own labels), timed in the same process: the ratio the issue bounds (≤ 3×).
 
     python tools/post_training.py --model resnet56 --targets macs=0.5 latency=0.5 \\
-        --scorers l1 removal --seeds 0 1 [--images 512] [--granularity channel|both]
+        --scorers l1 removal --seeds 0 1 [--images 512] [--granularity channel|both] [--round-to 8]
         [--json runs/post_training.json]
+
+``--scorers obs removal+obs removal*obs``: the repair-aware selections of
+``tools/obs_selection.py`` (issue #25, item 2) on the same plans.
 
 ``--resnet50``: the repair's time and memory on a torchvision ResNet-50 at 224 (random init,
 ``--images`` random inputs, an L1 plan at half the MACs), no accuracy.
@@ -39,6 +42,7 @@ from ehap_fx.passes.trace import trace
 
 from ehap_fx.compress import RECIPE
 from ehap_fx.data import OwnLabels, load_cifar
+from ehap_fx.errors import TargetError
 from ehap_fx.latency import LatencyModel, LatencyOptions, LatencyTable
 from ehap_fx.models import normalization, pretrained_model
 from ehap_fx.scoring import HessianOptions, rank
@@ -109,18 +113,42 @@ def run_model(args) -> list[dict]:
         batches = calibration(train, norm, args.images, seed)
         fwd_bwd = forward_backward_seconds(gm, batches)
         for target_text in args.targets:
-            target = replace(RECIPE.target(**parse_target(target_text)), granularity=args.granularity)
+            target = replace(RECIPE.target(**parse_target(target_text)), granularity=args.granularity,
+                             round_to=args.round_to)
             latency = (LatencyModel(gm, LatencyTable(LatencyOptions())) if target.kind == "latency" else None)
             for scorer in args.scorers:
-                hessian = HessianOptions(batch_size=128, n_batches=len(batches), progress=False)
-                ranking = rank(gm, OwnLabels(batches, gm), scorer, hessian)
-                plan = select_plan(gm, ranking, target, latency=latency)
+                ranking = ranking_of(gm, batches, scorer)
+                try:
+                    plan = select_plan(gm, ranking, target, latency=latency)
+                except TargetError as e:
+                    print(f"| {args.model} | {target_text} | {scorer} | {seed} | unreachable: {e} |", flush=True)
+                    continue
                 row = evaluate_plan(gm, shrink(gm, plan).graph_module, batches, test, args)
                 row.update(model=args.model, target=target_text, scorer=scorer, seed=seed, dense=dense_top1,
+                           round_to=args.round_to,
                            fwd_bwd_s=round(fwd_bwd, 2), ratio=round(row["repair_s"] / fwd_bwd, 2))
                 print(line(row), flush=True)
                 rows.append(row)
     return rows
+
+
+def ranking_of(gm, batches, scorer: str):
+    """``l1``, ``removal`` (labels drawn from the model), or the OBS selections of
+    ``tools/obs_selection.py``: ``obs``, ``removal+obs`` (OBS chooses within the removal
+    criterion's counts), ``removal*obs`` (removal scores times the error fraction OBS leaves)."""
+    import obs_selection as obs
+
+    if scorer == "obs":
+        return obs.obs_ranking(gm, batches)
+    base = scorer.split("+")[0].split("*")[0]
+    hessian = HessianOptions(batch_size=128, n_batches=len(batches), progress=False)
+    ranking = rank(gm, OwnLabels(batches, gm), base, hessian)
+    if scorer == "removal+obs":
+        return replace(ranking, choose=obs.obs_ranking(gm, batches).choose)
+    if scorer == "removal*obs":
+        fraction = obs.repair_fraction(gm, batches)
+        return replace(ranking, scores={k: v * fraction[k] for k, v in ranking.scores.items()}, whole=None)
+    return ranking
 
 
 def evaluate_plan(gm, small, batches, test, args) -> dict:
@@ -144,7 +172,8 @@ def evaluate_plan(gm, small, batches, test, args) -> dict:
 
 
 def line(r: dict) -> str:
-    return (f"| {r['model']} | {r['target']} | {r['scorer']} | {r['seed']} | {r['pruned']:.2f} | {r['+bn']:.2f} | "
+    plan = r["scorer"] if r.get("round_to", 8) == 8 else f"{r['scorer']}, round_to {r['round_to']}"
+    return (f"| {r['model']} | {r['target']} | {plan} | {r['seed']} | {r['pruned']:.2f} | {r['+bn']:.2f} | "
             f"**{r['+repair']:.2f}** | {r['+repair+bn']:.2f} | {r['dense'] - r['+repair']:.2f} | "
             f"{r['repair_s']:.0f} s | {r['fwd_bwd_s']:.0f} s | {r['ratio']:.2f}× | {r['repair_rss_mb']:.0f} MB |")
 
@@ -182,7 +211,9 @@ def main() -> None:
     p.add_argument("--data", default="../shared/data")
     p.add_argument("--weights", default="../shared/weights")
     p.add_argument("--targets", nargs="+", default=["macs=0.5"])
-    p.add_argument("--scorers", nargs="+", default=["l1", "removal"])
+    p.add_argument("--scorers", nargs="+", default=["l1", "removal"],
+                   choices=("l1", "removal", "obs", "removal+obs", "removal*obs"))
+    p.add_argument("--round-to", type=int, default=RECIPE.round_to, help="kept widths' multiple")
     p.add_argument("--granularity", default="channel",
                    help="what may go (default channel: the issue's probe; the recipe's is both)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
