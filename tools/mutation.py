@@ -281,13 +281,14 @@ def run_all(chosen: list[Mutant], plan: dict[str, tuple[str, ...]], factor: floa
     with tempfile.TemporaryDirectory(prefix="ehap-mutation-") as tmp:
         copy = Path(tmp)
         copy_repo(copy)
-        baseline = {}
+        baseline, clean = {}, {}  # clean: seconds per set of test files, run once
         for module in sorted({m.path for m in chosen if m.status != "gone"}):
-            status, seconds = run_tests(copy, plan[module], timeout=1800)
-            if status != "survived":
-                raise SystemExit(f"the clean tests of {module} fail: fix them first")
-            baseline[module] = seconds
-            print(f"clean {module}: {seconds:.0f} s", flush=True)
+            if plan[module] not in clean:
+                status, clean[plan[module]] = run_tests(copy, plan[module], timeout=1800)
+                if status != "survived":
+                    raise SystemExit(f"the clean tests of {module} fail: fix them first")
+            baseline[module] = clean[plan[module]]
+            print(f"clean {module}: {baseline[module]:.0f} s", flush=True)
         for i, m in enumerate(chosen, 1):
             if m.status == "gone":
                 continue
