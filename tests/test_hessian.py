@@ -385,3 +385,11 @@ def test_folding_batchnorm_changes_no_estimate(estimator):
         torch.testing.assert_close(folded.traces[n], plain.traces[n], rtol=1e-3, atol=tol)
         torch.testing.assert_close(folded.weight_sq[n], plain.weight_sq[n], rtol=1e-5, atol=0)
     torch.testing.assert_close(folded.probe_traces, plain.probe_traces, rtol=1e-3, atol=tol)
+
+
+def test_the_scoring_package_star_exports_its_public_api_only():
+    """``from ehap_fx.scoring import *`` gives the five names of the door, not the submodules
+    (``budget``, ``hessian``, …) that a bare star import of a package would also pull in."""
+    names: dict = {}
+    exec("from ehap_fx.scoring import *", names)
+    assert set(names) - {"__builtins__"} == {"SCORERS", "HessianOptions", "Ranking", "magnitude_scores", "rank"}

@@ -121,7 +121,7 @@ def mutants_of(path: str, source: str) -> list[Mutant]:
         stripped = line.strip()
         if row in in_string:
             continue
-        if not stripped or stripped.startswith(("#", '"', "'")) or stripped.startswith(COMPOUND):
+        if stripped in ("", "pass", "...") or stripped.startswith(("#", '"', "'", *COMPOUND)):
             continue
         if line.rstrip().endswith(("(", "[", "{", ",", "\\", ":")) or stripped[0] in ")]}":
             continue
