@@ -393,3 +393,24 @@ def test_the_scoring_package_star_exports_its_public_api_only():
     names: dict = {}
     exec("from ehap_fx.scoring import *", names)
     assert set(names) - {"__builtins__"} == {"SCORERS", "HessianOptions", "Ranking", "magnitude_scores", "rank"}
+
+
+def test_the_loss_sees_floating_outputs_in_fp32_and_the_rest_untouched():
+    """A detector's or a Hugging Face model's output: only its floating tensors go to fp32, the
+    integer ones and the non-tensors (a label, ``None``) pass as they are."""
+    from ehap_fx.scoring.hessian import _fp32
+
+    half, ids = torch.ones(2, dtype=torch.bfloat16), torch.arange(3)
+    got = _fp32({"logits": half, "ids": ids, "extra": ("label", None)})
+    assert got["logits"].dtype == torch.float32 and torch.equal(got["logits"], half.float())
+    assert got["ids"] is ids and got["extra"] == ("label", None)
+
+
+def test_one_probe_has_no_standard_error_rather_than_nan():
+    """One Hutchinson probe: the trace is that probe's row, its standard error 0 (a sample of
+    one has no spread to estimate; ``std`` of one row would be NaN and poison the stop rule)."""
+    net = tiny()
+    r = estimate_hessian(net, data(), opts(estimator="hutchinson", dtype="fp32", probes=1), names=NAMES)
+    assert r.probes == 1 and r.probe_traces.shape[0] == 1
+    torch.testing.assert_close(torch.cat([r.traces[n] for n in NAMES]), r.probe_traces[0])
+    assert all((r.stderr[n] == 0).all() for n in NAMES)
