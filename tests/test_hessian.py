@@ -414,3 +414,13 @@ def test_one_probe_has_no_standard_error_rather_than_nan():
     assert r.probes == 1 and r.probe_traces.shape[0] == 1
     torch.testing.assert_close(torch.cat([r.traces[n] for n in NAMES]), r.probe_traces[0])
     assert all((r.stderr[n] == 0).all() for n in NAMES)
+
+
+def test_a_hutchinson_batch_that_needs_exactly_the_room_fits():
+    from ehap_fx.errors import MemoryBudgetError
+    from ehap_fx.scoring.plan import _probe_plan, _Room
+
+    room, o = _Room(budget=200, room=100, how="given"), opts(estimator="hutchinson")
+    assert _probe_plan(o, 100, room).estimator == "hutchinson"
+    with pytest.raises(MemoryBudgetError, match=r"needs ~.* > .*\(given\)"):
+        _probe_plan(o, 101, room)
