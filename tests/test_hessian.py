@@ -424,3 +424,31 @@ def test_a_hutchinson_batch_that_needs_exactly_the_room_fits():
     assert _probe_plan(o, 100, room).estimator == "hutchinson"
     with pytest.raises(MemoryBudgetError, match=r"needs ~.* > .*\(given\)"):
         _probe_plan(o, 101, room)
+
+
+def test_draw_batches_pools_what_a_stream_or_a_wrapper_yields():
+    """A DataLoader over an IterableDataset (streamed data) yields batches whose samples are all
+    there is: they are pooled (its dataset yields single samples and has ``Dataset``'s raising
+    ``__getitem__``). A wrapper that is no DataLoader but carries one's ``.dataset`` (a shard of
+    it, say) is drawn from what it yields, not from the whole dataset."""
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for i in range(20):
+                yield torch.full((2,), float(i)), i
+
+    got = draw_batches(torch.utils.data.DataLoader(Stream(), batch_size=5), 4, 2, seed=0)
+    assert [len(x) for x, _ in got] == [4, 4]
+    seen = torch.cat([y for _, y in got])
+    assert len(set(seen.tolist())) == 8 and torch.equal(torch.cat([x for x, _ in got])[:, 0], seen.float())
+
+    x, y = torch.arange(100.0)[:, None], torch.arange(100)
+
+    class Shard:  # yields the even samples; .dataset is the whole of them
+        dataset = torch.utils.data.TensorDataset(x, y)
+
+        def __iter__(self):
+            return iter([(x[0::2], y[0::2])])
+
+    drawn = draw_batches(Shard(), 10, 2, seed=0)
+    assert all(int(v) % 2 == 0 for _, t in drawn for v in t)
