@@ -452,3 +452,17 @@ def test_draw_batches_pools_what_a_stream_or_a_wrapper_yields():
 
     drawn = draw_batches(Shard(), 10, 2, seed=0)
     assert all(int(v) % 2 == 0 for _, t in drawn for v in t)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channels_last_puts_the_working_copy_and_its_batches_in_that_layout(channels_last):
+    """``channels_last`` is a layout, not a result: the working copy's 4-D weights and the
+    Hessian batches both take it (a model left contiguous would reorder every conv input)."""
+    from ehap_fx.scoring.setup import prepare
+
+    o = opts(estimator="hutchinson", dtype="fp32", channels_last=channels_last)
+    s = prepare(tiny(), data(), o, NAMES, F.cross_entropy, torch.device("cpu"))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert s.model.a.weight.is_contiguous(memory_format=fmt)
+    assert s.model.b.weight.is_contiguous(memory_format=fmt)
+    assert all(x.is_contiguous(memory_format=fmt) for x, _ in s.batches)
