@@ -233,3 +233,16 @@ def test_the_cli_repairs_as_compress_does_and_can_be_told_not_to():
         args = cli.build_parser().parse_args(["compress", "--data", "somewhere", *flags])
         cli.resolve_defaults(args)
         assert cli.compress_options(args).compensate == want
+
+
+def test_solve_raises_the_damping_tenfold_until_the_factorisation_succeeds():
+    """``H = diag(1, -1e-3)`` (rounding can leave a Gram matrix that indefinite): with
+    ``damping=1e-4`` Cholesky fails at ``λ = 5e-5`` and ``5e-4`` and succeeds at ``5e-3``, so the
+    result is ``(H + 5e-3·I)⁻¹ R``; a damping that shrank on failure would never get there."""
+    from ehap_fx.passes.compensate import solve
+
+    h = torch.diag(torch.tensor([1.0, -1e-3], dtype=torch.float64))[None]  # (g=1, 2, 2)
+    r = torch.ones(1, 2, 1, dtype=torch.float64)
+    lam = 1e-4 * 0.4995 * 100  # damping · mean(diag H), raised twice
+    want = torch.tensor([[[1 / (1 + lam)], [1 / (-1e-3 + lam)]]], dtype=torch.float64)
+    torch.testing.assert_close(solve(h, r, 1e-4), want)
