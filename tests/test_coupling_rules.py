@@ -130,3 +130,59 @@ def test_composing_rules_leaves_the_defaults_unchanged():
     # a graph traced with the user's rules leaves the next default trace as it was
     trace(model_with(Snake()), X, rules=SNAKE_RULES)
     assert conv0_group(group_channels(trace(model_with(Snake()), X)).graph_module).pinned is not None
+
+
+def _group_of(gm, module: str):
+    (group,) = [g for g in groups_of(gm).groups if any(m.module == module and m.role == "out" for m in g.members)]
+    return group
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_transposed_conv_prunes_its_input_unless_it_is_grouped(groups):
+    """conv0 (3 → 8) ─▶ conv_transpose (8 → 8, groups) ─▶ conv1: ungrouped, conv0's channels are
+    the transposed conv's weight rows (dim 0); grouped, they pin, naming the groups."""
+    gm = group_channels(trace(model_with(nn.ConvTranspose2d(8, 8, 2, stride=2, groups=groups)), X)).graph_module
+    group = conv0_group(gm)
+    if groups == 1:
+        assert group.pinned is None
+        assert [(m.module, m.role, m.dim) for m in group.members] == [("0", "out", 0), ("1", "in", 0)]
+    else:
+        assert group.pinned is not None and "grouped transposed conv (groups=2)" in group.pinned
+
+
+def test_a_per_channel_prelu_goes_with_the_channels():
+    """conv0 ─▶ nn.PReLU(8) ─▶ conv1: the slopes are sliced with conv0's channels (a ``norm``
+    member); the functional spelling ``F.prelu(x, w)`` couples the same way."""
+    gm = group_channels(trace(model_with(nn.PReLU(8)), X)).graph_module
+    group = conv0_group(gm)
+    assert group.pinned is None
+    assert [(m.module, m.role) for m in group.members] == [("0", "out"), ("1", "norm"), ("2", "in")]
+
+
+class FunctionalLinears(nn.Module):
+    """fc0 (6 → 8) ─▶ relu ─▶ fc1 (8 → 4), written with ``F.linear`` on the layers' tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1 = nn.Linear(6, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(nn.functional.linear(x, self.fc0.weight, self.fc0.bias))
+        return nn.functional.linear(h, self.fc1.weight, self.fc1.bias)
+
+
+def test_an_exported_functional_linear_keeps_its_channels_on_the_last_dim():
+    """Captured by ``torch.export`` (``aten.linear`` on fc0's tensors): fc0's output channels are
+    the last dim of ``(N, T, 8)``, so fc1 reads them as its input features and they prune."""
+    torch.manual_seed(0)
+    net = FunctionalLinears().eval()
+    x = torch.randn(2, 5, 6)  # (N, T, features): the last dim is not dim 1
+    gm = group_channels(trace(net, x, capture="export")).graph_module
+    assert any(n.target is torch.ops.aten.linear.default for n in gm.graph.nodes)
+    group = _group_of(gm, "fc0")
+    assert group.pinned is None and group.size == 8
+    assert [(m.module, m.role, m.dim) for m in group.members] == [("fc0", "out", 0), ("fc1", "in", 1)]
+    assert _group_of(gm, "fc1").pinned == "model output"
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
