@@ -41,7 +41,7 @@ TARGETS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("passes/_layers.py",): ("tests/test_group.py", "tests/test_library_forms.py", "tests/test_properties.py"),
     ("passes/_shape_rules.py",): ("tests/test_coupling_rules.py", "tests/test_group.py",
                                   "tests/test_library_forms.py"),
-    ("passes/_onnx_rewrites.py",): ("tests/test_export.py",),
+    ("passes/_onnx_rewrites.py",): ("tests/test_depth.py", "tests/test_export.py"),
     ("passes/_ort_quantizer.py",): ("tests/test_export_capture.py",),
     ("passes/capture.py",): ("tests/test_capture_auto.py", "tests/test_export_scoring.py"),
     ("passes/compensate.py",): ("tests/test_compensate.py",),
