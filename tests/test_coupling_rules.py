@@ -186,3 +186,32 @@ def test_an_exported_functional_linear_keeps_its_channels_on_the_last_dim():
     plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
+
+
+class _Rows(nn.Module):
+    """fc0 (6 → 8) on ``(N, T, 6)``, then ``how``, then fc1: channels stay on the last dim."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.fc0, self.fc1 = nn.Linear(6, 8), nn.Linear(8 if how == "split" else 4, 3)
+
+    def forward(self, x):
+        h = self.fc0(x)
+        if self.how == "split":  # along T: each piece keeps the channels, on the last dim
+            h, _ = torch.split(h, [2, 3], dim=1)
+        else:  # (N, 8) → (N, 2, 4): channel j of each half is one unit, now at dim 2
+            h = h.reshape(h.shape[0], 2, 4)
+        return self.fc1(h)
+
+
+@pytest.mark.parametrize("how, x, size", [("split", torch.randn(2, 5, 6), 8), ("groups", torch.randn(2, 6), 4)])
+def test_channels_off_dim_1_reach_the_next_linear(how, x, size):
+    torch.manual_seed(0)
+    gm = group_channels(trace(_Rows(how).eval(), x)).graph_module
+    group = _group_of(gm, "fc0")
+    assert group.pinned is None and group.size == size
+    assert [(m.module, m.role) for m in group.members] == [("fc0", "out"), ("fc1", "in")]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
