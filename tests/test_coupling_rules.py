@@ -215,3 +215,28 @@ def test_channels_off_dim_1_reach_the_next_linear(how, x, size):
     plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
+
+
+class _ChannelsLastMLP(nn.Module):
+    """conv0 (3 → 8) ─▶ permute((0, 2, 3, 1)) ─▶ fc (8 → 8) ─▶ permute back ─▶ conv1 (8 → 4): a
+    ConvNeXt block's MLP, the permutation passed as one tuple."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.fc, self.conv1 = nn.Conv2d(3, 8, 1), nn.Linear(8, 8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = torch.permute(self.conv0(x), (0, 2, 3, 1))  # (N, H, W, 8)
+        return self.conv1(torch.permute(self.fc(h), (0, 3, 1, 2)))
+
+
+def test_a_permutation_given_as_one_tuple_moves_the_channels():
+    torch.manual_seed(0)
+    gm = group_channels(trace(_ChannelsLastMLP().eval(), X)).graph_module
+    for producer, consumer in (("conv0", "fc"), ("fc", "conv1")):
+        group = _group_of(gm, producer)
+        assert group.pinned is None and group.size == 8
+        assert [(m.module, m.role) for m in group.members] == [(producer, "out"), (consumer, "in")]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
