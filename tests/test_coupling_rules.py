@@ -240,3 +240,32 @@ def test_a_permutation_given_as_one_tuple_moves_the_channels():
     plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+
+
+class _SliceThenPool(nn.Module):
+    """conv0 (3 → 8) ─▶ channels 2:6 ─▶ max_pool(return_indices) ─▶ conv1 (4 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        h = self.conv0(x)[:, 2:6]  # (N, 4, 6, 6)
+        h, _ = nn.functional.max_pool2d(h, 2, return_indices=True)
+        return self.conv1(h)
+
+
+def test_a_channel_slice_and_a_pool_with_indices_keep_the_channels():
+    """Exported (``aten.slice``, ``aten.max_pool2d_with_indices``): the step-1 slice of the
+    channels slices their labels, the pool keeps them (its output's dim 1 is the channels,
+    whatever H and W are). conv0's channels 2:6 go with conv1's inputs, the rest alone. (The fx
+    capture pins at the pool: ``F.max_pool2d_with_indices`` has no coupling rule.)"""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_SliceThenPool().eval(), X, capture="export")).graph_module
+    groups = groups_of(gm)
+    assert not groups.pinned or all(g.pinned in ("model input x", "model output") for g in groups.pinned)
+    members = sorted([(m.module, m.role, m.index.flatten().tolist()) for m in g.members] for g in groups.prunable)
+    assert members == [[("conv0", "out", [0, 1, 6, 7])], [("conv0", "out", [2, 3, 4, 5]), ("conv1", "in", [0, 1, 2, 3])]]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
