@@ -269,3 +269,27 @@ def test_a_channel_slice_and_a_pool_with_indices_keep_the_channels():
     plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+
+
+class _StackSum(nn.Module):
+    """conv0 (3 → 8) ─▶ stack([h, 2h]) (parts on dim 0) ─▶ sum(0) ─▶ conv1 (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.conv0(x)
+        return self.conv1(torch.stack([h, 2 * h]).sum(0))  # (2, N, 8, H, W) → (N, 8, H, W)
+
+
+def test_summing_a_stacks_parts_keeps_the_channels():
+    """A reduction over dim 0 of a stack on dim 0 sums its parts, not the batch: the channels
+    (dim 2 of the stack) come back to dim 1 and conv0's group prunes."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_StackSum().eval(), X)).graph_module
+    group = _group_of(gm, "conv0")
+    assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("conv0", "out"), ("conv1", "in")]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
