@@ -246,3 +246,17 @@ def test_solve_raises_the_damping_tenfold_until_the_factorisation_succeeds():
     lam = 1e-4 * 0.4995 * 100  # damping · mean(diag H), raised twice
     want = torch.tensor([[[1 / (1 + lam)], [1 / (-1e-3 + lam)]]], dtype=torch.float64)
     torch.testing.assert_close(solve(h, r, 1e-4), want)
+
+
+def test_the_summary_averages_the_repaired_layers_to_six_decimals():
+    """The report's mean errors: over the repaired layers only (an exact layer is no repair),
+    rounded to 6 decimals as the report prints them."""
+    from ehap_fx.passes.compensate import LayerFit
+
+    fits = (LayerFit("a", 10, 4, 1, 0.1234564, 0.0000014, True),
+            LayerFit("b", 10, 4, 1, 0.2, 0.0000002, True),
+            LayerFit("c", 10, 4, 1, 0.0, 0.0, False))
+    s = Compensation(fits, images=8, seconds=1.23456, accumulator_bytes=64).summary()
+    assert s["mean_error_before"] == 0.161728 and s["mean_error_after"] == 0.000001
+    assert s["seconds"] == 1.235 and s["images"] == 8
+    assert Compensation(fits[2:], 8, 0.0, 0).summary()["mean_error_before"] is None
