@@ -167,3 +167,13 @@ def test_prelu_counts_its_parameters(slopes):
     small = shrink(gm, PrunePlan({g.id: (0, 2, 3)})).graph_module
     assert total_cost(small).params == (3 * 3 + 3) + (3 if slopes == 4 else 1) + (3 * 2 + 2)
     assert sum(p.numel() for p in small.parameters()) == total_cost(small).params
+
+
+@pytest.mark.parametrize("slopes", [4, 1])
+def test_prelu_costs_one_mac_per_output_element(slopes):
+    """A PReLU multiplies each element by its slope: C · H · W MACs per sample, either way."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.PReLU(slopes), nn.Conv2d(4, 2, 1)).eval()
+    gm = group_channels(trace(model, torch.randn(2, 3, 5, 5))).graph_module
+    total_cost(gm)
+    (node,) = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "1"]
+    assert node.meta[_meta.COST].macs == 4 * 5 * 5
