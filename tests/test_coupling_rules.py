@@ -29,7 +29,7 @@ from ehap_fx.passes.group import group_channels, groups_of
 from ehap_fx.passes.mask import mask_channels, random_plan
 from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
-from torch import nn
+from torch import fx, nn
 
 from ehap_fx import _meta
 
@@ -293,3 +293,25 @@ def test_summing_a_stacks_parts_keeps_the_channels():
     plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+
+
+def test_a_target_that_cannot_be_compared_is_not_pointwise():
+    """``is_pointwise`` looks a call's target up in its tables; a callable whose ``==`` raises
+    ``TypeError`` (an array-like, say) is simply not pointwise: a residual branch through it is
+    not dropped as a constant."""
+    from ehap_fx.passes.coupling import is_pointwise
+
+    class Incomparable:
+        __name__ = "incomparable"
+
+        def __call__(self, x):
+            return x
+
+        def __eq__(self, other):
+            raise TypeError("no ==")
+
+        __hash__ = object.__hash__
+
+    g = fx.Graph()
+    node = g.call_function(Incomparable(), (g.placeholder("x"),))
+    assert is_pointwise(fx.GraphModule(nn.Module(), g), node) is False
