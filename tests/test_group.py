@@ -118,3 +118,16 @@ def test_group_norm_couples_whole_groups():
     assert {m.module: m.index.tolist() for m in group.members if m.role == "out"} == {
         "a": [[0, 1, 2, 3], [4, 5, 6, 7]]
     }
+
+
+def test_groups_and_members_in_node_meta_are_frozen():
+    """The analysis travels in ``node.meta`` and ``gm.meta``: a pass that could edit a group or
+    a member in place would change what every other node reads."""
+    import dataclasses
+
+    gm = grouped(TinyOptionA())
+    g = groups_of(gm).prunable[0]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        g.size = 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        g.members[0].role = "in"
