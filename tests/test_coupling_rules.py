@@ -315,3 +315,28 @@ def test_a_target_that_cannot_be_compared_is_not_pointwise():
     g = fx.Graph()
     node = g.call_function(Incomparable(), (g.placeholder("x"),))
     assert is_pointwise(fx.GraphModule(nn.Module(), g), node) is False
+
+
+class _ScalarGain(nn.Module):
+    """fc0 (6 → 8) ─▶ × a learned scalar gain ``(1,)`` reshaped to ``(1, 1)`` ─▶ fc1 (8 → 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1 = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.gain = nn.Parameter(torch.full((1,), 0.5))
+
+    def forward(self, x):
+        return self.fc1(self.fc0(x) * self.gain.reshape(1, 1))
+
+
+def test_a_one_element_tensor_reshaped_to_2d_broadcasts_over_the_channels():
+    """A one-element value reshaped to ``(1, 1)`` is a broadcast scalar: it couples nothing and
+    fc0's channels prune."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6)
+    gm = group_channels(trace(_ScalarGain().eval(), x)).graph_module
+    group = _group_of(gm, "fc0")
+    assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("fc0", "out"), ("fc1", "in")]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
