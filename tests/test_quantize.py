@@ -454,3 +454,24 @@ def test_ptq_fallback_off_keeps_qat():
                               ptq_fallback=False)
     result = quantize_int8(TinyResNet(), X, batches(2), options)
     assert result.mode == "qat" and result.check is None
+
+
+def test_an_exported_graphs_train_switches_batch_norm_unless_frozen():
+    """``_bind_train_eval``: ``.train()`` of an exported graph makes its BN read the batch's
+    statistics, ``.eval()`` the running ones; with ``BN_FROZEN`` in its meta, train mode keeps
+    the running statistics (PT2E's ``freeze_bn_stats``)."""
+    from ehap_fx.passes.quantize import _bind_train_eval
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    x = torch.randn(4, 3, 5, 5)
+    with torch.no_grad():
+        net[1].running_mean.fill_(3.0)  # far from the batch's statistics
+        running, batch = net(x), F.batch_norm(net[0](x), None, None, net[1].weight, net[1].bias, training=True)
+    gm = _bind_train_eval(torch.export.export(net, (x,)).module())
+    with torch.no_grad():  # last, the one call that updates the running statistics
+        torch.testing.assert_close(gm.eval()(x), running)
+        gm.meta[_meta.BN_FROZEN] = True
+        torch.testing.assert_close(gm.train()(x), running)
+        del gm.meta[_meta.BN_FROZEN]
+        torch.testing.assert_close(gm.train()(x), batch, atol=1e-5, rtol=1e-5)
