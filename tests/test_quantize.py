@@ -475,3 +475,21 @@ def test_an_exported_graphs_train_switches_batch_norm_unless_frozen():
         torch.testing.assert_close(gm.train()(x), running)
         del gm.meta[_meta.BN_FROZEN]
         torch.testing.assert_close(gm.train()(x), batch, atol=1e-5, rtol=1e-5)
+
+
+def test_saturate_weights_clamps_per_channel_weights_and_leaves_per_tensor_ones():
+    """Only per-channel weights are clamped into the range (the schemes' weights); a per-tensor
+    quantized weight (no per-channel scales to rebuild it with) is left as it is."""
+    from ehap_fx.passes.quantize import saturate_weights
+
+    w = torch.linspace(-1, 1, 4 * 3).reshape(4, 3, 1, 1)
+    channel, tensor = torch.ao.nn.quantized.Conv2d(3, 4, 1), torch.ao.nn.quantized.Conv2d(3, 4, 1)
+    channel.set_weight_bias(torch.quantize_per_channel(w, torch.full((4,), 1 / 100), torch.zeros(4, dtype=torch.long),
+                                                       0, torch.qint8), None)
+    tensor.set_weight_bias(torch.quantize_per_tensor(w, 1 / 100, 0, torch.qint8), None)
+    before = tensor.weight().int_repr().clone()
+    moved = saturate_weights(nn.Sequential(channel, tensor), (-64, 63))
+    ints = channel.weight().int_repr()
+    assert int(ints.min()) == -64 and int(ints.max()) == 63
+    assert moved == int(((before < -64) | (before > 63)).sum()) > 0
+    assert torch.equal(tensor.weight().int_repr(), before)
