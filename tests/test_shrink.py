@@ -176,3 +176,13 @@ def test_passes_chain_in_a_pass_manager():
     expected = shrink(gm, plan).graph_module
     torch.testing.assert_close(result.graph_module(x), expected(x))
     assert total_cost(result.graph_module) == total_cost(expected)
+
+
+def test_a_plan_is_frozen():
+    """``gm.meta["ehap.plan"]`` is read by the report, the cost pass and the export: a plan that
+    could be reassigned after shrinking would describe another model than the one it made."""
+    import dataclasses
+
+    plan = PrunePlan({0: (0, 2)})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.keep = {}
