@@ -225,6 +225,9 @@ def replayed(path: Path) -> list[Mutant]:
             m.status = "gone"  # its line was rewritten or removed since
         else:
             m.line = min(rows, key=lambda r: abs(r - m.line))
+            source = (ROOT / m.path).read_text()
+            if apply(source, m) == source:
+                m.status = "gone"  # a no-op (``pass`` for ``pass``): no longer a candidate
         out.append(m)
     return out
 
