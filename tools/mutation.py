@@ -53,7 +53,7 @@ TARGETS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("passes/mask.py",): ("tests/test_shrink.py",),
     ("passes/program.py",): ("tests/test_export_capture.py",),
     ("passes/quantize.py",): ("tests/test_quantize.py", "tests/test_isa.py"),
-    ("passes/shrink.py",): ("tests/test_shrink.py", "tests/test_depth.py"),
+    ("passes/shrink.py",): ("tests/test_shrink.py", "tests/test_depth.py", "tests/test_coupling_rules.py"),
     ("passes/trace.py",): ("tests/test_trace.py", "tests/test_group.py", "tests/test_properties.py"),
     ("ehap_fx/target.py",): ("tests/test_target.py",),
     ("ehap_fx/scoring/__init__.py",): ("tests/test_hessian.py",),
