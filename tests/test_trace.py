@@ -57,3 +57,30 @@ def test_leaf_module_channels_are_pinned():
 def test_wrong_input_shape_is_a_trace_error():
     with pytest.raises(TraceError, match="example_input"):
         trace(nn.Conv2d(3, 8, 3), torch.randn(2, 5, 8, 8))
+
+
+class _Optional(torch.nn.Module):
+    """forward(x, scale=None, shift=None): optional inputs, as a Hugging Face model has."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x, scale=None, shift=None):
+        h = self.conv(x)
+        if scale is not None:
+            h = h * scale
+        return h if shift is None else h + shift
+
+
+def test_a_dict_of_inputs_traces_the_given_ones_in_forwards_order():
+    """``{name: tensor}`` in any order: the graph's inputs are exactly the given ones, in
+    ``forward``'s order (``x``, then ``scale``), the absent ``shift`` specialised away."""
+    torch.manual_seed(0)
+    model, x, s = _Optional().eval(), torch.randn(2, 3, 5, 5), torch.rand(1, 4, 1, 1)
+    gm = trace(model, {"scale": s, "x": x})
+    assert [n.target for n in gm.graph.find_nodes(op="placeholder")] == ["x", "scale"]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x, s), model(x, scale=s))
+    only_x = trace(model, {"x": x})
+    assert [n.target for n in only_x.graph.find_nodes(op="placeholder")] == ["x"]
