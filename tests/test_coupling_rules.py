@@ -340,3 +340,25 @@ def test_a_one_element_tensor_reshaped_to_2d_broadcasts_over_the_channels():
     plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
+
+
+class _CatAlongHeight(nn.Module):
+    """conv0 (3 → 8) ─▶ cat along H of (h,) ─▶ conv1 (8 → 4), and of (h, 2h) ─▶ conv2 (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1, self.conv2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.conv0(x)
+        return self.conv1(torch.cat((h,), dim=2)) + self.conv2(torch.cat((h, 2 * h), dim=2))[:, :, :6]
+
+
+def test_a_cat_along_another_dim_keeps_the_channels_of_its_parts():
+    """Along H, every part carries the same channels (one part included): conv0's group reaches
+    conv1 and prunes."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_CatAlongHeight().eval(), X)).graph_module
+    group = _group_of(gm, "conv0")
+    assert group.pinned is None
+    assert sorted((m.module, m.role) for m in group.members) == [("conv0", "out"), ("conv1", "in"), ("conv2", "in")]
