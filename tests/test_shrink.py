@@ -214,3 +214,12 @@ def test_a_functional_transposed_conv_and_a_layer_scale_shrink_with_the_channels
     assert small.up.weight.shape == (3, 4, 2, 2)
     assert isinstance(small.gamma, torch.nn.Parameter) and small.gamma.requires_grad
     assert small.gamma.shape == (3, 1, 1) and any(p is small.gamma for p in small.parameters())
+
+
+def test_fresh_attr_numbers_a_taken_name():
+    from ehap_fx.passes.shrink import fresh_attr
+
+    gm = group_channels(trace(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1)), torch.randn(1, 3, 4, 4))).graph_module
+    gm.c, gm.c_1 = torch.zeros(1), torch.zeros(1)
+    assert fresh_attr(gm, "free") == "free"
+    assert fresh_attr(gm, "c") == "c_2"
