@@ -84,3 +84,14 @@ def test_a_dict_of_inputs_traces_the_given_ones_in_forwards_order():
         torch.testing.assert_close(gm(x, s), model(x, scale=s))
     only_x = trace(model, {"x": x})
     assert [n.target for n in only_x.graph.find_nodes(op="placeholder")] == ["x"]
+
+
+def test_a_program_decomposed_to_core_aten_is_recorded_as_such():
+    """``gm.meta["ehap.capture"].decomposed``: a shrunk copy of a ``run_decompositions`` program
+    is exported the same way (core ATen's ``convolution``/``addmm``), of a training-IR one not."""
+    from ehap_fx import _meta
+
+    model, x = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Flatten(), torch.nn.Linear(64, 2)), torch.randn(2, 3, 4, 4)
+    ep = torch.export.export(model.eval(), (x,))
+    assert trace(ep.run_decompositions(), x).meta[_meta.CAPTURE].decomposed is True
+    assert trace(ep, x).meta[_meta.CAPTURE].decomposed is False
