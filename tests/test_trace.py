@@ -95,3 +95,34 @@ def test_a_program_decomposed_to_core_aten_is_recorded_as_such():
     ep = torch.export.export(model.eval(), (x,))
     assert trace(ep.run_decompositions(), x).meta[_meta.CAPTURE].decomposed is True
     assert trace(ep, x).meta[_meta.CAPTURE].decomposed is False
+
+
+def test_an_exported_graph_starts_in_eval_and_train_switches_batch_norm_and_dropout():
+    """``ExportedGraph``: captured in eval mode and saying so; ``.train()`` sets the ``training``
+    flag of every ``aten.batch_norm`` and ``aten.dropout`` call (batch statistics, dropped
+    elements), ``.eval()`` clears it again."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5)).eval()
+    x = torch.randn(4, 3, 5, 5)
+    with torch.no_grad():
+        model[1].running_mean.fill_(3.0)
+        want_eval = model(x)
+        want_train = torch.nn.functional.batch_norm(model[0](x), None, None, model[1].weight, model[1].bias,
+                                                    training=True)
+    gm = trace(model, x, capture="export")
+    assert gm.training is False
+    bn, drop = torch.ops.aten.batch_norm.default, torch.ops.aten.dropout.default
+
+    def flags():  # the `train` argument of each call
+        return [n.args[5] if n.target is bn else n.args[2] for n in gm.graph.nodes if n.target in (bn, drop)]
+
+    assert flags() == [False, False]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), want_eval)
+        gm.train()
+        assert gm.training and flags() == [True, True]
+        got = gm(x)  # dropout zeroes about half and doubles the rest
+        kept = got != 0
+        torch.testing.assert_close(got[kept], 2 * want_train[kept], atol=1e-5, rtol=1e-5)
+        gm.eval()
+        assert not gm.training and flags() == [False, False]
