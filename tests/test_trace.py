@@ -126,3 +126,33 @@ def test_an_exported_graph_starts_in_eval_and_train_switches_batch_norm_and_drop
         torch.testing.assert_close(got[kept], 2 * want_train[kept], atol=1e-5, rtol=1e-5)
         gm.eval()
         assert not gm.training and flags() == [False, False]
+
+
+class _Decode(torch.nn.Module):
+    """YOLO pose's keypoint decoding: ``y[:, 2::3] = y[:, 2::3].sigmoid()`` after a conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 9, 1)
+
+    def forward(self, x):
+        y = self.conv(x).clone()
+        y[:, 2::3] = y[:, 2::3].sigmoid()
+        y[:, :, 1:3, 0:2] = 2 * y[:, :, 1:3, 0:2]  # two dims sliced: one index tuple
+        return y
+
+
+def test_an_exported_slice_copy_becomes_one_assignment():
+    """``copy_(slice(...), src)`` becomes ``base[index] = src`` (``operator.setitem``), one index
+    tuple per chain of slices, with the same values: no ``aten.copy_`` is left."""
+    import operator
+
+    torch.manual_seed(0)
+    model, x = _Decode().eval(), torch.randn(2, 3, 4, 4)
+    gm = trace(model, x, capture="export")
+    assert not gm.graph.find_nodes(op="call_function", target=torch.ops.aten.copy_.default)
+    puts = gm.graph.find_nodes(op="call_function", target=operator.setitem)
+    assert [len(p.args[1]) for p in puts] == [2, 4]  # dims 0-1, then 0-3 (H and W in one tuple)
+    assert puts[0].args[1][1].step == 3 and puts[1].args[1][2:] == (slice(1, 3, 1), slice(0, 2, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
