@@ -156,3 +156,25 @@ def test_an_exported_slice_copy_becomes_one_assignment():
     assert puts[0].args[1][1].step == 3 and puts[1].args[1][2:] == (slice(1, 3, 1), slice(0, 2, 1))
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x))
+
+
+class _UsedCopy(torch.nn.Module):
+    """A slice copy whose result is read again: ``z = y[:, :2].copy_(2 * y[:, 2:])``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x).clone()
+        z = y[:, :2].copy_(2 * y[:, 2:])
+        return y + z.sum()
+
+
+def test_a_slice_copy_whose_result_is_used_stays_a_copy():
+    """The assignment has no result: a copy that something reads is left as it is."""
+    model, x = _UsedCopy().eval(), torch.randn(2, 3, 4, 4)
+    gm = trace(model, x, capture="export")
+    assert len(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.copy_.default)) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
