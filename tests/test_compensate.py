@@ -233,3 +233,61 @@ def test_the_cli_repairs_as_compress_does_and_can_be_told_not_to():
         args = cli.build_parser().parse_args(["compress", "--data", "somewhere", *flags])
         cli.resolve_defaults(args)
         assert cli.compress_options(args).compensate == want
+
+
+def test_solve_raises_the_damping_tenfold_until_the_factorisation_succeeds():
+    """``H = diag(1, -1e-3)`` (rounding can leave a Gram matrix that indefinite): with
+    ``damping=1e-4`` Cholesky fails at ``λ = 5e-5`` and ``5e-4`` and succeeds at ``5e-3``, so the
+    result is ``(H + 5e-3·I)⁻¹ R``; a damping that shrank on failure would never get there."""
+    from ehap_fx.passes.compensate import solve
+
+    h = torch.diag(torch.tensor([1.0, -1e-3], dtype=torch.float64))[None]  # (g=1, 2, 2)
+    r = torch.ones(1, 2, 1, dtype=torch.float64)
+    lam = 1e-4 * 0.4995 * 100  # damping · mean(diag H), raised twice
+    want = torch.tensor([[[1 / (1 + lam)], [1 / (-1e-3 + lam)]]], dtype=torch.float64)
+    torch.testing.assert_close(solve(h, r, 1e-4), want)
+
+
+def test_the_summary_averages_the_repaired_layers_to_six_decimals():
+    """The report's mean errors: over the repaired layers only (an exact layer is no repair),
+    rounded to 6 decimals as the report prints them."""
+    from ehap_fx.passes.compensate import LayerFit
+
+    fits = (LayerFit("a", 10, 4, 1, 0.1234564, 0.0000014, True),
+            LayerFit("b", 10, 4, 1, 0.2, 0.0000002, True),
+            LayerFit("c", 10, 4, 1, 0.0, 0.0, False))
+    s = Compensation(fits, images=8, seconds=1.23456, accumulator_bytes=64).summary()
+    assert s["mean_error_before"] == 0.161728 and s["mean_error_after"] == 0.000001
+    assert s["seconds"] == 1.235 and s["images"] == 8
+    assert Compensation(fits[2:], 8, 0.0, 0).summary()["mean_error_before"] is None
+
+
+class _TwoBranches(nn.Module):
+    """x ─▶ conv0 (3 → 8) ─▶ relu ─▶ conv_s (8 → 4) ─┐
+       x ─▶ conv_b (3 → 4) ─▶ bn ──────────────────── + ─▶ out"""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv_s = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.conv_b, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.conv_s(torch.relu(self.conv0(x))) + self.bn(self.conv_b(x))
+
+
+def test_block_matching_refits_a_layer_whose_own_output_is_unchanged(one_thread):
+    """Pruning conv0 changes conv_s's inputs, and its refit leaves an error on the sum; conv_b
+    reads the unchanged input and outputs what it did, yet under ``match="block"`` it is refitted
+    to take the other branch's error (``layer`` matching leaves it alone)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 6, 6, dtype=torch.float64)
+    dense = group_channels(trace(randomize_bn(_TwoBranches()).eval().double(), x[:2])).graph_module
+    (g,) = [g for g in groups_of(dense).prunable if g.size == 8]  # conv0's channels
+    small = shrink(dense, PrunePlan({g.id: (0, 2, 4, 6)})).graph_module
+    fits = {}
+    for match in ("layer", "block"):
+        fixed = compensate(small, dense, x, replace(EXACT, match=match)).graph_module
+        fits[match] = {f.node: f for f in fixed.meta[_meta.COMPENSATION].layers}
+    assert fits["layer"]["conv_s"].repaired and not fits["layer"]["conv_b"].repaired
+    b = fits["block"]["conv_b"]
+    assert b.repaired and b.error_after < b.error_before

@@ -167,3 +167,35 @@ def test_prelu_counts_its_parameters(slopes):
     small = shrink(gm, PrunePlan({g.id: (0, 2, 3)})).graph_module
     assert total_cost(small).params == (3 * 3 + 3) + (3 if slopes == 4 else 1) + (3 * 2 + 2)
     assert sum(p.numel() for p in small.parameters()) == total_cost(small).params
+
+
+@pytest.mark.parametrize("slopes", [4, 1])
+def test_prelu_costs_one_mac_per_output_element(slopes):
+    """A PReLU multiplies each element by its slope: C · H · W MACs per sample, either way."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.PReLU(slopes), nn.Conv2d(4, 2, 1)).eval()
+    gm = group_channels(trace(model, torch.randn(2, 3, 5, 5))).graph_module
+    total_cost(gm)
+    (node,) = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "1"]
+    assert node.meta[_meta.COST].macs == 4 * 5 * 5
+
+
+class _FunctionalLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(nn.functional.linear(x, self.fc0.weight, self.fc0.bias))
+        return nn.functional.linear(h, self.fc1.weight, self.fc1.bias)
+
+
+def test_a_core_aten_addmm_counts_its_input_features_not_its_bias():
+    """Core ATen writes a linear as ``addmm(bias, x, weight.T)``: its MACs are ``in · out`` plus
+    the bias adds, ``in`` read from ``x`` (the first argument is the bias, of ``out`` elements)."""
+    x = torch.randn(2, 6)
+    ep = torch.export.export(_FunctionalLinears().eval(), (x,)).run_decompositions()
+    gm = group_channels(trace(ep, x)).graph_module
+    total = total_cost(gm)
+    addmms = [n.meta[_meta.COST] for n in gm.graph.nodes if n.target is torch.ops.aten.addmm.default]
+    assert addmms == [NodeCost(6 * 8 + 8, 6 * 8 + 8), NodeCost(8 * 3 + 3, 8 * 3 + 3)]
+    assert total == Cost(macs=56 + 8 + 27, params=56 + 27)  # + the relu's 8

@@ -29,7 +29,7 @@ from ehap_fx.passes.group import group_channels, groups_of
 from ehap_fx.passes.mask import mask_channels, random_plan
 from ehap_fx.passes.shrink import shrink
 from ehap_fx.passes.trace import trace
-from torch import nn
+from torch import fx, nn
 
 from ehap_fx import _meta
 
@@ -130,3 +130,235 @@ def test_composing_rules_leaves_the_defaults_unchanged():
     # a graph traced with the user's rules leaves the next default trace as it was
     trace(model_with(Snake()), X, rules=SNAKE_RULES)
     assert conv0_group(group_channels(trace(model_with(Snake()), X)).graph_module).pinned is not None
+
+
+def _group_of(gm, module: str):
+    (group,) = [g for g in groups_of(gm).groups if any(m.module == module and m.role == "out" for m in g.members)]
+    return group
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_transposed_conv_prunes_its_input_unless_it_is_grouped(groups):
+    """conv0 (3 → 8) ─▶ conv_transpose (8 → 8, groups) ─▶ conv1: ungrouped, conv0's channels are
+    the transposed conv's weight rows (dim 0); grouped, they pin, naming the groups."""
+    gm = group_channels(trace(model_with(nn.ConvTranspose2d(8, 8, 2, stride=2, groups=groups)), X)).graph_module
+    group = conv0_group(gm)
+    if groups == 1:
+        assert group.pinned is None
+        assert [(m.module, m.role, m.dim) for m in group.members] == [("0", "out", 0), ("1", "in", 0)]
+    else:
+        assert group.pinned is not None and "grouped transposed conv (groups=2)" in group.pinned
+
+
+def test_a_per_channel_prelu_goes_with_the_channels():
+    """conv0 ─▶ nn.PReLU(8) ─▶ conv1: the slopes are sliced with conv0's channels (a ``norm``
+    member); the functional spelling ``F.prelu(x, w)`` couples the same way."""
+    gm = group_channels(trace(model_with(nn.PReLU(8)), X)).graph_module
+    group = conv0_group(gm)
+    assert group.pinned is None
+    assert [(m.module, m.role) for m in group.members] == [("0", "out"), ("1", "norm"), ("2", "in")]
+
+
+class FunctionalLinears(nn.Module):
+    """fc0 (6 → 8) ─▶ relu ─▶ fc1 (8 → 4), written with ``F.linear`` on the layers' tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1 = nn.Linear(6, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(nn.functional.linear(x, self.fc0.weight, self.fc0.bias))
+        return nn.functional.linear(h, self.fc1.weight, self.fc1.bias)
+
+
+def test_an_exported_functional_linear_keeps_its_channels_on_the_last_dim():
+    """Captured by ``torch.export`` (``aten.linear`` on fc0's tensors): fc0's output channels are
+    the last dim of ``(N, T, 8)``, so fc1 reads them as its input features and they prune."""
+    torch.manual_seed(0)
+    net = FunctionalLinears().eval()
+    x = torch.randn(2, 5, 6)  # (N, T, features): the last dim is not dim 1
+    gm = group_channels(trace(net, x, capture="export")).graph_module
+    assert any(n.target is torch.ops.aten.linear.default for n in gm.graph.nodes)
+    group = _group_of(gm, "fc0")
+    assert group.pinned is None and group.size == 8
+    assert [(m.module, m.role, m.dim) for m in group.members] == [("fc0", "out", 0), ("fc1", "in", 1)]
+    assert _group_of(gm, "fc1").pinned == "model output"
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
+
+
+class _Rows(nn.Module):
+    """fc0 (6 → 8) on ``(N, T, 6)``, then ``how``, then fc1: channels stay on the last dim."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.fc0, self.fc1 = nn.Linear(6, 8), nn.Linear(8 if how == "split" else 4, 3)
+
+    def forward(self, x):
+        h = self.fc0(x)
+        if self.how == "split":  # along T: each piece keeps the channels, on the last dim
+            h, _ = torch.split(h, [2, 3], dim=1)
+        else:  # (N, 8) → (N, 2, 4): channel j of each half is one unit, now at dim 2
+            h = h.reshape(h.shape[0], 2, 4)
+        return self.fc1(h)
+
+
+@pytest.mark.parametrize("how, x, size", [("split", torch.randn(2, 5, 6), 8), ("groups", torch.randn(2, 6), 4)])
+def test_channels_off_dim_1_reach_the_next_linear(how, x, size):
+    torch.manual_seed(0)
+    gm = group_channels(trace(_Rows(how).eval(), x)).graph_module
+    group = _group_of(gm, "fc0")
+    assert group.pinned is None and group.size == size
+    assert [(m.module, m.role) for m in group.members] == [("fc0", "out"), ("fc1", "in")]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
+
+
+class _ChannelsLastMLP(nn.Module):
+    """conv0 (3 → 8) ─▶ permute((0, 2, 3, 1)) ─▶ fc (8 → 8) ─▶ permute back ─▶ conv1 (8 → 4): a
+    ConvNeXt block's MLP, the permutation passed as one tuple."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.fc, self.conv1 = nn.Conv2d(3, 8, 1), nn.Linear(8, 8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = torch.permute(self.conv0(x), (0, 2, 3, 1))  # (N, H, W, 8)
+        return self.conv1(torch.permute(self.fc(h), (0, 3, 1, 2)))
+
+
+def test_a_permutation_given_as_one_tuple_moves_the_channels():
+    torch.manual_seed(0)
+    gm = group_channels(trace(_ChannelsLastMLP().eval(), X)).graph_module
+    for producer, consumer in (("conv0", "fc"), ("fc", "conv1")):
+        group = _group_of(gm, producer)
+        assert group.pinned is None and group.size == 8
+        assert [(m.module, m.role) for m in group.members] == [(producer, "out"), (consumer, "in")]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+
+
+class _SliceThenPool(nn.Module):
+    """conv0 (3 → 8) ─▶ channels 2:6 ─▶ max_pool(return_indices) ─▶ conv1 (4 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        h = self.conv0(x)[:, 2:6]  # (N, 4, 6, 6)
+        h, _ = nn.functional.max_pool2d(h, 2, return_indices=True)
+        return self.conv1(h)
+
+
+def test_a_channel_slice_and_a_pool_with_indices_keep_the_channels():
+    """Exported (``aten.slice``, ``aten.max_pool2d_with_indices``): the step-1 slice of the
+    channels slices their labels, the pool keeps them (its output's dim 1 is the channels,
+    whatever H and W are). conv0's channels 2:6 go with conv1's inputs, the rest alone. (The fx
+    capture pins at the pool: ``F.max_pool2d_with_indices`` has no coupling rule.)"""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_SliceThenPool().eval(), X, capture="export")).graph_module
+    groups = groups_of(gm)
+    assert not groups.pinned or all(g.pinned in ("model input x", "model output") for g in groups.pinned)
+    members = sorted([(m.module, m.role, m.index.flatten().tolist()) for m in g.members] for g in groups.prunable)
+    assert members == [[("conv0", "out", [0, 1, 6, 7])], [("conv0", "out", [2, 3, 4, 5]), ("conv1", "in", [0, 1, 2, 3])]]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+
+
+class _StackSum(nn.Module):
+    """conv0 (3 → 8) ─▶ stack([h, 2h]) (parts on dim 0) ─▶ sum(0) ─▶ conv1 (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.conv0(x)
+        return self.conv1(torch.stack([h, 2 * h]).sum(0))  # (2, N, 8, H, W) → (N, 8, H, W)
+
+
+def test_summing_a_stacks_parts_keeps_the_channels():
+    """A reduction over dim 0 of a stack on dim 0 sums its parts, not the batch: the channels
+    (dim 2 of the stack) come back to dim 1 and conv0's group prunes."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_StackSum().eval(), X)).graph_module
+    group = _group_of(gm, "conv0")
+    assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("conv0", "out"), ("conv1", "in")]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+
+
+def test_a_target_that_cannot_be_compared_is_not_pointwise():
+    """``is_pointwise`` looks a call's target up in its tables; a callable whose ``==`` raises
+    ``TypeError`` (an array-like, say) is simply not pointwise: a residual branch through it is
+    not dropped as a constant."""
+    from ehap_fx.passes.coupling import is_pointwise
+
+    class Incomparable:
+        __name__ = "incomparable"
+
+        def __call__(self, x):
+            return x
+
+        def __eq__(self, other):
+            raise TypeError("no ==")
+
+        __hash__ = object.__hash__
+
+    g = fx.Graph()
+    node = g.call_function(Incomparable(), (g.placeholder("x"),))
+    assert is_pointwise(fx.GraphModule(nn.Module(), g), node) is False
+
+
+class _ScalarGain(nn.Module):
+    """fc0 (6 → 8) ─▶ × a learned scalar gain ``(1,)`` reshaped to ``(1, 1)`` ─▶ fc1 (8 → 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1 = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.gain = nn.Parameter(torch.full((1,), 0.5))
+
+    def forward(self, x):
+        return self.fc1(self.fc0(x) * self.gain.reshape(1, 1))
+
+
+def test_a_one_element_tensor_reshaped_to_2d_broadcasts_over_the_channels():
+    """A one-element value reshaped to ``(1, 1)`` is a broadcast scalar: it couples nothing and
+    fc0's channels prune."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6)
+    gm = group_channels(trace(_ScalarGain().eval(), x)).graph_module
+    group = _group_of(gm, "fc0")
+    assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("fc0", "out"), ("fc1", "in")]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
+
+
+class _CatAlongHeight(nn.Module):
+    """conv0 (3 → 8) ─▶ cat along H of (h,) ─▶ conv1 (8 → 4), and of (h, 2h) ─▶ conv2 (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1, self.conv2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.conv0(x)
+        return self.conv1(torch.cat((h,), dim=2)) + self.conv2(torch.cat((h, 2 * h), dim=2))[:, :, :6]
+
+
+def test_a_cat_along_another_dim_keeps_the_channels_of_its_parts():
+    """Along H, every part carries the same channels (one part included): conv0's group reaches
+    conv1 and prunes."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_CatAlongHeight().eval(), X)).graph_module
+    group = _group_of(gm, "conv0")
+    assert group.pinned is None
+    assert sorted((m.module, m.role) for m in group.members) == [("conv0", "out"), ("conv1", "in"), ("conv2", "in")]

@@ -355,3 +355,15 @@ def test_ehap_compress_under_torchrun(tmp_path):
     assert (out / "model_int8.onnx").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no second folder, no leftovers
     assert proc.stdout.count("outputs in") == 1
+
+
+@pytest.mark.parametrize("name", ["probes", "mc"])
+def test_a_round_asks_each_estimator_for_its_own_count(name):
+    """A round's ``run(k, seed)`` draws ``k`` probes of Hutchinson (``probes``) and ``k`` label
+    samples of MC (``mc_samples``), whatever the options held: the other field would leave the
+    round at the options' count (Hutchinson's 6 probes, MC's 3 samples)."""
+    from ehap_fx.scoring.distributed import _runner
+
+    opts = CASES[name][0]
+    res = _runner(_model(), _hessian_batch(), opts, {})(2, opts.seed)
+    assert res.probes == 2 and res.probe_traces.shape[0] == 2

@@ -489,3 +489,19 @@ def test_slice_assignment_survives_torchscript_onnx(tmp_path):
         expected = model(x)
         assert_same(gm(x), expected)
     assert_same(torch.from_numpy(got), expected)
+
+
+@pytest.mark.parametrize("val, quantized", [
+    (torch.zeros(2, 4, 3, 3), True),  # a feature map
+    (torch.zeros(2, 4), True),  # a linear's (N, C) output: a residual MLP's add
+    (torch.zeros(4), False),  # a vector: no activation
+    (torch.tensor(0), False),  # num_batches_tracked += 1 in a training export
+])
+def test_the_pt2e_quantizer_annotates_adds_of_float_activations_only(val, quantized):
+    from ehap_fx.passes._ort_quantizer import _is_float_activation
+    from torch import fx
+
+    g = fx.Graph()
+    a, b = g.placeholder("a"), g.placeholder("b")
+    a.meta["val"], b.meta["val"] = val, val.clone()
+    assert _is_float_activation(g.call_function(torch.ops.aten.add.Tensor, (a, b))) is quantized

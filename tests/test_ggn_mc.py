@@ -155,6 +155,24 @@ def test_mc_removal_is_unbiased_for_the_exact_criterion():
         assert (se.diagonal() < 0.1 * exact.scores[g.id]).all()
 
 
+
+def test_mc_removal_over_two_batches_is_unbiased_for_their_mean():
+    """Two batches of 8: the exact ``Q`` is their mean, and so is MC's (the draws' mean per batch,
+    then over the batches), within 4 standard errors of 8 independent runs."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 2, 5, 5), torch.randint(0, 3, (16,))
+    gm, groups = grouped(tiny_relu(), x)
+    two = [(x[:8], y[:8]), (x[8:], y[8:])]
+    opts = dataclasses.replace(MC, batch_size=8, n_batches=2)
+    exact = estimate_removal(gm, two, groups, dataclasses.replace(opts, estimator="ggn"))
+    runs = [estimate_removal(gm, two, groups, dataclasses.replace(opts, mc_samples=50, seed=s))
+            for s in range(8)]
+    assert exact.n_batches == runs[0].n_batches == 2 and runs[0].method == "mc"
+    for g in groups:
+        q = torch.stack([r.joint[g.id] for r in runs])  # (8, size, size)
+        mean, se = q.mean(0), q.std(0) / 8**0.5
+        assert ((mean - exact.joint[g.id]).abs() <= 4 * se + 1e-9).all()
+
 def _wide_head(classes: int) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),

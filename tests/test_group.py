@@ -118,3 +118,44 @@ def test_group_norm_couples_whole_groups():
     assert {m.module: m.index.tolist() for m in group.members if m.role == "out"} == {
         "a": [[0, 1, 2, 3], [4, 5, 6, 7]]
     }
+
+
+def test_groups_and_members_in_node_meta_are_frozen():
+    """The analysis travels in ``node.meta`` and ``gm.meta``: a pass that could edit a group or
+    a member in place would change what every other node reads."""
+    import dataclasses
+
+    gm = grouped(TinyOptionA())
+    g = groups_of(gm).prunable[0]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        g.size = 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        g.members[0].role = "in"
+
+
+def test_a_channel_constant_has_batch_one_and_unit_spatial_dims():
+    from ehap_fx.passes.group import is_channel_constant
+
+    assert is_channel_constant((1, 8, 1, 1)) and is_channel_constant((1, 8))
+    assert not is_channel_constant((2, 8, 1, 1))  # a batch of them is data, not a constant
+    assert not is_channel_constant((1, 8, 2, 1)) and not is_channel_constant((8,))
+
+
+class _Shared(torch.nn.Module):
+    """conv0 (3 → 8) ─▶ conv1 (8 → 8) ─▶ relu ─▶ conv1 again: shared weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return self.conv1(torch.relu(self.conv1(self.conv0(x))))
+
+
+def test_a_module_called_twice_pins_its_inputs_and_outputs():
+    """Its weight serves both calls: conv0's channels (its first input) cannot shrink it for one
+    call alone, so they pin, naming the sharing."""
+    gm = grouped(_Shared())
+    (g,) = [g for g in groups_of(gm).groups if any(m.module == "conv0" and m.role == "out" for m in g.members)]
+    assert g.pinned == "module conv1 is called 2 times (shared weights)"
+    assert not groups_of(gm).prunable

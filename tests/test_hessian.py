@@ -385,3 +385,84 @@ def test_folding_batchnorm_changes_no_estimate(estimator):
         torch.testing.assert_close(folded.traces[n], plain.traces[n], rtol=1e-3, atol=tol)
         torch.testing.assert_close(folded.weight_sq[n], plain.weight_sq[n], rtol=1e-5, atol=0)
     torch.testing.assert_close(folded.probe_traces, plain.probe_traces, rtol=1e-3, atol=tol)
+
+
+def test_the_scoring_package_star_exports_its_public_api_only():
+    """``from ehap_fx.scoring import *`` gives the five names of the door, not the submodules
+    (``budget``, ``hessian``, …) that a bare star import of a package would also pull in."""
+    names: dict = {}
+    exec("from ehap_fx.scoring import *", names)
+    assert set(names) - {"__builtins__"} == {"SCORERS", "HessianOptions", "Ranking", "magnitude_scores", "rank"}
+
+
+def test_the_loss_sees_floating_outputs_in_fp32_and_the_rest_untouched():
+    """A detector's or a Hugging Face model's output: only its floating tensors go to fp32, the
+    integer ones and the non-tensors (a label, ``None``) pass as they are."""
+    from ehap_fx.scoring.hessian import _fp32
+
+    half, ids = torch.ones(2, dtype=torch.bfloat16), torch.arange(3)
+    got = _fp32({"logits": half, "ids": ids, "extra": ("label", None)})
+    assert got["logits"].dtype == torch.float32 and torch.equal(got["logits"], half.float())
+    assert got["ids"] is ids and got["extra"] == ("label", None)
+
+
+def test_one_probe_has_no_standard_error_rather_than_nan():
+    """One Hutchinson probe: the trace is that probe's row, its standard error 0 (a sample of
+    one has no spread to estimate; ``std`` of one row would be NaN and poison the stop rule)."""
+    net = tiny()
+    r = estimate_hessian(net, data(), opts(estimator="hutchinson", dtype="fp32", probes=1), names=NAMES)
+    assert r.probes == 1 and r.probe_traces.shape[0] == 1
+    torch.testing.assert_close(torch.cat([r.traces[n] for n in NAMES]), r.probe_traces[0])
+    assert all((r.stderr[n] == 0).all() for n in NAMES)
+
+
+def test_a_hutchinson_batch_that_needs_exactly_the_room_fits():
+    from ehap_fx.errors import MemoryBudgetError
+    from ehap_fx.scoring.plan import _probe_plan, _Room
+
+    room, o = _Room(budget=200, room=100, how="given"), opts(estimator="hutchinson")
+    assert _probe_plan(o, 100, room).estimator == "hutchinson"
+    with pytest.raises(MemoryBudgetError, match=r"needs ~.* > .*\(given\)"):
+        _probe_plan(o, 101, room)
+
+
+def test_draw_batches_pools_what_a_stream_or_a_wrapper_yields():
+    """A DataLoader over an IterableDataset (streamed data) yields batches whose samples are all
+    there is: they are pooled (its dataset yields single samples and has ``Dataset``'s raising
+    ``__getitem__``). A wrapper that is no DataLoader but carries one's ``.dataset`` (a shard of
+    it, say) is drawn from what it yields, not from the whole dataset."""
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for i in range(20):
+                yield torch.full((2,), float(i)), i
+
+    got = draw_batches(torch.utils.data.DataLoader(Stream(), batch_size=5), 4, 2, seed=0)
+    assert [len(x) for x, _ in got] == [4, 4]
+    seen = torch.cat([y for _, y in got])
+    assert len(set(seen.tolist())) == 8 and torch.equal(torch.cat([x for x, _ in got])[:, 0], seen.float())
+
+    x, y = torch.arange(100.0)[:, None], torch.arange(100)
+
+    class Shard:  # yields the even samples; .dataset is the whole of them
+        dataset = torch.utils.data.TensorDataset(x, y)
+
+        def __iter__(self):
+            return iter([(x[0::2], y[0::2])])
+
+    drawn = draw_batches(Shard(), 10, 2, seed=0)
+    assert all(int(v) % 2 == 0 for _, t in drawn for v in t)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channels_last_puts_the_working_copy_and_its_batches_in_that_layout(channels_last):
+    """``channels_last`` is a layout, not a result: the working copy's 4-D weights and the
+    Hessian batches both take it (a model left contiguous would reorder every conv input)."""
+    from ehap_fx.scoring.setup import prepare
+
+    o = opts(estimator="hutchinson", dtype="fp32", channels_last=channels_last)
+    s = prepare(tiny(), data(), o, NAMES, F.cross_entropy, torch.device("cpu"))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert s.model.a.weight.is_contiguous(memory_format=fmt)
+    assert s.model.b.weight.is_contiguous(memory_format=fmt)
+    assert all(x.is_contiguous(memory_format=fmt) for x, _ in s.batches)

@@ -454,3 +454,42 @@ def test_ptq_fallback_off_keeps_qat():
                               ptq_fallback=False)
     result = quantize_int8(TinyResNet(), X, batches(2), options)
     assert result.mode == "qat" and result.check is None
+
+
+def test_an_exported_graphs_train_switches_batch_norm_unless_frozen():
+    """``_bind_train_eval``: ``.train()`` of an exported graph makes its BN read the batch's
+    statistics, ``.eval()`` the running ones; with ``BN_FROZEN`` in its meta, train mode keeps
+    the running statistics (PT2E's ``freeze_bn_stats``)."""
+    from ehap_fx.passes.quantize import _bind_train_eval
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    x = torch.randn(4, 3, 5, 5)
+    with torch.no_grad():
+        net[1].running_mean.fill_(3.0)  # far from the batch's statistics
+        running, batch = net(x), F.batch_norm(net[0](x), None, None, net[1].weight, net[1].bias, training=True)
+    gm = _bind_train_eval(torch.export.export(net, (x,)).module())
+    with torch.no_grad():  # last, the one call that updates the running statistics
+        torch.testing.assert_close(gm.eval()(x), running)
+        gm.meta[_meta.BN_FROZEN] = True
+        torch.testing.assert_close(gm.train()(x), running)
+        del gm.meta[_meta.BN_FROZEN]
+        torch.testing.assert_close(gm.train()(x), batch, atol=1e-5, rtol=1e-5)
+
+
+def test_saturate_weights_clamps_per_channel_weights_and_leaves_per_tensor_ones():
+    """Only per-channel weights are clamped into the range (the schemes' weights); a per-tensor
+    quantized weight (no per-channel scales to rebuild it with) is left as it is."""
+    from ehap_fx.passes.quantize import saturate_weights
+
+    w = torch.linspace(-1, 1, 4 * 3).reshape(4, 3, 1, 1)
+    channel, tensor = torch.ao.nn.quantized.Conv2d(3, 4, 1), torch.ao.nn.quantized.Conv2d(3, 4, 1)
+    channel.set_weight_bias(torch.quantize_per_channel(w, torch.full((4,), 1 / 100), torch.zeros(4, dtype=torch.long),
+                                                       0, torch.qint8), None)
+    tensor.set_weight_bias(torch.quantize_per_tensor(w, 1 / 100, 0, torch.qint8), None)
+    before = tensor.weight().int_repr().clone()
+    moved = saturate_weights(nn.Sequential(channel, tensor), (-64, 63))
+    ints = channel.weight().int_repr()
+    assert int(ints.min()) == -64 and int(ints.max()) == 63
+    assert moved == int(((before < -64) | (before > 63)).sum()) > 0
+    assert torch.equal(tensor.weight().int_repr(), before)

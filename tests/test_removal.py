@@ -271,3 +271,18 @@ def test_exact_removal_averages_over_batches():
     assert two.n_batches == 2
     for g in groups:
         torch.testing.assert_close(two.joint[g.id], one.joint[g.id], rtol=1e-5, atol=1e-9)
+
+
+def test_the_magnitude_control_is_the_l1_norm_of_each_producer_row():
+    """``magnitude_scores(gm)`` is the L1 control: per channel, ``Σ|w|`` over the conv's row
+    (not the L2 norm, which ranks the same rows differently)."""
+    from ehap_fx.scoring import magnitude_scores
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 3), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+    gm, groups = grouped(net, torch.randn(2, 2, 8, 8))
+    got = {g.size: magnitude_scores(gm)[g.id] for g in groups}
+    assert sorted(got) == [3, 4]
+    for size, conv in ((4, net[0]), (3, net[2])):
+        torch.testing.assert_close(got[size], conv.weight.detach().abs().flatten(1).sum(1))

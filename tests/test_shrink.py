@@ -176,3 +176,50 @@ def test_passes_chain_in_a_pass_manager():
     expected = shrink(gm, plan).graph_module
     torch.testing.assert_close(result.graph_module(x), expected(x))
     assert total_cost(result.graph_module) == total_cost(expected)
+
+
+def test_a_plan_is_frozen():
+    """``gm.meta["ehap.plan"]`` is read by the report, the cost pass and the export: a plan that
+    could be reassigned after shrinking would describe another model than the one it made."""
+    import dataclasses
+
+    plan = PrunePlan({0: (0, 2)})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.keep = {}
+
+
+class _FunctionalUpAndScale(torch.nn.Module):
+    """conv0 (3 → 8) ─▶ × layer scale γ (8, 1, 1) ─▶ F.conv_transpose2d on up's own tensors
+    (8 → 4, stride 2): γ and up's weight rows go with conv0's channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.gamma = torch.nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.up = torch.nn.ConvTranspose2d(8, 4, 2, stride=2)
+
+    def forward(self, x):
+        h = self.conv0(x) * self.gamma
+        return torch.nn.functional.conv_transpose2d(h, self.up.weight, self.up.bias, stride=2)
+
+
+def test_a_functional_transposed_conv_and_a_layer_scale_shrink_with_the_channels():
+    """Shrunk ≡ masked; ``up.weight`` (read by the functional call) loses the rows, and γ stays a
+    trainable ``nn.Parameter`` of the kept channels (fine-tuning trains it)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    gm = group_channels(trace(_FunctionalUpAndScale().eval(), x)).graph_module
+    (g,) = [g for g in groups_of(gm).prunable if g.size == 8]
+    small = assert_shrunk_equals_masked(gm, x, PrunePlan({g.id: (1, 2, 5)}))
+    assert small.up.weight.shape == (3, 4, 2, 2)
+    assert isinstance(small.gamma, torch.nn.Parameter) and small.gamma.requires_grad
+    assert small.gamma.shape == (3, 1, 1) and any(p is small.gamma for p in small.parameters())
+
+
+def test_fresh_attr_numbers_a_taken_name():
+    from ehap_fx.passes.shrink import fresh_attr
+
+    gm = group_channels(trace(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1)), torch.randn(1, 3, 4, 4))).graph_module
+    gm.c, gm.c_1 = torch.zeros(1), torch.zeros(1)
+    assert fresh_attr(gm, "free") == "free"
+    assert fresh_attr(gm, "c") == "c_2"

@@ -57,3 +57,124 @@ def test_leaf_module_channels_are_pinned():
 def test_wrong_input_shape_is_a_trace_error():
     with pytest.raises(TraceError, match="example_input"):
         trace(nn.Conv2d(3, 8, 3), torch.randn(2, 5, 8, 8))
+
+
+class _Optional(torch.nn.Module):
+    """forward(x, scale=None, shift=None): optional inputs, as a Hugging Face model has."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x, scale=None, shift=None):
+        h = self.conv(x)
+        if scale is not None:
+            h = h * scale
+        return h if shift is None else h + shift
+
+
+def test_a_dict_of_inputs_traces_the_given_ones_in_forwards_order():
+    """``{name: tensor}`` in any order: the graph's inputs are exactly the given ones, in
+    ``forward``'s order (``x``, then ``scale``), the absent ``shift`` specialised away."""
+    torch.manual_seed(0)
+    model, x, s = _Optional().eval(), torch.randn(2, 3, 5, 5), torch.rand(1, 4, 1, 1)
+    gm = trace(model, {"scale": s, "x": x})
+    assert [n.target for n in gm.graph.find_nodes(op="placeholder")] == ["x", "scale"]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x, s), model(x, scale=s))
+    only_x = trace(model, {"x": x})
+    assert [n.target for n in only_x.graph.find_nodes(op="placeholder")] == ["x"]
+
+
+def test_a_program_decomposed_to_core_aten_is_recorded_as_such():
+    """``gm.meta["ehap.capture"].decomposed``: a shrunk copy of a ``run_decompositions`` program
+    is exported the same way (core ATen's ``convolution``/``addmm``), of a training-IR one not."""
+    from ehap_fx import _meta
+
+    model, x = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Flatten(), torch.nn.Linear(64, 2)), torch.randn(2, 3, 4, 4)
+    ep = torch.export.export(model.eval(), (x,))
+    assert trace(ep.run_decompositions(), x).meta[_meta.CAPTURE].decomposed is True
+    assert trace(ep, x).meta[_meta.CAPTURE].decomposed is False
+
+
+def test_an_exported_graph_starts_in_eval_and_train_switches_batch_norm_and_dropout():
+    """``ExportedGraph``: captured in eval mode and saying so; ``.train()`` sets the ``training``
+    flag of every ``aten.batch_norm`` and ``aten.dropout`` call (batch statistics, dropped
+    elements), ``.eval()`` clears it again."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5)).eval()
+    x = torch.randn(4, 3, 5, 5)
+    with torch.no_grad():
+        model[1].running_mean.fill_(3.0)
+        want_eval = model(x)
+        want_train = torch.nn.functional.batch_norm(model[0](x), None, None, model[1].weight, model[1].bias,
+                                                    training=True)
+    gm = trace(model, x, capture="export")
+    assert gm.training is False
+    bn, drop = torch.ops.aten.batch_norm.default, torch.ops.aten.dropout.default
+
+    def flags():  # the `train` argument of each call
+        return [n.args[5] if n.target is bn else n.args[2] for n in gm.graph.nodes if n.target in (bn, drop)]
+
+    assert flags() == [False, False]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), want_eval)
+        gm.train()
+        assert gm.training and flags() == [True, True]
+        got = gm(x)  # dropout zeroes about half and doubles the rest
+        kept = got != 0
+        torch.testing.assert_close(got[kept], 2 * want_train[kept], atol=1e-5, rtol=1e-5)
+        gm.eval()
+        assert not gm.training and flags() == [False, False]
+
+
+class _Decode(torch.nn.Module):
+    """YOLO pose's keypoint decoding: ``y[:, 2::3] = y[:, 2::3].sigmoid()`` after a conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 9, 1)
+
+    def forward(self, x):
+        y = self.conv(x).clone()
+        y[:, 2::3] = y[:, 2::3].sigmoid()
+        y[:, :, 1:3, 0:2] = 2 * y[:, :, 1:3, 0:2]  # two dims sliced: one index tuple
+        return y
+
+
+def test_an_exported_slice_copy_becomes_one_assignment():
+    """``copy_(slice(...), src)`` becomes ``base[index] = src`` (``operator.setitem``), one index
+    tuple per chain of slices, with the same values: no ``aten.copy_`` is left."""
+    import operator
+
+    torch.manual_seed(0)
+    model, x = _Decode().eval(), torch.randn(2, 3, 4, 4)
+    gm = trace(model, x, capture="export")
+    assert not gm.graph.find_nodes(op="call_function", target=torch.ops.aten.copy_.default)
+    puts = gm.graph.find_nodes(op="call_function", target=operator.setitem)
+    assert [len(p.args[1]) for p in puts] == [2, 4]  # dims 0-1, then 0-3 (H and W in one tuple)
+    assert puts[0].args[1][1].step == 3 and puts[1].args[1][2:] == (slice(1, 3, 1), slice(0, 2, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+
+
+class _UsedCopy(torch.nn.Module):
+    """A slice copy whose result is read again: ``z = y[:, :2].copy_(2 * y[:, 2:])``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x).clone()
+        z = y[:, :2].copy_(2 * y[:, 2:])
+        return y + z.sum()
+
+
+def test_a_slice_copy_whose_result_is_used_stays_a_copy():
+    """The assignment has no result: a copy that something reads is left as it is."""
+    model, x = _UsedCopy().eval(), torch.randn(2, 3, 4, 4)
+    gm = trace(model, x, capture="export")
+    assert len(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.copy_.default)) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))

@@ -32,18 +32,44 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# module -> the fast test files that exercise it (paths tried in order)
+# module (its paths, tried in order) -> the fast test files that exercise it, the likeliest to
+# fail first: every module of passes/ and ehap_fx/scoring/, and ehap_fx/target.py
 TARGETS: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("passes/_analysis.py",): ("tests/test_group.py", "tests/test_coupling_rules.py", "tests/test_shrink.py"),
+    ("passes/_layer_rules.py",): ("tests/test_coupling_rules.py", "tests/test_group.py",
+                                  "tests/test_library_forms.py"),
+    ("passes/_layers.py",): ("tests/test_group.py", "tests/test_library_forms.py", "tests/test_properties.py"),
+    ("passes/_shape_rules.py",): ("tests/test_coupling_rules.py", "tests/test_group.py",
+                                  "tests/test_library_forms.py"),
+    ("passes/_onnx_rewrites.py",): ("tests/test_depth.py", "tests/test_export.py"),
+    ("passes/_ort_quantizer.py",): ("tests/test_export_capture.py",),
+    ("passes/capture.py",): ("tests/test_capture_auto.py", "tests/test_export_scoring.py"),
+    ("passes/compensate.py",): ("tests/test_compensate.py",),
     ("passes/cost.py",): ("tests/test_cost.py", "tests/test_depth.py"),
+    ("passes/coupling.py",): ("tests/test_coupling_rules.py", "tests/test_group.py"),
     ("passes/depth.py",): ("tests/test_depth.py",),
-    ("passes/shrink.py",): ("tests/test_shrink.py", "tests/test_depth.py"),
-    ("passes/mask.py",): ("tests/test_shrink.py",),
+    ("passes/export.py",): ("tests/test_export.py",),
     ("passes/group.py",): ("tests/test_group.py", "tests/test_shrink.py"),
+    ("passes/mask.py",): ("tests/test_shrink.py",),
+    ("passes/program.py",): ("tests/test_export_capture.py",),
+    ("passes/quantize.py",): ("tests/test_quantize.py", "tests/test_isa.py"),
+    ("passes/shrink.py",): ("tests/test_shrink.py", "tests/test_depth.py", "tests/test_coupling_rules.py"),
+    ("passes/trace.py",): ("tests/test_trace.py", "tests/test_group.py", "tests/test_capture_auto.py",
+                         "tests/test_export_capture.py"),
     ("ehap_fx/target.py",): ("tests/test_target.py",),
-    ("ehap_fx/scoring/removal.py",): ("tests/test_removal.py",),
-    ("ehap_fx/scoring/ranking.py",): ("tests/test_removal.py", "tests/test_target.py"),
-    ("ehap_fx/scoring/budget.py",): ("tests/test_hessian.py",),
+    ("ehap_fx/scoring/__init__.py",): ("tests/test_hessian.py",),
+    ("ehap_fx/scoring/budget.py",): ("tests/test_removal.py", "tests/test_ggn_mc.py"),
+    ("ehap_fx/scoring/distributed.py",): ("tests/test_distributed.py",),
     ("ehap_fx/scoring/fold.py",): ("tests/test_hessian.py",),
+    ("ehap_fx/scoring/ggn.py",): ("tests/test_hessian.py", "tests/test_removal.py"),
+    ("ehap_fx/scoring/ggn_mc.py",): ("tests/test_ggn_mc.py",),
+    ("ehap_fx/scoring/hessian.py",): ("tests/test_hessian.py", "tests/test_ggn_mc.py"),
+    ("ehap_fx/scoring/options.py",): ("tests/test_hessian.py", "tests/test_removal.py"),
+    ("ehap_fx/scoring/plan.py",): ("tests/test_hessian.py", "tests/test_removal.py"),
+    ("ehap_fx/scoring/ranking.py",): ("tests/test_removal.py", "tests/test_target.py"),
+    ("ehap_fx/scoring/removal.py",): ("tests/test_removal.py",),
+    ("ehap_fx/scoring/sampling.py",): ("tests/test_hessian.py",),
+    ("ehap_fx/scoring/setup.py",): ("tests/test_hessian.py",),
 }
 
 SWAPS = {
@@ -66,6 +92,7 @@ class Mutant:
     kind: str
     status: str = "pending"
     seconds: float = 0.0
+    text: str = ""  # the original line, stripped: ``--replay`` finds the line again by it
 
     def describe(self) -> str:
         return f"{self.path}:{self.line}: {self.original!r} -> {self.replacement!r} ({self.kind})"
@@ -95,12 +122,14 @@ def mutants_of(path: str, source: str) -> list[Mutant]:
         stripped = line.strip()
         if row in in_string:
             continue
-        if not stripped or stripped.startswith(("#", '"', "'")) or stripped.startswith(COMPOUND):
+        if stripped in ("", "pass", "...") or stripped.startswith(("#", '"', "'", *COMPOUND)):
             continue
         if line.rstrip().endswith(("(", "[", "{", ",", "\\", ":")) or stripped[0] in ")]}":
             continue
         indent = line[: len(line) - len(line.lstrip())]
         out.append(Mutant(path, row, len(indent), stripped, "pass", "statement"))
+    for m in out:
+        m.text = lines[m.line - 1].strip()
     return [m for m in out if _compiles(apply(source, m))]
 
 
@@ -156,53 +185,126 @@ def resolve(paths: tuple[str, ...]) -> str | None:
     return next((p for p in paths if (ROOT / p).is_file()), None)
 
 
+def stratified(pools: dict[str, list[Mutant]], n: int, seed: int) -> list[Mutant]:
+    """A seeded sample of about ``n`` mutants, each module's share proportional to its candidates
+    (largest remainders), at least 2 per module (so that each has a variance) where it has them."""
+    total = sum(len(p) for p in pools.values())
+    quota = {k: n * len(p) / total for k, p in pools.items()}
+    take = {k: int(q) for k, q in quota.items()}
+    for k in sorted(quota, key=lambda k: take[k] - quota[k])[: n - sum(take.values())]:
+        take[k] += 1
+    rng = random.Random(seed)
+    return [m for k in sorted(pools) for m in rng.sample(pools[k], min(len(pools[k]), max(2, take[k])))]
+
+
+def estimate(pools: dict[str, int], chosen: list[Mutant]) -> tuple[float, float]:
+    """The kill rate over all candidates and its standard error, from a sample stratified by
+    module: sum_h W_h p_h, Var = sum_h W_h^2 (1 - n_h/N_h) p_h (1 - p_h) / (n_h - 1), W_h = N_h / N
+    (a stratum of one mutant counts the worst case, p (1 - p) / (n - 1) -> 1/4)."""
+    total = sum(pools.values())
+    rate = var = 0.0
+    for module, size in pools.items():
+        runs = [m for m in chosen if m.path == module]
+        if not runs:
+            continue
+        n, w = len(runs), size / total
+        p = sum(m.status.startswith("killed") for m in runs) / n
+        rate += w * p
+        var += w * w * (1 - n / size) * (p * (1 - p) / (n - 1) if n > 1 else 0.25)
+    return rate, var ** 0.5
+
+
+def replayed(path: Path) -> list[Mutant]:
+    """The mutants of an earlier run's JSON, found again in today's sources: same file, a line with
+    the same text (the nearest one to the recorded line number, as tests or fixes may move it)."""
+    out = []
+    for d in json.loads(path.read_text())["mutants"]:
+        m = Mutant(**{**d, "status": "pending", "seconds": 0.0})
+        lines = (ROOT / m.path).read_text().splitlines()
+        rows = [i for i, line in enumerate(lines, 1) if line.strip() == m.text] if m.text else [m.line]
+        if not rows:
+            m.status = "gone"  # its line was rewritten or removed since
+        else:
+            m.line = min(rows, key=lambda r: abs(r - m.line))
+            source = (ROOT / m.path).read_text()
+            if apply(source, m) == source:
+                m.status = "gone"  # a no-op (``pass`` for ``pass``): no longer a candidate
+        out.append(m)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sample", type=int, default=60, help="mutants to run (a seeded sample of all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stratify", action="store_true",
+                   help="sample each module in proportion to its candidates (at least 2 each)")
     p.add_argument("--only", nargs="*", help="limit to these module paths")
+    p.add_argument("--replay", type=Path, help="re-run exactly the mutants of an earlier run's JSON")
     p.add_argument("--timeout-factor", type=float, default=3.0, help="timeout = factor x the clean run")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
     plan = {m: t for paths, t in TARGETS.items() if (m := resolve(paths)) and (not args.only or m in args.only)}
-    pool = []
+    pools: dict[str, list[Mutant]] = {}
     for module in plan:
         source = (ROOT / module).read_text()
-        pool += [m for m in mutants_of(module, source) if not _in_docstring_or_check(source, m)]
-    chosen = random.Random(args.seed).sample(pool, min(args.sample, len(pool)))
+        pools[module] = [m for m in mutants_of(module, source) if not _in_docstring_or_check(source, m)]
+    pool = [m for ms in pools.values() for m in ms]
+    if args.replay is not None:
+        chosen = [m for m in replayed(args.replay) if m.path in plan]
+    elif args.stratify:
+        chosen = stratified({k: v for k, v in pools.items() if v}, args.sample, args.seed)
+    else:
+        chosen = random.Random(args.seed).sample(pool, min(args.sample, len(pool)))
     chosen.sort(key=lambda m: (m.path, m.line, m.col))
     print(f"{len(pool)} candidate mutants in {len(plan)} modules; running {len(chosen)}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="ehap-mutation-") as tmp:
-        copy = Path(tmp)
-        copy_repo(copy)
-        baseline = {}
-        for module in sorted({m.path for m in chosen}):
-            status, seconds = run_tests(copy, plan[module], timeout=1800)
-            if status != "survived":
-                raise SystemExit(f"the clean tests of {module} fail: fix them first")
-            baseline[module] = seconds
-            print(f"clean {module}: {seconds:.0f} s", flush=True)
-        for i, m in enumerate(chosen, 1):
-            target = copy / m.path
-            original = target.read_text()
-            target.write_text(apply(original, m))
-            try:
-                m.status, m.seconds = run_tests(copy, plan[m.path], args.timeout_factor * baseline[m.path] + 30)
-            finally:
-                target.write_text(original)
-            print(f"[{i}/{len(chosen)}] {m.status:>16}  {m.describe()}", flush=True)
-    killed = sum(m.status.startswith("killed") for m in chosen)
-    print(f"killed {killed}/{len(chosen)} = {100 * killed / max(1, len(chosen)):.1f} %")
+    baseline = run_all(chosen, plan, args.timeout_factor)
+    ran = [m for m in chosen if m.status != "gone"]
+    killed = sum(m.status.startswith("killed") for m in ran)
+    sizes = {k: len(v) for k, v in pools.items()}
+    rate, se = estimate(sizes, ran) if args.stratify else (killed / max(1, len(ran)), 0.0)
+    if not args.stratify and ran:
+        se = (rate * (1 - rate) / max(1, len(ran) - 1) * (1 - len(ran) / max(len(pool), len(ran)))) ** 0.5
+    print(f"killed {killed}/{len(ran)} = {100 * killed / max(1, len(ran)):.1f} % of the sample; "
+          f"estimated over the {len(pool)} candidates: {100 * rate:.1f} % +- {100 * se:.1f} % (1 SE)")
     for m in chosen:
-        if m.status == "survived":
-            print("SURVIVED", m.describe())
+        if m.status in ("survived", "gone"):
+            print(m.status.upper(), m.describe())
     if args.out is not None:
         args.out.write_text(json.dumps({
             "command": " ".join([Path(sys.executable).name, *sys.argv]), "date": time.strftime("%Y-%m-%d"),
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "candidates": len(pool), "killed": killed, "run": len(chosen),
+            "candidates": len(pool), "candidates_per_module": sizes, "killed": killed, "run": len(ran),
+            "estimate": rate, "standard_error": se, "stratified": args.stratify,
             "baseline_seconds": baseline, "mutants": [asdict(m) for m in chosen]}, indent=1))
     return 0
+
+
+def run_all(chosen: list[Mutant], plan: dict[str, tuple[str, ...]], factor: float) -> dict[str, float]:
+    """Run every mutant of ``chosen`` (status and seconds set in place); the clean runs' seconds."""
+    with tempfile.TemporaryDirectory(prefix="ehap-mutation-") as tmp:
+        copy = Path(tmp)
+        copy_repo(copy)
+        baseline, clean = {}, {}  # clean: seconds per set of test files, run once
+        for module in sorted({m.path for m in chosen if m.status != "gone"}):
+            if plan[module] not in clean:
+                status, clean[plan[module]] = run_tests(copy, plan[module], timeout=1800)
+                if status != "survived":
+                    raise SystemExit(f"the clean tests of {module} fail: fix them first")
+            baseline[module] = clean[plan[module]]
+            print(f"clean {module}: {baseline[module]:.0f} s", flush=True)
+        for i, m in enumerate(chosen, 1):
+            if m.status == "gone":
+                continue
+            target = copy / m.path
+            original = target.read_text()
+            target.write_text(apply(original, m))
+            try:
+                m.status, m.seconds = run_tests(copy, plan[m.path], factor * baseline[m.path] + 30)
+            finally:
+                target.write_text(original)
+            print(f"[{i}/{len(chosen)}] {m.status:>16}  {m.describe()}", flush=True)
+    return baseline
 
 
 if __name__ == "__main__":

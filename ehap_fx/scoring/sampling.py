@@ -22,7 +22,10 @@ def draw_batches(data, batch_size: int, n_batches: int, seed: int) -> list[Batch
     need = batch_size * n_batches
     gen = torch.Generator().manual_seed(seed)
     dataset = getattr(data, "dataset", None)
-    if isinstance(data, torch.utils.data.DataLoader) and hasattr(dataset, "__getitem__"):
+    # a map-style dataset is sampled; an IterableDataset also has ``__getitem__`` (Dataset's,
+    # which raises) and yields samples, not batches: its loader's batches are pooled
+    loader = isinstance(data, torch.utils.data.DataLoader)
+    if loader and not isinstance(dataset, torch.utils.data.IterableDataset):
         data = dataset
     if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
         x, y = data

@@ -1,0 +1,46 @@
+"""tools/mutation.py's sampling, estimate and replay (not the mutant runs themselves)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import mutation as mu  # noqa: E402
+
+
+def _pool(path: str, n: int) -> list[mu.Mutant]:
+    return [mu.Mutant(path, i + 1, 0, "+", "-", "operator") for i in range(n)]
+
+
+def test_a_stratified_sample_is_proportional_seeded_and_at_least_two_per_module():
+    pools = {"a.py": _pool("a.py", 300), "b.py": _pool("b.py", 100), "c.py": _pool("c.py", 3)}
+    got = mu.stratified(pools, 40, seed=1)
+    counts = {k: sum(m.path == k for m in got) for k in pools}
+    assert counts == {"a.py": 30, "b.py": 10, "c.py": 2}
+    assert [(m.path, m.line) for m in got] == [(m.path, m.line) for m in mu.stratified(pools, 40, seed=1)]
+    assert got != mu.stratified(pools, 40, seed=2)
+
+
+def test_the_estimate_weighs_each_module_by_its_candidates():
+    """Module a: 100 candidates, 4 drawn, 2 killed; b: 300, 4 drawn, all killed. The rate is
+    0.25 · 0.5 + 0.75 · 1 and only a's draws vary: SE² = 0.25² (1 − 4/100) · 0.25 / 3."""
+    runs = _pool("a.py", 4) + _pool("b.py", 4)
+    for m, status in zip(runs, ["killed", "survived", "killed", "survived"] + ["killed"] * 4, strict=True):
+        m.status = status
+    rate, se = mu.estimate({"a.py": 100, "b.py": 300}, runs)
+    assert rate == pytest.approx(0.875)
+    assert se == pytest.approx((0.25**2 * 0.96 * 0.25 / 3) ** 0.5)
+
+
+def test_replay_finds_a_mutant_by_its_lines_text_and_drops_what_is_gone(tmp_path):
+    source = (mu.ROOT / "passes/mask.py").read_text().splitlines()
+    row = next(i for i, line in enumerate(source, 1) if line.strip().startswith("out = copy.deepcopy(gm)"))
+    moved = mu.Mutant("passes/mask.py", row + 3, 4, source[row - 1].strip(), "pass", "statement",
+                      status="survived", text=source[row - 1].strip())
+    gone = mu.Mutant("passes/mask.py", row, 4, "x = 1", "pass", "statement", text="x = 1  # no such line")
+    (tmp_path / "run.json").write_text(json.dumps({"mutants": [vars(moved), vars(gone)]}))
+    found, lost = mu.replayed(tmp_path / "run.json")
+    assert (found.line, found.status) == (row, "pending")
+    assert lost.status == "gone"
