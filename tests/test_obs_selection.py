@@ -51,3 +51,22 @@ def test_greedy_obs_costs_are_the_lstsq_refit_errors():
     second = float((consumer.weight * (_refit_error(x, w, order[:2]) - _refit_error(x, w, order[:1]))).sum())
     assert float(ranking.scores[group.id][order[1]]) == pytest.approx(max(second, min(first)), rel=2 * ulp)
     assert ranking.per_cost and ranking.whole[group.id] > 0
+
+
+def test_repair_fraction_is_the_refit_error_over_the_zeroing_error():
+    """``removal*obs``'s factor: per channel of a one-consumer group, the loss-weighted error the
+    lstsq refit leaves over the error of zeroing the channel alone (``(x_c w_c)²``)."""
+    model = _net()
+    batches = [torch.randn(64, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    gm = group_channels(trace(model, batches[0][:1])).graph_module
+    (group,) = groups_of(gm).prunable
+    (consumer,) = obs.consumer_states(gm, batches, damping=0.0).values()
+    with torch.no_grad():
+        x = torch.relu(torch.cat(batches) @ model[0].weight.T + model[0].bias)
+    w = model[2].weight.detach()
+    fraction = obs.repair_fraction(gm, batches, damping=0.0)[group.id]
+    for c in range(group.size):
+        zero = (x[:, c : c + 1] * w[:, c]).square().mean(0)  # (O,): output error of zeroing c
+        want = float((consumer.weight * _refit_error(x, w, [c])).sum() / (consumer.weight * zero).sum())
+        assert float(fraction[c]) == pytest.approx(want, rel=1e-6)
+    assert (fraction <= 1).all()

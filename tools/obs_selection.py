@@ -117,6 +117,14 @@ def consumer_states(gm: fx.GraphModule, batches: list[torch.Tensor], damping: fl
     return states
 
 
+def _readers(gm: fx.GraphModule):
+    """Each prunable group with its consumers: ``(group, [(module name, index), ...])``."""
+    groups = groups_of(gm).prunable
+    cons = consumer_slices(groups)
+    for g in groups:
+        yield g, [(name, idx) for name, lst in cons.items() for gid, idx in lst if gid == g.id]
+
+
 def _blocks(index: torch.Tensor, kk: int) -> torch.Tensor:
     """``(size, k·kk)`` weight columns of each group channel (its ``k`` input channels' taps)."""
     taps = torch.arange(kk)
@@ -135,11 +143,9 @@ def obs_ranking(gm: fx.GraphModule, batches: list[torch.Tensor], damping: float 
     consumers); scores are those costs made non-decreasing along the greedy order, ``choose``
     the order itself (per unit of cost saved, like the removal criterion's loss units)."""
     states = consumer_states(gm, batches, damping)
-    cons = consumer_slices(groups_of(gm).prunable)
     scores, choose, whole = {}, {}, {}
-    for g in groups_of(gm).prunable:
-        mine = [(name, _blocks(idx, states[name].kk)) for name, lst in cons.items() for gid, idx in lst
-                if gid == g.id]
+    for g, readers in _readers(gm):
+        mine = [(name, _blocks(idx, states[name].kk)) for name, idx in readers]
         local = {name: replace(states[name], hinv=states[name].hinv.clone(), w=states[name].w.clone())
                  for name, _ in mine}
         alive, order, costs = list(range(g.size)), [], []
@@ -165,10 +171,8 @@ def repair_fraction(gm: fx.GraphModule, batches: list[torch.Tensor], damping: fl
     """Per channel of a group with one consumer: the loss-weighted error OBS leaves after the
     refit over the error of zeroing it (1 for groups with several consumers)."""
     states = consumer_states(gm, batches, damping)
-    cons = consumer_slices(groups_of(gm).prunable)
     out = {}
-    for g in groups_of(gm).prunable:
-        mine = [(name, idx) for name, lst in cons.items() for gid, idx in lst if gid == g.id]
+    for g, mine in _readers(gm):
         if len(mine) != 1:
             out[g.id] = torch.ones(g.size)
             continue
