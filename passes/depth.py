@@ -40,10 +40,21 @@ def folded_nodes(gm: fx.GraphModule, count: Callable[[fx.Node], int | None]) -> 
     for node in gm.graph.nodes:
         inputs = node.all_input_nodes
         if reads_no_channel(gm, node, count) or (
-            constant and inputs and all(a in constant for a in inputs) and is_pointwise(gm, node)
+            any(a in constant for a in inputs)
+            and all(a in constant or is_static(a) for a in inputs)
+            and is_pointwise(gm, node)
         ):
             constant[node] = None
     return list(constant)
+
+
+def is_static(node: fx.Node) -> bool:
+    """Is ``node`` computed from parameters and buffers alone (a ``get_attr``, or ops of
+    them such as a layer scale's ``gamma.reshape(1, -1, 1, 1)``), whatever the input?"""
+    if node.op == "get_attr":
+        return True
+    inputs = node.all_input_nodes
+    return node.op in ("call_function", "call_method") and bool(inputs) and all(is_static(a) for a in inputs)
 
 
 def droppable_groups(gm: fx.GraphModule) -> frozenset[int]:
@@ -95,10 +106,17 @@ def constant_flows_into_live_ops(gm: fx.GraphModule, start: Iterable[fx.Node]) -
         for user in stack.pop().users:
             if user in constant:
                 continue
-            live = [a for a in user.all_input_nodes if a not in constant and a.op != "get_attr"]
+            live = [a for a in user.all_input_nodes if a not in constant and not is_static(a)]
             if is_pointwise(gm, user) and not live:
-                constant.add(user)
+                constant.add(user)  # a constant's activation, or times a layer scale
                 stack.append(user)
-            elif not (is_binary(user) and live):
-                return False  # the constant would reach a reduction, a reshape or the output
+            elif not (is_binary(user) and any(_shape(a) == _shape(user) is not None for a in live)):
+                # the constant would reach a reduction, a reshape or the output, or a binary op
+                # whose live operand does not give the result its shape (a broadcast scale)
+                return False
     return True
+
+
+def _shape(node: fx.Node):
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None

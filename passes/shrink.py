@@ -30,6 +30,7 @@ from ehap_fx.passes._layers import (
     _FUNCTIONAL_CONV_TRANSPOSES,
     _FUNCTIONAL_CONVS,
     _arg,
+    _get_attr,
     aten,
     conv_groups_at,
     functional_conv,
@@ -598,7 +599,13 @@ def fold_dropped_branches(gm: fx.GraphModule, keep: KeptChannels) -> None:
 
 
 def _evaluate(gm: fx.GraphModule, node: fx.Node, values: Mapping[fx.Node, torch.Tensor]) -> torch.Tensor:
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: values[a].clone())
+    """``node``'s value from the folded ``values`` of its inputs; static inputs (parameters and
+    ops of them, ``is_static``) are evaluated from ``gm``'s attributes."""
+    if node.op == "get_attr":
+        return _get_attr(gm, node.target).detach().clone()
+    args, kwargs = fx.node.map_arg(
+        (node.args, node.kwargs), lambda a: values[a].clone() if a in values else _evaluate(gm, a, values)
+    )
     if node.op == "call_function":
         return node.target(*args, **kwargs)
     if node.op == "call_method":

@@ -99,13 +99,50 @@ def test_constants_alone_make_no_prunable_group():
     assert "const" in {m.role for m in conv.members}
 
 
-@pytest.mark.parametrize("make", [Plain, BranchIntoCat])
+class LayerScaledBranch(nn.Module):
+    """conv -> bn -> relu -> conv -> ``y.mul(gamma.reshape(1, -1, 1, 1))``, concatenated (timm's
+    RDNet dense block) or added to the input (a layer-scaled residual block)."""
+
+    def __init__(self, add: bool):
+        super().__init__()
+        self.add = add
+        self.a, self.bn, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 3, 1)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 3))
+
+    def forward(self, x):
+        y = self.b(F.relu(self.bn(self.a(x)))).mul(self.gamma.reshape(1, -1, 1, 1))
+        return x + y if self.add else torch.cat([x, y], 1)
+
+
+class GatedBranchIntoCat(LayerScaledBranch):
+    """The branch times a live but broadcast gate, ``(N, C, 1, 1)``, then concatenated: the
+    product of a constant and the gate has no spatial extent, so nothing absorbs it."""
+
+    def __init__(self):
+        super().__init__(add=False)
+
+    def forward(self, x):
+        return torch.cat([x, self.b(F.relu(self.bn(self.a(x)))) * x.mean((2, 3), keepdim=True)], 1)
+
+
+@pytest.mark.parametrize("make", [Plain, BranchIntoCat, lambda: LayerScaledBranch(add=False), GatedBranchIntoCat])
 def test_a_constant_nothing_can_absorb_is_not_droppable(make):
     gm = group_channels(trace(make().eval(), torch.randn(2, 3, 8, 8))).graph_module
     assert droppable_groups(gm) == frozenset()
     first = groups_of(gm).prunable[0]
     with pytest.raises(ShrinkError, match="keep no channel"):
         shrink(gm, PrunePlan({first.id: ()}))
+
+
+def test_a_layer_scaled_residual_branch_drops_through_its_scale():
+    """The branch's constant times the (static) layer scale is still a per-channel constant,
+    and the residual add absorbs it; a (1, C, 1, 1) operand alone absorbs nothing (above)."""
+    gm = group_channels(trace(randomize_bn(LayerScaledBranch(add=True)).eval(), torch.randn(2, 3, 8, 8)))
+    gm = gm.graph_module
+    (inner,) = droppable_groups(gm)
+    small = assert_shrunk_equals_masked(gm, torch.randn(2, 3, 8, 8), PrunePlan({inner: ()}))
+    assert not any(isinstance(m, nn.Conv2d) for m in small.modules())
+    assert plan_cost(gm, PrunePlan({inner: ()}).masks(groups_of(gm))) == total_cost(small)
 
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet20-b", "wrn-16-2"])
