@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ehap_fx import _meta
+from ehap_fx.checkpoint import Checkpoints
 from ehap_fx.errors import QuantizeError
 from ehap_fx.passes import quantize as quantize_pass
 from ehap_fx.passes.quantize import QuantizeOptions, QuantizeResult, quiet_quantization_warnings
@@ -34,8 +35,10 @@ log = logging.getLogger("ehap_fx")
 class _FreezingLoader:
     """Yields the batches of ``loader``; runs ``actions[step]`` before handing out that step."""
 
-    def __init__(self, loader: Iterable[Any], actions: dict[int, list[Callable[[], None]]]):
-        self.loader, self.actions, self.step = loader, actions, 0
+    def __init__(self, loader: Iterable[Any], actions: dict[int, list[Callable[[], None]]], step: int = 0):
+        self.loader, self.actions, self.step = loader, actions, step
+        if callable(getattr(loader, "state_dict", None)):  # its random stream, for loop checkpoints
+            self.state_dict, self.load_state_dict = loader.state_dict, loader.load_state_dict
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
@@ -84,11 +87,17 @@ def freeze_observers(prepared: nn.Module, backend: str) -> None:
 
 
 def qat_finetune(
-    prepared: nn.Module, loader: Iterable[Any], options: QuantizeOptions, teacher: nn.Module | None = None
+    prepared: nn.Module, loader: Iterable[Any], options: QuantizeOptions, teacher: nn.Module | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> FinetuneResult:
     """Fine-tune a prepared QAT graph in place with ``options.finetune`` (distilling from
     ``teacher`` when ``options.finetune.distill`` is set), freezing BN statistics and then the
-    observers at the steps ``options`` says."""
+    observers at the steps ``options`` says.
+
+    ``checkpoints`` with ``every``: the loop saves ``qat.loop.pt`` every ``every`` steps
+    (``ehap_fx.train.finetune``) and resumes from it, the freezes due before the saved epoch's
+    start applied again (BN freezing is a module attribute, not in the state dict); the
+    resumed run ends with the weights and quantizer state of a run that never stopped."""
     uncalibrated = [n for n, m in quantize_pass.histogram_quantizers(prepared) if m.observer_enabled[0]]
     if uncalibrated:
         raise QuantizeError(
@@ -110,9 +119,16 @@ def qat_finetune(
         actions.setdefault(bn_at, []).append(lambda: freeze_bn_stats(prepared, options.backend))
     if obs_at is not None:  # observers must see one batch first, or their scales stay empty
         actions.setdefault(max(1, obs_at), []).append(lambda: freeze_observers(prepared, options.backend))
+    resumable = checkpoints is not None and checkpoints.every is not None
+    saved = checkpoints.load("qat.loop") if resumable else None
+    start = len(saved["losses"]) if saved is not None else 0  # the steps of the epochs it finished
+    for step in sorted(s for s in actions if s < start):
+        for action in actions.pop(step):
+            action()
     with quiet_quantization_warnings():
-        return finetune(prepared, _FreezingLoader(loader, actions), ft,
-                        teacher=teacher if ft.distill is not None else None)
+        return finetune(prepared, _FreezingLoader(loader, actions, start), ft,
+                        teacher=teacher if ft.distill is not None else None,
+                        checkpoints=checkpoints, name="qat")
 
 
 def quantize_int8(
@@ -124,6 +140,7 @@ def quantize_int8(
     teacher: nn.Module | None = None,
     calibration: Iterable[Any] | None = None,
     check: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> QuantizeResult:
     """The recipe's INT8 step: the pass ``passes.quantize.quantize`` (graph → ``QuantizeResult``,
     QAT only with a loop given) with :func:`qat_finetune` as its QAT loop (PTQ: the same);
@@ -136,9 +153,10 @@ def quantize_int8(
     cross-entropy on ``check``, batches QAT does not train on (default: :func:`hold_out`'s
     slice of ``data``, which QAT then trains without; under torchrun the same images on every
     rank, so that every rank makes the same choice), and the QAT model is kept only if its loss
-    is lower; ``result.check`` records both losses and the choice.
+    is lower; ``result.check`` records both losses and the choice. ``checkpoints``: the QAT
+    loop's, as :func:`qat_finetune`.
     """
-    train = functools.partial(qat_finetune, teacher=teacher)
+    train = functools.partial(qat_finetune, teacher=teacher, checkpoints=checkpoints)
     if options.mode != "qat":
         return quantize_pass.quantize(model, example_input, data, options, calibration=calibration)
     if options.ptq_fallback and check is None and data is not None:

@@ -396,7 +396,8 @@ def quantize_and_export(gm: fx.GraphModule, example_input, run: Inputs, options,
     calibration = process_group.broadcast_object(first)  # one choice on every rank
     data = run.train if q_opts.mode == "qat" else calibration
     t = time.perf_counter()
-    q = quantize_int8(gm, example_input, data, q_opts, teacher=teacher, calibration=calibration)
+    q = quantize_int8(gm, example_input, data, q_opts, teacher=teacher, calibration=calibration,
+                      checkpoints=options.checkpoints)
     seconds = time.perf_counter() - t
     distill = plain(q_opts.finetune.distill) if q_opts.mode == "qat" and teacher is not None else None
     q_top1 = top1(q.graph_module)

@@ -410,8 +410,8 @@ def test_the_qat_check_set_is_disjoint_from_the_qat_training_batches(kind, monke
                 trained.append(b)
                 yield b
 
-    def spy_finetune(prepared, batches_, options, teacher=None):
-        return qat_finetune(prepared, Recorded(batches_), options, teacher=teacher)
+    def spy_finetune(prepared, batches_, options, teacher=None, checkpoints=None):
+        return qat_finetune(prepared, Recorded(batches_), options, teacher=teacher, checkpoints=checkpoints)
 
     def spy_check(model, batches_):
         scored.append(list(batches_))

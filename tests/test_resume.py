@@ -184,3 +184,54 @@ def test_a_run_killed_mid_finetune_resumes_to_the_same_outputs(tmp_path, uninter
     assert accuracy == uninterrupted[1]
     for name, tensor in uninterrupted[0].items():
         assert torch.equal(state[name], tensor), name
+
+
+@pytest.mark.parametrize("backend,stop", [  # 6: after the BN freeze (step 4); 14: the next epoch, after both
+    ("fx", 14), *(pytest.param(b, s, marks=pytest.mark.slow) for b, s in [("fx", 6), ("pt2e", 6), ("pt2e", 14)])])
+def test_a_qat_loop_resumes_bit_exact_with_its_freezes(backend, stop, tmp_path, monkeypatch):
+    """The QAT loop's checkpoint holds the quantizers' state; the BN freeze (a module attribute
+    for torch.ao FX, graph meta for PT2E) is applied again on resume."""
+    from dataclasses import replace
+
+    from ehap_fx.passes.quantize import QAT_FINETUNE, QuantizeOptions, calibrate_ranges, prepare
+    from torch import nn
+
+    from ehap_fx import _meta
+    from ehap_fx.data import load_digits
+    from ehap_fx.qat import qat_finetune
+
+    if backend == "pt2e":
+        pytest.importorskip("torchao")
+    train = load_digits("train")  # 12 batches of 128: 2 epochs, 16 steps
+    options = QuantizeOptions(mode="qat", backend=backend, freeze_bn_after=0.3, freeze_observers_after=0.6,
+                              finetune=replace(QAT_FINETUNE, epochs=2, max_steps=16, lr=0.05))
+    x0 = next(iter(train.loader(128)))[0]
+
+    def run(checkpoints):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+                            nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+        prepared = prepare(net, x0[:2], options)
+        calibrate_ranges(prepared, list(train.loader(128))[:2], 2)
+        result = qat_finetune(prepared, train.loader(128, shuffle=True, augment=True, seed=0), options,
+                              checkpoints=checkpoints)
+        frozen = ([m.freeze_bn for m in prepared.modules() if hasattr(m, "freeze_bn")] if backend == "fx"
+                  else prepared.meta.get(_meta.BN_FROZEN))
+        return prepared, result, frozen
+
+    whole, whole_result, whole_frozen = run(None)
+    save = Checkpoints.save
+
+    def save_then_die(self, name, value):
+        save(self, name, value)
+        raise _Stop
+
+    monkeypatch.setattr(Checkpoints, "save", save_then_die)
+    with pytest.raises(_Stop):
+        run(Checkpoints(tmp_path, every=stop))
+    monkeypatch.setattr(Checkpoints, "save", save)
+    assert (tmp_path / "qat.loop.pt").is_file()
+    resumed, result, frozen = run(Checkpoints(tmp_path, every=stop))
+    assert result.losses == whole_result.losses and frozen == whole_frozen and frozen not in ([], None)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
