@@ -134,13 +134,13 @@ def _matmul(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
 
 def _attention(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
     """``scaled_dot_product_attention(q, k, v)``, ``q (N, …, L, E)``, ``k (N, …, S, E)``,
-    ``v (N, …, S, Ev)``: the scores ``L·S·E`` and the mix ``L·S·Ev`` MACs per head (its inputs
-    pinned, as a matmul's)."""
+    ``v (N, …, S, Ev)``: the scores ``L·S·E`` and the mix ``L·S·Ev`` MACs per head, ``E = c_in``
+    and ``Ev = c_out`` the kept sizes of q's and the output's last dims."""
     q, k, v = (arg.meta.get("tensor_meta") for arg in node.args[:3])
     if not all(isinstance(t, TensorMetadata) and len(t.shape) >= 3 for t in (q, k, v)):
         return NodeCost(0, 0)
     heads = math.prod(q.shape[1:-2])
-    return NodeCost(heads * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1]), 0)
+    return NodeCost(heads * q.shape[-2] * k.shape[-2] * (c_in + c_out), 0)
 
 
 def _einsum(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
@@ -227,7 +227,7 @@ def _formula_dim(fn: CostFn, node: fx.Node) -> int:
     otherwise wherever the node's channels are."""
     if fn is _conv:
         return 1
-    if fn in (_linear, _matmul):
+    if fn in (_linear, _matmul, _attention):
         return -1
     return _channel_dim(node)
 
