@@ -194,7 +194,8 @@ FUNCTION_COST: dict[object, CostFn] = {
     ),
     # ATen spellings of what the module rows count (torch.export graphs; packets: every overload)
     **dict.fromkeys(
-        (aten.relu, aten.relu_, aten.hardtanh, aten.leaky_relu, aten.elu, aten.prelu, aten._prelu_kernel,
+        (aten.relu, aten.relu_, aten.hardtanh, aten.hardtanh_, aten.leaky_relu, aten.leaky_relu_, aten.elu,
+         aten.elu_, aten.prelu, aten._prelu_kernel,  # in place too: nn.ReLU6(inplace=True) is hardtanh_
          aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d, aten.upsample_linear1d,
          aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.upsample_trilinear3d,
          aten._upsample_nearest_exact2d), _per_output_element

@@ -333,8 +333,9 @@ _FX_FUNCTIONS: dict[Any, Rule] = {
 
 _ATEN_UNARY = (
     aten.relu, aten.relu_, aten.hardtanh, aten.hardtanh_, aten.gelu, aten.silu, aten.silu_,
-    aten.hardswish, aten.hardswish_, aten.hardsigmoid, aten.sigmoid, aten.tanh, aten.leaky_relu,
-    aten.elu, aten.mish, aten.clamp, aten.clamp_min, aten.abs, aten.neg, aten.dropout, aten.dropout_,
+    aten.hardswish, aten.hardswish_, aten.hardsigmoid, aten.hardsigmoid_, aten.sigmoid, aten.tanh,
+    aten.leaky_relu, aten.leaky_relu_, aten.elu, aten.elu_, aten.mish, aten.mish_, aten.clamp, aten.clamp_min,
+    aten.abs, aten.neg, aten.dropout, aten.dropout_,
     aten.clone, aten.alias, aten._to_copy, aten.to, aten.contiguous,
     aten.feature_dropout, aten.feature_dropout_, aten.alpha_dropout, aten.feature_alpha_dropout,
     aten.type_as, aten.sigmoid_, aten.tanh_, aten.relu6, aten.hardtanh, aten.softplus, aten.gelu_,

@@ -493,6 +493,28 @@ def test_compress_inverted_residuals_and_se_gate_through_export():
         assert_same(ex.pruned(x), masked(x))
 
 
+def in_place_acts() -> nn.Module:
+    """conv (3 → 8) → LeakyReLU → conv (8 → 8) → ELU → Mish → Hardsigmoid → conv (8 → 4),
+    activations in place."""
+    return nn.Sequential(nn.Conv2d(3, 8, 1), nn.LeakyReLU(0.1, inplace=True), nn.Conv2d(8, 8, 1),
+                         nn.ELU(inplace=True), nn.Mish(inplace=True), nn.Hardsigmoid(inplace=True),
+                         nn.Conv2d(8, 4, 1))
+
+
+@pytest.mark.parametrize("make", [InvertedSE, in_place_acts], ids=["InvertedSE", "in_place_acts"])
+def test_in_place_activations_cost_as_in_fx(make, tmp_path):
+    """In-place activations (``aten.hardtanh_`` for ReLU6, ``relu_``, ``leaky_relu_``,
+    ``elu_``, ``mish_``, ``hardsigmoid_`` in the export graph; modules under FX) keep their
+    channels in both captures (``leaky_relu_``, ``elu_``, ``mish_`` and ``hardsigmoid_`` pinned
+    as ops not understood), and those FX counts cost one MAC per output element in both, so
+    the two count the same MACs, dense and pruned (``hardtanh_`` was not counted:
+    ``InvertedSE``'s export graph was 69,632 MACs short of FX's 1,783,192)."""
+    model, x = randomize_bn(make()).eval(), torch.randn(2, 3, 32, 32)
+    fx, ex, small_fx, small_ex, _ = prune_both(model, x, 0.5, seed=1)
+    assert total_cost(ex) == total_cost(fx) and total_cost(small_ex) == total_cost(small_fx)
+    check_program(small_fx, small_ex, x, tmp_path)
+
+
 def test_program_in_program_out():
     """A user's ExportedProgram (batch dim in [1, 1024]) pruned: the result keeps the range,
     its signature lists exactly its (sliced) state, and it equals the masked original."""
