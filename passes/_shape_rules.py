@@ -328,6 +328,33 @@ def matmul(a: Analysis, node: fx.Node) -> Labels:
     raise Pin(f"matmul of operands with channels at dims {a.dim(x)} and {a.dim(y)}")
 
 
+def attention(a: Analysis, node: fx.Node) -> Labels:
+    """``scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, *, scale)``,
+    ``q (N, …, L, E)``, ``k (N, …, S, E)``, ``v (N, …, S, Ev)``, each with its channels at the
+    last dim: ``matmul``'s two exact forms in one op::
+
+        softmax(q @ kᵀ · scale) @ v    channel j of q and of k meet in one product only: one
+                                       unit; out[…, j] reads v[…, j] alone: out keeps v's
+
+    The scale stays the dense one: a given ``scale`` is a number, and the default
+    ``1/sqrt(E)`` of the dense E is written in by ``passes.shrink.shrink_attention`` when q's
+    channels shrink. A mask is pinned (its shape then never changes). Any other layout pins."""
+    q, k, v = node.args[:3]
+    shapes, labels = [_shape(t) for t in (q, k, v)], [a.labels(t) for t in (q, k, v)]
+    out = _shape(node)
+    if out is None or any(s is None or len(s) != len(out) for s in shapes) or any(x is None for x in labels):
+        raise Pin("attention of values without channel labels or of unequal ranks")
+    last = len(out) - 1
+    if len(out) < 3 or any(a.dim(t) != last for t in (q, k, v)):
+        raise Pin(f"attention of q, k, v with channels at dims {[a.dim(t) for t in (q, k, v)]}, not the last")
+    mask = _arg(node, 3, "attn_mask")
+    if isinstance(mask, fx.Node) and a.labels(mask) is not None:
+        a.uf.pin(a.labels(mask), f"{node.format_node()}: an attention mask is not pruned")
+    a.uf.union(labels[0], labels[1])
+    a.set_dim(node, last)
+    return labels[2]
+
+
 def reshape_as(a: Analysis, node: fx.Node) -> Labels:
     """``x.reshape_as(other)`` / ``view_as``: the reshape to ``other``'s shape, whose channels
     must be where the reshape puts ``x``'s: unioned with them, so the two shapes shrink alike

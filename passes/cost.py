@@ -134,13 +134,13 @@ def _matmul(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
 
 def _attention(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
     """``scaled_dot_product_attention(q, k, v)``, ``q (N, …, L, E)``, ``k (N, …, S, E)``,
-    ``v (N, …, S, Ev)``: the scores ``L·S·E`` and the mix ``L·S·Ev`` MACs per head (its inputs
-    pinned, as a matmul's)."""
+    ``v (N, …, S, Ev)``: the scores ``L·S·E`` and the mix ``L·S·Ev`` MACs per head, ``E = c_in``
+    and ``Ev = c_out`` the kept sizes of q's and the output's last dims."""
     q, k, v = (arg.meta.get("tensor_meta") for arg in node.args[:3])
     if not all(isinstance(t, TensorMetadata) and len(t.shape) >= 3 for t in (q, k, v)):
         return NodeCost(0, 0)
     heads = math.prod(q.shape[1:-2])
-    return NodeCost(heads * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1]), 0)
+    return NodeCost(heads * q.shape[-2] * k.shape[-2] * (c_in + c_out), 0)
 
 
 def _einsum(mod, node: fx.Node, c_in: int, c_out: int) -> NodeCost:
@@ -194,7 +194,8 @@ FUNCTION_COST: dict[object, CostFn] = {
     ),
     # ATen spellings of what the module rows count (torch.export graphs; packets: every overload)
     **dict.fromkeys(
-        (aten.relu, aten.relu_, aten.hardtanh, aten.leaky_relu, aten.elu, aten.prelu, aten._prelu_kernel,
+        (aten.relu, aten.relu_, aten.hardtanh, aten.hardtanh_, aten.leaky_relu, aten.leaky_relu_, aten.elu,
+         aten.elu_, aten.prelu, aten._prelu_kernel,  # in place too: nn.ReLU6(inplace=True) is hardtanh_
          aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d, aten.upsample_linear1d,
          aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.upsample_trilinear3d,
          aten._upsample_nearest_exact2d), _per_output_element
@@ -227,7 +228,7 @@ def _formula_dim(fn: CostFn, node: fx.Node) -> int:
     otherwise wherever the node's channels are."""
     if fn is _conv:
         return 1
-    if fn in (_linear, _matmul):
+    if fn in (_linear, _matmul, _attention):
         return -1
     return _channel_dim(node)
 

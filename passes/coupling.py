@@ -64,6 +64,7 @@ from ehap_fx.passes._layer_rules import (
 from ehap_fx.passes._layers import _FUNCTIONAL_CONV_TRANSPOSES, _FUNCTIONAL_CONVS
 from ehap_fx.passes._shape_rules import (
     aten_slice,
+    attention,
     concat,
     elementwise,
     flatten,
@@ -255,7 +256,7 @@ def is_binary(node: fx.Node) -> bool:
 _ANY_DIM = frozenset(
     {same_channels, layer_norm, linear, elementwise, concat, split, getitem, moves_dims,
      keeps_leading_dims, reduce_spatial, reduce_additive, vector_norm, reshape, functional_norm, no_channels,
-     aten_slice, functional_linear, softmax, stack, flatten, reshape_as, matmul}
+     aten_slice, functional_linear, softmax, stack, flatten, reshape_as, matmul, attention}
 )
 
 
@@ -282,6 +283,7 @@ _FX_FUNCTIONS: dict[Any, Rule] = {
     operator.matmul: matmul,  # attention: q @ kᵀ unions q's and k's channels, p @ v keeps v's
     torch.matmul: matmul,
     "matmul": matmul,
+    F.scaled_dot_product_attention: attention,  # q's and k's channels one unit, out keeps v's
     torch.mean: reduce_additive,  # over spatial dims; over channels with keepdim (shrink: sum / dense C)
     "mean": reduce_additive,
     torch.sum: reduce_additive,
@@ -331,8 +333,9 @@ _FX_FUNCTIONS: dict[Any, Rule] = {
 
 _ATEN_UNARY = (
     aten.relu, aten.relu_, aten.hardtanh, aten.hardtanh_, aten.gelu, aten.silu, aten.silu_,
-    aten.hardswish, aten.hardswish_, aten.hardsigmoid, aten.sigmoid, aten.tanh, aten.leaky_relu,
-    aten.elu, aten.mish, aten.clamp, aten.clamp_min, aten.abs, aten.neg, aten.dropout, aten.dropout_,
+    aten.hardswish, aten.hardswish_, aten.hardsigmoid, aten.hardsigmoid_, aten.sigmoid, aten.tanh,
+    aten.leaky_relu, aten.leaky_relu_, aten.elu, aten.elu_, aten.mish, aten.mish_, aten.clamp, aten.clamp_min,
+    aten.abs, aten.neg, aten.dropout, aten.dropout_,
     aten.clone, aten.alias, aten._to_copy, aten.to, aten.contiguous,
     aten.feature_dropout, aten.feature_dropout_, aten.alpha_dropout, aten.feature_alpha_dropout,
     aten.type_as, aten.sigmoid_, aten.tanh_, aten.relu6, aten.hardtanh, aten.softplus, aten.gelu_,
@@ -365,6 +368,7 @@ _ATEN_FUNCTIONS: dict[Any, Rule] = {
     aten.reshape_as: reshape_as,
     aten.view_as: reshape_as,
     aten.matmul: matmul,
+    aten.scaled_dot_product_attention: attention,
     aten.flatten: flatten,  # flatten.using_ints(x, start_dim, end_dim)
     aten.permute: moves_dims,
     aten.transpose: moves_dims,  # transpose.int(x, dim0, dim1)

@@ -444,6 +444,19 @@ def shrink_channel_mean(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
     node.replace_all_uses_with(div, delete_user_cb=lambda user: user is not div)
 
 
+def shrink_attention(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
+    """``scaled_dot_product_attention`` without a ``scale`` scales by ``1/sqrt(E)``, E the size
+    of q's last dim: when q's channels shrink, the dense scale (the masked original's) is
+    written in."""
+    q = node.args[0]
+    slots = q.meta.get(_meta.CHANNELS) if isinstance(q, fx.Node) else None
+    if node.kwargs.get("scale") is not None or not isinstance(slots, ChannelSlots):
+        return
+    dense = int(q.meta["tensor_meta"].shape[-1])  # the dense shape: meta is refreshed after the rewrite
+    if not bool(keep(q, slots.dim).all()):
+        node.kwargs = {**node.kwargs, "scale": 1 / math.sqrt(dense)}
+
+
 def _set_arg(node: fx.Node, pos: int, name: str, value: Any) -> None:
     if len(node.args) > pos:
         args = list(node.args)
@@ -493,6 +506,7 @@ SHRINK: dict[Any, Callable[[fx.GraphModule, fx.Node, _Keep], None]] = {
     torch.reshape: shrink_reshape,
     torch.mean: shrink_channel_mean,
     "mean": shrink_channel_mean,
+    torch.nn.functional.scaled_dot_product_attention: shrink_attention,
     # ATen spellings (torch.export graphs; packets cover every overload)
     aten.split: shrink_aten_split,
     aten.split_with_sizes: shrink_aten_split,
@@ -506,6 +520,7 @@ SHRINK: dict[Any, Callable[[fx.GraphModule, fx.Node, _Keep], None]] = {
     aten.linear: shrink_functional_linear,
     aten.addmm: shrink_functional_linear,
     aten.mean: shrink_channel_mean,
+    aten.scaled_dot_product_attention: shrink_attention,
 }
 
 

@@ -437,6 +437,84 @@ def test_compress_with_export_capture_equals_fx():
         assert_same(exported_program(ex.pruned).module()(x), fx.pruned(x))
 
 
+class InvertedSE(nn.Module):
+    """smp's MobileNetV2 encoder and MAnet's decoder in small: stem conv (3 → 16) → two
+    inverted residuals (1×1 16 → 64, ReLU6, depthwise 3×3, ReLU6, 1×1 64 → 16, + x; the
+    second with small weights, so that an L1 ranking drops it whole) → an SE gate (pool, 1×1
+    16 → 4, ReLU, 1×1 4 → 16, sigmoid, × x) → 1×1 head (16 → 5); the activations in place,
+    as torchvision and smp write them::
+
+        stem ─┬─ expand ─ dw ─ project ─ add ─┬─ (block 2) ─┬──────────────────────── mul ─ head
+              └───────────────────────────────┘             └─ pool ─ se1 ─ se2 ─ σ ─┘
+    """
+
+    def __init__(self):
+        super().__init__()
+        bn_relu6 = (lambda c: [nn.BatchNorm2d(c), nn.ReLU6(inplace=True)])  # as torchvision's
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), *bn_relu6(16))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(16, 64, 1), *bn_relu6(64), nn.Conv2d(64, 64, 3, 1, 1, groups=64), *bn_relu6(64),
+                          nn.Conv2d(64, 16, 1), nn.BatchNorm2d(16))
+            for _ in range(2)
+        )
+        with torch.no_grad():
+            for i in (0, 3, 6):
+                self.blocks[1][i].weight.mul_(1e-3)
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 4, 1), nn.ReLU(inplace=True),
+                                nn.Conv2d(4, 16, 1), nn.Sigmoid())
+        self.head = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x * self.se(x))
+
+
+def test_compress_inverted_residuals_and_se_gate_through_export():
+    """``compress(model, x)`` as written, on the export capture of inverted residuals and an
+    SE gate (in-place activations), meets its target and equals the masked original. The
+    export depth pruning merged on main at 04:41 on 2026-12-07 (reverted at 05:01) failed
+    here: compress's default granularity ("both") emptied the second block's expand group,
+    and the fold kept the block's in-place ReLU6 (``aten.hardtanh_``: a mutating op is
+    impure, so dead-code elimination keeps it), leaving the expand conv with no output
+    channel; shape propagation failed, as on smp's MobileNetV2 encoders and MAnet."""
+    from ehap_fx.passes.capture import capture_groups
+
+    from ehap_fx import compress
+
+    model, x = randomize_bn(InvertedSE()).eval(), torch.randn(1, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ex = compress(model, x, capture="export")
+    assert isinstance(ex.pruned, ExportedGraph) and ex.report.cost_after["macs_ratio"] <= 0.5
+    masked = mask_channels(capture_groups(model, x, capture="export"), ex.pruned.meta[_meta.PLAN]).graph_module
+    with torch.no_grad():
+        assert_same(ex.pruned(x), masked(x))
+
+
+def in_place_acts() -> nn.Module:
+    """conv (3 → 8) → LeakyReLU → conv (8 → 8) → ELU → Mish → Hardsigmoid → conv (8 → 4),
+    activations in place."""
+    return nn.Sequential(nn.Conv2d(3, 8, 1), nn.LeakyReLU(0.1, inplace=True), nn.Conv2d(8, 8, 1),
+                         nn.ELU(inplace=True), nn.Mish(inplace=True), nn.Hardsigmoid(inplace=True),
+                         nn.Conv2d(8, 4, 1))
+
+
+@pytest.mark.parametrize("make", [InvertedSE, in_place_acts], ids=["InvertedSE", "in_place_acts"])
+def test_in_place_activations_cost_as_in_fx(make, tmp_path):
+    """In-place activations (``aten.hardtanh_`` for ReLU6, ``relu_``, ``leaky_relu_``,
+    ``elu_``, ``mish_``, ``hardsigmoid_`` in the export graph; modules under FX) keep their
+    channels in both captures (``leaky_relu_``, ``elu_``, ``mish_`` and ``hardsigmoid_`` pinned
+    as ops not understood), and those FX counts cost one MAC per output element in both, so
+    the two count the same MACs, dense and pruned (``hardtanh_`` was not counted:
+    ``InvertedSE``'s export graph was 69,632 MACs short of FX's 1,783,192)."""
+    model, x = randomize_bn(make()).eval(), torch.randn(2, 3, 32, 32)
+    fx, ex, small_fx, small_ex, _ = prune_both(model, x, 0.5, seed=1)
+    assert total_cost(ex) == total_cost(fx) and total_cost(small_ex) == total_cost(small_fx)
+    check_program(small_fx, small_ex, x, tmp_path)
+
+
 def test_program_in_program_out():
     """A user's ExportedProgram (batch dim in [1, 1024]) pruned: the result keeps the range,
     its signature lists exactly its (sliced) state, and it equals the masked original."""

@@ -390,3 +390,73 @@ def test_scaled_dot_product_attention_is_counted_as_flop_counter_does(capture):
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         F.scaled_dot_product_attention(torch.randn(2, 2, 10, 4), torch.randn(2, 2, 10, 4), torch.randn(2, 2, 10, 6))
     assert sdpa.meta[_meta.COST].macs == counter.get_total_flops() // 2 // 2 == 2 * 10 * 10 * (4 + 6)
+
+
+class MapSDPA(nn.Module):
+    """scaled_dot_product_attention over the rows of a conv's map (N, 4, 6, 10): the
+    channels are dim 1, the heads' dim, so the attention pins them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return F.scaled_dot_product_attention(y, y, y)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_attention_on_channels_at_dim_1_pins_and_counts_its_last_dims(capture):
+    from ehap_fx.passes.capture import capture_groups
+
+    gm = capture_groups(MapSDPA().eval(), torch.randn(1, 3, 6, 10), capture=capture)
+    assert not groups_of(gm).prunable
+    total_cost(gm)
+    (sdpa,) = [n for n in gm.graph.nodes if "scaled_dot_product" in str(n.target)]
+    assert sdpa.meta[_meta.COST].macs == 4 * 6 * 6 * (10 + 10)  # per channel (head): L·S·(E + Ev)
+
+
+class HeadsSDPA(nn.Module):
+    """Segformer's (and most Hugging Face models') attention on tokens (N, T, 8): linear in
+    (8 → 8) → q, k, v linears (8 → 8), each viewed (N, T, 2 heads, 4) with the heads to dim 1
+    → scaled_dot_product_attention (``scale`` given, as Segformer passes it, or its default
+    ``1/sqrt(4)``; ``mask``: an additive mask (N, 1, T, T) a linear computes from the tokens)
+    → heads merged back (N, T, 8) → projection (8 → 8), residual, linear out (8 → 3)."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        self.inp, self.proj, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.q, self.k, self.v, self.m = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.inp(x)
+        n, t, _ = x.shape
+        q, k, v = (f(x).view(n, t, 2, 4).transpose(1, 2) for f in (self.q, self.k, self.v))
+        kwargs = {"scale": 0.3} if self.form == "scale" else {}
+        if self.form == "mask":
+            kwargs["attn_mask"] = self.m(x).view(n, 1, t, t)
+        y = F.scaled_dot_product_attention(q, k, v, **kwargs).transpose(1, 2).reshape(n, t, 8)
+        return self.out(x + self.proj(y))
+
+
+@pytest.mark.parametrize("form", ["scale", "default_scale", "mask"])
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_scaled_dot_product_attention_head_dims_shrink_exactly(capture, form):
+    """As q·kᵀ and p·v: q's dim j and k's dim j (of every head) are one unit, the output
+    keeps v's dims. The default scale is the dense ``1/sqrt(4)``, written in when q shrinks;
+    a mask keeps its size (its linear's outputs pinned)."""
+    from ehap_fx.passes.capture import capture_groups
+
+    torch.manual_seed(0)
+    model, x = HeadsSDPA(form).eval(), torch.randn(2, 5, 8)
+    gm = capture_groups(model, x, capture=capture)
+    assert sorted(g.size for g in groups_of(gm).prunable) == [4, 4, 8]  # q·k dims, v dims, residual
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    small = shrink(gm, plan).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), mask_channels(gm, plan).graph_module(x), rtol=1e-5, atol=1e-5)
+    assert small.q.weight.shape == small.k.weight.shape == small.v.weight.shape == (2 * 2, 4)
+    if form == "mask":
+        assert small.m.weight.shape == (5, 4)
+    assert plan_cost(gm, plan.masks(groups_of(gm))) == total_cost(small)
