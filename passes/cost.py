@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +63,11 @@ def _channel_dim(node: fx.Node) -> int:
 
 
 def _per_channel(node: fx.Node) -> int:
-    """Elements per channel and sample: ``H*W`` channels-first, ``H*W`` too channels-last."""
+    """Elements per channel and sample: ``H*W`` channels-first, ``H*W`` too channels-last; one
+    for a value of one element per sample (``(N,)``: a squeezed scalar head)."""
     shape = node.meta["tensor_meta"].shape
+    if len(shape) < 2:
+        return 1
     return math.prod(shape[1:]) // max(1, shape[_channel_dim(node)])
 
 
@@ -220,6 +224,8 @@ def _channels(node: fx.Node, dim: int | None = None) -> int:
     meta = node.meta.get("tensor_meta")
     if not isinstance(meta, TensorMetadata) or len(meta.shape) < (2 if dim is None else 1):
         return 0
+    if len(meta.shape) == 1 and dim not in (0, -1):
+        return 1  # (N,): one value per sample, no channel dim
     return int(meta.shape[_channel_dim(node) if dim is None else dim])
 
 
@@ -251,10 +257,23 @@ def _cost_fn(gm: fx.GraphModule, node: fx.Node) -> tuple[CostFn | None, nn.Modul
 def _batch(gm: fx.GraphModule) -> int:
     """The samples the graph's shapes were propagated with: dim 0 of its first tensor input."""
     for node in gm.graph.find_nodes(op="placeholder"):
-        meta = node.meta.get("tensor_meta")
-        if isinstance(meta, TensorMetadata) and len(meta.shape):
-            return max(1, int(meta.shape[0]))
+        for meta in _tensor_metas(node.meta.get("tensor_meta")):  # a list of tensors: its first
+            if len(meta.shape):
+                return max(1, int(meta.shape[0]))
     return 1
+
+
+def _tensor_metas(meta: Any) -> Iterator[TensorMetadata]:
+    """The ``TensorMetadata`` in a placeholder's meta: itself, or those of a list, tuple or
+    dict of tensors (ShapeProp keeps the container)."""
+    if isinstance(meta, TensorMetadata):
+        yield meta
+    elif isinstance(meta, (list, tuple)):
+        for m in meta:
+            yield from _tensor_metas(m)
+    elif isinstance(meta, dict):
+        for m in meta.values():
+            yield from _tensor_metas(m)
 
 
 def _rows_per_sample(node: fx.Node, batch: int) -> int:
