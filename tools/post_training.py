@@ -155,10 +155,12 @@ def evaluate_plan(gm, small, batches, test, args) -> dict:
     labelled = [(x, None) for x in batches]
     bn = copy.deepcopy(small)
     recalibrate_bn(bn, labelled)
+    views = batches + [x.flip(3) for x in batches] if args.flip else batches  # the mirror images too
     with PeakRss() as rss:
         t = time.perf_counter()
-        fixed = compensate(small, gm, batches, CompensateOptions(images=args.images, add_bias=args.add_bias,
-                                                                     match=args.match))
+        options = CompensateOptions(images=sum(len(x) for x in views), add_bias=args.add_bias, match=args.match,
+                                    damping=args.damping)
+        fixed = compensate(small, gm, views, options)
         seconds = time.perf_counter() - t
     fixed = fixed.graph_module
     fixed_bn = copy.deepcopy(fixed)
@@ -222,6 +224,10 @@ def main() -> None:
     p.add_argument("--test-images", type=int, help="first N test images (default: all)")
     p.add_argument("--add-bias", action=argparse.BooleanOptionalAction, default=CompensateOptions().add_bias)
     p.add_argument("--match", choices=("block", "layer"), default=CompensateOptions().match)
+    p.add_argument("--damping", type=float, default=CompensateOptions().damping,
+                   help="the repair's damping, a fraction of mean(diag H)")
+    p.add_argument("--flip", action="store_true",
+                   help="the repair also sees each calibration image mirrored (the same images, two views)")
     p.add_argument("--threads", type=int)
     p.add_argument("--bn-after", action="store_true", help="also score the repaired model BN-re-estimated")
     p.add_argument("--dense", type=float, help="the dense top-1, measured before (skips scoring it)")
