@@ -158,7 +158,14 @@ def test_a_finetune_resumes_bit_exact_from_its_loop_checkpoint(stop, tmp_path, m
                           FinetuneOptions(epochs=3, max_steps=50, progress=False), checkpoints=checkpoints)
         return net, result
 
-    whole, whole_result = run(None)
+    (whole, whole_result), (resumed, result) = run(None), stopped_and_resumed(run, tmp_path, stop, monkeypatch)
+    assert result.losses == whole_result.losses and result.epochs == whole_result.epochs
+    assert_same_state(whole, resumed)
+
+
+def stopped_and_resumed(run, folder: Path, every: int, monkeypatch):
+    """``run(checkpoints)`` "killed" right after its first loop checkpoint, then run again on
+    the same folder: what the resumed run returns."""
     save = Checkpoints.save
 
     def save_then_die(self, name, value):
@@ -167,10 +174,12 @@ def test_a_finetune_resumes_bit_exact_from_its_loop_checkpoint(stop, tmp_path, m
 
     monkeypatch.setattr(Checkpoints, "save", save_then_die)
     with pytest.raises(_Stop):
-        run(Checkpoints(tmp_path, every=stop))
+        run(Checkpoints(folder, every=every))
     monkeypatch.setattr(Checkpoints, "save", save)
-    resumed, result = run(Checkpoints(tmp_path, every=stop))
-    assert result.losses == whole_result.losses and result.epochs == whole_result.epochs
+    return run(Checkpoints(folder, every=every))
+
+
+def assert_same_state(whole: torch.nn.Module, resumed: torch.nn.Module) -> None:
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
@@ -220,18 +229,7 @@ def test_a_qat_loop_resumes_bit_exact_with_its_freezes(backend, stop, tmp_path, 
         return prepared, result, frozen
 
     whole, whole_result, whole_frozen = run(None)
-    save = Checkpoints.save
-
-    def save_then_die(self, name, value):
-        save(self, name, value)
-        raise _Stop
-
-    monkeypatch.setattr(Checkpoints, "save", save_then_die)
-    with pytest.raises(_Stop):
-        run(Checkpoints(tmp_path, every=stop))
-    monkeypatch.setattr(Checkpoints, "save", save)
+    resumed, result, frozen = stopped_and_resumed(run, tmp_path, stop, monkeypatch)
     assert (tmp_path / "qat.loop.pt").is_file()
-    resumed, result, frozen = run(Checkpoints(tmp_path, every=stop))
     assert result.losses == whole_result.losses and frozen == whole_frozen and frozen not in ([], None)
-    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    assert_same_state(whole, resumed)
