@@ -185,6 +185,43 @@ def test_standardized_weight_conv_shrinks_exactly(capture, scaled):
     assert smaller.conv3.ehap_in_columns.shape == (2,)
 
 
+
+class PeekStdConv2d(nn.Conv2d):
+    """``StdConv2d`` whose flattened weight rows are read once more, by a ``mean`` added to the
+    output: not the standardisation chain alone."""
+
+    def forward(self, x):
+        flat = self.weight.reshape(1, self.out_channels, -1)
+        w = F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding) + flat.mean()
+
+
+class PeekStdNet(nn.Module):
+    """PeekStdConv2d (3 → 8) → relu → std conv (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = PeekStdConv2d(3, 8, 3), StdConv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.conv1(x)))
+
+
+def test_a_standardized_weight_read_by_another_op_is_not_pruned():
+    """Slicing conv1's weight rows would change ``flat.mean()`` too: the chain is not
+    recognised and conv1's 8 channels pin (taken for the chain, they prune and the shrunk model
+    is off the masked one by ~0.04)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm = group_channels(trace(PeekStdNet().eval(), x)).graph_module
+    assert not any(m.module == "conv1" for g in groups_of(gm).prunable for m in g.members)
+    (into_conv2,) = [g for g in groups_of(gm) if ("conv2", "in") in {(m.module, m.role) for m in g.members}]
+    assert into_conv2.size == 8 and into_conv2.pinned is not None
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x),
+                                   rtol=1e-5, atol=1e-5)
+
 class LinearBN(nn.Module):
     """LeViT's ``MLPLayerWithBN``: a linear on tokens ``(N, T, C)``, its BatchNorm1d on
     ``flatten(0, 1)`` (``(N·T, C)``, channels at dim 1), ``reshape_as`` back."""
