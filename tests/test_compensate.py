@@ -48,13 +48,37 @@ def lstsq_fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
         a, b, g = x.reshape(-1, 1, x.shape[-1]), y.reshape(-1, 1, y.shape[-1]), 1
     else:
         g = module.groups
-        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        cols = F.unfold(x, module.kernel_size, module.dilation, _int_padding(module), module.stride)
         a = cols.transpose(1, 2).reshape(-1, g, cols.shape[1] // g)  # (N·L, g, K)
         b = y.flatten(2).transpose(1, 2).reshape(-1, g, y.shape[1] // g)  # (N·L, g, O/g)
     if module.bias is not None:
         a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype)], 2)
     a, b = a.transpose(0, 1), b.transpose(0, 1)  # (g, rows, K), (g, rows, O/g)
     return torch.linalg.lstsq(a, b).solution, a
+
+
+def _int_padding(module: nn.Conv2d) -> tuple[int, int]:
+    """A conv's ``padding`` as ints: ``"valid"`` is 0, ``"same"`` ``d·(k − 1) / 2`` (even here)."""
+    if module.padding == "valid":
+        return (0, 0)
+    if module.padding == "same":
+        total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+        assert all(t % 2 == 0 for t in total)  # F.unfold pads both sides alike
+        return (total[0] // 2, total[1] // 2)
+    return module.padding
+
+
+class SameValid(nn.Module):
+    """conv a (3 → 8, 3x3, "same") ─▶ relu ─▶ conv b (8 → 8, 3x3, "valid") ─▶ relu ─▶ conv c
+    (8 → 6, 3x3 dilated 2, "same") ─▶ mean ─▶ fc (6 → 4): string paddings."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding="same"), nn.Conv2d(8, 8, 3, padding="valid")
+        self.c, self.fc = nn.Conv2d(8, 6, 3, padding="same", dilation=2), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(self.c(F.relu(self.b(F.relu(self.a(x))))).mean((2, 3)))
 
 
 def as_solution(module: nn.Module) -> torch.Tensor:
@@ -88,8 +112,9 @@ def block_target(gm: fx.GraphModule, node: fx.Node, y, got, want):
 
 
 @pytest.mark.parametrize("match", ["layer", "block"])
-@pytest.mark.parametrize("make,shape", [(TinyOptionA, (48, 3, 12, 12)), (SEDepthwise, (384, 3, 8, 8))],
-                         ids=["option-a-resnet", "depthwise-grouped-linear"])
+@pytest.mark.parametrize("make,shape", [(TinyOptionA, (48, 3, 12, 12)), (SEDepthwise, (384, 3, 8, 8)),
+                                        (SameValid, (48, 3, 8, 8))],
+                         ids=["option-a-resnet", "depthwise-grouped-linear", "same-valid-padding"])
 def test_each_layer_is_the_lstsq_optimum_on_the_repaired_inputs(make, shape, match, one_thread):
     dense, small = pruned_pair(make, shape, 0.5)
     x = torch.randn(shape, dtype=torch.float64)
@@ -291,3 +316,22 @@ def test_block_matching_refits_a_layer_whose_own_output_is_unchanged(one_thread)
     assert fits["layer"]["conv_s"].repaired and not fits["layer"]["conv_b"].repaired
     b = fits["block"]["conv_b"]
     assert b.repaired and b.error_after < b.error_before
+
+
+def test_a_batch_of_max_rows_rows_is_used_whole_and_the_accumulators_are_reported(one_thread):
+    """``max_rows`` at the rows per batch of convs b and c (16·6·6): their rows are taken whole,
+    so the repair is bit for bit the one without a cap (a's 16·8·8 rows are sampled, but a reads
+    the unpruned input: nothing to fit). The report's accumulator bytes are the largest layer's
+    ``H`` and ``R`` in float64: ``8·g·(K + 1)·(K + 1 + O/g)``."""
+    dense, small = pruned_pair(SameValid, (16, 3, 8, 8), 0.5)
+    x = torch.randn(32, 3, 8, 8, dtype=torch.float64)
+    batches = [x[:16], x[16:]]
+    uncapped = compensate(small, dense, batches, EXACT).graph_module
+    capped = compensate(small, dense, batches, replace(EXACT, max_rows=16 * 6 * 6)).graph_module
+    for name, p in uncapped.named_parameters():
+        assert torch.equal(p, capped.get_parameter(name)), name
+    report = uncapped.meta[_meta.COMPENSATION]
+    fits = [f for f in report.layers if f.rows]
+    assert {f.node for f in fits} == {"a", "b", "c", "fc"} and all(f.groups == 1 for f in fits)
+    outs = {f.node: uncapped.get_submodule(f.node).weight.shape[0] for f in fits}
+    assert report.accumulator_bytes == max(8 * (f.columns + 1) * (f.columns + 1 + outs[f.node]) for f in fits)
