@@ -172,6 +172,22 @@ def test_export_error_names_the_model(tmp_path):
     assert not (tmp_path / "bad.onnx").exists()
 
 
+
+def test_export_onnx_makes_the_missing_folders_of_its_path(tmp_path):
+    """A path into folders that do not exist yet: they are made, and the file holds the model
+    (onnxruntime's logits equal PyTorch's; metadata kept), with no ``.tmp`` left beside it."""
+    import onnx
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 30 * 30, 5)).eval()
+    path = tmp_path / "runs" / "7" / "model.onnx"
+    assert export_onnx(model, X, path, dynamo=False, metadata={"run": "7"}) == path
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx"]
+    assert {p.key: p.value for p in onnx.load(str(path)).metadata_props}["run"] == "7"
+    (got,) = session(path, threads=1).run(None, {"input": X.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(X), rtol=1e-4, atol=1e-5)
+
 @pytest.mark.parametrize(
     ("field", "value"), [("opset", 11), ("batch_size", 1), ("threads", 0), ("min_quantized_convs", 2.0)]
 )
