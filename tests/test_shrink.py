@@ -10,6 +10,7 @@ from ehap_fx.passes.group import emptiable_groups, group_channels, groups_of
 from ehap_fx.passes.mask import mask_channels, random_plan
 from ehap_fx.passes.shrink import PrunePlan, shrink
 from ehap_fx.passes.trace import trace
+from torch import nn
 
 from ehap_fx.errors import ShrinkError
 from ehap_fx.models import get_model
@@ -223,3 +224,35 @@ def test_fresh_attr_numbers_a_taken_name():
     gm.c, gm.c_1 = torch.zeros(1), torch.zeros(1)
     assert fresh_attr(gm, "free") == "free"
     assert fresh_attr(gm, "c") == "c_2"
+
+
+class _SharedActivation(nn.Module):
+    """stem (3 → 8) ─▶ act ─┬──────────────────────────────────────── + ─▶ relu ─▶ mean ─▶ fc
+                            └─▶ a (8 → 8) ─▶ relu ─▶ b (8 → 8) ─▶ act ─┘
+    one ``Hardtanh`` module ``act`` on the stem and on the residual branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.act, self.fc = nn.Hardtanh(-0.5, 0.5), nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.act(self.stem(x))
+        x = torch.relu(x + self.act(self.b(torch.relu(self.a(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_folding_a_dropped_branch_leaves_the_modules_in_their_mode():
+    """Dropping the branch folds b's bias through ``act`` (evaluated in eval mode) into a
+    constant; ``act`` still runs on the stem, and a model shrunk in training mode keeps every
+    module in training mode, ``act`` included (and equals the masked model)."""
+    from ehap_fx.passes.depth import droppable_groups
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm = group_channels(trace(_SharedActivation().eval(), x)).graph_module
+    (inner,) = droppable_groups(gm)
+    small = assert_shrunk_equals_masked(gm, x, PrunePlan({inner: ()}))
+    assert [n.target for n in small.graph.nodes if n.op == "call_module"] == ["stem", "act", "fc"]
+    small = shrink(gm.train(), PrunePlan({inner: ()})).graph_module
+    assert all(m.training for m in small.modules())
