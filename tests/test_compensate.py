@@ -335,3 +335,17 @@ def test_a_batch_of_max_rows_rows_is_used_whole_and_the_accumulators_are_reporte
     assert {f.node for f in fits} == {"a", "b", "c", "fc"} and all(f.groups == 1 for f in fits)
     outs = {f.node: uncapped.get_submodule(f.node).weight.shape[0] for f in fits}
     assert report.accumulator_bytes == max(8 * (f.columns + 1) * (f.columns + 1 + outs[f.node]) for f in fits)
+
+
+def test_the_pass_in_a_pass_manager_is_compensate(one_thread):
+    """``Compensate(dense, data, options)`` in a ``PassManager`` repairs as ``compensate`` does."""
+    from ehap_fx.passes.compensate import Compensate
+    from torch.fx.passes.infra.pass_manager import PassManager
+
+    dense, small = pruned_pair(SameValid, (16, 3, 8, 8), 0.5)
+    x = torch.randn(32, 3, 8, 8, dtype=torch.float64)
+    want = compensate(copy.deepcopy(small), dense, x, EXACT).graph_module
+    got = PassManager([Compensate(dense, x, EXACT)])(copy.deepcopy(small)).graph_module
+    for name, p in want.named_parameters():
+        assert torch.equal(p, got.get_parameter(name)), name
+    assert [f.node for f in got.meta[_meta.COMPENSATION].layers] == ["a", "b", "c", "fc"]

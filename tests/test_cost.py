@@ -167,6 +167,9 @@ def test_prelu_counts_its_parameters(slopes):
     small = shrink(gm, PrunePlan({g.id: (0, 2, 3)})).graph_module
     assert total_cost(small).params == (3 * 3 + 3) + (3 if slopes == 4 else 1) + (3 * 2 + 2)
     assert sum(p.numel() for p in small.parameters()) == total_cost(small).params
+    if slopes == 4:  # down to two channels: two slopes (not one, as a shared slope would be)
+        two = shrink(gm, PrunePlan({g.id: (1, 2)})).graph_module
+        assert total_cost(two).params == (3 * 2 + 2) + 2 + (2 * 2 + 2) == sum(p.numel() for p in two.parameters())
 
 
 @pytest.mark.parametrize("slopes", [4, 1])

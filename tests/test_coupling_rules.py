@@ -474,3 +474,28 @@ def test_pixel_shuffles_prune_whole_blocks_of_channels(unshuffle):
     plan = PrunePlan.removing(groups_of(gm), {group.id: [0]})
     with torch.no_grad():
         torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+
+
+class _CatBatches(nn.Module):
+    """conv0 (3 → 8) and conv1 (3 → 8) on x ─▶ ``torch.cat`` with no dim (along the batch) ─▶
+    conv2 (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1, self.conv2 = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(torch.cat([self.conv0(x), self.conv1(x)]))  # (2N, 8, 6, 6)
+
+
+def test_a_cat_without_a_dim_stacks_the_batches_and_unites_the_channels():
+    """``torch.cat``'s dim defaults to 0: channel c of conv0 and of conv1 are both conv2's input c,
+    one group of 8."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_CatBatches().eval(), X)).graph_module
+    group = _group_of(gm, "conv0")
+    assert group.pinned is None and group.size == 8
+    assert sorted((m.module, m.role) for m in group.members) == [("conv0", "out"), ("conv1", "out"), ("conv2", "in")]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))

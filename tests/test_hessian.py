@@ -531,3 +531,15 @@ def test_the_exact_ggn_plan_is_the_largest_chunk_its_footprint_fits():
     less = choose_estimator(tiny(), (x, y), opts(estimator="ggn", ggn_chunk=4, memory_budget=plan.footprint - 1),
                             names=NAMES)
     assert (less.ggn_chunk, less.footprint) == (3, 3 * per_sample)
+
+
+def test_forward_over_reverse_averages_over_two_batches_as_double_backward_does():
+    """Two Hessian batches of 8: both HVP modes give the mean of the two batches' products,
+    probe for probe (each batch alone was checked above)."""
+    net = tiny(nn.Tanh)
+    x, y = data()
+    two = dict(estimator="hutchinson", dtype="fp32", probes=6, batch_size=8, n_batches=2)
+    base = estimate_hessian(net, (x, y), opts(**two), names=NAMES)
+    fwd = estimate_hessian(net, (x, y), opts(**two, hvp="forward_over_reverse"), names=NAMES)
+    assert base.n_batches == fwd.n_batches == 2
+    torch.testing.assert_close(fwd.probe_traces, base.probe_traces, rtol=1e-4, atol=1e-6)
