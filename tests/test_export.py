@@ -188,6 +188,18 @@ def test_export_onnx_makes_the_missing_folders_of_its_path(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), model(X), rtol=1e-4, atol=1e-5)
 
+
+def test_onnx_top1_is_the_share_of_right_argmaxes_over_all_batches(tmp_path):
+    """Two batches of two images, labels right for three of the four: 75 %."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 30 * 30, 5)).eval()
+    path = export_onnx(model, X, tmp_path / "m.onnx", dynamo=False)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[3] = (y[3] + 1) % 5
+    assert onnx_top1(path, [(x[:2], y[:2]), (x[2:], y[2:])], threads=1) == 75.0
+
 @pytest.mark.parametrize(
     ("field", "value"), [("opset", 11), ("batch_size", 1), ("threads", 0), ("min_quantized_convs", 2.0)]
 )

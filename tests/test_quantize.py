@@ -529,3 +529,49 @@ def test_only_per_channel_constant_adds_become_depthwise_convs(shape, rewritten)
         assert convs[1].groups == 8 and torch.equal(convs[1].bias, gm.c.flatten())
     with torch.no_grad():
         torch.testing.assert_close(gm(x), want, rtol=0, atol=1e-6)
+
+
+class _Scalars(nn.Module):
+    """A batch of scalars ``(N,)`` ─▶ unsqueeze ─▶ linear (1 → 4) ─▶ relu ─▶ linear (4 → 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1 = nn.Linear(1, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc1(F.relu(self.fc0(x.unsqueeze(1))))
+
+
+def test_a_batch_of_scalars_is_a_batched_example_input():
+    """A 1-D example input is a batch (of scalars): it prepares, calibrates and converts to a
+    model within rounding of the float one; a 0-D one is refused naming the fix."""
+    torch.manual_seed(0)
+    options = QuantizeOptions(mode="ptq", backend="fx")
+    model, x = _Scalars().eval(), torch.linspace(-2, 2, 16)
+    prepared = prepare(model, x[:3], options)
+    calibrate(prepared, [(x, torch.zeros(16, dtype=torch.long))], 1)
+    q = convert(prepared, options)
+    with torch.no_grad():
+        want = model(x)
+        # three rounding points (the input, fc0's and fc1's outputs), about one output step each
+        # at most, as tests/int8_bounds.py argues (measured: 1.5 steps)
+        assert (q(x) - want).abs().max() <= 3 * q.fc1.scale
+    with pytest.raises(QuantizeError, match="batched tensor"):
+        prepare(_Scalars().eval(), torch.tensor(1.0), options)
+
+
+class _Branchy(nn.Module):
+    """A tensor's value steers Python: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y if y.sum() > 0 else -y
+
+
+def test_a_failed_prepare_names_the_model_and_the_other_backend():
+    with pytest.raises(QuantizeError, match=r"fx ptq prepare failed on _Branchy: .*try backend='pt2e'"):
+        prepare(_Branchy().eval(), X, QuantizeOptions(mode="ptq", backend="fx"))
