@@ -128,6 +128,27 @@ def test_an_exported_graph_starts_in_eval_and_train_switches_batch_norm_and_drop
         assert not gm.training and flags() == [False, False]
 
 
+
+def test_an_in_place_dropout_switches_with_the_exported_graph():
+    """``nn.Dropout(inplace=True)`` exports as ``aten.dropout_``: ``.train()`` sets its ``train``
+    argument (about half the elements dropped, the rest doubled), ``.eval()`` clears it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Dropout(0.5, inplace=True)).eval()
+    x = torch.randn(4, 3, 5, 5)
+    gm = trace(model, x, capture="export")
+    (drop,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.dropout_.default]
+    with torch.no_grad():
+        conv = model[0](x)
+        gm.train()
+        assert drop.args[1:] == (0.5, True)
+        got = gm(x)
+        kept = got != 0
+        assert 0.3 < kept.float().mean() < 0.7
+        torch.testing.assert_close(got[kept], 2 * conv[kept])
+        gm.eval()
+        assert drop.args[1:] == (0.5, False)
+        torch.testing.assert_close(gm(x), conv)
+
 class _Decode(torch.nn.Module):
     """YOLO pose's keypoint decoding: ``y[:, 2::3] = y[:, 2::3].sigmoid()`` after a conv."""
 
