@@ -149,6 +149,30 @@ def test_an_in_place_dropout_switches_with_the_exported_graph():
         assert drop.args[1:] == (0.5, False)
         torch.testing.assert_close(gm(x), conv)
 
+
+class _Ignores(torch.nn.Module):
+    """forward(x, mask=None, extra=None) reads only x."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x, mask=None, extra=None):
+        return self.conv(x)
+
+
+def test_a_given_input_the_model_does_not_read_stays_an_input():
+    """An input given in ``example_input`` is a graph input even when forward ignores it
+    (a mask some models take and do not use); the ones not given are dropped."""
+    torch.manual_seed(0)
+    model, x, extra = _Ignores().eval(), torch.randn(2, 3, 5, 5), torch.ones(1)
+    gm = trace(model, {"x": x, "extra": extra})
+    assert [n.name for n in gm.graph.find_nodes(op="placeholder")] == ["x", "extra"]
+    gm = trace(model, (x, extra))
+    assert [n.name for n in gm.graph.find_nodes(op="placeholder")] == ["x", "mask"]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x, extra), model(x))
+
 class _Decode(torch.nn.Module):
     """YOLO pose's keypoint decoding: ``y[:, 2::3] = y[:, 2::3].sigmoid()`` after a conv."""
 
