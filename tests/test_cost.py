@@ -228,3 +228,25 @@ def test_a_list_input_is_costed_per_sample_whatever_the_batch():
             costs[capture, n] = total_cost(trace(_TwoViews().eval(), (xs,), capture=capture)).macs
     assert costs["export", 1] == costs["export", 3] == 800
     assert costs["fx", 1] == costs["fx", 3] == 800
+
+
+class _ScalarHead(nn.Module):
+    """fc (6 → 1) ─▶ squeeze(1): one value per sample, ``(N,)`` ─▶ relu."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 1)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x).squeeze(1))
+
+
+@pytest.mark.xfail(strict=True, raises=IndexError,
+                   reason="bug: cost._formula_dim gives a 1-D value channel dim 1, so _channels reads "
+                   "shape[1] of an (N,) tensor: total_cost raises IndexError on a relu after squeeze")
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_an_activation_on_one_value_per_sample_is_costed(capture):
+    """The linear's 6 MACs and its bias, and at most one MAC for the ReLU of its one output."""
+    gm = trace(_ScalarHead().eval(), torch.randn(3, 6), capture=capture)
+    cost = total_cost(gm)
+    assert cost.params == 7 and cost.macs in (7, 8)
