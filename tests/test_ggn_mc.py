@@ -304,3 +304,22 @@ def test_saved_bytes_count_what_autograd_keeps_with_and_without_autocast():
     assert saved == 4 * (5 + 4) and out.dtype == torch.float32
     saved, out = saved_bytes_per_sample(net, torch.randn(1, 5), partial(torch.autocast, "cpu", dtype=torch.bfloat16))
     assert saved == 2 * (5 + 20 + 4 + 12) and out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("batch", [4, 64])
+def test_the_plans_per_sample_bytes_do_not_grow_with_the_batch(batch):
+    """Linear (5 → 4) → ReLU → linear (4 → 3), fp32, one sample per chunk: autograd keeps A = 36
+    bytes per sample (``test_saved_bytes_count_what_autograd_keeps_with_and_without_autocast``;
+    it once counted the whole batch the sample was sliced from). MC: 3A + R·(4 + 4), R = 6 the
+    first linear's reduction buffer (its 5 inputs and a 1×1 Gram); exact GGN:
+    2·(A + 3·(32 weights · 4 + A)) with 3 classes."""
+    from ehap_fx.scoring.hessian import choose_estimator
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    x, y = torch.randn(batch, 5), torch.randint(0, 3, (batch,))
+    opts = HessianOptions(dtype="fp32", batch_size=batch, progress=False, mc_chunk=1, ggn_chunk=1)
+    mc = choose_estimator(net, (x, y), dataclasses.replace(opts, estimator="mc"), names=["0", "2"])
+    assert (mc.estimator, mc.mc_chunk, mc.footprint) == ("mc", 1, 3 * 36 + 6 * 8)
+    ggn = choose_estimator(net, (x, y), dataclasses.replace(opts, estimator="ggn"), names=["0", "2"])
+    assert (ggn.estimator, ggn.ggn_chunk, ggn.footprint) == ("ggn", 1, 2 * (36 + 3 * (32 * 4 + 36)))
