@@ -13,6 +13,7 @@ marked slow and skip when ``../shared`` is absent.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import replace
 
@@ -160,6 +161,8 @@ def test_float_convs_are_reported_with_a_warning(tmp_path):
     assert {c.op_type for c in report.convs} <= {"Conv", "FusedConv"}
     assert report.convs[0].in_channels == 3 and report.convs[0].out_channels == 16
     assert report.output_step is None  # a float output has no quantization step
+    with pytest.raises(dataclasses.FrozenInstanceError):  # what was verified cannot be edited after
+        report.path = tmp_path / "elsewhere.onnx"
 
 
 def test_export_error_names_the_model(tmp_path):
