@@ -173,6 +173,20 @@ def test_a_given_input_the_model_does_not_read_stays_an_input():
     with torch.no_grad():
         torch.testing.assert_close(gm(x, extra), model(x))
 
+
+def test_an_export_from_a_one_sample_example_keeps_the_batch_dynamic():
+    """torch.export would fix a batch of 1 into the graph: the capture exports a batch of two
+    instead, so the graph (and the program exported from it again) take any batch."""
+    from ehap_fx.passes.program import exported_program
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    gm = trace(model, torch.randn(1, 3, 8, 8), capture="export")
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+        torch.testing.assert_close(exported_program(gm).module()(x), model(x))
+
 class _Decode(torch.nn.Module):
     """YOLO pose's keypoint decoding: ``y[:, 2::3] = y[:, 2::3].sigmoid()`` after a conv."""
 
