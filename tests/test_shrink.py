@@ -256,3 +256,25 @@ def test_folding_a_dropped_branch_leaves_the_modules_in_their_mode():
     assert [n.target for n in small.graph.nodes if n.op == "call_module"] == ["stem", "act", "fc"]
     small = shrink(gm.train(), PrunePlan({inner: ()})).graph_module
     assert all(m.training for m in small.modules())
+
+
+class _PickOne(nn.Module):
+    """conv0 (3 → 8) ─▶ relu ─▶ conv1 (8 → 4, padding 1) ─▶ + x[:, 0, None], the input's first
+    channel (an integer index, not a slice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv1(torch.relu(self.conv0(x))) + x[:, 0, None]
+
+
+def test_an_integer_index_of_the_channels_is_left_as_it_is():
+    """Only a slice of the channels is rewritten by shrink; ``x[:, 0]`` picks a pinned input
+    channel and stays: conv0 loses two channels and the model equals the masked one."""
+    torch.manual_seed(0)
+    gm, x = prepare(_PickOne(), (2, 3, 6, 6))
+    (group,) = groups_of(gm).prunable
+    small = assert_shrunk_equals_masked(gm, x, PrunePlan.removing(groups_of(gm), {group.id: [1, 5]}))
+    assert small.conv0.out_channels == 6
