@@ -203,6 +203,27 @@ def test_onnx_top1_is_the_share_of_right_argmaxes_over_all_batches(tmp_path):
     y[3] = (y[3] + 1) % 5
     assert onnx_top1(path, [(x[:2], y[:2]), (x[2:], y[2:])], threads=1) == 75.0
 
+
+def test_conv_table_reads_weights_from_initializers_and_constant_nodes():
+    """A grouped conv whose weight (8, 2, 3, 3) is a ``Constant`` node, and a 1x1 conv whose
+    weight (5, 8, 1, 1) is an initializer: channels (in = 2 · 4 groups) and kernels of both."""
+    from ehap_fx.passes.export import ConvStatus, conv_table
+    from onnx import TensorProto, helper, numpy_helper
+
+    w0 = numpy_helper.from_array(np.ones((8, 2, 3, 3), dtype=np.float32), "w0")
+    w1 = numpy_helper.from_array(np.ones((5, 8, 1, 1), dtype=np.float32), "w1")
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["w0"], value=w0),
+         helper.make_node("Conv", ["x", "w0"], ["h"], name="grouped", group=4),
+         helper.make_node("Conv", ["h", "w1"], ["y"], name="pointwise")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 4, 4])],
+        [w1],
+    )
+    assert conv_table(helper.make_model(graph)) == (ConvStatus("grouped", "Conv", 8, 8, (3, 3)),
+                                                    ConvStatus("pointwise", "Conv", 8, 5, (1, 1)))
+
 @pytest.mark.parametrize(
     ("field", "value"), [("opset", 11), ("batch_size", 1), ("threads", 0), ("min_quantized_convs", 2.0)]
 )
