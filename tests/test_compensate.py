@@ -48,7 +48,11 @@ def lstsq_fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
         a, b, g = x.reshape(-1, 1, x.shape[-1]), y.reshape(-1, 1, y.shape[-1]), 1
     else:
         g = module.groups
-        cols = F.unfold(x, module.kernel_size, module.dilation, _int_padding(module), module.stride)
+        kernel, dilation, padding, stride = module.kernel_size, module.dilation, _int_padding(module), module.stride
+        if x.dim() == 3:  # conv1d: (N, C, L) as (N, C, 1, L)
+            x, kernel, dilation = x.unsqueeze(2), (1, *kernel), (1, *dilation)
+            padding, stride = (0, *padding), (1, *stride)
+        cols = F.unfold(x, kernel, dilation, padding, stride)
         a = cols.transpose(1, 2).reshape(-1, g, cols.shape[1] // g)  # (N·L, g, K)
         b = y.flatten(2).transpose(1, 2).reshape(-1, g, y.shape[1] // g)  # (N·L, g, O/g)
     if module.bias is not None:
@@ -57,15 +61,28 @@ def lstsq_fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
     return torch.linalg.lstsq(a, b).solution, a
 
 
-def _int_padding(module: nn.Conv2d) -> tuple[int, int]:
+def _int_padding(module: nn.Conv2d) -> tuple[int, ...]:
     """A conv's ``padding`` as ints: ``"valid"`` is 0, ``"same"`` ``d·(k − 1) / 2`` (even here)."""
     if module.padding == "valid":
-        return (0, 0)
+        return (0,) * len(module.kernel_size)
     if module.padding == "same":
         total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
         assert all(t % 2 == 0 for t in total)  # F.unfold pads both sides alike
-        return (total[0] // 2, total[1] // 2)
+        return tuple(t // 2 for t in total)
     return module.padding
+
+
+class Conv1dNet(nn.Module):
+    """conv a (3 → 8, k 3, padding 1) ─▶ relu ─▶ conv b (8 → 6, k 3, dilation 2, padding 2)
+    ─▶ relu ─▶ conv c (6 → 6, k 3, stride 2) ─▶ mean ─▶ fc (6 → 4): sequences, (N, C, L)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv1d(3, 8, 3, padding=1), nn.Conv1d(8, 6, 3, padding=2, dilation=2)
+        self.c, self.fc = nn.Conv1d(6, 6, 3, stride=2), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(self.c(F.relu(self.b(F.relu(self.a(x))))).mean(2))
 
 
 class SameValid(nn.Module):
@@ -113,8 +130,8 @@ def block_target(gm: fx.GraphModule, node: fx.Node, y, got, want):
 
 @pytest.mark.parametrize("match", ["layer", "block"])
 @pytest.mark.parametrize("make,shape", [(TinyOptionA, (48, 3, 12, 12)), (SEDepthwise, (384, 3, 8, 8)),
-                                        (SameValid, (48, 3, 8, 8))],
-                         ids=["option-a-resnet", "depthwise-grouped-linear", "same-valid-padding"])
+                                        (SameValid, (48, 3, 8, 8)), (Conv1dNet, (48, 3, 16))],
+                         ids=["option-a-resnet", "depthwise-grouped-linear", "same-valid-padding", "conv1d"])
 def test_each_layer_is_the_lstsq_optimum_on_the_repaired_inputs(make, shape, match, one_thread):
     dense, small = pruned_pair(make, shape, 0.5)
     x = torch.randn(shape, dtype=torch.float64)
