@@ -308,10 +308,10 @@ class _TwoBranches(nn.Module):
     """x ─▶ conv0 (3 → 8) ─▶ relu ─▶ conv_s (8 → 4) ─┐
        x ─▶ conv_b (3 → 4) ─▶ bn ──────────────────── + ─▶ out"""
 
-    def __init__(self):
+    def __init__(self, affine: bool = True):
         super().__init__()
         self.conv0, self.conv_s = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
-        self.conv_b, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv_b, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, affine=affine)
 
     def forward(self, x):
         return self.conv_s(torch.relu(self.conv0(x))) + self.bn(self.conv_b(x))
@@ -366,3 +366,25 @@ def test_the_pass_in_a_pass_manager_is_compensate(one_thread):
     for name, p in want.named_parameters():
         assert torch.equal(p, got.get_parameter(name)), name
     assert [f.node for f in got.meta[_meta.COMPENSATION].layers] == ["a", "b", "c", "fc"]
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_block_matching_fits_the_other_branch_to_the_streams_error_in_its_units(affine, one_thread):
+    """conv_b's target is its dense output plus the sum's remaining error ``s_dense − s`` (conv_s
+    refitted first) divided by the BN scale ``a = γ / √(var + ε)`` (``γ = 1`` without an affine
+    BN): the fit equals ``lstsq`` on that target."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 6, 6, dtype=torch.float64)
+    dense = group_channels(trace(randomize_bn(_TwoBranches(affine)).eval().double(), x[:2])).graph_module
+    (g,) = [g for g in groups_of(dense).prunable if g.size == 8]
+    small = shrink(dense, PrunePlan({g.id: (0, 2, 4, 6)})).graph_module
+    fixed = compensate(small, dense, x, replace(EXACT, match="block")).graph_module
+    got, want = values_by_name(fixed, x), values_by_name(dense, x)
+    bn = fixed.bn
+    with torch.no_grad():
+        a = (bn.weight if affine else 1) / (bn.running_var + bn.eps).sqrt()
+    y = want["conv_b"] + (want["conv_s"] - got["conv_s"]) / a.reshape(1, -1, 1, 1)
+    solution, design = lstsq_fit(fixed.conv_b, x, y)
+    cond = float(torch.linalg.cond(design).max())
+    tol = 64 * torch.finfo(torch.float64).eps * cond * float(y.abs().max())
+    torch.testing.assert_close(design @ as_solution(fixed.conv_b).detach(), design @ solution, rtol=0, atol=tol)
