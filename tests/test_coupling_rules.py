@@ -499,3 +499,55 @@ def test_a_cat_without_a_dim_stacks_the_batches_and_unites_the_channels():
     plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+
+
+
+class _TokensCat(nn.Module):
+    """tokens (N, 5, 6) ─▶ fc0 (6 → 4) and fc1 (6 → 4) ─▶ cat on the last dim (the channels)
+    ─▶ fc2 (8 → 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1, self.fc2 = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.cat([self.fc0(x), self.fc1(x)], -1))
+
+
+def test_a_cat_of_channels_last_values_keeps_them_last():
+    """Both parts carry their channels on dim 2: so does the cat, and fc0's and fc1's 4 reach fc2
+    (its inputs 0-3 and 4-7)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6)
+    gm = group_channels(trace(_TokensCat().eval(), x)).graph_module
+    for fc, at in (("fc0", [0, 1, 2, 3]), ("fc1", [4, 5, 6, 7])):
+        group = _group_of(gm, fc)
+        assert group.pinned is None
+        assert {(m.module, m.role): m.index.flatten().tolist() for m in group.members} == {
+            (fc, "out"): [0, 1, 2, 3], ("fc2", "in"): at}
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
+
+
+class _Crop(nn.Module):
+    """conv0 (3 → 8) ─▶ F.pad with widths (-2, 1) on the channels: drops channels 0 and 1, adds a
+    zero channel ─▶ conv1 (7 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3), nn.Conv2d(7, 4, 1)
+
+    def forward(self, x):
+        return self.conv1(F.pad(self.conv0(x), (0, 0, 0, 0, -2, 1)))
+
+
+def test_a_negative_channel_pad_pins():
+    """A negative pad width crops channels, which no rule follows: conv0's channels pin, and the
+    model prunes to itself."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_Crop().eval(), X)).graph_module
+    assert _group_of(gm, "conv0").pinned.endswith("negative channel pad (-2, 1)")
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
