@@ -129,13 +129,15 @@ def block_target(gm: fx.GraphModule, node: fx.Node, y, got, want):
 
 
 @pytest.mark.parametrize("match", ["layer", "block"])
-@pytest.mark.parametrize("make,shape", [(TinyOptionA, (48, 3, 12, 12)), (SEDepthwise, (384, 3, 8, 8)),
-                                        (SameValid, (48, 3, 8, 8)), (Conv1dNet, (48, 3, 16))],
-                         ids=["option-a-resnet", "depthwise-grouped-linear", "same-valid-padding", "conv1d"])
-def test_each_layer_is_the_lstsq_optimum_on_the_repaired_inputs(make, shape, match, one_thread):
+@pytest.mark.parametrize("make,shape,add_bias", [
+    (TinyOptionA, (48, 3, 12, 12), False), (SEDepthwise, (384, 3, 8, 8), False), (SameValid, (48, 3, 8, 8), False),
+    (Conv1dNet, (48, 3, 16), False), (TinyOptionA, (48, 3, 12, 12), True)],
+    ids=["option-a-resnet", "depthwise-grouped-linear", "same-valid-padding", "conv1d", "option-a-add-bias"])
+def test_each_layer_is_the_lstsq_optimum_on_the_repaired_inputs(make, shape, add_bias, match, one_thread):
+    """``add_bias``: TinyOptionA's convs have none; each refitted conv gets one, fitted with it."""
     dense, small = pruned_pair(make, shape, 0.5)
     x = torch.randn(shape, dtype=torch.float64)
-    options = replace(EXACT, match=match)
+    options = replace(EXACT, match=match, add_bias=add_bias)
     fixed = compensate(small, dense, [x[: len(x) // 2], x[len(x) // 2 :]], options).graph_module
     fits = fixed.meta[_meta.COMPENSATION].layers
     assert sum(f.repaired for f in fits) >= 3
@@ -150,6 +152,8 @@ def test_each_layer_is_the_lstsq_optimum_on_the_repaired_inputs(make, shape, mat
         if match == "block" and node.target.endswith("conv2"):  # TinyOptionA's bn2(conv2) + stream
             y = block_target(fixed, node, y, got, want)
         solution, a = lstsq_fit(module, got[node.args[0].name], y)
+        if add_bias and fit.repaired and module.weight.dim() > 2:  # the convs (fc has its bias)
+            assert isinstance(module.bias, nn.Parameter) and small.get_submodule(node.target).bias is None
         if not fit.repaired:  # its output already equals the dense one
             torch.testing.assert_close(got[node.name], y, rtol=0, atol=1e-12)
             continue

@@ -108,6 +108,14 @@ def test_norms_transposed_conv_and_row_linear_equal_hand_counted_macs():
         "fc": NodeCost(2 * 256 * 3 + 3, 256 * 3 + 3),  # 2 rows; the bias counted once, as ptflops does
     }
     assert total_cost(gm).params == sum(p.numel() for p in gm.parameters())
+    assert all(type(c.macs) is int and type(c.params) is int for c in by_node.values())  # counts, not floats
+
+
+def test_an_export_capture_costs_what_the_hand_count_says():
+    """CountedNet through torch.export (``aten.batch_norm``, ``aten.max_pool2d``, ...): the same
+    18,265 MACs and 373 parameters as the module graph, counted by hand in ``counted_net_cost``."""
+    gm = trace(CountedNet().eval(), torch.randn(2, 3, 8, 8), capture="export")
+    assert total_cost(gm) == Cost(*counted_net_cost(8, 4)) == Cost(18_265, 373)
 
 
 class LayerScaleNet(nn.Module):

@@ -278,3 +278,25 @@ def test_an_integer_index_of_the_channels_is_left_as_it_is():
     (group,) = groups_of(gm).prunable
     small = assert_shrunk_equals_masked(gm, x, PrunePlan.removing(groups_of(gm), {group.id: [1, 5]}))
     assert small.conv0.out_channels == 6
+
+
+class _MeanOverChannels(nn.Module):
+    """conv0 (3 → 8) ─▶ h + mean of h over its channels (GRN's normaliser, keepdim) ─▶ conv1 (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.conv0(x)
+        return self.conv1(h + h.mean(1, keepdim=True))
+
+
+def test_a_mean_over_pruned_channels_still_divides_by_all_of_them():
+    """The masked model averages the kept channels with the zeroed ones (sum / 8): the shrunk one
+    sums the 6 it keeps and divides by 8 too, and equals it."""
+    torch.manual_seed(0)
+    gm, x = prepare(_MeanOverChannels(), (2, 3, 6, 6))
+    (group,) = groups_of(gm).prunable
+    small = assert_shrunk_equals_masked(gm, x, PrunePlan.removing(groups_of(gm), {group.id: [1, 5]}))
+    assert small.conv0.out_channels == 6
