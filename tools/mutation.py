@@ -66,7 +66,7 @@ TARGETS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("ehap_fx/scoring/ggn_mc.py",): ("tests/test_ggn_mc.py",),
     ("ehap_fx/scoring/hessian.py",): ("tests/test_hessian.py", "tests/test_ggn_mc.py"),
     ("ehap_fx/scoring/options.py",): ("tests/test_hessian.py", "tests/test_removal.py"),
-    ("ehap_fx/scoring/plan.py",): ("tests/test_hessian.py", "tests/test_removal.py"),
+    ("ehap_fx/scoring/plan.py",): ("tests/test_hessian.py", "tests/test_removal.py", "tests/test_ggn_mc.py"),
     ("ehap_fx/scoring/ranking.py",): ("tests/test_removal.py", "tests/test_target.py"),
     ("ehap_fx/scoring/removal.py",): ("tests/test_removal.py",),
     ("ehap_fx/scoring/sampling.py",): ("tests/test_hessian.py",),
