@@ -326,8 +326,8 @@ def shrink_pad(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
     widths = list(node.args[1] if len(node.args) > 1 else node.kwargs["pad"])
     if len(widths) // 2 != len(node.meta["tensor_meta"].shape) - 1:
         return  # the channel dim is not padded
-    if not all(isinstance(w, int) for w in widths[-2:]):
-        return  # widths computed at run time: the coupling rule pinned the channels
+    if not all(isinstance(w, int) and w >= 0 for w in widths[-2:]):
+        return  # widths computed at run time, or a crop: the coupling rule pinned the channels
     k = keep(node)
     front, back = widths[-2], widths[-1]
     widths[-2], widths[-1] = int(k[:front].sum()), int(k[len(k) - back :].sum())

@@ -175,6 +175,21 @@ def test_export_is_taken_when_it_sees_into_what_fx_keeps_opaque():
     assert kept.meta["ehap.captured"].capture == "fx" and "exclude" in kept.meta["ehap.captured"].why
 
 
+
+def test_auto_keeps_the_fx_graph_and_says_why_when_export_fails(monkeypatch):
+    """FX pinned channels inside (the opaque swish) and torch.export failed: the FX graph, and
+    the report names both, with the first line of export's error."""
+    import ehap_fx.passes.capture as capture_pass
+
+    def refuse(model, example_inputs):
+        raise TraceError("export said no\n  (its traceback)")
+
+    monkeypatch.setattr(capture_pass, "export_capture", refuse)
+    gm = capture_groups(Wrapped().eval(), torch.randn(2, 3, 8, 8))
+    captured = gm.meta["ehap.captured"]
+    assert captured.capture == "fx" and captured.asked == "auto"
+    assert captured.why == "torch.fx traced it with 32 channels pinned inside; torch.export failed (export said no)"
+
 def test_a_whole_fx_graph_stays_fx():
     model = nn.Sequential(cbs(3, 8), cbs(8, 4)).eval()
     gm = capture_groups(model, torch.randn(1, 3, 8, 8))

@@ -48,13 +48,54 @@ def lstsq_fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
         a, b, g = x.reshape(-1, 1, x.shape[-1]), y.reshape(-1, 1, y.shape[-1]), 1
     else:
         g = module.groups
-        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        kernel, dilation, padding, stride = module.kernel_size, module.dilation, _int_padding(module), module.stride
+        if x.dim() == 3:  # conv1d: (N, C, L) as (N, C, 1, L)
+            x, kernel, dilation = x.unsqueeze(2), (1, *kernel), (1, *dilation)
+            padding, stride = (0, *padding), (1, *stride)
+        cols = F.unfold(x, kernel, dilation, padding, stride)
         a = cols.transpose(1, 2).reshape(-1, g, cols.shape[1] // g)  # (N·L, g, K)
         b = y.flatten(2).transpose(1, 2).reshape(-1, g, y.shape[1] // g)  # (N·L, g, O/g)
     if module.bias is not None:
         a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype)], 2)
     a, b = a.transpose(0, 1), b.transpose(0, 1)  # (g, rows, K), (g, rows, O/g)
     return torch.linalg.lstsq(a, b).solution, a
+
+
+def _int_padding(module: nn.Conv2d) -> tuple[int, ...]:
+    """A conv's ``padding`` as ints: ``"valid"`` is 0, ``"same"`` ``d·(k − 1) / 2`` (even here)."""
+    if module.padding == "valid":
+        return (0,) * len(module.kernel_size)
+    if module.padding == "same":
+        total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+        assert all(t % 2 == 0 for t in total)  # F.unfold pads both sides alike
+        return tuple(t // 2 for t in total)
+    return module.padding
+
+
+class Conv1dNet(nn.Module):
+    """conv a (3 → 8, k 3, padding 1) ─▶ relu ─▶ conv b (8 → 6, k 3, dilation 2, padding 2)
+    ─▶ relu ─▶ conv c (6 → 6, k 3, stride 2) ─▶ mean ─▶ fc (6 → 4): sequences, (N, C, L)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv1d(3, 8, 3, padding=1), nn.Conv1d(8, 6, 3, padding=2, dilation=2)
+        self.c, self.fc = nn.Conv1d(6, 6, 3, stride=2), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(self.c(F.relu(self.b(F.relu(self.a(x))))).mean(2))
+
+
+class SameValid(nn.Module):
+    """conv a (3 → 8, 3x3, "same") ─▶ relu ─▶ conv b (8 → 8, 3x3, "valid") ─▶ relu ─▶ conv c
+    (8 → 6, 3x3 dilated 2, "same") ─▶ mean ─▶ fc (6 → 4): string paddings."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding="same"), nn.Conv2d(8, 8, 3, padding="valid")
+        self.c, self.fc = nn.Conv2d(8, 6, 3, padding="same", dilation=2), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(self.c(F.relu(self.b(F.relu(self.a(x))))).mean((2, 3)))
 
 
 def as_solution(module: nn.Module) -> torch.Tensor:
@@ -88,12 +129,15 @@ def block_target(gm: fx.GraphModule, node: fx.Node, y, got, want):
 
 
 @pytest.mark.parametrize("match", ["layer", "block"])
-@pytest.mark.parametrize("make,shape", [(TinyOptionA, (48, 3, 12, 12)), (SEDepthwise, (384, 3, 8, 8))],
-                         ids=["option-a-resnet", "depthwise-grouped-linear"])
-def test_each_layer_is_the_lstsq_optimum_on_the_repaired_inputs(make, shape, match, one_thread):
+@pytest.mark.parametrize("make,shape,add_bias", [
+    (TinyOptionA, (48, 3, 12, 12), False), (SEDepthwise, (384, 3, 8, 8), False), (SameValid, (48, 3, 8, 8), False),
+    (Conv1dNet, (48, 3, 16), False), (TinyOptionA, (48, 3, 12, 12), True)],
+    ids=["option-a-resnet", "depthwise-grouped-linear", "same-valid-padding", "conv1d", "option-a-add-bias"])
+def test_each_layer_is_the_lstsq_optimum_on_the_repaired_inputs(make, shape, add_bias, match, one_thread):
+    """``add_bias``: TinyOptionA's convs have none; each refitted conv gets one, fitted with it."""
     dense, small = pruned_pair(make, shape, 0.5)
     x = torch.randn(shape, dtype=torch.float64)
-    options = replace(EXACT, match=match)
+    options = replace(EXACT, match=match, add_bias=add_bias)
     fixed = compensate(small, dense, [x[: len(x) // 2], x[len(x) // 2 :]], options).graph_module
     fits = fixed.meta[_meta.COMPENSATION].layers
     assert sum(f.repaired for f in fits) >= 3
@@ -108,6 +152,8 @@ def test_each_layer_is_the_lstsq_optimum_on_the_repaired_inputs(make, shape, mat
         if match == "block" and node.target.endswith("conv2"):  # TinyOptionA's bn2(conv2) + stream
             y = block_target(fixed, node, y, got, want)
         solution, a = lstsq_fit(module, got[node.args[0].name], y)
+        if add_bias and fit.repaired and module.weight.dim() > 2:  # the convs (fc has its bias)
+            assert isinstance(module.bias, nn.Parameter) and small.get_submodule(node.target).bias is None
         if not fit.repaired:  # its output already equals the dense one
             torch.testing.assert_close(got[node.name], y, rtol=0, atol=1e-12)
             continue
@@ -266,10 +312,10 @@ class _TwoBranches(nn.Module):
     """x ─▶ conv0 (3 → 8) ─▶ relu ─▶ conv_s (8 → 4) ─┐
        x ─▶ conv_b (3 → 4) ─▶ bn ──────────────────── + ─▶ out"""
 
-    def __init__(self):
+    def __init__(self, affine: bool = True):
         super().__init__()
         self.conv0, self.conv_s = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
-        self.conv_b, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv_b, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, affine=affine)
 
     def forward(self, x):
         return self.conv_s(torch.relu(self.conv0(x))) + self.bn(self.conv_b(x))
@@ -291,3 +337,58 @@ def test_block_matching_refits_a_layer_whose_own_output_is_unchanged(one_thread)
     assert fits["layer"]["conv_s"].repaired and not fits["layer"]["conv_b"].repaired
     b = fits["block"]["conv_b"]
     assert b.repaired and b.error_after < b.error_before
+
+
+def test_a_batch_of_max_rows_rows_is_used_whole_and_the_accumulators_are_reported(one_thread):
+    """``max_rows`` at the rows per batch of convs b and c (16·6·6): their rows are taken whole,
+    so the repair is bit for bit the one without a cap (a's 16·8·8 rows are sampled, but a reads
+    the unpruned input: nothing to fit). The report's accumulator bytes are the largest layer's
+    ``H`` and ``R`` in float64: ``8·g·(K + 1)·(K + 1 + O/g)``."""
+    dense, small = pruned_pair(SameValid, (16, 3, 8, 8), 0.5)
+    x = torch.randn(32, 3, 8, 8, dtype=torch.float64)
+    batches = [x[:16], x[16:]]
+    uncapped = compensate(small, dense, batches, EXACT).graph_module
+    capped = compensate(small, dense, batches, replace(EXACT, max_rows=16 * 6 * 6)).graph_module
+    for name, p in uncapped.named_parameters():
+        assert torch.equal(p, capped.get_parameter(name)), name
+    report = uncapped.meta[_meta.COMPENSATION]
+    fits = [f for f in report.layers if f.rows]
+    assert {f.node for f in fits} == {"a", "b", "c", "fc"} and all(f.groups == 1 for f in fits)
+    outs = {f.node: uncapped.get_submodule(f.node).weight.shape[0] for f in fits}
+    assert report.accumulator_bytes == max(8 * (f.columns + 1) * (f.columns + 1 + outs[f.node]) for f in fits)
+
+
+def test_the_pass_in_a_pass_manager_is_compensate(one_thread):
+    """``Compensate(dense, data, options)`` in a ``PassManager`` repairs as ``compensate`` does."""
+    from ehap_fx.passes.compensate import Compensate
+    from torch.fx.passes.infra.pass_manager import PassManager
+
+    dense, small = pruned_pair(SameValid, (16, 3, 8, 8), 0.5)
+    x = torch.randn(32, 3, 8, 8, dtype=torch.float64)
+    want = compensate(copy.deepcopy(small), dense, x, EXACT).graph_module
+    got = PassManager([Compensate(dense, x, EXACT)])(copy.deepcopy(small)).graph_module
+    for name, p in want.named_parameters():
+        assert torch.equal(p, got.get_parameter(name)), name
+    assert [f.node for f in got.meta[_meta.COMPENSATION].layers] == ["a", "b", "c", "fc"]
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_block_matching_fits_the_other_branch_to_the_streams_error_in_its_units(affine, one_thread):
+    """conv_b's target is its dense output plus the sum's remaining error ``s_dense − s`` (conv_s
+    refitted first) divided by the BN scale ``a = γ / √(var + ε)`` (``γ = 1`` without an affine
+    BN): the fit equals ``lstsq`` on that target."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 6, 6, dtype=torch.float64)
+    dense = group_channels(trace(randomize_bn(_TwoBranches(affine)).eval().double(), x[:2])).graph_module
+    (g,) = [g for g in groups_of(dense).prunable if g.size == 8]
+    small = shrink(dense, PrunePlan({g.id: (0, 2, 4, 6)})).graph_module
+    fixed = compensate(small, dense, x, replace(EXACT, match="block")).graph_module
+    got, want = values_by_name(fixed, x), values_by_name(dense, x)
+    bn = fixed.bn
+    with torch.no_grad():
+        a = (bn.weight if affine else 1) / (bn.running_var + bn.eps).sqrt()
+    y = want["conv_b"] + (want["conv_s"] - got["conv_s"]) / a.reshape(1, -1, 1, 1)
+    solution, design = lstsq_fit(fixed.conv_b, x, y)
+    cond = float(torch.linalg.cond(design).max())
+    tol = 64 * torch.finfo(torch.float64).eps * cond * float(y.abs().max())
+    torch.testing.assert_close(design @ as_solution(fixed.conv_b).detach(), design @ solution, rtol=0, atol=tol)

@@ -15,6 +15,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 from ehap_fx.passes.capture import capture_groups
 from ehap_fx.passes.coupling import (
     ATEN_RULES,
@@ -27,7 +28,7 @@ from ehap_fx.passes.coupling import (
 )
 from ehap_fx.passes.group import group_channels, groups_of
 from ehap_fx.passes.mask import mask_channels, random_plan
-from ehap_fx.passes.shrink import shrink
+from ehap_fx.passes.shrink import PrunePlan, shrink
 from ehap_fx.passes.trace import trace
 from torch import fx, nn
 
@@ -362,3 +363,191 @@ def test_a_cat_along_another_dim_keeps_the_channels_of_its_parts():
     group = _group_of(gm, "conv0")
     assert group.pinned is None
     assert sorted((m.module, m.role) for m in group.members) == [("conv0", "out"), ("conv1", "in"), ("conv2", "in")]
+
+
+class _TokensBesideAVector(nn.Module):
+    """tokens (N, T, 6) ─▶ tok (6 → 8) ─▶ logsumexp over T (no rule: pinned) ─┐
+    tokens[:, 0] ─▶ side (6 → 4) ──────────────────────────────────────────────┴▶ cat ─▶ head (12 → 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.side, self.head = nn.Linear(6, 8), nn.Linear(6, 4), nn.Linear(12, 3)
+
+    def forward(self, x):
+        pooled = torch.logsumexp(self.tok(x), 1)  # (N, 8): its input's channels were dim 2
+        return self.head(torch.cat([pooled, self.side(x[:, 0])], 1))
+
+
+def test_an_op_without_a_rule_gives_its_two_dim_output_pinned_channels_at_dim_1():
+    """The pinned output of an op no rule describes still has channels, at dim 1 when the
+    output has no dim 2 (its input's channel dim): a cat beside it then keeps the other part's
+    channels, and side's 4 prune."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6)
+    gm = group_channels(trace(_TokensBesideAVector().eval(), x)).graph_module
+    group = _group_of(gm, "side")
+    assert group.pinned is None and group.size == 4
+    assert [(m.module, m.role) for m in group.members] == [("side", "out"), ("head", "in")]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
+
+
+class _SpatialBias(nn.Module):
+    """conv0 (3 → 8) ─▶ + a (1, 1, 6, 6) parameter (a position bias, the same for every
+    channel) ─▶ conv1 (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+        self.pos = nn.Parameter(torch.randn(1, 1, 6, 6))
+
+    def forward(self, x):
+        return self.conv1(self.conv0(x) + self.pos)
+
+
+def test_an_operand_broadcast_along_the_channels_couples_nothing():
+    """Adding a value that is the same for every channel (size 1 at the channel dim) leaves
+    conv0's channels free to prune."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_SpatialBias().eval(), X)).graph_module
+    group = _group_of(gm, "conv0")
+    assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("conv0", "out"), ("conv1", "in")]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+
+
+class _UnsqueezeSqueeze(nn.Module):
+    """conv0 (3 → 8) ─▶ unsqueeze(-1) ─▶ squeeze(-1) ─▶ unsqueeze(2) ─▶ squeeze(2) ─▶ conv1 (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.conv0(x).unsqueeze(-1).squeeze(-1)
+        return self.conv1(torch.squeeze(torch.unsqueeze(h, 2), 2))
+
+
+def test_unsqueeze_and_squeeze_after_the_channels_keep_them():
+    torch.manual_seed(0)
+    gm = group_channels(trace(_UnsqueezeSqueeze().eval(), X)).graph_module
+    group = _group_of(gm, "conv0")
+    assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("conv0", "out"), ("conv1", "in")]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+
+
+class _PixelShuffle(nn.Module):
+    """conv0 (3 → 8) ─▶ pixel_shuffle(2) (8 → 2 channels) ─▶ conv1 (2 → 4), or
+    conv0 ─▶ pixel_unshuffle(2) (8 → 32 channels) ─▶ conv1 (32 → 4)."""
+
+    def __init__(self, unshuffle: bool):
+        super().__init__()
+        self.unshuffle = unshuffle
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3), nn.Conv2d(32 if unshuffle else 2, 4, 1)
+
+    def forward(self, x):
+        h = self.conv0(x)  # (N, 8, 6, 6)
+        return self.conv1(F.pixel_unshuffle(h, 2) if self.unshuffle else F.pixel_shuffle(h, 2))
+
+
+@pytest.mark.parametrize("unshuffle", [False, True], ids=["shuffle", "unshuffle"])
+def test_pixel_shuffles_prune_whole_blocks_of_channels(unshuffle):
+    """pixel_shuffle(2): output channel c is conv0's channels 4c … 4c+3, one unit (a group of 2
+    units, 4 rows each); pixel_unshuffle(2): conv0's channel c is conv1's inputs 4c … 4c+3."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_PixelShuffle(unshuffle).eval(), X)).graph_module
+    group = _group_of(gm, "conv0")
+    assert group.pinned is None
+    members = {(m.module, m.role): m.index.tolist() for m in group.members}
+    if unshuffle:
+        assert group.size == 8
+        assert members == {("conv0", "out"): [[c] for c in range(8)],
+                           ("conv1", "in"): [[4 * c + j for j in range(4)] for c in range(8)]}
+    else:
+        assert group.size == 2
+        assert members == {("conv0", "out"): [[4 * c + j for j in range(4)] for c in range(2)],
+                           ("conv1", "in"): [[0], [1]]}
+    plan = PrunePlan.removing(groups_of(gm), {group.id: [0]})
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+
+
+class _CatBatches(nn.Module):
+    """conv0 (3 → 8) and conv1 (3 → 8) on x ─▶ ``torch.cat`` with no dim (along the batch) ─▶
+    conv2 (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1, self.conv2 = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(torch.cat([self.conv0(x), self.conv1(x)]))  # (2N, 8, 6, 6)
+
+
+def test_a_cat_without_a_dim_stacks_the_batches_and_unites_the_channels():
+    """``torch.cat``'s dim defaults to 0: channel c of conv0 and of conv1 are both conv2's input c,
+    one group of 8."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_CatBatches().eval(), X)).graph_module
+    group = _group_of(gm, "conv0")
+    assert group.pinned is None and group.size == 8
+    assert sorted((m.module, m.role) for m in group.members) == [("conv0", "out"), ("conv1", "out"), ("conv2", "in")]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+
+
+
+class _TokensCat(nn.Module):
+    """tokens (N, 5, 6) ─▶ fc0 (6 → 4) and fc1 (6 → 4) ─▶ cat on the last dim (the channels)
+    ─▶ fc2 (8 → 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1, self.fc2 = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.cat([self.fc0(x), self.fc1(x)], -1))
+
+
+def test_a_cat_of_channels_last_values_keeps_them_last():
+    """Both parts carry their channels on dim 2: so does the cat, and fc0's and fc1's 4 reach fc2
+    (its inputs 0-3 and 4-7)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6)
+    gm = group_channels(trace(_TokensCat().eval(), x)).graph_module
+    for fc, at in (("fc0", [0, 1, 2, 3]), ("fc1", [4, 5, 6, 7])):
+        group = _group_of(gm, fc)
+        assert group.pinned is None
+        assert {(m.module, m.role): m.index.flatten().tolist() for m in group.members} == {
+            (fc, "out"): [0, 1, 2, 3], ("fc2", "in"): at}
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
+
+
+class _Crop(nn.Module):
+    """conv0 (3 → 8) ─▶ F.pad with widths (-2, 1) on the channels: drops channels 0 and 1, adds a
+    zero channel ─▶ conv1 (7 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3), nn.Conv2d(7, 4, 1)
+
+    def forward(self, x):
+        return self.conv1(F.pad(self.conv0(x), (0, 0, 0, 0, -2, 1)))
+
+
+def test_a_negative_channel_pad_pins():
+    """A negative pad width crops channels, which no rule follows: conv0's channels pin, and the
+    model prunes to itself."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_Crop().eval(), X)).graph_module
+    assert _group_of(gm, "conv0").pinned.endswith("negative channel pad (-2, 1)")
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))

@@ -35,9 +35,9 @@ WORLD = 2
 HUTCH = HessianOptions(estimator="hutchinson", dtype="fp32", batch_size=32, n_batches=1,
                        probes=6, progress=False)
 CASES = {  # name: (options, shard)
-    "probes": (HUTCH, "probes"),
+    "probes": (dataclasses.replace(HUTCH, probes=5), "probes"),  # odd: rank 0 draws 3, rank 1 2
     "data_batches": (dataclasses.replace(HUTCH, batch_size=16, n_batches=2, probes=4), "data"),
-    "data_split": (dataclasses.replace(HUTCH, probes=4), "data"),
+    "data_split": (dataclasses.replace(HUTCH, probes=1), "data"),  # one probe: no standard error
     "ggn": (dataclasses.replace(HUTCH, estimator="ggn", probes=None), "auto"),
     "ggn_uneven": (dataclasses.replace(HUTCH, estimator="ggn", probes=None, batch_size=31), "auto"),
     "hybrid": (dataclasses.replace(HUTCH, estimator="hybrid", probes=2), "data"),
@@ -127,7 +127,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             model.conv1.register_forward_hook(_count)  # the copies the estimate runs share it
             SEEN.clear()
             r = estimate_hessian_distributed(model, _hessian_batch(), opts, shard=shard)
-            got[name] = {"rows": r.probe_traces, "traces": r.traces, "probes": r.probes,
+            got[name] = {"rows": r.probe_traces, "traces": r.traces, "stderr": r.stderr, "probes": r.probes,
                          "history": r.history, "seen": list(SEEN), "choice": r.choice}
         for name, opts in REMOVAL.items():
             gm, groups = _grouped_model()
@@ -195,10 +195,10 @@ def test_ranks_return_the_same_estimate_bit_for_bit(ranks):
 def test_probe_shards_equal_one_process_over_the_same_probes(ranks):
     opts, _ = CASES["probes"]
     x, y = _hessian_batch()
-    parts = [estimate_hessian(_model(), (x, y), dataclasses.replace(opts, probes=3, seed=s))
-             for s in (0, SEED_STRIDE)]  # rank 0: chunk 0, rank 1: chunk 1
+    parts = [estimate_hessian(_model(), (x, y), dataclasses.replace(opts, probes=n, seed=s))
+             for n, s in ((3, 0), (2, SEED_STRIDE))]  # rank 0: chunk 0, rank 1: chunk 1
     rows = torch.cat([p.probe_traces for p in parts])
-    assert ranks[0]["probes"]["probes"] == 6
+    assert ranks[0]["probes"]["probes"] == 5
     _close(ranks[0]["probes"]["rows"], rows)
     _close(_flat(ranks[0]["probes"]["traces"]), rows.mean(0))
 
@@ -211,6 +211,7 @@ def test_data_shards_equal_one_process_over_the_whole_batch(ranks, name):
     assert ranks[0][name]["probes"] == ref.probes
     _close(ranks[0][name]["rows"], ref.probe_traces)
     _close(_flat(ranks[0][name]["traces"]), _flat(ref.traces))
+    _close(_flat(ranks[0][name]["stderr"]), _flat(ref.stderr))  # zeros for one probe, not NaN
 
 
 def test_mc_ranks_draw_only_their_share_of_the_samples(ranks):

@@ -13,6 +13,7 @@ marked slow and skip when ``../shared`` is absent.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import replace
 
@@ -160,6 +161,8 @@ def test_float_convs_are_reported_with_a_warning(tmp_path):
     assert {c.op_type for c in report.convs} <= {"Conv", "FusedConv"}
     assert report.convs[0].in_channels == 3 and report.convs[0].out_channels == 16
     assert report.output_step is None  # a float output has no quantization step
+    with pytest.raises(dataclasses.FrozenInstanceError):  # what was verified cannot be edited after
+        report.path = tmp_path / "elsewhere.onnx"
 
 
 def test_export_error_names_the_model(tmp_path):
@@ -171,6 +174,55 @@ def test_export_error_names_the_model(tmp_path):
         export_onnx(Bad(), X, tmp_path / "bad.onnx", dynamo=False)
     assert not (tmp_path / "bad.onnx").exists()
 
+
+
+def test_export_onnx_makes_the_missing_folders_of_its_path(tmp_path):
+    """A path into folders that do not exist yet: they are made, and the file holds the model
+    (onnxruntime's logits equal PyTorch's; metadata kept), with no ``.tmp`` left beside it."""
+    import onnx
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 30 * 30, 5)).eval()
+    path = tmp_path / "runs" / "7" / "model.onnx"
+    assert export_onnx(model, X, path, dynamo=False, metadata={"run": "7"}) == path
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx"]
+    assert {p.key: p.value for p in onnx.load(str(path)).metadata_props}["run"] == "7"
+    (got,) = session(path, threads=1).run(None, {"input": X.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(X), rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_top1_is_the_share_of_right_argmaxes_over_all_batches(tmp_path):
+    """Two batches of two images, labels right for three of the four: 75 %."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 30 * 30, 5)).eval()
+    path = export_onnx(model, X, tmp_path / "m.onnx", dynamo=False)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[3] = (y[3] + 1) % 5
+    assert onnx_top1(path, [(x[:2], y[:2]), (x[2:], y[2:])], threads=1) == 75.0
+
+
+def test_conv_table_reads_weights_from_initializers_and_constant_nodes():
+    """A grouped conv whose weight (8, 2, 3, 3) is a ``Constant`` node, and a 1x1 conv whose
+    weight (5, 8, 1, 1) is an initializer: channels (in = 2 · 4 groups) and kernels of both."""
+    from ehap_fx.passes.export import ConvStatus, conv_table
+    from onnx import TensorProto, helper, numpy_helper
+
+    w0 = numpy_helper.from_array(np.ones((8, 2, 3, 3), dtype=np.float32), "w0")
+    w1 = numpy_helper.from_array(np.ones((5, 8, 1, 1), dtype=np.float32), "w1")
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["w0"], value=w0),
+         helper.make_node("Conv", ["x", "w0"], ["h"], name="grouped", group=4),
+         helper.make_node("Conv", ["h", "w1"], ["y"], name="pointwise")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 4, 4])],
+        [w1],
+    )
+    assert conv_table(helper.make_model(graph)) == (ConvStatus("grouped", "Conv", 8, 8, (3, 3)),
+                                                    ConvStatus("pointwise", "Conv", 8, 5, (1, 1)))
 
 @pytest.mark.parametrize(
     ("field", "value"), [("opset", 11), ("batch_size", 1), ("threads", 0), ("min_quantized_convs", 2.0)]

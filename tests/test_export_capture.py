@@ -325,6 +325,31 @@ def test_plan_the_groups_cannot_keep_is_refused():
         plan_for(gm, {"conv1": [0, 1], "l1.conv2": [2, 3]})
 
 
+
+class _Spare(nn.Module):
+    """conv (3 → 4) in forward; ``spare`` (3 → 4) never called: its parameters are read by no node."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.spare = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_the_program_leaves_out_unread_parameters_and_the_graph_it_was_given_alone():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm = trace(_Spare().eval(), x, capture="export")
+    attrs = [n.target for n in gm.graph.find_nodes(op="get_attr")]
+    assert attrs == ["conv.weight", "conv.bias", "spare.weight", "spare.bias"]
+    ep = exported_program(gm)
+    assert sorted(ep.state_dict) == ["conv.bias", "conv.weight"]
+    assert [n.target for n in gm.graph.find_nodes(op="get_attr")] == attrs  # the caller's graph, unchanged
+    assert sorted(k for k, _ in gm.named_parameters()) == ["conv.bias", "conv.weight", "spare.bias", "spare.weight"]
+    with torch.no_grad():
+        assert_same(ep.module()(x), gm(x))
+
 def test_fx_graph_has_no_program():
     gm = trace(nn.Conv2d(3, 4, 1), torch.randn(2, 3, 4, 4))
     with pytest.raises(TraceError, match="capture='export'"):

@@ -251,3 +251,76 @@ def test_compress_with_too_small_a_budget_stops_with_the_fix_before_estimating()
     with pytest.raises(MemoryBudgetError, match="raise memory_budget") as e:
         compress(model, x[:1], data=[(x, y)], hessian=HessianOptions(batch_size=8, progress=False, memory_budget=1000))
     assert "\n" not in str(e.value)
+
+
+def test_label_draws_are_seeded_seed_plus_round_times_the_stride():
+    """``mc_samples`` draws are one round seeded ``seed``; the stop rule's rounds are seeded
+    ``seed + round · SEED_STRIDE`` (what torchrun's ranks reproduce): the estimate's rows are
+    ``mc_channel_traces`` at those seeds on the drawn batch (no BatchNorm folded: the rows are
+    not rescaled)."""
+    from ehap_fx.scoring.ggn_mc import mc_channel_traces
+    from ehap_fx.scoring.options import SEED_STRIDE
+    from ehap_fx.scoring.sampling import draw_batches
+
+    net = tiny(nn.ReLU)
+    x, y = data()
+    ((drawn, _),) = draw_batches((x, y), 16, 1, seed=0)  # the options' data_seed
+    fixed = dataclasses.replace(MC, mc_samples=3, seed=5, fold_bn=False)
+    rows = estimate_hessian(net, (x, y), fixed, names=NAMES).probe_traces
+    torch.testing.assert_close(rows, mc_channel_traces(net, NAMES, [drawn], 3, 5), rtol=1e-6, atol=0)
+    rounds = dataclasses.replace(fixed, mc_samples=None, min_probes=2, check_every=2, max_probes=4, tol=None,
+                                 rank_threshold=None, stderr_tol=1e-6)  # never met: two rounds of 2
+    rows = estimate_hessian(net, (x, y), rounds, names=NAMES).probe_traces
+    want = torch.cat([mc_channel_traces(net, NAMES, [drawn], 2, 5 + r * SEED_STRIDE) for r in range(2)])
+    torch.testing.assert_close(rows, want, rtol=1e-6, atol=0)
+
+
+def test_without_psutil_the_available_memory_is_memavailable(monkeypatch):
+    """No psutil: ``MemAvailable`` of ``/proc/meminfo``, in kB, as bytes; a fraction of it is
+    the budget."""
+    import io
+    import sys
+
+    from ehap_fx.scoring import budget
+
+    monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil raises ImportError
+    meminfo = "MemTotal:        4096 kB\nMemFree:          512 kB\nMemAvailable:    1536 kB\n"
+    monkeypatch.setattr(budget, "open", lambda path: io.StringIO(meminfo), raising=False)
+    assert budget.available_memory(torch.device("cpu")) == 1536 * 1024
+    assert budget.resolve_budget(0.5, torch.device("cpu")) == (768 * 1024, "memory_budget=0.5 of 1.50 MiB available")
+
+
+def test_saved_bytes_count_what_autograd_keeps_with_and_without_autocast():
+    """Linear (5 → 4) → ReLU → linear (4 → 3) on one sample: fp32 keeps the input (5) and the
+    ReLU output (4), 36 bytes (the weights are the model's own); under bf16 autocast the input,
+    both cast weights (20 + 12) and the ReLU output, in 2 bytes each: 82."""
+    from functools import partial
+
+    from ehap_fx.scoring.budget import saved_bytes_per_sample
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    saved, out = saved_bytes_per_sample(net, torch.randn(1, 5))
+    assert saved == 4 * (5 + 4) and out.dtype == torch.float32
+    saved, out = saved_bytes_per_sample(net, torch.randn(1, 5), partial(torch.autocast, "cpu", dtype=torch.bfloat16))
+    assert saved == 2 * (5 + 20 + 4 + 12) and out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("batch", [4, 64])
+def test_the_plans_per_sample_bytes_do_not_grow_with_the_batch(batch):
+    """Linear (5 → 4) → ReLU → linear (4 → 3), fp32, one sample per chunk: autograd keeps A = 36
+    bytes per sample (``test_saved_bytes_count_what_autograd_keeps_with_and_without_autocast``;
+    it once counted the whole batch the sample was sliced from). MC: 3A + R·(4 + 4), R = 6 the
+    first linear's reduction buffer (its 5 inputs and a 1×1 Gram); exact GGN:
+    2·(A + 3·(32 weights · 4 + A)) with 3 classes."""
+    from ehap_fx.scoring.hessian import choose_estimator
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    x, y = torch.randn(batch, 5), torch.randint(0, 3, (batch,))
+    opts = HessianOptions(dtype="fp32", batch_size=batch, progress=False, mc_chunk=1, ggn_chunk=1)
+    mc = choose_estimator(net, (x, y), dataclasses.replace(opts, estimator="mc"), names=["0", "2"])
+    assert (mc.estimator, mc.mc_chunk, mc.footprint) == ("mc", 1, 3 * 36 + 6 * 8)
+    assert choose_estimator(net, (x, y), dataclasses.replace(opts, estimator="mc")) == mc  # names: every linear
+    ggn = choose_estimator(net, (x, y), dataclasses.replace(opts, estimator="ggn"), names=["0", "2"])
+    assert (ggn.estimator, ggn.ggn_chunk, ggn.footprint) == ("ggn", 1, 2 * (36 + 3 * (32 * 4 + 36)))

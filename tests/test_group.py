@@ -159,3 +159,25 @@ def test_a_module_called_twice_pins_its_inputs_and_outputs():
     (g,) = [g for g in groups_of(gm).groups if any(m.module == "conv0" and m.role == "out" for m in g.members)]
     assert g.pinned == "module conv1 is called 2 times (shared weights)"
     assert not groups_of(gm).prunable
+
+
+class _LayerScale(torch.nn.Module):
+    """a (3 → 8) ─▶ × gamma, a (8, 1, 1) parameter read with ``get_attr`` ─▶ b (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 4, 1)
+        self.gamma = torch.nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+
+    def forward(self, x):
+        return self.b(self.a(x) * self.gamma)
+
+
+def test_a_per_channel_constant_is_a_member_of_its_channels_group():
+    """gamma's 8 values go with a's outputs: a ``"const"`` member (node ``gamma``, dim 0, value c
+    for channel c), beside a's rows and b's columns."""
+    gm = grouped(_LayerScale(), (2, 3, 5, 5))
+    (group,) = groups_of(gm).prunable
+    members = {(m.node, m.role): (m.dim, m.index[:, 0].tolist()) for m in group.members}
+    assert members == {("a", "out"): (0, list(range(8))), ("gamma", "const"): (0, list(range(8))),
+                       ("b", "in"): (1, list(range(8)))}

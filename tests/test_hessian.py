@@ -483,3 +483,63 @@ def test_channels_last_puts_the_working_copy_and_its_batches_in_that_layout(chan
     assert s.model.a.weight.is_contiguous(memory_format=fmt)
     assert s.model.b.weight.is_contiguous(memory_format=fmt)
     assert all(x.is_contiguous(memory_format=fmt) for x, _ in s.batches)
+
+
+def test_the_ggn_of_a_linear_softmax_layer_in_closed_form():
+    """logits = W x + b: row c of W has ``Tr(G_c) = mean_n ‖x_n‖² p_nc (1 − p_nc)`` and
+    ``(G v)_c = mean_n [(diag p_n − p_n p_nᵀ) v x_n]_c x_n``, with no autocast given."""
+    from ehap_fx.scoring.ggn import ggn_channel_traces, ggn_vector_product
+
+    torch.manual_seed(0)
+    net, x, v = nn.Linear(5, 3), torch.randn(6, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    net = net.double()
+    p = net(x).softmax(-1).detach()  # (N, 3)
+    (traces,) = ggn_channel_traces(net, ["weight"], x, chunk=4)  # two chunks: 4 + 2 samples
+    torch.testing.assert_close(traces, (x.pow(2).sum(1, keepdim=True) * p * (1 - p)).mean(0).float())
+    jv = x @ v.T  # (N, 3)
+    u = p * jv - p * (p * jv).sum(1, keepdim=True)
+    (gv,) = ggn_vector_product(net, ["weight"], x, [v])
+    torch.testing.assert_close(gv, u.T @ x / len(x))
+
+
+def test_the_default_stop_rule_checks_from_20_probes_and_stops_at_200():
+    """``min_probes=20``, ``max_probes=200``: a rule met at once stops at the first check, after
+    20 draws; one never met stops at 200, not converged (the MC estimator: a draw is cheap)."""
+    x, y = data()
+    base = dict(estimator="mc", dtype="fp32", mc_samples=None, tol=None, rank_threshold=None)
+    met = estimate_hessian(tiny(), (x, y), opts(**base, stderr_tol=1.0), names=NAMES)
+    assert met.probes == 20 and met.converged and [h[0] for h in met.history] == [20]
+    never = estimate_hessian(tiny(), (x, y), opts(**base, stderr_tol=1e-9), names=NAMES)
+    assert never.probes == 200 and not never.converged
+    assert [h[0] for h in never.history] == list(range(20, 201, 10))
+
+
+def test_the_exact_ggn_plan_is_the_largest_chunk_its_footprint_fits():
+    """The plan's footprint is ``ggn_chunk`` samples' worth (the reason prints it): a budget of
+    exactly that many bytes keeps the chunk, one byte less takes one sample off it."""
+    from ehap_fx.scoring.budget import fmt_bytes
+    from ehap_fx.scoring.hessian import choose_estimator
+
+    x, y = data()
+    plan = choose_estimator(tiny(), (x, y), opts(estimator="ggn", ggn_chunk=4), names=NAMES)
+    assert plan.estimator == "ggn" and plan.ggn_chunk == 4 and f"~{fmt_bytes(plan.footprint)}" in plan.reason
+    per_sample = plan.footprint // 4
+    assert plan.footprint == 4 * per_sample
+    same = choose_estimator(tiny(), (x, y), opts(estimator="ggn", ggn_chunk=4, memory_budget=plan.footprint),
+                            names=NAMES)
+    assert (same.ggn_chunk, same.footprint) == (4, plan.footprint)
+    less = choose_estimator(tiny(), (x, y), opts(estimator="ggn", ggn_chunk=4, memory_budget=plan.footprint - 1),
+                            names=NAMES)
+    assert (less.ggn_chunk, less.footprint) == (3, 3 * per_sample)
+
+
+def test_forward_over_reverse_averages_over_two_batches_as_double_backward_does():
+    """Two Hessian batches of 8: both HVP modes give the mean of the two batches' products,
+    probe for probe (each batch alone was checked above)."""
+    net = tiny(nn.Tanh)
+    x, y = data()
+    two = dict(estimator="hutchinson", dtype="fp32", probes=6, batch_size=8, n_batches=2)
+    base = estimate_hessian(net, (x, y), opts(**two), names=NAMES)
+    fwd = estimate_hessian(net, (x, y), opts(**two, hvp="forward_over_reverse"), names=NAMES)
+    assert base.n_batches == fwd.n_batches == 2
+    torch.testing.assert_close(fwd.probe_traces, base.probe_traces, rtol=1e-4, atol=1e-6)

@@ -185,6 +185,110 @@ def test_standardized_weight_conv_shrinks_exactly(capture, scaled):
     assert smaller.conv3.ehap_in_columns.shape == (2,)
 
 
+
+class PeekStdConv2d(nn.Conv2d):
+    """``StdConv2d`` whose flattened weight rows are read once more, by a ``mean`` added to the
+    output: not the standardisation chain alone."""
+
+    def forward(self, x):
+        flat = self.weight.reshape(1, self.out_channels, -1)
+        w = F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding) + flat.mean()
+
+
+class PeekStdNet(nn.Module):
+    """PeekStdConv2d (3 → 8) → relu → std conv (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = PeekStdConv2d(3, 8, 3), StdConv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.conv1(x)))
+
+
+def test_a_standardized_weight_read_by_another_op_is_not_pruned():
+    """Slicing conv1's weight rows would change ``flat.mean()`` too: the chain is not
+    recognised and conv1's 8 channels pin (taken for the chain, they prune and the shrunk model
+    is off the masked one by ~0.04)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm = group_channels(trace(PeekStdNet().eval(), x)).graph_module
+    assert not any(m.module == "conv1" for g in groups_of(gm).prunable for m in g.members)
+    (into_conv2,) = [g for g in groups_of(gm) if ("conv2", "in") in {(m.module, m.role) for m in g.members}]
+    assert into_conv2.size == 8 and into_conv2.pinned is not None
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x),
+                                   rtol=1e-5, atol=1e-5)
+
+
+class FunctionalGroupNorm(nn.GroupNorm):
+    """A ``GroupNorm`` whose own forward calls ``F.group_norm`` (timm's ``GroupNorm1`` does)."""
+
+    def forward(self, x):
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class GNNet(nn.Module):
+    """conv a (3 → 8) → FunctionalGroupNorm (2 groups of 4) → relu → conv b (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.gn, self.b = nn.Conv2d(3, 8, 3, padding=1), FunctionalGroupNorm(2, 8), nn.Conv2d(8, 4, 1)
+        with torch.no_grad():
+            self.gn.weight.uniform_(0.5, 1.5)
+            self.gn.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        return self.b(F.relu(self.gn(self.a(x))))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_functional_group_norm_prunes_whole_groups_with_its_affine(capture):
+    """Whole norm groups go (one unit of 4 channels each); the norm's weight and bias lose the
+    same 4 channels and ``num_groups`` drops to 1: shrunk ≡ masked."""
+    from ehap_fx.passes.capture import capture_groups
+    from ehap_fx.passes.shrink import PrunePlan
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    gm = capture_groups(GNNet().eval(), x, capture=capture)
+    (group,) = groups_of(gm).prunable
+    assert group.size == 2 and {m.module: m.index.tolist() for m in group.members if m.role == "out"} == {
+        "a": [[0, 1, 2, 3], [4, 5, 6, 7]]}
+    plan = PrunePlan.removing(groups_of(gm), {group.id: [0]})
+    small = shrink(gm, plan).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), mask_channels(gm, plan).graph_module(x), rtol=1e-5, atol=1e-5)
+    assert small.gn.weight.shape == small.gn.bias.shape == (4,)
+    assert torch.equal(small.gn.weight, gm.gn.weight[4:])
+
+
+class AbsGainStdConv2d(ScaledStdConv2d):
+    """``ScaledStdConv2d`` whose gain is ``|gain|``, computed in forward: not a parameter the
+    chain can slice as it stands."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         weight=(self.gain.abs() * self.scale).view(-1), training=True, momentum=0.0,
+                         eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def test_a_standardized_weight_with_a_computed_gain_is_not_pruned():
+    """``|gain|`` is computed in forward, so the chain (whose gain is a parameter it slices) is
+    not recognised: the first conv's 8 channels pin, and the model prunes to itself."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = nn.Sequential(AbsGainStdConv2d(3, 8, 3), nn.ReLU(), StdConv2d(8, 4, 1)).eval()
+    gm = group_channels(trace(model, x)).graph_module
+    assert not any(m.module == "0" for g in groups_of(gm).prunable for m in g.members)
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x),
+                                   rtol=1e-5, atol=1e-5)
+
 class LinearBN(nn.Module):
     """LeViT's ``MLPLayerWithBN``: a linear on tokens ``(N, T, C)``, its BatchNorm1d on
     ``flatten(0, 1)`` (``(N·T, C)``, channels at dim 1), ``reshape_as`` back."""

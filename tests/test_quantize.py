@@ -21,6 +21,7 @@ from ehap_fx.passes.quantize import (
     QuantizeOptions,
     calibrate,
     calibrate_ranges,
+    constant_adds_as_convs,
     convert,
     prepare,
     scheme,
@@ -493,3 +494,84 @@ def test_saturate_weights_clamps_per_channel_weights_and_leaves_per_tensor_ones(
     assert int(ints.min()) == -64 and int(ints.max()) == 63
     assert moved == int(((before < -64) | (before > 63)).sum()) > 0
     assert torch.equal(tensor.weight().int_repr(), before)
+
+
+
+class _PlusConstant(nn.Module):
+    """conv (3 → 8) ─▶ + a buffer ``c`` read with ``get_attr``."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.register_buffer("c", torch.randn(shape))
+
+    def forward(self, x):
+        return self.conv(x) + self.c
+
+
+@pytest.mark.parametrize(("shape", "rewritten"), [((1, 8, 1, 1), 1), ((1, 1, 1, 1), 0), ((1, 8, 6, 6), 0)],
+                         ids=["per-channel", "scalar", "per-position"])
+def test_only_per_channel_constant_adds_become_depthwise_convs(shape, rewritten):
+    """``x + c`` becomes a 1x1 depthwise conv (weight 1, bias c) when ``c`` is ``(1, C, 1, 1)``
+    with x's C channels; a broadcast scalar or a constant that varies over H and W stays an add.
+    Either way the graph computes what it did."""
+    from ehap_fx.passes.trace import trace
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm = trace(_PlusConstant(shape).eval(), x)
+    with torch.no_grad():
+        want = gm(x)
+    assert constant_adds_as_convs(gm) == rewritten
+    convs = [m for m in gm.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 + rewritten
+    if rewritten:
+        assert convs[1].groups == 8 and torch.equal(convs[1].bias, gm.c.flatten())
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), want, rtol=0, atol=1e-6)
+
+
+class _Scalars(nn.Module):
+    """A batch of scalars ``(N,)`` ─▶ unsqueeze ─▶ linear (1 → 4) ─▶ relu ─▶ linear (4 → 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1 = nn.Linear(1, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc1(F.relu(self.fc0(x.unsqueeze(1))))
+
+
+def test_a_batch_of_scalars_is_a_batched_example_input():
+    """A 1-D example input is a batch (of scalars): it prepares, calibrates and converts to a
+    model within rounding of the float one; a 0-D one is refused naming the fix."""
+    torch.manual_seed(0)
+    options = QuantizeOptions(mode="ptq", backend="fx")
+    model, x = _Scalars().eval(), torch.linspace(-2, 2, 16)
+    prepared = prepare(model, x[:3], options)
+    calibrate(prepared, [(x, torch.zeros(16, dtype=torch.long))], 1)
+    q = convert(prepared, options)
+    with torch.no_grad():
+        want = model(x)
+        # three rounding points (the input, fc0's and fc1's outputs), about one output step each
+        # at most, as tests/int8_bounds.py argues (measured: 1.5 steps)
+        assert (q(x) - want).abs().max() <= 3 * q.fc1.scale
+    with pytest.raises(QuantizeError, match="batched tensor"):
+        prepare(_Scalars().eval(), torch.tensor(1.0), options)
+
+
+class _Branchy(nn.Module):
+    """A tensor's value steers Python: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y if y.sum() > 0 else -y
+
+
+def test_a_failed_prepare_names_the_model_and_the_other_backend():
+    with pytest.raises(QuantizeError, match=r"fx ptq prepare failed on _Branchy: .*try backend='pt2e'"):
+        prepare(_Branchy().eval(), X, QuantizeOptions(mode="ptq", backend="fx"))

@@ -10,6 +10,7 @@ from ehap_fx.passes.group import emptiable_groups, group_channels, groups_of
 from ehap_fx.passes.mask import mask_channels, random_plan
 from ehap_fx.passes.shrink import PrunePlan, shrink
 from ehap_fx.passes.trace import trace
+from torch import nn
 
 from ehap_fx.errors import ShrinkError
 from ehap_fx.models import get_model
@@ -223,3 +224,79 @@ def test_fresh_attr_numbers_a_taken_name():
     gm.c, gm.c_1 = torch.zeros(1), torch.zeros(1)
     assert fresh_attr(gm, "free") == "free"
     assert fresh_attr(gm, "c") == "c_2"
+
+
+class _SharedActivation(nn.Module):
+    """stem (3 → 8) ─▶ act ─┬──────────────────────────────────────── + ─▶ relu ─▶ mean ─▶ fc
+                            └─▶ a (8 → 8) ─▶ relu ─▶ b (8 → 8) ─▶ act ─┘
+    one ``Hardtanh`` module ``act`` on the stem and on the residual branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.act, self.fc = nn.Hardtanh(-0.5, 0.5), nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.act(self.stem(x))
+        x = torch.relu(x + self.act(self.b(torch.relu(self.a(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_folding_a_dropped_branch_leaves_the_modules_in_their_mode():
+    """Dropping the branch folds b's bias through ``act`` (evaluated in eval mode) into a
+    constant; ``act`` still runs on the stem, and a model shrunk in training mode keeps every
+    module in training mode, ``act`` included (and equals the masked model)."""
+    from ehap_fx.passes.depth import droppable_groups
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm = group_channels(trace(_SharedActivation().eval(), x)).graph_module
+    (inner,) = droppable_groups(gm)
+    small = assert_shrunk_equals_masked(gm, x, PrunePlan({inner: ()}))
+    assert [n.target for n in small.graph.nodes if n.op == "call_module"] == ["stem", "act", "fc"]
+    small = shrink(gm.train(), PrunePlan({inner: ()})).graph_module
+    assert all(m.training for m in small.modules())
+
+
+class _PickOne(nn.Module):
+    """conv0 (3 → 8) ─▶ relu ─▶ conv1 (8 → 4, padding 1) ─▶ + x[:, 0, None], the input's first
+    channel (an integer index, not a slice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv1(torch.relu(self.conv0(x))) + x[:, 0, None]
+
+
+def test_an_integer_index_of_the_channels_is_left_as_it_is():
+    """Only a slice of the channels is rewritten by shrink; ``x[:, 0]`` picks a pinned input
+    channel and stays: conv0 loses two channels and the model equals the masked one."""
+    torch.manual_seed(0)
+    gm, x = prepare(_PickOne(), (2, 3, 6, 6))
+    (group,) = groups_of(gm).prunable
+    small = assert_shrunk_equals_masked(gm, x, PrunePlan.removing(groups_of(gm), {group.id: [1, 5]}))
+    assert small.conv0.out_channels == 6
+
+
+class _MeanOverChannels(nn.Module):
+    """conv0 (3 → 8) ─▶ h + mean of h over its channels (GRN's normaliser, keepdim) ─▶ conv1 (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.conv0(x)
+        return self.conv1(h + h.mean(1, keepdim=True))
+
+
+def test_a_mean_over_pruned_channels_still_divides_by_all_of_them():
+    """The masked model averages the kept channels with the zeroed ones (sum / 8): the shrunk one
+    sums the 6 it keeps and divides by 8 too, and equals it."""
+    torch.manual_seed(0)
+    gm, x = prepare(_MeanOverChannels(), (2, 3, 6, 6))
+    (group,) = groups_of(gm).prunable
+    small = assert_shrunk_equals_masked(gm, x, PrunePlan.removing(groups_of(gm), {group.id: [1, 5]}))
+    assert small.conv0.out_channels == 6

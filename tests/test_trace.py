@@ -128,6 +128,65 @@ def test_an_exported_graph_starts_in_eval_and_train_switches_batch_norm_and_drop
         assert not gm.training and flags() == [False, False]
 
 
+
+def test_an_in_place_dropout_switches_with_the_exported_graph():
+    """``nn.Dropout(inplace=True)`` exports as ``aten.dropout_``: ``.train()`` sets its ``train``
+    argument (about half the elements dropped, the rest doubled), ``.eval()`` clears it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Dropout(0.5, inplace=True)).eval()
+    x = torch.randn(4, 3, 5, 5)
+    gm = trace(model, x, capture="export")
+    (drop,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.dropout_.default]
+    with torch.no_grad():
+        conv = model[0](x)
+        gm.train()
+        assert drop.args[1:] == (0.5, True)
+        got = gm(x)
+        kept = got != 0
+        assert 0.3 < kept.float().mean() < 0.7
+        torch.testing.assert_close(got[kept], 2 * conv[kept])
+        gm.eval()
+        assert drop.args[1:] == (0.5, False)
+        torch.testing.assert_close(gm(x), conv)
+
+
+class _Ignores(torch.nn.Module):
+    """forward(x, mask=None, extra=None) reads only x."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x, mask=None, extra=None):
+        return self.conv(x)
+
+
+def test_a_given_input_the_model_does_not_read_stays_an_input():
+    """An input given in ``example_input`` is a graph input even when forward ignores it
+    (a mask some models take and do not use); the ones not given are dropped."""
+    torch.manual_seed(0)
+    model, x, extra = _Ignores().eval(), torch.randn(2, 3, 5, 5), torch.ones(1)
+    gm = trace(model, {"x": x, "extra": extra})
+    assert [n.name for n in gm.graph.find_nodes(op="placeholder")] == ["x", "extra"]
+    gm = trace(model, (x, extra))
+    assert [n.name for n in gm.graph.find_nodes(op="placeholder")] == ["x", "mask"]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x, extra), model(x))
+
+
+def test_an_export_from_a_one_sample_example_keeps_the_batch_dynamic():
+    """torch.export would fix a batch of 1 into the graph: the capture exports a batch of two
+    instead, so the graph (and the program exported from it again) take any batch."""
+    from ehap_fx.passes.program import exported_program
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    gm = trace(model, torch.randn(1, 3, 8, 8), capture="export")
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+        torch.testing.assert_close(exported_program(gm).module()(x), model(x))
+
 class _Decode(torch.nn.Module):
     """YOLO pose's keypoint decoding: ``y[:, 2::3] = y[:, 2::3].sigmoid()`` after a conv."""
 

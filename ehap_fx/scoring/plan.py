@@ -44,7 +44,7 @@ def plan_pass(s: Setup, opts: HessianOptions, *, weights: int, extra: int = 0,
     ``extra`` bytes are reserved for the caller (the removal matrices). A pass that does not
     fit even at one sample raises :class:`MemoryBudgetError` naming what to change.
     """
-    x1 = s.batches[0][0][:1]
+    x1 = s.batches[0][0][:1].clone()  # its own storage: a view of the batch counts all of it as saved
     sizes = ReduceSize(s.model, s.names)
     saved, out = saved_bytes_per_sample(s.model, x1, s.autocast, during=sizes)
     e = s.dtype.itemsize
