@@ -189,6 +189,8 @@ def test_auto_keeps_the_fx_graph_and_says_why_when_export_fails(monkeypatch):
     captured = gm.meta["ehap.captured"]
     assert captured.capture == "fx" and captured.asked == "auto"
     assert captured.why == "torch.fx traced it with 32 channels pinned inside; torch.export failed (export said no)"
+    with pytest.raises(dataclasses.FrozenInstanceError):  # the record in gm.meta is a value
+        captured.why = "edited"
 
 def test_a_whole_fx_graph_stays_fx():
     model = nn.Sequential(cbs(3, 8), cbs(8, 4)).eval()

@@ -324,3 +324,10 @@ def test_the_plans_per_sample_bytes_do_not_grow_with_the_batch(batch):
     assert choose_estimator(net, (x, y), dataclasses.replace(opts, estimator="mc")) == mc  # names: every linear
     ggn = choose_estimator(net, (x, y), dataclasses.replace(opts, estimator="ggn"), names=["0", "2"])
     assert (ggn.estimator, ggn.ggn_chunk, ggn.footprint) == ("ggn", 1, 2 * (36 + 3 * (32 * 4 + 36)))
+
+
+def test_byte_counts_print_in_the_largest_unit_they_reach():
+    from ehap_fx.scoring.budget import fmt_bytes
+
+    assert fmt_bytes(2**30) == "1.00 GiB" and fmt_bytes(2**30 - 2**20) == "1023.00 MiB"
+    assert fmt_bytes(2**20) == "1.00 MiB" and fmt_bytes(2**20 - 2**9) == "1023.5 KiB"

@@ -181,3 +181,8 @@ def test_a_per_channel_constant_is_a_member_of_its_channels_group():
     members = {(m.node, m.role): (m.dim, m.index[:, 0].tolist()) for m in group.members}
     assert members == {("a", "out"): (0, list(range(8))), ("gamma", "const"): (0, list(range(8))),
                        ("b", "in"): (1, list(range(8)))}
+
+
+def test_pin_reasons_sum_the_channels_each_reason_holds():
+    """TinyOptionA pins its 10 logits (the model output) and its 3 input channels, most first."""
+    assert groups_of(grouped(TinyOptionA())).pin_reasons() == [(10, "model output"), (3, "model input x")]

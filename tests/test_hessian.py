@@ -320,6 +320,8 @@ def test_options_validate_and_name_the_value():
         HessianOptions(min_probes=50, max_probes=10)
     with pytest.raises(ValueError, match="tol=2"):
         HessianOptions(tol=2)
+    with pytest.raises(ValueError, match="memory_budget=0 must be > 0"):
+        HessianOptions(memory_budget=0)
     assert resolve_dtype("auto", torch.device("cpu")) in ("bf16", "fp32")
     assert resolve_dtype("fp32", torch.device("cuda")) == "fp32"
     with pytest.raises(HessianError, match="default cross-entropy"):
@@ -543,3 +545,16 @@ def test_forward_over_reverse_averages_over_two_batches_as_double_backward_does(
     fwd = estimate_hessian(net, (x, y), opts(**two, hvp="forward_over_reverse"), names=NAMES)
     assert base.n_batches == fwd.n_batches == 2
     torch.testing.assert_close(fwd.probe_traces, base.probe_traces, rtol=1e-4, atol=1e-6)
+
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_auto_dtype_is_bf16_on_a_cpu_that_has_it(bf16, monkeypatch):
+    """``dtype="auto"``: fp16 on CUDA, bf16 on a CPU with native bf16, fp32 otherwise."""
+    import types
+
+    from ehap_fx.scoring import setup
+
+    monkeypatch.setattr(setup, "cpu_features", lambda: types.SimpleNamespace(bf16=bf16))
+    assert resolve_dtype("auto", torch.device("cpu")) == ("bf16" if bf16 else "fp32")
+    assert resolve_dtype("auto", torch.device("cuda")) == "fp16"

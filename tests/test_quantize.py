@@ -202,6 +202,12 @@ def test_qat_freezes_bn_then_observers(backend):
                               freeze_bn_after=0.25, freeze_observers_after=0.5)
     prepared = prepare(TinyResNet(), X, options)
     calibrate_ranges(prepared, batches(2), 2)
+    if backend == "fx":  # QAT starts from the ranges the histograms computed, not the initial ones
+        ranges = quantize_pass.histogram_quantizers(prepared)
+        for name, m in ranges:
+            scale, zero_point = m.activation_post_process.calculate_qparams()
+            assert torch.equal(m.scale, scale) and torch.equal(m.zero_point, zero_point), name
+        assert len(ranges) >= 4 and all(float(m.scale) != 1.0 for _, m in ranges)
     result = qat_finetune(prepared, batches(4), options)
     assert result.steps == 4 and all(torch.isfinite(torch.tensor(result.losses)))
     enabled = [int(m.observer_enabled[0]) for m in prepared.modules() if hasattr(m, "observer_enabled")]

@@ -46,7 +46,7 @@ TARGETS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("passes/capture.py",): ("tests/test_capture_auto.py", "tests/test_export_scoring.py"),
     ("passes/compensate.py",): ("tests/test_compensate.py",),
     ("passes/cost.py",): ("tests/test_cost.py", "tests/test_depth.py", "tests/test_library_forms.py"),
-    ("passes/coupling.py",): ("tests/test_coupling_rules.py", "tests/test_group.py"),
+    ("passes/coupling.py",): ("tests/test_coupling_rules.py", "tests/test_group.py", "tests/test_depth.py"),
     ("passes/depth.py",): ("tests/test_depth.py",),
     ("passes/export.py",): ("tests/test_export.py",),
     ("passes/group.py",): ("tests/test_group.py", "tests/test_shrink.py"),
