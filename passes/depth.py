@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from ehap_fx.passes._analysis import _shape
 from ehap_fx.passes.coupling import is_binary, is_pointwise
 from ehap_fx.passes.group import ChannelGroup, ChannelSlots, groups_of, same_dim
 from torch import fx, nn
@@ -116,7 +117,3 @@ def constant_flows_into_live_ops(gm: fx.GraphModule, start: Iterable[fx.Node]) -
                 return False
     return True
 
-
-def _shape(node: fx.Node):
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None

@@ -213,7 +213,7 @@ def test_a_core_aten_addmm_counts_its_input_features_not_its_bias():
 
 
 class _TwoViews(nn.Module):
-    """A list of two images ─▶ the same conv a (3 → 4, 1x1) on each ─▶ their sum."""
+    """Two images in a list or a dict ─▶ the same conv a (3 → 4, 1x1) on each ─▶ their sum."""
 
     def __init__(self):
         super().__init__()
@@ -223,13 +223,14 @@ class _TwoViews(nn.Module):
         return self.a(xs[0]) + self.a(xs[1])
 
 
-def test_a_list_input_is_costed_per_sample_whatever_the_batch():
+@pytest.mark.parametrize("container", [list, lambda views: dict(enumerate(views))], ids=["list", "dict"])
+def test_a_list_input_is_costed_per_sample_whatever_the_batch(container):
     """Per sample: two 1x1 conv calls of 4·3·25 MACs and 4·25 for the bias each (the add counts
     nothing): 800 MACs at batch 1 and at batch 3, in either capture."""
     costs = {}
     for capture in ("fx", "export"):
         for n in (1, 3):
-            xs = [torch.randn(n, 3, 5, 5), torch.randn(n, 3, 5, 5)]
+            xs = container([torch.randn(n, 3, 5, 5), torch.randn(n, 3, 5, 5)])
             costs[capture, n] = total_cost(trace(_TwoViews().eval(), (xs,), capture=capture)).macs
     assert costs["export", 1] == costs["export", 3] == 800
     assert costs["fx", 1] == costs["fx", 3] == 800
