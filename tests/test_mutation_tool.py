@@ -44,3 +44,34 @@ def test_replay_finds_a_mutant_by_its_lines_text_and_drops_what_is_gone(tmp_path
     found, lost = mu.replayed(tmp_path / "run.json")
     assert (found.line, found.status) == (row, "pending")
     assert lost.status == "gone"
+
+
+def test_a_continuation_line_belongs_to_its_statements_first_line():
+    source = "x = f(1,\n      2)\nif (x and\n        y):\n    z = [1,\n         2]\nw = 3\n"
+    starts = mu.statement_starts(source)
+    assert starts == {1: 1, 2: 1, 3: 3, 4: 3, 5: 5, 6: 5, 7: 7}
+
+
+def test_junit_names_become_the_node_ids_of_the_coverage_contexts(tmp_path):
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_x.py").write_text("")
+    (tmp_path / "passes").mkdir()
+    (tmp_path / "passes" / "cost.py").write_text("")
+    assert mu._node_id(tmp_path, "tests.test_x", "test_a[1-b]") == "tests/test_x.py::test_a[1-b]"
+    assert mu._node_id(tmp_path, "tests.test_x.TestY", "test_b") == "tests/test_x.py::TestY::test_b"
+    assert mu._node_id(tmp_path, "passes.cost", "passes.cost.f") == "passes/cost.py::passes.cost.f"
+
+
+def test_a_mutant_is_run_against_the_tests_of_its_line_found_again_by_its_text():
+    """The map was built when ``y = 2`` was line 2; two lines were inserted above it since.
+    The mutant on its continuation line (now 5) gets the tests of the statement's first line;
+    one on a line no test executed gets none."""
+    source = "a = 0\nb = 0\nx = 1\ny = (2 +\n     3)\nz = 4\n"
+    cmap = mu.CoverageMap(lines={"m.py": {1: ["t::one"], 2: ["t::two", "t::three"]}},
+                          texts={"m.py": {1: "x = 1", 2: "y = (2 +"}}, seconds={})
+    on_first = mu.Mutant("m.py", 4, 7, "+", "-", "operator", text="y = (2 +")
+    on_cont = mu.Mutant("m.py", 5, 7, "3", "4", "constant", text="3)")
+    unrun = mu.Mutant("m.py", 6, 0, "z = 4", "pass", "statement", text="z = 4")
+    assert cmap.tests_of(on_first, source) == ["t::three", "t::two"]
+    assert cmap.tests_of(on_cont, source) == ["t::three", "t::two"]
+    assert cmap.tests_of(unrun, source) == []

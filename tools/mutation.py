@@ -9,6 +9,15 @@ timeout; a failing or timed-out run kills it, a passing run is a survivor.
 
     nice -n 5 python tools/mutation.py --sample 60 --seed 0 --out mutation.json
 
+A mutant that survives its module's fast files is not yet a survivor of the suite: with
+``--coverage-map`` (built once per commit by ``--build-map``: the default run, ``-m 'not slow'``,
+under coverage.py with one context per test) it runs again against every test of the default
+run that executes its line (its statement's first line for a continuation line), as mutmut
+and cosmic-ray select tests; only a mutant that passes those too survives.
+
+    nice -n 5 python tools/mutation.py --build-map runs/coverage-map.json            # ~1.2x the suite
+    nice -n 5 python tools/mutation.py --stratify --sample 90 --seed 4 --coverage-map runs/coverage-map.json
+
 Survivors are printed as ``file:line: original -> mutant``; docs/mutation.md lists the last
 run's figures and what each survivor means.
 """
@@ -16,6 +25,7 @@ run's figures and what each survivor means.
 from __future__ import annotations
 
 import argparse
+import ast
 import io
 import json
 import os
@@ -94,6 +104,7 @@ class Mutant:
     status: str = "pending"
     seconds: float = 0.0
     text: str = ""  # the original line, stripped: ``--replay`` finds the line again by it
+    covering: list[str] | None = None  # the other tests run on a module-files survivor (``--coverage-map``)
 
     def describe(self) -> str:
         return f"{self.path}:{self.line}: {self.original!r} -> {self.replacement!r} ({self.kind})"
@@ -160,6 +171,8 @@ def _in_docstring_or_check(source: str, m: Mutant) -> bool:
 
 
 def copy_repo(dest: Path) -> None:
+    """The tracked files of the repository into ``dest``, a sibling of the repository (so that
+    the tests find ``../shared`` as they do in the repository)."""
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     for rel in files.splitlines():
         src = ROOT / rel
@@ -170,16 +183,124 @@ def copy_repo(dest: Path) -> None:
 
 
 def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, float]:
+    """``pytest -x`` on ``tests`` (files or node ids; doctests' ids too) in the copy: "killed" when
+    a test fails or the run times out, "survived" when all pass, "error" when it collects
+    nothing or names a test that does not exist (exit 4 or 5): the harness's error, not a kill."""
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     start = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                               "-o", "addopts=-m 'not slow'", *tests], cwd=copy, env=env,
+                               "-o", "addopts=-m 'not slow'", "--doctest-modules", *tests], cwd=copy, env=env,
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "killed (timeout)", time.perf_counter() - start
+    if proc.returncode in (4, 5):
+        return "error", time.perf_counter() - start
     status = "survived" if proc.returncode == 0 else "killed"
     return status, time.perf_counter() - start
+
+
+def statement_starts(source: str) -> dict[int, int]:
+    """Each line of ``source`` -> the first line of the innermost statement (or compound
+    statement's header) that contains it: coverage.py records a multi-line statement on its
+    first line only."""
+    starts: dict[int, int] = {}
+    for node in ast.walk(ast.parse(source)):  # outer statements first: inner ones overwrite
+        if isinstance(node, ast.stmt):
+            body = getattr(node, "body", None)
+            last = body[0].lineno - 1 if isinstance(body, list) and body else node.end_lineno
+            for row in range(node.lineno, max(node.lineno, last) + 1):
+                starts[row] = node.lineno
+    return starts
+
+
+@dataclass
+class CoverageMap:
+    """Which tests of the default run execute each line: ``lines[module][line] = [test ids]``,
+    ``texts[module][line]`` the line's text when the map was built (a mutant's line is found
+    again by its text, as ``replayed`` does), ``seconds[test id]`` each test's time."""
+
+    lines: dict[str, dict[int, list[str]]]
+    texts: dict[str, dict[int, str]]
+    seconds: dict[str, float]
+
+    @classmethod
+    def load(cls, path: Path) -> CoverageMap:
+        d = json.loads(path.read_text())
+        return cls({m: {int(k): v for k, v in ls.items()} for m, ls in d["lines"].items()},
+                   {m: {int(k): v for k, v in ts.items()} for m, ts in d["texts"].items()}, d["seconds"])
+
+    def tests_of(self, m: Mutant, source: str) -> list[str]:
+        """The tests that execute ``m``'s line or its statement's first line, each line of
+        today's ``source`` found in the map by its text (the nearest such line: tests or fixes
+        may have moved it since the map was built)."""
+        texts, lines = self.texts.get(m.path, {}), self.lines.get(m.path, {})
+        rows = source.splitlines()
+        found: set[str] = set()
+        for now in {m.line, statement_starts(source).get(m.line, m.line)}:
+            then = [r for r, t in texts.items() if t == rows[now - 1].strip()]
+            if then:
+                found.update(lines[min(then, key=lambda r: abs(r - now))])
+        return sorted(found)
+
+
+def build_map(out: Path, tests: tuple[str, ...] = ()) -> None:
+    """Run the default suite (``-m 'not slow'``; only ``tests`` if given) in a copy under
+    coverage.py, one context per test (pytest-cov's ``--cov-context=test``), and write the map
+    of ``TARGETS``' modules."""
+    import xml.etree.ElementTree as ET
+
+    import coverage  # a tool dependency only: pip install pytest-cov
+
+    with tempfile.TemporaryDirectory(prefix=".ehap-covmap-", dir=ROOT.parent) as tmp:
+        copy = Path(tmp)
+        copy_repo(copy)
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               "-o", "addopts=-m 'not slow' --doctest-modules", "--cov=passes", "--cov=ehap_fx",
+                               "--cov-context=test", "--cov-report=", f"--junitxml={copy / 'times.xml'}", *tests],
+                              cwd=copy, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, text=True)
+        if proc.returncode != 0:
+            raise SystemExit("the default suite fails: fix it before building the map")
+        data = coverage.CoverageData(basename=str(copy / ".coverage"))
+        data.read()
+        lines: dict[str, dict[int, list[str]]] = {}
+        texts: dict[str, dict[int, str]] = {}
+        for paths in TARGETS:
+            module = resolve(paths)
+            if module is None:
+                continue
+            measured = str((copy / module).resolve())
+            by_line = data.contexts_by_lineno(measured) if measured in data.measured_files() else {}
+            lines[module] = {row: tests for row, ctx in by_line.items()
+                             if (tests := sorted({c.rsplit("|", 1)[0] for c in ctx if c}))}  # "": at import
+            source = (copy / module).read_text().splitlines()
+            texts[module] = {row: source[row - 1].strip() for row in lines[module]}
+        seconds = {}
+        for case in ET.parse(copy / "times.xml").iter("testcase"):
+            seconds[_node_id(copy, case.get("classname", ""), case.get("name", ""))] = float(case.get("time", 0))
+    out.write_text(json.dumps({"command": " ".join([Path(sys.executable).name, *sys.argv]),
+                               "date": time.strftime("%Y-%m-%d %H:%M"), "commit": _commit(),
+                               "suite_seconds": time.perf_counter() - start,
+                               "tests": list(tests) or "the default run",
+                               "lines": lines, "texts": texts, "seconds": seconds}))
+    print(f"coverage map of {len(lines)} modules, {len(seconds)} tests -> {out}")
+
+
+def _node_id(root: Path, classname: str, name: str) -> str:
+    """junit's ``classname`` (``tests.test_x`` or ``tests.test_x.TestY``) and ``name`` -> pytest's
+    node id, the form of the coverage contexts."""
+    parts = classname.split(".")
+    for cut in range(len(parts), 0, -1):
+        path = "/".join(parts[:cut]) + ".py"
+        if (root / path).is_file():
+            return "::".join([path, *parts[cut:], name])
+    return f"{classname}::{name}"
+
+
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
 
 
 def resolve(paths: tuple[str, ...]) -> str | None:
@@ -244,7 +365,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay", type=Path, help="re-run exactly the mutants of an earlier run's JSON")
     p.add_argument("--timeout-factor", type=float, default=3.0, help="timeout = factor x the clean run")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument("--coverage-map", type=Path,
+                   help="run a module-files survivor again against every default-run test that executes its line")
+    p.add_argument("--build-map", type=Path, metavar="OUT",
+                   help="build the coverage map of this commit (runs the default suite under coverage) and stop")
+    p.add_argument("--map-tests", nargs="*", default=[], help="with --build-map: only these tests (a partial map)")
     args = p.parse_args(argv)
+    if args.build_map is not None:
+        build_map(args.build_map, tuple(args.map_tests))
+        return 0
+    cmap = CoverageMap.load(args.coverage_map) if args.coverage_map is not None else None
     plan = {m: t for paths, t in TARGETS.items() if (m := resolve(paths)) and (not args.only or m in args.only)}
     pools: dict[str, list[Mutant]] = {}
     for module in plan:
@@ -259,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         chosen = random.Random(args.seed).sample(pool, min(args.sample, len(pool)))
     chosen.sort(key=lambda m: (m.path, m.line, m.col))
     print(f"{len(pool)} candidate mutants in {len(plan)} modules; running {len(chosen)}", flush=True)
-    baseline = run_all(chosen, plan, args.timeout_factor)
+    baseline = run_all(chosen, plan, args.timeout_factor, cmap)
     ran = [m for m in chosen if m.status != "gone"]
     killed = sum(m.status.startswith("killed") for m in ran)
     sizes = {k: len(v) for k, v in pools.items()}
@@ -269,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"killed {killed}/{len(ran)} = {100 * killed / max(1, len(ran)):.1f} % of the sample; "
           f"estimated over the {len(pool)} candidates: {100 * rate:.1f} % +- {100 * se:.1f} % (1 SE)")
     for m in chosen:
-        if m.status in ("survived", "gone"):
+        if m.status.startswith(("survived", "gone")):
             print(m.status.upper(), m.describe())
     if args.out is not None:
         args.out.write_text(json.dumps({
@@ -277,13 +407,17 @@ def main(argv: list[str] | None = None) -> int:
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "candidates": len(pool), "candidates_per_module": sizes, "killed": killed, "run": len(ran),
             "estimate": rate, "standard_error": se, "stratified": args.stratify,
+            "coverage_map": str(args.coverage_map) if cmap is not None else None,
             "baseline_seconds": baseline, "mutants": [asdict(m) for m in chosen]}, indent=1))
     return 0
 
 
-def run_all(chosen: list[Mutant], plan: dict[str, tuple[str, ...]], factor: float) -> dict[str, float]:
-    """Run every mutant of ``chosen`` (status and seconds set in place); the clean runs' seconds."""
-    with tempfile.TemporaryDirectory(prefix="ehap-mutation-") as tmp:
+def run_all(chosen: list[Mutant], plan: dict[str, tuple[str, ...]], factor: float,
+            cmap: CoverageMap | None = None) -> dict[str, float]:
+    """Run every mutant of ``chosen`` (status and seconds set in place); the clean runs' seconds.
+    With ``cmap``, a survivor of its module's files runs again against the other tests of the
+    default run that execute its line (timeout: ``factor`` x their mapped seconds + 60)."""
+    with tempfile.TemporaryDirectory(prefix=".ehap-mutation-", dir=ROOT.parent) as tmp:
         copy = Path(tmp)
         copy_repo(copy)
         baseline, clean = {}, {}  # clean: seconds per set of test files, run once
@@ -302,6 +436,14 @@ def run_all(chosen: list[Mutant], plan: dict[str, tuple[str, ...]], factor: floa
             target.write_text(apply(original, m))
             try:
                 m.status, m.seconds = run_tests(copy, plan[m.path], factor * baseline[m.path] + 30)
+                if m.status == "survived" and cmap is not None:
+                    m.covering = [t for t in cmap.tests_of(m, original) if t.split("::")[0] not in plan[m.path]]
+                    if m.covering:
+                        status, seconds = run_tests(copy, tuple(m.covering),
+                                                    factor * sum(cmap.seconds.get(t, 5.0) for t in m.covering) + 60)
+                        m.seconds += seconds
+                        m.status = {"survived": "survived", "error": "survived (stale coverage map: a test is gone)"
+                                    }.get(status, f"{status} (covering tests)")
             finally:
                 target.write_text(original)
             print(f"[{i}/{len(chosen)}] {m.status:>16}  {m.describe()}", flush=True)
