@@ -87,7 +87,7 @@ TARGETS: dict[tuple[str, ...], tuple[str, ...]] = {
 
 # test files whose work runs in a child process (the ``ehap`` CLI, torchrun, a fresh interpreter):
 # the coverage map cannot see what they execute, and they are the slowest of the suite
-SUBPROCESS_TESTS = ("tests/test_cli.py", "tests/test_distributed.py", "tests/test_imagefolder.py",
+SUBPROCESS_TESTS = ("tests/test_cli.py", "tests/test_cli_flags.py", "tests/test_distributed.py", "tests/test_imagefolder.py",
                     "tests/test_layering.py", "tests/test_resume.py", "tests/test_sweep.py")
 
 SWAPS = {
