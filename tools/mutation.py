@@ -440,14 +440,23 @@ def run_all(chosen: list[Mutant], plan: dict[str, tuple[str, ...]], factor: floa
         for j in range(jobs):
             copy_repo(Path(tmp) / str(j))
             copies.put(Path(tmp) / str(j))
-        copy = Path(tmp) / "0"
-        baseline, clean = {}, {}  # clean: seconds per set of test files, run once
-        for module in sorted({m.path for m in chosen if m.status != "gone"}):
-            if plan[module] not in clean:
-                status, clean[plan[module]] = run_tests(copy, plan[module], timeout=1800)
-                if status != "survived":
-                    raise SystemExit(f"the clean tests of {module} fail: fix them first")
-            baseline[module] = clean[plan[module]]
+
+        def clean_run(tests: tuple[str, ...]) -> float:
+            copy = copies.get()
+            try:
+                status, seconds = run_tests(copy, tests, timeout=1800)
+            finally:
+                copies.put(copy)
+            if status != "survived":
+                raise SystemExit(f"the clean tests {tests} fail: fix them first")
+            return seconds
+
+        modules = sorted({m.path for m in chosen if m.status != "gone"})
+        sets = sorted({plan[m] for m in modules})
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            clean = dict(zip(sets, pool.map(clean_run, sets), strict=True))  # seconds per set of files
+        baseline = {m: clean[plan[m]] for m in modules}
+        for module in modules:
             print(f"clean {module}: {baseline[module]:.0f} s", flush=True)
 
         def one(m: Mutant) -> Mutant:
