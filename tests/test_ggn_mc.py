@@ -192,6 +192,17 @@ def test_auto_takes_the_exact_ggn_for_few_classes_and_mc_for_many():
     assert many.summary()["choice"] == many.choice  # and so in compress()'s report
 
 
+@pytest.mark.parametrize(("classes", "estimator"), [(100, "ggn"), (101, "mc")])
+def test_auto_takes_the_exact_ggn_up_to_exactly_exact_max_classes(classes, estimator):
+    """The default ``exact_max_classes=100`` is inclusive: 100 classes is still the exact GGN,
+    101 the MC estimator (the plan alone: one one-sample forward)."""
+    from ehap_fx.scoring.hessian import choose_estimator
+
+    plan = choose_estimator(_wide_head(classes), _images(classes), HessianOptions(batch_size=8, progress=False))
+    assert plan.estimator == estimator
+    assert ("101 classes > exact_max_classes=100" in plan.reason) == (classes == 101)
+
+
 def test_budget_guard_takes_the_cheaper_path_instead_of_exhausting_memory():
     # 200 classes: the exact pass holds 200 per-sample gradients and backward passes per
     # sample (~3 MiB predicted here), the MC pass one draw's (~23 KiB). A 300 KiB budget fits
@@ -290,6 +301,34 @@ def test_without_psutil_the_available_memory_is_memavailable(monkeypatch):
     assert budget.resolve_budget(0.5, torch.device("cpu")) == (768 * 1024, "memory_budget=0.5 of 1.50 MiB available")
 
 
+def test_a_budget_over_one_is_bytes_up_to_one_a_fraction_and_unreadable_memory_no_limit(monkeypatch):
+    """``memory_budget`` > 1 is a byte count (whatever is free), 1 itself is all the available
+    memory, and with nothing readable a fraction sets no limit (2⁶², said so) rather than a guess."""
+    from ehap_fx.scoring import budget
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(budget, "available_memory", lambda device: 3 * 2**20)
+    assert budget.resolve_budget(1.0, cpu) == (3 * 2**20, "memory_budget=1 of 3.00 MiB available")
+    assert budget.resolve_budget(1.5, cpu) == (1, "memory_budget=0.0 KiB")
+    assert budget.resolve_budget(2.0**21, cpu) == (2**21, "memory_budget=2.00 MiB")
+    monkeypatch.setattr(budget, "available_memory", lambda device: None)
+    assert budget.resolve_budget(0.5, cpu) == (2**62, "memory_budget unbounded (available memory unreadable)")
+    assert budget.resolve_budget(2.0**21, cpu)[0] == 2**21
+
+
+def test_unreadable_meminfo_without_psutil_is_no_available_memory(monkeypatch):
+    import sys
+
+    from ehap_fx.scoring import budget
+
+    def refuse(path):
+        raise PermissionError(path)
+
+    monkeypatch.setitem(sys.modules, "psutil", None)
+    monkeypatch.setattr(budget, "open", refuse, raising=False)
+    assert budget.available_memory(torch.device("cpu")) is None
+
+
 def test_saved_bytes_count_what_autograd_keeps_with_and_without_autocast():
     """Linear (5 → 4) → ReLU → linear (4 → 3) on one sample: fp32 keeps the input (5) and the
     ReLU output (4), 36 bytes (the weights are the model's own); under bf16 autocast the input,
@@ -325,6 +364,68 @@ def test_the_plans_per_sample_bytes_do_not_grow_with_the_batch(batch):
     assert (every.estimator, every.mc_chunk, every.footprint) == (mc.estimator, mc.mc_chunk, mc.footprint)
     ggn = choose_estimator(net, (x, y), dataclasses.replace(opts, estimator="ggn"), names=["0", "2"])
     assert (ggn.estimator, ggn.ggn_chunk, ggn.footprint) == ("ggn", 1, 2 * (36 + 3 * (32 * 4 + 36)))
+
+
+@pytest.mark.parametrize(("layers", "shape", "worst"), [
+    # grouped conv 4 -> 6 (2 groups), 3x3 on 5x5: T = 9, K = 2·9 = 18 per group, C = 6; direct
+    # (T²(K + C) = 1,944 per group against C·T·K/G = 972): unfolded input G·K·T = 324 + gradient C·K = 108
+    ([nn.Conv2d(4, 6, 3, groups=2)], (1, 4, 5, 5), 2 * 18 * 9 + 6 * 18),
+    # conv 16 -> 32, 3x3 on 6x6: T = 16, K = 144, C = 32; Gram (T²(K + C) = 45,056 < C·T·K = 73,728):
+    # unfolded input K·T = 2,304 + the T×T Gram 256
+    ([nn.Conv2d(16, 32, 3)], (1, 16, 6, 6), 144 * 16 + 16 * 16),
+    # linear 5 -> 3 over 7 tokens: T = 7, K = 5, C = 3; direct: K·T = 35 + C·K = 15
+    ([nn.Linear(5, 3)], (1, 7, 5), 5 * 7 + 3 * 5),
+    # a chain of two: the larger buffer (the 1x1 conv's: K·T = 54, direct C·K = 12)
+    ([nn.Conv2d(4, 6, 3, groups=2), nn.Conv2d(6, 2, 1)], (1, 4, 5, 5), 2 * 18 * 9 + 6 * 18),
+])
+def test_the_mc_reduction_buffer_is_the_largest_layers_unfolded_input_and_gradient_or_gram(layers, shape, worst):
+    """``ReduceSize.worst``: per sample, the largest layer's unfolded input plus its per-sample
+    weight gradient, or its T×T Gram matrix where that costs fewer multiplies (counted by hand)."""
+    from ehap_fx.scoring.ggn_mc import ReduceSize
+
+    net = nn.Sequential(*layers)
+    with ReduceSize(net, [str(i) for i in range(len(layers))]) as sizes:
+        net(torch.randn(*shape))
+    assert sizes.worst == worst
+    assert not net[0]._forward_hooks  # the hooks are gone with the context
+
+
+class _Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 3, 3, padding=1), nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.head(self.conv(self.conv(x)).mean((2, 3)))
+
+
+class _InPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 3, 3, padding=1), nn.Linear(3, 4)
+
+    def forward(self, x):
+        a = x + 1
+        out = self.conv(a)
+        a.mul_(2)  # the conv's input changed after the conv read it
+        return self.head(out.mean((2, 3)) + a.mean((2, 3)))
+
+
+def test_mc_traces_refuse_a_module_run_twice_and_an_input_changed_in_place():
+    """The squared norm of a per-sample gradient summed over two calls is not the sum of the
+    calls' squared norms; a reduction on an input changed in place would read the wrong values.
+    Both are a ``HessianError`` naming the module (the twice-run conv left out, the rest runs)."""
+    from ehap_fx.errors import HessianError
+    from ehap_fx.scoring.ggn_mc import mc_channel_traces
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5)
+    in_place = _InPlace().requires_grad_(False)  # as the estimator runs: gradients flow to the input
+    with pytest.raises(HessianError, match="module 'conv' runs 2 times per forward"):
+        mc_channel_traces(_Twice(), ["conv", "head"], [x], 1, 0)
+    assert mc_channel_traces(_Twice(), ["head"], [x], 1, 0).shape == (1, 4)
+    with pytest.raises(HessianError, match="the input of module 'conv' was modified in place"):
+        mc_channel_traces(in_place, ["conv"], [x], 1, 0)  # before autograd's own, unnamed error
 
 
 def test_byte_counts_print_in_the_largest_unit_they_reach():
