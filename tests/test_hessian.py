@@ -335,6 +335,22 @@ def test_group_sensitivity_sums_producers_and_k_indices():
                                                       torch.tensor([[0]])),))], r)
 
 
+def test_two_probes_give_a_group_standard_error_and_the_summary_reports_each_field():
+    """Two probes are enough for a spread (one is not: zero), ``std(rows) / √2`` of the group rows;
+    ``summary()`` reports the result's own figures under their names, seconds to the millisecond."""
+    net = tiny()
+    r = estimate_hessian(net, data(), opts(estimator="hutchinson", dtype="fp32", probes=2), names=NAMES)
+    g = ChannelGroup(1, 3, (Member("c", "c", "out", 0, torch.arange(3)[:, None]),), "output")
+    rows = r.probe_traces[:, 7:10] * (r.weight_sq["c"] / 4)  # c: 4 weights per channel
+    assert r.probes == 2 and (rows[0] != rows[1]).all()
+    torch.testing.assert_close(group_stderr([g], r)[1], (rows[0] - rows[1]).abs() / 2)  # std of 2 = |a−b|/√2
+    assert r.summary() == {"estimator": "hutchinson", "dtype": "fp32", "probes": 2, "retries": 0,
+                           "loss_scale": 1.0, "converged": True, "seconds": round(r.seconds, 3),
+                           "peak_memory": r.peak_memory, "peak_memory_kind": "process_peak_rss",
+                           "batch_size": 16, "n_batches": 1, "choice": r.choice}
+    assert r.choice.startswith("hutchinson: ~") and r.peak_memory > 0
+
+
 def test_options_validate_and_name_the_value():
     with pytest.raises(ValueError, match="estimator='newton'"):
         HessianOptions(estimator="newton")
@@ -717,6 +733,23 @@ def test_channels_last_puts_the_working_copy_and_its_batches_in_that_layout(chan
     assert s.model.a.weight.is_contiguous(memory_format=fmt)
     assert s.model.b.weight.is_contiguous(memory_format=fmt)
     assert all(x.is_contiguous(memory_format=fmt) for x, _ in s.batches)
+
+
+def test_the_cpu_peak_memory_is_the_process_peak_resident_size_in_bytes():
+    """On a CPU the peak is the process's high-water resident size in bytes (``ru_maxrss`` is in
+    kB: ``VmHWM`` of ``/proc/self/status`` agrees); after touching 64 MiB it is at least that."""
+    import re
+
+    from ehap_fx.scoring.setup import peak_memory
+
+    def hwm() -> int:
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+    big = torch.ones(2**24)  # 64 MiB, written: resident
+    peak, kind = peak_memory(torch.device("cpu"))
+    assert kind == "process_peak_rss" and peak >= big.numel() * 4
+    assert abs(peak - hwm()) <= 0.01 * peak  # the kernel's two counts differ by a few hundred kB
 
 
 def test_the_ggn_of_a_linear_softmax_layer_in_closed_form():
