@@ -203,6 +203,35 @@ def test_auto_takes_the_exact_ggn_up_to_exactly_exact_max_classes(classes, estim
     assert ("101 classes > exact_max_classes=100" in plan.reason) == (classes == 101)
 
 
+class _Dense(nn.Module):
+    """A segmentation-like head: per-pixel logits (N, 5, 8, 8), or those in a tuple."""
+
+    def __init__(self, wrap: bool) -> None:
+        super().__init__()
+        self.conv, self.wrap = nn.Conv2d(3, 5, 1), wrap
+
+    def forward(self, x):
+        return (self.conv(x),) if self.wrap else self.conv(x)
+
+
+@pytest.mark.parametrize("estimator", ["auto", "ggn", "mc", "hybrid"])
+@pytest.mark.parametrize("wrap", [False, True], ids=["4d", "tuple"])
+def test_estimators_of_the_softmax_ggn_refuse_outputs_that_are_not_logits_before_running(estimator, wrap):
+    """Every estimator but Hutchinson is the GGN of a softmax over classes: a model whose one-sample
+    output is not a ``(1, classes)`` tensor is refused at the plan, naming the shape, with the way out;
+    Hutchinson plans for it (any loss, any output)."""
+    from ehap_fx.errors import HessianError
+    from ehap_fx.scoring.hessian import choose_estimator
+
+    torch.manual_seed(0)
+    net, x = _Dense(wrap), torch.randn(4, 3, 8, 8)
+    o = HessianOptions(estimator=estimator, batch_size=4, progress=False)
+    shown = "tuple" if wrap else r"torch.Size\(\[1, 5, 8, 8\]\)"
+    with pytest.raises(HessianError, match=rf"needs \(N, classes\) logits; the model returns {shown} .*'hutchinson'"):
+        choose_estimator(net, (x, torch.zeros(4)), o)
+    assert choose_estimator(net, (x, torch.zeros(4)), dataclasses.replace(o, estimator="hutchinson")).estimator == "hutchinson"
+
+
 def test_budget_guard_takes_the_cheaper_path_instead_of_exhausting_memory():
     # 200 classes: the exact pass holds 200 per-sample gradients and backward passes per
     # sample (~3 MiB predicted here), the MC pass one draw's (~23 KiB). A 300 KiB budget fits
