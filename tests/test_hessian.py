@@ -756,6 +756,26 @@ def test_the_cpu_peak_memory_is_the_process_peak_resident_size_in_bytes():
     assert abs(peak - hwm()) <= 0.01 * peak  # the kernel's two counts differ by a few hundred kB
 
 
+@pytest.mark.parametrize(("amp", "dtype", "weights", "inputs", "out"), [
+    ("cast", "bf16", torch.bfloat16, torch.bfloat16, torch.bfloat16),  # a half copy, no autocast
+    ("autocast", "bf16", torch.float32, torch.float32, torch.bfloat16),  # fp32 weights, bf16 compute
+    ("autocast", "fp32", torch.float32, torch.float32, torch.float32),  # nothing to autocast to
+    ("cast", "fp32", torch.float32, torch.float32, torch.float32),
+])
+def test_amp_cast_runs_a_half_copy_and_autocast_keeps_fp32_weights_and_inputs(amp, dtype, weights, inputs, out):
+    """``amp="cast"``: the working copy and the Hessian batches in the compute dtype;
+    ``amp="autocast"``: both stay fp32 and the forward runs under autocast to that dtype."""
+    from ehap_fx.scoring.setup import prepare
+
+    o = opts(estimator="hutchinson", dtype=dtype, amp=amp)
+    s = prepare(tiny(), data(), o, NAMES, F.cross_entropy, torch.device("cpu"))
+    assert s.dtype == {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    assert s.model.a.weight.dtype == s.model.c.weight.dtype == weights
+    assert all(x.dtype == inputs for x, _ in s.batches) and all(y.dtype == torch.int64 for _, y in s.batches)
+    with s.autocast():
+        assert s.model(s.batches[0][0]).dtype == out
+
+
 def test_the_ggn_of_a_linear_softmax_layer_in_closed_form():
     """logits = W x + b: row c of W has ``Tr(G_c) = mean_n ‖x_n‖² p_nc (1 − p_nc)`` and
     ``(G v)_c = mean_n [(diag p_n − p_n p_nᵀ) v x_n]_c x_n``, with no autocast given."""
