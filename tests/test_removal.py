@@ -193,6 +193,30 @@ def test_per_cost_ranking_prunes_the_channels_that_save_most_per_unit_of_score()
     assert set(per_cost.keep) == {first.id}
 
 
+def test_rank_gives_each_scorer_its_scores_and_only_removal_ranks_per_cost():
+    """``rank``: the removal criterion's loss units rank per unit of cost (its ``whole`` the group
+    sums), the Hessian's scores are plain with standard errors, L1 is the magnitude control;
+    removal refuses a custom loss, and an unknown scorer is a ``ValueError``."""
+    from ehap_fx.scoring.ranking import magnitude_scores, rank
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 2, 5, 5), torch.randint(0, 3, (16,))
+    gm, groups = grouped(tiny_relu(), x)
+    removal = rank(gm, (x, y), "removal", FP32)
+    assert removal.per_cost and removal.summary["scorer"] == "removal" and removal.summary["method"] == "exact"
+    assert removal.whole == removal.result.whole and removal.scores is removal.result.scores
+    hessian = rank(gm, (x, y), "hessian", dataclasses.replace(FP32, estimator="hutchinson", probes=2))
+    assert not hessian.per_cost and hessian.whole is None and hessian.summary["scorer"] == "hessian"
+    assert set(hessian.stderr) == set(hessian.scores) == {g.id for g in groups}
+    l1 = rank(gm, None, "l1")
+    assert not l1.per_cost and l1.summary == {"scorer": "l1"}
+    assert all(torch.equal(l1.scores[g], s) for g, s in magnitude_scores(gm).items())
+    with pytest.raises(EhapError, match="scorer='removal' is exact for cross-entropy only"):
+        rank(gm, (x, y), "removal", FP32, loss_fn=F.cross_entropy)
+    with pytest.raises(ValueError, match="scorer='taylor' must be one of"):
+        rank(gm, (x, y), "taylor")
+
+
 def test_compress_with_removal_scorer_meets_the_target():
     torch.manual_seed(0)
     model = get_model("resnet20")
