@@ -208,6 +208,18 @@ def test_retry_limit_is_a_clear_error():
                                            loss_scale=2.0**200, max_retries=2), names=NAMES)
 
 
+@pytest.mark.parametrize(("estimator", "first"), [("hutchinson", 2.0**200), ("mc", 2.0**196)])
+def test_max_retries_means_that_many_halvings_after_the_first_try(estimator, first):
+    """``max_retries=2``: a first try and two retries, each failure halving the scale, so the
+    error names the scale after three halvings (the MC estimator starts at the scale over the
+    batch, 2²⁰⁰ / 16: per-sample cotangents are N times the mean loss's)."""
+    import re
+
+    o = opts(estimator=estimator, dtype="fp32", probes=2, mc_samples=2, loss_scale=2.0**200, max_retries=2)
+    with pytest.raises(HessianError, match=re.escape(f"overflow after 2 retries (loss scale {first / 8})")):
+        estimate_hessian(tiny(), data(), o, names=NAMES)
+
+
 def test_fp16_loss_scaling_rescues_underflowing_gradients():
     """1e-6 · CE: in fp16 without scaling the gradients underflow to (almost) zero."""
     net = tiny(nn.Tanh)
