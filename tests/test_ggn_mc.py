@@ -404,6 +404,9 @@ def test_the_plans_per_sample_bytes_do_not_grow_with_the_batch(batch):
     ([nn.Conv2d(16, 32, 3)], (1, 16, 6, 6), 144 * 16 + 16 * 16),
     # linear 5 -> 3 over 7 tokens: T = 7, K = 5, C = 3; direct: K·T = 35 + C·K = 15
     ([nn.Linear(5, 3)], (1, 7, 5), 5 * 7 + 3 * 5),
+    # linear 4 -> 4 over 2 tokens: a tie, T²(K + C) = 4·8 = 32 = C·T·K; the reduction takes the
+    # Gram only when strictly cheaper (``im2col_sq_norms``): direct, K·T + C·K
+    ([nn.Linear(4, 4)], (1, 2, 4), 4 * 2 + 4 * 4),
     # a chain of two: the larger buffer (the 1x1 conv's: K·T = 54, direct C·K = 12)
     ([nn.Conv2d(4, 6, 3, groups=2), nn.Conv2d(6, 2, 1)], (1, 4, 5, 5), 2 * 18 * 9 + 6 * 18),
 ])
