@@ -118,6 +118,36 @@ def test_micro_batches_and_parts_give_the_same_rows():
     assert torch.equal(label_noise(0, 2, [16])[0][:, 6:11], label_noise(0, 2, [16])[0][:, 6:11])
 
 
+def test_an_mc_pass_forwards_the_whole_batch_unless_chunked_and_a_part_only_its_share():
+    """``chunk=None``: one forward of the whole batch serves every draw; ``chunk=5``: 16 samples
+    go 5, 5, 5, 1; ``part=(1, 3)`` forwards only samples [6, 11) of 16."""
+    from ehap_fx.scoring.ggn_mc import mc_channel_traces
+
+    net = tiny(nn.ReLU).eval()
+    x, _ = data()
+    seen = []
+    net.a.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    for chunk, part, want in ((None, None, [16]), (5, None, [5, 5, 5, 1]), (None, (1, 3), [5])):
+        seen.clear()
+        mc_channel_traces(net, NAMES, [x], 3, 0, chunk=chunk, part=part)
+        assert seen == want, (chunk, part)
+
+
+def test_mc_traces_of_integer_inputs_flow_to_the_weights():
+    """Token ids cannot carry a gradient: the backward passes then target the weights, and a
+    model whose weights are all frozen is a ``HessianError`` saying so."""
+    from ehap_fx.errors import HessianError
+    from ehap_fx.scoring.ggn_mc import mc_channel_traces
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 5))
+    ids = torch.randint(0, 10, (6, 3))
+    rows = mc_channel_traces(net, ["2"], [ids], 2, 0)
+    assert rows.shape == (2, 5) and (rows > 0).all()
+    with pytest.raises(HessianError, match="integer inputs: the MC estimator needs the estimated weights"):
+        mc_channel_traces(net.requires_grad_(False), ["2"], [ids], 2, 0)
+
+
 def test_stop_rule_counts_draws():
     net = tiny(nn.ReLU)
     opts = dataclasses.replace(MC, mc_samples=None, min_probes=4, check_every=4, max_probes=64,
