@@ -476,7 +476,8 @@ class _InPlace(nn.Module):
 def test_mc_traces_refuse_a_module_run_twice_and_an_input_changed_in_place():
     """The squared norm of a per-sample gradient summed over two calls is not the sum of the
     calls' squared norms; a reduction on an input changed in place would read the wrong values.
-    Both are a ``HessianError`` naming the module (the twice-run conv left out, the rest runs)."""
+    Both are a ``HessianError`` naming the module (the twice-run conv left out, the rest runs), as
+    is an output that is not ``(N, classes)`` logits."""
     from ehap_fx.errors import HessianError
     from ehap_fx.scoring.ggn_mc import mc_channel_traces
 
@@ -488,6 +489,9 @@ def test_mc_traces_refuse_a_module_run_twice_and_an_input_changed_in_place():
     assert mc_channel_traces(_Twice(), ["head"], [x], 1, 0).shape == (1, 4)
     with pytest.raises(HessianError, match="the input of module 'conv' was modified in place"):
         mc_channel_traces(in_place, ["conv"], [x], 1, 0)  # before autograd's own, unnamed error
+    for wrap in (False, True):  # per-pixel logits, bare or in a tuple: no softmax over classes to draw from
+        with pytest.raises(HessianError, match=r"needs \(N, classes\) logits; the model returned"):
+            mc_channel_traces(_Dense(wrap), ["conv"], [x[:, :, :2, :2]], 1, 0)
 
 
 def test_byte_counts_print_in_the_largest_unit_they_reach():
