@@ -445,6 +445,27 @@ def test_user_model_is_untouched():
         assert torch.equal(v, before[k])
 
 
+def test_group_scores_for_the_stop_rule_sum_each_groups_producer_channels():
+    """The stop rule's group scores are ``index_add`` of the channel scores: channel ``i`` of a group
+    collects every producer index of row ``i`` (a repeated index twice), groups laid end to end;
+    producers that were not estimated are skipped, and no estimated producer at all is an error."""
+    from ehap_fx.scoring.hessian import _group_index
+
+    params = [torch.zeros(3, 2), torch.zeros(4, 2), torch.zeros(3, 2)]  # a: channels 0-2, b: 3-6, c: 7-9
+    g0 = ChannelGroup(0, 2, (
+        Member("a", "a", "out", 0, torch.tensor([[0], [2]])),
+        Member("b", "b", "out", 0, torch.tensor([[1, 1], [2, 3]])),
+        Member("b", "b", "in", 1, torch.tensor([[0], [2]])),  # a consumer: not a producer
+        Member("z", "z", "out", 0, torch.tensor([[0], [1]])),  # not estimated: skipped
+    ))
+    g1 = ChannelGroup(1, 3, (Member("c", "c", "out", 0, torch.arange(3)[:, None]),))
+    rows, cols, size = _group_index([g0, g1], NAMES, params, torch.device("cpu"))
+    score = torch.zeros(size).index_add_(0, rows, torch.arange(10.0)[cols])
+    assert size == 5 and score.tolist() == [0 + 4 + 4, 2 + 5 + 6, 7, 8, 9]
+    with pytest.raises(HessianError, match="none of the groups has a producer among the estimated modules"):
+        _group_index([ChannelGroup(2, 2, g0.members[3:])], NAMES, params, torch.device("cpu"))
+
+
 def test_stop_rule_can_rank_groups():
     net = tiny(nn.ReLU)
     x, y = data()
