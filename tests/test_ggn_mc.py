@@ -423,6 +423,15 @@ def test_the_plans_per_sample_bytes_do_not_grow_with_the_batch(batch):
     assert (every.estimator, every.mc_chunk, every.footprint) == (mc.estimator, mc.mc_chunk, mc.footprint)
     ggn = choose_estimator(net, (x, y), dataclasses.replace(opts, estimator="ggn"), names=["0", "2"])
     assert (ggn.estimator, ggn.ggn_chunk, ggn.footprint) == ("ggn", 1, 2 * (36 + 3 * (32 * 4 + 36)))
+    # Hutchinson: 3A for every sample of the batch (no chunks); MC chunks cap at the batch
+    hutch = choose_estimator(net, (x, y), dataclasses.replace(opts, estimator="hutchinson"), names=["0", "2"])
+    assert (hutch.estimator, hutch.mc_chunk, hutch.footprint) == ("hutchinson", 0, 3 * 36 * batch)
+    two = choose_estimator(net, (x, y), dataclasses.replace(opts, estimator="mc", mc_chunk=2), names=["0", "2"])
+    assert (two.mc_chunk, two.footprint) == (2, 2 * (3 * 36 + 6 * 8))
+    big = choose_estimator(net, (x, y), dataclasses.replace(opts, estimator="mc", mc_chunk=1000), names=["0", "2"])
+    assert (big.mc_chunk, big.footprint) == (batch, batch * (3 * 36 + 6 * 8))
+    with pytest.raises(dataclasses.FrozenInstanceError):  # a plan is a value (rank 0 broadcasts it)
+        big.mc_chunk = 1
 
 
 @pytest.mark.parametrize(("layers", "shape", "worst"), [
