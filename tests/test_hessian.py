@@ -572,6 +572,9 @@ def test_the_stop_rules_standard_error_is_the_rows_std_over_root_n():
     rows = [torch.tensor([[1.0, 3.0]]), torch.tensor([[3.0, 5.0]])]
     assert StopRule(HessianOptions(**base, stderr_tol=1 / 3 + 1e-6), lambda m: m).done(2, rows)
     assert not StopRule(HessianOptions(**base, stderr_tol=0.33), lambda m: m).done(2, rows)
+    # one row has no spread: its standard error is 0 at a check too (as in the result), not NaN
+    one = dict(base, min_probes=1, check_every=1)
+    assert StopRule(HessianOptions(**one, stderr_tol=1e-9), lambda m: m).done(1, rows[:1])
 
 
 def test_a_round_is_min_probes_first_then_check_every_never_past_max_probes():
