@@ -328,6 +328,86 @@ def test_batch_shards_have_equal_lengths():
     assert got == [[0, 2, 4], [1, 3, 1]]
 
 
+def test_round_statistics_sum_the_retries_and_keep_the_lowest_scale_and_highest_peak():
+    """Over rounds and ranks: retries add up, the loss scale is the lowest any of them ended at
+    (kept negated, so that one MAX reduces both), the peak memory the highest."""
+    from types import SimpleNamespace as Result
+
+    from ehap_fx.scoring.distributed import _accumulate, _stats
+
+    first = _stats(Result(retries=2, loss_scale=8.0, peak_memory=100))
+    assert first.tolist() == [2.0, -8.0, 100.0] and first.dtype == torch.float64
+    second = _stats(Result(retries=3, loss_scale=4.0, peak_memory=50))
+    assert _accumulate(first, second).tolist() == [5.0, -4.0, 100.0]
+    assert _accumulate(second, first).tolist() == [5.0, -4.0, 100.0]
+
+
+def test_rank_0_chooses_with_the_budget_fraction_shared_by_the_machines_ranks(monkeypatch):
+    """``LOCAL_WORLD_SIZE`` ranks on one machine share its memory: a fraction of it (at most 1)
+    is divided among them, a byte count is each rank's; the plan's estimator replaces ``"auto"``
+    and its reason says it was rank 0's. An estimate error is raised, not broadcast as a plan."""
+    from ehap_fx.errors import MemoryBudgetError
+    from ehap_fx.scoring.distributed import _agreed
+    from ehap_fx.scoring.plan import Plan
+
+    seen = []
+
+    def choose(o):
+        seen.append(o.memory_budget)
+        return Plan("mc", 8, 4, 10, 20, "why")
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    opts, reason = _agreed(HessianOptions(memory_budget=1.0), choose)
+    assert (opts.estimator, opts.memory_budget, reason) == ("mc", 0.25, "why (rank 0 of 1)")
+    _agreed(HessianOptions(memory_budget=0.5), choose)
+    _agreed(HessianOptions(memory_budget=2.0**30), choose)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "0")  # nonsense: taken as one rank
+    _agreed(HessianOptions(memory_budget=0.5), choose)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # the world size then: 1 here
+    _agreed(HessianOptions(memory_budget=0.5), choose)
+    assert seen == [0.25, 0.125, 2.0**30, 0.5, 0.5]
+
+    def refuse(o):
+        raise MemoryBudgetError("too small")
+
+    with pytest.raises(MemoryBudgetError, match="too small"):
+        _agreed(HessianOptions(), refuse)
+
+
+@pytest.mark.parametrize(("n_batches", "batch_size", "rank", "want", "local", "weight"), [
+    (4, 3, 1, [3, 4, 5, 9, 10, 11], (3, 2), 0.5),  # whole batches 1 and 3 of 4: n_batches divides by 2
+    (1, 5, 0, [0, 1, 2], (3, 1), 0.6),  # a slice of the one batch: 3 of 5 to rank 0 ...
+    (1, 5, 1, [3, 4], (2, 1), 0.4),  # ... 2 of 5 to rank 1
+    (3, 2, 1, [1, 3, 5], (1, 3), 0.5),  # 3 batches of 2 over 2 ranks: one sample of each batch
+])
+def test_a_data_shard_is_whole_batches_or_a_slice_of_each(monkeypatch, n_batches, batch_size, rank, want, local,
+                                                          weight):
+    from ehap_fx.scoring import distributed
+
+    monkeypatch.setattr(distributed, "get_rank", lambda: rank)
+    monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
+    x = torch.arange(n_batches * batch_size)
+    opts = HessianOptions(batch_size=batch_size, n_batches=n_batches, data_seed=0)
+    batches = distributed.draw_batches((x, x), batch_size, n_batches, 0)
+    order = torch.cat([b for b, _ in batches]).tolist()  # drawn order: sample i of batch j
+    (lx, ly), opts_here, w = distributed._local_data((x, x), opts, "data")
+    assert lx.tolist() == [order[i] for i in want] and torch.equal(lx, ly) and w == weight
+    assert (opts_here.batch_size, opts_here.n_batches) == local
+    (px, _), same, one = distributed._local_data((x, x), opts, "probes")
+    assert px.tolist() == order and same == opts and one == 1.0
+
+
+def test_a_data_shard_needs_a_sample_per_rank(monkeypatch):
+    from ehap_fx.errors import HessianError
+    from ehap_fx.scoring import distributed
+
+    monkeypatch.setattr(distributed, "get_rank", lambda: 0)
+    monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
+    x = torch.arange(3)
+    with pytest.raises(HessianError, match="batch_size=1 < 2 ranks"):
+        distributed._local_data((x, x), HessianOptions(batch_size=1, n_batches=3), "data")
+
+
 def test_single_process_is_the_plain_estimate():
     assert not is_distributed()
     x, y = _hessian_batch()

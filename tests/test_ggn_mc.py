@@ -118,6 +118,36 @@ def test_micro_batches_and_parts_give_the_same_rows():
     assert torch.equal(label_noise(0, 2, [16])[0][:, 6:11], label_noise(0, 2, [16])[0][:, 6:11])
 
 
+def test_an_mc_pass_forwards_the_whole_batch_unless_chunked_and_a_part_only_its_share():
+    """``chunk=None``: one forward of the whole batch serves every draw; ``chunk=5``: 16 samples
+    go 5, 5, 5, 1; ``part=(1, 3)`` forwards only samples [6, 11) of 16."""
+    from ehap_fx.scoring.ggn_mc import mc_channel_traces
+
+    net = tiny(nn.ReLU).eval()
+    x, _ = data()
+    seen = []
+    net.a.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    for chunk, part, want in ((None, None, [16]), (5, None, [5, 5, 5, 1]), (None, (1, 3), [5])):
+        seen.clear()
+        mc_channel_traces(net, NAMES, [x], 3, 0, chunk=chunk, part=part)
+        assert seen == want, (chunk, part)
+
+
+def test_mc_traces_of_integer_inputs_flow_to_the_weights():
+    """Token ids cannot carry a gradient: the backward passes then target the weights, and a
+    model whose weights are all frozen is a ``HessianError`` saying so."""
+    from ehap_fx.errors import HessianError
+    from ehap_fx.scoring.ggn_mc import mc_channel_traces
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 5))
+    ids = torch.randint(0, 10, (6, 3))
+    rows = mc_channel_traces(net, ["2"], [ids], 2, 0)
+    assert rows.shape == (2, 5) and (rows > 0).all()
+    with pytest.raises(HessianError, match="integer inputs: the MC estimator needs the estimated weights"):
+        mc_channel_traces(net.requires_grad_(False), ["2"], [ids], 2, 0)
+
+
 def test_stop_rule_counts_draws():
     net = tiny(nn.ReLU)
     opts = dataclasses.replace(MC, mc_samples=None, min_probes=4, check_every=4, max_probes=64,
@@ -190,6 +220,46 @@ def test_auto_takes_the_exact_ggn_for_few_classes_and_mc_for_many():
     assert few.estimator == "ggn" and few.choice.startswith("exact GGN: 10 classes")
     assert many.estimator == "mc" and "1000 classes > exact_max_classes=100" in many.choice
     assert many.summary()["choice"] == many.choice  # and so in compress()'s report
+
+
+@pytest.mark.parametrize(("classes", "estimator"), [(100, "ggn"), (101, "mc")])
+def test_auto_takes_the_exact_ggn_up_to_exactly_exact_max_classes(classes, estimator):
+    """The default ``exact_max_classes=100`` is inclusive: 100 classes is still the exact GGN,
+    101 the MC estimator (the plan alone: one one-sample forward)."""
+    from ehap_fx.scoring.hessian import choose_estimator
+
+    plan = choose_estimator(_wide_head(classes), _images(classes), HessianOptions(batch_size=8, progress=False))
+    assert plan.estimator == estimator
+    assert ("101 classes > exact_max_classes=100" in plan.reason) == (classes == 101)
+
+
+class _Dense(nn.Module):
+    """A segmentation-like head: per-pixel logits (N, 5, 8, 8), or those in a tuple."""
+
+    def __init__(self, wrap: bool) -> None:
+        super().__init__()
+        self.conv, self.wrap = nn.Conv2d(3, 5, 1), wrap
+
+    def forward(self, x):
+        return (self.conv(x),) if self.wrap else self.conv(x)
+
+
+@pytest.mark.parametrize("estimator", ["auto", "ggn", "mc", "hybrid"])
+@pytest.mark.parametrize("wrap", [False, True], ids=["4d", "tuple"])
+def test_estimators_of_the_softmax_ggn_refuse_outputs_that_are_not_logits_before_running(estimator, wrap):
+    """Every estimator but Hutchinson is the GGN of a softmax over classes: a model whose one-sample
+    output is not a ``(1, classes)`` tensor is refused at the plan, naming the shape, with the way out;
+    Hutchinson plans for it (any loss, any output)."""
+    from ehap_fx.errors import HessianError
+    from ehap_fx.scoring.hessian import choose_estimator
+
+    torch.manual_seed(0)
+    net, x = _Dense(wrap), torch.randn(4, 3, 8, 8)
+    o = HessianOptions(estimator=estimator, batch_size=4, progress=False)
+    shown = "tuple" if wrap else r"torch.Size\(\[1, 5, 8, 8\]\)"
+    with pytest.raises(HessianError, match=rf"needs \(N, classes\) logits; the model returns {shown} .*'hutchinson'"):
+        choose_estimator(net, (x, torch.zeros(4)), o)
+    assert choose_estimator(net, (x, torch.zeros(4)), dataclasses.replace(o, estimator="hutchinson")).estimator == "hutchinson"
 
 
 def test_budget_guard_takes_the_cheaper_path_instead_of_exhausting_memory():
@@ -290,6 +360,34 @@ def test_without_psutil_the_available_memory_is_memavailable(monkeypatch):
     assert budget.resolve_budget(0.5, torch.device("cpu")) == (768 * 1024, "memory_budget=0.5 of 1.50 MiB available")
 
 
+def test_a_budget_over_one_is_bytes_up_to_one_a_fraction_and_unreadable_memory_no_limit(monkeypatch):
+    """``memory_budget`` > 1 is a byte count (whatever is free), 1 itself is all the available
+    memory, and with nothing readable a fraction sets no limit (2⁶², said so) rather than a guess."""
+    from ehap_fx.scoring import budget
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(budget, "available_memory", lambda device: 3 * 2**20)
+    assert budget.resolve_budget(1.0, cpu) == (3 * 2**20, "memory_budget=1 of 3.00 MiB available")
+    assert budget.resolve_budget(1.5, cpu) == (1, "memory_budget=0.0 KiB")
+    assert budget.resolve_budget(2.0**21, cpu) == (2**21, "memory_budget=2.00 MiB")
+    monkeypatch.setattr(budget, "available_memory", lambda device: None)
+    assert budget.resolve_budget(0.5, cpu) == (2**62, "memory_budget unbounded (available memory unreadable)")
+    assert budget.resolve_budget(2.0**21, cpu)[0] == 2**21
+
+
+def test_unreadable_meminfo_without_psutil_is_no_available_memory(monkeypatch):
+    import sys
+
+    from ehap_fx.scoring import budget
+
+    def refuse(path):
+        raise PermissionError(path)
+
+    monkeypatch.setitem(sys.modules, "psutil", None)
+    monkeypatch.setattr(budget, "open", refuse, raising=False)
+    assert budget.available_memory(torch.device("cpu")) is None
+
+
 def test_saved_bytes_count_what_autograd_keeps_with_and_without_autocast():
     """Linear (5 → 4) → ReLU → linear (4 → 3) on one sample: fp32 keeps the input (5) and the
     ReLU output (4), 36 bytes (the weights are the model's own); under bf16 autocast the input,
@@ -325,6 +423,84 @@ def test_the_plans_per_sample_bytes_do_not_grow_with_the_batch(batch):
     assert (every.estimator, every.mc_chunk, every.footprint) == (mc.estimator, mc.mc_chunk, mc.footprint)
     ggn = choose_estimator(net, (x, y), dataclasses.replace(opts, estimator="ggn"), names=["0", "2"])
     assert (ggn.estimator, ggn.ggn_chunk, ggn.footprint) == ("ggn", 1, 2 * (36 + 3 * (32 * 4 + 36)))
+    # Hutchinson: 3A for every sample of the batch (no chunks); MC chunks cap at the batch
+    hutch = choose_estimator(net, (x, y), dataclasses.replace(opts, estimator="hutchinson"), names=["0", "2"])
+    assert (hutch.estimator, hutch.mc_chunk, hutch.footprint) == ("hutchinson", 0, 3 * 36 * batch)
+    two = choose_estimator(net, (x, y), dataclasses.replace(opts, estimator="mc", mc_chunk=2), names=["0", "2"])
+    assert (two.mc_chunk, two.footprint) == (2, 2 * (3 * 36 + 6 * 8))
+    big = choose_estimator(net, (x, y), dataclasses.replace(opts, estimator="mc", mc_chunk=1000), names=["0", "2"])
+    assert (big.mc_chunk, big.footprint) == (batch, batch * (3 * 36 + 6 * 8))
+    with pytest.raises(dataclasses.FrozenInstanceError):  # a plan is a value (rank 0 broadcasts it)
+        big.mc_chunk = 1
+
+
+@pytest.mark.parametrize(("layers", "shape", "worst"), [
+    # grouped conv 4 -> 6 (2 groups), 3x3 on 5x5: T = 9, K = 2·9 = 18 per group, C = 6; direct
+    # (T²(K + C) = 1,944 per group against C·T·K/G = 972): unfolded input G·K·T = 324 + gradient C·K = 108
+    ([nn.Conv2d(4, 6, 3, groups=2)], (1, 4, 5, 5), 2 * 18 * 9 + 6 * 18),
+    # conv 16 -> 32, 3x3 on 6x6: T = 16, K = 144, C = 32; Gram (T²(K + C) = 45,056 < C·T·K = 73,728):
+    # unfolded input K·T = 2,304 + the T×T Gram 256
+    ([nn.Conv2d(16, 32, 3)], (1, 16, 6, 6), 144 * 16 + 16 * 16),
+    # linear 5 -> 3 over 7 tokens: T = 7, K = 5, C = 3; direct: K·T = 35 + C·K = 15
+    ([nn.Linear(5, 3)], (1, 7, 5), 5 * 7 + 3 * 5),
+    # linear 4 -> 4 over 2 tokens: a tie, T²(K + C) = 4·8 = 32 = C·T·K; the reduction takes the
+    # Gram only when strictly cheaper (``im2col_sq_norms``): direct, K·T + C·K
+    ([nn.Linear(4, 4)], (1, 2, 4), 4 * 2 + 4 * 4),
+    # a chain of two: the larger buffer (the 1x1 conv's: K·T = 54, direct C·K = 12)
+    ([nn.Conv2d(4, 6, 3, groups=2), nn.Conv2d(6, 2, 1)], (1, 4, 5, 5), 2 * 18 * 9 + 6 * 18),
+])
+def test_the_mc_reduction_buffer_is_the_largest_layers_unfolded_input_and_gradient_or_gram(layers, shape, worst):
+    """``ReduceSize.worst``: per sample, the largest layer's unfolded input plus its per-sample
+    weight gradient, or its T×T Gram matrix where that costs fewer multiplies (counted by hand)."""
+    from ehap_fx.scoring.ggn_mc import ReduceSize
+
+    net = nn.Sequential(*layers)
+    with ReduceSize(net, [str(i) for i in range(len(layers))]) as sizes:
+        net(torch.randn(*shape))
+    assert sizes.worst == worst
+    assert not net[0]._forward_hooks  # the hooks are gone with the context
+
+
+class _Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 3, 3, padding=1), nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.head(self.conv(self.conv(x)).mean((2, 3)))
+
+
+class _InPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 3, 3, padding=1), nn.Linear(3, 4)
+
+    def forward(self, x):
+        a = x + 1
+        out = self.conv(a)
+        a.mul_(2)  # the conv's input changed after the conv read it
+        return self.head(out.mean((2, 3)) + a.mean((2, 3)))
+
+
+def test_mc_traces_refuse_a_module_run_twice_and_an_input_changed_in_place():
+    """The squared norm of a per-sample gradient summed over two calls is not the sum of the
+    calls' squared norms; a reduction on an input changed in place would read the wrong values.
+    Both are a ``HessianError`` naming the module (the twice-run conv left out, the rest runs), as
+    is an output that is not ``(N, classes)`` logits."""
+    from ehap_fx.errors import HessianError
+    from ehap_fx.scoring.ggn_mc import mc_channel_traces
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5)
+    in_place = _InPlace().requires_grad_(False)  # as the estimator runs: gradients flow to the input
+    with pytest.raises(HessianError, match="module 'conv' runs 2 times per forward"):
+        mc_channel_traces(_Twice(), ["conv", "head"], [x], 1, 0)
+    assert mc_channel_traces(_Twice(), ["head"], [x], 1, 0).shape == (1, 4)
+    with pytest.raises(HessianError, match="the input of module 'conv' was modified in place"):
+        mc_channel_traces(in_place, ["conv"], [x], 1, 0)  # before autograd's own, unnamed error
+    for wrap in (False, True):  # per-pixel logits, bare or in a tuple: no softmax over classes to draw from
+        with pytest.raises(HessianError, match=r"needs \(N, classes\) logits; the model returned"):
+            mc_channel_traces(_Dense(wrap), ["conv"], [x[:, :, :2, :2]], 1, 0)
 
 
 def test_byte_counts_print_in_the_largest_unit_they_reach():

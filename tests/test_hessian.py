@@ -10,6 +10,8 @@ or Tanh (it does not).
 """
 
 import copy
+import dataclasses
+import math
 
 import pytest
 import torch
@@ -206,6 +208,18 @@ def test_retry_limit_is_a_clear_error():
                                            loss_scale=2.0**200, max_retries=2), names=NAMES)
 
 
+@pytest.mark.parametrize(("estimator", "first"), [("hutchinson", 2.0**200), ("mc", 2.0**196)])
+def test_max_retries_means_that_many_halvings_after_the_first_try(estimator, first):
+    """``max_retries=2``: a first try and two retries, each failure halving the scale, so the
+    error names the scale after three halvings (the MC estimator starts at the scale over the
+    batch, 2²⁰⁰ / 16: per-sample cotangents are N times the mean loss's)."""
+    import re
+
+    o = opts(estimator=estimator, dtype="fp32", probes=2, mc_samples=2, loss_scale=2.0**200, max_retries=2)
+    with pytest.raises(HessianError, match=re.escape(f"overflow after 2 retries (loss scale {first / 8})")):
+        estimate_hessian(tiny(), data(), o, names=NAMES)
+
+
 def test_fp16_loss_scaling_rescues_underflowing_gradients():
     """1e-6 · CE: in fp16 without scaling the gradients underflow to (almost) zero."""
     net = tiny(nn.Tanh)
@@ -256,6 +270,26 @@ def test_draw_batches_exact_size_and_seeded():
     assert len(draw_batches(samples, 30, 2, seed=5)[1][0]) == 30
     with pytest.raises(HessianError, match="100 samples but batch_size"):
         draw_batches((x, y), 60, 2, seed=0)
+
+
+def test_draw_batches_takes_exactly_all_the_samples_and_pools_no_more_batches_than_it_needs():
+    """Data of exactly ``batch_size * n_batches`` samples is drawn whole (a permutation of it);
+    a stream of batches is read only until it holds enough samples (a second batch would change
+    the draw, and a stream may be long); no data at all is a ``HessianError``."""
+    x, y = torch.arange(100.0)[:, None], torch.arange(100)
+    whole = draw_batches((x, y), 50, 2, seed=1)
+    assert sorted(torch.cat([b for _, b in whole]).tolist()) == list(range(100))
+
+    def stream():
+        yield x[:50], y[:50]
+        raise AssertionError("a second batch was read")
+
+    (first,) = draw_batches(stream(), 50, 1, seed=1)
+    assert sorted(first[1].tolist()) == list(range(50))
+    with pytest.raises(HessianError, match="has 0 samples"):
+        draw_batches([], 1, 1, seed=0)
+    with pytest.raises(HessianError, match="yielded no batches"):
+        draw_batches(iter([]), 1, 1, seed=0)
 
 
 def test_several_batches_average_the_hessian():
@@ -313,6 +347,22 @@ def test_group_sensitivity_sums_producers_and_k_indices():
                                                       torch.tensor([[0]])),))], r)
 
 
+def test_two_probes_give_a_group_standard_error_and_the_summary_reports_each_field():
+    """Two probes are enough for a spread (one is not: zero), ``std(rows) / √2`` of the group rows;
+    ``summary()`` reports the result's own figures under their names, seconds to the millisecond."""
+    net = tiny()
+    r = estimate_hessian(net, data(), opts(estimator="hutchinson", dtype="fp32", probes=2), names=NAMES)
+    g = ChannelGroup(1, 3, (Member("c", "c", "out", 0, torch.arange(3)[:, None]),), "output")
+    rows = r.probe_traces[:, 7:10] * (r.weight_sq["c"] / 4)  # c: 4 weights per channel
+    assert r.probes == 2 and (rows[0] != rows[1]).all()
+    torch.testing.assert_close(group_stderr([g], r)[1], (rows[0] - rows[1]).abs() / 2)  # std of 2 = |a−b|/√2
+    assert r.summary() == {"estimator": "hutchinson", "dtype": "fp32", "probes": 2, "retries": 0,
+                           "loss_scale": 1.0, "converged": True, "seconds": round(r.seconds, 3),
+                           "peak_memory": r.peak_memory, "peak_memory_kind": "process_peak_rss",
+                           "batch_size": 16, "n_batches": 1, "choice": r.choice}
+    assert r.choice.startswith("hutchinson: ~") and r.peak_memory > 0
+
+
 def test_options_validate_and_name_the_value():
     with pytest.raises(ValueError, match="estimator='newton'"):
         HessianOptions(estimator="newton")
@@ -328,6 +378,64 @@ def test_options_validate_and_name_the_value():
         estimate_hessian(tiny(), data(), opts(estimator="ggn"), loss_fn=F.mse_loss)
 
 
+@pytest.mark.parametrize(("field", "edge", "beyond"), [
+    *[(name, 1, 0) for name in ("batch_size", "n_batches", "min_probes", "check_every", "probe_batch",
+                                "ggn_chunk", "exact_max_classes", "probes", "mc_samples", "mc_chunk")],
+    ("max_probes", 20, 19),  # not below the default min_probes=20
+    ("max_retries", 0, -1),
+    ("loss_scale", 1e-30, 0.0),
+    ("memory_budget", 1e-30, 0.0),
+    *[(name, 1.0, 1.0001) for name in ("tol", "rank_threshold", "stderr_tol")],
+    *[(name, 1e-30, 0.0) for name in ("tol", "rank_threshold", "stderr_tol")],
+])
+def test_options_accept_each_range_up_to_its_edge_and_refuse_past_it(field, edge, beyond):
+    """Every count is >= 1 (``max_retries`` >= 0), ``loss_scale`` and ``memory_budget`` > 0, the
+    three stop-rule thresholds in (0, 1]: the edge value itself is a valid option, the next one
+    out is a ``ValueError`` naming the field and its value."""
+    assert getattr(HessianOptions(**{field: edge}), field) == edge
+    with pytest.raises(ValueError, match=f"{field}={beyond}"):
+        HessianOptions(**{field: beyond})
+
+
+def test_options_take_none_for_the_optional_counts_and_rules_and_check_the_pairs():
+    """``None`` disables a stop rule or leaves a count to the rule/budget; ``min_probes`` may equal
+    ``max_probes``; ``probe_batch > 1`` only with double backward; every name of each choice is valid."""
+    none = HessianOptions(probes=None, mc_samples=None, mc_chunk=None, loss_scale=None, tol=None,
+                          rank_threshold=None, stderr_tol=None)
+    assert (none.probes, none.mc_samples, none.tol, none.stderr_tol) == (None, None, None, None)
+    assert HessianOptions(min_probes=7, max_probes=7).max_probes == 7
+    assert HessianOptions(probe_batch=4).probe_batch == 4  # double backward (the default)
+    assert HessianOptions(hvp="forward_over_reverse", probe_batch=1).hvp == "forward_over_reverse"
+    with pytest.raises(ValueError, match="probe_batch=2 needs hvp='double_backward'"):
+        HessianOptions(hvp="forward_over_reverse", probe_batch=2)
+    for field, names in (("estimator", ("auto", "ggn", "mc", "hutchinson", "hybrid")),
+                         ("dtype", ("auto", "fp32", "bf16", "fp16")), ("amp", ("cast", "autocast")),
+                         ("hvp", ("double_backward", "forward_over_reverse"))):
+        for name in names:
+            assert getattr(HessianOptions(**{field: name}), field) == name
+        with pytest.raises(ValueError, match=f"{field}='int8'"):
+            HessianOptions(**{field: "int8"})
+
+
+def test_the_default_options_are_the_documented_ones_and_frozen():
+    """The defaults docs/hessian.md and the docstring state: 256 samples in one Hessian batch, 20
+    to 200 probes checked every 10, exact GGN up to 100 classes in chunks of 8, 2 MC draws, half
+    the available memory, BN folded, contiguous layout, 30 fp16 retries, seeds 0, a progress bar.
+    An options value is frozen: a pass cannot change what its caller (or another rank) passed."""
+    import dataclasses
+
+    o = HessianOptions()
+    assert (o.estimator, o.dtype, o.amp, o.hvp) == ("auto", "auto", "cast", "double_backward")
+    assert (o.batch_size, o.n_batches, o.probes, o.probe_batch) == (256, 1, None, 1)
+    assert (o.min_probes, o.max_probes, o.check_every) == (20, 200, 10)
+    assert (o.tol, o.rank_threshold, o.stderr_tol) == (0.02, 0.98, None)
+    assert (o.ggn_chunk, o.exact_max_classes, o.mc_samples, o.mc_chunk) == (8, 100, 2, None)
+    assert (o.memory_budget, o.fold_bn, o.channels_last, o.loss_scale, o.max_retries) == (0.5, True, False, None, 30)
+    assert (o.seed, o.data_seed, o.progress) == (0, 0, True)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        o.batch_size = 8
+
+
 def test_user_model_is_untouched():
     net = tiny(nn.Tanh).train()
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -335,6 +443,27 @@ def test_user_model_is_untouched():
     assert net.training
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_group_scores_for_the_stop_rule_sum_each_groups_producer_channels():
+    """The stop rule's group scores are ``index_add`` of the channel scores: channel ``i`` of a group
+    collects every producer index of row ``i`` (a repeated index twice), groups laid end to end;
+    producers that were not estimated are skipped, and no estimated producer at all is an error."""
+    from ehap_fx.scoring.hessian import _group_index
+
+    params = [torch.zeros(3, 2), torch.zeros(4, 2), torch.zeros(3, 2)]  # a: channels 0-2, b: 3-6, c: 7-9
+    g0 = ChannelGroup(0, 2, (
+        Member("a", "a", "out", 0, torch.tensor([[0], [2]])),
+        Member("b", "b", "out", 0, torch.tensor([[1, 1], [2, 3]])),
+        Member("b", "b", "in", 1, torch.tensor([[0], [2]])),  # a consumer: not a producer
+        Member("z", "z", "out", 0, torch.tensor([[0], [1]])),  # not estimated: skipped
+    ))
+    g1 = ChannelGroup(1, 3, (Member("c", "c", "out", 0, torch.arange(3)[:, None]),))
+    rows, cols, size = _group_index([g0, g1], NAMES, params, torch.device("cpu"))
+    score = torch.zeros(size).index_add_(0, rows, torch.arange(10.0)[cols])
+    assert size == 5 and score.tolist() == [0 + 4 + 4, 2 + 5 + 6, 7, 8, 9]
+    with pytest.raises(HessianError, match="none of the groups has a producer among the estimated modules"):
+        _group_index([ChannelGroup(2, 2, g0.members[3:])], NAMES, params, torch.device("cpu"))
 
 
 def test_stop_rule_can_rank_groups():
@@ -368,6 +497,93 @@ def test_pretrained_resnet20_ggn_bf16_ranks_like_fp32(cifar10_root, weights_dir)
     b = torch.cat(list(bf16.sensitivity().values()))
     assert spearmanr(a.numpy(), b.numpy()).statistic >= 0.95
     assert (a >= 0).all() and (a > 0).float().mean() > 0.9  # PSD; a few dead channels are 0
+
+
+def test_spearman_is_one_minus_six_sum_d2_over_n_n2_minus_1():
+    """Distinct ranks: ρ = 1 − 6 Σ d² / (n (n² − 1)); reversed is −1, the same order 1."""
+    from ehap_fx.scoring.hessian import spearman
+
+    a = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert spearman(a, a * 7 + 1) == pytest.approx(1.0)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+    b = torch.tensor([0.1, 0.3, 0.2, 0.4, 0.5])  # one swapped pair: Σ d² = 2
+    assert spearman(a, b) == pytest.approx(1 - 6 * 2 / (5 * 24))
+    c = torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0])  # ranks 4 0 3 1 2 against 0 1 2 3 4: Σ d² = 16+1+1+4+4
+    assert spearman(a, c) == pytest.approx(1 - 6 * 26 / (5 * 24))
+
+
+def test_each_stop_rule_holds_at_its_threshold_and_max_probes_always_stops():
+    """``tol``: relative L1 change strictly below it; ``rank_threshold``: ρ at least it;
+    ``stderr_tol``: Σ se / Σ |mean| at most it; every enabled rule must hold, and ``max_probes``
+    stops whatever they say. The first check has no previous one: its change and ρ are NaN."""
+    from ehap_fx.scoring.hessian import stop_check
+
+    none = dict(tol=None, rank_threshold=None, stderr_tol=None, max_probes=50)
+    mean, prev = torch.tensor([2.0, -2.0, 4.0]), torch.tensor([2.0, -1.0, 4.0])  # change 1/8
+    se, score = torch.tensor([0.5, 0.25, 0.25]), torch.tensor([1.0, 2.0, 3.0])  # Σ se / Σ |mean| = 1/8
+    prevs = (prev, score)
+
+    def stops(n=10, prev=prevs, score=score, **kw):
+        stop, row = stop_check(HessianOptions(**{**none, **kw}), n, mean, se, score, prev)
+        return stop
+
+    assert stops() and not stops(tol=0.125) and stops(tol=0.1251)
+    _, row = stop_check(HessianOptions(**none), 10, mean, se, score, prevs)
+    assert row == (10, 0.125, pytest.approx(1.0))
+    rho = row[2]  # 1 up to rounding: the threshold itself is met, the next float above it not
+    assert stops(rank_threshold=rho) and not stops(rank_threshold=math.nextafter(rho, 2))
+    swapped = torch.tensor([1.0, 3.0, 2.0])  # ρ = 1 − 6·2/24 = 0.5 against the previous scores
+    assert not stops(rank_threshold=0.51, score=swapped) and stops(rank_threshold=0.49, score=swapped)
+    assert stops(stderr_tol=0.125) and not stops(stderr_tol=0.1249)
+    assert not stops(tol=0.5, stderr_tol=0.1249) and not stops(tol=0.1, stderr_tol=0.5)
+    assert stops(tol=0.5, rank_threshold=0.9, stderr_tol=0.5)
+    assert not stops(prev=None, tol=0.5) and not stops(prev=None, rank_threshold=0.01)
+    assert stops(prev=None, stderr_tol=0.5)
+    _, first = stop_check(HessianOptions(**none), 3, mean, se, score, None)
+    assert first[0] == 3 and math.isnan(first[1]) and math.isnan(first[2])
+    assert stops(n=50, tol=1e-9) and not stops(n=49, tol=1e-9)
+
+
+def test_the_stop_rule_checks_from_min_probes_every_check_every_and_at_max_probes():
+    """``min_probes=4, check_every=3, max_probes=9``, asked after every probe: it checks at 4, 7
+    and at 9 (the maximum, two probes after the last check), and stops only at 9 when no rule
+    holds; a fixed ``probes`` count stops there without checking."""
+    from ehap_fx.scoring.hessian import StopRule
+
+    o = HessianOptions(min_probes=4, check_every=3, max_probes=9, tol=None, rank_threshold=None,
+                       stderr_tol=1e-9, progress=False)
+    rule = StopRule(o, lambda mean: mean)
+    rows, stops = [], []
+    for n in range(1, 10):
+        rows.append(torch.tensor([[float(n), 1.0 + n % 2]]))
+        stops.append(rule.done(n, rows))
+    assert stops == [False] * 8 + [True]
+    assert [h[0] for h in rule.history] == [4, 7, 9]
+    fixed = StopRule(dataclasses.replace(o, probes=5), lambda mean: mean)
+    assert [fixed.done(n, rows[:n]) for n in (4, 5, 6)] == [False, True, True] and fixed.history == []
+
+
+def test_the_stop_rules_standard_error_is_the_rows_std_over_root_n():
+    """At a check, ``se = std(rows) / √n``: rows (1, 3) and (3, 5) have std √2 per channel, so
+    se/|mean| = (2·√2/√2)/(2 + 4) = 1/3, met by ``stderr_tol=1/3``, not by 0.33."""
+    from ehap_fx.scoring.hessian import StopRule
+
+    base = dict(min_probes=2, check_every=2, max_probes=10, tol=None, rank_threshold=None, progress=False)
+    rows = [torch.tensor([[1.0, 3.0]]), torch.tensor([[3.0, 5.0]])]
+    assert StopRule(HessianOptions(**base, stderr_tol=1 / 3 + 1e-6), lambda m: m).done(2, rows)
+    assert not StopRule(HessianOptions(**base, stderr_tol=0.33), lambda m: m).done(2, rows)
+    # one row has no spread: its standard error is 0 at a check too (as in the result), not NaN
+    one = dict(base, min_probes=1, check_every=1)
+    assert StopRule(HessianOptions(**one, stderr_tol=1e-9), lambda m: m).done(1, rows[:1])
+
+
+def test_a_round_is_min_probes_first_then_check_every_never_past_max_probes():
+    from ehap_fx.scoring.hessian import round_size
+
+    o = HessianOptions(min_probes=20, check_every=10, max_probes=45)
+    assert [round_size(None, o, n) for n in (0, 20, 30, 40)] == [20, 10, 10, 5]
+    assert round_size(None, dataclasses.replace(o, min_probes=5), 0) == 10  # a round is at least check_every
+    assert round_size(3, o, 40) == 3  # a fixed count is one round of it
 
 
 def test_stderr_stop_rule():
@@ -404,6 +620,74 @@ def test_folding_batchnorm_changes_no_estimate(estimator):
         torch.testing.assert_close(folded.traces[n], plain.traces[n], rtol=1e-3, atol=tol)
         torch.testing.assert_close(folded.weight_sq[n], plain.weight_sq[n], rtol=1e-5, atol=0)
     torch.testing.assert_close(folded.probe_traces, plain.probe_traces, rtol=1e-3, atol=tol)
+
+
+class _FoldCases(nn.Module):
+    """One conv per case of ``fold_batchnorm``; only ``a`` and ``a2`` may fold::
+
+        a -> bn_a                    folds (affine BN, conv with bias)
+        a2 -> bn_a2                  folds (BN without affine, conv without bias)
+        b -> bn_b, + b               no: the conv's output is read twice
+        c -> c -> bn_c               no: the conv runs twice
+        d -> bn_d -> bn_d            no: the BN runs twice
+        e -> .relu()                 no: no BN module after it
+        f -> bn_f                    no: the BN keeps no running statistics
+        g -> bn_g                    no: g is not among the names
+        lin -> bn_lin (BatchNorm1d)  no: a linear, not a conv
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("a", "b", "c", "d", "e", "f", "g"):
+            self.add_module(name, nn.Conv2d(3, 3, 1))
+            self.add_module(f"bn_{name}", nn.BatchNorm2d(3))
+        self.a2, self.bn_a2 = nn.Conv2d(3, 3, 1, bias=False), nn.BatchNorm2d(3, affine=False)
+        self.bn_f = nn.BatchNorm2d(3, track_running_stats=False)
+        self.lin, self.bn_lin = nn.Linear(3, 3), nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        x = self.bn_a2(self.a2(self.bn_a(self.a(x))))
+        y = self.b(x)
+        x = self.bn_b(y) + y
+        x = self.bn_d(self.bn_d(self.d(self.bn_c(self.c(self.c(x))))))
+        x = self.bn_g(self.g(self.bn_f(self.f(self.e(x).relu()))))
+        return self.bn_lin(self.lin(x.mean((2, 3))))
+
+
+def test_fold_batchnorm_folds_only_a_bn_that_alone_follows_a_conv_run_once():
+    """Folding is ``s = γ/√(σ²+ε)`` (``1/√(σ²+ε)`` without affine): the conv's weight becomes
+    ``s·w``, its bias ``(b − μ)·s + β``, and the BN no longer runs (a probe's saving). Every case
+    where that would change the output or is not a conv+BN pair is left as it was."""
+    from ehap_fx.scoring.fold import fold_batchnorm
+
+    torch.manual_seed(0)
+    net = _FoldCases().eval()
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            if m.affine:
+                nn.init.uniform_(m.weight, 0.5, 2)
+                nn.init.uniform_(m.bias, -1, 1)
+    x = torch.randn(4, 3, 5, 5)
+    names = ["a", "a2", "b", "c", "d", "e", "f", "lin"]
+    folded, scales = fold_batchnorm(copy.deepcopy(net), names)
+    assert sorted(scales) == ["a", "a2"]
+    bn, bn2 = net.bn_a, net.bn_a2
+    s = bn.weight.detach() / (bn.running_var + bn.eps).sqrt()
+    s2 = 1 / (bn2.running_var + bn2.eps).sqrt()
+    torch.testing.assert_close(scales["a"], s)
+    torch.testing.assert_close(scales["a2"], s2)
+    torch.testing.assert_close(folded.a.weight, net.a.weight.detach() * s[:, None, None, None])
+    torch.testing.assert_close(folded.a.bias, (net.a.bias.detach() - bn.running_mean) * s + bn.bias.detach())
+    torch.testing.assert_close(folded.a2.bias, -bn2.running_mean * s2)
+    runs = [n.target for n in folded.graph.nodes if n.op == "call_module"]
+    assert "bn_a" not in runs and "bn_a2" not in runs
+    assert runs.count("bn_d") == 2 and {"bn_b", "bn_c", "bn_f", "bn_g", "bn_lin"} <= set(runs)
+    for name in ("b", "c", "d", "e", "f", "g", "lin"):
+        assert torch.equal(getattr(folded, name).weight, getattr(net, name).weight)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x))
 
 
 def test_the_scoring_package_star_exports_its_public_api_only():
@@ -487,6 +771,47 @@ def test_channels_last_puts_the_working_copy_and_its_batches_in_that_layout(chan
     assert all(x.is_contiguous(memory_format=fmt) for x, _ in s.batches)
 
 
+def test_the_cpu_peak_memory_is_the_process_peak_resident_size_in_bytes():
+    """On a CPU the peak is the process's high-water resident size in bytes (``ru_maxrss`` is in
+    kB: ``VmHWM`` of ``/proc/self/status`` agrees); after touching 64 MiB it is at least that."""
+    import os
+    import re
+
+    from ehap_fx.scoring.setup import peak_memory
+
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("no /proc (not Linux): nothing to compare the peak with")
+
+    def hwm() -> int:
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+    big = torch.ones(2**24)  # 64 MiB, written: resident
+    peak, kind = peak_memory(torch.device("cpu"))
+    assert kind == "process_peak_rss" and peak >= big.numel() * 4
+    assert abs(peak - hwm()) <= 0.01 * peak  # the kernel's two counts differ by a few hundred kB
+
+
+@pytest.mark.parametrize(("amp", "dtype", "weights", "inputs", "out"), [
+    ("cast", "bf16", torch.bfloat16, torch.bfloat16, torch.bfloat16),  # a half copy, no autocast
+    ("autocast", "bf16", torch.float32, torch.float32, torch.bfloat16),  # fp32 weights, bf16 compute
+    ("autocast", "fp32", torch.float32, torch.float32, torch.float32),  # nothing to autocast to
+    ("cast", "fp32", torch.float32, torch.float32, torch.float32),
+])
+def test_amp_cast_runs_a_half_copy_and_autocast_keeps_fp32_weights_and_inputs(amp, dtype, weights, inputs, out):
+    """``amp="cast"``: the working copy and the Hessian batches in the compute dtype;
+    ``amp="autocast"``: both stay fp32 and the forward runs under autocast to that dtype."""
+    from ehap_fx.scoring.setup import prepare
+
+    o = opts(estimator="hutchinson", dtype=dtype, amp=amp)
+    s = prepare(tiny(), data(), o, NAMES, F.cross_entropy, torch.device("cpu"))
+    assert s.dtype == {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    assert s.model.a.weight.dtype == s.model.c.weight.dtype == weights
+    assert all(x.dtype == inputs for x, _ in s.batches) and all(y.dtype == torch.int64 for _, y in s.batches)
+    with s.autocast():
+        assert s.model(s.batches[0][0]).dtype == out
+
+
 def test_the_ggn_of_a_linear_softmax_layer_in_closed_form():
     """logits = W x + b: row c of W has ``Tr(G_c) = mean_n ‖x_n‖² p_nc (1 − p_nc)`` and
     ``(G v)_c = mean_n [(diag p_n − p_n p_nᵀ) v x_n]_c x_n``, with no autocast given."""
@@ -533,6 +858,10 @@ def test_the_exact_ggn_plan_is_the_largest_chunk_its_footprint_fits():
     less = choose_estimator(tiny(), (x, y), opts(estimator="ggn", ggn_chunk=4, memory_budget=plan.footprint - 1),
                             names=NAMES)
     assert (less.ggn_chunk, less.footprint) == (3, 3 * per_sample)
+    assert "lowered" not in plan.reason + same.reason and "ggn_chunk=3, ggn_chunk lowered from 4" in less.reason
+    hybrid = choose_estimator(tiny(), (x, y), opts(estimator="hybrid", ggn_chunk=4), names=NAMES)
+    assert (hybrid.estimator, hybrid.ggn_chunk) == ("hybrid", 4)
+    assert plan.reason.startswith("exact GGN: 3 classes") and hybrid.reason.startswith("hybrid (exact GGN part): 3 classes")
 
 
 def test_forward_over_reverse_averages_over_two_batches_as_double_backward_does():

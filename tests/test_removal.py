@@ -193,6 +193,30 @@ def test_per_cost_ranking_prunes_the_channels_that_save_most_per_unit_of_score()
     assert set(per_cost.keep) == {first.id}
 
 
+def test_rank_gives_each_scorer_its_scores_and_only_removal_ranks_per_cost():
+    """``rank``: the removal criterion's loss units rank per unit of cost (its ``whole`` the group
+    sums), the Hessian's scores are plain with standard errors, L1 is the magnitude control;
+    removal refuses a custom loss, and an unknown scorer is a ``ValueError``."""
+    from ehap_fx.scoring.ranking import magnitude_scores, rank
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 2, 5, 5), torch.randint(0, 3, (16,))
+    gm, groups = grouped(tiny_relu(), x)
+    removal = rank(gm, (x, y), "removal", FP32)
+    assert removal.per_cost and removal.summary["scorer"] == "removal" and removal.summary["method"] == "exact"
+    assert removal.whole == removal.result.whole and removal.scores is removal.result.scores
+    hessian = rank(gm, (x, y), "hessian", dataclasses.replace(FP32, estimator="hutchinson", probes=2))
+    assert not hessian.per_cost and hessian.whole is None and hessian.summary["scorer"] == "hessian"
+    assert set(hessian.stderr) == set(hessian.scores) == {g.id for g in groups}
+    l1 = rank(gm, None, "l1")
+    assert not l1.per_cost and l1.summary == {"scorer": "l1"}
+    assert all(torch.equal(l1.scores[g], s) for g, s in magnitude_scores(gm).items())
+    with pytest.raises(EhapError, match="scorer='removal' is exact for cross-entropy only"):
+        rank(gm, (x, y), "removal", FP32, loss_fn=F.cross_entropy)
+    with pytest.raises(ValueError, match="scorer='taylor' must be one of"):
+        rank(gm, (x, y), "taylor")
+
+
 def test_compress_with_removal_scorer_meets_the_target():
     torch.manual_seed(0)
     model = get_model("resnet20")
@@ -271,6 +295,42 @@ def test_exact_removal_averages_over_batches():
     assert two.n_batches == 2
     for g in groups:
         torch.testing.assert_close(two.joint[g.id], one.joint[g.id], rtol=1e-5, atol=1e-9)
+
+
+def test_removal_refuses_groups_it_cannot_score_and_a_part_of_the_exact_pass():
+    """Only the input slices of conv/linear weights (dim 1) are modelled: a transposed conv's
+    (dim 0) and a group that no conv/linear reads are ``HessianError``s naming them, raised before
+    any work; ``part=`` splits the MC form's samples, the exact pass is split by data shards."""
+    from ehap_fx.passes.group import ChannelGroup, Member
+
+    from ehap_fx.errors import HessianError
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 2, 5, 5), torch.randint(0, 3, (8,))
+    gm, groups = grouped(tiny_relu(), x)
+    index = torch.arange(2)[:, None]
+    transposed = ChannelGroup(7, 2, (Member("t", "up", "in", 0, index), Member("u", "conv", "in", 1, index)))
+    with pytest.raises(HessianError, match="up reads its input channels at weight dim 0"):
+        estimate_removal(gm, (x, y), [transposed], FP32)
+    unread = ChannelGroup(9, 2, (Member("o", "head", "out", 0, index), Member("n", "bn", "norm", 0, index)))
+    with pytest.raises(HessianError, match=r"groups \[9\] have no conv/linear consumer"):
+        estimate_removal(gm, (x, y), [*groups, unread], FP32)
+    with pytest.raises(HessianError, match="part= splits the MC form's samples"):
+        estimate_removal(gm, (x, y), groups, dataclasses.replace(FP32, estimator="ggn", batch_size=8), part=(0, 2))
+
+
+def test_a_removal_result_reads_its_scores_and_whole_off_the_joint_matrix_and_reports_plainly():
+    from ehap_fx.scoring.removal import removal_result
+
+    q = torch.tensor([[1.0, -0.5], [-0.5, 2.0]])
+    r = removal_result({3: q}, dtype="bf16", seconds=1.23456, peak_memory=5, peak_memory_kind="process_peak_rss",
+                       batch_size=4, n_batches=2, method="mc", choice="why")
+    assert torch.equal(r.scores[3], torch.tensor([1.0, 2.0])) and r.whole == {3: 2.0}
+    r.scores[3][0] = 9.0  # the scores are a copy: the joint matrix is left as it was
+    assert q[0, 0] == 1.0
+    assert r.summary() == {"estimator": "removal", "method": "mc", "choice": "why", "dtype": "bf16",
+                           "seconds": 1.235, "peak_memory": 5, "peak_memory_kind": "process_peak_rss",
+                           "batch_size": 4, "n_batches": 2}
 
 
 def test_the_magnitude_control_is_the_l1_norm_of_each_producer_row():

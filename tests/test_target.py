@@ -207,6 +207,7 @@ ONE_A = (torch.tensor([100.0, 100, 0, 100, 100, 100, 100, 100]), torch.tensor([5
     (LOW_B, 0.99, (8, 2)),  # (8, 3) = .9901 misses by 0.0001
     (LOW_B, 0.975, (8, 1)),  # B down to one channel: min_channels=1 by default
     (LOW_B, 0.5, (4, 3)),
+    (LOW_B, 9124 / 18265, (4, 3)),  # (4, 3) exactly at the goal: given back (the goal is met, not beaten)
     (LOW_B, 0.51, (4, 4)),  # every B channel given back
     (LOW_B, 0.3, (2, 4)),  # A at its floor 2 = ceil(0.2 * 8)
     (LOW_A, 0.5, (3, 4)),
@@ -272,6 +273,36 @@ def test_target_accepts_its_boundaries(kwargs):
 def test_target_refuses_values_outside_its_ranges(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Target(**kwargs)
+
+
+def test_target_defaults_are_the_documented_ones_and_frozen():
+    """Keep at least 20 % of a group (``max_prune=0.8``) and one channel, widths in multiples of
+    ``DEFAULT_ROUND_TO`` = 8, one step, channel granularity; a target is a frozen value."""
+    import dataclasses
+
+    from ehap_fx.target import DEFAULT_ROUND_TO
+
+    t = Target(macs=0.5)
+    assert DEFAULT_ROUND_TO == 8
+    assert (t.max_prune, t.min_channels, t.round_to, t.steps, t.granularity) == (0.8, 1, 8, 1, "channel")
+    assert (t.params, t.latency, t.kind, t.fraction) == (None, None, "macs", 0.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        t.macs = 0.4
+
+
+def test_block_granularity_without_whole_scores_drops_the_block_of_least_mean_channel_score():
+    """A plain ranking with no ``whole`` scores: each droppable block is ranked by the mean of its
+    channel scores and goes entirely; with a goal that dropping either of two blocks meets, the
+    one whose channels score lower goes (whichever of the two it is)."""
+    gm = group_channels(trace(TinyOptionA().eval(), torch.randn(2, 3, 16, 16))).graph_module
+    first, second = sorted(droppable_groups(gm))[:2]
+    dense = total_cost(gm).macs
+    goal = max(measure(gm, Target(macs=1.0), PrunePlan({g: ()})) for g in (first, second)) / dense
+    for low, high in ((first, second), (second, first)):
+        scores = {g.id: torch.full((g.size,), 5.0) for g in groups_of(gm).prunable}
+        scores[low] = torch.linspace(0.0, 4.0, len(scores[low]))  # mean 2
+        scores[high] = torch.full((len(scores[high]),), 3.0)
+        assert select_plan(gm, scores, Target(macs=goal, granularity="block")) == PrunePlan({low: ()})
 
 
 def test_block_granularity_per_cost_drops_the_block_with_least_loss_per_mac_saved():
