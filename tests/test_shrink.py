@@ -300,3 +300,36 @@ def test_a_mean_over_pruned_channels_still_divides_by_all_of_them():
     (group,) = groups_of(gm).prunable
     small = assert_shrunk_equals_masked(gm, x, PrunePlan.removing(groups_of(gm), {group.id: [1, 5]}))
     assert small.conv0.out_channels == 6
+
+
+
+class _KeywordGroupsConv(nn.Conv2d):
+    """A conv whose own forward gives ``groups`` by keyword after six positional arguments."""
+
+    def forward(self, x):
+        return torch.nn.functional.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                          groups=self.groups)
+
+
+class _KeywordGroups(nn.Module):
+    """conv0 (3 → 8) ─▶ dw, a depthwise ``_KeywordGroupsConv`` (8 → 8, groups=8) ─▶ relu ─▶ conv1 (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.dw = nn.Conv2d(3, 8, 3, padding=1), _KeywordGroupsConv(8, 8, 3, padding=1, groups=8)
+        self.conv1 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv1(torch.relu(self.dw(self.conv0(x))))
+
+
+def test_groups_given_by_keyword_are_rewritten_as_a_keyword():
+    """Removing channels 1 and 5 leaves the depthwise call ``groups=6``, still a keyword (its six
+    positional arguments unchanged): shrunk ≡ masked."""
+    torch.manual_seed(0)
+    gm, x = prepare(_KeywordGroups(), (2, 3, 6, 6))
+    (group,) = groups_of(gm).prunable
+    small = assert_shrunk_equals_masked(gm, x, PrunePlan.removing(groups_of(gm), {group.id: [1, 5]}))
+    (conv,) = [n for n in small.graph.nodes if n.op == "call_function" and n.target is torch.conv2d]
+    assert len(conv.args) == 6 and conv.kwargs == {"groups": 6}
+    assert small.dw.weight.shape == (6, 1, 3, 3)
