@@ -392,3 +392,35 @@ def test_block_matching_fits_the_other_branch_to_the_streams_error_in_its_units(
     cond = float(torch.linalg.cond(design).max())
     tol = 64 * torch.finfo(torch.float64).eps * cond * float(y.abs().max())
     torch.testing.assert_close(design @ as_solution(fixed.conv_b).detach(), design @ solution, rtol=0, atol=tol)
+
+
+class _OddStream(nn.Module):
+    """x ─▶ conv0 (3 → 8) ─▶ relu ─▶ h ─▶ conv_b (8 → 8) ─▶ bn ─▶ + s ─▶ relu ─▶ conv_c (8 → 4),
+    ``s`` no residual stream of conv_b's shape: h's spatial mean ``(N, 8, 1, 1)``, broadcast over
+    the positions, or ``x.size(2)``, a number."""
+
+    def __init__(self, stream: str):
+        super().__init__()
+        self.stream = stream
+        self.conv0, self.conv_b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.bn, self.conv_c = nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.conv0(x))
+        s = h.mean((2, 3), keepdim=True) if self.stream == "broadcast" else x.size(2)
+        return self.conv_c(torch.relu(self.bn(self.conv_b(h)) + s))
+
+
+@pytest.mark.parametrize("stream", ["broadcast", "number"])
+def test_block_matching_fits_a_conv_added_to_no_stream_of_its_shape_as_layer_matching_does(stream, one_thread):
+    """A broadcast mean or a number added after conv_b's BN is no per-position error for conv_b
+    to take: ``match="block"`` repairs the model exactly as ``match="layer"`` does."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 6, 6, dtype=torch.float64)
+    dense = group_channels(trace(randomize_bn(_OddStream(stream)).eval().double(), x[:2])).graph_module
+    (g,) = [g for g in groups_of(dense).prunable if any(m.module == "conv0" for m in g.members)]
+    small = shrink(dense, PrunePlan.removing(groups_of(dense), {g.id: [1, 2, 5]})).graph_module
+    layer, block = (compensate(small, dense, x, replace(EXACT, match=m)).graph_module for m in ("layer", "block"))
+    assert {f.node for f in block.meta[_meta.COMPENSATION].layers if f.repaired} >= {"conv_b", "conv_c"}
+    for name, p in layer.named_parameters():
+        assert torch.equal(p, block.get_parameter(name)), name
