@@ -333,3 +333,30 @@ def test_groups_given_by_keyword_are_rewritten_as_a_keyword():
     (conv,) = [n for n in small.graph.nodes if n.op == "call_function" and n.target is torch.conv2d]
     assert len(conv.args) == 6 and conv.kwargs == {"groups": 6}
     assert small.dw.weight.shape == (6, 1, 3, 3)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.3, 0.01])
+def test_random_plan_keeps_the_rounded_fraction_of_each_group_and_at_least_one(fraction):
+    """TinyOptionA's prunable groups: each keeps ``round(size · fraction)`` distinct channels in
+    increasing order (at least one: 0.01 keeps one of every group)."""
+    gm, _ = prepare(TinyOptionA(), (2, 3, 16, 16))
+    plan = random_plan(gm, fraction, torch.Generator().manual_seed(0))
+    sizes = {g.id: g.size for g in groups_of(gm).prunable}
+    want = {4: {0.5: 2, 0.3: 1, 0.01: 1}, 8: {0.5: 4, 0.3: 2, 0.01: 1}, 16: {0.5: 8, 0.3: 5, 0.01: 1},
+            2: {0.5: 1, 0.3: 1, 0.01: 1}}  # round(4 · 0.3) = 1, round(8 · 0.3) = 2, round(16 · 0.3) = 5
+    assert set(plan.keep) == set(sizes) and set(sizes.values()) <= set(want)
+    for gid, kept in plan.keep.items():
+        assert len(kept) == want[sizes[gid]][fraction], (gid, sizes[gid])
+        assert list(kept) == sorted(set(kept)) and 0 <= kept[0] and kept[-1] < sizes[gid]
+
+
+def test_masking_reports_whether_it_masked_anything():
+    """conv0 (3 → 8) ─▶ conv1 (8 → 4): a plan keeping all 8 channels masks nothing (``modified``
+    False, no mask buffer); removing one channel masks conv0's output, one value (True)."""
+    gm, _ = prepare(nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)), (2, 3, 4, 4))
+    (group,) = groups_of(gm).prunable
+    nothing = mask_channels(gm, PrunePlan({group.id: tuple(range(8))}))
+    assert not nothing.modified and not any(n.startswith("_ehap_mask") for n, _ in nothing.graph_module.named_buffers())
+    one = mask_channels(gm, PrunePlan.removing(groups_of(gm), {group.id: [3]}))
+    assert one.modified and [n for n, _ in one.graph_module.named_buffers()] == ["_ehap_mask_0"]
+    assert one.graph_module._ehap_mask_0.flatten().tolist() == [1, 1, 1, 0, 1, 1, 1, 1]
