@@ -187,6 +187,34 @@ def test_an_export_from_a_one_sample_example_keeps_the_batch_dynamic():
         torch.testing.assert_close(gm(x), model(x))
         torch.testing.assert_close(exported_program(gm).module()(x), model(x))
 
+class _Tempered(torch.nn.Module):
+    """conv (3 → 4) of x ``(N, 3, H, W)``, divided by a temperature ``t`` (a 0-d tensor) and
+    times a weight per sample ``w`` ``(N,)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x, t, w):
+        return self.conv(x) / t * w[:, None, None, None]
+
+
+def test_a_zero_dim_input_has_no_batch_and_leaves_the_others_dynamic():
+    """One-sample x and w are exported as batches of two with a dynamic batch dim (dim 0 of
+    both); the 0-d ``t`` is left as it is, with no batch dim: the graph takes a batch of 3."""
+    from ehap_fx import _meta
+
+    torch.manual_seed(0)
+    model = _Tempered().eval()
+    gm = trace(model, (torch.randn(1, 3, 8, 8), torch.tensor(2.0), torch.rand(1)), capture="export")
+    capture = gm.meta[_meta.CAPTURE]
+    assert [tuple(a.shape) for a in capture.args] == [(2, 3, 8, 8), (), (2,)]
+    assert [None if d is None else list(d) for d in capture.dynamic_shapes] == [[0], None, [0]]
+    x, t, w = torch.randn(3, 3, 8, 8), torch.tensor(0.5), torch.rand(3)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x, t, w), model(x, t, w))
+
+
 class _Decode(torch.nn.Module):
     """YOLO pose's keypoint decoding: ``y[:, 2::3] = y[:, 2::3].sigmoid()`` after a conv."""
 
