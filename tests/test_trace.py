@@ -215,6 +215,40 @@ def test_a_zero_dim_input_has_no_batch_and_leaves_the_others_dynamic():
         torch.testing.assert_close(gm(x, t, w), model(x, t, w))
 
 
+class _Related(torch.nn.Module):
+    """conv (3 → 4) of x ``(n, 3, H, W)`` plus y ``(n, 4, H, W)`` plus z ``(2n, 1, 1, 1)``
+    summed in pairs: three inputs whose dim 0 are n, n and 2n."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x, y, z):
+        return self.conv(x) + y + z.reshape(x.shape[0], 2, 1, 1, 1).sum(1)
+
+
+def test_a_program_with_related_input_sizes_is_exported_again_with_its_ranges():
+    """A user's program with ``n`` in [2, 64] for x and y and ``2n`` for z: the traced graph
+    exports again (``exported_program``) with the same ranges, one ``Dim`` shared by x and y and
+    z's derived from it, and the result takes n = 3 (z of 6) as the model does."""
+    from ehap_fx.passes.program import exported_program
+
+    from ehap_fx import _meta
+
+    torch.manual_seed(0)
+    model, n = _Related().eval(), torch.export.Dim("n", min=2, max=64)
+    x, y, z = torch.randn(4, 3, 5, 5), torch.randn(4, 4, 5, 5), torch.randn(8, 1, 1, 1)
+    ep = torch.export.export(model, (x, y, z), dynamic_shapes=({0: n}, {0: n}, {0: 2 * n}))
+    gm = trace(ep, None)
+    (dx,), (dy,), (dz,) = (d.values() for d in gm.meta[_meta.CAPTURE].dynamic_shapes)
+    assert dx is dy and (dx.min, dx.max) == (2, 64)
+    again = exported_program(gm)
+    assert sorted(str(r) for r in again.range_constraints.values()) == ["VR[2, 64]", "VR[4, 128]"]
+    x, y, z = torch.randn(3, 3, 5, 5), torch.randn(3, 4, 5, 5), torch.randn(6, 1, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(again.module()(x, y, z), model(x, y, z))
+
+
 class _Decode(torch.nn.Module):
     """YOLO pose's keypoint decoding: ``y[:, 2::3] = y[:, 2::3].sigmoid()`` after a conv."""
 
