@@ -360,3 +360,18 @@ def test_masking_reports_whether_it_masked_anything():
     one = mask_channels(gm, PrunePlan.removing(groups_of(gm), {group.id: [3]}))
     assert one.modified and [n for n, _ in one.graph_module.named_buffers()] == ["_ehap_mask_0"]
     assert one.graph_module._ehap_mask_0.flatten().tolist() == [1, 1, 1, 0, 1, 1, 1, 1]
+
+
+def test_a_group_norm_shrunk_twice_keeps_its_channels_per_group():
+    """conv (3 → 16) ─▶ GroupNorm(4 groups of 4) ─▶ relu ─▶ conv (16 → 4). One norm group goes
+    (12 channels, 3 groups), then another from the shrunk model (8 channels, 2 groups): each
+    shrunk model equals its masked original."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    torch.manual_seed(0)
+    gm, x = prepare(model, (2, 3, 6, 6))
+    (group,) = groups_of(gm).prunable
+    once = assert_shrunk_equals_masked(gm, x, PrunePlan.removing(groups_of(gm), {group.id: [1]}))
+    assert (once.get_submodule("1").num_channels, once.get_submodule("1").num_groups) == (12, 3)
+    (group,) = groups_of(once).prunable
+    twice = assert_shrunk_equals_masked(once, x, PrunePlan.removing(groups_of(once), {group.id: [0]}))
+    assert (twice.get_submodule("1").num_channels, twice.get_submodule("1").num_groups) == (8, 2)
