@@ -375,3 +375,20 @@ def test_a_group_norm_shrunk_twice_keeps_its_channels_per_group():
     (group,) = groups_of(once).prunable
     twice = assert_shrunk_equals_masked(once, x, PrunePlan.removing(groups_of(once), {group.id: [0]}))
     assert (twice.get_submodule("1").num_channels, twice.get_submodule("1").num_groups) == (8, 2)
+
+
+@pytest.mark.parametrize("channels,slopes,removed,kept", [
+    (8, 1, [1, 6], [0.1]), (8, 8, [1, 6], [0.1, 0.3, 0.4, 0.5, 0.6, 0.8]), (2, 2, [1], [0.1])])
+def test_a_prelu_keeps_a_shared_slope_and_loses_the_removed_channels_slopes(channels, slopes, removed, kept):
+    """conv (3 → C) ─▶ PReLU (one shared slope, or one per channel: 0.1, 0.2, ...) ─▶ conv (C → 4):
+    removing channels leaves the shared slope as it is, or the kept channels' slopes; shrunk ≡ masked."""
+    torch.manual_seed(0)
+    prelu = nn.PReLU(slopes)
+    with torch.no_grad():
+        prelu.weight.copy_(torch.arange(1, slopes + 1) / 10)
+    model = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), prelu, nn.Conv2d(channels, 4, 1))
+    gm, x = prepare(model, (2, 3, 6, 6))
+    (group,) = groups_of(gm).prunable
+    small = assert_shrunk_equals_masked(gm, x, PrunePlan.removing(groups_of(gm), {group.id: removed}))
+    torch.testing.assert_close(small.get_submodule("1").weight.detach(), torch.tensor(kept))
+    assert small.get_submodule("1").num_parameters == len(kept)
