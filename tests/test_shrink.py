@@ -392,3 +392,24 @@ def test_a_prelu_keeps_a_shared_slope_and_loses_the_removed_channels_slopes(chan
     small = assert_shrunk_equals_masked(gm, x, PrunePlan.removing(groups_of(gm), {group.id: removed}))
     torch.testing.assert_close(small.get_submodule("1").weight.detach(), torch.tensor(kept))
     assert small.get_submodule("1").num_parameters == len(kept)
+
+
+def test_shrunk_modules_describe_the_sizes_of_their_tensors():
+    """After shrinking TinyOptionA to half its channels, every conv, BatchNorm and linear states
+    the sizes its tensors have (``out_channels``, ``num_features``, ``in_features``, ...), as a
+    module built with those arguments would: a BatchNorm rebuilt from ``num_features`` loads the
+    shrunk state."""
+    gm, x = prepare(TinyOptionA(), (2, 3, 16, 16))
+    small = shrink(gm, random_plan(gm, 0.5, torch.Generator().manual_seed(0))).graph_module
+    seen = set()
+    for name, m in small.named_modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.weight.shape[:2] == (m.out_channels, m.in_channels // m.groups), name
+        elif isinstance(m, nn.BatchNorm2d):
+            assert m.weight.shape == m.running_mean.shape == (m.num_features,), name
+            nn.BatchNorm2d(m.num_features).load_state_dict(m.state_dict())
+        elif isinstance(m, nn.Linear):
+            assert m.weight.shape == (m.out_features, m.in_features), name
+        seen.add(type(m))
+    assert {nn.Conv2d, nn.BatchNorm2d, nn.Linear} <= seen
+    assert small.bn1.num_features < 4
