@@ -247,6 +247,26 @@ class _ScalarHead(nn.Module):
         return torch.relu(self.fc(x).squeeze(1))
 
 
+class _PositionTable(nn.Module):
+    """A learned table of 5 positions (5, 8) ─▶ embed, a linear (8 → 4) ─▶ added to x (N, 5, 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos, self.embed = nn.Parameter(torch.randn(5, 8)), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return x + self.embed(self.pos)
+
+
+@pytest.mark.parametrize("batch", [2, 3])
+def test_a_dim_0_that_is_no_multiple_of_the_batch_counts_one_row(batch):
+    """The linear reads the (5, 8) table, whose dim 0 is no multiple of the batch (2 or 3): it
+    counts one row, 8·4 MACs and 4 bias adds (``_rows_per_sample``'s rule: only a dim 0 of
+    k·N rows counts k rows per sample); its parameters are the table's 40 and the linear's 36."""
+    gm = trace(_PositionTable().eval(), torch.randn(batch, 5, 4), capture="fx")
+    assert total_cost(gm) == Cost(8 * 4 + 4, 5 * 8 + 8 * 4 + 4)
+
+
 @pytest.mark.parametrize("capture", ["fx", "export"])
 def test_an_activation_on_one_value_per_sample_is_costed(capture):
     """The linear's 6 MACs and its bias, and one MAC for the ReLU of its one value per sample."""
