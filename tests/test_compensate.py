@@ -424,3 +424,24 @@ def test_block_matching_fits_a_conv_added_to_no_stream_of_its_shape_as_layer_mat
     assert {f.node for f in block.meta[_meta.COMPENSATION].layers if f.repaired} >= {"conv_b", "conv_c"}
     for name, p in layer.named_parameters():
         assert torch.equal(p, block.get_parameter(name)), name
+
+
+def test_each_fit_reports_the_rows_and_columns_it_was_fitted_on(one_thread):
+    """ZeroChannels with a keeping 5 of 8 channels and b 6 of 8, over two batches (5 and 3
+    images of 8x8): b and c fit one row per output position (8·64 = 512), b on 5·3·3 = 45 columns
+    plus its bias, c on 6; fc one row per image (8) on c's 6 features. a reads the unpruned input:
+    its 512 rows on 3·3·3 = 27 columns have no error, and it is left alone. ``max_rows=100`` takes
+    100 rows of each conv batch."""
+    torch.manual_seed(0)
+    model = ZeroChannels()
+    gm = group_channels(trace(model, torch.randn(2, 3, 8, 8))).graph_module
+    a_out, b_out = (next(g.id for g in groups_of(gm).prunable if g.members[0].module == m) for m in "ab")
+    small = shrink(gm, PrunePlan.removing(groups_of(gm), {a_out: [1, 4, 6], b_out: [0, 3]})).graph_module
+    x = torch.randn(8, 3, 8, 8)
+    data = [x[:5], x[5:]]
+    fits = {f.node: f for f in compensate(small, gm, data).graph_module.meta[_meta.COMPENSATION].layers}
+    assert {n: (f.rows, f.columns, f.groups, f.repaired) for n, f in fits.items()} == {
+        "a": (512, 27, 1, False), "b": (512, 45, 1, True), "c": (512, 6, 1, True), "fc": (8, 6, 1, True)}
+    capped = compensate(small, gm, data, CompensateOptions(max_rows=100)).graph_module
+    rows = {f.node: f.rows for f in capped.meta[_meta.COMPENSATION].layers}
+    assert rows == {"a": 200, "b": 200, "c": 200, "fc": 8}
