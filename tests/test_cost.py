@@ -273,3 +273,37 @@ def test_an_activation_on_one_value_per_sample_is_costed(capture):
     gm = trace(_ScalarHead().eval(), torch.randn(3, 6), capture=capture)
     cost = total_cost(gm)
     assert cost.params == 7 and cost.macs == 8
+
+
+class _TokenSDPA(nn.Module):
+    """q, k (8 → 4), v (8 → 6) on tokens (N, T, 8), one head, no head dim ─▶ scaled_dot_product_attention
+    ─▶ (N, T, 6) ─▶ mean over T ─▶ ``@ w``, a (6, 3) parameter: a matmul of two 2-D values."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 6)
+        self.w = nn.Parameter(torch.randn(6, 3))
+
+    def forward(self, x):
+        y = torch.nn.functional.scaled_dot_product_attention(self.q(x), self.k(x), self.v(x))
+        return y.mean(1) @ self.w
+
+
+def test_three_dim_attention_and_a_two_dim_matmul_are_counted_as_flop_counter_does():
+    """The attention of (N, 10, ·) tokens without a head dim: 10·10·(4 + 6) MACs per sample;
+    the (N, 6) @ (6, 3) matmul 6·3 per sample. Both as ``FlopCounterMode`` counts them (its FLOPs
+    are 2 per MAC, for the batch of 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gm = trace(_TokenSDPA().eval(), torch.randn(2, 10, 8), capture="fx")
+    total_cost(gm)
+    macs = {str(n.target): n.meta[_meta.COST].macs for n in gm.graph.nodes
+            if n.op == "call_function" and _meta.COST in n.meta}
+    with torch.no_grad(), FlopCounterMode(display=False) as attention:
+        torch.nn.functional.scaled_dot_product_attention(torch.randn(2, 10, 4), torch.randn(2, 10, 4),
+                                                         torch.randn(2, 10, 6))
+    with torch.no_grad(), FlopCounterMode(display=False) as matmul:
+        torch.randn(2, 6) @ torch.randn(6, 3)
+    assert attention.get_total_flops() // 2 // 2 == 10 * 10 * (4 + 6) and matmul.get_total_flops() // 2 // 2 == 6 * 3
+    assert macs == {"<built-in function scaled_dot_product_attention>": 10 * 10 * (4 + 6),
+                    "<built-in function matmul>": 6 * 3}
