@@ -307,3 +307,30 @@ def test_three_dim_attention_and_a_two_dim_matmul_are_counted_as_flop_counter_do
     assert attention.get_total_flops() // 2 // 2 == 10 * 10 * (4 + 6) and matmul.get_total_flops() // 2 // 2 == 6 * 3
     assert macs == {"<built-in function scaled_dot_product_attention>": 10 * 10 * (4 + 6),
                     "<built-in function matmul>": 6 * 3}
+
+
+class _Einsum(nn.Module):
+    """fc (3 → 6) ─▶ y (N, 6), viewed as (N, *view) ─▶ one einsum of ``y`` (``equation``,
+    ``operands`` copies of y)."""
+
+    def __init__(self, equation: str, operands: int, view: tuple = (6,)):
+        super().__init__()
+        self.fc, self.equation, self.operands, self.view = nn.Linear(3, 6), equation, operands, view
+
+    def forward(self, x):
+        y = self.fc(x).reshape(-1, *self.view)
+        return torch.einsum(self.equation, *[y] * self.operands)
+
+
+@pytest.mark.parametrize("equation,operands,view", [
+    ("bk->kb", 1, (6,)), ("...k,...k->...", 2, (6,)), ("...k,...k->...", 2, (1, 2, 3)), ("bk,bj", 2, (6,)),
+    ("bi,bj,bk->bijk", 3, (6,)), ("bk,bk->", 2, (6,))],
+    ids=["one-operand", "ellipsis", "ellipsis-of-four-letters", "implicit-output", "three-operands", "scalar-output"])
+def test_an_einsum_of_another_form_than_two_operands_to_an_output_is_not_counted(equation, operands, view):
+    """Only ``"xy,yz->xz"``-like einsums of two operands are counted (``_einsum``'s docstring):
+    one operand, ``...``, an implicit or empty output, three operands cost nothing, and the graph
+    costs the linear's 3·6 + 6 MACs alone."""
+    gm = trace(_Einsum(equation, operands, view).eval(), torch.randn(2, 3), capture="fx")
+    assert total_cost(gm) == Cost(3 * 6 + 6, 3 * 6 + 6)
+    (einsum,) = [n for n in gm.graph.nodes if n.target is torch.einsum]
+    assert einsum.meta[_meta.COST] == NodeCost(0, 0)
