@@ -334,3 +334,43 @@ def test_an_einsum_of_another_form_than_two_operands_to_an_output_is_not_counted
     assert total_cost(gm) == Cost(3 * 6 + 6, 3 * 6 + 6)
     (einsum,) = [n for n in gm.graph.nodes if n.target is torch.einsum]
     assert einsum.meta[_meta.COST] == NodeCost(0, 0)
+
+
+class _Tables(nn.Module):
+    """fc (8 → 4, no bias) of x (N, 8), and ``m @ v``: m (N, 3, 6), v a (6,) parameter vector
+    (a batched matrix-vector product)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.v = nn.Linear(8, 4, bias=False), nn.Parameter(torch.randn(6))
+
+    def forward(self, x, m):
+        return self.fc(x), m @ self.v
+
+
+def test_a_linear_without_bias_and_a_matrix_vector_product_are_counted_by_hand():
+    """fc: 8·4 MACs and parameters, no bias; ``(N, 3, 6) @ (6,)``: 3 outputs of 6 MACs each per
+    sample, and v's 6 parameters."""
+    gm = trace(_Tables().eval(), (torch.randn(2, 8), torch.randn(2, 3, 6)), capture="fx")
+    assert total_cost(gm) == Cost(8 * 4 + 3 * 6, 8 * 4 + 6)
+
+
+class _OnlyAScalar(nn.Module):
+    """A (4, 8) table times ``t``, the graph's one input, 0-d ─▶ tab (8 → 2) on its 4 rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.table, self.tab = nn.Parameter(torch.randn(4, 8)), nn.Linear(8, 2)
+
+    def forward(self, t):
+        return self.tab(self.table * t)
+
+
+def test_a_graph_whose_one_input_is_0_d_has_a_batch_of_one():
+    """No input has a batch dim: the batch is 1, so the linear's 4 rows of dim 0 are 4 rows per
+    sample: 4·(8·2 + 2) MACs."""
+    gm = trace(_OnlyAScalar().eval(), (torch.tensor(2.0),), capture="fx")
+    cost = total_cost(gm)
+    assert cost.params == 4 * 8 + 8 * 2 + 2
+    (tab,) = [n for n in gm.graph.nodes if n.target == "tab"]
+    assert tab.meta[_meta.COST].macs == 4 * (8 * 2 + 2)

@@ -249,6 +249,23 @@ def test_a_program_with_related_input_sizes_is_exported_again_with_its_ranges():
         torch.testing.assert_close(again.module()(x, y, z), model(x, y, z))
 
 
+def test_an_exported_graph_saves_and_loads_as_a_whole_module():
+    """``torch.save`` of an export-captured graph (pickled whole) loads back into a module that
+    computes what the model does (the unlifted graph's tracer class could not be rebuilt)."""
+    import io
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    gm = trace(model, torch.randn(2, 3, 8, 8), capture="export")
+    buffer = io.BytesIO()
+    torch.save(gm, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
 class _Decode(torch.nn.Module):
     """YOLO pose's keypoint decoding: ``y[:, 2::3] = y[:, 2::3].sigmoid()`` after a conv."""
 
