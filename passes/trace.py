@@ -535,14 +535,30 @@ def _dynamic_shapes_of(ep: torch.export.ExportedProgram) -> Any:
 
 
 def _dim_of(ep: torch.export.ExportedProgram, size: torch.SymInt, dims: dict[str, Any]) -> Any:
+    """The ``Dim`` of one symbolic size: its symbol's (with ``ep``'s range), or a size derived
+    from one symbol by ``a·s + b`` (another input's ``2 * s0``) as that ``Dim`` derived the same
+    way, which torch.export needs spelt out (``Dim.DYNAMIC`` there raises a constraint
+    violation); any other expression ``Dim.DYNAMIC``, for export to infer."""
+    import sympy
+
     expr = size.node.expr
-    if not expr.is_Symbol or expr not in ep.range_constraints:
-        return torch.export.Dim.DYNAMIC  # a derived size (2 * s0): export infers it again
-    if str(expr) not in dims:
-        bounds = ep.range_constraints[expr]
+    if expr.is_Symbol and expr in ep.range_constraints:
+        return _symbol_dim(ep, expr, dims)
+    (base, *more) = sorted(expr.free_symbols, key=str) or [None]
+    if base is None or more or base not in ep.range_constraints or sympy.degree(expr, base) != 1:
+        return torch.export.Dim.DYNAMIC
+    a, b = expr.coeff(base, 1), expr.coeff(base, 0)
+    if not (a.is_Integer and b.is_Integer):
+        return torch.export.Dim.DYNAMIC
+    return int(a) * _symbol_dim(ep, base, dims) + int(b)  # (a·s + b): a derived Dim
+
+
+def _symbol_dim(ep: torch.export.ExportedProgram, symbol: Any, dims: dict[str, Any]) -> Any:
+    if str(symbol) not in dims:
+        bounds = ep.range_constraints[symbol]
         upper = int(bounds.upper) if bounds.upper.is_finite else None
-        dims[str(expr)] = torch.export.Dim(str(expr), min=max(int(bounds.lower), 1), max=upper)
-    return dims[str(expr)]
+        dims[str(symbol)] = torch.export.Dim(str(symbol), min=max(int(bounds.lower), 1), max=upper)
+    return dims[str(symbol)]
 
 
 _CORE_ONLY = (aten.convolution.default, aten._native_batch_norm_legit_no_training.default, aten.addmm.default)

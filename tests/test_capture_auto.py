@@ -192,6 +192,27 @@ def test_auto_keeps_the_fx_graph_and_says_why_when_export_fails(monkeypatch):
     with pytest.raises(dataclasses.FrozenInstanceError):  # the record in gm.meta is a value
         captured.why = "edited"
 
+class Flipped(nn.Module):
+    """conv a (3 → 8) ─▶ flip of the channels (no coupling rule in either capture) ─▶ conv b (8 → 6)
+    ─▶ relu ─▶ conv c (6 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 6, 3, padding=1), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.flip(self.a(x), [1]))))
+
+
+def test_auto_keeps_the_fx_graph_when_export_prunes_no_more():
+    """Both captures pin a's 8 channels at the flip (16 pinned inside: its input and output) and
+    keep b's 6 prunable: a tie keeps the FX graph, and the report gives both counts."""
+    gm = capture_groups(Flipped().eval(), torch.randn(2, 3, 6, 6))
+    assert gm.meta["ehap.captured"].capture == "fx"
+    assert gm.meta["ehap.captured"].why == "torch.fx keeps 6 channels prunable, torch.export 6"
+    assert any(n.op == "call_module" for n in gm.graph.nodes)
+
+
 def test_a_whole_fx_graph_stays_fx():
     model = nn.Sequential(cbs(3, 8), cbs(8, 4)).eval()
     gm = capture_groups(model, torch.randn(1, 3, 8, 8))

@@ -392,3 +392,56 @@ def test_block_matching_fits_the_other_branch_to_the_streams_error_in_its_units(
     cond = float(torch.linalg.cond(design).max())
     tol = 64 * torch.finfo(torch.float64).eps * cond * float(y.abs().max())
     torch.testing.assert_close(design @ as_solution(fixed.conv_b).detach(), design @ solution, rtol=0, atol=tol)
+
+
+class _OddStream(nn.Module):
+    """x ─▶ conv0 (3 → 8) ─▶ relu ─▶ h ─▶ conv_b (8 → 8) ─▶ bn ─▶ + s ─▶ relu ─▶ conv_c (8 → 4),
+    ``s`` no residual stream of conv_b's shape: h's spatial mean ``(N, 8, 1, 1)``, broadcast over
+    the positions, or ``x.size(2)``, a number."""
+
+    def __init__(self, stream: str):
+        super().__init__()
+        self.stream = stream
+        self.conv0, self.conv_b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.bn, self.conv_c = nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.conv0(x))
+        s = h.mean((2, 3), keepdim=True) if self.stream == "broadcast" else x.size(2)
+        return self.conv_c(torch.relu(self.bn(self.conv_b(h)) + s))
+
+
+@pytest.mark.parametrize("stream", ["broadcast", "number"])
+def test_block_matching_fits_a_conv_added_to_no_stream_of_its_shape_as_layer_matching_does(stream, one_thread):
+    """A broadcast mean or a number added after conv_b's BN is no per-position error for conv_b
+    to take: ``match="block"`` repairs the model exactly as ``match="layer"`` does."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 6, 6, dtype=torch.float64)
+    dense = group_channels(trace(randomize_bn(_OddStream(stream)).eval().double(), x[:2])).graph_module
+    (g,) = [g for g in groups_of(dense).prunable if any(m.module == "conv0" for m in g.members)]
+    small = shrink(dense, PrunePlan.removing(groups_of(dense), {g.id: [1, 2, 5]})).graph_module
+    layer, block = (compensate(small, dense, x, replace(EXACT, match=m)).graph_module for m in ("layer", "block"))
+    assert {f.node for f in block.meta[_meta.COMPENSATION].layers if f.repaired} >= {"conv_b", "conv_c"}
+    for name, p in layer.named_parameters():
+        assert torch.equal(p, block.get_parameter(name)), name
+
+
+def test_each_fit_reports_the_rows_and_columns_it_was_fitted_on(one_thread):
+    """ZeroChannels with a keeping 5 of 8 channels and b 6 of 8, over two batches (5 and 3
+    images of 8x8): b and c fit one row per output position (8·64 = 512), b on 5·3·3 = 45 columns
+    plus its bias, c on 6; fc one row per image (8) on c's 6 features. a reads the unpruned input:
+    its 512 rows on 3·3·3 = 27 columns have no error, and it is left alone. ``max_rows=100`` takes
+    100 rows of each conv batch."""
+    torch.manual_seed(0)
+    model = ZeroChannels()
+    gm = group_channels(trace(model, torch.randn(2, 3, 8, 8))).graph_module
+    a_out, b_out = (next(g.id for g in groups_of(gm).prunable if g.members[0].module == m) for m in "ab")
+    small = shrink(gm, PrunePlan.removing(groups_of(gm), {a_out: [1, 4, 6], b_out: [0, 3]})).graph_module
+    x = torch.randn(8, 3, 8, 8)
+    data = [x[:5], x[5:]]
+    fits = {f.node: f for f in compensate(small, gm, data).graph_module.meta[_meta.COMPENSATION].layers}
+    assert {n: (f.rows, f.columns, f.groups, f.repaired) for n, f in fits.items()} == {
+        "a": (512, 27, 1, False), "b": (512, 45, 1, True), "c": (512, 6, 1, True), "fc": (8, 6, 1, True)}
+    capped = compensate(small, gm, data, CompensateOptions(max_rows=100)).graph_module
+    rows = {f.node: f.rows for f in capped.meta[_meta.COMPENSATION].layers}
+    assert rows == {"a": 200, "b": 200, "c": 200, "fc": 8}

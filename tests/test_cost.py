@@ -247,9 +247,130 @@ class _ScalarHead(nn.Module):
         return torch.relu(self.fc(x).squeeze(1))
 
 
+class _PositionTable(nn.Module):
+    """A learned table of 5 positions (5, 8) ─▶ embed, a linear (8 → 4) ─▶ added to x (N, 5, 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos, self.embed = nn.Parameter(torch.randn(5, 8)), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return x + self.embed(self.pos)
+
+
+@pytest.mark.parametrize("batch", [2, 3])
+def test_a_dim_0_that_is_no_multiple_of_the_batch_counts_one_row(batch):
+    """The linear reads the (5, 8) table, whose dim 0 is no multiple of the batch (2 or 3): it
+    counts one row, 8·4 MACs and 4 bias adds (``_rows_per_sample``'s rule: only a dim 0 of
+    k·N rows counts k rows per sample); its parameters are the table's 40 and the linear's 36."""
+    gm = trace(_PositionTable().eval(), torch.randn(batch, 5, 4), capture="fx")
+    assert total_cost(gm) == Cost(8 * 4 + 4, 5 * 8 + 8 * 4 + 4)
+
+
 @pytest.mark.parametrize("capture", ["fx", "export"])
 def test_an_activation_on_one_value_per_sample_is_costed(capture):
     """The linear's 6 MACs and its bias, and one MAC for the ReLU of its one value per sample."""
     gm = trace(_ScalarHead().eval(), torch.randn(3, 6), capture=capture)
     cost = total_cost(gm)
     assert cost.params == 7 and cost.macs == 8
+
+
+class _TokenSDPA(nn.Module):
+    """q, k (8 → 4), v (8 → 6) on tokens (N, T, 8), one head, no head dim ─▶ scaled_dot_product_attention
+    ─▶ (N, T, 6) ─▶ mean over T ─▶ ``@ w``, a (6, 3) parameter: a matmul of two 2-D values."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 6)
+        self.w = nn.Parameter(torch.randn(6, 3))
+
+    def forward(self, x):
+        y = torch.nn.functional.scaled_dot_product_attention(self.q(x), self.k(x), self.v(x))
+        return y.mean(1) @ self.w
+
+
+def test_three_dim_attention_and_a_two_dim_matmul_are_counted_as_flop_counter_does():
+    """The attention of (N, 10, ·) tokens without a head dim: 10·10·(4 + 6) MACs per sample;
+    the (N, 6) @ (6, 3) matmul 6·3 per sample. Both as ``FlopCounterMode`` counts them (its FLOPs
+    are 2 per MAC, for the batch of 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gm = trace(_TokenSDPA().eval(), torch.randn(2, 10, 8), capture="fx")
+    total_cost(gm)
+    macs = {str(n.target): n.meta[_meta.COST].macs for n in gm.graph.nodes
+            if n.op == "call_function" and _meta.COST in n.meta}
+    with torch.no_grad(), FlopCounterMode(display=False) as attention:
+        torch.nn.functional.scaled_dot_product_attention(torch.randn(2, 10, 4), torch.randn(2, 10, 4),
+                                                         torch.randn(2, 10, 6))
+    with torch.no_grad(), FlopCounterMode(display=False) as matmul:
+        torch.randn(2, 6) @ torch.randn(6, 3)
+    assert attention.get_total_flops() // 2 // 2 == 10 * 10 * (4 + 6) and matmul.get_total_flops() // 2 // 2 == 6 * 3
+    assert macs == {"<built-in function scaled_dot_product_attention>": 10 * 10 * (4 + 6),
+                    "<built-in function matmul>": 6 * 3}
+
+
+class _Einsum(nn.Module):
+    """fc (3 → 6) ─▶ y (N, 6), viewed as (N, *view) ─▶ one einsum of ``y`` (``equation``,
+    ``operands`` copies of y)."""
+
+    def __init__(self, equation: str, operands: int, view: tuple = (6,)):
+        super().__init__()
+        self.fc, self.equation, self.operands, self.view = nn.Linear(3, 6), equation, operands, view
+
+    def forward(self, x):
+        y = self.fc(x).reshape(-1, *self.view)
+        return torch.einsum(self.equation, *[y] * self.operands)
+
+
+@pytest.mark.parametrize("equation,operands,view", [
+    ("bk->kb", 1, (6,)), ("...k,...k->...", 2, (6,)), ("...k,...k->...", 2, (1, 2, 3)), ("bk,bj", 2, (6,)),
+    ("bi,bj,bk->bijk", 3, (6,)), ("bk,bk->", 2, (6,))],
+    ids=["one-operand", "ellipsis", "ellipsis-of-four-letters", "implicit-output", "three-operands", "scalar-output"])
+def test_an_einsum_of_another_form_than_two_operands_to_an_output_is_not_counted(equation, operands, view):
+    """Only ``"xy,yz->xz"``-like einsums of two operands are counted (``_einsum``'s docstring):
+    one operand, ``...``, an implicit or empty output, three operands cost nothing, and the graph
+    costs the linear's 3·6 + 6 MACs alone."""
+    gm = trace(_Einsum(equation, operands, view).eval(), torch.randn(2, 3), capture="fx")
+    assert total_cost(gm) == Cost(3 * 6 + 6, 3 * 6 + 6)
+    (einsum,) = [n for n in gm.graph.nodes if n.target is torch.einsum]
+    assert einsum.meta[_meta.COST] == NodeCost(0, 0)
+
+
+class _Tables(nn.Module):
+    """fc (8 → 4, no bias) of x (N, 8), and ``m @ v``: m (N, 3, 6), v a (6,) parameter vector
+    (a batched matrix-vector product)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.v = nn.Linear(8, 4, bias=False), nn.Parameter(torch.randn(6))
+
+    def forward(self, x, m):
+        return self.fc(x), m @ self.v
+
+
+def test_a_linear_without_bias_and_a_matrix_vector_product_are_counted_by_hand():
+    """fc: 8·4 MACs and parameters, no bias; ``(N, 3, 6) @ (6,)``: 3 outputs of 6 MACs each per
+    sample, and v's 6 parameters."""
+    gm = trace(_Tables().eval(), (torch.randn(2, 8), torch.randn(2, 3, 6)), capture="fx")
+    assert total_cost(gm) == Cost(8 * 4 + 3 * 6, 8 * 4 + 6)
+
+
+class _OnlyAScalar(nn.Module):
+    """A (4, 8) table times ``t``, the graph's one input, 0-d ─▶ tab (8 → 2) on its 4 rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.table, self.tab = nn.Parameter(torch.randn(4, 8)), nn.Linear(8, 2)
+
+    def forward(self, t):
+        return self.tab(self.table * t)
+
+
+def test_a_graph_whose_one_input_is_0_d_has_a_batch_of_one():
+    """No input has a batch dim: the batch is 1, so the linear's 4 rows of dim 0 are 4 rows per
+    sample: 4·(8·2 + 2) MACs."""
+    gm = trace(_OnlyAScalar().eval(), (torch.tensor(2.0),), capture="fx")
+    cost = total_cost(gm)
+    assert cost.params == 4 * 8 + 8 * 2 + 2
+    (tab,) = [n for n in gm.graph.nodes if n.target == "tab"]
+    assert tab.meta[_meta.COST].macs == 4 * (8 * 2 + 2)

@@ -300,3 +300,116 @@ def test_a_mean_over_pruned_channels_still_divides_by_all_of_them():
     (group,) = groups_of(gm).prunable
     small = assert_shrunk_equals_masked(gm, x, PrunePlan.removing(groups_of(gm), {group.id: [1, 5]}))
     assert small.conv0.out_channels == 6
+
+
+
+class _KeywordGroupsConv(nn.Conv2d):
+    """A conv whose own forward gives ``groups`` by keyword after six positional arguments."""
+
+    def forward(self, x):
+        return torch.nn.functional.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                          groups=self.groups)
+
+
+class _KeywordGroups(nn.Module):
+    """conv0 (3 → 8) ─▶ dw, a depthwise ``_KeywordGroupsConv`` (8 → 8, groups=8) ─▶ relu ─▶ conv1 (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.dw = nn.Conv2d(3, 8, 3, padding=1), _KeywordGroupsConv(8, 8, 3, padding=1, groups=8)
+        self.conv1 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv1(torch.relu(self.dw(self.conv0(x))))
+
+
+def test_groups_given_by_keyword_are_rewritten_as_a_keyword():
+    """Removing channels 1 and 5 leaves the depthwise call ``groups=6``, still a keyword (its six
+    positional arguments unchanged): shrunk ≡ masked."""
+    torch.manual_seed(0)
+    gm, x = prepare(_KeywordGroups(), (2, 3, 6, 6))
+    (group,) = groups_of(gm).prunable
+    small = assert_shrunk_equals_masked(gm, x, PrunePlan.removing(groups_of(gm), {group.id: [1, 5]}))
+    (conv,) = [n for n in small.graph.nodes if n.op == "call_function" and n.target is torch.conv2d]
+    assert len(conv.args) == 6 and conv.kwargs == {"groups": 6}
+    assert small.dw.weight.shape == (6, 1, 3, 3)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.3, 0.01])
+def test_random_plan_keeps_the_rounded_fraction_of_each_group_and_at_least_one(fraction):
+    """TinyOptionA's prunable groups: each keeps ``round(size · fraction)`` distinct channels in
+    increasing order (at least one: 0.01 keeps one of every group)."""
+    gm, _ = prepare(TinyOptionA(), (2, 3, 16, 16))
+    plan = random_plan(gm, fraction, torch.Generator().manual_seed(0))
+    sizes = {g.id: g.size for g in groups_of(gm).prunable}
+    want = {4: {0.5: 2, 0.3: 1, 0.01: 1}, 8: {0.5: 4, 0.3: 2, 0.01: 1}, 16: {0.5: 8, 0.3: 5, 0.01: 1},
+            2: {0.5: 1, 0.3: 1, 0.01: 1}}  # round(4 · 0.3) = 1, round(8 · 0.3) = 2, round(16 · 0.3) = 5
+    assert set(plan.keep) == set(sizes) and set(sizes.values()) <= set(want)
+    for gid, kept in plan.keep.items():
+        assert len(kept) == want[sizes[gid]][fraction], (gid, sizes[gid])
+        assert list(kept) == sorted(set(kept)) and 0 <= kept[0] and kept[-1] < sizes[gid]
+
+
+def test_masking_reports_whether_it_masked_anything():
+    """conv0 (3 → 8) ─▶ conv1 (8 → 4): a plan keeping all 8 channels masks nothing (``modified``
+    False, no mask buffer); removing one channel masks conv0's output, one value (True)."""
+    gm, _ = prepare(nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)), (2, 3, 4, 4))
+    (group,) = groups_of(gm).prunable
+    nothing = mask_channels(gm, PrunePlan({group.id: tuple(range(8))}))
+    assert not nothing.modified and not any(n.startswith("_ehap_mask") for n, _ in nothing.graph_module.named_buffers())
+    one = mask_channels(gm, PrunePlan.removing(groups_of(gm), {group.id: [3]}))
+    assert one.modified and [n for n, _ in one.graph_module.named_buffers()] == ["_ehap_mask_0"]
+    assert one.graph_module._ehap_mask_0.flatten().tolist() == [1, 1, 1, 0, 1, 1, 1, 1]
+
+
+def test_a_group_norm_shrunk_twice_keeps_its_channels_per_group():
+    """conv (3 → 16) ─▶ GroupNorm(4 groups of 4) ─▶ relu ─▶ conv (16 → 4). One norm group goes
+    (12 channels, 3 groups), then another from the shrunk model (8 channels, 2 groups): each
+    shrunk model equals its masked original."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    torch.manual_seed(0)
+    gm, x = prepare(model, (2, 3, 6, 6))
+    (group,) = groups_of(gm).prunable
+    once = assert_shrunk_equals_masked(gm, x, PrunePlan.removing(groups_of(gm), {group.id: [1]}))
+    assert (once.get_submodule("1").num_channels, once.get_submodule("1").num_groups) == (12, 3)
+    (group,) = groups_of(once).prunable
+    twice = assert_shrunk_equals_masked(once, x, PrunePlan.removing(groups_of(once), {group.id: [0]}))
+    assert (twice.get_submodule("1").num_channels, twice.get_submodule("1").num_groups) == (8, 2)
+
+
+@pytest.mark.parametrize("channels,slopes,removed,kept", [
+    (8, 1, [1, 6], [0.1]), (8, 8, [1, 6], [0.1, 0.3, 0.4, 0.5, 0.6, 0.8]), (2, 2, [1], [0.1])])
+def test_a_prelu_keeps_a_shared_slope_and_loses_the_removed_channels_slopes(channels, slopes, removed, kept):
+    """conv (3 → C) ─▶ PReLU (one shared slope, or one per channel: 0.1, 0.2, ...) ─▶ conv (C → 4):
+    removing channels leaves the shared slope as it is, or the kept channels' slopes; shrunk ≡ masked."""
+    torch.manual_seed(0)
+    prelu = nn.PReLU(slopes)
+    with torch.no_grad():
+        prelu.weight.copy_(torch.arange(1, slopes + 1) / 10)
+    model = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), prelu, nn.Conv2d(channels, 4, 1))
+    gm, x = prepare(model, (2, 3, 6, 6))
+    (group,) = groups_of(gm).prunable
+    small = assert_shrunk_equals_masked(gm, x, PrunePlan.removing(groups_of(gm), {group.id: removed}))
+    torch.testing.assert_close(small.get_submodule("1").weight.detach(), torch.tensor(kept))
+    assert small.get_submodule("1").num_parameters == len(kept)
+
+
+def test_shrunk_modules_describe_the_sizes_of_their_tensors():
+    """After shrinking TinyOptionA to half its channels, every conv, BatchNorm and linear states
+    the sizes its tensors have (``out_channels``, ``num_features``, ``in_features``, ...), as a
+    module built with those arguments would: a BatchNorm rebuilt from ``num_features`` loads the
+    shrunk state."""
+    gm, x = prepare(TinyOptionA(), (2, 3, 16, 16))
+    small = shrink(gm, random_plan(gm, 0.5, torch.Generator().manual_seed(0))).graph_module
+    seen = set()
+    for name, m in small.named_modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.weight.shape[:2] == (m.out_channels, m.in_channels // m.groups), name
+        elif isinstance(m, nn.BatchNorm2d):
+            assert m.weight.shape == m.running_mean.shape == (m.num_features,), name
+            nn.BatchNorm2d(m.num_features).load_state_dict(m.state_dict())
+        elif isinstance(m, nn.Linear):
+            assert m.weight.shape == (m.out_features, m.in_features), name
+        seen.add(type(m))
+    assert {nn.Conv2d, nn.BatchNorm2d, nn.Linear} <= seen
+    assert small.bn1.num_features < 4

@@ -187,6 +187,85 @@ def test_an_export_from_a_one_sample_example_keeps_the_batch_dynamic():
         torch.testing.assert_close(gm(x), model(x))
         torch.testing.assert_close(exported_program(gm).module()(x), model(x))
 
+class _Tempered(torch.nn.Module):
+    """conv (3 → 4) of x ``(N, 3, H, W)``, divided by a temperature ``t`` (a 0-d tensor) and
+    times a weight per sample ``w`` ``(N,)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x, t, w):
+        return self.conv(x) / t * w[:, None, None, None]
+
+
+def test_a_zero_dim_input_has_no_batch_and_leaves_the_others_dynamic():
+    """One-sample x and w are exported as batches of two with a dynamic batch dim (dim 0 of
+    both); the 0-d ``t`` is left as it is, with no batch dim: the graph takes a batch of 3."""
+    from ehap_fx import _meta
+
+    torch.manual_seed(0)
+    model = _Tempered().eval()
+    gm = trace(model, (torch.randn(1, 3, 8, 8), torch.tensor(2.0), torch.rand(1)), capture="export")
+    capture = gm.meta[_meta.CAPTURE]
+    assert [tuple(a.shape) for a in capture.args] == [(2, 3, 8, 8), (), (2,)]
+    assert [None if d is None else list(d) for d in capture.dynamic_shapes] == [[0], None, [0]]
+    x, t, w = torch.randn(3, 3, 8, 8), torch.tensor(0.5), torch.rand(3)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x, t, w), model(x, t, w))
+
+
+class _Related(torch.nn.Module):
+    """conv (3 → 4) of x ``(n, 3, H, W)`` plus y ``(n, 4, H, W)`` plus z ``(2n, 1, 1, 1)``
+    summed in pairs: three inputs whose dim 0 are n, n and 2n."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x, y, z):
+        return self.conv(x) + y + z.reshape(x.shape[0], 2, 1, 1, 1).sum(1)
+
+
+def test_a_program_with_related_input_sizes_is_exported_again_with_its_ranges():
+    """A user's program with ``n`` in [2, 64] for x and y and ``2n`` for z: the traced graph
+    exports again (``exported_program``) with the same ranges, one ``Dim`` shared by x and y and
+    z's derived from it, and the result takes n = 3 (z of 6) as the model does."""
+    from ehap_fx.passes.program import exported_program
+
+    from ehap_fx import _meta
+
+    torch.manual_seed(0)
+    model, n = _Related().eval(), torch.export.Dim("n", min=2, max=64)
+    x, y, z = torch.randn(4, 3, 5, 5), torch.randn(4, 4, 5, 5), torch.randn(8, 1, 1, 1)
+    ep = torch.export.export(model, (x, y, z), dynamic_shapes=({0: n}, {0: n}, {0: 2 * n}))
+    gm = trace(ep, None)
+    (dx,), (dy,), (dz,) = (d.values() for d in gm.meta[_meta.CAPTURE].dynamic_shapes)
+    assert dx is dy and (dx.min, dx.max) == (2, 64)
+    again = exported_program(gm)
+    assert sorted(str(r) for r in again.range_constraints.values()) == ["VR[2, 64]", "VR[4, 128]"]
+    x, y, z = torch.randn(3, 3, 5, 5), torch.randn(3, 4, 5, 5), torch.randn(6, 1, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(again.module()(x, y, z), model(x, y, z))
+
+
+def test_an_exported_graph_saves_and_loads_as_a_whole_module():
+    """``torch.save`` of an export-captured graph (pickled whole) loads back into a module that
+    computes what the model does (the unlifted graph's tracer class could not be rebuilt)."""
+    import io
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    gm = trace(model, torch.randn(2, 3, 8, 8), capture="export")
+    buffer = io.BytesIO()
+    torch.save(gm, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
 class _Decode(torch.nn.Module):
     """YOLO pose's keypoint decoding: ``y[:, 2::3] = y[:, 2::3].sigmoid()`` after a conv."""
 
