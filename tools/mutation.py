@@ -311,6 +311,15 @@ def _node_id(root: Path, classname: str, name: str) -> str:
     return f"{classname}::{name}"
 
 
+def _collected(copy: Path) -> set[str]:
+    """The node ids of the default run in ``copy`` (a map built on an older commit may name
+    tests renamed or removed since)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "-o", "addopts=-m 'not slow' --doctest-modules"], cwd=copy, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    return {line.strip() for line in proc.stdout.splitlines() if "::" in line}
+
+
 def _commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                           text=True).stdout.strip()
@@ -451,6 +460,7 @@ def run_all(chosen: list[Mutant], plan: dict[str, tuple[str, ...]], factor: floa
                 raise SystemExit(f"the clean tests {tests} fail: fix them first")
             return seconds
 
+        known = _collected(Path(tmp) / "0") if cmap is not None else set()  # the map may be older
         modules = sorted({m.path for m in chosen if m.status != "gone"})
         sets = sorted({plan[m] for m in modules})
         with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -467,7 +477,8 @@ def run_all(chosen: list[Mutant], plan: dict[str, tuple[str, ...]], factor: floa
             try:
                 m.status, m.seconds = run_tests(copy, plan[m.path], factor * baseline[m.path] + 30)
                 if m.status == "survived" and cmap is not None:
-                    m.covering = [t for t in cmap.tests_of(m, original) if t.split("::")[0] not in plan[m.path]]
+                    m.covering = [t for t in cmap.tests_of(m, original)
+                                  if t in known and t.split("::")[0] not in plan[m.path]]
                     if m.covering:
                         status, seconds = run_tests(copy, tuple(m.covering),
                                                     factor * sum(cmap.seconds.get(t, 5.0) for t in m.covering) + 60)
