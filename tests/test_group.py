@@ -120,6 +120,41 @@ def test_group_norm_couples_whole_groups():
     }
 
 
+class _Norms(torch.nn.Module):
+    """a(3→8) → bn → prelu(8) → b(8→8) → gn(2 groups) → c(8→4) → instance norm (affine) → up
+    (transposed, 4→2)."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.a, self.bn, self.prelu = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.PReLU(8)
+        self.b, self.gn = nn.Conv2d(8, 8, 1), nn.GroupNorm(2, 8)
+        self.c, self.inorm = nn.Conv2d(8, 4, 1), nn.InstanceNorm2d(4, affine=True)
+        self.up = nn.ConvTranspose2d(4, 2, 2, stride=2)
+
+    def forward(self, x):
+        y = self.prelu(self.bn(self.a(x)))
+        return self.up(self.inorm(self.c(self.gn(self.b(y)))))
+
+
+def test_each_member_names_the_dim_of_its_weight_that_the_channels_index():
+    """``Member.dim``: a conv's output channels are dim 0 of its weight ``(O, I, k, k)``, its
+    input channels dim 1; a norm's (and a PReLU's) per-channel tensors ``(C,)`` dim 0; a
+    transposed conv's input channels dim 0 of its weight ``(I, O, k, k)``. Each member's indices
+    fit that dim of the module's weight."""
+    gm = grouped(_Norms(), (2, 3, 6, 6))
+    members = {g.size: sorted((m.module, m.role, m.dim) for m in g.members) for g in groups_of(gm).prunable}
+    assert members == {
+        8: [("a", "out", 0), ("b", "in", 1), ("bn", "norm", 0), ("prelu", "norm", 0)],
+        2: [("b", "out", 0), ("c", "in", 1), ("gn", "norm", 0)],  # gn: 2 groups of 4 channels
+        4: [("c", "out", 0), ("inorm", "norm", 0), ("up", "in", 0)],
+    }
+    for g in groups_of(gm).prunable:
+        for m in g.members:
+            weight = gm.get_submodule(m.module).weight
+            assert int(m.index.max()) < weight.shape[m.dim], (m.module, m.role)
+
+
 def test_groups_and_members_in_node_meta_are_frozen():
     """The analysis travels in ``node.meta`` and ``gm.meta``: a pass that could edit a group or
     a member in place would change what every other node reads."""
