@@ -343,6 +343,58 @@ def test_a_one_element_tensor_reshaped_to_2d_broadcasts_over_the_channels():
         torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
 
 
+class _ScalarPerSample(nn.Module):
+    """t (N,) ─▶ reshape (N, 1) ─▶ fc0 (1 → 8) ─▶ relu ─▶ fc1 (8 → 1) ─▶ view (N,): one number per
+    sample in and out (a time step in, a regression out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1 = nn.Linear(1, 8), nn.Linear(8, 1)
+
+    def forward(self, t):
+        return self.fc1(F.relu(self.fc0(t.reshape(-1, 1)))).view(-1)
+
+
+def test_a_vector_reshaped_to_a_column_and_back_prunes_the_layers_between():
+    """Reshapes between ``(N,)`` and ``(N, 1)`` have no channels to follow: the input's column
+    and the one output pin, and fc0's 8 channels prune (shrunk ≡ masked original)."""
+    torch.manual_seed(0)
+    t = torch.randn(5)
+    gm = group_channels(trace(_ScalarPerSample().eval(), t)).graph_module
+    group = _group_of(gm, "fc0")
+    assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("fc0", "out"), ("fc1", "in")]
+    assert group.size == 8
+    assert _group_of(gm, "fc1").pinned is not None
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    assert len(plan.keep[group.id]) == 4
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(t), mask_channels(gm, plan).graph_module(t))
+
+
+class _ChannelsIntoBatch(nn.Module):
+    """conv0 (3 → 4) ─▶ reshape (N·4, 1, H, W) ─▶ shared (1 → 2), the same filters on every
+    channel ─▶ reshape (N, 8, H, W) ─▶ conv1 (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.shared, self.conv1 = nn.Conv2d(3, 4, 3), nn.Conv2d(1, 2, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        y = self.conv0(x)
+        z = self.shared(y.reshape(n * 4, 1, h - 2, w - 2))
+        return self.conv1(z.reshape(n, 8, h - 2, w - 2))
+
+
+def test_a_reshape_that_moves_channels_into_the_batch_or_back_pins_them():
+    """Folding the channels into the batch dim, and unfolding them again, leaves no channel dim
+    to follow: conv0's and the shared conv's channels pin at those reshapes."""
+    gm = group_channels(trace(_ChannelsIntoBatch().eval(), X)).graph_module
+    for module in ("conv0", "shared"):
+        assert _group_of(gm, module).pinned.endswith("reshape that does not keep the batch dim"), module
+    assert groups_of(gm).prunable == ()
+
+
 class _CatAlongHeight(nn.Module):
     """conv0 (3 → 8) ─▶ cat along H of (h,) ─▶ conv1 (8 → 4), and of (h, 2h) ─▶ conv2 (8 → 4)."""
 
