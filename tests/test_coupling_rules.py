@@ -371,6 +371,38 @@ def test_a_vector_reshaped_to_a_column_and_back_prunes_the_layers_between():
         torch.testing.assert_close(shrink(gm, plan).graph_module(t), mask_channels(gm, plan).graph_module(t))
 
 
+class _ReshapedScale(nn.Module):
+    """conv0 (3 → 8) ─▶ × gamma viewed as ``(1, 8, 1, 1)`` ─▶ × its spatial L2 norm (``norm``
+    with keywords only) ─▶ conv1 (8 → 4)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 8).reshape(shape))
+
+    def forward(self, x):
+        y = self.conv0(x) * self.gamma.reshape(1, -1, 1, 1)
+        return self.conv1(y * y.norm(dim=(2, 3), keepdim=True))
+
+
+@pytest.mark.parametrize("shape", [(8,), (8, 1, 1)])
+def test_a_layer_scale_viewed_at_the_channels_dim_prunes_with_them(shape):
+    """gamma, ``(8,)`` or ``(8, 1, 1)``, reshaped to ``(1, 8, 1, 1)``: its 8 values stay one per
+    channel (only unit dims move), so they go with conv0's outputs, as does the per-channel
+    spatial norm: shrunk ≡ masked original, gamma sliced."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_ReshapedScale(shape).eval(), X)).graph_module
+    group = _group_of(gm, "conv0")
+    assert group.pinned is None and group.size == 8
+    assert sorted((m.module or m.node, m.role) for m in group.members) == [
+        ("conv0", "out"), ("conv1", "in"), ("gamma", "const")]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    small = shrink(gm, plan).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(small(X), mask_channels(gm, plan).graph_module(X))
+    assert small.gamma.shape == (4, *shape[1:])
+
+
 class _ChannelsIntoBatch(nn.Module):
     """conv0 (3 → 4) ─▶ reshape (N·4, 1, H, W) ─▶ shared (1 → 2), the same filters on every
     channel ─▶ reshape (N, 8, H, W) ─▶ conv1 (8 → 4)."""
