@@ -345,6 +345,8 @@ def test_a_core_aten_linear_prunes_its_features():
     with torch.no_grad():
         torch.testing.assert_close(small(x), mask_channels(gm, plan).graph_module(x))
     assert dict(small.named_parameters())["0.weight"].shape == (4, 6)
+    # each weight counted once, by its addmm: (6·8 + 8) + (8·3 + 3), then 4 of fc0's 8 rows kept
+    assert (total_cost(gm).params, total_cost(small).params) == (6 * 8 + 8 + 8 * 3 + 3, 6 * 4 + 4 + 4 * 3 + 3)
 
 
 class LinearBN(nn.Module):
