@@ -403,6 +403,32 @@ def test_a_layer_scale_viewed_at_the_channels_dim_prunes_with_them(shape):
     assert small.gamma.shape == (4, *shape[1:])
 
 
+class _TokensTimesMatrix(nn.Module):
+    """x (N, T, 6) ─▶ fc (6 → 8) ─▶ @ proj, a plain (8, 3) parameter ─▶ (N, T, 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.proj = nn.Parameter(torch.randn(8, 3))
+
+    def forward(self, x):
+        return self.fc(x) @ self.proj
+
+
+def test_a_matmul_by_a_parameter_matrix_pins_its_input_channels():
+    """``(N, T, 8) @ (8, 3)``, of unequal ranks, is neither attention form: fc's 8 channels, the
+    rows proj would have to lose with them, pin whole, and the model prunes to itself."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6)
+    gm = group_channels(trace(_TokensTimesMatrix().eval(), x)).graph_module
+    group = _group_of(gm, "fc")
+    assert group.size == 8 and "of unequal ranks" in group.pinned
+    assert groups_of(gm).prunable == ()
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
+
+
 class _ChannelsIntoBatch(nn.Module):
     """conv0 (3 → 4) ─▶ reshape (N·4, 1, H, W) ─▶ shared (1 → 2), the same filters on every
     channel ─▶ reshape (N, 8, H, W) ─▶ conv1 (8 → 4)."""
