@@ -221,3 +221,25 @@ def test_a_per_channel_constant_is_a_member_of_its_channels_group():
 def test_pin_reasons_sum_the_channels_each_reason_holds():
     """TinyOptionA pins its 10 logits (the model output) and its 3 input channels, most first."""
     assert groups_of(grouped(TinyOptionA())).pin_reasons() == [(10, "model output"), (3, "model input x")]
+
+
+class _FourReasons(torch.nn.Module):
+    """a (3 → 8) ─▶ b (8 → 6, excluded) ─▶ flip (no rule) ─▶ c (6 → 5) ─▶ d (5 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.a, self.b, self.c, self.d = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 6, 1), nn.Conv2d(6, 5, 1), nn.Conv2d(5, 4, 1)
+
+    def forward(self, x):
+        return self.d(self.c(self.b(self.a(x)).flip(1)))
+
+
+def test_pin_reasons_name_the_three_largest_unless_told():
+    """Four reasons: b excluded (its 8 inputs and 6 outputs), the flip (c's 6 inputs), the output
+    (4), the input (3). The default is the top three; ``top=4`` gives all 27 pinned channels."""
+    groups = groups_of(grouped(_FourReasons(), exclude=["b"]))
+    counts = [c for c, _ in groups.pin_reasons(4)]
+    assert counts == [8 + 6, 6, 4, 3] and sum(counts) == sum(g.size for g in groups.pinned)
+    assert groups.pin_reasons() == groups.pin_reasons(4)[:3]
+    assert [r for _, r in groups.pin_reasons(4)][::2] == ["module b excluded by the user", "model output"]
