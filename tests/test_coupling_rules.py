@@ -429,6 +429,29 @@ def test_a_matmul_by_a_parameter_matrix_pins_its_input_channels():
         torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
 
 
+class _EllipsisReorder(nn.Module):
+    """fc0 (6 → 8) ─▶ ``y[..., [1, 0, 3, 2, 5, 4, 7, 6]]``: the pairs of channels swapped ─▶ fc1 (8 → 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc1(self.fc0(x)[..., [1, 0, 3, 2, 5, 4, 7, 6]])
+
+
+def test_an_index_after_an_ellipsis_pins_the_channels():
+    """A leading ``...`` hides which dim the index reaches (here dim 1 of an (N, 8) value, which
+    it reorders): fc0's channels pin, and the model prunes to itself."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6)
+    gm = group_channels(trace(_EllipsisReorder().eval(), x)).graph_module
+    assert _group_of(gm, "fc0").pinned is not None and groups_of(gm).prunable == ()
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
+
+
 class _ChannelsIntoBatch(nn.Module):
     """conv0 (3 → 4) ─▶ reshape (N·4, 1, H, W) ─▶ shared (1 → 2), the same filters on every
     channel ─▶ reshape (N, 8, H, W) ─▶ conv1 (8 → 4)."""
