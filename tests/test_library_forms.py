@@ -580,6 +580,33 @@ def test_attention_on_channels_at_dim_1_pins_and_counts_its_last_dims(capture):
     assert sdpa.meta[_meta.COST].macs == 4 * 6 * 6 * (10 + 10)  # per channel (head): L·S·(E + Ev)
 
 
+class MapSDPAThenLinear(MapSDPA):
+    """MapSDPA on a (N, 4, 6, 4) map, then a linear (4 → 5) over its last dim: the conv's 4
+    channels and the attention's 4 last-dim features are different dims of equal size."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.fc(super().forward(x))
+
+
+def test_attention_on_channels_at_dim_1_pins_them_whatever_reads_its_last_dim():
+    """The conv's channels are the attention's heads (dim 1), not its features (the last dim),
+    so they pin even where the next linear reads a last dim of the same size, and the model
+    prunes to itself."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 4)
+    gm = group_channels(trace(MapSDPAThenLinear().eval(), x)).graph_module
+    assert not groups_of(gm).prunable
+    (conv,) = [g for g in groups_of(gm) if ("conv", "out") in {(m.module, m.role) for m in g.members}]
+    assert "not the last" in conv.pinned
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
+
+
 class HeadsSDPA(nn.Module):
     """Segformer's (and most Hugging Face models') attention on tokens (N, T, 8): linear in
     (8 → 8) → q, k, v linears (8 → 8), each viewed (N, T, 2 heads, 4) with the heads to dim 1
