@@ -452,6 +452,60 @@ def test_an_index_after_an_ellipsis_pins_the_channels():
         torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
 
 
+class _PooledTokens(nn.Module):
+    """tokens (N, T, 6) ─▶ fc0 (6 → 8) ─▶ reduced over the tokens (dim 1) ─▶ (N, 8) ─▶ fc1 (8 → 3)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.fc0, self.fc1 = how, nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.fc0(x)
+        return self.fc1(y.mean(1) if self.how == "mean" else torch.linalg.vector_norm(y, 2, 1))
+
+
+@pytest.mark.parametrize("how", ["mean", "norm"])
+def test_reducing_the_tokens_keeps_the_features(how):
+    """A mean (ViT's pooling) or a norm over the tokens, without ``keepdim``, leaves fc0's
+    features at dim 1 of the (N, 8) result: they prune (shrunk ≡ masked)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6)
+    gm = group_channels(trace(_PooledTokens(how).eval(), x)).graph_module
+    group = _group_of(gm, "fc0")
+    assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("fc0", "out"), ("fc1", "in")]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
+
+
+class _FeaturesAsMaps(nn.Module):
+    """fc (6 → 32) ─▶ view (N, 8, 2, 2): each channel is a block of 4 features ─▶ conv (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.conv = nn.Linear(6, 32), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv(self.fc(x).view(-1, 8, 2, 2))
+
+
+def test_features_viewed_as_maps_prune_in_blocks():
+    """fc's 32 features are conv's 8 channels of 2×2: channel c is features 4c … 4c+3, one unit."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6)
+    gm = group_channels(trace(_FeaturesAsMaps().eval(), x)).graph_module
+    group = _group_of(gm, "fc")
+    assert group.pinned is None and group.size == 8
+    members = {(m.module, m.role): m.index.tolist() for m in group.members}
+    assert members == {("fc", "out"): torch.arange(32).reshape(8, 4).tolist(),
+                       ("conv", "in"): [[c] for c in range(8)]}
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    small = shrink(gm, plan).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), mask_channels(gm, plan).graph_module(x))
+    assert small.fc.weight.shape == (16, 6)
+
+
 class _ChannelsIntoBatch(nn.Module):
     """conv0 (3 → 4) ─▶ reshape (N·4, 1, H, W) ─▶ shared (1 → 2), the same filters on every
     channel ─▶ reshape (N, 8, H, W) ─▶ conv1 (8 → 4)."""
