@@ -100,6 +100,16 @@ def test_rules_passed_to_group_channels_and_capture_groups():
     assert gm.meta[_meta.CAPTURED].capture == "fx" and conv0_group(gm).pinned is None
 
 
+def test_grouping_with_no_rules_forgets_the_recorded_ones():
+    """Rules given (here none, ``Rules()``) replace those the graph was traced with, in
+    ``gm.meta`` too: grouping it again, as shrink does, uses the defaults alone."""
+    traced = trace(model_with(Snake()), X, rules=SNAKE_RULES)
+    assert traced.meta[_meta.RULES] is SNAKE_RULES
+    gm = group_channels(traced, rules=Rules()).graph_module
+    assert _meta.RULES not in gm.meta and conv0_group(gm).pinned is not None
+    assert conv0_group(group_channels(gm).graph_module).pinned is not None
+
+
 def test_a_pin_rule_keeps_the_module_whole_with_its_reason():
     gm = group_channels(trace(model_with(Reverse()), X)).graph_module
     assert "(Reverse): op not understood" in conv0_group(gm).pinned
