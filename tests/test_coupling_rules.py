@@ -170,6 +170,20 @@ def test_a_per_channel_prelu_goes_with_the_channels():
     assert [(m.module, m.role) for m in group.members] == [("0", "out"), ("1", "norm"), ("2", "in")]
 
 
+@pytest.mark.parametrize("slopes", [1, 8])
+def test_an_exported_prelu_prunes_with_its_slopes_shared_or_per_channel(slopes):
+    """Captured by ``torch.export`` (``aten.prelu(x, weight)``): a shared slope (one element)
+    couples nothing, a per-channel one is sliced with conv0's channels; both prune, shrunk ≡
+    masked original."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(model_with(nn.PReLU(slopes, init=0.1)), X, capture="export")).graph_module
+    assert any(n.target is torch.ops.aten.prelu.default for n in gm.graph.nodes)
+    assert conv0_group(gm).pinned is None and conv0_group(gm).size == 8
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+
+
 class FunctionalLinears(nn.Module):
     """fc0 (6 → 8) ─▶ relu ─▶ fc1 (8 → 4), written with ``F.linear`` on the layers' tensors."""
 
