@@ -100,6 +100,16 @@ def test_rules_passed_to_group_channels_and_capture_groups():
     assert gm.meta[_meta.CAPTURED].capture == "fx" and conv0_group(gm).pinned is None
 
 
+def test_grouping_with_no_rules_forgets_the_recorded_ones():
+    """Rules given (here none, ``Rules()``) replace those the graph was traced with, in
+    ``gm.meta`` too: grouping it again, as shrink does, uses the defaults alone."""
+    traced = trace(model_with(Snake()), X, rules=SNAKE_RULES)
+    assert traced.meta[_meta.RULES] is SNAKE_RULES
+    gm = group_channels(traced, rules=Rules()).graph_module
+    assert _meta.RULES not in gm.meta and conv0_group(gm).pinned is not None
+    assert conv0_group(group_channels(gm).graph_module).pinned is not None
+
+
 def test_a_pin_rule_keeps_the_module_whole_with_its_reason():
     gm = group_channels(trace(model_with(Reverse()), X)).graph_module
     assert "(Reverse): op not understood" in conv0_group(gm).pinned
@@ -158,6 +168,20 @@ def test_a_per_channel_prelu_goes_with_the_channels():
     group = conv0_group(gm)
     assert group.pinned is None
     assert [(m.module, m.role) for m in group.members] == [("0", "out"), ("1", "norm"), ("2", "in")]
+
+
+@pytest.mark.parametrize("slopes", [1, 8])
+def test_an_exported_prelu_prunes_with_its_slopes_shared_or_per_channel(slopes):
+    """Captured by ``torch.export`` (``aten.prelu(x, weight)``): a shared slope (one element)
+    couples nothing, a per-channel one is sliced with conv0's channels; both prune, shrunk ≡
+    masked original."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(model_with(nn.PReLU(slopes, init=0.1)), X, capture="export")).graph_module
+    assert any(n.target is torch.ops.aten.prelu.default for n in gm.graph.nodes)
+    assert conv0_group(gm).pinned is None and conv0_group(gm).size == 8
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
 
 
 class FunctionalLinears(nn.Module):
@@ -341,6 +365,193 @@ def test_a_one_element_tensor_reshaped_to_2d_broadcasts_over_the_channels():
     plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
+
+
+class _ScalarPerSample(nn.Module):
+    """t (N,) ─▶ reshape (N, 1) ─▶ fc0 (1 → 8) ─▶ relu ─▶ fc1 (8 → 1) ─▶ view (N,): one number per
+    sample in and out (a time step in, a regression out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1 = nn.Linear(1, 8), nn.Linear(8, 1)
+
+    def forward(self, t):
+        return self.fc1(F.relu(self.fc0(t.reshape(-1, 1)))).view(-1)
+
+
+def test_a_vector_reshaped_to_a_column_and_back_prunes_the_layers_between():
+    """Reshapes between ``(N,)`` and ``(N, 1)`` have no channels to follow: the input's column
+    and the one output pin, and fc0's 8 channels prune (shrunk ≡ masked original)."""
+    torch.manual_seed(0)
+    t = torch.randn(5)
+    gm = group_channels(trace(_ScalarPerSample().eval(), t)).graph_module
+    group = _group_of(gm, "fc0")
+    assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("fc0", "out"), ("fc1", "in")]
+    assert group.size == 8
+    assert _group_of(gm, "fc1").pinned is not None
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    assert len(plan.keep[group.id]) == 4
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(t), mask_channels(gm, plan).graph_module(t))
+
+
+class _ReshapedScale(nn.Module):
+    """conv0 (3 → 8) ─▶ × gamma viewed as ``(1, 8, 1, 1)`` ─▶ × its spatial L2 norm (``norm``
+    with keywords only) ─▶ conv1 (8 → 4)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 8).reshape(shape))
+
+    def forward(self, x):
+        y = self.conv0(x) * self.gamma.reshape(1, -1, 1, 1)
+        return self.conv1(y * y.norm(dim=(2, 3), keepdim=True))
+
+
+@pytest.mark.parametrize("shape", [(8,), (8, 1, 1)])
+def test_a_layer_scale_viewed_at_the_channels_dim_prunes_with_them(shape):
+    """gamma, ``(8,)`` or ``(8, 1, 1)``, reshaped to ``(1, 8, 1, 1)``: its 8 values stay one per
+    channel (only unit dims move), so they go with conv0's outputs, as does the per-channel
+    spatial norm: shrunk ≡ masked original, gamma sliced."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_ReshapedScale(shape).eval(), X)).graph_module
+    group = _group_of(gm, "conv0")
+    assert group.pinned is None and group.size == 8
+    assert sorted((m.module or m.node, m.role) for m in group.members) == [
+        ("conv0", "out"), ("conv1", "in"), ("gamma", "const")]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    small = shrink(gm, plan).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(small(X), mask_channels(gm, plan).graph_module(X))
+    assert small.gamma.shape == (4, *shape[1:])
+
+
+class _TokensTimesMatrix(nn.Module):
+    """x (N, T, 6) ─▶ fc (6 → 8) ─▶ @ proj, a plain (8, 3) parameter ─▶ (N, T, 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.proj = nn.Parameter(torch.randn(8, 3))
+
+    def forward(self, x):
+        return self.fc(x) @ self.proj
+
+
+def test_a_matmul_by_a_parameter_matrix_pins_its_input_channels():
+    """``(N, T, 8) @ (8, 3)``, of unequal ranks, is neither attention form: fc's 8 channels, the
+    rows proj would have to lose with them, pin whole, and the model prunes to itself."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6)
+    gm = group_channels(trace(_TokensTimesMatrix().eval(), x)).graph_module
+    group = _group_of(gm, "fc")
+    assert group.size == 8 and "of unequal ranks" in group.pinned
+    assert groups_of(gm).prunable == ()
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
+
+
+class _EllipsisReorder(nn.Module):
+    """fc0 (6 → 8) ─▶ ``y[..., [1, 0, 3, 2, 5, 4, 7, 6]]``: the pairs of channels swapped ─▶ fc1 (8 → 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc1(self.fc0(x)[..., [1, 0, 3, 2, 5, 4, 7, 6]])
+
+
+def test_an_index_after_an_ellipsis_pins_the_channels():
+    """A leading ``...`` hides which dim the index reaches (here dim 1 of an (N, 8) value, which
+    it reorders): fc0's channels pin, and the model prunes to itself."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6)
+    gm = group_channels(trace(_EllipsisReorder().eval(), x)).graph_module
+    assert _group_of(gm, "fc0").pinned is not None and groups_of(gm).prunable == ()
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
+
+
+class _PooledTokens(nn.Module):
+    """tokens (N, T, 6) ─▶ fc0 (6 → 8) ─▶ reduced over the tokens (dim 1) ─▶ (N, 8) ─▶ fc1 (8 → 3)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.fc0, self.fc1 = how, nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.fc0(x)
+        return self.fc1(y.mean(1) if self.how == "mean" else torch.linalg.vector_norm(y, 2, 1))
+
+
+@pytest.mark.parametrize("how", ["mean", "norm"])
+def test_reducing_the_tokens_keeps_the_features(how):
+    """A mean (ViT's pooling) or a norm over the tokens, without ``keepdim``, leaves fc0's
+    features at dim 1 of the (N, 8) result: they prune (shrunk ≡ masked)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6)
+    gm = group_channels(trace(_PooledTokens(how).eval(), x)).graph_module
+    group = _group_of(gm, "fc0")
+    assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("fc0", "out"), ("fc1", "in")]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
+
+
+class _FeaturesAsMaps(nn.Module):
+    """fc (6 → 32) ─▶ view (N, 8, 2, 2): each channel is a block of 4 features ─▶ conv (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.conv = nn.Linear(6, 32), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv(self.fc(x).view(-1, 8, 2, 2))
+
+
+def test_features_viewed_as_maps_prune_in_blocks():
+    """fc's 32 features are conv's 8 channels of 2×2: channel c is features 4c … 4c+3, one unit."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6)
+    gm = group_channels(trace(_FeaturesAsMaps().eval(), x)).graph_module
+    group = _group_of(gm, "fc")
+    assert group.pinned is None and group.size == 8
+    members = {(m.module, m.role): m.index.tolist() for m in group.members}
+    assert members == {("fc", "out"): torch.arange(32).reshape(8, 4).tolist(),
+                       ("conv", "in"): [[c] for c in range(8)]}
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    small = shrink(gm, plan).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), mask_channels(gm, plan).graph_module(x))
+    assert small.fc.weight.shape == (16, 6)
+
+
+class _ChannelsIntoBatch(nn.Module):
+    """conv0 (3 → 4) ─▶ reshape (N·4, 1, H, W) ─▶ shared (1 → 2), the same filters on every
+    channel ─▶ reshape (N, 8, H, W) ─▶ conv1 (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.shared, self.conv1 = nn.Conv2d(3, 4, 3), nn.Conv2d(1, 2, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        y = self.conv0(x)
+        z = self.shared(y.reshape(n * 4, 1, h - 2, w - 2))
+        return self.conv1(z.reshape(n, 8, h - 2, w - 2))
+
+
+def test_a_reshape_that_moves_channels_into_the_batch_or_back_pins_them():
+    """Folding the channels into the batch dim, and unfolding them again, leaves no channel dim
+    to follow: conv0's and the shared conv's channels pin at those reshapes."""
+    gm = group_channels(trace(_ChannelsIntoBatch().eval(), X)).graph_module
+    for module in ("conv0", "shared"):
+        assert _group_of(gm, module).pinned.endswith("reshape that does not keep the batch dim"), module
+    assert groups_of(gm).prunable == ()
 
 
 class _CatAlongHeight(nn.Module):

@@ -134,6 +134,40 @@ def test_a_constant_nothing_can_absorb_is_not_droppable(make):
         shrink(gm, PrunePlan({first.id: ()}))
 
 
+class GroupedSecondConv(nn.Module):
+    """A residual block whose second conv is grouped::
+
+        x ─▶ a(4→8) ─▶ bn ─▶ relu ─▶ b(8→4, groups) ─▶ (+) ─▶ relu
+        └──────────────────────────────────────────────┘
+    """
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 4, 3, padding=1, groups=groups)
+
+    def forward(self, x):
+        return F.relu(x + self.b(F.relu(self.bn(self.a(x)))))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_a_block_whose_second_conv_is_grouped_is_not_droppable(groups):
+    """The inner group stays prunable (channel j of each of the ``groups`` groups is one unit:
+    8 / groups units), but only a ``groups=1`` reader may lose all its input: a grouped conv
+    cannot be left with none, and shrink refuses such a plan."""
+    gm = group_channels(trace(randomize_bn(GroupedSecondConv(groups)).eval(), torch.randn(2, 4, 8, 8)))
+    gm = gm.graph_module
+    (inner,) = [g for g in groups_of(gm).prunable if inner_owner(gm, g.id) == "a"]
+    assert inner.size == 8 // groups
+    if groups == 1:
+        assert droppable_groups(gm) == {inner.id}
+        assert_shrunk_equals_masked(gm, torch.randn(2, 4, 8, 8), PrunePlan({inner.id: ()}))
+        return
+    assert droppable_groups(gm) == frozenset()
+    with pytest.raises(ShrinkError, match="keep no channel"):
+        shrink(gm, PrunePlan({inner.id: ()}))
+
+
 def test_a_layer_scaled_residual_branch_drops_through_its_scale():
     """The branch's constant times the (static) layer scale is still a per-channel constant,
     and the residual add absorbs it; a (1, C, 1, 1) operand alone absorbs nothing (above)."""

@@ -120,6 +120,41 @@ def test_group_norm_couples_whole_groups():
     }
 
 
+class _Norms(torch.nn.Module):
+    """a(3→8) → bn → prelu(8) → b(8→8) → gn(2 groups) → c(8→4) → instance norm (affine) → up
+    (transposed, 4→2)."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.a, self.bn, self.prelu = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.PReLU(8)
+        self.b, self.gn = nn.Conv2d(8, 8, 1), nn.GroupNorm(2, 8)
+        self.c, self.inorm = nn.Conv2d(8, 4, 1), nn.InstanceNorm2d(4, affine=True)
+        self.up = nn.ConvTranspose2d(4, 2, 2, stride=2)
+
+    def forward(self, x):
+        y = self.prelu(self.bn(self.a(x)))
+        return self.up(self.inorm(self.c(self.gn(self.b(y)))))
+
+
+def test_each_member_names_the_dim_of_its_weight_that_the_channels_index():
+    """``Member.dim``: a conv's output channels are dim 0 of its weight ``(O, I, k, k)``, its
+    input channels dim 1; a norm's (and a PReLU's) per-channel tensors ``(C,)`` dim 0; a
+    transposed conv's input channels dim 0 of its weight ``(I, O, k, k)``. Each member's indices
+    fit that dim of the module's weight."""
+    gm = grouped(_Norms(), (2, 3, 6, 6))
+    members = {g.size: sorted((m.module, m.role, m.dim) for m in g.members) for g in groups_of(gm).prunable}
+    assert members == {
+        8: [("a", "out", 0), ("b", "in", 1), ("bn", "norm", 0), ("prelu", "norm", 0)],
+        2: [("b", "out", 0), ("c", "in", 1), ("gn", "norm", 0)],  # gn: 2 groups of 4 channels
+        4: [("c", "out", 0), ("inorm", "norm", 0), ("up", "in", 0)],
+    }
+    for g in groups_of(gm).prunable:
+        for m in g.members:
+            weight = gm.get_submodule(m.module).weight
+            assert int(m.index.max()) < weight.shape[m.dim], (m.module, m.role)
+
+
 def test_groups_and_members_in_node_meta_are_frozen():
     """The analysis travels in ``node.meta`` and ``gm.meta``: a pass that could edit a group or
     a member in place would change what every other node reads."""
@@ -186,3 +221,25 @@ def test_a_per_channel_constant_is_a_member_of_its_channels_group():
 def test_pin_reasons_sum_the_channels_each_reason_holds():
     """TinyOptionA pins its 10 logits (the model output) and its 3 input channels, most first."""
     assert groups_of(grouped(TinyOptionA())).pin_reasons() == [(10, "model output"), (3, "model input x")]
+
+
+class _FourReasons(torch.nn.Module):
+    """a (3 → 8) ─▶ b (8 → 6, excluded) ─▶ flip (no rule) ─▶ c (6 → 5) ─▶ d (5 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.a, self.b, self.c, self.d = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 6, 1), nn.Conv2d(6, 5, 1), nn.Conv2d(5, 4, 1)
+
+    def forward(self, x):
+        return self.d(self.c(self.b(self.a(x)).flip(1)))
+
+
+def test_pin_reasons_name_the_three_largest_unless_told():
+    """Four reasons: b excluded (its 8 inputs and 6 outputs), the flip (c's 6 inputs), the output
+    (4), the input (3). The default is the top three; ``top=4`` gives all 27 pinned channels."""
+    groups = groups_of(grouped(_FourReasons(), exclude=["b"]))
+    counts = [c for c, _ in groups.pin_reasons(4)]
+    assert counts == [8 + 6, 6, 4, 3] and sum(counts) == sum(g.size for g in groups.pinned)
+    assert groups.pin_reasons() == groups.pin_reasons(4)[:3]
+    assert [r for _, r in groups.pin_reasons(4)][::2] == ["module b excluded by the user", "model output"]

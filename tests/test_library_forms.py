@@ -289,6 +289,66 @@ def test_a_standardized_weight_with_a_computed_gain_is_not_pruned():
         torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x),
                                    rtol=1e-5, atol=1e-5)
 
+
+class SharedGainStdConv2d(ScaledStdConv2d):
+    """``ScaledStdConv2d`` whose gain is read once more, by a ``mean`` added to the output:
+    slicing the gain's rows would change that mean too."""
+
+    def forward(self, x):
+        gain = self.gain
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         weight=(gain * self.scale).view(-1), training=True, momentum=0.0,
+                         eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups) + gain.mean()
+
+
+class WholeWeightStdConv2d(nn.Conv2d):
+    """One mean and variance over the whole weight, ``reshape(1, 1, -1)``, not one per output
+    row: every row's standardisation reads every other row."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, 1, -1), None, None, training=True, momentum=0.0,
+                         eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+@pytest.mark.parametrize("first", [SharedGainStdConv2d, WholeWeightStdConv2d])
+def test_a_standardization_that_pruning_would_change_is_not_pruned(first):
+    """A gain read elsewhere too, or statistics over the whole weight: removing rows would
+    change what the kept rows compute, so the chain is not recognised and the first conv's 8
+    channels pin (the model prunes to itself)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = nn.Sequential(first(3, 8, 3), nn.ReLU(), StdConv2d(8, 4, 1)).eval()
+    gm = group_channels(trace(model, x)).graph_module
+    assert not any(m.module == "0" for g in groups_of(gm).prunable for m in g.members)
+    (into_2,) = [g for g in groups_of(gm) if ("2", "in") in {(m.module, m.role) for m in g.members}]
+    assert into_2.size == 8 and into_2.pinned is not None
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_a_core_aten_linear_prunes_its_features():
+    """Core ATen writes ``nn.Linear`` as ``addmm(bias, x, permute(weight, [1, 0]))``: fc0's 8
+    features are its weight's rows and fc1's columns, and prune (shrunk ≡ masked)."""
+    torch.manual_seed(0)
+    net, x = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval(), torch.randn(2, 6)
+    gm = group_channels(trace(torch.export.export(net, (x,)).run_decompositions(), x)).graph_module
+    assert {n.target for n in gm.graph.nodes} >= {torch.ops.aten.addmm.default, torch.ops.aten.permute.default}
+    (group,) = groups_of(gm).prunable
+    assert group.size == 8 and sorted((m.module, m.role, m.dim) for m in group.members) == [
+        ("0", "out", 0), ("2", "in", 1)]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    small = shrink(gm, plan).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), mask_channels(gm, plan).graph_module(x))
+    assert dict(small.named_parameters())["0.weight"].shape == (4, 6)
+    # each weight counted once, by its addmm: (6·8 + 8) + (8·3 + 3), then 4 of fc0's 8 rows kept
+    assert (total_cost(gm).params, total_cost(small).params) == (6 * 8 + 8 + 8 * 3 + 3, 6 * 4 + 4 + 4 * 3 + 3)
+
+
 class LinearBN(nn.Module):
     """LeViT's ``MLPLayerWithBN``: a linear on tokens ``(N, T, C)``, its BatchNorm1d on
     ``flatten(0, 1)`` (``(N·T, C)``, channels at dim 1), ``reshape_as`` back."""
@@ -518,6 +578,33 @@ def test_attention_on_channels_at_dim_1_pins_and_counts_its_last_dims(capture):
     total_cost(gm)
     (sdpa,) = [n for n in gm.graph.nodes if "scaled_dot_product" in str(n.target)]
     assert sdpa.meta[_meta.COST].macs == 4 * 6 * 6 * (10 + 10)  # per channel (head): L·S·(E + Ev)
+
+
+class MapSDPAThenLinear(MapSDPA):
+    """MapSDPA on a (N, 4, 6, 4) map, then a linear (4 → 5) over its last dim: the conv's 4
+    channels and the attention's 4 last-dim features are different dims of equal size."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.fc(super().forward(x))
+
+
+def test_attention_on_channels_at_dim_1_pins_them_whatever_reads_its_last_dim():
+    """The conv's channels are the attention's heads (dim 1), not its features (the last dim),
+    so they pin even where the next linear reads a last dim of the same size, and the model
+    prunes to itself."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 4)
+    gm = group_channels(trace(MapSDPAThenLinear().eval(), x)).graph_module
+    assert not groups_of(gm).prunable
+    (conv,) = [g for g in groups_of(gm) if ("conv", "out") in {(m.module, m.role) for m in g.members}]
+    assert "not the last" in conv.pinned
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
 
 
 class HeadsSDPA(nn.Module):

@@ -61,7 +61,7 @@ TARGETS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("passes/coupling.py",): ("tests/test_coupling_rules.py", "tests/test_group.py", "tests/test_depth.py"),
     ("passes/depth.py",): ("tests/test_depth.py",),
     ("passes/export.py",): ("tests/test_export.py",),
-    ("passes/group.py",): ("tests/test_group.py", "tests/test_shrink.py"),
+    ("passes/group.py",): ("tests/test_group.py", "tests/test_shrink.py", "tests/test_coupling_rules.py"),
     ("passes/mask.py",): ("tests/test_shrink.py",),
     ("passes/program.py",): ("tests/test_export_capture.py",),
     ("passes/quantize.py",): ("tests/test_quantize.py", "tests/test_isa.py"),
