@@ -22,7 +22,9 @@ import pytest
 import torch
 from ehap_fx.passes.export import (
     ExportOptions,
+    ExportReport,
     QuantizeWarning,
+    compare_with_torch,
     export,
     export_onnx,
     onnx_top1,
@@ -247,6 +249,56 @@ def test_output_step_reads_the_last_dequantize():
     )
     assert output_step(helper.make_model(graph)) == 0.25
     onnx.checker.check_model(helper.make_model(graph), full_check=True)  # raises if the graph is invalid
+
+
+def _tiny_onnx(path, kind: str):
+    """A hand-made ONNX file ``input`` (N, 3) -> ``logits``: ``2 x`` with a dynamic batch
+    ("per_sample"), the same with the batch fixed at 2 ("fixed_batch"), or ``x - mean(x over
+    the batch)`` ("mixes"), which mixes the samples of a batch."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    batch = 2 if kind == "fixed_batch" else "batch"
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    if kind == "mixes":
+        nodes = [helper.make_node("ReduceMean", ["input"], ["mean"], axes=[0], keepdims=1),
+                 helper.make_node("Sub", ["input", "mean"], ["logits"])]
+    else:
+        nodes = [helper.make_node("Mul", ["input", "two"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 3])], [two])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return ExportReport(path, "fx", 17, path.stat().st_size, None, {}, ())
+
+
+class _TwiceShifted(torch.nn.Module):
+    """``2 x`` with 0.25 added to logit 1: what PyTorch says, against the files above."""
+
+    def forward(self, x):
+        return 2 * x + torch.tensor([0.0, 0.25, 0.0])
+
+
+def test_the_onnx_check_reports_the_largest_difference_and_the_argmax_agreement(tmp_path):
+    """Four inputs in batches of two (and one at batch 1): ORT's ``2 x`` against PyTorch's
+    ``2 x + (0, 0.25, 0)`` differs by 0.25 at most, and only the third input's argmax moves
+    (1.9 > 1.8, but 1.8 + 0.25 > 1.9): agreement 3 of 4."""
+    report = _tiny_onnx(tmp_path / "m.onnx", "per_sample")
+    inputs = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0.95, 0.9, 0], [0, 0, 1]])
+    got = compare_with_torch(report, _TwiceShifted(), inputs, ExportOptions(batch_size=2, threads=1))
+    assert (got.n_inputs, got.batch_sizes, got.argmax_agreement, got.output_step) == (4, (1, 2), 0.75, None)
+    assert got.max_abs_diff == pytest.approx(0.25, abs=1e-6)
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("fixed_batch", r"could not run .* at batch sizes \[1, 2\]"),  # the batch axis is not dynamic
+    ("mixes", "batch 1 and batch 2 disagree on input 0"),  # a sample's logits depend on the others
+])
+def test_the_onnx_check_runs_one_sample_alone(tmp_path, kind, message):
+    """Two inputs, one batch of two: the check runs the first input alone as well, so a file
+    whose batch is fixed at 2, or whose samples mix, fails even when every batch is of two."""
+    report = _tiny_onnx(tmp_path / "m.onnx", kind)
+    with pytest.raises(QuantizeError, match=message):
+        compare_with_torch(report, _TwiceShifted(), torch.randn(2, 3), ExportOptions(batch_size=2, threads=1))
 
 
 # ---------------------------------------------------------------------------------------------
