@@ -301,6 +301,37 @@ def test_the_onnx_check_runs_one_sample_alone(tmp_path, kind, message):
         compare_with_torch(report, _TwiceShifted(), torch.randn(2, 3), ExportOptions(batch_size=2, threads=1))
 
 
+def test_a_constant_tiled_to_two_sizes_gives_two_uniquely_named_copies():
+    """One named DequantizeLinear of a ``[1, 8, 1, 1]`` constant read by adds at 5x7 and 3x3:
+    two tiled copies, named after it with their size (onnxruntime refuses a file with two
+    nodes of one name), and ORT's outputs are those of the untiled file, bit for bit."""
+    import onnxruntime as ort
+    from ehap_fx.passes.export import tile_channel_constants
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+             numpy_helper.from_array(np.array(128, np.uint8), "z"),
+             numpy_helper.from_array(rng.integers(0, 256, (1, 8, 1, 1)).astype(np.uint8), "c")]
+    nodes = [helper.make_node("DequantizeLinear", ["c", "s", "z"], ["cd"], name="dq_c"),
+             helper.make_node("Add", ["x", "cd"], ["a"], name="add_x"),
+             helper.make_node("Add", ["y", "cd"], ["b"], name="add_y")]
+    shapes = {"x": [2, 8, 5, 7], "y": [2, 8, 3, 3], "a": [2, 8, 5, 7], "b": [2, 8, 3, 3]}
+    value = {k: helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in shapes.items()}
+    model = helper.make_model(helper.make_graph(nodes, "g", [value["x"], value["y"]], [value["a"], value["b"]], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {k: rng.standard_normal(shapes[k]).astype(np.float32) for k in ("x", "y")}
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+    before = run(model)
+    assert tile_channel_constants(model) == 2
+    assert [n.name for n in model.graph.node] == ["dq_c_tiled_5x7", "add_x", "dq_c_tiled_3x3", "add_y"]
+    for got, want in zip(run(model), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 # ---------------------------------------------------------------------------------------------
 # Real data: pretrained ResNet-56 on the (JPEG re-encoded) CIFAR-10 test set
 # ---------------------------------------------------------------------------------------------
