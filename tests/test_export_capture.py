@@ -401,6 +401,59 @@ def test_pruned_program_goes_straight_into_pt2e_and_onnx(tmp_path):
     assert report.max_diff_steps <= bound, f"{report.isa}, {chosen.target} ({chosen.weight_bits}-bit), {bound=}"
 
 
+class _ConvBnRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class _ResidualAdd(nn.Module):
+    def __init__(self, relu: bool):
+        super().__init__()
+        self.conv, self.relu = nn.Conv2d(4, 4, 3, padding=1), relu
+
+    def forward(self, x):
+        y = self.conv(x) + x
+        return torch.relu(y) if self.relu else y
+
+
+def _on_one_uint8_grid(y: torch.Tensor) -> bool:
+    """At most 256 distinct values, each gap between them a whole number of the smallest gap."""
+    u = y.unique()
+    k = (u[1:] - u[:-1]) / (u[1:] - u[:-1]).min()
+    return u.numel() <= 256 and torch.allclose(k, k.round(), atol=1e-3)
+
+
+@pytest.mark.parametrize("make", [_ConvBnRelu, lambda: nn.Conv2d(4, 4, 3, padding=1),
+                                  lambda: _ResidualAdd(True), lambda: _ResidualAdd(False)],
+                         ids=["conv-bn-relu", "conv", "add-relu", "add"])
+def test_the_pt2e_quantizer_quantizes_the_output_of_a_chain_that_ends_the_model(make):
+    """A conv(+BN)(+ReLU) or residual add(+ReLU) whose output is the model's: converted, the
+    chain's head reads dequantized operands (input and int8 weights, or both addends) and the
+    model's output is quantized at the chain's end (onnxruntime fuses DQ -> conv -> Q only),
+    so its 512 values lie on one uint8 grid; in float they would not."""
+    pytest.importorskip("torchao")
+    from ehap_fx.passes._ort_quantizer import OrtQuantizer
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    torch.manual_seed(0)
+    model, x = randomize_bn(make()).eval(), torch.randn(2, 4, 8, 8)
+    prepared = prepare_pt2e(torch.export.export(model, (x,)).module(), OrtQuantizer(False))
+    with torch.no_grad():
+        prepared(x)  # calibrated on the input it is then run on: no value is clipped
+        converted = convert_pt2e(prepared)
+        y, expected = converted(x), model(x)
+    heads = [n for n in converted.graph.nodes if n.target in (aten.conv2d.default, aten.add.Tensor)]
+    assert heads and all("dequantize" in str(a.target) for n in heads for a in n.args[:2])  # x, w / a, b
+    assert _on_one_uint8_grid(y)
+    assert not _on_one_uint8_grid(expected)  # the float model's output, for contrast
+    # the INT8 model is the float one to within 2 % of the output's range (not a broken model)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0.02 * float(expected.max() - expected.min()))
+
+
 @pytest.mark.slow
 def test_resnet56_export_pruned_pt2e_qat_onnx(cifar10_root, weights_dir, tmp_path):
     """The paper's model through the export path only: capture → group → L1 plan to half the
