@@ -251,6 +251,27 @@ def test_output_step_reads_the_last_dequantize():
     onnx.checker.check_model(helper.make_model(graph), full_check=True)  # raises if the graph is invalid
 
 
+@pytest.mark.parametrize(("case", "step"), [("dequantized", 0.125), ("float", None), ("input", None)])
+def test_output_step_walks_back_from_the_output_to_its_dequantize(case, step):
+    """The step is the scale (a ``Constant`` node, as the TorchScript exporter writes it) of the
+    DequantizeLinear the output comes from through shape-only ops ("dequantized": DQ ->
+    Identity -> Flatten -> logits); None for a float output ("float": Relu -> logits) and for an
+    output that is the graph's input ("input": nothing produces it)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    make = helper.make_node
+    nodes, given = {
+        "dequantized": ([make("Constant", [], ["s"], value=numpy_helper.from_array(np.array(0.125, np.float32))),
+                         make("DequantizeLinear", ["q", "s"], ["deq"]), make("Identity", ["deq"], ["flat"]),
+                         make("Flatten", ["flat"], ["logits"])], ("q", TensorProto.UINT8)),
+        "float": ([make("Relu", ["x"], ["logits"])], ("x", TensorProto.FLOAT)),
+        "input": ([], ("logits", TensorProto.FLOAT)),
+    }[case]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(*given, [1, 10])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])])
+    assert output_step(helper.make_model(graph)) == step
+
+
 def _tiny_onnx(path, kind: str):
     """A hand-made ONNX file ``input`` (N, 3) -> ``logits``: ``2 x`` with a dynamic batch
     ("per_sample"), the same with the batch fixed at 2 ("fixed_batch"), or ``x - mean(x over
