@@ -520,7 +520,7 @@ class _PlusConstant(nn.Module):
 def test_only_per_channel_constant_adds_become_depthwise_convs(shape, rewritten):
     """``x + c`` becomes a 1x1 depthwise conv (weight 1, bias c) when ``c`` is ``(1, C, 1, 1)``
     with x's C channels; a broadcast scalar or a constant that varies over H and W stays an add.
-    Either way the graph computes what it did."""
+    Either way the graph computes what it did (and, rewritten, through the conv)."""
     from ehap_fx.passes.trace import trace
 
     torch.manual_seed(0)
@@ -531,10 +531,13 @@ def test_only_per_channel_constant_adds_become_depthwise_convs(shape, rewritten)
     assert constant_adds_as_convs(gm) == rewritten
     convs = [m for m in gm.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 1 + rewritten
+    calls = []  # the graph's code is regenerated: the new conv is what runs
     if rewritten:
         assert convs[1].groups == 8 and torch.equal(convs[1].bias, gm.c.flatten())
+        convs[1].register_forward_hook(lambda *_: calls.append(1))
     with torch.no_grad():
         torch.testing.assert_close(gm(x), want, rtol=0, atol=1e-6)
+    assert len(calls) == rewritten
 
 
 class _Scalars(nn.Module):
