@@ -180,7 +180,8 @@ def test_export_error_names_the_model(tmp_path):
 
 def test_export_onnx_makes_the_missing_folders_of_its_path(tmp_path):
     """A path into folders that do not exist yet: they are made, and the file holds the model
-    (onnxruntime's logits equal PyTorch's; metadata kept), with no ``.tmp`` left beside it."""
+    (onnxruntime's logits equal PyTorch's; metadata kept; opset 17 unless told), with no
+    ``.tmp`` left beside it."""
     import onnx
 
     torch.manual_seed(0)
@@ -188,7 +189,9 @@ def test_export_onnx_makes_the_missing_folders_of_its_path(tmp_path):
     path = tmp_path / "runs" / "7" / "model.onnx"
     assert export_onnx(model, X, path, dynamo=False, metadata={"run": "7"}) == path
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx"]
-    assert {p.key: p.value for p in onnx.load(str(path)).metadata_props}["run"] == "7"
+    written = onnx.load(str(path))
+    assert {p.key: p.value for p in written.metadata_props}["run"] == "7"
+    assert [o.version for o in written.opset_import if o.domain == ""] == [17]  # the default opset
     (got,) = session(path, threads=1).run(None, {"input": X.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), model(X), rtol=1e-4, atol=1e-5)
