@@ -356,6 +356,26 @@ def test_a_constant_tiled_to_two_sizes_gives_two_uniquely_named_copies():
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize(("max_elements", "rewired"), [(8 * 5 * 7, 1), (8 * 5 * 7 - 1, 0)])
+def test_a_tiled_copy_over_max_elements_is_not_made(max_elements, rewired):
+    """A ``[1, 8, 1, 1]`` constant added to an ``[N, 8, 5, 7]`` map tiles to 280 elements:
+    made when 280 are allowed, left alone (the file unchanged) when 279 are."""
+    from ehap_fx.passes.export import tile_channel_constants
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+             numpy_helper.from_array(np.array(128, np.uint8), "z"),
+             numpy_helper.from_array(np.arange(8, dtype=np.uint8).reshape(1, 8, 1, 1), "c")]
+    nodes = [helper.make_node("DequantizeLinear", ["c", "s", "z"], ["cd"]), helper.make_node("Add", ["x", "cd"], ["y"])]
+    shape = ["n", 8, 5, 7]
+    model = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits))
+    before = model.SerializeToString()
+    assert tile_channel_constants(model, max_elements=max_elements) == rewired
+    assert [list(t.dims) for t in model.graph.initializer][2:] == [[1, 8, 5, 7] if rewired else [1, 8, 1, 1]]
+    assert (model.SerializeToString() == before) is not bool(rewired)
+
+
 # ---------------------------------------------------------------------------------------------
 # Real data: pretrained ResNet-56 on the (JPEG re-encoded) CIFAR-10 test set
 # ---------------------------------------------------------------------------------------------
