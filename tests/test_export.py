@@ -209,6 +209,31 @@ def test_onnx_top1_is_the_share_of_right_argmaxes_over_all_batches(tmp_path):
     assert onnx_top1(path, [(x[:2], y[:2]), (x[2:], y[2:])], threads=1) == 75.0
 
 
+def test_an_export_report_sums_itself_up_in_three_lines():
+    """Two of three convs QLinearConv, the integer kernels by name (float ops left out), the
+    sizes (2 KiB against 8 KiB: 4x smaller) and the check: 0.5 off at a step of 0.25 is 2 steps.
+    Without an fp32 file, a check or an output step, those parts are left out."""
+    from pathlib import Path
+
+    from ehap_fx.passes.export import ConvStatus
+
+    convs = (ConvStatus("a", "QLinearConv", 3, 8, (3, 3)), ConvStatus("b", "QLinearConv", 8, 8, (3, 3)),
+             ConvStatus("c", "Conv", 8, 8, (1, 1)))
+    report = ExportReport(Path("m.onnx"), "fx", 17, 2048, 8192, {"QLinearConv": 2, "Conv": 1, "QGemm": 1,
+                          "QuantizeLinear": 3}, convs, n_inputs=4, batch_sizes=(1, 2), max_abs_diff=0.5,
+                          output_step=0.25, argmax_agreement=0.75, isa="x86_64 AVX2")
+    assert (report.quantized_conv_fraction, report.size_ratio, report.max_diff_steps) == (2 / 3, 4.0, 2.0)
+    assert report.summary().splitlines() == [
+        "m.onnx (fx, opset 17): 2/3 convs QLinearConv; QGemm 1, QLinearConv 2",
+        "  size 2.0 KiB int8 vs 8.0 KiB fp32 (4.00x smaller)",
+        "  vs PyTorch INT8 on 4 inputs (batches (1, 2); onnxruntime on x86_64 AVX2): "
+        "argmax agreement 75.00%, max |diff| 0.5 = 2.00 output steps",
+    ]
+    bare = replace(report, fp32_bytes=None, n_inputs=0)
+    assert (bare.size_ratio, bare.summary().splitlines()[1:]) == (None, ["  size 2.0 KiB int8"])
+    assert replace(report, output_step=None).summary().endswith("max |diff| 0.5")
+
+
 def test_conv_table_reads_weights_from_initializers_and_constant_nodes():
     """A grouped conv whose weight (8, 2, 3, 3) is a ``Constant`` node, and a 1x1 conv whose
     weight (5, 8, 1, 1) is an initializer: channels (in = 2 · 4 groups) and kernels of both."""
