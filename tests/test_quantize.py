@@ -291,6 +291,15 @@ def test_ptq_calibrates_n_batches_and_matches_float(backend):
     assert (out - ref).abs().max() < 0.05 * (ref.max() - ref.min())
 
 
+def test_a_result_built_around_a_model_made_elsewhere_claims_no_work():
+    """``QuantizeResult(gm, backend, mode)`` (a model converted by hand, as
+    test_export_capture's PT2E one): no steps, losses or calibration batches, no seconds, the
+    8-bit scheme, and no QAT check, so the reports built from it claim none either."""
+    r = quantize_pass.QuantizeResult(fx.symbolic_trace(nn.Linear(2, 2)), backend="pt2e", mode="ptq")
+    assert (r.steps, r.losses, r.calibration_batches, r.seconds, r.check) == (0, (), 0, 0.0, None)
+    assert (r.scheme.target, r.scheme.weight_range) == ("x86-vnni", (-128, 127))
+
+
 def test_input_model_is_not_modified():
     model = TinyResNet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
