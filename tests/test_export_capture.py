@@ -454,6 +454,29 @@ def test_the_pt2e_quantizer_quantizes_the_output_of_a_chain_that_ends_the_model(
     torch.testing.assert_close(y, expected, rtol=0, atol=0.02 * float(expected.max() - expected.min()))
 
 
+@pytest.mark.parametrize(("qat", "calibrated", "observer"), [
+    (False, False, "HistogramObserver"),  # PTQ: histogram-calibrated activations
+    (True, False, "MovingAverageMinMaxObserver"),  # QAT alone: moving min/max
+    (True, True, "HistogramObserver"),  # QAT from PTQ's ranges (passes.quantize.calibrate_ranges)
+])
+def test_the_pt2e_quantizers_default_scheme_is_uint8_activations_and_8bit_per_channel_weights(
+        qat, calibrated, observer):
+    """Unless told otherwise: activations affine per tensor in 0..255, weights symmetric per
+    output channel (axis 0) in -128..127, observed for PTQ or fake-quantized for QAT."""
+    pytest.importorskip("torchao")
+    from ehap_fx.passes._ort_quantizer import OrtQuantizer
+
+    q = OrtQuantizer(qat, calibrated=True) if calibrated else OrtQuantizer(qat)
+    act, weight = q.act, q.weight
+    assert (act.dtype, act.quant_min, act.quant_max, act.qscheme) == (torch.uint8, 0, 255, torch.per_tensor_affine)
+    assert (weight.dtype, weight.quant_min, weight.quant_max, weight.qscheme, weight.ch_axis) == (
+        torch.int8, -128, 127, torch.per_channel_symmetric, 0)
+    assert not act.is_dynamic and not weight.is_dynamic
+    made = act.observer_or_fake_quant_ctr()
+    assert type(getattr(made, "activation_post_process", made)).__name__ == observer
+    assert hasattr(made, "fake_quant_enabled") is qat
+
+
 @pytest.mark.slow
 def test_resnet56_export_pruned_pt2e_qat_onnx(cifar10_root, weights_dir, tmp_path):
     """The paper's model through the export path only: capture → group → L1 plan to half the
