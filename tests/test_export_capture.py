@@ -454,6 +454,18 @@ def test_the_pt2e_quantizer_quantizes_the_output_of_a_chain_that_ends_the_model(
     torch.testing.assert_close(y, expected, rtol=0, atol=0.02 * float(expected.max() - expected.min()))
 
 
+def test_the_pt2e_quantizer_leaves_an_add_of_a_python_number_alone():
+    """``x + 1.0`` has one tensor operand: no add of two activations to quantize."""
+    from ehap_fx.passes._ort_quantizer import _is_float_activation
+    from torch import fx
+
+    g = fx.Graph()
+    a = g.placeholder("a")
+    a.meta["val"] = torch.zeros(2, 4, 3, 3)
+    assert _is_float_activation(g.call_function(aten.add.Tensor, (a, 1.0))) is False
+    assert _is_float_activation(g.call_function(aten.add.Tensor, (a, a))) is True
+
+
 @pytest.mark.parametrize(("qat", "calibrated", "observer"), [
     (False, False, "HistogramObserver"),  # PTQ: histogram-calibrated activations
     (True, False, "MovingAverageMinMaxObserver"),  # QAT alone: moving min/max
