@@ -8,6 +8,7 @@ Model under test (small, fast)::
 
 from __future__ import annotations
 
+import operator
 import types
 import warnings
 from dataclasses import replace
@@ -547,6 +548,49 @@ def test_only_per_channel_constant_adds_become_depthwise_convs(shape, rewritten)
     with torch.no_grad():
         torch.testing.assert_close(gm(x), want, rtol=0, atol=1e-6)
     assert len(calls) == rewritten
+
+
+class _PlusNumberAndSelf(nn.Module):
+    """conv ─▶ ``y + 2.0`` (a Python number) ─▶ ``+ y`` (two activations): neither is a constant add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return (y + 2.0) + y
+
+
+def test_adds_of_a_number_or_of_two_activations_stay_adds():
+    from ehap_fx.passes.trace import trace
+
+    x = torch.randn(2, 3, 8, 8)
+    gm = trace(_PlusNumberAndSelf().eval(), x)
+    with torch.no_grad():
+        want = gm(x)
+    assert constant_adds_as_convs(gm) == 0
+    assert [type(m) for m in gm.modules()][1:] == [nn.Conv2d]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), want, rtol=0, atol=0)
+
+
+def test_fx_quantization_of_a_graph_turns_its_constant_adds_into_quantized_convs():
+    """``quantize`` on a traced graph rewrites ``x + c`` first, so the INT8 model has two
+    quantized convs and no float add (FX does not observe ``get_attr`` constants)."""
+    from ehap_fx.passes.trace import trace
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    gm = trace(_PlusConstant((1, 8, 1, 1)).eval(), x)
+    q = quantize_pass.quantize(gm, x[:2], [x], QuantizeOptions(backend="fx", mode="ptq", calibration_batches=1))
+    kinds = [type(m).__name__ for m in q.graph_module.modules()]
+    assert kinds.count("Conv2d") == 2 and all(m.__module__.startswith("torch.ao.nn.quantized")
+                                               for m in q.graph_module.modules() if type(m).__name__ == "Conv2d")
+    assert not [n for n in q.graph_module.graph.nodes if n.target in (operator.add, torch.add)]
+    with torch.no_grad():  # within a few output steps of the float model
+        want = gm(x)
+        assert (q.graph_module(x) - want).abs().max() <= 0.05 * (want.max() - want.min())
 
 
 class _Scalars(nn.Module):
