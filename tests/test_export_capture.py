@@ -427,14 +427,16 @@ def _on_one_uint8_grid(y: torch.Tensor) -> bool:
     return u.numel() <= 256 and torch.allclose(k, k.round(), atol=1e-3)
 
 
-@pytest.mark.parametrize("make", [_ConvBnRelu, lambda: nn.Conv2d(4, 4, 3, padding=1),
-                                  lambda: _ResidualAdd(True), lambda: _ResidualAdd(False)],
+@pytest.mark.parametrize(("make", "end"), [(_ConvBnRelu, aten.relu.default),
+                                           (lambda: nn.Conv2d(4, 4, 3, padding=1), aten.conv2d.default),
+                                           (lambda: _ResidualAdd(True), aten.relu.default),
+                                           (lambda: _ResidualAdd(False), aten.add.Tensor)],
                          ids=["conv-bn-relu", "conv", "add-relu", "add"])
-def test_the_pt2e_quantizer_quantizes_the_output_of_a_chain_that_ends_the_model(make):
+def test_the_pt2e_quantizer_quantizes_the_output_of_a_chain_that_ends_the_model(make, end):
     """A conv(+BN)(+ReLU) or residual add(+ReLU) whose output is the model's: converted, the
     chain's head reads dequantized operands (input and int8 weights, or both addends) and the
-    model's output is quantized at the chain's end (onnxruntime fuses DQ -> conv -> Q only),
-    so its 512 values lie on one uint8 grid; in float they would not."""
+    model's output is quantized at the chain's end, after its ReLU (onnxruntime fuses
+    DQ -> conv -> Q only), so its 512 values lie on one uint8 grid; in float they would not."""
     pytest.importorskip("torchao")
     from ehap_fx.passes._ort_quantizer import OrtQuantizer
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -448,6 +450,8 @@ def test_the_pt2e_quantizer_quantizes_the_output_of_a_chain_that_ends_the_model(
         y, expected = converted(x), model(x)
     heads = [n for n in converted.graph.nodes if n.target in (aten.conv2d.default, aten.add.Tensor)]
     assert heads and all("dequantize" in str(a.target) for n in heads for a in n.args[:2])  # x, w / a, b
+    (dq,) = next(n for n in converted.graph.nodes if n.op == "output").args[0]
+    assert dq.args[0].args[0].target == end  # output <- DQ <- Q <- the chain's last op (after its ReLU)
     assert _on_one_uint8_grid(y)
     assert not _on_one_uint8_grid(expected)  # the float model's output, for contrast
     # the INT8 model is the float one to within 2 % of the output's range (not a broken model)
