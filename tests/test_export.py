@@ -381,10 +381,12 @@ def test_a_constant_tiled_to_two_sizes_gives_two_uniquely_named_copies():
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize(("max_elements", "rewired"), [(8 * 5 * 7, 1), (8 * 5 * 7 - 1, 0)])
-def test_a_tiled_copy_over_max_elements_is_not_made(max_elements, rewired):
+@pytest.mark.parametrize(("hw", "max_elements", "rewired"), [((5, 7), 8 * 5 * 7, 1), ((5, 7), 8 * 5 * 7 - 1, 0),
+                                                             ((1, 1), 1 << 22, 0)])
+def test_a_tiled_copy_is_made_only_within_max_elements_and_over_more_than_one_position(hw, max_elements, rewired):
     """A ``[1, 8, 1, 1]`` constant added to an ``[N, 8, 5, 7]`` map tiles to 280 elements:
-    made when 280 are allowed, left alone (the file unchanged) when 279 are."""
+    made when 280 are allowed, left alone (the file unchanged) when 279 are; added to an
+    ``[N, 8, 1, 1]`` map it already has the map's shape, and is left alone too."""
     from ehap_fx.passes.export import tile_channel_constants
     from onnx import TensorProto, helper, numpy_helper
 
@@ -392,12 +394,12 @@ def test_a_tiled_copy_over_max_elements_is_not_made(max_elements, rewired):
              numpy_helper.from_array(np.array(128, np.uint8), "z"),
              numpy_helper.from_array(np.arange(8, dtype=np.uint8).reshape(1, 8, 1, 1), "c")]
     nodes = [helper.make_node("DequantizeLinear", ["c", "s", "z"], ["cd"]), helper.make_node("Add", ["x", "cd"], ["y"])]
-    shape = ["n", 8, 5, 7]
+    shape = ["n", 8, *hw]
     model = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
                                                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits))
     before = model.SerializeToString()
     assert tile_channel_constants(model, max_elements=max_elements) == rewired
-    assert [list(t.dims) for t in model.graph.initializer][2:] == [[1, 8, 5, 7] if rewired else [1, 8, 1, 1]]
+    assert [list(t.dims) for t in model.graph.initializer][2:] == [[1, 8, *hw] if rewired else [1, 8, 1, 1]]
     assert (model.SerializeToString() == before) is not bool(rewired)
 
 
