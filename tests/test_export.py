@@ -197,6 +197,19 @@ def test_export_onnx_makes_the_missing_folders_of_its_path(tmp_path):
         torch.testing.assert_close(torch.from_numpy(got), model(X), rtol=1e-4, atol=1e-5)
 
 
+def test_a_dynamo_export_from_one_sample_keeps_the_batch_dynamic_in_one_file(tmp_path):
+    """``dynamo=True`` (the PT2E path) from a one-sample example: torch.export would fix a batch
+    of 1, so the example is doubled; the file runs at batch 3 and holds its weights itself."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 30 * 30, 5)).eval()
+    path = export_onnx(model, X[:1], tmp_path / "m.onnx", dynamo=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no external data file
+    x3 = torch.randn(3, 3, 32, 32)
+    (got,) = session(path, threads=1).run(None, {"input": x3.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x3), rtol=1e-4, atol=1e-5)
+
+
 def test_onnx_top1_is_the_share_of_right_argmaxes_over_all_batches(tmp_path):
     """Two batches of two images, labels right for three of the four: 75 %."""
     torch.manual_seed(0)
