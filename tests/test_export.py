@@ -363,6 +363,35 @@ def test_the_onnx_check_runs_one_sample_alone(tmp_path, kind, message):
         compare_with_torch(report, _TwiceShifted(), torch.randn(2, 3), ExportOptions(batch_size=2, threads=1))
 
 
+def test_ctrl_c_inside_onnxruntime_stays_a_keyboard_interrupt(tmp_path, monkeypatch):
+    """A KeyboardInterrupt that a library re-raised as another error (its ``__cause__``) during
+    the ONNX check is raised again as itself, not turned into a QuantizeError."""
+    import ehap_fx.passes.export as export_pass
+
+    class Interrupted:
+        def run(self, *args):
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as e:
+                raise RuntimeError("onnxruntime stopped") from e
+
+    report = _tiny_onnx(tmp_path / "m.onnx", "per_sample")
+    monkeypatch.setattr(export_pass, "session", lambda *args, **kwargs: Interrupted())
+    with pytest.raises(KeyboardInterrupt):
+        compare_with_torch(report, _TwiceShifted(), torch.randn(2, 3), ExportOptions(batch_size=2))
+
+
+def test_session_options_follow_the_arguments(tmp_path):
+    """``threads``: that many intra-op threads and one inter-op; ``spinning=False``: idle
+    workers do not busy-wait (left to onnxruntime otherwise)."""
+    path = _tiny_onnx(tmp_path / "m.onnx", "per_sample").path
+    so = session(path, threads=2, spinning=False).get_session_options()
+    assert (so.intra_op_num_threads, so.inter_op_num_threads) == (2, 1)
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # onnxruntime's default
+        session(path).get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+
 def test_a_constant_tiled_to_two_sizes_gives_two_uniquely_named_copies():
     """One named DequantizeLinear of a ``[1, 8, 1, 1]`` constant read by adds at 5x7 and 3x3:
     two tiled copies, named after it with their size (onnxruntime refuses a file with two
