@@ -197,6 +197,31 @@ def test_export_onnx_makes_the_missing_folders_of_its_path(tmp_path):
         torch.testing.assert_close(torch.from_numpy(got), model(X), rtol=1e-4, atol=1e-5)
 
 
+class _PlusQuantizedConstant(torch.nn.Module):
+    """``x + fake_quantize(c)``, ``c`` a ``(1, 4, 1, 1)`` buffer: a QuantizeLinear /
+    DequantizeLinear chain on a per-channel constant in the file, as a dropped block leaves."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("c", torch.randn(1, 4, 1, 1))
+
+    def forward(self, x):
+        return x + torch.fake_quantize_per_tensor_affine(self.c, 0.05, 128, 0, 255)
+
+
+def test_export_onnx_tiles_a_quantized_channel_constant_to_the_map_it_is_added_to(tmp_path):
+    """The written file holds the constant at the map's ``[1, 4, 5, 7]`` (onnxruntime's
+    channels-last QLinearAdd is slow on ``[1, 4, 1, 1]``), and computes what the model does."""
+    import onnx
+
+    model, x = _PlusQuantizedConstant().eval(), torch.randn(3, 4, 5, 7)
+    path = export_onnx(model, x[:2], tmp_path / "m.onnx", dynamo=False)
+    assert [list(t.dims) for t in onnx.load(str(path)).graph.initializer] == [[1, 4, 5, 7]]
+    (got,) = session(path, threads=1).run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=0, atol=1e-6)
+
+
 def test_a_dynamo_export_from_one_sample_keeps_the_batch_dynamic_in_one_file(tmp_path):
     """``dynamo=True`` (the PT2E path) from a one-sample example: torch.export would fix a batch
     of 1, so the example is doubled; the file runs at batch 3 and holds its weights itself."""
