@@ -301,6 +301,20 @@ def test_a_result_built_around_a_model_made_elsewhere_claims_no_work():
     assert (r.scheme.target, r.scheme.weight_range) == ("x86-vnni", (-128, 127))
 
 
+@pytest.mark.parametrize("make", [QuantizeOptions, lambda: scheme("x86-avx2"),
+                                  lambda: quantize_pass.QuantizeResult(fx.symbolic_trace(nn.Linear(2, 2)), "fx", "ptq")],
+                         ids=["QuantizeOptions", "Int8Scheme", "QuantizeResult"])
+def test_options_schemes_and_results_cannot_be_edited_after_the_fact(make):
+    """What was asked for, chosen and produced stays as it was (frozen dataclasses): a scheme
+    edited after the prepare would describe weights it did not make."""
+    import dataclasses
+
+    value = make()
+    field = dataclasses.fields(value)[0].name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(value, field, getattr(value, field))
+
+
 def test_input_model_is_not_modified():
     model = TinyResNet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
