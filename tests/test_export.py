@@ -300,6 +300,15 @@ def test_export_options_name_the_bad_value(field, value):
         ExportOptions(**{field: value})
 
 
+def test_export_options_and_conv_rows_cannot_be_edited_after_the_fact():
+    from ehap_fx.passes.export import ConvStatus
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ExportOptions().batch_size = 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ConvStatus("c", "Conv", 3, 8, (3, 3)).op_type = "QLinearConv"
+
+
 def test_output_step_reads_the_last_dequantize():
     import onnx
     from onnx import TensorProto, helper
