@@ -388,7 +388,7 @@ def test_the_onnx_check_reports_the_largest_difference_and_the_argmax_agreement(
 @pytest.mark.parametrize(("kind", "message"), [
     ("fixed_batch", r"could not run .* at batch sizes \[1, 2\]"),  # the batch axis is not dynamic
     ("mixes", "batch 1 and batch 2 disagree on input 0"),  # a sample's logits depend on the others
-])
+], ids=["fixed_batch", "mixes"])
 def test_the_onnx_check_runs_one_sample_alone(tmp_path, kind, message):
     """Two inputs, one batch of two: the check runs the first input alone as well, so a file
     whose batch is fixed at 2, or whose samples mix, fails even when every batch is of two."""
@@ -458,7 +458,8 @@ def test_a_constant_tiled_to_two_sizes_gives_two_uniquely_named_copies():
 
 
 @pytest.mark.parametrize(("hw", "max_elements", "rewired"), [((5, 7), 8 * 5 * 7, 1), ((5, 7), 8 * 5 * 7 - 1, 0),
-                                                             ((1, 1), 1 << 22, 0)])
+                                                             ((1, 1), 1 << 22, 0)],
+                         ids=["280-allowed", "279-allowed", "1x1-map"])
 def test_a_tiled_copy_is_made_only_within_max_elements_and_over_more_than_one_position(hw, max_elements, rewired):
     """A ``[1, 8, 1, 1]`` constant added to an ``[N, 8, 5, 7]`` map tiles to 280 elements:
     made when 280 are allowed, left alone (the file unchanged) when 279 are; added to an
