@@ -215,7 +215,8 @@ def test_export_onnx_tiles_a_quantized_channel_constant_to_the_map_it_is_added_t
     import onnx
 
     model, x = _PlusQuantizedConstant().eval(), torch.randn(3, 4, 5, 7)
-    path = export_onnx(model, x[:2], tmp_path / "m.onnx", dynamo=False)
+    path = export_onnx(model, x[:2], str(tmp_path / "m.onnx"), dynamo=False)  # a str path is a path too
+    assert path == tmp_path / "m.onnx"
     assert [list(t.dims) for t in onnx.load(str(path)).graph.initializer] == [[1, 4, 5, 7]]
     (got,) = session(path, threads=1).run(None, {"input": x.numpy()})
     with torch.no_grad():
@@ -293,7 +294,7 @@ def test_conv_table_reads_weights_from_initializers_and_constant_nodes():
                                                     ConvStatus("pointwise", "Conv", 8, 5, (1, 1)))
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("opset", 11), ("batch_size", 1), ("threads", 0), ("min_quantized_convs", 2.0)]
+    ("field", "value"), [("opset", 11), ("opset", 22), ("batch_size", 1), ("threads", 0), ("min_quantized_convs", 2.0)]
 )
 def test_export_options_name_the_bad_value(field, value):
     with pytest.raises(ValueError, match=f"{field}={value}"):
