@@ -361,6 +361,33 @@ def test_the_pass_has_no_training_loop_of_its_own():
     assert calls == ["GraphModule"] and result.steps == 1
 
 
+@pytest.mark.parametrize(("mode", "ranges", "calibrated"), [("ptq", "calibrated", 2), ("qat", "calibrated", 2),
+                                                          ("qat", "moving", 0)])
+def test_the_result_counts_the_batches_its_ranges_were_calibrated_on(mode, ranges, calibrated):
+    """PTQ, and QAT from PTQ's ranges, calibrate on ``calibration_batches`` (2 of 3 here); QAT on
+    moving ranges calibrates on none. A loop that trains nothing leaves 0 steps."""
+    def no_training(prepared, data, options):
+        return types.SimpleNamespace(steps=0, losses=[])
+
+    options = QuantizeOptions(mode=mode, backend="fx", qat_ranges=ranges, calibration_batches=2)
+    result = quantize_pass.quantize(TinyResNet(), X, batches(3), options, train=no_training)
+    assert (result.mode, result.steps, result.losses, result.calibration_batches) == (mode, 0, (), calibrated)
+
+
+def test_ctrl_c_inside_a_prepare_stays_a_keyboard_interrupt(monkeypatch):
+    """A KeyboardInterrupt a library re-raised as another error (its ``__cause__``) while
+    preparing is raised again as itself, not turned into a QuantizeError naming the backend."""
+    def interrupted(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("stopped in a class body") from e
+
+    monkeypatch.setattr(quantize_pass, "_prepare_fx", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(TinyResNet(), X, QuantizeOptions(backend="fx"))
+
+
 def learnable_batches(n: int, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Batches whose label is the image's colour (one of 10 random RGB offsets, plus noise): a
     task TinyResNet learns and generalises (random labels on random images it cannot: fitted to
