@@ -22,7 +22,9 @@ import pytest
 import torch
 from ehap_fx.passes.export import (
     ExportOptions,
+    ExportReport,
     QuantizeWarning,
+    compare_with_torch,
     export,
     export_onnx,
     onnx_top1,
@@ -178,7 +180,8 @@ def test_export_error_names_the_model(tmp_path):
 
 def test_export_onnx_makes_the_missing_folders_of_its_path(tmp_path):
     """A path into folders that do not exist yet: they are made, and the file holds the model
-    (onnxruntime's logits equal PyTorch's; metadata kept), with no ``.tmp`` left beside it."""
+    (onnxruntime's logits equal PyTorch's; metadata kept; opset 17 unless told), with no
+    ``.tmp`` left beside it."""
     import onnx
 
     torch.manual_seed(0)
@@ -186,10 +189,51 @@ def test_export_onnx_makes_the_missing_folders_of_its_path(tmp_path):
     path = tmp_path / "runs" / "7" / "model.onnx"
     assert export_onnx(model, X, path, dynamo=False, metadata={"run": "7"}) == path
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx"]
-    assert {p.key: p.value for p in onnx.load(str(path)).metadata_props}["run"] == "7"
+    written = onnx.load(str(path))
+    assert {p.key: p.value for p in written.metadata_props}["run"] == "7"
+    assert [o.version for o in written.opset_import if o.domain == ""] == [17]  # the default opset
     (got,) = session(path, threads=1).run(None, {"input": X.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), model(X), rtol=1e-4, atol=1e-5)
+
+
+class _PlusQuantizedConstant(torch.nn.Module):
+    """``x + fake_quantize(c)``, ``c`` a ``(1, 4, 1, 1)`` buffer: a QuantizeLinear /
+    DequantizeLinear chain on a per-channel constant in the file, as a dropped block leaves."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("c", torch.randn(1, 4, 1, 1))
+
+    def forward(self, x):
+        return x + torch.fake_quantize_per_tensor_affine(self.c, 0.05, 128, 0, 255)
+
+
+def test_export_onnx_tiles_a_quantized_channel_constant_to_the_map_it_is_added_to(tmp_path):
+    """The written file holds the constant at the map's ``[1, 4, 5, 7]`` (onnxruntime's
+    channels-last QLinearAdd is slow on ``[1, 4, 1, 1]``), and computes what the model does."""
+    import onnx
+
+    model, x = _PlusQuantizedConstant().eval(), torch.randn(3, 4, 5, 7)
+    path = export_onnx(model, x[:2], str(tmp_path / "m.onnx"), dynamo=False)  # a str path is a path too
+    assert path == tmp_path / "m.onnx"
+    assert [list(t.dims) for t in onnx.load(str(path)).graph.initializer] == [[1, 4, 5, 7]]
+    (got,) = session(path, threads=1).run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=0, atol=1e-6)
+
+
+def test_a_dynamo_export_from_one_sample_keeps_the_batch_dynamic_in_one_file(tmp_path):
+    """``dynamo=True`` (the PT2E path) from a one-sample example: torch.export would fix a batch
+    of 1, so the example is doubled; the file runs at batch 3 and holds its weights itself."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 30 * 30, 5)).eval()
+    path = export_onnx(model, X[:1], tmp_path / "m.onnx", dynamo=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no external data file
+    x3 = torch.randn(3, 3, 32, 32)
+    (got,) = session(path, threads=1).run(None, {"input": x3.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x3), rtol=1e-4, atol=1e-5)
 
 
 def test_onnx_top1_is_the_share_of_right_argmaxes_over_all_batches(tmp_path):
@@ -202,6 +246,31 @@ def test_onnx_top1_is_the_share_of_right_argmaxes_over_all_batches(tmp_path):
         y = model(x).argmax(1)
     y[3] = (y[3] + 1) % 5
     assert onnx_top1(path, [(x[:2], y[:2]), (x[2:], y[2:])], threads=1) == 75.0
+
+
+def test_an_export_report_sums_itself_up_in_three_lines():
+    """Two of three convs QLinearConv, the integer kernels by name (float ops left out), the
+    sizes (2 KiB against 8 KiB: 4x smaller) and the check: 0.5 off at a step of 0.25 is 2 steps.
+    Without an fp32 file, a check or an output step, those parts are left out."""
+    from pathlib import Path
+
+    from ehap_fx.passes.export import ConvStatus
+
+    convs = (ConvStatus("a", "QLinearConv", 3, 8, (3, 3)), ConvStatus("b", "QLinearConv", 8, 8, (3, 3)),
+             ConvStatus("c", "Conv", 8, 8, (1, 1)))
+    report = ExportReport(Path("m.onnx"), "fx", 17, 2048, 8192, {"QLinearConv": 2, "Conv": 1, "QGemm": 1,
+                          "QuantizeLinear": 3}, convs, n_inputs=4, batch_sizes=(1, 2), max_abs_diff=0.5,
+                          output_step=0.25, argmax_agreement=0.75, isa="x86_64 AVX2")
+    assert (report.quantized_conv_fraction, report.size_ratio, report.max_diff_steps) == (2 / 3, 4.0, 2.0)
+    assert report.summary().splitlines() == [
+        "m.onnx (fx, opset 17): 2/3 convs QLinearConv; QGemm 1, QLinearConv 2",
+        "  size 2.0 KiB int8 vs 8.0 KiB fp32 (4.00x smaller)",
+        "  vs PyTorch INT8 on 4 inputs (batches (1, 2); onnxruntime on x86_64 AVX2): "
+        "argmax agreement 75.00%, max |diff| 0.5 = 2.00 output steps",
+    ]
+    bare = replace(report, fp32_bytes=None, n_inputs=0)
+    assert (bare.size_ratio, bare.summary().splitlines()[1:]) == (None, ["  size 2.0 KiB int8"])
+    assert replace(report, output_step=None).summary().endswith("max |diff| 0.5")
 
 
 def test_conv_table_reads_weights_from_initializers_and_constant_nodes():
@@ -225,11 +294,20 @@ def test_conv_table_reads_weights_from_initializers_and_constant_nodes():
                                                     ConvStatus("pointwise", "Conv", 8, 5, (1, 1)))
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("opset", 11), ("batch_size", 1), ("threads", 0), ("min_quantized_convs", 2.0)]
+    ("field", "value"), [("opset", 11), ("opset", 22), ("batch_size", 1), ("threads", 0), ("min_quantized_convs", 2.0)]
 )
 def test_export_options_name_the_bad_value(field, value):
     with pytest.raises(ValueError, match=f"{field}={value}"):
         ExportOptions(**{field: value})
+
+
+def test_export_options_and_conv_rows_cannot_be_edited_after_the_fact():
+    from ehap_fx.passes.export import ConvStatus
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ExportOptions().batch_size = 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ConvStatus("c", "Conv", 3, 8, (3, 3)).op_type = "QLinearConv"
 
 
 def test_output_step_reads_the_last_dequantize():
@@ -247,6 +325,160 @@ def test_output_step_reads_the_last_dequantize():
     )
     assert output_step(helper.make_model(graph)) == 0.25
     onnx.checker.check_model(helper.make_model(graph), full_check=True)  # raises if the graph is invalid
+
+
+@pytest.mark.parametrize(("case", "step"), [("dequantized", 0.125), ("float", None), ("input", None)])
+def test_output_step_walks_back_from_the_output_to_its_dequantize(case, step):
+    """The step is the scale (a ``Constant`` node, as the TorchScript exporter writes it) of the
+    DequantizeLinear the output comes from through shape-only ops ("dequantized": DQ ->
+    Identity -> Flatten -> logits); None for a float output ("float": Relu -> logits) and for an
+    output that is the graph's input ("input": nothing produces it)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    make = helper.make_node
+    nodes, given = {
+        "dequantized": ([make("Constant", [], ["s"], value=numpy_helper.from_array(np.array(0.125, np.float32))),
+                         make("DequantizeLinear", ["q", "s"], ["deq"]), make("Identity", ["deq"], ["flat"]),
+                         make("Flatten", ["flat"], ["logits"])], ("q", TensorProto.UINT8)),
+        "float": ([make("Relu", ["x"], ["logits"])], ("x", TensorProto.FLOAT)),
+        "input": ([], ("logits", TensorProto.FLOAT)),
+    }[case]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(*given, [1, 10])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])])
+    assert output_step(helper.make_model(graph)) == step
+
+
+def _tiny_onnx(path, kind: str):
+    """A hand-made ONNX file ``input`` (N, 3) -> ``logits``: ``2 x`` with a dynamic batch
+    ("per_sample"), the same with the batch fixed at 2 ("fixed_batch"), or ``x - mean(x over
+    the batch)`` ("mixes"), which mixes the samples of a batch."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    batch = 2 if kind == "fixed_batch" else "batch"
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    if kind == "mixes":
+        nodes = [helper.make_node("ReduceMean", ["input"], ["mean"], axes=[0], keepdims=1),
+                 helper.make_node("Sub", ["input", "mean"], ["logits"])]
+    else:
+        nodes = [helper.make_node("Mul", ["input", "two"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 3])], [two])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return ExportReport(path, "fx", 17, path.stat().st_size, None, {}, ())
+
+
+class _TwiceShifted(torch.nn.Module):
+    """``2 x`` with 0.25 added to logit 1: what PyTorch says, against the files above."""
+
+    def forward(self, x):
+        return 2 * x + torch.tensor([0.0, 0.25, 0.0])
+
+
+def test_the_onnx_check_reports_the_largest_difference_and_the_argmax_agreement(tmp_path):
+    """Four inputs in batches of two (and one at batch 1): ORT's ``2 x`` against PyTorch's
+    ``2 x + (0, 0.25, 0)`` differs by 0.25 at most, and only the third input's argmax moves
+    (1.9 > 1.8, but 1.8 + 0.25 > 1.9): agreement 3 of 4."""
+    report = _tiny_onnx(tmp_path / "m.onnx", "per_sample")
+    inputs = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0.95, 0.9, 0], [0, 0, 1]])
+    got = compare_with_torch(report, _TwiceShifted(), inputs, ExportOptions(batch_size=2, threads=1))
+    assert (got.n_inputs, got.batch_sizes, got.argmax_agreement, got.output_step) == (4, (1, 2), 0.75, None)
+    assert got.max_abs_diff == pytest.approx(0.25, abs=1e-6)
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("fixed_batch", r"could not run .* at batch sizes \[1, 2\]"),  # the batch axis is not dynamic
+    ("mixes", "batch 1 and batch 2 disagree on input 0"),  # a sample's logits depend on the others
+], ids=["fixed_batch", "mixes"])
+def test_the_onnx_check_runs_one_sample_alone(tmp_path, kind, message):
+    """Two inputs, one batch of two: the check runs the first input alone as well, so a file
+    whose batch is fixed at 2, or whose samples mix, fails even when every batch is of two."""
+    report = _tiny_onnx(tmp_path / "m.onnx", kind)
+    with pytest.raises(QuantizeError, match=message):
+        compare_with_torch(report, _TwiceShifted(), torch.randn(2, 3), ExportOptions(batch_size=2, threads=1))
+
+
+def test_ctrl_c_inside_onnxruntime_stays_a_keyboard_interrupt(tmp_path, monkeypatch):
+    """A KeyboardInterrupt that a library re-raised as another error (its ``__cause__``) during
+    the ONNX check is raised again as itself, not turned into a QuantizeError."""
+    import ehap_fx.passes.export as export_pass
+
+    class Interrupted:
+        def run(self, *args):
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as e:
+                raise RuntimeError("onnxruntime stopped") from e
+
+    report = _tiny_onnx(tmp_path / "m.onnx", "per_sample")
+    monkeypatch.setattr(export_pass, "session", lambda *args, **kwargs: Interrupted())
+    with pytest.raises(KeyboardInterrupt):
+        compare_with_torch(report, _TwiceShifted(), torch.randn(2, 3), ExportOptions(batch_size=2))
+
+
+def test_session_options_follow_the_arguments(tmp_path):
+    """``threads``: that many intra-op threads and one inter-op; ``spinning=False``: idle
+    workers do not busy-wait (left to onnxruntime otherwise)."""
+    path = _tiny_onnx(tmp_path / "m.onnx", "per_sample").path
+    so = session(path, threads=2, spinning=False).get_session_options()
+    assert (so.intra_op_num_threads, so.inter_op_num_threads) == (2, 1)
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # onnxruntime's default
+        session(path).get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_a_constant_tiled_to_two_sizes_gives_two_uniquely_named_copies():
+    """One named DequantizeLinear of a ``[1, 8, 1, 1]`` constant read by adds at 5x7 and 3x3:
+    two tiled copies, named after it with their size (onnxruntime refuses a file with two
+    nodes of one name), and ORT's outputs are those of the untiled file, bit for bit."""
+    import onnxruntime as ort
+    from ehap_fx.passes.export import tile_channel_constants
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+             numpy_helper.from_array(np.array(128, np.uint8), "z"),
+             numpy_helper.from_array(rng.integers(0, 256, (1, 8, 1, 1)).astype(np.uint8), "c")]
+    nodes = [helper.make_node("DequantizeLinear", ["c", "s", "z"], ["cd"], name="dq_c"),
+             helper.make_node("Add", ["x", "cd"], ["a"], name="add_x"),
+             helper.make_node("Add", ["y", "cd"], ["b"], name="add_y")]
+    shapes = {"x": [2, 8, 5, 7], "y": [2, 8, 3, 3], "a": [2, 8, 5, 7], "b": [2, 8, 3, 3]}
+    value = {k: helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in shapes.items()}
+    model = helper.make_model(helper.make_graph(nodes, "g", [value["x"], value["y"]], [value["a"], value["b"]], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {k: rng.standard_normal(shapes[k]).astype(np.float32) for k in ("x", "y")}
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+    before = run(model)
+    assert tile_channel_constants(model) == 2
+    assert [n.name for n in model.graph.node] == ["dq_c_tiled_5x7", "add_x", "dq_c_tiled_3x3", "add_y"]
+    for got, want in zip(run(model), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(("hw", "max_elements", "rewired"), [((5, 7), 8 * 5 * 7, 1), ((5, 7), 8 * 5 * 7 - 1, 0),
+                                                             ((1, 1), 1 << 22, 0)],
+                         ids=["280-allowed", "279-allowed", "1x1-map"])
+def test_a_tiled_copy_is_made_only_within_max_elements_and_over_more_than_one_position(hw, max_elements, rewired):
+    """A ``[1, 8, 1, 1]`` constant added to an ``[N, 8, 5, 7]`` map tiles to 280 elements:
+    made when 280 are allowed, left alone (the file unchanged) when 279 are; added to an
+    ``[N, 8, 1, 1]`` map it already has the map's shape, and is left alone too."""
+    from ehap_fx.passes.export import tile_channel_constants
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+             numpy_helper.from_array(np.array(128, np.uint8), "z"),
+             numpy_helper.from_array(np.arange(8, dtype=np.uint8).reshape(1, 8, 1, 1), "c")]
+    nodes = [helper.make_node("DequantizeLinear", ["c", "s", "z"], ["cd"]), helper.make_node("Add", ["x", "cd"], ["y"])]
+    shape = ["n", 8, *hw]
+    model = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits))
+    before = model.SerializeToString()
+    assert tile_channel_constants(model, max_elements=max_elements) == rewired
+    assert [list(t.dims) for t in model.graph.initializer][2:] == [[1, 8, *hw] if rewired else [1, 8, 1, 1]]
+    assert (model.SerializeToString() == before) is not bool(rewired)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -401,6 +401,98 @@ def test_pruned_program_goes_straight_into_pt2e_and_onnx(tmp_path):
     assert report.max_diff_steps <= bound, f"{report.isa}, {chosen.target} ({chosen.weight_bits}-bit), {bound=}"
 
 
+class _ConvBnRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class _ResidualAdd(nn.Module):
+    def __init__(self, relu: bool):
+        super().__init__()
+        self.conv, self.relu = nn.Conv2d(4, 4, 3, padding=1), relu
+
+    def forward(self, x):
+        y = self.conv(x) + x
+        return torch.relu(y) if self.relu else y
+
+
+def _on_one_uint8_grid(y: torch.Tensor) -> bool:
+    """At most 256 distinct values, each gap between them a whole number of the smallest gap."""
+    u = y.unique()
+    k = (u[1:] - u[:-1]) / (u[1:] - u[:-1]).min()
+    return u.numel() <= 256 and torch.allclose(k, k.round(), atol=1e-3)
+
+
+@pytest.mark.parametrize(("make", "end"), [(_ConvBnRelu, aten.relu.default),
+                                           (lambda: nn.Conv2d(4, 4, 3, padding=1), aten.conv2d.default),
+                                           (lambda: _ResidualAdd(True), aten.relu.default),
+                                           (lambda: _ResidualAdd(False), aten.add.Tensor)],
+                         ids=["conv-bn-relu", "conv", "add-relu", "add"])
+def test_the_pt2e_quantizer_quantizes_the_output_of_a_chain_that_ends_the_model(make, end):
+    """A conv(+BN)(+ReLU) or residual add(+ReLU) whose output is the model's: converted, the
+    chain's head reads dequantized operands (input and int8 weights, or both addends) and the
+    model's output is quantized at the chain's end, after its ReLU (onnxruntime fuses
+    DQ -> conv -> Q only), so its 512 values lie on one uint8 grid; in float they would not."""
+    pytest.importorskip("torchao")
+    from ehap_fx.passes._ort_quantizer import OrtQuantizer
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    torch.manual_seed(0)
+    model, x = randomize_bn(make()).eval(), torch.randn(2, 4, 8, 8)
+    prepared = prepare_pt2e(torch.export.export(model, (x,)).module(), OrtQuantizer(False))
+    with torch.no_grad():
+        prepared(x)  # calibrated on the input it is then run on: no value is clipped
+        converted = convert_pt2e(prepared)
+        y, expected = converted(x), model(x)
+    heads = [n for n in converted.graph.nodes if n.target in (aten.conv2d.default, aten.add.Tensor)]
+    assert heads and all("dequantize" in str(a.target) for n in heads for a in n.args[:2])  # x, w / a, b
+    (dq,) = next(n for n in converted.graph.nodes if n.op == "output").args[0]
+    assert dq.args[0].args[0].target == end  # output <- DQ <- Q <- the chain's last op (after its ReLU)
+    assert _on_one_uint8_grid(y)
+    assert not _on_one_uint8_grid(expected)  # the float model's output, for contrast
+    # the INT8 model is the float one to within 2 % of the output's range (not a broken model)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0.02 * float(expected.max() - expected.min()))
+
+
+def test_the_pt2e_quantizer_leaves_an_add_of_a_python_number_alone():
+    """``x + 1.0`` has one tensor operand: no add of two activations to quantize."""
+    from ehap_fx.passes._ort_quantizer import _is_float_activation
+    from torch import fx
+
+    g = fx.Graph()
+    a = g.placeholder("a")
+    a.meta["val"] = torch.zeros(2, 4, 3, 3)
+    assert _is_float_activation(g.call_function(aten.add.Tensor, (a, 1.0))) is False
+    assert _is_float_activation(g.call_function(aten.add.Tensor, (a, a))) is True
+
+
+@pytest.mark.parametrize(("qat", "calibrated", "observer"), [
+    (False, False, "HistogramObserver"),  # PTQ: histogram-calibrated activations
+    (True, False, "MovingAverageMinMaxObserver"),  # QAT alone: moving min/max
+    (True, True, "HistogramObserver"),  # QAT from PTQ's ranges (passes.quantize.calibrate_ranges)
+])
+def test_the_pt2e_quantizers_default_scheme_is_uint8_activations_and_8bit_per_channel_weights(
+        qat, calibrated, observer):
+    """Unless told otherwise: activations affine per tensor in 0..255, weights symmetric per
+    output channel (axis 0) in -128..127, observed for PTQ or fake-quantized for QAT."""
+    pytest.importorskip("torchao")
+    from ehap_fx.passes._ort_quantizer import OrtQuantizer
+
+    q = OrtQuantizer(qat, calibrated=True) if calibrated else OrtQuantizer(qat)
+    act, weight = q.act, q.weight
+    assert (act.dtype, act.quant_min, act.quant_max, act.qscheme) == (torch.uint8, 0, 255, torch.per_tensor_affine)
+    assert (weight.dtype, weight.quant_min, weight.quant_max, weight.qscheme, weight.ch_axis) == (
+        torch.int8, -128, 127, torch.per_channel_symmetric, 0)
+    assert not act.is_dynamic and not weight.is_dynamic
+    made = act.observer_or_fake_quant_ctr()
+    assert type(getattr(made, "activation_post_process", made)).__name__ == observer
+    assert hasattr(made, "fake_quant_enabled") is qat
+
+
 @pytest.mark.slow
 def test_resnet56_export_pruned_pt2e_qat_onnx(cifar10_root, weights_dir, tmp_path):
     """The paper's model through the export path only: capture → group → L1 plan to half the

@@ -96,6 +96,17 @@ def test_scheme_ranges_never_saturate_int16_pairs():
     assert auto.target == int8_target("auto") and auto.reason.startswith(f"auto on {cpu_features().describe()}")
 
 
+@pytest.mark.parametrize(("target", "bits"), [("x86-vnni", 8), ("x86-avx2", 7), ("arm64", 8)])
+def test_a_schemes_weight_bits_count_the_integers_of_its_range(target, bits):
+    """256 weights (-128..127) are 8 bits, 128 (-64..63) are 7; the record says the same."""
+    chosen = scheme(target)
+    lo, hi = chosen.weight_range
+    assert hi - lo + 1 == 2**bits and chosen.weight_bits == bits
+    assert chosen.as_dict() == {"target": target, "weight_bits": bits, "weight_range": [lo, hi],
+                                "activation_range": [0, 255], "reason": chosen.reason}
+    assert chosen.reason.startswith("given: ")
+
+
 def test_describe_names_the_instruction_set():
     assert AVX2.describe() == "x86_64 AVX2"
     assert VNNI.describe() == "x86_64 AVX-512 VNNI BF16"

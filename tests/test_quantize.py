@@ -8,6 +8,7 @@ Model under test (small, fast)::
 
 from __future__ import annotations
 
+import operator
 import types
 import warnings
 from dataclasses import replace
@@ -291,6 +292,29 @@ def test_ptq_calibrates_n_batches_and_matches_float(backend):
     assert (out - ref).abs().max() < 0.05 * (ref.max() - ref.min())
 
 
+def test_a_result_built_around_a_model_made_elsewhere_claims_no_work():
+    """``QuantizeResult(gm, backend, mode)`` (a model converted by hand, as
+    test_export_capture's PT2E one): no steps, losses or calibration batches, no seconds, the
+    8-bit scheme, and no QAT check, so the reports built from it claim none either."""
+    r = quantize_pass.QuantizeResult(fx.symbolic_trace(nn.Linear(2, 2)), backend="pt2e", mode="ptq")
+    assert (r.steps, r.losses, r.calibration_batches, r.seconds, r.check) == (0, (), 0, 0.0, None)
+    assert (r.scheme.target, r.scheme.weight_range) == ("x86-vnni", (-128, 127))
+
+
+@pytest.mark.parametrize("make", [QuantizeOptions, lambda: scheme("x86-avx2"),
+                                  lambda: quantize_pass.QuantizeResult(fx.symbolic_trace(nn.Linear(2, 2)), "fx", "ptq")],
+                         ids=["QuantizeOptions", "Int8Scheme", "QuantizeResult"])
+def test_options_schemes_and_results_cannot_be_edited_after_the_fact(make):
+    """What was asked for, chosen and produced stays as it was (frozen dataclasses): a scheme
+    edited after the prepare would describe weights it did not make."""
+    import dataclasses
+
+    value = make()
+    field = dataclasses.fields(value)[0].name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(value, field, getattr(value, field))
+
+
 def test_input_model_is_not_modified():
     model = TinyResNet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -335,6 +359,33 @@ def test_the_pass_has_no_training_loop_of_its_own():
 
     result = quantize_pass.quantize(TinyResNet(), X, batches(2), QuantizeOptions(mode="qat", backend="fx", finetune=replace(QAT_FINETUNE, max_steps=1)), train=loop)
     assert calls == ["GraphModule"] and result.steps == 1
+
+
+@pytest.mark.parametrize(("mode", "ranges", "calibrated"), [("ptq", "calibrated", 2), ("qat", "calibrated", 2),
+                                                          ("qat", "moving", 0)])
+def test_the_result_counts_the_batches_its_ranges_were_calibrated_on(mode, ranges, calibrated):
+    """PTQ, and QAT from PTQ's ranges, calibrate on ``calibration_batches`` (2 of 3 here); QAT on
+    moving ranges calibrates on none. A loop that trains nothing leaves 0 steps."""
+    def no_training(prepared, data, options):
+        return types.SimpleNamespace(steps=0, losses=[])
+
+    options = QuantizeOptions(mode=mode, backend="fx", qat_ranges=ranges, calibration_batches=2)
+    result = quantize_pass.quantize(TinyResNet(), X, batches(3), options, train=no_training)
+    assert (result.mode, result.steps, result.losses, result.calibration_batches) == (mode, 0, (), calibrated)
+
+
+def test_ctrl_c_inside_a_prepare_stays_a_keyboard_interrupt(monkeypatch):
+    """A KeyboardInterrupt a library re-raised as another error (its ``__cause__``) while
+    preparing is raised again as itself, not turned into a QuantizeError naming the backend."""
+    def interrupted(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("stopped in a class body") from e
+
+    monkeypatch.setattr(quantize_pass, "_prepare_fx", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(TinyResNet(), X, QuantizeOptions(backend="fx"))
 
 
 def learnable_batches(n: int, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -520,7 +571,7 @@ class _PlusConstant(nn.Module):
 def test_only_per_channel_constant_adds_become_depthwise_convs(shape, rewritten):
     """``x + c`` becomes a 1x1 depthwise conv (weight 1, bias c) when ``c`` is ``(1, C, 1, 1)``
     with x's C channels; a broadcast scalar or a constant that varies over H and W stays an add.
-    Either way the graph computes what it did."""
+    Either way the graph computes what it did (and, rewritten, through the conv)."""
     from ehap_fx.passes.trace import trace
 
     torch.manual_seed(0)
@@ -531,10 +582,56 @@ def test_only_per_channel_constant_adds_become_depthwise_convs(shape, rewritten)
     assert constant_adds_as_convs(gm) == rewritten
     convs = [m for m in gm.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 1 + rewritten
+    calls = []  # the graph's code is regenerated: the new conv is what runs
     if rewritten:
         assert convs[1].groups == 8 and torch.equal(convs[1].bias, gm.c.flatten())
+        convs[1].register_forward_hook(lambda *_: calls.append(1))
     with torch.no_grad():
         torch.testing.assert_close(gm(x), want, rtol=0, atol=1e-6)
+    assert len(calls) == rewritten
+
+
+class _PlusNumberAndSelf(nn.Module):
+    """conv ─▶ ``y + 2.0`` (a Python number) ─▶ ``+ y`` (two activations): neither is a constant add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return (y + 2.0) + y
+
+
+def test_adds_of_a_number_or_of_two_activations_stay_adds():
+    from ehap_fx.passes.trace import trace
+
+    x = torch.randn(2, 3, 8, 8)
+    gm = trace(_PlusNumberAndSelf().eval(), x)
+    with torch.no_grad():
+        want = gm(x)
+    assert constant_adds_as_convs(gm) == 0
+    assert [type(m) for m in gm.modules()][1:] == [nn.Conv2d]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), want, rtol=0, atol=0)
+
+
+def test_fx_quantization_of_a_graph_turns_its_constant_adds_into_quantized_convs():
+    """``quantize`` on a traced graph rewrites ``x + c`` first, so the INT8 model has two
+    quantized convs and no float add (FX does not observe ``get_attr`` constants)."""
+    from ehap_fx.passes.trace import trace
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    gm = trace(_PlusConstant((1, 8, 1, 1)).eval(), x)
+    q = quantize_pass.quantize(gm, x[:2], [x], QuantizeOptions(backend="fx", mode="ptq", calibration_batches=1))
+    kinds = [type(m).__name__ for m in q.graph_module.modules()]
+    assert kinds.count("Conv2d") == 2 and all(m.__module__.startswith("torch.ao.nn.quantized")
+                                               for m in q.graph_module.modules() if type(m).__name__ == "Conv2d")
+    assert not [n for n in q.graph_module.graph.nodes if n.target in (operator.add, torch.add)]
+    with torch.no_grad():  # within a few output steps of the float model
+        want = gm(x)
+        assert (q.graph_module(x) - want).abs().max() <= 0.05 * (want.max() - want.min())
 
 
 class _Scalars(nn.Module):
