@@ -401,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         build_map(args.build_map, tuple(args.map_tests), tuple(args.map_ignore))
         return 0
     cmap = CoverageMap.load(args.coverage_map) if args.coverage_map is not None else None
-    plan = {m: t for paths, t in TARGETS.items() if (m := resolve(paths)) and (not args.only or m in args.only)}
+    # each module's fast test files, and the module itself: its doctests are part of the default run
+    plan = {m: (*t, m) for paths, t in TARGETS.items() if (m := resolve(paths)) and (not args.only or m in args.only)}
     pools: dict[str, list[Mutant]] = {}
     for module in plan:
         source = (ROOT / module).read_text()
