@@ -158,6 +158,9 @@ def test_bad_plans_are_refused():
         shrink(gm, PrunePlan({prunable.id: ()}))
     with pytest.raises(ShrinkError, match="distinct indices"):
         shrink(gm, PrunePlan({prunable.id: (0, 0)}))
+    for out_of_range in (prunable.size, -1):  # one past the end, one before the start
+        with pytest.raises(ShrinkError, match=rf"distinct indices in \[0, {prunable.size}\)"):
+            shrink(gm, PrunePlan({prunable.id: (0, out_of_range)}))
     with pytest.raises(ShrinkError, match="groups"):
         shrink(gm, PrunePlan({999: (0,)}))
 
