@@ -296,6 +296,27 @@ def test_a_channel_slice_and_a_pool_with_indices_keep_the_channels():
         torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
 
 
+class _StridedSlice(nn.Module):
+    """conv0 (3 → 8) ─▶ every second channel ─▶ conv1 (4 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.conv1(self.conv0(x)[:, ::2])
+
+
+def test_a_strided_slice_of_the_channels_pins_them_naming_the_step():
+    """Exported, ``aten.slice(h, 1, 0, end, 2)``: channel labels are sliced only with step 1;
+    a step over the channels pins conv0's outputs (and conv1's inputs stay whole)."""
+    gm = group_channels(trace(_StridedSlice().eval(), X, capture="export")).graph_module
+    assert any(n.target is torch.ops.aten.slice.Tensor and n.args[4:] == (2,) for n in gm.graph.nodes)
+    out = _group_of(gm, "conv0")
+    assert out.pinned is not None and "slice of channels with step 2" in out.pinned
+    assert all(m.module != "conv1" or m.role != "in" for g in groups_of(gm).prunable for m in g.members)
+
+
 class _StackSum(nn.Module):
     """conv0 (3 → 8) ─▶ stack([h, 2h]) (parts on dim 0) ─▶ sum(0) ─▶ conv1 (8 → 4)."""
 
