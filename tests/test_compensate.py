@@ -9,6 +9,7 @@ Model under test (TinyOptionA, a pruned option-A ResNet)::
 """
 
 import copy
+import time
 from dataclasses import replace
 
 import pytest
@@ -194,7 +195,10 @@ def test_a_layer_whose_removed_inputs_were_exactly_zero_is_unchanged(one_thread)
     a_out, b_out = (next(g.id for g in groups_of(gm).prunable if g.members[0].module == m) for m in "ab")
     plan = PrunePlan.removing(groups_of(gm), {a_out: [1, 4, 6], b_out: [0, 3]})  # b's are not zero
     small = shrink(gm, plan).graph_module
+    start = time.perf_counter()
     fixed = compensate(small, gm, torch.randn(64, 3, 8, 8)).graph_module
+    wall = time.perf_counter() - start
+    assert 0 < fixed.meta[_meta.COMPENSATION].seconds <= wall  # the call's own time, not a timing claim
     fits = {f.node: f for f in fixed.meta[_meta.COMPENSATION].layers}
     assert not fits["b"].repaired and fits["c"].repaired
     assert torch.equal(fixed.b.weight, small.b.weight) and torch.equal(fixed.b.bias, small.b.bias)
