@@ -15,7 +15,7 @@ under coverage.py with one context per test) it runs again against every test of
 run that executes its line (its statement's first line for a continuation line), as mutmut
 and cosmic-ray select tests; only a mutant that passes those too survives.
 
-    nice -n 5 python tools/mutation.py --build-map runs/coverage-map.json            # ~1.2x the suite
+    nice -n 5 python tools/mutation.py --build-map runs/coverage-map.json     # the default run, under coverage
     nice -n 5 python tools/mutation.py --stratify --sample 90 --seed 4 --coverage-map runs/coverage-map.json
 
 Survivors are printed as ``file:line: original -> mutant``; docs/mutation.md lists the last
