@@ -416,6 +416,36 @@ def test_ctrl_c_inside_onnxruntime_stays_a_keyboard_interrupt(tmp_path, monkeypa
         compare_with_torch(report, _TwiceShifted(), torch.randn(2, 3), ExportOptions(batch_size=2))
 
 
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_ctrl_c_inside_the_export_stays_a_keyboard_interrupt_and_leaves_no_file(tmp_path, monkeypatch, dynamo):
+    """A KeyboardInterrupt a library re-raised as another error while exporting is raised again
+    as itself; any other failure becomes a QuantizeError naming the route; neither leaves a file."""
+    import pathlib
+
+    import ehap_fx.passes.export as export_pass
+
+    def stopped(*args, **kwargs):
+        pathlib.Path(args[2]).write_bytes(b"half")  # what an exporter had written when it stopped
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("exporter stopped") from e
+
+    def failed(*args, **kwargs):
+        raise RuntimeError("unsupported op")
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)).eval()
+    for fake, raised in ((stopped, KeyboardInterrupt), (failed, QuantizeError)):
+        if dynamo:
+            monkeypatch.setattr(export_pass, "_export_dynamo", fake)
+        else:
+            monkeypatch.setattr(torch.onnx, "export", lambda m, a, f, fake=fake, **kw: fake(m, a, f))
+        with pytest.raises(raised, match="" if raised is KeyboardInterrupt else
+                           ("dynamo=True" if dynamo else "TorchScript") + ".*unsupported op"):
+            export_onnx(model, X, tmp_path / "m.onnx", dynamo=dynamo)
+        assert list(tmp_path.iterdir()) == []
+
+
 def test_session_options_follow_the_arguments(tmp_path):
     """``threads``: that many intra-op threads and one inter-op; ``spinning=False``: idle
     workers do not busy-wait (left to onnxruntime otherwise)."""
