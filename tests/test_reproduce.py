@@ -155,6 +155,7 @@ def test_a_subset_run_adds_its_rows_to_the_saved_table(tmp_path):
         ("dense", 1.0), ("l1", 0.7), ("ggn-fp32", 0.5), ("l1", 0.5)]
 
 
+@pytest.mark.slow  # two timed Hessian runs (11 s alone): the default run is at its 10-minute budget
 def test_time_hessian_prints_ratios_to_fp32(tmp_path, capsys):
     argv = [*TINY, "--models", "resnet20", "--scorers", "hessian-fp32", "hessian-half", "l1",
             "--time-hessian", "1", "--out", str(tmp_path)]
