@@ -235,6 +235,24 @@ def test_qat_without_freezes_keeps_observing(ranges):
     assert observing == {torch.per_channel_symmetric: 1, torch.per_tensor_affine: int(ranges == "moving")}
 
 
+def test_an_exported_qat_graph_switches_its_batch_norms_with_train_and_eval():
+    """PT2E's prepared graph is an exported program: ``.train()`` / ``.eval()`` must switch its
+    BN ops, which update their running statistics in train mode only, and not at all once
+    frozen (``_meta.BN_FROZEN``, PT2E's ``freeze_bn_stats``) however the mode is set."""
+    prepared = prepare(TinyResNet(), X, QuantizeOptions(mode="qat", backend="pt2e"))
+
+    def moved() -> bool:
+        before = {k: v.clone() for k, v in prepared.state_dict().items() if k.endswith("running_mean")}
+        prepared(torch.randn(4, 3, 16, 16))
+        return any(not torch.equal(v, prepared.state_dict()[k]) for k, v in before.items())
+
+    assert len([k for k in prepared.state_dict() if k.endswith("running_mean")]) == 2
+    assert prepared.train() is prepared and prepared.training and moved()
+    assert prepared.eval() is prepared and not prepared.training and not moved()
+    prepared.meta[_meta.BN_FROZEN] = True
+    assert prepared.train().training and not moved()
+
+
 def test_qat_on_uncalibrated_ranges_names_the_fix():
     prepared = prepare(TinyResNet(), X, QuantizeOptions(mode="qat"))
     with pytest.raises(QuantizeError, match="calibrate_ranges.*qat_ranges='moving'"):
