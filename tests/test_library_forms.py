@@ -212,11 +212,17 @@ def test_a_standardized_weight_read_by_another_op_is_not_pruned():
     recognised and conv1's 8 channels pin (taken for the chain, they prune and the shrunk model
     is off the masked one by ~0.04)."""
     torch.manual_seed(0)
+    _assert_first_conv_pins(PeekStdNet().eval(), "conv1", "conv2")
+
+
+def _assert_first_conv_pins(model: nn.Module, first: str, second: str) -> None:
+    """``first``'s 8 output channels (read by ``second``) pin, and the model shrinks to what
+    masking gives."""
     x = torch.randn(2, 3, 8, 8)
-    gm = group_channels(trace(PeekStdNet().eval(), x)).graph_module
-    assert not any(m.module == "conv1" for g in groups_of(gm).prunable for m in g.members)
-    (into_conv2,) = [g for g in groups_of(gm) if ("conv2", "in") in {(m.module, m.role) for m in g.members}]
-    assert into_conv2.size == 8 and into_conv2.pinned is not None
+    gm = group_channels(trace(model, x)).graph_module
+    assert not any(m.module == first for g in groups_of(gm).prunable for m in g.members)
+    (into,) = [g for g in groups_of(gm) if (second, "in") in {(m.module, m.role) for m in g.members}]
+    assert into.size == 8 and into.pinned is not None
     plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x),
@@ -318,16 +324,7 @@ def test_a_standardization_that_pruning_would_change_is_not_pruned(first):
     change what the kept rows compute, so the chain is not recognised and the first conv's 8
     channels pin (the model prunes to itself)."""
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 8, 8)
-    model = nn.Sequential(first(3, 8, 3), nn.ReLU(), StdConv2d(8, 4, 1)).eval()
-    gm = group_channels(trace(model, x)).graph_module
-    assert not any(m.module == "0" for g in groups_of(gm).prunable for m in g.members)
-    (into_2,) = [g for g in groups_of(gm) if ("2", "in") in {(m.module, m.role) for m in g.members}]
-    assert into_2.size == 8 and into_2.pinned is not None
-    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x),
-                                   rtol=1e-5, atol=1e-5)
+    _assert_first_conv_pins(nn.Sequential(first(3, 8, 3), nn.ReLU(), StdConv2d(8, 4, 1)).eval(), "0", "2")
 
 
 def test_a_core_aten_linear_prunes_its_features():

@@ -75,3 +75,12 @@ def test_a_mutant_is_run_against_the_tests_of_its_line_found_again_by_its_text()
     assert cmap.tests_of(on_first, source) == ["t::three", "t::two"]
     assert cmap.tests_of(on_cont, source) == ["t::three", "t::two"]
     assert cmap.tests_of(unrun, source) == []
+
+
+def test_a_test_run_reads_pass_as_survived_fail_as_killed_and_a_missing_test_as_an_error(tmp_path):
+    """An unknown node id (pytest exit 4) must not count as a kill: a stale coverage map would
+    inflate the rate."""
+    (tmp_path / "test_t.py").write_text("def test_ok():\n    pass\n\n\ndef test_bad():\n    assert False\n")
+    assert mu.run_tests(tmp_path, ("test_t.py::test_ok",), timeout=120)[0] == "survived"
+    assert mu.run_tests(tmp_path, ("test_t.py::test_bad",), timeout=120)[0] == "killed"
+    assert mu.run_tests(tmp_path, ("test_t.py::test_gone",), timeout=120)[0] == "error"
