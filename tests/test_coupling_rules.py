@@ -575,6 +575,43 @@ def test_a_reshape_that_moves_channels_into_the_batch_or_back_pins_them():
     assert groups_of(gm).prunable == ()
 
 
+class _TokensReindexed(nn.Module):
+    """tokens (N, T, 6) ─▶ fc0 (6 → 8): channels at dim 2 ─▶ ``how`` ─▶ fc1 (8 → 3)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.fc0, self.fc1 = how, nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.fc0(x)  # (N, T, 8)
+        if self.how == "bool":
+            y = y[:, True]  # (N, 1, T, 8): a boolean index adds a dim, as None does
+        elif self.how == "none":
+            y = y[:, None]  # (N, 1, T, 8)
+        elif self.how == "transposed-shape":
+            y = y.reshape(y.shape[0], 8, y.shape[1]).transpose(1, 2)  # (N, 8, T): channels mixed with tokens
+        else:
+            y = y.reshape(y.shape[0], y.shape[1], 8, 1).squeeze(-1)  # (N, T, 8, 1): not a split into heads
+        return self.fc1(y)
+
+
+@pytest.mark.parametrize("how, reason", [
+    ("bool", "index (slice(None, None, None), True) of a value with channels at dim 2"),
+    ("none", "index (slice(None, None, None), None) of a value with channels at dim 2"),
+    ("transposed-shape", "reshape (2, 5, 8) → (2, 8, 5) of a value whose channels are dim 2"),
+    ("unit-last", "reshape (2, 5, 8) → (2, 5, 8, 1) of a value whose channels are dim 2"),
+], ids=["bool", "none", "transposed-shape", "unit-last"])
+def test_an_index_or_reshape_that_adds_or_mixes_dims_around_channels_at_dim_2_pins_them_there(how, reason):
+    """Channels at dim 2 (tokens): ``x[:, True]`` and ``x[:, None]`` add a dim before them, a
+    reshape to ``(N, C, T)`` mixes them with the tokens, and one to ``(N, T, C, 1)`` is neither
+    the merge nor the split of attention heads (a head of one channel is no split): each pins
+    fc0's channels at that node, naming it."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_TokensReindexed(how).eval(), torch.randn(2, 5, 6))).graph_module
+    assert _group_of(gm, "fc0").pinned.endswith(reason)
+    assert groups_of(gm).prunable == ()
+
+
 class _CatAlongHeight(nn.Module):
     """conv0 (3 → 8) ─▶ cat along H of (h,) ─▶ conv1 (8 → 4), and of (h, 2h) ─▶ conv2 (8 → 4)."""
 
