@@ -346,6 +346,36 @@ def test_a_core_aten_linear_prunes_its_features():
     assert (total_cost(gm).params, total_cost(small).params) == (6 * 8 + 8 + 8 * 3 + 3, 6 * 4 + 4 + 4 * 3 + 3)
 
 
+class AddmmMLP(nn.Module):
+    """A linear written out as ``addmm(bias, x, weight.t())``: the training IR keeps ``aten.t``
+    (core ATen writes ``permute(weight, [1, 0])``, above)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(torch.addmm(self.fc0.bias, x, self.fc0.weight.t()))
+        return torch.addmm(self.fc1.bias, h, self.fc1.weight.t())
+
+
+def test_an_addmm_on_a_transposed_weight_prunes_its_features():
+    """``aten.t`` of a linear weight is the same 2-D transpose as core ATen's permute: fc0's 8
+    features are its weight's rows and fc1's columns, and prune (shrunk ≡ masked)."""
+    torch.manual_seed(0)
+    net, x = AddmmMLP().eval(), torch.randn(2, 6)
+    gm = group_channels(trace(torch.export.export(net, (x,)), x)).graph_module
+    assert torch.ops.aten.t.default in {n.target for n in gm.graph.nodes}
+    (group,) = groups_of(gm).prunable
+    assert group.size == 8 and sorted((m.module, m.role, m.dim) for m in group.members) == [
+        ("fc0", "out", 0), ("fc1", "in", 1)]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    small = shrink(gm, plan).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), mask_channels(gm, plan).graph_module(x))
+    assert dict(small.named_parameters())["fc0.weight"].shape == (4, 6)
+
+
 class LinearBN(nn.Module):
     """LeViT's ``MLPLayerWithBN``: a linear on tokens ``(N, T, C)``, its BatchNorm1d on
     ``flatten(0, 1)`` (``(N·T, C)``, channels at dim 1), ``reshape_as`` back."""
