@@ -10,6 +10,7 @@ and conv0's 8 channels pin there; with ``same_channels`` for ``Snake`` it is one
 conv0's channels prune (shrunk ≡ masked original).
 """
 
+import dataclasses
 import io
 import pickle
 
@@ -133,6 +134,8 @@ def test_composing_rules_leaves_the_defaults_unchanged():
     assert not set(FX_RULES.functions) & set(ATEN_RULES.functions)  # composed, not overwritten
     with pytest.raises(TypeError):
         COUPLING_RULES.modules[Snake] = same_channels  # read-only rows
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        COUPLING_RULES.functions = {}  # nor can the rows be swapped for others
     with pytest.raises(TypeError, match="nn.Module subclasses"):
         Rules(modules={"Snake": same_channels})
     with pytest.raises(TypeError, match="not a Rules value"):
@@ -148,11 +151,20 @@ def _group_of(gm, module: str):
     return group
 
 
+class _FunctionalConvTranspose(nn.ConvTranspose2d):
+    """``F.conv_transpose2d`` on the module's own tensors: the same op as the module."""
+
+    def forward(self, x):
+        return F.conv_transpose2d(x, self.weight, self.bias, self.stride, groups=self.groups)
+
+
 @pytest.mark.parametrize("groups", [1, 2])
-def test_a_transposed_conv_prunes_its_input_unless_it_is_grouped(groups):
+@pytest.mark.parametrize("spelling", [nn.ConvTranspose2d, _FunctionalConvTranspose], ids=["module", "functional"])
+def test_a_transposed_conv_prunes_its_input_unless_it_is_grouped(groups, spelling):
     """conv0 (3 → 8) ─▶ conv_transpose (8 → 8, groups) ─▶ conv1: ungrouped, conv0's channels are
-    the transposed conv's weight rows (dim 0); grouped, they pin, naming the groups."""
-    gm = group_channels(trace(model_with(nn.ConvTranspose2d(8, 8, 2, stride=2, groups=groups)), X)).graph_module
+    the transposed conv's weight rows (dim 0); grouped, they pin, naming the groups. The module
+    and ``F.conv_transpose2d`` on its tensors are one op."""
+    gm = group_channels(trace(model_with(spelling(8, 8, 2, stride=2, groups=groups)), X)).graph_module
     group = conv0_group(gm)
     if groups == 1:
         assert group.pinned is None
