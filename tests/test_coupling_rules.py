@@ -231,18 +231,21 @@ class _Rows(nn.Module):
     def __init__(self, how: str):
         super().__init__()
         self.how = how
-        self.fc0, self.fc1 = nn.Linear(6, 8), nn.Linear(8 if how == "split" else 4, 3)
+        self.fc0, self.fc1 = nn.Linear(6, 8), nn.Linear(4 if how == "groups" else 8, 3)
 
     def forward(self, x):
         h = self.fc0(x)
         if self.how == "split":  # along T: each piece keeps the channels, on the last dim
             h, _ = torch.split(h, [2, 3], dim=1)
+        elif self.how == "first-token":  # (N, T, 8) → (N, 8): a class token's features, now at dim 1
+            h = h[:, 0]
         else:  # (N, 8) → (N, 2, 4): channel j of each half is one unit, now at dim 2
             h = h.reshape(h.shape[0], 2, 4)
         return self.fc1(h)
 
 
-@pytest.mark.parametrize("how, x, size", [("split", torch.randn(2, 5, 6), 8), ("groups", torch.randn(2, 6), 4)])
+@pytest.mark.parametrize("how, x, size", [("split", torch.randn(2, 5, 6), 8), ("groups", torch.randn(2, 6), 4),
+                                          ("first-token", torch.randn(2, 5, 6), 8)])
 def test_channels_off_dim_1_reach_the_next_linear(how, x, size):
     torch.manual_seed(0)
     gm = group_channels(trace(_Rows(how).eval(), x)).graph_module
@@ -507,6 +510,53 @@ def test_an_index_after_an_ellipsis_pins_the_channels():
     plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
+
+
+class _CropAfterEllipsis(nn.Module):
+    """conv0 (3 → 8) ─▶ ``h[:, ..., 1:5]``: the width cropped, dims 0 and 1 whole ─▶ conv1 (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv1(self.conv0(x)[:, ..., 1:5])
+
+
+def test_an_ellipsis_after_the_batch_slice_leaves_the_channels_whole():
+    """``h[:, ..., 1:5]`` indexes the last dim: conv0's 8 channels go to conv1 (shrunk ≡ masked)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm = group_channels(trace(_CropAfterEllipsis().eval(), x)).graph_module
+    group = _group_of(gm, "conv0")
+    assert group.pinned is None and group.size == 8
+    assert [(m.module, m.role) for m in group.members] == [("conv0", "out"), ("conv1", "in")]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
+
+
+class _ConvOverTokens(nn.Module):
+    """tokens (N, 5, 6) ─▶ fc0 (6 → 8): channels at dim 2 ─▶ ``nn.Conv1d(5, 4, 1)``, which reads
+    dim 1 (the 5 tokens) as its channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.conv = nn.Linear(6, 8), nn.Conv1d(5, 4, 1)
+
+    def forward(self, x):
+        return self.conv(self.fc0(x))
+
+
+def test_a_rule_that_reads_dim_1_pins_channels_that_sit_at_another_dim():
+    """The conv's rule reads dim 1 of fc0's output, whose channels are dim 2: fc0's 8 channels
+    pin there, and the conv's 5 input channels are fresh pinned labels (a size-5 dim, not 8)."""
+    gm = group_channels(trace(_ConvOverTokens().eval(), torch.randn(2, 5, 6))).graph_module
+    reason = "reads dim 1 of a value whose channels are dim 2"
+    assert _group_of(gm, "fc0").pinned.endswith(reason)
+    (conv_in,) = [g for g in groups_of(gm).groups if [(m.module, m.role) for m in g.members] == [("conv", "in")]]
+    assert conv_in.size == 5 and conv_in.pinned.endswith(reason)
+    assert groups_of(gm).prunable == ()
 
 
 class _PooledTokens(nn.Module):
