@@ -296,6 +296,32 @@ def test_an_exported_slice_copy_becomes_one_assignment():
         torch.testing.assert_close(gm(x), model(x))
 
 
+class _SliceOfASlice(torch.nn.Module):
+    """``y[:, 1:7][:, ::2] = ...``: two slices of dim 1, channels 1, 3 and 5 written."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 9, 1)
+
+    def forward(self, x):
+        y = self.conv(x).clone()
+        y[:, 1:7][:, ::2] = y[:, :3].sigmoid()
+        return y
+
+
+def test_a_copy_into_two_slices_of_one_dim_stays_a_copy():
+    """One index tuple cannot say "every other of channels 1:7": the copy stays, and the
+    exported graph writes channels 1, 3, 5 (not 0, 2, 4) as the model does."""
+    torch.manual_seed(0)
+    model, x = _SliceOfASlice().eval(), torch.randn(2, 3, 4, 4)
+    gm = trace(model, x, capture="export")
+    assert len(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.copy_.default)) == 1
+    with torch.no_grad():
+        expected = model.conv(x)
+        expected[:, 1:7:2] = expected[:, :3].sigmoid()
+        torch.testing.assert_close(gm(x), expected)
+
+
 class _UsedCopy(torch.nn.Module):
     """A slice copy whose result is read again: ``z = y[:, :2].copy_(2 * y[:, 2:])``."""
 
