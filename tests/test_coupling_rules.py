@@ -585,6 +585,28 @@ def test_reducing_the_tokens_keeps_the_features(how):
         torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
 
 
+class _Softmax(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x):
+        return torch.softmax(x, self.dim)
+
+
+@pytest.mark.parametrize("dim", [3, 1])
+def test_a_softmax_over_the_width_keeps_the_channels_and_over_them_pins(dim):
+    """conv0 (3 → 8) ─▶ ``torch.softmax(h, dim)``, the dim given positionally ─▶ conv1: over the
+    width each channel is normalised alone (conv0's 8 prune); over the channels each output
+    reads all of them (they pin, naming the dim)."""
+    gm = group_channels(trace(model_with(_Softmax(dim)), X)).graph_module
+    group = conv0_group(gm)
+    if dim == 3:
+        assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("0", "out"), ("2", "in")]
+    else:
+        assert group.pinned.endswith("softmax over the channel dim 1")
+
+
 class _FeaturesAsMaps(nn.Module):
     """fc (6 → 32) ─▶ view (N, 8, 2, 2): each channel is a block of 4 features ─▶ conv (8 → 4)."""
 
