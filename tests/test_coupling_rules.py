@@ -771,6 +771,28 @@ def test_an_operand_broadcast_along_the_channels_couples_nothing():
         torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
 
 
+class _OneChannelTimesScalar(nn.Module):
+    """conv0 (3 → 1) ─▶ × s, a (1, 1, 1, 1) buffer ─▶ conv1 (1 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 1, 3), nn.Conv2d(1, 4, 1)
+        self.register_buffer("s", torch.full((1, 1, 1, 1), 2.0))
+
+    def forward(self, x):
+        return self.conv1(self.conv0(x) * self.s)
+
+
+def test_a_one_element_operand_is_a_scalar_even_for_a_one_channel_value():
+    """``s`` is broadcast whatever the channels: it is no member of conv0's one-channel group
+    (a per-channel constant would be sliced with it); it sits alone, with nothing to prune."""
+    gm = group_channels(trace(_OneChannelTimesScalar().eval(), X)).graph_module
+    group = _group_of(gm, "conv0")
+    assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("conv0", "out"), ("conv1", "in")]
+    (alone,) = [g for g in groups_of(gm).groups if [(m.node, m.role) for m in g.members] == [("s", "const")]]
+    assert not alone.prunable
+
+
 class _UnsqueezeSqueeze(nn.Module):
     """conv0 (3 → 8) ─▶ unsqueeze(-1) ─▶ squeeze(-1) ─▶ unsqueeze(2) ─▶ squeeze(2) ─▶ conv1 (8 → 4)."""
 
