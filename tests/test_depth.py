@@ -179,6 +179,32 @@ def test_a_layer_scaled_residual_branch_drops_through_its_scale():
     assert plan_cost(gm, PrunePlan({inner: ()}).masks(groups_of(gm))) == total_cost(small)
 
 
+class ResidualMLP(nn.Module):
+    """Features (N, 6) ─▶ stem (6 → 8) ─▶ h; ``relu(h + fc2(relu(fc1(h))))`` (8 → 16 → 8) ─▶ head:
+    a residual block of linears, its inner group the 16 features between fc1 and fc2."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.fc1, self.fc2, self.head = nn.Linear(6, 8), nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(F.relu(h + self.fc2(F.relu(self.fc1(h)))))
+
+
+def test_a_residual_block_of_linears_drops_to_fc2s_bias():
+    """Without its 16 features fc2 computes its bias alone: the block becomes ``relu(h + b2)``,
+    shrunk ≡ masked, with no fc1 or fc2 left and the cost ``plan_cost`` predicted."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6)
+    gm = group_channels(trace(ResidualMLP().eval(), x)).graph_module
+    (inner,) = droppable_groups(gm)
+    assert inner_owner(gm, inner) == "fc1" and groups_of(gm)[inner].size == 16
+    small = assert_shrunk_equals_masked(gm, x, PrunePlan({inner: ()}))
+    assert [name for name, m in small.named_modules() if isinstance(m, nn.Linear)] == ["stem", "head"]
+    assert plan_cost(gm, PrunePlan({inner: ()}).masks(groups_of(gm))) == total_cost(small)
+
+
 @pytest.mark.parametrize("name", ["resnet20", "resnet20-b", "wrn-16-2"])
 def test_dropped_blocks_equal_the_masked_model_and_cost_what_was_planned(name):
     gm, x = grouped(name)
