@@ -205,6 +205,31 @@ def test_a_residual_block_of_linears_drops_to_fc2s_bias():
     assert plan_cost(gm, PrunePlan({inner: ()}).masks(groups_of(gm))) == total_cost(small)
 
 
+class PaddedBranch(nn.Module):
+    """A residual block whose branch pads its channels: ``a`` (4 → 6), two zero channels
+    (``F.pad``), ``b`` (8 → 4). a's 6 channels share their values with the zeros; the zeros
+    have no producer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return F.relu(x + self.b(F.pad(F.relu(self.a(x)), (0, 0, 0, 0, 1, 1))))
+
+
+@pytest.mark.parametrize("make, x", [(PaddedBranch, torch.randn(2, 4, 8, 8)), (ResidualMLP, torch.randn(2, 5, 6))],
+                         ids=["padded-branch", "mlp-on-tokens"])
+def test_a_branch_that_folding_cannot_rebuild_is_not_droppable(make, x):
+    """A padded branch: a's channels live in values that carry the pad's zeros too, and the
+    zeros' group has no producer to drop. An MLP on tokens (N, T, C): its channels sit at dim 2,
+    where folding's ``(1, C, 1, …)`` constants do not fit. Neither has a droppable group, though
+    both have prunable ones."""
+    gm = group_channels(trace(make().eval(), x)).graph_module
+    assert len(groups_of(gm).prunable) >= 1
+    assert droppable_groups(gm) == frozenset()
+
+
 @pytest.mark.parametrize("name", ["resnet20", "resnet20-b", "wrn-16-2"])
 def test_dropped_blocks_equal_the_masked_model_and_cost_what_was_planned(name):
     gm, x = grouped(name)
