@@ -453,6 +453,20 @@ def test_attention_matmuls_are_counted(capture, einsum):
     assert matmuls == [10 * 10 * 4, 10 * 10 * 6]
 
 
+def test_one_head_attention_on_three_dim_tokens_prunes_q_with_k_and_v_with_proj():
+    """Rank-3 operands, ``(N, T, 4) @ (N, 4, T)`` and ``(N, T, T) @ (N, T, 6)``: channel j of q
+    and of k are one unit (4 units), v's 6 go with proj's columns; shrunk ≡ masked."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 8)
+    gm = group_channels(trace(Attention().eval(), x)).graph_module
+    members = sorted([(m.module, m.role) for m in g.members] for g in groups_of(gm).prunable)
+    assert members == [[("q", "out"), ("k", "out")], [("v", "out"), ("proj", "in")]]
+    assert sorted(g.size for g in groups_of(gm).prunable) == [4, 6]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
+
+
 class PatchNet(nn.Module):
     """MobileViT's unfolding: conv (3 → 8) → (N, C, H, W) as 2×2 patches, the patch position
     folded into the batch dim, (N·4, H·W/4, C) → linear (8 → 8) → folded back → conv (8 → 4)."""
