@@ -229,6 +229,28 @@ def _assert_first_conv_pins(model: nn.Module, first: str, second: str) -> None:
                                    rtol=1e-5, atol=1e-5)
 
 
+class PeekConv2d(nn.Conv2d):
+    """``F.conv2d`` on its own weight and bias, one of which a ``mean`` added to the output
+    reads again (a regulariser in ``forward``, a weight tied elsewhere)."""
+
+    def __init__(self, *args, peek: str = "weight", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.peek = peek
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias) + getattr(self, self.peek).mean()
+
+
+@pytest.mark.parametrize("peek", ["weight", "bias"])
+def test_a_functional_conv_whose_tensors_are_read_again_is_not_pruned(peek):
+    """Slicing the conv's rows would change the ``mean`` too: its 8 channels pin, naming why."""
+    torch.manual_seed(0)
+    model = nn.Sequential(PeekConv2d(3, 8, 3, peek=peek), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    _assert_first_conv_pins(model, "0", "2")
+    gm = group_channels(trace(model, torch.randn(2, 3, 8, 8))).graph_module
+    assert any(g.pinned.endswith("0's tensors are read elsewhere too") for g in groups_of(gm).pinned)
+
+
 class FunctionalGroupNorm(nn.GroupNorm):
     """A ``GroupNorm`` whose own forward calls ``F.group_norm`` (timm's ``GroupNorm1`` does)."""
 
