@@ -125,7 +125,20 @@ class GatedBranchIntoCat(LayerScaledBranch):
         return torch.cat([x, self.b(F.relu(self.bn(self.a(x)))) * x.mean((2, 3), keepdim=True)], 1)
 
 
-@pytest.mark.parametrize("make", [Plain, BranchIntoCat, lambda: LayerScaledBranch(add=False), GatedBranchIntoCat])
+class CumsumBranch(nn.Module):
+    """A residual block whose branch ends in a running sum down the rows: of a per-channel
+    constant that is a ramp over H, no longer one value per channel, so nothing may fold it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        return F.relu(x + torch.cumsum(self.b(F.relu(self.a(x))), dim=2))
+
+
+@pytest.mark.parametrize("make", [Plain, BranchIntoCat, lambda: LayerScaledBranch(add=False), GatedBranchIntoCat,
+                                  CumsumBranch])
 def test_a_constant_nothing_can_absorb_is_not_droppable(make):
     gm = group_channels(trace(make().eval(), torch.randn(2, 3, 8, 8))).graph_module
     assert droppable_groups(gm) == frozenset()
