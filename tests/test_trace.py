@@ -129,6 +129,23 @@ def test_an_exported_graph_starts_in_eval_and_train_switches_batch_norm_and_drop
 
 
 
+def test_an_exported_batch_norm_without_running_statistics_keeps_batch_statistics_in_eval():
+    """``BatchNorm2d(track_running_stats=False)`` normalises with the batch's own statistics in
+    either mode: its exported call keeps ``training=True`` through ``.eval()`` and ``.train()``,
+    and the graph computes what the module does."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4, track_running_stats=False)).eval()
+    x = torch.randn(4, 3, 5, 5)
+    gm = trace(model, x, capture="export")
+    (bn,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.batch_norm.default]
+    with torch.no_grad():
+        want = torch.nn.functional.batch_norm(model[0](x), None, None, model[1].weight, model[1].bias, training=True)
+        for mode in (False, True, False):
+            gm.train(mode)
+            assert bn.args[5] is True
+            torch.testing.assert_close(gm(x), want)
+
+
 def test_an_in_place_dropout_switches_with_the_exported_graph():
     """``nn.Dropout(inplace=True)`` exports as ``aten.dropout_``: ``.train()`` sets its ``train``
     argument (about half the elements dropped, the rest doubled), ``.eval()`` clears it."""
