@@ -182,6 +182,20 @@ def test_a_per_channel_prelu_goes_with_the_channels():
     assert [(m.module, m.role) for m in group.members] == [("0", "out"), ("1", "norm"), ("2", "in")]
 
 
+def test_a_shared_prelu_slope_is_no_member_of_the_channels_group():
+    """conv0 ─▶ nn.PReLU() (one slope for every channel) ─▶ conv1: nothing to slice, so the
+    group is conv0's rows and conv1's columns alone, and the slope stays whole (shrunk ≡ masked)."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(model_with(nn.PReLU()), X)).graph_module
+    group = conv0_group(gm)
+    assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("0", "out"), ("2", "in")]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    small = shrink(gm, plan).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(small(X), mask_channels(gm, plan).graph_module(X))
+    assert small.get_submodule("1").weight.shape == (1,)
+
+
 @pytest.mark.parametrize("slopes", [1, 8])
 def test_an_exported_prelu_prunes_with_its_slopes_shared_or_per_channel(slopes):
     """Captured by ``torch.export`` (``aten.prelu(x, weight)``): a shared slope (one element)
