@@ -10,6 +10,7 @@ and conv0's 8 channels pin there; with ``same_channels`` for ``Snake`` it is one
 conv0's channels prune (shrunk ≡ masked original).
 """
 
+import dataclasses
 import io
 import pickle
 
@@ -133,6 +134,8 @@ def test_composing_rules_leaves_the_defaults_unchanged():
     assert not set(FX_RULES.functions) & set(ATEN_RULES.functions)  # composed, not overwritten
     with pytest.raises(TypeError):
         COUPLING_RULES.modules[Snake] = same_channels  # read-only rows
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        COUPLING_RULES.functions = {}  # nor can the rows be swapped for others
     with pytest.raises(TypeError, match="nn.Module subclasses"):
         Rules(modules={"Snake": same_channels})
     with pytest.raises(TypeError, match="not a Rules value"):
@@ -148,11 +151,20 @@ def _group_of(gm, module: str):
     return group
 
 
+class _FunctionalConvTranspose(nn.ConvTranspose2d):
+    """``F.conv_transpose2d`` on the module's own tensors: the same op as the module."""
+
+    def forward(self, x):
+        return F.conv_transpose2d(x, self.weight, self.bias, self.stride, groups=self.groups)
+
+
 @pytest.mark.parametrize("groups", [1, 2])
-def test_a_transposed_conv_prunes_its_input_unless_it_is_grouped(groups):
+@pytest.mark.parametrize("spelling", [nn.ConvTranspose2d, _FunctionalConvTranspose], ids=["module", "functional"])
+def test_a_transposed_conv_prunes_its_input_unless_it_is_grouped(groups, spelling):
     """conv0 (3 → 8) ─▶ conv_transpose (8 → 8, groups) ─▶ conv1: ungrouped, conv0's channels are
-    the transposed conv's weight rows (dim 0); grouped, they pin, naming the groups."""
-    gm = group_channels(trace(model_with(nn.ConvTranspose2d(8, 8, 2, stride=2, groups=groups)), X)).graph_module
+    the transposed conv's weight rows (dim 0); grouped, they pin, naming the groups. The module
+    and ``F.conv_transpose2d`` on its tensors are one op."""
+    gm = group_channels(trace(model_with(spelling(8, 8, 2, stride=2, groups=groups)), X)).graph_module
     group = conv0_group(gm)
     if groups == 1:
         assert group.pinned is None
@@ -168,6 +180,20 @@ def test_a_per_channel_prelu_goes_with_the_channels():
     group = conv0_group(gm)
     assert group.pinned is None
     assert [(m.module, m.role) for m in group.members] == [("0", "out"), ("1", "norm"), ("2", "in")]
+
+
+def test_a_shared_prelu_slope_is_no_member_of_the_channels_group():
+    """conv0 ─▶ nn.PReLU() (one slope for every channel) ─▶ conv1: nothing to slice, so the
+    group is conv0's rows and conv1's columns alone, and the slope stays whole (shrunk ≡ masked)."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(model_with(nn.PReLU()), X)).graph_module
+    group = conv0_group(gm)
+    assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("0", "out"), ("2", "in")]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    small = shrink(gm, plan).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(small(X), mask_channels(gm, plan).graph_module(X))
+    assert small.get_submodule("1").weight.shape == (1,)
 
 
 @pytest.mark.parametrize("slopes", [1, 8])
@@ -219,18 +245,21 @@ class _Rows(nn.Module):
     def __init__(self, how: str):
         super().__init__()
         self.how = how
-        self.fc0, self.fc1 = nn.Linear(6, 8), nn.Linear(8 if how == "split" else 4, 3)
+        self.fc0, self.fc1 = nn.Linear(6, 8), nn.Linear(4 if how == "groups" else 8, 3)
 
     def forward(self, x):
         h = self.fc0(x)
         if self.how == "split":  # along T: each piece keeps the channels, on the last dim
             h, _ = torch.split(h, [2, 3], dim=1)
+        elif self.how == "first-token":  # (N, T, 8) → (N, 8): a class token's features, now at dim 1
+            h = h[:, 0]
         else:  # (N, 8) → (N, 2, 4): channel j of each half is one unit, now at dim 2
             h = h.reshape(h.shape[0], 2, 4)
         return self.fc1(h)
 
 
-@pytest.mark.parametrize("how, x, size", [("split", torch.randn(2, 5, 6), 8), ("groups", torch.randn(2, 6), 4)])
+@pytest.mark.parametrize("how, x, size", [("split", torch.randn(2, 5, 6), 8), ("groups", torch.randn(2, 6), 4),
+                                          ("first-token", torch.randn(2, 5, 6), 8)])
 def test_channels_off_dim_1_reach_the_next_linear(how, x, size):
     torch.manual_seed(0)
     gm = group_channels(trace(_Rows(how).eval(), x)).graph_module
@@ -497,6 +526,53 @@ def test_an_index_after_an_ellipsis_pins_the_channels():
         torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
 
 
+class _CropAfterEllipsis(nn.Module):
+    """conv0 (3 → 8) ─▶ ``h[:, ..., 1:5]``: the width cropped, dims 0 and 1 whole ─▶ conv1 (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv1(self.conv0(x)[:, ..., 1:5])
+
+
+def test_an_ellipsis_after_the_batch_slice_leaves_the_channels_whole():
+    """``h[:, ..., 1:5]`` indexes the last dim: conv0's 8 channels go to conv1 (shrunk ≡ masked)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm = group_channels(trace(_CropAfterEllipsis().eval(), x)).graph_module
+    group = _group_of(gm, "conv0")
+    assert group.pinned is None and group.size == 8
+    assert [(m.module, m.role) for m in group.members] == [("conv0", "out"), ("conv1", "in")]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
+
+
+class _ConvOverTokens(nn.Module):
+    """tokens (N, 5, 6) ─▶ fc0 (6 → 8): channels at dim 2 ─▶ ``nn.Conv1d(5, 4, 1)``, which reads
+    dim 1 (the 5 tokens) as its channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.conv = nn.Linear(6, 8), nn.Conv1d(5, 4, 1)
+
+    def forward(self, x):
+        return self.conv(self.fc0(x))
+
+
+def test_a_rule_that_reads_dim_1_pins_channels_that_sit_at_another_dim():
+    """The conv's rule reads dim 1 of fc0's output, whose channels are dim 2: fc0's 8 channels
+    pin there, and the conv's 5 input channels are fresh pinned labels (a size-5 dim, not 8)."""
+    gm = group_channels(trace(_ConvOverTokens().eval(), torch.randn(2, 5, 6))).graph_module
+    reason = "reads dim 1 of a value whose channels are dim 2"
+    assert _group_of(gm, "fc0").pinned.endswith(reason)
+    (conv_in,) = [g for g in groups_of(gm).groups if [(m.module, m.role) for m in g.members] == [("conv", "in")]]
+    assert conv_in.size == 5 and conv_in.pinned.endswith(reason)
+    assert groups_of(gm).prunable == ()
+
+
 class _PooledTokens(nn.Module):
     """tokens (N, T, 6) ─▶ fc0 (6 → 8) ─▶ reduced over the tokens (dim 1) ─▶ (N, 8) ─▶ fc1 (8 → 3)."""
 
@@ -521,6 +597,28 @@ def test_reducing_the_tokens_keeps_the_features(how):
     plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
+
+
+class _Softmax(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x):
+        return torch.softmax(x, self.dim)
+
+
+@pytest.mark.parametrize("dim", [3, 1])
+def test_a_softmax_over_the_width_keeps_the_channels_and_over_them_pins(dim):
+    """conv0 (3 → 8) ─▶ ``torch.softmax(h, dim)``, the dim given positionally ─▶ conv1: over the
+    width each channel is normalised alone (conv0's 8 prune); over the channels each output
+    reads all of them (they pin, naming the dim)."""
+    gm = group_channels(trace(model_with(_Softmax(dim)), X)).graph_module
+    group = conv0_group(gm)
+    if dim == 3:
+        assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("0", "out"), ("2", "in")]
+    else:
+        assert group.pinned.endswith("softmax over the channel dim 1")
 
 
 class _FeaturesAsMaps(nn.Module):
@@ -572,6 +670,43 @@ def test_a_reshape_that_moves_channels_into_the_batch_or_back_pins_them():
     gm = group_channels(trace(_ChannelsIntoBatch().eval(), X)).graph_module
     for module in ("conv0", "shared"):
         assert _group_of(gm, module).pinned.endswith("reshape that does not keep the batch dim"), module
+    assert groups_of(gm).prunable == ()
+
+
+class _TokensReindexed(nn.Module):
+    """tokens (N, T, 6) ─▶ fc0 (6 → 8): channels at dim 2 ─▶ ``how`` ─▶ fc1 (8 → 3)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.fc0, self.fc1 = how, nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.fc0(x)  # (N, T, 8)
+        if self.how == "bool":
+            y = y[:, True]  # (N, 1, T, 8): a boolean index adds a dim, as None does
+        elif self.how == "none":
+            y = y[:, None]  # (N, 1, T, 8)
+        elif self.how == "transposed-shape":
+            y = y.reshape(y.shape[0], 8, y.shape[1]).transpose(1, 2)  # (N, 8, T): channels mixed with tokens
+        else:
+            y = y.reshape(y.shape[0], y.shape[1], 8, 1).squeeze(-1)  # (N, T, 8, 1): not a split into heads
+        return self.fc1(y)
+
+
+@pytest.mark.parametrize("how, reason", [
+    ("bool", "index (slice(None, None, None), True) of a value with channels at dim 2"),
+    ("none", "index (slice(None, None, None), None) of a value with channels at dim 2"),
+    ("transposed-shape", "reshape (2, 5, 8) → (2, 8, 5) of a value whose channels are dim 2"),
+    ("unit-last", "reshape (2, 5, 8) → (2, 5, 8, 1) of a value whose channels are dim 2"),
+], ids=["bool", "none", "transposed-shape", "unit-last"])
+def test_an_index_or_reshape_that_adds_or_mixes_dims_around_channels_at_dim_2_pins_them_there(how, reason):
+    """Channels at dim 2 (tokens): ``x[:, True]`` and ``x[:, None]`` add a dim before them, a
+    reshape to ``(N, C, T)`` mixes them with the tokens, and one to ``(N, T, C, 1)`` is neither
+    the merge nor the split of attention heads (a head of one channel is no split): each pins
+    fc0's channels at that node, naming it."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_TokensReindexed(how).eval(), torch.randn(2, 5, 6))).graph_module
+    assert _group_of(gm, "fc0").pinned.endswith(reason)
     assert groups_of(gm).prunable == ()
 
 
@@ -648,6 +783,28 @@ def test_an_operand_broadcast_along_the_channels_couples_nothing():
     plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+
+
+class _OneChannelTimesScalar(nn.Module):
+    """conv0 (3 → 1) ─▶ × s, a (1, 1, 1, 1) buffer ─▶ conv1 (1 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 1, 3), nn.Conv2d(1, 4, 1)
+        self.register_buffer("s", torch.full((1, 1, 1, 1), 2.0))
+
+    def forward(self, x):
+        return self.conv1(self.conv0(x) * self.s)
+
+
+def test_a_one_element_operand_is_a_scalar_even_for_a_one_channel_value():
+    """``s`` is broadcast whatever the channels: it is no member of conv0's one-channel group
+    (a per-channel constant would be sliced with it); it sits alone, with nothing to prune."""
+    gm = group_channels(trace(_OneChannelTimesScalar().eval(), X)).graph_module
+    group = _group_of(gm, "conv0")
+    assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("conv0", "out"), ("conv1", "in")]
+    (alone,) = [g for g in groups_of(gm).groups if [(m.node, m.role) for m in g.members] == [("s", "const")]]
+    assert not alone.prunable
 
 
 class _UnsqueezeSqueeze(nn.Module):

@@ -125,7 +125,20 @@ class GatedBranchIntoCat(LayerScaledBranch):
         return torch.cat([x, self.b(F.relu(self.bn(self.a(x)))) * x.mean((2, 3), keepdim=True)], 1)
 
 
-@pytest.mark.parametrize("make", [Plain, BranchIntoCat, lambda: LayerScaledBranch(add=False), GatedBranchIntoCat])
+class CumsumBranch(nn.Module):
+    """A residual block whose branch ends in a running sum down the rows: of a per-channel
+    constant that is a ramp over H, no longer one value per channel, so nothing may fold it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        return F.relu(x + torch.cumsum(self.b(F.relu(self.a(x))), dim=2))
+
+
+@pytest.mark.parametrize("make", [Plain, BranchIntoCat, lambda: LayerScaledBranch(add=False), GatedBranchIntoCat,
+                                  CumsumBranch])
 def test_a_constant_nothing_can_absorb_is_not_droppable(make):
     gm = group_channels(trace(make().eval(), torch.randn(2, 3, 8, 8))).graph_module
     assert droppable_groups(gm) == frozenset()
@@ -177,6 +190,57 @@ def test_a_layer_scaled_residual_branch_drops_through_its_scale():
     small = assert_shrunk_equals_masked(gm, torch.randn(2, 3, 8, 8), PrunePlan({inner: ()}))
     assert not any(isinstance(m, nn.Conv2d) for m in small.modules())
     assert plan_cost(gm, PrunePlan({inner: ()}).masks(groups_of(gm))) == total_cost(small)
+
+
+class ResidualMLP(nn.Module):
+    """Features (N, 6) ─▶ stem (6 → 8) ─▶ h; ``relu(h + fc2(relu(fc1(h))))`` (8 → 16 → 8) ─▶ head:
+    a residual block of linears, its inner group the 16 features between fc1 and fc2."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.fc1, self.fc2, self.head = nn.Linear(6, 8), nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(F.relu(h + self.fc2(F.relu(self.fc1(h)))))
+
+
+def test_a_residual_block_of_linears_drops_to_fc2s_bias():
+    """Without its 16 features fc2 computes its bias alone: the block becomes ``relu(h + b2)``,
+    shrunk ≡ masked, with no fc1 or fc2 left and the cost ``plan_cost`` predicted."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6)
+    gm = group_channels(trace(ResidualMLP().eval(), x)).graph_module
+    (inner,) = droppable_groups(gm)
+    assert inner_owner(gm, inner) == "fc1" and groups_of(gm)[inner].size == 16
+    small = assert_shrunk_equals_masked(gm, x, PrunePlan({inner: ()}))
+    assert [name for name, m in small.named_modules() if isinstance(m, nn.Linear)] == ["stem", "head"]
+    assert plan_cost(gm, PrunePlan({inner: ()}).masks(groups_of(gm))) == total_cost(small)
+
+
+class PaddedBranch(nn.Module):
+    """A residual block whose branch pads its channels: ``a`` (4 → 6), two zero channels
+    (``F.pad``), ``b`` (8 → 4). a's 6 channels share their values with the zeros; the zeros
+    have no producer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return F.relu(x + self.b(F.pad(F.relu(self.a(x)), (0, 0, 0, 0, 1, 1))))
+
+
+@pytest.mark.parametrize("make, x", [(PaddedBranch, torch.randn(2, 4, 8, 8)), (ResidualMLP, torch.randn(2, 5, 6))],
+                         ids=["padded-branch", "mlp-on-tokens"])
+def test_a_branch_that_folding_cannot_rebuild_is_not_droppable(make, x):
+    """A padded branch: a's channels live in values that carry the pad's zeros too, and the
+    zeros' group has no producer to drop. An MLP on tokens (N, T, C): its channels sit at dim 2,
+    where folding's ``(1, C, 1, …)`` constants do not fit. Neither has a droppable group, though
+    both have prunable ones."""
+    gm = group_channels(trace(make().eval(), x)).graph_module
+    assert len(groups_of(gm).prunable) >= 1
+    assert droppable_groups(gm) == frozenset()
 
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet20-b", "wrn-16-2"])

@@ -229,6 +229,28 @@ def _assert_first_conv_pins(model: nn.Module, first: str, second: str) -> None:
                                    rtol=1e-5, atol=1e-5)
 
 
+class PeekConv2d(nn.Conv2d):
+    """``F.conv2d`` on its own weight and bias, one of which a ``mean`` added to the output
+    reads again (a regulariser in ``forward``, a weight tied elsewhere)."""
+
+    def __init__(self, *args, peek: str = "weight", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.peek = peek
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias) + getattr(self, self.peek).mean()
+
+
+@pytest.mark.parametrize("peek", ["weight", "bias"])
+def test_a_functional_conv_whose_tensors_are_read_again_is_not_pruned(peek):
+    """Slicing the conv's rows would change the ``mean`` too: its 8 channels pin, naming why."""
+    torch.manual_seed(0)
+    model = nn.Sequential(PeekConv2d(3, 8, 3, peek=peek), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    _assert_first_conv_pins(model, "0", "2")
+    gm = group_channels(trace(model, torch.randn(2, 3, 8, 8))).graph_module
+    assert any(g.pinned.endswith("0's tensors are read elsewhere too") for g in groups_of(gm).pinned)
+
+
 class FunctionalGroupNorm(nn.GroupNorm):
     """A ``GroupNorm`` whose own forward calls ``F.group_norm`` (timm's ``GroupNorm1`` does)."""
 
@@ -346,6 +368,36 @@ def test_a_core_aten_linear_prunes_its_features():
     assert (total_cost(gm).params, total_cost(small).params) == (6 * 8 + 8 + 8 * 3 + 3, 6 * 4 + 4 + 4 * 3 + 3)
 
 
+class AddmmMLP(nn.Module):
+    """A linear written out as ``addmm(bias, x, weight.t())``: the training IR keeps ``aten.t``
+    (core ATen writes ``permute(weight, [1, 0])``, above)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(torch.addmm(self.fc0.bias, x, self.fc0.weight.t()))
+        return torch.addmm(self.fc1.bias, h, self.fc1.weight.t())
+
+
+def test_an_addmm_on_a_transposed_weight_prunes_its_features():
+    """``aten.t`` of a linear weight is the same 2-D transpose as core ATen's permute: fc0's 8
+    features are its weight's rows and fc1's columns, and prune (shrunk ≡ masked)."""
+    torch.manual_seed(0)
+    net, x = AddmmMLP().eval(), torch.randn(2, 6)
+    gm = group_channels(trace(torch.export.export(net, (x,)), x)).graph_module
+    assert torch.ops.aten.t.default in {n.target for n in gm.graph.nodes}
+    (group,) = groups_of(gm).prunable
+    assert group.size == 8 and sorted((m.module, m.role, m.dim) for m in group.members) == [
+        ("fc0", "out", 0), ("fc1", "in", 1)]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    small = shrink(gm, plan).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), mask_channels(gm, plan).graph_module(x))
+    assert dict(small.named_parameters())["fc0.weight"].shape == (4, 6)
+
+
 class LinearBN(nn.Module):
     """LeViT's ``MLPLayerWithBN``: a linear on tokens ``(N, T, C)``, its BatchNorm1d on
     ``flatten(0, 1)`` (``(N·T, C)``, channels at dim 1), ``reshape_as`` back."""
@@ -421,6 +473,20 @@ def test_attention_matmuls_are_counted(capture, einsum):
     matmuls = sorted(n.meta[_meta.COST].macs for n in gm.graph.nodes if _meta.COST in n.meta
                      and n.op == "call_function" and ("matmul" in str(n.target) or "einsum" in str(n.target)))
     assert matmuls == [10 * 10 * 4, 10 * 10 * 6]
+
+
+def test_one_head_attention_on_three_dim_tokens_prunes_q_with_k_and_v_with_proj():
+    """Rank-3 operands, ``(N, T, 4) @ (N, 4, T)`` and ``(N, T, T) @ (N, T, 6)``: channel j of q
+    and of k are one unit (4 units), v's 6 go with proj's columns; shrunk ≡ masked."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 8)
+    gm = group_channels(trace(Attention().eval(), x)).graph_module
+    members = sorted([(m.module, m.role) for m in g.members] for g in groups_of(gm).prunable)
+    assert members == [[("q", "out"), ("k", "out")], [("v", "out"), ("proj", "in")]]
+    assert sorted(g.size for g in groups_of(gm).prunable) == [4, 6]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
 
 
 class PatchNet(nn.Module):

@@ -129,6 +129,23 @@ def test_an_exported_graph_starts_in_eval_and_train_switches_batch_norm_and_drop
 
 
 
+def test_an_exported_batch_norm_without_running_statistics_keeps_batch_statistics_in_eval():
+    """``BatchNorm2d(track_running_stats=False)`` normalises with the batch's own statistics in
+    either mode: its exported call keeps ``training=True`` through ``.eval()`` and ``.train()``,
+    and the graph computes what the module does."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4, track_running_stats=False)).eval()
+    x = torch.randn(4, 3, 5, 5)
+    gm = trace(model, x, capture="export")
+    (bn,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.batch_norm.default]
+    with torch.no_grad():
+        want = torch.nn.functional.batch_norm(model[0](x), None, None, model[1].weight, model[1].bias, training=True)
+        for mode in (False, True, False):
+            gm.train(mode)
+            assert bn.args[5] is True
+            torch.testing.assert_close(gm(x), want)
+
+
 def test_an_in_place_dropout_switches_with_the_exported_graph():
     """``nn.Dropout(inplace=True)`` exports as ``aten.dropout_``: ``.train()`` sets its ``train``
     argument (about half the elements dropped, the rest doubled), ``.eval()`` clears it."""
@@ -294,6 +311,32 @@ def test_an_exported_slice_copy_becomes_one_assignment():
     assert puts[0].args[1][1].step == 3 and puts[1].args[1][2:] == (slice(1, 3, 1), slice(0, 2, 1))
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x))
+
+
+class _SliceOfASlice(torch.nn.Module):
+    """``y[:, 1:7][:, ::2] = ...``: two slices of dim 1, channels 1, 3 and 5 written."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 9, 1)
+
+    def forward(self, x):
+        y = self.conv(x).clone()
+        y[:, 1:7][:, ::2] = y[:, :3].sigmoid()
+        return y
+
+
+def test_a_copy_into_two_slices_of_one_dim_stays_a_copy():
+    """One index tuple cannot say "every other of channels 1:7": the copy stays, and the
+    exported graph writes channels 1, 3, 5 (not 0, 2, 4) as the model does."""
+    torch.manual_seed(0)
+    model, x = _SliceOfASlice().eval(), torch.randn(2, 3, 4, 4)
+    gm = trace(model, x, capture="export")
+    assert len(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.copy_.default)) == 1
+    with torch.no_grad():
+        expected = model.conv(x)
+        expected[:, 1:7:2] = expected[:, :3].sigmoid()
+        torch.testing.assert_close(gm(x), expected)
 
 
 class _UsedCopy(torch.nn.Module):
