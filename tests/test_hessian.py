@@ -812,6 +812,20 @@ def test_amp_cast_runs_a_half_copy_and_autocast_keeps_fp32_weights_and_inputs(am
         assert s.model(s.batches[0][0]).dtype == out
 
 
+@pytest.mark.parametrize("amp", ["cast", "autocast"])
+def test_a_half_copy_runs_without_autocast_so_ops_autocast_lifts_to_fp32_stay_half(amp):
+    """Autocast runs some ops in fp32 whatever their inputs (``mse_loss``, ``prod`` on a CPU); a bf16 *copy* (``amp="cast"``) must run as cast, with no autocast re-lifting those ops,
+    while ``amp="autocast"`` does lift them."""
+    from ehap_fx.scoring.setup import prepare
+
+    o = opts(estimator="hutchinson", dtype="bf16", amp=amp)
+    s = prepare(tiny(), data(), o, NAMES, F.cross_entropy, torch.device("cpu"))
+    h = torch.randn(4, 3, dtype=torch.bfloat16)
+    with s.autocast():
+        lifted = (F.mse_loss(h, 2 * h).dtype, torch.prod(h).dtype)
+    assert lifted == ((torch.bfloat16,) * 2 if amp == "cast" else (torch.float32,) * 2)
+
+
 def test_the_ggn_of_a_linear_softmax_layer_in_closed_form():
     """logits = W x + b: row c of W has ``Tr(G_c) = mean_n ‖x_n‖² p_nc (1 − p_nc)`` and
     ``(G v)_c = mean_n [(diag p_n − p_n p_nᵀ) v x_n]_c x_n``, with no autocast given."""
