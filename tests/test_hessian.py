@@ -363,6 +363,18 @@ def test_two_probes_give_a_group_standard_error_and_the_summary_reports_each_fie
     assert r.choice.startswith("hutchinson: ~") and r.peak_memory > 0
 
 
+def test_the_exact_ggn_has_a_zero_group_standard_error_and_splits_flat_vectors_by_module():
+    """The exact GGN is one row, no spread: every group's standard error is zeros of its size;
+    ``split`` cuts a flat per-channel vector at the modules' widths (a 3, b 4, c 3)."""
+    r = estimate_hessian(tiny(), data(), opts(estimator="ggn", dtype="fp32"), names=NAMES)
+    g0 = ChannelGroup(0, 2, (Member("a", "a", "out", 0, torch.tensor([[0], [2]])),))
+    g1 = ChannelGroup(1, 3, (Member("c", "c", "out", 0, torch.arange(3)[:, None]),), "output")
+    se = group_stderr([g0, g1], r)
+    assert torch.equal(se[0], torch.zeros(2)) and torch.equal(se[1], torch.zeros(3))
+    parts = r.split(torch.arange(10.0))
+    assert {n: t.tolist() for n, t in parts.items()} == {"a": [0, 1, 2], "b": [3, 4, 5, 6], "c": [7, 8, 9]}
+
+
 def test_options_validate_and_name_the_value():
     with pytest.raises(ValueError, match="estimator='newton'"):
         HessianOptions(estimator="newton")
