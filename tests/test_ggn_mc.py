@@ -313,6 +313,18 @@ def test_a_layer_the_loss_ignores_scores_zero():
     assert torch.equal(r.traces["dead"], torch.zeros(2)) and (r.traces["conv"] > 0).all()
 
 
+def test_mc_removal_of_a_layer_the_loss_ignores_is_zero():
+    """``dead``'s output reaches no loss: its removal matrix ``Q`` is exactly zero, not a missing
+    derivative; ``conv``, read by the head, has a positive diagonal (its channels matter)."""
+    from ehap_fx.scoring.ggn_mc import mc_removal
+
+    torch.manual_seed(0)
+    idx = torch.arange(3)[:, None]  # the 3 input channels of each conv
+    q = mc_removal(_DeadBranch(), {"dead": [(0, idx)], "conv": [(1, idx)]}, {0: 3, 1: 3},
+                   [torch.randn(4, 3, 6, 6)], 2, 0)
+    assert torch.equal(q[0], torch.zeros(3, 3)) and (q[1].diagonal() > 0).all()
+
+
 def test_compress_with_too_small_a_budget_stops_with_the_fix_before_estimating():
     """The bad-input case through the public call: one line naming the option to change."""
     from ehap_fx.compress import compress
