@@ -804,6 +804,17 @@ def test_the_cpu_peak_memory_is_the_process_peak_resident_size_in_bytes():
     assert abs(peak - hwm()) <= 0.01 * peak  # the kernel's two counts differ by a few hundred kB
 
 
+def test_a_cuda_estimate_counts_its_peak_from_its_own_start(monkeypatch):
+    """``start_device`` on CUDA resets that device's peak counter, so the reported peak is the
+    estimate's, not an earlier allocation's (recorded here: no GPU needed)."""
+    from ehap_fx.scoring.setup import start_device
+
+    reset = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: reset.append(device))
+    assert start_device(tiny(), "cuda:1") == torch.device("cuda:1") and reset == [torch.device("cuda:1")]
+    assert start_device(tiny(), None) == torch.device("cpu") and len(reset) == 1  # the model's device
+
+
 @pytest.mark.parametrize(("amp", "dtype", "weights", "inputs", "out"), [
     ("cast", "bf16", torch.bfloat16, torch.bfloat16, torch.bfloat16),  # a half copy, no autocast
     ("autocast", "bf16", torch.float32, torch.float32, torch.bfloat16),  # fp32 weights, bf16 compute
