@@ -878,6 +878,15 @@ def test_the_default_stop_rule_checks_from_20_probes_and_stops_at_200():
     assert [h[0] for h in never.history] == list(range(20, 201, 10))
 
 
+@pytest.mark.parametrize("estimator", ["hutchinson", "mc"])
+def test_a_fixed_count_past_max_probes_is_converged(estimator):
+    """``max_probes`` caps the adaptive rule only: a fixed count (``probes``, or ``mc_samples``
+    for MC) is what was asked for, so 3 of them with ``max_probes=2`` are a converged estimate."""
+    fixed = opts(estimator=estimator, dtype="fp32", probes=3, mc_samples=3, min_probes=1, max_probes=2)
+    r = estimate_hessian(tiny(), data(), fixed, names=NAMES)
+    assert (r.probes, r.converged) == (3, True)
+
+
 def test_the_exact_ggn_plan_is_the_largest_chunk_its_footprint_fits():
     """The plan's footprint is ``ggn_chunk`` samples' worth (the reason prints it): a budget of
     exactly that many bytes keeps the chunk, one byte less takes one sample off it."""
