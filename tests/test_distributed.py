@@ -43,7 +43,8 @@ CASES = {  # name: (options, shard)
     "hybrid": (dataclasses.replace(HUTCH, estimator="hybrid", probes=2), "data"),
     "adaptive": (dataclasses.replace(HUTCH, probes=None, min_probes=4, check_every=4,
                                      max_probes=16, tol=0.3, rank_threshold=None), "probes"),
-    "mc": (dataclasses.replace(HUTCH, estimator="mc", probes=None, mc_samples=3), "auto"),
+    # a fixed count past max_probes: converged, as in one process (the rule caps adaptive rounds only)
+    "mc": (dataclasses.replace(HUTCH, estimator="mc", probes=None, mc_samples=3, min_probes=1, max_probes=2), "auto"),
     "mc_uneven": (dataclasses.replace(HUTCH, estimator="mc", probes=None, batch_size=31), "auto"),
     "mc_adaptive": (dataclasses.replace(HUTCH, estimator="mc", probes=None, mc_samples=None,
                                         min_probes=4, check_every=4, max_probes=12, tol=0.3,
@@ -128,7 +129,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             SEEN.clear()
             r = estimate_hessian_distributed(model, _hessian_batch(), opts, shard=shard)
             got[name] = {"rows": r.probe_traces, "traces": r.traces, "stderr": r.stderr, "probes": r.probes,
-                         "history": r.history, "seen": list(SEEN), "choice": r.choice}
+                         "converged": r.converged, "history": r.history, "seen": list(SEEN), "choice": r.choice}
         for name, opts in REMOVAL.items():
             gm, groups = _grouped_model()
             gm.conv1.register_forward_hook(_count)
@@ -208,7 +209,7 @@ def test_probe_shards_equal_one_process_over_the_same_probes(ranks):
 def test_data_shards_equal_one_process_over_the_whole_batch(ranks, name):
     opts, _ = CASES[name]
     ref = estimate_hessian(_model(), _hessian_batch(), opts)
-    assert ranks[0][name]["probes"] == ref.probes
+    assert (ranks[0][name]["probes"], ranks[0][name]["converged"]) == (ref.probes, ref.converged)
     _close(ranks[0][name]["rows"], ref.probe_traces)
     _close(_flat(ranks[0][name]["traces"]), _flat(ref.traces))
     _close(_flat(ranks[0][name]["stderr"]), _flat(ref.stderr))  # zeros for one probe, not NaN
