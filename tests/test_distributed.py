@@ -129,7 +129,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             SEEN.clear()
             r = estimate_hessian_distributed(model, _hessian_batch(), opts, shard=shard)
             got[name] = {"rows": r.probe_traces, "traces": r.traces, "stderr": r.stderr, "probes": r.probes,
-                         "converged": r.converged, "history": r.history, "seen": list(SEEN), "choice": r.choice}
+                         "converged": r.converged, "history": r.history, "ggn": r.ggn, "seen": list(SEEN), "choice": r.choice}
         for name, opts in REMOVAL.items():
             gm, groups = _grouped_model()
             gm.conv1.register_forward_hook(_count)
@@ -213,6 +213,8 @@ def test_data_shards_equal_one_process_over_the_whole_batch(ranks, name):
     _close(ranks[0][name]["rows"], ref.probe_traces)
     _close(_flat(ranks[0][name]["traces"]), _flat(ref.traces))
     _close(_flat(ranks[0][name]["stderr"]), _flat(ref.stderr))  # zeros for one probe, not NaN
+    if ref.ggn is not None:  # the exact GGN part (ggn, hybrid): the whole batch's, not one shard's
+        _close(_flat(ranks[0][name]["ggn"]), _flat(ref.ggn))
 
 
 def test_mc_ranks_draw_only_their_share_of_the_samples(ranks):
