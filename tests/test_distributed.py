@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -127,15 +128,19 @@ def _worker(rank: int, port: int, out: str) -> None:
             model = _model()
             model.conv1.register_forward_hook(_count)  # the copies the estimate runs share it
             SEEN.clear()
+            wall = time.perf_counter()
             r = estimate_hessian_distributed(model, _hessian_batch(), opts, shard=shard)
-            got[name] = {"rows": r.probe_traces, "traces": r.traces, "stderr": r.stderr, "probes": r.probes,
+            wall = time.perf_counter() - wall
+            got[name] = {"seconds": r.seconds, "wall": wall, "peak": r.peak_memory, "rows": r.probe_traces, "traces": r.traces, "stderr": r.stderr, "probes": r.probes,
                          "converged": r.converged, "history": r.history, "ggn": r.ggn, "seen": list(SEEN), "choice": r.choice}
         for name, opts in REMOVAL.items():
             gm, groups = _grouped_model()
             gm.conv1.register_forward_hook(_count)
             SEEN.clear()
+            wall = time.perf_counter()
             r = estimate_removal_distributed(gm, _hessian_batch(), groups, opts)
-            got[name] = {"joint": r.joint, "method": r.method, "seen": list(SEEN)}
+            wall = time.perf_counter() - wall
+            got[name] = {"seconds": r.seconds, "wall": wall, "peak": r.peak_memory, "joint": r.joint, "method": r.method, "seen": list(SEEN)}
         model = _model()
         result = _compress(model)
         got["pruned"] = {k: v.clone() for k, v in result.pruned.state_dict().items()}
@@ -191,6 +196,15 @@ def test_ranks_return_the_same_estimate_bit_for_bit(ranks):
     for name in CASES:
         assert torch.equal(ranks[0][name]["rows"], ranks[1][name]["rows"]), name
         assert repr(ranks[0][name]["history"]) == repr(ranks[1][name]["history"]), name  # nan
+
+
+def test_ranks_report_the_highest_peak_of_any_rank_and_time_their_own_call(ranks):
+    """Every rank reports the same peak memory (the maximum over the ranks: their own peaks
+    differ), and seconds between 0 and the call's wall time on that rank."""
+    for name in [*CASES, *REMOVAL]:
+        assert ranks[0][name]["peak"] == ranks[1][name]["peak"] > 0, name
+        for r in ranks:
+            assert 0 < r[name]["seconds"] <= r[name]["wall"], name
 
 
 def test_probe_shards_equal_one_process_over_the_same_probes(ranks):
