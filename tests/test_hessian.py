@@ -908,6 +908,10 @@ def test_the_exact_ggn_plan_is_the_largest_chunk_its_footprint_fits():
     hybrid = choose_estimator(tiny(), (x, y), opts(estimator="hybrid", ggn_chunk=4), names=NAMES)
     assert (hybrid.estimator, hybrid.ggn_chunk) == ("hybrid", 4)
     assert plan.reason.startswith("exact GGN: 3 classes") and hybrid.reason.startswith("hybrid (exact GGN part): 3 classes")
+    # bytes reserved for the caller (``extra``: the removal matrices) come off the budget first
+    kept = choose_estimator(tiny(), (x, y), opts(estimator="ggn", ggn_chunk=4, memory_budget=plan.footprint + 1),
+                            names=NAMES, extra=2)
+    assert (kept.ggn_chunk, kept.footprint) == (3, 3 * per_sample)
 
 
 def test_forward_over_reverse_averages_over_two_batches_as_double_backward_does():
