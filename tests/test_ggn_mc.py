@@ -337,6 +337,14 @@ def test_mc_refuses_a_module_it_cannot_reduce_naming_its_kind(name, kind):
         mc_channel_traces(net.eval(), [name], [torch.randn(2, 3, 4, 4)], 1, 0)
 
 
+@pytest.mark.parametrize(("part", "samples"), [(None, 16), ((0, 2), 8), ((1, 2), 8), ((2, 3), 5)])
+def test_an_mc_part_sizes_its_passes_by_its_own_share_of_the_batch(part, samples):
+    """With ``part=(rank, world)`` a rank forwards only its share of the 16 samples (8 of 2 ranks;
+    rank 2 of 3 the last 5: 6 + 5 + 5), so one pass holds that share, not the batch or more."""
+    r = estimate_hessian(tiny(), data(), MC, names=NAMES, part=part)
+    assert f"; {samples} samples per pass" in r.choice
+
+
 def test_compress_with_too_small_a_budget_stops_with_the_fix_before_estimating():
     """The bad-input case through the public call: one line naming the option to change."""
     from ehap_fx.compress import compress
