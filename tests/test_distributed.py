@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -43,7 +44,8 @@ CASES = {  # name: (options, shard)
     "hybrid": (dataclasses.replace(HUTCH, estimator="hybrid", probes=2), "data"),
     "adaptive": (dataclasses.replace(HUTCH, probes=None, min_probes=4, check_every=4,
                                      max_probes=16, tol=0.3, rank_threshold=None), "probes"),
-    "mc": (dataclasses.replace(HUTCH, estimator="mc", probes=None, mc_samples=3), "auto"),
+    # a fixed count past max_probes: converged, as in one process (the rule caps adaptive rounds only)
+    "mc": (dataclasses.replace(HUTCH, estimator="mc", probes=None, mc_samples=3, min_probes=1, max_probes=2), "auto"),
     "mc_uneven": (dataclasses.replace(HUTCH, estimator="mc", probes=None, batch_size=31), "auto"),
     "mc_adaptive": (dataclasses.replace(HUTCH, estimator="mc", probes=None, mc_samples=None,
                                         min_probes=4, check_every=4, max_probes=12, tol=0.3,
@@ -126,15 +128,19 @@ def _worker(rank: int, port: int, out: str) -> None:
             model = _model()
             model.conv1.register_forward_hook(_count)  # the copies the estimate runs share it
             SEEN.clear()
+            wall = time.perf_counter()
             r = estimate_hessian_distributed(model, _hessian_batch(), opts, shard=shard)
-            got[name] = {"rows": r.probe_traces, "traces": r.traces, "stderr": r.stderr, "probes": r.probes,
-                         "history": r.history, "seen": list(SEEN), "choice": r.choice}
+            wall = time.perf_counter() - wall
+            got[name] = {"seconds": r.seconds, "wall": wall, "peak": r.peak_memory, "rows": r.probe_traces, "traces": r.traces, "stderr": r.stderr, "probes": r.probes,
+                         "converged": r.converged, "history": r.history, "ggn": r.ggn, "seen": list(SEEN), "choice": r.choice}
         for name, opts in REMOVAL.items():
             gm, groups = _grouped_model()
             gm.conv1.register_forward_hook(_count)
             SEEN.clear()
+            wall = time.perf_counter()
             r = estimate_removal_distributed(gm, _hessian_batch(), groups, opts)
-            got[name] = {"joint": r.joint, "method": r.method, "seen": list(SEEN)}
+            wall = time.perf_counter() - wall
+            got[name] = {"seconds": r.seconds, "wall": wall, "peak": r.peak_memory, "joint": r.joint, "method": r.method, "seen": list(SEEN)}
         model = _model()
         result = _compress(model)
         got["pruned"] = {k: v.clone() for k, v in result.pruned.state_dict().items()}
@@ -192,6 +198,15 @@ def test_ranks_return_the_same_estimate_bit_for_bit(ranks):
         assert repr(ranks[0][name]["history"]) == repr(ranks[1][name]["history"]), name  # nan
 
 
+def test_ranks_report_the_highest_peak_of_any_rank_and_time_their_own_call(ranks):
+    """Every rank reports the same peak memory (the maximum over the ranks: their own peaks
+    differ), and seconds between 0 and the call's wall time on that rank."""
+    for name in [*CASES, *REMOVAL]:
+        assert ranks[0][name]["peak"] == ranks[1][name]["peak"] > 0, name
+        for r in ranks:
+            assert 0 < r[name]["seconds"] <= r[name]["wall"], name
+
+
 def test_probe_shards_equal_one_process_over_the_same_probes(ranks):
     opts, _ = CASES["probes"]
     x, y = _hessian_batch()
@@ -208,10 +223,12 @@ def test_probe_shards_equal_one_process_over_the_same_probes(ranks):
 def test_data_shards_equal_one_process_over_the_whole_batch(ranks, name):
     opts, _ = CASES[name]
     ref = estimate_hessian(_model(), _hessian_batch(), opts)
-    assert ranks[0][name]["probes"] == ref.probes
+    assert (ranks[0][name]["probes"], ranks[0][name]["converged"]) == (ref.probes, ref.converged)
     _close(ranks[0][name]["rows"], ref.probe_traces)
     _close(_flat(ranks[0][name]["traces"]), _flat(ref.traces))
     _close(_flat(ranks[0][name]["stderr"]), _flat(ref.stderr))  # zeros for one probe, not NaN
+    if ref.ggn is not None:  # the exact GGN part (ggn, hybrid): the whole batch's, not one shard's
+        _close(_flat(ranks[0][name]["ggn"]), _flat(ref.ggn))
 
 
 def test_mc_ranks_draw_only_their_share_of_the_samples(ranks):

@@ -313,6 +313,38 @@ def test_a_layer_the_loss_ignores_scores_zero():
     assert torch.equal(r.traces["dead"], torch.zeros(2)) and (r.traces["conv"] > 0).all()
 
 
+def test_mc_removal_of_a_layer_the_loss_ignores_is_zero():
+    """``dead``'s output reaches no loss: its removal matrix ``Q`` is exactly zero, not a missing
+    derivative; ``conv``, read by the head, has a positive diagonal (its channels matter)."""
+    from ehap_fx.scoring.ggn_mc import mc_removal
+
+    torch.manual_seed(0)
+    idx = torch.arange(3)[:, None]  # the 3 input channels of each conv
+    q = mc_removal(_DeadBranch(), {"dead": [(0, idx)], "conv": [(1, idx)]}, {0: 3, 1: 3},
+                   [torch.randn(4, 3, 6, 6)], 2, 0)
+    assert torch.equal(q[0], torch.zeros(3, 3)) and (q[1].diagonal() > 0).all()
+
+
+@pytest.mark.parametrize(("name", "kind"), [("1", "BatchNorm2d"), ("nowhere", "missing")])
+def test_mc_refuses_a_module_it_cannot_reduce_naming_its_kind(name, kind):
+    """Only Conv1d, Conv2d and Linear have per-sample reductions: a BatchNorm (or a name that is
+    no module) is refused with its kind, pointing to the exact GGN."""
+    from ehap_fx.errors import HessianError
+    from ehap_fx.scoring.ggn_mc import mc_channel_traces
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 2))
+    with pytest.raises(HessianError, match=rf"module '{name}' \({kind}\).*estimator='ggn'"):
+        mc_channel_traces(net.eval(), [name], [torch.randn(2, 3, 4, 4)], 1, 0)
+
+
+@pytest.mark.parametrize(("part", "samples"), [(None, 16), ((0, 2), 8), ((1, 2), 8), ((2, 3), 5)])
+def test_an_mc_part_sizes_its_passes_by_its_own_share_of_the_batch(part, samples):
+    """With ``part=(rank, world)`` a rank forwards only its share of the 16 samples (8 of 2 ranks;
+    rank 2 of 3 the last 5: 6 + 5 + 5), so one pass holds that share, not the batch or more."""
+    r = estimate_hessian(tiny(), data(), MC, names=NAMES, part=part)
+    assert f"; {samples} samples per pass" in r.choice
+
+
 def test_compress_with_too_small_a_budget_stops_with_the_fix_before_estimating():
     """The bad-input case through the public call: one line naming the option to change."""
     from ehap_fx.compress import compress
@@ -386,6 +418,14 @@ def test_unreadable_meminfo_without_psutil_is_no_available_memory(monkeypatch):
     monkeypatch.setitem(sys.modules, "psutil", None)
     monkeypatch.setattr(budget, "open", refuse, raising=False)
     assert budget.available_memory(torch.device("cpu")) is None
+
+
+def test_on_cuda_the_available_memory_is_the_free_bytes_not_the_total(monkeypatch):
+    """``mem_get_info`` answers ``(free, total)``: the budget is a fraction of what is free."""
+    from ehap_fx.scoring import budget
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 * 2**30, 80 * 2**30))
+    assert budget.available_memory(torch.device("cuda:0")) == 3 * 2**30
 
 
 def test_saved_bytes_count_what_autograd_keeps_with_and_without_autocast():

@@ -363,6 +363,18 @@ def test_two_probes_give_a_group_standard_error_and_the_summary_reports_each_fie
     assert r.choice.startswith("hutchinson: ~") and r.peak_memory > 0
 
 
+def test_the_exact_ggn_has_a_zero_group_standard_error_and_splits_flat_vectors_by_module():
+    """The exact GGN is one row, no spread: every group's standard error is zeros of its size;
+    ``split`` cuts a flat per-channel vector at the modules' widths (a 3, b 4, c 3)."""
+    r = estimate_hessian(tiny(), data(), opts(estimator="ggn", dtype="fp32"), names=NAMES)
+    g0 = ChannelGroup(0, 2, (Member("a", "a", "out", 0, torch.tensor([[0], [2]])),))
+    g1 = ChannelGroup(1, 3, (Member("c", "c", "out", 0, torch.arange(3)[:, None]),), "output")
+    se = group_stderr([g0, g1], r)
+    assert torch.equal(se[0], torch.zeros(2)) and torch.equal(se[1], torch.zeros(3))
+    parts = r.split(torch.arange(10.0))
+    assert {n: t.tolist() for n, t in parts.items()} == {"a": [0, 1, 2], "b": [3, 4, 5, 6], "c": [7, 8, 9]}
+
+
 def test_options_validate_and_name_the_value():
     with pytest.raises(ValueError, match="estimator='newton'"):
         HessianOptions(estimator="newton")
@@ -792,6 +804,17 @@ def test_the_cpu_peak_memory_is_the_process_peak_resident_size_in_bytes():
     assert abs(peak - hwm()) <= 0.01 * peak  # the kernel's two counts differ by a few hundred kB
 
 
+def test_a_cuda_estimate_counts_its_peak_from_its_own_start(monkeypatch):
+    """``start_device`` on CUDA resets that device's peak counter, so the reported peak is the
+    estimate's, not an earlier allocation's (recorded here: no GPU needed)."""
+    from ehap_fx.scoring.setup import start_device
+
+    reset = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: reset.append(device))
+    assert start_device(tiny(), "cuda:1") == torch.device("cuda:1") and reset == [torch.device("cuda:1")]
+    assert start_device(tiny(), None) == torch.device("cpu") and len(reset) == 1  # the model's device
+
+
 @pytest.mark.parametrize(("amp", "dtype", "weights", "inputs", "out"), [
     ("cast", "bf16", torch.bfloat16, torch.bfloat16, torch.bfloat16),  # a half copy, no autocast
     ("autocast", "bf16", torch.float32, torch.float32, torch.bfloat16),  # fp32 weights, bf16 compute
@@ -810,6 +833,20 @@ def test_amp_cast_runs_a_half_copy_and_autocast_keeps_fp32_weights_and_inputs(am
     assert all(x.dtype == inputs for x, _ in s.batches) and all(y.dtype == torch.int64 for _, y in s.batches)
     with s.autocast():
         assert s.model(s.batches[0][0]).dtype == out
+
+
+@pytest.mark.parametrize("amp", ["cast", "autocast"])
+def test_a_half_copy_runs_without_autocast_so_ops_autocast_lifts_to_fp32_stay_half(amp):
+    """Autocast runs some ops in fp32 whatever their inputs (``mse_loss``, ``prod`` on a CPU); a bf16 *copy* (``amp="cast"``) must run as cast, with no autocast re-lifting those ops,
+    while ``amp="autocast"`` does lift them."""
+    from ehap_fx.scoring.setup import prepare
+
+    o = opts(estimator="hutchinson", dtype="bf16", amp=amp)
+    s = prepare(tiny(), data(), o, NAMES, F.cross_entropy, torch.device("cpu"))
+    h = torch.randn(4, 3, dtype=torch.bfloat16)
+    with s.autocast():
+        lifted = (F.mse_loss(h, 2 * h).dtype, torch.prod(h).dtype)
+    assert lifted == ((torch.bfloat16,) * 2 if amp == "cast" else (torch.float32,) * 2)
 
 
 def test_the_ggn_of_a_linear_softmax_layer_in_closed_form():
@@ -841,6 +878,15 @@ def test_the_default_stop_rule_checks_from_20_probes_and_stops_at_200():
     assert [h[0] for h in never.history] == list(range(20, 201, 10))
 
 
+@pytest.mark.parametrize("estimator", ["hutchinson", "mc"])
+def test_a_fixed_count_past_max_probes_is_converged(estimator):
+    """``max_probes`` caps the adaptive rule only: a fixed count (``probes``, or ``mc_samples``
+    for MC) is what was asked for, so 3 of them with ``max_probes=2`` are a converged estimate."""
+    fixed = opts(estimator=estimator, dtype="fp32", probes=3, mc_samples=3, min_probes=1, max_probes=2)
+    r = estimate_hessian(tiny(), data(), fixed, names=NAMES)
+    assert (r.probes, r.converged) == (3, True)
+
+
 def test_the_exact_ggn_plan_is_the_largest_chunk_its_footprint_fits():
     """The plan's footprint is ``ggn_chunk`` samples' worth (the reason prints it): a budget of
     exactly that many bytes keeps the chunk, one byte less takes one sample off it."""
@@ -862,6 +908,10 @@ def test_the_exact_ggn_plan_is_the_largest_chunk_its_footprint_fits():
     hybrid = choose_estimator(tiny(), (x, y), opts(estimator="hybrid", ggn_chunk=4), names=NAMES)
     assert (hybrid.estimator, hybrid.ggn_chunk) == ("hybrid", 4)
     assert plan.reason.startswith("exact GGN: 3 classes") and hybrid.reason.startswith("hybrid (exact GGN part): 3 classes")
+    # bytes reserved for the caller (``extra``: the removal matrices) come off the budget first
+    kept = choose_estimator(tiny(), (x, y), opts(estimator="ggn", ggn_chunk=4, memory_budget=plan.footprint + 1),
+                            names=NAMES, extra=2)
+    assert (kept.ggn_chunk, kept.footprint) == (3, 3 * per_sample)
 
 
 def test_forward_over_reverse_averages_over_two_batches_as_double_backward_does():

@@ -279,12 +279,13 @@ def _combined(res: HessianResult, rows: torch.Tensor, history, opts: HessianOpti
     dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
     retries, (neg_scale, peak) = summed.item(), maxed.cpu().tolist()
     n = rows.shape[0] if opts.estimator != "ggn" else 0
+    fixed = opts.mc_samples if opts.estimator == "mc" else opts.probes  # as estimate_hessian reads it
     mean = rows.mean(0)
     se = rows.std(0) / math.sqrt(n) if n > 1 else torch.zeros_like(mean)
     return dataclasses.replace(
         res, traces=res.split(mean), stderr=res.split(se), probe_traces=rows, probes=n,
         retries=int(retries), loss_scale=-neg_scale, peak_memory=int(peak),
-        converged=opts.estimator == "ggn" or opts.probes is not None or n < opts.max_probes,
+        converged=opts.estimator == "ggn" or fixed is not None or n < opts.max_probes,
         seconds=time.perf_counter() - start, batch_size=opts.batch_size,
         n_batches=opts.n_batches, history=tuple(history),
         ggn=res.split(ggn) if ggn is not None else None,

@@ -152,13 +152,18 @@ def channel_sq_norms(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> tor
     return im2col_sq_norms(module, a, b)
 
 
+def _gram_is_cheaper(g: int, c: int, k: int, t: int) -> bool:
+    """Whether the squared norms go through the T×T Gram of the unfolded input, strictly fewer
+    multiplies: ``T² (K + C)`` against ``C·T·K`` per group (``ReduceSize`` sizes the same choice)."""
+    return g * t * t * k + g * c * t * t < g * c * t * k
+
+
 def im2col_sq_norms(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """:func:`channel_sq_norms` through the unfolded input, for any conv (depthwise too: the
     path ``tools/bench_hessian.py`` measures the depthwise one against) and linear layer."""
     u, bb = _as_matrices(module, a, b.to(a.dtype))
     m, g, k, t = u.shape
-    c = bb.shape[2]
-    if g * t * t * k + g * c * t * t < g * c * t * k:  # Gram: T² (K + C) against C·T·K
+    if _gram_is_cheaper(g, bb.shape[2], k, t):
         gram = u.float().transpose(2, 3) @ u.float()  # (m, G, T, T)
         bf = bb.float()
         return ((bf @ gram) * bf).sum(-1).reshape(m, -1)
@@ -347,5 +352,5 @@ class ReduceSize:
             g, c = module.groups, module.out_channels
             k = module.in_channels // g * math.prod(module.kernel_size)
             t = output[0, 0].numel()
-        gram = g * t * t * k + g * c * t * t < g * c * t * k
+        gram = _gram_is_cheaper(g, c, k, t)
         self.worst = max(self.worst, g * k * t + (g * t * t if gram else c * k))
