@@ -84,3 +84,30 @@ def test_a_test_run_reads_pass_as_survived_fail_as_killed_and_a_missing_test_as_
     assert mu.run_tests(tmp_path, ("test_t.py::test_ok",), timeout=120)[0] == "survived"
     assert mu.run_tests(tmp_path, ("test_t.py::test_bad",), timeout=120)[0] == "killed"
     assert mu.run_tests(tmp_path, ("test_t.py::test_gone",), timeout=120)[0] == "error"
+
+
+def _alive(pid: int) -> bool:
+    """A process that runs (a zombie, killed and not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc to see the grandchild")
+def test_a_timed_out_run_leaves_no_child_processes_behind(tmp_path):
+    """A mutant that hangs a test which spawns workers (mp.spawn ranks): the timeout kills the
+    whole group, not only pytest, so no orphan keeps loading the machine."""
+    pidfile = tmp_path / "child.pid"
+    parent = ("import subprocess, sys, time; "
+              "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+              f"open({str(pidfile)!r}, 'w').write(str(c.pid)); time.sleep(120)")
+    with pytest.raises(mu.subprocess.TimeoutExpired):
+        mu.run_group([sys.executable, "-c", parent], tmp_path, dict(mu.os.environ), timeout=3)
+    child = int(pidfile.read_text())
+    import time
+
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child)

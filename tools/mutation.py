@@ -33,6 +33,7 @@ import platform
 import queue
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -189,6 +190,21 @@ def copy_repo(dest: Path) -> None:
     (dest / "ehap_fx" / "passes").symlink_to(Path("..") / "passes")  # the installed package's layout
 
 
+def run_group(cmd: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """``cmd`` in a session of its own, output captured; on ``timeout`` its whole process group
+    is killed (a mutant that hangs a test's ``mp.spawn`` ranks or ONNX workers leaves no
+    orphans loading the machine) and ``TimeoutExpired`` raised."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, float]:
     """``pytest -x`` on ``tests`` (files or node ids; doctests' ids too) in the copy: "killed" when
     a test fails or the run times out, "survived" when all pass, "error" when it collects
@@ -196,9 +212,8 @@ def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, 
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     start = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                               "-o", "addopts=-m 'not slow'", "--doctest-modules", *tests], cwd=copy, env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        proc = run_group([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                          "-o", "addopts=-m 'not slow'", "--doctest-modules", *tests], copy, env, timeout)
     except subprocess.TimeoutExpired:
         return "killed (timeout)", time.perf_counter() - start
     if proc.returncode in (4, 5):
