@@ -350,6 +350,23 @@ def test_the_program_leaves_out_unread_parameters_and_the_graph_it_was_given_alo
     with torch.no_grad():
         assert_same(ep.module()(x), gm(x))
 
+def test_only_unread_parameters_are_left_out_and_unread_buffers_stay():
+    """A graph reading neither ``w`` (a parameter) nor ``buf`` (a buffer, as a BN's running
+    statistics): the copy drops ``w`` and its node, keeps ``buf`` and its node."""
+    from ehap_fx.passes.program import _without_unread_parameters
+
+    root = nn.Module()
+    root.w, root.used = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    root.register_buffer("buf", torch.zeros(3))
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    graph.get_attr("w"), graph.get_attr("buf")
+    graph.output(graph.call_function(torch.add, (x, graph.get_attr("used"))))
+    gm = _without_unread_parameters(torch.fx.GraphModule(root, graph))
+    assert [n.target for n in gm.graph.find_nodes(op="get_attr")] == ["buf", "used"]
+    assert sorted(gm.state_dict()) == ["buf", "used"]
+
+
 def test_fx_graph_has_no_program():
     gm = trace(nn.Conv2d(3, 4, 1), torch.randn(2, 3, 4, 4))
     with pytest.raises(TraceError, match="capture='export'"):
