@@ -169,6 +169,7 @@ def test_every_int8_weight_lies_in_the_targets_range(backend, mode, target, lo, 
     options = QuantizeOptions(backend=backend, mode=mode, target=target,
                               finetune=replace(QAT_FINETUNE, max_steps=2), ptq_fallback=False)
     result = quantize_int8(TinyResNet().eval(), X, batches(2), options)
+    assert not result.graph_module.training  # the INT8 model comes back in eval mode
     weights = int_weights(result.graph_module)
     assert len(weights) == 3  # conv1, conv2, fc
     for name, w in weights.items():
