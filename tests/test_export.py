@@ -506,6 +506,28 @@ def test_a_constant_tiled_to_two_sizes_gives_two_uniquely_named_copies():
         np.testing.assert_array_equal(got, want)
 
 
+def test_a_constant_chain_another_op_still_reads_is_kept_beside_its_tiled_copy():
+    """``DQ(c)`` feeds an add, which takes a tiled copy, and a ReLU, which is no elementwise op
+    of two operands and keeps reading ``cd``: the DQ and ``c`` stay, the copy comes beside them."""
+    from ehap_fx.passes.export import tile_channel_constants
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+             numpy_helper.from_array(np.array(128, np.uint8), "z"),
+             numpy_helper.from_array(np.arange(8, dtype=np.uint8).reshape(1, 8, 1, 1), "c")]
+    nodes = [helper.make_node("DequantizeLinear", ["c", "s", "z"], ["cd"], name="dq_c"),
+             helper.make_node("Add", ["x", "cd"], ["y"], name="add"),
+             helper.make_node("Relu", ["cd"], ["r"], name="relu")]
+    value = {k: helper.make_tensor_value_info(k, TensorProto.FLOAT, v)
+             for k, v in {"x": ["n", 8, 5, 7], "y": ["n", 8, 5, 7], "r": [1, 8, 1, 1]}.items()}
+    model = helper.make_model(helper.make_graph(nodes, "g", [value["x"]], [value["y"], value["r"]], inits))
+    assert tile_channel_constants(model) == 1
+    assert [(n.name, list(n.input)) for n in model.graph.node] == [
+        ("dq_c", ["c", "s", "z"]), ("dq_c_tiled_5x7", ["c_tiled_5x7", "s", "z"]), ("add", ["x", "cd_tiled_5x7"]),
+        ("relu", ["cd"])]
+    assert [t.name for t in model.graph.initializer] == ["s", "z", "c", "c_tiled_5x7"]
+
+
 @pytest.mark.parametrize(("hw", "max_elements", "rewired"), [((5, 7), 8 * 5 * 7, 1), ((5, 7), 8 * 5 * 7 - 1, 0),
                                                              ((1, 1), 1 << 22, 0)],
                          ids=["280-allowed", "279-allowed", "1x1-map"])
