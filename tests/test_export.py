@@ -529,12 +529,13 @@ def test_a_constant_chain_another_op_still_reads_is_kept_beside_its_tiled_copy()
 
 
 @pytest.mark.parametrize(("hw", "max_elements", "rewired"), [((5, 7), 8 * 5 * 7, 1), ((5, 7), 8 * 5 * 7 - 1, 0),
-                                                             ((1, 1), 1 << 22, 0)],
-                         ids=["280-allowed", "279-allowed", "1x1-map"])
+                                                             ((1, 1), 1 << 22, 0), ((1, (1 << 19) + 1), None, 0)],
+                         ids=["280-allowed", "279-allowed", "1x1-map", "over-the-default-2**22"])
 def test_a_tiled_copy_is_made_only_within_max_elements_and_over_more_than_one_position(hw, max_elements, rewired):
     """A ``[1, 8, 1, 1]`` constant added to an ``[N, 8, 5, 7]`` map tiles to 280 elements:
     made when 280 are allowed, left alone (the file unchanged) when 279 are; added to an
-    ``[N, 8, 1, 1]`` map it already has the map's shape, and is left alone too."""
+    ``[N, 8, 1, 1]`` map it already has the map's shape, and is left alone too. By default
+    (``max_elements=2**22``) a copy of 8·(2**19 + 1) elements, 8 over, is not made."""
     from ehap_fx.passes.export import tile_channel_constants
     from onnx import TensorProto, helper, numpy_helper
 
@@ -546,7 +547,8 @@ def test_a_tiled_copy_is_made_only_within_max_elements_and_over_more_than_one_po
     model = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
                                                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits))
     before = model.SerializeToString()
-    assert tile_channel_constants(model, max_elements=max_elements) == rewired
+    given = {} if max_elements is None else {"max_elements": max_elements}
+    assert tile_channel_constants(model, **given) == rewired
     assert [list(t.dims) for t in model.graph.initializer][2:] == [[1, 8, *hw] if rewired else [1, 8, 1, 1]]
     assert (model.SerializeToString() == before) is not bool(rewired)
 
