@@ -79,7 +79,7 @@ class PrunePlan:
             if not 0 <= gid < len(groups):
                 raise ShrinkError(f"plan names group {gid}, but the graph has {len(groups)} groups")
             g = groups[gid]
-            if len(kept) == g.size:
+            if sorted(kept) == list(range(g.size)):  # every channel, once: nothing is removed
                 continue
             if not g.prunable:
                 raise ShrinkError(f"group {gid} is pinned ({g.pinned}) and cannot lose channels")

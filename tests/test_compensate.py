@@ -401,24 +401,28 @@ def test_block_matching_fits_the_other_branch_to_the_streams_error_in_its_units(
 class _OddStream(nn.Module):
     """x ─▶ conv0 (3 → 8) ─▶ relu ─▶ h ─▶ conv_b (8 → 8) ─▶ bn ─▶ + s ─▶ relu ─▶ conv_c (8 → 4),
     ``s`` no residual stream of conv_b's shape: h's spatial mean ``(N, 8, 1, 1)``, broadcast over
-    the positions, or ``x.size(2)``, a number."""
+    the positions, or ``x.size(2)``, a number. Or ``s = h``, a stream, but conv_b reaches it
+    through a module that is no BatchNorm: an ``nn.ReLU``."""
 
     def __init__(self, stream: str):
         super().__init__()
         self.stream = stream
         self.conv0, self.conv_b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
         self.bn, self.conv_c = nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+        self.after_b = nn.ReLU() if stream == "relu-module" else self.bn
 
     def forward(self, x):
         h = torch.relu(self.conv0(x))
-        s = h.mean((2, 3), keepdim=True) if self.stream == "broadcast" else x.size(2)
-        return self.conv_c(torch.relu(self.bn(self.conv_b(h)) + s))
+        s = {"broadcast": lambda: h.mean((2, 3), keepdim=True), "number": lambda: x.size(2)}.get(self.stream, lambda: h)()
+        return self.conv_c(torch.relu(self.after_b(self.conv_b(h)) + s))
 
 
-@pytest.mark.parametrize("stream", ["broadcast", "number"])
+@pytest.mark.parametrize("stream", ["broadcast", "number", "relu-module"])
 def test_block_matching_fits_a_conv_added_to_no_stream_of_its_shape_as_layer_matching_does(stream, one_thread):
     """A broadcast mean or a number added after conv_b's BN is no per-position error for conv_b
-    to take: ``match="block"`` repairs the model exactly as ``match="layer"`` does."""
+    to take, and a stream reached through a ReLU module is no BN's affine output, which the
+    error is scaled back through: ``match="block"`` repairs the model exactly as
+    ``match="layer"`` does."""
     torch.manual_seed(0)
     x = torch.randn(32, 3, 6, 6, dtype=torch.float64)
     dense = group_channels(trace(randomize_bn(_OddStream(stream)).eval().double(), x[:2])).graph_module

@@ -355,6 +355,30 @@ def test_a_linear_without_bias_and_a_matrix_vector_product_are_counted_by_hand()
     assert total_cost(gm) == Cost(8 * 4 + 3 * 6, 8 * 4 + 6)
 
 
+class _RowsTimesVector(nn.Module):
+    """fc (3 → 6) ─▶ y (N, 6) ─▶ ``y @ v``, v a (6,) parameter: one value per sample (N,)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.v = nn.Linear(3, 6), nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        return self.fc(x) @ self.v
+
+
+def test_a_batch_of_rows_times_a_vector_costs_the_same_per_sample_at_any_batch():
+    """``(N, 6) @ (6,)`` takes at most 6 MACs per sample, whatever N (the output's one dim is the
+    batch, not a channel dim); the graph costs the linear's 3·6 + 6 besides, per sample."""
+    costs = []
+    for batch in (2, 3):
+        gm = trace(_RowsTimesVector().eval(), torch.randn(batch, 3), capture="fx")
+        costs.append(total_cost(gm))
+        (mv,) = [n for n in gm.graph.nodes if _meta.COST in n.meta and n.op == "call_function"]
+        assert mv.meta[_meta.COST].macs <= 6
+    assert costs[0] == costs[1] and costs[0].params == 3 * 6 + 6 + 6
+    assert 3 * 6 + 6 <= costs[0].macs <= 3 * 6 + 6 + 6
+
+
 class _OnlyAScalar(nn.Module):
     """A (4, 8) table times ``t``, the graph's one input, 0-d ─▶ tab (8 → 2) on its 4 rows."""
 

@@ -99,6 +99,8 @@ def test_qat_export_runs_int8_in_onnxruntime(pruned, backend, tmp_path):
     assert report.op_counts["QLinearAdd"] == 9 and report.op_counts["QGemm"] == 1
     # ORT matches the PyTorch INT8 model on 512 inputs, at batch 128 and batch 1
     assert report.n_inputs == 512 and report.batch_sizes == (1, 128)
+    if backend == "fx":  # the default options' opset, as export_onnx's (the dynamo exporter needs 18)
+        assert report.opset == 17
     where = f"{report.isa}, scheme {q.scheme.target} ({q.scheme.weight_bits}-bit weights)"
     assert report.argmax_agreement >= 0.99, where
     # rounding alone: at most one output step per rounding point (tests/int8_bounds.py: the
@@ -275,7 +277,8 @@ def test_an_export_report_sums_itself_up_in_three_lines():
 
 def test_conv_table_reads_weights_from_initializers_and_constant_nodes():
     """A grouped conv whose weight (8, 2, 3, 3) is a ``Constant`` node, and a 1x1 conv whose
-    weight (5, 8, 1, 1) is an initializer: channels (in = 2 · 4 groups) and kernels of both."""
+    weight (5, 8, 1, 1) is an initializer: channels (in = 2 · 4 groups) and kernels of both. A
+    ``Constant`` of ints (a Reshape's shape) holds no tensor and is passed over."""
     from ehap_fx.passes.export import ConvStatus, conv_table
     from onnx import TensorProto, helper, numpy_helper
 
@@ -284,10 +287,12 @@ def test_conv_table_reads_weights_from_initializers_and_constant_nodes():
     graph = helper.make_graph(
         [helper.make_node("Constant", [], ["w0"], value=w0),
          helper.make_node("Conv", ["x", "w0"], ["h"], name="grouped", group=4),
-         helper.make_node("Conv", ["h", "w1"], ["y"], name="pointwise")],
+         helper.make_node("Conv", ["h", "w1"], ["y"], name="pointwise"),
+         helper.make_node("Constant", [], ["shape"], value_ints=[1, -1]),  # no tensor: skipped
+         helper.make_node("Reshape", ["y", "shape"], ["flat"])],
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 4, 4])],
+        [helper.make_tensor_value_info("flat", TensorProto.FLOAT, [1, 80])],
         [w1],
     )
     assert conv_table(helper.make_model(graph)) == (ConvStatus("grouped", "Conv", 8, 8, (3, 3)),
@@ -327,19 +332,32 @@ def test_output_step_reads_the_last_dequantize():
     onnx.checker.check_model(helper.make_model(graph), full_check=True)  # raises if the graph is invalid
 
 
-@pytest.mark.parametrize(("case", "step"), [("dequantized", 0.125), ("float", None), ("input", None)])
+@pytest.mark.parametrize(("case", "step"), [("dequantized", 0.125), ("float", None), ("input", None),
+                                           ("three-back", 0.125), ("four-back", None), ("computed-scale", None)])
 def test_output_step_walks_back_from_the_output_to_its_dequantize(case, step):
     """The step is the scale (a ``Constant`` node, as the TorchScript exporter writes it) of the
     DequantizeLinear the output comes from through shape-only ops ("dequantized": DQ ->
     Identity -> Flatten -> logits); None for a float output ("float": Relu -> logits) and for an
-    output that is the graph's input ("input": nothing produces it)."""
+    output that is the graph's input ("input": nothing produces it). The walk looks at four
+    nodes at most: a DQ behind three Identity ops is found, one behind four is not. A scale
+    that a node computes (a ``Cast`` of the constant) is no constant: None, not a failure."""
     from onnx import TensorProto, helper, numpy_helper
 
     make = helper.make_node
+    const = make("Constant", [], ["s"], value=numpy_helper.from_array(np.array(0.125, np.float32)))
+
+    def behind(k):  # DQ -> k Identity ops -> logits
+        names = ["deq", *(f"i{j}" for j in range(1, k)), "logits"]
+        return [const, make("DequantizeLinear", ["q", "s"], ["deq"]),
+                *(make("Identity", [a], [b]) for a, b in zip(names, names[1:]))], ("q", TensorProto.UINT8)
+
     nodes, given = {
-        "dequantized": ([make("Constant", [], ["s"], value=numpy_helper.from_array(np.array(0.125, np.float32))),
-                         make("DequantizeLinear", ["q", "s"], ["deq"]), make("Identity", ["deq"], ["flat"]),
+        "dequantized": ([const, make("DequantizeLinear", ["q", "s"], ["deq"]), make("Identity", ["deq"], ["flat"]),
                          make("Flatten", ["flat"], ["logits"])], ("q", TensorProto.UINT8)),
+        "three-back": behind(3),
+        "four-back": behind(4),
+        "computed-scale": ([const, make("Cast", ["s"], ["s32"], to=TensorProto.FLOAT),
+                            make("DequantizeLinear", ["q", "s32"], ["logits"])], ("q", TensorProto.UINT8)),
         "float": ([make("Relu", ["x"], ["logits"])], ("x", TensorProto.FLOAT)),
         "input": ([], ("logits", TensorProto.FLOAT)),
     }[case]
@@ -488,13 +506,36 @@ def test_a_constant_tiled_to_two_sizes_gives_two_uniquely_named_copies():
         np.testing.assert_array_equal(got, want)
 
 
+def test_a_constant_chain_another_op_still_reads_is_kept_beside_its_tiled_copy():
+    """``DQ(c)`` feeds an add, which takes a tiled copy, and a ReLU, which is no elementwise op
+    of two operands and keeps reading ``cd``: the DQ and ``c`` stay, the copy comes beside them."""
+    from ehap_fx.passes.export import tile_channel_constants
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+             numpy_helper.from_array(np.array(128, np.uint8), "z"),
+             numpy_helper.from_array(np.arange(8, dtype=np.uint8).reshape(1, 8, 1, 1), "c")]
+    nodes = [helper.make_node("DequantizeLinear", ["c", "s", "z"], ["cd"], name="dq_c"),
+             helper.make_node("Add", ["x", "cd"], ["y"], name="add"),
+             helper.make_node("Relu", ["cd"], ["r"], name="relu")]
+    value = {k: helper.make_tensor_value_info(k, TensorProto.FLOAT, v)
+             for k, v in {"x": ["n", 8, 5, 7], "y": ["n", 8, 5, 7], "r": [1, 8, 1, 1]}.items()}
+    model = helper.make_model(helper.make_graph(nodes, "g", [value["x"]], [value["y"], value["r"]], inits))
+    assert tile_channel_constants(model) == 1
+    assert [(n.name, list(n.input)) for n in model.graph.node] == [
+        ("dq_c", ["c", "s", "z"]), ("dq_c_tiled_5x7", ["c_tiled_5x7", "s", "z"]), ("add", ["x", "cd_tiled_5x7"]),
+        ("relu", ["cd"])]
+    assert [t.name for t in model.graph.initializer] == ["s", "z", "c", "c_tiled_5x7"]
+
+
 @pytest.mark.parametrize(("hw", "max_elements", "rewired"), [((5, 7), 8 * 5 * 7, 1), ((5, 7), 8 * 5 * 7 - 1, 0),
-                                                             ((1, 1), 1 << 22, 0)],
-                         ids=["280-allowed", "279-allowed", "1x1-map"])
+                                                             ((1, 1), 1 << 22, 0), ((1, (1 << 19) + 1), None, 0)],
+                         ids=["280-allowed", "279-allowed", "1x1-map", "over-the-default-2**22"])
 def test_a_tiled_copy_is_made_only_within_max_elements_and_over_more_than_one_position(hw, max_elements, rewired):
     """A ``[1, 8, 1, 1]`` constant added to an ``[N, 8, 5, 7]`` map tiles to 280 elements:
     made when 280 are allowed, left alone (the file unchanged) when 279 are; added to an
-    ``[N, 8, 1, 1]`` map it already has the map's shape, and is left alone too."""
+    ``[N, 8, 1, 1]`` map it already has the map's shape, and is left alone too. By default
+    (``max_elements=2**22``) a copy of 8·(2**19 + 1) elements, 8 over, is not made."""
     from ehap_fx.passes.export import tile_channel_constants
     from onnx import TensorProto, helper, numpy_helper
 
@@ -506,7 +547,8 @@ def test_a_tiled_copy_is_made_only_within_max_elements_and_over_more_than_one_po
     model = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
                                                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits))
     before = model.SerializeToString()
-    assert tile_channel_constants(model, max_elements=max_elements) == rewired
+    given = {} if max_elements is None else {"max_elements": max_elements}
+    assert tile_channel_constants(model, **given) == rewired
     assert [list(t.dims) for t in model.graph.initializer][2:] == [[1, 8, *hw] if rewired else [1, 8, 1, 1]]
     assert (model.SerializeToString() == before) is not bool(rewired)
 

@@ -350,6 +350,23 @@ def test_the_program_leaves_out_unread_parameters_and_the_graph_it_was_given_alo
     with torch.no_grad():
         assert_same(ep.module()(x), gm(x))
 
+def test_only_unread_parameters_are_left_out_and_unread_buffers_stay():
+    """A graph reading neither ``w`` (a parameter) nor ``buf`` (a buffer, as a BN's running
+    statistics): the copy drops ``w`` and its node, keeps ``buf`` and its node."""
+    from ehap_fx.passes.program import _without_unread_parameters
+
+    root = nn.Module()
+    root.w, root.used = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    root.register_buffer("buf", torch.zeros(3))
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    graph.get_attr("w"), graph.get_attr("buf")
+    graph.output(graph.call_function(torch.add, (x, graph.get_attr("used"))))
+    gm = _without_unread_parameters(torch.fx.GraphModule(root, graph))
+    assert [n.target for n in gm.graph.find_nodes(op="get_attr")] == ["buf", "used"]
+    assert sorted(gm.state_dict()) == ["buf", "used"]
+
+
 def test_fx_graph_has_no_program():
     gm = trace(nn.Conv2d(3, 4, 1), torch.randn(2, 3, 4, 4))
     with pytest.raises(TraceError, match="capture='export'"):
@@ -468,6 +485,30 @@ def test_the_pt2e_quantizer_leaves_an_add_of_a_python_number_alone():
     a.meta["val"] = torch.zeros(2, 4, 3, 3)
     assert _is_float_activation(g.call_function(aten.add.Tensor, (a, 1.0))) is False
     assert _is_float_activation(g.call_function(aten.add.Tensor, (a, a))) is True
+
+
+def test_the_pt2e_quantizers_annotations_are_final_for_quantizers_composed_after_it():
+    """conv ─ bn ─ relu ─▶ conv ─ (+) ─ relu ─▶ linear, in ATen ops: every node of the chains is
+    annotated and marked done (``_annotated``), so torchao's x86 quantizer, composed after ours,
+    skips exactly the nodes its ``_is_node_annotated`` says are taken."""
+    pytest.importorskip("torchao")
+    from ehap_fx.passes._ort_quantizer import OrtQuantizer
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import _is_node_annotated
+
+    graph = torch.fx.Graph()
+    x, w, v = (graph.placeholder(name) for name in ("x", "w", "v"))
+    relu = graph.call_function(aten.relu.default, (graph.call_function(
+        aten.batch_norm.default, (graph.call_function(aten.conv2d.default, (x, w)),)),))
+    add = graph.call_function(aten.add.Tensor, (graph.call_function(aten.conv2d.default, (relu, w)), relu))
+    for node in add.args:
+        node.meta["val"] = torch.zeros(2, 4, 3, 3)
+    graph.output(graph.call_function(aten.linear.default, (graph.call_function(aten.relu.default, (add,)), v)))
+    gm = OrtQuantizer(False).annotate(torch.fx.GraphModule(nn.Module(), graph))
+    annotated = [n for n in gm.graph.nodes if "quantization_annotation" in n.meta]
+    assert [n.target for n in annotated] == [aten.conv2d.default, aten.batch_norm.default, aten.relu.default,
+                                             aten.conv2d.default, aten.add.Tensor, aten.relu.default,
+                                             aten.linear.default]
+    assert all(_is_node_annotated(n) for n in annotated)
 
 
 @pytest.mark.parametrize(("qat", "calibrated", "observer"), [

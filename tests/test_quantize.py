@@ -169,6 +169,7 @@ def test_every_int8_weight_lies_in_the_targets_range(backend, mode, target, lo, 
     options = QuantizeOptions(backend=backend, mode=mode, target=target,
                               finetune=replace(QAT_FINETUNE, max_steps=2), ptq_fallback=False)
     result = quantize_int8(TinyResNet().eval(), X, batches(2), options)
+    assert not result.graph_module.training  # the INT8 model comes back in eval mode
     weights = int_weights(result.graph_module)
     assert len(weights) == 3  # conv1, conv2, fc
     for name, w in weights.items():
@@ -218,6 +219,32 @@ def test_qat_freezes_bn_then_observers(backend):
         assert frozen == [True, True]
     else:
         assert prepared.meta[_meta.BN_FROZEN] is True
+
+
+class _LayerScaled(nn.Module):
+    """conv (3 → 8) ─ bn ─ relu ─▶ × ``scale.scale`` (a (8, 1, 1) layer scale, a module's
+    parameter called ``scale``, as ConvNeXt's gamma) ─▶ mean ─▶ fc (8 → 10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 10)
+        self.scale = nn.Module()
+        self.scale.scale = nn.Parameter(torch.full((8, 1, 1), 0.5))
+
+    def forward(self, x):
+        return self.fc((F.relu(self.bn(self.conv(x))) * self.scale.scale).mean((2, 3)))
+
+
+def test_calibrating_ranges_passes_over_a_module_with_a_scale_that_is_no_quantizer():
+    """``calibrate_ranges`` switches fake quantization off and on in the quantizers only (a
+    module with both ``fake_quant_enabled`` and ``scale``): the model's own ``scale`` module,
+    which has a ``scale`` but no fake quantization, is left alone, and the ranges are set."""
+    options = QuantizeOptions(mode="qat", backend="fx", finetune=replace(QAT_FINETUNE, max_steps=1))
+    prepared = prepare(_LayerScaled(), X, options)
+    assert any(hasattr(m, "scale") and not hasattr(m, "fake_quant_enabled") for m in prepared.modules())
+    assert calibrate_ranges(prepared, batches(2), 2) == 2
+    for name, m in quantize_pass.histogram_quantizers(prepared):
+        assert torch.equal(m.scale, m.activation_post_process.calculate_qparams()[0]), name
 
 
 @pytest.mark.parametrize("ranges", ["moving", "calibrated"])

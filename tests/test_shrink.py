@@ -165,6 +165,24 @@ def test_bad_plans_are_refused():
         shrink(gm, PrunePlan({999: (0,)}))
 
 
+def test_a_plan_as_long_as_its_group_must_still_name_each_channel_once():
+    """A keep of ``size`` indices with one repeated removes a channel: refused as any other bad
+    plan (the distinct-indices message for a prunable group, the pinned one for the model
+    input's), where it once passed for a full keep and pruned a pinned input; a keep of every
+    channel, in any order, is valid even for a pinned group and changes nothing."""
+    gm, x = prepare(TinyOptionA(), (2, 3, 16, 16))
+    groups = groups_of(gm)
+    prunable, pinned = groups.prunable[0], groups.pinned[0]
+    with pytest.raises(ShrinkError, match="distinct indices"):
+        shrink(gm, PrunePlan({prunable.id: (0, 0, *range(1, prunable.size - 1))}))
+    with pytest.raises(ShrinkError, match="pinned"):
+        shrink(gm, PrunePlan({pinned.id: (0, 0, *range(1, pinned.size - 1))}))
+    every = {pinned.id: tuple(reversed(range(pinned.size))), prunable.id: tuple(range(prunable.size))}
+    small = shrink(gm, PrunePlan(every)).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), gm(x), rtol=0, atol=0)
+
+
 def test_passes_chain_in_a_pass_manager():
     from ehap_fx.passes.cost import CountCost
     from ehap_fx.passes.group import GroupChannels
