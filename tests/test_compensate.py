@@ -343,6 +343,21 @@ def test_block_matching_refits_a_layer_whose_own_output_is_unchanged(one_thread)
     assert b.repaired and b.error_after < b.error_before
 
 
+@pytest.mark.parametrize("edge", [{"images": 1}, {"damping": 0.0}, {"max_rows": 1}, {"max_rows": None},
+                                  {"match": "layer"}, {"match": "block"}])
+def test_options_accept_each_range_up_to_its_edge(edge):
+    """The smallest valid value of each option is taken as given (one image, no damping, one row)."""
+    options = CompensateOptions(**edge)
+    assert all(getattr(options, k) == v for k, v in edge.items())
+
+
+@pytest.mark.parametrize("edge, match", [({"images": 0}, "images=0"), ({"damping": -1e-9}, "damping="),
+                                         ({"max_rows": 0}, "max_rows=0"), ({"match": "logits"}, "match='logits'")])
+def test_options_refuse_a_value_past_its_edge_naming_it(edge, match):
+    with pytest.raises(ValueError, match=match):
+        CompensateOptions(**edge)
+
+
 def test_a_batch_of_max_rows_rows_is_used_whole_and_the_accumulators_are_reported(one_thread):
     """``max_rows`` at the rows per batch of convs b and c (16·6·6): their rows are taken whole,
     so the repair is bit for bit the one without a cap (a's 16·8·8 rows are sampled, but a reads
