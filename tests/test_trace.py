@@ -35,6 +35,22 @@ def test_every_tensor_node_has_shapes():
     assert shapes == {"x": (2, 3, 8, 8), "conv": (2, 8, 8, 8), "gate": (2, 8, 8, 8), "head": (2, 4, 8, 8)}
 
 
+class _StoppedWhileTraced(nn.Module):
+    """A forward that a library stops: a KeyboardInterrupt re-raised as another error (its cause)."""
+
+    def forward(self, x):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("a library stopped") from e
+
+
+def test_ctrl_c_inside_the_fx_trace_stays_a_keyboard_interrupt():
+    """Ctrl-C while FX traces is raised again as itself, not reported as an untraceable model."""
+    with pytest.raises(KeyboardInterrupt):
+        trace(_StoppedWhileTraced(), torch.randn(2, 3), capture="fx")
+
+
 def test_untraceable_module_is_named_with_its_line_and_the_fix():
     with pytest.raises(TraceError) as err:
         trace(Net(), torch.randn(2, 3, 8, 8))
