@@ -506,6 +506,29 @@ def test_a_constant_tiled_to_two_sizes_gives_two_uniquely_named_copies():
         np.testing.assert_array_equal(got, want)
 
 
+def test_a_file_whose_shapes_onnx_cannot_infer_is_left_as_it_is(monkeypatch):
+    """Tiling is an optimisation: when ONNX's shape inference fails, no operand is rewired (the
+    count is 0) and the file is unchanged."""
+    from ehap_fx.passes.export import tile_channel_constants
+    from onnx import TensorProto, helper, numpy_helper, shape_inference
+
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+             numpy_helper.from_array(np.array(128, np.uint8), "z"),
+             numpy_helper.from_array(np.arange(8, dtype=np.uint8).reshape(1, 8, 1, 1), "c")]
+    nodes = [helper.make_node("DequantizeLinear", ["c", "s", "z"], ["cd"], name="dq_c"),
+             helper.make_node("Add", ["x", "cd"], ["y"], name="add")]
+    value = {k: helper.make_tensor_value_info(k, TensorProto.FLOAT, [2, 8, 5, 7]) for k in ("x", "y")}
+    model = helper.make_model(helper.make_graph(nodes, "g", [value["x"]], [value["y"]], inits))
+    before = model.SerializeToString()
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("shape inference failed")
+
+    monkeypatch.setattr(shape_inference, "infer_shapes", fails)
+    assert tile_channel_constants(model) == 0
+    assert model.SerializeToString() == before
+
+
 def test_a_constant_chain_another_op_still_reads_is_kept_beside_its_tiled_copy():
     """``DQ(c)`` feeds an add, which takes a tiled copy, and a ReLU, which is no elementwise op
     of two operands and keeps reading ``cd``: the DQ and ``c`` stay, the copy comes beside them."""
