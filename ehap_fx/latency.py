@@ -318,6 +318,40 @@ def time_onnx(
     return {n: {b: statistics.median(v) for b, v in per.items()} for n, per in rounds.items()}
 
 
+def _busy_seconds() -> float | None:
+    """CPU seconds every process on this machine has run since boot (``/proc/stat``: user,
+    nice, system, irq, softirq, steal, summed over the CPUs); None where there is no
+    ``/proc/stat`` (not Linux) or it cannot be read."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    except (OSError, ValueError):
+        return None
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """``with OtherLoad() as load: ...`` — ``load.cores``: how many cores other processes kept
+    busy, on average, while the block ran (the machine's CPU time less this process's, over the
+    wall time); None where the machine's CPU time cannot be read. A ratio of two timings taken
+    while other processes compete can be biased however narrow its interval: under load 2–3
+    on 2 cores a plan measured 0.52 of dense INT8 that measures 0.57 idle (docs/results.md)."""
+
+    cores: float | None = None
+
+    def __enter__(self) -> OtherLoad:
+        self._start = (time.perf_counter(), _busy_seconds(), time.process_time())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall0, busy0, own0 = self._start
+        busy = _busy_seconds()
+        wall = time.perf_counter() - wall0
+        if busy is not None and busy0 is not None and wall > 0:
+            self.cores = max(0.0, (busy - busy0 - (time.process_time() - own0)) / wall)
+
+
 def time_rounds(
     paths: dict[str, str | Path], options: BenchOptions = BenchOptions()
 ) -> dict[str, dict[int, list[float]]]:

@@ -25,6 +25,7 @@ The timer is a value (a callable), so tests use a fake one with a known cost per
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -38,14 +39,15 @@ from torch import fx
 
 from ehap_fx.errors import TargetError
 from ehap_fx.isa import cpu_features
-from ehap_fx.latency import BenchOptions, LatencyModel, time_rounds
+from ehap_fx.latency import BenchOptions, LatencyModel, OtherLoad, time_rounds
 from ehap_fx.latency_graph import WholeGraphModel
 from ehap_fx.passes.shrink import PrunePlan, shrink
 from ehap_fx.scoring.ranking import Ranking
 from ehap_fx.target import Target, measure, select_plan
 
 #: ``timer(candidate, dense)`` -> ``{batch: (candidate_seconds, dense_seconds)}``, one value per
-#: interleaved round (round ``i`` of both ran back to back).
+#: interleaved round (round ``i`` of both ran back to back). A timer that times real runs also
+#: sets ``timer.busy``: the cores other processes kept busy meanwhile (``OnnxTimer``: OtherLoad).
 Timer = Callable[[fx.GraphModule, fx.GraphModule], Mapping[int, tuple[list[float], list[float]]]]
 
 MET, NOISY, NOT_MET, UNREACHABLE, OUT_OF_TIME, STUCK = (
@@ -60,7 +62,9 @@ class LoopOptions:
     largest relative half-width of the median ratio's 95 % interval the loop decides on;
     ``damping`` (0, 1] scales each correction; ``calibration_batches`` of PTQ per INT8 export;
     ``retimes``: how many times a measurement too noisy to decide on is timed again (its
-    rounds pooled with the earlier ones) before the loop refuses; ``aim`` (None: ``tolerance
+    rounds pooled with the earlier ones) before the loop refuses; ``max_busy``: the most cores
+    other processes may keep busy, on average, while a plan is timed (``latency.OtherLoad``;
+    above it the loop does not conclude: a loaded machine biases the ratio); ``aim`` (None: ``tolerance
     / 2``): a plan measured within ``tolerance`` but outside ``aim`` is corrected again while
     rounds and time remain (a ratio measured near the band's edge drifts out of it on the next
     run: docs/results.md, issue 27), and delivered as met only when no round came nearer.
@@ -76,6 +80,7 @@ class LoopOptions:
     calibration_batches: int = 2
     retimes: int = 1
     aim: float | None = None
+    max_busy: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0 < self.tolerance < 1:
@@ -88,6 +93,8 @@ class LoopOptions:
             raise ValueError(f"damping={self.damping} must be in (0, 1]")
         if self.aim is not None and not 0 < self.aim <= self.tolerance:
             raise ValueError(f"aim={self.aim} must be in (0, tolerance={self.tolerance}]")
+        if not self.max_busy >= 0:
+            raise ValueError(f"max_busy={self.max_busy} must be >= 0")
         if self.bench.rounds < 3:
             raise ValueError(f"bench.rounds={self.bench.rounds} must be >= 3 to estimate the noise")
 
@@ -112,6 +119,7 @@ class Ratio:
     candidate_ms: float
     dense_ms: float
     rounds: int
+    busy: float | None = None  # cores other processes kept busy while these rounds ran (OtherLoad)
 
     @property
     def noise(self) -> float:
@@ -276,6 +284,11 @@ def _verdict(now: Ratio, target: float, options: LoopOptions) -> tuple[str, str]
     lo, hi = target * (1 - options.tolerance), target * (1 + options.tolerance)
     if now.low > hi or now.high < lo:
         return None
+    if now.busy is not None and now.busy > options.max_busy:
+        return NOISY, (f"other processes kept {now.busy:.1f} of this machine's {os.cpu_count()} cores busy "
+                       f"while the plan was timed (LoopOptions.max_busy={options.max_busy:g}): a ratio "
+                       f"timed under load can be off however narrow its interval (the median "
+                       f"{now.ratio:.3f}, [{now.low:.3f}, {now.high:.3f}]); rerun when quieter")
     if now.noise > options.noise_limit:
         return NOISY, (f"the median ratio {now.ratio:.3f} has a 95 % interval of ±{100 * now.noise:.1f} % "
                        f"([{now.low:.3f}, {now.high:.3f}]), wider than ±{100 * options.noise_limit:.1f} % "
@@ -288,7 +301,8 @@ def _verdict(now: Ratio, target: float, options: LoopOptions) -> tuple[str, str]
 
 def _within(now: Ratio, target: float, options: LoopOptions) -> bool:
     """A median within the tolerance, measured narrowly enough to say so."""
-    return now.noise <= options.noise_limit and abs(now.ratio / target - 1) <= options.tolerance
+    quiet = now.busy is None or now.busy <= options.max_busy
+    return quiet and now.noise <= options.noise_limit and abs(now.ratio / target - 1) <= options.tolerance
 
 
 def _timed(timer: Timer, candidate: fx.GraphModule, reference: fx.GraphModule, batch: int,
@@ -296,12 +310,16 @@ def _timed(timer: Timer, candidate: fx.GraphModule, reference: fx.GraphModule, b
     """The ratios of ``candidate`` to ``reference``, timed again (rounds pooled) up to
     ``options.retimes`` times while too noisy to decide at ``batch``."""
     pooled: dict[int, tuple[list[float], list[float]]] = {}
+    busy: list[float] = []
     for _ in range(1 + options.retimes):
-        for b, (c, d) in timer(candidate, reference).items():
+        timed = timer(candidate, reference)
+        busy += [timer.busy] if getattr(timer, "busy", None) is not None else []
+        for b, (c, d) in timed.items():
             pooled.setdefault(b, ([], []))
             pooled[b][0].extend(c)
             pooled[b][1].extend(d)
-        measured = tuple(ratio_of(b, *pooled[b]) for b in sorted(pooled, reverse=True))
+        measured = tuple(replace(ratio_of(b, *pooled[b]), busy=max(busy) if busy else None)
+                         for b in sorted(pooled, reverse=True))
         if next(m for m in measured if m.batch == batch).noise <= options.noise_limit:
             break
     return measured
@@ -400,6 +418,7 @@ class OnnxTimer:
         self.folder = Path(folder) if folder is not None else Path(self._tmp.name)
         self._dense: tuple[int, Path] | None = None
         self.exports = 0
+        self.busy: float | None = None  # cores other processes kept busy during the last timing
 
     def onnx(self, gm: fx.GraphModule, name: str) -> Path:
         from ehap_fx.passes.export import export_onnx
@@ -414,7 +433,9 @@ class OnnxTimer:
         if self._dense is None or self._dense[0] != id(dense):
             self._dense = (id(dense), self.onnx(dense, "dense_int8"))
         cand = self.onnx(candidate, f"candidate_{self.exports}")
-        t = time_rounds({"candidate": cand, "dense": self._dense[1]}, self.bench)
+        with OtherLoad() as load:
+            t = time_rounds({"candidate": cand, "dense": self._dense[1]}, self.bench)
+        self.busy = load.cores
         return {b: (t["candidate"][b], t["dense"][b]) for b in self.bench.batches}
 
 

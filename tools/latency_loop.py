@@ -40,7 +40,7 @@ from ehap_fx.passes.trace import trace
 from ehap_fx.compress import RECIPE
 from ehap_fx.errors import TargetError
 from ehap_fx.isa import cpu_features
-from ehap_fx.latency import BenchOptions, LatencyModel, LatencyOptions, LatencyTable, time_rounds
+from ehap_fx.latency import BenchOptions, LatencyModel, LatencyOptions, LatencyTable, OtherLoad, time_rounds
 from ehap_fx.latency_loop import LoopOptions, OnnxTimer, deliver, ratio_of
 from ehap_fx.models import get_model
 from ehap_fx.scoring import magnitude_scores
@@ -95,7 +95,8 @@ def run_model(name: str, args, folder: Path) -> dict:
         macs[key] = total_cost(small).macs / total_cost(gm).macs
         paths[key] = timer.onnx(small, f"final_{key}")
     final = BenchOptions(batches=(args.batch, 1), rounds=args.final_rounds)
-    times = time_rounds(paths, final)
+    with OtherLoad() as load:
+        times = time_rounds(paths, final)
     for row in rows:
         for kind in ("table", "loop"):
             key = f"{kind}-{row['target']}"
@@ -103,7 +104,8 @@ def run_model(name: str, args, folder: Path) -> dict:
                 row[f"macs_{kind}"] = macs[key]
                 row[f"final_{kind}"] = {str(b): vars(ratio_of(b, times[key][b], times["dense"][b]))
                                         for b in final.batches}
-    return {"model": name, "capture": args.capture, "backend": args.backend, "rows": rows, "seconds": round(time.perf_counter() - t0),
+    return {"model": name, "capture": args.capture, "backend": args.backend, "rows": rows, "final_busy_cores": load.cores,
+            "seconds": round(time.perf_counter() - t0),
             "dense_int8_ms": {str(b): 1000 * sorted(v)[len(v) // 2] for b, v in times["dense"].items()}}
 
 
