@@ -12,6 +12,7 @@ import copy
 import time
 from dataclasses import replace
 
+import ehap_fx.passes.compensate as compensate_module
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ from torch import fx, nn
 from ehap_fx import _meta
 from tests.nets import SEDepthwise, TinyOptionA, randomize_bn
 
-EXACT = CompensateOptions(images=10**6, damping=0.0, max_rows=None)
+EXACT = CompensateOptions(images=10**6, damping=0.0, max_rows=None, relu_rounds=0)  # plain least squares
 
 
 def values_by_name(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -468,3 +469,59 @@ def test_each_fit_reports_the_rows_and_columns_it_was_fitted_on(one_thread):
     capped = compensate(small, gm, data, CompensateOptions(max_rows=100)).graph_module
     rows = {f.node: f.rows for f in capped.meta[_meta.COMPENSATION].layers}
     assert rows == {"a": 200, "b": 200, "c": 200, "fc": 8}
+
+
+class _ConvBnRelu(nn.Module):
+    """conv a (3 → 8) ─▶ relu ─▶ conv b (8 → 8) ─▶ bn ─▶ relu ─▶ mean ─▶ fc (8 → 4); with
+    ``stream``, bn's output is added to ``s = conv_s(relu(conv_0(x)))`` before that relu."""
+
+    def __init__(self, stream: bool = False):
+        super().__init__()
+        self.a, self.b, self.bn, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), \
+            nn.Linear(8, 4)
+        self.stream = stream
+        if stream:
+            self.conv_0, self.conv_s = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        s = self.conv_s(F.relu(self.conv_0(x))) if self.stream else None  # fitted first: conv b takes the sum's error
+        h = self.bn(self.b(F.relu(self.a(x))))
+        return self.fc(F.relu(h + s if self.stream else h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["bn-relu", "bn-add-relu"])
+def test_relu_rounds_lower_the_loss_the_relu_sees_round_after_round(stream, one_thread, monkeypatch):
+    """``relu_rounds`` refits a conv that feeds BN then ReLU (conv b, after half of conv a's
+    channels went; with ``stream``, BN then ``+ s`` then ReLU, conv b fitted to the sum) to the
+    loss the activation sees: ``Σ (y − f)²`` where the ReLU passes the target and
+    ``Σ ((a·f + c + s)₊ / a)²`` (a fit crossing the threshold) where it zeroes it, ``a``, ``c``
+    the BN's scale and shift. Each round is a majorize-minimize step: the loss, computed here
+    from the graph's values, never rises from one round count to the next, and falls."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 8, 8, dtype=torch.float64)
+    dense = group_channels(trace(randomize_bn(_ConvBnRelu(stream)).eval().double(), x[:2])).graph_module
+    (g,) = [g for g in groups_of(dense).prunable if "a" in {m.node for m in g.members}]
+    small = shrink(dense, PrunePlan({g.id: (0, 2, 4, 6)})).graph_module
+    want = values_by_name(dense, x)
+    bn = dense.bn
+    with torch.no_grad():
+        a = (bn.weight / (bn.running_var + bn.eps).sqrt()).reshape(1, -1, 1, 1)
+        c = bn.bias.reshape(1, -1, 1, 1) - a * bn.running_mean.reshape(1, -1, 1, 1)
+    s = want["conv_s"] if stream else 0  # conv_0 and conv_s keep every channel: s is as dense
+    live = a * want["b"] + c + s > 0
+    losses, inputs = [], []
+    for rounds in range(5):
+        fixed = compensate(small, dense, x, replace(EXACT, relu_rounds=rounds)).graph_module
+        got = values_by_name(fixed, x)
+        inputs.append(got["a"])
+        assert torch.equal(inputs[-1], inputs[0])  # conv b's inputs are the same in every run
+        f = got["b"]
+        if stream:
+            assert torch.equal(got["conv_s"], want["conv_s"])
+        losses.append(float(torch.where(live, want["b"] - f, (a * f + c + s).clamp_min(0) / a).square().sum()))
+    assert all(after <= before * (1 + 1e-9) for before, after in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.995 * losses[0], losses
+    # the rows each round reads are kept between rounds up to a memory budget, computed again past it
+    monkeypatch.setattr(compensate_module, "RELU_CACHE_BYTES", 0)
+    again = compensate(small, dense, x, replace(EXACT, relu_rounds=4)).graph_module
+    assert torch.equal(again.b.weight, fixed.b.weight) and torch.equal(again.b.bias, fixed.b.bias)

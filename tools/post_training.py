@@ -159,7 +159,7 @@ def evaluate_plan(gm, small, batches, test, args) -> dict:
     with PeakRss() as rss:
         t = time.perf_counter()
         options = CompensateOptions(images=sum(len(x) for x in views), add_bias=args.add_bias, match=args.match,
-                                    damping=args.damping)
+                                    damping=args.damping, relu_rounds=args.relu_rounds, max_rows=args.max_rows)
         fixed = compensate(small, gm, views, options)
         seconds = time.perf_counter() - t
     fixed = fixed.graph_module
@@ -226,6 +226,10 @@ def main() -> None:
     p.add_argument("--match", choices=("block", "layer"), default=CompensateOptions().match)
     p.add_argument("--damping", type=float, default=CompensateOptions().damping,
                    help="the repair's damping, a fraction of mean(diag H)")
+    p.add_argument("--max-rows", type=int, default=CompensateOptions().max_rows,
+                   help="rows of X per batch and layer (im2col positions sampled beyond)")
+    p.add_argument("--relu-rounds", type=int, default=CompensateOptions().relu_rounds,
+                   help="EM rounds that free the fit from entries a following ReLU zeroes anyway")
     p.add_argument("--flip", action="store_true",
                    help="the repair also sees each calibration image mirrored (the same images, two views)")
     p.add_argument("--threads", type=int)
