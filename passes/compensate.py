@@ -75,7 +75,7 @@ class CompensateOptions:
 
     images: int = 512
     damping: float = 1e-4
-    max_rows: int | None = 32768
+    max_rows: int | None = 8192
     seed: int = 0
     add_bias: bool = False
     match: str = "block"

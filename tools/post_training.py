@@ -44,7 +44,7 @@ from ehap_fx.compress import RECIPE
 from ehap_fx.data import OwnLabels, load_cifar
 from ehap_fx.errors import TargetError
 from ehap_fx.latency import LatencyModel, LatencyOptions, LatencyTable
-from ehap_fx.models import normalization, pretrained_model
+from ehap_fx.models import get_model, normalization, pretrained_model
 from ehap_fx.scoring import HessianOptions, rank
 from ehap_fx.target import select_plan
 from ehap_fx.train import evaluate, recalibrate_bn
@@ -207,6 +207,30 @@ def run_resnet50(args) -> list[dict]:
     return [row]
 
 
+def run_cost(args) -> list[dict]:
+    """The repair's cost side by side in one process: ``--model``'s 0.5-MACs L1 plan
+    (``--round-to``), ``--images`` Gaussian inputs in batches of 128, each ``relu_rounds`` ×
+    ``max_rows`` setting timed in turn, against one forward+backward over the same inputs."""
+    gm = group_channels(trace(get_model(args.model).eval(), torch.randn(1, 3, 32, 32))).graph_module
+    target = replace(RECIPE.target(macs=0.5), granularity="channel", round_to=args.round_to)
+    small = shrink(gm, select_plan(gm, rank(gm, None, "l1"), target))
+    x = list(torch.randn(args.images, 3, 32, 32, generator=torch.Generator().manual_seed(0)).split(128))
+    fwd_bwd = forward_backward_seconds(gm, x)
+    rows = []
+    print("| relu_rounds | max_rows | repair | fwd+bwd | ratio |\n|---:|---:|---:|---:|---:|", flush=True)
+    for max_rows in (32768, 8192, 4096):
+        for relu_rounds in (0, 3):
+            t = time.perf_counter()
+            compensate(small.graph_module, gm, x, CompensateOptions(relu_rounds=relu_rounds, max_rows=max_rows))
+            row = {"relu_rounds": relu_rounds, "max_rows": max_rows, "repair_s": round(time.perf_counter() - t, 2),
+                   "fwd_bwd_s": round(fwd_bwd, 2)}
+            row["ratio"] = round(row["repair_s"] / fwd_bwd, 2)
+            print(f"| {relu_rounds} | {max_rows} | {row['repair_s']:.1f} s | {fwd_bwd:.1f} s | {row['ratio']:.2f}× |",
+                  flush=True)
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet56")
@@ -236,13 +260,14 @@ def main() -> None:
     p.add_argument("--bn-after", action="store_true", help="also score the repaired model BN-re-estimated")
     p.add_argument("--dense", type=float, help="the dense top-1, measured before (skips scoring it)")
     p.add_argument("--resnet50", action="store_true")
+    p.add_argument("--cost", action="store_true", help="time the repair's settings side by side (Gaussian inputs)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not args.resnet50:
+    if not (args.resnet50 or args.cost):
         print(HEADER, flush=True)
-    rows = run_resnet50(args) if args.resnet50 else run_model(args)
+    rows = run_resnet50(args) if args.resnet50 else run_cost(args) if args.cost else run_model(args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
