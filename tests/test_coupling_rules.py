@@ -347,22 +347,51 @@ def test_a_strided_slice_of_the_channels_pins_them_naming_the_step():
 
 
 class _StackSum(nn.Module):
-    """conv0 (3 → 8) ─▶ stack([h, 2h]) (parts on dim 0) ─▶ sum(0) ─▶ conv1 (8 → 4)."""
+    """conv0 (3 → 8) ─▶ stack([h, 2h]) (parts on dim ``dim``) ─▶ sum(dim) ─▶ conv1 (8 → 4)."""
+
+    def __init__(self, dim: int = 0):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+        self.dim = dim
+
+    def forward(self, x):
+        h = self.conv0(x)
+        return self.conv1(torch.stack([h, 2 * h], self.dim).sum(self.dim))  # (2, N, 8, H, W) → (N, 8, H, W)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_summing_a_stacks_parts_keeps_the_channels(dim):
+    """A reduction over the dim a stack inserted sums its parts, not the batch or the channels:
+    a stack at the channels' own dim (1) moves them one dim on (to 2), and either way they come
+    back to dim 1 and conv0's group prunes."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_StackSum(dim).eval(), X)).graph_module
+    group = _group_of(gm, "conv0")
+    assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("conv0", "out"), ("conv1", "in")]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+
+
+class _ChannelsLastMax(nn.Module):
+    """conv0 (3 → 8) ─▶ NHWC ─▶ ``amax`` over H, W with ``keepdim`` given positionally
+    ``(N, 1, 1, 8)`` ─▶ NCHW ─▶ conv1 (8 → 4): the reduced dims come before the channels."""
 
     def __init__(self):
         super().__init__()
         self.conv0, self.conv1 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
 
     def forward(self, x):
-        h = self.conv0(x)
-        return self.conv1(torch.stack([h, 2 * h]).sum(0))  # (2, N, 8, H, W) → (N, 8, H, W)
+        h = self.conv0(x).permute(0, 2, 3, 1)
+        return self.conv1(h.amax((1, 2), True).permute(0, 3, 1, 2))
 
 
-def test_summing_a_stacks_parts_keeps_the_channels():
-    """A reduction over dim 0 of a stack on dim 0 sums its parts, not the batch: the channels
-    (dim 2 of the stack) come back to dim 1 and conv0's group prunes."""
+def test_a_positional_keepdim_keeps_the_channels_where_they_were():
+    """``amax(dims, True)``: the channels stay at dim 3 of the channels-last value (without
+    ``keepdim`` they would fall to dim 1), so the permute back brings them to dim 1 and conv0's
+    group prunes through the max."""
     torch.manual_seed(0)
-    gm = group_channels(trace(_StackSum().eval(), X)).graph_module
+    gm = group_channels(trace(_ChannelsLastMax().eval(), X)).graph_module
     group = _group_of(gm, "conv0")
     assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("conv0", "out"), ("conv1", "in")]
     plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
