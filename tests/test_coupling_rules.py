@@ -151,6 +151,14 @@ def _group_of(gm, module: str):
     return group
 
 
+def _shrinks_as_masked(gm: fx.GraphModule) -> None:
+    """Half of every prunable group's channels (a seeded random plan) go: the shrunk graph
+    computes what the original with those channels zeroed computes."""
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+
+
 class _FunctionalConvTranspose(nn.ConvTranspose2d):
     """``F.conv_transpose2d`` on the module's own tensors: the same op as the module."""
 
@@ -205,9 +213,7 @@ def test_an_exported_prelu_prunes_with_its_slopes_shared_or_per_channel(slopes):
     gm = group_channels(trace(model_with(nn.PReLU(slopes, init=0.1)), X, capture="export")).graph_module
     assert any(n.target is torch.ops.aten.prelu.default for n in gm.graph.nodes)
     assert conv0_group(gm).pinned is None and conv0_group(gm).size == 8
-    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+    _shrinks_as_masked(gm)
 
 
 class FunctionalLinears(nn.Module):
@@ -291,9 +297,7 @@ def test_a_permutation_given_as_one_tuple_moves_the_channels():
         group = _group_of(gm, producer)
         assert group.pinned is None and group.size == 8
         assert [(m.module, m.role) for m in group.members] == [(producer, "out"), (consumer, "in")]
-    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+    _shrinks_as_masked(gm)
 
 
 class _SliceThenPool(nn.Module):
@@ -320,9 +324,7 @@ def test_a_channel_slice_and_a_pool_with_indices_keep_the_channels():
     assert not groups.pinned or all(g.pinned in ("model input x", "model output") for g in groups.pinned)
     members = sorted([(m.module, m.role, m.index.flatten().tolist()) for m in g.members] for g in groups.prunable)
     assert members == [[("conv0", "out", [0, 1, 6, 7])], [("conv0", "out", [2, 3, 4, 5]), ("conv1", "in", [0, 1, 2, 3])]]
-    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+    _shrinks_as_masked(gm)
 
 
 class _StridedSlice(nn.Module):
@@ -368,9 +370,7 @@ def test_summing_a_stacks_parts_keeps_the_channels(dim):
     gm = group_channels(trace(_StackSum(dim).eval(), X)).graph_module
     group = _group_of(gm, "conv0")
     assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("conv0", "out"), ("conv1", "in")]
-    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+    _shrinks_as_masked(gm)
 
 
 class _ChannelsLastMax(nn.Module):
@@ -394,9 +394,7 @@ def test_a_positional_keepdim_keeps_the_channels_where_they_were():
     gm = group_channels(trace(_ChannelsLastMax().eval(), X)).graph_module
     group = _group_of(gm, "conv0")
     assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("conv0", "out"), ("conv1", "in")]
-    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+    _shrinks_as_masked(gm)
 
 
 def test_a_target_that_cannot_be_compared_is_not_pointwise():
@@ -809,9 +807,7 @@ def test_an_operand_broadcast_along_the_channels_couples_nothing():
     gm = group_channels(trace(_SpatialBias().eval(), X)).graph_module
     group = _group_of(gm, "conv0")
     assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("conv0", "out"), ("conv1", "in")]
-    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+    _shrinks_as_masked(gm)
 
 
 class _OneChannelTimesScalar(nn.Module):
@@ -853,9 +849,7 @@ def test_unsqueeze_and_squeeze_after_the_channels_keep_them():
     gm = group_channels(trace(_UnsqueezeSqueeze().eval(), X)).graph_module
     group = _group_of(gm, "conv0")
     assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("conv0", "out"), ("conv1", "in")]
-    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+    _shrinks_as_masked(gm)
 
 
 class _PixelShuffle(nn.Module):
@@ -914,9 +908,7 @@ def test_a_cat_without_a_dim_stacks_the_batches_and_unites_the_channels():
     group = _group_of(gm, "conv0")
     assert group.pinned is None and group.size == 8
     assert sorted((m.module, m.role) for m in group.members) == [("conv0", "out"), ("conv1", "out"), ("conv2", "in")]
-    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+    _shrinks_as_masked(gm)
 
 
 
@@ -966,6 +958,4 @@ def test_a_negative_channel_pad_pins():
     torch.manual_seed(0)
     gm = group_channels(trace(_Crop().eval(), X)).graph_module
     assert _group_of(gm, "conv0").pinned.endswith("negative channel pad (-2, 1)")
-    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(shrink(gm, plan).graph_module(X), mask_channels(gm, plan).graph_module(X))
+    _shrinks_as_masked(gm)
