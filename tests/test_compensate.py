@@ -525,3 +525,18 @@ def test_relu_rounds_lower_the_loss_the_relu_sees_round_after_round(stream, one_
     monkeypatch.setattr(compensate_module, "RELU_CACHE_BYTES", 0)
     again = compensate(small, dense, x, replace(EXACT, relu_rounds=4)).graph_module
     assert torch.equal(again.b.weight, fixed.b.weight) and torch.equal(again.b.bias, fixed.b.bias)
+
+
+def test_mirror_fits_on_each_image_and_its_mirror_image(one_thread):
+    """``mirror=True`` is the repair on the calibration images followed by their left-right
+    mirrors, bit for bit; the report still counts the images, not the views."""
+    dense, small = pruned_pair(TinyOptionA, (16, 3, 12, 12), 0.5)
+    x = torch.randn(16, 3, 12, 12, dtype=torch.float64)
+    options = replace(EXACT, relu_rounds=2)
+    mirrored = compensate(small, dense, [x], replace(options, mirror=True)).graph_module
+    by_hand = compensate(small, dense, [x, x.flip(3)], replace(options, images=32)).graph_module
+    plain = compensate(small, dense, [x], options).graph_module
+    for name, p in mirrored.named_parameters():
+        torch.testing.assert_close(p, dict(by_hand.named_parameters())[name], rtol=0, atol=0)
+    assert any(not torch.equal(p, dict(plain.named_parameters())[n]) for n, p in mirrored.named_parameters())
+    assert mirrored.meta[_meta.COMPENSATION].images == 16

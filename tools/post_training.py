@@ -155,12 +155,12 @@ def evaluate_plan(gm, small, batches, test, args) -> dict:
     labelled = [(x, None) for x in batches]
     bn = copy.deepcopy(small)
     recalibrate_bn(bn, labelled)
-    views = batches + [x.flip(3) for x in batches] if args.flip else batches  # the mirror images too
     with PeakRss() as rss:
         t = time.perf_counter()
-        options = CompensateOptions(images=sum(len(x) for x in views), add_bias=args.add_bias, match=args.match,
+        options = CompensateOptions(images=sum(len(x) for x in batches), mirror=args.flip, add_bias=args.add_bias,
+                                    match=args.match,
                                     damping=args.damping, relu_rounds=args.relu_rounds, max_rows=args.max_rows)
-        fixed = compensate(small, gm, views, options)
+        fixed = compensate(small, gm, batches, options)
         seconds = time.perf_counter() - t
     fixed = fixed.graph_module
     fixed_bn = copy.deepcopy(fixed)
