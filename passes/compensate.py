@@ -466,9 +466,9 @@ def _repair(node: fx.Node, layer: _Layer, paired: tuple[fx.Node, list[Any]], wal
     e2 = y2 = 0.0
     rows, picks, kept, held = 0, [], [], 0
     for b, got in enumerate(outputs):
-        pick = None
-        if options.max_rows is not None and _positions(layer, got) > options.max_rows:
-            pick = torch.randperm(_positions(layer, got), generator=gen)[: options.max_rows]
+        pick, positions = None, _positions(layer, got)
+        if options.max_rows is not None and positions > options.max_rows:
+            pick = torch.randperm(positions, generator=gen)[: options.max_rows]
         picks.append(pick)
         rows_b = batch(b, pick)
         xt, y, got = rows_b[:3]
