@@ -375,3 +375,28 @@ def test_a_slice_copy_whose_result_is_used_stays_a_copy():
     assert len(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.copy_.default)) == 1
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x))
+
+
+class _FixedBatch(torch.nn.Module):
+    """A conv whose output is viewed with the batch written in (3): no dynamic batch exports."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x).reshape(3, -1)
+
+
+def test_a_model_that_fixes_its_batch_is_exported_static_as_training_ir():
+    """The dynamic-batch export fails, so the capture falls back to the static one: no dynamic
+    shapes, and not decomposed (the graph is the training IR: ``aten.conv2d``), so that
+    ``exported_program`` does not decompose a shrunk copy to core ATen."""
+    from ehap_fx import _meta
+
+    torch.manual_seed(0)
+    model, x = _FixedBatch().eval(), torch.randn(3, 3, 4, 4)
+    gm = trace(model, x, capture="export")
+    capture = gm.meta[_meta.CAPTURE]
+    assert capture.dynamic_shapes is None and capture.decomposed is False
+    assert torch.ops.aten.conv2d.default in {n.target for n in gm.graph.nodes}
