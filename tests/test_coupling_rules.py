@@ -349,16 +349,18 @@ def test_a_strided_slice_of_the_channels_pins_them_naming_the_step():
 
 
 class _StackSum(nn.Module):
-    """conv0 (3 → 8) ─▶ stack([h, 2h]) (parts on dim ``dim``) ─▶ sum(dim) ─▶ conv1 (8 → 4)."""
+    """conv0 (3 → 8) ─▶ stack([h, 2h]) (parts on dim ``dim``; ``[h]`` alone for one part)
+    ─▶ sum(dim) ─▶ conv1 (8 → 4)."""
 
-    def __init__(self, dim: int = 0):
+    def __init__(self, dim: int = 0, parts: int = 2):
         super().__init__()
         self.conv0, self.conv1 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
-        self.dim = dim
+        self.dim, self.parts = dim, parts
 
     def forward(self, x):
         h = self.conv0(x)
-        return self.conv1(torch.stack([h, 2 * h], self.dim).sum(self.dim))  # (2, N, 8, H, W) → (N, 8, H, W)
+        stacked = torch.stack([h, 2 * h][: self.parts], self.dim)  # (2, N, 8, H, W) for dim 0
+        return self.conv1(stacked.sum(self.dim))  # (N, 8, H, W)
 
 
 @pytest.mark.parametrize("dim", [0, 1])
@@ -368,6 +370,16 @@ def test_summing_a_stacks_parts_keeps_the_channels(dim):
     back to dim 1 and conv0's group prunes."""
     torch.manual_seed(0)
     gm = group_channels(trace(_StackSum(dim).eval(), X)).graph_module
+    group = _group_of(gm, "conv0")
+    assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("conv0", "out"), ("conv1", "in")]
+    _shrinks_as_masked(gm)
+
+
+def test_a_stack_of_one_part_keeps_its_channels():
+    """``torch.stack([h])``: the stacked value's channels are its one part's, so conv0's group
+    reaches conv1 through it and prunes (there is no second part to take the labels from)."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_StackSum(parts=1).eval(), X)).graph_module
     group = _group_of(gm, "conv0")
     assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("conv0", "out"), ("conv1", "in")]
     _shrinks_as_masked(gm)
