@@ -146,6 +146,27 @@ def test_composing_rules_leaves_the_defaults_unchanged():
     assert conv0_group(group_channels(trace(model_with(Snake()), X)).graph_module).pinned is not None
 
 
+class _UnhashableRule:
+    """Callable like a rule, but defines ``__eq__`` without ``__hash__``: not hashable."""
+
+    def __call__(self, a, node):
+        return same_channels(a, node)
+
+    def __eq__(self, other):
+        return isinstance(other, _UnhashableRule)
+
+
+@pytest.mark.parametrize("rule", ["same_channels", _UnhashableRule()], ids=["not-callable", "unhashable"])
+def test_a_rule_must_be_a_hashable_callable(rule):
+    """A row whose rule is not callable (a name), or is callable but not hashable (``Rules``
+    is a value: ``any_dim`` is a frozenset of rules), is refused when the ``Rules`` is made,
+    for a function row and a module row alike."""
+    with pytest.raises(TypeError, match="not hashable callables"):
+        Rules(functions={torch.sin: rule})
+    with pytest.raises(TypeError, match="not hashable callables"):
+        Rules(modules={Snake: rule})
+
+
 def _group_of(gm, module: str):
     (group,) = [g for g in groups_of(gm).groups if any(m.module == module and m.role == "out" for m in g.members)]
     return group
