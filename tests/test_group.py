@@ -243,3 +243,26 @@ def test_pin_reasons_name_the_three_largest_unless_told():
     assert counts == [8 + 6, 6, 4, 3] and sum(counts) == sum(g.size for g in groups.pinned)
     assert groups.pin_reasons() == groups.pin_reasons(4)[:3]
     assert [r for _, r in groups.pin_reasons(4)][::2] == ["module b excluded by the user", "model output"]
+
+
+class _Chain(torch.nn.Module):
+    """a (3 → 8) ─▶ relu ─▶ b (8 → 4): one prunable group, alone in every value it lives in."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_group_alone_in_its_values_is_never_emptiable():
+    """a's outputs are the only channels of the values they live in: emptied, b would read a
+    zero-channel input, so the group must keep one (even though it is every candidate there is:
+    the value's groups, {a's}, are all the candidates, not a proper part of them)."""
+    from ehap_fx.passes.group import emptiable_groups
+
+    gm = grouped(_Chain(), (2, 3, 5, 5))
+    (group,) = groups_of(gm).prunable
+    assert {(m.module, m.role) for m in group.members} == {("a", "out"), ("b", "in")}
+    assert emptiable_groups(gm) == frozenset()
