@@ -477,6 +477,18 @@ def test_a_one_element_tensor_reshaped_to_2d_broadcasts_over_the_channels():
         torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
 
 
+def test_a_one_element_parameter_reshaped_to_2d_lands_at_dim_1():
+    """The gain's one label (dim 0 of its ``(1,)``) lands at dim 1 of the ``(1, 1)`` reshape,
+    which has no dim 2: the reshape is understood, and the gain's group, alone, is pinned only
+    because it touches no parameter (no pin reason names the reshape)."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_ScalarGain().eval(), torch.randn(2, 6))).graph_module
+    (gain,) = [g for g in groups_of(gm).groups if any(m.role == "const" for m in g.members)]
+    assert [(m.node, m.role) for m in gain.members] == [("gain", "const")]
+    assert gain.pinned == "channels touch no parameter"
+    assert not any("reshape" in g.pinned for g in groups_of(gm).pinned)
+
+
 class _ScalarPerSample(nn.Module):
     """t (N,) ─▶ reshape (N, 1) ─▶ fc0 (1 → 8) ─▶ relu ─▶ fc1 (8 → 1) ─▶ view (N,): one number per
     sample in and out (a time step in, a regression out)."""
