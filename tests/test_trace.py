@@ -400,3 +400,26 @@ def test_a_model_that_fixes_its_batch_is_exported_static_as_training_ir():
     capture = gm.meta[_meta.CAPTURE]
     assert capture.dynamic_shapes is None and capture.decomposed is False
     assert torch.ops.aten.conv2d.default in {n.target for n in gm.graph.nodes}
+
+
+def test_the_exported_batch_ranges_from_one_to_65536():
+    """The dynamic batch dim the capture gives torch.export is ``Dim("batch", min=1,
+    max=65536)``: the program exported again from the graph declares that range (a batch of
+    one included, though the capture exported a batch of two)."""
+    from ehap_fx.passes.program import exported_program
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    gm = trace(model, torch.randn(1, 3, 8, 8), capture="export")
+    assert [str(r) for r in exported_program(gm).range_constraints.values()] == ["VR[1, 65536]"]
+
+
+def test_a_program_whose_batch_may_be_one_is_exported_again_with_that_range():
+    """A user's program with ``n`` in [1, 8]: the ``Dim`` rebuilt from its range keeps the lower
+    bound 1 (only a bound below 1 is raised to 1), so the exported copy still takes one sample."""
+    from ehap_fx.passes.program import exported_program
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    n = torch.export.Dim("n", min=1, max=8)
+    ep = torch.export.export(model, (torch.randn(2, 3, 8, 8),), dynamic_shapes=({0: n},))
+    again = exported_program(trace(ep, None))
+    assert [str(r) for r in again.range_constraints.values()] == ["VR[1, 8]"]
