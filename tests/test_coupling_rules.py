@@ -804,6 +804,31 @@ def test_a_cat_along_another_dim_keeps_the_channels_of_its_parts():
     assert sorted((m.module, m.role) for m in group.members) == [("conv0", "out"), ("conv1", "in"), ("conv2", "in")]
 
 
+class _BatchHalves(nn.Module):
+    """conv0 (3 → 8) ─▶ split into its batch halves (no dim given: dim 0) ─▶ product ─▶ conv1 (8 → 4)."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+        self.form = form
+
+    def forward(self, x):
+        h = self.conv0(x)
+        first, second = h.split(h.shape[0] // 2) if self.form == "split" else torch.chunk(h, 2)
+        return self.conv1(first * second)
+
+
+@pytest.mark.parametrize("form", ["split", "chunk"])
+def test_a_split_without_a_dim_splits_the_batch_and_each_piece_keeps_the_channels(form):
+    """``h.split(n)`` / ``torch.chunk(h, 2)`` split dim 0 when no dim is given: both halves carry
+    all 8 of conv0's channels, so conv0's group reaches conv1 and prunes."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_BatchHalves(form).eval(), X)).graph_module
+    group = _group_of(gm, "conv0")
+    assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("conv0", "out"), ("conv1", "in")]
+    _shrinks_as_masked(gm)
+
+
 class _TokensBesideAVector(nn.Module):
     """tokens (N, T, 6) ─▶ tok (6 → 8) ─▶ logsumexp over T (no rule: pinned) ─┐
     tokens[:, 0] ─▶ side (6 → 4) ──────────────────────────────────────────────┴▶ cat ─▶ head (12 → 3)."""
