@@ -323,7 +323,10 @@ def shrink_constant(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
 
 
 def shrink_pad(gm: fx.GraphModule, node: fx.Node, keep: _Keep) -> None:
-    widths = list(node.args[1] if len(node.args) > 1 else node.kwargs["pad"])
+    widths = node.args[1] if len(node.args) > 1 else node.kwargs["pad"]
+    if not isinstance(widths, (tuple, list)):
+        return  # one value computed at run time (a leaf's output): the coupling rule pinned the channels
+    widths = list(widths)
     if len(widths) // 2 != len(node.meta["tensor_meta"].shape) - 1:
         return  # the channel dim is not padded
     if not all(isinstance(w, int) and w >= 0 for w in widths[-2:]):

@@ -1029,3 +1029,33 @@ def test_a_negative_channel_pad_pins():
     gm = group_channels(trace(_Crop().eval(), X)).graph_module
     assert _group_of(gm, "conv0").pinned.endswith("negative channel pad (-2, 1)")
     _shrinks_as_masked(gm)
+
+
+
+class _PadWidths(nn.Module):
+    """The widths of a "same" pad of W, computed at run time (traced as a leaf: one opaque node)."""
+
+    def forward(self, x):
+        return (0, x.shape[-1] % 2, 0, 0)
+
+
+class _OpaquePad(nn.Module):
+    """conv0 (3 → 8) ─▶ F.pad(·, widths) ─▶ conv1 (8 → 4), ``widths`` a leaf module's output (of x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.widths, self.conv1 = nn.Conv2d(3, 8, 2), _PadWidths(), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv1(F.pad(self.conv0(x), self.widths(x)))
+
+
+def test_a_pad_whose_widths_are_one_opaque_value_pins():
+    """The widths are one graph value, not a tuple: the rule cannot tell which dims they pad,
+    so conv0's channels pin at the pad (naming it), and the model shrinks to itself (``shrink``
+    leaves such a pad alone: it once tried to read the widths as a tuple and failed)."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_OpaquePad().eval(), X, leaf_modules=[_PadWidths])).graph_module
+    assert any(n.op == "call_module" and n.target == "widths" for n in gm.graph.nodes)
+    assert _group_of(gm, "conv0").pinned.endswith("pad with unknown widths")
+    _shrinks_as_masked(gm)
