@@ -1059,3 +1059,28 @@ def test_a_pad_whose_widths_are_one_opaque_value_pins():
     assert any(n.op == "call_module" and n.target == "widths" for n in gm.graph.nodes)
     assert _group_of(gm, "conv0").pinned.endswith("pad with unknown widths")
     _shrinks_as_masked(gm)
+
+
+class _ChannelPadWithValue(nn.Module):
+    """conv0 (3 → 8) ─▶ F.pad(·, (0, 0, 0, 0, 1, 2), "constant", 0.0): one channel in front, two
+    behind ─▶ conv1 (11 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3), nn.Conv2d(11, 4, 1)
+
+    def forward(self, x):
+        return self.conv1(F.pad(self.conv0(x), (0, 0, 0, 0, 1, 2), "constant", 0.0))
+
+
+def test_an_exported_constant_channel_pad_prunes_its_pad_channels():
+    """torch.export writes ``aten.pad(x, widths, "constant", 0.0)``: the mode is the third
+    argument (the value the fourth), read there it is "constant", so the three pad channels are
+    a prunable ``pad`` member (indices 0, 9, 10) and conv0's eight prune too."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_ChannelPadWithValue().eval(), X, capture="export")).graph_module
+    assert [n.args[2:] for n in gm.graph.nodes if n.target is torch.ops.aten.pad.default] == [("constant", 0.0)]
+    assert _group_of(gm, "conv0").pinned is None
+    (pad,) = [g for g in groups_of(gm).prunable if any(m.role == "pad" for m in g.members)]
+    assert [m.index.flatten().tolist() for m in pad.members if m.role == "pad"] == [[0, 9, 10]]
+    _shrinks_as_masked(gm)
