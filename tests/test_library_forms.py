@@ -186,6 +186,31 @@ def test_standardized_weight_conv_shrinks_exactly(capture, scaled):
 
 
 
+class StdConv1d(nn.Conv1d):
+    """``StdConv2d``'s weight standardisation on a ``Conv1d``: a 3-D weight ``(O, I, k)``."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
+                         eps=1e-6).reshape_as(self.weight)
+        return F.conv1d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def test_a_standardized_conv1d_weight_prunes_as_a_conv2d_one():
+    """A 3-D weight is a conv weight too (``len(shape) >= 3``): std conv1d (3 → 8) → relu → std
+    conv1d (8 → 4) has conv1's 8 rows as one prunable group, and shrinks exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(StdConv1d(3, 8, 3), nn.ReLU(), StdConv1d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 10)
+    gm = group_channels(trace(model, x)).graph_module
+    (group,) = groups_of(gm).prunable
+    assert group.size == 8 and {(m.module, m.role) for m in group.members} == {("0", "out"), ("2", "in")}
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    small = shrink(gm, plan).graph_module
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), mask_channels(gm, plan).graph_module(x), rtol=1e-5, atol=1e-5)
+    assert small.get_submodule("0").weight.shape == (4, 3, 3)
+
+
 class PeekStdConv2d(nn.Conv2d):
     """``StdConv2d`` whose flattened weight rows are read once more, by a ``mean`` added to the
     output: not the standardisation chain alone."""
