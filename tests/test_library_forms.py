@@ -739,3 +739,30 @@ def test_scaled_dot_product_attention_head_dims_shrink_exactly(capture, form):
     if form == "mask":
         assert small.m.weight.shape == (5, 4)
     assert plan_cost(gm, plan.masks(groups_of(gm))) == total_cost(small)
+
+
+class BareLinear(nn.Module):
+    """fc0 (6 → 8) → relu → ``F.linear(·, w)`` with ``w`` a bare ``(4, 8)`` parameter, no bias: no
+    module's ``weight``, so no layer whose rows and columns a shrink could slice."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0 = nn.Linear(6, 8)
+        self.w = nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, x):
+        return F.linear(torch.relu(self.fc0(x)), self.w)
+
+
+def test_an_exported_linear_on_a_bare_parameter_pins_its_input():
+    """``aten.linear(h, w)`` is a layer only when ``w`` is some module's ``.weight``: here it is
+    not, so fc0's 8 outputs pin at it, and the model shrinks to itself."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6)
+    gm = group_channels(trace(BareLinear().eval(), x, capture="export")).graph_module
+    (fc0,) = [g for g in groups_of(gm) if ("fc0", "out") in {(m.module, m.role) for m in g.members}]
+    assert fc0.pinned.endswith("linear on tensors that are not one module's weight and bias")
+    assert not groups_of(gm).prunable
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
