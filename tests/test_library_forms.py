@@ -254,6 +254,38 @@ def _assert_first_conv_pins(model: nn.Module, first: str, second: str) -> None:
                                    rtol=1e-5, atol=1e-5)
 
 
+class RowsStdConv2d(nn.Conv2d):
+    """``StdConv2d`` whose standardised weight has its rows (dim 0) reordered by
+    ``index_select`` with a buffer of indices: shrink picks columns (dim 1) that way, not rows."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("rows", torch.arange(self.out_channels).flip(0))
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
+                         eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, torch.index_select(w, 0, self.rows), self.bias)
+
+
+class RowsStdNet(nn.Module):
+    """RowsStdConv2d (3 → 8) → relu → std conv (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = RowsStdConv2d(3, 8, 3), StdConv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.conv1(x)))
+
+
+def test_a_standardized_weight_gathered_along_its_rows_is_not_pruned():
+    """Only a gather of the columns (``index_select`` at dim 1) belongs to the chain: one at dim
+    0 is not recognised, so conv1's 8 channels pin and the model shrinks to what masking gives."""
+    torch.manual_seed(0)
+    _assert_first_conv_pins(RowsStdNet().eval(), "conv1", "conv2")
+
+
 class PeekConv2d(nn.Conv2d):
     """``F.conv2d`` on its own weight and bias, one of which a ``mean`` added to the output
     reads again (a regulariser in ``forward``, a weight tied elsewhere)."""
