@@ -423,3 +423,29 @@ def test_a_program_whose_batch_may_be_one_is_exported_again_with_that_range():
     ep = torch.export.export(model, (torch.randn(2, 3, 8, 8),), dynamic_shapes=({0: n},))
     again = exported_program(trace(ep, None))
     assert [str(r) for r in again.range_constraints.values()] == ["VR[1, 8]"]
+
+
+class _Snake(nn.Module):
+    """x + sin²(x): channel c of the output from channel c of the input alone."""
+
+    def forward(self, x):
+        return x + torch.sin(x) ** 2
+
+
+def test_the_rules_given_to_trace_are_recorded_on_the_graph_for_grouping():
+    """``trace(..., rules=)`` keeps a module its rules describe as one call and records the rules
+    in ``gm.meta``, so ``group_channels`` (given none) groups with them: conv0's channels go
+    through the snake to conv1 and prune. Traced without rules, the graph records none."""
+    from ehap_fx.passes._analysis import Rules
+    from ehap_fx.passes._shape_rules import same_channels
+
+    from ehap_fx import _meta
+
+    rules = Rules(modules={_Snake: same_channels})
+    model, x = nn.Sequential(nn.Conv2d(3, 8, 3), _Snake(), nn.Conv2d(8, 4, 1)).eval(), torch.randn(2, 3, 8, 8)
+    gm = trace(model, x, capture="fx", rules=rules)
+    assert gm.meta[_meta.RULES] is rules
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1", "2"]
+    (group,) = groups_of(group_channels(gm).graph_module).prunable
+    assert {(m.module, m.role) for m in group.members} == {("0", "out"), ("2", "in")}
+    assert _meta.RULES not in trace(model, x, capture="fx").meta
