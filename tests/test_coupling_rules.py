@@ -1084,3 +1084,31 @@ def test_an_exported_constant_channel_pad_prunes_its_pad_channels():
     (pad,) = [g for g in groups_of(gm).prunable if any(m.role == "pad" for m in g.members)]
     assert [m.index.flatten().tolist() for m in pad.members if m.role == "pad"] == [[0, 9, 10]]
     _shrinks_as_masked(gm)
+
+
+class _ChannelShuffle(nn.Module):
+    """conv0 (3 → 8) ─▶ ShuffleNet's channel shuffle, ``view(N, 2, 4, H, W)`` ─▶ ``transpose(1, 2)``
+    ─▶ ``reshape(N, 8, H, W)`` ─▶ conv1 (8 → 4): conv1's input channel 2j + i is conv0's 4i + j."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.conv0(x)
+        n, c, hh, ww = h.shape
+        return self.conv1(h.view(n, 2, c // 2, hh, ww).transpose(1, 2).reshape(n, c, hh, ww))
+
+
+def test_a_channel_shuffle_of_four_dim_values_prunes_channel_j_of_both_groups_together():
+    """The view splits conv0's 8 channels into 2 groups of 4 with H, W kept after them: channel
+    j of each group is one unit (conv0's j and 4 + j), the 4 units reach conv1 as its inputs
+    (2j, 2j + 1) after the shuffle, and the model shrinks exactly."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_ChannelShuffle().eval(), X)).graph_module
+    group = _group_of(gm, "conv0")
+    assert group.pinned is None and group.size == 4
+    members = {(m.module, m.role): m.index.tolist() for m in group.members}
+    assert members == {("conv0", "out"): [[0, 4], [1, 5], [2, 6], [3, 7]],
+                       ("conv1", "in"): [[0, 1], [2, 3], [4, 5], [6, 7]]}
+    _shrinks_as_masked(gm)
