@@ -1112,3 +1112,31 @@ def test_a_channel_shuffle_of_four_dim_values_prunes_channel_j_of_both_groups_to
     assert members == {("conv0", "out"): [[0, 4], [1, 5], [2, 6], [3, 7]],
                        ("conv1", "in"): [[0, 1], [2, 3], [4, 5], [6, 7]]}
     _shrinks_as_masked(gm)
+
+
+class _TwoDimScalar(nn.Module):
+    """fc0 (6 → 8) ─▶ × ``s``, a ``(1, 1)`` parameter read as it is ─▶ fc1 (8 → 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1 = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.s = nn.Parameter(torch.full((1, 1), 0.5))
+
+    def forward(self, x):
+        return self.fc1(self.fc0(x) * self.s)
+
+
+def test_a_two_dim_one_element_parameter_is_a_scalar_with_its_one_channel_at_dim_1():
+    """``s`` (1, 1) is a constant whose one label sits at dim 1 (it has no dim 2): a group of its
+    own that touches no parameter, broadcast over fc0's channels, which prune."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6)
+    gm = group_channels(trace(_TwoDimScalar().eval(), x)).graph_module
+    (alone,) = [g for g in groups_of(gm).groups if any(m.role == "const" for m in g.members)]
+    assert [(m.node, m.role, m.dim) for m in alone.members] == [("s", "const", 1)]
+    assert alone.pinned == "channels touch no parameter"
+    group = _group_of(gm, "fc0")
+    assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("fc0", "out"), ("fc1", "in")]
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
