@@ -1140,3 +1140,30 @@ def test_a_two_dim_one_element_parameter_is_a_scalar_with_its_one_channel_at_dim
     plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
+
+
+class _TokensFlattened(nn.Module):
+    """fc0 (6 → 4) on tokens ``(N, 3, 6)`` ─▶ ``torch.flatten(h, 1)`` ``(N, 12)`` (no end dim: the
+    last) ─▶ fc1 (12 → 2): feature 4t + c of fc1's input is fc0's channel c of token t."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1 = nn.Linear(6, 4), nn.Linear(12, 2)
+
+    def forward(self, x):
+        return self.fc1(torch.flatten(self.fc0(x), 1))
+
+
+def test_flattening_tokens_to_the_last_dim_tiles_their_channels():
+    """``flatten(h, 1)`` merges the tokens with the channels (dim 2, the last): the labels tile,
+    so fc0's 4 channels are a group with 3 columns of fc1 each, and the model shrinks exactly."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6)
+    gm = group_channels(trace(_TokensFlattened().eval(), x)).graph_module
+    group = _group_of(gm, "fc0")
+    assert group.pinned is None
+    assert {(m.module, m.role): m.index.tolist() for m in group.members} == {
+        ("fc0", "out"): [[0], [1], [2], [3]], ("fc1", "in"): [[0, 4, 8], [1, 5, 9], [2, 6, 10], [3, 7, 11]]}
+    plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
