@@ -1167,3 +1167,25 @@ def test_flattening_tokens_to_the_last_dim_tiles_their_channels():
     plan = random_plan(gm, 0.5, torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(shrink(gm, plan).graph_module(x), mask_channels(gm, plan).graph_module(x))
+
+
+class _OneChannelRead(nn.Module):
+    """conv0 (3 → 8) ─▶ conv1 (8 → 4), plus ``h[:, 0]`` (conv0's channel 0, the channel dim
+    indexed away) broadcast onto conv1's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.conv0(x)
+        return self.conv1(h) + h[:, 0].unsqueeze(1)
+
+
+def test_an_integer_index_of_the_channel_dim_pins_the_channels():
+    """``h[:, 0]`` reads one channel by its number: pruning would renumber it, so conv0's
+    channels pin at the index, naming it, and the model shrinks to itself."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_OneChannelRead().eval(), X)).graph_module
+    assert _group_of(gm, "conv0").pinned.endswith("moves or reorders the channel dim")
+    _shrinks_as_masked(gm)
