@@ -1189,3 +1189,16 @@ def test_an_integer_index_of_the_channel_dim_pins_the_channels():
     gm = group_channels(trace(_OneChannelRead().eval(), X)).graph_module
     assert _group_of(gm, "conv0").pinned.endswith("moves or reorders the channel dim")
     _shrinks_as_masked(gm)
+
+
+def test_a_flatten_module_repeats_each_channel_over_its_positions():
+    """``nn.Flatten()`` (one module call, dims 1 to the last) of conv0's ``(N, 4, 2, 2)`` output
+    is a reshape to ``(N, 16)``: fc's features 4c … 4c + 3 are conv0's channel c."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=3), nn.Flatten(), nn.Linear(16, 2)).eval()
+    gm = group_channels(trace(model, X)).graph_module
+    assert any(n.op == "call_module" and n.target == "1" for n in gm.graph.nodes)
+    group = conv0_group(gm)
+    assert group.pinned is None
+    assert {(m.module, m.role): m.index.tolist() for m in group.members} == {
+        ("0", "out"): [[0], [1], [2], [3]], ("2", "in"): [[4 * c + k for k in range(4)] for c in range(4)]}
