@@ -471,6 +471,30 @@ def test_each_fit_reports_the_rows_and_columns_it_was_fitted_on(one_thread):
     assert rows == {"a": 200, "b": 200, "c": 200, "fc": 8}
 
 
+def test_a_layer_a_second_shrink_left_alone_is_not_fitted_and_reports_no_rows(one_thread):
+    """A twice-shrunk ZeroChannels compensated against the once-shrunk graph (a at 5 of 8
+    channels in both; b from 8 to 6 in the second): a keeps the channels it kept and reads the
+    same input, so nothing is fitted (0 rows, 0 columns) and its tensors stay as they were; b
+    reads the same input but lost output channels, so it is fitted on its 8·64 = 512 rows and
+    5·3·3 = 45 columns, with no error to remove; c and fc are repaired. An unshrunk copy fits nothing, so holds no
+    accumulators."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(ZeroChannels(), torch.randn(2, 3, 8, 8))).graph_module
+    a_out = next(g.id for g in groups_of(gm).prunable if g.members[0].module == "a")
+    once = shrink(gm, PrunePlan.removing(groups_of(gm), {a_out: [1, 4, 6]})).graph_module
+    b_out = next(g.id for g in groups_of(once).prunable if g.members[0].module == "b")
+    twice = shrink(once, PrunePlan.removing(groups_of(once), {b_out: [0, 3]})).graph_module
+    fixed = compensate(twice, once, torch.randn(8, 3, 8, 8)).graph_module
+    fits = {f.node: f for f in fixed.meta[_meta.COMPENSATION].layers}
+    assert (fits["a"].rows, fits["a"].columns, fits["a"].groups, fits["a"].repaired) == (0, 0, 1, False)
+    assert fits["a"].error_before == fits["a"].error_after == 0.0
+    assert (fits["b"].rows, fits["b"].columns, fits["b"].repaired) == (512, 45, False)
+    assert fits["c"].repaired and fits["fc"].repaired
+    assert torch.equal(fixed.a.weight, twice.a.weight) and torch.equal(fixed.a.bias, twice.a.bias)
+    alone = compensate(copy.deepcopy(gm), gm, torch.randn(8, 3, 8, 8)).graph_module.meta[_meta.COMPENSATION]
+    assert {f.rows for f in alone.layers} == {0} and alone.accumulator_bytes == 0  # an unshrunk copy: no fit
+
+
 class _ConvBnRelu(nn.Module):
     """conv a (3 → 8) ─▶ relu ─▶ conv b (8 → 8) ─▶ bn ─▶ relu ─▶ mean ─▶ fc (8 → 4); with
     ``stream``, bn's output is added to ``s = conv_s(relu(conv_0(x)))`` before that relu."""
