@@ -100,6 +100,20 @@ class SameValid(nn.Module):
         return self.fc(self.c(F.relu(self.b(F.relu(self.a(x))))).mean((2, 3)))
 
 
+class Asymmetric(nn.Module):
+    """conv a (3 → 8, 1x3, padding (0, 1)) ─▶ relu ─▶ conv b (8 → 8, 3x1, stride (2, 1), padding
+    (1, 0)) ─▶ relu ─▶ conv c (8 → 6, 3x3, dilation (1, 2), padding (1, 2)) ─▶ mean ─▶ fc (6 → 4):
+    each conv's height and width differ in kernel, stride, dilation or padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, (1, 3), padding=(0, 1)), nn.Conv2d(8, 8, (3, 1), stride=(2, 1), padding=(1, 0))
+        self.c, self.fc = nn.Conv2d(8, 6, 3, padding=(1, 2), dilation=(1, 2)), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(self.c(F.relu(self.b(F.relu(self.a(x))))).mean((2, 3)))
+
+
 def as_solution(module: nn.Module) -> torch.Tensor:
     """``module``'s weights (and bias) in ``lstsq_fit``'s layout."""
     o = module.weight.shape[0]
@@ -133,8 +147,9 @@ def block_target(gm: fx.GraphModule, node: fx.Node, y, got, want):
 @pytest.mark.parametrize("match", ["layer", "block"])
 @pytest.mark.parametrize("make,shape,add_bias", [
     (TinyOptionA, (48, 3, 12, 12), False), (SEDepthwise, (384, 3, 8, 8), False), (SameValid, (48, 3, 8, 8), False),
-    (Conv1dNet, (48, 3, 16), False), (TinyOptionA, (48, 3, 12, 12), True)],
-    ids=["option-a-resnet", "depthwise-grouped-linear", "same-valid-padding", "conv1d", "option-a-add-bias"])
+    (Conv1dNet, (48, 3, 16), False), (TinyOptionA, (48, 3, 12, 12), True), (Asymmetric, (48, 3, 8, 8), False)],
+    ids=["option-a-resnet", "depthwise-grouped-linear", "same-valid-padding", "conv1d", "option-a-add-bias",
+         "asymmetric-convs"])
 def test_each_layer_is_the_lstsq_optimum_on_the_repaired_inputs(make, shape, add_bias, match, one_thread):
     """``add_bias``: TinyOptionA's convs have none; each refitted conv gets one, fitted with it."""
     dense, small = pruned_pair(make, shape, 0.5)
