@@ -237,6 +237,18 @@ def test_inputs_are_left_alone_and_labels_are_not_needed(one_thread):
     assert len(calibration_inputs([x[:30], x[30:]], 35)[1]) == 5
 
 
+def test_calibration_inputs_are_the_first_images_in_batches_of_at_most_256():
+    """One tensor of 600 images is cut into batches of 256 (the last short), as is the ``x`` of
+    one ``(x, y)`` pair; a list of batches is read until ``images`` are in hand, the batch that
+    reaches it cut and none after it taken (not even an empty one)."""
+    x, y = torch.randn(600, 2), torch.zeros(600, dtype=torch.long)
+    assert [len(b) for b in calibration_inputs(x, 600)] == [256, 256, 88]
+    assert [len(b) for b in calibration_inputs((x, y), 520)] == [256, 256, 8]
+    got = calibration_inputs([x[:4], (x[4:8], y[4:8]), x[8:12]], 8)
+    assert len(got) == 2 and torch.equal(torch.cat(got), x[:8])
+    assert [len(b) for b in calibration_inputs([x[:4], x[4:8], x[8:12]], 6)] == [4, 2]
+
+
 def test_both_captures_give_the_same_repair(one_thread):
     model = randomize_bn(SEDepthwise()).double()
     x = torch.randn(64, 3, 8, 8, dtype=torch.float64)
