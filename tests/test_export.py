@@ -306,6 +306,37 @@ def test_export_options_name_the_bad_value(field, value):
         ExportOptions(**{field: value})
 
 
+@pytest.mark.parametrize(("field", "value"), [("opset", 13), ("opset", 21), ("batch_size", 2), ("threads", 1),
+                                              ("min_quantized_convs", 0.0), ("min_quantized_convs", 1.0)])
+def test_export_options_accept_each_range_up_to_its_edge(field, value):
+    """The ends of each range the bad values above fall outside are valid."""
+    assert getattr(ExportOptions(**{field: value}), field) == value
+
+
+@pytest.mark.parametrize(("floats", "minimum", "shown"), [(6, 0.9, "a0 (3->8), a1 (3->8), a2 (3->8), a3 (3->8), "
+                                                           "a4 (3->8), ...)"),
+                                                          (5, 0.9, "a0 (3->8), a1 (3->8), a2 (3->8), a3 (3->8), "
+                                                           "a4 (3->8))"),
+                                                          (5, 0.5, None)])
+def test_float_convs_are_named_five_at_most_and_warned_of_only_below_the_minimum_share(floats, minimum, shown):
+    """Of 10 convs, 6 (or 5) stay float: the warning names the first five, with ", ..." only when
+    there are more; at a share of exactly the minimum (5 of 10 quantized, 0.5) it is not given."""
+    from pathlib import Path
+
+    from ehap_fx.passes.export import ConvStatus, _warn_float_convs
+
+    convs = tuple(ConvStatus(f"a{i}", "Conv" if i < floats else "QLinearConv", 3, 8, (3, 3)) for i in range(10))
+    report = ExportReport(Path("m.onnx"), "fx", 17, 2048, None, {}, convs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _warn_float_convs(report, minimum)
+    messages = [str(w.message) for w in caught if issubclass(w.category, QuantizeWarning)]
+    if shown is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and f"{floats} of 10 convs stay float in onnxruntime ({shown};" in messages[0]
+
+
 def test_export_options_and_conv_rows_cannot_be_edited_after_the_fact():
     from ehap_fx.passes.export import ConvStatus
 
