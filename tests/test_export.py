@@ -537,6 +537,34 @@ def test_a_constant_tiled_to_two_sizes_gives_two_uniquely_named_copies():
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize(("scale", "rewired"), [("constant-scalar", 1), ("constant-per-channel", 0), ("computed", 0),
+                                                ("graph-input", 0)])
+def test_only_a_dequantize_whose_scale_is_a_constant_scalar_is_tiled(scale, rewired):
+    """The scale of ``DQ(c)`` is a ``Constant`` node: one value is per-tensor and the constant is
+    tiled; eight values (per-axis) are left alone, as is a scale that a node computes (a
+    ``Cast`` of one value: not a constant) or that the graph is given (produced by no node)."""
+    from ehap_fx.passes.export import tile_channel_constants
+    from onnx import TensorProto, helper, numpy_helper
+
+    one = numpy_helper.from_array(np.array(0.05, np.float32))
+    eight = numpy_helper.from_array(np.full(8, 0.05, np.float32))
+    made = {"constant-scalar": [helper.make_node("Constant", [], ["s"], value=one)],
+            "constant-per-channel": [helper.make_node("Constant", [], ["s"], value=eight)],
+            "computed": [helper.make_node("Constant", [], ["s0"], value=one),
+                         helper.make_node("Cast", ["s0"], ["s"], to=TensorProto.FLOAT)],
+            "graph-input": []}[scale]
+    inits = [numpy_helper.from_array(np.array(128, np.uint8), "z"),
+             numpy_helper.from_array(np.arange(8, dtype=np.uint8).reshape(1, 8, 1, 1), "c")]
+    nodes = [*made, helper.make_node("DequantizeLinear", ["c", "s", "z"], ["cd"], name="dq_c"),
+             helper.make_node("Add", ["x", "cd"], ["y"], name="add")]
+    value = {k: helper.make_tensor_value_info(k, TensorProto.FLOAT, [2, 8, 5, 7]) for k in ("x", "y")}
+    given = [helper.make_tensor_value_info("s", TensorProto.FLOAT, [])] if scale == "graph-input" else []
+    model = helper.make_model(helper.make_graph(nodes, "g", [value["x"], *given], [value["y"]], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    assert tile_channel_constants(model) == rewired
+    assert [n.input[1] for n in model.graph.node if n.op_type == "Add"] == ["cd_tiled_5x7" if rewired else "cd"]
+
+
 def test_a_file_whose_shapes_onnx_cannot_infer_is_left_as_it_is(monkeypatch):
     """Tiling is an optimisation: when ONNX's shape inference fails, no operand is rewired (the
     count is 0) and the file is unchanged."""
