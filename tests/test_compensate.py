@@ -100,6 +100,20 @@ class SameValid(nn.Module):
         return self.fc(self.c(F.relu(self.b(F.relu(self.a(x))))).mean((2, 3)))
 
 
+class Asymmetric(nn.Module):
+    """conv a (3 → 8, 1x3, padding (0, 1)) ─▶ relu ─▶ conv b (8 → 8, 3x1, stride (2, 1), padding
+    (1, 0)) ─▶ relu ─▶ conv c (8 → 6, 3x3, dilation (1, 2), padding (1, 2)) ─▶ mean ─▶ fc (6 → 4):
+    each conv's height and width differ in kernel, stride, dilation or padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, (1, 3), padding=(0, 1)), nn.Conv2d(8, 8, (3, 1), stride=(2, 1), padding=(1, 0))
+        self.c, self.fc = nn.Conv2d(8, 6, 3, padding=(1, 2), dilation=(1, 2)), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(self.c(F.relu(self.b(F.relu(self.a(x))))).mean((2, 3)))
+
+
 def as_solution(module: nn.Module) -> torch.Tensor:
     """``module``'s weights (and bias) in ``lstsq_fit``'s layout."""
     o = module.weight.shape[0]
@@ -133,8 +147,9 @@ def block_target(gm: fx.GraphModule, node: fx.Node, y, got, want):
 @pytest.mark.parametrize("match", ["layer", "block"])
 @pytest.mark.parametrize("make,shape,add_bias", [
     (TinyOptionA, (48, 3, 12, 12), False), (SEDepthwise, (384, 3, 8, 8), False), (SameValid, (48, 3, 8, 8), False),
-    (Conv1dNet, (48, 3, 16), False), (TinyOptionA, (48, 3, 12, 12), True)],
-    ids=["option-a-resnet", "depthwise-grouped-linear", "same-valid-padding", "conv1d", "option-a-add-bias"])
+    (Conv1dNet, (48, 3, 16), False), (TinyOptionA, (48, 3, 12, 12), True), (Asymmetric, (48, 3, 8, 8), False)],
+    ids=["option-a-resnet", "depthwise-grouped-linear", "same-valid-padding", "conv1d", "option-a-add-bias",
+         "asymmetric-convs"])
 def test_each_layer_is_the_lstsq_optimum_on_the_repaired_inputs(make, shape, add_bias, match, one_thread):
     """``add_bias``: TinyOptionA's convs have none; each refitted conv gets one, fitted with it."""
     dense, small = pruned_pair(make, shape, 0.5)
@@ -220,6 +235,18 @@ def test_inputs_are_left_alone_and_labels_are_not_needed(one_thread):
         for k, v in module.state_dict().items():
             assert torch.equal(v, before[k]), k
     assert len(calibration_inputs([x[:30], x[30:]], 35)[1]) == 5
+
+
+def test_calibration_inputs_are_the_first_images_in_batches_of_at_most_256():
+    """One tensor of 600 images is cut into batches of 256 (the last short), as is the ``x`` of
+    one ``(x, y)`` pair; a list of batches is read until ``images`` are in hand, the batch that
+    reaches it cut and none after it taken (not even an empty one)."""
+    x, y = torch.randn(600, 2), torch.zeros(600, dtype=torch.long)
+    assert [len(b) for b in calibration_inputs(x, 600)] == [256, 256, 88]
+    assert [len(b) for b in calibration_inputs((x, y), 520)] == [256, 256, 8]
+    got = calibration_inputs([x[:4], (x[4:8], y[4:8]), x[8:12]], 8)
+    assert len(got) == 2 and torch.equal(torch.cat(got), x[:8])
+    assert [len(b) for b in calibration_inputs([x[:4], x[4:8], x[8:12]], 6)] == [4, 2]
 
 
 def test_both_captures_give_the_same_repair(one_thread):
@@ -469,6 +496,30 @@ def test_each_fit_reports_the_rows_and_columns_it_was_fitted_on(one_thread):
     capped = compensate(small, gm, data, CompensateOptions(max_rows=100)).graph_module
     rows = {f.node: f.rows for f in capped.meta[_meta.COMPENSATION].layers}
     assert rows == {"a": 200, "b": 200, "c": 200, "fc": 8}
+
+
+def test_a_layer_a_second_shrink_left_alone_is_not_fitted_and_reports_no_rows(one_thread):
+    """A twice-shrunk ZeroChannels compensated against the once-shrunk graph (a at 5 of 8
+    channels in both; b from 8 to 6 in the second): a keeps the channels it kept and reads the
+    same input, so nothing is fitted (0 rows, 0 columns) and its tensors stay as they were; b
+    reads the same input but lost output channels, so it is fitted on its 8·64 = 512 rows and
+    5·3·3 = 45 columns, with no error to remove; c and fc are repaired. An unshrunk copy fits nothing, so holds no
+    accumulators."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(ZeroChannels(), torch.randn(2, 3, 8, 8))).graph_module
+    a_out = next(g.id for g in groups_of(gm).prunable if g.members[0].module == "a")
+    once = shrink(gm, PrunePlan.removing(groups_of(gm), {a_out: [1, 4, 6]})).graph_module
+    b_out = next(g.id for g in groups_of(once).prunable if g.members[0].module == "b")
+    twice = shrink(once, PrunePlan.removing(groups_of(once), {b_out: [0, 3]})).graph_module
+    fixed = compensate(twice, once, torch.randn(8, 3, 8, 8)).graph_module
+    fits = {f.node: f for f in fixed.meta[_meta.COMPENSATION].layers}
+    assert (fits["a"].rows, fits["a"].columns, fits["a"].groups, fits["a"].repaired) == (0, 0, 1, False)
+    assert fits["a"].error_before == fits["a"].error_after == 0.0
+    assert (fits["b"].rows, fits["b"].columns, fits["b"].repaired) == (512, 45, False)
+    assert fits["c"].repaired and fits["fc"].repaired
+    assert torch.equal(fixed.a.weight, twice.a.weight) and torch.equal(fixed.a.bias, twice.a.bias)
+    alone = compensate(copy.deepcopy(gm), gm, torch.randn(8, 3, 8, 8)).graph_module.meta[_meta.COMPENSATION]
+    assert {f.rows for f in alone.layers} == {0} and alone.accumulator_bytes == 0  # an unshrunk copy: no fit
 
 
 class _ConvBnRelu(nn.Module):

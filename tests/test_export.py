@@ -306,6 +306,37 @@ def test_export_options_name_the_bad_value(field, value):
         ExportOptions(**{field: value})
 
 
+@pytest.mark.parametrize(("field", "value"), [("opset", 13), ("opset", 21), ("batch_size", 2), ("threads", 1),
+                                              ("min_quantized_convs", 0.0), ("min_quantized_convs", 1.0)])
+def test_export_options_accept_each_range_up_to_its_edge(field, value):
+    """The ends of each range the bad values above fall outside are valid."""
+    assert getattr(ExportOptions(**{field: value}), field) == value
+
+
+@pytest.mark.parametrize(("floats", "minimum", "shown"), [(6, 0.9, "a0 (3->8), a1 (3->8), a2 (3->8), a3 (3->8), "
+                                                           "a4 (3->8), ...)"),
+                                                          (5, 0.9, "a0 (3->8), a1 (3->8), a2 (3->8), a3 (3->8), "
+                                                           "a4 (3->8))"),
+                                                          (5, 0.5, None)])
+def test_float_convs_are_named_five_at_most_and_warned_of_only_below_the_minimum_share(floats, minimum, shown):
+    """Of 10 convs, 6 (or 5) stay float: the warning names the first five, with ", ..." only when
+    there are more; at a share of exactly the minimum (5 of 10 quantized, 0.5) it is not given."""
+    from pathlib import Path
+
+    from ehap_fx.passes.export import ConvStatus, _warn_float_convs
+
+    convs = tuple(ConvStatus(f"a{i}", "Conv" if i < floats else "QLinearConv", 3, 8, (3, 3)) for i in range(10))
+    report = ExportReport(Path("m.onnx"), "fx", 17, 2048, None, {}, convs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _warn_float_convs(report, minimum)
+    messages = [str(w.message) for w in caught if issubclass(w.category, QuantizeWarning)]
+    if shown is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and f"{floats} of 10 convs stay float in onnxruntime ({shown};" in messages[0]
+
+
 def test_export_options_and_conv_rows_cannot_be_edited_after_the_fact():
     from ehap_fx.passes.export import ConvStatus
 
@@ -504,6 +535,34 @@ def test_a_constant_tiled_to_two_sizes_gives_two_uniquely_named_copies():
     assert [n.name for n in model.graph.node] == ["dq_c_tiled_5x7", "add_x", "dq_c_tiled_3x3", "add_y"]
     for got, want in zip(run(model), before, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(("scale", "rewired"), [("constant-scalar", 1), ("constant-per-channel", 0), ("computed", 0),
+                                                ("graph-input", 0)])
+def test_only_a_dequantize_whose_scale_is_a_constant_scalar_is_tiled(scale, rewired):
+    """The scale of ``DQ(c)`` is a ``Constant`` node: one value is per-tensor and the constant is
+    tiled; eight values (per-axis) are left alone, as is a scale that a node computes (a
+    ``Cast`` of one value: not a constant) or that the graph is given (produced by no node)."""
+    from ehap_fx.passes.export import tile_channel_constants
+    from onnx import TensorProto, helper, numpy_helper
+
+    one = numpy_helper.from_array(np.array(0.05, np.float32))
+    eight = numpy_helper.from_array(np.full(8, 0.05, np.float32))
+    made = {"constant-scalar": [helper.make_node("Constant", [], ["s"], value=one)],
+            "constant-per-channel": [helper.make_node("Constant", [], ["s"], value=eight)],
+            "computed": [helper.make_node("Constant", [], ["s0"], value=one),
+                         helper.make_node("Cast", ["s0"], ["s"], to=TensorProto.FLOAT)],
+            "graph-input": []}[scale]
+    inits = [numpy_helper.from_array(np.array(128, np.uint8), "z"),
+             numpy_helper.from_array(np.arange(8, dtype=np.uint8).reshape(1, 8, 1, 1), "c")]
+    nodes = [*made, helper.make_node("DequantizeLinear", ["c", "s", "z"], ["cd"], name="dq_c"),
+             helper.make_node("Add", ["x", "cd"], ["y"], name="add")]
+    value = {k: helper.make_tensor_value_info(k, TensorProto.FLOAT, [2, 8, 5, 7]) for k in ("x", "y")}
+    given = [helper.make_tensor_value_info("s", TensorProto.FLOAT, [])] if scale == "graph-input" else []
+    model = helper.make_model(helper.make_graph(nodes, "g", [value["x"], *given], [value["y"]], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    assert tile_channel_constants(model) == rewired
+    assert [n.input[1] for n in model.graph.node if n.op_type == "Add"] == ["cd_tiled_5x7" if rewired else "cd"]
 
 
 def test_a_file_whose_shapes_onnx_cannot_infer_is_left_as_it_is(monkeypatch):

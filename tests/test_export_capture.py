@@ -326,6 +326,22 @@ def test_plan_the_groups_cannot_keep_is_refused():
 
 
 
+def test_a_plan_from_kept_outputs_lists_only_the_groups_that_lose_channels():
+    """conv "0" (3 → 10) ─▶ relu ─▶ conv "2" (10 → 12) ─▶ relu ─▶ conv "4" (12 → 10): keeping 5
+    of conv "0"'s channels is a plan of that one group (conv "2"'s, kept whole, is left out).
+    Conv "4"'s outputs are the model's, which no plan can prune: asking for nine of its ten is
+    refused, naming the first eight channels the plan can keep and of those asked for."""
+    net = nn.Sequential(nn.Conv2d(3, 10, 1), nn.ReLU(), nn.Conv2d(10, 12, 1), nn.ReLU(), nn.Conv2d(12, 10, 1))
+    gm = group_channels(trace(net, torch.randn(2, 3, 4, 4), capture="export")).graph_module
+    (first,) = [g.id for g in groups_of(gm).prunable if g.size == 10]
+    assert plan_for(gm, {"0": range(0, 10, 2)}).keep == {first: (0, 2, 4, 6, 8)}
+    with pytest.raises(ShrinkError) as err:
+        plan_for(gm, {"4": range(9)})
+    eight = "[0, 1, 2, 3, 4, 5, 6, 7]..."
+    assert str(err.value).startswith(f"4: the plan can keep output channels {eight}, not {eight}:")
+
+
+
 class _Spare(nn.Module):
     """conv (3 → 4) in forward; ``spare`` (3 → 4) never called: its parameters are read by no node."""
 

@@ -75,6 +75,15 @@ def test_options_name_the_bad_value(field, value, match):
         QuantizeOptions(**{field: value})
 
 
+@pytest.mark.parametrize(("field", "value"), [("freeze_bn_after", 0.0), ("freeze_bn_after", 1.0),
+                                              ("freeze_observers_after", 0.0), ("freeze_observers_after", 1.0),
+                                              ("calibration_batches", 1)])
+def test_options_accept_each_range_up_to_its_edge(field, value):
+    """Freezing at step 0 or never, and one calibration batch, are valid (the ends of the ranges
+    the bad values above fall outside)."""
+    assert getattr(QuantizeOptions(**{field: value}), field) == value
+
+
 def test_qat_training_settings_are_finetune_options():
     with pytest.raises(TypeError, match="finetune=.*must be a FinetuneOptions"):
         QuantizeOptions(finetune={"lr": 1e-3})
