@@ -923,6 +923,22 @@ def test_a_fixed_count_past_max_probes_is_converged(estimator):
     assert (r.probes, r.converged) == (3, True)
 
 
+
+def test_auto_keeps_the_exact_ggn_while_one_sample_fits_and_falls_back_to_mc_below():
+    """``"auto"`` lowers the exact GGN's chunk down to one sample before it gives up on it: a
+    budget of exactly one sample's exact footprint plans ``ggn_chunk=1``; one byte less falls
+    back to MC (whose footprint is far smaller), saying why."""
+    from ehap_fx.scoring.hessian import choose_estimator
+
+    x, y = data()
+    one = choose_estimator(tiny(), (x, y), opts(estimator="ggn", dtype="fp32", ggn_chunk=1), names=NAMES)
+    fits = choose_estimator(tiny(), (x, y), opts(dtype="fp32", ggn_chunk=4, memory_budget=one.footprint),
+                            names=NAMES)
+    assert (fits.estimator, fits.ggn_chunk, fits.footprint) == ("ggn", 1, one.footprint)
+    less = choose_estimator(tiny(), (x, y), opts(dtype="fp32", ggn_chunk=4, memory_budget=one.footprint - 1),
+                            names=NAMES)
+    assert less.estimator == "mc" and "the exact GGN needs" in less.reason
+
 def test_the_exact_ggn_plan_is_the_largest_chunk_its_footprint_fits():
     """The plan's footprint is ``ggn_chunk`` samples' worth (the reason prints it): a budget of
     exactly that many bytes keeps the chunk, one byte less takes one sample off it."""
