@@ -36,6 +36,7 @@ LAYERS = {
     "depthwise-strided-dilated": (nn.Conv2d(4, 4, 3, stride=2, dilation=2, padding=1, groups=4), (3, 4, 8, 9)),
     "depthwise-multiplier-5x5": (nn.Conv2d(3, 6, 5, stride=2, padding=2, groups=3), (3, 3, 9, 9)),
     "depthwise-even-same": (nn.Conv2d(4, 4, (2, 3), padding="same", groups=4), (3, 4, 6, 7)),
+    "depthwise-tall": (nn.Conv2d(4, 4, (3, 2), stride=(2, 1), groups=4), (3, 4, 8, 5)),  # kh > kw, kh rows kept
     "depthwise-conv1d": (nn.Conv1d(4, 8, 3, stride=2, padding=1, groups=4), (3, 4, 10)),
     "pointwise-strided": (nn.Conv2d(4, 6, 1, stride=2), (3, 4, 7, 7)),
     "even-kernel-same": (nn.Conv2d(4, 8, 4, padding="same"), (3, 4, 6, 6)),
