@@ -464,6 +464,7 @@ def test_the_plans_per_sample_bytes_do_not_grow_with_the_batch(batch):
     assert (every.estimator, every.mc_chunk, every.footprint) == (mc.estimator, mc.mc_chunk, mc.footprint)
     ggn = choose_estimator(net, (x, y), dataclasses.replace(opts, estimator="ggn"), names=["0", "2"])
     assert (ggn.estimator, ggn.ggn_chunk, ggn.footprint) == ("ggn", 1, 2 * (36 + 3 * (32 * 4 + 36)))
+    assert ggn.mc_chunk == 0  # an exact plan runs no MC pass, as a Hutchinson one (below)
     # Hutchinson: 3A for every sample of the batch (no chunks); MC chunks cap at the batch
     hutch = choose_estimator(net, (x, y), dataclasses.replace(opts, estimator="hutchinson"), names=["0", "2"])
     assert (hutch.estimator, hutch.mc_chunk, hutch.footprint) == ("hutchinson", 0, 3 * 36 * batch)
