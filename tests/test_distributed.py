@@ -264,6 +264,9 @@ def test_adaptive_rounds_stop_together_on_the_combined_estimate(ranks):
     first = [estimate_hessian(_model(), (x, y), dataclasses.replace(opts, probes=2, seed=s))
              for s in (0, SEED_STRIDE)]  # round 0 of 2 ranks
     _close(got["rows"][:4], torch.cat([f.probe_traces for f in first]))
+    second = [estimate_hessian(_model(), (x, y), dataclasses.replace(opts, probes=2, seed=s * SEED_STRIDE))
+              for s in (2, 3)]  # round 1: chunks round * world + rank = 2, 3
+    _close(got["rows"][4:8], torch.cat([f.probe_traces for f in second]))
 
 
 def test_ranks_end_with_the_same_pruned_and_int8_models(ranks):

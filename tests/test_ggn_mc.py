@@ -36,6 +36,7 @@ LAYERS = {
     "depthwise-strided-dilated": (nn.Conv2d(4, 4, 3, stride=2, dilation=2, padding=1, groups=4), (3, 4, 8, 9)),
     "depthwise-multiplier-5x5": (nn.Conv2d(3, 6, 5, stride=2, padding=2, groups=3), (3, 3, 9, 9)),
     "depthwise-even-same": (nn.Conv2d(4, 4, (2, 3), padding="same", groups=4), (3, 4, 6, 7)),
+    "depthwise-tall": (nn.Conv2d(4, 4, (3, 2), stride=(2, 1), groups=4), (3, 4, 8, 5)),  # kh > kw, kh rows kept
     "depthwise-conv1d": (nn.Conv1d(4, 8, 3, stride=2, padding=1, groups=4), (3, 4, 10)),
     "pointwise-strided": (nn.Conv2d(4, 6, 1, stride=2), (3, 4, 7, 7)),
     "even-kernel-same": (nn.Conv2d(4, 8, 4, padding="same"), (3, 4, 6, 6)),
@@ -463,6 +464,7 @@ def test_the_plans_per_sample_bytes_do_not_grow_with_the_batch(batch):
     assert (every.estimator, every.mc_chunk, every.footprint) == (mc.estimator, mc.mc_chunk, mc.footprint)
     ggn = choose_estimator(net, (x, y), dataclasses.replace(opts, estimator="ggn"), names=["0", "2"])
     assert (ggn.estimator, ggn.ggn_chunk, ggn.footprint) == ("ggn", 1, 2 * (36 + 3 * (32 * 4 + 36)))
+    assert ggn.mc_chunk == 0  # an exact plan runs no MC pass, as a Hutchinson one (below)
     # Hutchinson: 3A for every sample of the batch (no chunks); MC chunks cap at the batch
     hutch = choose_estimator(net, (x, y), dataclasses.replace(opts, estimator="hutchinson"), names=["0", "2"])
     assert (hutch.estimator, hutch.mc_chunk, hutch.footprint) == ("hutchinson", 0, 3 * 36 * batch)

@@ -634,6 +634,17 @@ def test_folding_batchnorm_changes_no_estimate(estimator):
     torch.testing.assert_close(folded.probe_traces, plain.probe_traces, rtol=1e-3, atol=tol)
 
 
+
+def test_mc_rows_of_a_folded_conv_are_those_of_its_original_weights():
+    """The MC estimator draws per-sample gradients of the folded weights ``s·w``: each row of
+    conv ``a`` is multiplied back by ``s²`` (``‖∂ℓ/∂w‖² = s²‖∂ℓ/∂(s·w)‖²``), so folding the
+    BN moves no row; the same seed draws the same labels from the same logits."""
+    o = opts(estimator="mc", dtype="fp32", mc_samples=3)
+    folded = estimate_hessian(tiny(), data(), o, names=NAMES)
+    plain = estimate_hessian(tiny(), data(), dataclasses.replace(o, fold_bn=False), names=NAMES)
+    assert folded.estimator == plain.estimator == "mc"
+    torch.testing.assert_close(folded.probe_traces, plain.probe_traces, rtol=1e-4, atol=1e-7)
+
 class _FoldCases(nn.Module):
     """One conv per case of ``fold_batchnorm``; only ``a`` and ``a2`` may fold::
 
@@ -783,6 +794,31 @@ def test_channels_last_puts_the_working_copy_and_its_batches_in_that_layout(chan
     assert all(x.is_contiguous(memory_format=fmt) for x, _ in s.batches)
 
 
+@pytest.mark.parametrize("fold_bn", [True, False])
+def test_prepare_folds_the_bn_after_a_conv_into_the_working_copy_unless_told_not_to(fold_bn):
+    """``fold_bn`` (the default): the working copy's conv ``a`` holds ``s·w_a``, ``s = γ/√(σ²+ε)``
+    of the BN after it, ``Setup.fold`` carries ``s`` for ``a`` (None for ``b`` and ``c``: no BN
+    follows them) and the BN no longer runs; ``fold_bn=False`` keeps the weights and the BN.
+    Either way the working copy computes the model's logits."""
+    from ehap_fx.scoring.setup import prepare
+
+    net = tiny()
+    s = prepare(net, data(), opts(estimator="hutchinson", dtype="fp32", fold_bn=fold_bn), NAMES,
+                F.cross_entropy, torch.device("cpu"))
+    bn = net.bn
+    scale = bn.weight.detach() / (bn.running_var + bn.eps).sqrt()
+    if fold_bn:
+        torch.testing.assert_close(s.fold[0], scale)
+        assert s.fold[1:] == [None, None]
+        torch.testing.assert_close(s.params[0].detach(), net.a.weight.detach() * scale[:, None, None, None])
+        assert "bn" not in [n.target for n in s.model.graph.nodes if n.op == "call_module"]
+    else:
+        assert s.fold == [None, None, None]
+        assert torch.equal(s.params[0].detach(), net.a.weight.detach())
+    x = s.batches[0][0]
+    torch.testing.assert_close(s.model(x), net(x))
+
+
 def test_the_cpu_peak_memory_is_the_process_peak_resident_size_in_bytes():
     """On a CPU the peak is the process's high-water resident size in bytes (``ru_maxrss`` is in
     kB: ``VmHWM`` of ``/proc/self/status`` agrees); after touching 64 MiB it is at least that."""
@@ -886,6 +922,22 @@ def test_a_fixed_count_past_max_probes_is_converged(estimator):
     r = estimate_hessian(tiny(), data(), fixed, names=NAMES)
     assert (r.probes, r.converged) == (3, True)
 
+
+
+def test_auto_keeps_the_exact_ggn_while_one_sample_fits_and_falls_back_to_mc_below():
+    """``"auto"`` lowers the exact GGN's chunk down to one sample before it gives up on it: a
+    budget of exactly one sample's exact footprint plans ``ggn_chunk=1``; one byte less falls
+    back to MC (whose footprint is far smaller), saying why."""
+    from ehap_fx.scoring.hessian import choose_estimator
+
+    x, y = data()
+    one = choose_estimator(tiny(), (x, y), opts(estimator="ggn", dtype="fp32", ggn_chunk=1), names=NAMES)
+    fits = choose_estimator(tiny(), (x, y), opts(dtype="fp32", ggn_chunk=4, memory_budget=one.footprint),
+                            names=NAMES)
+    assert (fits.estimator, fits.ggn_chunk, fits.footprint) == ("ggn", 1, one.footprint)
+    less = choose_estimator(tiny(), (x, y), opts(dtype="fp32", ggn_chunk=4, memory_budget=one.footprint - 1),
+                            names=NAMES)
+    assert less.estimator == "mc" and "the exact GGN needs" in less.reason
 
 def test_the_exact_ggn_plan_is_the_largest_chunk_its_footprint_fits():
     """The plan's footprint is ``ggn_chunk`` samples' worth (the reason prints it): a budget of

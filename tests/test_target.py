@@ -336,3 +336,13 @@ def test_granularity_both_lets_a_droppable_group_go_to_zero():
     channel = select_plan(gm, scores, Target(macs=goal, granularity="channel", round_to=1, max_prune=0.5))
     size = next(g.size for g in groups_of(gm).prunable if g.id == drop)
     assert len(channel.keep.get(drop, range(size))) >= size // 2
+
+
+def test_a_ranking_compares_and_prints_by_its_scores_not_the_estimate_behind_them():
+    """``Ranking.result`` (the ``HessianResult`` or ``RemovalResult`` it came from) only rides
+    along for the report: two rankings of the same scores are equal whatever their estimates,
+    and the repr leaves the estimate (per-probe rows, matrices) out."""
+    scores = {0: torch.tensor([1.0, 2.0])}
+    a, b = Ranking(scores, result="estimate a"), Ranking(scores, result="estimate b")
+    assert a == b
+    assert "scores=" in repr(a) and "estimate a" not in repr(a)
