@@ -445,6 +445,29 @@ def test_saved_bytes_count_what_autograd_keeps_with_and_without_autocast():
     assert saved == 2 * (5 + 20 + 4 + 12) and out.dtype == torch.bfloat16
 
 
+def test_saved_bytes_leave_out_the_models_buffers_as_its_weights():
+    """A buffer autograd saves (a fixed gain ``x · g``: the product keeps ``g`` for ``x``'s
+    gradient, and eval BatchNorm its running statistics) is the model's own memory, like a
+    weight: Linear (5 → 4) → ``· g`` → linear (4 → 3) keeps the input (5) and the product (4),
+    36 bytes, not 52 with ``g``'s 4 floats; the eval BN model keeps input, BN input and ReLU
+    output, 52, not 84 with the two running statistics."""
+    from ehap_fx.scoring.budget import saved_bytes_per_sample
+
+    class Gain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("g", torch.randn(1, 4))
+
+        def forward(self, x):
+            return x * self.g
+
+    torch.manual_seed(0)
+    gain = nn.Sequential(nn.Linear(5, 4), Gain(), nn.Linear(4, 3))
+    assert saved_bytes_per_sample(gain, torch.randn(1, 5))[0] == 4 * (5 + 4)
+    bn = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    assert saved_bytes_per_sample(bn, torch.randn(1, 5))[0] == 4 * (5 + 4 + 4)
+
+
 @pytest.mark.parametrize("batch", [4, 64])
 def test_the_plans_per_sample_bytes_do_not_grow_with_the_batch(batch):
     """Linear (5 → 4) → ReLU → linear (4 → 3), fp32, one sample per chunk: autograd keeps A = 36
