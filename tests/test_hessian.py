@@ -989,3 +989,14 @@ def test_auto_dtype_is_bf16_on_a_cpu_that_has_it(bf16, monkeypatch):
     monkeypatch.setattr(setup, "cpu_features", lambda: types.SimpleNamespace(bf16=bf16))
     assert resolve_dtype("auto", torch.device("cpu")) == ("bf16" if bf16 else "fp32")
     assert resolve_dtype("auto", torch.device("cuda")) == "fp16"
+
+
+@pytest.mark.parametrize("bad", ["zz", "act1"], ids=["not-a-module", "no-weight"])
+def test_names_that_are_not_weighted_modules_are_refused_naming_them(bad):
+    """A name the model has no module of, or a module without a weight (a ReLU), is refused
+    before any probe, with every such name in the message."""
+    import re
+
+    x, y = data()
+    with pytest.raises(HessianError, match=re.escape(f"modules ['{bad}'] have no weight")):
+        estimate_hessian(tiny(), (x, y), opts(estimator="ggn", dtype="fp32"), names=["a", bad])
