@@ -9,6 +9,7 @@ Model under test (TinyOptionA, a pruned option-A ResNet)::
 """
 
 import copy
+import dataclasses
 import time
 from dataclasses import replace
 
@@ -221,6 +222,10 @@ def test_a_layer_whose_removed_inputs_were_exactly_zero_is_unchanged(one_thread)
     assert torch.equal(fixed.a.weight, small.a.weight)
     assert not torch.equal(fixed.c.weight, small.c.weight)
     assert fits["c"].error_after < fits["c"].error_before
+    with pytest.raises(dataclasses.FrozenInstanceError):  # the record in the graph's meta is read-only
+        fixed.meta[_meta.COMPENSATION].images = 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fits["c"].repaired = False
 
 
 def test_inputs_are_left_alone_and_labels_are_not_needed(one_thread):

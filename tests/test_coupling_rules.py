@@ -1032,6 +1032,53 @@ def test_a_negative_channel_pad_pins():
 
 
 
+class _PadOneEnd(nn.Module):
+    """conv0 (3 → 8) ─▶ F.pad with widths (front, back) on the channels, one of them 0: two
+    zero channels before or after the eight ─▶ conv1 (10 → 4)."""
+
+    def __init__(self, front: int, back: int):
+        super().__init__()
+        self.widths = (0, 0, 0, 0, front, back)
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3), nn.Conv2d(10, 4, 1)
+
+    def forward(self, x):
+        return self.conv1(F.pad(self.conv0(x), self.widths))
+
+
+@pytest.mark.parametrize(("front", "back", "zeros"), [(0, 2, [8, 9]), (2, 0, [0, 1])])
+def test_a_channel_pad_at_one_end_only_is_not_negative(front, back, zeros):
+    """A width of 0 on one side is no crop: conv0's channels stay prunable and the two pad
+    channels (conv1's inputs 8, 9 or 0, 1) are a member of their own group."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_PadOneEnd(front, back).eval(), X)).graph_module
+    assert _group_of(gm, "conv0").pinned is None
+    (pad,) = [g for g in groups_of(gm).prunable if any(m.role == "pad" for m in g.members)]
+    assert [m.index.flatten().tolist() for m in pad.members if m.role == "pad"] == [zeros]
+    _shrinks_as_masked(gm)
+
+
+class _SqueezeTo2d(nn.Module):
+    """conv0 (3 → 8, kernel 8 over 8×8: a 1×1 output) ─▶ ``flatten(2)`` to (N, 8, 1) ─▶
+    ``squeeze(-1)`` to (N, 8) ─▶ fc (8 → 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.fc = nn.Conv2d(3, 8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.conv0(x).flatten(2).squeeze(-1))
+
+
+def test_squeezing_to_two_dims_keeps_the_channels_at_dim_1():
+    """A squeeze whose result has exactly two dims, (N, C), leaves dims 0 and 1 where they were:
+    conv0's channels reach the linear's inputs."""
+    torch.manual_seed(0)
+    gm = group_channels(trace(_SqueezeTo2d().eval(), X)).graph_module
+    group = _group_of(gm, "conv0")
+    assert group.pinned is None and [(m.module, m.role) for m in group.members] == [("conv0", "out"), ("fc", "in")]
+    _shrinks_as_masked(gm)
+
+
 class _PadWidths(nn.Module):
     """The widths of a "same" pad of W, computed at run time (traced as a leaf: one opaque node)."""
 
