@@ -1249,3 +1249,19 @@ def test_a_flatten_module_repeats_each_channel_over_its_positions():
     assert group.pinned is None
     assert {(m.module, m.role): m.index.tolist() for m in group.members} == {
         ("0", "out"): [[0], [1], [2], [3]], ("2", "in"): [[4 * c + k for k in range(4)] for c in range(4)]}
+
+
+def test_the_coupling_rules_load_without_torchvision(monkeypatch):
+    """torchvision is optional: with it missing, the rules module still loads (a fresh copy,
+    ``torchvision.ops`` unimportable) and knows no stochastic depth."""
+    import importlib.util
+    import sys
+
+    import ehap_fx.passes.coupling as coupling
+
+    monkeypatch.setitem(sys.modules, "torchvision.ops", None)  # `from torchvision.ops import` raises ImportError
+    spec = importlib.util.spec_from_file_location("_coupling_without_torchvision", coupling.__file__)
+    fresh = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, fresh)  # its dataclasses look their module up there
+    spec.loader.exec_module(fresh)
+    assert fresh._STOCHASTIC_DEPTH == () and coupling._STOCHASTIC_DEPTH != ()
