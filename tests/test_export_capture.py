@@ -757,3 +757,27 @@ def test_the_pt2e_quantizer_annotates_adds_of_float_activations_only(val, quanti
     a, b = g.placeholder("a"), g.placeholder("b")
     a.meta["val"], b.meta["val"] = val, val.clone()
     assert _is_float_activation(g.call_function(torch.ops.aten.add.Tensor, (a, b))) is quantized
+
+
+def test_a_failed_re_export_is_a_shrink_error_and_ctrl_c_inside_it_stays_a_keyboard_interrupt(monkeypatch):
+    """torch.export failing on the shrunk graph is a ShrinkError naming the graph and the cause;
+    a KeyboardInterrupt that torch re-raised as another error while exporting is raised again as
+    itself."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    gm = group_channels(trace(net, torch.randn(2, 3, 4, 4), capture="export")).graph_module
+
+    def failed(*args, **kwargs):
+        raise RuntimeError("unsupported op")
+
+    def stopped(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("export stopped") from e
+
+    monkeypatch.setattr(torch.export, "export", failed)
+    with pytest.raises(ShrinkError, match=r"torch.export of the shrunk \w+ failed: RuntimeError: unsupported op"):
+        exported_program(gm)
+    monkeypatch.setattr(torch.export, "export", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        exported_program(gm)
