@@ -449,3 +449,51 @@ def test_the_rules_given_to_trace_are_recorded_on_the_graph_for_grouping():
     (group,) = groups_of(group_channels(gm).graph_module).prunable
     assert {(m.module, m.role) for m in group.members} == {("0", "out"), ("2", "in")}
     assert _meta.RULES not in trace(model, x, capture="fx").meta
+
+
+def test_ctrl_c_inside_the_static_export_stays_a_keyboard_interrupt(monkeypatch):
+    """The dynamic-batch export fails (a model may fix its batch) and the static one is tried:
+    a KeyboardInterrupt torch re-raised as another error there is raised again as itself, not
+    reported as an uncapturable model."""
+    calls = []
+
+    def export(*args, **kwargs):
+        calls.append(kwargs.get("dynamic_shapes"))
+        if len(calls) == 1:
+            raise RuntimeError("the batch is fixed")
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("export stopped") from e
+
+    monkeypatch.setattr(torch.export, "export", export)
+    with pytest.raises(KeyboardInterrupt):
+        trace(nn.Sequential(nn.Conv2d(3, 4, 1)), torch.randn(2, 3, 4, 4), capture="export")
+    assert len(calls) == 2 and calls[0] is not None and calls[1] is None
+
+
+class _AddmmAndConv(nn.Module):
+    """conv (3 → 4) ─▶ pool ─▶ ``torch.addmm(b, x, w.t())`` (4 → 2): a training-IR program that
+    holds core ATen's ``addmm`` beside ``aten.conv2d``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.w, self.b = nn.Parameter(torch.randn(2, 4)), nn.Parameter(torch.randn(2))
+
+    def forward(self, x):
+        return torch.addmm(self.b, self.conv(x).mean((2, 3)), self.w.t())
+
+
+def test_a_training_ir_program_with_one_core_aten_op_is_not_taken_for_core_aten():
+    """A user's ExportedProgram is recorded as core ATen only when no training-IR op is left:
+    an ``addmm`` the user wrote beside an ``aten.conv2d`` is still training IR (re-exported
+    without decomposing); the same program decomposed is core ATen."""
+    from ehap_fx import _meta
+
+    x = torch.randn(2, 3, 4, 4)
+    ep = torch.export.export(_AddmmAndConv().eval(), (x,))
+    targets = {n.target for n in ep.graph.nodes}
+    assert torch.ops.aten.addmm.default in targets and torch.ops.aten.conv2d.default in targets
+    assert trace(ep, x).meta[_meta.CAPTURE].decomposed is False
+    assert trace(ep.run_decompositions(), x).meta[_meta.CAPTURE].decomposed is True
