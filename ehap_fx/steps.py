@@ -250,6 +250,9 @@ def prune_to_target(gm: fx.GraphModule, example_input, run: Inputs, options, tea
         after = measure(out, target, latency=LatencyModel(out, table))
         latency = {"latency_before_s": pruned.dense, "latency_after_s": after,
                    "latency_ratio": after / pruned.dense}
+        if (loaded := table.load_summary()) is not None:
+            latency["latency_table_load"] = loaded
+            log.warning("%s", loaded)
         if process_group.is_main():
             table.save()
     if pruned.loop is not None:

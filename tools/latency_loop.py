@@ -87,6 +87,8 @@ def run_model(name: str, args, folder: Path) -> dict:
                 "in_loop": {str(m.batch): [m.ratio, m.low, m.high] for m in rep.delivered.measured}}
         rows.append(row)
     table.save()
+    if (loaded := table.load_summary()) is not None:
+        print(f"{name}: {loaded}", flush=True)
     # every file in one interleaved run
     paths = {"dense": timer.onnx(gm, "final_dense")}
     macs = {}
