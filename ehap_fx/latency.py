@@ -14,7 +14,6 @@ What the table leaves out (adds, pads, Q/DQ) the loop fits and measures (``laten
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -48,11 +47,12 @@ def default_cache() -> Path:
 class LatencyOptions:
     """How to time convolutions: batch, threads, precision, repeats, and the cache file.
 
-    ``max_busy``: the most cores other processes may keep busy (``OtherLoad``) while an entry is
-    timed; a loaded timing is taken again up to ``retries`` times, and an entry still loaded is
-    used for this run but not cached, so one busy afternoon does not fix the plans of every
-    later run (a table timed beside a test suite and a fine-tune timed a 16→8 conv slower than
-    the 16→16 one and planned ResNet-56 at 0.31 of the MACs where a quiet table plans 0.66)."""
+    ``max_busy``: the most cores other processes may keep busy, on average over the entries a
+    run times (``OtherLoad``, summed over every entry: one entry takes milliseconds, less than
+    ``/proc/stat``'s 10 ms tick can judge), for those entries to be cached. A loaded run still
+    plans with them, and says so, but does not fix the plans of every later run: a table timed
+    beside a test suite and a fine-tune timed a 16→8 conv slower than the 16→16 one and planned
+    ResNet-56 at 0.31 of the MACs where a quiet one plans 0.54 (docs/results.md)."""
 
     batch_size: int = 128
     threads: int | None = None
@@ -60,7 +60,6 @@ class LatencyOptions:
     repeats: int = 5
     cache: Path | None = field(default_factory=default_cache)
     max_busy: float = 0.5
-    retries: int = 3
 
     def __post_init__(self):
         if self.batch_size < 1 or self.repeats < 1:
@@ -69,8 +68,8 @@ class LatencyOptions:
             raise ValueError(f"precision={self.precision!r} must be one of {PRECISIONS}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads={self.threads} must be >= 1 or None")
-        if not self.max_busy >= 0 or self.retries < 0:
-            raise ValueError(f"max_busy={self.max_busy} must be >= 0 and retries={self.retries} >= 0")
+        if not self.max_busy >= 0:
+            raise ValueError(f"max_busy={self.max_busy} must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -172,9 +171,11 @@ class LatencyTable:
         self.entries: dict[str, float] = {}
         self._keys: dict[tuple[ConvShape, int, int], str] = {}
         self.measured = 0
-        #: entries timed while other processes kept more than ``max_busy`` cores busy (every
-        #: retry): key -> the fewest busy cores seen; used, never cached
-        self.loaded: dict[str, float] = {}
+        #: other processes' busy core-seconds and the wall seconds over this run's new entries
+        #: (None: the machine's CPU time cannot be read)
+        self.other: float | None = 0.0
+        self.wall = 0.0
+        self.new: set[str] = set()
         if options.cache is not None and options.cache.exists():
             try:
                 self.entries = json.loads(options.cache.read_text()).get(self.machine, {})
@@ -190,35 +191,29 @@ class LatencyTable:
         if key is None:  # the JSON key is slow to build, and select_plan asks for it thousands of times
             key = self._keys[shape, cin, cout] = self._key(shape, cin, cout)
         if key not in self.entries:
-            seconds, busy = self._quietest(shape, cin, cout)
-            self.entries[key] = seconds
+            with OtherLoad() as load:
+                self.entries[key] = self._measure(shape, cin, cout)
             self.measured += 1
-            if busy is not None:
-                self.loaded[key] = busy
+            self.new.add(key)
+            self.wall += load.wall
+            # summed unclipped: one entry's window is a tick or two, its own estimate ±0.5 cores
+            self.other = None if load.other is None or self.other is None else self.other + load.other
         return self.entries[key]
 
-    def _quietest(self, shape: ConvShape, cin: int, cout: int) -> tuple[float, float | None]:
-        """``(seconds, busy)``: the least time over tries until one ran with at most
-        ``max_busy`` other cores busy (``busy`` None), or the fewest busy cores of ``1 + retries``
-        loaded tries. A machine whose CPU time cannot be read counts as quiet."""
-        best, busy = math.inf, math.inf
-        for _ in range(1 + self.options.retries):
-            with OtherLoad() as load:
-                best = min(best, self._measure(shape, cin, cout))
-            if load.cores is None or load.cores <= self.options.max_busy:
-                return best, None
-            busy = min(busy, load.cores)
-        return best, busy
+    @property
+    def busy(self) -> float | None:
+        """Cores other processes kept busy, on average, while this run timed its new entries."""
+        return None if self.other is None or not self.wall else max(0.0, self.other / self.wall)
 
     def load_summary(self) -> str | None:
-        """What the load did to this run's new entries (None: every one was timed quietly)."""
-        if not self.loaded:
+        """What the load did to this run's new entries (None: timed on a quiet enough machine, or
+        a machine whose load cannot be read)."""
+        if self.busy is None or self.busy <= self.options.max_busy:
             return None
-        return (f"{len(self.loaded)} of {self.measured} latency-table entries were timed while other "
-                f"processes kept {min(self.loaded.values()):.1f}-{max(self.loaded.values()):.1f} cores "
-                f"busy (LatencyOptions.max_busy={self.options.max_busy:g}, {1 + self.options.retries} "
-                "tries each): used for this plan, not cached; a plan from a loaded table can differ "
-                "from a quiet machine's (the latency loop measures what it delivers)")
+        return (f"the latency table's {self.measured} new entries were timed while other processes kept "
+                f"{self.busy:.1f} cores busy on average (LatencyOptions.max_busy="
+                f"{self.options.max_busy:g}): used for this plan, not cached; a plan from a loaded "
+                "table can differ from a quiet machine's (the latency loop measures what it delivers)")
 
     def _measure(self, shape: ConvShape, cin: int, cout: int) -> float:
         o = self.options
@@ -234,15 +229,14 @@ class LatencyTable:
     def save(self) -> None:
         """Merge this machine's entries into the cache file (atomically)."""
         path = self.options.cache
-        if path is None or not self.measured:
+        if path is None or not self.measured or self.load_summary() is not None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             data = json.loads(path.read_text()) if path.exists() else {}
         except (OSError, json.JSONDecodeError):
             data = {}
-        quiet = {k: v for k, v in self.entries.items() if k not in self.loaded}
-        data[self.machine] = {**data.get(self.machine, {}), **quiet}
+        data[self.machine] = {**data.get(self.machine, {}), **self.entries}
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data))
         os.replace(tmp, path)
@@ -380,6 +374,9 @@ class OtherLoad:
     on 2 cores a plan measured 0.52 of dense INT8 that measures 0.57 idle (docs/results.md)."""
 
     cores: float | None = None
+    #: the wall seconds of the block, and other processes' CPU seconds in it (unclipped)
+    wall: float = 0.0
+    other: float | None = None
 
     def __enter__(self) -> OtherLoad:
         self._start = (time.perf_counter(), _busy_seconds(), time.process_time())
@@ -388,9 +385,10 @@ class OtherLoad:
     def __exit__(self, *exc) -> None:
         wall0, busy0, own0 = self._start
         busy = _busy_seconds()
-        wall = time.perf_counter() - wall0
+        wall = self.wall = time.perf_counter() - wall0
         if busy is not None and busy0 is not None and wall > 0:
-            self.cores = max(0.0, (busy - busy0 - (time.process_time() - own0)) / wall)
+            self.other = busy - busy0 - (time.process_time() - own0)
+            self.cores = max(0.0, self.other / wall)
 
 
 def time_rounds(
