@@ -22,6 +22,10 @@ _saved_environment: dict[str, str | None] = {}
 
 
 def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # one of `-n 2`'s workers: one intra-op thread each, or the two workers' spinning torch
+        # threads fight over the 2 cores (tests that want more threads set them)
+        torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="ehap-test-cache-"))
     config._ehap_cache_root = root
     for name in CACHE_VARIABLES:

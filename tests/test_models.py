@@ -224,12 +224,12 @@ def test_pretrained_resnet20_top1(weights_dir, cifar10_root):
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    """An empty torch.hub cache in tmp_path."""
-    before = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
+    """An empty torch.hub cache in tmp_path (by TORCH_HOME: ``torch.hub.set_dir`` would pin the
+    directory for every later test of the process, whatever TORCH_HOME they set)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.delenv("EHAP_PRETRAINED_URL", raising=False)
-    yield tmp_path / "hub" / "checkpoints"
-    torch.hub.set_dir(before)
+    assert torch.hub.get_dir() == str(tmp_path / "hub")
+    return tmp_path / "hub" / "checkpoints"
 
 
 def test_pretrained_from_a_prefilled_hub_cache(weights_dir, hub, monkeypatch):
