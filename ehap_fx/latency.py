@@ -50,9 +50,9 @@ class LatencyOptions:
     ``max_busy``: the most cores other processes may keep busy, on average over the entries a
     run times (``OtherLoad``, summed over every entry: one entry takes milliseconds, less than
     ``/proc/stat``'s 10 ms tick can judge), for those entries to be cached. A loaded run still
-    plans with them, and says so, but does not fix the plans of every later run: a table timed
-    beside a test suite and a fine-tune timed a 16→8 conv slower than the 16→16 one and planned
-    ResNet-56 at 0.31 of the MACs where a quiet one plans 0.54 (docs/results.md)."""
+    plans with them, and says so, but does not fix the plans of every later run: for ResNet-56
+    at 0.5 of the latency, tables timed under load planned 0.31 and 0.74 of the MACs where a
+    quiet one plans 0.54 (docs/results.md, 2026-12-08)."""
 
     batch_size: int = 128
     threads: int | None = None
