@@ -393,3 +393,28 @@ def test_a_ranking_compares_and_prints_by_its_scores_not_the_estimate_behind_the
     a, b = Ranking(scores, result="estimate a"), Ranking(scores, result="estimate b")
     assert a == b
     assert "scores=" in repr(a) and "estimate a" not in repr(a)
+
+
+@pytest.mark.parametrize("loaded", [False, True])
+def test_compress_says_when_its_latency_table_was_timed_under_load(tmp_path, monkeypatch, loaded, caplog):
+    """A loaded table plans (the target is met by its estimate either way), the report's target
+    and a warning say so, and the cache file is not written; a quiet one is cached, silently."""
+    pytest.importorskip("onnxruntime")
+    import itertools
+
+    from ehap_fx import latency
+    from ehap_fx.compress import compress
+
+    ticks = itertools.count(step=1000.0)  # other processes: a thousand CPU seconds per reading
+    monkeypatch.setattr(latency, "_busy_seconds", ticks.__next__ if loaded else (lambda: 0.0))
+    cache = tmp_path / "lat.json"
+    with pytest.warns(UserWarning, match="L1"):
+        res = compress(TinyOptionA().eval(), torch.randn(2, 3, 8, 8),
+                       target=Target(latency=0.8, round_to=1, granularity="both"),
+                       latency=LatencyOptions(batch_size=4, repeats=1, cache=cache), latency_loop=None)
+    target = res.report.target
+    assert target["latency_ratio"] <= 0.8
+    assert ("latency_table_load" in target) == loaded and cache.exists() != loaded
+    if loaded:
+        assert "not cached" in target["latency_table_load"]
+        assert any("not cached" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
