@@ -175,7 +175,6 @@ class LatencyTable:
         #: (None: the machine's CPU time cannot be read)
         self.other: float | None = 0.0
         self.wall = 0.0
-        self.new: set[str] = set()
         if options.cache is not None and options.cache.exists():
             try:
                 self.entries = json.loads(options.cache.read_text()).get(self.machine, {})
@@ -194,7 +193,6 @@ class LatencyTable:
             with OtherLoad() as load:
                 self.entries[key] = self._measure(shape, cin, cout)
             self.measured += 1
-            self.new.add(key)
             self.wall += load.wall
             # summed unclipped: one entry's window is a tick or two, its own estimate ±0.5 cores
             self.other = None if load.other is None or self.other is None else self.other + load.other
