@@ -155,6 +155,9 @@ class BusyClock:
     ([0.0, 0.0, 0.0], True),
     ([0.0, 0.2, 1.0], True),  # 0.4 cores on average: at most max_busy (0.5)
     ([0.0, 1.6, 0.2], False),  # 0.6 on average: planned with, not cached
+    # a tick of this process's own time read as another's, -0.3: summed as read (0.5 on average),
+    # not clipped entry by entry (0.6), which would bias every short window upward
+    ([-0.3, 0.9, 0.9], True),
 ])
 def test_a_table_timed_under_load_is_used_but_not_cached(tmp_path, monkeypatch, cores, cached):
     import itertools
@@ -170,7 +173,7 @@ def test_a_table_timed_under_load_is_used_but_not_cached(tmp_path, monkeypatch, 
     table = LatencyTable(options)
     shape = latency.ConvShape((3, 3), (1, 1), (1, 1), (1, 1), 1, False, 8, 8, (8, 8))
     assert [table.seconds(shape, 3, c) for c in (8, 16, 24)] == [8e-3, 16e-3, 24e-3]  # used either way
-    assert table.busy == pytest.approx(sum(cores) / 3) and table.measured == 3
+    assert table.busy == pytest.approx(max(0.0, sum(cores) / 3)) and table.measured == 3
     summary = table.load_summary()
     assert (summary is None) == cached
     if not cached:
@@ -418,3 +421,8 @@ def test_compress_says_when_its_latency_table_was_timed_under_load(tmp_path, mon
     if loaded:
         assert "not cached" in target["latency_table_load"]
         assert any("not cached" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_latency_options_refuse_a_negative_max_busy():
+    with pytest.raises(ValueError, match="max_busy=-0.1 must be >= 0"):
+        LatencyOptions(max_busy=-0.1)
