@@ -286,8 +286,9 @@ def compress(
     captured = steps.capture(model, example_input, o, top1)
     dense = captured.graph_module  # pruning and the repair copy it: it stays the dense graph
     taught = steps.teachers(dense, teacher, o, run, top1)
-    shrunk = steps.prune_to_target(dense, example_input, run, o, taught.teacher, top1)
-    repaired = steps.repair(shrunk.graph_module, dense if run.images is not None else None, run, o, top1)
+    source = taught.pruned_from(dense)  # the fine-tuned teacher by default, when one was trained
+    shrunk = steps.prune_to_target(source, example_input, run, o, taught.teacher, top1)
+    repaired = steps.repair(shrunk.graph_module, source if run.images is not None else None, run, o, top1)
     gm = repaired.graph_module
     tuned = steps.tune(gm, run, o, taught.teacher, top1)
     quantized = steps.quantize_and_export(gm, example_input, run, o, taught.teacher, top1)

@@ -82,6 +82,7 @@ def build(run: Inputs, options, captured: Captured, teachers: Teachers, shrunk: 
     return CompressReport(
         data=run.name,
         target={**{k: getattr(target, k) for k in TARGET_FIELDS}, "scorer": run.scorer,
+                "pruned_from": "dense_finetuned" if teachers.start is not None else "dense",
                 **(shrunk.latency or {})},
         cost_before=cost_dict(captured.cost),
         cost_after=cost_dict(shrunk.cost, captured.cost),

@@ -217,6 +217,9 @@ def _cost_section(report) -> list[str]:
 
 def _ranking_section(report) -> list[str]:
     out = ["## Ranking", ""]
+    if report["target"].get("pruned_from") == "dense_finetuned":
+        out += ["Ranked and pruned: the dense model fine-tuned first with the same budget (the teacher; "
+                "`--prune-from given` prunes the model as given).", ""]
     for r in report["ranking"]:
         scorer = r.get("scorer")
         if scorer == "l1":

@@ -115,12 +115,19 @@ class Teachers:
     dense: nn.Module | None
     seconds: float | None = None  # the default teacher's fine-tune
     top1: float | None = None  # its top-1: the baseline at equal budget
+    start: fx.GraphModule | None = None  # a trainable copy of the fine-tuned teacher, to prune
+
+    def pruned_from(self, dense: fx.GraphModule) -> fx.GraphModule:
+        """The graph pruning starts from: the fine-tuned teacher (``DistillOptions.start``), else
+        ``dense``."""
+        return self.start if self.start is not None else dense
 
 
 def teachers(gm: fx.GraphModule, teacher: nn.Module | None, options, run: Inputs, top1: Top1) -> Teachers:
     """With ``DistillOptions.teacher="finetuned"`` and a fine-tune budget the teacher is the dense
-    graph fine-tuned first with that budget from the labels alone; else the one given, else a
-    frozen dense copy."""
+    graph fine-tuned first with that budget from the labels alone (and, with
+    ``DistillOptions.start="teacher"``, a trainable copy of it is what gets pruned); else the one
+    given, else a frozen dense copy."""
     tune, quantize = options.finetune_options, options.quantize
     distill = (tune.distill if tune is not None else None) or (
         quantize.finetune.distill if quantize is not None else None)
@@ -134,17 +141,23 @@ def teachers(gm: fx.GraphModule, teacher: nn.Module | None, options, run: Inputs
     if not train_teacher:
         return Teachers(dense if as_given else teacher, dense if timed else None)
     tuned = copy.deepcopy(gm)
+
+    def start() -> fx.GraphModule | None:
+        if distill.start != "teacher":
+            return None
+        return copy.deepcopy(tuned).train(gm.training).requires_grad_(True)
+
     if (saved := restored(options, "teacher", run)) is not None:
         tuned.load_state_dict(saved["state_dict"])
         tuned.eval().requires_grad_(False)
-        return Teachers(tuned, dense if timed else None, saved["seconds"], saved["top1"])
+        return Teachers(tuned, dense if timed else None, saved["seconds"], saved["top1"], start())
     t = time.perf_counter()
     finetune(tuned, distributed.shard_loader(run.data), replace(tune, distill=None),
              checkpoints=options.checkpoints, name="teacher")
     tuned.eval().requires_grad_(False)
     seconds = time.perf_counter() - t
     log.info("teacher: the dense model fine-tuned with the same budget (%.0f s)", seconds)
-    taught = Teachers(tuned, dense if timed else None, seconds, top1(tuned))
+    taught = Teachers(tuned, dense if timed else None, seconds, top1(tuned), start())
     checkpoint(options, "teacher",
                {"state_dict": tuned.state_dict(), "seconds": seconds, "top1": taught.top1},
                run)

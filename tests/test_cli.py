@@ -250,7 +250,8 @@ def test_embedded_default_is_real_digits(tmp_path):
     assert listed == sorted(p.name for p in out.iterdir())  # what was written, nothing else
     # distilled from the dense model in fine-tuning (the default), INT8 by PTQ (the recipe's), and
     # timed in onnxruntime
-    assert report["finetune"]["distill"] == {"alpha": 0.7, "temperature": 4.0, "teacher": "finetuned"}
+    assert report["finetune"]["distill"] == {"alpha": 0.7, "temperature": 4.0, "teacher": "finetuned", "start": "teacher"}
+    assert report["target"]["pruned_from"] == "dense_finetuned"
     q = report["quantize"]
     assert q["mode"] == q["asked"] == "ptq" and q["steps"] == 0 and q["check"] is None and q["distill"] is None
     assert q["backend"] == "pt2e"

@@ -153,3 +153,54 @@ def test_compress_distils_from_the_dense_model_finetuned_with_the_same_budget():
     assert "teacher_finetune" in res.report.seconds
     given = compress(model, x, finetune_options=replace(ft, distill=DistillOptions(teacher="given")), **kw)
     assert "dense_finetuned" not in given.report.accuracy and "teacher_finetune" not in given.report.seconds
+
+
+@pytest.mark.parametrize("start", ["teacher", "given"])
+def test_compress_prunes_the_finetuned_teacher_unless_told_otherwise(monkeypatch, start):
+    """``DistillOptions.start="teacher"`` (the default): the graph ranked, shrunk and repaired
+    toward is the fine-tuned teacher; the pruned model before its own fine-tune is exactly the
+    teacher shrunk by the plan. ``"given"``: the dense model as given, as before."""
+    from ehap_fx.passes.capture import capture_groups
+    from ehap_fx.passes.shrink import shrink
+
+    from ehap_fx import Target, compress, steps
+
+    seen = {}
+    prune_to_target, repair = steps.prune_to_target, steps.repair
+
+    def watched_prune(gm, *args, **kw):
+        seen["source"] = {k: v.clone() for k, v in gm.state_dict().items()}
+        shrunk = prune_to_target(gm, *args, **kw)
+        seen["plans"] = [s.plan for s in shrunk.pruned.steps]
+        seen["pruned"] = {k: v.clone() for k, v in shrunk.graph_module.state_dict().items()}
+        return shrunk
+
+    def watched_repair(gm, dense, *args, **kw):
+        seen["reference"] = None if dense is None else {k: v.clone() for k, v in dense.state_dict().items()}
+        return repair(gm, dense, *args, **kw)
+
+    monkeypatch.setattr(steps, "prune_to_target", watched_prune)
+    monkeypatch.setattr(steps, "repair", watched_repair)
+    g = torch.Generator().manual_seed(2)
+    proj = torch.randn(3, 5, generator=g)
+    xs = [torch.randn(16, 3, 6, 6, generator=g) for _ in range(4)]
+    data = [(x, (x.mean((2, 3)) @ proj).argmax(1)) for x in xs]
+    model, x = net(), torch.randn(1, 3, 6, 6)
+    ft = FinetuneOptions(epochs=3, lr=0.2, progress=False, distill=DistillOptions(start=start))
+    res = compress(model, x, data=data, scorer="l1", target=Target(macs=0.6, round_to=1), finetune_options=ft)
+    teacher = res.teacher.state_dict()
+    origin = teacher if start == "teacher" else model.state_dict()
+    assert not all(torch.equal(teacher[k], v) for k, v in model.state_dict().items())  # the teacher moved
+    for state in (seen["source"], seen["reference"]):
+        assert state.keys() == origin.keys() and all(torch.equal(state[k], origin[k]) for k in origin)
+    expected = res.teacher if start == "teacher" else model
+    gm = capture_groups(copy.deepcopy(expected).eval(), x)
+    for plan in seen["plans"]:
+        gm = shrink(gm, plan).graph_module
+    assert all(torch.equal(seen["pruned"][k], v) for k, v in gm.state_dict().items())
+    assert res.report.target["pruned_from"] == ("dense_finetuned" if start == "teacher" else "dense")
+
+
+def test_distill_options_refuse_an_unknown_start():
+    with pytest.raises(ValueError, match="start='dense'"):
+        DistillOptions(start="dense")

@@ -182,6 +182,10 @@ def _compress_parser(sub) -> None:
                    help="distil from the dense model fine-tuned first with the same budget (one more "
                         "fine-tune; its top-1 is the report's baseline) or as given (default "
                         f"{RECIPE.distill.teacher})")
+    p.add_argument("--prune-from", choices=("teacher", "given"), default=RECIPE.distill.start,
+                   help="with --teacher finetuned, prune the fine-tuned teacher (ranked, pruned and "
+                        "repaired toward it) or the dense model as given (default "
+                        f"{RECIPE.distill.start})")
     p.add_argument("--bench-rounds", type=int, default=10,
                    help="onnxruntime timing rounds of the dense fp32 and the INT8 model at batch 1 and "
                         "128, for the report's speed-up (0: skip; default 10)")
@@ -385,7 +389,7 @@ def compress_options(args) -> CompressOptions:
             max_probes=args.max_probes, min_probes=min(20, args.max_probes), seed=args.seed,
             data_seed=args.seed, progress=show)
         distill = None if args.no_distill else DistillOptions(args.distill_alpha, args.distill_temperature,
-                                                              args.teacher)
+                                                              args.teacher, args.prune_from)
         epochs = _pick(args.finetune_epochs, prof.finetune_epochs)
         finetune = None if epochs == 0 else FinetuneOptions(
             epochs=epochs, lr=args.lr, max_steps=_pick(args.finetune_steps, prof.finetune_steps),
