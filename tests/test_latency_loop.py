@@ -60,6 +60,25 @@ class FakeTimer:
         return out
 
 
+class PowTimer(FakeTimer):
+    """Each conv costs ``(C_in·C_out/g)^p``, plus ``overhead`` times the dense convs' cost: a
+    curvature a table proportional to MACs misjudges."""
+
+    def __init__(self, p: float, overhead: float = 0.0):
+        super().__init__(overhead=overhead)
+        self.p = p
+
+    def convs(self, gm) -> float:
+        return sum((m.in_channels * m.out_channels / m.groups) ** self.p
+                   for m in gm.modules() if isinstance(m, torch.nn.Conv2d))
+
+    def __call__(self, candidate, dense):
+        self.calls += 1
+        fixed = self.overhead * self.convs(dense)
+        c, d = self.convs(candidate) + fixed, self.convs(dense) + fixed
+        return {b: ([c * s] * ROUNDS, [d * s] * ROUNDS) for b, s in ((128, 1.0), (1, 0.01))}
+
+
 @pytest.fixture(scope="module")
 def small():
     torch.manual_seed(0)  # a module fixture is built before the per-test seed: the same model whatever ran first
@@ -324,6 +343,50 @@ def test_a_model_that_overcorrects_is_bisected_between_plans_that_straddle_the_t
     raw = deliver(gm, scores, target, latency=LatencyModel(gm, MacsTable()), timer=FakeTimer(overhead=1.0),
                   options=options).report
     assert raw.status != MET
+
+
+def test_the_illinois_step_crosses_where_regula_falsi_stays_on_one_side(small, monkeypatch):
+    """mobilenet_v2 at 0.5 (docs/results.md): once a fast plan and a slow one straddle the target,
+    plain regula falsi kept the fast end while every new plan landed slow, a little nearer each
+    time. Here (a refit overshooting twofold, convs costing (C_in·C_out)^0.7, target 0.35) plain
+    regula falsi ends its 8 rounds on the slow side, outside ±10 %; the Illinois step, which
+    halves the kept end's distance each time it is kept again, crosses and meets the target."""
+    import ehap_fx.latency_loop as loop
+
+    refit = loop._refit
+
+    def overshooting(latency, plans, rounds, batch, target, damping):
+        model, base, goal, name = refit(latency, plans, rounds, batch, target, damping)
+        return model, base, min(1.0, target * (goal / target) ** 2), name
+
+    monkeypatch.setattr(loop, "_refit", overshooting)
+    gm, scores = small
+    options = replace(OPTIONS, tolerance=0.1, max_rounds=8)
+    target = Target(latency=0.35, granularity="both", round_to=1)
+
+    def run():
+        return deliver(gm, scores, target, latency=LatencyModel(gm, MacsTable()), timer=PowTimer(0.7),
+                       options=options).report
+
+    illinois = run()
+    monkeypatch.setattr(loop, "_times_kept", lambda *a: 0)
+    plain = run()
+    ratios = [r.at(128).ratio for r in plain.rounds]
+    straddle = next(i for i in range(1, len(ratios)) if min(ratios[:i]) < 0.35 < max(ratios[:i]))
+    assert all(m > 0.35 for m in ratios[straddle:])  # regula falsi: every bisected plan slow
+    assert plain.status != MET and abs(plain.delivered.at(128).ratio / 0.35 - 1) > options.tolerance
+    assert [r.at(128).ratio for r in illinois.rounds[:straddle]] == ratios[:straddle]  # the same start
+    assert illinois.status == MET and abs(illinois.delivered.at(128).ratio / 0.35 - 1) <= options.aim_band
+
+
+@pytest.mark.parametrize("ratios, kept", [
+    ([0.44, 0.68], 0), ([0.44, 0.68, 0.65], 1), ([0.44, 0.68, 0.65, 0.64], 2),  # the fast end kept
+    ([0.6, 0.44, 0.45], -1), ([0.6, 0.7, 0.44, 0.45, 0.46], -2),  # the slow end kept
+    ([0.6, 0.7], 0), ([0.44, 0.6, 0.45], 0)])  # never crossed; just crossed
+def test_times_kept_counts_the_rounds_one_end_survived(ratios, kept):
+    from ehap_fx.latency_loop import _times_kept
+
+    assert _times_kept(ratios, 0.5) == kept
 
 
 class BusyTimer(FakeTimer):

@@ -1,5 +1,6 @@
 """The latency loop on fake timers whose true cost is known: how many targets end within ±10 %
-and ±5 %, with the loop's bracketing step and without it, when the whole-graph refit is made
+and ±5 %, with the loop's bracketing step (regula falsi with the Illinois step), with plain
+regula falsi, and without bracketing, when the whole-graph refit is made
 to overshoot ``k``-fold (its goal's log-distance from the target times ``k``).
 
 Timers (``tests/test_latency_loop.py``'s fake timer and variants): convs cost their MACs plus an
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,41 +30,26 @@ from ehap_fx.latency import BenchOptions, LatencyModel  # noqa: E402
 from ehap_fx.models import get_model  # noqa: E402
 from ehap_fx.scoring import magnitude_scores  # noqa: E402
 from ehap_fx.target import Target  # noqa: E402
-from tests.test_latency_loop import ROUNDS, FakeTimer, MacsTable  # noqa: E402
-
-
-class PowTimer(FakeTimer):
-    """Each conv costs ``(C_in·C_out/g)^p``, plus ``overhead`` times the dense convs' cost."""
-
-    def __init__(self, p: float, overhead: float = 0.0):
-        super().__init__(overhead=overhead)
-        self.p = p
-
-    def convs(self, gm) -> float:
-        return sum((m.in_channels * m.out_channels / m.groups) ** self.p
-                   for m in gm.modules() if isinstance(m, nn.Conv2d))
-
-    def __call__(self, candidate, dense):
-        self.calls += 1
-        fixed = self.overhead * self.convs(dense)
-        c, d = self.convs(candidate) + fixed, self.convs(dense) + fixed
-        return {b: ([c * s] * ROUNDS, [d * s] * ROUNDS) for b, s in ((128, 1.0), (1, 0.01))}
-
+from tests.test_latency_loop import ROUNDS, FakeTimer, MacsTable, PowTimer  # noqa: E402
 
 TIMERS = {"fake overhead 0.3": lambda: FakeTimer(0.3), "fake overhead 1.0": lambda: FakeTimer(1.0),
           "pow 0.7": lambda: PowTimer(0.7), "pow 1.5": lambda: PowTimer(1.5), "pow 2, overhead 0.3": lambda: PowTimer(2.0, 0.3)}
 TARGETS = (0.8, 0.7, 0.6, 0.5, 0.4, 0.35)
+ARMS = ("illinois", "regula-falsi", "off")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--overshoot", nargs="+", type=float, default=[1, 2, 3, 4, 5])
+    p.add_argument("--max-rounds", type=int, default=loop.LoopOptions().max_rounds)
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=ARMS,
+                   help="illinois: the loop's step; regula-falsi: without the Illinois halving; off: no bracketing")
     args = p.parse_args()
     torch.manual_seed(0)
     gm = group_channels(trace(get_model("resnet8", num_classes=10).eval(), torch.randn(1, 3, 16, 16))).graph_module
     scores = magnitude_scores(gm)
-    options = loop.LoopOptions(tolerance=0.1, bench=BenchOptions(rounds=ROUNDS))
-    refit, bracketed = loop._refit, loop._bracketed
+    options = loop.LoopOptions(tolerance=0.1, max_rounds=args.max_rounds, bench=BenchOptions(rounds=ROUNDS))
+    refit, bracketed, kept = loop._refit, loop._bracketed, loop._times_kept
     print("| refit overshoot | bracketing | within ±10 % | within ±5 % |\n|---:|---|---:|---:|")
     for k in args.overshoot:
         def overshooting(latency, plans, rounds, batch, target, damping, k=k):
@@ -72,8 +57,9 @@ def main() -> None:
             return model, base, min(1.0, target * (goal / target) ** k), name
 
         loop._refit = overshooting
-        for arm in ("on", "off"):
-            loop._bracketed = bracketed if arm == "on" else (lambda goal, *a: (goal, False))
+        for arm in args.arms:
+            loop._bracketed = bracketed if arm != "off" else (lambda goal, *a: (goal, False))
+            loop._times_kept = kept if arm == "illinois" else (lambda *a: 0)
             errors = []
             for make in TIMERS.values():
                 for fraction in TARGETS:
