@@ -79,6 +79,17 @@ class PowTimer(FakeTimer):
         return {b: ([c * s] * ROUNDS, [d * s] * ROUNDS) for b, s in ((128, 1.0), (1, 0.01))}
 
 
+def overshooting(refit, k: float):
+    """``refit`` (``latency_loop._refit``) with its goal's log-distance from the target times
+    ``k``: a whole-graph model that overcorrects ``k``-fold."""
+
+    def refit_k(latency, plans, rounds, batch, target, damping):
+        model, base, goal, name = refit(latency, plans, rounds, batch, target, damping)
+        return model, base, min(1.0, target * (goal / target) ** k), name
+
+    return refit_k
+
+
 @pytest.fixture(scope="module")
 def small():
     torch.manual_seed(0)  # a module fixture is built before the per-test seed: the same model whatever ran first
@@ -319,13 +330,7 @@ def test_a_model_that_overcorrects_is_bisected_between_plans_that_straddle_the_t
     midpoint of the span the model gives them, and the loop lands inside the band."""
     import ehap_fx.latency_loop as loop
 
-    refit = loop._refit
-
-    def overshooting(latency, plans, rounds, batch, target, damping):
-        model, base, goal, name = refit(latency, plans, rounds, batch, target, damping)
-        return model, base, min(1.0, target * (goal / target) ** 5), name
-
-    monkeypatch.setattr(loop, "_refit", overshooting)
+    monkeypatch.setattr(loop, "_refit", overshooting(loop._refit, 5))
     gm, scores = small
     options = replace(OPTIONS, tolerance=0.1)
     target = Target(latency=0.8, granularity="both", round_to=1)
@@ -353,13 +358,7 @@ def test_the_illinois_step_crosses_where_regula_falsi_stays_on_one_side(small, m
     halves the kept end's distance each time it is kept again, crosses and meets the target."""
     import ehap_fx.latency_loop as loop
 
-    refit = loop._refit
-
-    def overshooting(latency, plans, rounds, batch, target, damping):
-        model, base, goal, name = refit(latency, plans, rounds, batch, target, damping)
-        return model, base, min(1.0, target * (goal / target) ** 2), name
-
-    monkeypatch.setattr(loop, "_refit", overshooting)
+    monkeypatch.setattr(loop, "_refit", overshooting(loop._refit, 2))
     gm, scores = small
     options = replace(OPTIONS, tolerance=0.1, max_rounds=8)
     target = Target(latency=0.35, granularity="both", round_to=1)
