@@ -108,7 +108,8 @@ class CompressOptions:
     (``DistillOptions.teacher="finetuned"``) the dense model fine-tuned first with the same
     ``finetune_options`` from the labels alone (``report.accuracy["dense_finetuned"]``: the
     baseline at equal budget), or the dense model as given (``teacher="given"``, or without a
-    fine-tune).
+    fine-tune). A teacher fine-tuned here is also what gets ranked and pruned
+    (``DistillOptions.start``, default ``"teacher"``; ``report.target["pruned_from"]``).
 
     ``quantize``: a ``passes.quantize.QuantizeOptions`` (True: ``RECIPE.quantize()``, PTQ; None or
     False: stay fp32); ``export`` an ONNX path (needs ``quantize``).
@@ -138,8 +139,10 @@ class CompressOptions:
     (``ResumeError``). ``Checkpoints(folder, every=N)`` also saves a fine-tune every N steps.
 
     ``compensate`` (with data; None turns it off): after pruning, refit the surviving weights
-    layer by layer to reproduce the dense model's activations on ``compensate.images`` inputs of
-    the data (``passes.compensate``; no labels read). Without ``finetune_options`` that is the
+    layer by layer to reproduce the activations of the model pruning started from (the
+    fine-tuned teacher when ``compress`` trains one and ``DistillOptions.start="teacher"``, the
+    default; else the dense model as given) on ``compensate.images`` inputs of the data
+    (``passes.compensate``; no labels read). Without ``finetune_options`` that is the
     post-training recipe; with it, the fine-tune starts from the repaired model.
     ``report.accuracy["pruned"]`` is the top-1 before the repair, ``["compensated"]`` after.
     """

@@ -265,6 +265,7 @@ def test_embedded_default_is_real_digits(tmp_path):
     assert "## Speed: onnxruntime on this machine" in md and f"| 128 | {lat['ms']['dense_fp32']['128']:.3f} |" in md
     assert f"the INT8 ONNX file {acc['int8_onnx']:.2f} %" in md
     assert f"{acc['dense_finetuned']:.2f} % fine-tuned with the same budget (the teacher)" in md
+    assert "Ranked and pruned: the dense model fine-tuned first with the same budget" in md
     assert f"batch 128: {lat['ms']['dense_fp32']['128']:.2f} -> " in proc.stdout
 
 
@@ -276,7 +277,9 @@ def test_no_distill_and_no_bench(tmp_path):
     assert report["finetune"]["distill"] is None and report["latency"] is None
     # torch.ao's FX path, while torch ships it: the same scheme, every conv QLinearConv
     assert report["quantize"]["backend"] == "fx" and report["export"]["quantized_conv_fraction"] == 1.0
-    assert "## Speed" not in (tmp_path / "runs" / "compress-resnet8" / "report.md").read_text()
+    md = (tmp_path / "runs" / "compress-resnet8" / "report.md").read_text()
+    assert "## Speed" not in md and "Ranked and pruned" not in md  # no teacher: the given model pruned
+    assert report["target"]["pruned_from"] == "dense"
 
 
 @pytest.mark.slow
