@@ -145,7 +145,8 @@ def _compress_parser(sub) -> None:
     p.add_argument("--finetune-epochs", type=float, help="fine-tune epochs (0: no fine-tune)")
     p.add_argument("--no-compensate", action="store_true",
                    help="skip the least-squares repair of the surviving weights after pruning (default: "
-                        "refit them to reproduce the dense model's activations; with --finetune-epochs 0 "
+                        "refit them to reproduce the activations of the dense model pruned (the fine-tuned "
+                        "teacher with --prune-from teacher); with --finetune-epochs 0 "
                         "that is the post-training recipe)")
     p.add_argument("--compensate-images", type=int, default=CompensateOptions().images,
                    help=f"calibration images of that repair (no labels read; default "
