@@ -66,6 +66,12 @@ def _teacher_given(r, out):
     assert "dense_finetuned" not in r["accuracy"] and "teacher_finetune" not in r["seconds"]
 
 
+def _prune_from_given(r, out):
+    # the teacher is still fine-tuned and distilled from; only the model pruned changes
+    assert r["finetune"]["distill"]["start"] == "given" and r["target"]["pruned_from"] == "dense"
+    assert "dense_finetuned" in r["accuracy"] and "teacher_finetune" in r["seconds"]
+
+
 def _target_latency(r, out):
     assert r["target"]["kind"] == "latency" and r["target"]["fraction"] == 0.7
     assert r["target"]["latency_ratio"] <= 0.7
@@ -82,6 +88,7 @@ FLAG_CASES = {
     "max-prune": (["--no-quantize", "--target-macs", "0.8", "--round-to", "1", "--granularity", "channel",
                    "--max-prune", "0.25"], _max_prune),
     "teacher": (["--no-quantize", "--teacher", "given"], _teacher_given),
+    "prune-from": (["--no-quantize", "--prune-from", "given"], _prune_from_given),
     "target-latency": (["--no-quantize", "--target-latency", "0.7", "--latency-batch", "8",
                         "--latency-precision", "fp32", "--latency-loop-rounds", "0"], _target_latency),
 }
